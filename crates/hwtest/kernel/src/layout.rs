@@ -1,0 +1,20 @@
+//! Fixed host-physical layout above the image (identity-mapped by the boot
+//! page tables). The emulators are given 128 MiB.
+
+/// Table arena: pages handed to `nested-pt` through `TablePages`.
+pub const ARENA_BASE: u64 = 0x0020_0000;
+/// Size of the table arena (512 pages).
+pub const ARENA_SIZE: u64 = 0x0020_0000;
+/// Heap for `alloc`.
+pub const HEAP_BASE: u64 = 0x0040_0000;
+/// Size of the heap.
+pub const HEAP_SIZE: u64 = 0x0040_0000;
+/// Snapshot buffers for table pages (before/after a guest access).
+pub const SNAP_BASE: u64 = 0x0080_0000;
+/// Size of one snapshot buffer (the whole arena).
+pub const SNAP_SIZE: u64 = ARENA_SIZE;
+/// Host frames the guest's test accesses land in: 16 MiB..32 MiB. Nothing
+/// else lives here, so guest writes cannot corrupt the kernel.
+pub const TEST_BASE: u64 = 0x0100_0000;
+/// Size of the test-frame region.
+pub const TEST_SIZE: u64 = 0x0100_0000;
