@@ -68,6 +68,7 @@ disk_error:
     jmp 5b
 
     .balign 8
+    .global gdt
 gdt:
     .quad 0
     .quad 0x00CF9B000000FFFF  /* 0x08: 32-bit code */

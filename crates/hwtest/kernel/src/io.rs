@@ -11,18 +11,14 @@ use core::fmt;
 pub fn outb(port: u16, val: u8) {
     // SAFETY: the kernel owns the machine; the ports written (0xE9, COM1,
     // the emulators' exit ports) have no memory side effects.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags)) }
 }
 
 /// Read one byte from an I/O port.
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: reading COM1's status register has no side effects on memory.
-    unsafe {
-        asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags)) }
     v
 }
 

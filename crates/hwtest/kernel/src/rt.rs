@@ -80,10 +80,7 @@ unsafe impl GlobalAlloc for Bump {
                 return core::ptr::null_mut();
             }
             let new = end - layout::HEAP_BASE as usize;
-            match self
-                .next
-                .compare_exchange(cur, new, Ordering::Relaxed, Ordering::Relaxed)
-            {
+            match self.next.compare_exchange(cur, new, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return start as *mut u8,
                 Err(c) => cur = c,
             }
@@ -93,9 +90,7 @@ unsafe impl GlobalAlloc for Bump {
 }
 
 #[global_allocator]
-static ALLOC: Bump = Bump {
-    next: AtomicUsize::new(0),
-};
+static ALLOC: Bump = Bump { next: AtomicUsize::new(0) };
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {

@@ -1,0 +1,68 @@
+//! The guest: a few 32-bit instructions in their own page-aligned section,
+//! run with paging off so that only the nested table translates. Each entry
+//! point does one access to the guest-physical address in EBX, then HLT
+//! (intercepted on both SVM and VMX) ends the run. For an instruction fetch
+//! the kernel writes a HLT at the target first, so a successful fetch also
+//! ends in a HLT exit, at the target.
+
+use core::arch::global_asm;
+
+global_asm!(
+    r#"
+    .section .guest, "ax"
+    .code32
+    .balign 4096
+    .global guest_page
+guest_page:
+    .global guest_read
+guest_read:
+    movl (%ebx), %eax
+    hlt
+    .global guest_write
+guest_write:
+    movl %eax, (%ebx)
+    hlt
+    .global guest_exec
+guest_exec:
+    jmp *%ebx
+    .balign 4096
+    .code64
+"#,
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    static guest_page: u8;
+    static guest_read: u8;
+    static guest_write: u8;
+    static guest_exec: u8;
+}
+
+/// One guest-side access kind.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Op {
+    /// `mov eax, [ebx]`.
+    Read,
+    /// `mov [ebx], eax`.
+    Write,
+    /// `jmp ebx` (then HLT at the target).
+    Exec,
+}
+
+/// Physical address of the guest code page (identity-mapped as GPA).
+pub fn code_page() -> u64 {
+    // SAFETY: only the address of the linker-placed symbol is taken.
+    unsafe { &raw const guest_page as u64 }
+}
+
+/// Guest-physical entry point for `op`.
+pub fn entry(op: Op) -> u64 {
+    // SAFETY: only the addresses of the linker-placed symbols are taken.
+    unsafe {
+        match op {
+            Op::Read => &raw const guest_read as u64,
+            Op::Write => &raw const guest_write as u64,
+            Op::Exec => &raw const guest_exec as u64,
+        }
+    }
+}
