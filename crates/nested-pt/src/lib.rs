@@ -1,14 +1,317 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! Second-level page tables (Intel EPT and AMD NPT) for hypervisors.
+//!
+//! # What this crate owns
+//!
+//! The bit formats of nested page-table entries, the four-level table tree
+//! that hardware walks to turn guest-physical addresses into host-physical
+//! ones, the operations a hypervisor performs on that tree (populate a range,
+//! map and unmap pages, look up, harvest accessed/dirty bits), and a software
+//! model of what the hardware does when it walks the tree ([`mmu::translate`]).
+//! It knows nothing of memory objects, clients or vCPUs: that is `vmspace`.
+//!
+//! # Formats are values
+//!
+//! The same tree code serves three entry formats chosen at run time through a
+//! [`PteFormat`] value: Intel EPT with hardware accessed/dirty bits, Intel EPT
+//! with accessed/dirty bits *emulated* in software (for processors without
+//! them: the hardware read and write bits double as "accessed" and
+//! "modified", and the permission lives in ignored bits 52-54), and AMD NPT
+//! (the x86-64 long-mode format). Masks such as "the dirty bit" are fields of
+//! the format, not constants, so there is one walker and no per-format copy.
+//! Every format can express a non-executable mapping.
+//!
+//! # The tree and its invariants
+//!
+//! [`NestedTable`] keeps the hardware table pages (obtained from a
+//! [`TablePages`] provider, so the same code runs in a kernel, in a user
+//! process, or inside a KVM memory slot) and a small software shadow of the
+//! tree that holds reference counts. A range is *populated* before pages are
+//! mapped into it and *vacated* after they are unmapped; populate counts, in
+//! each table at the level of the range's page size, the entries the range
+//! covers, and each table also counts its child tables. A table whose count
+//! drops to zero is freed, bottom-up; the root is never freed. Structural
+//! changes (populate, vacate) take `&mut self`. Entry changes (map, unmap,
+//! accessed/dirty reset, harvest) take `&self` and are single atomic
+//! operations on the entries, so many threads (vCPU fault handlers, device
+//! emulation) can work on one table at once, and hardware may set accessed
+//! and dirty bits concurrently. Mapping is a compare-and-swap from an empty
+//! entry: two racing faults for the same page both succeed (one reports
+//! [`Error::AlreadyMapped`] with `same_frame: true`).
+//!
+//! Bulk operations (unmap of a range, harvest of dirty bits, the [`Leaves`]
+//! iterator) visit each leaf table once, descending from the root only when
+//! they cross into a new table, never walking from the root for each page.
+//!
+//! # Known gaps
+//!
+//! Large pages are mapped and unmapped whole; transparent promotion and
+//! demotion (splitting a 2 MiB leaf for a partial unmap) are not implemented
+//! yet: a partial unmap of a large leaf is refused with
+//! [`Error::WouldSplit`]. Overlapping populates of the same range are the
+//! caller's responsibility (`vmspace` prevents overlapping mappings): the
+//! counts stay consistent, but the tree does not record which entry belongs
+//! to which range.
+#![no_std]
+#![deny(missing_docs)]
+
+extern crate alloc;
+
+mod format;
+pub mod mmu;
+mod pages;
+mod table;
+
+pub use format::{Caps, FormatKind, PteFormat};
+pub use pages::{CountingPages, HeapPages, TablePages};
+pub use table::{Leaf, Leaves, NestedTable, Walk, WalkStep};
+
+use core::fmt;
+
+/// Size of the smallest page, in bytes.
+pub const PAGE_SIZE: u64 = 4096;
+/// Entries in one table page.
+pub const ENTRIES: usize = 512;
+/// The guest-physical space a four-level table covers: 2^48 bytes.
+pub const GPA_LIMIT: u64 = 1 << 48;
+
+/// A guest-physical address.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Gpa(pub u64);
+
+impl fmt::Debug for Gpa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Gpa({:#x})", self.0)
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+impl Gpa {
+    /// The address `bytes` further on, or `None` on overflow.
+    pub fn checked_add(self, bytes: u64) -> Option<Gpa> {
+        self.0.checked_add(bytes).map(Gpa)
     }
+    /// True when the address is a multiple of `size`.
+    pub fn is_aligned(self, size: PageSize) -> bool {
+        self.0 & (size.bytes() - 1) == 0
+    }
+}
+
+/// A host frame number: a host-physical address divided by 4096.
+///
+/// What "host-physical" means is the table-page provider's business: a real
+/// physical frame in a kernel, a KVM guest-physical page in the KVM runner,
+/// an index into an arena in user-space tests.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Pfn(pub u64);
+
+impl fmt::Debug for Pfn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pfn({:#x})", self.0)
+    }
+}
+
+impl Pfn {
+    /// The host-physical address of the frame's first byte.
+    pub fn addr(self) -> u64 {
+        self.0 << 12
+    }
+}
+
+/// The size of a page a leaf entry maps.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub enum PageSize {
+    /// 4 KiB, mapped by a level-1 entry (PTE).
+    Size4K,
+    /// 2 MiB, mapped by a level-2 entry (PDE) with the large-page bit.
+    Size2M,
+    /// 1 GiB, mapped by a level-3 entry (PDPTE) with the large-page bit.
+    Size1G,
+}
+
+impl PageSize {
+    /// Bytes the page covers.
+    pub const fn bytes(self) -> u64 {
+        match self {
+            PageSize::Size4K => 1 << 12,
+            PageSize::Size2M => 1 << 21,
+            PageSize::Size1G => 1 << 30,
+        }
+    }
+    /// The table level whose entries map pages of this size (1 = PTE).
+    pub const fn level(self) -> u8 {
+        match self {
+            PageSize::Size4K => 1,
+            PageSize::Size2M => 2,
+            PageSize::Size1G => 3,
+        }
+    }
+    /// The page size a leaf at `level` maps, if a leaf can live there.
+    pub const fn from_level(level: u8) -> Option<PageSize> {
+        match level {
+            1 => Some(PageSize::Size4K),
+            2 => Some(PageSize::Size2M),
+            3 => Some(PageSize::Size1G),
+            _ => None,
+        }
+    }
+    /// Number of 4 KiB pages in a page of this size.
+    pub const fn pages(self) -> u64 {
+        self.bytes() >> 12
+    }
+}
+
+bitflags::bitflags! {
+    /// Access a mapping allows.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+    pub struct Prot: u8 {
+        /// Data reads.
+        const READ = 1;
+        /// Data writes.
+        const WRITE = 2;
+        /// Instruction fetches.
+        const EXEC = 4;
+    }
+}
+
+impl Prot {
+    /// Read, write and execute.
+    pub const RWX: Prot = Prot::all();
+    /// Read and write.
+    pub const RW: Prot = Prot::READ.union(Prot::WRITE);
+    /// Read and execute.
+    pub const RX: Prot = Prot::READ.union(Prot::EXEC);
+}
+
+/// Memory type of a mapping (Intel SDM vol. 3, "Memory Types"; the EPT
+/// memory-type field uses these encodings).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[repr(u8)]
+pub enum MemType {
+    /// UC: uncacheable (device memory, MMIO).
+    Uncacheable = 0,
+    /// WC: write combining (frame buffers).
+    WriteCombining = 1,
+    /// WT: write through.
+    WriteThrough = 4,
+    /// WP: write protected.
+    WriteProtected = 5,
+    /// WB: write back (guest RAM).
+    WriteBack = 6,
+}
+
+impl MemType {
+    /// The type for an EPT memory-type field value, if the value is valid.
+    pub fn from_bits(bits: u8) -> Option<MemType> {
+        match bits {
+            0 => Some(MemType::Uncacheable),
+            1 => Some(MemType::WriteCombining),
+            4 => Some(MemType::WriteThrough),
+            5 => Some(MemType::WriteProtected),
+            6 => Some(MemType::WriteBack),
+            _ => None,
+        }
+    }
+}
+
+/// One kind of memory access, as the hardware performs it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Access {
+    /// A data read.
+    Read,
+    /// A data write.
+    Write,
+    /// An instruction fetch.
+    Execute,
+}
+
+impl Access {
+    /// The permission the access needs.
+    pub fn prot(self) -> Prot {
+        match self {
+            Access::Read => Prot::READ,
+            Access::Write => Prot::WRITE,
+            Access::Execute => Prot::EXEC,
+        }
+    }
+}
+
+/// Why an operation on a table was refused. A refused operation changes
+/// nothing.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Error {
+    /// An address or length is not a multiple of the page size it needs.
+    Unaligned,
+    /// A range of zero bytes.
+    ZeroLength,
+    /// Address plus length overflows 64 bits.
+    Overflow,
+    /// The range reaches past the 48-bit guest-physical space, or a frame
+    /// number past the format's physical-address width.
+    OutOfRange,
+    /// The format instance cannot map pages of this size.
+    UnsupportedSize,
+    /// The format cannot express this protection (write without read,
+    /// execute-only without the capability, no access at all).
+    BadProt,
+    /// The format cannot express this memory type.
+    BadMemType,
+    /// No table exists at the level the operation needs: populate first.
+    NotPopulated,
+    /// The entry is already in use. `same_frame` says whether it maps the
+    /// frame that was asked for (a benign race between two faults).
+    AlreadyMapped {
+        /// The existing entry maps the same frame.
+        same_frame: bool,
+    },
+    /// No present leaf maps the address.
+    NotMapped,
+    /// The operation would split a large page (not supported yet).
+    WouldSplit,
+    /// Pages are still mapped in a range being vacated.
+    StillMapped,
+    /// The table-page provider is out of pages.
+    NoMemory,
+    /// A bitmap is too short for the range.
+    BitmapTooSmall,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Error::Unaligned => "address or length not aligned to the page size",
+            Error::ZeroLength => "zero-length range",
+            Error::Overflow => "address plus length overflows",
+            Error::OutOfRange => "address or frame out of range",
+            Error::UnsupportedSize => "page size not supported by this format",
+            Error::BadProt => "protection not expressible in this format",
+            Error::BadMemType => "memory type not expressible in this format",
+            Error::NotPopulated => "range not populated",
+            Error::AlreadyMapped { same_frame: true } => "already mapped (same frame)",
+            Error::AlreadyMapped { same_frame: false } => "already mapped (other frame)",
+            Error::NotMapped => "not mapped",
+            Error::WouldSplit => "operation would split a large page",
+            Error::StillMapped => "pages still mapped in range",
+            Error::NoMemory => "out of table pages",
+            Error::BitmapTooSmall => "bitmap too small for range",
+        };
+        f.write_str(s)
+    }
+}
+
+impl core::error::Error for Error {}
+
+/// Checks a range: non-empty, aligned to `align`, no overflow, inside the
+/// 48-bit guest-physical space. Returns the end address.
+pub(crate) fn check_range(gpa: Gpa, len: u64, align: PageSize) -> Result<u64, Error> {
+    if len == 0 {
+        return Err(Error::ZeroLength);
+    }
+    let mask = align.bytes() - 1;
+    if gpa.0 & mask != 0 || len & mask != 0 {
+        return Err(Error::Unaligned);
+    }
+    let end = gpa.0.checked_add(len).ok_or(Error::Overflow)?;
+    if end > GPA_LIMIT {
+        return Err(Error::OutOfRange);
+    }
+    Ok(end)
 }

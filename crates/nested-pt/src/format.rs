@@ -1,0 +1,449 @@
+//! Entry formats: Intel EPT (hardware or emulated accessed/dirty bits) and
+//! AMD NPT, described by values so one walker serves all of them.
+//!
+//! Sources. Intel: SDM vol. 3C, chapter "VMX Support for Address
+//! Translation", section "EPT Translation Mechanism" (the tables "Format of
+//! an EPT PML4 Entry" through "Format of an EPT Page-Table Entry"), section
+//! "Accessed and Dirty Flags for EPT", section "EPT and Memory Typing", and
+//! the VMCS field "Extended-Page-Table Pointer (EPTP)". AMD: APM vol. 2,
+//! section 15.25 "Nested Paging" (nested walks are user-level accesses in the
+//! host's long-mode format) and section 5.4 "Page-Translation-Table Entry
+//! Fields".
+
+use crate::{Error, MemType, PageSize, Pfn, Prot};
+
+// ---- Intel EPT (SDM vol. 3C, "EPT Translation Mechanism") ----
+
+/// EPT bit 0: read access allowed.
+pub(crate) const EPT_R: u64 = 1 << 0;
+/// EPT bit 1: write access allowed.
+pub(crate) const EPT_W: u64 = 1 << 1;
+/// EPT bit 2: instruction fetch allowed (supervisor fetches when
+/// mode-based execute control is on; we do not enable it).
+pub(crate) const EPT_X: u64 = 1 << 2;
+/// EPT bits 5:3 of a leaf: the memory type (SDM "EPT and Memory Typing").
+pub(crate) const EPT_MT_SHIFT: u32 = 3;
+/// EPT memory-type field mask.
+pub(crate) const EPT_MT_MASK: u64 = 7 << EPT_MT_SHIFT;
+/// EPT bit 6 of a leaf: ignore the guest PAT, use the EPT memory type alone.
+pub(crate) const EPT_IPAT: u64 = 1 << 6;
+/// EPT bit 7 of a PDPTE/PDE: the entry maps a 1 GiB / 2 MiB page.
+pub(crate) const EPT_LARGE: u64 = 1 << 7;
+/// EPT bit 8: accessed (set by hardware when EPTP bit 6 enables A/D).
+pub(crate) const EPT_A: u64 = 1 << 8;
+/// EPT bit 9 of a leaf: dirty (set by hardware when A/D is enabled).
+pub(crate) const EPT_D: u64 = 1 << 9;
+/// EPTP bits 2:0: memory type for the paging structures (6 = write-back).
+const EPTP_MT_WB: u64 = 6;
+/// EPTP bits 5:3: page-walk length minus one (3 for four levels).
+const EPTP_WALK4: u64 = 3 << 3;
+/// EPTP bit 6: enable accessed and dirty flags.
+pub(crate) const EPTP_AD: u64 = 1 << 6;
+
+// ---- EPT with emulated A/D (software bits in the ignored range 52-62) ----
+
+/// Software bit 52: the mapping allows reads (and is present).
+pub(crate) const SW_R: u64 = 1 << 52;
+/// Software bit 53: the mapping allows writes.
+pub(crate) const SW_W: u64 = 1 << 53;
+/// Software bit 54: the mapping allows instruction fetches.
+pub(crate) const SW_X: u64 = 1 << 54;
+/// Software bit 55: the page was written, saved when "accessed" was reset
+/// (clearing hardware R forces clearing hardware W, which records writes).
+pub(crate) const SW_DIRTY: u64 = 1 << 55;
+
+// ---- AMD NPT (APM vol. 2 §5.4, long-mode entries) ----
+
+/// Bit 0: present.
+pub(crate) const NPT_P: u64 = 1 << 0;
+/// Bit 1: read/write (writes allowed when set at every level).
+pub(crate) const NPT_RW: u64 = 1 << 1;
+/// Bit 2: user/supervisor; nested walks are user accesses, so it is set at
+/// every level (APM §15.25.5).
+pub(crate) const NPT_US: u64 = 1 << 2;
+/// Bit 3: page-level write-through (PAT index bit 0).
+pub(crate) const NPT_PWT: u64 = 1 << 3;
+/// Bit 4: page-level cache disable (PAT index bit 1).
+pub(crate) const NPT_PCD: u64 = 1 << 4;
+/// Bit 5: accessed.
+pub(crate) const NPT_A: u64 = 1 << 5;
+/// Bit 6 of a leaf: dirty.
+pub(crate) const NPT_D: u64 = 1 << 6;
+/// Bit 7 of a PDPE/PDE: page size (1 GiB / 2 MiB leaf).
+pub(crate) const NPT_PS: u64 = 1 << 7;
+/// Bit 63: no-execute (with EFER.NXE, which the hypervisor sets).
+pub(crate) const NPT_NX: u64 = 1 << 63;
+
+/// Which of the three entry formats a [`PteFormat`] describes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum FormatKind {
+    /// Intel EPT; accessed/dirty bits 8/9 set by hardware when EPTP bit 6
+    /// is set.
+    Ept,
+    /// Intel EPT on a processor without EPT A/D: software bits 52-54 hold
+    /// the permission, hardware R/W double as accessed/modified, and the
+    /// first access and first write of a page fault to software.
+    EptEmulatedAd,
+    /// AMD NPT: the x86-64 long-mode entry format walked as user accesses.
+    Npt,
+}
+
+/// What the processor (or emulator) offers for a format.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Caps {
+    /// 2 MiB leaves (PDE with the large-page bit).
+    pub page_2m: bool,
+    /// 1 GiB leaves (PDPTE with the large-page bit).
+    pub page_1g: bool,
+    /// EPT entries with execute but not read permission (Intel: IA32_VMX_EPT_VPID_CAP
+    /// bit 0). Never offered by NPT, where present implies readable.
+    pub execute_only: bool,
+    /// Host physical-address width (MAXPHYADDR), 36..=52.
+    pub phys_bits: u8,
+}
+
+impl Default for Caps {
+    /// Everything a current processor offers: 2 MiB and 1 GiB pages,
+    /// execute-only EPT, 46-bit physical addresses.
+    fn default() -> Self {
+        Caps { page_2m: true, page_1g: true, execute_only: true, phys_bits: 46 }
+    }
+}
+
+/// One entry format with its capabilities; masks are fields, not constants.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct PteFormat {
+    kind: FormatKind,
+    caps: Caps,
+    addr_mask: u64,
+    accessed: u64,
+    dirty: u64,
+}
+
+impl PteFormat {
+    fn new(kind: FormatKind, mut caps: Caps) -> Self {
+        caps.phys_bits = caps.phys_bits.clamp(36, 52);
+        if kind == FormatKind::Npt {
+            caps.execute_only = false;
+        }
+        let addr_mask = ((1u64 << caps.phys_bits) - 1) & !0xfff;
+        let (accessed, dirty) = match kind {
+            FormatKind::Ept => (EPT_A, EPT_D),
+            FormatKind::EptEmulatedAd => (EPT_R | EPT_X, EPT_W | SW_DIRTY),
+            FormatKind::Npt => (NPT_A, NPT_D),
+        };
+        PteFormat { kind, caps, addr_mask, accessed, dirty }
+    }
+
+    /// Intel EPT with hardware accessed/dirty bits.
+    pub fn ept(caps: Caps) -> Self {
+        Self::new(FormatKind::Ept, caps)
+    }
+    /// Intel EPT with software-emulated accessed/dirty bits.
+    pub fn ept_emulated_ad(caps: Caps) -> Self {
+        Self::new(FormatKind::EptEmulatedAd, caps)
+    }
+    /// AMD NPT (execute-only is never available).
+    pub fn npt(caps: Caps) -> Self {
+        Self::new(FormatKind::Npt, caps)
+    }
+    /// The format's kind.
+    pub fn kind(&self) -> FormatKind {
+        self.kind
+    }
+    /// The capabilities this instance was created with.
+    pub fn caps(&self) -> Caps {
+        self.caps
+    }
+    /// True when hardware sets accessed/dirty bits itself (EPT with A/D
+    /// enabled in the EPTP, NPT). With emulated A/D, software records them
+    /// on faults.
+    pub fn hw_ad(&self) -> bool {
+        self.kind != FormatKind::EptEmulatedAd
+    }
+    /// True when the format can report dirty pages at all (all three can:
+    /// the emulated one through write faults).
+    pub fn can_track_dirty(&self) -> bool {
+        true
+    }
+    /// True when leaves of `size` can be mapped.
+    pub fn supports(&self, size: PageSize) -> bool {
+        match size {
+            PageSize::Size4K => true,
+            PageSize::Size2M => self.caps.page_2m,
+            PageSize::Size1G => self.caps.page_1g,
+        }
+    }
+    /// Mask of the address field of an entry (bits 12..MAXPHYADDR).
+    pub fn addr_mask(&self) -> u64 {
+        self.addr_mask
+    }
+    /// The bits that mean "accessed" in a leaf.
+    pub fn accessed_mask(&self) -> u64 {
+        self.accessed
+    }
+    /// The bits that mean "dirty" in a leaf.
+    pub fn dirty_mask(&self) -> u64 {
+        self.dirty
+    }
+
+    /// A non-leaf entry pointing at the table page `table`.
+    pub fn table_entry(&self, table: Pfn) -> u64 {
+        let addr = table.addr() & self.addr_mask;
+        match self.kind {
+            FormatKind::Ept | FormatKind::EptEmulatedAd => addr | EPT_R | EPT_W | EPT_X,
+            FormatKind::Npt => addr | NPT_P | NPT_RW | NPT_US,
+        }
+    }
+
+    /// A leaf entry mapping `pfn` as a page of `size` with `prot` and memory
+    /// type `mt`. Accessed and dirty start clear; in the emulated format the
+    /// hardware bits start clear too, so the first access faults.
+    pub fn leaf_entry(&self, pfn: Pfn, size: PageSize, prot: Prot, mt: MemType) -> Result<u64, Error> {
+        if !self.supports(size) {
+            return Err(Error::UnsupportedSize);
+        }
+        if pfn.0 & (size.pages() - 1) != 0 {
+            return Err(Error::Unaligned);
+        }
+        let addr = pfn.0.checked_mul(4096).ok_or(Error::OutOfRange)?;
+        if addr & !self.addr_mask != 0 {
+            return Err(Error::OutOfRange);
+        }
+        self.check_prot(prot)?;
+        let large = size != PageSize::Size4K;
+        match self.kind {
+            FormatKind::Ept | FormatKind::EptEmulatedAd => {
+                let mut e = addr | ((mt as u64) << EPT_MT_SHIFT) | EPT_IPAT;
+                if large {
+                    e |= EPT_LARGE;
+                }
+                if self.kind == FormatKind::Ept {
+                    if prot.contains(Prot::READ) {
+                        e |= EPT_R;
+                    }
+                    if prot.contains(Prot::WRITE) {
+                        e |= EPT_W;
+                    }
+                    if prot.contains(Prot::EXEC) {
+                        e |= EPT_X;
+                    }
+                } else {
+                    if prot.contains(Prot::READ) {
+                        e |= SW_R;
+                    }
+                    if prot.contains(Prot::WRITE) {
+                        e |= SW_W;
+                    }
+                    if prot.contains(Prot::EXEC) {
+                        e |= SW_X;
+                    }
+                }
+                Ok(e)
+            }
+            FormatKind::Npt => {
+                let mut e = addr | NPT_P | NPT_US;
+                if prot.contains(Prot::WRITE) {
+                    e |= NPT_RW;
+                }
+                if !prot.contains(Prot::EXEC) {
+                    e |= NPT_NX;
+                }
+                // With the power-on PAT (index 0 WB, 1 WT, 3 UC).
+                e |= match mt {
+                    MemType::WriteBack => 0,
+                    MemType::WriteThrough => NPT_PWT,
+                    MemType::Uncacheable => NPT_PWT | NPT_PCD,
+                    MemType::WriteCombining | MemType::WriteProtected => {
+                        return Err(Error::BadMemType);
+                    }
+                };
+                if large {
+                    e |= NPT_PS;
+                }
+                Ok(e)
+            }
+        }
+    }
+
+    /// Checks that the format can express `prot`.
+    pub fn check_prot(&self, prot: Prot) -> Result<(), Error> {
+        if prot.is_empty() || (prot.contains(Prot::WRITE) && !prot.contains(Prot::READ)) {
+            return Err(Error::BadProt);
+        }
+        if !prot.contains(Prot::READ) && !self.caps.execute_only {
+            return Err(Error::BadProt);
+        }
+        Ok(())
+    }
+
+    /// True when the entry is present: it maps a page or points at a table.
+    /// For the emulated format a leaf is present when software says so,
+    /// whatever the hardware bits.
+    #[inline(always)]
+    pub fn is_present(&self, e: u64) -> bool {
+        match self.kind {
+            FormatKind::Ept => e & (EPT_R | EPT_W | EPT_X) != 0,
+            FormatKind::EptEmulatedAd => e & (EPT_R | EPT_W | EPT_X | SW_R | SW_X) != 0,
+            FormatKind::Npt => e & NPT_P != 0,
+        }
+    }
+
+    /// True when a present entry at `level` (1 = PTE .. 4 = PML4E) is a leaf.
+    #[inline(always)]
+    pub fn is_leaf(&self, e: u64, level: u8) -> bool {
+        match level {
+            1 => true,
+            2 | 3 => {
+                let ps = match self.kind {
+                    FormatKind::Npt => NPT_PS,
+                    _ => EPT_LARGE,
+                };
+                e & ps != 0
+            }
+            _ => false,
+        }
+    }
+
+    /// The frame the entry points at (its first 4 KiB frame for a leaf).
+    #[inline(always)]
+    pub fn frame(&self, e: u64) -> Pfn {
+        Pfn((e & self.addr_mask) >> 12)
+    }
+
+    /// The frame a leaf at `level` maps, ignoring the low address bits that
+    /// are reserved or PAT in large leaves.
+    #[inline(always)]
+    pub fn frame_at_level(&self, e: u64, level: u8) -> Pfn {
+        let low = match level {
+            3 => (1u64 << 30) - 1,
+            2 => (1u64 << 21) - 1,
+            _ => 0xfff,
+        };
+        Pfn((e & self.addr_mask & !low) >> 12)
+    }
+
+    /// The protection a present leaf grants (the software permission for
+    /// the emulated format).
+    pub fn prot(&self, e: u64) -> Prot {
+        let mut p = Prot::empty();
+        match self.kind {
+            FormatKind::Ept => {
+                p.set(Prot::READ, e & EPT_R != 0);
+                p.set(Prot::WRITE, e & EPT_W != 0);
+                p.set(Prot::EXEC, e & EPT_X != 0);
+            }
+            FormatKind::EptEmulatedAd => {
+                p.set(Prot::READ, e & SW_R != 0);
+                p.set(Prot::WRITE, e & SW_W != 0);
+                p.set(Prot::EXEC, e & SW_X != 0);
+            }
+            FormatKind::Npt => {
+                p.set(Prot::READ, e & NPT_P != 0);
+                p.set(Prot::WRITE, e & NPT_RW != 0);
+                p.set(Prot::EXEC, e & NPT_NX == 0);
+            }
+        }
+        p
+    }
+
+    /// The memory type of a leaf (NPT: decoded from PWT/PCD with the
+    /// power-on PAT).
+    pub fn mem_type(&self, e: u64) -> Option<MemType> {
+        match self.kind {
+            FormatKind::Npt => Some(match e & (NPT_PWT | NPT_PCD) {
+                0 => MemType::WriteBack,
+                NPT_PWT => MemType::WriteThrough,
+                _ => MemType::Uncacheable,
+            }),
+            _ => MemType::from_bits(((e & EPT_MT_MASK) >> EPT_MT_SHIFT) as u8),
+        }
+    }
+
+    /// True when the leaf's accessed state is set.
+    #[inline(always)]
+    pub fn accessed(&self, e: u64) -> bool {
+        e & self.accessed != 0
+    }
+    /// True when the leaf's dirty state is set.
+    #[inline(always)]
+    pub fn dirty(&self, e: u64) -> bool {
+        e & self.dirty != 0
+    }
+
+    /// The bits to OR into a leaf to record `access` as the hardware would
+    /// (accessed, plus dirty for writes), or `None` when the leaf's
+    /// permission does not allow the access. For the emulated format these
+    /// are the hardware permission bits that stop the next access from
+    /// faulting.
+    pub fn access_bits(&self, e: u64, access: crate::Access) -> Option<u64> {
+        if !self.prot(e).contains(access.prot()) {
+            return None;
+        }
+        let write = access == crate::Access::Write;
+        Some(match self.kind {
+            FormatKind::Ept => EPT_A | if write { EPT_D } else { 0 },
+            FormatKind::Npt => NPT_A | if write { NPT_D } else { 0 },
+            FormatKind::EptEmulatedAd => {
+                let mut b = 0;
+                if e & SW_R != 0 {
+                    b |= EPT_R;
+                }
+                if e & SW_X != 0 {
+                    b |= EPT_X;
+                }
+                if write {
+                    b |= EPT_W;
+                }
+                b
+            }
+        })
+    }
+
+    /// The bits to OR into a leaf to mark it dirty without granting access
+    /// the mapping does not have.
+    pub(crate) fn set_dirty_bits(&self) -> u64 {
+        match self.kind {
+            FormatKind::Ept => EPT_D,
+            FormatKind::EptEmulatedAd => SW_DIRTY,
+            FormatKind::Npt => NPT_D,
+        }
+    }
+
+    /// The leaf value after clearing "accessed". For the emulated format,
+    /// clearing hardware R forces clearing hardware W and X (write without
+    /// read is a misconfiguration), so a set W is saved in the software
+    /// dirty bit.
+    pub(crate) fn clear_accessed(&self, e: u64) -> u64 {
+        match self.kind {
+            FormatKind::EptEmulatedAd => {
+                let saved = if e & EPT_W != 0 { SW_DIRTY } else { 0 };
+                (e & !(EPT_R | EPT_W | EPT_X)) | saved
+            }
+            _ => e & !self.accessed,
+        }
+    }
+
+    /// The bits set in a leaf to mark it accessed without the access itself
+    /// (emulated format: the permission's hardware read/execute bits).
+    pub(crate) fn set_accessed_bits(&self, e: u64) -> u64 {
+        match self.kind {
+            FormatKind::EptEmulatedAd => {
+                (if e & SW_R != 0 { EPT_R } else { 0 }) | (if e & SW_X != 0 { EPT_X } else { 0 })
+            }
+            _ => self.accessed,
+        }
+    }
+
+    /// The root pointer hardware is given: the EPTP (write-back paging
+    /// structures, four-level walk, A/D enable bit 6 when `track_dirty` and
+    /// the format has hardware A/D) or nCR3 (the root's address).
+    pub fn root_pointer(&self, root: Pfn, track_dirty: bool) -> u64 {
+        let addr = root.addr() & self.addr_mask;
+        match self.kind {
+            FormatKind::Ept => addr | EPTP_MT_WB | EPTP_WALK4 | if track_dirty { EPTP_AD } else { 0 },
+            FormatKind::EptEmulatedAd => addr | EPTP_MT_WB | EPTP_WALK4,
+            FormatKind::Npt => addr,
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! A software model of the hardware's nested walk.
+//!
+//! [`translate`] does what the processor does with a guest-physical address
+//! when the guest touches it: it walks the four levels from the root,
+//! checks each entry for reserved bits and misconfiguration, accumulates
+//! permissions, stops at a large leaf, checks the access against the
+//! accumulated permission, sets accessed and dirty bits as the hardware sets
+//! them, and returns the host-physical address, or the exact violation.
+//!
+//! It is the reference the tests compare the tables and real hardware (KVM,
+//! QEMU's SVM, Bochs' VMX) against.
+//!
+//! Rules modelled, per format:
+//!
+//! - EPT (Intel SDM vol. 3C, "EPT Translation Mechanism", "EPT
+//!   Misconfigurations", "EPT Violations", "Accessed and Dirty Flags for
+//!   EPT"): an entry is present when any of bits 2:0 is set. A present entry
+//!   is a misconfiguration when it allows write without read, execute
+//!   without read on a processor without execute-only support, sets a
+//!   reserved bit (address bits at or above MAXPHYADDR; bits 7:3 in a PML4E
+//!   and in a PDPTE or PDE that references a table; bit 7 in a PML4E; the
+//!   low address bits of a large leaf: 29:12 for 1 GiB, 20:12 for 2 MiB;
+//!   bit 7 in a PDPTE without 1 GiB support), or, in a leaf, a reserved
+//!   memory type (2, 3, 7). Misconfiguration is checked before
+//!   permissions. The effective permission is the AND of bits 2:0 over the
+//!   levels. With A/D enabled (EPTP bit 6) a successful walk sets bit 8 in
+//!   every entry it used and, for a write, bit 9 in the leaf.
+//! - NPT (AMD APM vol. 2, §15.25 "Nested Paging" and §5.3-5.4): the walk
+//!   is a user-mode long-mode walk with EFER.NXE=1 and CR0.WP=1. P=0 stops
+//!   it (not present). Reserved bits (address bits at or above MAXPHYADDR,
+//!   PS in a PML4E, PS in a PDPE without 1 GiB support, and the low address
+//!   bits 29:13 / 20:13 of a large leaf) give a reserved-bit fault. A write
+//!   needs RW at every level, a fetch needs NX clear at every level, and
+//!   every level needs US. A successful walk sets A in every entry and, for
+//!   a write, D in the leaf.
+//!
+//! Open points, where the manuals do not settle what hardware does: whether
+//! a walk that faults sets accessed bits in the upper entries it used (QEMU
+//! does, Bochs does not). This model sets nothing on a faulting walk.
+
+use core::sync::atomic::Ordering;
+
+use crate::format::*;
+use crate::pages::TablePages;
+use crate::table::{entry_span, index, table_of};
+use crate::{Access, FormatKind, Gpa, MemType, PageSize, Pfn, Prot, PteFormat};
+
+/// A successful translation.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Translation {
+    /// The host-physical address the guest-physical address maps to.
+    pub hpa: u64,
+    /// Size of the page the leaf maps.
+    pub size: PageSize,
+    /// Effective permission of the walk.
+    pub prot: Prot,
+    /// Memory type of the leaf, where the format encodes one.
+    pub mem_type: Option<MemType>,
+}
+
+/// What went wrong.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ViolationKind {
+    /// An entry on the path is not present.
+    NotPresent,
+    /// The walk completed but the permission does not allow the access.
+    Permission,
+    /// EPT: a present entry is misconfigured (an EPT misconfiguration exit,
+    /// not an EPT violation).
+    Misconfig,
+    /// NPT: a reserved bit is set (a nested page fault with RSV=1).
+    Reserved,
+    /// An entry points outside the table pages the model can read; real
+    /// hardware would read whatever memory is there.
+    OutsideTables,
+}
+
+/// A failed translation.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Violation {
+    /// The kind of failure.
+    pub kind: ViolationKind,
+    /// Level of the entry that stopped the walk (4 = root .. 1 = PTE); for
+    /// a permission violation, the leaf's level.
+    pub level: u8,
+    /// The access that failed.
+    pub access: Access,
+    /// Permission accumulated over the entries walked so far (for a
+    /// not-present violation, over the present entries above it). This is
+    /// what the EPT violation qualification reports in bits 5:3.
+    pub effective: Prot,
+}
+
+impl Violation {
+    /// The AMD #VMEXIT(NPF) EXITINFO1 error code for this violation, for
+    /// a guest running with paging off (the access is the final
+    /// translation, bit 32): P (bit 0) set unless not present, W (bit 1)
+    /// for writes, U (bit 2) always (nested walks are user accesses), RSV
+    /// (bit 3) for reserved bits, ID (bit 4) for fetches.
+    pub fn npt_error_code(&self) -> u64 {
+        let mut ec = 1 << 2 | 1 << 32;
+        if self.kind != ViolationKind::NotPresent {
+            ec |= 1;
+        }
+        if self.access == Access::Write {
+            ec |= 1 << 1;
+        }
+        if self.kind == ViolationKind::Reserved {
+            ec |= 1 << 3;
+        }
+        if self.access == Access::Execute {
+            ec |= 1 << 4;
+        }
+        ec
+    }
+
+    /// The low bits (5:0) of the Intel EPT-violation exit qualification:
+    /// bit 0 read, bit 1 write, bit 2 fetch, bits 3-5 the effective read,
+    /// write and execute permission of the translation.
+    pub fn ept_qualification(&self) -> u64 {
+        let mut q = match self.access {
+            Access::Read => 1,
+            Access::Write => 2,
+            Access::Execute => 4,
+        };
+        if self.effective.contains(Prot::READ) {
+            q |= 1 << 3;
+        }
+        if self.effective.contains(Prot::WRITE) {
+            q |= 1 << 4;
+        }
+        if self.effective.contains(Prot::EXEC) {
+            q |= 1 << 5;
+        }
+        q
+    }
+}
+
+/// Translates `gpa` for `access` through the table rooted at `root`, as the
+/// hardware would, setting accessed/dirty bits when `ad_enabled` (EPTP bit
+/// 6 for EPT; NPT always sets them, whatever the flag).
+pub fn translate<P: TablePages + ?Sized>(
+    pages: &P,
+    fmt: &PteFormat,
+    root: Pfn,
+    gpa: Gpa,
+    access: Access,
+    ad_enabled: bool,
+) -> Result<Translation, Violation> {
+    let npt = fmt.kind() == FormatKind::Npt;
+    let ad = npt || (ad_enabled && fmt.kind() == FormatKind::Ept);
+    let mut effective = Prot::all();
+    let mut used: [Option<&core::sync::atomic::AtomicU64>; 4] = [None; 4];
+    let mut pfn = root;
+    let mut level = 4u8;
+    let fail = |kind, level, effective| Violation { kind, level, access, effective };
+    loop {
+        let Some(table) = table_of(pages, pfn) else {
+            return Err(fail(ViolationKind::OutsideTables, level, effective));
+        };
+        let slot = &table[index(level, gpa.0)];
+        let e = slot.load(Ordering::Acquire);
+        let leaf = fmt.is_leaf(e, level) && present_hw(fmt, e);
+        if !present_hw(fmt, e) {
+            // The not-present entry is part of the walk and grants nothing.
+            return Err(fail(ViolationKind::NotPresent, level, Prot::empty()));
+        }
+        if npt {
+            if reserved_npt(fmt, e, level) {
+                return Err(fail(ViolationKind::Reserved, level, effective));
+            }
+            let mut p = Prot::READ;
+            p.set(Prot::WRITE, e & NPT_RW != 0);
+            p.set(Prot::EXEC, e & NPT_NX == 0);
+            if e & NPT_US == 0 {
+                p = Prot::empty();
+            }
+            effective &= p;
+        } else {
+            if misconfig_ept(fmt, e, level, leaf) {
+                return Err(fail(ViolationKind::Misconfig, level, effective));
+            }
+            let mut p = Prot::empty();
+            p.set(Prot::READ, e & EPT_R != 0);
+            p.set(Prot::WRITE, e & EPT_W != 0);
+            p.set(Prot::EXEC, e & EPT_X != 0);
+            effective &= p;
+        }
+        used[4 - level as usize] = Some(slot);
+        if leaf || level == 1 {
+            let size = PageSize::from_level(level).unwrap_or(PageSize::Size4K);
+            let allowed = if npt && effective.is_empty() { false } else { effective.contains(access.prot()) };
+            if !allowed {
+                return Err(fail(ViolationKind::Permission, level, effective));
+            }
+            if ad {
+                let (a, d) = if npt { (NPT_A, NPT_D) } else { (EPT_A, EPT_D) };
+                for s in used.iter().flatten() {
+                    if s.load(Ordering::Relaxed) & a == 0 {
+                        s.fetch_or(a, Ordering::AcqRel);
+                    }
+                }
+                if access == Access::Write {
+                    slot.fetch_or(d, Ordering::AcqRel);
+                }
+            }
+            let frame = fmt.frame_at_level(e, level);
+            let hpa = frame.addr() + (gpa.0 & (size.bytes() - 1));
+            return Ok(Translation { hpa, size, prot: effective, mem_type: fmt.mem_type(e) });
+        }
+        pfn = fmt.frame(e);
+        level -= 1;
+    }
+}
+
+/// Present as the hardware sees it (for the emulated format, the software
+/// bits do not count: hardware R/W/X all clear is "not present").
+fn present_hw(fmt: &PteFormat, e: u64) -> bool {
+    match fmt.kind() {
+        FormatKind::Npt => e & NPT_P != 0,
+        _ => e & (EPT_R | EPT_W | EPT_X) != 0,
+    }
+}
+
+/// Bits at or above MAXPHYADDR in the address field (bits 51:MAXPHYADDR).
+fn high_reserved(fmt: &PteFormat) -> u64 {
+    let width = fmt.caps().phys_bits as u32;
+    ((1u64 << 52) - 1) & !((1u64 << width) - 1)
+}
+
+fn misconfig_ept(fmt: &PteFormat, e: u64, level: u8, leaf: bool) -> bool {
+    let caps = fmt.caps();
+    if e & EPT_W != 0 && e & EPT_R == 0 {
+        return true;
+    }
+    if e & EPT_X != 0 && e & EPT_R == 0 && !caps.execute_only {
+        return true;
+    }
+    if e & high_reserved(fmt) != 0 {
+        return true;
+    }
+    if leaf {
+        if level == 3 && !caps.page_1g || level == 2 && !caps.page_2m {
+            return true;
+        }
+        let low = entry_span(level) - 1;
+        if level > 1 && e & low & !0xfff != 0 {
+            return true;
+        }
+        let mt = ((e & EPT_MT_MASK) >> EPT_MT_SHIFT) as u8;
+        return matches!(mt, 2 | 3 | 7);
+    }
+    // Non-leaf: bits 7:3 reserved in PML4Es and in table-referencing
+    // PDPTEs; bits 6:3 in table-referencing PDEs (bit 7 is the large bit).
+    let rsvd = match level {
+        4 | 3 => 0xf8,
+        _ => 0x78,
+    };
+    e & rsvd != 0
+}
+
+fn reserved_npt(fmt: &PteFormat, e: u64, level: u8) -> bool {
+    if e & high_reserved(fmt) != 0 {
+        return true;
+    }
+    match level {
+        4 => e & NPT_PS != 0,
+        3 | 2 if e & NPT_PS != 0 => {
+            if level == 3 && !fmt.caps().page_1g || level == 2 && !fmt.caps().page_2m {
+                return true;
+            }
+            // Bit 12 is the PAT bit; bits above it up to the page size are
+            // reserved.
+            let low = entry_span(level) - 1;
+            e & low & !0x1fff != 0
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,249 @@
+//! Where table pages come from.
+
+use alloc::alloc::{Layout, alloc_zeroed, dealloc};
+use alloc::collections::BTreeSet;
+use alloc::vec::Vec;
+use core::ptr;
+
+use crate::Pfn;
+
+/// A provider of 4 KiB table pages.
+///
+/// The tree asks for zeroed pages, converts frame numbers to pointers when
+/// it descends, and returns pages it no longer needs.
+///
+/// # Safety
+///
+/// Implementers promise that:
+/// - `alloc_zeroed` returns a frame not currently allocated, whose 4096
+///   bytes are zero;
+/// - for an allocated frame, `ptr` returns a non-null, 8-byte-aligned
+///   pointer to its 4096 bytes, valid for reads and writes (including atomic
+///   ones) until the frame is freed, and never aliased by a Rust reference
+///   elsewhere; for a frame that is not one of its pages, `ptr` returns null;
+/// - the memory is not reused for anything else until `free` is called.
+///
+/// The tree relies on these to form atomic references to entries.
+pub unsafe trait TablePages {
+    /// A zeroed page, or `None` when out of memory.
+    fn alloc_zeroed(&mut self) -> Option<Pfn>;
+    /// Pointer to the page's 512 entries; null when `pfn` is not a page of
+    /// this provider.
+    fn ptr(&self, pfn: Pfn) -> *mut u64;
+    /// Returns a page.
+    ///
+    /// # Safety
+    ///
+    /// `pfn` came from `alloc_zeroed`, was not freed since, and no table
+    /// entry or reference points at it any more.
+    unsafe fn free(&mut self, pfn: Pfn);
+}
+
+// SAFETY: forwards every call to the boxed provider, which upholds the
+// contract itself.
+unsafe impl<T: TablePages + ?Sized> TablePages for alloc::boxed::Box<T> {
+    fn alloc_zeroed(&mut self) -> Option<Pfn> {
+        (**self).alloc_zeroed()
+    }
+    fn ptr(&self, pfn: Pfn) -> *mut u64 {
+        (**self).ptr(pfn)
+    }
+    unsafe fn free(&mut self, pfn: Pfn) {
+        // SAFETY: the caller's promise is passed on unchanged.
+        unsafe { (**self).free(pfn) }
+    }
+}
+
+/// A user-space provider: one contiguous arena reserved up front, so that
+/// a frame-to-pointer conversion is an addition and every table page costs
+/// exactly 4 KiB (no per-page heap header or alignment padding).
+///
+/// The arena is obtained zeroed from the global allocator; on hosts whose
+/// allocator maps large blocks lazily (glibc), untouched pages cost nothing,
+/// so a generous capacity is cheap. Frames are numbered from a base the
+/// caller chooses.
+pub struct HeapPages {
+    base: *mut u8,
+    layout: Layout,
+    pages: *mut u8,
+    capacity: u64,
+    base_pfn: u64,
+    next: u64,
+    free: Vec<u32>,
+    live: u64,
+}
+
+// SAFETY: the arena is owned by this value; the raw pointers are not shared
+// with anything that is tied to a thread.
+unsafe impl Send for HeapPages {}
+// SAFETY: `&self` methods only compute pointers; they do not touch the
+// arena's bookkeeping.
+unsafe impl Sync for HeapPages {}
+
+impl HeapPages {
+    /// Default capacity: 2^18 pages (1 GiB of address space, enough tables
+    /// for 512 GiB of 4 KiB mappings).
+    pub const DEFAULT_CAPACITY: u64 = 1 << 18;
+
+    /// An arena of the default capacity with frames numbered from 0x100.
+    pub fn new() -> Self {
+        Self::with_capacity(0x100, Self::DEFAULT_CAPACITY)
+    }
+
+    /// An arena of `capacity` pages whose first frame is `base_pfn`.
+    ///
+    /// # Panics
+    ///
+    /// When the global allocator cannot reserve the arena.
+    pub fn with_capacity(base_pfn: u64, capacity: u64) -> Self {
+        let capacity = capacity.clamp(1, u32::MAX as u64);
+        let bytes = (capacity as usize).checked_mul(4096).and_then(|b| b.checked_add(4096));
+        let bytes = bytes.expect("arena size overflows");
+        // A byte-aligned request lets the allocator use calloc, which maps
+        // large blocks lazily; the page alignment is done by hand.
+        let layout = Layout::from_size_align(bytes, 16).expect("arena layout");
+        // SAFETY: the layout has a non-zero size.
+        let base = unsafe { alloc_zeroed(layout) };
+        assert!(!base.is_null(), "cannot reserve table arena");
+        let pages = base.wrapping_add(base.align_offset(4096));
+        HeapPages { base, layout, pages, capacity, base_pfn, next: 0, free: Vec::new(), live: 0 }
+    }
+
+    /// Pages currently allocated.
+    pub fn live(&self) -> u64 {
+        self.live
+    }
+    /// The frame number of the arena's first page.
+    pub fn base_pfn(&self) -> u64 {
+        self.base_pfn
+    }
+}
+
+impl Default for HeapPages {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for HeapPages {
+    fn drop(&mut self) {
+        // SAFETY: `base` was allocated with `layout` in `with_capacity`.
+        unsafe { dealloc(self.base, self.layout) }
+    }
+}
+
+// SAFETY: pages are handed out at most once until freed (the free list and
+// the bump index never overlap), reused pages are zeroed before being handed
+// out again, and `ptr` returns an in-arena, page-aligned pointer only for
+// indices inside the arena.
+unsafe impl TablePages for HeapPages {
+    fn alloc_zeroed(&mut self) -> Option<Pfn> {
+        let index = if let Some(i) = self.free.pop() {
+            let p = self.pages.wrapping_add(i as usize * 4096);
+            // SAFETY: page `i` is inside the arena and not allocated.
+            unsafe { ptr::write_bytes(p, 0, 4096) };
+            i as u64
+        } else if self.next < self.capacity {
+            self.next += 1;
+            self.next - 1
+        } else {
+            return None;
+        };
+        self.live += 1;
+        Some(Pfn(self.base_pfn + index))
+    }
+
+    #[inline(always)]
+    fn ptr(&self, pfn: Pfn) -> *mut u64 {
+        let index = pfn.0.wrapping_sub(self.base_pfn);
+        if index >= self.next {
+            return ptr::null_mut();
+        }
+        self.pages.wrapping_add(index as usize * 4096).cast()
+    }
+
+    unsafe fn free(&mut self, pfn: Pfn) {
+        let index = pfn.0.wrapping_sub(self.base_pfn);
+        debug_assert!(index < self.next);
+        self.free.push(index as u32);
+        self.live -= 1;
+    }
+}
+
+/// A checking wrapper for tests: counts live pages, catches double frees
+/// and frees of foreign pages, and can be told to fail allocations.
+pub struct CountingPages<P> {
+    inner: P,
+    live: BTreeSet<u64>,
+    allocs: u64,
+    frees: u64,
+    fail_after: Option<u64>,
+    errors: Vec<&'static str>,
+}
+
+impl<P: TablePages> CountingPages<P> {
+    /// Wraps `inner`.
+    pub fn new(inner: P) -> Self {
+        CountingPages { inner, live: BTreeSet::new(), allocs: 0, frees: 0, fail_after: None, errors: Vec::new() }
+    }
+    /// Pages currently allocated.
+    pub fn live(&self) -> usize {
+        self.live.len()
+    }
+    /// Allocations made so far.
+    pub fn allocs(&self) -> u64 {
+        self.allocs
+    }
+    /// Frees made so far.
+    pub fn frees(&self) -> u64 {
+        self.frees
+    }
+    /// Let `n` more allocations succeed, then fail every one; `None` lifts
+    /// the limit.
+    pub fn fail_after(&mut self, n: Option<u64>) {
+        self.fail_after = n;
+    }
+    /// Misuse seen so far (double free, foreign free).
+    pub fn errors(&self) -> &[&'static str] {
+        &self.errors
+    }
+    /// True when `pfn` is allocated.
+    pub fn is_live(&self, pfn: Pfn) -> bool {
+        self.live.contains(&pfn.0)
+    }
+}
+
+// SAFETY: forwards to `inner`, which upholds the contract; the wrapper only
+// adds bookkeeping and refuses to forward a free it can tell is wrong.
+unsafe impl<P: TablePages> TablePages for CountingPages<P> {
+    fn alloc_zeroed(&mut self) -> Option<Pfn> {
+        if let Some(n) = self.fail_after {
+            if n == 0 {
+                return None;
+            }
+            self.fail_after = Some(n - 1);
+        }
+        let pfn = self.inner.alloc_zeroed()?;
+        self.allocs += 1;
+        if !self.live.insert(pfn.0) {
+            self.errors.push("provider handed out a live page twice");
+        }
+        Some(pfn)
+    }
+    fn ptr(&self, pfn: Pfn) -> *mut u64 {
+        if !self.live.contains(&pfn.0) {
+            return ptr::null_mut();
+        }
+        self.inner.ptr(pfn)
+    }
+    unsafe fn free(&mut self, pfn: Pfn) {
+        if !self.live.remove(&pfn.0) {
+            self.errors.push("free of a page that is not allocated");
+            return;
+        }
+        self.frees += 1;
+        // SAFETY: the page was live in this wrapper, so it came from
+        // `inner.alloc_zeroed`; the caller promises it is unreferenced.
+        unsafe { self.inner.free(pfn) }
+    }
+}

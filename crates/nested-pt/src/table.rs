@@ -1,0 +1,837 @@
+//! The four-level table tree.
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::format::PteFormat;
+use crate::pages::TablePages;
+use crate::{Access, ENTRIES, Error, GPA_LIMIT, Gpa, MemType, PageSize, Pfn, Prot, check_range};
+
+/// One table page, as the hardware sees it.
+pub(crate) type Table = [AtomicU64; ENTRIES];
+
+/// Bytes one entry at `level` covers (level 1: 4 KiB .. level 4: 512 GiB).
+#[inline(always)]
+pub(crate) const fn entry_span(level: u8) -> u64 {
+    1u64 << (12 + 9 * (level as u32 - 1))
+}
+
+/// Index of `gpa`'s entry in a table at `level`.
+#[inline(always)]
+pub(crate) const fn index(level: u8, gpa: u64) -> usize {
+    ((gpa >> (12 + 9 * (level as u32 - 1))) & 511) as usize
+}
+
+/// Converts a frame to its table, if the provider owns it.
+#[inline(always)]
+pub(crate) fn table_of<P: TablePages + ?Sized>(pages: &P, pfn: Pfn) -> Option<&Table> {
+    let p = pages.ptr(pfn);
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: by the `TablePages` contract a non-null pointer addresses the
+    // 4096 bytes of an allocated page, 8-byte aligned, valid until `free`;
+    // the returned reference borrows `pages`, and pages are freed only
+    // through `&mut` access to the provider, so it cannot outlive the page.
+    // All access is atomic, so concurrent writers (other threads, hardware
+    // setting A/D bits) are fine.
+    Some(unsafe { &*(p as *const Table) })
+}
+
+/// Software shadow of one table page: its reference count and children.
+///
+/// `refs` counts the child tables plus the entries reserved for leaves by
+/// `populate_region`; the page is freed when it drops to zero (never the
+/// root). Children are kept sorted by their index in this table.
+struct Node {
+    pfn: Pfn,
+    refs: u32,
+    index: u16,
+    children: Vec<Node>,
+}
+
+impl Node {
+    fn new(pfn: Pfn, index: u16) -> Node {
+        Node { pfn, refs: 0, index, children: Vec::new() }
+    }
+    fn child_pos(&self, index: usize) -> Result<usize, usize> {
+        self.children.binary_search_by_key(&(index as u16), |c| c.index)
+    }
+}
+
+/// The entries on the path of a walk, root first.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Walk {
+    /// The steps; only the first `len` are meaningful.
+    pub steps: [WalkStep; 4],
+    /// How many steps the walk took (it stops at a non-present entry or a
+    /// leaf).
+    pub len: usize,
+}
+
+impl Walk {
+    /// The steps taken.
+    pub fn steps(&self) -> &[WalkStep] {
+        &self.steps[..self.len]
+    }
+}
+
+/// One entry visited by a walk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalkStep {
+    /// Table level, 4 (root) to 1.
+    pub level: u8,
+    /// The table page holding the entry.
+    pub table: Pfn,
+    /// Index of the entry in its table.
+    pub index: u16,
+    /// The entry's value when read.
+    pub entry: u64,
+}
+
+/// A present leaf entry.
+#[derive(Clone, Copy)]
+pub struct Leaf<'a> {
+    /// Guest-physical address of the page the leaf maps.
+    pub gpa: Gpa,
+    /// Size of the page.
+    pub size: PageSize,
+    /// The entry itself (hardware may change it at any time).
+    pub entry: &'a AtomicU64,
+    fmt: &'a PteFormat,
+}
+
+impl core::fmt::Debug for Leaf<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Leaf")
+            .field("gpa", &self.gpa)
+            .field("size", &self.size)
+            .field("entry", &format_args!("{:#x}", self.value()))
+            .finish()
+    }
+}
+
+impl<'a> Leaf<'a> {
+    /// The entry's current value.
+    pub fn value(&self) -> u64 {
+        self.entry.load(Ordering::Acquire)
+    }
+    /// First frame the leaf maps.
+    pub fn pfn(&self) -> Pfn {
+        self.fmt.frame_at_level(self.value(), self.size.level())
+    }
+    /// Frame that backs `gpa` (which must lie inside the leaf's page).
+    pub fn pfn_of(&self, gpa: Gpa) -> Pfn {
+        Pfn(self.pfn().0 + ((gpa.0 - self.gpa.0) >> 12))
+    }
+    /// Protection the leaf grants.
+    pub fn prot(&self) -> Prot {
+        self.fmt.prot(self.value())
+    }
+    /// Accessed state.
+    pub fn accessed(&self) -> bool {
+        self.fmt.accessed(self.value())
+    }
+    /// Dirty state.
+    pub fn dirty(&self) -> bool {
+        self.fmt.dirty(self.value())
+    }
+    /// Sets (`on`) or clears the accessed state atomically; returns the old
+    /// state. For the emulated format, clearing also revokes the hardware
+    /// write bit and keeps a pending dirty state in software bit 55.
+    pub fn reset_accessed(&self, on: bool) -> bool {
+        let fmt = self.fmt;
+        if on {
+            let cur = self.value();
+            let old = self.entry.fetch_or(fmt.set_accessed_bits(cur), Ordering::AcqRel);
+            return fmt.accessed(old);
+        }
+        let mut cur = self.value();
+        loop {
+            let new = fmt.clear_accessed(cur);
+            if new == cur {
+                return fmt.accessed(cur);
+            }
+            match self.entry.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return fmt.accessed(cur),
+                Err(v) => cur = v,
+            }
+        }
+    }
+    /// Sets (`on`) or clears the dirty state atomically; returns the old
+    /// state. Setting never grants write access the mapping lacks.
+    pub fn reset_dirty(&self, on: bool) -> bool {
+        let fmt = self.fmt;
+        let old = if on {
+            self.entry.fetch_or(fmt.set_dirty_bits(), Ordering::AcqRel)
+        } else {
+            self.entry.fetch_and(!fmt.dirty_mask(), Ordering::AcqRel)
+        };
+        fmt.dirty(old)
+    }
+}
+
+/// A four-level nested page table.
+pub struct NestedTable<P: TablePages> {
+    fmt: PteFormat,
+    pages: P,
+    root: Node,
+}
+
+impl<P: TablePages> NestedTable<P> {
+    /// An empty table (just the root page).
+    pub fn new(format: PteFormat, mut pages: P) -> Result<Self, Error> {
+        let root = pages.alloc_zeroed().ok_or(Error::NoMemory)?;
+        if pages.ptr(root).is_null() {
+            return Err(Error::NoMemory);
+        }
+        Ok(NestedTable { fmt: format, pages, root: Node::new(root, 0) })
+    }
+
+    /// The entry format.
+    pub fn format(&self) -> &PteFormat {
+        &self.fmt
+    }
+    /// The table-page provider.
+    pub fn pages(&self) -> &P {
+        &self.pages
+    }
+    /// The root table's frame.
+    pub fn root(&self) -> Pfn {
+        self.root.pfn
+    }
+    /// The root pointer for hardware: EPTP or nCR3.
+    pub fn root_pointer(&self, track_dirty: bool) -> u64 {
+        self.fmt.root_pointer(self.root.pfn, track_dirty)
+    }
+
+    #[inline(always)]
+    fn table(&self, pfn: Pfn) -> Option<&Table> {
+        table_of(&self.pages, pfn)
+    }
+
+    #[inline(always)]
+    fn root_table(&self) -> &Table {
+        // The root page is allocated for the table's whole life and its
+        // pointer was checked non-null in `new`.
+        table_of(&self.pages, self.root.pfn).expect("root table page")
+    }
+
+    // ---------------------------------------------------------------
+    // Structure: populate and vacate.
+    // ---------------------------------------------------------------
+
+    /// Creates the tables that leaves of size `leaf` in `[gpa, gpa+len)`
+    /// need, and counts the range's entries in them. Both `gpa` and `len`
+    /// must be multiples of the leaf size. On error nothing changes.
+    pub fn populate_region(&mut self, gpa: Gpa, len: u64, leaf: PageSize) -> Result<(), Error> {
+        let end = check_range(gpa, len, leaf)?;
+        if !self.fmt.supports(leaf) {
+            return Err(Error::UnsupportedSize);
+        }
+        let mut progress = gpa.0;
+        let r = populate(&mut self.root, 4, gpa.0, end, leaf.level(), &mut self.pages, &self.fmt, &mut progress);
+        if let Err(e) = r {
+            // Undo the counts taken before the failure and free the tables
+            // created for nothing.
+            if progress > gpa.0 {
+                uncount(&mut self.root, 4, gpa.0, progress, leaf.level());
+            }
+            prune(&mut self.root, 4, gpa.0, end, &mut self.pages);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Releases the counts `populate_region` took for the same range and
+    /// leaf size, and frees tables left with nothing, bottom-up (never the
+    /// root). The range must map no pages any more.
+    pub fn vacate_region(&mut self, gpa: Gpa, len: u64, leaf: PageSize) -> Result<(), Error> {
+        let end = check_range(gpa, len, leaf)?;
+        if !self.fmt.supports(leaf) {
+            return Err(Error::UnsupportedSize);
+        }
+        if !counted(&self.root, 4, gpa.0, end, leaf.level()) {
+            return Err(Error::NotPopulated);
+        }
+        let mut mapped = false;
+        self.for_each_leaf_table(gpa, len, |_, entries, _| {
+            mapped |= entries.iter().any(|e| self.fmt.is_present(e.load(Ordering::Relaxed)));
+        });
+        if mapped {
+            return Err(Error::StillMapped);
+        }
+        uncount(&mut self.root, 4, gpa.0, end, leaf.level());
+        prune(&mut self.root, 4, gpa.0, end, &mut self.pages);
+        Ok(())
+    }
+
+    /// Table pages in use, the root included.
+    pub fn table_pages(&self) -> usize {
+        fn count(n: &Node) -> usize {
+            1 + n.children.iter().map(count).sum::<usize>()
+        }
+        count(&self.root)
+    }
+
+    /// Bytes the table costs: its pages plus the software shadow.
+    pub fn table_bytes(&self) -> usize {
+        fn meta(n: &Node) -> usize {
+            n.children.capacity() * core::mem::size_of::<Node>() + n.children.iter().map(meta).sum::<usize>()
+        }
+        self.table_pages() * 4096 + core::mem::size_of::<Self>() + meta(&self.root)
+    }
+
+    // ---------------------------------------------------------------
+    // Entries: map, unmap, lookup, walk.
+    // ---------------------------------------------------------------
+
+    /// The slot at `level` for `gpa`, walking only through table entries.
+    #[inline(always)]
+    fn slot(&self, gpa: u64, level: u8) -> Result<&AtomicU64, Error> {
+        let mut table = self.root_table();
+        let mut l = 4;
+        while l > level {
+            let e = table[index(l, gpa)].load(Ordering::Acquire);
+            if !self.fmt.is_present(e) {
+                return Err(Error::NotPopulated);
+            }
+            if self.fmt.is_leaf(e, l) {
+                return Err(Error::AlreadyMapped { same_frame: false });
+            }
+            table = self.table(self.fmt.frame(e)).ok_or(Error::NotPopulated)?;
+            l -= 1;
+        }
+        Ok(&table[index(level, gpa)])
+    }
+
+    /// Maps `pfn` at `gpa` as a page of `size`: a compare-and-swap from an
+    /// empty entry. The tables must have been populated with leaves of that
+    /// size.
+    pub fn map(&self, gpa: Gpa, pfn: Pfn, size: PageSize, prot: Prot, mt: MemType) -> Result<(), Error> {
+        if !gpa.is_aligned(size) {
+            return Err(Error::Unaligned);
+        }
+        if gpa.0 >= GPA_LIMIT {
+            return Err(Error::OutOfRange);
+        }
+        let new = self.fmt.leaf_entry(pfn, size, prot, mt)?;
+        let slot = self.slot(gpa.0, size.level())?;
+        match slot.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Ok(()),
+            Err(old) => {
+                let same = self.fmt.is_leaf(old, size.level()) && self.fmt.frame_at_level(old, size.level()) == pfn;
+                Err(Error::AlreadyMapped { same_frame: same })
+            }
+        }
+    }
+
+    /// Maps each 4 KiB page of `[gpa, gpa+len)` to the frame `frame(gpa)`
+    /// returns (`None` skips the page), visiting each leaf table once.
+    /// Pages already mapped are left as they are. Returns the number of
+    /// pages this call mapped.
+    pub fn map_range(
+        &self,
+        gpa: Gpa,
+        len: u64,
+        prot: Prot,
+        mt: MemType,
+        mut frame: impl FnMut(Gpa) -> Option<Pfn>,
+    ) -> Result<u64, Error> {
+        let end = check_range(gpa, len, PageSize::Size4K)?;
+        // Validate protection and the tables' presence before changing
+        // anything.
+        self.fmt.leaf_entry(Pfn(0), PageSize::Size4K, prot, mt)?;
+        let mut a = gpa.0;
+        while a < end {
+            self.slot(a, 1)?;
+            a = (a | (entry_span(2) - 1)) + 1;
+        }
+        let mut mapped = 0;
+        let mut a = gpa.0;
+        while a < end {
+            let table_end = ((a | (entry_span(2) - 1)) + 1).min(end);
+            let first = self.slot(a, 1)? as *const AtomicU64;
+            let n = ((table_end - a) >> 12) as usize;
+            // SAFETY: `first` is the entry for `a` in a leaf table; the
+            // `n` entries up to `table_end` lie in the same 512-entry table
+            // because `table_end` does not cross a 2 MiB boundary.
+            let entries = unsafe { core::slice::from_raw_parts(first, n) };
+            for (i, slot) in entries.iter().enumerate() {
+                let page = Gpa(a + ((i as u64) << 12));
+                let Some(pfn) = frame(page) else { continue };
+                let new = self.fmt.leaf_entry(pfn, PageSize::Size4K, prot, mt)?;
+                if slot.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    mapped += 1;
+                }
+            }
+            a = table_end;
+        }
+        Ok(mapped)
+    }
+
+    /// The present leaf that maps `gpa`, if any.
+    #[inline]
+    pub fn lookup(&self, gpa: Gpa) -> Option<Leaf<'_>> {
+        if gpa.0 >= GPA_LIMIT {
+            return None;
+        }
+        let mut table = self.root_table();
+        let mut level = 4;
+        loop {
+            let slot = &table[index(level, gpa.0)];
+            let e = slot.load(Ordering::Acquire);
+            if !self.fmt.is_present(e) {
+                return None;
+            }
+            if self.fmt.is_leaf(e, level) {
+                let size = PageSize::from_level(level)?;
+                let base = gpa.0 & !(size.bytes() - 1);
+                return Some(Leaf { gpa: Gpa(base), size, entry: slot, fmt: &self.fmt });
+            }
+            table = self.table(self.fmt.frame(e))?;
+            level -= 1;
+        }
+    }
+
+    /// The frame backing the 4 KiB page that contains `gpa`, and the
+    /// protection, when mapped.
+    pub fn is_mapped(&self, gpa: Gpa) -> Option<(Pfn, Prot)> {
+        let leaf = self.lookup(gpa)?;
+        Some((leaf.pfn_of(Gpa(gpa.0 & !0xfff)), leaf.prot()))
+    }
+
+    /// The entries on the path to `gpa`, root first, ending at a leaf or a
+    /// non-present entry.
+    pub fn walk(&self, gpa: Gpa) -> Walk {
+        let mut w = Walk::default();
+        if gpa.0 >= GPA_LIMIT {
+            return w;
+        }
+        let mut pfn = self.root.pfn;
+        let mut level = 4;
+        while let Some(table) = self.table(pfn) {
+            let i = index(level, gpa.0);
+            let e = table[i].load(Ordering::Acquire);
+            w.steps[w.len] = WalkStep { level, table: pfn, index: i as u16, entry: e };
+            w.len += 1;
+            if !self.fmt.is_present(e) || self.fmt.is_leaf(e, level) {
+                break;
+            }
+            pfn = self.fmt.frame(e);
+            level -= 1;
+        }
+        w
+    }
+
+    /// Unmaps the leaf whose page starts at `gpa`. Returns whether a leaf
+    /// was present. An address inside a large page is refused
+    /// ([`Error::WouldSplit`]).
+    pub fn unmap(&self, gpa: Gpa) -> Result<bool, Error> {
+        if !gpa.is_aligned(PageSize::Size4K) {
+            return Err(Error::Unaligned);
+        }
+        let Some(leaf) = self.lookup(gpa) else { return Ok(false) };
+        if leaf.gpa != gpa {
+            return Err(Error::WouldSplit);
+        }
+        let old = leaf.entry.swap(0, Ordering::AcqRel);
+        Ok(self.fmt.is_present(old))
+    }
+
+    /// Refuses a range whose ends cut through a large leaf.
+    fn check_no_split(&self, start: u64, end: u64) -> Result<(), Error> {
+        for a in [start, end - 1] {
+            if let Some(leaf) = self.lookup(Gpa(a))
+                && (leaf.gpa.0 < start || leaf.gpa.0 + leaf.size.bytes() > end)
+            {
+                return Err(Error::WouldSplit);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmaps every leaf in `[gpa, gpa+len)`, visiting each leaf table
+    /// once. Returns the number of 4 KiB pages unmapped (a 2 MiB leaf
+    /// counts 512).
+    pub fn unmap_region(&self, gpa: Gpa, len: u64) -> Result<u64, Error> {
+        let end = check_range(gpa, len, PageSize::Size4K)?;
+        self.check_no_split(gpa.0, end)?;
+        let mut count = 0;
+        self.for_each_leaf_table(gpa, len, |_, entries, size| {
+            for e in entries {
+                if e.load(Ordering::Relaxed) != 0 && self.fmt.is_present(e.swap(0, Ordering::AcqRel)) {
+                    count += size.pages();
+                }
+            }
+        });
+        Ok(count)
+    }
+
+    // ---------------------------------------------------------------
+    // Accessed and dirty.
+    // ---------------------------------------------------------------
+
+    /// Sets or clears the accessed state of the leaf mapping `gpa`;
+    /// returns the old state.
+    pub fn reset_accessed(&self, gpa: Gpa, on: bool) -> Result<bool, Error> {
+        Ok(self.lookup(gpa).ok_or(Error::NotMapped)?.reset_accessed(on))
+    }
+
+    /// Sets or clears the dirty state of the leaf mapping `gpa`; returns the
+    /// old state.
+    pub fn reset_dirty(&self, gpa: Gpa, on: bool) -> Result<bool, Error> {
+        Ok(self.lookup(gpa).ok_or(Error::NotMapped)?.reset_dirty(on))
+    }
+
+    /// Records `access` to `gpa` as the hardware would: accessed, and dirty
+    /// for a write. This is the fault path of the emulated-A/D format (it
+    /// sets the hardware permission bits, so the next access does not
+    /// fault); for the other formats it marks the bits in software (device
+    /// emulation). Returns `Ok(false)` when the mapping's permission does
+    /// not allow the access (a real violation).
+    pub fn record_access(&self, gpa: Gpa, access: Access) -> Result<bool, Error> {
+        let leaf = self.lookup(gpa).ok_or(Error::NotMapped)?;
+        match self.fmt.access_bits(leaf.value(), access) {
+            Some(bits) => {
+                leaf.entry.fetch_or(bits, Ordering::AcqRel);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Reads the dirty state of every 4 KiB page of `[gpa, gpa+len)` into
+    /// `bitmap` (bit `i` = page `gpa + i*4096`; pages without a leaf read
+    /// 0) and, when `clear`, clears it in the leaves, visiting each leaf
+    /// table once. Returns the number of dirty pages.
+    pub fn scan_dirty(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: bool) -> Result<u64, Error> {
+        let end = check_range(gpa, len, PageSize::Size4K)?;
+        let pages = len >> 12;
+        if (bitmap.len() as u64).saturating_mul(64) < pages {
+            return Err(Error::BitmapTooSmall);
+        }
+        self.check_no_split(gpa.0, end)?;
+        clear_bits(bitmap, 0, pages);
+        let dmask = self.fmt.dirty_mask();
+        let mut count = 0;
+        self.for_each_leaf_table(gpa, len, |base, entries, size| {
+            let first = (base.0 - gpa.0) >> 12;
+            if size == PageSize::Size4K {
+                for (i, e) in entries.iter().enumerate() {
+                    if e.load(Ordering::Relaxed) & dmask != 0 {
+                        if clear {
+                            e.fetch_and(!dmask, Ordering::AcqRel);
+                        }
+                        let bit = first as usize + i;
+                        bitmap[bit / 64] |= 1 << (bit % 64);
+                        count += 1;
+                    }
+                }
+            } else if entries[0].load(Ordering::Relaxed) & dmask != 0 {
+                if clear {
+                    entries[0].fetch_and(!dmask, Ordering::AcqRel);
+                }
+                set_bits(bitmap, first, size.pages());
+                count += size.pages();
+            }
+        });
+        Ok(count)
+    }
+
+    /// Read-and-clear of the dirty state into `bitmap`: see
+    /// [`scan_dirty`](Self::scan_dirty).
+    pub fn harvest_dirty(&self, gpa: Gpa, len: u64, bitmap: &mut [u64]) -> Result<u64, Error> {
+        self.scan_dirty(gpa, len, bitmap, true)
+    }
+
+    // ---------------------------------------------------------------
+    // Iteration.
+    // ---------------------------------------------------------------
+
+    /// Calls `f` once per leaf table that maps part of `[gpa, gpa+len)`,
+    /// with the address of the first entry passed and the entries inside
+    /// the range (present or not); large leaves are passed one at a time
+    /// as one-entry slices. Descends from the root once per table, never
+    /// per page. Ranges reaching past the guest-physical space are clipped.
+    pub fn for_each_leaf_table(&self, gpa: Gpa, len: u64, mut f: impl FnMut(Gpa, &[AtomicU64], PageSize)) {
+        let end = gpa.0.saturating_add(len).min(GPA_LIMIT);
+        if gpa.0 >= end {
+            return;
+        }
+        self.visit(self.root_table(), 4, 0, gpa.0 & !0xfff, end, &mut f);
+    }
+
+    fn visit(
+        &self,
+        table: &Table,
+        level: u8,
+        base: u64,
+        start: u64,
+        end: u64,
+        f: &mut impl FnMut(Gpa, &[AtomicU64], PageSize),
+    ) {
+        let span = entry_span(level);
+        let first = ((start - base) / span) as usize;
+        let last = ((end - 1 - base) / span) as usize;
+        if level == 1 {
+            f(Gpa(base + first as u64 * span), &table[first..=last], PageSize::Size4K);
+            return;
+        }
+        for (i, slot) in table.iter().enumerate().take(last + 1).skip(first) {
+            let e = slot.load(Ordering::Acquire);
+            if !self.fmt.is_present(e) {
+                continue;
+            }
+            let slot_base = base + i as u64 * span;
+            if self.fmt.is_leaf(e, level) {
+                if let Some(size) = PageSize::from_level(level) {
+                    f(Gpa(slot_base), core::slice::from_ref(slot), size);
+                }
+                continue;
+            }
+            if let Some(child) = self.table(self.fmt.frame(e)) {
+                self.visit(child, level - 1, slot_base, start.max(slot_base), end.min(slot_base + span), f);
+            }
+        }
+    }
+
+    /// An iterator over the present leaves that map part of
+    /// `[gpa, gpa+len)`, in address order; it descends from the root once
+    /// per leaf table.
+    pub fn leaves(&self, gpa: Gpa, len: u64) -> Leaves<'_, P> {
+        let end = gpa.0.saturating_add(len).min(GPA_LIMIT);
+        Leaves { t: self, cur: gpa.0 & !0xfff, end, leaf_table: None, leaf_base: 0 }
+    }
+}
+
+impl<P: TablePages> Drop for NestedTable<P> {
+    fn drop(&mut self) {
+        fn free_all<P: TablePages>(n: &mut Node, pages: &mut P) {
+            for mut c in core::mem::take(&mut n.children) {
+                free_all(&mut c, pages);
+            }
+            // SAFETY: the node's page came from this provider and the table
+            // is being dropped, so nothing references it any more.
+            unsafe { pages.free(n.pfn) };
+        }
+        free_all(&mut self.root, &mut self.pages);
+    }
+}
+
+/// Iterator over present leaves; see [`NestedTable::leaves`].
+pub struct Leaves<'a, P: TablePages> {
+    t: &'a NestedTable<P>,
+    cur: u64,
+    end: u64,
+    leaf_table: Option<&'a Table>,
+    leaf_base: u64,
+}
+
+impl<'a, P: TablePages> Iterator for Leaves<'a, P> {
+    type Item = Leaf<'a>;
+
+    fn next(&mut self) -> Option<Leaf<'a>> {
+        let fmt = &self.t.fmt;
+        'outer: while self.cur < self.end {
+            if let Some(table) = self.leaf_table {
+                if self.cur >= self.leaf_base && self.cur < self.leaf_base + entry_span(2) {
+                    let i = index(1, self.cur);
+                    let gpa = self.cur;
+                    self.cur += 4096;
+                    let slot = &table[i];
+                    if fmt.is_present(slot.load(Ordering::Acquire)) {
+                        return Some(Leaf { gpa: Gpa(gpa), size: PageSize::Size4K, entry: slot, fmt });
+                    }
+                    continue;
+                }
+                self.leaf_table = None;
+            }
+            // Descend from the root to the next leaf table or large leaf.
+            let mut table = self.t.root_table();
+            let mut level = 4;
+            loop {
+                let slot = &table[index(level, self.cur)];
+                let e = slot.load(Ordering::Acquire);
+                let span = entry_span(level);
+                let slot_base = self.cur & !(span - 1);
+                if !fmt.is_present(e) {
+                    self.cur = slot_base.saturating_add(span);
+                    continue 'outer;
+                }
+                if fmt.is_leaf(e, level) {
+                    self.cur = slot_base.saturating_add(span);
+                    let size = PageSize::from_level(level)?;
+                    return Some(Leaf { gpa: Gpa(slot_base), size, entry: slot, fmt });
+                }
+                match self.t.table(fmt.frame(e)) {
+                    Some(child) if level == 2 => {
+                        self.leaf_table = Some(child);
+                        self.leaf_base = slot_base;
+                        continue 'outer;
+                    }
+                    Some(child) => {
+                        table = child;
+                        level -= 1;
+                    }
+                    None => {
+                        self.cur = slot_base.saturating_add(span);
+                        continue 'outer;
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+// ---------------------------------------------------------------------
+// Tree helpers (structure changes; run with `&mut`).
+// ---------------------------------------------------------------------
+
+/// Slot index range `[first, last]` of a table at `level` based at `base`
+/// covered by `[start, end)`.
+fn slot_range(level: u8, base: u64, start: u64, end: u64) -> (usize, usize) {
+    let span = entry_span(level);
+    (((start - base) / span) as usize, ((end - 1 - base) / span) as usize)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn populate<P: TablePages>(
+    node: &mut Node,
+    level: u8,
+    start: u64,
+    end: u64,
+    leaf_level: u8,
+    pages: &mut P,
+    fmt: &PteFormat,
+    progress: &mut u64,
+) -> Result<(), Error> {
+    let span = entry_span(level);
+    let base = start & !(span * 512 - 1);
+    let (first, last) = slot_range(level, base, start, end);
+    if level == leaf_level {
+        node.refs += (last - first + 1) as u32;
+        *progress = end;
+        return Ok(());
+    }
+    for i in first..=last {
+        let slot_base = base + i as u64 * span;
+        let (s, e) = (start.max(slot_base), end.min(slot_base + span));
+        let pos = match node.child_pos(i) {
+            Ok(pos) => pos,
+            Err(pos) => {
+                let table = table_of(pages, node.pfn).ok_or(Error::NoMemory)?;
+                if fmt.is_present(table[i].load(Ordering::Acquire)) {
+                    // A large leaf sits where a table is needed.
+                    return Err(Error::AlreadyMapped { same_frame: false });
+                }
+                let pfn = pages.alloc_zeroed().ok_or(Error::NoMemory)?;
+                if pages.ptr(pfn).is_null() {
+                    return Err(Error::NoMemory);
+                }
+                let table = table_of(pages, node.pfn).ok_or(Error::NoMemory)?;
+                table[i].store(fmt.table_entry(pfn), Ordering::Release);
+                node.children.insert(pos, Node::new(pfn, i as u16));
+                node.refs += 1;
+                pos
+            }
+        };
+        populate(&mut node.children[pos], level - 1, s, e, leaf_level, pages, fmt, progress)?;
+    }
+    Ok(())
+}
+
+/// True when every entry of `[start, end)` at `leaf_level` lies in an
+/// existing table whose count covers it.
+fn counted(node: &Node, level: u8, start: u64, end: u64, leaf_level: u8) -> bool {
+    let span = entry_span(level);
+    let base = start & !(span * 512 - 1);
+    let (first, last) = slot_range(level, base, start, end);
+    if level == leaf_level {
+        return node.refs as usize > last - first;
+    }
+    (first..=last).all(|i| {
+        let slot_base = base + i as u64 * span;
+        match node.child_pos(i) {
+            Ok(pos) => {
+                counted(&node.children[pos], level - 1, start.max(slot_base), end.min(slot_base + span), leaf_level)
+            }
+            Err(_) => false,
+        }
+    })
+}
+
+/// Drops the counts `[start, end)` holds at `leaf_level`.
+fn uncount(node: &mut Node, level: u8, start: u64, end: u64, leaf_level: u8) {
+    let span = entry_span(level);
+    let base = start & !(span * 512 - 1);
+    let (first, last) = slot_range(level, base, start, end);
+    if level == leaf_level {
+        node.refs = node.refs.saturating_sub((last - first + 1) as u32);
+        return;
+    }
+    for i in first..=last {
+        let slot_base = base + i as u64 * span;
+        if let Ok(pos) = node.child_pos(i) {
+            uncount(&mut node.children[pos], level - 1, start.max(slot_base), end.min(slot_base + span), leaf_level);
+        }
+    }
+}
+
+/// Frees, bottom-up, the tables under `node` in `[start, end)` whose count
+/// is zero, clearing the entries that pointed at them.
+fn prune<P: TablePages>(node: &mut Node, level: u8, start: u64, end: u64, pages: &mut P) {
+    if level == 1 {
+        return;
+    }
+    let span = entry_span(level);
+    let base = start & !(span * 512 - 1);
+    let (first, last) = slot_range(level, base, start, end);
+    let lo = node.children.partition_point(|c| (c.index as usize) < first);
+    let mut pos = lo;
+    while pos < node.children.len() && node.children[pos].index as usize <= last {
+        let slot_base = base + node.children[pos].index as u64 * span;
+        prune(&mut node.children[pos], level - 1, start.max(slot_base), end.min(slot_base + span), pages);
+        if node.children[pos].refs == 0 {
+            let child = node.children.remove(pos);
+            if let Some(table) = table_of(pages, node.pfn) {
+                table[child.index as usize].store(0, Ordering::Release);
+            }
+            node.refs -= 1;
+            // SAFETY: the child's page came from `pages`, its parent entry
+            // was just cleared and its shadow node removed, so nothing
+            // references it.
+            unsafe { pages.free(child.pfn) };
+        } else {
+            pos += 1;
+        }
+    }
+    if node.children.is_empty() {
+        node.children = Vec::new();
+    }
+}
+
+/// Clears `count` bits of `bitmap` from bit `first`.
+fn clear_bits(bitmap: &mut [u64], first: u64, count: u64) {
+    let (mut b, end) = (first, first + count);
+    while b < end {
+        let (w, o) = ((b / 64) as usize, b % 64);
+        let n = (64 - o).min(end - b);
+        let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << o };
+        bitmap[w] &= !mask;
+        b += n;
+    }
+}
+
+/// Sets `count` bits of `bitmap` from bit `first`.
+fn set_bits(bitmap: &mut [u64], first: u64, count: u64) {
+    let (mut b, end) = (first, first + count);
+    while b < end {
+        let (w, o) = ((b / 64) as usize, b % 64);
+        let n = (64 - o).min(end - b);
+        let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << o };
+        bitmap[w] |= mask;
+        b += n;
+    }
+}

@@ -1,0 +1,315 @@
+//! Tree operations: populate/vacate, map/unmap, lookup, walk, A/D, harvest,
+//! iteration, error cases, and the root-boundary case.
+
+use nested_pt::mmu::{self, ViolationKind};
+use nested_pt::{
+    Access, Caps, CountingPages, Error, Gpa, HeapPages, MemType, NestedTable, PageSize, Pfn, Prot, PteFormat,
+};
+
+type T = NestedTable<CountingPages<HeapPages>>;
+
+fn formats() -> [PteFormat; 3] {
+    let c = Caps::default();
+    [PteFormat::ept(c), PteFormat::ept_emulated_ad(c), PteFormat::npt(c)]
+}
+
+fn table(f: PteFormat) -> T {
+    NestedTable::new(f, CountingPages::new(HeapPages::with_capacity(0x100, 1 << 12))).unwrap()
+}
+
+const G: u64 = 1 << 30;
+const M2: u64 = 1 << 21;
+const K4: u64 = 4096;
+
+#[test]
+fn populate_map_lookup_unmap_vacate() {
+    for f in formats() {
+        let mut t = table(f);
+        assert_eq!(t.pages().live(), 1, "root only");
+        t.populate_region(Gpa(0x10_0000), 0x40_0000, PageSize::Size4K).unwrap();
+        // root + PDPT + PD + 3 PTs (1 MiB..5 MiB spans three 2 MiB tables)
+        assert_eq!(t.pages().live(), 6);
+        assert_eq!(t.table_pages(), 6);
+        t.map(Gpa(0x10_0000), Pfn(0x500), PageSize::Size4K, Prot::RW, MemType::WriteBack).unwrap();
+        assert_eq!(
+            t.map(Gpa(0x10_0000), Pfn(0x500), PageSize::Size4K, Prot::RW, MemType::WriteBack),
+            Err(Error::AlreadyMapped { same_frame: true })
+        );
+        assert_eq!(
+            t.map(Gpa(0x10_0000), Pfn(0x501), PageSize::Size4K, Prot::RW, MemType::WriteBack),
+            Err(Error::AlreadyMapped { same_frame: false })
+        );
+        assert_eq!(t.is_mapped(Gpa(0x10_0123)), Some((Pfn(0x500), Prot::RW)));
+        assert_eq!(t.is_mapped(Gpa(0x10_1000)), None);
+        let w = t.walk(Gpa(0x10_0000));
+        assert_eq!(w.len, 4);
+        assert_eq!(w.steps().iter().map(|s| s.level).collect::<Vec<_>>(), vec![4, 3, 2, 1]);
+        assert_eq!(w.steps()[0].table, t.root());
+        assert_eq!(w.steps()[3].index, 0x100);
+        // Vacating a mapped range is refused and changes nothing.
+        assert_eq!(t.vacate_region(Gpa(0x10_0000), 0x40_0000, PageSize::Size4K), Err(Error::StillMapped));
+        assert_eq!(t.unmap(Gpa(0x10_0000)), Ok(true));
+        assert_eq!(t.unmap(Gpa(0x10_0000)), Ok(false));
+        t.vacate_region(Gpa(0x10_0000), 0x40_0000, PageSize::Size4K).unwrap();
+        assert_eq!(t.pages().live(), 1, "all but the root freed");
+        assert_eq!(t.walk(Gpa(0x10_0000)).len, 1);
+        assert!(t.pages().errors().is_empty());
+        // Vacating again: nothing is populated.
+        assert_eq!(t.vacate_region(Gpa(0x10_0000), 0x40_0000, PageSize::Size4K), Err(Error::NotPopulated));
+    }
+}
+
+#[test]
+fn two_ranges_share_a_leaf_table() {
+    let mut t = table(formats()[0]);
+    t.populate_region(Gpa(0), 16 * K4, PageSize::Size4K).unwrap();
+    t.populate_region(Gpa(16 * K4), 16 * K4, PageSize::Size4K).unwrap();
+    assert_eq!(t.pages().live(), 4);
+    t.map(Gpa(0), Pfn(0x1000), PageSize::Size4K, Prot::RW, MemType::WriteBack).unwrap();
+    t.map(Gpa(16 * K4), Pfn(0x2000), PageSize::Size4K, Prot::RW, MemType::WriteBack).unwrap();
+    assert_eq!(t.unmap_region(Gpa(0), 16 * K4), Ok(1));
+    t.vacate_region(Gpa(0), 16 * K4, PageSize::Size4K).unwrap();
+    // The other range keeps its table and mapping.
+    assert_eq!(t.pages().live(), 4);
+    assert_eq!(t.is_mapped(Gpa(16 * K4)), Some((Pfn(0x2000), Prot::RW)));
+    t.map(Gpa(17 * K4), Pfn(0x2001), PageSize::Size4K, Prot::RW, MemType::WriteBack).unwrap();
+    assert_eq!(t.unmap_region(Gpa(16 * K4), 16 * K4), Ok(2));
+    t.vacate_region(Gpa(16 * K4), 16 * K4, PageSize::Size4K).unwrap();
+    assert_eq!(t.pages().live(), 1);
+}
+
+#[test]
+fn root_boundary_512g() {
+    // A range straddling the 512 GiB boundary of the root table at every
+    // level: it needs two PDPTs, two PDs and two PTs.
+    let start = (512 * G) - 2 * K4;
+    let len = 4 * K4;
+    for f in formats() {
+        let mut t = table(f);
+        t.populate_region(Gpa(start), len, PageSize::Size4K).unwrap();
+        assert_eq!(t.pages().live(), 7);
+        for i in 0..4 {
+            t.map(Gpa(start + i * K4), Pfn(0x900 + i), PageSize::Size4K, Prot::RW, MemType::WriteBack).unwrap();
+        }
+        let seen: Vec<_> = t.leaves(Gpa(start), len).map(|l| (l.gpa.0, l.pfn().0)).collect();
+        assert_eq!(seen, (0..4).map(|i| (start + i * K4, 0x900 + i)).collect::<Vec<_>>());
+        assert_eq!(t.walk(Gpa(start)).steps()[0].index, 0);
+        assert_eq!(t.walk(Gpa(start + 3 * K4)).steps()[0].index, 1);
+        assert_eq!(t.unmap_region(Gpa(start), len), Ok(4));
+        t.vacate_region(Gpa(start), len, PageSize::Size4K).unwrap();
+        assert_eq!(t.pages().live(), 1);
+    }
+}
+
+#[test]
+fn large_pages() {
+    for f in formats() {
+        let mut t = table(f);
+        t.populate_region(Gpa(2 * G), 2 * G, PageSize::Size1G).unwrap();
+        assert_eq!(t.pages().live(), 2, "root + PDPT for 1 GiB leaves");
+        t.populate_region(Gpa(4 * M2), 4 * M2, PageSize::Size2M).unwrap();
+        assert_eq!(t.pages().live(), 3, "+ a PD for 2 MiB leaves");
+        t.map(Gpa(2 * G), Pfn(0x40000), PageSize::Size1G, Prot::RW, MemType::WriteBack).unwrap();
+        t.map(Gpa(4 * M2), Pfn(0x200), PageSize::Size2M, Prot::READ, MemType::WriteBack).unwrap();
+        assert_eq!(t.is_mapped(Gpa(2 * G + 0x12345)), Some((Pfn(0x40012), Prot::RW)));
+        assert_eq!(t.is_mapped(Gpa(4 * M2 + 5 * K4)), Some((Pfn(0x205), Prot::READ)));
+        let l = t.lookup(Gpa(2 * G + 77)).unwrap();
+        assert_eq!((l.gpa, l.size), (Gpa(2 * G), PageSize::Size1G));
+        // A 4K map inside a large leaf, partial unmaps, and a harvest that
+        // would cut it are refused.
+        assert_eq!(t.unmap(Gpa(2 * G + K4)), Err(Error::WouldSplit));
+        assert_eq!(t.unmap_region(Gpa(4 * M2), K4), Err(Error::WouldSplit));
+        let mut bm = vec![0u64; 8];
+        assert_eq!(t.harvest_dirty(Gpa(4 * M2 + K4), K4, &mut bm), Err(Error::WouldSplit));
+        // Harvest counts a dirty large page as all of its 4K pages.
+        t.reset_dirty(Gpa(4 * M2), true).unwrap();
+        let mut bm = vec![0u64; 1024 / 64];
+        assert_eq!(t.harvest_dirty(Gpa(4 * M2), 2 * M2, &mut bm), Ok(512));
+        assert!(bm[..8].iter().all(|w| *w == u64::MAX) && bm[8..].iter().all(|w| *w == 0));
+        assert_eq!(t.unmap_region(Gpa(0), 8 * G), Ok(512 + 262144));
+        t.vacate_region(Gpa(2 * G), 2 * G, PageSize::Size1G).unwrap();
+        t.vacate_region(Gpa(4 * M2), 4 * M2, PageSize::Size2M).unwrap();
+        assert_eq!(t.pages().live(), 1);
+    }
+}
+
+#[test]
+fn unsupported_sizes_refused() {
+    let f = PteFormat::ept(Caps { page_1g: false, ..Caps::default() });
+    let mut t = table(f);
+    assert_eq!(t.populate_region(Gpa(0), G, PageSize::Size1G), Err(Error::UnsupportedSize));
+    assert_eq!(t.pages().live(), 1);
+}
+
+#[test]
+fn bad_ranges_change_nothing() {
+    let mut t = table(formats()[2]);
+    for (gpa, len, leaf, err) in [
+        (0, 0, PageSize::Size4K, Error::ZeroLength),
+        (1, K4, PageSize::Size4K, Error::Unaligned),
+        (0, K4 + 1, PageSize::Size4K, Error::Unaligned),
+        (K4, M2, PageSize::Size2M, Error::Unaligned),
+        (!0xfff, 2 * K4, PageSize::Size4K, Error::Overflow),
+        ((1 << 48) - K4, 2 * K4, PageSize::Size4K, Error::OutOfRange),
+    ] {
+        assert_eq!(t.populate_region(Gpa(gpa), len, leaf), Err(err));
+        assert_eq!(t.vacate_region(Gpa(gpa), len, leaf), Err(err));
+        if leaf == PageSize::Size4K {
+            assert_eq!(t.unmap_region(Gpa(gpa), len), Err(err));
+        }
+    }
+    assert_eq!(t.pages().live(), 1);
+    assert_eq!(t.map(Gpa(0), Pfn(1), PageSize::Size4K, Prot::RW, MemType::WriteBack), Err(Error::NotPopulated));
+    assert_eq!(t.map(Gpa(1), Pfn(1), PageSize::Size4K, Prot::RW, MemType::WriteBack), Err(Error::Unaligned));
+    assert_eq!(t.map(Gpa(1 << 48), Pfn(1), PageSize::Size4K, Prot::RW, MemType::WriteBack), Err(Error::OutOfRange));
+    assert_eq!(t.unmap(Gpa(5)), Err(Error::Unaligned));
+    assert_eq!(t.reset_dirty(Gpa(0), false), Err(Error::NotMapped));
+    let mut small = [0u64; 1];
+    assert_eq!(t.harvest_dirty(Gpa(0), 65 * K4, &mut small), Err(Error::BitmapTooSmall));
+}
+
+#[test]
+fn out_of_memory_rolls_back() {
+    // A range across the 512 GiB boundary needs 6 pages below the root:
+    // PDPT, PD and PT on each side.
+    let (start, len) = (512 * G - K4, 2 * K4);
+    for k in 0..=6 {
+        let mut pages = CountingPages::new(HeapPages::with_capacity(0x100, 64));
+        pages.fail_after(Some(1 + k)); // the root is the first allocation
+        let mut t = NestedTable::new(formats()[0], pages).unwrap();
+        let r = t.populate_region(Gpa(start), len, PageSize::Size4K);
+        if k < 6 {
+            assert_eq!(r, Err(Error::NoMemory), "fail after {k}");
+            assert_eq!(t.pages().live(), 1, "everything created was freed");
+            assert_eq!(t.walk(Gpa(start)).len, 1);
+            assert_eq!(t.walk(Gpa(start + K4)).len, 1);
+            assert_eq!(t.vacate_region(Gpa(start), len, PageSize::Size4K), Err(Error::NotPopulated));
+        } else {
+            r.unwrap();
+            assert_eq!(t.pages().live(), 7);
+            t.vacate_region(Gpa(start), len, PageSize::Size4K).unwrap();
+            assert_eq!(t.pages().live(), 1);
+        }
+        assert!(t.pages().errors().is_empty());
+    }
+}
+
+#[test]
+fn accessed_dirty_reset_and_harvest() {
+    for f in formats() {
+        let mut t = table(f);
+        t.populate_region(Gpa(0), 4 * M2, PageSize::Size4K).unwrap();
+        let n =
+            t.map_range(Gpa(0), 4 * M2, Prot::RW, MemType::WriteBack, |g| Some(Pfn(0x10000 + (g.0 >> 12)))).unwrap();
+        assert_eq!(n, 2048);
+        assert_eq!(t.reset_accessed(Gpa(0), true), Ok(false));
+        assert_eq!(t.reset_accessed(Gpa(0), false), Ok(true));
+        assert_eq!(t.reset_accessed(Gpa(0), false), Ok(false));
+        // Every 10th page dirty.
+        for p in (0..2048u64).step_by(10) {
+            assert_eq!(t.record_access(Gpa(p * K4), Access::Write), Ok(true));
+        }
+        let mut bm = vec![0u64; 32];
+        assert_eq!(t.scan_dirty(Gpa(0), 4 * M2, &mut bm, false), Ok(205));
+        let mut bm2 = vec![u64::MAX; 32];
+        assert_eq!(t.harvest_dirty(Gpa(0), 4 * M2, &mut bm2), Ok(205));
+        assert_eq!(bm, bm2, "bitmap bits outside the dirty set are written 0");
+        for p in 0..2048u64 {
+            assert_eq!(bm[(p / 64) as usize] >> (p % 64) & 1 == 1, p % 10 == 0);
+        }
+        assert_eq!(t.harvest_dirty(Gpa(0), 4 * M2, &mut bm2), Ok(0));
+        // Dirty survives an accessed reset (emulated format saves it).
+        t.record_access(Gpa(K4), Access::Write).unwrap();
+        t.reset_accessed(Gpa(K4), false).unwrap();
+        assert_eq!(t.reset_dirty(Gpa(K4), false), Ok(true));
+        assert_eq!(t.reset_dirty(Gpa(K4), false), Ok(false));
+        // Harvest of an unaligned sub-range.
+        t.record_access(Gpa(100 * K4), Access::Write).unwrap();
+        let mut bm = vec![0u64; 1];
+        assert_eq!(t.harvest_dirty(Gpa(99 * K4), 3 * K4, &mut bm), Ok(1));
+        assert_eq!(bm[0], 0b010);
+        assert_eq!(t.unmap_region(Gpa(0), 4 * M2), Ok(2048));
+    }
+}
+
+#[test]
+fn leaves_iterator_and_leaf_tables() {
+    let mut t = table(formats()[0]);
+    t.populate_region(Gpa(0), 8 * M2, PageSize::Size4K).unwrap();
+    t.populate_region(Gpa(G), 2 * M2, PageSize::Size2M).unwrap();
+    let pages = [0u64, 1, 511, 512, 1500, 4095];
+    for p in pages {
+        t.map(Gpa(p * K4), Pfn(p + 0x1000), PageSize::Size4K, Prot::READ, MemType::WriteBack).unwrap();
+    }
+    t.map(Gpa(G + M2), Pfn(0x600), PageSize::Size2M, Prot::READ, MemType::WriteBack).unwrap();
+    let got: Vec<_> = t.leaves(Gpa(0), 2 * G).map(|l| (l.gpa.0 / K4, l.size)).collect();
+    let mut want: Vec<_> = pages.iter().map(|p| (*p, PageSize::Size4K)).collect();
+    want.push(((G + M2) / K4, PageSize::Size2M));
+    assert_eq!(got, want);
+    let sub: Vec<_> = t.leaves(Gpa(2 * K4), 1498 * K4).map(|l| l.gpa.0 / K4).collect();
+    assert_eq!(sub, vec![511, 512]);
+    let mut calls = 0;
+    t.for_each_leaf_table(Gpa(0), 8 * M2, |_, e, _| {
+        calls += 1;
+        assert_eq!(e.len(), 512);
+    });
+    assert_eq!(calls, 8, "one call per leaf table");
+}
+
+#[test]
+fn translate_matches_table_per_format() {
+    for f in formats() {
+        let mut t = table(f);
+        t.populate_region(Gpa(0), M2, PageSize::Size4K).unwrap();
+        t.populate_region(Gpa(M2), M2, PageSize::Size2M).unwrap();
+        t.map(Gpa(0), Pfn(0x1000), PageSize::Size4K, Prot::READ, MemType::WriteBack).unwrap();
+        t.map(Gpa(K4), Pfn(0x1001), PageSize::Size4K, Prot::RW, MemType::WriteBack).unwrap();
+        t.map(Gpa(M2), Pfn(0x2000 & !511), PageSize::Size2M, Prot::RWX, MemType::WriteBack).unwrap();
+        let root = t.root();
+        let tr = |gpa, acc, ad| mmu::translate(t.pages(), &f, root, Gpa(gpa), acc, ad);
+        let emulated = f.kind() == nested_pt::FormatKind::EptEmulatedAd;
+        if emulated {
+            // Hardware sees nothing until software records the access.
+            let v = tr(0x10, Access::Read, false).unwrap_err();
+            assert_eq!((v.kind, v.level), (ViolationKind::NotPresent, 1));
+            assert!(t.record_access(Gpa(0), Access::Read).unwrap());
+            assert!(!t.record_access(Gpa(0), Access::Write).unwrap(), "read-only mapping");
+            assert!(t.record_access(Gpa(K4), Access::Write).unwrap());
+            assert!(t.record_access(Gpa(M2), Access::Read).unwrap());
+        }
+        let ok = tr(0x10, Access::Read, true).unwrap();
+        assert_eq!((ok.hpa, ok.size), (0x1000 << 12 | 0x10, PageSize::Size4K));
+        let v = tr(0x10, Access::Write, true).unwrap_err();
+        assert_eq!((v.kind, v.level, v.access), (ViolationKind::Permission, 1, Access::Write));
+        let v = tr(0x10, Access::Execute, true).unwrap_err();
+        assert_eq!(v.kind, ViolationKind::Permission);
+        let ok = tr(K4 + 8, Access::Write, true).unwrap();
+        assert_eq!(ok.hpa, 0x1001 << 12 | 8);
+        let ok = tr(M2 + 0x1234, Access::Execute, true).unwrap();
+        assert_eq!((ok.hpa, ok.size), (0x2000 << 12 | 0x1234, PageSize::Size2M));
+        let v = tr(2 * K4, Access::Read, true).unwrap_err();
+        assert_eq!((v.kind, v.level), (ViolationKind::NotPresent, 1));
+        let v = tr(G, Access::Read, true).unwrap_err();
+        assert_eq!((v.kind, v.level), (ViolationKind::NotPresent, 3));
+        let v = tr(1 << 40, Access::Read, true).unwrap_err();
+        assert_eq!((v.kind, v.level), (ViolationKind::NotPresent, 4));
+        // A/D as the hardware sets them.
+        let hw_ad = f.kind() != nested_pt::FormatKind::EptEmulatedAd;
+        assert!(t.lookup(Gpa(K4)).unwrap().dirty(), "write recorded");
+        assert!(!t.lookup(Gpa(0)).unwrap().dirty());
+        if hw_ad {
+            assert!(t.lookup(Gpa(0)).unwrap().accessed());
+            // Upper levels got A too.
+            for s in t.walk(Gpa(0)).steps() {
+                assert_ne!(s.entry & f.accessed_mask(), 0, "level {}", s.level);
+            }
+        }
+        if f.kind() == nested_pt::FormatKind::Ept {
+            // With A/D disabled in the EPTP nothing is set.
+            t.reset_accessed(Gpa(K4), false).unwrap();
+            t.reset_dirty(Gpa(K4), false).unwrap();
+            tr(K4, Access::Write, false).unwrap();
+            assert!(!t.lookup(Gpa(K4)).unwrap().accessed() && !t.lookup(Gpa(K4)).unwrap().dirty());
+        }
+    }
+}
