@@ -1,14 +1,13 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! vmm-kvm (design text to come).
+pub mod backend;
+pub mod guest;
+pub mod machine;
+pub mod mem;
+pub mod oracle;
+pub mod runtime;
+pub mod slot_pages;
+pub mod vcpu;
+pub mod vm;
+pub mod workload;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use vm::{KvmError, KvmVm, PagingMode, Result, kvm_available};

@@ -1,0 +1,408 @@
+//! The guest code: exception stubs (CPL 0) and the workloads (CPL 3).
+//!
+//! Everything here is position-independent x86-64 machine code assembled by
+//! the standard Rust toolchain (`global_asm!`) into a read-only data section
+//! of the host binary. At start-up the bytes between two symbols are copied
+//! into the guest's boot ROM; they contain no relocations (every reference is
+//! RIP-relative within the blob or goes through the parameter block), so they
+//! run wherever the ROM is mapped.
+//!
+//! ## Protocol with the host (I/O port exits)
+//!
+//! | port | who | meaning (ports `0x20..` are doorbells) |
+//! | --- | --- | --- |
+//! | `0x10` | #PF stub | nested page fault: CR2 (from synced sregs) and the error code at `[rsp]` |
+//! | `0x20` | workload | finished; verify results are in the parameter block |
+//! | `0x22` | workload | paused at a harvest point (host cleared `ctrl` before resuming) |
+//! | `0x24` | random read | data error: `rsi` = address, `rdi` = value read |
+//! | `0x25` | watch | stale read after the epoch changed: `rax` = value |
+//! | `0x30` | probe | one probe access done (host compares A/D bits) |
+//! | `0x80 + v` | stub | unexpected exception `v` (fatal) |
+//!
+//! The CPL 3 workload cannot use `out` (IOPL 0), and the shadow-paging host
+//! turns `int n` at CPL 3 into #UD, so the workload reports by *ringing a
+//! doorbell*: `test byte ptr [r15 + 0x8000 + p], 0` reads byte `p` of a page
+//! that is never mapped (r15 = the parameter block). The read takes the
+//! ordinary nested-fault path; the host recognises the doorbell address,
+//! treats it as report `p` (the ports below), and resumes after the 8-byte
+//! instruction. The general registers are the workload's.
+//!
+//! The #PF stub is three instructions: `out 0x10, al` (exit to the host,
+//! which serves the fault), `add rsp, 8` (drop the error code), `iretq`
+//! (retry the faulting instruction). The host may rewrite the saved RIP in
+//! the interrupt frame to skip an access it will not serve (probe and watch
+//! workloads). Vector `0x40` reloads CR3 and returns: the host injects it to
+//! flush the vCPU's own translations on hosts with hardware nested paging.
+
+use std::arch::global_asm;
+
+// Parameter block offsets (one 4 KiB page per vCPU). Shared with the asm
+// below, which uses the numeric values directly.
+/// Workload mode (see [`Mode`](crate::workload::Mode)).
+pub const P_MODE: u64 = 0x00;
+/// Guest address of the vCPU's data region.
+pub const P_BASE: u64 = 0x08;
+/// Number of 4 KiB pages in the region.
+pub const P_NPAGES: u64 = 0x10;
+/// Initial generator state (non-zero).
+pub const P_SEED: u64 = 0x18;
+/// Write threshold out of 256 for the random mix.
+pub const P_WRITE_THRESH: u64 = 0x20;
+/// Value XORed into each page's header word (page address ^ magic).
+pub const P_MAGIC: u64 = 0x28;
+/// Guest address of the ledger bitmap (one bit per region page).
+pub const P_LEDGER: u64 = 0x30;
+/// Control word: 0 run, 1 pause at the next harvest point, 2 stop.
+pub const P_CTRL: u64 = 0x38;
+/// Operations completed (written by the guest after every operation).
+pub const P_OPS: u64 = 0x40;
+/// Generator state at the last pause/stop (written by the guest).
+pub const P_RNG: u64 = 0x48;
+/// Verify pass: checksum over every page (written by the guest).
+pub const P_CHECKSUM: u64 = 0x50;
+/// Verify pass: pages whose header word is wrong (written by the guest).
+pub const P_BAD_PAGES: u64 = 0x58;
+/// Watch: epoch published by the host (0 before the change, 1 after).
+pub const P_EPOCH: u64 = 0x60;
+/// Watch: address read in a loop.
+pub const P_WATCH_ADDR: u64 = 0x68;
+/// Watch: the only value allowed once the epoch is non-zero.
+pub const P_WATCH_EXPECT: u64 = 0x70;
+/// Watch: reads completed.
+pub const P_WATCH_READS: u64 = 0x78;
+/// Probe: number of probe entries.
+pub const P_PROBE_COUNT: u64 = 0x80;
+/// Watch: reads that faulted and were skipped by the host.
+pub const P_WATCH_FAULTS: u64 = 0x90;
+/// Probe entries start here: {addr, kind, value, result}, 32 bytes each.
+pub const P_PROBES: u64 = 0x100;
+/// Maximum number of probe entries in one parameter block.
+pub const MAX_PROBES: usize = ((4096 - P_PROBES) / 32) as usize;
+
+/// Port of the nested page fault exit.
+pub const PORT_FAULT: u16 = 0x10;
+/// Port of the "workload finished" exit.
+pub const PORT_DONE: u16 = 0x20;
+/// Port of the "paused at a harvest point" exit.
+pub const PORT_PAUSE: u16 = 0x22;
+/// Port of the data-error exit.
+pub const PORT_DATA_ERROR: u16 = 0x24;
+/// Port of the watch-violation exit.
+pub const PORT_WATCH_VIOLATION: u16 = 0x25;
+/// Port of the probe-step exit.
+pub const PORT_PROBE_STEP: u16 = 0x30;
+/// First port of the unexpected-exception exits (`0x80 + vector`).
+pub const PORT_EXCEPTION_BASE: u16 = 0x80;
+/// Vector injected to make the vCPU reload CR3.
+pub const FLUSH_VECTOR: u8 = 0x40;
+/// Offset of the doorbell page from the parameter block: never mapped; a
+/// CPL 3 read of doorbell byte `p` is report `p` (see the module docs).
+pub const DOORBELL_OFFSET: u64 = 0x8000;
+/// Length of the doorbell instruction `test byte ptr [r15 + disp32], 0`.
+pub const DOORBELL_INSN_LEN: u64 = 8;
+/// Multiplier of the sequential-touch value (`(op + 1) * K`).
+pub const TOUCH_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
+/// Multiplier of the verify checksum (`c = (c ^ w) * K` per word).
+pub const CHECK_MUL: u64 = 0x0000_0100_0000_01B3;
+/// Words per page the workloads use: the header and 64 data slots.
+pub const USED_WORDS: u64 = 65;
+
+global_asm!(
+    r#"
+    .pushsection .rodata.vmm_guest_blob,"a"
+    .balign 4096
+    .globl vmm_guest_blob_start
+vmm_guest_blob_start:
+
+    /* ---- CPL 0: exception stubs ---- */
+    .balign 16
+    .globl vmm_guest_pf_stub
+vmm_guest_pf_stub:
+    out 0x10, al
+    add rsp, 8
+    iretq
+
+    .balign 16
+    .globl vmm_guest_flush_stub
+vmm_guest_flush_stub:
+    push rax
+    mov rax, cr3
+    mov cr3, rax
+    pop rax
+    iretq
+
+    .balign 16
+    .globl vmm_guest_exc_stubs
+vmm_guest_exc_stubs:
+    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .balign 8
+    out (0x80 + \v), al
+2:  hlt
+    jmp 2b
+    .endr
+
+    /* ---- CPL 3: workloads; rdi = parameter block ---- */
+    .balign 16
+    .globl vmm_guest_entry
+vmm_guest_entry:
+    mov r15, rdi
+    mov rbx, [r15 + 0x00]
+    cmp rbx, 3
+    je vmm_guest_probe
+    cmp rbx, 4
+    je vmm_guest_watch
+    mov r14, [r15 + 0x08]
+    mov r13, [r15 + 0x10]
+    mov r12, [r15 + 0x18]
+    mov r11, [r15 + 0x28]
+    mov r10, [r15 + 0x30]
+    mov r9,  [r15 + 0x40]
+    mov r8,  [r15 + 0x20]
+
+3:  /* loop: check the control word at every operation boundary */
+    mov rax, [r15 + 0x38]
+    test rax, rax
+    jnz 30f
+    cmp rbx, 0
+    je 20f
+    cmp rbx, 2
+    jne 10f
+    cmp r9, r13
+    jb 20f
+
+10: /* random op: xorshift64, page = mulhi(x, npages) */
+    mov rax, r12
+    shl rax, 13
+    xor r12, rax
+    mov rax, r12
+    shr rax, 7
+    xor r12, rax
+    mov rax, r12
+    shl rax, 17
+    xor r12, rax
+    mov rax, r12
+    mul r13
+    mov rcx, rdx
+    shl rcx, 12
+    add rcx, r14
+    mov rax, r12
+    shr rax, 6
+    and eax, 0xff
+    cmp rax, r8
+    jb 12f
+    /* read: the header must be 0 or (address ^ magic) */
+    mov rax, [rcx]
+    test rax, rax
+    jz 40f
+    mov rsi, rcx
+    xor rsi, r11
+    cmp rax, rsi
+    je 40f
+    mov rdi, rax
+    mov rsi, rcx
+    test byte ptr [r15 + 0x8024], 0
+    jmp 40f
+12: /* write: ledger bit, header, one data slot */
+    bts qword ptr [r10], rdx
+    mov rax, rcx
+    xor rax, r11
+    mov [rcx], rax
+    mov rax, r12
+    and eax, 63
+    inc rax
+    mov [rcx + rax * 8], r12
+    jmp 40f
+
+20: /* sequential touch: op i -> page i % n, slot 1 + (i / n) % 64 */
+    mov rax, r9
+    xor edx, edx
+    div r13
+    mov rcx, rdx
+    shl rcx, 12
+    add rcx, r14
+    bts qword ptr [r10], rdx
+    mov rsi, rcx
+    xor rsi, r11
+    mov [rcx], rsi
+    and eax, 63
+    inc rax
+    mov rsi, r9
+    inc rsi
+    movabs rdx, 0x9E3779B97F4A7C15
+    imul rsi, rdx
+    mov [rcx + rax * 8], rsi
+
+40: /* next */
+    inc r9
+    mov [r15 + 0x40], r9
+    jmp 3b
+
+30: /* control: 1 = pause at this harvest point, 2 = stop and verify */
+    mov [r15 + 0x48], r12
+    cmp rax, 2
+    je 50f
+    test byte ptr [r15 + 0x8022], 0
+    jmp 3b
+
+50: /* verify pass: checksum every page, check headers */
+    xor r9, r9
+    xor r12, r12
+    xor r8, r8
+    movabs rdi, 0x00000100000001B3
+51: cmp r9, r13
+    jae 59f
+    mov rcx, r9
+    shl rcx, 12
+    add rcx, r14
+    mov rax, [rcx]
+    test rax, rax
+    jz 52f
+    mov rsi, rcx
+    xor rsi, r11
+    cmp rax, rsi
+    je 52f
+    inc r8
+52: xor edx, edx
+53: mov rax, [rcx + rdx * 8]
+    xor r12, rax
+    imul r12, rdi
+    inc rdx
+    cmp rdx, 65
+    jb 53b
+    inc r9
+    jmp 51b
+59: mov [r15 + 0x50], r12
+    mov [r15 + 0x58], r8
+58: test byte ptr [r15 + 0x8020], 0
+    jmp 58b
+
+    /* probe: for each entry (addr, kind, value, result): one access */
+vmm_guest_probe:
+    xor r9, r9
+61: cmp r9, [r15 + 0x80]
+    jae 69f
+    mov rcx, r9
+    shl rcx, 5
+    lea rcx, [r15 + rcx + 0x100]
+    mov rsi, [rcx]
+    mov rax, [rcx + 8]
+    cmp rax, 1
+    je 62f
+    cmp rax, 2
+    je 63f
+    mov rax, [rsi]
+    mov [rcx + 24], rax
+    jmp vmm_guest_probe_step
+62: mov rax, [rcx + 16]
+    mov [rsi], rax
+    jmp vmm_guest_probe_step
+63: lea r11, [rip + vmm_guest_probe_step]
+    jmp rsi
+    .globl vmm_guest_probe_step
+vmm_guest_probe_step:
+    test byte ptr [r15 + 0x8030], 0
+    inc r9
+    jmp 61b
+69: test byte ptr [r15 + 0x8020], 0
+    jmp 69b
+
+    /* watch: read [addr] forever; after the epoch turns non-zero the value must be the expected one */
+vmm_guest_watch:
+    mov rsi, [r15 + 0x68]
+    mov rdi, [r15 + 0x70]
+71: mov rax, [r15 + 0x38]
+    test rax, rax
+    jnz 75f
+    mov rdx, [r15 + 0x60]
+    mov rax, [rsi]
+    test rdx, rdx
+    jz 72f
+    cmp rax, rdi
+    je 72f
+    test byte ptr [r15 + 0x8025], 0
+72: inc qword ptr [r15 + 0x78]
+    jmp 71b
+    .globl vmm_guest_watch_fault
+vmm_guest_watch_fault:
+    inc qword ptr [r15 + 0x90]
+    jmp 71b
+75: cmp rax, 2
+    je 69b
+    test byte ptr [r15 + 0x8022], 0
+    jmp 71b
+
+    .balign 16
+    .globl vmm_guest_blob_end
+vmm_guest_blob_end:
+    .popsection
+"#
+);
+
+unsafe extern "C" {
+    static vmm_guest_blob_start: u8;
+    static vmm_guest_blob_end: u8;
+    static vmm_guest_pf_stub: u8;
+    static vmm_guest_flush_stub: u8;
+    static vmm_guest_exc_stubs: u8;
+    static vmm_guest_entry: u8;
+    static vmm_guest_probe_step: u8;
+    static vmm_guest_watch_fault: u8;
+}
+
+/// The assembled guest code and the offsets of its entry points.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestCode {
+    /// The code bytes (lives in the host binary's read-only data).
+    pub bytes: &'static [u8],
+    /// Offset of the #PF stub.
+    pub pf_stub: u64,
+    /// Offset of the CR3-reload stub.
+    pub flush_stub: u64,
+    /// Offset of the 32 unexpected-exception stubs, 8 bytes apart.
+    pub exc_stubs: u64,
+    /// Offset of the CPL 3 workload entry (rdi = parameter block).
+    pub entry: u64,
+    /// Offset where a skipped probe access resumes.
+    pub probe_step: u64,
+    /// Offset where a skipped watch read resumes.
+    pub watch_fault: u64,
+}
+
+/// Returns the guest code blob and its symbol offsets.
+pub fn code() -> GuestCode {
+    let start = &raw const vmm_guest_blob_start as usize;
+    let end = &raw const vmm_guest_blob_end as usize;
+    let off = |p: *const u8| (p as usize - start) as u64;
+    // SAFETY: both symbols delimit one contiguous blob in a read-only
+    // section of this binary; it is never written.
+    let bytes = unsafe { std::slice::from_raw_parts(start as *const u8, end - start) };
+    GuestCode {
+        bytes,
+        pf_stub: off(&raw const vmm_guest_pf_stub),
+        flush_stub: off(&raw const vmm_guest_flush_stub),
+        exc_stubs: off(&raw const vmm_guest_exc_stubs),
+        entry: off(&raw const vmm_guest_entry),
+        probe_step: off(&raw const vmm_guest_probe_step),
+        watch_fault: off(&raw const vmm_guest_watch_fault),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_is_laid_out() {
+        let c = code();
+        assert!(!c.bytes.is_empty() && c.bytes.len() < 4096 * 4);
+        // out 0x10, al ; add rsp, 8 ; iretq
+        let pf = &c.bytes[c.pf_stub as usize..c.pf_stub as usize + 7];
+        assert_eq!(pf, &[0xE6, 0x10, 0x48, 0x83, 0xC4, 0x08, 0x48]);
+        for v in 0..32u64 {
+            let s = (c.exc_stubs + v * 8) as usize;
+            assert_eq!(c.bytes[s], 0xE6, "stub {v}");
+            assert_eq!(u64::from(c.bytes[s + 1]), 0x80 + v, "stub {v}");
+        }
+        assert!(c.entry < c.bytes.len() as u64);
+    }
+}

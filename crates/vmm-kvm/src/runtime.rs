@@ -1,0 +1,132 @@
+//! The guest runtime: where it lives in the vmspace and what it contains.
+//!
+//! The runtime is a boot ROM mapped read-only and executable (GDT, the TSSes,
+//! the IDT and the code of [`guest`](crate::guest)), plus per-vCPU data pages
+//! mapped read-write and non-executable (parameter block, user stack, kernel
+//! stack) and per-vCPU ledger bitmaps. All of it sits in the second 512 GiB
+//! of the vmspace (PML4 slot 1), so the guest's data range (slot 0) shares no
+//! table page with it: the accessed bits the runtime's own accesses set never
+//! land on an entry a test inspects.
+//!
+//! The CPU never writes the ROM: segment descriptors are created with their
+//! accessed bit set and the TSS descriptor busy, and the vCPU's segment and
+//! task registers are loaded directly with `KVM_SET_SREGS` (no `ltr`).
+
+use crate::guest::{DOORBELL_OFFSET, FLUSH_VECTOR, GuestCode};
+use crate::mem::PAGE;
+
+/// Base of the runtime in the vmspace (512 GiB: PML4 slot 1).
+pub const RT_BASE: u64 = 0x80_0000_0000;
+/// GDT page.
+pub const GDT: u64 = RT_BASE;
+/// Two pages of TSSes, 128 bytes apart.
+pub const TSS_AREA: u64 = RT_BASE + PAGE;
+/// IDT page.
+pub const IDT: u64 = RT_BASE + 3 * PAGE;
+/// First code page.
+pub const CODE: u64 = RT_BASE + 4 * PAGE;
+/// ROM size (GDT, TSS, IDT, code).
+pub const ROM_PAGES: u64 = 8;
+/// Most vCPUs the runtime has room for.
+pub const MAX_VCPUS: usize = 64;
+/// Per-vCPU data area base.
+pub const DATA_BASE: u64 = RT_BASE + 0x10_0000;
+/// Pages of per-vCPU data: parameter block, 3 user stack, 4 kernel stack.
+pub const DATA_PAGES: u64 = 8;
+/// Stride between vCPUs' data areas: the data pages, then the doorbell
+/// page (never mapped) and a gap.
+pub const DATA_STRIDE: u64 = 16 * PAGE;
+/// Per-vCPU ledger area base.
+pub const LEDGER_BASE: u64 = RT_BASE + 0x1000_0000;
+/// IDT limit: vectors 0..=0x40.
+pub const IDT_LIMIT: u16 = (FLUSH_VECTOR as u16 + 1) * 16 - 1;
+
+/// Guest address of vCPU `i`'s parameter block.
+pub fn params(i: usize) -> u64 {
+    DATA_BASE + i as u64 * DATA_STRIDE
+}
+
+/// Guest address of vCPU `i`'s doorbell page.
+pub fn doorbell(i: usize) -> u64 {
+    params(i) + DOORBELL_OFFSET
+}
+
+/// Top of vCPU `i`'s user stack.
+pub fn user_stack_top(i: usize) -> u64 {
+    params(i) + 4 * PAGE
+}
+
+/// Top of vCPU `i`'s kernel stack (TSS.RSP0).
+pub fn kernel_stack_top(i: usize) -> u64 {
+    params(i) + DATA_PAGES * PAGE
+}
+
+/// Guest address of vCPU `i`'s TSS.
+pub fn tss(i: usize) -> u64 {
+    TSS_AREA + i as u64 * 128
+}
+
+/// Bytes of one vCPU's ledger bitmap for `npages` region pages (whole pages).
+pub fn ledger_bytes(npages: u64) -> u64 {
+    npages.div_ceil(8).div_ceil(PAGE).max(1) * PAGE
+}
+
+/// Guest address of vCPU `i`'s ledger when each has `npages` pages.
+pub fn ledger(i: usize, npages: u64) -> u64 {
+    LEDGER_BASE + i as u64 * ledger_bytes(npages)
+}
+
+/// GDT limit for `n` vCPUs.
+pub fn gdt_limit(n: usize) -> u16 {
+    (0x28 + 16 * n as u64 - 1) as u16
+}
+
+fn put(img: &mut [u8], off: u64, bytes: &[u8]) {
+    img[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
+}
+
+/// Builds the ROM image for `nvcpus` vCPUs (`ROM_PAGES` pages, to be mapped
+/// at [`RT_BASE`] read-only and executable).
+pub fn rom_image(code: &GuestCode, nvcpus: usize) -> Vec<u8> {
+    assert!(nvcpus <= MAX_VCPUS);
+    assert!(code.bytes.len() as u64 <= (ROM_PAGES - 4) * PAGE, "guest code too large");
+    let mut img = vec![0u8; (ROM_PAGES * PAGE) as usize];
+    // GDT: null, kernel code, kernel data, user data, user code; accessed set.
+    let gdt: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00cf_f300_0000_ffff, 0x00af_fb00_0000_ffff];
+    for (i, d) in gdt.iter().enumerate() {
+        put(&mut img, (i * 8) as u64, &d.to_le_bytes());
+    }
+    for i in 0..nvcpus {
+        let base = tss(i);
+        let limit = 0x67u64;
+        // 64-bit TSS descriptor, type 0xB (busy), present.
+        let lo = (limit & 0xffff)
+            | ((base & 0xff_ffff) << 16)
+            | (0x8b << 40)
+            | (((limit >> 16) & 0xf) << 48)
+            | (((base >> 24) & 0xff) << 56);
+        let hi = base >> 32;
+        let off = 0x28 + 16 * i as u64;
+        put(&mut img, off, &lo.to_le_bytes());
+        put(&mut img, off + 8, &hi.to_le_bytes());
+        // TSS: RSP0 at +4, I/O map base at +0x66 beyond the limit.
+        let t = base - RT_BASE;
+        put(&mut img, t + 4, &kernel_stack_top(i).to_le_bytes());
+        put(&mut img, t + 0x66, &0x68u16.to_le_bytes());
+    }
+    // IDT: exceptions to their stubs, #PF to the fault stub, 0x40 to flush.
+    let gate = |img: &mut [u8], v: u64, target: u64| {
+        // Interrupt gate, DPL 0, present.
+        let lo = (target & 0xffff) | (0x08 << 16) | (0x8e << 40) | (((target >> 16) & 0xffff) << 48);
+        let hi = target >> 32;
+        put(img, IDT - RT_BASE + v * 16, &lo.to_le_bytes());
+        put(img, IDT - RT_BASE + v * 16 + 8, &hi.to_le_bytes());
+    };
+    for v in 0..32u64 {
+        let target = if v == 14 { CODE + code.pf_stub } else { CODE + code.exc_stubs + v * 8 };
+        gate(&mut img, v, target);
+    }
+    gate(&mut img, u64::from(FLUSH_VECTOR), CODE + code.flush_stub);
+    put(&mut img, CODE - RT_BASE, code.bytes);
+    img
+}

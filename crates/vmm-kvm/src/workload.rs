@@ -1,0 +1,135 @@
+//! The built-in guest workloads, described and replayed on the host.
+//!
+//! Every vCPU owns a disjoint range of guest pages. Operation `i` of a vCPU
+//! is a pure function of its parameters and `i` (the random mix draws from a
+//! seeded xorshift64 generator), so the host can replay a vCPU's operations
+//! and predict the exact final contents of its pages: any lost or misplaced
+//! write shows up as a mismatch. Each page's word 0 is a header
+//! (`page address ^ magic`); data goes to one of 64 slots (words 1..=64).
+//!
+//! The guest also keeps a ledger: one bit per page it wrote since the last
+//! harvest point. Harvest points are cooperative (the host asks through the
+//! control word; the guest stops at an operation boundary), so the ledger
+//! and the dirty bits describe exactly the same writes.
+
+use crate::guest::{CHECK_MUL, TOUCH_MUL, USED_WORDS};
+
+/// What a vCPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Sequential touch: operation `i` writes page `i % n`.
+    Touch = 0,
+    /// Random read/write mix from a seeded generator.
+    Random = 1,
+    /// One sequential pass, then the random mix.
+    Mixed = 2,
+    /// Probe accesses listed in the parameter block (oracle tests).
+    Probe = 3,
+    /// Read one address in a loop (unmap/remap tests).
+    Watch = 4,
+}
+
+/// Parameters of one vCPU's data workload.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    /// Workload mode (Touch, Random or Mixed).
+    pub mode: Mode,
+    /// Guest address of the vCPU's region.
+    pub base: u64,
+    /// Pages in the region.
+    pub npages: u64,
+    /// Initial generator state (non-zero).
+    pub seed: u64,
+    /// Percentage of random operations that write.
+    pub write_pct: u32,
+    /// Header magic.
+    pub magic: u64,
+}
+
+impl Spec {
+    /// The write threshold out of 256 the guest compares against.
+    pub fn write_thresh(&self) -> u64 {
+        (u64::from(self.write_pct.min(100)) * 256).div_ceil(100)
+    }
+}
+
+/// One step of the guest's generator.
+pub fn xorshift(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+/// What operation `i` does, given the generator state before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Op {
+    /// Page index.
+    pub page: u64,
+    /// Slot written (1..=64), or `None` for a read.
+    pub slot: Option<u64>,
+    /// Value written.
+    pub value: u64,
+}
+
+/// Replays a vCPU's operations on the host.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    spec: Spec,
+    /// Operations replayed.
+    pub ops: u64,
+    /// Generator state.
+    pub rng: u64,
+}
+
+impl Replay {
+    /// A replay at operation 0.
+    pub fn new(spec: Spec) -> Self {
+        Replay { spec, ops: 0, rng: spec.seed }
+    }
+
+    /// The next operation.
+    pub fn next_op(&mut self) -> Op {
+        let s = &self.spec;
+        let i = self.ops;
+        self.ops += 1;
+        let touch = s.mode == Mode::Touch || (s.mode == Mode::Mixed && i < s.npages);
+        if touch {
+            let page = i % s.npages;
+            let pass = i / s.npages;
+            Op { page, slot: Some(1 + (pass & 63)), value: (i + 1).wrapping_mul(TOUCH_MUL) }
+        } else {
+            self.rng = xorshift(self.rng);
+            let x = self.rng;
+            let page = ((u128::from(x) * u128::from(s.npages)) >> 64) as u64;
+            if (x >> 6) & 0xff < s.write_thresh() {
+                Op { page, slot: Some(1 + (x & 63)), value: x }
+            } else {
+                Op { page, slot: None, value: 0 }
+            }
+        }
+    }
+
+    /// The expected image of the region after `ops` operations: 65 words per
+    /// page (header + 64 slots), zero where never written; and the set of
+    /// pages written in each of the intervals cut at `cuts` (ascending
+    /// operation counts).
+    pub fn image(spec: Spec, ops: u64) -> Vec<u64> {
+        let mut img = vec![0u64; (spec.npages * USED_WORDS) as usize];
+        let mut r = Replay::new(spec);
+        for _ in 0..ops {
+            let op = r.next_op();
+            if let Some(slot) = op.slot {
+                let b = (op.page * USED_WORDS) as usize;
+                img[b] = (spec.base + op.page * 4096) ^ spec.magic;
+                img[b + slot as usize] = op.value;
+            }
+        }
+        img
+    }
+}
+
+/// The verify pass's checksum over an image (same as the guest computes).
+pub fn checksum(img: &[u64]) -> u64 {
+    img.iter().fold(0u64, |c, w| (c ^ w).wrapping_mul(CHECK_MUL))
+}

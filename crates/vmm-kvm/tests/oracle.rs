@@ -1,0 +1,24 @@
+//! Real vCPU accesses against the software MMU (needs /dev/kvm).
+
+use vmm_kvm::oracle::{run_oracle, standard_probes};
+use vmm_kvm::{PagingMode, kvm_available};
+
+#[test]
+fn vcpu_agrees_with_software_mmu() {
+    if let Err(e) = kvm_available() {
+        eprintln!("SKIPPED: {e}");
+        return;
+    }
+    let res = run_oracle(&standard_probes(), PagingMode::Shadow).expect("oracle run");
+    let mut bad = 0;
+    for r in &res {
+        eprintln!("{:x?} fault={:x?} value={:x?}", r.probe, r.fault, r.value);
+        if !r.agrees() {
+            bad += 1;
+            eprintln!("MISMATCH {r:x?}");
+        }
+    }
+    assert_eq!(bad, 0, "{bad} of {} probes disagree with the model", res.len());
+    assert!(res.iter().any(|r| r.fault.is_some()), "the layout must produce faults");
+    assert!(res.iter().any(|r| r.value.is_some()), "the layout must produce reads");
+}
