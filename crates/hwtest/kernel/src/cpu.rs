@@ -4,8 +4,7 @@ use core::arch::asm;
 
 /// CPUID leaf/subleaf; returns (eax, ebx, ecx, edx).
 pub fn cpuid(leaf: u32, sub: u32) -> (u32, u32, u32, u32) {
-    // SAFETY: CPUID is available on every x86-64 CPU and has no side effects.
-    let r = unsafe { core::arch::x86_64::__cpuid_count(leaf, sub) };
+    let r = core::arch::x86_64::__cpuid_count(leaf, sub);
     (r.eax, r.ebx, r.ecx, r.edx)
 }
 

@@ -51,18 +51,14 @@ pub enum Op {
 
 /// Physical address of the guest code page (identity-mapped as GPA).
 pub fn code_page() -> u64 {
-    // SAFETY: only the address of the linker-placed symbol is taken.
-    unsafe { &raw const guest_page as u64 }
+    &raw const guest_page as u64
 }
 
 /// Guest-physical entry point for `op`.
 pub fn entry(op: Op) -> u64 {
-    // SAFETY: only the addresses of the linker-placed symbols are taken.
-    unsafe {
-        match op {
-            Op::Read => &raw const guest_read as u64,
-            Op::Write => &raw const guest_write as u64,
-            Op::Exec => &raw const guest_exec as u64,
-        }
+    match op {
+        Op::Read => &raw const guest_read as u64,
+        Op::Write => &raw const guest_write as u64,
+        Op::Exec => &raw const guest_exec as u64,
     }
 }

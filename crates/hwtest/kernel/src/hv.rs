@@ -83,8 +83,6 @@ pub enum Invalidate {
 
 /// A virtualization extension running the test guest.
 pub trait Hv {
-    /// "svm" or "vmx".
-    fn name(&self) -> &'static str;
     /// Install a nested root pointer (nCR3 or EPTP).
     fn set_root(&mut self, root_pointer: u64);
     /// Start the guest at `rip` with `regs` after invalidating `inv`.

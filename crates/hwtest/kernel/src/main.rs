@@ -1,61 +1,73 @@
+//! The hwtest conformance kernel: see `crates/hwtest/src/lib.rs` for the
+//! design. Boot (`boot.rs`), the two virtualization back ends (`svm.rs`,
+//! `vmx.rs`), the table-page provider for nested-pt (`arena.rs`), the
+//! comparison engine (`suite.rs`), the scenarios (`scenarios.rs`) and the
+//! emulator quirks (`quirks.rs`).
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
+mod arena;
 mod boot;
 mod cpu;
 mod guest;
 mod hv;
 mod io;
 mod layout;
+mod quirks;
 mod rt;
+mod scenarios;
+mod suite;
 mod svm;
 mod vmx;
 
-use hv::{GuestRegs, Hv, Invalidate};
-
-#[repr(C, align(4096))]
-struct T([u64; 512]);
-static mut BR: [T; 3] = [const { T([0; 512]) }; 3];
-
-fn bringup(h: &mut dyn Hv, ept: bool) {
-    // SAFETY: temporary bring-up tables in .bss.
-    unsafe {
-        let t = &raw mut BR as *mut T;
-        let (nl, leaf) = if ept { (7u64, 0xB7u64) } else { (7u64, 0x87u64) };
-        (*t.add(0)).0[0] = t.add(1) as u64 | nl;
-        (*t.add(1)).0[0] = t.add(2) as u64 | nl;
-        for i in 0..512 {
-            (*t.add(2)).0[i] = (i as u64) << 21 | leaf;
-        }
-        h.set_root(if ept { t as u64 | 0x1E } else { t as u64 });
-    }
-    let target = layout::TEST_BASE;
-    // SAFETY: test frame.
-    unsafe { (target as *mut u32).write_volatile(0xC0FFEE) };
-    let e = h.run(guest::entry(guest::Op::Read), GuestRegs { rbx: target, ..Default::default() }, Invalidate::All);
-    kprintln!("exit {:?} regs {:x?}", e, h.regs());
-}
+use nested_pt::Caps;
+use suite::{Arch, Suite};
 
 #[unsafe(no_mangle)]
 extern "C" fn kmain() -> ! {
     io::serial_init();
-    kprintln!("HELLO hwtest kernel vendor={}", core::str::from_utf8(&cpu::vendor()).unwrap_or("?"));
-    if svm::supported() {
-        let mut s = svm::Svm::new();
-        bringup(&mut s, false);
+    let vendor = cpu::vendor();
+    kprintln!("HELLO hwtest kernel on {}", core::str::from_utf8(&vendor).unwrap_or("?"));
+    let phys_bits = cpu::phys_bits();
+    for q in quirks::ALL {
+        kprintln!("INFO known-quirk {} ({}): {}", q.name, q.emulator, q.what);
+    }
+    let failed = if svm::supported() {
+        let page_1g = cpu::cpuid(0x8000_0001, 0).3 & (1 << 26) != 0;
+        let caps = Caps { page_2m: true, page_1g, execute_only: false, phys_bits };
+        kprintln!("INFO arch=svm+npt phys_bits={phys_bits} page_1g={page_1g}");
+        let mut hv = svm::Svm::new();
+        let mut suite = Suite::new(&mut hv, Arch::Svm);
+        scenarios::run(&mut suite, caps, true);
+        suite.failed
     } else if vmx::supported() {
         match vmx::Vmx::new() {
-            Ok(mut v) => {
-                kprintln!("caps {:?}", v.caps);
-                bringup(&mut v, true)
+            Ok(mut hv) => {
+                let c = hv.caps;
+                kprintln!(
+                    "INFO arch=vmx+ept phys_bits={phys_bits} page_2m={} page_1g={} execute_only={} ept_ad={} invept_single={}",
+                    c.page_2m,
+                    c.page_1g,
+                    c.execute_only,
+                    c.ad,
+                    c.invept_single
+                );
+                let caps = Caps { page_2m: c.page_2m, page_1g: c.page_1g, execute_only: c.execute_only, phys_bits };
+                let mut suite = Suite::new(&mut hv, Arch::Vmx);
+                scenarios::run(&mut suite, caps, c.ad);
+                suite.failed
             }
-            Err(e) => kprintln!("vmx error {e}"),
+            Err(e) => {
+                kprintln!("PANIC cannot enter VMX: {e}");
+                1
+            }
         }
     } else {
-        kprintln!("no svm/vmx");
-    }
-    kprintln!("END PASS");
-    io::exit(1)
+        kprintln!("PANIC CPU model offers neither SVM with NPT nor VMX");
+        1
+    };
+    kprintln!("END {}", if failed == 0 { "PASS" } else { "FAIL" });
+    io::exit(if failed == 0 { 0 } else { 1 })
 }

@@ -211,10 +211,6 @@ impl Svm {
 }
 
 impl Hv for Svm {
-    fn name(&self) -> &'static str {
-        "svm"
-    }
-
     fn set_root(&mut self, root_pointer: u64) {
         self.w64(C_NCR3, root_pointer);
     }

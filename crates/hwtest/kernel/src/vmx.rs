@@ -285,8 +285,7 @@ impl Vmx {
         }
         vmwrite(HOST_TR_SEL, GDT_TSS_SEL.into());
         vmwrite(HOST_TR_BASE, &raw mut HOST_TSS as u64);
-        // SAFETY: only the address of the boot GDT is taken.
-        vmwrite(HOST_GDTR_BASE, unsafe { &raw mut gdt } as u64);
+        vmwrite(HOST_GDTR_BASE, &raw mut gdt as u64);
 
         // Guest state: flat 32-bit protected mode, paging off.
         let g_cr0 = (0x31 | cpu::rdmsr(MSR_VMX_CR0_FIXED0)) & !(1u64 << 31) & cpu::rdmsr(MSR_VMX_CR0_FIXED1);
@@ -362,10 +361,6 @@ impl Vmx {
 }
 
 impl Hv for Vmx {
-    fn name(&self) -> &'static str {
-        "vmx"
-    }
-
     fn set_root(&mut self, root_pointer: u64) {
         self.eptp = root_pointer;
         vmwrite(EPT_POINTER, root_pointer);
