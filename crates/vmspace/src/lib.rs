@@ -1,14 +1,106 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! Guest address spaces for Rust hypervisors: bhyve's `vmspace` model
+//! (illumos `vmm_vm.c`, seed 004) on top of `nested-pt`'s tables.
+//!
+//! # What this crate owns
+//!
+//! A [`VmSpace`] is one guest's physical address space: a fixed size, a
+//! table format, and an ordered map of *mappings*, each a range of a
+//! [`VmObject`] (guest RAM from a [`Reservoir`], or a fixed MMIO range) at
+//! a guest-physical address with a protection. The nested table behind it
+//! is filled lazily: `map` only populates the intermediate tables, and
+//! leaves appear when a vCPU faults ([`VmClient::fault`], with a window of
+//! neighbours: fault-around), when a page is held ([`VmClient::hold`]) or
+//! when a range is populated ([`VmSpace::populate`]). `unmap` clears the
+//! leaves, vacates the tables, bumps the table *generation* and tells every
+//! client. Dirty bits are harvested and set again ([`VmSpace::dirty_op`])
+//! for live migration; tracking can be switched at run time.
+//!
+//! # Invariants
+//!
+//! - Mappings never overlap and end below the space's size; every leaf
+//!   present in the table lies inside a mapping and maps the frame the
+//!   mapping's object has at that offset, with the mapping's protection.
+//! - `resident_count` is the number of present leaves.
+//! - A [`PageHold`] keeps its object alive: if its mapping is unmapped, the
+//!   unmap first hands the client a reference to the object (*retires* it),
+//!   then clears entries; the release reports the unmap and does not touch
+//!   the (gone) entry. A writable hold marks its page dirty on release
+//!   (unless "defer dirty" was asked and never revoked).
+//! - The generation only grows; a vCPU that entered guest context with an
+//!   older generation than a change's is kicked and waited for before the
+//!   change returns.
+//!
+//! # Locking and concurrency
+//!
+//! Administrative operations (`map`, `unmap`, `populate`, dirty operations,
+//! tracking switch, destroy) serialize on the space lock. The data path
+//! (hold, fault, release) never takes it: it goes through a per-client
+//! atomic state word (see `protocol.rs`). A change that alters the mapping
+//! map or the table structure first *holds* every client (waiting for an
+//! operation in flight), makes the change, and releases them; an operation
+//! that arrives meanwhile sleeps on its client's lock. Leaf entries are
+//! only ever changed atomically (compare-and-swap from empty when mapping),
+//! so the data path, `populate` and harvests run concurrently. The only
+//! blocking primitive is a [`RawLock`] (mutex + condition variable); with
+//! the `std` feature [`StdLock`] provides it, a kernel brings its own.
+//! Invalidation callbacks and kick hooks run outside client locks.
+//! Lock order: space lock, then a client lock; the data path takes a client
+//! lock only to sleep or on its slow paths, never with anything else held.
+//!
+//! # For a VMM (the KVM runner)
+//!
+//! - RAM: a [`MemfdReservoir`] with a chosen frame base; register its
+//!   [`Arena`] (`host`, `len`) as a KVM memory slot at `frame_base * 4096`,
+//!   so a frame number is a KVM guest-physical page. Its fd and
+//!   `file_offset` let the VMM map second views (device memory).
+//! - Tables: `VmSpace<P>` is generic over `nested_pt::TablePages`, so
+//!   table pages can live in another KVM slot.
+//! - vCPUs: one client each; [`VmClient::set_kick`],
+//!   [`VmClient::set_invalidation`] (told the range, the new generation and
+//!   for unmaps the object and offset, i.e. the old frames), and
+//!   [`VmClient::table_enter`] around guest execution (flush when the
+//!   generation changed); nested faults go to [`VmClient::fault`].
+//! - Migration: [`VmSpace::track_dirty`] / [`VmSpace::dirty_op`].
+//!
+//! # Known gaps
+//!
+//! - Only 4 KiB leaves are mapped (nested-pt supports large leaves, but
+//!   promotion/demotion is not there yet, and objects are not required to
+//!   be physically contiguous).
+//! - `unmap` must match one mapping exactly and `populate` must stay within
+//!   one mapping (as in the seed); no partial unmap or protection change.
+//! - A client belongs to one thread (`Send`, not `Sync`); holds are
+//!   released on the thread that took them.
+//! - A space dropped while clients live on keeps its (empty) table until
+//!   the last client goes; the clients are orphaned.
+//! - The format capability "cannot track dirty bits" never occurs with the
+//!   current nested-pt formats (all three can), so the refusal path of
+//!   [`VmSpace::set_dirty_tracking`] is unreachable today.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![deny(missing_docs)]
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+extern crate alloc;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+mod client;
+mod error;
+mod object;
+mod protocol;
+mod reservoir;
+mod space;
+mod sync;
+
+pub use client::{HoldChain, OnCpu, PageHold, VmClient};
+pub use error::{Error, Invalid, NoSpace, Result};
+pub use object::VmObject;
+pub use reservoir::{Arena, HeapReservoir, Reservoir, ReservoirStats};
+#[cfg(feature = "std")]
+pub use reservoir::{HostView, MemfdReservoir};
+pub use space::{Cause, DirtyOp, Invalidation, MappingInfo, SpaceConfig, VmSpace};
+#[cfg(any(loom, feature = "std"))]
+pub use sync::StdLock;
+pub use sync::{DefaultLock, RawLock, SpinLock};
+
+pub use nested_pt::{Gpa, MemType, Pfn, Prot, PteFormat, TablePages};
+
+/// Size of a page, in bytes.
+pub const PAGE_SIZE: u64 = 4096;

@@ -1,0 +1,562 @@
+//! Clients: the data path (holds, faults) and vCPU guest-context marking.
+
+use alloc::sync::Arc as StdArc;
+use alloc::vec::Vec;
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+use core::sync::atomic::AtomicU64 as EntryAtomic;
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+
+use nested_pt::{Gpa, Pfn, Prot, TablePages};
+
+use crate::PAGE_SIZE;
+use crate::error::{Error, Invalid, Result};
+use crate::object::VmObject;
+use crate::protocol::ClientShared;
+use crate::space::{Data, Inner, Invalidation, access_of, records_access};
+use crate::sync::{Arc, DefaultLock, RawLock};
+
+/// The last mapping a client resolved, valid while the space's map
+/// sequence number is unchanged.
+#[derive(Clone, Copy)]
+struct Cached {
+    seq: u64,
+    start: u64,
+    end: u64,
+    object: *const VmObject,
+    offset: u64,
+    prot: Prot,
+}
+
+/// A page found by the data path.
+struct Found {
+    pfn: Pfn,
+    entry: *const EntryAtomic,
+    host: Option<NonNull<u8>>,
+}
+
+/// A client of a [`VmSpace`](crate::VmSpace): one per vCPU, per device,
+/// per host view (seed 004's `vm_client_t`).
+///
+/// Holds and faults go through a client without any space-wide lock; an
+/// administrative change excludes them briefly, client by client. A client
+/// belongs to one thread at a time (it is `Send`, not `Sync`); its holds
+/// borrow it and stay on that thread. Dropping the client destroys it,
+/// safely against a concurrent destruction of the space.
+pub struct VmClient<P: TablePages, L: RawLock = DefaultLock> {
+    space: Arc<Inner<P, L>>,
+    shared: Arc<ClientShared<L>>,
+    id: Option<u64>,
+    cache: core::cell::Cell<Option<Cached>>,
+    _not_sync: PhantomData<core::cell::Cell<()>>,
+}
+
+// SAFETY: the cache holds a raw pointer that is only dereferenced while the
+// client is active and the map sequence proves the mapping (and so its
+// object) still exists; everything else is Send.
+unsafe impl<P: TablePages + Send + Sync, L: RawLock> Send for VmClient<P, L> {}
+
+impl<P: TablePages, L: RawLock> VmClient<P, L> {
+    pub(crate) fn new(space: Arc<Inner<P, L>>) -> Self {
+        let shared = Arc::new(ClientShared::new(false));
+        let id = space.register(&shared);
+        if id.is_none() {
+            shared.orphan();
+        }
+        VmClient { space, shared, id, cache: core::cell::Cell::new(None), _not_sync: PhantomData }
+    }
+
+    /// Whether the space is gone (every operation fails with
+    /// [`Error::Orphaned`]).
+    pub fn is_orphaned(&self) -> bool {
+        self.shared.is_orphaned()
+    }
+
+    /// Install (or remove) the invalidation callback. It runs on the thread
+    /// making an administrative change, outside the client's lock, while
+    /// the client is held: it may release holds, but must not take holds
+    /// or fault through this client (that would wait for the change it is
+    /// part of).
+    pub fn set_invalidation(&self, f: Option<impl Fn(&Invalidation<'_>) + Send + Sync + 'static>) {
+        self.shared.set_inval(f.map(|f| StdArc::new(f) as _));
+    }
+
+    /// Install (or remove) the kick hook: called with the cpu given to
+    /// [`VmClient::table_enter`] when a change must be seen by this vCPU
+    /// while it is in guest context. It must make the vCPU leave guest
+    /// context soon (an IPI, a signal, KVM's `immediate_exit`); the change
+    /// waits until it has.
+    pub fn set_kick(&self, f: Option<impl Fn(u32) + Send + Sync + 'static>) {
+        self.shared.set_kick(f.map(|f| StdArc::new(f) as _));
+    }
+
+    /// Mark that this vCPU enters guest context on `cpu`, using the
+    /// space's tables; returns a guard carrying the table generation read
+    /// after the mark. If the generation differs from the one the vCPU
+    /// last flushed for, it must flush its cached translations (INVEPT,
+    /// ASID flush) before entering. Never blocks (callable with interrupts
+    /// off). Drop the guard (or call [`OnCpu::exit`]) after leaving.
+    pub fn table_enter(&self, cpu: u32) -> Result<OnCpu<'_, P, L>> {
+        let generation = self.shared.enter(cpu, &self.space.generation)?;
+        Ok(OnCpu { client: self, generation })
+    }
+
+    #[inline]
+    fn data<R>(&self, f: impl FnOnce(&Data<P>) -> R) -> R {
+        // SAFETY: every caller has activated the client (see `active`).
+        unsafe { self.space.with_data(f) }
+    }
+
+    /// Run `f` with the client active (excluded from administrative
+    /// changes, which wait for it).
+    #[inline]
+    fn active<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        self.shared.activate()?;
+        let r = f();
+        self.shared.deactivate();
+        r
+    }
+
+    /// Resolve `gpa` to its mapping; client active.
+    #[inline]
+    fn mapping(&self, d: &Data<P>, gpa: u64) -> Option<Cached> {
+        let seq = self.space.map_seq.load(Acquire);
+        if let Some(c) = self.cache.get()
+            && c.seq == seq
+            && c.start <= gpa
+            && gpa < c.end
+        {
+            return Some(c);
+        }
+        let (start, m) = d.mapping_at(gpa)?;
+        let c = Cached {
+            seq,
+            start,
+            end: start + m.len,
+            object: StdArc::as_ptr(&m.object),
+            offset: m.offset,
+            prot: m.prot,
+        };
+        self.cache.set(Some(c));
+        Some(c)
+    }
+
+    /// The data path: find (and if needed map) the page at `gpa` for
+    /// `prot`; client active.
+    fn lookup_map(&self, d: &Data<P>, gpa: u64, prot: Prot, host: bool) -> Result<Found> {
+        let m = self.mapping(d, gpa).ok_or(Error::NoMapping)?;
+        if !m.prot.contains(prot) {
+            return Err(Error::Protection);
+        }
+        // SAFETY: the mapping exists (map sequence unchanged while active)
+        // and holds a reference to the object.
+        let object = unsafe { &*m.object };
+        let table = &d.table;
+        let leaf = match table.lookup(Gpa(gpa)) {
+            Some(l) => l,
+            None => {
+                // Fault-around: an aligned window inside the mapping.
+                let w = self.space.fault_around * PAGE_SIZE;
+                let lo = (gpa & !(w - 1)).max(m.start);
+                let hi = ((gpa | (w - 1)) + 1).min(m.end);
+                let base = m.offset.wrapping_sub(m.start);
+                let n = table
+                    .map_range(Gpa(lo), hi - lo, m.prot, object.mem_type(), |p| object.frame_at(base.wrapping_add(p.0)))
+                    .map_err(Error::Table)?;
+                self.space.resident.fetch_add(n, Relaxed);
+                table.lookup(Gpa(gpa)).ok_or(Error::NoMapping)?
+            }
+        };
+        if records_access(&self.space.format) {
+            table.record_access(Gpa(gpa), access_of(prot)).map_err(Error::Table)?;
+        }
+        let pfn = leaf.pfn_of(Gpa(gpa));
+        let host = if host { Some(object.host_page(m.offset + (gpa - m.start))?) } else { None };
+        Ok(Found { pfn, entry: leaf.entry as *const EntryAtomic, host })
+    }
+
+    /// Handle a nested page fault at `gpa` (any alignment) for an access
+    /// needing `prot`: map the page (and its fault-around window) with a
+    /// compare-and-swap if it is not present. [`Error::NoMapping`] when no
+    /// mapping covers `gpa`, [`Error::Protection`] when the mapping does
+    /// not allow `prot`.
+    pub fn fault(&self, gpa: u64, prot: Prot) -> Result<()> {
+        if prot.is_empty() {
+            return Err(Invalid::BadProt.into());
+        }
+        let gpa = gpa & !(PAGE_SIZE - 1);
+        self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false).map(|_| ())))
+    }
+
+    /// Hold the page at `gpa` (4 KiB aligned) for `prot` (read and/or
+    /// write). Releasing a writable hold marks the page dirty.
+    pub fn hold(&self, gpa: u64, prot: Prot) -> Result<PageHold<'_, P, L>> {
+        self.hold_ext(gpa, prot, false)
+    }
+
+    /// As [`VmClient::hold`]; with `defer_dirty`, a writable hold marks the
+    /// page dirty on release only if [`PageHold::mark_dirty`] was called.
+    pub fn hold_ext(&self, gpa: u64, prot: Prot, defer_dirty: bool) -> Result<PageHold<'_, P, L>> {
+        if !gpa.is_multiple_of(PAGE_SIZE) {
+            return Err(Invalid::Unaligned.into());
+        }
+        if !prot.intersects(Prot::READ | Prot::WRITE) || prot.contains(Prot::EXEC) {
+            return Err(Invalid::BadProt.into());
+        }
+        let (found, seq) = self.active(|| {
+            let f = self.data(|d| self.lookup_map(d, gpa, prot, true))?;
+            // Counted while active, so an unmap (which waits for us) sees it.
+            self.shared.hold_taken();
+            Ok((f, self.space.unmap_seq.load(Relaxed)))
+        })?;
+        let host = found.host.ok_or(Error::NoHostView)?;
+        Ok(PageHold {
+            client: self,
+            gpa,
+            pfn: found.pfn,
+            host,
+            entry: found.entry,
+            prot,
+            defer_dirty: core::cell::Cell::new(defer_dirty),
+            seq,
+            released: false,
+        })
+    }
+
+    /// Hold every page of `[gpa, gpa+len)` (any alignment, `len > 0`) as a
+    /// chain, for accesses that cross pages.
+    pub fn hold_range(&self, gpa: u64, len: u64, prot: Prot) -> Result<HoldChain<'_, P, L>> {
+        if len == 0 {
+            return Err(Invalid::ZeroLength.into());
+        }
+        let end = gpa.checked_add(len).ok_or(Error::Invalid(Invalid::Overflow))?;
+        let mut chain = HoldChain { holds: Vec::new(), first: (gpa % PAGE_SIZE) as usize, len: len as usize };
+        let mut page = gpa & !(PAGE_SIZE - 1);
+        while page < end {
+            chain.holds.push(self.hold(page, prot)?);
+            page += PAGE_SIZE;
+        }
+        Ok(chain)
+    }
+
+    /// A new client of the same space (not its holds or callbacks). The
+    /// clone of an orphaned client is orphaned.
+    pub fn try_clone(&self) -> VmClient<P, L> {
+        VmClient::new(self.space.clone())
+    }
+
+    /// Release a hold (see [`PageHold::release`]).
+    fn release(&self, h: &PageHold<'_, P, L>) -> bool {
+        let shared = &*self.shared;
+        let mark = h.prot.contains(Prot::WRITE) && !h.defer_dirty.get();
+        if !mark {
+            let unmapped = shared.was_unmapped(h.gpa, h.seq);
+            shared.hold_released();
+            return unmapped;
+        }
+        let bits = self.space.dirty_bits;
+        let set_dirty = || {
+            if self.space.track_dirty.load(Relaxed) {
+                // SAFETY: the mapping is still in place (checked by the
+                // caller under exclusion), so its leaf table is allocated
+                // and the entry pointer valid.
+                let e = unsafe { &*h.entry };
+                if e.load(Relaxed) & bits != bits {
+                    e.fetch_or(bits, AcqRel);
+                }
+            }
+        };
+        if shared.try_activate() {
+            // No administrative change can run; retired entries describe
+            // every unmap that happened since the hold was taken.
+            let unmapped = shared.was_unmapped(h.gpa, h.seq);
+            if !unmapped {
+                set_dirty();
+            }
+            shared.hold_released();
+            shared.deactivate();
+            unmapped
+        } else {
+            // A change is in progress: decide under the client lock, which
+            // an unmap takes to retire holds before clearing any entry.
+            shared.release_locked(h.gpa, h.seq, set_dirty)
+        }
+    }
+}
+
+impl<P: TablePages, L: RawLock> Drop for VmClient<P, L> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.space.unregister(id);
+        }
+    }
+}
+
+impl<P: TablePages, L: RawLock> core::fmt::Debug for VmClient<P, L> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("VmClient").field("id", &self.id).field("orphaned", &self.is_orphaned()).finish()
+    }
+}
+
+/// A vCPU in guest context (see [`VmClient::table_enter`]); leaving is
+/// marked when it is dropped.
+#[must_use = "dropping the guard marks the exit from guest context"]
+pub struct OnCpu<'c, P: TablePages, L: RawLock = DefaultLock> {
+    client: &'c VmClient<P, L>,
+    generation: u64,
+}
+
+impl<P: TablePages, L: RawLock> OnCpu<'_, P, L> {
+    /// The table generation read at entry.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Mark the exit from guest context (same as dropping).
+    pub fn exit(self) {}
+}
+
+impl<P: TablePages, L: RawLock> Drop for OnCpu<'_, P, L> {
+    fn drop(&mut self) {
+        self.client.shared.exit();
+    }
+}
+
+/// A held guest page (seed 004's `vm_page_t`).
+///
+/// Readable and/or writable as it was taken for; accessed only through
+/// copies via raw pointers or volatile accesses (the guest and other
+/// agents may change the page at any time, so no Rust reference to its
+/// bytes is ever formed). Released on drop, marking the page dirty if it
+/// was held writable (unless dirty marking was deferred and never asked
+/// for). A hold keeps the page's object alive even if the mapping is
+/// unmapped meanwhile; [`PageHold::release`] then reports `true`.
+pub struct PageHold<'c, P: TablePages, L: RawLock = DefaultLock> {
+    client: &'c VmClient<P, L>,
+    gpa: u64,
+    pfn: Pfn,
+    host: NonNull<u8>,
+    entry: *const EntryAtomic,
+    prot: Prot,
+    defer_dirty: core::cell::Cell<bool>,
+    seq: u64,
+    released: bool,
+}
+
+impl<P: TablePages, L: RawLock> core::fmt::Debug for PageHold<'_, P, L> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("PageHold")
+            .field("gpa", &Gpa(self.gpa))
+            .field("pfn", &self.pfn)
+            .field("prot", &self.prot)
+            .finish()
+    }
+}
+
+impl<P: TablePages, L: RawLock> PageHold<'_, P, L> {
+    /// Guest-physical address of the page.
+    pub fn gpa(&self) -> Gpa {
+        Gpa(self.gpa)
+    }
+
+    /// Frame of the page (the KVM runner's guest-physical page).
+    pub fn pfn(&self) -> Pfn {
+        self.pfn
+    }
+
+    /// The access the hold was taken for.
+    pub fn prot(&self) -> Prot {
+        self.prot
+    }
+
+    /// Host pointer to the page's first byte, for raw or volatile access
+    /// within the page while the hold lives. Never turn it into a slice
+    /// reference: the guest may write the page concurrently.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.host.as_ptr()
+    }
+
+    /// Undo "defer dirty": the release will mark the page dirty. Refused
+    /// with [`Error::Protection`] for a hold that is not writable.
+    pub fn mark_dirty(&self) -> Result<()> {
+        if !self.prot.contains(Prot::WRITE) {
+            return Err(Error::Protection);
+        }
+        self.defer_dirty.set(false);
+        Ok(())
+    }
+
+    fn check(&self, offset: usize, len: usize, need: Prot) -> Result<*mut u8> {
+        if !self.prot.contains(need) {
+            return Err(Error::Protection);
+        }
+        let end = offset.checked_add(len).ok_or(Error::Invalid(Invalid::OutsideHold))?;
+        if end > PAGE_SIZE as usize {
+            return Err(Invalid::OutsideHold.into());
+        }
+        // SAFETY: offset <= 4096 stays inside (or one past) the page.
+        Ok(unsafe { self.host.as_ptr().add(offset) })
+    }
+
+    /// Copy `dst.len()` bytes from the page at `offset` into `dst`.
+    pub fn read(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        let src = self.check(offset, dst.len(), Prot::READ)?;
+        // SAFETY: `src..src+len` lies inside the held page (checked), which
+        // stays mapped in the host while the hold keeps its object alive;
+        // `dst` is host memory that cannot overlap guest memory we hold
+        // through a raw pointer only.
+        unsafe { core::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Copy `src` into the page at `offset`.
+    pub fn write(&self, offset: usize, src: &[u8]) -> Result<()> {
+        let dst = self.check(offset, src.len(), Prot::WRITE)?;
+        // SAFETY: as in `read`, in the other direction.
+        unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+        Ok(())
+    }
+
+    /// Volatile read of the naturally aligned `u64` at `offset`.
+    pub fn read_u64(&self, offset: usize) -> Result<u64> {
+        if !offset.is_multiple_of(8) {
+            return Err(Invalid::Unaligned.into());
+        }
+        let p = self.check(offset, 8, Prot::READ)?;
+        // SAFETY: inside the page and 8-byte aligned (the page is).
+        Ok(unsafe { p.cast::<u64>().read_volatile() })
+    }
+
+    /// Volatile write of the naturally aligned `u64` at `offset`.
+    pub fn write_u64(&self, offset: usize, v: u64) -> Result<()> {
+        if !offset.is_multiple_of(8) {
+            return Err(Invalid::Unaligned.into());
+        }
+        let p = self.check(offset, 8, Prot::WRITE)?;
+        // SAFETY: inside the page and 8-byte aligned.
+        unsafe { p.cast::<u64>().write_volatile(v) };
+        Ok(())
+    }
+
+    /// Release the hold; returns whether its mapping was unmapped while it
+    /// was held (the page then was not marked dirty: the table entry no
+    /// longer exists).
+    pub fn release(mut self) -> bool {
+        self.released = true;
+        self.client.release(&self)
+    }
+}
+
+impl<P: TablePages, L: RawLock> Drop for PageHold<'_, P, L> {
+    fn drop(&mut self) {
+        if !self.released {
+            self.released = true;
+            self.client.release(self);
+        }
+    }
+}
+
+/// Holds on consecutive pages, for accesses that cross page boundaries
+/// (seed 004's page chains). Offsets are relative to the first byte of the
+/// chain's range.
+pub struct HoldChain<'c, P: TablePages, L: RawLock = DefaultLock> {
+    holds: Vec<PageHold<'c, P, L>>,
+    first: usize,
+    len: usize,
+}
+
+impl<P: TablePages, L: RawLock> core::fmt::Debug for HoldChain<'_, P, L> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HoldChain")
+            .field("holds", &self.holds)
+            .field("first", &self.first)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl<P: TablePages, L: RawLock> Default for HoldChain<'_, P, L> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<'c, P: TablePages, L: RawLock> HoldChain<'c, P, L> {
+    /// The holds, in address order.
+    pub fn holds(&self) -> &[PageHold<'c, P, L>] {
+        &self.holds
+    }
+
+    /// Length of the chain's range in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the range is empty (never, for a chain from `hold_range`).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The per-page pieces of `[offset, offset+len)`: (hold index,
+    /// offset in its page, bytes).
+    fn pieces(&self, offset: usize, len: usize) -> Result<impl Iterator<Item = (usize, usize, usize)>> {
+        let end = offset.checked_add(len).ok_or(Error::Invalid(Invalid::OutsideHold))?;
+        if end > self.len {
+            return Err(Invalid::OutsideHold.into());
+        }
+        let ps = PAGE_SIZE as usize;
+        let mut pos = self.first + offset;
+        let stop = self.first + end;
+        Ok(core::iter::from_fn(move || {
+            if pos >= stop {
+                return None;
+            }
+            let in_page = pos % ps;
+            let n = (ps - in_page).min(stop - pos);
+            let piece = (pos / ps, in_page, n);
+            pos += n;
+            Some(piece)
+        }))
+    }
+
+    /// Copy `dst.len()` bytes from the range at `offset` into `dst`.
+    pub fn read(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        let mut at = 0;
+        for (page, in_page, n) in self.pieces(offset, dst.len())? {
+            self.holds[page].read(in_page, &mut dst[at..at + n])?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Copy `src` into the range at `offset`.
+    pub fn write(&self, offset: usize, src: &[u8]) -> Result<()> {
+        let mut at = 0;
+        for (page, in_page, n) in self.pieces(offset, src.len())? {
+            self.holds[page].write(in_page, &src[at..at + n])?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// An empty chain, to be extended with [`HoldChain::push`].
+    pub fn new() -> Self {
+        HoldChain { holds: Vec::new(), first: 0, len: 0 }
+    }
+
+    /// Append a hold, which should be of the page after the last one: the
+    /// chain's range then extends to the end of that page.
+    pub fn push(&mut self, hold: PageHold<'c, P, L>) {
+        self.holds.push(hold);
+        self.len = self.holds.len() * PAGE_SIZE as usize - self.first;
+    }
+
+    /// Release every hold; returns whether any mapping went away meanwhile.
+    pub fn release(self) -> bool {
+        let mut any = false;
+        for h in self.holds {
+            any |= h.release();
+        }
+        any
+    }
+}

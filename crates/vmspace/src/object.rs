@@ -1,0 +1,197 @@
+//! Memory objects: what a mapping maps.
+
+use alloc::boxed::Box;
+use core::ptr::NonNull;
+
+use nested_pt::{MemType, Pfn};
+
+use crate::PAGE_SIZE;
+use crate::error::{Error, Invalid, Result};
+use crate::reservoir::{Arena, Reservoir};
+use alloc::sync::Arc;
+
+enum Backing {
+    Ram { reservoir: alloc::sync::Arc<dyn Reservoir>, arena: Arena, frames: Box<[Pfn]> },
+    Mmio { base: Pfn, host: Option<NonNull<u8>> },
+}
+
+/// A memory object: guest RAM from a [`Reservoir`] (write-back), or a fixed
+/// host-physical range (MMIO, uncached).
+///
+/// Objects are shared (`Arc<VmObject>`): every mapping holds a reference,
+/// and a page hold on a mapping that is unmapped takes one too, so the
+/// object outlives the last access to its memory. RAM frames return to the
+/// reservoir when the last reference goes.
+pub struct VmObject {
+    size: u64,
+    mem_type: MemType,
+    backing: Backing,
+}
+
+// SAFETY: the object is immutable after creation; the host pointers it
+// holds address memory owned by the reservoir (kept alive by the Arc) or
+// vouched for by the caller of `mmio`, and are only used for raw accesses.
+unsafe impl Send for VmObject {}
+// SAFETY: as for Send.
+unsafe impl Sync for VmObject {}
+
+impl core::fmt::Debug for VmObject {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("VmObject")
+            .field("size", &self.size)
+            .field("mem_type", &self.mem_type)
+            .field("ram", &self.is_ram())
+            .finish()
+    }
+}
+
+impl VmObject {
+    /// Guest RAM of `size` bytes (a non-zero multiple of 4 KiB), allocated
+    /// from `reservoir` in 4 KiB frames; zero-filled.
+    pub fn ram(reservoir: alloc::sync::Arc<dyn Reservoir>, size: u64) -> Result<Arc<Self>> {
+        if size == 0 {
+            return Err(Invalid::ZeroLength.into());
+        }
+        if !size.is_multiple_of(PAGE_SIZE) {
+            return Err(Invalid::Unaligned.into());
+        }
+        let frames = reservoir.alloc(size / PAGE_SIZE)?.into_boxed_slice();
+        let arena = reservoir.arena();
+        Ok(Arc::new(VmObject {
+            size,
+            mem_type: MemType::WriteBack,
+            backing: Backing::Ram { reservoir, arena, frames },
+        }))
+    }
+
+    /// An MMIO object: `size` bytes of host-physical memory starting at
+    /// frame `base`, mapped uncached. Holds on it fail with
+    /// [`Error::NoHostView`]: only the nested table reaches it.
+    pub fn mmio(base: Pfn, size: u64) -> Result<Arc<Self>> {
+        // SAFETY: no host view is given, so no pointer is ever formed.
+        unsafe { Self::mmio_with_view(base, size, None) }
+    }
+
+    /// An MMIO object as [`VmObject::mmio`], with a host mapping of the
+    /// range through which holds access it.
+    ///
+    /// # Safety
+    /// When `host` is given, it must address `size` bytes that stay mapped
+    /// and accessible (by raw reads and writes) as long as the object lives.
+    pub unsafe fn mmio_with_view(base: Pfn, size: u64, host: Option<NonNull<u8>>) -> Result<Arc<Self>> {
+        if size == 0 {
+            return Err(Invalid::ZeroLength.into());
+        }
+        if !size.is_multiple_of(PAGE_SIZE) {
+            return Err(Invalid::Unaligned.into());
+        }
+        if base.0.checked_add(size / PAGE_SIZE).is_none() {
+            return Err(Invalid::Overflow.into());
+        }
+        Ok(Arc::new(VmObject { size, mem_type: MemType::Uncacheable, backing: Backing::Mmio { base, host } }))
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The memory type its mappings get (write-back RAM, uncached MMIO).
+    pub fn mem_type(&self) -> MemType {
+        self.mem_type
+    }
+
+    /// Whether the object is reservoir RAM.
+    pub fn is_ram(&self) -> bool {
+        matches!(self.backing, Backing::Ram { .. })
+    }
+
+    /// The frame holding byte `offset`, or `None` past the end.
+    #[inline]
+    pub fn frame_at(&self, offset: u64) -> Option<Pfn> {
+        if offset >= self.size {
+            return None;
+        }
+        let page = offset / PAGE_SIZE;
+        match &self.backing {
+            Backing::Ram { frames, .. } => frames.get(page as usize).copied(),
+            Backing::Mmio { base, .. } => Some(Pfn(base.0 + page)),
+        }
+    }
+
+    /// Host pointer to the start of the page holding byte `offset`.
+    #[inline]
+    pub(crate) fn host_page(&self, offset: u64) -> Result<NonNull<u8>> {
+        let page = offset / PAGE_SIZE;
+        match &self.backing {
+            Backing::Ram { arena, frames, .. } => {
+                let f = frames.get(page as usize).ok_or(Error::NoMapping)?;
+                arena.host_ptr(*f).ok_or(Error::NoHostView)
+            }
+            Backing::Mmio { host, .. } => {
+                let h = host.ok_or(Error::NoHostView)?;
+                if offset >= self.size {
+                    return Err(Error::NoMapping);
+                }
+                // SAFETY: offset < size, and the creator vouched that
+                // `size` bytes from `h` are mapped.
+                Ok(unsafe { h.add((page * PAGE_SIZE) as usize) })
+            }
+        }
+    }
+}
+
+impl Drop for VmObject {
+    fn drop(&mut self) {
+        if let Backing::Ram { reservoir, frames, .. } = &self.backing {
+            // SAFETY: the frames came from this reservoir's `alloc`, and
+            // the last reference to the object is going, so no mapping or
+            // hold reaches them any more.
+            unsafe { reservoir.free(frames) };
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::reservoir::HeapReservoir;
+
+    #[test]
+    fn ram_object_frames_and_release() {
+        let r = alloc::sync::Arc::new(HeapReservoir::new(8 * PAGE_SIZE, Pfn(0x10)).unwrap());
+        let o = VmObject::ram(r.clone(), 3 * PAGE_SIZE).unwrap();
+        assert!(o.is_ram());
+        assert_eq!(o.mem_type(), MemType::WriteBack);
+        assert_eq!(r.stats().allocated, 3 * PAGE_SIZE);
+        let f0 = o.frame_at(0).unwrap();
+        assert_eq!(o.frame_at(PAGE_SIZE - 1), Some(f0));
+        assert!(o.frame_at(2 * PAGE_SIZE).is_some());
+        assert_eq!(o.frame_at(3 * PAGE_SIZE), None);
+        assert_eq!(o.frame_at(u64::MAX), None);
+        let o2 = o.clone();
+        drop(o);
+        assert_eq!(r.stats().allocated, 3 * PAGE_SIZE, "shared: still alive");
+        drop(o2);
+        assert_eq!(r.stats().allocated, 0);
+    }
+
+    #[test]
+    fn object_errors() {
+        let r = alloc::sync::Arc::new(HeapReservoir::new(2 * PAGE_SIZE, Pfn(0)).unwrap());
+        assert_eq!(VmObject::ram(r.clone(), 0).unwrap_err(), Error::Invalid(Invalid::ZeroLength));
+        assert_eq!(VmObject::ram(r.clone(), 10).unwrap_err(), Error::Invalid(Invalid::Unaligned));
+        assert_eq!(VmObject::ram(r.clone(), 3 * PAGE_SIZE).unwrap_err(), Error::ReservoirFull);
+        assert_eq!(VmObject::mmio(Pfn(0), 0).unwrap_err(), Error::Invalid(Invalid::ZeroLength));
+        assert_eq!(VmObject::mmio(Pfn(u64::MAX), PAGE_SIZE).unwrap_err(), Error::Invalid(Invalid::Overflow));
+    }
+
+    #[test]
+    fn mmio_object() {
+        let o = VmObject::mmio(Pfn(0xfee00), 2 * PAGE_SIZE).unwrap();
+        assert!(!o.is_ram());
+        assert_eq!(o.mem_type(), MemType::Uncacheable);
+        assert_eq!(o.frame_at(PAGE_SIZE + 5), Some(Pfn(0xfee01)));
+        assert_eq!(o.host_page(0).unwrap_err(), Error::NoHostView);
+    }
+}

@@ -1,0 +1,322 @@
+//! The per-client exclusion protocol (seed 004's `VCS_*` state machine),
+//! with the data path made lock-free.
+//!
+//! Each client has one atomic state word. The data path (hold, fault,
+//! release of a writable hold) *activates* the client with one atomic
+//! read-modify-write that sets `ACTIVE` and returns the old word; if `HOLD`
+//! was not set, the client proceeds without any lock. An administrative
+//! change sets `HOLD` with a read-modify-write on the same word, so the two
+//! are totally ordered: either the change sees `ACTIVE` and waits for it to
+//! clear, or the client sees `HOLD`, backs out and sleeps until the change
+//! is done. Sleeping uses the client's [`RawLock`]: whoever sleeps sets
+//! `WAITER` (under the lock) before checking its condition, and whoever
+//! clears a bit that another side may wait on checks the old word for
+//! `WAITER` and, if set, takes the lock and notifies. That closes the
+//! lost-wake-up window without the data path ever taking the lock.
+//!
+//! vCPUs mark guest execution with `ON_CPU` (set without blocking, as
+//! entry happens with interrupts off), then read the table generation.
+//! An invalidation bumps the generation, then does a read-modify-write on
+//! each client's word: again totally ordered with the vCPU's, so either the
+//! vCPU reads the new generation or the invalidation sees `ON_CPU` and
+//! kicks it, waiting until it has left guest context (or re-entered with
+//! the new generation).
+
+use alloc::sync::Arc as StdArc;
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+
+use crate::error::{Error, Result};
+use crate::object::VmObject;
+use crate::space::Invalidation;
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Cell, Guard, RawLock};
+
+pub(crate) const ACTIVE: u32 = 1 << 0;
+pub(crate) const HOLD: u32 = 1 << 1;
+pub(crate) const ON_CPU: u32 = 1 << 2;
+pub(crate) const ORPHANED: u32 = 1 << 3;
+pub(crate) const WAITER: u32 = 1 << 4;
+
+/// An invalidation callback (see `VmClient::set_invalidation`).
+pub(crate) type InvalFn = StdArc<dyn Fn(&Invalidation<'_>) + Send + Sync>;
+/// A kick hook (see `VmClient::set_kick`).
+pub(crate) type KickFn = StdArc<dyn Fn(u32) + Send + Sync>;
+
+/// An object kept alive for holds that were outstanding when its mapping
+/// went away.
+pub(crate) struct Retired {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    /// The unmap's sequence number: holds taken earlier have a smaller one.
+    pub(crate) seq: u64,
+    pub(crate) _object: StdArc<VmObject>,
+}
+
+#[derive(Default)]
+pub(crate) struct Callbacks {
+    pub(crate) inval: Option<InvalFn>,
+    pub(crate) kick: Option<KickFn>,
+}
+
+/// Client state shared between the client's owner and the space.
+pub(crate) struct ClientShared<L> {
+    state: AtomicU32,
+    lock: L,
+    cpu: AtomicU32,
+    cpu_gen: AtomicU64,
+    /// Holds taken and not released. Written only by the owning thread.
+    outstanding: AtomicUsize,
+    /// Whether `retired` is non-empty (read without the lock).
+    retired_any: AtomicBool,
+    /// Under `lock`.
+    retired: Cell<Vec<Retired>>,
+    /// Under `lock`.
+    callbacks: Cell<Callbacks>,
+}
+
+// SAFETY: the cells are only reached under `lock`; everything else is atomic.
+unsafe impl<L: RawLock> Sync for ClientShared<L> {}
+// SAFETY: as above; the contents are Send.
+unsafe impl<L: RawLock> Send for ClientShared<L> {}
+
+impl<L: RawLock> ClientShared<L> {
+    pub(crate) fn new(orphaned: bool) -> Self {
+        ClientShared {
+            state: AtomicU32::new(if orphaned { ORPHANED } else { 0 }),
+            lock: L::new(),
+            cpu: AtomicU32::new(u32::MAX),
+            cpu_gen: AtomicU64::new(0),
+            outstanding: AtomicUsize::new(0),
+            retired_any: AtomicBool::new(false),
+            retired: Cell::new(Vec::new()),
+            callbacks: Cell::new(Callbacks::default()),
+        }
+    }
+
+    fn with_locked<R>(&self, f: impl FnOnce(&mut Vec<Retired>, &mut Callbacks) -> R) -> R {
+        let _g = Guard::new(&self.lock);
+        // SAFETY: both cells are only reached here, under `lock`.
+        self.retired.with_mut(|r| self.callbacks.with_mut(|c| f(unsafe { &mut *r }, unsafe { &mut *c })))
+    }
+
+    pub(crate) fn set_inval(&self, f: Option<InvalFn>) {
+        self.with_locked(|_, c| c.inval = f);
+    }
+
+    pub(crate) fn set_kick(&self, f: Option<KickFn>) {
+        self.with_locked(|_, c| c.kick = f);
+    }
+
+    pub(crate) fn is_orphaned(&self) -> bool {
+        self.state.load(Acquire) & ORPHANED != 0
+    }
+
+    /// Take the lock and wake every sleeper (after clearing a bit it may
+    /// be waiting on).
+    fn wake(&self) {
+        let _g = Guard::new(&self.lock);
+        self.state.fetch_and(!WAITER, AcqRel);
+        self.lock.notify_all();
+    }
+
+    /// Sleep until `done(state)` holds.
+    fn wait_until(&self, done: impl Fn(u32) -> bool) {
+        let mut g = Guard::new(&self.lock);
+        loop {
+            let s = self.state.fetch_or(WAITER, AcqRel);
+            if done(s) {
+                return;
+            }
+            g.wait();
+        }
+    }
+
+    // ---- data path (owning thread) ----
+
+    /// Mark the client active, sleeping while the space holds it.
+    #[inline]
+    pub(crate) fn activate(&self) -> Result<()> {
+        loop {
+            let s = self.state.fetch_or(ACTIVE, AcqRel);
+            if s & (HOLD | ORPHANED) == 0 {
+                return Ok(());
+            }
+            self.deactivate();
+            if s & ORPHANED != 0 {
+                return Err(Error::Orphaned);
+            }
+            self.wait_until(|s| s & (HOLD | ORPHANED) != HOLD);
+        }
+    }
+
+    /// As [`ClientShared::activate`], but fail instead of sleeping when held.
+    #[inline]
+    pub(crate) fn try_activate(&self) -> bool {
+        let s = self.state.fetch_or(ACTIVE, AcqRel);
+        if s & (HOLD | ORPHANED) == 0 {
+            return true;
+        }
+        self.deactivate();
+        false
+    }
+
+    #[inline]
+    pub(crate) fn deactivate(&self) {
+        let s = self.state.fetch_and(!ACTIVE, AcqRel);
+        if s & WAITER != 0 {
+            self.wake();
+        }
+    }
+
+    /// Count one more hold (owning thread only).
+    #[inline]
+    pub(crate) fn hold_taken(&self) {
+        let n = self.outstanding.load(Relaxed);
+        self.outstanding.store(n + 1, Release);
+    }
+
+    /// Count one hold less (owning thread only); drops retired objects when
+    /// the last hold goes.
+    #[inline]
+    pub(crate) fn hold_released(&self) {
+        let n = self.outstanding.load(Relaxed) - 1;
+        self.outstanding.store(n, Release);
+        if n == 0 && self.retired_any.load(Acquire) {
+            let dead = self.with_locked(|r, _| {
+                if self.outstanding.load(Relaxed) == 0 {
+                    self.retired_any.store(false, Release);
+                    core::mem::take(r)
+                } else {
+                    Vec::new()
+                }
+            });
+            drop(dead);
+        }
+    }
+
+    /// Whether a hold of `gpa` taken at unmap sequence `seq` has lost its
+    /// mapping since.
+    #[inline]
+    pub(crate) fn was_unmapped(&self, gpa: u64, seq: u64) -> bool {
+        if !self.retired_any.load(Acquire) {
+            return false;
+        }
+        self.with_locked(|r, _| Self::covered(r, gpa, seq))
+    }
+
+    fn covered(r: &[Retired], gpa: u64, seq: u64) -> bool {
+        r.iter().any(|e| e.start <= gpa && gpa < e.end && seq < e.seq)
+    }
+
+    /// Run `f` under the client lock if the hold is still mapped; report
+    /// whether it was unmapped. The slow path of a release while the space
+    /// holds the client: the admin retires holds under this same lock
+    /// before it clears any entry.
+    pub(crate) fn release_locked(&self, gpa: u64, seq: u64, f: impl FnOnce()) -> bool {
+        let (unmapped, dead) = self.with_locked(|r, _| {
+            let unmapped = Self::covered(r, gpa, seq);
+            if !unmapped {
+                f();
+            }
+            let n = self.outstanding.load(Relaxed) - 1;
+            self.outstanding.store(n, Release);
+            let dead = if n == 0 && !r.is_empty() {
+                self.retired_any.store(false, Release);
+                core::mem::take(r)
+            } else {
+                Vec::new()
+            };
+            (unmapped, dead)
+        });
+        drop(dead);
+        unmapped
+    }
+
+    // ---- vCPU ----
+
+    /// Mark guest execution on `cpu`; returns the generation read after
+    /// the mark. Never blocks.
+    pub(crate) fn enter(&self, cpu: u32, generation: &AtomicU64) -> Result<u64> {
+        let s = self.state.fetch_or(ON_CPU, AcqRel);
+        if s & (ON_CPU | ORPHANED) != 0 {
+            if s & ON_CPU == 0 {
+                self.exit();
+                return Err(Error::Orphaned);
+            }
+            return Err(Error::Invalid(crate::error::Invalid::OnCpu));
+        }
+        self.cpu.store(cpu, Relaxed);
+        let g = generation.load(Acquire);
+        self.cpu_gen.store(g, Release);
+        Ok(g)
+    }
+
+    pub(crate) fn exit(&self) {
+        let s = self.state.fetch_and(!ON_CPU, AcqRel);
+        if s & WAITER != 0 {
+            self.wake();
+        }
+    }
+
+    // ---- administrative side (space lock held) ----
+
+    /// Exclude the data path: set `HOLD`, wait for an in-flight operation.
+    pub(crate) fn admin_hold(&self) {
+        let s = self.state.fetch_or(HOLD, AcqRel);
+        if s & ACTIVE != 0 {
+            self.wait_until(|s| s & ACTIVE == 0);
+        }
+    }
+
+    /// Let the data path resume.
+    pub(crate) fn admin_release(&self) {
+        let s = self.state.fetch_and(!HOLD, AcqRel);
+        if s & WAITER != 0 {
+            self.wake();
+        }
+    }
+
+    /// Mark orphaned (the space is gone). Called while held.
+    pub(crate) fn orphan(&self) {
+        self.state.fetch_or(ORPHANED, AcqRel);
+    }
+
+    /// Give holds outstanding in `[start, end)` a reference to `object`
+    /// (called while held, before any entry of the range is cleared).
+    pub(crate) fn retire(&self, start: u64, end: u64, seq: u64, object: &StdArc<VmObject>) {
+        let dead = self.with_locked(|r, _| {
+            if self.outstanding.load(Acquire) > 0 {
+                r.push(Retired { start, end, seq, _object: object.clone() });
+                self.retired_any.store(true, Release);
+                Vec::new()
+            } else {
+                self.retired_any.store(false, Release);
+                core::mem::take(r)
+            }
+        });
+        drop(dead);
+    }
+
+    /// Kick and wait for a vCPU still in guest context with a generation
+    /// older than `generation`, then run the invalidation callback outside the
+    /// lock. Called while held.
+    pub(crate) fn invalidate(&self, generation: u64, inv: &Invalidation<'_>) {
+        let stale = |s: u32| s & ON_CPU != 0 && self.cpu_gen.load(Acquire) < generation;
+        // A read-modify-write, so it is ordered against `enter`'s.
+        while stale(self.state.fetch_or(0, AcqRel)) {
+            let kick = self.with_locked(|_, c| c.kick.clone());
+            if let Some(k) = kick {
+                k(self.cpu.load(Relaxed));
+            }
+            let mut g = Guard::new(&self.lock);
+            let s = self.state.fetch_or(WAITER, AcqRel);
+            if stale(s) {
+                g.wait();
+            }
+        }
+        let cb = self.with_locked(|_, c| c.inval.clone());
+        if let Some(cb) = cb {
+            cb(inv);
+        }
+    }
+}

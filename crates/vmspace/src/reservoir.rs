@@ -1,0 +1,575 @@
+//! Host memory providers ("reservoirs") for guest RAM.
+//!
+//! Guest RAM is handed out in 4 KiB frames that need not be contiguous
+//! (seed 002: memory segments in 4 KiB chunks). A reservoir owns an *arena*:
+//! one host-virtual range in which frame `frame_base + i` lives at byte
+//! `i * 4096`. In a kernel that arena is the direct map; in user space it is
+//! a shared-memory file mapped into the process ([`MemfdReservoir`]), which
+//! the KVM runner registers as a memory slot so that a frame number is a KVM
+//! guest-physical page. [`HeapReservoir`] is a plain heap arena for
+//! environments without files (tests, loom models, no_std).
+
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+
+use nested_pt::Pfn;
+
+use crate::PAGE_SIZE;
+use crate::error::{Error, Invalid, Result};
+use crate::sync::{DefaultLock, Guard, RawLock};
+
+/// The host view of every frame a reservoir can hand out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arena {
+    /// Host address of frame `frame_base`.
+    pub host: NonNull<u8>,
+    /// Length of the arena in bytes (a multiple of 4 KiB).
+    pub len: usize,
+    /// Frame number of the first page of the arena.
+    pub frame_base: Pfn,
+}
+
+impl Arena {
+    /// Pages in the arena.
+    pub fn pages(&self) -> u64 {
+        (self.len / PAGE_SIZE as usize) as u64
+    }
+
+    /// Host pointer to frame `pfn`, or `None` if the frame is outside the arena.
+    pub fn host_ptr(&self, pfn: Pfn) -> Option<NonNull<u8>> {
+        let idx = pfn.0.checked_sub(self.frame_base.0)?;
+        if idx >= self.pages() {
+            return None;
+        }
+        // SAFETY: idx < pages, so the offset stays inside the arena's
+        // allocation, and the result is non-null because `host` is.
+        Some(unsafe { self.host.add((idx * PAGE_SIZE) as usize) })
+    }
+}
+
+/// Accounting of a reservoir, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReservoirStats {
+    /// The most the reservoir hands out.
+    pub limit: u64,
+    /// Handed out and not yet freed.
+    pub allocated: u64,
+    /// `limit - allocated`.
+    pub free: u64,
+}
+
+/// A provider of guest RAM frames.
+///
+/// # Safety
+///
+/// Implementations promise that: every frame [`Reservoir::alloc`] returns
+/// lies inside [`Reservoir::arena`], is zero-filled, and is not returned
+/// again until it was passed to [`Reservoir::free`]; the arena stays mapped
+/// and unchanged for as long as the reservoir exists. Objects hand out raw
+/// pointers into the arena on the strength of these promises.
+pub unsafe trait Reservoir: Send + Sync {
+    /// The host view of the frames.
+    fn arena(&self) -> Arena;
+    /// `pages` zero-filled frames, not necessarily contiguous; all or
+    /// nothing. [`Error::ReservoirFull`] when over the limit.
+    fn alloc(&self, pages: u64) -> Result<Vec<Pfn>>;
+    /// Give frames back.
+    ///
+    /// # Safety
+    /// Every frame came from `alloc` of this reservoir, is freed once, and
+    /// nothing accesses it any more.
+    unsafe fn free(&self, frames: &[Pfn]);
+    /// Current accounting.
+    fn stats(&self) -> ReservoirStats;
+}
+
+/// Free-frame bookkeeping shared by the reservoirs: a stack of freed frame
+/// indices plus a high-water mark of never-used ones.
+#[derive(Debug)]
+struct FrameAllocator {
+    pages: u64,
+    next_fresh: u64,
+    freed: Vec<u64>,
+    allocated: u64,
+}
+
+impl FrameAllocator {
+    fn new(pages: u64) -> Self {
+        FrameAllocator { pages, next_fresh: 0, freed: Vec::new(), allocated: 0 }
+    }
+
+    fn alloc(&mut self, count: u64) -> Result<Vec<u64>> {
+        if count > self.pages - self.allocated {
+            return Err(Error::ReservoirFull);
+        }
+        let mut out = Vec::new();
+        out.try_reserve_exact(count as usize).map_err(|_| Error::ReservoirFull)?;
+        while (out.len() as u64) < count {
+            match self.freed.pop() {
+                Some(i) => out.push(i),
+                None => {
+                    out.push(self.next_fresh);
+                    self.next_fresh += 1;
+                }
+            }
+        }
+        self.allocated += count;
+        Ok(out)
+    }
+
+    fn free(&mut self, idx: impl Iterator<Item = u64>) {
+        for i in idx {
+            self.freed.push(i);
+            self.allocated -= 1;
+        }
+    }
+
+    fn stats(&self) -> ReservoirStats {
+        let limit = self.pages * PAGE_SIZE;
+        let allocated = self.allocated * PAGE_SIZE;
+        ReservoirStats { limit, allocated, free: limit - allocated }
+    }
+}
+
+/// `FrameAllocator` behind the crate's lock.
+struct LockedAllocator {
+    lock: DefaultLock,
+    inner: crate::sync::Cell<FrameAllocator>,
+}
+
+impl LockedAllocator {
+    fn new(pages: u64) -> Self {
+        LockedAllocator { lock: DefaultLock::new(), inner: crate::sync::Cell::new(FrameAllocator::new(pages)) }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut FrameAllocator) -> R) -> R {
+        let _g = Guard::new(&self.lock);
+        // SAFETY: the cell is only touched here, under `lock`.
+        self.inner.with_mut(|p| f(unsafe { &mut *p }))
+    }
+}
+
+// SAFETY: the allocator state is only reached through `with`, which holds
+// the lock for the whole access.
+unsafe impl Sync for LockedAllocator {}
+
+fn frames_from(base: Pfn, idx: Vec<u64>) -> Vec<Pfn> {
+    idx.into_iter().map(|i| Pfn(base.0 + i)).collect()
+}
+
+fn checked_pages(bytes: u64) -> Result<u64> {
+    if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) || bytes > isize::MAX as u64 {
+        return Err(Invalid::BadSize.into());
+    }
+    Ok(bytes / PAGE_SIZE)
+}
+
+/// A reservoir in a zeroed heap allocation. Freed frames are zeroed before
+/// they are handed out again.
+pub struct HeapReservoir {
+    arena: Arena,
+    frames: LockedAllocator,
+}
+
+// SAFETY: the arena is a private heap allocation whose contents are only
+// reached through raw pointers (never references), and the allocator state
+// is locked.
+unsafe impl Send for HeapReservoir {}
+// SAFETY: as for Send.
+unsafe impl Sync for HeapReservoir {}
+
+impl HeapReservoir {
+    /// An arena of `limit` bytes whose first frame is `frame_base`.
+    pub fn new(limit: u64, frame_base: Pfn) -> Result<Self> {
+        let pages = checked_pages(limit)?;
+        let layout = core::alloc::Layout::from_size_align(limit as usize, PAGE_SIZE as usize)
+            .map_err(|_| Error::Invalid(Invalid::BadSize))?;
+        // SAFETY: the layout has a non-zero size (checked_pages refuses 0).
+        let p = unsafe { alloc::alloc::alloc_zeroed(layout) };
+        let host = NonNull::new(p).ok_or(Error::ReservoirFull)?;
+        Ok(HeapReservoir {
+            arena: Arena { host, len: limit as usize, frame_base },
+            frames: LockedAllocator::new(pages),
+        })
+    }
+}
+
+impl Drop for HeapReservoir {
+    fn drop(&mut self) {
+        let layout = core::alloc::Layout::from_size_align(self.arena.len, PAGE_SIZE as usize).unwrap();
+        // SAFETY: allocated in `new` with this layout; objects keep the
+        // reservoir alive (Arc) for as long as they reach its frames.
+        unsafe { alloc::alloc::dealloc(self.arena.host.as_ptr(), layout) };
+    }
+}
+
+// SAFETY: frames are indices below `pages`, so inside the arena; the arena
+// starts zeroed and `free` zeroes frames before they return to the pool;
+// the allocator never hands out an index twice without a free.
+unsafe impl Reservoir for HeapReservoir {
+    fn arena(&self) -> Arena {
+        self.arena
+    }
+
+    fn alloc(&self, pages: u64) -> Result<Vec<Pfn>> {
+        let idx = self.frames.with(|a| a.alloc(pages))?;
+        Ok(frames_from(self.arena.frame_base, idx))
+    }
+
+    unsafe fn free(&self, frames: &[Pfn]) {
+        for f in frames {
+            if let Some(p) = self.arena.host_ptr(*f) {
+                // SAFETY: the frame is inside the arena and, per the
+                // caller's contract, no longer accessed by anyone.
+                unsafe { core::ptr::write_bytes(p.as_ptr(), 0, PAGE_SIZE as usize) };
+            }
+        }
+        let base = self.arena.frame_base.0;
+        self.frames.with(|a| a.free(frames.iter().map(|f| f.0 - base)));
+    }
+
+    fn stats(&self) -> ReservoirStats {
+        self.frames.with(|a| a.stats())
+    }
+}
+
+#[cfg(feature = "std")]
+pub use memfd::{HostView, MemfdReservoir};
+
+#[cfg(feature = "std")]
+mod memfd {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+    fn errno() -> Error {
+        Error::Os(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+
+    /// Guest RAM in a shared-memory file (memfd) mapped into the process.
+    ///
+    /// Frame `frame_base + i` is byte `i * 4096` of the file and of the
+    /// mapping. Because the memory is a file, a second host view of the
+    /// same pages can be mapped ([`MemfdReservoir::map_view`], for device
+    /// memory), and pages can be dropped from this process's page tables
+    /// without losing their contents ([`MemfdReservoir::drop_host_pages`]).
+    /// Freed frames are punched out of the file, which returns the memory
+    /// to the host and makes them read as zero when handed out again.
+    ///
+    /// For the KVM runner: register [`Arena::host`]/[`Arena::len`] as a
+    /// memory slot at guest-physical `frame_base * 4096`.
+    pub struct MemfdReservoir {
+        fd: OwnedFd,
+        arena: Arena,
+        frames: LockedAllocator,
+    }
+
+    // SAFETY: the mapping is only reached through raw pointers; the
+    // allocator state is locked.
+    unsafe impl Send for MemfdReservoir {}
+    // SAFETY: as for Send.
+    unsafe impl Sync for MemfdReservoir {}
+
+    impl MemfdReservoir {
+        /// A reservoir of at most `limit` bytes whose first frame is
+        /// `frame_base`. The file and the mapping are sized `limit` at once;
+        /// the host allocates memory only for pages that are touched.
+        pub fn new(limit: u64, frame_base: Pfn) -> Result<Self> {
+            let pages = checked_pages(limit)?;
+            if frame_base.0.checked_add(pages).is_none() {
+                return Err(Invalid::Overflow.into());
+            }
+            // SAFETY: a valid NUL-terminated name and flags.
+            let raw = unsafe { libc::memfd_create(c"vmspace-reservoir".as_ptr(), libc::MFD_CLOEXEC) };
+            if raw < 0 {
+                return Err(errno());
+            }
+            // SAFETY: memfd_create returned a fresh descriptor we now own.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: plain syscall on our descriptor.
+            if unsafe { libc::ftruncate(fd.as_raw_fd(), limit as libc::off_t) } != 0 {
+                return Err(errno());
+            }
+            // SAFETY: a fresh shared mapping of the whole file; nothing
+            // else in the process refers to the address range chosen.
+            let p = unsafe {
+                libc::mmap(
+                    core::ptr::null_mut(),
+                    limit as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_NORESERVE,
+                    fd.as_raw_fd(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(errno());
+            }
+            let host = NonNull::new(p.cast::<u8>()).ok_or(Error::Os(libc::ENOMEM))?;
+            Ok(MemfdReservoir {
+                fd,
+                arena: Arena { host, len: limit as usize, frame_base },
+                frames: LockedAllocator::new(pages),
+            })
+        }
+
+        /// The shared-memory file descriptor (to map further views or to
+        /// hand to another process).
+        pub fn fd(&self) -> RawFd {
+            self.fd.as_raw_fd()
+        }
+
+        /// Byte offset of frame `pfn` in the file, if it is in the arena.
+        pub fn file_offset(&self, pfn: Pfn) -> Option<u64> {
+            let idx = pfn.0.checked_sub(self.arena.frame_base.0)?;
+            (idx < self.arena.pages()).then_some(idx * PAGE_SIZE)
+        }
+
+        fn range(&self, pfn: Pfn, pages: u64) -> Result<(u64, usize)> {
+            let off = self.file_offset(pfn).ok_or(Error::Invalid(Invalid::OutsideObject))?;
+            let len = pages
+                .checked_mul(PAGE_SIZE)
+                .filter(|l| *l != 0 && off + l <= self.arena.len as u64)
+                .ok_or(Error::Invalid(Invalid::OutsideObject))?;
+            Ok((off, len as usize))
+        }
+
+        /// Remove `pages` frames starting at `pfn` from this process's page
+        /// tables. Their contents stay in the file; the next access faults
+        /// them back in. (A shadow-paging KVM host drops its shadow entries
+        /// for the range as a consequence.)
+        pub fn drop_host_pages(&self, pfn: Pfn, pages: u64) -> Result<()> {
+            let (off, len) = self.range(pfn, pages)?;
+            // SAFETY: the range is inside our own mapping; MADV_DONTNEED on
+            // a shared file mapping only drops page-table entries.
+            let rc =
+                unsafe { libc::madvise(self.arena.host.as_ptr().add(off as usize).cast(), len, libc::MADV_DONTNEED) };
+            if rc != 0 { Err(errno()) } else { Ok(()) }
+        }
+
+        /// Map a second host view of `pages` frames starting at `pfn`
+        /// (device memory seen by the VMM at another address). Writes
+        /// through the view are writes to guest memory that the nested
+        /// table's dirty bits do not see: the caller marks them (a writable
+        /// hold, or `VmSpace::dirty_op(Set)`), or maps the view read-only
+        /// while tracking is on.
+        pub fn map_view(&self, pfn: Pfn, pages: u64, writable: bool) -> Result<HostView> {
+            let (off, len) = self.range(pfn, pages)?;
+            let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+            // SAFETY: a new shared mapping of a range of our file at an
+            // address the kernel chooses.
+            let p = unsafe {
+                libc::mmap(core::ptr::null_mut(), len, prot, libc::MAP_SHARED, self.fd.as_raw_fd(), off as libc::off_t)
+            };
+            if p == libc::MAP_FAILED {
+                return Err(errno());
+            }
+            let ptr = NonNull::new(p.cast::<u8>()).ok_or(Error::Os(libc::ENOMEM))?;
+            Ok(HostView { ptr, len })
+        }
+    }
+
+    impl Drop for MemfdReservoir {
+        fn drop(&mut self) {
+            // SAFETY: our mapping from `new`; objects keep the reservoir
+            // alive (Arc) as long as they use its frames.
+            unsafe { libc::munmap(self.arena.host.as_ptr().cast(), self.arena.len) };
+        }
+    }
+
+    // SAFETY: frames are indices below `pages`, hence inside the mapping;
+    // the file starts as a hole (zero) and freed frames are punched back to
+    // holes; the allocator never hands out an index twice without a free.
+    unsafe impl Reservoir for MemfdReservoir {
+        fn arena(&self) -> Arena {
+            self.arena
+        }
+
+        fn alloc(&self, pages: u64) -> Result<Vec<Pfn>> {
+            let idx = self.frames.with(|a| a.alloc(pages))?;
+            Ok(frames_from(self.arena.frame_base, idx))
+        }
+
+        unsafe fn free(&self, frames: &[Pfn]) {
+            let base = self.arena.frame_base.0;
+            let mut idx: Vec<u64> = frames.iter().map(|f| f.0 - base).collect();
+            idx.sort_unstable();
+            // Punch contiguous runs with one call each.
+            let mut i = 0;
+            while i < idx.len() {
+                let mut j = i + 1;
+                while j < idx.len() && idx[j] == idx[j - 1] + 1 {
+                    j += 1;
+                }
+                let off = idx[i] * PAGE_SIZE;
+                let len = (j - i) as u64 * PAGE_SIZE;
+                // SAFETY: plain syscall on our descriptor, range inside the
+                // file. On failure (old kernels) the pages keep their
+                // contents, so zero them by hand.
+                let rc = unsafe {
+                    libc::fallocate(
+                        self.fd.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        off as libc::off_t,
+                        len as libc::off_t,
+                    )
+                };
+                if rc != 0 {
+                    // SAFETY: the range is inside our mapping and no longer
+                    // accessed by anyone (caller's contract).
+                    unsafe { core::ptr::write_bytes(self.arena.host.as_ptr().add(off as usize), 0, len as usize) };
+                }
+                i = j;
+            }
+            self.frames.with(|a| a.free(idx.into_iter()));
+        }
+
+        fn stats(&self) -> ReservoirStats {
+            self.frames.with(|a| a.stats())
+        }
+    }
+
+    /// A second host mapping of reservoir frames; unmapped on drop.
+    /// Access it through raw pointers only: the guest may write the same
+    /// memory concurrently.
+    pub struct HostView {
+        ptr: NonNull<u8>,
+        len: usize,
+    }
+
+    // SAFETY: the view is a plain memory mapping owned by this value.
+    unsafe impl Send for HostView {}
+
+    impl HostView {
+        /// First byte of the view.
+        pub fn as_ptr(&self) -> *mut u8 {
+            self.ptr.as_ptr()
+        }
+        /// Length in bytes.
+        pub fn len(&self) -> usize {
+            self.len
+        }
+        /// Whether the view is empty (never: views are at least a page).
+        pub fn is_empty(&self) -> bool {
+            self.len == 0
+        }
+    }
+
+    impl Drop for HostView {
+        fn drop(&mut self) {
+            // SAFETY: our mapping from `map_view`.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn accounting_and_limit(r: &dyn Reservoir) {
+        let limit = r.stats().limit;
+        assert_eq!(r.stats().allocated, 0);
+        assert_eq!(r.stats().free, limit);
+        let a = r.alloc(3).unwrap();
+        assert_eq!(r.stats().allocated, 3 * PAGE_SIZE);
+        let b = r.alloc(limit / PAGE_SIZE - 3).unwrap();
+        assert_eq!(r.stats().free, 0);
+        assert_eq!(r.alloc(1), Err(Error::ReservoirFull));
+        // SAFETY: frames from this reservoir, unused.
+        unsafe { r.free(&a[1..2]) };
+        assert_eq!(r.stats().free, PAGE_SIZE);
+        assert_eq!(r.alloc(2), Err(Error::ReservoirFull), "all or nothing");
+        assert_eq!(r.stats().free, PAGE_SIZE);
+        let c = r.alloc(1).unwrap();
+        assert_eq!(c, a[1..2].to_vec());
+        // SAFETY: as above.
+        unsafe {
+            r.free(&a[..1]);
+            r.free(&a[2..]);
+            r.free(&b);
+            r.free(&c);
+        }
+        assert_eq!(r.stats().allocated, 0);
+    }
+
+    fn frames_zeroed_and_distinct(r: &dyn Reservoir) {
+        let arena = r.arena();
+        let a = r.alloc(4).unwrap();
+        for f in &a {
+            let p = arena.host_ptr(*f).unwrap();
+            // SAFETY: frame owned by this test.
+            unsafe { core::ptr::write_bytes(p.as_ptr(), 0xAB, PAGE_SIZE as usize) };
+        }
+        // SAFETY: frames from this reservoir, unused.
+        unsafe { r.free(&a[1..3]) };
+        let b = r.alloc(3).unwrap();
+        let mut all: Vec<u64> = a.iter().chain(b.iter()).map(|f| f.0).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 5, "re-allocated frames reuse the freed ones only");
+        for f in &b {
+            let p = arena.host_ptr(*f).unwrap();
+            for i in 0..PAGE_SIZE as usize {
+                // SAFETY: inside the frame.
+                assert_eq!(unsafe { p.as_ptr().add(i).read_volatile() }, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn heap_reservoir() {
+        let r = HeapReservoir::new(16 * PAGE_SIZE, Pfn(0x100)).unwrap();
+        accounting_and_limit(&r);
+        frames_zeroed_and_distinct(&r);
+        assert_eq!(r.arena().frame_base, Pfn(0x100));
+    }
+
+    #[test]
+    fn bad_sizes() {
+        assert!(matches!(HeapReservoir::new(0, Pfn(0)), Err(Error::Invalid(Invalid::BadSize))));
+        assert!(matches!(HeapReservoir::new(100, Pfn(0)), Err(Error::Invalid(Invalid::BadSize))));
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn memfd_reservoir() {
+        let r = MemfdReservoir::new(16 * PAGE_SIZE, Pfn(0x4_0000)).unwrap();
+        accounting_and_limit(&r);
+        frames_zeroed_and_distinct(&r);
+        assert!(r.fd() >= 0);
+        assert_eq!(r.file_offset(Pfn(0x4_0002)), Some(2 * PAGE_SIZE));
+        assert_eq!(r.file_offset(Pfn(0x4_0010)), None);
+        assert_eq!(r.file_offset(Pfn(0x3_ffff)), None);
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn memfd_second_view_and_drop_host_pages() {
+        let r = MemfdReservoir::new(8 * PAGE_SIZE, Pfn(0)).unwrap();
+        let f = r.alloc(2).unwrap();
+        let p = r.arena().host_ptr(f[1]).unwrap().as_ptr();
+        let view = r.map_view(f[1], 1, true).unwrap();
+        // SAFETY: both pointers address frame f[1], which this test owns.
+        unsafe {
+            p.add(10).write_volatile(0x5A);
+            assert_eq!(view.as_ptr().add(10).read_volatile(), 0x5A);
+            view.as_ptr().add(11).write_volatile(0xA5);
+            assert_eq!(p.add(11).read_volatile(), 0xA5);
+        }
+        r.drop_host_pages(f[1], 1).unwrap();
+        // SAFETY: as above; the page faults back in with its contents.
+        unsafe { assert_eq!(p.add(10).read_volatile(), 0x5A) };
+        assert!(r.drop_host_pages(Pfn(8), 1).is_err());
+        assert!(r.map_view(f[0], 0, false).is_err());
+        drop(view);
+        // SAFETY: frames from this reservoir, unused now.
+        unsafe { r.free(&f) };
+        let g = r.alloc(2).unwrap();
+        let q = r.arena().host_ptr(g[0]).unwrap().as_ptr();
+        // SAFETY: frame owned by this test; freed frames read as zero.
+        unsafe { assert_eq!(q.add(10).read_volatile(), 0) };
+        let q = r.arena().host_ptr(g[1]).unwrap().as_ptr();
+        // SAFETY: as above.
+        unsafe { assert_eq!(q.add(11).read_volatile(), 0) };
+    }
+}

@@ -1,0 +1,783 @@
+//! The address space: mappings, the nested table, generations, dirty bits.
+
+use alloc::collections::BTreeMap;
+use alloc::sync::Arc as StdArc;
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+
+use nested_pt::{Access, FormatKind, Gpa, NestedTable, PageSize, Pfn, Prot, PteFormat, TablePages};
+
+use crate::PAGE_SIZE;
+use crate::client::VmClient;
+use crate::error::{Error, Invalid, NoSpace, Result};
+use crate::object::VmObject;
+use crate::protocol::ClientShared;
+use crate::sync::{Arc, AtomicBool, AtomicU64, Cell, DefaultLock, Guard, RawLock};
+
+/// How a space is created.
+#[derive(Clone, Copy, Debug)]
+pub struct SpaceConfig {
+    /// Size of the guest-physical space in bytes. Mappings must end below
+    /// it (a mapping ending exactly at `size` is refused, as in seed 004).
+    pub size: u64,
+    /// The entry format of the nested table.
+    pub format: PteFormat,
+    /// Whether dirty tracking starts on.
+    pub track_dirty: bool,
+    /// Pages a vCPU fault maps around the faulting one (an aligned window
+    /// inside the faulting mapping and its leaf table; 1 = just the page;
+    /// rounded down to a power of two, at most 512).
+    pub fault_around: u32,
+}
+
+impl SpaceConfig {
+    /// A space of `size` bytes with `format`, dirty tracking off, and a
+    /// fault-around window of 16 pages.
+    pub fn new(size: u64, format: PteFormat) -> Self {
+        SpaceConfig { size, format, track_dirty: false, fault_around: 16 }
+    }
+}
+
+/// What changed, as told to a client's invalidation callback.
+#[derive(Debug)]
+pub struct Invalidation<'a> {
+    /// First guest-physical address of the range.
+    pub gpa: Gpa,
+    /// Length of the range in bytes.
+    pub len: u64,
+    /// The table generation after the change.
+    pub generation: u64,
+    /// Why.
+    pub cause: Cause<'a>,
+}
+
+/// Why a range was invalidated.
+#[derive(Debug)]
+pub enum Cause<'a> {
+    /// The range was unmapped. It mapped `object` from byte `offset`: page
+    /// `i` of the range was frame `object.frame_at(offset + i * 4096)`.
+    /// A host that mirrors guest frames (a shadow-paging KVM host) drops
+    /// its mappings of those frames.
+    Unmap {
+        /// The object that was mapped.
+        object: &'a VmObject,
+        /// Byte offset in the object of the range's first page.
+        offset: u64,
+    },
+    /// Dirty bits of the range were read, cleared or set.
+    Dirty,
+    /// Dirty tracking was switched on or off (the whole space; the root
+    /// pointer may have changed).
+    Tracking,
+}
+
+/// Dirty-bitmap operations (bhyve's live-migration additions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyOp {
+    /// Report the dirty state without clearing it.
+    Get,
+    /// Make pages dirty again (after a failed migration): each page whose
+    /// mapping is writable is faulted in for write and marked dirty; the
+    /// bitmap reports which pages were marked.
+    Set,
+    /// Report the dirty state and clear it (read-and-clear).
+    Reset,
+}
+
+/// One mapping: `len` bytes of `object` from `offset`, with `prot`.
+pub(crate) struct Mapping {
+    pub(crate) object: StdArc<VmObject>,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+    pub(crate) prot: Prot,
+}
+
+/// A read-only description of a mapping.
+#[derive(Clone, Debug)]
+pub struct MappingInfo {
+    /// First guest-physical address.
+    pub gpa: Gpa,
+    /// Length in bytes.
+    pub len: u64,
+    /// The object mapped.
+    pub object: StdArc<VmObject>,
+    /// Byte offset in the object of the first page.
+    pub offset: u64,
+    /// Protection.
+    pub prot: Prot,
+}
+
+/// Table and mappings. Changed only with the space lock held *and* every
+/// client held (no data-path operation in flight); read with the space
+/// lock held or by an active client.
+pub(crate) struct Data<P: TablePages> {
+    pub(crate) table: NestedTable<P>,
+    pub(crate) maps: BTreeMap<u64, Mapping>,
+}
+
+impl<P: TablePages> Data<P> {
+    /// The mapping containing `gpa`: its start and the mapping.
+    #[inline]
+    pub(crate) fn mapping_at(&self, gpa: u64) -> Option<(u64, &Mapping)> {
+        let (start, m) = self.maps.range(..=gpa).next_back()?;
+        (gpa - start < m.len).then_some((*start, m))
+    }
+}
+
+/// Registry of clients; under the space lock.
+pub(crate) struct Admin<L> {
+    pub(crate) clients: BTreeMap<u64, Arc<ClientShared<L>>>,
+    next_id: u64,
+    destroyed: bool,
+}
+
+impl<L: RawLock> Admin<L> {
+    /// Exclude every client's data path (seed 004's hold-enter).
+    fn hold_all(&self) {
+        for c in self.clients.values() {
+            c.admin_hold();
+        }
+    }
+
+    /// Let every client resume (hold-exit).
+    fn release_all(&self) {
+        for c in self.clients.values() {
+            c.admin_release();
+        }
+    }
+}
+
+pub(crate) struct Inner<P: TablePages, L: RawLock> {
+    lock: L,
+    admin: Cell<Admin<L>>,
+    data: Cell<Data<P>>,
+    pub(crate) size: u64,
+    pub(crate) format: PteFormat,
+    /// Bits that mark a leaf dirty without granting write access.
+    pub(crate) dirty_bits: u64,
+    pub(crate) fault_around: u64,
+    pub(crate) generation: AtomicU64,
+    /// Bumped by every map and unmap (client mapping caches check it).
+    pub(crate) map_seq: AtomicU64,
+    /// Bumped by every unmap (holds record it).
+    pub(crate) unmap_seq: AtomicU64,
+    pub(crate) resident: AtomicU64,
+    pub(crate) track_dirty: AtomicBool,
+}
+
+// SAFETY: `admin` is only reached under `lock`; `data` follows the rule
+// on `Data` (exclusive access needs the lock and every client held, which
+// the protocol's atomics order); the rest is atomic or immutable. The
+// table provider must be Send + Sync to be reached from several threads.
+unsafe impl<P: TablePages + Send + Sync, L: RawLock> Sync for Inner<P, L> {}
+// SAFETY: as above.
+unsafe impl<P: TablePages + Send, L: RawLock> Send for Inner<P, L> {}
+
+impl<P: TablePages, L: RawLock> Inner<P, L> {
+    /// Shared access to the table and mappings.
+    ///
+    /// # Safety
+    /// The caller holds the space lock, or is an active client.
+    #[inline]
+    pub(crate) unsafe fn with_data<R>(&self, f: impl FnOnce(&Data<P>) -> R) -> R {
+        // SAFETY: per the caller, no exclusive access runs concurrently.
+        self.data.with(|d| f(unsafe { &*d }))
+    }
+
+    /// Exclusive access.
+    ///
+    /// # Safety
+    /// The caller holds the space lock and every client is held.
+    unsafe fn with_data_mut<R>(&self, f: impl FnOnce(&mut Data<P>) -> R) -> R {
+        // SAFETY: per the caller, nothing else reaches the data.
+        self.data.with_mut(|d| f(unsafe { &mut *d }))
+    }
+
+    /// Run `f` with the space lock and the registry.
+    fn locked<R>(&self, f: impl FnOnce(&mut Admin<L>) -> R) -> R {
+        let _g = Guard::new(&self.lock);
+        // SAFETY: the registry is only reached here, under the lock.
+        self.admin.with_mut(|a| f(unsafe { &mut *a }))
+    }
+
+    /// Register a client; `None` once the space is destroyed.
+    pub(crate) fn register(&self, c: &Arc<ClientShared<L>>) -> Option<u64> {
+        self.locked(|a| {
+            if a.destroyed {
+                return None;
+            }
+            let id = a.next_id;
+            a.next_id += 1;
+            a.clients.insert(id, c.clone());
+            Some(id)
+        })
+    }
+
+    /// Remove a client (its destruction); a no-op if the space already
+    /// orphaned it.
+    pub(crate) fn unregister(&self, id: u64) {
+        let c = self.locked(|a| a.clients.remove(&id));
+        drop(c);
+    }
+
+    /// Run an administrative change: space lock held, every client held
+    /// around `f`. `f` gets the registry (to invalidate clients).
+    fn exclusive<R>(&self, f: impl FnOnce(&mut Admin<L>) -> Result<R>) -> Result<R> {
+        self.locked(|a| {
+            if a.destroyed {
+                return Err(Error::Orphaned);
+            }
+            a.hold_all();
+            let r = f(a);
+            a.release_all();
+            r
+        })
+    }
+
+    fn bump_gen_and_invalidate(&self, a: &Admin<L>, gpa: u64, len: u64, cause: Cause<'_>) {
+        let generation = self.generation.fetch_add(1, AcqRel) + 1;
+        let inv = Invalidation { gpa: Gpa(gpa), len, generation, cause };
+        for c in a.clients.values() {
+            c.invalidate(generation, &inv);
+        }
+    }
+
+    /// The unmap itself; space lock held, clients held.
+    fn unmap_locked(&self, a: &Admin<L>, gpa: u64) -> Result<StdArc<VmObject>> {
+        // SAFETY: lock held, clients held.
+        let (object, offset, len) = unsafe {
+            self.with_data(|d| {
+                let m = d.maps.get(&gpa).ok_or(Error::NotFound)?;
+                Ok::<_, Error>((m.object.clone(), m.offset, m.len))
+            })
+        }?;
+        // Holds outstanding on the range get their own reference to the
+        // object before any entry is cleared (seed 004's unmap preparation,
+        // done per client rather than by walking a list of holds).
+        let seq = self.unmap_seq.load(Relaxed) + 1;
+        for c in a.clients.values() {
+            c.retire(gpa, gpa + len, seq, &object);
+        }
+        self.unmap_seq.store(seq, Release);
+        // SAFETY: lock held, clients held.
+        let (cleared, freed_tables) = unsafe {
+            self.with_data_mut(|d| {
+                let before = d.table.table_pages();
+                let cleared = d.table.unmap_region(Gpa(gpa), len).map_err(Error::Table)?;
+                d.table.vacate_region(Gpa(gpa), len, PageSize::Size4K).map_err(Error::Table)?;
+                d.maps.remove(&gpa);
+                Ok::<_, Error>((cleared, d.table.table_pages() < before))
+            })
+        }?;
+        self.map_seq.fetch_add(1, Release);
+        self.resident.fetch_sub(cleared, Relaxed);
+        // Tables were vacated before the invalidation: a vCPU that was in
+        // guest context may have cached the freed table pages, and those
+        // pages are not reused before the space lock is dropped.
+        if cleared > 0 || freed_tables {
+            self.bump_gen_and_invalidate(a, gpa, len, Cause::Unmap { object: &object, offset });
+        }
+        Ok(object)
+    }
+}
+
+/// A guest-physical address space (seed 004's `vmspace_t`).
+///
+/// Generic over the table-page provider `P` (table pages can live in a KVM
+/// memory slot) and the lock `L` (a kernel supplies its own).
+/// Administrative operations take `&self` and serialize on the space lock;
+/// the data path goes through [`VmClient`]s.
+pub struct VmSpace<P: TablePages, L: RawLock = DefaultLock> {
+    pub(crate) inner: Arc<Inner<P, L>>,
+}
+
+fn check_aligned(gpa: u64, len: u64) -> Result<u64> {
+    if len == 0 {
+        return Err(Invalid::ZeroLength.into());
+    }
+    if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(Invalid::Unaligned.into());
+    }
+    gpa.checked_add(len).ok_or(Error::Invalid(Invalid::Overflow))
+}
+
+fn bit(bitmap: &[u64], i: u64) -> bool {
+    bitmap[(i / 64) as usize] & (1 << (i % 64)) != 0
+}
+
+fn put_bit(bitmap: &mut [u64], i: u64, v: bool) {
+    let w = &mut bitmap[(i / 64) as usize];
+    if v {
+        *w |= 1 << (i % 64);
+    } else {
+        *w &= !(1 << (i % 64));
+    }
+}
+
+impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
+    /// A new, empty space whose table pages come from `pages`.
+    pub fn new(config: SpaceConfig, pages: P) -> Result<Self> {
+        if config.size == 0 || !config.size.is_multiple_of(PAGE_SIZE) {
+            return Err(Invalid::BadSize.into());
+        }
+        if config.size > nested_pt::GPA_LIMIT {
+            return Err(Invalid::BadSize.into());
+        }
+        if config.track_dirty && !config.format.can_track_dirty() {
+            return Err(Error::Unsupported);
+        }
+        let table = NestedTable::new(config.format, pages).map_err(Error::Table)?;
+        let fa = config.fault_around.clamp(1, 512);
+        let fault_around = 1u64 << (31 - fa.leading_zeros());
+        // Workaround: nested-pt's `set_dirty_bits` is crate-private. Marking
+        // dirty must not grant write access, which for the emulated-A/D EPT
+        // format means the software dirty bit alone (not the hardware W bit,
+        // architectural bit 1, that doubles as "modified").
+        let dirty_bits = match config.format.kind() {
+            FormatKind::EptEmulatedAd => config.format.dirty_mask() & !(1 << 1),
+            _ => config.format.dirty_mask(),
+        };
+        Ok(VmSpace {
+            inner: Arc::new(Inner {
+                lock: L::new(),
+                admin: Cell::new(Admin { clients: BTreeMap::new(), next_id: 0, destroyed: false }),
+                data: Cell::new(Data { table, maps: BTreeMap::new() }),
+                size: config.size,
+                format: config.format,
+                dirty_bits,
+                fault_around,
+                generation: AtomicU64::new(1),
+                map_seq: AtomicU64::new(0),
+                unmap_seq: AtomicU64::new(0),
+                resident: AtomicU64::new(0),
+                track_dirty: AtomicBool::new(config.track_dirty),
+            }),
+        })
+    }
+
+    /// Size of the space in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// The table's entry format.
+    pub fn format(&self) -> &PteFormat {
+        &self.inner.format
+    }
+
+    /// A new client (one per vCPU, device, or host view).
+    pub fn client(&self) -> VmClient<P, L> {
+        VmClient::new(self.inner.clone())
+    }
+
+    /// Map `len` bytes of `object` from byte `offset` at `gpa` with `prot`.
+    ///
+    /// Refused with [`Error::Invalid`] for a zero length, unaligned
+    /// values, overflow, a range beyond the object or a protection the
+    /// format cannot express; with [`Error::NoSpace`] when the range ends
+    /// at or beyond the space's size or overlaps another mapping. Tables
+    /// are populated for the range; no leaf is written (pages appear on
+    /// fault, hold or [`VmSpace::populate`]).
+    pub fn map(&self, object: &StdArc<VmObject>, offset: u64, gpa: u64, len: u64, prot: Prot) -> Result<()> {
+        let end = check_aligned(gpa, len)?;
+        if !offset.is_multiple_of(PAGE_SIZE) {
+            return Err(Invalid::Unaligned.into());
+        }
+        let obj_end = offset.checked_add(len).ok_or(Error::Invalid(Invalid::Overflow))?;
+        if obj_end > object.size() {
+            return Err(Invalid::OutsideObject.into());
+        }
+        self.inner.format.check_prot(prot).map_err(|_| Error::Invalid(Invalid::BadProt))?;
+        if end >= self.inner.size {
+            return Err(NoSpace::BeyondEnd.into());
+        }
+        let inner = &*self.inner;
+        inner.exclusive(|_| {
+            // SAFETY: lock held, clients held.
+            unsafe {
+                inner.with_data_mut(|d| {
+                    if let Some((s, m)) = d.maps.range(..end).next_back()
+                        && s + m.len > gpa
+                    {
+                        return Err(Error::NoSpace(NoSpace::Overlap));
+                    }
+                    d.table.populate_region(Gpa(gpa), len, PageSize::Size4K).map_err(Error::Table)?;
+                    d.maps.insert(gpa, Mapping { object: object.clone(), offset, len, prot });
+                    Ok::<_, Error>(())
+                })
+            }?;
+            inner.map_seq.fetch_add(1, Release);
+            Ok(())
+        })
+    }
+
+    /// Unmap the mapping that starts at `gpa` and is `len` bytes long.
+    ///
+    /// Clears and vacates its tables, bumps the generation if any page was
+    /// present (or a table page was freed), tells every client (kicking
+    /// vCPUs still in guest context with an older generation and waiting
+    /// until they leave). Holds on the range keep the object alive; their
+    /// release reports the unmap. [`Error::NotFound`] unless one mapping
+    /// matches exactly.
+    pub fn unmap(&self, gpa: u64, len: u64) -> Result<()> {
+        check_aligned(gpa, len)?;
+        let inner = &*self.inner;
+        let object = inner.exclusive(|a| {
+            // SAFETY: lock held, clients held.
+            let exact = unsafe { inner.with_data(|d| d.maps.get(&gpa).is_some_and(|m| m.len == len)) };
+            if !exact {
+                return Err(Error::NotFound);
+            }
+            inner.unmap_locked(a, gpa)
+        })?;
+        // The mapping's reference is dropped here, outside every lock.
+        drop(object);
+        Ok(())
+    }
+
+    /// Make `[gpa, gpa+len)`, which must lie inside one mapping, resident
+    /// in the table. Returns the number of pages this call mapped.
+    pub fn populate(&self, gpa: u64, len: u64) -> Result<u64> {
+        check_aligned(gpa, len)?;
+        let inner = &*self.inner;
+        inner.locked(|a| {
+            if a.destroyed {
+                return Err(Error::Orphaned);
+            }
+            // SAFETY: lock held; entry changes are atomic and clients may
+            // run concurrently (they only read the table and CAS leaves).
+            let n = unsafe {
+                inner.with_data(|d| {
+                    let (start, m) = d.mapping_at(gpa).ok_or(Error::NotFound)?;
+                    if gpa + len > start + m.len {
+                        return Err(Error::NotFound);
+                    }
+                    let obj_off = m.offset + (gpa - start);
+                    d.table
+                        .map_range(Gpa(gpa), len, m.prot, m.object.mem_type(), |p| {
+                            m.object.frame_at(obj_off + (p.0 - gpa))
+                        })
+                        .map_err(Error::Table)
+                })
+            }?;
+            inner.resident.fetch_add(n, Relaxed);
+            Ok(n)
+        })
+    }
+
+    /// Pages present in the table.
+    pub fn resident_count(&self) -> u64 {
+        self.inner.resident.load(Relaxed)
+    }
+
+    /// The root pointer hardware is given (EPTP with the A/D bit when
+    /// tracking, or nCR3).
+    pub fn table_root(&self) -> u64 {
+        // SAFETY: the root never changes; reading it under the lock keeps
+        // the access rule simple.
+        self.inner
+            .locked(|_| unsafe { self.inner.with_data(|d| d.table.root_pointer(self.inner.track_dirty.load(Relaxed))) })
+    }
+
+    /// The root table's frame.
+    pub fn table_root_pfn(&self) -> Pfn {
+        // SAFETY: as in `table_root`.
+        self.inner.locked(|_| unsafe { self.inner.with_data(|d| d.table.root()) })
+    }
+
+    /// The table generation: bumped by every change after which a vCPU
+    /// must flush translations it cached (TLB, paging-structure caches).
+    pub fn table_gen(&self) -> u64 {
+        self.inner.generation.load(Acquire)
+    }
+
+    /// Run `f` on the nested table with the space lock held (no map or
+    /// unmap runs meanwhile): for software walks (`nested_pt::mmu`) and
+    /// inspection. Clients may change entries concurrently.
+    pub fn with_table<R>(&self, f: impl FnOnce(&NestedTable<P>) -> R) -> R {
+        // SAFETY: lock held.
+        self.inner.locked(|_| unsafe { self.inner.with_data(|d| f(&d.table)) })
+    }
+
+    /// Frame and protection of the page at `gpa` if it is present in the
+    /// table.
+    pub fn lookup(&self, gpa: u64) -> Option<(Pfn, Prot)> {
+        self.with_table(|t| t.is_mapped(Gpa(gpa)))
+    }
+
+    /// The mapping containing `gpa`.
+    pub fn mapping_at(&self, gpa: u64) -> Option<MappingInfo> {
+        // SAFETY: lock held.
+        self.inner.locked(|_| unsafe {
+            self.inner.with_data(|d| {
+                d.mapping_at(gpa).map(|(s, m)| MappingInfo {
+                    gpa: Gpa(s),
+                    len: m.len,
+                    object: m.object.clone(),
+                    offset: m.offset,
+                    prot: m.prot,
+                })
+            })
+        })
+    }
+
+    /// Every mapping, in address order.
+    pub fn mappings(&self) -> alloc::vec::Vec<MappingInfo> {
+        // SAFETY: lock held.
+        self.inner.locked(|_| unsafe {
+            self.inner.with_data(|d| {
+                d.maps
+                    .iter()
+                    .map(|(s, m)| MappingInfo {
+                        gpa: Gpa(*s),
+                        len: m.len,
+                        object: m.object.clone(),
+                        offset: m.offset,
+                        prot: m.prot,
+                    })
+                    .collect()
+            })
+        })
+    }
+
+    /// Whether dirty tracking is on.
+    pub fn dirty_tracking(&self) -> bool {
+        self.inner.track_dirty.load(Acquire)
+    }
+
+    /// Switch dirty tracking on or off. Refused with
+    /// [`Error::Unsupported`] where the format cannot track dirty bits.
+    /// Invalidates the whole space (the root pointer may change).
+    pub fn set_dirty_tracking(&self, on: bool) -> Result<()> {
+        if on && !self.inner.format.can_track_dirty() {
+            return Err(Error::Unsupported);
+        }
+        let inner = &*self.inner;
+        inner.exclusive(|a| {
+            inner.track_dirty.store(on, Release);
+            inner.bump_gen_and_invalidate(a, 0, inner.size, Cause::Tracking);
+            Ok(())
+        })
+    }
+
+    fn check_dirty_args(&self, gpa: u64, len: u64, bitmaps: [Option<usize>; 2]) -> Result<()> {
+        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(Invalid::Unaligned.into());
+        }
+        if len == 0 {
+            return Err(Invalid::ZeroLength.into());
+        }
+        gpa.checked_add(len).ok_or(Error::Overflow)?;
+        let pages = len / PAGE_SIZE;
+        for b in bitmaps.into_iter().flatten() {
+            if (b as u64).saturating_mul(64) < pages {
+                return Err(Invalid::BitmapTooSmall.into());
+            }
+        }
+        if !self.dirty_tracking() {
+            return Err(Error::NotPermitted);
+        }
+        Ok(())
+    }
+
+    /// Read-and-clear the dirty bits of `[gpa, gpa+len)` into `bitmap`
+    /// (bit `i` of the bitmap, least significant first in each word, is
+    /// page `gpa + i * 4096`; pages without a leaf read 0; the range's bits
+    /// are overwritten). Returns the number of dirty pages. Then bumps the
+    /// generation and invalidates clients, so vCPUs reload translations
+    /// whose dirty bit was cleared.
+    ///
+    /// [`Error::Invalid`] for unaligned values, a zero length or a short
+    /// bitmap; [`Error::Overflow`] when `gpa + len` overflows;
+    /// [`Error::NotPermitted`] when tracking is off.
+    pub fn track_dirty(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
+        self.dirty_op(DirtyOp::Reset, gpa, len, None, bitmap)
+    }
+
+    /// A dirty-bitmap operation on `[gpa, gpa+len)`: see [`DirtyOp`].
+    ///
+    /// With `select`, only pages whose bit is set there are looked at;
+    /// the output bits of the other pages are left as they were. The
+    /// output bit of a selected page is its dirty state before the
+    /// operation (`Get`, `Reset`) or whether it is now marked (`Set`); a
+    /// page without a leaf reports 0 (for `Set`: without a writable
+    /// mapping). Returns the number of output bits set. Validation as in
+    /// [`VmSpace::track_dirty`]; afterwards the generation is bumped and
+    /// clients are invalidated.
+    pub fn dirty_op(&self, op: DirtyOp, gpa: u64, len: u64, select: Option<&[u64]>, bitmap: &mut [u64]) -> Result<u64> {
+        self.check_dirty_args(gpa, len, [Some(bitmap.len()), select.map(|s| s.len())])?;
+        let inner = &*self.inner;
+        // Entries beyond the 48-bit space do not exist: clip, reporting 0.
+        let clipped = len.min(nested_pt::GPA_LIMIT.saturating_sub(gpa));
+        inner.locked(|a| {
+            if a.destroyed {
+                return Err(Error::Orphaned);
+            }
+            // SAFETY: lock held; only shared access is needed (entry
+            // changes are atomic), so clients keep running during the scan.
+            let n = unsafe {
+                inner.with_data(|d| match (op, select) {
+                    (DirtyOp::Get | DirtyOp::Reset, None) => {
+                        for p in 0..len / PAGE_SIZE {
+                            put_bit(bitmap, p, false);
+                        }
+                        if clipped == 0 {
+                            return Ok(0);
+                        }
+                        d.table.scan_dirty(Gpa(gpa), clipped, bitmap, op == DirtyOp::Reset).map_err(Error::Table)
+                    }
+                    (DirtyOp::Get | DirtyOp::Reset, Some(sel)) => {
+                        Ok(self.scan_selected(d, gpa, len, sel, bitmap, op == DirtyOp::Reset))
+                    }
+                    (DirtyOp::Set, sel) => Ok(self.set_dirty(d, gpa, len, sel, bitmap)),
+                })
+            }?;
+            a.hold_all();
+            inner.bump_gen_and_invalidate(a, gpa, len, Cause::Dirty);
+            a.release_all();
+            Ok(n)
+        })
+    }
+
+    /// Get/Reset restricted to selected pages; leaf iterator, one leaf
+    /// table at a time.
+    fn scan_selected(&self, d: &Data<P>, gpa: u64, len: u64, sel: &[u64], out: &mut [u64], clear: bool) -> u64 {
+        let pages = len / PAGE_SIZE;
+        // Selected pages without a leaf report 0; the iterator below sets
+        // the bits of the dirty ones.
+        for p in 0..pages {
+            if bit(sel, p) {
+                put_bit(out, p, false);
+            }
+        }
+        let dmask = self.inner.format.dirty_mask();
+        let mut count = 0;
+        d.table.for_each_leaf_table(Gpa(gpa), len, |base, entries, size| {
+            // Only 4 KiB leaves are ever mapped by this crate.
+            if size != PageSize::Size4K {
+                return;
+            }
+            let first = (base.0 - gpa) / PAGE_SIZE;
+            for (i, e) in entries.iter().enumerate() {
+                let p = first + i as u64;
+                if !bit(sel, p) {
+                    continue;
+                }
+                let v = e.load(Relaxed);
+                if v & dmask == 0 {
+                    continue;
+                }
+                if clear {
+                    e.fetch_and(!dmask, AcqRel);
+                }
+                put_bit(out, p, true);
+                count += 1;
+            }
+        });
+        count
+    }
+
+    /// Set: fault each selected page whose mapping is writable in for
+    /// write and mark it dirty.
+    fn set_dirty(&self, d: &Data<P>, gpa: u64, len: u64, sel: Option<&[u64]>, out: &mut [u64]) -> u64 {
+        let pages = len / PAGE_SIZE;
+        let end = gpa + len;
+        let mut count = 0;
+        for p in 0..pages {
+            if sel.is_none_or(|s| bit(s, p)) {
+                put_bit(out, p, false);
+            }
+        }
+        // Fault in: per mapping overlapping the range, the selected pages.
+        for (start, m) in d.maps.range(..end).rev() {
+            let m_end = start + m.len;
+            if m_end <= gpa {
+                break;
+            }
+            if !m.prot.contains(Prot::WRITE) {
+                continue;
+            }
+            let lo = gpa.max(*start);
+            let hi = end.min(m_end);
+            let n = d
+                .table
+                .map_range(Gpa(lo), hi - lo, m.prot, m.object.mem_type(), |a| {
+                    let p = (a.0 - gpa) / PAGE_SIZE;
+                    if sel.is_none_or(|s| bit(s, p)) { m.object.frame_at(m.offset + (a.0 - start)) } else { None }
+                })
+                .unwrap_or(0);
+            self.inner.resident.fetch_add(n, Relaxed);
+        }
+        // Mark: present, writable leaves of selected pages.
+        let fmt = &self.inner.format;
+        let bits = self.inner.dirty_bits;
+        d.table.for_each_leaf_table(Gpa(gpa), len, |base, entries, size| {
+            if size != PageSize::Size4K {
+                return;
+            }
+            let first = (base.0 - gpa) / PAGE_SIZE;
+            for (i, e) in entries.iter().enumerate() {
+                let p = first + i as u64;
+                if sel.is_some_and(|s| !bit(s, p)) {
+                    continue;
+                }
+                let v = e.load(Relaxed);
+                if fmt.is_present(v) && fmt.prot(v).contains(Prot::WRITE) {
+                    e.fetch_or(bits, AcqRel);
+                    put_bit(out, p, true);
+                    count += 1;
+                }
+            }
+        });
+        count
+    }
+
+    /// Destroy the space: unmap every mapping (holds keep their objects),
+    /// orphan every client (their operations fail with
+    /// [`Error::Orphaned`] from now on). Also done on drop.
+    pub fn destroy(&self) {
+        destroy_inner(&self.inner);
+    }
+}
+
+impl<P: TablePages, L: RawLock> Drop for VmSpace<P, L> {
+    fn drop(&mut self) {
+        destroy_inner(&self.inner);
+    }
+}
+
+fn destroy_inner<P: TablePages, L: RawLock>(inner: &Inner<P, L>) {
+    let objects = inner.locked(|a| {
+        if a.destroyed {
+            return alloc::vec::Vec::new();
+        }
+        a.hold_all();
+        // SAFETY: lock held, clients held.
+        let starts: alloc::vec::Vec<u64> = unsafe { inner.with_data(|d| d.maps.keys().copied().collect()) };
+        let objects: alloc::vec::Vec<_> = starts.into_iter().filter_map(|s| inner.unmap_locked(a, s).ok()).collect();
+        a.destroyed = true;
+        let clients = core::mem::take(&mut a.clients);
+        for c in clients.values() {
+            c.orphan();
+            c.admin_release();
+        }
+        drop(clients);
+        objects
+    });
+    drop(objects);
+}
+
+/// Whether the fault path records accesses in software (emulated A/D).
+pub(crate) fn records_access(format: &PteFormat) -> bool {
+    format.kind() == FormatKind::EptEmulatedAd
+}
+
+/// The access a fault or hold with `prot` records.
+pub(crate) fn access_of(prot: Prot) -> Access {
+    if prot.contains(Prot::WRITE) {
+        Access::Write
+    } else if prot.contains(Prot::READ) {
+        Access::Read
+    } else {
+        Access::Execute
+    }
+}

@@ -1,0 +1,607 @@
+//! Unit tests of the space: every validation rule and error, mappings,
+//! populate, faults, holds, dirty operations, clients.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use nested_pt::{Caps, FormatKind};
+use vmspace::*;
+
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn map_validation() {
+    let s = space(GIB, false);
+    let r = reservoir(64);
+    let o = ram(&r, 8);
+    let before = table_pages(&s);
+    let inv = |i| Err(Error::Invalid(i));
+    assert_eq!(s.map(&o, 0, 0, 0, Prot::RW), inv(Invalid::ZeroLength));
+    assert_eq!(s.map(&o, 0, 1, PG, Prot::RW), inv(Invalid::Unaligned));
+    assert_eq!(s.map(&o, 0, 0, PG + 1, Prot::RW), inv(Invalid::Unaligned));
+    assert_eq!(s.map(&o, 7, 0, PG, Prot::RW), inv(Invalid::Unaligned));
+    assert_eq!(s.map(&o, 0, u64::MAX - PG + 1, 2 * PG, Prot::RW), inv(Invalid::Overflow));
+    assert_eq!(s.map(&o, u64::MAX - PG + 1, 0, 2 * PG, Prot::RW), inv(Invalid::Overflow));
+    assert_eq!(s.map(&o, 0, 0, 9 * PG, Prot::RW), inv(Invalid::OutsideObject));
+    assert_eq!(s.map(&o, 4 * PG, 0, 5 * PG, Prot::RW), inv(Invalid::OutsideObject));
+    assert_eq!(s.map(&o, 8 * PG, 0, PG, Prot::RW), inv(Invalid::OutsideObject));
+    assert_eq!(s.map(&o, 0, 0, PG, Prot::empty()), inv(Invalid::BadProt));
+    assert_eq!(s.map(&o, 0, 0, PG, Prot::WRITE), inv(Invalid::BadProt));
+    // End at or beyond the size: no space.
+    assert_eq!(s.map(&o, 0, GIB - PG, PG, Prot::RW), Err(Error::NoSpace(NoSpace::BeyondEnd)));
+    assert_eq!(s.map(&o, 0, GIB, PG, Prot::RW), Err(Error::NoSpace(NoSpace::BeyondEnd)));
+    assert_eq!(s.map(&o, 0, GIB - 2 * PG, 2 * PG, Prot::RW), Err(Error::NoSpace(NoSpace::BeyondEnd)));
+    // Nothing changed.
+    assert!(s.mappings().is_empty());
+    assert_eq!(table_pages(&s), before);
+    // The last page below the end is fine.
+    s.map(&o, 0, GIB - 2 * PG, PG, Prot::RW).unwrap();
+    s.unmap(GIB - 2 * PG, PG).unwrap();
+    assert_eq!(table_pages(&s), before);
+}
+
+#[test]
+fn map_overlap() {
+    let s = space(GIB, false);
+    let r = reservoir(64);
+    let o = ram(&r, 16);
+    s.map(&o, 0, 0x10 * PG, 4 * PG, Prot::RW).unwrap();
+    let overlap = Err(Error::NoSpace(NoSpace::Overlap));
+    assert_eq!(s.map(&o, 0, 0x10 * PG, 4 * PG, Prot::RW), overlap, "identical");
+    assert_eq!(s.map(&o, 0, 0x11 * PG, PG, Prot::RW), overlap, "inside");
+    assert_eq!(s.map(&o, 0, 0xe * PG, 3 * PG, Prot::RW), overlap, "over the start");
+    assert_eq!(s.map(&o, 0, 0x13 * PG, 2 * PG, Prot::RW), overlap, "over the end");
+    assert_eq!(s.map(&o, 0, 0xf * PG, 8 * PG, Prot::RW), overlap, "around");
+    // Adjacent on both sides is fine, and the same object twice too.
+    s.map(&o, 0, 0xf * PG, PG, Prot::READ).unwrap();
+    s.map(&o, 4 * PG, 0x14 * PG, PG, Prot::RW).unwrap();
+    let m: Vec<_> = s.mappings().iter().map(|m| (m.gpa.0, m.len)).collect();
+    assert_eq!(m, vec![(0xf * PG, PG), (0x10 * PG, 4 * PG), (0x14 * PG, PG)]);
+    let info = s.mapping_at(0x12 * PG + 5).unwrap();
+    assert_eq!((info.gpa, info.offset, info.prot), (Gpa(0x10 * PG), 0, Prot::RW));
+    assert!(s.mapping_at(0x15 * PG).is_none());
+}
+
+#[test]
+fn unmap_validation_and_exact_match() {
+    let s = space(GIB, false);
+    let r = reservoir(64);
+    let o = ram(&r, 8);
+    s.map(&o, 0, 0x100 * PG, 8 * PG, Prot::RW).unwrap();
+    assert_eq!(s.unmap(0x100 * PG, 0), Err(Error::Invalid(Invalid::ZeroLength)));
+    assert_eq!(s.unmap(0x100 * PG + 1, PG), Err(Error::Invalid(Invalid::Unaligned)));
+    assert_eq!(s.unmap(0x100 * PG, 3), Err(Error::Invalid(Invalid::Unaligned)));
+    assert_eq!(s.unmap(u64::MAX - PG + 1, 2 * PG), Err(Error::Invalid(Invalid::Overflow)));
+    assert_eq!(s.unmap(0x100 * PG, 4 * PG), Err(Error::NotFound), "part");
+    assert_eq!(s.unmap(0x101 * PG, 7 * PG), Err(Error::NotFound), "tail");
+    assert_eq!(s.unmap(0x100 * PG, 9 * PG), Err(Error::NotFound), "more");
+    assert_eq!(s.unmap(0x200 * PG, 8 * PG), Err(Error::NotFound), "elsewhere");
+    assert_eq!(s.mappings().len(), 1);
+    // Unmap with nothing present: no generation bump, tables vacated...
+    let g = s.table_gen();
+    s.unmap(0x100 * PG, 8 * PG).unwrap();
+    assert!(s.mappings().is_empty());
+    assert_eq!(table_pages(&s), 1);
+    assert_eq!(s.unmap(0x100 * PG, 8 * PG), Err(Error::NotFound));
+    // ... though freeing table pages bumps it (a vCPU may have cached them).
+    assert!(s.table_gen() > g);
+    // With pages present it bumps, and the resident count drops.
+    s.map(&o, 0, 0x100 * PG, 8 * PG, Prot::RW).unwrap();
+    s.map(&o, 0, 0x108 * PG, 8 * PG, Prot::RW).unwrap();
+    assert_eq!(s.populate(0x100 * PG, 8 * PG), Ok(8));
+    let g = s.table_gen();
+    s.unmap(0x108 * PG, 8 * PG).unwrap();
+    assert_eq!(s.table_gen(), g, "no page present, no table freed");
+    s.unmap(0x100 * PG, 8 * PG).unwrap();
+    assert_eq!(s.table_gen(), g + 1);
+    assert_eq!(s.resident_count(), 0);
+    s.with_table(|t| assert_eq!(t.pages().live(), 1));
+}
+
+#[test]
+fn populate_and_lookup() {
+    let s = space(GIB, false);
+    let r = reservoir(64);
+    let o = ram(&r, 8);
+    s.map(&o, 2 * PG, 0x40 * PG, 4 * PG, Prot::READ).unwrap();
+    assert_eq!(s.populate(0x40 * PG, 0), Err(Error::Invalid(Invalid::ZeroLength)));
+    assert_eq!(s.populate(0x40 * PG + 8, PG), Err(Error::Invalid(Invalid::Unaligned)));
+    assert_eq!(s.populate(0x3f * PG, 2 * PG), Err(Error::NotFound));
+    assert_eq!(s.populate(0x42 * PG, 4 * PG), Err(Error::NotFound));
+    assert_eq!(s.populate(0x80 * PG, PG), Err(Error::NotFound));
+    assert_eq!(s.resident_count(), 0);
+    assert_eq!(s.lookup(0x41 * PG), None);
+    assert_eq!(s.populate(0x41 * PG, 2 * PG), Ok(2));
+    assert_eq!(s.populate(0x40 * PG, 4 * PG), Ok(2));
+    assert_eq!(s.populate(0x40 * PG, 4 * PG), Ok(0));
+    assert_eq!(s.resident_count(), 4);
+    for i in 0..4 {
+        assert_eq!(s.lookup((0x40 + i) * PG), Some((o.frame_at((2 + i) * PG).unwrap(), Prot::READ)));
+    }
+}
+
+#[test]
+fn fault_errors_and_fault_around() {
+    let s = space_with(GIB, npt(), false, 16);
+    let r = reservoir(64);
+    let o = ram(&r, 40);
+    s.map(&o, 0, 0x10 * PG, 40 * PG, Prot::READ).unwrap();
+    let c = s.client();
+    assert_eq!(c.fault(0x9 * PG, Prot::READ), Err(Error::NoMapping));
+    assert_eq!(c.fault(GIB + PG, Prot::READ), Err(Error::NoMapping));
+    assert_eq!(c.fault(u64::MAX, Prot::READ), Err(Error::NoMapping));
+    assert_eq!(c.fault(0x10 * PG, Prot::WRITE), Err(Error::Protection));
+    assert_eq!(c.fault(0x10 * PG, Prot::READ | Prot::EXEC), Err(Error::Protection));
+    assert_eq!(c.fault(0x10 * PG, Prot::empty()), Err(Error::Invalid(Invalid::BadProt)));
+    assert_eq!(s.resident_count(), 0);
+    // Unaligned address, fault-around: the aligned 16-page window [0x10, 0x20).
+    c.fault(0x13 * PG + 0x123, Prot::READ).unwrap();
+    assert_eq!(s.resident_count(), 16);
+    assert!(s.lookup(0x1f * PG).is_some());
+    assert!(s.lookup(0x20 * PG).is_none());
+    // Window clipped by the end of the mapping: [0x30, 0x38).
+    c.fault(0x37 * PG, Prot::READ).unwrap();
+    assert_eq!(s.resident_count(), 24);
+    // A present page: nothing new.
+    c.fault(0x37 * PG, Prot::READ).unwrap();
+    assert_eq!(s.resident_count(), 24);
+}
+
+#[test]
+fn two_mappings_in_one_leaf_table() {
+    let s = space(GIB, true);
+    let r = reservoir(64);
+    let a = ram(&r, 4);
+    let b = ram(&r, 4);
+    s.map(&a, 0, 0x200 * PG, 4 * PG, Prot::RW).unwrap();
+    s.map(&b, 0, 0x204 * PG, 4 * PG, Prot::RW).unwrap();
+    let tables = table_pages(&s);
+    s.populate(0x200 * PG, 4 * PG).unwrap();
+    s.populate(0x204 * PG, 4 * PG).unwrap();
+    let c = s.client();
+    {
+        let h = c.hold(0x205 * PG, Prot::RW).unwrap();
+        h.write(8, b"before").unwrap();
+    }
+    s.unmap(0x200 * PG, 4 * PG).unwrap();
+    assert_eq!(table_pages(&s), tables, "the shared leaf table stays");
+    assert_eq!(c.fault(0x201 * PG, Prot::READ), Err(Error::NoMapping));
+    assert!(s.lookup(0x201 * PG).is_none());
+    // B still readable and writable, through the table and through holds.
+    assert_eq!(s.lookup(0x205 * PG), Some((b.frame_at(PG).unwrap(), Prot::RW)));
+    c.fault(0x207 * PG, Prot::WRITE).unwrap();
+    let h = c.hold(0x205 * PG, Prot::RW).unwrap();
+    let mut buf = [0u8; 6];
+    h.read(8, &mut buf).unwrap();
+    assert_eq!(&buf, b"before");
+    h.write(8, b"after!").unwrap();
+    assert!(!h.release());
+    let mut bm = [0u64; 1];
+    s.track_dirty(0x204 * PG, 4 * PG, &mut bm).unwrap();
+    assert_eq!(bm[0], 0b10);
+    assert_eq!(s.resident_count(), 4);
+}
+
+#[test]
+fn mapping_straddling_the_512_gib_root_boundary() {
+    let s = space(2 << 40, true);
+    let r = reservoir(64);
+    let o = ram(&r, 8);
+    let base = (512 << 30) - 4 * PG;
+    s.map(&o, 0, base, 8 * PG, Prot::RW).unwrap();
+    // Root + two 3-level paths below it.
+    assert_eq!(table_pages(&s), 7);
+    assert_eq!(s.populate(base, 8 * PG), Ok(8));
+    let c = s.client();
+    for i in 0..8 {
+        let h = c.hold(base + i * PG, Prot::RW).unwrap();
+        assert_eq!(h.pfn(), o.frame_at(i * PG).unwrap());
+        h.write_u64(0, 0xdead_0000 + i).unwrap();
+    }
+    for i in 0..8 {
+        let h = c.hold(base + i * PG, Prot::READ).unwrap();
+        assert_eq!(h.read_u64(0), Ok(0xdead_0000 + i));
+    }
+    let mut bm = [0u64; 1];
+    assert_eq!(s.track_dirty(base, 8 * PG, &mut bm), Ok(8));
+    assert_eq!(bm[0], 0xff);
+    s.unmap(base, 8 * PG).unwrap();
+    assert_eq!(table_pages(&s), 1);
+    assert_eq!(s.resident_count(), 0);
+    s.with_table(|t| assert!(t.pages().errors().is_empty()));
+}
+
+#[test]
+fn hold_validation_and_copies() {
+    let s = space(GIB, false);
+    let r = reservoir(64);
+    let o = ram(&r, 4);
+    s.map(&o, 0, 0, 2 * PG, Prot::RW).unwrap();
+    s.map(&o, 2 * PG, 2 * PG, 2 * PG, Prot::READ).unwrap();
+    let c = s.client();
+    assert_eq!(c.hold(1, Prot::READ).unwrap_err(), Error::Invalid(Invalid::Unaligned));
+    assert_eq!(c.hold(0, Prot::EXEC).unwrap_err(), Error::Invalid(Invalid::BadProt));
+    assert_eq!(c.hold(0, Prot::RWX).unwrap_err(), Error::Invalid(Invalid::BadProt));
+    assert_eq!(c.hold(0, Prot::empty()).unwrap_err(), Error::Invalid(Invalid::BadProt));
+    assert_eq!(c.hold(2 * PG, Prot::WRITE).unwrap_err(), Error::Protection);
+    assert_eq!(c.hold(8 * PG, Prot::READ).unwrap_err(), Error::NoMapping);
+    let h = c.hold(2 * PG, Prot::READ).unwrap();
+    assert_eq!(h.write(0, b"x"), Err(Error::Protection));
+    assert_eq!(h.mark_dirty(), Err(Error::Protection));
+    drop(h);
+    let w = c.hold(PG, Prot::WRITE).unwrap();
+    let mut b = [0u8; 4];
+    assert_eq!(w.read(0, &mut b), Err(Error::Protection));
+    w.write(4092, b"abcd").unwrap();
+    assert_eq!(w.write(4093, b"abcd"), Err(Error::Invalid(Invalid::OutsideHold)));
+    assert_eq!(w.write(usize::MAX, b"a"), Err(Error::Invalid(Invalid::OutsideHold)));
+    assert_eq!(w.write_u64(4, 1), Err(Error::Invalid(Invalid::Unaligned)));
+    assert_eq!(w.write_u64(4096, 1), Err(Error::Invalid(Invalid::OutsideHold)));
+    drop(w);
+    let rh = c.hold(PG, Prot::READ).unwrap();
+    rh.read(4092, &mut b).unwrap();
+    assert_eq!(&b, b"abcd");
+    assert_eq!(rh.gpa(), Gpa(PG));
+    assert_eq!(rh.prot(), Prot::READ);
+    // The host pointer addresses the object's frame.
+    let arena = r.arena();
+    assert_eq!(arena.host_ptr(o.frame_at(PG).unwrap()).unwrap().as_ptr(), rh.as_ptr());
+}
+
+#[test]
+fn hold_chain_crosses_pages() {
+    let s = space(GIB, true);
+    let r = reservoir(64);
+    let o = ram(&r, 4);
+    s.map(&o, 0, 0x10 * PG, 4 * PG, Prot::RW).unwrap();
+    let c = s.client();
+    let data: Vec<u8> = (0..6000u32).map(|i| (i * 7) as u8).collect();
+    let start = 0x10 * PG + 4000;
+    let chain = c.hold_range(start, data.len() as u64, Prot::RW).unwrap();
+    assert_eq!(chain.holds().len(), 3);
+    assert_eq!(chain.len(), 6000);
+    chain.write(0, &data).unwrap();
+    assert_eq!(chain.write(1, &data), Err(Error::Invalid(Invalid::OutsideHold)));
+    let mut back = vec![0u8; 5000];
+    chain.read(1000, &mut back).unwrap();
+    assert_eq!(&back[..], &data[1000..]);
+    assert!(!chain.release());
+    let mut bm = [0u64; 1];
+    s.track_dirty(0x10 * PG, 4 * PG, &mut bm).unwrap();
+    assert_eq!(bm[0], 0b111);
+    assert_eq!(c.hold_range(0x13 * PG, 2 * PG, Prot::READ).unwrap_err(), Error::NoMapping);
+    assert_eq!(c.hold_range(0, 0, Prot::READ).unwrap_err(), Error::Invalid(Invalid::ZeroLength));
+    assert_eq!(c.hold_range(u64::MAX, 2, Prot::READ).unwrap_err(), Error::Invalid(Invalid::Overflow));
+    // A chain built by hand.
+    let mut ch = HoldChain::new();
+    ch.push(c.hold(0x11 * PG, Prot::READ).unwrap());
+    ch.push(c.hold(0x12 * PG, Prot::READ).unwrap());
+    let mut two = vec![0u8; 2 * PG as usize];
+    ch.read(0, &mut two).unwrap();
+    assert_eq!(&two[..6000 - 96], &data[96..]);
+}
+
+#[test]
+fn hold_across_unmap_keeps_object_alive() {
+    let s = space(GIB, true);
+    let r = reservoir(64);
+    let o = ram(&r, 4);
+    s.map(&o, 0, 0x10 * PG, 4 * PG, Prot::RW).unwrap();
+    let c = s.client();
+    let other = s.client();
+    let w = c.hold(0x11 * PG, Prot::RW).unwrap();
+    let kept = c.hold(0x13 * PG, Prot::READ).unwrap();
+    w.write(0, b"survives").unwrap();
+    drop(o);
+    s.unmap(0x10 * PG, 4 * PG).unwrap();
+    assert_eq!(r.stats().allocated, 4 * PG, "object alive for the holds");
+    // Remap something else at the same place.
+    let o2 = ram(&r, 4);
+    s.map(&o2, 0, 0x10 * PG, 4 * PG, Prot::RW).unwrap();
+    // A hold taken after the remap is not confused with the old ones.
+    let fresh = c.hold(0x11 * PG, Prot::RW).unwrap();
+    assert_ne!(fresh.pfn(), w.pfn());
+    let mut b = [0u8; 8];
+    w.read(0, &mut b).unwrap();
+    assert_eq!(&b, b"survives");
+    assert!(w.release(), "mapping went away");
+    assert!(!fresh.release(), "new mapping still there");
+    let mut bm = [0u64; 1];
+    s.track_dirty(0x10 * PG, 4 * PG, &mut bm).unwrap();
+    assert_eq!(bm[0], 0b10, "only the fresh hold's page is dirty");
+    assert!(kept.release());
+    assert_eq!(r.stats().allocated, 4 * PG, "old object freed with the last hold");
+    // The other client had no holds and kept nothing.
+    drop(other);
+    drop(o2);
+    s.unmap(0x10 * PG, 4 * PG).unwrap();
+    assert_eq!(r.stats().allocated, 0);
+}
+
+#[test]
+fn dirty_validation() {
+    let s = space(GIB, false);
+    let mut bm = [0u64; 4];
+    assert_eq!(s.track_dirty(0, PG, &mut bm), Err(Error::NotPermitted));
+    for op in [DirtyOp::Get, DirtyOp::Set, DirtyOp::Reset] {
+        assert_eq!(s.dirty_op(op, 0, PG, None, &mut bm), Err(Error::NotPermitted));
+    }
+    s.set_dirty_tracking(true).unwrap();
+    assert_eq!(s.track_dirty(1, PG, &mut bm), Err(Error::Invalid(Invalid::Unaligned)));
+    assert_eq!(s.track_dirty(0, 5, &mut bm), Err(Error::Invalid(Invalid::Unaligned)));
+    assert_eq!(s.track_dirty(0, 0, &mut bm), Err(Error::Invalid(Invalid::ZeroLength)));
+    assert_eq!(s.track_dirty(u64::MAX - PG + 1, 2 * PG, &mut bm), Err(Error::Overflow));
+    assert_eq!(s.track_dirty(0, 257 * PG, &mut bm), Err(Error::Invalid(Invalid::BitmapTooSmall)));
+    let sel = [0u64; 1];
+    assert_eq!(s.dirty_op(DirtyOp::Get, 0, 65 * PG, Some(&sel), &mut bm), Err(Error::Invalid(Invalid::BitmapTooSmall)));
+    assert_eq!(s.track_dirty(0, 256 * PG, &mut bm), Ok(0));
+    // Beyond the space (and the 48-bit table): zeros.
+    bm = [u64::MAX; 4];
+    assert_eq!(s.track_dirty((1 << 48) - PG, 2 * PG, &mut bm), Ok(0));
+    assert_eq!(bm[0] & 3, 0);
+}
+
+#[test]
+fn dirty_get_set_reset_with_selection() {
+    let s = space(GIB, true);
+    let r = reservoir(64);
+    let o = ram(&r, 8);
+    let ro = ram(&r, 2);
+    s.map(&o, 0, 0, 8 * PG, Prot::RW).unwrap();
+    s.map(&ro, 0, 8 * PG, 2 * PG, Prot::READ).unwrap();
+    let c = s.client();
+    for p in [1u64, 3, 5] {
+        c.hold(p * PG, Prot::WRITE).unwrap().write(0, b"d").unwrap();
+    }
+    // Deferred dirty: not marked...
+    c.hold_ext(6 * PG, Prot::WRITE, true).unwrap().write(0, b"d").unwrap();
+    // ... unless asked.
+    let h = c.hold_ext(7 * PG, Prot::WRITE, true).unwrap();
+    h.mark_dirty().unwrap();
+    drop(h);
+    let g = s.table_gen();
+    let mut bm = [0u64; 1];
+    assert_eq!(s.dirty_op(DirtyOp::Get, 0, 12 * PG, None, &mut bm), Ok(4));
+    assert_eq!(bm[0], 0b1010_1010);
+    assert_eq!(s.table_gen(), g + 1, "every operation bumps the generation");
+    // Get does not clear; selection leaves unselected bits alone.
+    let sel = [0b0000_0110u64];
+    let mut out = [0xf000u64];
+    assert_eq!(s.dirty_op(DirtyOp::Reset, 0, 12 * PG, Some(&sel), &mut out), Ok(1));
+    assert_eq!(out[0], 0xf000 | 0b10, "page 2 clean, page 1 dirty, others untouched");
+    assert_eq!(s.dirty_op(DirtyOp::Get, 0, 12 * PG, None, &mut bm), Ok(3));
+    assert_eq!(bm[0], 0b1010_1000);
+    // Selected page without a leaf reports 0.
+    let mut out = [u64::MAX];
+    s.dirty_op(DirtyOp::Get, 0, 12 * PG, Some(&[1 << 9]), &mut out).unwrap();
+    assert_eq!(out[0], !(1 << 9));
+    // Set: faults in writable pages, marks them; read-only pages report 0.
+    let before = s.resident_count();
+    let mut out = [0u64];
+    assert_eq!(s.dirty_op(DirtyOp::Set, 0, 12 * PG, Some(&[0b11_0000_0001]), &mut out), Ok(1));
+    assert_eq!(out[0], 1);
+    assert_eq!(s.resident_count(), before + 1, "page 0 faulted in for write");
+    assert!(s.lookup(8 * PG).is_none(), "read-only mapping not faulted in by Set");
+    assert_eq!(s.dirty_op(DirtyOp::Set, 2 * PG, 2 * PG, None, &mut out), Ok(2));
+    assert_eq!(out[0] & 0b11, 0b11);
+    assert_eq!(s.track_dirty(0, 12 * PG, &mut bm), Ok(5));
+    assert_eq!(bm[0], 0b1010_1101);
+    assert_eq!(s.track_dirty(0, 12 * PG, &mut bm), Ok(0));
+}
+
+#[test]
+fn tracking_switch_and_invalidation_callbacks() {
+    let s = VmSpace::<Pages>::new(SpaceConfig::new(GIB, PteFormat::ept(Caps::default())), pages()).unwrap();
+    let r = reservoir(16);
+    let o = ram(&r, 4);
+    let c = s.client();
+    type Log = Vec<(u64, u64, u64, String)>;
+    let seen: Arc<Mutex<Log>> = Arc::default();
+    let log = seen.clone();
+    c.set_invalidation(Some(move |inv: &Invalidation<'_>| {
+        let what = match inv.cause {
+            Cause::Unmap { object, offset } => format!("unmap {} {:?}", offset, object.frame_at(offset)),
+            Cause::Dirty => "dirty".into(),
+            Cause::Tracking => "tracking".into(),
+        };
+        log.lock().unwrap().push((inv.gpa.0, inv.len, inv.generation, what));
+    }));
+    let root_off = s.table_root();
+    s.set_dirty_tracking(true).unwrap();
+    assert!(s.dirty_tracking());
+    assert_eq!(s.table_root(), root_off | 1 << 6, "EPTP A/D enable");
+    s.map(&o, PG, 0x40 * PG, 2 * PG, Prot::RW).unwrap();
+    c.fault(0x40 * PG, Prot::WRITE).unwrap();
+    let mut bm = [0u64];
+    s.track_dirty(0x40 * PG, 2 * PG, &mut bm).unwrap();
+    s.unmap(0x40 * PG, 2 * PG).unwrap();
+    s.set_dirty_tracking(false).unwrap();
+    let g = s.table_gen();
+    let seen = seen.lock().unwrap().clone();
+    let expect_unmap = format!("unmap {} {:?}", PG, o.frame_at(PG));
+    assert_eq!(
+        seen,
+        vec![
+            (0, GIB, g - 3, "tracking".to_string()),
+            (0x40 * PG, 2 * PG, g - 2, "dirty".to_string()),
+            (0x40 * PG, 2 * PG, g - 1, expect_unmap),
+            (0, GIB, g, "tracking".to_string()),
+        ]
+    );
+    c.set_invalidation(None::<fn(&Invalidation<'_>)>);
+    s.set_dirty_tracking(true).unwrap();
+    assert_eq!(seen.len(), 4);
+}
+
+#[test]
+fn destroy_orphans_clients() {
+    let s = space(GIB, true);
+    let r = reservoir(16);
+    let o = ram(&r, 4);
+    s.map(&o, 0, 0, 4 * PG, Prot::RW).unwrap();
+    let c = s.client();
+    let c2 = c.try_clone();
+    let h = c.hold(PG, Prot::RW).unwrap();
+    drop(o);
+    s.destroy();
+    assert!(c.is_orphaned() && c2.is_orphaned());
+    assert_eq!(c.fault(0, Prot::READ), Err(Error::Orphaned));
+    assert_eq!(c2.hold(0, Prot::READ).unwrap_err(), Error::Orphaned);
+    assert_eq!(c.table_enter(0).err(), Some(Error::Orphaned));
+    assert!(c.try_clone().is_orphaned());
+    assert!(s.client().is_orphaned());
+    let mut b = [0u8];
+    assert_eq!(s.map(&ram(&r, 1), 0, 0, PG, Prot::RW), Err(Error::Orphaned));
+    assert_eq!(s.track_dirty(0, PG, &mut b.map(|_| 0u64)), Err(Error::Orphaned));
+    // The held page is still readable, and the object lives until release.
+    h.read(0, &mut b).unwrap();
+    assert_eq!(r.stats().allocated, 4 * PG);
+    assert!(h.release());
+    assert_eq!(r.stats().allocated, 0);
+    drop(s);
+    drop(c);
+}
+
+#[test]
+fn vcpu_kick_on_unmap() {
+    let s = Arc::new(space(GIB, false));
+    let r = reservoir(16);
+    let o = ram(&r, 4);
+    s.map(&o, 0, 0, 4 * PG, Prot::RW).unwrap();
+    s.populate(0, 4 * PG).unwrap();
+    let entered = Arc::new(AtomicBool::new(false));
+    let kicked = Arc::new(AtomicUsize::new(0));
+    let gens = Arc::new(AtomicU64::new(0));
+    let t = {
+        let (s, entered, kicked, gens) = (s.clone(), entered.clone(), kicked.clone(), gens.clone());
+        std::thread::spawn(move || {
+            let c = s.client();
+            let k = kicked.clone();
+            c.set_kick(Some(move |_cpu: u32| {
+                k.fetch_add(1, Ordering::SeqCst);
+            }));
+            let g = c.table_enter(3).unwrap();
+            assert_eq!(c.table_enter(3).err(), Some(Error::Invalid(Invalid::OnCpu)));
+            gens.store(g.generation(), Ordering::SeqCst);
+            entered.store(true, Ordering::SeqCst);
+            // "Guest context" until kicked.
+            while kicked.load(Ordering::SeqCst) == 0 {
+                std::hint::spin_loop();
+            }
+            g.exit();
+            // Re-entry sees the new generation.
+            let g2 = c.table_enter(3).unwrap();
+            let n = g2.generation();
+            drop(g2);
+            n
+        })
+    };
+    while !entered.load(Ordering::SeqCst) {
+        std::hint::spin_loop();
+    }
+    let before = s.table_gen();
+    assert_eq!(gens.load(Ordering::SeqCst), before);
+    s.unmap(0, 4 * PG).unwrap();
+    assert!(kicked.load(Ordering::SeqCst) >= 1);
+    assert_eq!(t.join().unwrap(), before + 1);
+}
+
+#[test]
+fn mmio_objects() {
+    let s = space(8 * GIB, false);
+    let o = VmObject::mmio(Pfn(0xfee00), 2 * PG).unwrap();
+    s.map(&o, 0, 0xfee00 * PG, 2 * PG, Prot::RW).unwrap();
+    let c = s.client();
+    c.fault(0xfee01 * PG, Prot::WRITE).unwrap();
+    assert_eq!(s.lookup(0xfee01 * PG), Some((Pfn(0xfee01), Prot::RW)));
+    s.with_table(|t| {
+        let l = t.lookup(Gpa(0xfee01 * PG)).unwrap();
+        assert_eq!(t.format().mem_type(l.value()), Some(MemType::Uncacheable));
+    });
+    assert_eq!(c.hold(0xfee00 * PG, Prot::READ).unwrap_err(), Error::NoHostView);
+    // With a host view, holds work.
+    let mut backing = vec![0u64; 1024];
+    let view = std::ptr::NonNull::new(backing.as_mut_ptr().cast::<u8>()).unwrap();
+    // SAFETY: `backing` outlives the object (dropped at the end of the test,
+    // after the space and the object).
+    let o2 = unsafe { VmObject::mmio_with_view(Pfn(0x1000), PG, Some(view)) }.unwrap();
+    s.map(&o2, 0, 0x2000 * PG, PG, Prot::RW).unwrap();
+    c.hold(0x2000 * PG, Prot::WRITE).unwrap().write_u64(16, 42).unwrap();
+    drop(c);
+    drop(s);
+    drop(o2);
+    assert_eq!(backing[2], 42);
+}
+
+#[test]
+fn memfd_reservoir_frames_and_holds() {
+    let r = Arc::new(MemfdReservoir::new(64 * PG, Pfn(0x8_0000)).unwrap());
+    let o = VmObject::ram(r.clone(), 8 * PG).unwrap();
+    let s = space(GIB, true);
+    s.map(&o, 0, 0, 8 * PG, Prot::RW).unwrap();
+    let c = s.client();
+    let h = c.hold(3 * PG, Prot::RW).unwrap();
+    assert_eq!(h.pfn(), o.frame_at(3 * PG).unwrap());
+    assert!(h.pfn().0 >= 0x8_0000 && h.pfn().0 < 0x8_0040);
+    h.write(0, b"memfd").unwrap();
+    // Visible through a second host view of the same frame.
+    let v = r.map_view(h.pfn(), 1, false).unwrap();
+    let mut b = [0u8; 5];
+    // SAFETY: the view maps one page; read 5 bytes through a raw pointer.
+    unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), b.as_mut_ptr(), 5) };
+    assert_eq!(&b, b"memfd");
+    drop(h);
+    assert_eq!(r.stats().allocated, 8 * PG);
+}
+
+#[test]
+fn emulated_ad_format_records_dirty_on_write_fault() {
+    let s = space_with(GIB, PteFormat::ept_emulated_ad(Caps::default()), true, 1);
+    assert_eq!(s.format().kind(), FormatKind::EptEmulatedAd);
+    let r = reservoir(16);
+    let o = ram(&r, 4);
+    s.map(&o, 0, 0, 4 * PG, Prot::RW).unwrap();
+    let c = s.client();
+    c.fault(0, Prot::READ).unwrap();
+    c.fault(PG, Prot::WRITE).unwrap();
+    c.hold(2 * PG, Prot::WRITE).unwrap().write(0, b"x").unwrap();
+    let mut bm = [0u64];
+    assert_eq!(s.track_dirty(0, 4 * PG, &mut bm), Ok(2));
+    assert_eq!(bm[0], 0b110);
+    // After the harvest the write permission is revoked in hardware: a new
+    // write faults and is recorded again.
+    c.fault(PG, Prot::WRITE).unwrap();
+    assert_eq!(s.track_dirty(0, 4 * PG, &mut bm), Ok(1));
+    assert_eq!(bm[0], 0b10);
+}
+
+#[test]
+fn space_config_errors() {
+    let bad = |size| VmSpace::<Pages>::new(SpaceConfig::new(size, npt()), pages()).err();
+    assert_eq!(bad(0), Some(Error::Invalid(Invalid::BadSize)));
+    assert_eq!(bad(PG + 1), Some(Error::Invalid(Invalid::BadSize)));
+    assert_eq!(bad((1 << 48) + PG), Some(Error::Invalid(Invalid::BadSize)));
+    let mut p = pages();
+    p.fail_after(Some(0));
+    assert_eq!(
+        VmSpace::<Pages>::new(SpaceConfig::new(GIB, npt()), p).err(),
+        Some(Error::Table(nested_pt::Error::NoMemory))
+    );
+}
+
+#[test]
+fn table_page_exhaustion_is_an_error_and_changes_nothing() {
+    let mut p = pages();
+    // Root, then PDPT + PD + PT for the first map, a PT for the second.
+    p.fail_after(Some(5));
+    let s = VmSpace::<Pages>::new(SpaceConfig::new(GIB, npt()), p).unwrap();
+    let r = reservoir(16);
+    let o = ram(&r, 4);
+    s.map(&o, 0, 0, PG, Prot::RW).unwrap();
+    assert_eq!(s.map(&o, 0, 0x4000_0000 - 0x20_0000, PG, Prot::RW), Ok(()));
+    assert_eq!(s.map(&o, 0, 0x2000_0000, PG, Prot::RW), Err(Error::Table(nested_pt::Error::NoMemory)));
+    assert_eq!(s.mappings().len(), 2);
+}
