@@ -1,6 +1,8 @@
 //! The conformance suite: the kernel under QEMU (SVM+NPT) and Bochs
 //! (VMX+EPT). Each test skips, with a message, when its emulator is not
 //! installed, and fails on any disagreement not explained by a listed quirk.
+//! `HWTEST_VERBOSE=1` prints the kernel's raw output (one CHECK line per
+//! guest access: the exit the emulator gave and the one the model predicted).
 
 use hwtest::{Emulator, Error, run_conformance};
 
@@ -11,6 +13,9 @@ fn suite(emu: Emulator) {
         }
         Err(e) => panic!("hwtest {emu}: {e}"),
         Ok(report) => {
+            if std::env::var_os("HWTEST_VERBOSE").is_some() {
+                eprintln!("{}", report.output);
+            }
             eprintln!("{}", report.table());
             assert!(report.passed(), "hwtest {emu} failed:\n{}\nraw output:\n{}", report.table(), report.output);
         }

@@ -13,6 +13,7 @@ global_asm!(
     .code32
     .balign 4096
     .global guest_page
+/* Each access instruction is 2 bytes long, so its HLT is at entry + 2. */
 guest_page:
     .global guest_read
 guest_read:

@@ -268,6 +268,53 @@ pub fn run(suite: &mut Suite, caps: Caps, ept_ad: bool) {
         suite.end(s);
     }
 
+    // ---- dirty harvest and accessed reset through nested-pt against the
+    // bits the CPU set; after clearing, the architectural invalidation of
+    // the page makes the next access set the bit again.
+    {
+        let mut s = suite.begin("harvest-dirty-4k");
+        let base = slots.page4k(&env, Prot::RW);
+        for _ in 1..8 {
+            slots.page4k(&env, Prot::RW);
+        }
+        for i in [1u64, 3, 6] {
+            suite.access(&mut s, &env, Op::Write, base + i * 4096, ALL, OK);
+        }
+        suite.access(&mut s, &env, Op::Read, base + 2 * 4096, ALL, OK);
+        let mut bm = [0u64; 1];
+        let n = env.table.harvest_dirty(Gpa(base), 8 * 4096, &mut bm);
+        if n != Ok(3) || bm[0] != 0b0100_1010 {
+            suite.diff(&mut s, format_args!("harvest after writes to pages 1,3,6: {n:?} bitmap {:#b}", bm[0]));
+        }
+        suite.expect_ad(&mut s, &env, base + 3 * 4096, true, false);
+        suite.access(&mut s, &env, Op::Write, base + 3 * 4096, Invalidate::Page(base + 3 * 4096), OK);
+        suite.expect_ad(&mut s, &env, base + 3 * 4096, true, true);
+        let mut bm = [0u64; 1];
+        let n = env.table.harvest_dirty(Gpa(base), 8 * 4096, &mut bm);
+        if n != Ok(1) || bm[0] != 0b1000 {
+            suite.diff(&mut s, format_args!("second harvest after a write to page 3: {n:?} bitmap {:#b}", bm[0]));
+        }
+        let g = base + 2 * 4096;
+        if env.table.reset_accessed(Gpa(g), false) != Ok(true) {
+            suite.diff(&mut s, format_args!("reset_accessed({g:#x}) did not see the A bit the CPU set"));
+        }
+        suite.expect_ad(&mut s, &env, g, false, false);
+        suite.access(&mut s, &env, Op::Read, g, Invalidate::Page(g), OK);
+        suite.expect_ad(&mut s, &env, g, true, false);
+        suite.end(s);
+
+        let mut s = suite.begin("harvest-dirty-2m");
+        let g = slots.page2m(&env, Prot::RW);
+        suite.access(&mut s, &env, Op::Write, g + 0x3000, ALL, OK);
+        let mut bm = [0u64; 8];
+        let n = env.table.harvest_dirty(Gpa(g), 2 << 20, &mut bm);
+        if n != Ok(512) || bm.iter().any(|w| *w != u64::MAX) {
+            suite.diff(&mut s, format_args!("harvest of a written 2M page: {n:?}, bitmap not all ones"));
+        }
+        suite.expect_ad(&mut s, &env, g, true, false);
+        suite.end(s);
+    }
+
     // ---- EPT with A/D disabled (EPTP bit 6 clear): same table, no bits.
     if arch == Arch::Vmx {
         if ept_ad {
@@ -359,6 +406,32 @@ pub fn run(suite: &mut Suite, caps: Caps, ept_ad: bool) {
             suite.access(&mut s, &emu, op, g, Invalidate::None, OK);
         }
         suite.access(&mut s, &emu, Op::Read, g, ALL, OK);
+        // Harvest clears the emulated dirty state (hardware W): after the
+        // single-context INVEPT the next write exits again and is recorded
+        // again; clearing accessed makes the next read exit too.
+        let mut bm = [0u64; 1];
+        let n = emu.table.harvest_dirty(Gpa(g), 4096, &mut bm);
+        if n != Ok(1) || bm[0] != 1 {
+            suite.diff(&mut s, format_args!("emulated harvest: {n:?} bitmap {:#b}", bm[0]));
+        }
+        suite.expect_ad(&mut s, &emu, g, true, false);
+        let e = suite.access(&mut s, &emu, Op::Write, g, Invalidate::Page(g), fault(Permission));
+        if matches!(e, Exit::EptViolation { .. }) {
+            let _ = emu.table.record_access(Gpa(g), Access::Write);
+            suite.resume(&mut s, &emu, Op::Write, g, OK);
+        }
+        suite.expect_ad(&mut s, &emu, g, true, true);
+        if emu.table.reset_accessed(Gpa(g), false) != Ok(true) {
+            suite.diff(&mut s, format_args!("emulated reset_accessed did not report A"));
+        }
+        let e = suite.access(&mut s, &emu, Op::Read, g, Invalidate::Page(g), fault(NotPresent));
+        if matches!(e, Exit::EptViolation { .. }) {
+            let _ = emu.table.record_access(Gpa(g), Access::Read);
+            suite.resume(&mut s, &emu, Op::Read, g, OK);
+        }
+        // Clearing A saved the dirty state in software (write without read
+        // is not expressible in EPT): the page still reads as dirty.
+        suite.expect_ad(&mut s, &emu, g, true, true);
         suite.end(s);
     } else {
         suite.skip("ept-emulated-ad", "EPT only");

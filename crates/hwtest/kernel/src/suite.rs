@@ -375,8 +375,14 @@ impl<'h> Suite<'h> {
             }
         }
 
-        // The data really went through the predicted frame.
-        if let (Prediction::Ok(tr), Exit::Hlt { .. }) = (pred, exit) {
+        // The guest stopped at the HLT after its access (a fetch runs the
+        // HLT written at the target), and the data really went through the
+        // predicted frame.
+        if let (Prediction::Ok(tr), Exit::Hlt { rip }) = (pred, exit) {
+            let want_rip = if op == Op::Exec { gpa } else { guest::entry(op) + 2 };
+            if rip != want_rip {
+                self.diff(s, format_args!("{op:?} {gpa:#x}: HLT at {rip:#x}, expected {want_rip:#x}"));
+            }
             match op {
                 Op::Read if in_test_region(tr.hpa) => {
                     let got = self.hv.regs().rax as u32;
