@@ -36,6 +36,9 @@ pub enum Exit {
         qual: u64,
         /// Guest-physical address.
         gpa: u64,
+        /// Guest linear address (valid when qualification bit 7 is set;
+        /// with guest paging off and flat segments it equals `gpa`).
+        gla: u64,
     },
     /// VMX EPT misconfiguration (exit reason 49).
     EptMisconfig {

@@ -257,8 +257,8 @@ impl<'h> Suite<'h> {
     pub fn exit_matches(hw: &Exit, want: &Exit) -> bool {
         match (hw, want) {
             (Exit::Hlt { .. }, Exit::Hlt { .. }) => true,
-            (Exit::EptViolation { qual: q, gpa: g }, Exit::EptViolation { qual: wq, gpa: wg }) => {
-                q & 0x1FFF == *wq && g == wg
+            (Exit::EptViolation { qual: q, gpa: g, gla: l }, Exit::EptViolation { qual: wq, gpa: wg, gla: wl }) => {
+                q & 0x1FFF == *wq && g == wg && l == wl
             }
             _ => hw == want,
         }
@@ -444,7 +444,7 @@ pub fn exit_for(arch: Arch, r: Result<Translation, (Violation, u64)>) -> Exit {
         // Bits 7 and 8: the guest-linear-address field is valid and the
         // access was to the translation of a linear address (the guest has
         // paging off, so it never walks its own tables).
-        (Err((v, g)), Arch::Vmx) => Exit::EptViolation { qual: v.ept_qualification() | 0x180, gpa: g },
+        (Err((v, g)), Arch::Vmx) => Exit::EptViolation { qual: v.ept_qualification() | 0x180, gpa: g, gla: g },
     }
 }
 

@@ -53,6 +53,7 @@ const GUEST_ES_AR: u64 = 0x4814;
 const GUEST_INTERRUPTIBILITY: u64 = 0x4824;
 const GUEST_ACTIVITY: u64 = 0x4826;
 const EXIT_QUALIFICATION: u64 = 0x6400;
+const GUEST_LINEAR_ADDR: u64 = 0x640A;
 const GUEST_CR0: u64 = 0x6800;
 const GUEST_CR3: u64 = 0x6802;
 const GUEST_CR4: u64 = 0x6804;
@@ -334,9 +335,11 @@ impl Vmx {
         let rip = vmread(GUEST_RIP);
         match reason & 0xFFFF {
             EXIT_REASON_HLT => Exit::Hlt { rip },
-            EXIT_REASON_EPT_VIOLATION => {
-                Exit::EptViolation { qual: vmread(EXIT_QUALIFICATION), gpa: vmread(GUEST_PHYS_ADDR) }
-            }
+            EXIT_REASON_EPT_VIOLATION => Exit::EptViolation {
+                qual: vmread(EXIT_QUALIFICATION),
+                gpa: vmread(GUEST_PHYS_ADDR),
+                gla: vmread(GUEST_LINEAR_ADDR),
+            },
             EXIT_REASON_EPT_MISCONFIG => Exit::EptMisconfig { gpa: vmread(GUEST_PHYS_ADDR) },
             EXIT_REASON_EXCEPTION => {
                 let info = vmread(EXIT_INTR_INFO);
