@@ -431,7 +431,9 @@ fn emulator_command(emu: Emulator, work: &Path, disk: &Path) -> Result<Command, 
 
 /// Run an already built kernel image under `emu` and return its output. The
 /// emulator is stopped as soon as the kernel prints its `END` line, or when
-/// `limit` passes.
+/// `limit` passes. The work directory (disk image, bochsrc, `bochs.log`)
+/// under the system temp directory is removed after a complete run and kept
+/// after a timeout or an incomplete run, for inspection.
 pub fn run_image(emu: Emulator, disk_image: &[u8], limit: Duration) -> Result<(String, Duration), Error> {
     emu.available()?;
     let work = std::env::temp_dir().join(format!(

@@ -38,10 +38,17 @@ extern "C" fn kmain() -> ! {
         let page_1g = cpu::cpuid(0x8000_0001, 0).3 & (1 << 26) != 0;
         let caps = Caps { page_2m: true, page_1g, execute_only: false, phys_bits };
         kprintln!("INFO arch=svm+npt phys_bits={phys_bits} page_1g={page_1g}");
-        let mut hv = svm::Svm::new();
-        let mut suite = Suite::new(&mut hv, Arch::Svm);
-        scenarios::run(&mut suite, caps, true);
-        suite.failed
+        match svm::Svm::new() {
+            Ok(mut hv) => {
+                let mut suite = Suite::new(&mut hv, Arch::Svm);
+                scenarios::run(&mut suite, caps, true);
+                suite.failed
+            }
+            Err(e) => {
+                kprintln!("PANIC cannot enable SVM: {e}");
+                1
+            }
+        }
     } else if vmx::supported() {
         match vmx::Vmx::new() {
             Ok(mut hv) => {

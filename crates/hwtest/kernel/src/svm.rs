@@ -10,6 +10,8 @@ use crate::hv::{Exit, GuestRegs, Hv, Invalidate};
 
 const MSR_EFER: u32 = 0xC000_0080;
 const MSR_VM_HSAVE_PA: u32 = 0xC001_0117;
+const MSR_VM_CR: u32 = 0xC001_0114;
+const VM_CR_SVMDIS: u64 = 1 << 4;
 const EFER_SVME: u64 = 1 << 12;
 
 // VMCB control area offsets (AMD APM vol. 2, appendix B).
@@ -121,7 +123,10 @@ pub fn supported() -> bool {
 
 impl Svm {
     /// Enable SVM and prepare the VMCB for a flat 32-bit guest without paging.
-    pub fn new() -> Svm {
+    pub fn new() -> Result<Svm, &'static str> {
+        if cpu::rdmsr(MSR_VM_CR) & VM_CR_SVMDIS != 0 {
+            return Err("SVM disabled by VM_CR.SVMDIS");
+        }
         // SAFETY: SVM support was checked by the caller (`supported`); setting
         // EFER.SVME and the host save area is how SVM is turned on. The
         // static pages are used by this (single) instance only.
@@ -164,7 +169,7 @@ impl Svm {
         s.w64(S_RFLAGS, 2);
         s.w64(S_RSP, 0);
         s.w64(S_GPAT, 0x0007_0406_0007_0406);
-        s
+        Ok(s)
     }
 
     fn w8(&mut self, off: usize, v: u8) {

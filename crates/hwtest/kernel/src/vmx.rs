@@ -214,7 +214,8 @@ impl Vmx {
         };
         crate::kprintln!("INFO vmx basic={basic:#x} ept_vpid_cap={cap:#x}");
         // SAFETY: VMX support was checked by the caller. The sequence is the
-        // SDM's: unlock-free feature control, fixed CR0/CR4 bits, VMXON on a
+        // SDM's: IA32_FEATURE_CONTROL enabled and locked if the BIOS left it
+        // unlocked, fixed CR0/CR4 bits, VMXON on a
         // revision-stamped region, VMCLEAR/VMPTRLD of a stamped VMCS. The
         // regions are statics used by this single instance only; the GDT
         // slot 0x28 was reserved for the TSS in boot.rs.
