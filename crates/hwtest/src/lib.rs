@@ -141,6 +141,60 @@ impl Emulator {
         }
     }
 
+    /// Scenarios the kernel must run (not skip) on this emulator's pinned
+    /// CPU model; a report missing any of them fails.
+    pub fn required_scenarios(self) -> Vec<&'static str> {
+        const COMMON: &[&str] = &[
+            "map-4k",
+            "map-2m",
+            "map-1g",
+            "ro-4k",
+            "ro-2m",
+            "ro-1g",
+            "nx-4k",
+            "nx-2m",
+            "nx-1g",
+            "not-present-l1",
+            "not-present-l2",
+            "not-present-l3",
+            "not-present-l4",
+            "ad-write-after-cached-read",
+            "harvest-dirty-4k",
+            "harvest-dirty-2m",
+            "unmap-invalidate-4k",
+            "unmap-invalidate-2m",
+        ];
+        const QEMU: &[&str] = &[
+            "rsv-4k-high-addr",
+            "rsv-pde-high-addr",
+            "rsv-2m-bit13",
+            "pat-2m-bit12-ok",
+            "rsv-1g-bit13",
+            "rsv-1g-bit29",
+            "rsv-pml4e-ps",
+        ];
+        const BOCHS: &[&str] = &[
+            "mis-4k-high-addr",
+            "mis-4k-memtype-2",
+            "mis-4k-memtype-7",
+            "mis-4k-write-no-read",
+            "mis-pde-bit3",
+            "mis-pdpte-bit7-table",
+            "mis-2m-bit13",
+            "mis-2m-bit12",
+            "mis-1g-bit13",
+            "mis-1g-bit12",
+            "ept-ad-disabled",
+            "exec-only-4k",
+            "ept-emulated-ad",
+        ];
+        let own = match self {
+            Emulator::Qemu => QEMU,
+            Emulator::Bochs => BOCHS,
+        };
+        COMMON.iter().chain(own).copied().collect()
+    }
+
     /// Whether the emulator (and for Bochs, its BIOS images) is installed.
     pub fn available(self) -> Result<(), Error> {
         if find_in_path(self.program()).is_none() {
@@ -241,14 +295,25 @@ pub struct Report {
 }
 
 impl Report {
-    /// True when the kernel finished, said `END PASS`, and no scenario failed
-    /// and no disagreement was left unattributed.
+    /// True when the kernel finished, said `END PASS`, no scenario failed,
+    /// no disagreement was left unattributed, and every scenario the pinned
+    /// CPU model must run ran (see [`Emulator::required_scenarios`]), so a
+    /// kernel that silently skips its work cannot pass.
     pub fn passed(&self) -> bool {
         self.parsed.end == Some(true)
             && self.parsed.panic.is_none()
             && self.parsed.orphans.is_empty()
-            && !self.parsed.scenarios.is_empty()
+            && self.missing().is_empty()
             && self.parsed.scenarios.iter().all(|s| s.outcome != Outcome::Fail)
+    }
+
+    /// Required scenarios that did not run (absent, or skipped).
+    pub fn missing(&self) -> Vec<&'static str> {
+        self.emulator
+            .required_scenarios()
+            .into_iter()
+            .filter(|n| !self.parsed.scenarios.iter().any(|s| s.name == *n && s.outcome != Outcome::Skip))
+            .collect()
     }
 
     /// Scenarios that failed.
@@ -284,6 +349,9 @@ impl Report {
         }
         for o in &self.parsed.orphans {
             let _ = writeln!(t, "   unattributed: {o}");
+        }
+        for m in self.missing() {
+            let _ = writeln!(t, "   required scenario did not run: {m}");
         }
         if let Some(p) = &self.parsed.panic {
             let _ = writeln!(t, "   kernel PANIC: {p}");
@@ -584,4 +652,73 @@ fn short(o: &Outcome) -> String {
 /// Run the suite on every emulator, one after the other.
 pub fn run_all() -> Vec<(Emulator, Result<Report, Error>)> {
     Emulator::ALL.iter().map(|&e| (e, run_conformance(e))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(emu: Emulator, out: &str) -> Report {
+        Report {
+            emulator: emu,
+            version: "test".into(),
+            parsed: protocol::parse(out),
+            elapsed: Duration::ZERO,
+            output: out.into(),
+        }
+    }
+
+    fn all_pass(emu: Emulator) -> String {
+        let mut s = String::from("HELLO\n");
+        for n in emu.required_scenarios() {
+            s += &format!("RESULT {n} PASS\n");
+        }
+        s + "END PASS\n"
+    }
+
+    #[test]
+    fn a_complete_passing_run_passes() {
+        for emu in Emulator::ALL {
+            let r = report(emu, &all_pass(emu));
+            assert!(r.passed(), "{}", r.table());
+        }
+    }
+
+    #[test]
+    fn a_skipped_or_missing_required_scenario_fails() {
+        let out = all_pass(Emulator::Bochs).replace("RESULT exec-only-4k PASS", "RESULT exec-only-4k SKIP no caps");
+        let r = report(Emulator::Bochs, &out);
+        assert!(!r.passed());
+        assert_eq!(r.missing(), vec!["exec-only-4k"]);
+        let out = all_pass(Emulator::Qemu).replace("RESULT map-1g PASS\n", "");
+        assert_eq!(report(Emulator::Qemu, &out).missing(), vec!["map-1g"]);
+    }
+
+    #[test]
+    fn a_diff_or_a_missing_end_fails() {
+        let out =
+            all_pass(Emulator::Qemu).replace("RESULT map-4k PASS", "DIFF map-4k exit differs\nRESULT map-4k PASS");
+        assert!(!report(Emulator::Qemu, &out).passed());
+        let out = all_pass(Emulator::Qemu).replace("END PASS\n", "");
+        assert!(!report(Emulator::Qemu, &out).passed());
+    }
+
+    #[test]
+    fn matrix_lists_each_scenario_once() {
+        let r = vec![
+            (Emulator::Qemu, Ok(report(Emulator::Qemu, &all_pass(Emulator::Qemu)))),
+            (Emulator::Bochs, Err(Error::Missing("bochs not found".into()))),
+        ];
+        let m = matrix(&r);
+        assert_eq!(m.lines().filter(|l| l.starts_with("map-4k ")).count(), 1);
+        assert!(m.contains("SKIP (bochs not found)"));
+    }
+
+    #[test]
+    fn emulator_names_round_trip() {
+        for e in Emulator::ALL {
+            assert_eq!(e.to_string().parse::<Emulator>().unwrap(), e);
+        }
+        assert!("kvm".parse::<Emulator>().is_err());
+    }
 }
