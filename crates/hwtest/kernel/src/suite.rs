@@ -296,8 +296,9 @@ impl<'h> Suite<'h> {
     }
 
     /// Continue the guest after the kernel handled an exit, and compare the
-    /// retried access with the model (no code fetch is replayed: the guest
-    /// retries the same instruction, whose code page is already accessed).
+    /// retried access with the model. The guest retries the same
+    /// instruction; the model replays its code fetch too, which changes
+    /// nothing since the code page is already accessed.
     pub fn resume(&mut self, s: &mut Scenario, env: &Env, op: Op, gpa: u64, expect: Expect) -> Exit {
         snapshot(env, 0);
         let exit = self.hv.resume();
