@@ -116,6 +116,7 @@ pub struct PteFormat {
     kind: FormatKind,
     caps: Caps,
     addr_mask: u64,
+    present: u64,
     accessed: u64,
     dirty: u64,
 }
@@ -132,7 +133,12 @@ impl PteFormat {
             FormatKind::EptEmulatedAd => (EPT_R | EPT_X, EPT_W | SW_DIRTY),
             FormatKind::Npt => (NPT_A, NPT_D),
         };
-        PteFormat { kind, caps, addr_mask, accessed, dirty }
+        let present = match kind {
+            FormatKind::Ept => EPT_R | EPT_W | EPT_X,
+            FormatKind::EptEmulatedAd => EPT_R | EPT_W | EPT_X | SW_R | SW_X,
+            FormatKind::Npt => NPT_P,
+        };
+        PteFormat { kind, caps, addr_mask, present, accessed, dirty }
     }
 
     /// Intel EPT with hardware accessed/dirty bits.
@@ -282,25 +288,17 @@ impl PteFormat {
     /// whatever the hardware bits.
     #[inline(always)]
     pub fn is_present(&self, e: u64) -> bool {
-        match self.kind {
-            FormatKind::Ept => e & (EPT_R | EPT_W | EPT_X) != 0,
-            FormatKind::EptEmulatedAd => e & (EPT_R | EPT_W | EPT_X | SW_R | SW_X) != 0,
-            FormatKind::Npt => e & NPT_P != 0,
-        }
+        e & self.present != 0
     }
 
     /// True when a present entry at `level` (1 = PTE .. 4 = PML4E) is a leaf.
     #[inline(always)]
     pub fn is_leaf(&self, e: u64, level: u8) -> bool {
+        // EPT's large-page bit and NPT's PS bit are both bit 7.
+        const _: () = assert!(EPT_LARGE == NPT_PS);
         match level {
             1 => true,
-            2 | 3 => {
-                let ps = match self.kind {
-                    FormatKind::Npt => NPT_PS,
-                    _ => EPT_LARGE,
-                };
-                e & ps != 0
-            }
+            2 | 3 => e & EPT_LARGE != 0,
             _ => false,
         }
     }

@@ -109,6 +109,19 @@ impl HeapPages {
         HeapPages { base, layout, pages, capacity, base_pfn, next: 0, free: Vec::new(), live: 0 }
     }
 
+    /// Touches the arena's first `pages` pages so the host backs them now
+    /// (they stay zero): benchmarks use it to keep the host kernel's
+    /// first-touch page faults out of the table figures.
+    pub fn prefault(&mut self, pages: u64) {
+        for i in self.next..pages.min(self.capacity) {
+            let p = self.pages.wrapping_add(i as usize * 4096);
+            // SAFETY: page `i` is inside the arena and not handed out yet
+            // (it is at or past the bump index), so nothing else refers to
+            // it; writing zero keeps it zero.
+            unsafe { ptr::write_volatile(p, 0) };
+        }
+    }
+
     /// Pages currently allocated.
     pub fn live(&self) -> u64 {
         self.live

@@ -327,45 +327,102 @@ impl<P: TablePages> NestedTable<P> {
     }
 
     /// Maps each 4 KiB page of `[gpa, gpa+len)` to the frame `frame(gpa)`
-    /// returns (`None` skips the page), visiting each leaf table once.
-    /// Pages already mapped are left as they are. Returns the number of
-    /// pages this call mapped.
+    /// returns (`None` skips the page), visiting each leaf table once; each
+    /// entry is a compare-and-swap from empty, so concurrent faults are
+    /// fine. Pages already mapped are left as they are. Returns the number
+    /// of pages this call mapped.
+    ///
+    /// The range's leaf tables must exist (checked before anything
+    /// changes). A frame the format cannot address stops the call with
+    /// [`Error::OutOfRange`], leaving the pages before it mapped.
     pub fn map_range(
         &self,
         gpa: Gpa,
         len: u64,
         prot: Prot,
         mt: MemType,
+        frame: impl FnMut(Gpa) -> Option<Pfn>,
+    ) -> Result<u64, Error> {
+        self.fill(gpa, len, prot, mt, frame, false)
+    }
+
+    /// [`map_range`](Self::map_range) for a caller with exclusive access
+    /// (no other thread maps or unmaps meanwhile): plain stores instead of
+    /// locked compare-and-swaps.
+    pub fn map_range_exclusive(
+        &mut self,
+        gpa: Gpa,
+        len: u64,
+        prot: Prot,
+        mt: MemType,
+        frame: impl FnMut(Gpa) -> Option<Pfn>,
+    ) -> Result<u64, Error> {
+        self.fill(gpa, len, prot, mt, frame, true)
+    }
+
+    /// The leaf table (level 1) that holds `gpa`'s entry.
+    #[inline(always)]
+    fn leaf_table(&self, gpa: u64) -> Result<&Table, Error> {
+        let mut table = self.root_table();
+        for l in [4, 3, 2] {
+            let e = table[index(l, gpa)].load(Ordering::Acquire);
+            if !self.fmt.is_present(e) {
+                return Err(Error::NotPopulated);
+            }
+            if self.fmt.is_leaf(e, l) {
+                return Err(Error::AlreadyMapped { same_frame: false });
+            }
+            table = self.table(self.fmt.frame(e)).ok_or(Error::NotPopulated)?;
+        }
+        Ok(table)
+    }
+
+    fn fill(
+        &self,
+        gpa: Gpa,
+        len: u64,
+        prot: Prot,
+        mt: MemType,
         mut frame: impl FnMut(Gpa) -> Option<Pfn>,
+        exclusive: bool,
     ) -> Result<u64, Error> {
         let end = check_range(gpa, len, PageSize::Size4K)?;
         // Validate protection and the tables' presence before changing
-        // anything.
-        self.fmt.leaf_entry(Pfn(0), PageSize::Size4K, prot, mt)?;
+        // anything; the entry for frame 0 is the template for all.
+        let template = self.fmt.leaf_entry(Pfn(0), PageSize::Size4K, prot, mt)?;
+        let max_pfn = self.fmt.addr_mask() >> 12;
         let mut a = gpa.0;
         while a < end {
-            self.slot(a, 1)?;
+            self.leaf_table(a)?;
             a = (a | (entry_span(2) - 1)) + 1;
         }
         let mut mapped = 0;
         let mut a = gpa.0;
         while a < end {
             let table_end = ((a | (entry_span(2) - 1)) + 1).min(end);
-            let first = self.slot(a, 1)? as *const AtomicU64;
+            let first = index(1, a);
             let n = ((table_end - a) >> 12) as usize;
-            // SAFETY: `first` is the entry for `a` in a leaf table; the
-            // `n` entries up to `table_end` lie in the same 512-entry table
-            // because `table_end` does not cross a 2 MiB boundary.
-            let entries = unsafe { core::slice::from_raw_parts(first, n) };
-            for (i, slot) in entries.iter().enumerate() {
+            let table = self.leaf_table(a)?;
+            for (i, slot) in table[first..first + n].iter().enumerate() {
                 let page = Gpa(a + ((i as u64) << 12));
                 let Some(pfn) = frame(page) else { continue };
-                let new = self.fmt.leaf_entry(pfn, PageSize::Size4K, prot, mt)?;
-                if slot.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                if pfn.0 > max_pfn {
+                    return Err(Error::OutOfRange);
+                }
+                let new = template | (pfn.0 << 12);
+                if exclusive {
+                    if slot.load(Ordering::Relaxed) == 0 {
+                        slot.store(new, Ordering::Relaxed);
+                        mapped += 1;
+                    }
+                } else if slot.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                     mapped += 1;
                 }
             }
             a = table_end;
+        }
+        if exclusive {
+            core::sync::atomic::fence(Ordering::Release);
         }
         Ok(mapped)
     }
@@ -457,14 +514,21 @@ impl<P: TablePages> NestedTable<P> {
     pub fn unmap_region(&self, gpa: Gpa, len: u64) -> Result<u64, Error> {
         let end = check_range(gpa, len, PageSize::Size4K)?;
         self.check_no_split(gpa.0, end)?;
+        // Plain (unlocked) loads and stores: an unmap does not need the old
+        // accessed/dirty bits, hardware only ever sets A/D in an entry it
+        // read as present, and a concurrent software change of an entry in
+        // a range being unmapped can only make the returned count stale.
         let mut count = 0;
         self.for_each_leaf_table(gpa, len, |_, entries, size| {
             for e in entries {
-                if e.load(Ordering::Relaxed) != 0 && self.fmt.is_present(e.swap(0, Ordering::AcqRel)) {
+                if self.fmt.is_present(e.load(Ordering::Relaxed)) {
+                    e.store(0, Ordering::Relaxed);
                     count += size.pages();
                 }
             }
         });
+        // Publish the cleared entries before the caller invalidates.
+        core::sync::atomic::fence(Ordering::Release);
         Ok(count)
     }
 
@@ -518,15 +582,25 @@ impl<P: TablePages> NestedTable<P> {
         self.for_each_leaf_table(gpa, len, |base, entries, size| {
             let first = (base.0 - gpa.0) >> 12;
             if size == PageSize::Size4K {
-                for (i, e) in entries.iter().enumerate() {
-                    if e.load(Ordering::Relaxed) & dmask != 0 {
-                        if clear {
-                            e.fetch_and(!dmask, Ordering::AcqRel);
-                        }
-                        let bit = first as usize + i;
-                        bitmap[bit / 64] |= 1 << (bit % 64);
-                        count += 1;
+                for (c, chunk) in entries.chunks(64).enumerate() {
+                    // Gather the chunk's dirty bits into one word without
+                    // branches, then clear only the dirty entries.
+                    let mut word = 0u64;
+                    for (i, e) in chunk.iter().enumerate() {
+                        word |= ((e.load(Ordering::Relaxed) & dmask != 0) as u64) << i;
                     }
+                    if word == 0 {
+                        continue;
+                    }
+                    if clear {
+                        let mut w = word;
+                        while w != 0 {
+                            chunk[w.trailing_zeros() as usize].fetch_and(!dmask, Ordering::AcqRel);
+                            w &= w - 1;
+                        }
+                    }
+                    count += word.count_ones() as u64;
+                    or_word(bitmap, first + c as u64 * 64, word);
                 }
             } else if entries[0].load(Ordering::Relaxed) & dmask != 0 {
                 if clear {
@@ -821,6 +895,16 @@ fn clear_bits(bitmap: &mut [u64], first: u64, count: u64) {
         let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << o };
         bitmap[w] &= !mask;
         b += n;
+    }
+}
+
+/// ORs the 64 bits of `word` into `bitmap` starting at bit `first`.
+#[inline(always)]
+fn or_word(bitmap: &mut [u64], first: u64, word: u64) {
+    let (w, o) = ((first / 64) as usize, first % 64);
+    bitmap[w] |= word << o;
+    if o != 0 && word >> (64 - o) != 0 {
+        bitmap[w + 1] |= word >> (64 - o);
     }
 }
 

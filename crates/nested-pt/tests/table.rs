@@ -313,3 +313,52 @@ fn translate_matches_table_per_format() {
         }
     }
 }
+
+#[test]
+fn table_memory_per_gib() {
+    // 4 KiB pages: one leaf table per 2 MiB (0.195%) plus a little.
+    for gib in [1u64, 16] {
+        let mut t = NestedTable::new(formats()[0], HeapPages::with_capacity(0x100, 8192 * gib + 64)).unwrap();
+        t.populate_region(Gpa(0), gib * G, PageSize::Size4K).unwrap();
+        let n = t.map_range(Gpa(0), gib * G, Prot::RW, MemType::WriteBack, |g| Some(Pfn(g.0 >> 12))).unwrap();
+        assert_eq!(n, gib * G / K4);
+        let share = t.table_bytes() as f64 / (gib * G) as f64;
+        assert!(share <= 0.002, "{gib} GiB of 4K pages: table bytes {} = {:.4}%", t.table_bytes(), share * 100.0);
+        assert_eq!(t.pages().live() as usize, t.table_pages());
+    }
+    // 1 GiB pages: the root and one PDPT.
+    for gib in [1u64, 16] {
+        let mut t = NestedTable::new(formats()[2], HeapPages::with_capacity(0x100, 64)).unwrap();
+        t.populate_region(Gpa(0), gib * G, PageSize::Size1G).unwrap();
+        for i in 0..gib {
+            t.map(Gpa(i * G), Pfn(i << 18), PageSize::Size1G, Prot::RW, MemType::WriteBack).unwrap();
+        }
+        let share = t.table_bytes() as f64 / (gib * G) as f64;
+        assert!(share <= 0.00001, "{gib} GiB of 1G pages: table bytes {} = {:.6}%", t.table_bytes(), share * 100.0);
+    }
+}
+
+#[test]
+fn map_range_variants() {
+    for f in formats() {
+        let mut t = table(f);
+        t.populate_region(Gpa(M2 - 4 * K4), 8 * K4, PageSize::Size4K).unwrap();
+        // A hole in the tables is refused before anything changes.
+        let r = t.map_range(Gpa(M2 - 4 * K4), 8 * K4 + M2, Prot::RW, MemType::WriteBack, |g| Some(Pfn(g.0 >> 12)));
+        assert_eq!(r, Err(Error::NotPopulated));
+        assert_eq!(t.leaves(Gpa(0), 4 * M2).count(), 0);
+        // Every other page through the shared path, then the rest exclusively.
+        let odd = |g: Gpa| ((g.0 >> 12) % 2 == 1).then_some(Pfn(0x7000 + (g.0 >> 12)));
+        assert_eq!(t.map_range(Gpa(M2 - 4 * K4), 8 * K4, Prot::READ, MemType::WriteBack, odd), Ok(4));
+        let all = |g: Gpa| Some(Pfn(0x7000 + (g.0 >> 12)));
+        assert_eq!(t.map_range_exclusive(Gpa(M2 - 4 * K4), 8 * K4, Prot::RW, MemType::WriteBack, all), Ok(4));
+        for p in 0..8u64 {
+            let g = M2 - 4 * K4 + p * K4;
+            let want = if (g >> 12) % 2 == 1 { Prot::READ } else { Prot::RW };
+            assert_eq!(t.is_mapped(Gpa(g)), Some((Pfn(0x7000 + (g >> 12)), want)));
+        }
+        let big = |_g: Gpa| Some(Pfn(1 << 40));
+        assert_eq!(t.map_range(Gpa(M2 - 4 * K4), 8 * K4, Prot::RW, MemType::WriteBack, big), Err(Error::OutOfRange));
+        assert_eq!(t.unmap_region(Gpa(0), 4 * M2), Ok(8));
+    }
+}
