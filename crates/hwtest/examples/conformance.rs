@@ -1,8 +1,8 @@
 //! Run the conformance kernel by hand and print the per-scenario tables:
 //!
 //! ```text
-//! cargo run -p hwtest --example conformance            # both emulators
-//! cargo run -p hwtest --example conformance -- qemu    # one of them
+//! cargo run -p hwtest --example conformance            # every configuration
+//! cargo run -p hwtest --example conformance -- qemu    # some: qemu, bochs, bochs-noad
 //! ```
 //!
 //! Exits 0 when every emulator that ran passed (a missing emulator is

@@ -18,8 +18,10 @@
 //! - This host library: builds the kernel ([`build_kernel`]), turns its ELF
 //!   into a disk image ([`image`]), runs it under `qemu-system-x86_64 -accel
 //!   tcg -cpu qemu64,+svm,+npt,+pdpe1gb` (SVM+NPT; `pdpe1gb` so 1 GiB nested
-//!   pages exist) or under Bochs 2.7 with a Skylake-X CPU model (VMX with
-//!   EPT, EPT A/D, execute-only, 2 MiB/1 GiB pages), stops the emulator when
+//!   pages exist), under Bochs 2.7 with a Skylake-X CPU model (VMX with
+//!   EPT, EPT A/D, execute-only, 2 MiB/1 GiB pages) and under Bochs with an
+//!   Ivy Bridge model (EPT without A/D and without 1 GiB pages: the
+//!   processor the emulated-A/D format is for), stops the emulator when
 //!   the kernel is done or a time limit passes, and parses the kernel's lines
 //!   ([`protocol`]) into a per-scenario [`Report`]. [`run_conformance`] is
 //!   the entry point for `vmm conformance` and the integration tests.
@@ -44,7 +46,7 @@
 //!
 //! # Scenarios
 //!
-//! On both emulators: 4 KiB, 2 MiB and 1 GiB mappings (read, write, fetch;
+//! On every configuration: 4 KiB, 2 MiB and 1 GiB mappings (read, write, fetch;
 //! A/D after each); read-only and non-executable at each size; not present
 //! at levels 1-3 (data) and 4 (the code fetch itself, with an empty table);
 //! reserved bits (NPT) / misconfigurations (EPT: address bits above
@@ -55,15 +57,20 @@
 //! INVEPT (VMX). EPT only: A/D disabled through EPTP bit 6; execute-only;
 //! emulated A/D (the first access and first write exit, the kernel records
 //! them with `NestedTable::record_access` and resumes, the next access does
-//! not exit; harvest and accessed reset make them exit again). Not
-//! applicable scenarios print `SKIP` with the reason.
+//! not exit; harvest and accessed reset make them exit again); large-leaf
+//! bit 12 again with EPTP bit 6 clear. On the Ivy Bridge model (no EPT A/D,
+//! no 1 GiB pages) the 1 GiB, hardware-harvest and "A/D disabled"
+//! scenarios skip, every A/D expectation becomes "none set", and a PDPTE
+//! with PS must be a misconfiguration. Not applicable scenarios print
+//! `SKIP` with the reason; [`Emulator::required_scenarios`] lists what each
+//! configuration must run, so a silently shortened suite fails.
 //!
 //! # Emulator quirks (accepted by name, with evidence)
 //!
 //! A disagreement is attributed to a quirk only if recomputing the model's
 //! prediction under the quirk's hypothesis reproduces the emulator's exit and
 //! every table word exactly; anything else fails the run. Observed with QEMU
-//! 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18) and Bochs 2.7 (Debian
+//! 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3) and Bochs 2.7 (Debian
 //! 2.7+dfsg-4+deb12u1); the kernel prints the hardware and model values in
 //! its `QUIRK` lines:
 //!
@@ -83,7 +90,10 @@
 //! - `BOCHS_EPT_LARGE_LEAF_BIT12_IGNORED`: bit 12 of a 2 MiB or 1 GiB EPT
 //!   leaf is reserved (SDM vol. 3C, EPT misconfigurations), but Bochs
 //!   translates exactly as if it were clear (the walk succeeds and sets A),
-//!   while bit 13 gives the misconfiguration.
+//!   while bit 13 gives the misconfiguration. Seen on both CPU models and
+//!   with EPTP bit 6 set or clear: Bochs masks bit 12 out of a large EPT
+//!   leaf's frame before its reserved-offset check, as if it were the PAT
+//!   bit of ordinary paging.
 //!
 //! # Known gaps
 //!
@@ -113,23 +123,27 @@ pub use protocol::{Outcome, Parsed, Scenario};
 /// checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Emulator {
-    /// `qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt`: AMD SVM with
-    /// nested paging (NPT).
+    /// `qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt,+pdpe1gb`: AMD
+    /// SVM with nested paging (NPT) and 1 GiB pages.
     Qemu,
     /// Bochs with a Skylake-X CPU model: Intel VMX with EPT, EPT A/D,
     /// execute-only and 2 MiB / 1 GiB EPT pages.
     Bochs,
+    /// Bochs with an Ivy Bridge CPU model: VMX with EPT but **without** EPT
+    /// A/D and without 1 GiB EPT pages, the processor the emulated-A/D
+    /// format exists for.
+    BochsNoAd,
 }
 
 impl Emulator {
-    /// Both emulators, in the order the suite runs them.
-    pub const ALL: [Emulator; 2] = [Emulator::Qemu, Emulator::Bochs];
+    /// Every configuration, in the order the suite runs them.
+    pub const ALL: [Emulator; 3] = [Emulator::Qemu, Emulator::Bochs, Emulator::BochsNoAd];
 
     /// The program that must be on `PATH`.
     pub fn program(self) -> &'static str {
         match self {
             Emulator::Qemu => "qemu-system-x86_64",
-            Emulator::Bochs => "bochs",
+            Emulator::Bochs | Emulator::BochsNoAd => "bochs",
         }
     }
 
@@ -138,6 +152,7 @@ impl Emulator {
         match self {
             Emulator::Qemu => "SVM+NPT",
             Emulator::Bochs => "VMX+EPT",
+            Emulator::BochsNoAd => "VMX+EPT, no A/D, no 1G",
         }
     }
 
@@ -184,15 +199,31 @@ impl Emulator {
             "mis-2m-bit12",
             "mis-1g-bit13",
             "mis-1g-bit12",
+            "mis-2m-bit12-ad-off",
+            "mis-1g-bit12-ad-off",
             "ept-ad-disabled",
             "exec-only-4k",
             "ept-emulated-ad",
         ];
+        // Ivy Bridge: no 1 GiB EPT pages, no EPT A/D (so no hardware dirty
+        // harvest and no "A/D disabled" variant).
+        const NOT_ON_IVB: &[&str] = &[
+            "map-1g",
+            "ro-1g",
+            "nx-1g",
+            "harvest-dirty-4k",
+            "harvest-dirty-2m",
+            "mis-1g-bit13",
+            "mis-1g-bit12",
+            "mis-1g-bit12-ad-off",
+            "mis-2m-bit12-ad-off",
+            "ept-ad-disabled",
+        ];
         let own = match self {
             Emulator::Qemu => QEMU,
-            Emulator::Bochs => BOCHS,
+            Emulator::Bochs | Emulator::BochsNoAd => BOCHS,
         };
-        COMMON.iter().chain(own).copied().collect()
+        COMMON.iter().chain(own).copied().filter(|n| self != Emulator::BochsNoAd || !NOT_ON_IVB.contains(n)).collect()
     }
 
     /// Whether the emulator (and for Bochs, its BIOS images) is installed.
@@ -200,7 +231,7 @@ impl Emulator {
         if find_in_path(self.program()).is_none() {
             return Err(Error::Missing(format!("{} not found on PATH", self.program())));
         }
-        if self == Emulator::Bochs {
+        if self.program() == "bochs" {
             for f in [BOCHS_BIOS, BOCHS_VGABIOS] {
                 if !Path::new(f).exists() {
                     return Err(Error::Missing(format!("{f} missing (install bochsbios and vgabios)")));
@@ -216,6 +247,7 @@ impl fmt::Display for Emulator {
         f.write_str(match self {
             Emulator::Qemu => "qemu",
             Emulator::Bochs => "bochs",
+            Emulator::BochsNoAd => "bochs-noad",
         })
     }
 }
@@ -226,7 +258,8 @@ impl std::str::FromStr for Emulator {
         match s {
             "qemu" => Ok(Emulator::Qemu),
             "bochs" => Ok(Emulator::Bochs),
-            _ => Err(Error::Usage(format!("unknown emulator {s:?} (qemu or bochs)"))),
+            "bochs-noad" => Ok(Emulator::BochsNoAd),
+            _ => Err(Error::Usage(format!("unknown emulator {s:?} (qemu, bochs or bochs-noad)"))),
         }
     }
 }
@@ -432,7 +465,7 @@ pub fn version(emu: Emulator) -> String {
             .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_string))
             .unwrap_or_else(|| "unknown".into()),
         // Bochs prints its banner on any start; `--help cpu` exits at once.
-        Emulator::Bochs => Command::new(emu.program())
+        Emulator::Bochs | Emulator::BochsNoAd => Command::new(emu.program())
             .args(["--help", "cpu"])
             .stdin(Stdio::null())
             .output()
@@ -445,14 +478,15 @@ pub fn version(emu: Emulator) -> String {
     }
 }
 
-/// The Bochs configuration: Skylake-X (VMX with EPT, EPT A/D, execute-only,
-/// 2 MiB/1 GiB pages), headless through the RFB display with no wait for a
+/// The Bochs configuration for CPU `model` (Skylake-X: VMX with EPT, EPT
+/// A/D, execute-only, 2 MiB/1 GiB pages; Ivy Bridge: EPT without A/D and
+/// without 1 GiB pages), headless through the RFB display with no wait for a
 /// client (the Debian build has no `nogui`), port 0xE9 to stdout, a panic
 /// (the kernel's shutdown-port write) ends the process.
-fn bochsrc(disk: &Path, log: &Path) -> String {
+fn bochsrc(model: &str, disk: &Path, log: &Path) -> String {
     format!(
         "megs: 128\n\
-         cpu: model=corei7_skylake_x, reset_on_triple_fault=0, ips=200000000\n\
+         cpu: model={model}, reset_on_triple_fault=0, ips=200000000\n\
          romimage: file={BOCHS_BIOS}\n\
          vgaromimage: file={BOCHS_VGABIOS}\n\
          display_library: rfb, options=\"timeout=0\"\n\
@@ -483,9 +517,10 @@ fn emulator_command(emu: Emulator, work: &Path, disk: &Path) -> Result<Command, 
                 .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-drive"])
                 .arg(format!("file={},format=raw,if=ide", disk.display()));
         }
-        Emulator::Bochs => {
+        Emulator::Bochs | Emulator::BochsNoAd => {
+            let model = if emu == Emulator::Bochs { "corei7_skylake_x" } else { "corei7_ivy_bridge_3770k" };
             let rc = work.join("bochsrc");
-            std::fs::write(&rc, bochsrc(disk, &work.join("bochs.log")))?;
+            std::fs::write(&rc, bochsrc(model, disk, &work.join("bochs.log")))?;
             // The Debian build includes the debugger, which stops before the
             // first instruction: `c` continues.
             let dbg = work.join("debugger.rc");
@@ -607,7 +642,7 @@ pub fn matrix(results: &[(Emulator, Result<Report, Error>)]) -> String {
     let mut t = String::new();
     let _ = write!(t, "{:w$}", "scenario");
     for (emu, _) in results {
-        let _ = write!(t, "  {:32}", format!("{emu} ({})", emu.format()));
+        let _ = write!(t, "  {:36}", format!("{emu} ({})", emu.format()));
     }
     t.push('\n');
     for n in &names {
@@ -623,7 +658,7 @@ pub fn matrix(results: &[(Emulator, Result<Report, Error>)]) -> String {
                     .unwrap_or_else(|| "-".into()),
                 Err(_) => "-".into(),
             };
-            let _ = write!(t, "  {cell:32}");
+            let _ = write!(t, "  {cell:36}");
         }
         t.push('\n');
     }
@@ -635,7 +670,7 @@ pub fn matrix(results: &[(Emulator, Result<Report, Error>)]) -> String {
             Err(Error::Missing(why)) => format!("SKIP ({why})"),
             Err(e) => format!("ERROR ({})", e.to_string().lines().next().unwrap_or("")),
         };
-        let _ = write!(t, "  {cell:32}");
+        let _ = write!(t, "  {cell:36}");
     }
     t.push('\n');
     t.push_str("(PASS*n: passed, with n listed emulator quirks explaining its disagreements)\n");

@@ -1,5 +1,6 @@
 //! The conformance suite: the kernel under QEMU (SVM+NPT) and Bochs
-//! (VMX+EPT). Each test skips, with a message, when its emulator is not
+//! (VMX+EPT with a Skylake-X model, and without EPT A/D with an Ivy Bridge
+//! model). Each test skips, with a message, when its emulator is not
 //! installed, and fails on any disagreement not explained by a listed quirk.
 //! `HWTEST_VERBOSE=1` prints the kernel's raw output (one CHECK line per
 //! guest access: the exit the emulator gave and the one the model predicted).
@@ -30,4 +31,9 @@ fn qemu_svm_npt() {
 #[test]
 fn bochs_vmx_ept() {
     suite(Emulator::Bochs);
+}
+
+#[test]
+fn bochs_vmx_ept_without_ad() {
+    suite(Emulator::BochsNoAd);
 }
