@@ -44,9 +44,12 @@ pub const QEMU_FAULT_WALK_SETS_A: Quirk = Quirk {
 };
 
 /// Bochs 2.7 ignores bit 12 of a 2 MiB / 1 GiB EPT leaf. Intel SDM vol. 3C
-/// §29.3.3.1 (EPT misconfigurations): bits 20:12 of a 2 MiB leaf and 29:12
-/// of a 1 GiB leaf are reserved and must give an EPT misconfiguration; Bochs
-/// catches bit 13 but translates as if bit 12 were clear.
+/// ("EPT Misconfigurations"): bits 20:12 of a 2 MiB leaf and 29:12 of a
+/// 1 GiB leaf are reserved and must give an EPT misconfiguration; Bochs
+/// catches bit 13 but translates as if bit 12 were clear, on the Skylake-X
+/// and Ivy Bridge models alike and with EPTP bit 6 set or clear (it masks
+/// bit 12 out of the large frame before its reserved-offset check, as for
+/// the PAT bit of ordinary paging).
 pub const BOCHS_EPT_LARGE_LEAF_BIT12_IGNORED: Quirk = Quirk {
     name: "BOCHS_EPT_LARGE_LEAF_BIT12_IGNORED",
     emulator: "bochs",
@@ -56,8 +59,10 @@ pub const BOCHS_EPT_LARGE_LEAF_BIT12_IGNORED: Quirk = Quirk {
 /// QEMU sets A in a 1 GiB nested leaf (a PDPTE with PS) right after its
 /// present and address reserved-bit checks, before it checks the page's
 /// low reserved bits (29:13) and the access permission; a 2 MiB or 4 KiB
-/// leaf gets A only when the access succeeds. Both manuals tie A to a
-/// successful translation of the leaf; the model sets nothing on a fault.
+/// leaf gets A only when the access succeeds. The model sets A only on a
+/// successful walk; as for upper entries, the manuals do not settle whether
+/// a faulting walk may set it, so this is listed rather than accepted
+/// silently.
 pub const QEMU_1G_LEAF_A_ON_FAULT: Quirk = Quirk {
     name: "QEMU_1G_LEAF_A_ON_FAULT",
     emulator: "qemu",
