@@ -93,8 +93,9 @@ pub struct Violation {
 
 impl Violation {
     /// The AMD #VMEXIT(NPF) EXITINFO1 error code for this violation, for
-    /// a guest running with paging off (the access is the final
-    /// translation, bit 32): P (bit 0) set unless not present, W (bit 1)
+    /// the final translation of a guest access (bit 32; bit 33, "during a
+    /// guest page-table walk", depends on guest paging state the model does
+    /// not know and is never set): P (bit 0) set unless not present, W (bit 1)
     /// for writes, U (bit 2) always (nested walks are user accesses), RSV
     /// (bit 3) for reserved bits, ID (bit 4) for fetches.
     pub fn npt_error_code(&self) -> u64 {
@@ -116,7 +117,9 @@ impl Violation {
 
     /// The low bits (5:0) of the Intel EPT-violation exit qualification:
     /// bit 0 read, bit 1 write, bit 2 fetch, bits 3-5 the effective read,
-    /// write and execute permission of the translation.
+    /// write and execute permission of the translation. Bits 7-8 (guest
+    /// linear address valid / translation of a linear address) depend on
+    /// the guest's paging state and are left to the caller.
     pub fn ept_qualification(&self) -> u64 {
         let mut q = match self.access {
             Access::Read => 1,

@@ -481,6 +481,13 @@ impl<P: TablePages> NestedTable<P> {
         w
     }
 
+    /// The entry a walk step read, for atomic access to upper-level
+    /// entries (aging accessed bits in tables, fault injection in tests).
+    /// `None` when the step's table is not one of this table's pages.
+    pub fn entry(&self, step: &WalkStep) -> Option<&AtomicU64> {
+        Some(&self.table(step.table)?[step.index as usize % ENTRIES])
+    }
+
     /// Unmaps the leaf whose page starts at `gpa`. Returns whether a leaf
     /// was present. An address inside a large page is refused
     /// ([`Error::WouldSplit`]).

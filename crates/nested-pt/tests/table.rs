@@ -46,6 +46,9 @@ fn populate_map_lookup_unmap_vacate() {
         assert_eq!(w.steps().iter().map(|s| s.level).collect::<Vec<_>>(), vec![4, 3, 2, 1]);
         assert_eq!(w.steps()[0].table, t.root());
         assert_eq!(w.steps()[3].index, 0x100);
+        for s in w.steps() {
+            assert_eq!(t.entry(s).unwrap().load(std::sync::atomic::Ordering::Relaxed), s.entry);
+        }
         // Vacating a mapped range is refused and changes nothing.
         assert_eq!(t.vacate_region(Gpa(0x10_0000), 0x40_0000, PageSize::Size4K), Err(Error::StillMapped));
         assert_eq!(t.unmap(Gpa(0x10_0000)), Ok(true));
