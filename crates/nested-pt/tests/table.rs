@@ -57,6 +57,12 @@ fn populate_map_lookup_unmap_vacate() {
         assert_eq!(t.pages().live(), 1, "all but the root freed");
         assert_eq!(t.walk(Gpa(0x10_0000)).len, 1);
         assert!(t.pages().errors().is_empty());
+        // The one-pass form: map again, unmap and vacate together.
+        t.populate_region(Gpa(0x10_0000), 0x40_0000, PageSize::Size4K).unwrap();
+        t.map_range(Gpa(0x10_0000), 0x40_0000, Prot::RW, MemType::WriteBack, |g| Some(Pfn(g.0 >> 12))).unwrap();
+        assert_eq!(t.unmap_vacate_region(Gpa(0x10_0000), 0x40_0000, PageSize::Size4K), Ok(0x400));
+        assert_eq!(t.pages().live(), 1);
+        assert_eq!(t.unmap_vacate_region(Gpa(0x10_0000), 0x40_0000, PageSize::Size4K), Err(Error::NotPopulated));
         // Vacating again: nothing is populated.
         assert_eq!(t.vacate_region(Gpa(0x10_0000), 0x40_0000, PageSize::Size4K), Err(Error::NotPopulated));
     }
@@ -364,4 +370,21 @@ fn map_range_variants() {
         assert_eq!(t.map_range(Gpa(M2 - 4 * K4), 8 * K4, Prot::RW, MemType::WriteBack, big), Err(Error::OutOfRange));
         assert_eq!(t.unmap_region(Gpa(0), 4 * M2), Ok(8));
     }
+}
+
+#[test]
+fn wrong_vacate_never_frees_a_table_with_children() {
+    let mut t = table(formats()[2]);
+    t.populate_region(Gpa(4 * M2), 2 * M2, PageSize::Size2M).unwrap();
+    t.populate_region(Gpa(0), 4 * K4, PageSize::Size4K).unwrap();
+    t.map(Gpa(0), Pfn(0x3000), PageSize::Size4K, Prot::RW, MemType::WriteBack).unwrap();
+    t.vacate_region(Gpa(4 * M2), 2 * M2, PageSize::Size2M).unwrap();
+    // The 2 MiB range is gone; vacating it again is refused even though its
+    // table (shared with the 4 KiB range) still exists.
+    assert_eq!(t.vacate_region(Gpa(4 * M2), 2 * M2, PageSize::Size2M), Err(Error::NotPopulated));
+    assert_eq!(t.unmap_vacate_region(Gpa(4 * M2), 2 * M2, PageSize::Size2M), Err(Error::NotPopulated));
+    assert_eq!(t.is_mapped(Gpa(0)), Some((Pfn(0x3000), Prot::RW)));
+    assert_eq!(t.pages().live(), 4);
+    assert_eq!(t.unmap_vacate_region(Gpa(0), 4 * K4, PageSize::Size4K), Ok(1));
+    assert_eq!(t.pages().live(), 1);
 }
