@@ -13,7 +13,7 @@ use crate::PAGE_SIZE;
 use crate::error::{Error, Invalid, Result};
 use crate::object::VmObject;
 use crate::protocol::ClientShared;
-use crate::space::{Data, Inner, Invalidation, access_of, records_access};
+use crate::space::{Data, Inner, Invalidation, access_of};
 use crate::sync::{Arc, DefaultLock, RawLock};
 
 /// The last mapping a client resolved, valid while the space's map
@@ -26,7 +26,13 @@ struct Cached {
     object: *const VmObject,
     offset: u64,
     prot: Prot,
+    /// The 2 MiB region whose leaf table `leaf_table` is (or `u64::MAX`).
+    leaf_region: u64,
+    leaf_table: *const EntryAtomic,
 }
+
+/// Bytes one leaf table covers.
+const LEAF_SPAN: u64 = 512 * PAGE_SIZE;
 
 /// A page found by the data path.
 struct Found {
@@ -136,9 +142,38 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             object: StdArc::as_ptr(&m.object),
             offset: m.offset,
             prot: m.prot,
+            leaf_region: u64::MAX,
+            leaf_table: core::ptr::null(),
         };
         self.cache.set(Some(c));
         Some(c)
+    }
+
+    /// The leaf entry for `gpa` (inside mapping `m`), from the cached leaf
+    /// table or by a walk that then fills the cache; `None` if the walk
+    /// finds no 4 KiB leaf present.
+    #[inline]
+    fn leaf_slot(&self, d: &Data<P>, m: &Cached, gpa: u64) -> Option<*const EntryAtomic> {
+        let idx = ((gpa / PAGE_SIZE) % 512) as usize;
+        let region = gpa & !(LEAF_SPAN - 1);
+        if m.leaf_region == region {
+            // SAFETY: the cached pointer is the leaf table of this 2 MiB
+            // region; the mapping (still in place: same map sequence, and
+            // the client is active) holds a populate count on it, so it is
+            // allocated; idx < 512.
+            return Some(unsafe { m.leaf_table.add(idx) });
+        }
+        let leaf = d.table.lookup(Gpa(gpa))?;
+        if leaf.size != nested_pt::PageSize::Size4K {
+            return None;
+        }
+        let slot = leaf.entry as *const EntryAtomic;
+        let mut c = *m;
+        c.leaf_region = region;
+        // SAFETY: `slot` is entry `idx` of its 512-entry leaf table.
+        c.leaf_table = unsafe { slot.sub(idx) };
+        self.cache.set(Some(c));
+        Some(slot)
     }
 
     /// The data path: find (and if needed map) the page at `gpa` for
@@ -151,28 +186,42 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         // SAFETY: the mapping exists (map sequence unchanged while active)
         // and holds a reference to the object.
         let object = unsafe { &*m.object };
-        let table = &d.table;
-        let leaf = match table.lookup(Gpa(gpa)) {
-            Some(l) => l,
+        let fmt = &self.space.format;
+        let present = |slot: *const EntryAtomic| {
+            // SAFETY: slots come from `leaf_slot`, valid while active.
+            let e = unsafe { &*slot }.load(Acquire);
+            fmt.is_present(e).then_some(e)
+        };
+        let (slot, e) = match self.leaf_slot(d, &m, gpa).and_then(|s| Some((s, present(s)?))) {
+            Some(found) => found,
             None => {
                 // Fault-around: an aligned window inside the mapping.
                 let w = self.space.fault_around * PAGE_SIZE;
                 let lo = (gpa & !(w - 1)).max(m.start);
                 let hi = ((gpa | (w - 1)) + 1).min(m.end);
                 let base = m.offset.wrapping_sub(m.start);
-                let n = table
+                let n = d
+                    .table
                     .map_range(Gpa(lo), hi - lo, m.prot, object.mem_type(), |p| object.frame_at(base.wrapping_add(p.0)))
                     .map_err(Error::Table)?;
                 self.space.resident.fetch_add(n, Relaxed);
-                table.lookup(Gpa(gpa)).ok_or(Error::NoMapping)?
+                let m = self.cache.get().unwrap_or(m);
+                let slot = self.leaf_slot(d, &m, gpa).ok_or(Error::NoMapping)?;
+                (slot, present(slot).ok_or(Error::NoMapping)?)
             }
         };
-        if records_access(&self.space.format) {
-            table.record_access(Gpa(gpa), access_of(prot)).map_err(Error::Table)?;
+        if self.space.records_access {
+            // Emulated A/D: the fault path records the access (and grants
+            // the hardware bits so the next access does not fault).
+            let bits = fmt.access_bits(e, access_of(prot)).ok_or(Error::Protection)?;
+            if e & bits != bits {
+                // SAFETY: as in `present`.
+                unsafe { &*slot }.fetch_or(bits, AcqRel);
+            }
         }
-        let pfn = leaf.pfn_of(Gpa(gpa));
+        let pfn = fmt.frame(e);
         let host = if host { Some(object.host_page(m.offset + (gpa - m.start))?) } else { None };
-        Ok(Found { pfn, entry: leaf.entry as *const EntryAtomic, host })
+        Ok(Found { pfn, entry: slot, host })
     }
 
     /// Handle a nested page fault at `gpa` (any alignment) for an access

@@ -1,37 +1,38 @@
 //! The per-client exclusion protocol (seed 004's `VCS_*` state machine),
 //! with the data path made lock-free.
 //!
-//! Each client has one atomic state word. The data path (hold, fault,
-//! release of a writable hold) *activates* the client with one atomic
-//! read-modify-write that sets `ACTIVE` and returns the old word; if `HOLD`
-//! was not set, the client proceeds without any lock. An administrative
-//! change sets `HOLD` with a read-modify-write on the same word, so the two
-//! are totally ordered: either the change sees `ACTIVE` and waits for it to
-//! clear, or the client sees `HOLD`, backs out and sleeps until the change
-//! is done. Sleeping uses the client's [`RawLock`]: whoever sleeps sets
-//! `WAITER` (under the lock) before checking its condition, and whoever
-//! clears a bit that another side may wait on checks the old word for
-//! `WAITER` and, if set, takes the lock and notifies. That closes the
-//! lost-wake-up window without the data path ever taking the lock.
+//! Each client has an `active` word that only its owning thread writes, and
+//! a `state` word (`HOLD`, `ON_CPU`, `ORPHANED`, `WAITER`) changed with
+//! read-modify-writes. The data path (hold, fault, release of a writable
+//! hold) *activates* the client by storing `active = 1` and then reading
+//! `state`, with a sequentially consistent fence between the two; an
+//! administrative change sets `HOLD` and then reads `active`, with the same
+//! fence. This is Dekker's pattern: at least one side sees the other, so
+//! either the change sees the client active and waits for it to store
+//! `active = 0` (a plain release store: the data path pays one fenced
+//! operation per activation and nothing to leave), or the client sees
+//! `HOLD`, backs out and sleeps on its [`RawLock`] until the change is done.
+//! The change waits for `active` by spinning ([`RawLock::relax`]): active
+//! sections are a table walk and a compare-and-swap, never a sleep.
 //!
-//! vCPUs mark guest execution with `ON_CPU` (set without blocking, as
-//! entry happens with interrupts off), then read the table generation.
-//! An invalidation bumps the generation, then does a read-modify-write on
-//! each client's word: again totally ordered with the vCPU's, so either the
-//! vCPU reads the new generation or the invalidation sees `ON_CPU` and
-//! kicks it, waiting until it has left guest context (or re-entered with
-//! the new generation).
+//! vCPUs mark guest execution with `ON_CPU` (a read-modify-write on
+//! `state`, without blocking: entry happens with interrupts off), then read
+//! the table generation. An invalidation bumps the generation, then does a
+//! read-modify-write on each client's `state`: the two are totally ordered,
+//! so either the vCPU reads the new generation or the invalidation sees
+//! `ON_CPU` and kicks it, waiting (sleeping; `WAITER` tells the vCPU's exit
+//! to notify) until it has left guest context or re-entered with the new
+//! generation.
 
 use alloc::sync::Arc as StdArc;
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 
 use crate::error::{Error, Result};
 use crate::object::VmObject;
 use crate::space::Invalidation;
-use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Cell, Guard, RawLock};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Cell, Guard, RawLock, dekker_store};
 
-pub(crate) const ACTIVE: u32 = 1 << 0;
 pub(crate) const HOLD: u32 = 1 << 1;
 pub(crate) const ON_CPU: u32 = 1 << 2;
 pub(crate) const ORPHANED: u32 = 1 << 3;
@@ -58,8 +59,12 @@ pub(crate) struct Callbacks {
     pub(crate) kick: Option<KickFn>,
 }
 
-/// Client state shared between the client's owner and the space.
+/// Client state shared between the client's owner and the space. Aligned
+/// to two cache lines so that clients of different threads never share one.
+#[repr(align(128))]
 pub(crate) struct ClientShared<L> {
+    /// 1 while a data-path operation runs; written by the owning thread.
+    active: AtomicU32,
     state: AtomicU32,
     lock: L,
     cpu: AtomicU32,
@@ -82,6 +87,7 @@ unsafe impl<L: RawLock> Send for ClientShared<L> {}
 impl<L: RawLock> ClientShared<L> {
     pub(crate) fn new(orphaned: bool) -> Self {
         ClientShared {
+            active: AtomicU32::new(0),
             state: AtomicU32::new(if orphaned { ORPHANED } else { 0 }),
             lock: L::new(),
             cpu: AtomicU32::new(u32::MAX),
@@ -133,11 +139,18 @@ impl<L: RawLock> ClientShared<L> {
 
     // ---- data path (owning thread) ----
 
+    /// Store `active = 1` and read the state behind a full fence.
+    #[inline(always)]
+    fn enter_active(&self) -> u32 {
+        dekker_store(&self.active, 1);
+        self.state.load(SeqCst)
+    }
+
     /// Mark the client active, sleeping while the space holds it.
     #[inline]
     pub(crate) fn activate(&self) -> Result<()> {
         loop {
-            let s = self.state.fetch_or(ACTIVE, AcqRel);
+            let s = self.enter_active();
             if s & (HOLD | ORPHANED) == 0 {
                 return Ok(());
             }
@@ -149,23 +162,21 @@ impl<L: RawLock> ClientShared<L> {
         }
     }
 
-    /// As [`ClientShared::activate`], but fail instead of sleeping when held.
+    /// As [`ClientShared::activate`], but fail instead of sleeping when held
+    /// or orphaned.
     #[inline]
     pub(crate) fn try_activate(&self) -> bool {
-        let s = self.state.fetch_or(ACTIVE, AcqRel);
-        if s & (HOLD | ORPHANED) == 0 {
+        if self.enter_active() & (HOLD | ORPHANED) == 0 {
             return true;
         }
         self.deactivate();
         false
     }
 
-    #[inline]
+    /// Leave the active section: a plain release store (the admin spins).
+    #[inline(always)]
     pub(crate) fn deactivate(&self) {
-        let s = self.state.fetch_and(!ACTIVE, AcqRel);
-        if s & WAITER != 0 {
-            self.wake();
-        }
+        self.active.store(0, Release);
     }
 
     /// Count one more hold (owning thread only).
@@ -262,9 +273,10 @@ impl<L: RawLock> ClientShared<L> {
 
     /// Exclude the data path: set `HOLD`, wait for an in-flight operation.
     pub(crate) fn admin_hold(&self) {
-        let s = self.state.fetch_or(HOLD, AcqRel);
-        if s & ACTIVE != 0 {
-            self.wait_until(|s| s & ACTIVE == 0);
+        self.state.fetch_or(HOLD, SeqCst);
+        crate::sync::fence_seq_cst();
+        while self.active.load(SeqCst) != 0 {
+            L::relax();
         }
     }
 

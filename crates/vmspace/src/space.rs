@@ -155,6 +155,8 @@ pub(crate) struct Inner<P: TablePages, L: RawLock> {
     /// Bits that mark a leaf dirty without granting write access.
     pub(crate) dirty_bits: u64,
     pub(crate) fault_around: u64,
+    /// The fault path records accesses in software (emulated A/D).
+    pub(crate) records_access: bool,
     pub(crate) generation: AtomicU64,
     /// Bumped by every map and unmap (client mapping caches check it).
     pub(crate) map_seq: AtomicU64,
@@ -345,6 +347,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 format: config.format,
                 dirty_bits,
                 fault_around,
+                records_access: records_access(&config.format),
                 generation: AtomicU64::new(1),
                 map_seq: AtomicU64::new(0),
                 unmap_seq: AtomicU64::new(0),
@@ -617,11 +620,15 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             let n = unsafe {
                 inner.with_data(|d| match (op, select) {
                     (DirtyOp::Get | DirtyOp::Reset, None) => {
-                        for p in 0..len / PAGE_SIZE {
-                            put_bit(bitmap, p, false);
-                        }
                         if clipped == 0 {
+                            for p in 0..len / PAGE_SIZE {
+                                put_bit(bitmap, p, false);
+                            }
                             return Ok(0);
+                        }
+                        // Bits of pages past the 48-bit space read 0.
+                        for p in clipped / PAGE_SIZE..len / PAGE_SIZE {
+                            put_bit(bitmap, p, false);
                         }
                         d.table.scan_dirty(Gpa(gpa), clipped, bitmap, op == DirtyOp::Reset).map_err(Error::Table)
                     }

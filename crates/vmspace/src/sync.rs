@@ -16,6 +16,32 @@ pub(crate) use loom::sync::Arc;
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 
+/// Store `v` into `a`, then a full (StoreLoad) fence: the data-path half of
+/// the Dekker pattern in `protocol.rs`. A sequentially consistent swap on
+/// x86 is one locked instruction; under loom the fence form is used, which
+/// loom models exactly.
+#[inline(always)]
+pub(crate) fn dekker_store(a: &AtomicU32, v: u32) {
+    #[cfg(loom)]
+    {
+        a.store(v, core::sync::atomic::Ordering::Relaxed);
+        fence_seq_cst();
+    }
+    #[cfg(not(loom))]
+    {
+        a.swap(v, core::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A sequentially consistent fence (loom's under `cfg(loom)`).
+#[inline(always)]
+pub(crate) fn fence_seq_cst() {
+    #[cfg(loom)]
+    loom::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+    #[cfg(not(loom))]
+    core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+}
+
 /// An interior-mutability cell whose accesses loom can check for races.
 #[derive(Debug)]
 pub(crate) struct Cell<T> {
@@ -91,6 +117,12 @@ pub unsafe trait RawLock: Send + Sync {
     unsafe fn wait(&self);
     /// Wake every thread sleeping in [`RawLock::wait`].
     fn notify_all(&self);
+    /// One step of a short busy wait (an administrative change waiting for
+    /// a client's data-path operation to finish): a pause, or a yield to
+    /// the scheduler where one exists.
+    fn relax() {
+        core::hint::spin_loop();
+    }
 }
 
 /// RAII guard of a [`RawLock`].
@@ -192,6 +224,13 @@ mod blocking {
             g.events = g.events.wrapping_add(1);
             drop(g);
             self.event.notify_all();
+        }
+
+        fn relax() {
+            #[cfg(loom)]
+            loom::thread::yield_now();
+            #[cfg(not(loom))]
+            std::thread::yield_now();
         }
     }
 }
