@@ -1,0 +1,135 @@
+//! loom models of the client protocol. Run with
+//! `RUSTFLAGS="--cfg loom" cargo test -p vmspace --test loom --release`.
+//!
+//! - an unmap racing a hold (and its release);
+//! - an invalidation racing a vCPU entering guest context;
+//! - the destruction of the space racing the destruction of a client.
+#![cfg(loom)]
+
+use std::sync::Arc as StdArc;
+
+use loom::sync::Arc;
+use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use nested_pt::{Caps, CountingPages, HeapPages};
+use vmspace::*;
+
+const PG: u64 = PAGE_SIZE;
+
+type Space = VmSpace<CountingPages<HeapPages>>;
+
+fn space(track: bool) -> Space {
+    let mut cfg = SpaceConfig::new(1 << 30, PteFormat::npt(Caps::default()));
+    cfg.track_dirty = track;
+    cfg.fault_around = 1;
+    VmSpace::new(cfg, CountingPages::new(HeapPages::with_capacity(0x100, 16))).unwrap()
+}
+
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    if b.preemption_bound.is_none() {
+        b.preemption_bound = Some(3);
+    }
+    b.check(f);
+}
+
+#[test]
+fn unmap_races_hold() {
+    model(|| {
+        let r = StdArc::new(HeapReservoir::new(2 * PG, Pfn(0x1000)).unwrap());
+        let o = VmObject::ram(r.clone(), PG).unwrap();
+        let s = Arc::new(space(true));
+        s.map(&o, 0, 0x10 * PG, PG, Prot::RW).unwrap();
+        drop(o);
+        let client = s.client();
+        let admin = {
+            let s = s.clone();
+            loom::thread::spawn(move || s.unmap(0x10 * PG, PG).unwrap())
+        };
+        let outcome = match client.hold(0x10 * PG, Prot::RW) {
+            Ok(h) => {
+                // The object is alive whatever the unmap does meanwhile.
+                h.write_u64(0, 7).unwrap();
+                assert_eq!(h.read_u64(0).unwrap(), 7);
+                assert_eq!(r.stats().allocated, PG);
+                Some(h.release())
+            }
+            Err(e) => {
+                assert_eq!(e, Error::NoMapping);
+                None
+            }
+        };
+        admin.join().unwrap();
+        // After the unmap: nothing resident, tables vacated, object gone.
+        assert_eq!(s.resident_count(), 0);
+        s.with_table(|t| {
+            assert_eq!(t.pages().live(), 1);
+            assert!(t.pages().errors().is_empty());
+        });
+        assert_eq!(r.stats().allocated, 0);
+        let _ = outcome;
+        drop(client);
+    });
+}
+
+#[test]
+fn invalidation_races_vcpu_entry() {
+    model(|| {
+        let r = StdArc::new(HeapReservoir::new(PG, Pfn(0x1000)).unwrap());
+        let o = VmObject::ram(r, PG).unwrap();
+        let s = Arc::new(space(false));
+        s.map(&o, 0, 0, PG, Prot::RW).unwrap();
+        s.populate(0, PG).unwrap();
+        let old_gen = s.table_gen();
+        // The vCPU records whether it is in guest context with a stale
+        // generation; the unmap must not return while that is so.
+        let stale = Arc::new(AtomicBool::new(false));
+        let kicks = Arc::new(AtomicU64::new(0));
+        let vcpu = {
+            let (s, stale, kicks) = (s.clone(), stale.clone(), kicks.clone());
+            loom::thread::spawn(move || {
+                let c = s.client();
+                let k = kicks.clone();
+                c.set_kick(Some(move |_| {
+                    k.fetch_add(1, Ordering::SeqCst);
+                }));
+                let g = c.table_enter(0).unwrap();
+                if g.generation() == old_gen {
+                    stale.store(true, Ordering::SeqCst);
+                }
+                // Leave guest context (a kick, or any other exit).
+                stale.store(false, Ordering::SeqCst);
+                g.exit();
+            })
+        };
+        s.unmap(0, PG).unwrap();
+        assert!(!stale.load(Ordering::SeqCst), "unmap returned with a vCPU on a stale generation");
+        assert!(s.table_gen() > old_gen);
+        vcpu.join().unwrap();
+    });
+}
+
+#[test]
+fn space_destruction_races_client_destruction() {
+    model(|| {
+        let r = StdArc::new(HeapReservoir::new(PG, Pfn(0x1000)).unwrap());
+        let o = VmObject::ram(r.clone(), PG).unwrap();
+        let s = space(true);
+        s.map(&o, 0, 0, PG, Prot::RW).unwrap();
+        drop(o);
+        let c = s.client();
+        let c2 = c.try_clone();
+        let t = loom::thread::spawn(move || {
+            // The client may or may not be orphaned by now.
+            match c.fault(0, Prot::READ) {
+                Ok(()) | Err(Error::Orphaned) => {}
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+            drop(c);
+        });
+        drop(s);
+        t.join().unwrap();
+        assert!(c2.is_orphaned());
+        drop(c2);
+        assert_eq!(r.stats().allocated, 0);
+    });
+}
