@@ -11,6 +11,7 @@
 use crate::mem::{PAGE, SharedRegion};
 use crate::runtime;
 use crate::slot_pages::SlotPages;
+use crate::vcpu::{Exit, KickHandle};
 use crate::vm::{KvmError, KvmVm, PagingMode, Result};
 use nested_pt::{Access, Caps, Gpa, MemType, NestedTable, PageSize, Pfn, Prot, PteFormat};
 use std::sync::Arc;
@@ -35,14 +36,9 @@ pub trait Backend: Send + Sync {
     fn cr3(&self) -> u64;
     /// The table format (always NPT / x86-64 long mode here).
     fn format(&self) -> PteFormat;
-    /// Serves a nested fault of vCPU `vcpu` at `gpa` (maps the page and,
-    /// where useful, its neighbours).
-    fn fault(&self, vcpu: usize, gpa: u64, access: Access) -> std::result::Result<(), FaultError>;
-    /// Marks vCPU `vcpu` as about to run on the tables; returns the table
-    /// generation it runs with.
-    fn table_enter(&self, vcpu: usize) -> u64;
-    /// Marks vCPU `vcpu` as no longer running on the tables.
-    fn table_exit(&self, vcpu: usize);
+    /// The memory port of vCPU `vcpu`, owned by its thread; `kick` must
+    /// be called when a change needs the vCPU out of the guest.
+    fn vcpu_mem(&self, vcpu: usize, kick: Arc<KickHandle>) -> Result<Box<dyn VcpuMem + '_>>;
     /// Host pointer to the byte at guest address `gpa` if it is resident.
     fn host_ptr(&self, gpa: u64) -> Option<*mut u8>;
     /// Reads and clears the dirty bits of `[gpa, gpa+len)` into `bitmap`
@@ -57,6 +53,17 @@ pub trait Backend: Send + Sync {
     fn table_pages(&self) -> u64;
     /// The nested table (for dumps and the oracle).
     fn with_table(&self, f: &mut dyn FnMut(&NestedTable<SlotPages>));
+}
+
+/// One vCPU's access to the memory system (its vmspace client).
+pub trait VcpuMem {
+    /// Marks the vCPU as in guest context (`table_enter`), calls `run`
+    /// with the table generation read at entry, and marks the exit
+    /// (`table_exit`) when `run` returns.
+    fn entered(&mut self, run: &mut dyn FnMut(u64) -> Result<Exit>) -> Result<Exit>;
+    /// Serves a nested fault at `gpa` (maps the page and, where useful,
+    /// its neighbours).
+    fn fault(&mut self, gpa: u64, access: Access) -> std::result::Result<(), FaultError>;
 }
 
 /// KVM guest-physical base of the table-page slot.
@@ -209,14 +216,9 @@ impl Backend for TableBackend {
     fn format(&self) -> PteFormat {
         *self.table.format()
     }
-    fn fault(&self, _vcpu: usize, _gpa: u64, _access: Access) -> std::result::Result<(), FaultError> {
-        // The layout is fixed by the test: nothing is mapped on demand.
-        Err(FaultError::NoMapping)
+    fn vcpu_mem(&self, _vcpu: usize, _kick: Arc<KickHandle>) -> Result<Box<dyn VcpuMem + '_>> {
+        Ok(Box::new(TableVcpu { be: self }))
     }
-    fn table_enter(&self, _vcpu: usize) -> u64 {
-        self.generation.load(Ordering::SeqCst)
-    }
-    fn table_exit(&self, _vcpu: usize) {}
     fn host_ptr(&self, gpa: u64) -> Option<*mut u8> {
         let (pfn, _) = self.table.is_mapped(Gpa(gpa))?;
         let off = (pfn.0 * PAGE).checked_sub(RAM_KVM_BASE)?;
@@ -243,5 +245,19 @@ impl Backend for TableBackend {
     }
     fn with_table(&self, f: &mut dyn FnMut(&NestedTable<SlotPages>)) {
         f(&self.table)
+    }
+}
+
+struct TableVcpu<'a> {
+    be: &'a TableBackend,
+}
+
+impl VcpuMem for TableVcpu<'_> {
+    fn entered(&mut self, run: &mut dyn FnMut(u64) -> Result<Exit>) -> Result<Exit> {
+        run(self.be.generation.load(Ordering::SeqCst))
+    }
+    fn fault(&mut self, _gpa: u64, _access: Access) -> std::result::Result<(), FaultError> {
+        // The layout is fixed by the test: nothing is mapped on demand.
+        Err(FaultError::NoMapping)
     }
 }

@@ -210,7 +210,7 @@ impl Machine {
 
     /// Number of vCPUs.
     pub fn nvcpus(&self) -> usize {
-        self.vcpus.len()
+        self.stats.len()
     }
 
     /// Kick handles (index = vCPU).
@@ -297,6 +297,7 @@ impl Machine {
     fn vcpu_loop_inner(&self, v: &mut Vcpu, i: usize, handler: &(dyn Fn(usize, Event) -> Action + Sync)) -> Result<()> {
         let st = &self.stats[i];
         let b = &*self.backend;
+        let mut mem = b.vcpu_mem(i, self.kicks[i].clone())?;
         let flush = self.mode == PagingMode::HardwareNested || self.force_flush;
         let mut flushed_gen = 0u64;
         let mut pending_fault: Option<Instant> = None;
@@ -304,27 +305,25 @@ impl Machine {
             if self.control.stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            let g = b.table_enter(i);
-            if flush && g != flushed_gen {
-                match v.inject_interrupt(guest::FLUSH_VECTOR) {
-                    Ok(()) => {
-                        st.flushes.fetch_add(1, Ordering::Relaxed);
+            let mut t0 = Instant::now();
+            let exit = mem.entered(&mut |g| {
+                if flush && g != flushed_gen {
+                    match v.inject_interrupt(guest::FLUSH_VECTOR) {
+                        Ok(()) => {
+                            st.flushes.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(KvmError::Os(_, e)) if e.raw_os_error() == Some(libc::ENXIO) => {}
+                        Err(e) => return Err(e),
                     }
-                    Err(KvmError::Os(_, e)) if e.raw_os_error() == Some(libc::ENXIO) => {}
-                    Err(e) => {
-                        b.table_exit(i);
-                        return Err(e);
-                    }
+                    flushed_gen = g;
                 }
-                flushed_gen = g;
-            }
-            let t0 = Instant::now();
+                t0 = Instant::now();
+                v.run()
+            });
+            let t1 = Instant::now();
             if let Some(tf) = pending_fault.take() {
                 st.fault_host_ns.fetch_add((t0 - tf).as_nanos() as u64, Ordering::Relaxed);
             }
-            let exit = v.run();
-            let t1 = Instant::now();
-            b.table_exit(i);
             st.exits.fetch_add(1, Ordering::Relaxed);
             let exit = exit?;
             match exit {
@@ -362,7 +361,7 @@ impl Machine {
                         }
                         continue;
                     }
-                    match b.fault(i, gpa, access) {
+                    match mem.fault(gpa, access) {
                         Ok(()) => {
                             st.faults.fetch_add(1, Ordering::Relaxed);
                             pending_fault = Some(t1);

@@ -139,6 +139,7 @@ pub struct KvmVm {
     zap_lock: Mutex<()>,
     zaps: AtomicU64,
     zap_ns: AtomicU64,
+    raw_slots: AtomicU64,
     facts: HostFacts,
 }
 
@@ -170,6 +171,7 @@ impl KvmVm {
             zap_lock: Mutex::new(()),
             zaps: AtomicU64::new(0),
             zap_ns: AtomicU64::new(0),
+            raw_slots: AtomicU64::new(0),
             facts,
         })
     }
@@ -205,6 +207,29 @@ impl KvmVm {
         // region is kept alive by `regions` for the lifetime of the VM.
         unsafe { self.vm.set_user_memory_region(mr) }.map_err(|e| KvmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
         regions.push((slot, region));
+        Ok(slot)
+    }
+
+    /// Registers `len` bytes of host memory at `host` (a shared mapping
+    /// owned by the caller) as KVM guest-physical memory at `kvm_gpa`.
+    ///
+    /// # Safety
+    ///
+    /// The mapping must stay valid until the VM is dropped (KVM would
+    /// otherwise reach whatever is mapped there later).
+    pub unsafe fn add_raw_region(&self, host: u64, len: u64, kvm_gpa: u64) -> Result<u32> {
+        let mut regions = self.regions.lock().expect("regions lock");
+        let slot = regions.len() as u32 + self.raw_slots.fetch_add(1, Ordering::SeqCst) as u32 + 100;
+        let mr = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: kvm_gpa,
+            memory_size: len,
+            userspace_addr: host,
+        };
+        // SAFETY: the caller keeps the mapping alive for the VM's lifetime.
+        unsafe { self.vm.set_user_memory_region(mr) }.map_err(|e| KvmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        regions.retain(|_| true);
         Ok(slot)
     }
 

@@ -1,0 +1,364 @@
+//! `vmm run`: the built-in workloads on a vmspace, with harvest rounds and
+//! every check the host can make.
+
+use crate::backend::Backend;
+use crate::detect::{Detection, detect};
+use crate::guest::{self, *};
+use crate::machine::{Action, Event, Machine, read_guest_u64, write_guest_u64};
+use crate::mem::PAGE;
+use crate::runtime;
+use crate::space::SpaceBackend;
+use crate::vm::{KvmError, KvmVm, PagingMode, Result};
+use crate::workload::{Mode, Replay, Spec, checksum};
+use nested_pt::Prot;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Guest RAM in bytes (split evenly between the vCPUs).
+    pub mem_bytes: u64,
+    /// Workload of every vCPU.
+    pub mode: Mode,
+    /// Percentage of random operations that write.
+    pub write_pct: u32,
+    /// Total running time.
+    pub duration: Duration,
+    /// Harvest rounds during the run (evenly spaced), plus a final one.
+    pub rounds: u32,
+    /// Seed of the generators.
+    pub seed: u64,
+    /// Paging mode to assume; `None` runs the start-up detection.
+    pub mode_override: Option<PagingMode>,
+    /// Also inject the CR3 reload on shadow hosts (exercises the path).
+    pub force_flush: bool,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            vcpus: 2,
+            mem_bytes: 256 << 20,
+            mode: Mode::Mixed,
+            write_pct: 50,
+            duration: Duration::from_secs(2),
+            rounds: 4,
+            seed: 0x5eed,
+            mode_override: None,
+            force_flush: false,
+        }
+    }
+}
+
+/// One harvest round.
+#[derive(Debug, Clone, Default)]
+pub struct Round {
+    /// Pages the harvest reported dirty.
+    pub dirty: u64,
+    /// Pages the guests' ledgers say were written.
+    pub ledger: u64,
+    /// Written (ledger) but not reported dirty: must be zero.
+    pub missed: u64,
+    /// Reported dirty but not in any ledger.
+    pub spurious: u64,
+    /// Time to harvest and make the cleared bits effective.
+    pub harvest: Duration,
+    /// Time from asking the vCPUs to pause until all had.
+    pub pause: Duration,
+}
+
+/// Per-vCPU results.
+#[derive(Debug, Clone, Default)]
+pub struct VcpuReport {
+    /// Operations completed.
+    pub ops: u64,
+    /// Nested faults served.
+    pub faults: u64,
+    /// Exits of all kinds.
+    pub exits: u64,
+    /// Pages whose contents differ from the replayed image.
+    pub bad_pages: u64,
+    /// Checksum the guest's verify pass computed.
+    pub guest_checksum: u64,
+    /// Checksum of the replayed image.
+    pub expected_checksum: u64,
+    /// Headers the guest's verify pass found wrong.
+    pub guest_bad_headers: u64,
+    /// Data errors the guest reported during the run.
+    pub data_errors: u64,
+}
+
+/// Everything `vmm run` reports.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// The start-up detection (absent when the mode was given).
+    pub detection: Option<Detection>,
+    /// Paging mode used.
+    pub mode: PagingMode,
+    /// Wall time of the guest run.
+    pub elapsed: Duration,
+    /// Harvest rounds (the last one after the workload stopped).
+    pub rounds: Vec<Round>,
+    /// Per-vCPU results.
+    pub vcpus: Vec<VcpuReport>,
+    /// Nested faults served.
+    pub faults: u64,
+    /// Time in our fault path (exit returned to next entry), all faults.
+    pub fault_host_time: Duration,
+    /// Time inside the KVM_RUN calls that ended in a fault exit.
+    pub fault_run_time: Duration,
+    /// Pages resident at the end.
+    pub resident: u64,
+    /// Table pages at the end.
+    pub table_pages: u64,
+    /// Table generation at the end.
+    pub generation: u64,
+    /// Kicks sent.
+    pub kicks: u64,
+    /// CR3-reload vectors injected.
+    pub flushes: u64,
+    /// Frames whose KVM view was dropped, and the time it took.
+    pub frames_dropped: u64,
+    /// Time spent dropping frames.
+    pub drop_time: Duration,
+    /// Full shadow zaps.
+    pub zaps: u64,
+    /// Time spent in zaps.
+    pub zap_time: Duration,
+}
+
+impl RunReport {
+    /// True when no check failed.
+    pub fn ok(&self) -> bool {
+        self.rounds.iter().all(|r| r.missed == 0 && r.spurious == 0)
+            && self.vcpus.iter().all(|v| {
+                v.bad_pages == 0
+                    && v.guest_bad_headers == 0
+                    && v.data_errors == 0
+                    && v.guest_checksum == v.expected_checksum
+            })
+    }
+}
+
+/// Progress callback data.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Time since start.
+    pub elapsed: Duration,
+    /// Faults so far.
+    pub faults: u64,
+    /// Resident pages.
+    pub resident: u64,
+    /// Harvest rounds done.
+    pub rounds: usize,
+}
+
+fn bit(b: &[u64], i: u64) -> bool {
+    b[(i / 64) as usize] & (1 << (i % 64)) != 0
+}
+
+/// Runs `cfg`, calling `progress` about four times a second.
+pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunReport> {
+    if cfg.vcpus == 0 || cfg.vcpus > runtime::MAX_VCPUS {
+        return Err(KvmError::Setup(format!("vCPU count must be 1..={}", runtime::MAX_VCPUS)));
+    }
+    let per = cfg.mem_bytes / cfg.vcpus as u64 / PAGE;
+    if per == 0 || !cfg.mem_bytes.is_multiple_of(PAGE) || cfg.mem_bytes >= runtime::RT_BASE {
+        return Err(KvmError::Setup("memory size must be a multiple of 4 KiB, at least a page per vCPU".into()));
+    }
+    let detection = match cfg.mode_override {
+        Some(_) => None,
+        None => Some(detect()?),
+    };
+    let mode = cfg.mode_override.or(detection.as_ref().map(|d| d.mode)).unwrap_or(PagingMode::Shadow);
+    let vm = Arc::new(KvmVm::new()?);
+    let npages = per;
+    let rt_bytes = (runtime::ROM_PAGES + cfg.vcpus as u64 * runtime::DATA_PAGES) * PAGE
+        + cfg.vcpus as u64 * runtime::ledger_bytes(npages);
+    let table_bytes = (cfg.mem_bytes / 512 + (8 << 20)).next_multiple_of(PAGE);
+    let be = Arc::new(SpaceBackend::new(vm.clone(), cfg.mem_bytes + rt_bytes + (1 << 20), table_bytes, mode)?);
+    let ram = be.ram_object(cfg.mem_bytes)?;
+    be.map(&ram, 0, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
+    be.map_runtime(&runtime::rom_image(&guest::code(), cfg.vcpus), cfg.vcpus, npages)?;
+    let mut m = Machine::new(vm.clone(), be.clone(), mode, cfg.vcpus)?;
+    m.force_flush = cfg.force_flush;
+    let specs: Vec<Spec> = (0..cfg.vcpus)
+        .map(|i| Spec {
+            mode: cfg.mode,
+            base: i as u64 * npages * PAGE,
+            npages,
+            seed: (cfg.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1,
+            write_pct: cfg.write_pct,
+            magic: 0xc0de_0000_0000_0000 | ((i as u64) << 40),
+        })
+        .collect();
+    for (i, s) in specs.iter().enumerate() {
+        m.set_param(i, P_MODE, s.mode as u64)?;
+        m.set_param(i, P_BASE, s.base)?;
+        m.set_param(i, P_NPAGES, s.npages)?;
+        m.set_param(i, P_SEED, s.seed)?;
+        m.set_param(i, P_WRITE_THRESH, s.write_thresh())?;
+        m.set_param(i, P_MAGIC, s.magic)?;
+        m.set_param(i, P_LEDGER, runtime::ledger(i, npages))?;
+    }
+    let data_errors: Vec<std::sync::atomic::AtomicU64> = (0..cfg.vcpus).map(|_| Default::default()).collect();
+    let start = Instant::now();
+    let words = npages.div_ceil(64) as usize;
+    let mem_pages = npages * cfg.vcpus as u64;
+    let ledger_words = runtime::ledger_bytes(npages) / 8;
+
+    // One harvest point: all vCPUs paused (or finished).
+    let harvest_round = |m: &Machine| -> Result<Round> {
+        let tp = Instant::now();
+        m.pause_all(Duration::from_secs(30))?;
+        let pause = tp.elapsed();
+        let mut bitmap = vec![0u64; mem_pages.div_ceil(64) as usize];
+        let th = Instant::now();
+        let dirty = be.harvest(0, mem_pages * PAGE, &mut bitmap)?;
+        let harvest = th.elapsed();
+        let mut r = Round { dirty, pause, harvest, ..Default::default() };
+        for i in 0..cfg.vcpus {
+            let lbase = runtime::ledger(i, npages);
+            for w in 0..words as u64 {
+                let l = read_guest_u64(&*be, lbase + 8 * w).unwrap_or(0);
+                for b in 0..64 {
+                    let p = w * 64 + b;
+                    if p >= npages {
+                        break;
+                    }
+                    let led = l & (1 << b) != 0;
+                    let h = bit(&bitmap, i as u64 * npages + p);
+                    r.ledger += u64::from(led);
+                    r.missed += u64::from(led && !h);
+                    r.spurious += u64::from(h && !led);
+                }
+            }
+            for w in 0..ledger_words {
+                write_guest_u64(&*be, lbase + 8 * w, 0);
+            }
+        }
+        Ok(r)
+    };
+
+    let stop_ports = |i: usize, ev: Event| -> Action {
+        match ev {
+            Event::Unserved(f, e) => Action::Fatal(format!(
+                "vCPU {i}: guest access at {:#x} (error code {:#x}, rip {:#x}) outside every mapping: {e:?}",
+                f.gpa, f.err, f.rip
+            )),
+            Event::Port(PORT_DONE, _) => Action::Stop,
+            Event::Port(PORT_DATA_ERROR, r) => {
+                data_errors[i].fetch_add(1, Ordering::Relaxed);
+                eprintln!("vCPU {i}: data error at {:#x}: read {:#x}", r[1], r[2]);
+                Action::Continue
+            }
+            Event::Port(p, r) => Action::Fatal(format!("vCPU {i}: unexpected report {p:#x} {r:x?}")),
+            Event::Served(_) => Action::Continue,
+        }
+    };
+
+    let rounds = m.run(stop_ports, |m| {
+        let mut rounds = Vec::new();
+        let interval = cfg.duration / (cfg.rounds + 1);
+        let mut next_round = start + interval;
+        let end = start + cfg.duration;
+        let mut last_progress = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= end || m.control.finished() > 0 {
+                break;
+            }
+            if now >= next_round && (rounds.len() as u32) < cfg.rounds {
+                rounds.push(harvest_round(m)?);
+                m.resume_all()?;
+                next_round += interval;
+            }
+            if last_progress.elapsed() >= Duration::from_millis(250) {
+                last_progress = Instant::now();
+                progress(Progress {
+                    elapsed: start.elapsed(),
+                    faults: m.total(|s| &s.faults),
+                    resident: be.resident(),
+                    rounds: rounds.len(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5).min(end.saturating_duration_since(Instant::now())));
+        }
+        // Stop: the guests finish their operation, run the verify pass and
+        // report done; a last harvest covers everything since the last round.
+        for i in 0..m.nvcpus() {
+            m.set_param(i, P_CTRL, 2)?;
+        }
+        m.control.wait_all_paused(m.nvcpus(), Duration::from_secs(60))?;
+        Ok(rounds)
+    });
+    let elapsed = start.elapsed();
+    let mut rounds = rounds?;
+    // Final round, all vCPUs finished (the verify pass only reads data).
+    rounds.push(harvest_round(&m)?);
+
+    // Replay each vCPU (in parallel) and compare memory with the image.
+    let ops: Vec<u64> = (0..cfg.vcpus).map(|i| m.param(i, P_OPS)).collect();
+    let be2 = &be;
+    let vcpus: Vec<VcpuReport> = std::thread::scope(|s| {
+        let hs: Vec<_> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let ops = ops[i];
+                s.spawn(move || {
+                    let img = Replay::image(*spec, ops);
+                    let mut bad = 0;
+                    for p in 0..spec.npages {
+                        let gpa = spec.base + p * PAGE;
+                        let b = (p * USED_WORDS) as usize;
+                        let ok = (0..USED_WORDS as usize)
+                            .all(|w| read_guest_u64(&**be2, gpa + 8 * w as u64).unwrap_or(0) == img[b + w]);
+                        bad += u64::from(!ok);
+                    }
+                    (bad, checksum(&img))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let (bad_pages, expected_checksum) = h.join().unwrap_or((u64::MAX, 0));
+                VcpuReport {
+                    ops: ops[i],
+                    faults: m.stats[i].faults.load(Ordering::Relaxed),
+                    exits: m.stats[i].exits.load(Ordering::Relaxed),
+                    bad_pages,
+                    guest_checksum: m.param(i, P_CHECKSUM),
+                    expected_checksum,
+                    guest_bad_headers: m.param(i, P_BAD_PAGES),
+                    data_errors: data_errors[i].load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    });
+    let st = be.inval_stats();
+    Ok(RunReport {
+        detection,
+        mode,
+        elapsed,
+        rounds,
+        vcpus,
+        faults: m.total(|s| &s.faults),
+        fault_host_time: Duration::from_nanos(m.total(|s| &s.fault_host_ns)),
+        fault_run_time: Duration::from_nanos(m.total(|s| &s.fault_run_ns)),
+        resident: be.resident(),
+        table_pages: be.table_pages(),
+        generation: be.generation(),
+        kicks: m.kicks(),
+        flushes: m.total(|s| &s.flushes),
+        frames_dropped: st.frames_dropped.load(Ordering::Relaxed),
+        drop_time: Duration::from_nanos(st.drop_ns.load(Ordering::Relaxed)),
+        zaps: vm.zap_count(),
+        zap_time: vm.zap_time(),
+    })
+}

@@ -1,0 +1,401 @@
+//! The production backend: a `vmspace::VmSpace` whose RAM is a memfd
+//! reservoir and whose table pages live in a KVM memory slot.
+//!
+//! Frame numbers are KVM guest-physical pages: the reservoir's frame base
+//! is [`RAM_KVM_BASE`] / 4 KiB and its file is mapped a second time (the
+//! *KVM view*) and registered as a memory slot there; table pages come from
+//! [`SlotPages`] at [`TABLES_KVM_BASE`].
+//!
+//! Every vCPU thread has its own `VmClient` with a kick hook (signal plus
+//! `immediate_exit`); `table_enter`/`table_exit` bracket each `KVM_RUN`.
+//! The backend keeps one more client of its own that never enters guest
+//! context: its invalidation callback makes changes effective on a
+//! shadow-paging host, whether or not vCPU threads exist at the time:
+//!
+//! - unmap: the KVM view of every frame of the range is dropped
+//!   (`MADV_DONTNEED`), which makes KVM zap its shadow entries for them; if
+//!   table pages were freed (a non-leaf change) all shadow pages are zapped;
+//! - dirty-bit changes made by someone else than [`SpaceBackend::harvest`]
+//!   (which drops exactly the frames it cleared): all shadow pages are zapped;
+//! - on a hardware-nested host nothing is needed here: the generation bump
+//!   makes each vCPU reload CR3 before it resumes.
+
+use crate::backend::{Backend, FaultError, InvalStats, RAM_KVM_BASE, TABLES_KVM_BASE, VcpuMem, npt_format};
+use crate::mem::{PAGE, SharedRegion};
+use crate::slot_pages::SlotPages;
+use crate::vcpu::{Exit, KickHandle};
+use crate::vm::{KvmError, KvmVm, PagingMode, Result};
+use nested_pt::{Access, NestedTable, Pfn, Prot};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vmspace::{Cause, HostView, Invalidation, MemfdReservoir, SpaceConfig, VmClient, VmObject, VmSpace};
+
+/// Default dirty-page count above which a harvest zaps every shadow page
+/// rather than dropping frames one by one (measured on our shadow host: a
+/// frame drop costs ~6 µs plus ~20 µs when the frame is next touched; a zap
+/// ~70 µs plus ~3 µs per page touched afterwards).
+pub const DEFAULT_ZAP_THRESHOLD: u64 = 16;
+
+/// Size of the vmspace: 1 TiB (RAM in the first 512 GiB, runtime above).
+pub const SPACE_SIZE: u64 = 1 << 40;
+
+/// The KVM view of the reservoir file.
+struct KvmView(HostView);
+
+// SAFETY: the view is a shared mapping that is only used through its
+// address (registered with KVM, and madvise); it is unmapped on drop, after
+// the VM (which holds no Rust reference into it) no longer runs vCPUs.
+unsafe impl Send for KvmView {}
+// SAFETY: as above; no method mutates the view.
+unsafe impl Sync for KvmView {}
+
+/// The reservoir arena by address (the host view of every frame).
+#[derive(Debug, Clone, Copy)]
+struct HostArena {
+    host: usize,
+    len: u64,
+    frame_base: u64,
+}
+
+impl HostArena {
+    fn host_ptr(&self, pfn: Pfn, off: u64) -> Option<*mut u8> {
+        let i = pfn.0.checked_sub(self.frame_base)?;
+        (i * PAGE < self.len).then(|| (self.host + (i * PAGE + off % PAGE) as usize) as *mut u8)
+    }
+}
+
+/// State the invalidation callback needs (shared with the backend).
+struct Inval {
+    vm: Arc<KvmVm>,
+    mode: PagingMode,
+    view: KvmView,
+    frame_base: u64,
+    frees: Arc<AtomicU64>,
+    frees_at_zap: AtomicU64,
+    handled_gen: Mutex<u64>,
+    own_harvest: AtomicBool,
+    stats: InvalStats,
+}
+
+impl Inval {
+    /// Drops the KVM view of `pfns` (coalescing runs of consecutive frames).
+    fn drop_frames(&self, pfns: impl Iterator<Item = Pfn>) -> Result<u64> {
+        let t = Instant::now();
+        let mut n = 0;
+        let mut run: Option<(u64, u64)> = None;
+        let base = self.view.0.as_ptr() as u64;
+        let flush = |(first, count): (u64, u64)| -> Result<()> {
+            let off = (first - self.frame_base) * PAGE;
+            // SAFETY: the range lies inside our KVM view of the reservoir
+            // file (frames come from the reservoir); MADV_DONTNEED on a
+            // shared file mapping drops page-table entries, never data.
+            let r = unsafe {
+                libc::madvise((base + off) as *mut libc::c_void, (count * PAGE) as usize, libc::MADV_DONTNEED)
+            };
+            if r != 0 {
+                return Err(KvmError::Os("madvise(MADV_DONTNEED)", std::io::Error::last_os_error()));
+            }
+            Ok(())
+        };
+        for p in pfns {
+            if p.0 < self.frame_base || (p.0 - self.frame_base) * PAGE >= self.view.0.len() as u64 {
+                continue;
+            }
+            n += 1;
+            run = match run {
+                Some((f, c)) if f + c == p.0 => Some((f, c + 1)),
+                Some(r) => {
+                    flush(r)?;
+                    Some((p.0, 1))
+                }
+                None => Some((p.0, 1)),
+            };
+        }
+        if let Some(r) = run {
+            flush(r)?;
+        }
+        self.stats.frames_dropped.fetch_add(n, Ordering::Relaxed);
+        self.stats.drop_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn zap(&self) {
+        if self.vm.zap_all().is_ok() {
+            self.stats.zaps.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_invalidate(&self, inv: &Invalidation<'_>) {
+        if self.mode != PagingMode::Shadow {
+            return;
+        }
+        {
+            let mut h = self.handled_gen.lock().expect("inval lock");
+            if inv.generation <= *h {
+                return;
+            }
+            *h = inv.generation;
+        }
+        match &inv.cause {
+            Cause::Unmap { object, offset } => {
+                let pages = inv.len / PAGE;
+                let frames = (0..pages).filter_map(|i| object.frame_at(offset + i * PAGE));
+                if self.drop_frames(frames).is_err() {
+                    self.zap();
+                }
+                let frees = self.frees.load(Ordering::SeqCst);
+                if frees != self.frees_at_zap.swap(frees, Ordering::SeqCst) {
+                    self.zap();
+                }
+            }
+            Cause::Dirty => {
+                if !self.own_harvest.load(Ordering::SeqCst) {
+                    self.zap();
+                }
+            }
+            Cause::Tracking => self.zap(),
+        }
+    }
+}
+
+/// A vmspace run by KVM vCPUs.
+pub struct SpaceBackend {
+    vm: Arc<KvmVm>,
+    space: VmSpace<SlotPages>,
+    reservoir: Arc<MemfdReservoir>,
+    arena: HostArena,
+    inval: Arc<Inval>,
+    admin: Mutex<VmClient<SlotPages>>,
+    mode: PagingMode,
+    /// Harvests with more dirty pages than this zap all shadow pages
+    /// instead of dropping each frame (shadow hosts).
+    pub zap_threshold: AtomicU64,
+}
+
+impl std::fmt::Debug for SpaceBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpaceBackend").field("mode", &self.mode).finish_non_exhaustive()
+    }
+}
+
+fn vs(what: &str) -> impl Fn(vmspace::Error) -> KvmError + '_ {
+    move |e| KvmError::Setup(format!("{what}: {e:?}"))
+}
+
+impl SpaceBackend {
+    /// A vmspace with `ram_limit` bytes of reservoir and `table_bytes` of
+    /// table pages, dirty tracking on, registered with `vm`.
+    pub fn new(vm: Arc<KvmVm>, ram_limit: u64, table_bytes: u64, mode: PagingMode) -> Result<Self> {
+        let treg = Arc::new(SharedRegion::new("vmm-tables", table_bytes).map_err(|e| KvmError::Os("memfd", e))?);
+        vm.add_region(treg.clone(), TABLES_KVM_BASE)?;
+        let pages = SlotPages::new(treg, TABLES_KVM_BASE, Some(vm.clone()));
+        let frees = pages.free_counter();
+        let frame_base = RAM_KVM_BASE / PAGE;
+        let reservoir = Arc::new(MemfdReservoir::new(ram_limit, Pfn(frame_base)).map_err(vs("reservoir"))?);
+        let arena = vmspace::Reservoir::arena(&*reservoir);
+        let view = reservoir.map_view(Pfn(frame_base), arena.pages(), true).map_err(vs("KVM view"))?;
+        // SAFETY: the view lives in `inval`, owned by the backend, which
+        // owns the VM's last use: vCPUs only run while a Machine holds the
+        // backend.
+        unsafe { vm.add_raw_region(view.as_ptr() as u64, view.len() as u64, RAM_KVM_BASE)? };
+        let arena = HostArena { host: arena.host.as_ptr() as usize, len: arena.len as u64, frame_base };
+        let mut cfg = SpaceConfig::new(SPACE_SIZE, npt_format(&vm));
+        cfg.track_dirty = true;
+        let space = VmSpace::new(cfg, pages).map_err(vs("vmspace"))?;
+        let inval = Arc::new(Inval {
+            vm: vm.clone(),
+            mode,
+            view: KvmView(view),
+            frame_base,
+            frees,
+            frees_at_zap: AtomicU64::new(0),
+            handled_gen: Mutex::new(0),
+            own_harvest: AtomicBool::new(false),
+            stats: InvalStats::default(),
+        });
+        let admin = space.client();
+        let i2 = inval.clone();
+        admin.set_invalidation(Some(move |inv: &Invalidation<'_>| i2.on_invalidate(inv)));
+        Ok(SpaceBackend {
+            vm,
+            space,
+            reservoir,
+            arena,
+            inval,
+            admin: Mutex::new(admin),
+            mode,
+            zap_threshold: AtomicU64::new(DEFAULT_ZAP_THRESHOLD),
+        })
+    }
+
+    /// The vmspace.
+    pub fn space(&self) -> &VmSpace<SlotPages> {
+        &self.space
+    }
+
+    /// The reservoir objects are allocated from.
+    pub fn reservoir(&self) -> Arc<MemfdReservoir> {
+        self.reservoir.clone()
+    }
+
+    /// A new RAM object of `size` bytes.
+    pub fn ram_object(&self, size: u64) -> Result<Arc<VmObject>> {
+        VmObject::ram(self.reservoir.clone(), size).map_err(vs("RAM object"))
+    }
+
+    /// Host pointer to byte `off` of `object` (through the host view).
+    pub fn object_ptr(&self, object: &VmObject, off: u64) -> Option<*mut u8> {
+        self.arena.host_ptr(object.frame_at(off)?, off)
+    }
+
+    /// Writes `bytes` into `object` at `off` through the host view.
+    pub fn write_object(&self, object: &VmObject, off: u64, bytes: &[u8]) -> Result<()> {
+        for (k, chunk) in bytes.chunks(PAGE as usize).enumerate() {
+            let p = self
+                .object_ptr(object, off + k as u64 * PAGE)
+                .ok_or_else(|| KvmError::Setup("object write out of range".into()))?;
+            // SAFETY: a raw copy into one resident page of the object.
+            unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), p, chunk.len()) };
+        }
+        Ok(())
+    }
+
+    /// Maps a new object holding `bytes` (padded to pages) at `gpa` with
+    /// `prot`, resident.
+    pub fn map_bytes(&self, gpa: u64, bytes: &[u8], len: u64, prot: Prot) -> Result<Arc<VmObject>> {
+        let obj = self.ram_object(len)?;
+        self.write_object(&obj, 0, bytes)?;
+        self.space.map(&obj, 0, gpa, len, prot).map_err(vs("map"))?;
+        self.space.populate(gpa, len).map_err(vs("populate"))?;
+        Ok(obj)
+    }
+
+    /// Maps the runtime for `nvcpus` vCPUs whose regions have `npages`
+    /// pages each: ROM (read + execute), data and ledgers (read + write).
+    pub fn map_runtime(&self, rom: &[u8], nvcpus: usize, npages: u64) -> Result<()> {
+        use crate::runtime::*;
+        self.map_bytes(RT_BASE, rom, rom.len() as u64, Prot::READ | Prot::EXEC)?;
+        for i in 0..nvcpus {
+            self.map_bytes(params(i), &[], DATA_PAGES * PAGE, Prot::READ | Prot::WRITE)?;
+        }
+        self.map_bytes(LEDGER_BASE, &[], nvcpus as u64 * ledger_bytes(npages), Prot::READ | Prot::WRITE)?;
+        Ok(())
+    }
+
+    /// Invalidation counters.
+    pub fn inval_stats(&self) -> &InvalStats {
+        &self.inval.stats
+    }
+
+    /// Paging mode.
+    pub fn mode(&self) -> PagingMode {
+        self.mode
+    }
+
+    /// Pages the reservoir has handed out.
+    pub fn reservoir_pages(&self) -> u64 {
+        vmspace::Reservoir::stats(&*self.reservoir).allocated / PAGE
+    }
+
+    /// Unmaps `[gpa, gpa+len)` (one whole mapping): see `VmSpace::unmap`.
+    pub fn unmap(&self, gpa: u64, len: u64) -> Result<()> {
+        self.space.unmap(gpa, len).map_err(vs("unmap"))
+    }
+
+    /// Maps `object` at `gpa`.
+    pub fn map(&self, object: &Arc<VmObject>, gpa: u64, len: u64, prot: Prot) -> Result<()> {
+        self.space.map(object, 0, gpa, len, prot).map_err(vs("map"))
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Arc<KvmVm> {
+        &self.vm
+    }
+
+    /// Keeps the admin client alive (it carries the invalidation callback).
+    pub fn admin_client_orphaned(&self) -> bool {
+        self.admin.lock().expect("admin client").is_orphaned()
+    }
+}
+
+struct SpaceVcpu {
+    client: VmClient<SlotPages>,
+    cpu: u32,
+}
+
+impl VcpuMem for SpaceVcpu {
+    fn entered(&mut self, run: &mut dyn FnMut(u64) -> Result<Exit>) -> Result<Exit> {
+        let on = self.client.table_enter(self.cpu).map_err(vs("table_enter"))?;
+        let r = run(on.generation());
+        on.exit();
+        r
+    }
+
+    fn fault(&mut self, gpa: u64, access: Access) -> std::result::Result<(), FaultError> {
+        let prot = match access {
+            Access::Read => Prot::READ,
+            Access::Write => Prot::WRITE,
+            Access::Execute => Prot::EXEC,
+        };
+        self.client.fault(gpa, prot).map_err(|e| match e {
+            vmspace::Error::NoMapping => FaultError::NoMapping,
+            vmspace::Error::Protection => FaultError::Protection,
+            _ => FaultError::Host,
+        })
+    }
+}
+
+impl Backend for SpaceBackend {
+    fn describe(&self) -> String {
+        "vmspace".into()
+    }
+    fn cr3(&self) -> u64 {
+        self.space.table_root()
+    }
+    fn format(&self) -> nested_pt::PteFormat {
+        *self.space.format()
+    }
+    fn vcpu_mem(&self, vcpu: usize, kick: Arc<KickHandle>) -> Result<Box<dyn VcpuMem + '_>> {
+        let client = self.space.client();
+        client.set_kick(Some(move |_cpu: u32| kick.kick()));
+        Ok(Box::new(SpaceVcpu { client, cpu: vcpu as u32 }))
+    }
+    fn host_ptr(&self, gpa: u64) -> Option<*mut u8> {
+        let (pfn, _) = self.space.lookup(gpa)?;
+        self.arena.host_ptr(pfn, gpa)
+    }
+    fn harvest(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
+        self.inval.own_harvest.store(true, Ordering::SeqCst);
+        let r = self.space.track_dirty(gpa, len, bitmap);
+        self.inval.own_harvest.store(false, Ordering::SeqCst);
+        let n = r.map_err(vs("track_dirty"))?;
+        if self.mode == PagingMode::Shadow && n > self.zap_threshold.load(Ordering::Relaxed) {
+            // Many frames: one zap of every shadow page is far cheaper than
+            // dropping each frame (a dropped frame costs a host page fault
+            // as well as a shadow fault when it is next touched).
+            self.inval.zap();
+        } else if self.mode == PagingMode::Shadow && n > 0 {
+            // The cleared bits only take effect once KVM drops the shadow
+            // entries that still allow writes without setting D.
+            let space = &self.space;
+            let frames = (0..len / PAGE)
+                .filter(|p| bitmap[(p / 64) as usize] & (1 << (p % 64)) != 0)
+                .filter_map(|p| space.lookup(gpa + p * PAGE).map(|(pfn, _)| pfn));
+            self.inval.drop_frames(frames)?;
+        }
+        Ok(n)
+    }
+    fn resident(&self) -> u64 {
+        self.space.resident_count()
+    }
+    fn generation(&self) -> u64 {
+        self.space.table_gen()
+    }
+    fn table_pages(&self) -> u64 {
+        self.space.with_table(|t| t.table_pages() as u64)
+    }
+    fn with_table(&self, f: &mut dyn FnMut(&NestedTable<SlotPages>)) {
+        self.space.with_table(|t| f(t))
+    }
+}

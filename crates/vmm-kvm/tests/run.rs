@@ -1,0 +1,46 @@
+//! End-to-end runs of the built-in workloads (need /dev/kvm).
+
+use std::time::Duration;
+use vmm_kvm::kvm_available;
+use vmm_kvm::run::{RunConfig, run};
+use vmm_kvm::workload::Mode;
+
+fn skip() -> bool {
+    if let Err(e) = kvm_available() {
+        eprintln!("SKIPPED: {e}");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn write_heavy_harvest_rounds_miss_nothing() {
+    if skip() {
+        return;
+    }
+    let cfg = RunConfig {
+        vcpus: 2,
+        mem_bytes: 32 << 20,
+        mode: Mode::Mixed,
+        write_pct: 80,
+        duration: Duration::from_millis(1500),
+        rounds: 12,
+        ..RunConfig::default()
+    };
+    let r = run(&cfg, &mut |_| {}).expect("run");
+    eprintln!("{r:#?}");
+    assert!(r.rounds.len() >= 2, "too few harvest rounds ran");
+    for (k, round) in r.rounds.iter().enumerate() {
+        assert_eq!(round.missed, 0, "round {k}: written pages missed by the harvest");
+        assert_eq!(round.spurious, 0, "round {k}: pages reported dirty that no one wrote");
+    }
+    assert!(r.rounds.iter().filter(|x| x.dirty > 0).count() >= 2, "harvests saw no writes");
+    for (i, v) in r.vcpus.iter().enumerate() {
+        assert!(v.ops > 0, "vCPU {i} made no progress");
+        assert_eq!(v.bad_pages, 0, "vCPU {i}: pages differ from the replayed image");
+        assert_eq!(v.guest_bad_headers, 0, "vCPU {i}: misplaced pages");
+        assert_eq!(v.guest_checksum, v.expected_checksum, "vCPU {i}: checksum");
+        assert_eq!(v.data_errors, 0);
+    }
+    assert!(r.ok());
+}
