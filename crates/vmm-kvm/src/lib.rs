@@ -11,6 +11,7 @@ pub mod slot_pages;
 pub mod space;
 pub mod vcpu;
 pub mod vm;
+pub mod watch;
 pub mod workload;
 
 pub use vm::{KvmError, KvmVm, PagingMode, Result, kvm_available};

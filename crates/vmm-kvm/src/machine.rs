@@ -56,9 +56,8 @@ pub enum Event {
     Unserved(FaultInfo, FaultError),
     /// A fault the backend served (only reported when `report_served`).
     Served(FaultInfo),
-    /// An `out` to a port other than the fault and pause ports, with rax,
-    /// rsi, rdi.
-    Port(u16, [u64; 3]),
+    /// A report other than a pause, with rax, rdx, rsi, rdi.
+    Port(u16, [u64; 4]),
 }
 
 /// What the handler wants done.
@@ -354,7 +353,7 @@ impl Machine {
                             continue;
                         }
                         let r = v.regs();
-                        match handler(i, Event::Port(port, [r.rax, r.rsi, r.rdi])) {
+                        match handler(i, Event::Port(port, [r.rax, r.rdx, r.rsi, r.rdi])) {
                             Action::Continue | Action::Skip(_) => {}
                             Action::Stop => return Ok(()),
                             Action::Fatal(m) => return Err(KvmError::Guest(m)),
@@ -392,7 +391,7 @@ impl Machine {
                 }
                 Exit::Out(p) => {
                     let r = v.regs();
-                    match handler(i, Event::Port(p, [r.rax, r.rsi, r.rdi])) {
+                    match handler(i, Event::Port(p, [r.rax, r.rdx, r.rsi, r.rdi])) {
                         Action::Continue | Action::Skip(_) => {}
                         Action::Stop => return Ok(()),
                         Action::Fatal(m) => return Err(KvmError::Guest(m)),

@@ -253,7 +253,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
             Event::Port(PORT_DONE, _) => Action::Stop,
             Event::Port(PORT_DATA_ERROR, r) => {
                 data_errors[i].fetch_add(1, Ordering::Relaxed);
-                eprintln!("vCPU {i}: data error at {:#x}: read {:#x}", r[1], r[2]);
+                eprintln!("vCPU {i}: data error at {:#x}: read {:#x}", r[2], r[3]);
                 Action::Continue
             }
             Event::Port(p, r) => Action::Fatal(format!("vCPU {i}: unexpected report {p:#x} {r:x?}")),

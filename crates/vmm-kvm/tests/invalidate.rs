@@ -1,0 +1,44 @@
+//! Unmap and remap while vCPUs run (need /dev/kvm): once the call returns,
+//! no vCPU may see the old frame; the guests check it themselves.
+
+use std::time::Duration;
+use vmm_kvm::detect::detect;
+use vmm_kvm::kvm_available;
+use vmm_kvm::watch::run_watch;
+
+fn skip() -> bool {
+    if let Err(e) = kvm_available() {
+        eprintln!("SKIPPED: {e}");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn unmap_while_running_leaves_no_stale_translation() {
+    if skip() {
+        return;
+    }
+    let mode = detect().expect("detect").mode;
+    let r = run_watch(2, 1, true, Duration::from_millis(30), mode).expect("watch run");
+    eprintln!("{r:?}");
+    assert_eq!(r.violations, 0, "a vCPU read the unmapped frame after unmap returned");
+    for (i, f) in r.faults.iter().enumerate() {
+        assert!(*f > 0, "vCPU {i} never faulted on the unmapped page");
+    }
+    assert!(r.kicks > 0, "the vCPUs were in the guest but nobody kicked them");
+}
+
+#[test]
+fn remap_while_running_shows_only_new_contents() {
+    if skip() {
+        return;
+    }
+    let mode = detect().expect("detect").mode;
+    let r = run_watch(2, 40, false, Duration::from_millis(3), mode).expect("watch run");
+    eprintln!("{r:?}");
+    assert_eq!(r.changes, 40);
+    assert_eq!(r.violations, 0, "a vCPU saw an old object's contents after remap returned");
+    assert!(r.reads.iter().all(|&n| n > 1000), "watchers made too little progress: {:?}", r.reads);
+    assert!(r.kicks > 0);
+}
