@@ -252,13 +252,13 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         if !prot.intersects(Prot::READ | Prot::WRITE) || prot.contains(Prot::EXEC) {
             return Err(Invalid::BadProt.into());
         }
-        let (found, seq) = self.active(|| {
+        let (found, host, seq) = self.active(|| {
             let f = self.data(|d| self.lookup_map(d, gpa, prot, true))?;
+            let host = f.host.ok_or(Error::NoHostView)?;
             // Counted while active, so an unmap (which waits for us) sees it.
             self.shared.hold_taken();
-            Ok((f, self.space.unmap_seq.load(Relaxed)))
+            Ok((f, host, self.space.unmap_seq.load(Relaxed)))
         })?;
-        let host = found.host.ok_or(Error::NoHostView)?;
         Ok(PageHold {
             client: self,
             gpa,

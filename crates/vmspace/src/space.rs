@@ -152,6 +152,8 @@ pub(crate) struct Inner<P: TablePages, L: RawLock> {
     data: Cell<Data<P>>,
     pub(crate) size: u64,
     pub(crate) format: PteFormat,
+    /// The root table's frame: never freed or replaced while the table lives.
+    root: Pfn,
     /// Bits that mark a leaf dirty without granting write access.
     pub(crate) dirty_bits: u64,
     pub(crate) fault_around: u64,
@@ -264,8 +266,8 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         let (cleared, freed_tables) = unsafe {
             self.with_data_mut(|d| {
                 let before = d.table.table_pages();
-                let cleared = d.table.unmap_region(Gpa(gpa), len).map_err(Error::Table)?;
-                d.table.vacate_region(Gpa(gpa), len, PageSize::Size4K).map_err(Error::Table)?;
+                // One pass over the leaf entries: clear and vacate.
+                let cleared = d.table.unmap_vacate_region(Gpa(gpa), len, PageSize::Size4K).map_err(Error::Table)?;
                 d.maps.remove(&gpa);
                 Ok::<_, Error>((cleared, d.table.table_pages() < before))
             })
@@ -328,6 +330,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             return Err(Error::Unsupported);
         }
         let table = NestedTable::new(config.format, pages).map_err(Error::Table)?;
+        let root = table.root();
         let fa = config.fault_around.clamp(1, 512);
         let fault_around = 1u64 << (31 - fa.leading_zeros());
         // Workaround: nested-pt's `set_dirty_bits` is crate-private. Marking
@@ -345,6 +348,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 data: Cell::new(Data { table, maps: BTreeMap::new() }),
                 size: config.size,
                 format: config.format,
+                root,
                 dirty_bits,
                 fault_around,
                 records_access: records_access(&config.format),
@@ -475,16 +479,12 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// The root pointer hardware is given (EPTP with the A/D bit when
     /// tracking, or nCR3).
     pub fn table_root(&self) -> u64 {
-        // SAFETY: the root never changes; reading it under the lock keeps
-        // the access rule simple.
-        self.inner
-            .locked(|_| unsafe { self.inner.with_data(|d| d.table.root_pointer(self.inner.track_dirty.load(Relaxed))) })
+        self.inner.format.root_pointer(self.inner.root, self.inner.track_dirty.load(Acquire))
     }
 
-    /// The root table's frame.
+    /// The root table's frame (fixed for the life of the space).
     pub fn table_root_pfn(&self) -> Pfn {
-        // SAFETY: as in `table_root`.
-        self.inner.locked(|_| unsafe { self.inner.with_data(|d| d.table.root()) })
+        self.inner.root
     }
 
     /// The table generation: bumped by every change after which a vCPU
