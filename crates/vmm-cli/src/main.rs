@@ -1,3 +1,618 @@
-fn main() {
-    println!("Hello, world!");
+//! `vmm`: run guests whose every memory access goes through our nested
+//! tables, inspect a vmspace, and measure.
+//!
+//! This binary owns no memory logic: it parses options, calls
+//! [`vmm_kvm`] (which runs KVM vCPUs over a [`vmspace`] whose tables come
+//! from [`nested_pt`]) and prints results, as text for people or as JSON
+//! (`--json`) for scripts. Every failure is reported as a message and a
+//! non-zero exit status; nothing here panics on bad input or on a host
+//! without `/dev/kvm`.
+//!
+//! Subcommands:
+//! - `run`: the built-in workloads on real vCPUs with dirty-harvest rounds,
+//!   and a summary (faults, residency, dirty pages per round, generations,
+//!   kicks, the host's invalidation mode). Exit status 1 when a check fails.
+//! - `inspect`: mappings and a decoded table dump of the built-in layout
+//!   (no KVM needed) or of a short `vmm run` (`--run`).
+//! - `bench`: exit round trip, nested-fault cost and our share of it, KVM's
+//!   own first-touch cost, harvest and invalidation costs.
+//! - `conformance`: the slot for the bare-metal conformance kernel
+//!   (`hwtest::run_conformance`), wired by the hwtest crate.
+//!
+//! Known gaps: `migrate` (roadmap row 5) is not here yet.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+use vmm_kvm::run::{RunConfig, RunReport};
+use vmm_kvm::workload::Mode;
+use vmm_kvm::{PagingMode, bench, detect, inspect, kvm_available, run, watch};
+
+#[derive(Parser, Debug)]
+#[command(name = "vmm", version, about = "Nested-paging guest memory on KVM: run, inspect, bench")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Workload {
+    /// Sequential touch of every page, pass after pass.
+    Touch,
+    /// Random read/write mix from a seeded generator.
+    Random,
+    /// One sequential pass, then the random mix.
+    Mixed,
+}
+
+impl From<Workload> for Mode {
+    fn from(w: Workload) -> Mode {
+        match w {
+            Workload::Touch => Mode::Touch,
+            Workload::Random => Mode::Random,
+            Workload::Mixed => Mode::Mixed,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RunArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    vcpus: usize,
+    /// Guest memory (bytes; K, M, G suffixes).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+    /// Workload every vCPU runs on its share of memory.
+    #[arg(long, value_enum, default_value_t = Workload::Mixed)]
+    workload: Workload,
+    /// Percentage of random operations that write.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    write_pct: u32,
+    /// Running time (e.g. 2s, 500ms).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Dirty-harvest rounds during the run (a final one follows).
+    #[arg(long, default_value_t = 4)]
+    rounds: u32,
+    /// Seed of the guests' generators.
+    #[arg(long, default_value_t = 0x5eed)]
+    seed: u64,
+    /// Pages each nested fault maps around the faulting one.
+    #[arg(long, default_value_t = 16)]
+    fault_around: u32,
+    /// Also reload CR3 in the guest on every generation change (the
+    /// hardware-nested protocol) on a shadow-paging host.
+    #[arg(long)]
+    force_flush: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the built-in workloads on KVM vCPUs translated by our tables.
+    Run(RunArgs),
+    /// Print a vmspace's mappings and a decoded table dump.
+    Inspect {
+        /// Dump the vmspace of a short `vmm run` instead of the built-in layout.
+        #[arg(long)]
+        run: bool,
+        /// Present leaves shown per leaf table.
+        #[arg(long, default_value_t = 8)]
+        leaves: usize,
+    },
+    /// Measure exit and fault costs, harvest and invalidation.
+    Bench {
+        /// Memory touched by the first-touch benchmark.
+        #[arg(long, default_value = "64M", value_parser = parse_size)]
+        mem: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Conformance of the table formats on emulated SVM+NPT and VMX+EPT
+    /// (provided by the hwtest crate).
+    Conformance {
+        /// Arguments passed to the conformance runner.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|e| format!("bad size {s:?}: {e}"))?;
+    n.checked_mul(mul).ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let v: f64 = num.parse().map_err(|e| format!("bad duration {s:?}: {e}"))?;
+    let secs = match unit {
+        "" | "s" => v,
+        "ms" => v / 1e3,
+        "us" => v / 1e6,
+        "m" => v * 60.0,
+        _ => return Err(format!("unknown duration unit in {s:?}")),
+    };
+    if !(0.0..=86400.0).contains(&secs) {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Serialize)]
+struct RoundJson {
+    dirty: u64,
+    ledger: u64,
+    missed: u64,
+    spurious: u64,
+    harvest_us: f64,
+    pause_us: f64,
+}
+
+#[derive(Serialize)]
+struct VcpuJson {
+    ops: u64,
+    faults: u64,
+    exits: u64,
+    bad_pages: u64,
+    checksum_ok: bool,
+    misplaced_headers: u64,
+    data_errors: u64,
+}
+
+#[derive(Serialize)]
+struct RunJson {
+    ok: bool,
+    invalidation_mode: String,
+    kvm_module: Option<String>,
+    elapsed_s: f64,
+    nested_faults: u64,
+    faults_per_s: f64,
+    our_code_us_per_fault: f64,
+    pages_resident: u64,
+    table_pages: u64,
+    generation: u64,
+    kicks: u64,
+    cr3_flushes: u64,
+    frames_dropped: u64,
+    shadow_zaps: u64,
+    zap_ms: f64,
+    rounds: Vec<RoundJson>,
+    vcpus: Vec<VcpuJson>,
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn mode_name(m: PagingMode) -> &'static str {
+    match m {
+        PagingMode::Shadow => "shadow",
+        PagingMode::HardwareNested => "hardware-nested",
+    }
+}
+
+fn run_json(r: &RunReport) -> RunJson {
+    RunJson {
+        ok: r.ok(),
+        invalidation_mode: mode_name(r.mode).into(),
+        kvm_module: r.detection.as_ref().map(|d| d.module.clone()),
+        elapsed_s: r.elapsed.as_secs_f64(),
+        nested_faults: r.faults,
+        faults_per_s: r.faults as f64 / r.elapsed.as_secs_f64(),
+        our_code_us_per_fault: us(r.fault_host_time) / r.faults.max(1) as f64,
+        pages_resident: r.resident,
+        table_pages: r.table_pages,
+        generation: r.generation,
+        kicks: r.kicks,
+        cr3_flushes: r.flushes,
+        frames_dropped: r.frames_dropped,
+        shadow_zaps: r.zaps,
+        zap_ms: r.zap_time.as_secs_f64() * 1e3,
+        rounds: r
+            .rounds
+            .iter()
+            .map(|x| RoundJson {
+                dirty: x.dirty,
+                ledger: x.ledger,
+                missed: x.missed,
+                spurious: x.spurious,
+                harvest_us: us(x.harvest),
+                pause_us: us(x.pause),
+            })
+            .collect(),
+        vcpus: r
+            .vcpus
+            .iter()
+            .map(|v| VcpuJson {
+                ops: v.ops,
+                faults: v.faults,
+                exits: v.exits,
+                bad_pages: v.bad_pages,
+                checksum_ok: v.guest_checksum == v.expected_checksum,
+                misplaced_headers: v.guest_bad_headers,
+                data_errors: v.data_errors,
+            })
+            .collect(),
+    }
+}
+
+fn print_run(r: &RunReport) {
+    println!("vmm run: {}", if r.ok() { "all checks passed" } else { "CHECKS FAILED" });
+    match &r.detection {
+        Some(d) => println!("  host:            {} ({}); invalidation: {}", d.module, mode_name(r.mode), r.mode),
+        None => println!("  host:            {} (given); invalidation: {}", mode_name(r.mode), r.mode),
+    }
+    println!("  time:            {:.3} s", r.elapsed.as_secs_f64());
+    println!(
+        "  nested faults:   {} ({:.0}/s; our code {:.2} us per fault)",
+        r.faults,
+        r.faults as f64 / r.elapsed.as_secs_f64(),
+        us(r.fault_host_time) / r.faults.max(1) as f64
+    );
+    println!("  pages resident:  {} ({} MiB), table pages {}", r.resident, r.resident * 4 / 1024, r.table_pages);
+    println!("  generations:     {}   kicks: {}   CR3 flushes: {}", r.generation, r.kicks, r.flushes);
+    println!(
+        "  invalidation:    {} frames dropped ({:.1} us each), {} shadow zaps ({:.1} us each)",
+        r.frames_dropped,
+        us(r.drop_time) / r.frames_dropped.max(1) as f64,
+        r.zaps,
+        us(r.zap_time) / r.zaps.max(1) as f64
+    );
+    println!("  harvest rounds (dirty pages / guest ledger / missed / spurious / harvest time):");
+    for (k, x) in r.rounds.iter().enumerate() {
+        let last = if k + 1 == r.rounds.len() { " (final)" } else { "" };
+        println!(
+            "    {:2}: {:7} / {:7} / {} / {}  {:8.1} us{last}",
+            k + 1,
+            x.dirty,
+            x.ledger,
+            x.missed,
+            x.spurious,
+            us(x.harvest)
+        );
+    }
+    for (i, v) in r.vcpus.iter().enumerate() {
+        println!(
+            "  vCPU {i}: {} ops, {} faults, {} exits; data {}",
+            v.ops,
+            v.faults,
+            v.exits,
+            if v.bad_pages == 0 && v.guest_checksum == v.expected_checksum && v.guest_bad_headers == 0 {
+                "intact (checksum matches the replay)".to_string()
+            } else {
+                format!(
+                    "DAMAGED: {} pages differ, {} misplaced, checksum {:#x} vs {:#x}",
+                    v.bad_pages, v.guest_bad_headers, v.guest_checksum, v.expected_checksum
+                )
+            }
+        );
+    }
+}
+
+fn need_kvm(what: &str) -> Result<(), ExitCode> {
+    if let Err(e) = kvm_available() {
+        eprintln!("vmm {what}: KVM is not available on this host ({e}); it needs a readable and writable /dev/kvm.");
+        return Err(ExitCode::from(2));
+    }
+    Ok(())
+}
+
+fn cmd_run(a: RunArgs) -> ExitCode {
+    if let Err(c) = need_kvm("run") {
+        return c;
+    }
+    let cfg = RunConfig {
+        vcpus: a.vcpus,
+        mem_bytes: a.mem,
+        mode: a.workload.into(),
+        write_pct: a.write_pct,
+        duration: a.duration,
+        rounds: a.rounds,
+        seed: a.seed,
+        force_flush: a.force_flush,
+        fault_around: a.fault_around,
+        ..RunConfig::default()
+    };
+    let show = !a.json && a.duration > Duration::from_secs(1);
+    let mut progress = |p: run::Progress| {
+        if show {
+            eprint!(
+                "\r  {:5.1}/{:.1} s  faults {:8}  resident {:8} pages  rounds {}   ",
+                p.elapsed.as_secs_f64(),
+                a.duration.as_secs_f64(),
+                p.faults,
+                p.resident,
+                p.rounds
+            );
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let r = run::run(&cfg, &mut progress);
+    if show {
+        eprintln!();
+    }
+    match r {
+        Ok(r) => {
+            if a.json {
+                match serde_json::to_string_pretty(&run_json(&r)) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("vmm run: cannot encode JSON: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print_run(&r);
+            }
+            if r.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => {
+            eprintln!("vmm run: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cmd_inspect(from_run: bool, leaves: usize) -> ExitCode {
+    if !from_run {
+        return match inspect::builtin_layout_dump(leaves) {
+            Ok(s) => {
+                println!("built-in layout (heap table pages, no KVM):");
+                print!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmm inspect: {e:?}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Err(c) = need_kvm("inspect --run") {
+        return c;
+    }
+    let cfg = RunConfig {
+        vcpus: 2,
+        mem_bytes: 8 << 20,
+        duration: Duration::from_millis(200),
+        rounds: 1,
+        snapshot: true,
+        ..RunConfig::default()
+    };
+    match run::run(&cfg, &mut |_| {}) {
+        Ok(r) => {
+            println!("snapshot of a `vmm run` (2 vCPUs, 8 MiB, mixed workload) after it stopped:");
+            print!("{}", r.snapshot.unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmm inspect: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct BenchJson {
+    invalidation_mode: String,
+    exit_round_trip_us: f64,
+    first_touch: Vec<FirstTouchJson>,
+    harvest_adaptive: HarvestJson,
+    harvest_zap: HarvestJson,
+    harvest_frame_drop: HarvestJson,
+    frame_drop_us: Option<f64>,
+    zap_us: Option<f64>,
+    unmap_with_kick_us: f64,
+    remap_with_kick_us: f64,
+    kicks: u64,
+}
+
+#[derive(Serialize)]
+struct FirstTouchJson {
+    fault_around: u32,
+    pages: u64,
+    faults: u64,
+    faults_per_s: f64,
+    us_per_fault: f64,
+    our_code_us_per_fault: f64,
+    our_share: f64,
+    us_per_page: f64,
+    kvm_own_us_per_page: Option<f64>,
+    warm_us_per_page: f64,
+}
+
+#[derive(Serialize)]
+struct HarvestJson {
+    rounds: usize,
+    mean_dirty_pages: f64,
+    mean_harvest_us: f64,
+    missed: u64,
+    guest_ops: u64,
+}
+
+fn harvest_bench(mode: PagingMode, zap_threshold: u64) -> Result<HarvestJson, vmm_kvm::KvmError> {
+    let cfg = RunConfig {
+        vcpus: 2,
+        mem_bytes: 64 << 20,
+        mode: Mode::Random,
+        write_pct: 10,
+        duration: Duration::from_millis(1200),
+        rounds: 10,
+        mode_override: Some(mode),
+        zap_threshold,
+        ..RunConfig::default()
+    };
+    let r = run::run(&cfg, &mut |_| {})?;
+    let rounds = &r.rounds[..r.rounds.len() - 1];
+    let n = rounds.len().max(1) as f64;
+    Ok(HarvestJson {
+        rounds: rounds.len(),
+        mean_dirty_pages: rounds.iter().map(|x| x.dirty as f64).sum::<f64>() / n,
+        mean_harvest_us: rounds.iter().map(|x| us(x.harvest)).sum::<f64>() / n,
+        missed: r.rounds.iter().map(|x| x.missed).sum(),
+        guest_ops: r.vcpus.iter().map(|v| v.ops).sum(),
+    })
+}
+
+fn cmd_bench(mem: u64, json: bool) -> ExitCode {
+    if let Err(c) = need_kvm("bench") {
+        return c;
+    }
+    let res = (|| -> Result<BenchJson, vmm_kvm::KvmError> {
+        let d = detect::detect()?;
+        let mode = d.mode;
+        let rt = bench::exit_round_trip(Duration::from_millis(500), mode)?;
+        let mut ft = Vec::new();
+        for fa in [1u32, 16] {
+            let f = bench::first_touch(mem, fa, mode)?;
+            let pages = f.pages as f64;
+            ft.push(FirstTouchJson {
+                fault_around: fa,
+                pages: f.pages,
+                faults: f.faults,
+                faults_per_s: f.faults_per_sec(),
+                us_per_fault: us(f.per_fault()),
+                our_code_us_per_fault: us(f.ours_per_fault()),
+                our_share: f.our_share(),
+                us_per_page: us(f.first_pass) / pages,
+                kvm_own_us_per_page: f.kvm_pass.map(|t| us(t) / pages),
+                warm_us_per_page: us(f.warm_pass) / pages,
+            });
+        }
+        let ha = harvest_bench(mode, vmm_kvm::space::DEFAULT_ZAP_THRESHOLD)?;
+        let hz = harvest_bench(mode, 0)?;
+        let hd = harvest_bench(mode, u64::MAX)?;
+        let w = watch::run_watch(2, 30, false, Duration::from_millis(2), mode)?;
+        let u = watch::run_watch(2, 1, true, Duration::from_millis(5), mode)?;
+        let mean = |v: &[Duration]| v.iter().map(|d| us(*d)).sum::<f64>() / v.len().max(1) as f64;
+        Ok(BenchJson {
+            invalidation_mode: mode_name(mode).into(),
+            exit_round_trip_us: us(rt.per_exit()),
+            first_touch: ft,
+            harvest_adaptive: ha,
+            harvest_zap: hz,
+            harvest_frame_drop: hd,
+            frame_drop_us: d.frame_drop_time.map(us),
+            zap_us: d.zap_time.map(us),
+            unmap_with_kick_us: mean(&u.change_times),
+            remap_with_kick_us: mean(&w.change_times),
+            kicks: w.kicks + u.kicks,
+        })
+    })();
+    let b = match res {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("vmm bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&b) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("vmm bench: cannot encode JSON: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    println!("vmm bench (host invalidation mode: {})", b.invalidation_mode);
+    println!("  exit round trip (doorbell #PF -> stub -> user space -> back): {:.2} us", b.exit_round_trip_us);
+    for f in &b.first_touch {
+        println!(
+            "  first touch, fault-around {:2}: {} faults, {:.0} faults/s, {:.2} us/fault, our code {:.2} us ({:.1}%), {:.2} us/page",
+            f.fault_around,
+            f.faults,
+            f.faults_per_s,
+            f.us_per_fault,
+            f.our_code_us_per_fault,
+            100.0 * f.our_share,
+            f.us_per_page
+        );
+        if let Some(k) = f.kvm_own_us_per_page {
+            println!(
+                "      KVM's own first touch after a full zap: {k:.2} us/page; warm pass {:.3} us/page",
+                f.warm_us_per_page
+            );
+        }
+    }
+    for (name, h) in [
+        ("adaptive", &b.harvest_adaptive),
+        ("zap always", &b.harvest_zap),
+        ("frame drop always", &b.harvest_frame_drop),
+    ] {
+        println!(
+            "  harvest ({name}): {} rounds, {:.0} dirty pages/round, {:.1} us/round, missed {}, guest ops {}",
+            h.rounds, h.mean_dirty_pages, h.mean_harvest_us, h.missed, h.guest_ops
+        );
+    }
+    if let (Some(fd), Some(z)) = (b.frame_drop_us, b.zap_us) {
+        println!("  shadow invalidation: one frame drop {fd:.1} us, one full zap {z:.1} us");
+    }
+    println!(
+        "  unmap while 2 vCPUs run (kick + wait + invalidate): {:.1} us; remap: {:.1} us; kicks {}",
+        b.unmap_with_kick_us, b.remap_with_kick_us, b.kicks
+    );
+    ExitCode::SUCCESS
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run(a) => cmd_run(a),
+        Cmd::Inspect { run, leaves } => cmd_inspect(run, leaves),
+        Cmd::Bench { mem, json } => cmd_bench(mem, json),
+        Cmd::Conformance { args } => {
+            let _ = args;
+            eprintln!(
+                "vmm conformance: provided by the hwtest crate (hwtest::run_conformance); not wired into this binary yet"
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("3h").is_err());
+    }
+
+    #[test]
+    fn default_run_arguments() {
+        let cli = Cli::try_parse_from(["vmm", "run"]).expect("parse");
+        let Cmd::Run(a) = cli.cmd else { panic!("not run") };
+        assert_eq!((a.vcpus, a.mem, a.rounds), (2, 256 << 20, 4));
+        assert!(Cli::try_parse_from(["vmm", "run", "--write-pct", "101"]).is_err());
+    }
 }

@@ -16,6 +16,7 @@
 //! | `0x22` | workload | paused at a harvest point (host cleared `ctrl` before resuming) |
 //! | `0x24` | random read | data error: `rsi` = address, `rdi` = value read |
 //! | `0x25` | watch | stale read (value below the epoch): `rax` = value, `rdx` = epoch |
+//! | `0x26` | ping | no-op report (round-trip benchmark) |
 //! | `0x30` | probe | one probe access done (host compares A/D bits) |
 //! | `0x80 + v` | stub | unexpected exception `v` (fatal) |
 //!
@@ -88,6 +89,8 @@ pub const PORT_PAUSE: u16 = 0x22;
 pub const PORT_DATA_ERROR: u16 = 0x24;
 /// Port of the watch-violation exit.
 pub const PORT_WATCH_VIOLATION: u16 = 0x25;
+/// Port of the ping doorbell (exit round-trip benchmark).
+pub const PORT_PING: u16 = 0x26;
 /// Port of the probe-step exit.
 pub const PORT_PROBE_STEP: u16 = 0x30;
 /// First port of the unexpected-exception exits (`0x80 + vector`).
@@ -150,6 +153,8 @@ vmm_guest_entry:
     je vmm_guest_probe
     cmp rbx, 4
     je vmm_guest_watch
+    cmp rbx, 5
+    je vmm_guest_ping
     mov r14, [r15 + 0x08]
     mov r13, [r15 + 0x10]
     mov r12, [r15 + 0x18]
@@ -318,6 +323,15 @@ vmm_guest_watch:
     test byte ptr [r15 + 0x8025], 0
 72: inc qword ptr [r15 + 0x78]
     jmp 71b
+    /* ping: ring doorbell 0x26 in a loop (measures the exit round trip) */
+vmm_guest_ping:
+81: mov rax, [r15 + 0x38]
+    test rax, rax
+    jnz 69b
+    test byte ptr [r15 + 0x8026], 0
+    inc qword ptr [r15 + 0x78]
+    jmp 81b
+
     .globl vmm_guest_watch_fault
 vmm_guest_watch_fault:
     inc qword ptr [r15 + 0x90]

@@ -36,6 +36,12 @@ pub struct RunConfig {
     pub mode_override: Option<PagingMode>,
     /// Also inject the CR3 reload on shadow hosts (exercises the path).
     pub force_flush: bool,
+    /// Dump the vmspace (mappings and tables) at the end of the run.
+    pub snapshot: bool,
+    /// Pages a nested fault maps around the faulting one.
+    pub fault_around: u32,
+    /// Harvests with more dirty pages zap all shadow pages (shadow hosts).
+    pub zap_threshold: u64,
 }
 
 impl Default for RunConfig {
@@ -50,6 +56,9 @@ impl Default for RunConfig {
             seed: 0x5eed,
             mode_override: None,
             force_flush: false,
+            snapshot: false,
+            fault_around: 16,
+            zap_threshold: crate::space::DEFAULT_ZAP_THRESHOLD,
         }
     }
 }
@@ -129,6 +138,8 @@ pub struct RunReport {
     pub zaps: u64,
     /// Time spent in zaps.
     pub zap_time: Duration,
+    /// The vmspace dump, when asked for.
+    pub snapshot: Option<String>,
 }
 
 impl RunReport {
@@ -180,7 +191,14 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
     let rt_bytes = (runtime::ROM_PAGES + cfg.vcpus as u64 * runtime::DATA_PAGES) * PAGE
         + cfg.vcpus as u64 * runtime::ledger_bytes(npages);
     let table_bytes = (cfg.mem_bytes / 512 + (8 << 20)).next_multiple_of(PAGE);
-    let be = Arc::new(SpaceBackend::new(vm.clone(), cfg.mem_bytes + rt_bytes + (1 << 20), table_bytes, mode)?);
+    let be = Arc::new(SpaceBackend::with_fault_around(
+        vm.clone(),
+        cfg.mem_bytes + rt_bytes + (1 << 20),
+        table_bytes,
+        mode,
+        cfg.fault_around,
+    )?);
+    be.zap_threshold.store(cfg.zap_threshold, Ordering::Relaxed);
     let ram = be.ram_object(cfg.mem_bytes)?;
     be.map(&ram, 0, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
     be.map_runtime(&runtime::rom_image(&guest::code(), cfg.vcpus), cfg.vcpus, npages)?;
@@ -360,5 +378,6 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
         drop_time: Duration::from_nanos(st.drop_ns.load(Ordering::Relaxed)),
         zaps: vm.zap_count(),
         zap_time: vm.zap_time(),
+        snapshot: cfg.snapshot.then(|| crate::inspect::dump_space(be.space(), 8)),
     })
 }

@@ -31,10 +31,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vmspace::{Cause, HostView, Invalidation, MemfdReservoir, SpaceConfig, VmClient, VmObject, VmSpace};
 
-/// Default dirty-page count above which a harvest zaps every shadow page
-/// rather than dropping frames one by one (measured on our shadow host: a
-/// frame drop costs ~6 µs plus ~20 µs when the frame is next touched; a zap
-/// ~70 µs plus ~3 µs per page touched afterwards).
+/// Default dirty-page count above which a harvest may zap every shadow page
+/// rather than drop frames one by one (it also needs a quarter of the
+/// resident pages dirty). Measured on our shadow host: a frame drop costs
+/// ~6-8 µs plus a host and a shadow fault when the frame is next touched;
+/// a zap 70 µs to over 1 ms (it grows with the shadow pages) plus a shadow
+/// fault (~9 µs) for every page touched afterwards. `0` always zaps,
+/// `u64::MAX` never does.
 pub const DEFAULT_ZAP_THRESHOLD: u64 = 16;
 
 /// Size of the vmspace: 1 TiB (RAM in the first 512 GiB, runtime above).
@@ -187,6 +190,18 @@ impl SpaceBackend {
     /// A vmspace with `ram_limit` bytes of reservoir and `table_bytes` of
     /// table pages, dirty tracking on, registered with `vm`.
     pub fn new(vm: Arc<KvmVm>, ram_limit: u64, table_bytes: u64, mode: PagingMode) -> Result<Self> {
+        Self::with_fault_around(vm, ram_limit, table_bytes, mode, 16)
+    }
+
+    /// As [`new`](Self::new), with a fault-around window of `fault_around`
+    /// pages per nested fault.
+    pub fn with_fault_around(
+        vm: Arc<KvmVm>,
+        ram_limit: u64,
+        table_bytes: u64,
+        mode: PagingMode,
+        fault_around: u32,
+    ) -> Result<Self> {
         let treg = Arc::new(SharedRegion::new("vmm-tables", table_bytes).map_err(|e| KvmError::Os("memfd", e))?);
         vm.add_region(treg.clone(), TABLES_KVM_BASE)?;
         let pages = SlotPages::new(treg, TABLES_KVM_BASE, Some(vm.clone()));
@@ -202,6 +217,7 @@ impl SpaceBackend {
         let arena = HostArena { host: arena.host.as_ptr() as usize, len: arena.len as u64, frame_base };
         let mut cfg = SpaceConfig::new(SPACE_SIZE, npt_format(&vm));
         cfg.track_dirty = true;
+        cfg.fault_around = fault_around.max(1);
         let space = VmSpace::new(cfg, pages).map_err(vs("vmspace"))?;
         let inval = Arc::new(Inval {
             vm: vm.clone(),
@@ -370,7 +386,17 @@ impl Backend for SpaceBackend {
         let r = self.space.track_dirty(gpa, len, bitmap);
         self.inval.own_harvest.store(false, Ordering::SeqCst);
         let n = r.map_err(vs("track_dirty"))?;
-        if self.mode == PagingMode::Shadow && n > self.zap_threshold.load(Ordering::Relaxed) {
+        // Zap when many pages were dirty: more than the threshold and more
+        // than a quarter of the resident pages (a zap makes every resident
+        // page re-fault in KVM when next touched, a frame drop only the
+        // dropped frame, at about three times the cost).
+        let threshold = self.zap_threshold.load(Ordering::Relaxed);
+        let zap = match threshold {
+            0 => true,
+            u64::MAX => false,
+            t => n > t && n > self.space.resident_count() / 4,
+        };
+        if self.mode == PagingMode::Shadow && zap {
             // Many frames: one zap of every shadow page is far cheaper than
             // dropping each frame (a dropped frame costs a host page fault
             // as well as a shadow fault when it is next touched).

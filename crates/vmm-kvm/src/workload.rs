@@ -27,6 +27,8 @@ pub enum Mode {
     Probe = 3,
     /// Read one address in a loop (unmap/remap tests).
     Watch = 4,
+    /// Ring a no-op doorbell in a loop (exit round-trip benchmark).
+    Ping = 5,
 }
 
 /// Parameters of one vCPU's data workload.

@@ -1,0 +1,176 @@
+//! Measurements for `vmm bench`: exit round trip, nested-fault cost and the
+//! share of it spent in our code, KVM's own first-touch cost, harvest and
+//! invalidation costs. Programs, not tests: the numbers are reported, never
+//! asserted.
+
+use crate::guest::{self, P_CTRL, P_LEDGER, P_MAGIC, P_MODE, P_NPAGES, P_OPS, P_WATCH_READS};
+use crate::machine::{Action, Event, Machine};
+use crate::mem::PAGE;
+use crate::runtime;
+use crate::space::SpaceBackend;
+use crate::vm::{KvmError, KvmVm, PagingMode, Result};
+use crate::workload::Mode;
+use nested_pt::Prot;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// The exit round trip: a doorbell read at CPL 3 (#PF, the three-instruction
+/// stub, `out`, back to user space, and all the way back) with no work.
+#[derive(Debug, Clone)]
+pub struct RoundTrip {
+    /// Exits measured.
+    pub exits: u64,
+    /// Time they took.
+    pub elapsed: Duration,
+}
+
+impl RoundTrip {
+    /// Mean time per exit.
+    pub fn per_exit(&self) -> Duration {
+        self.elapsed / self.exits.max(1) as u32
+    }
+}
+
+fn one_vcpu(mem: u64, fault_around: u32, mode: PagingMode) -> Result<(Arc<SpaceBackend>, Machine)> {
+    let vm = Arc::new(KvmVm::new()?);
+    let npages = mem / PAGE;
+    let be = Arc::new(SpaceBackend::with_fault_around(
+        vm.clone(),
+        mem + (4 << 20),
+        mem / 256 + (4 << 20),
+        mode,
+        fault_around,
+    )?);
+    if mem > 0 {
+        let ram = be.ram_object(mem)?;
+        be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
+    }
+    be.map_runtime(&runtime::rom_image(&guest::code(), 1), 1, npages.max(1))?;
+    let m = Machine::new(vm, be.clone(), mode, 1)?;
+    Ok((be, m))
+}
+
+fn wait_param(m: &Machine, off: u64, at_least: u64, limit: Duration) -> Result<Instant> {
+    let t = Instant::now();
+    loop {
+        if m.param(0, off) >= at_least {
+            return Ok(Instant::now());
+        }
+        if t.elapsed() > limit || m.control.finished() > 0 {
+            return Err(KvmError::Guest("benchmark workload stalled".into()));
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+fn stop(m: &Machine) -> Result<()> {
+    m.set_param(0, P_CTRL, 2)?;
+    m.control.wait_all_paused(1, Duration::from_secs(30))?;
+    Ok(())
+}
+
+fn handler(i: usize, ev: Event) -> Action {
+    match ev {
+        Event::Port(guest::PORT_PING, _) => Action::Continue,
+        Event::Port(guest::PORT_DONE, _) => Action::Stop,
+        other => Action::Fatal(format!("vCPU {i}: unexpected {other:?}")),
+    }
+}
+
+/// Measures the exit round trip for about `duration`.
+pub fn exit_round_trip(duration: Duration, mode: PagingMode) -> Result<RoundTrip> {
+    let (_be, mut m) = one_vcpu(0, 1, mode)?;
+    m.set_param(0, P_MODE, Mode::Ping as u64)?;
+    m.run(handler, |m| {
+        wait_param(m, P_WATCH_READS, 100, Duration::from_secs(10))?;
+        let (n0, t0) = (m.param(0, P_WATCH_READS), Instant::now());
+        std::thread::sleep(duration);
+        let (n1, t1) = (m.param(0, P_WATCH_READS), Instant::now());
+        stop(m)?;
+        Ok(RoundTrip { exits: n1 - n0, elapsed: t1 - t0 })
+    })
+}
+
+/// First touch of fresh memory through nested faults, then again after a
+/// full shadow zap (KVM serves every fault itself), then warm.
+#[derive(Debug, Clone)]
+pub struct FirstTouch {
+    /// Pages touched per pass.
+    pub pages: u64,
+    /// Fault-around window.
+    pub fault_around: u32,
+    /// Nested faults served in the first pass.
+    pub faults: u64,
+    /// First pass (our nested faults).
+    pub first_pass: Duration,
+    /// Our code's time over the first pass's faults.
+    pub ours: Duration,
+    /// Time inside `KVM_RUN` for the runs that ended in those faults.
+    pub in_kvm_run: Duration,
+    /// Second pass after a zap of every shadow page (KVM-served faults only;
+    /// `None` on a hardware-nested host, where no zap is needed).
+    pub kvm_pass: Option<Duration>,
+    /// Third pass, everything mapped.
+    pub warm_pass: Duration,
+}
+
+impl FirstTouch {
+    /// Nested faults per second in the first pass.
+    pub fn faults_per_sec(&self) -> f64 {
+        self.faults as f64 / self.first_pass.as_secs_f64()
+    }
+    /// Our code per fault.
+    pub fn ours_per_fault(&self) -> Duration {
+        self.ours / self.faults.max(1) as u32
+    }
+    /// Wall time per fault, as the guest sees it (first pass less the warm pass).
+    pub fn per_fault(&self) -> Duration {
+        self.first_pass.saturating_sub(self.warm_pass) / self.faults.max(1) as u32
+    }
+    /// Share of each fault's time spent in our code.
+    pub fn our_share(&self) -> f64 {
+        self.ours_per_fault().as_secs_f64() / self.per_fault().as_secs_f64().max(1e-12)
+    }
+}
+
+/// Runs the first-touch benchmark over `mem` bytes with one vCPU.
+pub fn first_touch(mem: u64, fault_around: u32, mode: PagingMode) -> Result<FirstTouch> {
+    let (be, mut m) = one_vcpu(mem, fault_around, mode)?;
+    let n = mem / PAGE;
+    m.set_param(0, P_MODE, Mode::Touch as u64)?;
+    m.set_param(0, P_NPAGES, n)?;
+    m.set_param(0, P_MAGIC, 0x7ac4)?;
+    m.set_param(0, P_LEDGER, runtime::ledger(0, n))?;
+    let h = |i: usize, ev: Event| handler(i, ev);
+    m.run(h, |m| {
+        let start = Instant::now();
+        let t1 = wait_param(m, P_OPS, n, Duration::from_secs(60))?;
+        m.pause_all(Duration::from_secs(10))?;
+        let st = &m.stats[0];
+        let faults = st.faults.load(Ordering::Relaxed);
+        let ours = Duration::from_nanos(st.fault_host_ns.load(Ordering::Relaxed));
+        let in_kvm_run = Duration::from_nanos(st.fault_run_ns.load(Ordering::Relaxed));
+        let shadow = mode == PagingMode::Shadow;
+        if shadow {
+            m.vm.zap_all()?;
+        }
+        let t2s = Instant::now();
+        m.resume_all()?;
+        let t2 = wait_param(m, P_OPS, 2 * n, Duration::from_secs(60))?;
+        let t3s = Instant::now();
+        let t3 = wait_param(m, P_OPS, 3 * n, Duration::from_secs(60))?;
+        stop(m)?;
+        let _ = &be;
+        Ok(FirstTouch {
+            pages: n,
+            fault_around,
+            faults,
+            first_pass: t1 - start,
+            ours,
+            in_kvm_run,
+            kvm_pass: shadow.then_some(t2 - t2s),
+            warm_pass: t3 - t3s,
+        })
+    })
+}
