@@ -2,6 +2,7 @@
 
 use alloc::sync::Arc as StdArc;
 use alloc::vec::Vec;
+use core::cell::Cell;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
 use core::sync::atomic::AtomicU64 as EntryAtomic;
@@ -17,18 +18,33 @@ use crate::space::{Data, Inner, Invalidation, access_of};
 use crate::sync::{Arc, DefaultLock, RawLock};
 
 /// The last mapping a client resolved, valid while the space's map
-/// sequence number is unchanged.
-#[derive(Clone, Copy)]
-struct Cached {
-    seq: u64,
-    start: u64,
-    end: u64,
-    object: *const VmObject,
-    offset: u64,
-    prot: Prot,
+/// sequence number equals `seq`. Separate cells, so the hot path reads the
+/// fields it needs instead of copying a struct around.
+struct Cache {
+    seq: Cell<u64>,
+    start: Cell<u64>,
+    end: Cell<u64>,
+    object: Cell<*const VmObject>,
+    offset: Cell<u64>,
+    prot: Cell<Prot>,
     /// The 2 MiB region whose leaf table `leaf_table` is (or `u64::MAX`).
-    leaf_region: u64,
-    leaf_table: *const EntryAtomic,
+    leaf_region: Cell<u64>,
+    leaf_table: Cell<*const EntryAtomic>,
+}
+
+impl Cache {
+    fn new() -> Self {
+        Cache {
+            seq: Cell::new(u64::MAX),
+            start: Cell::new(0),
+            end: Cell::new(0),
+            object: Cell::new(core::ptr::null()),
+            offset: Cell::new(0),
+            prot: Cell::new(Prot::empty()),
+            leaf_region: Cell::new(u64::MAX),
+            leaf_table: Cell::new(core::ptr::null()),
+        }
+    }
 }
 
 /// Bytes one leaf table covers.
@@ -53,8 +69,8 @@ pub struct VmClient<P: TablePages, L: RawLock = DefaultLock> {
     space: Arc<Inner<P, L>>,
     shared: Arc<ClientShared<L>>,
     id: Option<u64>,
-    cache: core::cell::Cell<Option<Cached>>,
-    _not_sync: PhantomData<core::cell::Cell<()>>,
+    cache: Cache,
+    _not_sync: PhantomData<Cell<()>>,
 }
 
 // SAFETY: the cache holds a raw pointer that is only dereferenced while the
@@ -69,7 +85,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         if id.is_none() {
             shared.orphan();
         }
-        VmClient { space, shared, id, cache: core::cell::Cell::new(None), _not_sync: PhantomData }
+        VmClient { space, shared, id, cache: Cache::new(), _not_sync: PhantomData }
     }
 
     /// Whether the space is gone (every operation fails with
@@ -123,90 +139,86 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         r
     }
 
-    /// Resolve `gpa` to its mapping; client active.
+    /// Make the cache describe the mapping containing `gpa`; false when
+    /// there is none. Client active.
     #[inline]
-    fn mapping(&self, d: &Data<P>, gpa: u64) -> Option<Cached> {
+    fn mapping(&self, d: &Data<P>, gpa: u64) -> bool {
+        let c = &self.cache;
         let seq = self.space.map_seq.load(Acquire);
-        if let Some(c) = self.cache.get()
-            && c.seq == seq
-            && c.start <= gpa
-            && gpa < c.end
-        {
-            return Some(c);
+        if c.seq.get() == seq && c.start.get() <= gpa && gpa < c.end.get() {
+            return true;
         }
-        let (start, m) = d.mapping_at(gpa)?;
-        let c = Cached {
-            seq,
-            start,
-            end: start + m.len,
-            object: StdArc::as_ptr(&m.object),
-            offset: m.offset,
-            prot: m.prot,
-            leaf_region: u64::MAX,
-            leaf_table: core::ptr::null(),
-        };
-        self.cache.set(Some(c));
-        Some(c)
+        let Some((start, m)) = d.mapping_at(gpa) else { return false };
+        c.seq.set(seq);
+        c.start.set(start);
+        c.end.set(start + m.len);
+        c.object.set(StdArc::as_ptr(&m.object));
+        c.offset.set(m.offset);
+        c.prot.set(m.prot);
+        c.leaf_region.set(u64::MAX);
+        true
     }
 
-    /// The leaf entry for `gpa` (inside mapping `m`), from the cached leaf
-    /// table or by a walk that then fills the cache; `None` if the walk
-    /// finds no 4 KiB leaf present.
+    /// The leaf entry for `gpa` (inside the cached mapping), from the
+    /// cached leaf table or by a walk that then fills the cache; `None` if
+    /// the walk finds no 4 KiB leaf present.
     #[inline]
-    fn leaf_slot(&self, d: &Data<P>, m: &Cached, gpa: u64) -> Option<*const EntryAtomic> {
+    fn leaf_slot(&self, d: &Data<P>, gpa: u64) -> Option<*const EntryAtomic> {
         let idx = ((gpa / PAGE_SIZE) % 512) as usize;
         let region = gpa & !(LEAF_SPAN - 1);
-        if m.leaf_region == region {
+        if self.cache.leaf_region.get() == region {
             // SAFETY: the cached pointer is the leaf table of this 2 MiB
             // region; the mapping (still in place: same map sequence, and
             // the client is active) holds a populate count on it, so it is
             // allocated; idx < 512.
-            return Some(unsafe { m.leaf_table.add(idx) });
+            return Some(unsafe { self.cache.leaf_table.get().add(idx) });
         }
         let leaf = d.table.lookup(Gpa(gpa))?;
         if leaf.size != nested_pt::PageSize::Size4K {
             return None;
         }
         let slot = leaf.entry as *const EntryAtomic;
-        let mut c = *m;
-        c.leaf_region = region;
+        self.cache.leaf_region.set(region);
         // SAFETY: `slot` is entry `idx` of its 512-entry leaf table.
-        c.leaf_table = unsafe { slot.sub(idx) };
-        self.cache.set(Some(c));
+        self.cache.leaf_table.set(unsafe { slot.sub(idx) });
         Some(slot)
     }
 
     /// The data path: find (and if needed map) the page at `gpa` for
     /// `prot`; client active.
+    #[inline]
     fn lookup_map(&self, d: &Data<P>, gpa: u64, prot: Prot, host: bool) -> Result<Found> {
-        let m = self.mapping(d, gpa).ok_or(Error::NoMapping)?;
-        if !m.prot.contains(prot) {
+        if !self.mapping(d, gpa) {
+            return Err(Error::NoMapping);
+        }
+        let c = &self.cache;
+        let mprot = c.prot.get();
+        if !mprot.contains(prot) {
             return Err(Error::Protection);
         }
         // SAFETY: the mapping exists (map sequence unchanged while active)
         // and holds a reference to the object.
-        let object = unsafe { &*m.object };
+        let object = unsafe { &*c.object.get() };
         let fmt = &self.space.format;
         let present = |slot: *const EntryAtomic| {
             // SAFETY: slots come from `leaf_slot`, valid while active.
             let e = unsafe { &*slot }.load(Acquire);
             fmt.is_present(e).then_some(e)
         };
-        let (slot, e) = match self.leaf_slot(d, &m, gpa).and_then(|s| Some((s, present(s)?))) {
+        let (slot, e) = match self.leaf_slot(d, gpa).and_then(|s| Some((s, present(s)?))) {
             Some(found) => found,
             None => {
                 // Fault-around: an aligned window inside the mapping.
                 let w = self.space.fault_around * PAGE_SIZE;
-                let lo = (gpa & !(w - 1)).max(m.start);
-                let hi = ((gpa | (w - 1)) + 1).min(m.end);
-                let base = m.offset.wrapping_sub(m.start);
+                let lo = (gpa & !(w - 1)).max(c.start.get());
+                let hi = ((gpa | (w - 1)) + 1).min(c.end.get());
+                let base = c.offset.get().wrapping_sub(c.start.get());
                 let n = d
                     .table
-                    .map_range(Gpa(lo), hi - lo, m.prot, object.mem_type(), |p| object.frame_at(base.wrapping_add(p.0)))
+                    .map_range(Gpa(lo), hi - lo, mprot, object.mem_type(), |p| object.frame_at(base.wrapping_add(p.0)))
                     .map_err(Error::Table)?;
                 self.space.resident.fetch_add(n, Relaxed);
-                let m = self.cache.get().unwrap_or(m);
-                let slot = self.leaf_slot(d, &m, gpa).ok_or(Error::NoMapping)?;
+                let slot = self.leaf_slot(d, gpa).ok_or(Error::NoMapping)?;
                 (slot, present(slot).ok_or(Error::NoMapping)?)
             }
         };
@@ -220,7 +232,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             }
         }
         let pfn = fmt.frame(e);
-        let host = if host { Some(object.host_page(m.offset + (gpa - m.start))?) } else { None };
+        let host = if host { Some(object.host_page(c.offset.get() + (gpa - c.start.get()))?) } else { None };
         Ok(Found { pfn, entry: slot, host })
     }
 
@@ -288,12 +300,6 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         Ok(chain)
     }
 
-    /// A new client of the same space (not its holds or callbacks). The
-    /// clone of an orphaned client is orphaned.
-    pub fn try_clone(&self) -> VmClient<P, L> {
-        VmClient::new(self.space.clone())
-    }
-
     /// Release a hold (see [`PageHold::release`]).
     fn release(&self, h: &PageHold<'_, P, L>) -> bool {
         let shared = &*self.shared;
@@ -330,6 +336,15 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             // an unmap takes to retire holds before clearing any entry.
             shared.release_locked(h.gpa, h.seq, set_dirty)
         }
+    }
+}
+
+impl<P: TablePages, L: RawLock> Clone for VmClient<P, L> {
+    /// A new client of the same space (seed 004's `vmc_clone`): only the
+    /// association is cloned, not holds or callbacks. The clone of an
+    /// orphaned client is orphaned.
+    fn clone(&self) -> Self {
+        VmClient::new(self.space.clone())
     }
 }
 

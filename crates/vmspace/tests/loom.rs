@@ -117,7 +117,7 @@ fn space_destruction_races_client_destruction() {
         s.map(&o, 0, 0, PG, Prot::RW).unwrap();
         drop(o);
         let c = s.client();
-        let c2 = c.try_clone();
+        let c2 = c.clone();
         let t = loom::thread::spawn(move || {
             // The client may or may not be orphaned by now.
             match c.fault(0, Prot::READ) {

@@ -443,7 +443,7 @@ fn destroy_orphans_clients() {
     let o = ram(&r, 4);
     s.map(&o, 0, 0, 4 * PG, Prot::RW).unwrap();
     let c = s.client();
-    let c2 = c.try_clone();
+    let c2 = c.clone();
     let h = c.hold(PG, Prot::RW).unwrap();
     drop(o);
     s.destroy();
@@ -451,7 +451,7 @@ fn destroy_orphans_clients() {
     assert_eq!(c.fault(0, Prot::READ), Err(Error::Orphaned));
     assert_eq!(c2.hold(0, Prot::READ).unwrap_err(), Error::Orphaned);
     assert_eq!(c.table_enter(0).err(), Some(Error::Orphaned));
-    assert!(c.try_clone().is_orphaned());
+    assert!(c.clone().is_orphaned());
     assert!(s.client().is_orphaned());
     let mut b = [0u8];
     assert_eq!(s.map(&ram(&r, 1), 0, 0, PG, Prot::RW), Err(Error::Orphaned));
