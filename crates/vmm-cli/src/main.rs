@@ -30,6 +30,20 @@ use vmm_kvm::run::{RunConfig, RunReport};
 use vmm_kvm::workload::Mode;
 use vmm_kvm::{PagingMode, bench, detect, inspect, kvm_available, run, watch};
 
+/// `println!` that ignores a closed stdout (`vmm run | head` must not panic).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `print!` that ignores a closed stdout.
+macro_rules! outp {
+    ($($t:tt)*) => {{
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "vmm", version, about = "Nested-paging guest memory on KVM: run, inspect, bench")]
 struct Cli {
@@ -257,31 +271,31 @@ fn run_json(r: &RunReport) -> RunJson {
 }
 
 fn print_run(r: &RunReport) {
-    println!("vmm run: {}", if r.ok() { "all checks passed" } else { "CHECKS FAILED" });
+    out!("vmm run: {}", if r.ok() { "all checks passed" } else { "CHECKS FAILED" });
     match &r.detection {
-        Some(d) => println!("  host:            {} ({}); invalidation: {}", d.module, mode_name(r.mode), r.mode),
-        None => println!("  host:            {} (given); invalidation: {}", mode_name(r.mode), r.mode),
+        Some(d) => out!("  host:            {} ({}); invalidation: {}", d.module, mode_name(r.mode), r.mode),
+        None => out!("  host:            {} (given); invalidation: {}", mode_name(r.mode), r.mode),
     }
-    println!("  time:            {:.3} s", r.elapsed.as_secs_f64());
-    println!(
+    out!("  time:            {:.3} s", r.elapsed.as_secs_f64());
+    out!(
         "  nested faults:   {} ({:.0}/s; our code {:.2} us per fault)",
         r.faults,
         r.faults as f64 / r.elapsed.as_secs_f64(),
         us(r.fault_host_time) / r.faults.max(1) as f64
     );
-    println!("  pages resident:  {} ({} MiB), table pages {}", r.resident, r.resident * 4 / 1024, r.table_pages);
-    println!("  generations:     {}   kicks: {}   CR3 flushes: {}", r.generation, r.kicks, r.flushes);
-    println!(
+    out!("  pages resident:  {} ({} MiB), table pages {}", r.resident, r.resident * 4 / 1024, r.table_pages);
+    out!("  generations:     {}   kicks: {}   CR3 flushes: {}", r.generation, r.kicks, r.flushes);
+    out!(
         "  invalidation:    {} frames dropped ({:.1} us each), {} shadow zaps ({:.1} us each)",
         r.frames_dropped,
         us(r.drop_time) / r.frames_dropped.max(1) as f64,
         r.zaps,
         us(r.zap_time) / r.zaps.max(1) as f64
     );
-    println!("  harvest rounds (dirty pages / guest ledger / missed / spurious / harvest time):");
+    out!("  harvest rounds (dirty pages / guest ledger / missed / spurious / harvest time):");
     for (k, x) in r.rounds.iter().enumerate() {
         let last = if k + 1 == r.rounds.len() { " (final)" } else { "" };
-        println!(
+        out!(
             "    {:2}: {:7} / {:7} / {} / {}  {:8.1} us{last}",
             k + 1,
             x.dirty,
@@ -292,7 +306,7 @@ fn print_run(r: &RunReport) {
         );
     }
     for (i, v) in r.vcpus.iter().enumerate() {
-        println!(
+        out!(
             "  vCPU {i}: {} ops, {} faults, {} exits; data {}",
             v.ops,
             v.faults,
@@ -355,7 +369,7 @@ fn cmd_run(a: RunArgs) -> ExitCode {
         Ok(r) => {
             if a.json {
                 match serde_json::to_string_pretty(&run_json(&r)) {
-                    Ok(s) => println!("{s}"),
+                    Ok(s) => out!("{s}"),
                     Err(e) => {
                         eprintln!("vmm run: cannot encode JSON: {e}");
                         return ExitCode::FAILURE;
@@ -377,8 +391,8 @@ fn cmd_inspect(from_run: bool, leaves: usize) -> ExitCode {
     if !from_run {
         return match inspect::builtin_layout_dump(leaves) {
             Ok(s) => {
-                println!("built-in layout (heap table pages, no KVM):");
-                print!("{s}");
+                out!("built-in layout (heap table pages, no KVM):");
+                outp!("{s}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -400,8 +414,8 @@ fn cmd_inspect(from_run: bool, leaves: usize) -> ExitCode {
     };
     match run::run(&cfg, &mut |_| {}) {
         Ok(r) => {
-            println!("snapshot of a `vmm run` (2 vCPUs, 8 MiB, mixed workload) after it stopped:");
-            print!("{}", r.snapshot.unwrap_or_default());
+            out!("snapshot of a `vmm run` (2 vCPUs, 8 MiB, mixed workload) after it stopped:");
+            outp!("{}", r.snapshot.unwrap_or_default());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -527,7 +541,7 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
     };
     if json {
         match serde_json::to_string_pretty(&b) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => out!("{s}"),
             Err(e) => {
                 eprintln!("vmm bench: cannot encode JSON: {e}");
                 return ExitCode::FAILURE;
@@ -535,10 +549,10 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    println!("vmm bench (host invalidation mode: {})", b.invalidation_mode);
-    println!("  exit round trip (doorbell #PF -> stub -> user space -> back): {:.2} us", b.exit_round_trip_us);
+    out!("vmm bench (host invalidation mode: {})", b.invalidation_mode);
+    out!("  exit round trip (doorbell #PF -> stub -> user space -> back): {:.2} us", b.exit_round_trip_us);
     for f in &b.first_touch {
-        println!(
+        out!(
             "  first touch, fault-around {:2}: {} faults, {:.0} faults/s, {:.2} us/fault, our code {:.2} us ({:.1}%), {:.2} us/page",
             f.fault_around,
             f.faults,
@@ -549,7 +563,7 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
             f.us_per_page
         );
         if let Some(k) = f.kvm_own_us_per_page {
-            println!(
+            out!(
                 "      KVM's own first touch after a full zap: {k:.2} us/page; warm pass {:.3} us/page",
                 f.warm_us_per_page
             );
@@ -560,17 +574,23 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
         ("zap always", &b.harvest_zap),
         ("frame drop always", &b.harvest_frame_drop),
     ] {
-        println!(
+        out!(
             "  harvest ({name}): {} rounds, {:.0} dirty pages/round, {:.1} us/round, missed {}, guest ops {}",
-            h.rounds, h.mean_dirty_pages, h.mean_harvest_us, h.missed, h.guest_ops
+            h.rounds,
+            h.mean_dirty_pages,
+            h.mean_harvest_us,
+            h.missed,
+            h.guest_ops
         );
     }
     if let (Some(fd), Some(z)) = (b.frame_drop_us, b.zap_us) {
-        println!("  shadow invalidation: one frame drop {fd:.1} us, one full zap {z:.1} us");
+        out!("  shadow invalidation: one frame drop {fd:.1} us, one full zap {z:.1} us");
     }
-    println!(
+    out!(
         "  unmap while 2 vCPUs run (kick + wait + invalidate): {:.1} us; remap: {:.1} us; kicks {}",
-        b.unmap_with_kick_us, b.remap_with_kick_us, b.kicks
+        b.unmap_with_kick_us,
+        b.remap_with_kick_us,
+        b.kicks
     );
     ExitCode::SUCCESS
 }
