@@ -429,6 +429,8 @@ fn cmd_inspect(from_run: bool, leaves: usize) -> ExitCode {
 struct BenchJson {
     invalidation_mode: String,
     exit_round_trip_us: f64,
+    exit_in_kvm_run_us: f64,
+    exit_in_our_code_us: f64,
     first_touch: Vec<FirstTouchJson>,
     harvest_adaptive: HarvestJson,
     harvest_zap: HarvestJson,
@@ -521,6 +523,8 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
         Ok(BenchJson {
             invalidation_mode: mode_name(mode).into(),
             exit_round_trip_us: us(rt.per_exit()),
+            exit_in_kvm_run_us: us(rt.in_kvm_run) / rt.exits.max(1) as f64,
+            exit_in_our_code_us: us(rt.in_our_code) / rt.exits.max(1) as f64,
             first_touch: ft,
             harvest_adaptive: ha,
             harvest_zap: hz,
@@ -550,7 +554,12 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     out!("vmm bench (host invalidation mode: {})", b.invalidation_mode);
-    out!("  exit round trip (doorbell #PF -> stub -> user space -> back): {:.2} us", b.exit_round_trip_us);
+    out!(
+        "  exit round trip (doorbell #PF -> stub -> user space -> back): {:.2} us ({:.2} us inside KVM_RUN, {:.2} us in our code)",
+        b.exit_round_trip_us,
+        b.exit_in_kvm_run_us,
+        b.exit_in_our_code_us
+    );
     for f in &b.first_touch {
         out!(
             "  first touch, fault-around {:2}: {} faults, {:.0} faults/s, {:.2} us/fault, our code {:.2} us ({:.1}%), {:.2} us/page",

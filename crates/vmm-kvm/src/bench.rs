@@ -23,6 +23,10 @@ pub struct RoundTrip {
     pub exits: u64,
     /// Time they took.
     pub elapsed: Duration,
+    /// Of which inside `KVM_RUN` (guest, KVM, the exception delivery).
+    pub in_kvm_run: Duration,
+    /// Of which in our code (from `KVM_RUN` returning to the next call).
+    pub in_our_code: Duration,
 }
 
 impl RoundTrip {
@@ -84,11 +88,18 @@ pub fn exit_round_trip(duration: Duration, mode: PagingMode) -> Result<RoundTrip
     m.set_param(0, P_MODE, Mode::Ping as u64)?;
     m.run(handler, |m| {
         wait_param(m, P_WATCH_READS, 100, Duration::from_secs(10))?;
-        let (n0, t0) = (m.param(0, P_WATCH_READS), Instant::now());
+        let st = &m.stats[0];
+        let snap = || (st.run_ns.load(Ordering::Relaxed), st.host_ns.load(Ordering::Relaxed));
+        let (n0, t0, (r0, h0)) = (m.param(0, P_WATCH_READS), Instant::now(), snap());
         std::thread::sleep(duration);
-        let (n1, t1) = (m.param(0, P_WATCH_READS), Instant::now());
+        let (n1, t1, (r1, h1)) = (m.param(0, P_WATCH_READS), Instant::now(), snap());
         stop(m)?;
-        Ok(RoundTrip { exits: n1 - n0, elapsed: t1 - t0 })
+        Ok(RoundTrip {
+            exits: n1 - n0,
+            elapsed: t1 - t0,
+            in_kvm_run: Duration::from_nanos(r1 - r0),
+            in_our_code: Duration::from_nanos(h1 - h0),
+        })
     })
 }
 

@@ -24,6 +24,10 @@ pub struct VcpuStats {
     pub fault_run_ns: AtomicU64,
     /// All exits.
     pub exits: AtomicU64,
+    /// Nanoseconds inside `KVM_RUN`, all exits.
+    pub run_ns: AtomicU64,
+    /// Nanoseconds in our code between one `KVM_RUN` and the next.
+    pub host_ns: AtomicU64,
     /// Harvest points reached.
     pub pauses: AtomicU64,
     /// Faults the host did not serve (skipped or fatal).
@@ -300,6 +304,7 @@ impl Machine {
         let flush = self.mode == PagingMode::HardwareNested || self.force_flush;
         let mut flushed_gen = 0u64;
         let mut pending_fault: Option<Instant> = None;
+        let mut last_exit: Option<Instant> = None;
         loop {
             if self.control.stop.load(Ordering::SeqCst) {
                 return Ok(());
@@ -320,6 +325,10 @@ impl Machine {
                 v.run()
             });
             let t1 = Instant::now();
+            st.run_ns.fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
+            if let Some(te) = last_exit.replace(t1) {
+                st.host_ns.fetch_add((t0 - te).as_nanos() as u64, Ordering::Relaxed);
+            }
             if let Some(tf) = pending_fault.take() {
                 st.fault_host_ns.fetch_add((t0 - tf).as_nanos() as u64, Ordering::Relaxed);
             }
