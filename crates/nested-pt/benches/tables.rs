@@ -295,6 +295,21 @@ fn benches(c: &mut Criterion) {
                 BatchSize::PerIteration,
             )
         });
+        drop(t);
+        let mut t = mapped(bytes);
+        g.bench_function("harvest_10pct/ours_exclusive", |b| {
+            b.iter_custom(|iters| {
+                let mut total = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    dirty_10pct(&t, bytes);
+                    let start = std::time::Instant::now();
+                    let n = t.harvest_dirty_exclusive(Gpa(0), bytes, &mut bitmap).unwrap();
+                    total += start.elapsed();
+                    assert_eq!(n, pages.div_ceil(10));
+                }
+                total
+            })
+        });
         g.bench_function("harvest_10pct/seed", |b| {
             let s = Seed::new(&t);
             b.iter_batched(
@@ -307,7 +322,17 @@ fn benches(c: &mut Criterion) {
         });
         drop(t);
 
-        g.bench_function("unmap_vacate/ours", |b| {
+        g.bench_function("unmap_vacate/ours_one_pass", |b| {
+            b.iter_batched(
+                || mapped(bytes),
+                |mut t| {
+                    assert_eq!(t.unmap_vacate_region(Gpa(0), bytes, PageSize::Size4K).unwrap(), pages);
+                    t
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        g.bench_function("unmap_vacate/ours_two_calls", |b| {
             b.iter_batched(
                 || mapped(bytes),
                 |mut t| {

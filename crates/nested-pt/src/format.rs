@@ -184,6 +184,10 @@ impl PteFormat {
     pub fn addr_mask(&self) -> u64 {
         self.addr_mask
     }
+    /// The bits of which any one makes an entry present.
+    pub fn present_mask(&self) -> u64 {
+        self.present
+    }
     /// The bits that mean "accessed" in a leaf.
     pub fn accessed_mask(&self) -> u64 {
         self.accessed

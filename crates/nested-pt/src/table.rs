@@ -62,6 +62,14 @@ impl Node {
     }
 }
 
+/// How a dirty pass clears what it reports.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Clear {
+    No,
+    Locked,
+    Plain,
+}
+
 /// The entries on the path of a walk, root first.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Walk {
@@ -618,6 +626,27 @@ impl<P: TablePages> NestedTable<P> {
     /// 0) and, when `clear`, clears it in the leaves, visiting each leaf
     /// table once. Returns the number of dirty pages.
     pub fn scan_dirty(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: bool) -> Result<u64, Error> {
+        self.dirty_pass(gpa, len, bitmap, if clear { Clear::Locked } else { Clear::No })
+    }
+
+    /// Read-and-clear of the dirty state into `bitmap`: see
+    /// [`scan_dirty`](Self::scan_dirty). Each dirty entry is cleared with a
+    /// locked atomic AND, so this is safe against any concurrent use of the
+    /// table (vCPU faults, holds marking pages dirty, hardware).
+    pub fn harvest_dirty(&self, gpa: Gpa, len: u64, bitmap: &mut [u64]) -> Result<u64, Error> {
+        self.dirty_pass(gpa, len, bitmap, Clear::Locked)
+    }
+
+    /// [`harvest_dirty`](Self::harvest_dirty) for a caller with exclusive
+    /// access: no software can change an entry meanwhile, and hardware only
+    /// ever sets accessed/dirty bits, which are already set in an entry
+    /// that reads dirty, so each dirty entry is cleared with a plain store
+    /// instead of a locked operation.
+    pub fn harvest_dirty_exclusive(&mut self, gpa: Gpa, len: u64, bitmap: &mut [u64]) -> Result<u64, Error> {
+        self.dirty_pass(gpa, len, bitmap, Clear::Plain)
+    }
+
+    fn dirty_pass(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: Clear) -> Result<u64, Error> {
         let end = check_range(gpa, len, PageSize::Size4K)?;
         let pages = len >> 12;
         if (bitmap.len() as u64).saturating_mul(64) < pages {
@@ -640,31 +669,31 @@ impl<P: TablePages> NestedTable<P> {
                     if word == 0 {
                         continue;
                     }
-                    if clear {
-                        let mut w = word;
-                        while w != 0 {
-                            chunk[w.trailing_zeros() as usize].fetch_and(!dmask, Ordering::AcqRel);
-                            w &= w - 1;
+                    let mut w = if clear == Clear::No { 0 } else { word };
+                    while w != 0 {
+                        let e = &chunk[w.trailing_zeros() as usize];
+                        if clear == Clear::Plain {
+                            e.store(e.load(Ordering::Relaxed) & !dmask, Ordering::Relaxed);
+                        } else {
+                            e.fetch_and(!dmask, Ordering::AcqRel);
                         }
+                        w &= w - 1;
                     }
                     count += word.count_ones() as u64;
                     or_word(bitmap, first + c as u64 * 64, word);
                 }
             } else if entries[0].load(Ordering::Relaxed) & dmask != 0 {
-                if clear {
+                if clear != Clear::No {
                     entries[0].fetch_and(!dmask, Ordering::AcqRel);
                 }
                 set_bits(bitmap, first, size.pages());
                 count += size.pages();
             }
         });
+        if clear == Clear::Plain {
+            core::sync::atomic::fence(Ordering::Release);
+        }
         Ok(count)
-    }
-
-    /// Read-and-clear of the dirty state into `bitmap`: see
-    /// [`scan_dirty`](Self::scan_dirty).
-    pub fn harvest_dirty(&self, gpa: Gpa, len: u64, bitmap: &mut [u64]) -> Result<u64, Error> {
-        self.scan_dirty(gpa, len, bitmap, true)
     }
 
     // ---------------------------------------------------------------
@@ -951,7 +980,7 @@ fn prune<P: TablePages>(
         let slot_base = base + child.index as u64 * span;
         if clear && level == 2 && child.reserved == 0 {
             if let Some(t) = table_of(pages, child.pfn) {
-                count += t.iter().filter(|e| fmt.is_present(e.load(Ordering::Relaxed))).count() as u64;
+                count += count_present(t, fmt.present_mask());
             }
         } else {
             count += prune(child, level - 1, start.max(slot_base), end.min(slot_base + span), pages, fmt, clear);
@@ -997,6 +1026,18 @@ fn clear_bits(bitmap: &mut [u64], first: u64, count: u64) {
         bitmap[w] &= !mask;
         b += n;
     }
+}
+
+/// Number of present entries in a table (`mask`: the format's present
+/// bits), read as a straight run of loads.
+fn count_present(table: &Table, mask: u64) -> u64 {
+    let mut n = [0u64; 4];
+    for quad in table.chunks_exact(4) {
+        for (k, e) in quad.iter().enumerate() {
+            n[k] += (e.load(Ordering::Relaxed) & mask != 0) as u64;
+        }
+    }
+    n.iter().sum()
 }
 
 /// ORs the 64 bits of `word` into `bitmap` starting at bit `first`.

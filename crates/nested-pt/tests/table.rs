@@ -227,6 +227,15 @@ fn accessed_dirty_reset_and_harvest() {
             assert_eq!(bm[(p / 64) as usize] >> (p % 64) & 1 == 1, p % 10 == 0);
         }
         assert_eq!(t.harvest_dirty(Gpa(0), 4 * M2, &mut bm2), Ok(0));
+        for p in (3..2048u64).step_by(7) {
+            t.reset_dirty(Gpa(p * K4), true).unwrap();
+        }
+        let mut bm3 = vec![0u64; 32];
+        assert_eq!(t.harvest_dirty_exclusive(Gpa(0), 4 * M2, &mut bm3), Ok(293));
+        for p in 0..2048u64 {
+            assert_eq!(bm3[(p / 64) as usize] >> (p % 64) & 1 == 1, p >= 3 && (p - 3) % 7 == 0);
+        }
+        assert_eq!(t.harvest_dirty(Gpa(0), 4 * M2, &mut bm2), Ok(0));
         // Dirty survives an accessed reset (emulated format saves it).
         t.record_access(Gpa(K4), Access::Write).unwrap();
         t.reset_accessed(Gpa(K4), false).unwrap();
