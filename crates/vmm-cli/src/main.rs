@@ -414,7 +414,7 @@ fn cmd_inspect(from_run: bool, leaves: usize) -> ExitCode {
     };
     match run::run(&cfg, &mut |_| {}) {
         Ok(r) => {
-            out!("snapshot of a `vmm run` (2 vCPUs, 8 MiB, mixed workload) after it stopped:");
+            out!("snapshot of a running `vmm run` (2 vCPUs, 8 MiB, mixed workload), vCPUs paused at a harvest point:");
             outp!("{}", r.snapshot.unwrap_or_default());
             ExitCode::SUCCESS
         }

@@ -36,7 +36,8 @@ pub struct RunConfig {
     pub mode_override: Option<PagingMode>,
     /// Also inject the CR3 reload on shadow hosts (exercises the path).
     pub force_flush: bool,
-    /// Dump the vmspace (mappings and tables) at the end of the run.
+    /// Dump the vmspace (mappings and tables) at the first harvest point,
+    /// while the vCPUs are paused (at the end if no round ran).
     pub snapshot: bool,
     /// Pages a nested fault maps around the faulting one.
     pub fault_around: u32,
@@ -279,6 +280,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
         }
     };
 
+    let mut snapshot = None;
     let rounds = m.run(stop_ports, |m| {
         let mut rounds = Vec::new();
         let interval = cfg.duration / (cfg.rounds + 1);
@@ -292,6 +294,10 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
             }
             if now >= next_round && (rounds.len() as u32) < cfg.rounds {
                 rounds.push(harvest_round(m)?);
+                if cfg.snapshot && snapshot.is_none() {
+                    // The vCPUs are paused at a harvest point: a live view.
+                    snapshot = Some(crate::inspect::dump_space(be.space(), 8));
+                }
                 m.resume_all()?;
                 next_round += interval;
             }
@@ -378,6 +384,10 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
         drop_time: Duration::from_nanos(st.drop_ns.load(Ordering::Relaxed)),
         zaps: vm.zap_count(),
         zap_time: vm.zap_time(),
-        snapshot: cfg.snapshot.then(|| crate::inspect::dump_space(be.space(), 8)),
+        snapshot: if cfg.snapshot {
+            snapshot.or_else(|| Some(crate::inspect::dump_space(be.space(), 8)))
+        } else {
+            None
+        },
     })
 }

@@ -16,8 +16,8 @@ use crate::vm::{KvmError, KvmVm, Result};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use std::os::fd::AsRawFd;
-use std::sync::Once;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
 
 /// GDT selectors of the guest runtime.
 pub mod sel {
@@ -105,17 +105,27 @@ fn install_kick_handler() {
     });
 }
 
-/// Kicks one vCPU out of `KVM_RUN` from any thread.
+/// Whether the vCPU still exists, and the thread running it (0: none).
+#[derive(Debug)]
+struct KickState {
+    alive: bool,
+    thread: u64,
+}
+
+/// Kicks one vCPU out of `KVM_RUN` from any thread. The handle may outlive
+/// its vCPU: kicking a destroyed vCPU does nothing.
 #[derive(Debug)]
 pub struct KickHandle {
     immediate_exit: *const AtomicU8,
-    thread: AtomicU64,
+    state: Mutex<KickState>,
     kicks: AtomicU64,
 }
 
-// SAFETY: `immediate_exit` points into the vCPU's kvm_run mapping, which the
-// owning `Vcpu` keeps alive (the handle is only used while the vCPU exists:
-// the runner drops handles before vCPUs); it is accessed atomically only.
+// SAFETY: `immediate_exit` points into the vCPU's kvm_run mapping; it is
+// dereferenced only under `state` while `alive` is true, and the `Vcpu`
+// clears `alive` under the same lock before the mapping goes away. The
+// thread id is used under the lock too, and cleared by the vCPU thread
+// before it exits, so a signal never targets a thread that has ended.
 unsafe impl Send for KickHandle {}
 // SAFETY: as above.
 unsafe impl Sync for KickHandle {}
@@ -124,14 +134,17 @@ impl KickHandle {
     /// Forces the vCPU out of `KVM_RUN` (or makes its next entry return at
     /// once). Does not wait: waiting is the vmspace client's business.
     pub fn kick(&self) {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.alive {
+            return;
+        }
         self.kicks.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: see the Send/Sync argument: the kvm_run page is mapped.
+        // SAFETY: `alive` under the lock: the kvm_run page is mapped.
         unsafe { &*self.immediate_exit }.store(1, Ordering::SeqCst);
-        let t = self.thread.load(Ordering::SeqCst);
-        if t != 0 {
-            // SAFETY: `t` is the pthread of the vCPU thread, recorded by it
-            // and cleared by it before it exits.
-            unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+        if st.thread != 0 {
+            // SAFETY: the vCPU thread recorded itself and clears the id
+            // under this lock before it ends, so the thread exists.
+            unsafe { libc::pthread_kill(st.thread as libc::pthread_t, kick_signal()) };
         }
     }
 
@@ -183,8 +196,11 @@ impl Vcpu {
         fd.set_sync_valid_reg(SyncReg::SystemRegister);
         let run = fd.get_kvm_run();
         let ie = std::ptr::addr_of_mut!(run.immediate_exit) as *const AtomicU8;
-        let kick =
-            std::sync::Arc::new(KickHandle { immediate_exit: ie, thread: AtomicU64::new(0), kicks: AtomicU64::new(0) });
+        let kick = std::sync::Arc::new(KickHandle {
+            immediate_exit: ie,
+            state: Mutex::new(KickState { alive: true, thread: 0 }),
+            kicks: AtomicU64::new(0),
+        });
         Ok(Vcpu { fd, index, kick })
     }
 
@@ -242,12 +258,12 @@ impl Vcpu {
     pub fn bind_thread(&self) {
         // SAFETY: pthread_self has no preconditions.
         let t = unsafe { libc::pthread_self() };
-        self.kick.thread.store(t as u64, Ordering::SeqCst);
+        self.kick.state.lock().unwrap_or_else(|e| e.into_inner()).thread = t as u64;
     }
 
     /// Forgets the vCPU thread (call before the thread exits).
     pub fn unbind_thread(&self) {
-        self.kick.thread.store(0, Ordering::SeqCst);
+        self.kick.state.lock().unwrap_or_else(|e| e.into_inner()).thread = 0;
     }
 
     /// Enters the guest until the next exit.
@@ -300,5 +316,12 @@ impl Vcpu {
             return Err(KvmError::Os("KVM_INTERRUPT", std::io::Error::last_os_error()));
         }
         Ok(())
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        // Kicks after this point must not touch the kvm_run mapping.
+        self.kick.state.lock().unwrap_or_else(|e| e.into_inner()).alive = false;
     }
 }
