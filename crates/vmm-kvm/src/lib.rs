@@ -87,6 +87,8 @@
 //!   KVM would exit as MMIO and is reported as a guest error.
 //! - Upper-level accessed bits on a faulting walk are not compared with the
 //!   model (KVM sets none; the model, like QEMU, may set some).
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod bench;
 pub mod detect;
