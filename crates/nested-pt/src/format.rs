@@ -403,8 +403,9 @@ impl PteFormat {
     }
 
     /// The bits to OR into a leaf to mark it dirty without granting access
-    /// the mapping does not have.
-    pub(crate) fn set_dirty_bits(&self) -> u64 {
+    /// the mapping does not have (for the emulated format, software bit 55
+    /// rather than the hardware W bit).
+    pub fn set_dirty_bits(&self) -> u64 {
         match self.kind {
             FormatKind::Ept => EPT_D,
             FormatKind::EptEmulatedAd => SW_DIRTY,

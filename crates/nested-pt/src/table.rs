@@ -187,6 +187,8 @@ pub struct NestedTable<P: TablePages> {
     fmt: PteFormat,
     pages: P,
     root: Node,
+    /// Table pages in use, the root included.
+    tables: usize,
 }
 
 impl<P: TablePages> NestedTable<P> {
@@ -196,7 +198,7 @@ impl<P: TablePages> NestedTable<P> {
         if pages.ptr(root).is_null() {
             return Err(Error::NoMemory);
         }
-        Ok(NestedTable { fmt: format, pages, root: Node::new(root, 0) })
+        Ok(NestedTable { fmt: format, pages, root: Node::new(root, 0), tables: 1 })
     }
 
     /// The entry format.
@@ -241,14 +243,24 @@ impl<P: TablePages> NestedTable<P> {
             return Err(Error::UnsupportedSize);
         }
         let mut progress = gpa.0;
-        let r = populate(&mut self.root, 4, gpa.0, end, leaf.level(), &mut self.pages, &self.fmt, &mut progress);
+        let r = populate(
+            &mut self.root,
+            4,
+            gpa.0,
+            end,
+            leaf.level(),
+            &mut self.pages,
+            &self.fmt,
+            &mut progress,
+            &mut self.tables,
+        );
         if let Err(e) = r {
             // Undo the counts taken before the failure and free the tables
             // created for nothing.
             if progress > gpa.0 {
                 uncount(&mut self.root, 4, gpa.0, progress, leaf.level());
             }
-            prune(&mut self.root, 4, gpa.0, end, &mut self.pages, &self.fmt, false);
+            prune(&mut self.root, 4, gpa.0, end, &mut self.pages, &self.fmt, false, &mut self.tables);
             return Err(e);
         }
         Ok(())
@@ -273,7 +285,7 @@ impl<P: TablePages> NestedTable<P> {
             return Err(Error::StillMapped);
         }
         uncount(&mut self.root, 4, gpa.0, end, leaf.level());
-        prune(&mut self.root, 4, gpa.0, end, &mut self.pages, &self.fmt, false);
+        prune(&mut self.root, 4, gpa.0, end, &mut self.pages, &self.fmt, false, &mut self.tables);
         Ok(())
     }
 
@@ -294,17 +306,14 @@ impl<P: TablePages> NestedTable<P> {
         }
         self.check_no_split(gpa.0, end)?;
         uncount(&mut self.root, 4, gpa.0, end, leaf.level());
-        let n = prune(&mut self.root, 4, gpa.0, end, &mut self.pages, &self.fmt, true);
+        let n = prune(&mut self.root, 4, gpa.0, end, &mut self.pages, &self.fmt, true, &mut self.tables);
         core::sync::atomic::fence(Ordering::Release);
         Ok(n)
     }
 
     /// Table pages in use, the root included.
     pub fn table_pages(&self) -> usize {
-        fn count(n: &Node) -> usize {
-            1 + n.children.iter().map(count).sum::<usize>()
-        }
-        count(&self.root)
+        self.tables
     }
 
     /// Bytes the table costs: its pages plus the software shadow.
@@ -857,6 +866,7 @@ fn populate<P: TablePages>(
     pages: &mut P,
     fmt: &PteFormat,
     progress: &mut u64,
+    tables: &mut usize,
 ) -> Result<(), Error> {
     let span = entry_span(level);
     let base = start & !(span * 512 - 1);
@@ -878,6 +888,7 @@ fn populate<P: TablePages>(
                     return Err(Error::AlreadyMapped { same_frame: false });
                 }
                 let pfn = pages.alloc_zeroed().ok_or(Error::NoMemory)?;
+                *tables += 1;
                 if pages.ptr(pfn).is_null() {
                     return Err(Error::NoMemory);
                 }
@@ -887,7 +898,7 @@ fn populate<P: TablePages>(
                 pos
             }
         };
-        populate(&mut node.children[pos], level - 1, s, e, leaf_level, pages, fmt, progress)?;
+        populate(&mut node.children[pos], level - 1, s, e, leaf_level, pages, fmt, progress, tables)?;
     }
     Ok(())
 }
@@ -935,6 +946,7 @@ fn uncount(node: &mut Node, level: u8, start: u64, end: u64, leaf_level: u8) {
 /// mapped: entries of surviving tables are cleared one by one, while a leaf
 /// table that is freed is only counted (it leaves the hardware's view with
 /// its parent entry).
+#[allow(clippy::too_many_arguments)]
 fn prune<P: TablePages>(
     node: &mut Node,
     level: u8,
@@ -943,6 +955,7 @@ fn prune<P: TablePages>(
     pages: &mut P,
     fmt: &PteFormat,
     clear: bool,
+    tables: &mut usize,
 ) -> u64 {
     let span = entry_span(level);
     let base = start & !(span * 512 - 1);
@@ -983,7 +996,8 @@ fn prune<P: TablePages>(
                 count += count_present(t, fmt.present_mask());
             }
         } else {
-            count += prune(child, level - 1, start.max(slot_base), end.min(slot_base + span), pages, fmt, clear);
+            count +=
+                prune(child, level - 1, start.max(slot_base), end.min(slot_base + span), pages, fmt, clear, tables);
         }
     }
     // Detach and free the children left with nothing, in one pass.
@@ -1008,6 +1022,7 @@ fn prune<P: TablePages>(
             // was just cleared and its shadow node removed, so no entry or
             // reference points at it any more.
             unsafe { pages.free(pfn) };
+            *tables -= 1;
         }
     }
     if node.children.is_empty() {
