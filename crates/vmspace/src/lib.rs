@@ -35,17 +35,31 @@
 //! Administrative operations (`map`, `unmap`, `populate`, dirty operations,
 //! tracking switch, destroy) serialize on the space lock. The data path
 //! (hold, fault, release) never takes it: it goes through a per-client
-//! atomic state word (see `protocol.rs`). A change that alters the mapping
-//! map or the table structure first *holds* every client (waiting for an
-//! operation in flight), makes the change, and releases them; an operation
-//! that arrives meanwhile sleeps on its client's lock. Leaf entries are
-//! only ever changed atomically (compare-and-swap from empty when mapping),
-//! so the data path, `populate` and harvests run concurrently. The only
-//! blocking primitive is a [`RawLock`] (mutex + condition variable); with
-//! the `std` feature [`StdLock`] provides it, a kernel brings its own.
-//! Invalidation callbacks and kick hooks run outside client locks.
-//! Lock order: space lock, then a client lock; the data path takes a client
-//! lock only to sleep or on its slow paths, never with anything else held.
+//! `active` word and a per-client state word (see `protocol.rs`). A change
+//! that alters the mapping map or the table structure first *holds* every
+//! client (setting `HOLD`, then waiting for an operation in flight to
+//! finish), makes the change, and releases them; an operation that arrives
+//! meanwhile sleeps on its client's lock. Activation is one fenced store
+//! plus a load (Dekker's pattern against the administrator's `HOLD`
+//! store), deactivation a plain release store; a client also caches its
+//! last mapping and leaf table, valid while the space's map sequence is
+//! unchanged, so a hold of a resident page does not walk the table.
+//! Leaf entries are only ever changed atomically (compare-and-swap from
+//! empty when mapping), so the data path, `populate` and harvests run
+//! concurrently. The only blocking primitive is a [`RawLock`] (mutex +
+//! condition variable); with the `std` feature [`StdLock`] provides it, a
+//! kernel brings its own. Invalidation callbacks and kick hooks run
+//! outside client locks (but under the space lock: they must not call
+//! administrative operations of the same space). Lock order: space lock,
+//! then a client lock; the data path takes a client lock only to sleep or
+//! on its slow paths, never with anything else held.
+//!
+//! An unmap clears the leaves and vacates the tables first, then bumps the
+//! generation and waits for vCPUs still in guest context on an older one
+//! (seed 004 invalidates before vacating): freed table pages may sit in a
+//! vCPU's paging-structure caches, and they are not reused before the
+//! space lock is dropped. For the same reason the generation is also
+//! bumped when an unmap frees table pages without any leaf present.
 //!
 //! # For a VMM (the KVM runner)
 //!
@@ -62,6 +76,17 @@
 //!   generation changed); nested faults go to [`VmClient::fault`].
 //! - Migration: [`VmSpace::track_dirty`] / [`VmSpace::dirty_op`].
 //!
+//! # Testing and measuring
+//!
+//! `cargo test -p vmspace` runs the unit tests (every validation rule and
+//! error), the model-based property test (`tests/model.rs`) and the
+//! multi-threaded stress test (`tests/stress.rs`).
+//! `RUSTFLAGS="--cfg loom" cargo test -p vmspace --test loom --release`
+//! model-checks the protocol. `cargo bench -p vmspace --bench vmspace --
+//! --warm-up-time 1 --measurement-time 3` runs the criterion benchmarks
+//! (fault-in, hold+release scaling, map/unmap churn under holds, harvest
+//! against nested-pt alone).
+//!
 //! # Known gaps
 //!
 //! - Only 4 KiB leaves are mapped (nested-pt supports large leaves, but
@@ -70,7 +95,14 @@
 //! - `unmap` must match one mapping exactly and `populate` must stay within
 //!   one mapping (as in the seed); no partial unmap or protection change.
 //! - A client belongs to one thread (`Send`, not `Sync`); holds are
-//!   released on the thread that took them.
+//!   released on the thread that took them (seed 004 allows a release from
+//!   any thread).
+//! - An unmap discards the dirty bits of the range it clears (as the seed
+//!   does): harvest before unmapping what a migration still needs.
+//! - Holds and releases of writable pages each cost one fenced atomic
+//!   operation (the activation); a deferred, batched dirty marking could
+//!   remove the release's, at the price of delaying marks to a later
+//!   harvest.
 //! - A space dropped while clients live on keeps its (empty) table until
 //!   the last client goes; the clients are orphaned.
 //! - The format capability "cannot track dirty bits" never occurs with the
