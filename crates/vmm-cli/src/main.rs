@@ -191,6 +191,7 @@ struct VcpuJson {
     checksum_ok: bool,
     misplaced_headers: u64,
     data_errors: u64,
+    verified_pages: u64,
 }
 
 #[derive(Serialize)]
@@ -199,6 +200,7 @@ struct RunJson {
     invalidation_mode: String,
     kvm_module: Option<String>,
     elapsed_s: f64,
+    verify_s: f64,
     nested_faults: u64,
     faults_per_s: f64,
     our_code_us_per_fault: f64,
@@ -231,6 +233,7 @@ fn run_json(r: &RunReport) -> RunJson {
         invalidation_mode: mode_name(r.mode).into(),
         kvm_module: r.detection.as_ref().map(|d| d.module.clone()),
         elapsed_s: r.elapsed.as_secs_f64(),
+        verify_s: r.verify_time.as_secs_f64(),
         nested_faults: r.faults,
         faults_per_s: r.faults as f64 / r.elapsed.as_secs_f64(),
         our_code_us_per_fault: us(r.fault_host_time) / r.faults.max(1) as f64,
@@ -265,6 +268,7 @@ fn run_json(r: &RunReport) -> RunJson {
                 checksum_ok: v.guest_checksum == v.expected_checksum,
                 misplaced_headers: v.guest_bad_headers,
                 data_errors: v.data_errors,
+                verified_pages: v.verified_pages,
             })
             .collect(),
     }
@@ -276,7 +280,11 @@ fn print_run(r: &RunReport) {
         Some(d) => out!("  host:            {} ({}); invalidation: {}", d.module, mode_name(r.mode), r.mode),
         None => out!("  host:            {} (given); invalidation: {}", mode_name(r.mode), r.mode),
     }
-    out!("  time:            {:.3} s", r.elapsed.as_secs_f64());
+    out!(
+        "  time:            {:.3} s workload, {:.3} s final verify pass",
+        r.elapsed.as_secs_f64(),
+        r.verify_time.as_secs_f64()
+    );
     out!(
         "  nested faults:   {} ({:.0}/s; our code {:.2} us per fault)",
         r.faults,
@@ -307,10 +315,11 @@ fn print_run(r: &RunReport) {
     }
     for (i, v) in r.vcpus.iter().enumerate() {
         out!(
-            "  vCPU {i}: {} ops, {} faults, {} exits; data {}",
+            "  vCPU {i}: {} ops, {} faults, {} exits, {} pages verified; data {}",
             v.ops,
             v.faults,
             v.exits,
+            v.verified_pages,
             if v.bad_pages == 0 && v.guest_checksum == v.expected_checksum && v.guest_bad_headers == 0 {
                 "intact (checksum matches the replay)".to_string()
             } else {

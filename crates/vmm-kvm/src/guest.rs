@@ -74,6 +74,8 @@ pub const P_WATCH_READS: u64 = 0x78;
 pub const P_PROBE_COUNT: u64 = 0x80;
 /// Watch: reads that faulted and were skipped by the host.
 pub const P_WATCH_FAULTS: u64 = 0x90;
+/// Verify pass: pages it covered (written by the guest).
+pub const P_VERIFIED: u64 = 0x98;
 /// Probe entries start here: {addr, kind, value, result}, 32 bytes each.
 pub const P_PROBES: u64 = 0x100;
 /// Maximum number of probe entries in one parameter block.
@@ -248,7 +250,15 @@ vmm_guest_entry:
     test byte ptr [r15 + 0x8022], 0
     jmp 3b
 
-50: /* verify pass: checksum every page, check headers */
+50: /* verify pass: checksum every page that may have been written (all of
+       them, except in a first sequential pass that did not finish: pages
+       at or beyond the operation count were never touched), check headers */
+    cmp rbx, 1
+    je 49f
+    cmp r9, r13
+    jae 49f
+    mov r13, r9
+49: mov [r15 + 0x98], r13
     xor r9, r9
     xor r12, r12
     xor r8, r8

@@ -131,6 +131,13 @@ impl Replay {
     }
 }
 
+/// Pages the guest's verify pass covers after `ops` operations: every page,
+/// except during a first sequential pass (pages at or beyond `ops` were
+/// never touched).
+pub fn verified_pages(spec: &Spec, ops: u64) -> u64 {
+    if spec.mode != Mode::Random && ops < spec.npages { ops } else { spec.npages }
+}
+
 /// The verify pass's checksum over an image (same as the guest computes).
 pub fn checksum(img: &[u64]) -> u64 {
     img.iter().fold(0u64, |c, w| (c ^ w).wrapping_mul(CHECK_MUL))
