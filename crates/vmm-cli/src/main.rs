@@ -419,6 +419,7 @@ fn cmd_inspect(from_run: bool, leaves: usize) -> ExitCode {
         duration: Duration::from_millis(200),
         rounds: 1,
         snapshot: true,
+        snapshot_leaves: leaves,
         ..RunConfig::default()
     };
     match run::run(&cfg, &mut |_| {}) {

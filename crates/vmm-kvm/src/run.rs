@@ -40,6 +40,8 @@ pub struct RunConfig {
     /// Dump the vmspace (mappings and tables) at the first harvest point,
     /// while the vCPUs are paused (at the end if no round ran).
     pub snapshot: bool,
+    /// Present leaves shown per leaf table in the snapshot.
+    pub snapshot_leaves: usize,
     /// Pages a nested fault maps around the faulting one.
     pub fault_around: u32,
     /// Harvests with more dirty pages zap all shadow pages (shadow hosts).
@@ -59,6 +61,7 @@ impl Default for RunConfig {
             mode_override: None,
             force_flush: false,
             snapshot: false,
+            snapshot_leaves: 8,
             fault_around: 16,
             zap_threshold: crate::space::DEFAULT_ZAP_THRESHOLD,
         }
@@ -301,7 +304,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
                 rounds.push(harvest_round(m)?);
                 if cfg.snapshot && snapshot.is_none() {
                     // The vCPUs are paused at a harvest point: a live view.
-                    snapshot = Some(crate::inspect::dump_space(be.space(), 8));
+                    snapshot = Some(crate::inspect::dump_space(be.space(), cfg.snapshot_leaves));
                 }
                 m.resume_all()?;
                 next_round += interval;
@@ -406,7 +409,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
         zaps: vm.zap_count(),
         zap_time: vm.zap_time(),
         snapshot: if cfg.snapshot {
-            snapshot.or_else(|| Some(crate::inspect::dump_space(be.space(), 8)))
+            snapshot.or_else(|| Some(crate::inspect::dump_space(be.space(), cfg.snapshot_leaves)))
         } else {
             None
         },

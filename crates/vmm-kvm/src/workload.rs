@@ -142,3 +142,60 @@ pub fn verified_pages(spec: &Spec, ops: u64) -> u64 {
 pub fn checksum(img: &[u64]) -> u64 {
     img.iter().fold(0u64, |c, w| (c ^ w).wrapping_mul(CHECK_MUL))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(mode: Mode) -> Spec {
+        Spec { mode, base: 0x10_0000, npages: 10, seed: 7, write_pct: 50, magic: 0xabc }
+    }
+
+    #[test]
+    fn touch_visits_pages_in_order_then_wraps() {
+        let mut r = Replay::new(spec(Mode::Touch));
+        let pages: Vec<u64> = (0..12).map(|_| r.next_op().page).collect();
+        assert_eq!(pages, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]);
+        let mut r = Replay::new(spec(Mode::Touch));
+        let op = r.next_op();
+        assert_eq!((op.slot, op.value), (Some(1), TOUCH_MUL));
+    }
+
+    #[test]
+    fn mixed_switches_to_random_after_one_pass() {
+        let mut r = Replay::new(spec(Mode::Mixed));
+        for p in 0..10 {
+            assert_eq!(r.next_op().page, p);
+        }
+        assert_eq!(r.rng, 7, "the generator is untouched during the pass");
+        r.next_op();
+        assert_eq!(r.rng, xorshift(7));
+    }
+
+    #[test]
+    fn image_and_checksum_follow_the_ops() {
+        let s = spec(Mode::Touch);
+        let img = Replay::image(s, 3);
+        assert_eq!(img[0], s.base ^ s.magic);
+        assert_eq!(img[1], TOUCH_MUL);
+        assert_eq!(img[65], (s.base + 4096) ^ s.magic);
+        assert_eq!(img[3 * 65], 0, "page 3 untouched");
+        assert_ne!(checksum(&img), checksum(&Replay::image(s, 2)));
+        assert_eq!(verified_pages(&s, 3), 3);
+        assert_eq!(verified_pages(&s, 30), 10);
+        assert_eq!(verified_pages(&spec(Mode::Random), 3), 10);
+    }
+
+    #[test]
+    fn write_share_matches_the_percentage() {
+        let mut s = spec(Mode::Random);
+        s.npages = 1000;
+        s.write_pct = 30;
+        let mut r = Replay::new(s);
+        let writes = (0..100_000).filter(|_| r.next_op().slot.is_some()).count();
+        assert!((28_000..32_000).contains(&writes), "{writes}");
+        s.write_pct = 100;
+        let mut r = Replay::new(s);
+        assert!((0..1000).all(|_| r.next_op().slot.is_some()));
+    }
+}
