@@ -199,6 +199,11 @@ struct RunJson {
     ok: bool,
     invalidation_mode: String,
     kvm_module: Option<String>,
+    probe_stale_after_change: Option<bool>,
+    probe_cr3_reload_fixed: Option<bool>,
+    probe_frame_drop_fixed: Option<bool>,
+    probe_zap_fixed: Option<bool>,
+    host_1g_pages: Option<bool>,
     elapsed_s: f64,
     verify_s: f64,
     nested_faults: u64,
@@ -232,6 +237,11 @@ fn run_json(r: &RunReport) -> RunJson {
         ok: r.ok(),
         invalidation_mode: mode_name(r.mode).into(),
         kvm_module: r.detection.as_ref().map(|d| d.module.clone()),
+        probe_stale_after_change: r.detection.as_ref().map(|d| d.stale_after_change),
+        probe_cr3_reload_fixed: r.detection.as_ref().map(|d| d.cr3_reload_fixed),
+        probe_frame_drop_fixed: r.detection.as_ref().and_then(|d| d.frame_drop_fixed),
+        probe_zap_fixed: r.detection.as_ref().and_then(|d| d.zap_fixed),
+        host_1g_pages: r.detection.as_ref().map(|d| d.page_1g),
         elapsed_s: r.elapsed.as_secs_f64(),
         verify_s: r.verify_time.as_secs_f64(),
         nested_faults: r.faults,
@@ -277,7 +287,30 @@ fn run_json(r: &RunReport) -> RunJson {
 fn print_run(r: &RunReport) {
     out!("vmm run: {}", if r.ok() { "all checks passed" } else { "CHECKS FAILED" });
     match &r.detection {
-        Some(d) => out!("  host:            {} ({}); invalidation: {}", d.module, mode_name(r.mode), r.mode),
+        Some(d) => {
+            out!("  host:            KVM module {}, paging mode detected: {}", d.module, mode_name(r.mode));
+            out!("  invalidation:    {}", r.mode);
+            out!(
+                "  start-up probe:  unannounced leaf change {}; CR3 reload {}{}",
+                if d.stale_after_change { "not seen (translation cached)" } else { "seen at once" },
+                if d.cr3_reload_fixed { "made it visible" } else { "did not help" },
+                match (d.frame_drop_fixed, d.frame_drop_time, d.zap_fixed, d.zap_time) {
+                    (Some(f), Some(ft), Some(z), Some(zt)) => format!(
+                        "; frame drop {} ({:.1} us); slot zap {} ({:.1} us)",
+                        if f { "fixed it" } else { "FAILED" },
+                        us(ft),
+                        if z { "fixed it" } else { "FAILED" },
+                        us(zt)
+                    ),
+                    _ => String::new(),
+                }
+            );
+            out!(
+                "  host offers:     1 GiB pages {}, guest MAXPHYADDR {}",
+                if d.page_1g { "yes" } else { "no" },
+                d.phys_bits
+            );
+        }
         None => out!("  host:            {} (given); invalidation: {}", mode_name(r.mode), r.mode),
     }
     out!(

@@ -45,6 +45,10 @@ pub struct Detection {
     pub zap_time: Option<Duration>,
     /// The host's KVM module (sysfs).
     pub module: String,
+    /// KVM offers 1 GiB pages to guests.
+    pub page_1g: bool,
+    /// Guest MAXPHYADDR KVM reports.
+    pub phys_bits: u8,
 }
 
 const X: u64 = 0x10_0000;
@@ -55,6 +59,7 @@ const NEW: u64 = 0x0fed_cba9_8765_4321;
 pub fn detect() -> Result<Detection> {
     let vm = Arc::new(KvmVm::new()?);
     let module = vm.facts().module.clone();
+    let (page_1g, phys_bits) = (vm.facts().page_1g, vm.facts().phys_bits);
     // The backend's own invalidation is not used: the probe drives it.
     let mut be = TableBackend::new(vm.clone(), 4 << 20, 8 << 20, PagingMode::Shadow)?;
     be.map_runtime(&runtime::rom_image(&guest::code(), 1), 1, 1)?;
@@ -136,5 +141,7 @@ pub fn detect() -> Result<Detection> {
         frame_drop_time: shadow.then_some(drop_t).flatten(),
         zap_time: shadow.then_some(zap_t).flatten(),
         module,
+        page_1g,
+        phys_bits,
     })
 }

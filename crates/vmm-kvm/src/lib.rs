@@ -80,9 +80,9 @@
 //! - The hardware-nested path (CR3 reload on generation change) could only
 //!   be exercised here with `force_flush` on a shadow host, which proves the
 //!   stub and the injection, not the coherence on EPT/NPT hardware.
-//! - vmspace maps 4 KiB pages only, so the 2 MiB oracle layout uses a bare
-//!   `nested_pt` table ([`backend::TableBackend`]); 1 GiB pages are not
-//!   exercised on KVM.
+//! - vmspace maps 4 KiB pages only, so the 2 MiB (and 1 GiB) oracle
+//!   layouts use a bare `nested_pt` table ([`backend::TableBackend`]). The
+//!   1 GiB case runs only where KVM offers 1 GiB pages; ours does not.
 //! - No MMIO emulation: an access to a mapping without RAM behind it in
 //!   KVM would exit as MMIO and is reported as a guest error.
 //! - Upper-level accessed bits on a faulting walk are not compared with the

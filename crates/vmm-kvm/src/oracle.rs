@@ -69,23 +69,42 @@ const fn r(gpa: u64, len: u64, size: PageSize, prot: Prot) -> Region {
     Region { gpa, len, size, prot }
 }
 
-fn layout() -> Vec<Region> {
+fn layout(page_1g: bool) -> Vec<Region> {
     let rw = Prot::READ.union(Prot::WRITE);
     let rwx = rw.union(Prot::EXEC);
-    vec![
+    let mut v = vec![
         r(0x10_0000, 4 * PAGE, PageSize::Size4K, rwx),
         r(0x10_4000, 2 * PAGE, PageSize::Size4K, Prot::READ),
         r(0x10_6000, PAGE, PageSize::Size4K, rw),
         r(0x10_7000, PAGE, PageSize::Size4K, Prot::READ.union(Prot::EXEC)),
         r(0x20_0000, 2 << 20, PageSize::Size2M, rw),
         r(0x40_0000, 2 << 20, PageSize::Size2M, Prot::READ.union(Prot::EXEC)),
-    ]
+    ];
+    if page_1g {
+        v.push(r(GIG, 1 << 30, PageSize::Size1G, rw));
+    }
+    v
 }
+
+/// A 1 GiB page (read-write, non-executable) when the host offers them.
+const GIG: u64 = 0x4000_0000;
 
 /// Addresses populated (tables exist) but with no leaf: not-present.
 const HOLE: u64 = 0x10_8000;
 /// Far from anything: no tables at all.
-const UNMAPPED: u64 = 0x4000_0000;
+const UNMAPPED: u64 = 0x70_0000_0000;
+
+/// Probes of the 1 GiB page (use only where the host offers 1 GiB pages).
+pub fn probes_1g() -> Vec<Probe> {
+    use Access::*;
+    let p = |gpa, access| Probe { gpa, access };
+    vec![
+        p(GIG + 0x1234_5678 & !7, Read),
+        p(GIG + 0x3fff_f008, Write),
+        p(GIG + 0x2000_0000, Execute),
+        p(GIG + 0x3fff_f008, Read),
+    ]
+}
 
 /// The probes of the standard oracle run.
 pub fn standard_probes() -> Vec<Probe> {
@@ -125,7 +144,9 @@ pub fn standard_probes() -> Vec<Probe> {
 pub fn run_oracle(probes: &[Probe], mode: PagingMode) -> Result<Vec<ProbeResult>> {
     assert!(probes.len() <= guest::MAX_PROBES);
     let vm = Arc::new(KvmVm::new()?);
-    let mut be = TableBackend::new(vm.clone(), 8 << 20, 32 << 20, mode)?;
+    // RAM is a sparse memfd: a 1 GiB page needs a 1 GiB-aligned gigabyte.
+    let ram = if vm.facts().page_1g { 3 << 30 } else { 32 << 20 };
+    let mut be = TableBackend::new(vm.clone(), 8 << 20, ram, mode)?;
     let rom = runtime::rom_image(&guest::code(), 1);
     be.map_runtime(&rom, 1, 1)?;
     let fmt = *be.table().format();
@@ -133,13 +154,27 @@ pub fn run_oracle(probes: &[Probe], mode: PagingMode) -> Result<Vec<ProbeResult>
         NestedTable::new(fmt, HeapPages::with_capacity(0x10, 4096)).map_err(|e| KvmError::Setup(e.to_string()))?;
     // Lay the regions out in RAM, 2 MiB aligned, filled with a pattern and
     // `jmp r11` at every 256-byte boundary (so execute probes return).
-    for reg in layout() {
-        let off = be.alloc_ram(reg.len, 2 << 20)?;
-        for w in (0..reg.len).step_by(8) {
-            be.ram().write_u64(off + w, (reg.gpa + w) ^ 0x5a5a_0000_0000_0000);
-        }
-        for c in (0..reg.len).step_by(256) {
-            be.ram().write_bytes(off + c, &[0x41, 0xff, 0xe3]);
+    let page_1g = vm.facts().page_1g && probes.iter().any(|p| (GIG..2 * GIG).contains(&p.gpa));
+    for reg in layout(page_1g) {
+        let off = be.alloc_ram(reg.len, reg.size.bytes().max(2 << 20))?;
+        // Small regions are filled whole; a 1 GiB page only where probed.
+        let pages: Vec<u64> = if reg.len <= 4 << 20 {
+            (0..reg.len / PAGE).collect()
+        } else {
+            probes
+                .iter()
+                .filter(|p| (reg.gpa..reg.gpa + reg.len).contains(&p.gpa))
+                .map(|p| (p.gpa - reg.gpa) / PAGE)
+                .collect()
+        };
+        for pg in pages {
+            for w in (0..PAGE).step_by(8) {
+                let a = pg * PAGE + w;
+                be.ram().write_u64(off + a, (reg.gpa + a) ^ 0x5a5a_0000_0000_0000);
+            }
+            for c in (0..PAGE).step_by(256) {
+                be.ram().write_bytes(off + pg * PAGE + c, &[0x41, 0xff, 0xe3]);
+            }
         }
         be.map_range(reg.gpa, off, reg.len, reg.size, reg.prot)?;
         model.populate_region(Gpa(reg.gpa), reg.len, reg.size).map_err(|e| KvmError::Setup(e.to_string()))?;

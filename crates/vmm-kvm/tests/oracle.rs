@@ -22,3 +22,23 @@ fn vcpu_agrees_with_software_mmu() {
     assert!(res.iter().any(|r| r.fault.is_some()), "the layout must produce faults");
     assert!(res.iter().any(|r| r.value.is_some()), "the layout must produce reads");
 }
+
+#[test]
+fn one_gib_pages_agree_with_software_mmu() {
+    if let Err(e) = kvm_available() {
+        eprintln!("SKIPPED: {e}");
+        return;
+    }
+    let vm = vmm_kvm::KvmVm::new().expect("vm");
+    if !vm.facts().page_1g {
+        eprintln!("SKIPPED: KVM does not offer 1 GiB pages on this host");
+        return;
+    }
+    drop(vm);
+    let res = run_oracle(&vmm_kvm::oracle::probes_1g(), PagingMode::Shadow).expect("oracle run");
+    for r in &res {
+        eprintln!("{:x?} fault={:x?} value={:x?}", r.probe, r.fault, r.value);
+        assert!(r.agrees(), "MISMATCH {r:x?}");
+    }
+    assert!(res.iter().any(|r| r.fault.is_some()) && res.iter().any(|r| r.value.is_some()));
+}
