@@ -333,14 +333,9 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         let root = table.root();
         let fa = config.fault_around.clamp(1, 512);
         let fault_around = 1u64 << (31 - fa.leading_zeros());
-        // Workaround: nested-pt's `set_dirty_bits` is crate-private. Marking
-        // dirty must not grant write access, which for the emulated-A/D EPT
-        // format means the software dirty bit alone (not the hardware W bit,
-        // architectural bit 1, that doubles as "modified").
-        let dirty_bits = match config.format.kind() {
-            FormatKind::EptEmulatedAd => config.format.dirty_mask() & !(1 << 1),
-            _ => config.format.dirty_mask(),
-        };
+        // Marking dirty must not grant write access (emulated A/D: the
+        // software dirty bit, not the hardware W bit).
+        let dirty_bits = config.format.set_dirty_bits();
         Ok(VmSpace {
             inner: Arc::new(Inner {
                 lock: L::new(),
