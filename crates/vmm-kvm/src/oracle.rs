@@ -99,7 +99,7 @@ pub fn probes_1g() -> Vec<Probe> {
     use Access::*;
     let p = |gpa, access| Probe { gpa, access };
     vec![
-        p(GIG + 0x1234_5678 & !7, Read),
+        p((GIG + 0x1234_5678) & !7, Read),
         p(GIG + 0x3fff_f008, Write),
         p(GIG + 0x2000_0000, Execute),
         p(GIG + 0x3fff_f008, Read),
