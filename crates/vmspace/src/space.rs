@@ -123,6 +123,17 @@ impl<P: TablePages> Data<P> {
     }
 }
 
+/// A value alone on its (pair of) cache lines.
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> core::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// Registry of clients; under the space lock.
 pub(crate) struct Admin<L> {
     pub(crate) clients: BTreeMap<u64, Arc<ClientShared<L>>>,
@@ -164,7 +175,10 @@ pub(crate) struct Inner<P: TablePages, L: RawLock> {
     pub(crate) map_seq: AtomicU64,
     /// Bumped by every unmap (holds record it).
     pub(crate) unmap_seq: AtomicU64,
-    pub(crate) resident: AtomicU64,
+    /// Written by every fault that maps pages: on its own cache lines, so
+    /// that it does not slow down the read-mostly fields above for other
+    /// threads' holds.
+    pub(crate) resident: Padded<AtomicU64>,
     pub(crate) track_dirty: AtomicBool,
 }
 
@@ -350,7 +364,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 generation: AtomicU64::new(1),
                 map_seq: AtomicU64::new(0),
                 unmap_seq: AtomicU64::new(0),
-                resident: AtomicU64::new(0),
+                resident: Padded(AtomicU64::new(0)),
                 track_dirty: AtomicBool::new(config.track_dirty),
             }),
         })

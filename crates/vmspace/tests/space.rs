@@ -605,3 +605,29 @@ fn table_page_exhaustion_is_an_error_and_changes_nothing() {
     assert_eq!(s.map(&o, 0, 0x2000_0000, PG, Prot::RW), Err(Error::Table(nested_pt::Error::NoMemory)));
     assert_eq!(s.mappings().len(), 2);
 }
+
+#[test]
+fn spin_lock_space() {
+    // The lock trait with the no_std implementation: blocking paths spin.
+    let s = Arc::new(VmSpace::<Pages, SpinLock>::new(SpaceConfig::new(GIB, npt()), pages()).unwrap());
+    let r = reservoir(16);
+    let o = ram(&r, 4);
+    s.map(&o, 0, 0, 4 * PG, Prot::RW).unwrap();
+    let t = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            let c = s.client();
+            for i in 0..2000u64 {
+                if let Ok(h) = c.hold((i % 4) * PG, Prot::RW) {
+                    h.write_u64(0, i).unwrap();
+                }
+            }
+        })
+    };
+    for _ in 0..50 {
+        s.unmap(0, 4 * PG).unwrap();
+        s.map(&o, 0, 0, 4 * PG, Prot::RW).unwrap();
+    }
+    t.join().unwrap();
+    assert_eq!(s.mappings().len(), 1);
+}
