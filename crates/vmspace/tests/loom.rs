@@ -133,3 +133,31 @@ fn space_destruction_races_client_destruction() {
         assert_eq!(r.stats().allocated, 0);
     });
 }
+
+#[test]
+fn map_races_fault_and_release() {
+    // A map (which changes the table structure and the mapping map under
+    // exclusive access) against a client faulting and releasing a writable
+    // hold on another mapping: loom's cell tracking reports any overlap of
+    // the exclusive access with the client's shared access.
+    model(|| {
+        let r = StdArc::new(HeapReservoir::new(2 * PG, Pfn(0x1000)).unwrap());
+        let a = VmObject::ram(r.clone(), PG).unwrap();
+        let b = VmObject::ram(r, PG).unwrap();
+        let s = Arc::new(space(true));
+        s.map(&a, 0, 0, PG, Prot::RW).unwrap();
+        let client = s.client();
+        let admin = {
+            let s = s.clone();
+            loom::thread::spawn(move || s.map(&b, 0, 1 << 30 >> 1, PG, Prot::RW).unwrap())
+        };
+        let h = client.hold(0, Prot::RW).unwrap();
+        h.write_u64(0, 1).unwrap();
+        assert!(!h.release());
+        admin.join().unwrap();
+        let mut bm = [0u64];
+        assert_eq!(s.track_dirty(0, PG, &mut bm), Ok(1));
+        client.fault(1 << 30 >> 1, Prot::WRITE).unwrap();
+        assert_eq!(s.resident_count(), 2);
+    });
+}
