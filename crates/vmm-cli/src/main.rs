@@ -488,6 +488,7 @@ struct BenchJson {
 #[derive(Serialize)]
 struct FirstTouchJson {
     fault_around: u32,
+    host_memory_preallocated: bool,
     pages: u64,
     faults: u64,
     faults_per_s: f64,
@@ -541,11 +542,12 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
         let mode = d.mode;
         let rt = bench::exit_round_trip(Duration::from_millis(500), mode)?;
         let mut ft = Vec::new();
-        for fa in [1u32, 16] {
-            let f = bench::first_touch(mem, fa, mode)?;
+        for (fa, prefault) in [(1u32, false), (16, false), (1, true), (16, true)] {
+            let f = bench::first_touch(mem, fa, mode, prefault)?;
             let pages = f.pages as f64;
             ft.push(FirstTouchJson {
                 fault_around: fa,
+                host_memory_preallocated: prefault,
                 pages: f.pages,
                 faults: f.faults,
                 faults_per_s: f.faults_per_sec(),
@@ -605,8 +607,9 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
     );
     for f in &b.first_touch {
         out!(
-            "  first touch, fault-around {:2}: {} faults, {:.0} faults/s, {:.2} us/fault, our code {:.2} us ({:.1}%), {:.2} us/page",
+            "  first touch, fault-around {:2}, host memory {}: {} faults, {:.0} faults/s, {:.2} us/fault, our code {:.2} us ({:.1}%), {:.2} us/page",
             f.fault_around,
+            if f.host_memory_preallocated { "preallocated" } else { "fresh" },
             f.faults,
             f.faults_per_s,
             f.us_per_fault,

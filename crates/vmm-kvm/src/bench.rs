@@ -36,7 +36,7 @@ impl RoundTrip {
     }
 }
 
-fn one_vcpu(mem: u64, fault_around: u32, mode: PagingMode) -> Result<(Arc<SpaceBackend>, Machine)> {
+fn one_vcpu(mem: u64, fault_around: u32, mode: PagingMode, prefault: bool) -> Result<(Arc<SpaceBackend>, Machine)> {
     let vm = Arc::new(KvmVm::new()?);
     let npages = mem / PAGE;
     let be = Arc::new(SpaceBackend::with_fault_around(
@@ -48,6 +48,15 @@ fn one_vcpu(mem: u64, fault_around: u32, mode: PagingMode) -> Result<(Arc<SpaceB
     )?);
     if mem > 0 {
         let ram = be.ram_object(mem)?;
+        if prefault {
+            // Make the host allocate every page now (through the host view),
+            // so the first guest touch measures faults, not host allocation.
+            for off in (0..mem).step_by(PAGE as usize) {
+                let p = be.object_ptr(&ram, off).ok_or_else(|| KvmError::Setup("prefault".into()))?;
+                // SAFETY: a resident page of our own object; no vCPU runs yet.
+                unsafe { (p as *mut u64).write_volatile(0) };
+            }
+        }
         be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
     }
     be.map_runtime(&runtime::rom_image(&guest::code(), 1), 1, npages.max(1))?;
@@ -84,7 +93,7 @@ fn handler(i: usize, ev: Event) -> Action {
 
 /// Measures the exit round trip for about `duration`.
 pub fn exit_round_trip(duration: Duration, mode: PagingMode) -> Result<RoundTrip> {
-    let (_be, mut m) = one_vcpu(0, 1, mode)?;
+    let (_be, mut m) = one_vcpu(0, 1, mode, false)?;
     m.set_param(0, P_MODE, Mode::Ping as u64)?;
     m.run(handler, |m| {
         wait_param(m, P_WATCH_READS, 100, Duration::from_secs(10))?;
@@ -111,6 +120,8 @@ pub struct FirstTouch {
     pub pages: u64,
     /// Fault-around window.
     pub fault_around: u32,
+    /// The host allocated the memory before the first pass.
+    pub prefault: bool,
     /// Nested faults served in the first pass.
     pub faults: u64,
     /// First pass (our nested faults).
@@ -145,9 +156,10 @@ impl FirstTouch {
     }
 }
 
-/// Runs the first-touch benchmark over `mem` bytes with one vCPU.
-pub fn first_touch(mem: u64, fault_around: u32, mode: PagingMode) -> Result<FirstTouch> {
-    let (be, mut m) = one_vcpu(mem, fault_around, mode)?;
+/// Runs the first-touch benchmark over `mem` bytes with one vCPU; with
+/// `prefault`, the host allocates the memory before the guest touches it.
+pub fn first_touch(mem: u64, fault_around: u32, mode: PagingMode, prefault: bool) -> Result<FirstTouch> {
+    let (be, mut m) = one_vcpu(mem, fault_around, mode, prefault)?;
     let n = mem / PAGE;
     m.set_param(0, P_MODE, Mode::Touch as u64)?;
     m.set_param(0, P_NPAGES, n)?;
@@ -176,6 +188,7 @@ pub fn first_touch(mem: u64, fault_around: u32, mode: PagingMode) -> Result<Firs
         Ok(FirstTouch {
             pages: n,
             fault_around,
+            prefault,
             faults,
             first_pass: t1 - start,
             ours,
