@@ -16,8 +16,10 @@
 //!   (no KVM needed) or of a short `vmm run` (`--run`).
 //! - `bench`: exit round trip, nested-fault cost and our share of it, KVM's
 //!   own first-touch cost, harvest and invalidation costs.
-//! - `conformance`: the slot for the bare-metal conformance kernel
-//!   (`hwtest::run_conformance`), wired by the hwtest crate.
+//! - `conformance`: builds the bare-metal conformance kernel and runs it
+//!   under QEMU (SVM+NPT) and Bochs (VMX+EPT, with and without EPT A/D),
+//!   printing a pass/fail table per scenario and emulator
+//!   (`hwtest::run_conformance`).
 //!
 //! Known gaps: `migrate` (roadmap row 5) is not here yet.
 
@@ -128,12 +130,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Conformance of the table formats on emulated SVM+NPT and VMX+EPT
-    /// (provided by the hwtest crate).
+    /// Conformance of the table formats as real nested tables on emulated
+    /// SVM+NPT (QEMU) and VMX+EPT (Bochs): a pass/fail table per scenario
+    /// and emulator.
     Conformance {
-        /// Arguments passed to the conformance runner.
-        #[arg(trailing_var_arg = true)]
-        args: Vec<String>,
+        /// Emulators to run (qemu, bochs, bochs-noad); all when none given.
+        emulators: Vec<String>,
+        /// Also print each emulator's detailed per-scenario report.
+        #[arg(long)]
+        verbose: bool,
     },
 }
 
@@ -656,13 +661,53 @@ fn main() -> ExitCode {
         Cmd::Run(a) => cmd_run(a),
         Cmd::Inspect { run, leaves } => cmd_inspect(run, leaves),
         Cmd::Bench { mem, json } => cmd_bench(mem, json),
-        Cmd::Conformance { args } => {
-            let _ = args;
-            eprintln!(
-                "vmm conformance: provided by the hwtest crate (hwtest::run_conformance); not wired into this binary yet"
-            );
-            ExitCode::from(2)
+        Cmd::Conformance { emulators, verbose } => conformance(&emulators, verbose),
+    }
+}
+
+/// `vmm conformance`: exit 0 when every emulator that could run passed,
+/// 1 on any failure, 2 when none could run (or an unknown name was given).
+fn conformance(names: &[String], verbose: bool) -> ExitCode {
+    let mut emus = Vec::new();
+    for n in names {
+        match n.parse::<hwtest::Emulator>() {
+            Ok(e) => emus.push(e),
+            Err(e) => {
+                eprintln!("vmm conformance: {e}");
+                return ExitCode::from(2);
+            }
         }
+    }
+    if emus.is_empty() {
+        emus = hwtest::Emulator::ALL.to_vec();
+    }
+    let results: Vec<_> = emus
+        .iter()
+        .map(|&e| {
+            eprintln!("vmm conformance: running {e} ({})...", e.format());
+            (e, hwtest::run_conformance(e))
+        })
+        .collect();
+    if verbose {
+        for (_, r) in &results {
+            if let Ok(rep) = r {
+                println!("{}", rep.table());
+            }
+        }
+    }
+    print!("{}", hwtest::matrix(&results));
+    let failed = results.iter().any(|(_, r)| match r {
+        Ok(rep) => !rep.passed(),
+        Err(hwtest::Error::Missing(_)) => false,
+        Err(_) => true,
+    });
+    let ran = results.iter().any(|(_, r)| r.is_ok());
+    if failed {
+        ExitCode::from(1)
+    } else if ran {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
     }
 }
 
