@@ -98,7 +98,10 @@
 //!   released on the thread that took them (seed 004 allows a release from
 //!   any thread).
 //! - An unmap discards the dirty bits of the range it clears (as the seed
-//!   does): harvest before unmapping what a migration still needs.
+//!   does): harvest before unmapping what a migration still needs. A
+//!   writable hold whose mapping was unmapped meanwhile reports it on
+//!   release and marks nothing, even if the same object was mapped again
+//!   at the same address.
 //! - Holds and releases of writable pages each cost one fenced atomic
 //!   operation (the activation); a deferred, batched dirty marking could
 //!   remove the release's, at the price of delaying marks to a later
