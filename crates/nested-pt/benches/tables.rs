@@ -156,7 +156,36 @@ fn dirty_10pct(t: &NestedTable<HeapPages>, bytes: u64) {
     }
 }
 
+/// Not timed: what the tables cost, in real bytes (pages at 4 KiB each plus
+/// the software shadow), per GiB mapped.
+fn table_memory() {
+    for gib in [1u64, 16] {
+        let bytes = gib * GIB;
+        let t = mapped(bytes);
+        let share = t.table_bytes() as f64 / bytes as f64 * 100.0;
+        println!(
+            "table memory, {gib} GiB of 4 KiB pages: {} bytes ({} pages), {:.4}% of mapped memory",
+            t.table_bytes(),
+            t.table_pages(),
+            share
+        );
+        let mut t = new_table(bytes);
+        t.populate_region(Gpa(0), bytes, PageSize::Size1G).unwrap();
+        for i in 0..gib {
+            t.map(Gpa(i * GIB), Pfn(i << 18), PageSize::Size1G, Prot::RW, MemType::WriteBack).unwrap();
+        }
+        let share = t.table_bytes() as f64 / bytes as f64 * 100.0;
+        println!(
+            "table memory, {gib} GiB of 1 GiB pages: {} bytes ({} pages), {:.6}% of mapped memory",
+            t.table_bytes(),
+            t.table_pages(),
+            share
+        );
+    }
+}
+
 fn benches(c: &mut Criterion) {
+    table_memory();
     for (name, bytes) in [("1GiB", GIB), ("16GiB", 16 * GIB)] {
         let pages = bytes / K4;
         let mut g = c.benchmark_group(format!("tables/{name}"));
