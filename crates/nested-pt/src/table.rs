@@ -433,10 +433,15 @@ impl<P: TablePages> NestedTable<P> {
         // anything; the entry for frame 0 is the template for all.
         let template = self.fmt.leaf_entry(Pfn(0), PageSize::Size4K, prot, mt)?;
         let max_pfn = self.fmt.addr_mask() >> 12;
-        let mut a = gpa.0;
-        while a < end {
-            self.leaf_table(a)?;
-            a = (a | (entry_span(2) - 1)) + 1;
+        // Check every leaf table exists before changing anything; a range
+        // inside one leaf table (a fault-around window) is checked by the
+        // walk that maps it.
+        if gpa.0 >> 21 != (end - 1) >> 21 {
+            let mut a = gpa.0;
+            while a < end {
+                self.leaf_table(a)?;
+                a = (a | (entry_span(2) - 1)) + 1;
+            }
         }
         let mut mapped = 0;
         let mut a = gpa.0;
