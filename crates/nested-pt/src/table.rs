@@ -994,7 +994,11 @@ fn prune<P: TablePages>(
     }
     let lo = node.children.partition_point(|c| (c.index as usize) < first);
     let hi = node.children.partition_point(|c| (c.index as usize) <= last);
-    for child in &mut node.children[lo..hi] {
+    for k in lo..hi {
+        if let Some(next) = node.children.get(k + 1) {
+            prefetch_table(pages.ptr(next.pfn));
+        }
+        let child = &mut node.children[k];
         let slot_base = base + child.index as u64 * span;
         if clear && level == 2 && child.reserved == 0 {
             if let Some(t) = table_of(pages, child.pfn) {
@@ -1058,6 +1062,23 @@ fn count_present(table: &Table, mask: u64) -> u64 {
         }
     }
     n.iter().sum()
+}
+
+/// Asks the processor to start loading a table page into the cache (a
+/// hint: it never faults and changes nothing the program can observe).
+#[inline(always)]
+fn prefetch_table(p: *const u64) {
+    #[cfg(target_arch = "x86_64")]
+    for line in 0..64 {
+        // SAFETY: PREFETCHT0 is a hint that never faults, whatever the
+        // address, and SSE (which provides it) is part of the x86-64
+        // baseline.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(line * 8).cast())
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// ORs the 64 bits of `word` into `bitmap` starting at bit `first`.
