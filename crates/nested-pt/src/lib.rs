@@ -62,7 +62,7 @@ mod pages;
 mod table;
 
 pub use format::{Caps, FormatKind, PteFormat};
-pub use pages::{CountingPages, HeapPages, TablePages};
+pub use pages::{CountingPages, HeapPages, PhysPages, TablePages};
 pub use table::{Leaf, Leaves, NestedTable, Walk, WalkStep};
 
 use core::fmt;

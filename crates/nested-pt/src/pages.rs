@@ -183,6 +183,89 @@ unsafe impl TablePages for HeapPages {
     }
 }
 
+/// A provider over memory the caller owns, for kernels and other bare-metal
+/// users: a range of `pages` page frames starting at physical address
+/// `phys`, reachable at virtual address `virt` (equal to `phys` in an
+/// identity-mapped kernel). Frame numbers are real physical frame numbers,
+/// so entries point where the hardware will look.
+pub struct PhysPages {
+    virt: *mut u8,
+    base_pfn: u64,
+    capacity: u64,
+    next: u64,
+    free: Vec<u32>,
+}
+
+// SAFETY: the region is owned by this value (the constructor's contract);
+// the raw pointer is not tied to a thread.
+unsafe impl Send for PhysPages {}
+// SAFETY: `&self` methods only compute pointers.
+unsafe impl Sync for PhysPages {}
+
+impl PhysPages {
+    /// A provider over `pages` frames at physical address `phys`, mapped at
+    /// `virt`. Returns `None` when an address is not 4 KiB aligned or the
+    /// range overflows.
+    ///
+    /// # Safety
+    ///
+    /// `[virt, virt + pages * 4096)` must be writable memory that maps
+    /// `[phys, phys + pages * 4096)`, that nothing else uses for as long as
+    /// the provider (and any table built on it) lives.
+    pub unsafe fn new(phys: u64, virt: *mut u8, pages: u64) -> Option<Self> {
+        let pages = pages.min(u32::MAX as u64);
+        if phys & 0xfff != 0 || (virt as usize) & 0xfff != 0 {
+            return None;
+        }
+        phys.checked_add(pages.checked_mul(4096)?)?;
+        (virt as usize).checked_add(usize::try_from(pages.checked_mul(4096)?).ok()?)?;
+        Some(PhysPages { virt, base_pfn: phys >> 12, capacity: pages, next: 0, free: Vec::new() })
+    }
+    /// Pages handed out and not yet returned.
+    pub fn live(&self) -> u64 {
+        self.next - self.free.len() as u64
+    }
+}
+
+// SAFETY: each frame is handed out at most once until freed (bump index and
+// free list never overlap) and is zeroed before it is handed out; `ptr`
+// returns a pointer into the caller-owned region only for frames handed out
+// at some point (`index < next`), which the constructor's contract keeps
+// valid.
+unsafe impl TablePages for PhysPages {
+    fn alloc_zeroed(&mut self) -> Option<Pfn> {
+        let index = match self.free.pop() {
+            Some(i) => i as u64,
+            None if self.next < self.capacity => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => return None,
+        };
+        let p = self.virt.wrapping_add(index as usize * 4096);
+        // SAFETY: page `index` lies inside the caller's region and is not
+        // in use (just taken from the free list or the bump index).
+        unsafe { ptr::write_bytes(p, 0, 4096) };
+        Some(Pfn(self.base_pfn + index))
+    }
+
+    #[inline(always)]
+    fn ptr(&self, pfn: Pfn) -> *mut u64 {
+        let index = pfn.0.wrapping_sub(self.base_pfn);
+        if index >= self.next {
+            return ptr::null_mut();
+        }
+        self.virt.wrapping_add(index as usize * 4096).cast()
+    }
+
+    unsafe fn free(&mut self, pfn: Pfn) {
+        let index = pfn.0.wrapping_sub(self.base_pfn);
+        if index < self.next {
+            self.free.push(index as u32);
+        }
+    }
+}
+
 /// A checking wrapper for tests: counts live pages, catches double frees
 /// and frees of foreign pages, and can be told to fail allocations.
 pub struct CountingPages<P> {

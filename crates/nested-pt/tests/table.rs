@@ -397,3 +397,28 @@ fn wrong_vacate_never_frees_a_table_with_children() {
     assert_eq!(t.unmap_vacate_region(Gpa(0), 4 * K4, PageSize::Size4K), Ok(1));
     assert_eq!(t.pages().live(), 1);
 }
+
+#[test]
+fn phys_pages_provider() {
+    // A page-aligned buffer stands in for physical memory at 0x4000_0000.
+    let mut buf = vec![0u8; 16 * 4096 + 4096];
+    let off = buf.as_ptr().align_offset(4096);
+    let virt = buf[off..].as_mut_ptr();
+    // SAFETY: the 16 pages at `virt` belong to `buf`, which outlives the
+    // table and is not touched while the table lives.
+    let pages = unsafe { nested_pt::PhysPages::new(0x4000_0000, virt, 16) }.unwrap();
+    let mut t = NestedTable::new(formats()[0], pages).unwrap();
+    assert_eq!(t.root(), Pfn(0x4_0000), "frame numbers are physical");
+    t.populate_region(Gpa(0), 2 * K4, PageSize::Size4K).unwrap();
+    t.map(Gpa(K4), Pfn(0x777), PageSize::Size4K, Prot::RW, MemType::WriteBack).unwrap();
+    let w = t.walk(Gpa(K4));
+    assert_eq!(w.steps().iter().map(|s| s.table.0).collect::<Vec<_>>(), vec![0x4_0000, 0x4_0001, 0x4_0002, 0x4_0003]);
+    assert_eq!(t.unmap_vacate_region(Gpa(0), 2 * K4, PageSize::Size4K), Ok(1));
+    assert_eq!(t.pages().live(), 1);
+    // Exhaustion is a typed error, not a panic.
+    assert_eq!(t.populate_region(Gpa(0), 64 * M2, PageSize::Size4K), Err(Error::NoMemory));
+    assert_eq!(t.pages().live(), 1);
+    drop(t);
+    // SAFETY: rejected before anything is touched.
+    assert!(unsafe { nested_pt::PhysPages::new(0x123, virt, 1) }.is_none());
+}
