@@ -30,6 +30,13 @@ struct Cache {
     /// The 2 MiB region whose leaf table `leaf_table` is (or `u64::MAX`).
     leaf_region: Cell<u64>,
     leaf_table: Cell<*const EntryAtomic>,
+    /// The mapping's object's host window (`VmObject::host_window`):
+    /// first frame, frame count (0 without a host view), host address of
+    /// the first frame. A hold maps the frame it finds in the leaf to a
+    /// host pointer with these, without the object's frame list.
+    host_first: Cell<u64>,
+    host_pages: Cell<u64>,
+    host_base: Cell<*mut u8>,
 }
 
 impl Cache {
@@ -43,8 +50,30 @@ impl Cache {
             prot: Cell::new(Prot::empty()),
             leaf_region: Cell::new(u64::MAX),
             leaf_table: Cell::new(core::ptr::null()),
+            host_first: Cell::new(0),
+            host_pages: Cell::new(0),
+            host_base: Cell::new(core::ptr::null_mut()),
         }
     }
+}
+
+/// The cache's fields the fast path needs, read before the client is
+/// activated: they are private to the owning thread, so reading them
+/// early is sound, and it takes these loads out of the chain of
+/// dependent loads that can only start once the activation's fence is
+/// done. They are trusted only after the activation, when the map
+/// sequence has been compared.
+#[derive(Clone, Copy)]
+struct Snap {
+    seq: u64,
+    start: u64,
+    end: u64,
+    prot: Prot,
+    leaf_region: u64,
+    leaf_table: *const EntryAtomic,
+    host_first: u64,
+    host_pages: u64,
+    host_base: *mut u8,
 }
 
 /// Bytes one leaf table covers.
@@ -156,6 +185,13 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         c.offset.set(m.offset);
         c.prot.set(m.prot);
         c.leaf_region.set(u64::MAX);
+        let (first, pages, base) = match m.object.host_window() {
+            Some((first, pages, base)) => (first.0, pages, base.as_ptr()),
+            None => (0, 0, core::ptr::null_mut()),
+        };
+        c.host_first.set(first);
+        c.host_pages.set(pages);
+        c.host_base.set(base);
         true
     }
 
@@ -184,10 +220,76 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         Some(slot)
     }
 
+    /// Read the cache for [`VmClient::lookup_map`] (before activating).
+    #[inline(always)]
+    fn snap(&self) -> Snap {
+        let c = &self.cache;
+        Snap {
+            seq: c.seq.get(),
+            start: c.start.get(),
+            end: c.end.get(),
+            prot: c.prot.get(),
+            leaf_region: c.leaf_region.get(),
+            leaf_table: c.leaf_table.get(),
+            host_first: c.host_first.get(),
+            host_pages: c.host_pages.get(),
+            host_base: c.host_base.get(),
+        }
+    }
+
+    /// The host page of frame `pfn`, found in a leaf of the mapping whose
+    /// host window `s` describes.
+    #[inline(always)]
+    fn host_of(s: &Snap, pfn: Pfn) -> Result<NonNull<u8>> {
+        // The leaf maps the object's frame at this offset (an invariant of
+        // the table), so its host page is the frame's place in the
+        // object's host window.
+        let idx = pfn.0.wrapping_sub(s.host_first);
+        if idx >= s.host_pages {
+            return Err(Error::NoHostView);
+        }
+        // SAFETY: idx < the window's page count, so the address lies inside
+        // the window, which stays mapped while the object lives (the
+        // mapping holds it; a hold keeps it alive past an unmap); it is
+        // non-null because the window's base is.
+        Ok(unsafe { NonNull::new_unchecked(s.host_base.add((idx * PAGE_SIZE) as usize)) })
+    }
+
     /// The data path: find (and if needed map) the page at `gpa` for
-    /// `prot`; client active.
-    #[inline]
-    fn lookup_map(&self, d: &Data<P>, gpa: u64, prot: Prot, host: bool) -> Result<Found> {
+    /// `prot`; client active, `s` read from the cache before activating.
+    /// The fast path serves a present leaf of the cached mapping and leaf
+    /// table from `s`; anything else takes [`VmClient::lookup_map_slow`].
+    #[inline(always)]
+    fn lookup_map(&self, d: &Data<P>, gpa: u64, prot: Prot, host: bool, s: &Snap) -> Result<Found> {
+        let seq = self.space.map_seq.load(Acquire);
+        if s.seq == seq
+            && s.start <= gpa
+            && gpa < s.end
+            && s.leaf_region == gpa & !(LEAF_SPAN - 1)
+            && s.prot.contains(prot)
+            && !self.space.records_access
+        {
+            let idx = ((gpa / PAGE_SIZE) % 512) as usize;
+            // SAFETY: as in `leaf_slot`: the same map sequence proves the
+            // cached leaf table still belongs to this region's mapping,
+            // which keeps it allocated while the client is active.
+            let slot = unsafe { s.leaf_table.add(idx) };
+            // SAFETY: as above.
+            let e = unsafe { &*slot }.load(Acquire);
+            let fmt = &self.space.format;
+            if fmt.is_present(e) {
+                let pfn = fmt.frame(e);
+                let host = if host { Some(Self::host_of(s, pfn)?) } else { None };
+                return Ok(Found { pfn, entry: slot, host });
+            }
+        }
+        self.lookup_map_slow(d, gpa, prot, host)
+    }
+
+    /// [`VmClient::lookup_map`] through the cache's cells, refilling them
+    /// (and mapping the fault-around window) as needed; client active.
+    #[inline(never)]
+    fn lookup_map_slow(&self, d: &Data<P>, gpa: u64, prot: Prot, host: bool) -> Result<Found> {
         if !self.mapping(d, gpa) {
             return Err(Error::NoMapping);
         }
@@ -232,7 +334,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             }
         }
         let pfn = fmt.frame(e);
-        let host = if host { Some(object.host_page(c.offset.get() + (gpa - c.start.get()))?) } else { None };
+        let host = if host { Some(Self::host_of(&self.snap(), pfn)?) } else { None };
         Ok(Found { pfn, entry: slot, host })
     }
 
@@ -241,22 +343,26 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// compare-and-swap if it is not present. [`Error::NoMapping`] when no
     /// mapping covers `gpa`, [`Error::Protection`] when the mapping does
     /// not allow `prot`.
+    #[inline]
     pub fn fault(&self, gpa: u64, prot: Prot) -> Result<()> {
         if prot.is_empty() {
             return Err(Invalid::BadProt.into());
         }
         let gpa = gpa & !(PAGE_SIZE - 1);
-        self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false).map(|_| ())))
+        let s = self.snap();
+        self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false, &s).map(|_| ())))
     }
 
     /// Hold the page at `gpa` (4 KiB aligned) for `prot` (read and/or
     /// write). Releasing a writable hold marks the page dirty.
+    #[inline(always)]
     pub fn hold(&self, gpa: u64, prot: Prot) -> Result<PageHold<'_, P, L>> {
         self.hold_ext(gpa, prot, false)
     }
 
     /// As [`VmClient::hold`]; with `defer_dirty`, a writable hold marks the
     /// page dirty on release only if [`PageHold::mark_dirty`] was called.
+    #[inline(always)]
     pub fn hold_ext(&self, gpa: u64, prot: Prot, defer_dirty: bool) -> Result<PageHold<'_, P, L>> {
         if !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(Invalid::Unaligned.into());
@@ -264,8 +370,9 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         if !prot.intersects(Prot::READ | Prot::WRITE) || prot.contains(Prot::EXEC) {
             return Err(Invalid::BadProt.into());
         }
+        let s = self.snap();
         let (found, host, seq) = self.active(|| {
-            let f = self.data(|d| self.lookup_map(d, gpa, prot, true))?;
+            let f = self.data(|d| self.lookup_map(d, gpa, prot, true, &s))?;
             let host = f.host.ok_or(Error::NoHostView)?;
             // Counted while active, so an unmap (which waits for us) sees it.
             self.shared.hold_taken();
@@ -301,6 +408,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     }
 
     /// Release a hold (see [`PageHold::release`]).
+    #[inline(always)]
     fn release(&self, h: &PageHold<'_, P, L>) -> bool {
         let shared = &*self.shared;
         let mark = h.prot.contains(Prot::WRITE) && !h.defer_dirty.get();
@@ -512,6 +620,7 @@ impl<P: TablePages, L: RawLock> PageHold<'_, P, L> {
 }
 
 impl<P: TablePages, L: RawLock> Drop for PageHold<'_, P, L> {
+    #[inline(always)]
     fn drop(&mut self) {
         if !self.released {
             self.released = true;

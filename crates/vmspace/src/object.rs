@@ -6,7 +6,7 @@ use core::ptr::NonNull;
 use nested_pt::{MemType, Pfn};
 
 use crate::PAGE_SIZE;
-use crate::error::{Error, Invalid, Result};
+use crate::error::{Invalid, Result};
 use crate::reservoir::{Arena, Reservoir};
 use alloc::sync::Arc;
 
@@ -119,24 +119,16 @@ impl VmObject {
         }
     }
 
-    /// Host pointer to the start of the page holding byte `offset`.
-    #[inline]
-    pub(crate) fn host_page(&self, offset: u64) -> Result<NonNull<u8>> {
-        let page = offset / PAGE_SIZE;
+    /// The host view of the object's frames as (first frame, frame count,
+    /// host address of the first frame): frame `f` with
+    /// `f - first < count` is at `host + (f - first) * 4096`. `None` for
+    /// MMIO without a host view. The data path caches it per mapping, so
+    /// that a hold turns the frame found in the leaf into a host pointer
+    /// without looking the object's frame list up.
+    pub(crate) fn host_window(&self) -> Option<(Pfn, u64, NonNull<u8>)> {
         match &self.backing {
-            Backing::Ram { arena, frames, .. } => {
-                let f = frames.get(page as usize).ok_or(Error::NoMapping)?;
-                arena.host_ptr(*f).ok_or(Error::NoHostView)
-            }
-            Backing::Mmio { host, .. } => {
-                let h = host.ok_or(Error::NoHostView)?;
-                if offset >= self.size {
-                    return Err(Error::NoMapping);
-                }
-                // SAFETY: offset < size, and the creator vouched that
-                // `size` bytes from `h` are mapped.
-                Ok(unsafe { h.add((page * PAGE_SIZE) as usize) })
-            }
+            Backing::Ram { arena, .. } => Some((arena.frame_base, arena.pages(), arena.host)),
+            Backing::Mmio { base, host } => host.map(|h| (*base, self.size / PAGE_SIZE, h)),
         }
     }
 }
@@ -155,6 +147,7 @@ impl Drop for VmObject {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use crate::reservoir::HeapReservoir;
 
     #[test]
@@ -192,6 +185,6 @@ mod tests {
         assert!(!o.is_ram());
         assert_eq!(o.mem_type(), MemType::Uncacheable);
         assert_eq!(o.frame_at(PAGE_SIZE + 5), Some(Pfn(0xfee01)));
-        assert_eq!(o.host_page(0).unwrap_err(), Error::NoHostView);
+        assert!(o.host_window().is_none());
     }
 }
