@@ -70,11 +70,18 @@
 //! - Tables: `VmSpace<P>` is generic over `nested_pt::TablePages`, so
 //!   table pages can live in another KVM slot.
 //! - vCPUs: one client each; [`VmClient::set_kick`],
-//!   [`VmClient::set_invalidation`] (told the range, the new generation and
-//!   for unmaps the object and offset, i.e. the old frames), and
+//!   [`VmClient::set_invalidation`] (told the range, the new generation,
+//!   for unmaps the object and offset, i.e. the old frames, and whether
+//!   table pages were freed; for harvests that collect them, the frames
+//!   whose dirty bit was cleared), and
 //!   [`VmClient::table_enter`] around guest execution (flush when the
 //!   generation changed); nested faults go to [`VmClient::fault`].
-//! - Migration: [`VmSpace::track_dirty`] / [`VmSpace::dirty_op`].
+//! - Migration: [`VmSpace::track_dirty`] / [`VmSpace::dirty_op`], or
+//!   [`VmSpace::track_dirty_frames`] / [`VmSpace::dirty_op_frames`] to get
+//!   the cleared frames too. A harvest is exact only with the vCPUs out
+//!   of guest context (see [`VmSpace::track_dirty`]).
+//! - [`Arena`] and [`HostView`] are `Send + Sync`: plain descriptions of
+//!   shared mappings, used through raw addresses.
 //!
 //! # Testing and measuring
 //!

@@ -66,7 +66,7 @@ impl VmObject {
 
     /// An MMIO object: `size` bytes of host-physical memory starting at
     /// frame `base`, mapped uncached. Holds on it fail with
-    /// [`Error::NoHostView`]: only the nested table reaches it.
+    /// [`Error::NoHostView`](crate::Error::NoHostView): only the nested table reaches it.
     pub fn mmio(base: Pfn, size: u64) -> Result<Arc<Self>> {
         // SAFETY: no host view is given, so no pointer is ever formed.
         unsafe { Self::mmio_with_view(base, size, None) }

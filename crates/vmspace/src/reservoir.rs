@@ -29,6 +29,24 @@ pub struct Arena {
     pub frame_base: Pfn,
 }
 
+// SAFETY: an `Arena` is a description (an address, a length and a frame
+// number), `Copy`, owning nothing: it neither reads nor writes the memory
+// it describes, and the reservoir that owns the mapping is itself
+// `Send + Sync`. Dereferencing `host` is the caller's unsafe code, which
+// must allow for concurrent access in any case (the guest writes the same
+// memory).
+unsafe impl Send for Arena {}
+// SAFETY: as above; shared references give only the same plain values.
+unsafe impl Sync for Arena {}
+
+// A multi-threaded VMM shares these (the KVM runner's vCPU threads).
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Arena>();
+    #[cfg(feature = "std")]
+    send_sync::<HostView>();
+};
+
 impl Arena {
     /// Pages in the arena.
     pub fn pages(&self) -> u64 {
@@ -436,8 +454,16 @@ mod memfd {
         len: usize,
     }
 
-    // SAFETY: the view is a plain memory mapping owned by this value.
+    // SAFETY: the view is a plain memory mapping owned by this value: no
+    // thread-local state, and unmapping it on drop is valid from any
+    // thread.
     unsafe impl Send for HostView {}
+    // SAFETY: `&HostView` only gives the mapping's address and length (no
+    // method reads or writes the memory behind it, and nothing can change
+    // them); what callers do with the address is their own unsafe code,
+    // which must allow for concurrent access anyway (the guest writes the
+    // same memory).
+    unsafe impl Sync for HostView {}
 
     impl HostView {
         /// First byte of the view.

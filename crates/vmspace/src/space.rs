@@ -2,6 +2,7 @@
 
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc as StdArc;
+use alloc::vec::Vec;
 use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 use nested_pt::{Access, FormatKind, Gpa, NestedTable, PageSize, Pfn, Prot, PteFormat, TablePages};
@@ -48,6 +49,19 @@ pub struct Invalidation<'a> {
     pub generation: u64,
     /// Why.
     pub cause: Cause<'a>,
+    /// Whether the change freed table pages (changed non-leaf entries):
+    /// a host that mirrors the table (a shadow-paging KVM host) must then
+    /// drop everything it built from the table, not only the leaves of the
+    /// range. Only an unmap frees table pages (it vacates the tables it
+    /// emptied), so this is false for every other cause.
+    pub tables_freed: bool,
+    /// For [`Cause::Dirty`] from a harvest that collected them
+    /// ([`VmSpace::track_dirty_frames`], [`VmSpace::dirty_op_frames`] with
+    /// [`DirtyOp::Reset`]): the frames whose dirty bit it cleared, in
+    /// address order, so that a host can drop exactly the translations
+    /// that still allow writes without setting the bit. `None` when they
+    /// were not collected: then any page of the range may have changed.
+    pub cleared: Option<&'a [Pfn]>,
 }
 
 /// Why a range was invalidated.
@@ -251,9 +265,17 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         })
     }
 
-    fn bump_gen_and_invalidate(&self, a: &Admin<L>, gpa: u64, len: u64, cause: Cause<'_>) {
+    fn bump_gen_and_invalidate(
+        &self,
+        a: &Admin<L>,
+        gpa: u64,
+        len: u64,
+        cause: Cause<'_>,
+        tables_freed: bool,
+        cleared: Option<&[Pfn]>,
+    ) {
         let generation = self.generation.fetch_add(1, AcqRel) + 1;
-        let inv = Invalidation { gpa: Gpa(gpa), len, generation, cause };
+        let inv = Invalidation { gpa: Gpa(gpa), len, generation, cause, tables_freed, cleared };
         for c in a.clients.values() {
             c.invalidate(generation, &inv);
         }
@@ -292,7 +314,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         // guest context may have cached the freed table pages, and those
         // pages are not reused before the space lock is dropped.
         if cleared > 0 || freed_tables {
-            self.bump_gen_and_invalidate(a, gpa, len, Cause::Unmap { object: &object, offset });
+            self.bump_gen_and_invalidate(a, gpa, len, Cause::Unmap { object: &object, offset }, freed_tables, None);
         }
         Ok(object)
     }
@@ -566,7 +588,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         let inner = &*self.inner;
         inner.exclusive(|a| {
             inner.track_dirty.store(on, Release);
-            inner.bump_gen_and_invalidate(a, 0, inner.size, Cause::Tracking);
+            inner.bump_gen_and_invalidate(a, 0, inner.size, Cause::Tracking, false, None);
             Ok(())
         })
     }
@@ -601,8 +623,32 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// [`Error::Invalid`] for unaligned values, a zero length or a short
     /// bitmap; [`Error::Overflow`] when `gpa + len` overflows;
     /// [`Error::NotPermitted`] when tracking is off.
+    ///
+    /// # Harvesting while vCPUs run
+    ///
+    /// The harvest is exact only for vCPUs that are out of guest context.
+    /// A vCPU in guest context may have cached a writable translation
+    /// whose dirty bit was set (hardware sets the bit once, when it caches
+    /// the translation for a write): between the clearing of the bit and
+    /// that vCPU leaving guest context (the invalidation kicks it and
+    /// waits), it can go on writing the page without setting the bit
+    /// again, and those writes are reported by no harvest. This holds on
+    /// NPT/EPT hardware as on a shadow-paging host. For an exact harvest
+    /// (the final pass of a migration), stop the vCPUs first; a harvest
+    /// while they run is good for the iterative passes, whose misses the
+    /// final pass catches.
     pub fn track_dirty(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
         self.dirty_op(DirtyOp::Reset, gpa, len, None, bitmap)
+    }
+
+    /// As [`VmSpace::track_dirty`], and append to `frames` the frame of
+    /// each page whose dirty bit it cleared, in address order (the frames
+    /// of the pages whose output bit is set). Invalidation callbacks get
+    /// the same list in [`Invalidation::cleared`]. For a host that mirrors
+    /// the table: it drops exactly those frames' translations, without
+    /// looking each dirty page up again.
+    pub fn track_dirty_frames(&self, gpa: u64, len: u64, bitmap: &mut [u64], frames: &mut Vec<Pfn>) -> Result<u64> {
+        self.dirty_op_frames(DirtyOp::Reset, gpa, len, None, bitmap, frames)
     }
 
     /// A dirty-bitmap operation on `[gpa, gpa+len)`: see [`DirtyOp`].
@@ -616,10 +662,43 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// [`VmSpace::track_dirty`]; afterwards the generation is bumped and
     /// clients are invalidated.
     pub fn dirty_op(&self, op: DirtyOp, gpa: u64, len: u64, select: Option<&[u64]>, bitmap: &mut [u64]) -> Result<u64> {
+        self.dirty_op_inner(op, gpa, len, select, bitmap, None)
+    }
+
+    /// As [`VmSpace::dirty_op`]; for [`DirtyOp::Reset`] also append to
+    /// `frames` the frame of each page whose dirty bit it cleared, in
+    /// address order, and pass that list to invalidation callbacks
+    /// ([`Invalidation::cleared`]). For `Get` and `Set` nothing is
+    /// appended (no bit is cleared) and callbacks get `None`.
+    pub fn dirty_op_frames(
+        &self,
+        op: DirtyOp,
+        gpa: u64,
+        len: u64,
+        select: Option<&[u64]>,
+        bitmap: &mut [u64],
+        frames: &mut Vec<Pfn>,
+    ) -> Result<u64> {
+        self.dirty_op_inner(op, gpa, len, select, bitmap, Some(frames))
+    }
+
+    fn dirty_op_inner(
+        &self,
+        op: DirtyOp,
+        gpa: u64,
+        len: u64,
+        select: Option<&[u64]>,
+        bitmap: &mut [u64],
+        mut frames: Option<&mut Vec<Pfn>>,
+    ) -> Result<u64> {
         self.check_dirty_args(gpa, len, [Some(bitmap.len()), select.map(|s| s.len())])?;
+        if op != DirtyOp::Reset {
+            frames = None;
+        }
         let inner = &*self.inner;
         // Entries beyond the 48-bit space do not exist: clip, reporting 0.
         let clipped = len.min(nested_pt::GPA_LIMIT.saturating_sub(gpa));
+        let first_frame = frames.as_ref().map_or(0, |f| f.len());
         inner.locked(|a| {
             if a.destroyed {
                 return Err(Error::Orphaned);
@@ -628,6 +707,12 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             // changes are atomic), so clients keep running during the scan.
             let n = unsafe {
                 inner.with_data(|d| match (op, select) {
+                    (DirtyOp::Reset, sel) if frames.is_some() => {
+                        // The leaf iterator, which sees each entry (and so
+                        // its frame) as it clears the bit.
+                        let f = frames.as_deref_mut();
+                        Ok(self.scan_leaves(d, gpa, len, clipped, sel, bitmap, true, f))
+                    }
                     (DirtyOp::Get | DirtyOp::Reset, None) => {
                         if clipped == 0 {
                             for p in 0..len / PAGE_SIZE {
@@ -642,32 +727,50 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                         d.table.scan_dirty(Gpa(gpa), clipped, bitmap, op == DirtyOp::Reset).map_err(Error::Table)
                     }
                     (DirtyOp::Get | DirtyOp::Reset, Some(sel)) => {
-                        Ok(self.scan_selected(d, gpa, len, sel, bitmap, op == DirtyOp::Reset))
+                        Ok(self.scan_leaves(d, gpa, len, clipped, Some(sel), bitmap, op == DirtyOp::Reset, None))
                     }
                     (DirtyOp::Set, sel) => Ok(self.set_dirty(d, gpa, len, sel, bitmap)),
                 })
             }?;
+            let cleared = frames.as_deref().map(|f| &f[first_frame..]);
             a.hold_all();
-            inner.bump_gen_and_invalidate(a, gpa, len, Cause::Dirty);
+            inner.bump_gen_and_invalidate(a, gpa, len, Cause::Dirty, false, cleared);
             a.release_all();
             Ok(n)
         })
     }
 
-    /// Get/Reset restricted to selected pages; leaf iterator, one leaf
-    /// table at a time.
-    fn scan_selected(&self, d: &Data<P>, gpa: u64, len: u64, sel: &[u64], out: &mut [u64], clear: bool) -> u64 {
+    /// Get/Reset through the leaf iterator, one leaf table at a time: of
+    /// the selected pages (every page without `sel`), appending the frame
+    /// of each page whose bit it clears to `frames`. `clipped` is `len`
+    /// cut at the 48-bit limit.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_leaves(
+        &self,
+        d: &Data<P>,
+        gpa: u64,
+        len: u64,
+        clipped: u64,
+        sel: Option<&[u64]>,
+        out: &mut [u64],
+        clear: bool,
+        mut frames: Option<&mut Vec<Pfn>>,
+    ) -> u64 {
         let pages = len / PAGE_SIZE;
         // Selected pages without a leaf report 0; the iterator below sets
         // the bits of the dirty ones.
         for p in 0..pages {
-            if bit(sel, p) {
+            if sel.is_none_or(|s| bit(s, p)) {
                 put_bit(out, p, false);
             }
         }
-        let dmask = self.inner.format.dirty_mask();
+        if clipped == 0 {
+            return 0;
+        }
+        let fmt = &self.inner.format;
+        let dmask = fmt.dirty_mask();
         let mut count = 0;
-        d.table.for_each_leaf_table(Gpa(gpa), len, |base, entries, size| {
+        d.table.for_each_leaf_table(Gpa(gpa), clipped, |base, entries, size| {
             // Only 4 KiB leaves are ever mapped by this crate.
             if size != PageSize::Size4K {
                 return;
@@ -675,7 +778,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             let first = (base.0 - gpa) / PAGE_SIZE;
             for (i, e) in entries.iter().enumerate() {
                 let p = first + i as u64;
-                if !bit(sel, p) {
+                if sel.is_some_and(|s| !bit(s, p)) {
                     continue;
                 }
                 let v = e.load(Relaxed);
@@ -683,7 +786,14 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                     continue;
                 }
                 if clear {
-                    e.fetch_and(!dmask, AcqRel);
+                    // Harvests are serialized (space lock): nobody else
+                    // clears the bit, so the entry still has it here.
+                    let v = e.fetch_and(!dmask, AcqRel);
+                    if let Some(f) = frames.as_deref_mut()
+                        && fmt.is_present(v)
+                    {
+                        f.push(fmt.frame(v));
+                    }
                 }
                 put_bit(out, p, true);
                 count += 1;

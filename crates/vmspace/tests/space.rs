@@ -631,3 +631,89 @@ fn spin_lock_space() {
     t.join().unwrap();
     assert_eq!(s.mappings().len(), 1);
 }
+
+#[test]
+fn unmap_invalidation_says_whether_tables_were_freed() {
+    let s = space(GIB, false);
+    let r = reservoir(16);
+    let (a, b) = (ram(&r, 1), ram(&r, 1));
+    let c = s.client();
+    let seen: Arc<Mutex<Vec<(u64, bool)>>> = Arc::default();
+    let log = seen.clone();
+    c.set_invalidation(Some(move |inv: &Invalidation<'_>| {
+        assert!(matches!(inv.cause, Cause::Unmap { .. }));
+        assert!(inv.cleared.is_none());
+        log.lock().unwrap().push((inv.gpa.0, inv.tables_freed));
+    }));
+    // Two mappings sharing one leaf table (and every table above it).
+    s.map(&a, 0, 0x200 * PG, PG, Prot::RW).unwrap();
+    s.map(&b, 0, 0x201 * PG, PG, Prot::RW).unwrap();
+    s.populate(0x200 * PG, PG).unwrap();
+    s.populate(0x201 * PG, PG).unwrap();
+    let full = table_pages(&s);
+    // The first unmap leaves the tables to the other mapping.
+    s.unmap(0x200 * PG, PG).unwrap();
+    assert_eq!(table_pages(&s), full);
+    // The second empties them: every table but the root is freed.
+    s.unmap(0x201 * PG, PG).unwrap();
+    assert!(table_pages(&s) < full);
+    assert_eq!(*seen.lock().unwrap(), vec![(0x200 * PG, false), (0x201 * PG, true)]);
+}
+
+#[test]
+fn harvest_reports_the_frames_it_cleared() {
+    let s = space(GIB, true);
+    let r = reservoir(64);
+    let o = ram(&r, 8);
+    let base = 0x400 * PG;
+    s.map(&o, 0, base, 8 * PG, Prot::RW).unwrap();
+    s.populate(base, 8 * PG).unwrap();
+    let c = s.client();
+    let seen: Arc<Mutex<Vec<Option<Vec<Pfn>>>>> = Arc::default();
+    let log = seen.clone();
+    c.set_invalidation(Some(move |inv: &Invalidation<'_>| {
+        assert!(matches!(inv.cause, Cause::Dirty));
+        assert!(!inv.tables_freed);
+        log.lock().unwrap().push(inv.cleared.map(|f| f.to_vec()));
+    }));
+    let dirty = |pages: &[u64]| {
+        for &p in pages {
+            c.hold(base + p * PG, Prot::RW).unwrap().release();
+        }
+    };
+    let frame = |p: u64| o.frame_at(p * PG).unwrap();
+    // Start clean.
+    let mut bm = [0u64];
+    s.track_dirty(base, 8 * PG, &mut bm).unwrap();
+    dirty(&[1, 4, 6]);
+    // Get: nothing cleared, no frames.
+    let mut frames = vec![Pfn(7)];
+    assert_eq!(s.dirty_op_frames(DirtyOp::Get, base, 8 * PG, None, &mut bm, &mut frames), Ok(3));
+    assert_eq!(frames, vec![Pfn(7)]);
+    // Reset of the selected pages 4 and 6 only: appended after what was there.
+    let sel = [1u64 << 4 | 1 << 6 | 1 << 7];
+    assert_eq!(s.dirty_op_frames(DirtyOp::Reset, base, 8 * PG, Some(&sel), &mut bm, &mut frames), Ok(2));
+    assert_eq!(frames, vec![Pfn(7), frame(4), frame(6)]);
+    // The whole range: only page 1 is left dirty.
+    frames.clear();
+    bm = [u64::MAX];
+    assert_eq!(s.track_dirty_frames(base, 8 * PG, &mut bm, &mut frames), Ok(1));
+    assert_eq!(bm[0], !0xff | 1 << 1, "the range's bits are overwritten, no other");
+    assert_eq!(frames, vec![frame(1)]);
+    // Nothing dirty now.
+    frames.clear();
+    assert_eq!(s.track_dirty_frames(base, 8 * PG, &mut bm, &mut frames), Ok(0));
+    assert!(frames.is_empty());
+    assert_eq!(bm[0] & 0xff, 0);
+    // Pages without a leaf (past the mapping) report 0 and no frame.
+    dirty(&[7]);
+    let mut wide = [u64::MAX; 2];
+    assert_eq!(s.track_dirty_frames(base, 128 * PG, &mut wide, &mut frames), Ok(1));
+    assert_eq!(wide, [1 << 7, 0]);
+    assert_eq!(frames, vec![frame(7)]);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![None, None, Some(vec![frame(4), frame(6)]), Some(vec![frame(1)]), Some(vec![]), Some(vec![frame(7)]),]
+    );
+}
