@@ -28,7 +28,6 @@ pub struct SlotPages {
     quarantine: Vec<(u64, u64)>,
     vm: Option<Arc<KvmVm>>,
     live: Arc<AtomicU64>,
-    frees: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for SlotPages {
@@ -55,19 +54,12 @@ impl SlotPages {
             quarantine: Vec::new(),
             vm,
             live: Arc::new(AtomicU64::new(0)),
-            frees: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// A counter of pages currently allocated (shared, for reports).
     pub fn live_counter(&self) -> Arc<AtomicU64> {
         self.live.clone()
-    }
-
-    /// A counter of pages freed so far (a non-leaf change happened when it
-    /// moves).
-    pub fn free_counter(&self) -> Arc<AtomicU64> {
-        self.frees.clone()
     }
 
     /// The region holding the pages.
@@ -124,7 +116,6 @@ unsafe impl TablePages for SlotPages {
     unsafe fn free(&mut self, pfn: Pfn) {
         let idx = pfn.0 - self.base_pfn;
         self.live.fetch_sub(1, Ordering::Relaxed);
-        self.frees.fetch_add(1, Ordering::SeqCst);
         match &self.vm {
             Some(vm) => self.quarantine.push((vm.zap_count(), idx)),
             None => self.free.push(idx),

@@ -14,9 +14,11 @@
 //!
 //! - unmap: the KVM view of every frame of the range is dropped
 //!   (`MADV_DONTNEED`), which makes KVM zap its shadow entries for them; if
-//!   table pages were freed (a non-leaf change) all shadow pages are zapped;
+//!   table pages were freed (a non-leaf change, `Invalidation::tables_freed`)
+//!   all shadow pages are zapped;
 //! - dirty-bit changes made by someone else than [`SpaceBackend::harvest`]
-//!   (which drops exactly the frames it cleared): all shadow pages are zapped;
+//!   (which drops exactly the frames it cleared, as `track_dirty_frames`
+//!   reports them): all shadow pages are zapped;
 //! - on a hardware-nested host nothing is needed here: the generation bump
 //!   makes each vCPU reload CR3 before it resumes.
 
@@ -29,7 +31,7 @@ use nested_pt::{Access, NestedTable, Pfn, Prot};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use vmspace::{Cause, HostView, Invalidation, MemfdReservoir, SpaceConfig, VmClient, VmObject, VmSpace};
+use vmspace::{Arena, Cause, HostView, Invalidation, MemfdReservoir, SpaceConfig, VmClient, VmObject, VmSpace};
 
 /// Default dirty-page count above which a harvest may zap every shadow page
 /// rather than drop frames one by one (it also needs a quarter of the
@@ -43,39 +45,23 @@ pub const DEFAULT_ZAP_THRESHOLD: u64 = 16;
 /// Size of the vmspace: 1 TiB (RAM in the first 512 GiB, runtime above).
 pub const SPACE_SIZE: u64 = 1 << 40;
 
-/// The KVM view of the reservoir file.
-struct KvmView(HostView);
-
-// SAFETY: the view is a shared mapping that is only used through its
-// address (registered with KVM, and madvise); it is unmapped on drop, after
-// the VM (which holds no Rust reference into it) no longer runs vCPUs.
-unsafe impl Send for KvmView {}
-// SAFETY: as above; no method mutates the view.
-unsafe impl Sync for KvmView {}
-
-/// The reservoir arena by address (the host view of every frame).
-#[derive(Debug, Clone, Copy)]
-struct HostArena {
-    host: usize,
-    len: u64,
-    frame_base: u64,
-}
-
-impl HostArena {
-    fn host_ptr(&self, pfn: Pfn, off: u64) -> Option<*mut u8> {
-        let i = pfn.0.checked_sub(self.frame_base)?;
-        (i * PAGE < self.len).then(|| (self.host + (i * PAGE + off % PAGE) as usize) as *mut u8)
-    }
+/// Host pointer to byte `off % 4096` of frame `pfn` in the reservoir's
+/// arena (the host view of every frame).
+fn arena_ptr(arena: &Arena, pfn: Pfn, off: u64) -> Option<*mut u8> {
+    // SAFETY: `off % PAGE` stays inside the frame's page, which lies inside
+    // the arena (`host_ptr` checked the frame).
+    arena.host_ptr(pfn).map(|p| unsafe { p.as_ptr().add((off % PAGE) as usize) })
 }
 
 /// State the invalidation callback needs (shared with the backend).
 struct Inval {
     vm: Arc<KvmVm>,
     mode: PagingMode,
-    view: KvmView,
+    /// The KVM view of the reservoir file: registered with KVM, and only
+    /// used through its address; unmapped on drop, after the VM (which
+    /// holds no Rust reference into it) no longer runs vCPUs.
+    view: HostView,
     frame_base: u64,
-    frees: Arc<AtomicU64>,
-    frees_at_zap: AtomicU64,
     handled_gen: Mutex<u64>,
     own_harvest: AtomicBool,
     stats: InvalStats,
@@ -87,7 +73,7 @@ impl Inval {
         let t = Instant::now();
         let mut n = 0;
         let mut run: Option<(u64, u64)> = None;
-        let base = self.view.0.as_ptr() as u64;
+        let base = self.view.as_ptr() as u64;
         let flush = |(first, count): (u64, u64)| -> Result<()> {
             let off = (first - self.frame_base) * PAGE;
             // SAFETY: the range lies inside our KVM view of the reservoir
@@ -102,7 +88,7 @@ impl Inval {
             Ok(())
         };
         for p in pfns {
-            if p.0 < self.frame_base || (p.0 - self.frame_base) * PAGE >= self.view.0.len() as u64 {
+            if p.0 < self.frame_base || (p.0 - self.frame_base) * PAGE >= self.view.len() as u64 {
                 continue;
             }
             n += 1;
@@ -144,17 +130,19 @@ impl Inval {
             Cause::Unmap { object, offset } => {
                 let pages = inv.len / PAGE;
                 let frames = (0..pages).filter_map(|i| object.frame_at(offset + i * PAGE));
-                if self.drop_frames(frames).is_err() {
-                    self.zap();
-                }
-                let frees = self.frees.load(Ordering::SeqCst);
-                if frees != self.frees_at_zap.swap(frees, Ordering::SeqCst) {
+                if self.drop_frames(frames).is_err() || inv.tables_freed {
                     self.zap();
                 }
             }
             Cause::Dirty => {
+                // Our own harvest drops frames or zaps after it returns;
+                // someone else's drops the frames it cleared if it
+                // collected them, else everything goes.
                 if !self.own_harvest.load(Ordering::SeqCst) {
-                    self.zap();
+                    match inv.cleared {
+                        Some(frames) if self.drop_frames(frames.iter().copied()).is_ok() => {}
+                        _ => self.zap(),
+                    }
                 }
             }
             Cause::Tracking => self.zap(),
@@ -167,7 +155,7 @@ pub struct SpaceBackend {
     vm: Arc<KvmVm>,
     space: VmSpace<SlotPages>,
     reservoir: Arc<MemfdReservoir>,
-    arena: HostArena,
+    arena: Arena,
     inval: Arc<Inval>,
     admin: Mutex<VmClient<SlotPages>>,
     mode: PagingMode,
@@ -205,7 +193,6 @@ impl SpaceBackend {
         let treg = Arc::new(SharedRegion::new("vmm-tables", table_bytes).map_err(|e| KvmError::Os("memfd", e))?);
         vm.add_region(treg.clone(), TABLES_KVM_BASE)?;
         let pages = SlotPages::new(treg, TABLES_KVM_BASE, Some(vm.clone()));
-        let frees = pages.free_counter();
         let frame_base = RAM_KVM_BASE / PAGE;
         let reservoir = Arc::new(MemfdReservoir::new(ram_limit, Pfn(frame_base)).map_err(vs("reservoir"))?);
         let arena = vmspace::Reservoir::arena(&*reservoir);
@@ -214,7 +201,6 @@ impl SpaceBackend {
         // owns the VM's last use: vCPUs only run while a Machine holds the
         // backend.
         unsafe { vm.add_raw_region(view.as_ptr() as u64, view.len() as u64, RAM_KVM_BASE)? };
-        let arena = HostArena { host: arena.host.as_ptr() as usize, len: arena.len as u64, frame_base };
         let mut cfg = SpaceConfig::new(SPACE_SIZE, npt_format(&vm));
         cfg.track_dirty = true;
         cfg.fault_around = fault_around.max(1);
@@ -222,10 +208,8 @@ impl SpaceBackend {
         let inval = Arc::new(Inval {
             vm: vm.clone(),
             mode,
-            view: KvmView(view),
+            view,
             frame_base,
-            frees,
-            frees_at_zap: AtomicU64::new(0),
             handled_gen: Mutex::new(0),
             own_harvest: AtomicBool::new(false),
             stats: InvalStats::default(),
@@ -262,7 +246,7 @@ impl SpaceBackend {
 
     /// Host pointer to byte `off` of `object` (through the host view).
     pub fn object_ptr(&self, object: &VmObject, off: u64) -> Option<*mut u8> {
-        self.arena.host_ptr(object.frame_at(off)?, off)
+        arena_ptr(&self.arena, object.frame_at(off)?, off)
     }
 
     /// Writes `bytes` into `object` at `off` through the host view.
@@ -379,11 +363,12 @@ impl Backend for SpaceBackend {
     }
     fn host_ptr(&self, gpa: u64) -> Option<*mut u8> {
         let (pfn, _) = self.space.lookup(gpa)?;
-        self.arena.host_ptr(pfn, gpa)
+        arena_ptr(&self.arena, pfn, gpa)
     }
     fn harvest(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
+        let mut frames = Vec::new();
         self.inval.own_harvest.store(true, Ordering::SeqCst);
-        let r = self.space.track_dirty(gpa, len, bitmap);
+        let r = self.space.track_dirty_frames(gpa, len, bitmap, &mut frames);
         self.inval.own_harvest.store(false, Ordering::SeqCst);
         let n = r.map_err(vs("track_dirty"))?;
         // Zap when many pages were dirty: more than the threshold and more
@@ -403,12 +388,9 @@ impl Backend for SpaceBackend {
             self.inval.zap();
         } else if self.mode == PagingMode::Shadow && n > 0 {
             // The cleared bits only take effect once KVM drops the shadow
-            // entries that still allow writes without setting D.
-            let space = &self.space;
-            let frames = (0..len / PAGE)
-                .filter(|p| bitmap[(p / 64) as usize] & (1 << (p % 64)) != 0)
-                .filter_map(|p| space.lookup(gpa + p * PAGE).map(|(pfn, _)| pfn));
-            self.inval.drop_frames(frames)?;
+            // entries that still allow writes without setting D: those of
+            // exactly the frames the harvest cleared.
+            self.inval.drop_frames(frames.into_iter())?;
         }
         Ok(n)
     }
