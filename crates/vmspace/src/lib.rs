@@ -42,8 +42,12 @@
 //! meanwhile sleeps on its client's lock. Activation is one fenced store
 //! plus a load (Dekker's pattern against the administrator's `HOLD`
 //! store), deactivation a plain release store; a client also caches its
-//! last mapping and leaf table, valid while the space's map sequence is
-//! unchanged, so a hold of a resident page does not walk the table.
+//! last mapping, leaf table and the mapping's host window, valid while
+//! the space's map sequence is unchanged, so a hold of a resident page
+//! does not walk the table or the object's frame list (the host pointer
+//! comes from the frame in the leaf). The cache is read before the
+//! activation, so that only the map sequence and the leaf are loaded
+//! after its fence.
 //! Leaf entries are only ever changed atomically (compare-and-swap from
 //! empty when mapping), so the data path, `populate` and harvests run
 //! concurrently. The only blocking primitive is a [`RawLock`] (mutex +
