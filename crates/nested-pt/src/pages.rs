@@ -66,11 +66,49 @@ pub struct HeapPages {
     base: *mut u8,
     layout: Layout,
     pages: *mut u8,
-    capacity: u64,
+    frames: Frames,
+}
+
+/// Bookkeeping shared by the arena providers: frames `base_pfn ..
+/// base_pfn + capacity`, handed out by a bump index and recycled through a
+/// free list.
+struct Frames {
     base_pfn: u64,
+    capacity: u64,
     next: u64,
     free: Vec<u32>,
-    live: u64,
+}
+
+impl Frames {
+    fn new(base_pfn: u64, capacity: u64) -> Self {
+        Frames { base_pfn, capacity, next: 0, free: Vec::new() }
+    }
+    /// A frame index not in use, and whether it was used before (and so
+    /// may not be zero).
+    fn take(&mut self) -> Option<(usize, bool)> {
+        if let Some(i) = self.free.pop() {
+            return Some((i as usize, true));
+        }
+        if self.next < self.capacity {
+            self.next += 1;
+            return Some(((self.next - 1) as usize, false));
+        }
+        None
+    }
+    /// The index of `pfn` if it was ever handed out.
+    #[inline(always)]
+    fn index(&self, pfn: Pfn) -> Option<usize> {
+        let index = pfn.0.wrapping_sub(self.base_pfn);
+        (index < self.next).then_some(index as usize)
+    }
+    fn give(&mut self, pfn: Pfn) {
+        if let Some(i) = self.index(pfn) {
+            self.free.push(i as u32);
+        }
+    }
+    fn live(&self) -> u64 {
+        self.next - self.free.len() as u64
+    }
 }
 
 // SAFETY: the arena is owned by this value; the raw pointers are not shared
@@ -106,14 +144,14 @@ impl HeapPages {
         let base = unsafe { alloc_zeroed(layout) };
         assert!(!base.is_null(), "cannot reserve table arena");
         let pages = base.wrapping_add(base.align_offset(4096));
-        HeapPages { base, layout, pages, capacity, base_pfn, next: 0, free: Vec::new(), live: 0 }
+        HeapPages { base, layout, pages, frames: Frames::new(base_pfn, capacity) }
     }
 
     /// Touches the arena's first `pages` pages so the host backs them now
     /// (they stay zero): benchmarks use it to keep the host kernel's
     /// first-touch page faults out of the table figures.
     pub fn prefault(&mut self, pages: u64) {
-        for i in self.next..pages.min(self.capacity) {
+        for i in self.frames.next..pages.min(self.frames.capacity) {
             let p = self.pages.wrapping_add(i as usize * 4096);
             // SAFETY: page `i` is inside the arena and not handed out yet
             // (it is at or past the bump index), so nothing else refers to
@@ -124,11 +162,11 @@ impl HeapPages {
 
     /// Pages currently allocated.
     pub fn live(&self) -> u64 {
-        self.live
+        self.frames.live()
     }
     /// The frame number of the arena's first page.
     pub fn base_pfn(&self) -> u64 {
-        self.base_pfn
+        self.frames.base_pfn
     }
 }
 
@@ -151,35 +189,25 @@ impl Drop for HeapPages {
 // indices inside the arena.
 unsafe impl TablePages for HeapPages {
     fn alloc_zeroed(&mut self) -> Option<Pfn> {
-        let index = if let Some(i) = self.free.pop() {
-            let p = self.pages.wrapping_add(i as usize * 4096);
-            // SAFETY: page `i` is inside the arena and not allocated.
+        let (index, reused) = self.frames.take()?;
+        if reused {
+            let p = self.pages.wrapping_add(index * 4096);
+            // SAFETY: page `index` is inside the arena and not allocated.
             unsafe { ptr::write_bytes(p, 0, 4096) };
-            i as u64
-        } else if self.next < self.capacity {
-            self.next += 1;
-            self.next - 1
-        } else {
-            return None;
-        };
-        self.live += 1;
-        Some(Pfn(self.base_pfn + index))
+        }
+        Some(Pfn(self.frames.base_pfn + index as u64))
     }
 
     #[inline(always)]
     fn ptr(&self, pfn: Pfn) -> *mut u64 {
-        let index = pfn.0.wrapping_sub(self.base_pfn);
-        if index >= self.next {
-            return ptr::null_mut();
+        match self.frames.index(pfn) {
+            Some(index) => self.pages.wrapping_add(index * 4096).cast(),
+            None => ptr::null_mut(),
         }
-        self.pages.wrapping_add(index as usize * 4096).cast()
     }
 
     unsafe fn free(&mut self, pfn: Pfn) {
-        let index = pfn.0.wrapping_sub(self.base_pfn);
-        debug_assert!(index < self.next);
-        self.free.push(index as u32);
-        self.live -= 1;
+        self.frames.give(pfn);
     }
 }
 
@@ -190,10 +218,7 @@ unsafe impl TablePages for HeapPages {
 /// so entries point where the hardware will look.
 pub struct PhysPages {
     virt: *mut u8,
-    base_pfn: u64,
-    capacity: u64,
-    next: u64,
-    free: Vec<u32>,
+    frames: Frames,
 }
 
 // SAFETY: the region is owned by this value (the constructor's contract);
@@ -219,11 +244,11 @@ impl PhysPages {
         }
         phys.checked_add(pages.checked_mul(4096)?)?;
         (virt as usize).checked_add(usize::try_from(pages.checked_mul(4096)?).ok()?)?;
-        Some(PhysPages { virt, base_pfn: phys >> 12, capacity: pages, next: 0, free: Vec::new() })
+        Some(PhysPages { virt, frames: Frames::new(phys >> 12, pages) })
     }
     /// Pages handed out and not yet returned.
     pub fn live(&self) -> u64 {
-        self.next - self.free.len() as u64
+        self.frames.live()
     }
 }
 
@@ -234,35 +259,24 @@ impl PhysPages {
 // valid.
 unsafe impl TablePages for PhysPages {
     fn alloc_zeroed(&mut self) -> Option<Pfn> {
-        let index = match self.free.pop() {
-            Some(i) => i as u64,
-            None if self.next < self.capacity => {
-                self.next += 1;
-                self.next - 1
-            }
-            None => return None,
-        };
-        let p = self.virt.wrapping_add(index as usize * 4096);
+        let (index, _) = self.frames.take()?;
+        let p = self.virt.wrapping_add(index * 4096);
         // SAFETY: page `index` lies inside the caller's region and is not
         // in use (just taken from the free list or the bump index).
         unsafe { ptr::write_bytes(p, 0, 4096) };
-        Some(Pfn(self.base_pfn + index))
+        Some(Pfn(self.frames.base_pfn + index as u64))
     }
 
     #[inline(always)]
     fn ptr(&self, pfn: Pfn) -> *mut u64 {
-        let index = pfn.0.wrapping_sub(self.base_pfn);
-        if index >= self.next {
-            return ptr::null_mut();
+        match self.frames.index(pfn) {
+            Some(index) => self.virt.wrapping_add(index * 4096).cast(),
+            None => ptr::null_mut(),
         }
-        self.virt.wrapping_add(index as usize * 4096).cast()
     }
 
     unsafe fn free(&mut self, pfn: Pfn) {
-        let index = pfn.0.wrapping_sub(self.base_pfn);
-        if index < self.next {
-            self.free.push(index as u32);
-        }
+        self.frames.give(pfn);
     }
 }
 
