@@ -209,6 +209,7 @@ impl PteFormat {
     /// A leaf entry mapping `pfn` as a page of `size` with `prot` and memory
     /// type `mt`. Accessed and dirty start clear; in the emulated format the
     /// hardware bits start clear too, so the first access faults.
+    #[inline]
     pub fn leaf_entry(&self, pfn: Pfn, size: PageSize, prot: Prot, mt: MemType) -> Result<u64, Error> {
         if !self.supports(size) {
             return Err(Error::UnsupportedSize);
