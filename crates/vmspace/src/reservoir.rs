@@ -175,11 +175,19 @@ fn frames_from(base: Pfn, idx: Vec<u64>) -> Vec<Pfn> {
     idx.into_iter().map(|i| Pfn(base.0 + i)).collect()
 }
 
-fn checked_pages(bytes: u64) -> Result<u64> {
+/// Validates a reservoir's size and frame numbering (shared by every
+/// reservoir): a non-zero multiple of the page size that fits in the
+/// address space, and frame numbers `frame_base ..` that do not overflow.
+/// Returns the number of pages.
+fn checked_pages(bytes: u64, frame_base: Pfn) -> Result<u64> {
     if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) || bytes > isize::MAX as u64 {
         return Err(Invalid::BadSize.into());
     }
-    Ok(bytes / PAGE_SIZE)
+    let pages = bytes / PAGE_SIZE;
+    if frame_base.0.checked_add(pages).is_none() {
+        return Err(Invalid::Overflow.into());
+    }
+    Ok(pages)
 }
 
 /// A reservoir in a zeroed heap allocation. Freed frames are zeroed before
@@ -199,7 +207,7 @@ unsafe impl Sync for HeapReservoir {}
 impl HeapReservoir {
     /// An arena of `limit` bytes whose first frame is `frame_base`.
     pub fn new(limit: u64, frame_base: Pfn) -> Result<Self> {
-        let pages = checked_pages(limit)?;
+        let pages = checked_pages(limit, frame_base)?;
         let layout = core::alloc::Layout::from_size_align(limit as usize, PAGE_SIZE as usize)
             .map_err(|_| Error::Invalid(Invalid::BadSize))?;
         // SAFETY: the layout has a non-zero size (checked_pages refuses 0).
@@ -292,10 +300,7 @@ mod memfd {
         /// `frame_base`. The file and the mapping are sized `limit` at once;
         /// the host allocates memory only for pages that are touched.
         pub fn new(limit: u64, frame_base: Pfn) -> Result<Self> {
-            let pages = checked_pages(limit)?;
-            if frame_base.0.checked_add(pages).is_none() {
-                return Err(Invalid::Overflow.into());
-            }
+            let pages = checked_pages(limit, frame_base)?;
             // SAFETY: a valid NUL-terminated name and flags.
             let raw = unsafe { libc::memfd_create(c"vmspace-reservoir".as_ptr(), libc::MFD_CLOEXEC) };
             if raw < 0 {
@@ -553,6 +558,11 @@ mod tests {
     #[test]
     fn bad_sizes() {
         assert!(matches!(HeapReservoir::new(0, Pfn(0)), Err(Error::Invalid(Invalid::BadSize))));
+        // Frame numbers past u64::MAX are refused by every reservoir.
+        let top = Pfn(u64::MAX - 1);
+        assert!(matches!(HeapReservoir::new(4 * PAGE_SIZE, top), Err(Error::Invalid(Invalid::Overflow))));
+        #[cfg(feature = "std")]
+        assert!(matches!(MemfdReservoir::new(4 * PAGE_SIZE, top), Err(Error::Invalid(Invalid::Overflow))));
         assert!(matches!(HeapReservoir::new(100, Pfn(0)), Err(Error::Invalid(Invalid::BadSize))));
     }
 
