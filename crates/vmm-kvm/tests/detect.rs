@@ -1,12 +1,13 @@
 //! Start-up detection of the host's paging mode (needs /dev/kvm).
 
+mod common;
+
+use vmm_kvm::PagingMode;
 use vmm_kvm::detect::detect;
-use vmm_kvm::{PagingMode, kvm_available};
 
 #[test]
 fn detection_is_consistent() {
-    if let Err(e) = kvm_available() {
-        eprintln!("SKIPPED: {e}");
+    if common::skip_without_kvm() {
         return;
     }
     let d = detect().expect("detection probe");

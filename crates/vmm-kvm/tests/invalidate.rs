@@ -1,22 +1,15 @@
 //! Unmap and remap while vCPUs run (need /dev/kvm): once the call returns,
 //! no vCPU may see the old frame; the guests check it themselves.
 
+mod common;
+
 use std::time::Duration;
 use vmm_kvm::detect::detect;
-use vmm_kvm::kvm_available;
 use vmm_kvm::watch::run_watch;
-
-fn skip() -> bool {
-    if let Err(e) = kvm_available() {
-        eprintln!("SKIPPED: {e}");
-        return true;
-    }
-    false
-}
 
 #[test]
 fn unmap_while_running_leaves_no_stale_translation() {
-    if skip() {
+    if common::skip_without_kvm() {
         return;
     }
     let mode = detect().expect("detect").mode;
@@ -34,7 +27,7 @@ fn unmap_while_running_leaves_no_stale_translation() {
 
 #[test]
 fn remap_while_running_shows_only_new_contents() {
-    if skip() {
+    if common::skip_without_kvm() {
         return;
     }
     let mode = detect().expect("detect").mode;

@@ -1,12 +1,13 @@
 //! Real vCPU accesses against the software MMU (needs /dev/kvm).
 
+mod common;
+
+use vmm_kvm::PagingMode;
 use vmm_kvm::oracle::{run_oracle, standard_probes};
-use vmm_kvm::{PagingMode, kvm_available};
 
 #[test]
 fn vcpu_agrees_with_software_mmu() {
-    if let Err(e) = kvm_available() {
-        eprintln!("SKIPPED: {e}");
+    if common::skip_without_kvm() {
         return;
     }
     let res = run_oracle(&standard_probes(), PagingMode::Shadow).expect("oracle run");
@@ -25,8 +26,7 @@ fn vcpu_agrees_with_software_mmu() {
 
 #[test]
 fn one_gib_pages_agree_with_software_mmu() {
-    if let Err(e) = kvm_available() {
-        eprintln!("SKIPPED: {e}");
+    if common::skip_without_kvm() {
         return;
     }
     let vm = vmm_kvm::KvmVm::new().expect("vm");

@@ -1,21 +1,14 @@
 //! End-to-end runs of the built-in workloads (need /dev/kvm).
 
+mod common;
+
 use std::time::Duration;
-use vmm_kvm::kvm_available;
 use vmm_kvm::run::{RunConfig, run};
 use vmm_kvm::workload::Mode;
 
-fn skip() -> bool {
-    if let Err(e) = kvm_available() {
-        eprintln!("SKIPPED: {e}");
-        return true;
-    }
-    false
-}
-
 #[test]
 fn write_heavy_harvest_rounds_miss_nothing() {
-    if skip() {
+    if common::skip_without_kvm() {
         return;
     }
     let cfg = RunConfig {
@@ -51,7 +44,7 @@ fn write_heavy_harvest_rounds_miss_nothing() {
 /// round.
 #[test]
 fn harvest_rounds_dropping_the_cleared_frames_miss_nothing() {
-    if skip() {
+    if common::skip_without_kvm() {
         return;
     }
     let cfg = RunConfig {
@@ -79,7 +72,7 @@ fn harvest_rounds_dropping_the_cleared_frames_miss_nothing() {
 /// run stays correct.
 #[test]
 fn cr3_reload_protocol_runs_under_load() {
-    if skip() {
+    if common::skip_without_kvm() {
         return;
     }
     let cfg = RunConfig {
@@ -99,7 +92,7 @@ fn cr3_reload_protocol_runs_under_load() {
 
 #[test]
 fn snapshot_dumps_the_running_space() {
-    if skip() {
+    if common::skip_without_kvm() {
         return;
     }
     let cfg = RunConfig {
