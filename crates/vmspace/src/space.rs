@@ -711,7 +711,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                         // The leaf iterator, which sees each entry (and so
                         // its frame) as it clears the bit.
                         let f = frames.as_deref_mut();
-                        Ok(self.scan_leaves(d, gpa, len, clipped, sel, bitmap, true, f))
+                        Ok(self.scan_leaves(d, gpa, len, sel, bitmap, true, f))
                     }
                     (DirtyOp::Get | DirtyOp::Reset, None) => {
                         if clipped == 0 {
@@ -727,7 +727,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                         d.table.scan_dirty(Gpa(gpa), clipped, bitmap, op == DirtyOp::Reset).map_err(Error::Table)
                     }
                     (DirtyOp::Get | DirtyOp::Reset, Some(sel)) => {
-                        Ok(self.scan_leaves(d, gpa, len, clipped, Some(sel), bitmap, op == DirtyOp::Reset, None))
+                        Ok(self.scan_leaves(d, gpa, len, Some(sel), bitmap, op == DirtyOp::Reset, None))
                     }
                     (DirtyOp::Set, sel) => Ok(self.set_dirty(d, gpa, len, sel, bitmap)),
                 })
@@ -740,37 +740,26 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         })
     }
 
-    /// Get/Reset through the leaf iterator, one leaf table at a time: of
-    /// the selected pages (every page without `sel`), appending the frame
-    /// of each page whose bit it clears to `frames`. `clipped` is `len`
-    /// cut at the 48-bit limit.
-    #[allow(clippy::too_many_arguments)]
-    fn scan_leaves(
-        &self,
+    /// Writes 0 for every selected page of `[gpa, gpa+len)` (every page
+    /// without `sel`) into `out`, then calls `f(page index, entry)` for each
+    /// selected 4 KiB leaf entry in the range, visiting each leaf table once.
+    /// Shared by the dirty operations that honour a selection bitmap.
+    fn for_each_selected(
         d: &Data<P>,
         gpa: u64,
         len: u64,
-        clipped: u64,
         sel: Option<&[u64]>,
         out: &mut [u64],
-        clear: bool,
-        mut frames: Option<&mut Vec<Pfn>>,
-    ) -> u64 {
-        let pages = len / PAGE_SIZE;
-        // Selected pages without a leaf report 0; the iterator below sets
-        // the bits of the dirty ones.
-        for p in 0..pages {
+        mut f: impl FnMut(&mut [u64], u64, &core::sync::atomic::AtomicU64),
+    ) {
+        // Selected pages without a leaf report 0; `f` sets the bits it
+        // reports.
+        for p in 0..len / PAGE_SIZE {
             if sel.is_none_or(|s| bit(s, p)) {
                 put_bit(out, p, false);
             }
         }
-        if clipped == 0 {
-            return 0;
-        }
-        let fmt = &self.inner.format;
-        let dmask = fmt.dirty_mask();
-        let mut count = 0;
-        d.table.for_each_leaf_table(Gpa(gpa), clipped, |base, entries, size| {
+        d.table.for_each_leaf_table(Gpa(gpa), len, |base, entries, size| {
             // Only 4 KiB leaves are ever mapped by this crate.
             if size != PageSize::Size4K {
                 return;
@@ -778,26 +767,47 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             let first = (base.0 - gpa) / PAGE_SIZE;
             for (i, e) in entries.iter().enumerate() {
                 let p = first + i as u64;
-                if sel.is_some_and(|s| !bit(s, p)) {
-                    continue;
+                if sel.is_none_or(|s| bit(s, p)) {
+                    f(out, p, e);
                 }
-                let v = e.load(Relaxed);
-                if v & dmask == 0 {
-                    continue;
-                }
-                if clear {
-                    // Harvests are serialized (space lock): nobody else
-                    // clears the bit, so the entry still has it here.
-                    let v = e.fetch_and(!dmask, AcqRel);
-                    if let Some(f) = frames.as_deref_mut()
-                        && fmt.is_present(v)
-                    {
-                        f.push(fmt.frame(v));
-                    }
-                }
-                put_bit(out, p, true);
-                count += 1;
             }
+        });
+    }
+
+    /// Get/Reset through the leaf iterator, one leaf table at a time: of
+    /// the selected pages (every page without `sel`), appending the frame
+    /// of each page whose bit it clears to `frames`.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_leaves(
+        &self,
+        d: &Data<P>,
+        gpa: u64,
+        len: u64,
+        sel: Option<&[u64]>,
+        out: &mut [u64],
+        clear: bool,
+        mut frames: Option<&mut Vec<Pfn>>,
+    ) -> u64 {
+        let fmt = &self.inner.format;
+        let dmask = fmt.dirty_mask();
+        let mut count = 0;
+        Self::for_each_selected(d, gpa, len, sel, out, |out, p, e| {
+            let v = e.load(Relaxed);
+            if v & dmask == 0 {
+                return;
+            }
+            if clear {
+                // Harvests are serialized (space lock): nobody else
+                // clears the bit, so the entry still has it here.
+                let v = e.fetch_and(!dmask, AcqRel);
+                if let Some(f) = frames.as_deref_mut()
+                    && fmt.is_present(v)
+                {
+                    f.push(fmt.frame(v));
+                }
+            }
+            put_bit(out, p, true);
+            count += 1;
         });
         count
     }
@@ -805,14 +815,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// Set: fault each selected page whose mapping is writable in for
     /// write and mark it dirty.
     fn set_dirty(&self, d: &Data<P>, gpa: u64, len: u64, sel: Option<&[u64]>, out: &mut [u64]) -> u64 {
-        let pages = len / PAGE_SIZE;
         let end = gpa + len;
-        let mut count = 0;
-        for p in 0..pages {
-            if sel.is_none_or(|s| bit(s, p)) {
-                put_bit(out, p, false);
-            }
-        }
         // Fault in: per mapping overlapping the range, the selected pages.
         for (start, m) in d.maps.range(..end).rev() {
             let m_end = start + m.len;
@@ -836,22 +839,13 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         // Mark: present, writable leaves of selected pages.
         let fmt = &self.inner.format;
         let bits = self.inner.dirty_bits;
-        d.table.for_each_leaf_table(Gpa(gpa), len, |base, entries, size| {
-            if size != PageSize::Size4K {
-                return;
-            }
-            let first = (base.0 - gpa) / PAGE_SIZE;
-            for (i, e) in entries.iter().enumerate() {
-                let p = first + i as u64;
-                if sel.is_some_and(|s| !bit(s, p)) {
-                    continue;
-                }
-                let v = e.load(Relaxed);
-                if fmt.is_present(v) && fmt.prot(v).contains(Prot::WRITE) {
-                    e.fetch_or(bits, AcqRel);
-                    put_bit(out, p, true);
-                    count += 1;
-                }
+        let mut count = 0;
+        Self::for_each_selected(d, gpa, len, sel, out, |out, p, e| {
+            let v = e.load(Relaxed);
+            if fmt.is_present(v) && fmt.prot(v).contains(Prot::WRITE) {
+                e.fetch_or(bits, AcqRel);
+                put_bit(out, p, true);
+                count += 1;
             }
         });
         count
