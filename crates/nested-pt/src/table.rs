@@ -331,6 +331,14 @@ impl<P: TablePages> NestedTable<P> {
     /// The slot at `level` for `gpa`, walking only through table entries.
     #[inline(always)]
     fn slot(&self, gpa: u64, level: u8) -> Result<&AtomicU64, Error> {
+        Ok(&self.table_at(gpa, level)?[index(level, gpa)])
+    }
+
+    /// The table at `level` that holds `gpa`'s entry, walking down only
+    /// through table entries: [`Error::NotPopulated`] where one is missing,
+    /// [`Error::AlreadyMapped`] where a large leaf sits above `level`.
+    #[inline(always)]
+    fn table_at(&self, gpa: u64, level: u8) -> Result<&Table, Error> {
         let mut table = self.root_table();
         let mut l = 4;
         while l > level {
@@ -344,7 +352,7 @@ impl<P: TablePages> NestedTable<P> {
             table = self.table(self.fmt.frame(e)).ok_or(Error::NotPopulated)?;
             l -= 1;
         }
-        Ok(&table[index(level, gpa)])
+        Ok(table)
     }
 
     /// Maps `pfn` at `gpa` as a page of `size`: a compare-and-swap from an
@@ -405,18 +413,7 @@ impl<P: TablePages> NestedTable<P> {
     /// The leaf table (level 1) that holds `gpa`'s entry.
     #[inline(always)]
     fn leaf_table(&self, gpa: u64) -> Result<&Table, Error> {
-        let mut table = self.root_table();
-        for l in [4, 3, 2] {
-            let e = table[index(l, gpa)].load(Ordering::Acquire);
-            if !self.fmt.is_present(e) {
-                return Err(Error::NotPopulated);
-            }
-            if self.fmt.is_leaf(e, l) {
-                return Err(Error::AlreadyMapped { same_frame: false });
-            }
-            table = self.table(self.fmt.frame(e)).ok_or(Error::NotPopulated)?;
-        }
-        Ok(table)
+        self.table_at(gpa, 1)
     }
 
     fn fill(
@@ -667,7 +664,7 @@ impl<P: TablePages> NestedTable<P> {
             return Err(Error::BitmapTooSmall);
         }
         self.check_no_split(gpa.0, end)?;
-        clear_bits(bitmap, 0, pages);
+        fill_bits(bitmap, 0, pages, false);
         let dmask = self.fmt.dirty_mask();
         let mut count = 0;
         self.for_each_leaf_table(gpa, len, |base, entries, size| {
@@ -700,7 +697,7 @@ impl<P: TablePages> NestedTable<P> {
                 if clear != Clear::No {
                     entries[0].fetch_and(!dmask, Ordering::AcqRel);
                 }
-                set_bits(bitmap, first, size.pages());
+                fill_bits(bitmap, first, size.pages(), true);
                 count += size.pages();
             }
         });
@@ -1040,18 +1037,6 @@ fn prune<P: TablePages>(
     count
 }
 
-/// Clears `count` bits of `bitmap` from bit `first`.
-fn clear_bits(bitmap: &mut [u64], first: u64, count: u64) {
-    let (mut b, end) = (first, first + count);
-    while b < end {
-        let (w, o) = ((b / 64) as usize, b % 64);
-        let n = (64 - o).min(end - b);
-        let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << o };
-        bitmap[w] &= !mask;
-        b += n;
-    }
-}
-
 /// Number of present entries in a table (`mask`: the format's present
 /// bits), read as a straight run of loads.
 fn count_present(table: &Table, mask: u64) -> u64 {
@@ -1091,14 +1076,19 @@ fn or_word(bitmap: &mut [u64], first: u64, word: u64) {
     }
 }
 
-/// Sets `count` bits of `bitmap` from bit `first`.
-fn set_bits(bitmap: &mut [u64], first: u64, count: u64) {
+/// Sets (`on`) or clears `count` bits of `bitmap` from bit `first`, a word
+/// at a time.
+fn fill_bits(bitmap: &mut [u64], first: u64, count: u64, on: bool) {
     let (mut b, end) = (first, first + count);
     while b < end {
         let (w, o) = ((b / 64) as usize, b % 64);
         let n = (64 - o).min(end - b);
         let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << o };
-        bitmap[w] |= mask;
+        if on {
+            bitmap[w] |= mask;
+        } else {
+            bitmap[w] &= !mask;
+        }
         b += n;
     }
 }
