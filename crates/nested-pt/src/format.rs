@@ -184,6 +184,20 @@ impl PteFormat {
     pub fn addr_mask(&self) -> u64 {
         self.addr_mask
     }
+    /// Frame numbers this format can express: `0 .. frame_limit()` (the
+    /// address field is bits 12..MAXPHYADDR). A frame at or above the limit
+    /// would be masked into another frame, so every operation that puts a
+    /// frame into an entry refuses it with [`Error::OutOfRange`], and users
+    /// that hand frames to the table (memory objects, table-page providers)
+    /// check them against this first.
+    pub fn frame_limit(&self) -> u64 {
+        1u64 << (self.caps.phys_bits - 12)
+    }
+    /// Whether `pfn` (and so every byte of its page) is expressible:
+    /// `pfn < frame_limit()`.
+    pub fn frame_fits(&self, pfn: Pfn) -> bool {
+        pfn.0 < self.frame_limit()
+    }
     /// The bits of which any one makes an entry present.
     pub fn present_mask(&self) -> u64 {
         self.present
