@@ -34,7 +34,10 @@ impl fmt::Display for ImageError {
 impl std::error::Error for ImageError {}
 
 fn rd<const N: usize>(b: &[u8], off: usize) -> Result<[u8; N], ImageError> {
-    b.get(off..off + N).and_then(|s| s.try_into().ok()).ok_or_else(|| ImageError(format!("truncated ELF at {off:#x}")))
+    off.checked_add(N)
+        .and_then(|end| b.get(off..end))
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| ImageError(format!("truncated ELF at {off:#x}")))
 }
 
 /// Build the raw disk image from the kernel ELF bytes.
@@ -49,7 +52,10 @@ pub fn disk_image(elf: &[u8]) -> Result<Vec<u8>, ImageError> {
     let mut end = LOAD_BASE;
     let mut saw_boot = false;
     for i in 0..phnum {
-        let ph = phoff + i * phentsize;
+        let ph = i
+            .checked_mul(phentsize)
+            .and_then(|o| o.checked_add(phoff))
+            .ok_or_else(|| ImageError("program header table beyond the address space".into()))?;
         let ptype = u32::from_le_bytes(rd(elf, ph)?);
         let offset = u64::from_le_bytes(rd(elf, ph + 8)?) as usize;
         let paddr = u64::from_le_bytes(rd(elf, ph + 24)?);
@@ -57,14 +63,16 @@ pub fn disk_image(elf: &[u8]) -> Result<Vec<u8>, ImageError> {
         if ptype != 1 || filesz == 0 {
             continue; // not PT_LOAD, or .bss only
         }
-        if paddr < LOAD_BASE || paddr + filesz > LOAD_LIMIT {
+        if paddr < LOAD_BASE || filesz > LOAD_LIMIT - paddr.min(LOAD_LIMIT) {
             return Err(ImageError(format!(
                 "segment at {paddr:#x}+{filesz:#x} outside {LOAD_BASE:#x}..{LOAD_LIMIT:#x}"
             )));
         }
         saw_boot |= paddr == LOAD_BASE;
-        let data =
-            elf.get(offset..offset + filesz as usize).ok_or_else(|| ImageError("segment past end of file".into()))?;
+        let data = offset
+            .checked_add(filesz as usize)
+            .and_then(|e| elf.get(offset..e))
+            .ok_or_else(|| ImageError("segment past end of file".into()))?;
         let at = (paddr - LOAD_BASE) as usize;
         img[at..at + data.len()].copy_from_slice(data);
         end = end.max(paddr + filesz);
@@ -118,5 +126,31 @@ mod tests {
         let mut boot = vec![0u8; 512];
         boot[510..].copy_from_slice(&[0x55, 0xAA]);
         assert!(disk_image(&elf_with(&[(0x7C00, &boot), (0x7FFF0, &[1u8; 32])])).is_err());
+    }
+
+    /// Header fields chosen so that every sum the parser forms would wrap:
+    /// each is refused with an error, none panics.
+    #[test]
+    fn hostile_headers_do_not_wrap() {
+        let mut boot = vec![0u8; 512];
+        boot[510..].copy_from_slice(&[0x55, 0xAA]);
+        let base = elf_with(&[(0x7C00, &boot)]);
+        let patch = |at: usize, v: u64| {
+            let mut f = base.clone();
+            f[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            f
+        };
+        for f in [
+            patch(0x20, u64::MAX - 3),      // phoff + field offset wraps
+            patch(0x40 + 24, u64::MAX - 8), // paddr + filesz wraps
+            patch(0x40 + 32, u64::MAX),     // filesz huge
+            patch(0x40 + 8, u64::MAX - 4),  // offset + filesz wraps
+        ] {
+            assert!(disk_image(&f).is_err());
+        }
+        let mut f = base.clone();
+        f[0x36..0x38].copy_from_slice(&u16::MAX.to_le_bytes());
+        f[0x38..0x3A].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert!(disk_image(&f).is_err(), "program headers beyond the file");
     }
 }

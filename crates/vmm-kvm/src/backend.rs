@@ -114,7 +114,7 @@ impl TableBackend {
         vm.add_region(treg.clone(), TABLES_KVM_BASE)?;
         let ram = Arc::new(SharedRegion::new("vmm-ram", ram_bytes).map_err(|e| KvmError::Os("memfd", e))?);
         vm.add_region(ram.clone(), RAM_KVM_BASE)?;
-        let pages = SlotPages::new(treg, TABLES_KVM_BASE, Some(vm.clone()));
+        let pages = SlotPages::new(treg, TABLES_KVM_BASE, Some(vm.clone()))?;
         let table = NestedTable::new(npt_format(&vm), pages).map_err(|e| KvmError::Setup(format!("table: {e}")))?;
         Ok(TableBackend {
             vm,
@@ -146,11 +146,9 @@ impl TableBackend {
     pub fn alloc_ram(&self, bytes: u64, align: u64) -> Result<u64> {
         let mut cur = self.ram_used.load(Ordering::SeqCst);
         loop {
-            let off = cur.div_ceil(align) * align;
-            let end = off + bytes;
-            if end > self.ram.len() {
-                return Err(KvmError::Setup("RAM region exhausted".into()));
-            }
+            let exhausted = || KvmError::Setup("RAM region exhausted".into());
+            let off = cur.checked_next_multiple_of(align.max(1)).ok_or_else(exhausted)?;
+            let end = off.checked_add(bytes).filter(|&e| e <= self.ram.len()).ok_or_else(exhausted)?;
             match self.ram_used.compare_exchange(cur, end, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => return Ok(off),
                 Err(c) => cur = c,
@@ -182,7 +180,7 @@ impl TableBackend {
     /// whose data regions have `npages` pages each.
     pub fn map_runtime(&mut self, rom: &[u8], nvcpus: usize, npages: u64) -> Result<()> {
         let rom_off = self.alloc_ram(rom.len() as u64, PAGE)?;
-        self.ram.write_bytes(rom_off, rom);
+        self.ram.write_bytes(rom_off, rom)?;
         self.map_range(runtime::RT_BASE, rom_off, rom.len() as u64, PageSize::Size4K, Prot::READ | Prot::EXEC)?;
         let data_len = runtime::DATA_PAGES * PAGE;
         for i in 0..nvcpus {
@@ -221,8 +219,8 @@ impl Backend for TableBackend {
     }
     fn host_ptr(&self, gpa: u64) -> Option<*mut u8> {
         let (pfn, _) = self.table.is_mapped(Gpa(gpa))?;
-        let off = (pfn.0 * PAGE).checked_sub(RAM_KVM_BASE)?;
-        (off < self.ram.len()).then(|| self.ram.ptr_at(off + (gpa % PAGE)))
+        let off = pfn.0.checked_mul(PAGE)?.checked_sub(RAM_KVM_BASE)?;
+        self.ram.ptr_at(off.checked_add(gpa % PAGE)?).ok()
     }
     fn harvest(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
         let n =

@@ -65,8 +65,8 @@ pub fn detect() -> Result<Detection> {
     be.map_runtime(&runtime::rom_image(&guest::code(), 1), 1, 1)?;
     let fa = be.alloc_ram(PAGE, PAGE)?;
     let fb = be.alloc_ram(PAGE, PAGE)?;
-    be.ram().write_u64(fa, OLD);
-    be.ram().write_u64(fb, NEW);
+    be.ram().write_u64(fa, OLD)?;
+    be.ram().write_u64(fb, NEW)?;
     be.map_range(X, fa, PAGE, PageSize::Size4K, Prot::READ | Prot::WRITE)?;
     let be = Arc::new(be);
     let mut m = Machine::new(vm.clone(), be.clone(), PagingMode::HardwareNested, 1)?;

@@ -58,8 +58,6 @@ pub struct FaultInfo {
 pub enum Event {
     /// A fault the backend did not serve.
     Unserved(FaultInfo, FaultError),
-    /// A fault the backend served (only reported when `report_served`).
-    Served(FaultInfo),
     /// A report other than a pause, with rax, rdx, rsi, rdi.
     Port(u16, [u64; 4]),
 }

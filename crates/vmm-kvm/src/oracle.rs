@@ -170,10 +170,10 @@ pub fn run_oracle(probes: &[Probe], mode: PagingMode) -> Result<Vec<ProbeResult>
         for pg in pages {
             for w in (0..PAGE).step_by(8) {
                 let a = pg * PAGE + w;
-                be.ram().write_u64(off + a, (reg.gpa + a) ^ 0x5a5a_0000_0000_0000);
+                be.ram().write_u64(off + a, (reg.gpa + a) ^ 0x5a5a_0000_0000_0000)?;
             }
             for c in (0..PAGE).step_by(256) {
-                be.ram().write_bytes(off + pg * PAGE + c, &[0x41, 0xff, 0xe3]);
+                be.ram().write_bytes(off + pg * PAGE + c, &[0x41, 0xff, 0xe3])?;
             }
         }
         be.map_range(reg.gpa, off, reg.len, reg.size, reg.prot)?;
@@ -234,10 +234,9 @@ pub fn run_oracle(probes: &[Probe], mode: PagingMode) -> Result<Vec<ProbeResult>
                     let (predicted_fault, predicted_value) = match pred {
                         Err(v) => (Some((probe.gpa, error_code(&v))), None),
                         Ok(t) => {
-                            let val = (probe.access == Access::Read).then(|| {
-                                let off = t.hpa - RAM_KVM_BASE;
-                                be2.ram().read_u64(off)
-                            });
+                            let val = (probe.access == Access::Read)
+                                .then(|| be2.ram().read_u64(t.hpa.wrapping_sub(RAM_KVM_BASE)).ok())
+                                .flatten();
                             (None, val)
                         }
                     };
@@ -276,7 +275,6 @@ pub fn run_oracle(probes: &[Probe], mode: PagingMode) -> Result<Vec<ProbeResult>
                 }
                 Event::Port(guest::PORT_DONE, _) => Action::Stop,
                 Event::Port(p, r) => Action::Fatal(format!("unexpected port {p:#x} {r:x?}")),
-                Event::Served(_) => Action::Continue,
             }
         },
         |_| Ok(()),

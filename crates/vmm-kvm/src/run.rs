@@ -46,6 +46,10 @@ pub struct RunConfig {
     pub fault_around: u32,
     /// Harvests with more dirty pages zap all shadow pages (shadow hosts).
     pub zap_threshold: u64,
+    /// Set (e.g. by a SIGINT/SIGTERM handler) to end the workload early:
+    /// the run then stops its vCPUs the normal way (verify pass, final
+    /// harvest, every check) and reports [`RunReport::interrupted`].
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for RunConfig {
@@ -64,6 +68,7 @@ impl Default for RunConfig {
             snapshot_leaves: 8,
             fault_around: 16,
             zap_threshold: crate::space::DEFAULT_ZAP_THRESHOLD,
+            stop: None,
         }
     }
 }
@@ -149,6 +154,8 @@ pub struct RunReport {
     pub zap_time: Duration,
     /// The vmspace dump, when asked for.
     pub snapshot: Option<String>,
+    /// The workload was ended early through [`RunConfig::stop`].
+    pub interrupted: bool,
 }
 
 impl RunReport {
@@ -284,10 +291,10 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
                 Action::Continue
             }
             Event::Port(p, r) => Action::Fatal(format!("vCPU {i}: unexpected report {p:#x} {r:x?}")),
-            Event::Served(_) => Action::Continue,
         }
     };
 
+    let stop_requested = || cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
     let mut snapshot = None;
     let rounds = m.run(stop_ports, |m| {
         let mut rounds = Vec::new();
@@ -297,7 +304,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
         let mut last_progress = Instant::now();
         loop {
             let now = Instant::now();
-            if now >= end || m.control.finished() > 0 {
+            if now >= end || m.control.finished() > 0 || stop_requested() {
                 break;
             }
             if now >= next_round && (rounds.len() as u32) < cfg.rounds {
@@ -408,6 +415,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
         drop_time: Duration::from_nanos(st.drop_ns.load(Ordering::Relaxed)),
         zaps: vm.zap_count(),
         zap_time: vm.zap_time(),
+        interrupted: stop_requested(),
         snapshot: if cfg.snapshot {
             snapshot.or_else(|| Some(crate::inspect::dump_space(be.space(), cfg.snapshot_leaves)))
         } else {

@@ -13,7 +13,7 @@
 //! itself (see [`KvmVm::zap_all`]).
 
 use crate::mem::{PAGE, SharedRegion};
-use crate::vm::KvmVm;
+use crate::vm::{KvmError, KvmVm};
 use nested_pt::{Pfn, TablePages};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,9 +43,25 @@ impl std::fmt::Debug for SlotPages {
 impl SlotPages {
     /// Pages of `region`, which KVM sees at guest-physical `kvm_gpa`.
     /// With `vm`, freed pages are quarantined until a shadow zap.
-    pub fn new(region: Arc<SharedRegion>, kvm_gpa: u64, vm: Option<Arc<KvmVm>>) -> Self {
+    ///
+    /// Refused when `kvm_gpa` is not page-aligned or the region would end
+    /// beyond the architectural 52-bit physical-address limit (its frame
+    /// numbers could not be put in any table entry). A table built on the
+    /// provider further refuses frames beyond its own format's width
+    /// (`nested_pt::PteFormat::frame_limit`).
+    pub fn new(region: Arc<SharedRegion>, kvm_gpa: u64, vm: Option<Arc<KvmVm>>) -> Result<Self, KvmError> {
+        const PHYS_LIMIT: u64 = 1 << 52;
+        if !kvm_gpa.is_multiple_of(PAGE) {
+            return Err(KvmError::Setup(format!("table slot at {kvm_gpa:#x} is not page-aligned")));
+        }
+        if kvm_gpa.checked_add(region.len()).is_none_or(|end| end > PHYS_LIMIT) {
+            return Err(KvmError::Setup(format!(
+                "table slot at {kvm_gpa:#x} of {:#x} bytes ends beyond the 52-bit physical limit",
+                region.len()
+            )));
+        }
         let npages = region.len() / PAGE;
-        SlotPages {
+        Ok(SlotPages {
             region,
             base_pfn: kvm_gpa / PAGE,
             npages,
@@ -54,7 +70,7 @@ impl SlotPages {
             quarantine: Vec::new(),
             vm,
             live: Arc::new(AtomicU64::new(0)),
-        }
+        })
     }
 
     /// A counter of pages currently allocated (shared, for reports).
@@ -101,14 +117,15 @@ unsafe impl TablePages for SlotPages {
             self.reclaim();
             self.free.pop()?
         };
-        self.region.zero(idx * PAGE, PAGE);
+        // The index is below `npages`, so the page lies inside the region.
+        self.region.zero(idx * PAGE, PAGE).ok()?;
         self.live.fetch_add(1, Ordering::Relaxed);
         Some(Pfn(self.base_pfn + idx))
     }
 
     fn ptr(&self, pfn: Pfn) -> *mut u64 {
         match pfn.0.checked_sub(self.base_pfn) {
-            Some(i) if i < self.npages => self.region.ptr_at(i * PAGE).cast(),
+            Some(i) if i < self.npages => self.region.ptr_at(i * PAGE).map_or(std::ptr::null_mut(), |p| p.cast()),
             _ => std::ptr::null_mut(),
         }
     }
@@ -120,5 +137,24 @@ unsafe impl TablePages for SlotPages {
             Some(vm) => self.quarantine.push((vm.zap_count(), idx)),
             None => self.free.push(idx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_placement_is_checked() {
+        let region = || Arc::new(SharedRegion::new("slot-test", 4 * PAGE).unwrap());
+        assert!(SlotPages::new(region(), 0x1000_0001, None).is_err(), "unaligned");
+        assert!(SlotPages::new(region(), u64::MAX - PAGE + 1, None).is_err(), "wraps");
+        assert!(SlotPages::new(region(), (1 << 52) - 2 * PAGE, None).is_err(), "beyond 52 bits");
+        let mut p = SlotPages::new(region(), (1 << 52) - 4 * PAGE, None).expect("ends exactly at the limit");
+        let f = p.alloc_zeroed().unwrap();
+        assert_eq!(f, Pfn(((1 << 52) - 4 * PAGE) / PAGE));
+        assert!(!p.ptr(f).is_null());
+        assert!(p.ptr(Pfn(f.0 + 4)).is_null());
+        assert!(p.ptr(Pfn(u64::MAX)).is_null());
     }
 }

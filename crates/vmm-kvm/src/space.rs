@@ -171,7 +171,7 @@ impl std::fmt::Debug for SpaceBackend {
 }
 
 fn vs(what: &str) -> impl Fn(vmspace::Error) -> KvmError + '_ {
-    move |e| KvmError::Setup(format!("{what}: {e:?}"))
+    move |e| KvmError::Setup(format!("{what}: {e}"))
 }
 
 impl SpaceBackend {
@@ -192,7 +192,7 @@ impl SpaceBackend {
     ) -> Result<Self> {
         let treg = Arc::new(SharedRegion::new("vmm-tables", table_bytes).map_err(|e| KvmError::Os("memfd", e))?);
         vm.add_region(treg.clone(), TABLES_KVM_BASE)?;
-        let pages = SlotPages::new(treg, TABLES_KVM_BASE, Some(vm.clone()));
+        let pages = SlotPages::new(treg, TABLES_KVM_BASE, Some(vm.clone()))?;
         let frame_base = RAM_KVM_BASE / PAGE;
         let reservoir = Arc::new(MemfdReservoir::new(ram_limit, Pfn(frame_base)).map_err(vs("reservoir"))?);
         let arena = vmspace::Reservoir::arena(&*reservoir);

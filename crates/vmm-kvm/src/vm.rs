@@ -23,6 +23,14 @@ pub enum KvmError {
     Guest(String),
     /// Guest-visible setup failed in the table or vmspace layer.
     Setup(String),
+    /// A host access to a shared region was out of range or misaligned.
+    Region(crate::mem::RegionError),
+}
+
+impl From<crate::mem::RegionError> for KvmError {
+    fn from(e: crate::mem::RegionError) -> Self {
+        KvmError::Region(e)
+    }
 }
 
 impl fmt::Display for KvmError {
@@ -34,6 +42,7 @@ impl fmt::Display for KvmError {
             KvmError::Unsupported(s) => write!(f, "host does not support {s}"),
             KvmError::Guest(s) => write!(f, "guest error: {s}"),
             KvmError::Setup(s) => write!(f, "setup failed: {s}"),
+            KvmError::Region(e) => write!(f, "shared region: {e}"),
         }
     }
 }
