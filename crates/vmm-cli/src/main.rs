@@ -25,8 +25,10 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use vmm_kvm::run::{RunConfig, RunReport};
 use vmm_kvm::workload::Mode;
@@ -75,29 +77,30 @@ impl From<Workload> for Mode {
 
 #[derive(clap::Args, Debug, Clone)]
 struct RunArgs {
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 2)]
+    /// Number of vCPUs (1-64).
+    #[arg(long, default_value = "2", value_parser = parse_vcpus, allow_hyphen_values = true)]
     vcpus: usize,
-    /// Guest memory (bytes; K, M, G suffixes).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    /// Guest memory (bytes; K, M, G suffixes; a multiple of 4 KiB).
+    #[arg(long, default_value = "256M", value_parser = parse_mem, allow_hyphen_values = true)]
     mem: u64,
     /// Workload every vCPU runs on its share of memory.
     #[arg(long, value_enum, default_value_t = Workload::Mixed)]
     workload: Workload,
-    /// Percentage of random operations that write.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    /// Percentage of random operations that write (0-100).
+    #[arg(long, default_value = "50", value_parser = parse_percent, allow_hyphen_values = true)]
     write_pct: u32,
-    /// Running time (e.g. 2s, 500ms).
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    /// Running time (e.g. 2s, 500ms, 1.5s, 100us, 1m; at most a day).
+    #[arg(long, default_value = "2s", value_parser = parse_duration, allow_hyphen_values = true)]
     duration: Duration,
-    /// Dirty-harvest rounds during the run (a final one follows).
-    #[arg(long, default_value_t = 4)]
+    /// Dirty-harvest rounds during the run (a final one follows; 0-10000).
+    #[arg(long, default_value = "4", value_parser = parse_rounds, allow_hyphen_values = true)]
     rounds: u32,
-    /// Seed of the guests' generators.
-    #[arg(long, default_value_t = 0x5eed)]
+    /// Seed of the guests' generators (decimal or 0x hex).
+    #[arg(long, default_value = "0x5eed", value_parser = parse_seed, allow_hyphen_values = true)]
     seed: u64,
-    /// Pages each nested fault maps around the faulting one.
-    #[arg(long, default_value_t = 16)]
+    /// Pages each nested fault maps around the faulting one (a power of
+    /// two from 1 to 512).
+    #[arg(long, default_value = "16", value_parser = parse_fault_around, allow_hyphen_values = true)]
     fault_around: u32,
     /// Also reload CR3 in the guest on every generation change (the
     /// hardware-nested protocol) on a shadow-paging host.
@@ -117,14 +120,15 @@ enum Cmd {
         /// Dump the vmspace of a short `vmm run` instead of the built-in layout.
         #[arg(long)]
         run: bool,
-        /// Present leaves shown per leaf table.
-        #[arg(long, default_value_t = 8)]
+        /// Present leaves shown per leaf table (0-512).
+        #[arg(long, default_value = "8", value_parser = parse_leaves, allow_hyphen_values = true)]
         leaves: usize,
     },
     /// Measure exit and fault costs, harvest and invalidation.
     Bench {
-        /// Memory touched by the first-touch benchmark.
-        #[arg(long, default_value = "64M", value_parser = parse_size)]
+        /// Memory touched by the first-touch benchmark (4K to 16G, a
+        /// multiple of 4 KiB).
+        #[arg(long, default_value = "64M", value_parser = parse_bench_mem, allow_hyphen_values = true)]
         mem: u64,
         /// Machine-readable output.
         #[arg(long)]
@@ -142,8 +146,84 @@ enum Cmd {
     },
 }
 
+/// A whole decimal number in `lo..=hi` (named `what` in messages). Signs,
+/// fractions and exponents are refused with a message that says what is
+/// expected.
+fn parse_int(s: &str, what: &str, lo: u64, hi: u64) -> Result<u64, String> {
+    let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!("{what} cannot be negative (got {s:?}); expected a whole number from {lo} to {hi}"));
+    }
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{what} must be a whole number from {lo} to {hi} (got {s:?})"));
+    }
+    match t.parse::<u64>() {
+        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+        _ => Err(format!("{what} must be from {lo} to {hi} (got {s:?})")),
+    }
+}
+
+fn parse_vcpus(s: &str) -> Result<usize, String> {
+    parse_int(s, "the vCPU count", 1, vmm_kvm::runtime::MAX_VCPUS as u64).map(|v| v as usize)
+}
+
+fn parse_percent(s: &str) -> Result<u32, String> {
+    parse_int(s, "the write percentage", 0, 100).map(|v| v as u32)
+}
+
+fn parse_rounds(s: &str) -> Result<u32, String> {
+    parse_int(s, "the round count", 0, 10_000).map(|v| v as u32)
+}
+
+fn parse_leaves(s: &str) -> Result<usize, String> {
+    parse_int(s, "the leaf count", 0, 512).map(|v| v as usize)
+}
+
+fn parse_fault_around(s: &str) -> Result<u32, String> {
+    let v = parse_int(s, "the fault-around window", 1, 512)?;
+    if !v.is_power_of_two() {
+        return Err(format!("the fault-around window must be a power of two from 1 to 512 (got {s:?})"));
+    }
+    Ok(v as u32)
+}
+
+fn parse_seed(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return u64::from_str_radix(hex, 16).map_err(|_| format!("the seed {s:?} does not fit in 64 bits"));
+        }
+        return Err(format!("the seed {s:?} is not a hexadecimal number"));
+    }
+    parse_int(s, "the seed", 0, u64::MAX)
+}
+
+/// A guest-memory size: a non-zero multiple of 4 KiB within `lo..=hi`.
+fn parse_mem_in(s: &str, lo: u64, hi: u64) -> Result<u64, String> {
+    let v = parse_size(s)?;
+    if v == 0 || !v.is_multiple_of(4096) {
+        return Err(format!("memory size {s:?} must be a non-zero multiple of 4 KiB (4096 bytes)"));
+    }
+    if !(lo..=hi).contains(&v) {
+        return Err(format!("memory size {s:?} must be from {} KiB to {} GiB", lo >> 10, hi >> 30));
+    }
+    Ok(v)
+}
+
+fn parse_mem(s: &str) -> Result<u64, String> {
+    // Guest RAM lives below the runtime at 512 GiB.
+    parse_mem_in(s, 4096, 256 << 30)
+}
+
+fn parse_bench_mem(s: &str) -> Result<u64, String> {
+    parse_mem_in(s, 4096, 16 << 30)
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
+    if s.starts_with('-') {
+        return Err(format!("size {s:?} cannot be negative"));
+    }
     let (num, mul) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let m = match c.to_ascii_uppercase() {
@@ -156,20 +236,34 @@ fn parse_size(s: &str) -> Result<u64, String> {
         }
         _ => (s, 1),
     };
-    let n: u64 = num.parse().map_err(|e| format!("bad size {s:?}: {e}"))?;
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("bad size {s:?}: expected a whole number of bytes with an optional K, M or G suffix"));
+    }
+    let n: u64 = num.parse().map_err(|_| format!("size {s:?} does not fit in 64 bits"))?;
     n.checked_mul(mul).ok_or_else(|| format!("size {s:?} overflows"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
+    let expected = "expected a number with an optional unit: 2s, 500ms, 1.5s, 100us, 1m";
+    if s.starts_with('-') {
+        return Err(format!("duration {s:?} cannot be negative; {expected}"));
+    }
     let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
-    let v: f64 = num.parse().map_err(|e| format!("bad duration {s:?}: {e}"))?;
+    // Plain decimal only: digits with at most one point (no exponent, no
+    // "nan"/"inf", which f64 parsing would accept).
+    let digits = num.bytes().filter(|b| b.is_ascii_digit()).count();
+    let points = num.bytes().filter(|&b| b == b'.').count();
+    if digits == 0 || points > 1 || digits + points != num.len() {
+        return Err(format!("bad duration {s:?}; {expected}"));
+    }
+    let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?}; {expected}"))?;
     let secs = match unit {
         "" | "s" => v,
         "ms" => v / 1e3,
         "us" => v / 1e6,
         "m" => v * 60.0,
-        _ => return Err(format!("unknown duration unit in {s:?}")),
+        _ => return Err(format!("bad duration {s:?}: unknown unit; {expected}")),
     };
     if !(0.0..=86400.0).contains(&secs) {
         return Err(format!("duration {s:?} out of range"));
@@ -202,6 +296,7 @@ struct VcpuJson {
 #[derive(Serialize)]
 struct RunJson {
     ok: bool,
+    interrupted: bool,
     invalidation_mode: String,
     kvm_module: Option<String>,
     probe_stale_after_change: Option<bool>,
@@ -240,6 +335,7 @@ fn mode_name(m: PagingMode) -> &'static str {
 fn run_json(r: &RunReport) -> RunJson {
     RunJson {
         ok: r.ok(),
+        interrupted: r.interrupted,
         invalidation_mode: mode_name(r.mode).into(),
         kvm_module: r.detection.as_ref().map(|d| d.module.clone()),
         probe_stale_after_change: r.detection.as_ref().map(|d| d.stale_after_change),
@@ -290,7 +386,11 @@ fn run_json(r: &RunReport) -> RunJson {
 }
 
 fn print_run(r: &RunReport) {
-    out!("vmm run: {}", if r.ok() { "all checks passed" } else { "CHECKS FAILED" });
+    out!(
+        "vmm run: {}{}",
+        if r.ok() { "all checks passed" } else { "CHECKS FAILED" },
+        if r.interrupted { " (interrupted: the workload was stopped early)" } else { "" }
+    );
     match &r.detection {
         Some(d) => {
             out!("  host:            KVM module {}, paging mode detected: {}", d.module, mode_name(r.mode));
@@ -378,10 +478,30 @@ fn need_kvm(what: &str) -> Result<(), ExitCode> {
     Ok(())
 }
 
+/// A flag set by the first SIGINT or SIGTERM, so that a run ends cleanly
+/// (its vCPUs stopped, its checks made, everything it owns released); a
+/// second signal exits at once with status 130.
+fn stop_on_signals() -> Result<Arc<AtomicBool>, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())
+            .and_then(|_| signal_hook::flag::register(sig, stop.clone()))
+            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    }
+    Ok(stop)
+}
+
 fn cmd_run(a: RunArgs) -> ExitCode {
     if let Err(c) = need_kvm("run") {
         return c;
     }
+    let stop = match stop_on_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmm run: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let cfg = RunConfig {
         vcpus: a.vcpus,
         mem_bytes: a.mem,
@@ -392,9 +512,11 @@ fn cmd_run(a: RunArgs) -> ExitCode {
         seed: a.seed,
         force_flush: a.force_flush,
         fault_around: a.fault_around,
+        stop: Some(stop.clone()),
         ..RunConfig::default()
     };
-    let show = !a.json && a.duration > Duration::from_secs(1);
+    // The progress line rewrites itself with `\r`: only on a terminal.
+    let show = !a.json && a.duration > Duration::from_secs(1) && std::io::stderr().is_terminal();
     let mut progress = |p: run::Progress| {
         if show {
             eprint!(
@@ -425,7 +547,14 @@ fn cmd_run(a: RunArgs) -> ExitCode {
             } else {
                 print_run(&r);
             }
-            if r.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if !r.ok() {
+                ExitCode::FAILURE
+            } else if r.interrupted {
+                eprintln!("vmm run: interrupted by a signal; stopped cleanly");
+                ExitCode::from(130)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(e) => {
             eprintln!("vmm run: {e}");
@@ -443,7 +572,7 @@ fn cmd_inspect(from_run: bool, leaves: usize) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("vmm inspect: {e:?}");
+                eprintln!("vmm inspect: {e}");
                 ExitCode::FAILURE
             }
         };
@@ -726,6 +855,8 @@ mod tests {
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("3h").is_err());
+        assert!(parse_duration("nan").is_err() && parse_duration("1e-3").is_err() && parse_duration(".").is_err());
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
     }
 
     #[test]

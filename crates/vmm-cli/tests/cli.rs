@@ -48,3 +48,73 @@ fn short_run_reports_json() {
     assert!(v["nested_faults"].as_u64().unwrap_or(0) > 0);
     assert!(v["invalidation_mode"].is_string());
 }
+
+/// Every refused argument exits with status 2 (a usage error, found while
+/// parsing, before any set-up) and a message that names what is expected,
+/// never parser internals or a Rust debug value.
+#[test]
+fn hostile_arguments_are_usage_errors() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "--vcpus", "0"], "vCPU count"),
+        (&["run", "--vcpus", "-1"], "cannot be negative"),
+        (&["run", "--vcpus", "65"], "from 1 to 64"),
+        (&["run", "--mem", "-1"], "cannot be negative"),
+        (&["run", "--mem", "12Q"], "unknown size suffix"),
+        (&["run", "--mem", "1"], "multiple of 4 KiB"),
+        (&["run", "--mem", "0"], "multiple of 4 KiB"),
+        (&["run", "--duration=nan"], "bad duration"),
+        (&["run", "--duration", "1e-3"], "bad duration"),
+        (&["run", "--duration", "-1s"], "cannot be negative"),
+        (&["run", "--duration", "inf"], "bad duration"),
+        (&["run", "--fault-around", "0"], "fault-around"),
+        (&["run", "--fault-around", "100000"], "fault-around"),
+        (&["run", "--fault-around", "3"], "power of two"),
+        (&["run", "--write-pct", "101"], "write percentage"),
+        (&["run", "--rounds", "-3"], "cannot be negative"),
+        (&["run", "--seed", "0xzz"], "hexadecimal"),
+        (&["bench", "--mem", "0"], "multiple of 4 KiB"),
+        (&["bench", "--mem", "1"], "multiple of 4 KiB"),
+        (&["inspect", "--leaves", "-1"], "cannot be negative"),
+    ];
+    for (args, expect) in cases {
+        let out = vmm().args(*args).output().expect("run vmm");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expect), "{args:?}: expected {expect:?} in {err}");
+        for internal in ["panicked", "ParseFloatError", "ParseIntError", "Invalid(", "unexpected argument"] {
+            assert!(!err.contains(internal), "{args:?}: {err}");
+        }
+    }
+}
+
+/// SIGTERM during a run stops it cleanly: the summary is printed, every
+/// check ran, and the exit status says it was interrupted (130).
+#[test]
+fn sigterm_stops_a_run_cleanly() {
+    if let Err(e) = vmm_kvm::kvm_available() {
+        eprintln!("SKIPPED: needs /dev/kvm ({e})");
+        return;
+    }
+    let child = vmm()
+        .args(["run", "--mem", "8M", "--duration", "60s", "--rounds", "0", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    let rc = unsafe { libc_kill(child.id() as i32, 15) };
+    assert_eq!(rc, 0);
+    let out = child.wait_with_output().expect("wait vmm");
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(130), "{s}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&s).expect("JSON summary");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["interrupted"], true);
+    assert!(v["elapsed_s"].as_f64().unwrap() < 30.0);
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
