@@ -1,0 +1,503 @@
+//! The VM: one vmspace and its memory segments (bhyve's memseg interface).
+#![allow(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vmspace::{DirtyOp, Gpa, Pfn, Prot, Reservoir, SpaceConfig, TablePages, VmObject, VmSpace};
+
+use crate::devmem::{DevMemReservoir, MemoryExposure, VmDir};
+use crate::error::{Error, Result};
+
+/// Bytes in a page.
+const PAGE: u64 = 4096;
+
+/// Segment ids are `0 .. MAX_SEGMENTS`.
+pub const MAX_SEGMENTS: u32 = 64;
+
+/// Frames reserved per device-memory segment are rounded up to this many
+/// (2 MiB), so that segments never share a 2 MiB frame region.
+const DEVMEM_ALIGN_FRAMES: u64 = 512;
+
+/// What a segment is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SegmentKind {
+    /// Guest RAM, from the VM's reservoir in 4 KiB chunks; mapped with any
+    /// protection the table format can express (read-write-execute by
+    /// default).
+    SysMem,
+    /// Named device memory (a boot ROM, a framebuffer) with a host node that
+    /// other processes map by name; mapped read-only or read-write, or
+    /// read-execute (never writable and executable at once); read-write by
+    /// default.
+    DevMem {
+        /// The node's name (see [`crate::devmem::check_name`]).
+        name: String,
+    },
+}
+
+/// A read-only description of a segment.
+#[derive(Clone, Debug)]
+pub struct SegmentInfo {
+    /// Its id.
+    pub id: u32,
+    /// Length in bytes.
+    pub len: u64,
+    /// What it is.
+    pub kind: SegmentKind,
+    /// The host node of device memory.
+    pub node: Option<PathBuf>,
+    /// How many guest mappings it has now.
+    pub mappings: usize,
+}
+
+/// One guest mapping of a segment range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentMapping {
+    /// First guest-physical address.
+    pub gpa: Gpa,
+    /// Length in bytes.
+    pub len: u64,
+    /// The segment mapped.
+    pub segment: u32,
+    /// Byte offset in the segment of the first page.
+    pub offset: u64,
+    /// Protection.
+    pub prot: Prot,
+}
+
+struct Segment {
+    len: u64,
+    kind: SegmentKind,
+    object: Arc<VmObject>,
+    /// Device memory: the node (for its path and host view).
+    node: Option<Arc<DevMemReservoir>>,
+    /// Device memory, while dirty tracking is on: the contents at the last
+    /// harvest, to find pages written through host views.
+    shadow: Option<Vec<u8>>,
+}
+
+struct State {
+    segments: BTreeMap<u32, Segment>,
+    maps: BTreeMap<u64, SegmentMapping>,
+    next_devmem_frame: u64,
+}
+
+/// How a VM is created.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The VM's name: its device-memory nodes live in
+    /// [`crate::devmem::vm_dir`]`(name)`.
+    pub name: String,
+    /// The address space.
+    pub space: SpaceConfig,
+    /// First frame number handed to device-memory segments (a backend
+    /// chooses it clear of the reservoir's and the table pages' frames).
+    pub devmem_frame_base: Pfn,
+    /// Frames available to device memory from `devmem_frame_base`.
+    pub devmem_frames: u64,
+}
+
+/// A VM's memory: a vmspace plus memory segments, with bhyve's semantics
+/// (FreeBSD `vm_alloc_memseg` / `vm_mmap_memseg` / `vm_munmap_memseg` /
+/// `vm_get_memseg` / `vm_mmap_getnext`).
+///
+/// A segment is allocated once under an id, then ranges of it are mapped
+/// at guest-physical addresses, possibly several at once (aliases: every
+/// alias reaches the same memory). A segment lives while it is mapped (it
+/// cannot be freed then), held (a page hold keeps its object), or open (a
+/// process that mapped a device-memory node keeps that memory). Every bad
+/// argument is refused with a typed [`Error`] and changes nothing.
+pub struct Vm<P: TablePages> {
+    name: String,
+    space: VmSpace<P>,
+    ram: Arc<dyn Reservoir>,
+    exposure: Arc<dyn MemoryExposure>,
+    devmem_base: Pfn,
+    devmem_frames: u64,
+    state: Mutex<State>,
+    // Last: the node directory goes after the nodes in it.
+    dir: VmDir,
+}
+
+impl<P: TablePages> std::fmt::Debug for Vm<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+fn check_aligned(v: u64) -> Result<()> {
+    if v.is_multiple_of(PAGE) { Ok(()) } else { Err(Error::Unaligned) }
+}
+
+fn space_err(e: vmspace::Error) -> Error {
+    use vmspace::{Error as E, Invalid};
+    match e {
+        E::NoSpace(_) => Error::NoSpace,
+        E::NotFound => Error::NotMapped,
+        E::Invalid(Invalid::BadProt) => Error::BadProt,
+        E::Invalid(Invalid::Overflow) | E::Overflow => Error::Overflow,
+        E::Invalid(Invalid::Unaligned) => Error::Unaligned,
+        E::Invalid(Invalid::ZeroLength) => Error::BadLength,
+        E::Invalid(Invalid::OutsideObject) => Error::OutsideSegment,
+        e => Error::Space(e),
+    }
+}
+
+impl<P: TablePages + Send + Sync> Vm<P> {
+    /// A VM with no segments: an address space of `config.space` whose table
+    /// pages come from `pages`, system memory from `ram`, and device memory
+    /// exposed to the hypervisor through `exposure`. Creates the VM's node
+    /// directory ([`Error::VmNameInUse`] while a live VM has the name).
+    pub fn new(config: VmConfig, pages: P, ram: Arc<dyn Reservoir>, exposure: Arc<dyn MemoryExposure>) -> Result<Self> {
+        if config.devmem_frame_base.0.checked_add(config.devmem_frames).is_none() {
+            return Err(Error::Overflow);
+        }
+        let dir = VmDir::create(&config.name)?;
+        let space = VmSpace::new(config.space, pages).map_err(space_err)?;
+        Ok(Vm {
+            name: config.name,
+            space,
+            ram,
+            exposure,
+            devmem_base: config.devmem_frame_base,
+            devmem_frames: config.devmem_frames,
+            state: Mutex::new(State { segments: BTreeMap::new(), maps: BTreeMap::new(), next_devmem_frame: 0 }),
+            dir,
+        })
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address space (for clients, faults, holds and the table).
+    pub fn space(&self) -> &VmSpace<P> {
+        &self.space
+    }
+
+    /// The directory of the VM's device-memory nodes.
+    pub fn node_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere with the lock held left no half-made change:
+        // every operation validates first and changes the maps last.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Allocates segment `id` of `len` bytes (bhyve's `vm_alloc_memseg`).
+    /// System memory comes from the reservoir in 4 KiB chunks; device memory
+    /// gets a node named `name` that other processes can map
+    /// ([`crate::devmem::open`]). Refused: an id beyond [`MAX_SEGMENTS`], an
+    /// id in use, a zero or unaligned length, a bad or duplicate name, a
+    /// full reservoir or device-memory frame range.
+    pub fn alloc_segment(&self, id: u32, len: u64, kind: SegmentKind) -> Result<()> {
+        if id >= MAX_SEGMENTS {
+            return Err(Error::BadSegmentId(id));
+        }
+        if len == 0 || !len.is_multiple_of(PAGE) || len > isize::MAX as u64 {
+            return Err(Error::BadLength);
+        }
+        let mut st = self.state();
+        if st.segments.contains_key(&id) {
+            return Err(Error::DuplicateSegment(id));
+        }
+        let (object, node) = match &kind {
+            SegmentKind::SysMem => (VmObject::ram(self.ram.clone(), len)?, None),
+            SegmentKind::DevMem { name } => {
+                crate::devmem::check_name(name).map_err(Error::BadName)?;
+                if st.segments.values().any(|s| s.kind == kind) {
+                    return Err(Error::NameInUse);
+                }
+                let frames = len / PAGE;
+                let reserved = frames.div_ceil(DEVMEM_ALIGN_FRAMES) * DEVMEM_ALIGN_FRAMES;
+                let first = st.next_devmem_frame;
+                if reserved > self.devmem_frames - first {
+                    return Err(Error::Space(vmspace::Error::ReservoirFull));
+                }
+                let base = Pfn(self.devmem_base.0 + first);
+                let node = Arc::new(DevMemReservoir::create(&self.dir, name, len, base, self.exposure.clone())?);
+                let object = VmObject::ram(node.clone(), len)?;
+                st.next_devmem_frame = first + reserved;
+                (object, Some(node))
+            }
+        };
+        let shadow = self.devmem_shadow(&object, &node);
+        st.segments.insert(id, Segment { len, kind, object, node, shadow });
+        Ok(())
+    }
+
+    /// A copy of device memory for the harvest's comparison, while dirty
+    /// tracking is on.
+    fn devmem_shadow(&self, object: &VmObject, node: &Option<Arc<DevMemReservoir>>) -> Option<Vec<u8>> {
+        let node = node.as_ref()?;
+        if !self.space.dirty_tracking() {
+            return None;
+        }
+        let mut v = vec![0u8; object.size() as usize];
+        copy_out(node, 0, &mut v);
+        Some(v)
+    }
+
+    /// Frees segment `id` (the VM's reference to it). Refused while it is
+    /// mapped ([`Error::SegmentMapped`]); holds taken earlier keep its
+    /// memory until they are released, and processes that opened its node
+    /// keep theirs.
+    pub fn free_segment(&self, id: u32) -> Result<()> {
+        let mut st = self.state();
+        if !st.segments.contains_key(&id) {
+            return Err(Error::UnknownSegment(id));
+        }
+        if st.maps.values().any(|m| m.segment == id) {
+            return Err(Error::SegmentMapped(id));
+        }
+        st.segments.remove(&id);
+        Ok(())
+    }
+
+    /// Segment `id` (bhyve's `vm_get_memseg`).
+    pub fn segment(&self, id: u32) -> Result<SegmentInfo> {
+        let st = self.state();
+        let s = st.segments.get(&id).ok_or(Error::UnknownSegment(id))?;
+        Ok(Self::info(&st, id, s))
+    }
+
+    /// Every segment, by id.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let st = self.state();
+        st.segments.iter().map(|(id, s)| Self::info(&st, *id, s)).collect()
+    }
+
+    fn info(st: &State, id: u32, s: &Segment) -> SegmentInfo {
+        SegmentInfo {
+            id,
+            len: s.len,
+            kind: s.kind.clone(),
+            node: s.node.as_ref().map(|n| n.path().to_path_buf()),
+            mappings: st.maps.values().filter(|m| m.segment == id).count(),
+        }
+    }
+
+    /// Maps `len` bytes of segment `id` from byte `offset` at `gpa` with
+    /// `prot` (the kind's default when `None`): bhyve's `vm_mmap_memseg`.
+    /// Refused: unknown segment, zero or unaligned values, overflow, a range
+    /// beyond the segment, an overlap or a range beyond the space, a
+    /// protection the kind does not allow (see [`SegmentKind`]) or the
+    /// table format cannot express.
+    pub fn map_segment(&self, gpa: u64, id: u32, offset: u64, len: u64, prot: Option<Prot>) -> Result<()> {
+        let mut st = self.state();
+        let s = st.segments.get(&id).ok_or(Error::UnknownSegment(id))?;
+        if len == 0 {
+            return Err(Error::BadLength);
+        }
+        check_aligned(gpa)?;
+        check_aligned(offset)?;
+        check_aligned(len)?;
+        gpa.checked_add(len).ok_or(Error::Overflow)?;
+        let end = offset.checked_add(len).ok_or(Error::Overflow)?;
+        if end > s.len {
+            return Err(Error::OutsideSegment);
+        }
+        let prot = match (&s.kind, prot) {
+            (SegmentKind::SysMem, None) => Prot::RWX,
+            (SegmentKind::DevMem { .. }, None) => Prot::RW,
+            (_, Some(p)) if p.is_empty() => return Err(Error::BadProt),
+            (SegmentKind::SysMem, Some(p)) => p,
+            (SegmentKind::DevMem { .. }, Some(p)) => {
+                if !p.contains(Prot::READ) || p.contains(Prot::WRITE | Prot::EXEC) {
+                    return Err(Error::BadProt);
+                }
+                p
+            }
+        };
+        self.space.map(&s.object, offset, gpa, len, prot).map_err(space_err)?;
+        st.maps.insert(gpa, SegmentMapping { gpa: Gpa(gpa), len, segment: id, offset, prot });
+        Ok(())
+    }
+
+    /// Unmaps the mapping that starts at `gpa` and is `len` bytes long
+    /// (bhyve's `vm_munmap_memseg`): [`Error::NotMapped`] unless one matches
+    /// exactly. vCPUs and other clients are invalidated (vmspace's unmap).
+    pub fn unmap(&self, gpa: u64, len: u64) -> Result<()> {
+        let mut st = self.state();
+        match st.maps.get(&gpa) {
+            Some(m) if m.len == len => {}
+            _ => return Err(Error::NotMapped),
+        }
+        self.space.unmap(gpa, len).map_err(space_err)?;
+        st.maps.remove(&gpa);
+        Ok(())
+    }
+
+    /// Every mapping, in address order.
+    pub fn mappings(&self) -> Vec<SegmentMapping> {
+        self.state().maps.values().copied().collect()
+    }
+
+    /// The first mapping that starts at or after `gpa` (bhyve's
+    /// `vm_mmap_getnext`), to iterate without holding a list.
+    pub fn mapping_next(&self, gpa: u64) -> Option<SegmentMapping> {
+        self.state().maps.range(gpa..).next().map(|(_, m)| *m)
+    }
+
+    /// The mapping containing `gpa`.
+    pub fn mapping_at(&self, gpa: u64) -> Option<SegmentMapping> {
+        let st = self.state();
+        let (_, m) = st.maps.range(..=gpa).next_back()?;
+        (gpa - m.gpa.0 < m.len).then_some(*m)
+    }
+
+    /// Copies `src` into segment `id` at byte `offset` from the host (boot
+    /// ROM contents, firmware tables). The pages written are marked dirty in
+    /// every guest mapping of them while tracking is on, so no migration
+    /// misses them.
+    pub fn write_segment(&self, id: u32, offset: u64, src: &[u8]) -> Result<()> {
+        let st = self.state();
+        let s = st.segments.get(&id).ok_or(Error::UnknownSegment(id))?;
+        let n = src.len() as u64;
+        if !(offset <= s.len && n <= s.len - offset) {
+            return Err(Error::OutsideSegment);
+        }
+        let arena = s.object_arena(&self.ram);
+        for_each_page(offset, n, |off, at, len| {
+            let pfn = s.object.frame_at(off).expect("inside the segment");
+            let p = arena.host_ptr(pfn).expect("segment frames lie in their arena");
+            // SAFETY: `p` is the host page of a frame of the segment's object,
+            // which lives (we hold it); `off % PAGE + len <= PAGE`; a raw copy
+            // from a host buffer, no reference over guest memory.
+            unsafe { std::ptr::copy_nonoverlapping(src[at..].as_ptr(), p.as_ptr().add((off % PAGE) as usize), len) };
+        });
+        if n > 0 && self.space.dirty_tracking() {
+            self.mark_segment_dirty(&st, id, offset, n)?;
+        }
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes of segment `id` at `offset` to the host.
+    pub fn read_segment(&self, id: u32, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let st = self.state();
+        let s = st.segments.get(&id).ok_or(Error::UnknownSegment(id))?;
+        let n = dst.len() as u64;
+        if !(offset <= s.len && n <= s.len - offset) {
+            return Err(Error::OutsideSegment);
+        }
+        let arena = s.object_arena(&self.ram);
+        for_each_page(offset, n, |off, at, len| {
+            let pfn = s.object.frame_at(off).expect("inside the segment");
+            let p = arena.host_ptr(pfn).expect("segment frames lie in their arena");
+            // SAFETY: as in `write_segment`, copying out.
+            unsafe {
+                std::ptr::copy_nonoverlapping(p.as_ptr().add((off % PAGE) as usize), dst[at..].as_mut_ptr(), len)
+            };
+        });
+        Ok(())
+    }
+
+    /// Marks `[offset, offset+n)` of segment `id` dirty in each of its guest
+    /// mappings that covers part of it.
+    fn mark_segment_dirty(&self, st: &State, id: u32, offset: u64, n: u64) -> Result<()> {
+        let lo = offset & !(PAGE - 1);
+        let hi = (offset + n).next_multiple_of(PAGE);
+        for m in st.maps.values().filter(|m| m.segment == id && m.prot.contains(Prot::WRITE)) {
+            let (a, b) = (lo.max(m.offset), hi.min(m.offset + m.len));
+            if a >= b {
+                continue;
+            }
+            let pages = (b - a) / PAGE;
+            let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
+            self.space.dirty_op(DirtyOp::Set, m.gpa.0 + (a - m.offset), b - a, None, &mut bitmap)?;
+        }
+        Ok(())
+    }
+
+    /// Switches dirty tracking on or off. Turning it on snapshots device
+    /// memory, so that [`Vm::harvest_dirty`] also reports pages written
+    /// through host views of it.
+    pub fn set_dirty_tracking(&self, on: bool) -> Result<()> {
+        let mut st = self.state();
+        self.space.set_dirty_tracking(on)?;
+        for s in st.segments.values_mut() {
+            s.shadow = None;
+        }
+        if on {
+            let ids: Vec<u32> = st.segments.keys().copied().collect();
+            for id in ids {
+                let s = &st.segments[&id];
+                let shadow = self.devmem_shadow(&s.object, &s.node);
+                st.segments.get_mut(&id).expect("listed").shadow = shadow;
+            }
+        }
+        Ok(())
+    }
+
+    /// Read-and-clear the dirty pages of `[gpa, gpa+len)` into `bitmap`
+    /// (bit `i` = page `gpa + i * 4096`; see `VmSpace::track_dirty`), and
+    /// add every page of a device-memory mapping in the range whose
+    /// contents changed since the last harvest, whoever wrote it: the
+    /// guest, a hold, or another process through the segment's node.
+    /// Returns the number of dirty pages.
+    pub fn harvest_dirty(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
+        let mut st = self.state();
+        let mut n = self.space.track_dirty(gpa, len, bitmap)?;
+        let end = gpa + len;
+        let maps: Vec<SegmentMapping> = st.maps.values().copied().collect();
+        for m in maps {
+            let Some(seg) = st.segments.get_mut(&m.segment) else { continue };
+            let (Some(node), Some(shadow)) = (&seg.node, seg.shadow.as_mut()) else { continue };
+            let (a, b) = (gpa.max(m.gpa.0), end.min(m.gpa.0 + m.len));
+            let mut page = [0u8; PAGE as usize];
+            let mut g = a;
+            while g < b {
+                let off = m.offset + (g - m.gpa.0);
+                copy_out(node, off, &mut page);
+                let old = &mut shadow[off as usize..(off + PAGE) as usize];
+                if old != page {
+                    old.copy_from_slice(&page);
+                    let i = (g - gpa) / PAGE;
+                    let w = &mut bitmap[(i / 64) as usize];
+                    if *w & (1 << (i % 64)) == 0 {
+                        *w |= 1 << (i % 64);
+                        n += 1;
+                    }
+                }
+                g += PAGE;
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Segment {
+    /// The arena the segment's frames live in.
+    fn object_arena(&self, ram: &Arc<dyn Reservoir>) -> vmspace::Arena {
+        match &self.node {
+            Some(n) => n.arena(),
+            None => ram.arena(),
+        }
+    }
+}
+
+/// Copies bytes of a device-memory node into `dst` (raw, from the mapping).
+fn copy_out(node: &DevMemReservoir, off: u64, dst: &mut [u8]) {
+    let arena = node.arena();
+    assert!(off <= arena.len as u64 && dst.len() as u64 <= arena.len as u64 - off);
+    // SAFETY: in bounds of the node's mapping (checked above), which lives
+    // as long as `node`; a raw copy.
+    unsafe { std::ptr::copy_nonoverlapping(arena.host.as_ptr().add(off as usize), dst.as_mut_ptr(), dst.len()) };
+}
+
+/// Calls `f(segment offset, buffer offset, bytes)` for each page-sized
+/// piece of `[offset, offset+n)`.
+fn for_each_page(offset: u64, n: u64, mut f: impl FnMut(u64, usize, usize)) {
+    let mut done = 0u64;
+    while done < n {
+        let off = offset + done;
+        let len = (PAGE - off % PAGE).min(n - done);
+        f(off, done as usize, len as usize);
+        done += len;
+    }
+}
