@@ -55,6 +55,9 @@
 
 pub mod devmem;
 mod error;
+pub mod fbuf;
+pub mod pci;
+pub mod platform;
 mod vm;
 
 pub use error::{BadName, Error, Result};
