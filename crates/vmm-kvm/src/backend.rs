@@ -11,60 +11,14 @@
 use crate::mem::{PAGE, SharedRegion};
 use crate::runtime;
 use crate::slot_pages::SlotPages;
-use crate::vcpu::{Exit, KickHandle};
+use crate::vcpu::Exit;
 use crate::vm::{KvmError, KvmVm, PagingMode, Result};
 use nested_pt::{Access, Caps, Gpa, MemType, NestedTable, PageSize, Pfn, Prot, PteFormat};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use vmm::hv::Kick;
 
-/// Why a nested fault was not served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultError {
-    /// No mapping covers the address: a guest error.
-    NoMapping,
-    /// The mapping does not allow the access: a guest error.
-    Protection,
-    /// The host could not serve it (out of memory, table pages...).
-    Host,
-}
-
-/// The memory system as the vCPU loop sees it.
-pub trait Backend: Send + Sync {
-    /// Short description for reports.
-    fn describe(&self) -> String;
-    /// CR3 value: KVM guest-physical address of the table root.
-    fn cr3(&self) -> u64;
-    /// The table format (always NPT / x86-64 long mode here).
-    fn format(&self) -> PteFormat;
-    /// The memory port of vCPU `vcpu`, owned by its thread; `kick` must
-    /// be called when a change needs the vCPU out of the guest.
-    fn vcpu_mem(&self, vcpu: usize, kick: Arc<KickHandle>) -> Result<Box<dyn VcpuMem + '_>>;
-    /// Host pointer to the byte at guest address `gpa` if it is resident.
-    fn host_ptr(&self, gpa: u64) -> Option<*mut u8>;
-    /// Reads and clears the dirty bits of `[gpa, gpa+len)` into `bitmap`
-    /// (bit per 4 KiB page), with every vCPU out of the guest, and makes
-    /// the cleared bits effective (see the crate docs). Returns the count.
-    fn harvest(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64>;
-    /// Pages resident in the tables.
-    fn resident(&self) -> u64;
-    /// Current table generation.
-    fn generation(&self) -> u64;
-    /// Number of table pages in use.
-    fn table_pages(&self) -> u64;
-    /// The nested table (for dumps and the oracle).
-    fn with_table(&self, f: &mut dyn FnMut(&NestedTable<SlotPages>));
-}
-
-/// One vCPU's access to the memory system (its vmspace client).
-pub trait VcpuMem {
-    /// Marks the vCPU as in guest context (`table_enter`), calls `run`
-    /// with the table generation read at entry, and marks the exit
-    /// (`table_exit`) when `run` returns.
-    fn entered(&mut self, run: &mut dyn FnMut(u64) -> Result<Exit>) -> Result<Exit>;
-    /// Serves a nested fault at `gpa` (maps the page and, where useful,
-    /// its neighbours).
-    fn fault(&mut self, gpa: u64, access: Access) -> std::result::Result<(), FaultError>;
-}
+pub use vmm::hv::{FaultError, MemBackend, VcpuMem};
 
 /// KVM guest-physical base of the table-page slot.
 pub const TABLES_KVM_BASE: u64 = 0x1_0000_0000;
@@ -204,7 +158,7 @@ impl TableBackend {
     }
 }
 
-impl Backend for TableBackend {
+impl MemBackend for TableBackend {
     fn describe(&self) -> String {
         "bare nested table".into()
     }
@@ -214,7 +168,7 @@ impl Backend for TableBackend {
     fn format(&self) -> PteFormat {
         *self.table.format()
     }
-    fn vcpu_mem(&self, _vcpu: usize, _kick: Arc<KickHandle>) -> Result<Box<dyn VcpuMem + '_>> {
+    fn vcpu_mem(&self, _vcpu: usize, _kick: Arc<dyn Kick>) -> vmm::hv::Result<Box<dyn VcpuMem + '_>> {
         Ok(Box::new(TableVcpu { be: self }))
     }
     fn host_ptr(&self, gpa: u64) -> Option<*mut u8> {
@@ -222,15 +176,8 @@ impl Backend for TableBackend {
         let off = pfn.0.checked_mul(PAGE)?.checked_sub(RAM_KVM_BASE)?;
         self.ram.ptr_at(off.checked_add(gpa % PAGE)?).ok()
     }
-    fn harvest(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
-        let n =
-            self.table.harvest_dirty(Gpa(gpa), len, bitmap).map_err(|e| KvmError::Setup(format!("harvest: {e}")))?;
-        if self.mode == PagingMode::Shadow {
-            self.vm.zap_all()?;
-            self.stats.zaps.fetch_add(1, Ordering::Relaxed);
-        }
-        self.bump_generation();
-        Ok(n)
+    fn harvest(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> vmm::hv::Result<u64> {
+        Ok(self.harvest_kvm(gpa, len, bitmap)?)
     }
     fn resident(&self) -> u64 {
         0
@@ -241,8 +188,19 @@ impl Backend for TableBackend {
     fn table_pages(&self) -> u64 {
         self.table.table_pages() as u64
     }
-    fn with_table(&self, f: &mut dyn FnMut(&NestedTable<SlotPages>)) {
-        f(&self.table)
+}
+
+impl TableBackend {
+    /// Harvest, then zap on a shadow host so the cleared bits take effect.
+    fn harvest_kvm(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
+        let n =
+            self.table.harvest_dirty(Gpa(gpa), len, bitmap).map_err(|e| KvmError::Setup(format!("harvest: {e}")))?;
+        if self.mode == PagingMode::Shadow {
+            self.vm.zap_all()?;
+            self.stats.zaps.fetch_add(1, Ordering::Relaxed);
+        }
+        self.bump_generation();
+        Ok(n)
     }
 }
 
@@ -251,7 +209,7 @@ struct TableVcpu<'a> {
 }
 
 impl VcpuMem for TableVcpu<'_> {
-    fn entered(&mut self, run: &mut dyn FnMut(u64) -> Result<Exit>) -> Result<Exit> {
+    fn entered(&mut self, run: &mut dyn FnMut(u64) -> vmm::hv::Result<Exit>) -> vmm::hv::Result<Exit> {
         run(self.be.generation.load(Ordering::SeqCst))
     }
     fn fault(&mut self, _gpa: u64, _access: Access) -> std::result::Result<(), FaultError> {

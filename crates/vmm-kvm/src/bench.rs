@@ -60,7 +60,7 @@ fn one_vcpu(mem: u64, fault_around: u32, mode: PagingMode, prefault: bool) -> Re
         be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
     }
     be.map_runtime(&runtime::rom_image(&guest::code(), 1), 1, npages.max(1))?;
-    let m = Machine::new(vm, be.clone(), mode, 1)?;
+    let m = crate::machine::create(&vm, be.clone(), mode, 1)?;
     Ok((be, m))
 }
 
@@ -176,7 +176,7 @@ pub fn first_touch(mem: u64, fault_around: u32, mode: PagingMode, prefault: bool
         let in_kvm_run = Duration::from_nanos(st.fault_run_ns.load(Ordering::Relaxed));
         let shadow = mode == PagingMode::Shadow;
         if shadow {
-            m.vm.zap_all()?;
+            be.vm().zap_all()?;
         }
         let t2s = Instant::now();
         m.resume_all()?;

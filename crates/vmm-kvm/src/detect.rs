@@ -17,7 +17,7 @@
 
 use crate::backend::TableBackend;
 use crate::guest::{self, P_MODE, P_PROBE_COUNT, P_PROBES};
-use crate::machine::{Action, Event, Machine, read_guest_u64, write_guest_u64};
+use crate::machine::{Action, Event, read_guest_u64, write_guest_u64};
 use crate::mem::PAGE;
 use crate::runtime;
 use crate::vm::{KvmError, KvmVm, PagingMode, Result};
@@ -69,7 +69,7 @@ pub fn detect() -> Result<Detection> {
     be.ram().write_u64(fb, NEW)?;
     be.map_range(X, fa, PAGE, PageSize::Size4K, Prot::READ | Prot::WRITE)?;
     let be = Arc::new(be);
-    let mut m = Machine::new(vm.clone(), be.clone(), PagingMode::HardwareNested, 1)?;
+    let mut m = crate::machine::create(&vm, be.clone(), PagingMode::HardwareNested, 1)?;
     let nprobes = 5u64;
     m.set_param(0, P_MODE, Mode::Probe as u64)?;
     m.set_param(0, P_PROBE_COUNT, nprobes)?;
@@ -121,7 +121,7 @@ pub fn detect() -> Result<Detection> {
             Event::Port(guest::PORT_DONE, _) => Action::Stop,
             other => Action::Fatal(format!("detection probe: unexpected {other:?}")),
         },
-        |_| Ok(()),
+        |_| Ok::<(), KvmError>(()),
     )?;
     let s = seen.into_inner().expect("seen");
     if s.len() != nprobes as usize || s[0] != OLD {

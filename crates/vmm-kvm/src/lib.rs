@@ -92,18 +92,18 @@
 pub mod backend;
 pub mod bench;
 pub mod detect;
-pub mod guest;
 pub mod inspect;
 pub mod machine;
 pub mod mem;
 pub mod oracle;
 pub mod run;
-pub mod runtime;
 pub mod slot_pages;
 pub mod space;
 pub mod vcpu;
 pub mod vm;
 pub mod watch;
-pub mod workload;
+
+// The guest side (code, runtime layout, workloads) lives in the VM layer.
+pub use vmm::{guest, runtime, workload};
 
 pub use vm::{KvmError, KvmVm, PagingMode, Result, kvm_available};

@@ -15,7 +15,7 @@
 
 use crate::backend::{RAM_KVM_BASE, TableBackend};
 use crate::guest::{self, P_MODE, P_PROBE_COUNT, P_PROBES};
-use crate::machine::{Action, Event, FaultInfo, Machine};
+use crate::machine::{Action, Event, FaultInfo};
 use crate::mem::PAGE;
 use crate::runtime;
 use crate::vm::{KvmError, KvmVm, PagingMode, Result};
@@ -190,7 +190,7 @@ pub fn run_oracle(probes: &[Probe], mode: PagingMode) -> Result<Vec<ProbeResult>
     model.populate_region(Gpa(HOLE), PAGE, PageSize::Size4K).map_err(|e| KvmError::Setup(e.to_string()))?;
 
     let be = Arc::new(be);
-    let mut m = Machine::new(vm, be.clone(), mode, 1)?;
+    let mut m = crate::machine::create(&vm, be.clone(), mode, 1)?;
     m.set_param(0, P_MODE, Mode::Probe as u64)?;
     m.set_param(0, P_PROBE_COUNT, probes.len() as u64)?;
     for (k, p) in probes.iter().enumerate() {
@@ -277,7 +277,7 @@ pub fn run_oracle(probes: &[Probe], mode: PagingMode) -> Result<Vec<ProbeResult>
                 Event::Port(p, r) => Action::Fatal(format!("unexpected port {p:#x} {r:x?}")),
             }
         },
-        |_| Ok(()),
+        |_| Ok::<(), KvmError>(()),
     )?;
     let s = st.into_inner().expect("oracle state");
     if s.results.len() != probes.len() {

@@ -1,7 +1,7 @@
 //! `vmm run`: the built-in workloads on a vmspace, with harvest rounds and
 //! every check the host can make.
 
-use crate::backend::Backend;
+use crate::backend::MemBackend;
 use crate::detect::{Detection, detect};
 use crate::guest::{self, *};
 use crate::machine::{Action, Event, Machine, read_guest_u64, write_guest_u64};
@@ -218,8 +218,8 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
     let ram = be.ram_object(cfg.mem_bytes)?;
     be.map(&ram, 0, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
     be.map_runtime(&runtime::rom_image(&guest::code(), cfg.vcpus), cfg.vcpus, npages)?;
-    let mut m = Machine::new(vm.clone(), be.clone(), mode, cfg.vcpus)?;
-    m.force_flush = cfg.force_flush;
+    let mut m = crate::machine::create(&vm, be.clone(), mode, cfg.vcpus)?;
+    m.flush |= cfg.force_flush;
     let specs: Vec<Spec> = (0..cfg.vcpus)
         .map(|i| Spec {
             mode: cfg.mode,
@@ -334,7 +334,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
             m.set_param(i, P_CTRL, 2)?;
         }
         m.control.wait_all_paused(m.nvcpus(), Duration::from_secs(600))?;
-        Ok((rounds, stop_at))
+        Ok::<_, KvmError>((rounds, stop_at))
     });
     let end = Instant::now();
     let (mut rounds, stop_at) = rounds?;

@@ -22,15 +22,16 @@
 //! - on a hardware-nested host nothing is needed here: the generation bump
 //!   makes each vCPU reload CR3 before it resumes.
 
-use crate::backend::{Backend, FaultError, InvalStats, RAM_KVM_BASE, TABLES_KVM_BASE, VcpuMem, npt_format};
+use crate::backend::{FaultError, InvalStats, MemBackend, RAM_KVM_BASE, TABLES_KVM_BASE, VcpuMem, npt_format};
 use crate::mem::{PAGE, SharedRegion};
 use crate::slot_pages::SlotPages;
-use crate::vcpu::{Exit, KickHandle};
+use crate::vcpu::Exit;
 use crate::vm::{KvmError, KvmVm, PagingMode, Result};
-use nested_pt::{Access, NestedTable, Pfn, Prot};
+use nested_pt::{Access, Pfn, Prot};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use vmm::hv::Kick;
 use vmspace::{Arena, Cause, HostView, Invalidation, MemfdReservoir, SpaceConfig, VmClient, VmObject, VmSpace};
 
 /// Default dirty-page count above which a harvest may zap every shadow page
@@ -325,7 +326,7 @@ struct SpaceVcpu {
 }
 
 impl VcpuMem for SpaceVcpu {
-    fn entered(&mut self, run: &mut dyn FnMut(u64) -> Result<Exit>) -> Result<Exit> {
+    fn entered(&mut self, run: &mut dyn FnMut(u64) -> vmm::hv::Result<Exit>) -> vmm::hv::Result<Exit> {
         let on = self.client.table_enter(self.cpu).map_err(vs("table_enter"))?;
         let r = run(on.generation());
         on.exit();
@@ -346,7 +347,7 @@ impl VcpuMem for SpaceVcpu {
     }
 }
 
-impl Backend for SpaceBackend {
+impl MemBackend for SpaceBackend {
     fn describe(&self) -> String {
         "vmspace".into()
     }
@@ -356,7 +357,7 @@ impl Backend for SpaceBackend {
     fn format(&self) -> nested_pt::PteFormat {
         *self.space.format()
     }
-    fn vcpu_mem(&self, vcpu: usize, kick: Arc<KickHandle>) -> Result<Box<dyn VcpuMem + '_>> {
+    fn vcpu_mem(&self, vcpu: usize, kick: Arc<dyn Kick>) -> vmm::hv::Result<Box<dyn VcpuMem + '_>> {
         let client = self.space.client();
         client.set_kick(Some(move |_cpu: u32| kick.kick()));
         Ok(Box::new(SpaceVcpu { client, cpu: vcpu as u32 }))
@@ -365,7 +366,23 @@ impl Backend for SpaceBackend {
         let (pfn, _) = self.space.lookup(gpa)?;
         arena_ptr(&self.arena, pfn, gpa)
     }
-    fn harvest(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
+    fn harvest(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> vmm::hv::Result<u64> {
+        Ok(self.harvest_kvm(gpa, len, bitmap)?)
+    }
+    fn resident(&self) -> u64 {
+        self.space.resident_count()
+    }
+    fn generation(&self) -> u64 {
+        self.space.table_gen()
+    }
+    fn table_pages(&self) -> u64 {
+        self.space.with_table(|t| t.table_pages() as u64)
+    }
+}
+
+impl SpaceBackend {
+    /// Harvest, then make the cleared bits effective on a shadow host.
+    fn harvest_kvm(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
         let mut frames = Vec::new();
         self.inval.own_harvest.store(true, Ordering::SeqCst);
         let r = self.space.track_dirty_frames(gpa, len, bitmap, &mut frames);
@@ -393,17 +410,5 @@ impl Backend for SpaceBackend {
             self.inval.drop_frames(frames.into_iter())?;
         }
         Ok(n)
-    }
-    fn resident(&self) -> u64 {
-        self.space.resident_count()
-    }
-    fn generation(&self) -> u64 {
-        self.space.table_gen()
-    }
-    fn table_pages(&self) -> u64 {
-        self.space.with_table(|t| t.table_pages() as u64)
-    }
-    fn with_table(&self, f: &mut dyn FnMut(&NestedTable<SlotPages>)) {
-        self.space.with_table(|t| f(t))
     }
 }

@@ -18,6 +18,7 @@ use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Mutex, Once};
+pub use vmm::hv::{Exit, LongModeSetup};
 
 /// GDT selectors of the guest runtime.
 pub mod sel {
@@ -31,28 +32,6 @@ pub mod sel {
     pub const UCODE: u16 = 0x20 | 3;
     /// First TSS descriptor; vCPU `i` uses `TSS0 + 16 * i`.
     pub const TSS0: u16 = 0x28;
-}
-
-/// Where the runtime lives, as the vCPU sees it (guest-linear addresses,
-/// which equal vmspace guest-physical addresses: CR3 is the vmspace root).
-#[derive(Debug, Clone, Copy)]
-pub struct LongModeSetup {
-    /// CR3: the physical address (KVM guest-physical) of the table root.
-    pub cr3: u64,
-    /// GDT base and limit.
-    pub gdt: (u64, u16),
-    /// IDT base and limit.
-    pub idt: (u64, u16),
-    /// This vCPU's TSS base (its descriptor is at `sel::TSS0 + 16 * index`).
-    pub tss: u64,
-    /// vCPU index (selects the TSS descriptor).
-    pub index: u16,
-    /// CPL 3 entry point.
-    pub rip: u64,
-    /// CPL 3 stack pointer.
-    pub rsp: u64,
-    /// First argument (the parameter block).
-    pub rdi: u64,
 }
 
 /// CR0 bits: PE, MP, ET, NE, WP, PG.
@@ -152,21 +131,6 @@ impl KickHandle {
     pub fn kicks(&self) -> u64 {
         self.kicks.load(Ordering::Relaxed)
     }
-}
-
-/// What a `KVM_RUN` returned with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    /// `out` to this port (registers are in [`Vcpu::regs`]).
-    Out(u16),
-    /// Interrupted by a kick or a signal.
-    Interrupted,
-    /// Triple fault / shutdown.
-    Shutdown,
-    /// `hlt` executed.
-    Halt,
-    /// Anything else, fatal.
-    Other(&'static str, u64),
 }
 
 /// A vCPU in long mode.
@@ -316,6 +280,63 @@ impl Vcpu {
             return Err(KvmError::Os("KVM_INTERRUPT", std::io::Error::last_os_error()));
         }
         Ok(())
+    }
+}
+
+impl vmm::hv::Kick for KickHandle {
+    fn kick(&self) {
+        KickHandle::kick(self)
+    }
+    fn kicks(&self) -> u64 {
+        KickHandle::kicks(self)
+    }
+}
+
+impl vmm::hv::Vcpu for Vcpu {
+    fn index(&self) -> u32 {
+        self.index
+    }
+    fn kick_handle(&self) -> std::sync::Arc<dyn vmm::hv::Kick> {
+        self.kick.clone()
+    }
+    fn bind_thread(&self) {
+        Vcpu::bind_thread(self)
+    }
+    fn unbind_thread(&self) {
+        Vcpu::unbind_thread(self)
+    }
+    fn run(&mut self) -> std::result::Result<Exit, vmm::hv::BackendError> {
+        Vcpu::run(self).map_err(|e| Box::new(e) as _)
+    }
+    fn regs(&mut self) -> vmm::hv::Regs {
+        let r = Vcpu::regs(self);
+        vmm::hv::Regs {
+            gpr: [
+                r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+                r.r15,
+            ],
+            rip: r.rip,
+            rflags: r.rflags,
+        }
+    }
+    fn set_regs(&mut self, regs: &vmm::hv::Regs) {
+        let r = self.regs_mut();
+        let g = &regs.gpr;
+        (r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi) = (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]);
+        (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) = (g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]);
+        r.rip = regs.rip;
+        r.rflags = regs.rflags;
+    }
+    fn cr2(&mut self) -> u64 {
+        self.sregs().cr2
+    }
+    fn inject_interrupt(&mut self, vector: u8) -> std::result::Result<bool, vmm::hv::BackendError> {
+        match Vcpu::inject_interrupt(self, vector) {
+            Ok(()) => Ok(true),
+            // Not ready for an interrupt now (IF clear or an event pending).
+            Err(KvmError::Os(_, e)) if e.raw_os_error() == Some(libc::ENXIO) => Ok(false),
+            Err(e) => Err(Box::new(e)),
+        }
     }
 }
 

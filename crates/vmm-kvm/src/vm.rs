@@ -27,6 +27,28 @@ pub enum KvmError {
     Region(crate::mem::RegionError),
 }
 
+impl From<vmm::hv::MachineError> for KvmError {
+    fn from(e: vmm::hv::MachineError) -> Self {
+        match e {
+            vmm::hv::MachineError::Backend(b) => match b.downcast::<KvmError>() {
+                Ok(k) => *k,
+                Err(other) => KvmError::Setup(other.to_string()),
+            },
+            vmm::hv::MachineError::Guest(s) => KvmError::Guest(s),
+            vmm::hv::MachineError::Setup(s) => KvmError::Setup(s),
+        }
+    }
+}
+
+impl From<KvmError> for vmm::hv::MachineError {
+    fn from(e: KvmError) -> Self {
+        match e {
+            KvmError::Guest(s) => vmm::hv::MachineError::Guest(s),
+            e => vmm::hv::MachineError::Backend(Box::new(e)),
+        }
+    }
+}
+
 impl From<crate::mem::RegionError> for KvmError {
     fn from(e: crate::mem::RegionError) -> Self {
         KvmError::Region(e)

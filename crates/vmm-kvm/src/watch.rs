@@ -15,7 +15,7 @@
 //!   stale (reads of the unmapped page fault; the host skips them).
 
 use crate::guest::{self, P_CTRL, P_EPOCH, P_MODE, P_WATCH_ADDR, P_WATCH_FAULTS, P_WATCH_READS};
-use crate::machine::{Action, Event, Machine};
+use crate::machine::{Action, Event};
 use crate::mem::PAGE;
 use crate::runtime;
 use crate::space::SpaceBackend;
@@ -70,7 +70,7 @@ pub fn run_watch(
         })
         .collect::<Result<Vec<_>>>()?;
     be.map(&objs[0], WATCHED, PAGE, Prot::READ | Prot::WRITE)?;
-    let mut m = Machine::new(vm, be.clone(), mode, nvcpus)?;
+    let mut m = crate::machine::create(&vm, be.clone(), mode, nvcpus)?;
     for i in 0..nvcpus {
         m.set_param(i, P_MODE, Mode::Watch as u64)?;
         m.set_param(i, P_WATCH_ADDR, WATCHED)?;
@@ -132,6 +132,6 @@ pub fn run_watch(
         kicks: m.kicks(),
         change_times: times,
         frames_dropped: st.frames_dropped.load(Ordering::Relaxed),
-        zaps: m.vm.zap_count(),
+        zaps: vm.zap_count(),
     })
 }

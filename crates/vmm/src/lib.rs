@@ -56,9 +56,14 @@
 pub mod devmem;
 mod error;
 pub mod fbuf;
+pub mod guest;
+pub mod hv;
+pub mod machine;
 pub mod pci;
 pub mod platform;
+pub mod runtime;
 mod vm;
+pub mod workload;
 
 pub use error::{BadName, Error, Result};
 pub use vm::{MAX_SEGMENTS, SegmentInfo, SegmentKind, SegmentMapping, Vm, VmConfig};

@@ -34,6 +34,7 @@
 //! the interrupt frame to skip an access it will not serve (probe and watch
 //! workloads). Vector `0x40` reloads CR3 and returns: the host injects it to
 //! flush the vCPU's own translations on hosts with hardware nested paging.
+#![allow(unsafe_code)]
 
 use std::arch::global_asm;
 

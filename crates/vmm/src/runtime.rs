@@ -13,7 +13,8 @@
 //! task registers are loaded directly with `KVM_SET_SREGS` (no `ltr`).
 
 use crate::guest::{DOORBELL_OFFSET, FLUSH_VECTOR, GuestCode};
-use crate::mem::PAGE;
+/// Bytes in a page.
+const PAGE: u64 = 4096;
 
 /// Base of the runtime in the vmspace (512 GiB: PML4 slot 1).
 pub const RT_BASE: u64 = 0x80_0000_0000;
@@ -129,4 +130,19 @@ pub fn rom_image(code: &GuestCode, nvcpus: usize) -> Vec<u8> {
     gate(&mut img, u64::from(FLUSH_VECTOR), CODE + code.flush_stub);
     put(&mut img, CODE - RT_BASE, code.bytes);
     img
+}
+
+/// The long-mode set-up of vCPU `i` of `nvcpus`: CPL 3 at the workload
+/// entry with this vCPU's stack, parameter block and TSS, CR3 = `cr3`.
+pub fn long_mode_setup(code: &GuestCode, i: usize, nvcpus: usize, cr3: u64) -> crate::hv::LongModeSetup {
+    crate::hv::LongModeSetup {
+        cr3,
+        gdt: (GDT, gdt_limit(nvcpus)),
+        idt: (IDT, IDT_LIMIT),
+        tss: tss(i),
+        index: i as u16,
+        rip: CODE + code.entry,
+        rsp: user_stack_top(i),
+        rdi: params(i),
+    }
 }

@@ -1,0 +1,458 @@
+//! vCPU threads over a [`MemBackend`]: the exit loop, nested faults,
+//! harvest points, and the kick. Written against the hypervisor interface
+//! ([`crate::hv`]), so every backend runs the same loop.
+#![allow(unsafe_code)]
+
+use crate::guest::{self, GuestCode};
+use crate::hv::{Exit, FaultError, Kick, MachineError, MemBackend, Regs, Result, Vcpu};
+use crate::runtime;
+use nested_pt::Access;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Per-vCPU counters (updated by the vCPU thread, read by anyone).
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    /// Nested faults served.
+    pub faults: AtomicU64,
+    /// Nanoseconds spent in our fault path (from the exit returning to the
+    /// next entry), summed over served faults.
+    pub fault_host_ns: AtomicU64,
+    /// Nanoseconds spent inside `KVM_RUN` calls that ended in a fault exit.
+    pub fault_run_ns: AtomicU64,
+    /// All exits.
+    pub exits: AtomicU64,
+    /// Nanoseconds inside `KVM_RUN`, all exits.
+    pub run_ns: AtomicU64,
+    /// Nanoseconds in our code between one `KVM_RUN` and the next.
+    pub host_ns: AtomicU64,
+    /// Harvest points reached.
+    pub pauses: AtomicU64,
+    /// Faults the host did not serve (skipped or fatal).
+    pub unserved: AtomicU64,
+    /// Data errors the guest reported.
+    pub data_errors: AtomicU64,
+    /// Flush vectors injected (hardware nested paging).
+    pub flushes: AtomicU64,
+    /// Exits caused by kicks/signals.
+    pub interrupted: AtomicU64,
+}
+
+/// A nested fault as the vCPU loop saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct FaultInfo {
+    /// CR2: the faulting guest address.
+    pub gpa: u64,
+    /// The #PF error code pushed by the CPU.
+    pub err: u64,
+    /// The access, decoded from the error code.
+    pub access: Access,
+    /// RIP of the faulting instruction.
+    pub rip: u64,
+}
+
+/// What the loop reports to the handler.
+#[derive(Debug, Clone, Copy)]
+pub enum Event {
+    /// A fault the backend did not serve.
+    Unserved(FaultInfo, FaultError),
+    /// A report other than a pause, with rax, rdx, rsi, rdi.
+    Port(u16, [u64; 4]),
+}
+
+/// What the handler wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Resume the guest.
+    Continue,
+    /// Resume at this guest address instead of retrying (faults only).
+    Skip(u64),
+    /// Leave the loop normally.
+    Stop,
+    /// Leave the loop with an error.
+    Fatal(String),
+}
+
+#[derive(Debug, Default)]
+struct PauseState {
+    paused: usize,
+    finished: usize,
+    epoch: u64,
+}
+
+/// Coordination between the vCPU threads and the controlling thread.
+#[derive(Debug, Default)]
+pub struct Control {
+    state: Mutex<PauseState>,
+    cv: Condvar,
+    stop: AtomicBool,
+}
+
+impl Control {
+    fn arrive_paused(&self) {
+        let mut s = self.state.lock().expect("pause lock");
+        s.paused += 1;
+        let e = s.epoch;
+        self.cv.notify_all();
+        while s.epoch == e && !self.stop.load(Ordering::SeqCst) {
+            s = self.cv.wait(s).expect("pause wait");
+        }
+    }
+
+    fn arrive_finished(&self) {
+        let mut s = self.state.lock().expect("pause lock");
+        s.finished += 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits until every vCPU that has not finished is paused; returns the
+    /// number finished. Gives up after `timeout`.
+    pub fn wait_all_paused(&self, n: usize, timeout: Duration) -> Result<usize> {
+        let t = Instant::now();
+        let mut s = self.state.lock().expect("pause lock");
+        while s.paused + s.finished < n {
+            let left = timeout
+                .checked_sub(t.elapsed())
+                .ok_or_else(|| MachineError::Guest("vCPUs did not reach the harvest point in time".into()))?;
+            s = self.cv.wait_timeout(s, left).expect("pause wait").0;
+        }
+        Ok(s.finished)
+    }
+
+    /// Releases every paused vCPU.
+    pub fn resume_all(&self) {
+        let mut s = self.state.lock().expect("pause lock");
+        s.paused = 0;
+        s.epoch += 1;
+        self.cv.notify_all();
+    }
+
+    /// Number of vCPUs that finished.
+    pub fn finished(&self) -> usize {
+        self.state.lock().expect("pause lock").finished
+    }
+
+    /// Asks every vCPU thread to leave (after its current exit).
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _s = self.state.lock().expect("pause lock");
+        self.cv.notify_all();
+    }
+}
+
+/// A VM with its vCPUs and runtime, ready to run workloads.
+pub struct Machine {
+    /// The address space.
+    pub backend: Arc<dyn MemBackend>,
+    /// Inject the CR3-reload vector when the table generation changed
+    /// since the vCPU last flushed (hosts whose vCPUs cache our tables in
+    /// their TLB: hardware nested paging; also forced on other hosts to
+    /// exercise the path).
+    pub flush: bool,
+    /// The guest code offsets.
+    pub code: GuestCode,
+    /// The vCPUs while no run holds them (a mutex only to make the machine
+    /// `Sync`: each vCPU is owned by one thread while it runs).
+    vcpus: Mutex<Vec<Box<dyn Vcpu>>>,
+    /// Per-vCPU counters.
+    pub stats: Vec<VcpuStats>,
+    /// Pause/stop coordination.
+    pub control: Control,
+    kicks: Vec<Arc<dyn Kick>>,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine").field("vcpus", &self.stats.len()).field("flush", &self.flush).finish()
+    }
+}
+
+/// Reads a u64 at guest address `gpa` through the backend.
+pub fn read_guest_u64(b: &dyn MemBackend, gpa: u64) -> Option<u64> {
+    let p = b.host_ptr(gpa)?;
+    // SAFETY: host_ptr points into live guest memory; an aligned atomic
+    // load is the sound way to read memory the guest may be writing.
+    Some(unsafe { &*(p as *const AtomicU64) }.load(Ordering::SeqCst))
+}
+
+/// Writes a u64 at guest address `gpa` through the backend.
+pub fn write_guest_u64(b: &dyn MemBackend, gpa: u64, v: u64) -> Option<()> {
+    let p = b.host_ptr(gpa)?;
+    // SAFETY: as for read_guest_u64.
+    unsafe { &*(p as *const AtomicU64) }.store(v, Ordering::SeqCst);
+    Some(())
+}
+
+impl Machine {
+    /// A machine of `vcpus` (index `i` at position `i`, each set up in long
+    /// mode with [`runtime::long_mode_setup`]) over `backend`, whose runtime
+    /// (see [`runtime`]) must already be mapped and resident.
+    pub fn new(backend: Arc<dyn MemBackend>, vcpus: Vec<Box<dyn Vcpu>>, flush: bool) -> Self {
+        let code = guest::code();
+        let kicks = vcpus.iter().map(|v| v.kick_handle()).collect();
+        let stats = (0..vcpus.len()).map(|_| VcpuStats::default()).collect();
+        Machine { backend, flush, code, vcpus: Mutex::new(vcpus), stats, control: Control::default(), kicks }
+    }
+
+    /// Number of vCPUs.
+    pub fn nvcpus(&self) -> usize {
+        self.stats.len()
+    }
+
+    /// Kick handles (index = vCPU).
+    pub fn kick_handles(&self) -> &[Arc<dyn Kick>] {
+        &self.kicks
+    }
+
+    /// Writes parameter `off` of vCPU `i`.
+    pub fn set_param(&self, i: usize, off: u64, v: u64) -> Result<()> {
+        write_guest_u64(&*self.backend, runtime::params(i) + off, v)
+            .ok_or_else(|| MachineError::Setup("parameter block not resident".into()))
+    }
+
+    /// Reads parameter `off` of vCPU `i`.
+    pub fn param(&self, i: usize, off: u64) -> u64 {
+        read_guest_u64(&*self.backend, runtime::params(i) + off).unwrap_or(0)
+    }
+
+    /// Runs every vCPU on its own thread until each leaves its loop, while
+    /// `coordinator` runs on the calling thread. `handler(vcpu, event)`
+    /// decides about unserved faults and workload ports. The first fatal
+    /// error (of a vCPU or the coordinator) is returned, in the
+    /// coordinator's error type.
+    pub fn run<H, C, T, E>(&mut self, handler: H, coordinator: C) -> std::result::Result<T, E>
+    where
+        H: Fn(usize, Event) -> Action + Sync,
+        C: FnOnce(&Machine) -> std::result::Result<T, E>,
+        E: From<MachineError>,
+    {
+        self.control = Control::default();
+        let mut vcpus = std::mem::take(self.vcpus.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let this: &Machine = self;
+        let res = std::thread::scope(|s| {
+            let mut joins = Vec::new();
+            for v in vcpus.iter_mut() {
+                let h = &handler;
+                joins.push(s.spawn(move || {
+                    let r = this.vcpu_loop(&mut **v, h);
+                    this.control.arrive_finished();
+                    if r.is_err() {
+                        this.control.request_stop();
+                        for k in &this.kicks {
+                            k.kick();
+                        }
+                    }
+                    r
+                }));
+            }
+            let c = coordinator(this);
+            if c.is_err() {
+                this.control.request_stop();
+                for k in &this.kicks {
+                    k.kick();
+                }
+            }
+            let mut first_err = None;
+            for j in joins {
+                match j.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        first_err.get_or_insert(MachineError::Guest("vCPU thread panicked".into()));
+                    }
+                }
+            }
+            match (c, first_err) {
+                (Err(e), _) => Err(e),
+                (Ok(_), Some(e)) => Err(E::from(e)),
+                (Ok(t), None) => Ok(t),
+            }
+        });
+        *self.vcpus.get_mut().unwrap_or_else(|e| e.into_inner()) = vcpus;
+        res
+    }
+
+    fn vcpu_loop(&self, v: &mut dyn Vcpu, handler: &(dyn Fn(usize, Event) -> Action + Sync)) -> Result<()> {
+        let i = v.index() as usize;
+        v.bind_thread();
+        let r = self.vcpu_loop_inner(v, i, handler);
+        v.unbind_thread();
+        r
+    }
+
+    fn vcpu_loop_inner(
+        &self,
+        v: &mut dyn Vcpu,
+        i: usize,
+        handler: &(dyn Fn(usize, Event) -> Action + Sync),
+    ) -> Result<()> {
+        let st = &self.stats[i];
+        let b = &*self.backend;
+        let mut mem = b.vcpu_mem(i, self.kicks[i].clone())?;
+        let flush = self.flush;
+        let mut flushed_gen = 0u64;
+        let mut pending_fault: Option<Instant> = None;
+        let mut last_exit: Option<Instant> = None;
+        loop {
+            if self.control.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let mut t0 = Instant::now();
+            let exit = mem.entered(&mut |g| {
+                if flush && g != flushed_gen {
+                    if v.inject_interrupt(guest::FLUSH_VECTOR).map_err(MachineError::Backend)? {
+                        st.flushes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    flushed_gen = g;
+                }
+                t0 = Instant::now();
+                v.run().map_err(MachineError::Backend)
+            });
+            let t1 = Instant::now();
+            st.run_ns.fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
+            if let Some(te) = last_exit.replace(t1) {
+                st.host_ns.fetch_add((t0 - te).as_nanos() as u64, Ordering::Relaxed);
+            }
+            if let Some(tf) = pending_fault.take() {
+                st.fault_host_ns.fetch_add((t0 - tf).as_nanos() as u64, Ordering::Relaxed);
+            }
+            st.exits.fetch_add(1, Ordering::Relaxed);
+            let exit = exit?;
+            match exit {
+                Exit::Out(guest::PORT_FAULT) => {
+                    st.fault_run_ns.fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
+                    let gpa = v.cr2();
+                    let rsp = v.regs().gpr[Regs::RSP];
+                    let err = read_guest_u64(b, rsp)
+                        .ok_or_else(|| MachineError::Guest("kernel stack not resident".into()))?;
+                    let rip = read_guest_u64(b, rsp + 8).unwrap_or(0);
+                    let access = if err & 0x10 != 0 {
+                        Access::Execute
+                    } else if err & 0x2 != 0 {
+                        Access::Write
+                    } else {
+                        Access::Read
+                    };
+                    let info = FaultInfo { gpa, err, access, rip };
+                    let bell = runtime::doorbell(i);
+                    if (bell..bell + PAGE).contains(&gpa) {
+                        // A doorbell: report `gpa - bell`, resume after it.
+                        write_guest_u64(b, rsp + 8, rip + guest::DOORBELL_INSN_LEN)
+                            .ok_or_else(|| MachineError::Guest("kernel stack not resident".into()))?;
+                        let port = (gpa - bell) as u16;
+                        if port == guest::PORT_PAUSE {
+                            st.pauses.fetch_add(1, Ordering::Relaxed);
+                            self.control.arrive_paused();
+                            continue;
+                        }
+                        let r = v.regs();
+                        match handler(
+                            i,
+                            Event::Port(port, [r.gpr[Regs::RAX], r.gpr[Regs::RDX], r.gpr[Regs::RSI], r.gpr[Regs::RDI]]),
+                        ) {
+                            Action::Continue | Action::Skip(_) => {}
+                            Action::Stop => return Ok(()),
+                            Action::Fatal(m) => return Err(MachineError::Guest(m)),
+                        }
+                        continue;
+                    }
+                    match mem.fault(gpa, access) {
+                        Ok(()) => {
+                            st.faults.fetch_add(1, Ordering::Relaxed);
+                            pending_fault = Some(t1);
+                        }
+                        Err(e) => {
+                            st.unserved.fetch_add(1, Ordering::Relaxed);
+                            match handler(i, Event::Unserved(info, e)) {
+                                Action::Continue => {}
+                                Action::Skip(new_rip) => {
+                                    write_guest_u64(b, rsp + 8, new_rip)
+                                        .ok_or_else(|| MachineError::Guest("kernel stack not resident".into()))?;
+                                }
+                                Action::Stop => return Ok(()),
+                                Action::Fatal(m) => return Err(MachineError::Guest(m)),
+                            }
+                        }
+                    }
+                }
+                Exit::Out(p) if p >= guest::PORT_EXCEPTION_BASE => {
+                    let rsp = v.regs().gpr[Regs::RSP];
+                    let vec = p - guest::PORT_EXCEPTION_BASE;
+                    let has_err = matches!(vec, 8 | 10..=14 | 17 | 21 | 29 | 30);
+                    let rip = read_guest_u64(b, rsp + if has_err { 8 } else { 0 }).unwrap_or(0);
+                    return Err(MachineError::Guest(format!(
+                        "vCPU {i}: unexpected exception {vec} at rip {rip:#x} (cr2 {:#x})",
+                        v.cr2()
+                    )));
+                }
+                Exit::Out(p) => {
+                    let r = v.regs();
+                    match handler(
+                        i,
+                        Event::Port(p, [r.gpr[Regs::RAX], r.gpr[Regs::RDX], r.gpr[Regs::RSI], r.gpr[Regs::RDI]]),
+                    ) {
+                        Action::Continue | Action::Skip(_) => {}
+                        Action::Stop => return Ok(()),
+                        Action::Fatal(m) => return Err(MachineError::Guest(m)),
+                    }
+                }
+                Exit::Interrupted => {
+                    st.interrupted.fetch_add(1, Ordering::Relaxed);
+                }
+                Exit::Shutdown => {
+                    let r = v.regs();
+                    return Err(MachineError::Guest(format!("vCPU {i}: triple fault (rip {:#x})", r.rip)));
+                }
+                Exit::Halt => return Err(MachineError::Guest(format!("vCPU {i}: halted"))),
+                Exit::Other(what, x) => {
+                    let rip = v.regs().rip;
+                    return Err(MachineError::Guest(format!("vCPU {i}: {what} ({x:#x}) at rip {rip:#x}")));
+                }
+            }
+        }
+    }
+
+    /// Asks every vCPU to stop at its next harvest point and waits until all
+    /// are paused (or finished). Returns the number finished.
+    pub fn pause_all(&self, timeout: Duration) -> Result<usize> {
+        for i in 0..self.nvcpus() {
+            self.set_param(i, guest::P_CTRL, 1)?;
+        }
+        self.control.wait_all_paused(self.nvcpus(), timeout)
+    }
+
+    /// Resumes vCPUs paused by [`pause_all`](Self::pause_all).
+    pub fn resume_all(&self) -> Result<()> {
+        for i in 0..self.nvcpus() {
+            self.set_param(i, guest::P_CTRL, 0)?;
+        }
+        self.control.resume_all();
+        Ok(())
+    }
+
+    /// Total kicks sent.
+    pub fn kicks(&self) -> u64 {
+        self.kicks.iter().map(|k| k.kicks()).sum()
+    }
+
+    /// Pages per vCPU ledger.
+    pub fn ledger_page_bytes(npages: u64) -> u64 {
+        runtime::ledger_bytes(npages)
+    }
+
+    /// Sum of a counter over vCPUs.
+    pub fn total(&self, f: impl Fn(&VcpuStats) -> &AtomicU64) -> u64 {
+        self.stats.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// Bytes in a page.
+const PAGE: u64 = 4096;
+
+/// Size helper: bytes of `n` pages.
+pub fn pages(n: u64) -> u64 {
+    n * PAGE
+}
