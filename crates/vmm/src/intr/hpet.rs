@@ -230,10 +230,14 @@ impl Hpet {
         }
     }
 
-    /// When the next timer fires, if the HPET is enabled.
+    /// When the next timer with interrupts enabled fires, if the HPET is
+    /// enabled. Timers with interrupts disabled are still armed (a
+    /// periodic one's comparator advances) but raise nothing, so they need
+    /// no host timer: [`Hpet::tick`] catches them up whenever it runs.
     pub fn next_deadline(&self) -> Option<u64> {
         self.timers
             .iter()
+            .filter(|t| t.config & TCONF_INT_ENABLE != 0)
             .filter_map(|t| t.fire_tick)
             .min()
             .map(|k| self.base_ns.saturating_add(k.saturating_mul(HPET_TICK_NS)))
