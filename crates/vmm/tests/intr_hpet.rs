@@ -21,6 +21,9 @@ fn route(pin: u64) -> u64 {
 #[test]
 fn capabilities() {
     let mut h = Hpet::new(24);
+    for n in 0..8 {
+        assert_eq!(rd(&mut h, reg::timer_comparator(n), 0), 0xffff_ffff, "reset comparator");
+    }
     let cap = rd(&mut h, reg::CAPABILITIES, 0);
     assert_eq!(cap, HPET_CAPABILITIES);
     assert_eq!(cap >> 32, 100_000_000, "period in fs");
@@ -147,12 +150,18 @@ fn one_shot_exact_deadline_and_wrap() {
     h.tick(d);
     assert_eq!(h.take_events(), vec![HpetEvent::Assert(20)]);
     assert_eq!(h.interrupt_status(), 1);
-    // One-shot in 32-bit mode: next match after the counter wraps.
-    assert_eq!(h.next_deadline(), Some(d + (1u64 << 32) * HPET_TICK_NS));
+    // One-shot fires once (bhyve): no re-fire when the counter wraps.
+    assert_eq!(h.next_deadline(), None);
+    assert_eq!(rd(&mut h, reg::timer_comparator(0), d), 1000, "one-shot comparator stays");
+    // Rewriting the same comparator does not re-arm; a new value does.
+    wr(&mut h, reg::timer_comparator(0), 1000, d);
+    assert_eq!(h.next_deadline(), None);
+    wr(&mut h, reg::timer_comparator(0), 1010, d);
+    assert_eq!(h.next_deadline(), Some(d + 10 * HPET_TICK_NS));
     // Level already asserted: firing again raises nothing new.
-    h.tick(d + (1u64 << 32) * HPET_TICK_NS);
+    h.tick(d + 10 * HPET_TICK_NS);
     assert!(h.take_events().is_empty());
-    assert_eq!(rd(&mut h, reg::timer_comparator(0), 0), 1000, "one-shot comparator stays");
+    assert_eq!(h.interrupt_status(), 1);
 }
 
 #[test]
@@ -248,7 +257,7 @@ fn switching_to_one_shot_forgets_the_period() {
     wr(&mut h, reg::CONFIG, 1, 0);
     h.tick(10 * HPET_TICK_NS);
     assert_eq!(h.take_events(), vec![HpetEvent::Pulse(20)]);
-    assert_eq!(h.next_deadline(), Some((10 + (1u64 << 32)) * HPET_TICK_NS));
+    assert_eq!(h.next_deadline(), None, "one-shot: fired once");
 }
 
 #[test]
@@ -271,9 +280,13 @@ fn counter_write_while_enabled_rearms() {
     wr(&mut h, reg::CONFIG, 1, 0);
     wr(&mut h, reg::COUNTER, 900, 5_000);
     assert_eq!(h.next_deadline(), Some(5_000 + 100 * HPET_TICK_NS));
-    // Comparator equal to the counter: next match only after a wrap.
+    // Comparator equal to the counter: fires at once (bhyve).
     wr(&mut h, reg::timer_comparator(0), 900, 5_000);
-    assert_eq!(h.next_deadline(), Some(5_000 + (1u64 << 32) * HPET_TICK_NS));
+    assert_eq!(h.take_events(), vec![HpetEvent::Pulse(20)]);
+    assert_eq!(h.next_deadline(), None);
+    // A comparator behind the counter waits for the wrap.
+    wr(&mut h, reg::timer_comparator(0), 899, 5_000);
+    assert_eq!(h.next_deadline(), Some(5_000 + ((1u64 << 32) - 1) * HPET_TICK_NS));
     wr(&mut h, reg::CONFIG, 0, 6_000);
     assert_eq!(h.next_deadline(), None);
 }

@@ -33,7 +33,7 @@ fn probe(l: &mut Lapic, off: u64) -> (u32, u32) {
 fn reset_values() {
     let l = Lapic::new(3);
     assert_eq!(rd(&l, reg::ID), 3 << 24);
-    assert_eq!(rd(&l, reg::VERSION), 0x0006_0014);
+    assert_eq!(rd(&l, reg::VERSION), 0x0006_0010);
     assert_eq!(LAPIC_VERSION & (1 << 24), 0, "no EOI-broadcast suppression");
     assert_eq!(rd(&l, reg::TPR), 0);
     assert_eq!(rd(&l, reg::PPR), 0);
@@ -388,4 +388,38 @@ fn disable_stops_timer_enable_restarts_periodic() {
     assert_eq!(l.next_deadline(), None);
     l.mmio_write(reg::SVR, 4, 0x1ff, 50);
     assert_eq!(l.next_deadline(), Some(50 + timer_ns(100, 2)));
+}
+
+#[test]
+fn lint_pins_through_their_lvt() {
+    // Disabled APIC: LINT1 is the NMI pin, LINT0 (INTR) raises nothing.
+    let mut l = Lapic::new(0);
+    assert!(!l.trigger_lint(0));
+    assert!(l.trigger_lint(1));
+    assert!(l.take_nmi());
+    assert!(!l.take_nmi());
+    let mut l = enabled(0);
+    // Masked (reset state): nothing.
+    assert!(!l.trigger_lint(0));
+    assert!(!l.trigger_lint(1));
+    // Fixed.
+    wr(&mut l, reg::LVT_LINT0, 0x0000_0051);
+    assert!(l.trigger_lint(0));
+    assert_eq!(l.pending(), Some(0x51));
+    assert_eq!(rd(&l, reg::TMR + 0x20), 0, "edge");
+    // NMI.
+    wr(&mut l, reg::LVT_LINT1, 0x0000_0400);
+    assert!(l.trigger_lint(1));
+    assert!(l.take_nmi());
+    // ExtINT: no 8259, nothing.
+    wr(&mut l, reg::LVT_LINT0, 0x0000_0700);
+    assert!(!l.trigger_lint(0));
+    // Illegal fixed vector: ESR "send illegal vector".
+    wr(&mut l, reg::LVT_LINT0, 0x0000_0003);
+    assert!(!l.trigger_lint(0));
+    wr(&mut l, reg::ESR, 0);
+    assert_eq!(rd(&l, reg::ESR), ESR_SEND_ILLEGAL_VECTOR);
+    // Other pins.
+    assert!(!l.trigger_lint(2));
+    assert!(!l.trigger_lint(usize::MAX));
 }

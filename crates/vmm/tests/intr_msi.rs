@@ -124,8 +124,8 @@ fn resolve_table() {
         (Destination::Logical(0x13), 0b11_0011),
         (Destination::Logical(0x23), 0b1100_0011),
         (Destination::Logical(0x20), 0),
-        // Logical broadcast: every APIC with a valid model.
-        (Destination::Logical(BROADCAST), 0xff),
+        // Logical broadcast: every APIC, whatever its model (bhyve).
+        (Destination::Logical(BROADCAST), 0x1ff),
         (Destination::Logical(0), 0),
     ];
     for (d, want) in cases {

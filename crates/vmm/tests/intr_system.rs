@@ -252,6 +252,16 @@ fn hpet_fsb_goes_through_the_msi_decoder() {
 }
 
 #[test]
+fn lint_through_the_aggregate() {
+    let mut ic = system(2);
+    lw(&mut ic, 1, reg::LVT_LINT1, 0x400);
+    assert!(ic.lint(1, 1));
+    assert!(ic.take_nmi(1));
+    assert!(!ic.lint(0, 1), "masked");
+    assert!(!ic.lint(2, 1), "no such vCPU");
+}
+
+#[test]
 fn mmio_claims() {
     let mut ic = system(2);
     for (gpa, claimed) in [

@@ -63,9 +63,6 @@ pub struct ApicView {
 
 /// Does a logical MDA match one APIC's logical ID under its model?
 fn logical_match(mda: u8, view: &ApicView) -> bool {
-    if mda == BROADCAST {
-        return view.model != DfrModel::Invalid;
-    }
     match view.model {
         DfrModel::Flat => view.logical_id & mda != 0,
         DfrModel::Cluster => (view.logical_id >> 4) == (mda >> 4) && (view.logical_id & mda & 0x0f) != 0,
@@ -75,17 +72,18 @@ fn logical_match(mda: u8, view: &ApicView) -> bool {
 
 /// The set of vCPUs (bit `i` = vCPU `i`) a destination names.
 ///
-/// Physical: every APIC whose ID equals the destination, or all APICs for
-/// `0xff`. Logical: every APIC whose LDR matches the MDA under its own DFR
-/// model (flat: bitwise AND non-zero; cluster: same cluster nibble and
-/// member masks intersect); an MDA of `0xff` names every APIC with a valid
-/// model. Entries past [`MAX_VCPUS`] are ignored.
+/// `0xff` is broadcast in both modes: every APIC (as bhyve, whatever the
+/// APIC's DFR model). Physical: every APIC whose ID equals the
+/// destination. Logical: every APIC whose LDR matches the MDA under its
+/// own DFR model (flat: bitwise AND non-zero; cluster: same cluster nibble
+/// and member masks intersect; an invalid model matches nothing). Entries
+/// past [`MAX_VCPUS`] are ignored.
 pub fn resolve(dest: Destination, apics: &[ApicView]) -> u64 {
     let mut mask = 0u64;
     for (i, view) in apics.iter().enumerate().take(MAX_VCPUS) {
         let hit = match dest {
             Destination::Physical(id) => id == BROADCAST || id == view.id,
-            Destination::Logical(mda) => logical_match(mda, view),
+            Destination::Logical(mda) => mda == BROADCAST || logical_match(mda, view),
         };
         if hit {
             mask |= 1 << i;
@@ -98,9 +96,10 @@ pub fn resolve(dest: Destination, apics: &[ApicView]) -> u64 {
 /// lowest PPR; ties go to the lowest vCPU number. Returns a mask with at
 /// most one bit set (empty when `mask` is empty).
 ///
-/// bhyve itself simply delivers lowest-priority interrupts to every
-/// destination like fixed ones; arbitrating on PPR is closer to the SDM
-/// and still deterministic.
+/// FreeBSD's bhyve picks the first (lowest-numbered) matching vCPU of a
+/// logical destination without looking at priorities; arbitrating on PPR
+/// is closer to the SDM, still deterministic, and reduces to bhyve's
+/// choice when all PPRs are equal.
 pub fn lowest_priority(mask: u64, apics: &[ApicView]) -> u64 {
     let mut best: Option<(u8, usize)> = None;
     for (i, view) in apics.iter().enumerate().take(MAX_VCPUS) {

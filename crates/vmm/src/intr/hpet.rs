@@ -22,13 +22,21 @@
 //!   deasserted) when the timer leaves level mode, has interrupts disabled,
 //!   switches to FSB delivery or changes its route. Edge mode pulses the
 //!   pin.
-//! * A timer fires when the counter reaches its comparator. Periodic mode:
-//!   the comparator then advances by the period; writes to the comparator
-//!   set the period, and also the comparator itself when the "value set"
-//!   bit (Tn bit 6) is set, which each comparator write clears. A periodic
-//!   timer whose expirations were missed (late `tick`) fires once and
-//!   skips ahead, like bhyve. A one-shot (or zero-period) timer fires again
-//!   each time the 32-bit counter wraps around to the comparator.
+//! * A timer is armed when the HPET is enabled (or its counter written),
+//!   and when a comparator write changes its comparator or period; it then
+//!   fires when the 32-bit counter reaches the comparator (at once if they
+//!   are equal). Periodic mode: the comparator then advances by the period;
+//!   writes to the comparator set the period, and also the comparator
+//!   itself when the "value set" bit (Tn bit 6) is set, which each
+//!   comparator write clears. A periodic timer whose expirations were
+//!   missed (late `tick`) fires once and skips ahead, like bhyve. A one-shot
+//!   (or zero-period) timer fires once and stays idle until re-armed, like
+//!   bhyve (it does not fire again when the counter wraps).
+//! * Deliberate differences from bhyve: the counter runs at 10 MHz (bhyve:
+//!   2^24 Hz) so that ticks are an exact 100 ns; a periodic timer keeps the
+//!   guest's comparator when (re)started instead of re-basing it on the
+//!   counter; reserved configuration bits read zero. Timer comparators
+//!   reset to `0xffffffff` as in bhyve.
 //! * The main counter may be written at any time (bhyve); when enabled,
 //!   counting continues from the written value and every timer is re-armed.
 //!   Disabling the HPET freezes the counter; status bits stay as they are.
@@ -173,7 +181,7 @@ impl Hpet {
             isr: 0,
             countbase: 0,
             base_ns: 0,
-            timers: [Timer::default(); HPET_TIMERS],
+            timers: [Timer { compval: u32::MAX, ..Timer::default() }; HPET_TIMERS],
             events: Vec::new(),
         }
     }
@@ -217,10 +225,7 @@ impl Hpet {
         }
         let k = self.elapsed(now_ns);
         let c = self.countbase.wrapping_add(k as u32);
-        let delta = match self.timers[n].compval.wrapping_sub(c) {
-            0 => 1u64 << 32,
-            d => u64::from(d),
-        };
+        let delta = u64::from(self.timers[n].compval.wrapping_sub(c));
         self.timers[n].fire_tick = Some(k.saturating_add(delta));
     }
 
@@ -257,13 +262,14 @@ impl Hpet {
         for (f, n) in due {
             self.fire(n);
             let t = &mut self.timers[n];
-            let periodic = t.config & TCONF_PERIODIC != 0 && t.comprate != 0;
-            let rate = if periodic { u64::from(t.comprate) } else { 1 << 32 };
-            let m = (k_now - f) / rate + 1;
-            if periodic {
+            if t.config & TCONF_PERIODIC != 0 && t.comprate != 0 {
+                let rate = u64::from(t.comprate);
+                let m = (k_now - f) / rate + 1;
                 t.compval = t.compval.wrapping_add((m as u32).wrapping_mul(t.comprate));
+                t.fire_tick = Some(f.saturating_add(m.saturating_mul(rate)));
+            } else {
+                t.fire_tick = None;
             }
-            t.fire_tick = Some(f.saturating_add(m.saturating_mul(rate)));
         }
     }
 
@@ -389,6 +395,7 @@ impl Hpet {
 
     fn write_comparator(&mut self, n: usize, data: u64, mask: u64, now_ns: u64) {
         let t = &mut self.timers[n];
+        let old = (t.compval, t.comprate);
         if t.config & TCONF_PERIODIC != 0 {
             t.comprate = merge(u64::from(t.comprate), data, mask) as u32;
             if t.config & TCONF_VAL_SET != 0 {
@@ -398,7 +405,9 @@ impl Hpet {
             t.compval = merge(u64::from(t.compval), data, mask) as u32;
         }
         t.config &= !TCONF_VAL_SET;
-        self.arm(n, now_ns);
+        if (t.compval, t.comprate) != old {
+            self.arm(n, now_ns);
+        }
     }
 
     /// Reads `size` bytes at `offset` at time `now_ns` (timers due by then
@@ -433,5 +442,7 @@ impl Hpet {
             return;
         }
         self.write64(offset & !7, data, mask, now_ns);
+        // A write can arm a timer that is due at once.
+        self.tick(now_ns);
     }
 }

@@ -16,10 +16,11 @@
 //!
 //! # bhyve rules followed
 //!
-//! * Version `0x14` with max LVT entry 6 (CMCI present), as FreeBSD's
-//!   vlapic; the "suppress EOI broadcast" capability (bit 24) is **not**
-//!   advertised, so SVR bit 12 is reserved and every EOI of a
-//!   level-triggered vector is broadcast to the I/O APIC.
+//! * Version `0x10` with max LVT entry 6 (CMCI present), as bhyve's vlapic
+//!   (version 16); the "suppress EOI broadcast" capability (bit 24) is
+//!   **not** advertised (bhyve does not either), so SVR bit 12 is reserved
+//!   and every EOI of a level-triggered vector is broadcast to the I/O
+//!   APIC.
 //! * The APIC ID register is read-only (the ID is the vCPU's).
 //! * Software-disabled (SVR bit 8 clear, the reset state): interrupts are
 //!   dropped at acceptance, all LVTs become masked and cannot be unmasked,
@@ -42,9 +43,9 @@ use serde::{Deserialize, Serialize};
 
 use super::dest::{ApicView, DeliveryMode, Destination, DfrModel};
 
-/// The version register value: version `0x14`, max LVT entry 6 in bits
-/// 23:16, no EOI-broadcast suppression (bit 24 clear).
-pub const LAPIC_VERSION: u32 = 0x14 | (6 << 16);
+/// The version register value: version `0x10` (bhyve's), max LVT entry 6
+/// in bits 23:16, no EOI-broadcast suppression (bit 24 clear).
+pub const LAPIC_VERSION: u32 = 0x10 | (6 << 16);
 
 /// The timer's input clock (bus frequency), in Hz.
 pub const LAPIC_TIMER_HZ: u64 = 128 * 1024 * 1024;
@@ -282,6 +283,9 @@ impl Lapic {
         if !matches!(self.timer_divisor, 1 | 2 | 4 | 8 | 16 | 32 | 64 | 128) {
             self.timer_divisor = timer_divisor(self.timer_divide);
         }
+        if self.timer_initial == 0 || !self.enabled() {
+            self.timer_running = false;
+        }
         for (slot, v) in self.lvt.iter_mut().enumerate() {
             *v &= lvt_writable(slot);
         }
@@ -387,6 +391,47 @@ impl Lapic {
         }
     }
 
+    /// Raises local interrupt pin LINT0 (`pin` 0) or LINT1 (`pin` 1), as a
+    /// virtual 8259 or NMI button would, through its LVT entry: masked
+    /// raises nothing; fixed delivery accepts the vector edge-triggered
+    /// (an illegal vector sets ESR bit 5, as bhyve does); NMI delivery sets
+    /// the pending NMI. A software-disabled APIC treats LINT1 as the NMI
+    /// pin (and LINT0 as INTR), as bhyve does. ExtINT delivery, and any
+    /// other mode or pin, raises nothing (there is no 8259 model). Returns
+    /// whether something was raised.
+    pub fn trigger_lint(&mut self, pin: usize) -> bool {
+        let slot = match pin {
+            0 => LVT_LINT0,
+            1 => LVT_LINT1,
+            _ => return false,
+        };
+        if !self.enabled() {
+            if slot == LVT_LINT1 {
+                self.nmi_pending = true;
+                return true;
+            }
+            return false;
+        }
+        let lvt = self.lvt[slot];
+        if lvt & LVT_MASKED != 0 {
+            return false;
+        }
+        match DeliveryMode::from_bits(lvt >> 8) {
+            Some(DeliveryMode::Fixed) => {
+                if (lvt as u8) < 16 {
+                    self.set_error(ESR_SEND_ILLEGAL_VECTOR);
+                    return false;
+                }
+                self.accept(lvt as u8, false)
+            }
+            Some(DeliveryMode::Nmi) => {
+                self.nmi_pending = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Marks an NMI pending (NMIs bypass IRR/ISR).
     pub fn inject_nmi(&mut self) {
         self.nmi_pending = true;
@@ -404,7 +449,7 @@ impl Lapic {
     /// Nanoseconds from the timer start to the end of `ticks` timer ticks,
     /// rounded up.
     fn ticks_ns(&self, ticks: u128) -> u128 {
-        let num = ticks * u128::from(self.timer_divisor) * 1_000_000_000;
+        let num = ticks.saturating_mul(u128::from(self.timer_divisor) * 1_000_000_000);
         num.div_ceil(u128::from(LAPIC_TIMER_HZ))
     }
 

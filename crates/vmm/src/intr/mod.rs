@@ -26,7 +26,7 @@
 //!
 //! # bhyve rules followed (see each module for the register-level rules)
 //!
-//! * LAPIC: FreeBSD vlapic's version (`0x14`, 7 LVTs, no EOI-broadcast
+//! * LAPIC: bhyve vlapic's version (`0x10`, 7 LVTs, no EOI-broadcast
 //!   suppression), read-only ID, software-disable masking, ESR latching,
 //!   EOI of a TMR-set vector broadcast to the I/O APIC.
 //! * I/O APIC: vioapic's Remote IRR handling, EOI re-send of still-asserted
@@ -269,6 +269,12 @@ impl Interrupts {
     /// Records the injection of `vector` into `vcpu` (IRR to ISR).
     pub fn ack(&mut self, vcpu: usize, vector: u8) -> bool {
         self.lapics.get_mut(vcpu).is_some_and(|l| l.ack(vector))
+    }
+
+    /// Raises `vcpu`'s LINT0 (`pin` 0) or LINT1 (`pin` 1) through its LVT
+    /// (see [`Lapic::trigger_lint`]).
+    pub fn lint(&mut self, vcpu: usize, pin: usize) -> bool {
+        self.lapics.get_mut(vcpu).is_some_and(|l| l.trigger_lint(pin))
     }
 
     /// Takes `vcpu`'s pending-NMI flag.
