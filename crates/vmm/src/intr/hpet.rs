@@ -195,6 +195,28 @@ impl Hpet {
         }
     }
 
+    /// Checks for state no guest could have produced (see
+    /// [`crate::intr::Interrupts::restore`]).
+    pub(crate) fn validate(&self) -> Result<(), &'static str> {
+        if self.config & CONF_LEGACY != 0 {
+            return Err("HPET legacy replacement routing is not supported");
+        }
+        if self.isr & !0xff != 0 {
+            return Err("HPET status bit for a timer that does not exist");
+        }
+        for (n, t) in self.timers.iter().enumerate() {
+            let route = t.route();
+            if route != 0 && self.route_cap & (1 << route) == 0 {
+                return Err("HPET timer routed outside its capability");
+            }
+            let level = t.config & TCONF_LEVEL != 0 && t.config & TCONF_FSB_ENABLE == 0;
+            if self.isr & (1 << n) != 0 && (!level || route == 0) {
+                return Err("HPET status bit on a timer not in routed level mode");
+            }
+        }
+        Ok(())
+    }
+
     fn enabled(&self) -> bool {
         self.config & CONF_ENABLE != 0
     }

@@ -42,8 +42,12 @@
 //!
 //! Fixed and lowest priority are delivered (lowest priority to the
 //! destination with the lowest PPR, ties to the lowest vCPU number). NMI
-//! sets the target's pending-NMI flag ([`Interrupts::take_nmi`]). SMI,
-//! INIT, start-up and ExtINT are dropped.
+//! sets the target's pending-NMI flag ([`Interrupts::take_nmi`]). INIT and
+//! start-up are queued as [`CpuEvent`]s for the VMM's vCPU start-up logic
+//! ([`Interrupts::take_cpu_events`]); unlike bhyve, which only honours
+//! them from the BSP and tracks a per-AP boot state, they are reported for
+//! every target and the VMM decides. SMI and ExtINT are dropped, as is the
+//! I/O APIC's reserved delivery mode `110`.
 //!
 //! # Known gaps
 //!
@@ -80,6 +84,8 @@ pub const HPET_BASE: u64 = 0xfed0_0000;
 pub enum IntrError {
     /// The vCPU count is 0 or above [`MAX_VCPUS`].
     BadVcpuCount(usize),
+    /// A snapshot holds state no guest could have produced.
+    BadSnapshot(&'static str),
 }
 
 impl core::fmt::Display for IntrError {
@@ -88,11 +94,30 @@ impl core::fmt::Display for IntrError {
             IntrError::BadVcpuCount(n) => {
                 write!(f, "{n} vCPUs: the interrupt system supports 1 to {MAX_VCPUS}")
             }
+            IntrError::BadSnapshot(why) => write!(f, "bad interrupt snapshot: {why}"),
         }
     }
 }
 
 impl std::error::Error for IntrError {}
+
+/// An INIT or start-up IPI for the VMM to act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CpuEvent {
+    /// INIT (assert) to `vcpu`.
+    Init {
+        /// The target vCPU.
+        vcpu: usize,
+    },
+    /// Start-up IPI to `vcpu`: the AP starts in real mode at
+    /// `vector << 12`.
+    StartUp {
+        /// The target vCPU.
+        vcpu: usize,
+        /// The start-up vector (the start page number).
+        vector: u8,
+    },
+}
 
 /// All interrupt state, as plain serializable data (for snapshots and
 /// live migration).
@@ -106,6 +131,8 @@ pub struct InterruptsState {
     pub hpet: Hpet,
     /// The MSI redirection-hint policy.
     pub rh_policy: RhPolicy,
+    /// INIT/start-up events not yet taken.
+    pub cpu_events: Vec<CpuEvent>,
 }
 
 /// The interrupt system of one VM.
@@ -115,6 +142,7 @@ pub struct Interrupts {
     ioapic: Ioapic,
     hpet: Hpet,
     policy: RhPolicy,
+    cpu_events: Vec<CpuEvent>,
 }
 
 impl Interrupts {
@@ -129,6 +157,7 @@ impl Interrupts {
             ioapic: Ioapic::new(),
             hpet: Hpet::new(IOAPIC_PINS),
             policy: RhPolicy::default(),
+            cpu_events: Vec::new(),
         })
     }
 
@@ -187,7 +216,9 @@ impl Interrupts {
                     l.accept(vector, level);
                 }
                 DeliveryMode::Nmi => l.inject_nmi(),
-                _ => {}
+                DeliveryMode::Init => self.cpu_events.push(CpuEvent::Init { vcpu: i }),
+                DeliveryMode::StartUp => self.cpu_events.push(CpuEvent::StartUp { vcpu: i, vector }),
+                DeliveryMode::Smi | DeliveryMode::ExtInt => {}
             }
         }
     }
@@ -200,6 +231,7 @@ impl Interrupts {
     fn route_ioapic(&mut self, msg: Option<IoapicMessage>) {
         if let Some(m) = msg
             && let Some(delivery) = m.delivery
+            && delivery != DeliveryMode::StartUp
         {
             self.deliver(m.dest, delivery, false, m.vector, m.level_triggered);
         }
@@ -277,6 +309,11 @@ impl Interrupts {
         self.lapics.get_mut(vcpu).is_some_and(|l| l.trigger_lint(pin))
     }
 
+    /// Takes the queued INIT/start-up events, oldest first.
+    pub fn take_cpu_events(&mut self) -> Vec<CpuEvent> {
+        core::mem::take(&mut self.cpu_events)
+    }
+
     /// Takes `vcpu`'s pending-NMI flag.
     pub fn take_nmi(&mut self, vcpu: usize) -> bool {
         self.lapics.get_mut(vcpu).is_some_and(Lapic::take_nmi)
@@ -348,19 +385,39 @@ impl Interrupts {
             ioapic: self.ioapic.clone(),
             hpet: self.hpet.clone(),
             rh_policy: self.policy,
+            cpu_events: self.cpu_events.clone(),
         }
     }
 
-    /// Rebuilds an interrupt system from a snapshot. Register values are
-    /// re-masked to what a guest could have written, so a foreign snapshot
-    /// cannot introduce impossible state; the vCPU count is checked.
+    /// Rebuilds an interrupt system from a snapshot.
+    ///
+    /// Refused: a vCPU count of 0 or above [`MAX_VCPUS`], a LAPIC whose ID
+    /// is not its vCPU number, a CPU event for a vCPU that does not exist,
+    /// and HPET state no guest could have produced (as illumos' vhpet
+    /// import refuses it: a status bit on a timer not in level mode or in
+    /// FSB mode, a route outside the capability). Register values are then
+    /// re-masked to what a guest could have written.
     pub fn restore(state: InterruptsState) -> Result<Interrupts, IntrError> {
         let n = state.lapics.len();
         if n == 0 || n > MAX_VCPUS {
             return Err(IntrError::BadVcpuCount(n));
         }
-        let mut me =
-            Interrupts { lapics: state.lapics, ioapic: state.ioapic, hpet: state.hpet, policy: state.rh_policy };
+        if state.lapics.iter().enumerate().any(|(i, l)| usize::from(l.id()) != i) {
+            return Err(IntrError::BadSnapshot("a LAPIC ID differs from its vCPU number"));
+        }
+        if state.cpu_events.iter().any(|e| match *e {
+            CpuEvent::Init { vcpu } | CpuEvent::StartUp { vcpu, .. } => vcpu >= n,
+        }) {
+            return Err(IntrError::BadSnapshot("a CPU event names a vCPU that does not exist"));
+        }
+        state.hpet.validate().map_err(IntrError::BadSnapshot)?;
+        let mut me = Interrupts {
+            lapics: state.lapics,
+            ioapic: state.ioapic,
+            hpet: state.hpet,
+            policy: state.rh_policy,
+            cpu_events: state.cpu_events,
+        };
         me.lapics.iter_mut().for_each(Lapic::sanitize);
         me.ioapic.sanitize();
         me.hpet.sanitize();
