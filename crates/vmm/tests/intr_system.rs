@@ -5,7 +5,7 @@ use vmm::intr::hpet::{TCONF_INT_ENABLE, TCONF_LEVEL, reg as hreg};
 use vmm::intr::ioapic::{IOREGSEL, IOWIN, RTE_LEVEL, RTE_MASKED, RTE_REMOTE_IRR};
 use vmm::intr::lapic::reg;
 use vmm::intr::msi::{MsiError, RhPolicy};
-use vmm::intr::{HPET_BASE, IOAPIC_BASE, Interrupts, InterruptsState, IntrError, LAPIC_BASE};
+use vmm::intr::{CpuEvent, HPET_BASE, IOAPIC_BASE, Interrupts, InterruptsState, IntrError, LAPIC_BASE};
 
 fn lw(ic: &mut Interrupts, vcpu: usize, off: u64, v: u32) {
     assert!(ic.mmio_write(vcpu, LAPIC_BASE + off, 4, u64::from(v), 0));
@@ -197,6 +197,78 @@ fn ipis_every_destination_mode_and_shorthand() {
     assert_eq!(drain(&mut ic), vec![Vec::<u8>::new(); 4]);
     lw(&mut ic, 0, reg::ESR, 0);
     assert_eq!(lr(&mut ic, 0, reg::ESR), 1 << 5);
+}
+
+#[test]
+fn init_and_startup_ipis_become_cpu_events() {
+    let mut ic = system(3);
+    // INIT assert (level, assert) to vCPU 1, then SIPI vector 0x9f.
+    ipi(&mut ic, 0, 1 << 24, 0x0000_c500);
+    ipi(&mut ic, 0, 1 << 24, 0x0000_069f);
+    // INIT level de-assert: ignored.
+    ipi(&mut ic, 0, 1 << 24, 0x0000_8500);
+    assert_eq!(ic.take_cpu_events(), vec![CpuEvent::Init { vcpu: 1 }, CpuEvent::StartUp { vcpu: 1, vector: 0x9f }]);
+    assert!(ic.take_cpu_events().is_empty());
+    // All-but-self shorthand.
+    ipi(&mut ic, 1, 0, 0x000c_4500);
+    assert_eq!(ic.take_cpu_events(), vec![CpuEvent::Init { vcpu: 0 }, CpuEvent::Init { vcpu: 2 }]);
+    // The I/O APIC's mode 110 is reserved: dropped. INIT through it is an event.
+    rte(&mut ic, 9, (2u64 << 56) | (6 << 8) | 0x10);
+    ic.set_irq(9, true);
+    rte(&mut ic, 11, (2u64 << 56) | (5 << 8));
+    ic.set_irq(11, true);
+    assert_eq!(ic.take_cpu_events(), vec![CpuEvent::Init { vcpu: 2 }]);
+    // Nothing reached an IRR.
+    assert_eq!(drain(&mut ic), vec![Vec::<u8>::new(); 3]);
+}
+
+#[test]
+fn nmi_msi() {
+    let mut ic = system(2);
+    ic.send_msi(0xfee0_1000, 0x400).unwrap();
+    assert!(ic.take_nmi(1));
+    assert!(!ic.take_nmi(0));
+    assert_eq!(ic.pending(1), None);
+}
+
+#[test]
+fn restore_refuses_impossible_state() {
+    use vmm::intr::lapic::Lapic;
+    let ic = system(2);
+    let mut s = ic.snapshot();
+    s.lapics.swap(0, 1);
+    assert!(matches!(Interrupts::restore(s), Err(IntrError::BadSnapshot(_))));
+    let mut s = ic.snapshot();
+    s.lapics.push(Lapic::new(7));
+    assert!(matches!(Interrupts::restore(s), Err(IntrError::BadSnapshot(_))));
+    let mut s = ic.snapshot();
+    s.cpu_events.push(CpuEvent::Init { vcpu: 2 });
+    assert!(matches!(Interrupts::restore(s), Err(IntrError::BadSnapshot(_))));
+    let mut s = ic.snapshot();
+    s.lapics = (0..65).map(|i| Lapic::new(i as u8)).collect();
+    assert_eq!(Interrupts::restore(s), Err(IntrError::BadVcpuCount(65)));
+    // HPET: a status bit on an edge timer, a bad route, legacy routing.
+    let json = serde_json::to_value(ic.snapshot()).unwrap();
+    let mut bad = json.clone();
+    bad["hpet"]["isr"] = 1.into();
+    let s: InterruptsState = serde_json::from_value(bad).unwrap();
+    assert!(matches!(Interrupts::restore(s), Err(IntrError::BadSnapshot(_))));
+    let mut bad = json.clone();
+    bad["hpet"]["timers"][0]["config"] = (5u64 << 9).into();
+    let s: InterruptsState = serde_json::from_value(bad).unwrap();
+    assert!(matches!(Interrupts::restore(s), Err(IntrError::BadSnapshot(_))));
+    let mut bad = json.clone();
+    bad["hpet"]["config"] = 2.into();
+    let s: InterruptsState = serde_json::from_value(bad).unwrap();
+    assert!(matches!(Interrupts::restore(s), Err(IntrError::BadSnapshot(_))));
+    // A foreign snapshot's impossible register bits are masked off.
+    let mut odd = json;
+    odd["lapics"][0]["tpr"] = 0x1234.into();
+    odd["lapics"][0]["irr"][0] = 0xffff_ffffu32.into();
+    let s: InterruptsState = serde_json::from_value(odd).unwrap();
+    let mut r = Interrupts::restore(s).unwrap();
+    assert_eq!(r.mmio_read(0, LAPIC_BASE + reg::TPR, 4, 0), Some(0x34));
+    assert_eq!(r.mmio_read(0, LAPIC_BASE + reg::IRR, 4, 0), Some(0xffff_0000));
 }
 
 #[test]
