@@ -33,7 +33,7 @@
 //!   write into the readable register and clears the gathered set.
 //! * ICR delivery status always reads idle: delivery is instantaneous.
 //!   IPIs are delivered edge-triggered; an INIT level de-assert is ignored.
-//! * Timer: bus clock [`LAPIC_TIMER_HZ`] (bhyve's 128 MiHz); one-shot and
+//! * Timer: bus clock [`LAPIC_TIMER_HZ`] (bhyve's 128 `MiHz`); one-shot and
 //!   periodic modes (TSC-deadline is not offered, LVT bit 18 is reserved).
 //!   As in bhyve, a divide-configuration change takes effect at the next
 //!   initial-count write. Periodic expirations missed because `tick` was
@@ -396,7 +396,7 @@ impl Lapic {
     /// raises nothing; fixed delivery accepts the vector edge-triggered
     /// (an illegal vector sets ESR bit 5, as bhyve does); NMI delivery sets
     /// the pending NMI. A software-disabled APIC treats LINT1 as the NMI
-    /// pin (and LINT0 as INTR), as bhyve does. ExtINT delivery, and any
+    /// pin (and LINT0 as INTR), as bhyve does. `ExtINT` delivery, and any
     /// other mode or pin, raises nothing (there is no 8259 model). Returns
     /// whether something was raised.
     pub fn trigger_lint(&mut self, pin: usize) -> bool {

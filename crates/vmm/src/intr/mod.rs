@@ -32,11 +32,26 @@
 //! * I/O APIC: vioapic's Remote IRR handling, EOI re-send of still-asserted
 //!   level pins, Remote IRR cleared by an edge-mode entry write.
 //! * HPET: vhpet's 32-bit counter and comparators, route capability
-//!   `0x00f00000`, no legacy replacement, periodic "value set" semantics.
-//!   The counter runs at 10 MHz (illumos-style exact 100 ns ticks).
+//!   `0x00f00000`, no legacy replacement, periodic "value set" semantics,
+//!   one-shot timers that fire once.
 //! * MSI: decoding per the SDM with the redirection hint policy selectable
 //!   ([`msi::RhPolicy`]; default illumos' DM-only rule); MSIs are always
 //!   edge-triggered, as in both bhyves.
+//! * Destinations: `0xff` broadcasts in physical and logical mode alike;
+//!   each APIC is matched under its own DFR model; a bad model matches no
+//!   logical destination.
+//!
+//! # Deliberate differences from bhyve
+//!
+//! * The HPET counts at 10 MHz (bhyve: 2^24 Hz) so ticks are an exact
+//!   100 ns of caller time.
+//! * Lowest priority arbitrates on PPR (bhyve takes the first matching
+//!   vCPU); with equal PPRs both pick the lowest-numbered vCPU.
+//! * The LAPIC's TMR bit is set or cleared when a vector is accepted (as
+//!   the SDM describes) rather than precomputed from the I/O APIC's
+//!   redirection table.
+//! * I/O APIC pins honour the polarity bit (bhyve ignores it).
+//! * Reserved bits read zero everywhere (bhyve stores some of them).
 //!
 //! # Delivery modes
 //!
@@ -46,17 +61,20 @@
 //! start-up are queued as [`CpuEvent`]s for the VMM's vCPU start-up logic
 //! ([`Interrupts::take_cpu_events`]); unlike bhyve, which only honours
 //! them from the BSP and tracks a per-AP boot state, they are reported for
-//! every target and the VMM decides. SMI and ExtINT are dropped, as is the
+//! every target and the VMM decides. SMI and `ExtINT` are dropped, as is the
 //! I/O APIC's reserved delivery mode `110`.
 //!
 //! # Known gaps
 //!
 //! * No x2APIC (MSR access, 32-bit IDs), no APIC base MSR relocation, no
-//!   TSC-deadline timer, no 8259 PIC / ExtINT, no INIT/SIPI handling.
+//!   TSC-deadline timer, no 8259 PIC / ExtINT, no CR8 accessors (TPR is
+//!   reachable through MMIO only); INIT/SIPI are only reported
+//!   ([`CpuEvent`]), not acted on.
 //! * No focus processor checking or arbitration priority (APR reads 0).
 //! * ESR reports only illegal vectors (not illegal register addresses or
 //!   checksum/accept errors).
 //! * HPET legacy replacement and 64-bit mode are not offered.
+//! * The I/O APIC has a fixed 24 pins and no EOI register (version 0x11).
 
 pub mod dest;
 pub mod hpet;
@@ -148,6 +166,10 @@ pub struct Interrupts {
 impl Interrupts {
     /// An interrupt system for `vcpus` vCPUs (LAPIC IDs `0..vcpus`), every
     /// device in its reset state, MSIs under the default [`RhPolicy`].
+    ///
+    /// # Errors
+    ///
+    /// [`IntrError::BadVcpuCount`] unless `1 <= vcpus <= MAX_VCPUS`.
     pub fn new(vcpus: usize) -> Result<Interrupts, IntrError> {
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(IntrError::BadVcpuCount(vcpus));
@@ -287,6 +309,10 @@ impl Interrupts {
 
     /// Delivers an MSI (always edge-triggered), decoded under the current
     /// [`RhPolicy`].
+    ///
+    /// # Errors
+    ///
+    /// The decoder's [`MsiError`]; nothing is delivered then.
     pub fn send_msi(&mut self, addr: u64, data: u32) -> Result<(), MsiError> {
         let m = msi::decode_with(addr, data, self.policy)?;
         self.deliver(m.dest, m.delivery, m.lowest_priority, m.vector, false);
@@ -397,6 +423,10 @@ impl Interrupts {
     /// import refuses it: a status bit on a timer not in level mode or in
     /// FSB mode, a route outside the capability). Register values are then
     /// re-masked to what a guest could have written.
+    ///
+    /// # Errors
+    ///
+    /// [`IntrError::BadVcpuCount`] or [`IntrError::BadSnapshot`], as above.
     pub fn restore(state: InterruptsState) -> Result<Interrupts, IntrError> {
         let n = state.lapics.len();
         if n == 0 || n > MAX_VCPUS {

@@ -84,11 +84,21 @@ pub const ADDR_RH: u64 = 1 << 3;
 pub const ADDR_DM: u64 = 1 << 2;
 
 /// Decodes under the default policy ([`RhPolicy::DmOnly`]).
+///
+/// # Errors
+///
+/// As [`decode_with`].
 pub fn decode(addr: u64, data: u32) -> Result<MsiMessage, MsiError> {
     decode_with(addr, data, RhPolicy::default())
 }
 
 /// Decodes under an explicit redirection-hint policy.
+///
+/// # Errors
+///
+/// [`MsiError::NotInterruptAddress`] if address bits 31:20 are not
+/// `0xFEE`; [`MsiError::ReservedDeliveryMode`] for delivery mode `011` or
+/// `110`.
 pub fn decode_with(addr: u64, data: u32, policy: RhPolicy) -> Result<MsiMessage, MsiError> {
     if (addr & 0xfff0_0000) != 0xfee0_0000 {
         return Err(MsiError::NotInterruptAddress(addr));
