@@ -423,3 +423,92 @@ fn lint_pins_through_their_lvt() {
     assert!(!l.trigger_lint(2));
     assert!(!l.trigger_lint(usize::MAX));
 }
+
+/// Each bit on its own: a writable bit reads back, a reserved or read-only
+/// bit reads as the register's fixed value.
+#[test]
+fn single_bit_walk() {
+    let table: [(u64, u32, u32); 14] = [
+        // (offset, writable mask, value of the non-writable bits)
+        (reg::TPR, 0xff, 0),
+        (reg::LDR, 0xff00_0000, 0),
+        (reg::DFR, 0xf000_0000, 0x0fff_ffff),
+        (reg::ICR_HI, 0xff00_0000, 0),
+        (reg::TIMER_DIVIDE, 0xb, 0),
+        (reg::TIMER_INITIAL, 0xffff_ffff, 0),
+        (reg::LVT_TIMER, 0x0003_00ff, 0),
+        (reg::LVT_THERMAL, 0x0001_07ff, 0),
+        (reg::LVT_PERF, 0x0001_07ff, 0),
+        (reg::LVT_LINT0, 0x0001_a7ff, 0),
+        (reg::LVT_LINT1, 0x0001_a7ff, 0),
+        (reg::LVT_ERROR, 0x0001_00ff, 0),
+        (reg::LVT_CMCI, 0x0001_07ff, 0),
+        (reg::ID, 0, 5 << 24),
+    ];
+    for (off, writable, fixed) in table {
+        for b in 0..32 {
+            let mut l = enabled(5);
+            wr(&mut l, off, 1 << b);
+            let want = ((1u32 << b) & writable) | fixed;
+            assert_eq!(rd(&l, off), want, "register {off:#x} bit {b}");
+        }
+    }
+    // SVR: bits 9:0 (bit 8 = enable).
+    for b in 0..32 {
+        let mut l = Lapic::new(0);
+        wr(&mut l, reg::SVR, 1 << b);
+        assert_eq!(rd(&l, reg::SVR), (1u32 << b) & 0x3ff, "SVR bit {b}");
+    }
+}
+
+#[test]
+fn isr_irr_tmr_banks_cover_every_legal_vector() {
+    let mut l = enabled(0);
+    for v in 16..=255u8 {
+        assert!(l.accept(v, v.is_multiple_of(3)));
+    }
+    for bank in 0..8u64 {
+        let irr = rd(&l, reg::IRR + 0x10 * bank);
+        assert_eq!(irr, if bank == 0 { 0xffff_0000 } else { 0xffff_ffff });
+        let mut want_tmr = 0u32;
+        for bit in 0..32u32 {
+            let v = bank as u32 * 32 + bit;
+            if v >= 16 && v.is_multiple_of(3) {
+                want_tmr |= 1 << bit;
+            }
+        }
+        assert_eq!(rd(&l, reg::TMR + 0x10 * bank), want_tmr, "TMR bank {bank}");
+    }
+    // While 0xff is in service nothing else (all class 0xf or below) is
+    // pending; each EOI lets the next-highest vector through.
+    let mut order = Vec::new();
+    while let Some(v) = l.pending() {
+        assert!(l.ack(v));
+        assert_eq!(l.pending(), None, "vector {v:#x} in service blocks the rest");
+        assert_eq!(l.eoi(), LapicEffect::Eoi { vector: v, level: v.is_multiple_of(3) });
+        order.push(v);
+    }
+    assert_eq!(order, (16..=255u8).rev().collect::<Vec<_>>());
+    // A higher class nests over a lower one in service.
+    l.accept(0x31, false);
+    l.accept(0x52, false);
+    assert!(l.ack(0x52) && l.pending().is_none());
+    let mut l2 = enabled(0);
+    l2.accept(0x31, false);
+    assert!(l2.ack(0x31));
+    l2.accept(0x52, false);
+    assert_eq!(l2.pending(), Some(0x52));
+    assert!(l2.ack(0x52));
+    assert_eq!(l2.isrv(), Some(0x52));
+    assert_eq!(l2.eoi(), LapicEffect::Eoi { vector: 0x52, level: false });
+    assert_eq!(l2.isrv(), Some(0x31));
+}
+
+#[test]
+fn set_tpr_accessor_matches_mmio() {
+    let mut l = enabled(0);
+    l.set_tpr(0x47);
+    assert_eq!(rd(&l, reg::TPR), 0x47);
+    assert_eq!(l.tpr(), 0x47);
+    assert_eq!(l.ppr(), 0x47);
+}

@@ -300,6 +300,12 @@ impl Lapic {
         self.id
     }
 
+    /// Sets the task priority register (the CR8 / TPR-shadow path;
+    /// CR8 = TPR bits 7:4).
+    pub fn set_tpr(&mut self, tpr: u8) {
+        self.tpr = u32::from(tpr);
+    }
+
     /// Whether the APIC is software-enabled (SVR bit 8).
     pub fn enabled(&self) -> bool {
         self.svr & SVR_ENABLE != 0
