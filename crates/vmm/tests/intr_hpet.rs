@@ -316,3 +316,33 @@ fn timers_fire_in_time_order() {
     h.tick(10_000);
     assert_eq!(h.take_events(), vec![HpetEvent::Pulse(21), HpetEvent::Pulse(22), HpetEvent::Pulse(20)]);
 }
+
+#[test]
+fn single_bit_walk() {
+    for b in 0..64u32 {
+        let bit = 1u64 << b;
+        let mut h = Hpet::new(24);
+        wr(&mut h, reg::CONFIG, bit, 0);
+        assert_eq!(rd(&mut h, reg::CONFIG, 0), bit & 1, "config bit {b}");
+        wr(&mut h, reg::timer_config(2), bit, 0);
+        // Writable: 1, 2, 3, 6, 14 (route bits 13:9 are validated).
+        let fixed = 0x00f0_0000_0000_8010;
+        assert_eq!(rd(&mut h, reg::timer_config(2), 0), (bit & 0x404e) | fixed, "timer config bit {b}");
+        wr(&mut h, reg::timer_fsb(2), bit, 0);
+        assert_eq!(rd(&mut h, reg::timer_fsb(2), 0), bit, "FSB bit {b}");
+        // (Timer 3: timer 2 may be periodic now, where writes set the period.)
+        wr(&mut h, reg::timer_comparator(3), bit, 0);
+        assert_eq!(rd(&mut h, reg::timer_comparator(3), 0), bit & 0xffff_ffff, "comparator bit {b}");
+        wr(&mut h, reg::COUNTER, bit, 0);
+        assert_eq!(rd(&mut h, reg::COUNTER, 0), bit & 0xffff_ffff, "counter bit {b}");
+        wr(&mut h, reg::INT_STATUS, bit, 0);
+        assert_eq!(rd(&mut h, reg::INT_STATUS, 0), 0, "status bit {b}: write 1 never sets");
+    }
+    // Route bits: each single bit is a route value of 1, 2, 4, 8 or 16, none
+    // of them in 20-23.
+    for b in 9..14u32 {
+        let mut h = Hpet::new(24);
+        wr(&mut h, reg::timer_config(0), 1 << b, 0);
+        assert_eq!(rd(&mut h, reg::timer_config(0), 0) & (0x1f << 9), 0);
+    }
+}

@@ -201,3 +201,33 @@ fn message_fields() {
     set_entry(&mut io, 1, 3 << 8);
     assert_eq!(io.set_level(1, true).unwrap().delivery, None, "reserved mode");
 }
+
+#[test]
+fn single_bit_walk() {
+    for b in 0..32u32 {
+        let mut io = Ioapic::new();
+        wr(&mut io, 0x10, 1 << b);
+        assert_eq!(rd(&io, 0x10), (1u32 << b) & 0x0001_afff, "RTE low bit {b}");
+        wr(&mut io, 0x11, 1 << b);
+        assert_eq!(rd(&io, 0x11), (1u32 << b) & 0xff00_0000, "RTE high bit {b}");
+        wr(&mut io, 0x00, 1 << b);
+        assert_eq!(rd(&io, 0x00), (1u32 << b) & 0x0f00_0000, "ID bit {b}");
+        io.mmio_write(IOREGSEL, 4, 1u64 << b);
+        assert_eq!(io.mmio_read(IOREGSEL, 4), (1u64 << b) & 0xff, "IOREGSEL bit {b}");
+    }
+}
+
+#[test]
+fn remote_irr_and_delivery_status_are_read_only() {
+    let mut io = Ioapic::new();
+    wr(&mut io, 0x10, (1 << 14) | (1 << 12) | RTE_LEVEL as u32);
+    assert_eq!(io.entry(0) & (RTE_REMOTE_IRR | (1 << 12)), 0);
+    set_entry(&mut io, 0, 0x40 | RTE_LEVEL);
+    io.set_level(0, true);
+    // Writing 0 to bit 14 of a level entry leaves Remote IRR set.
+    wr(&mut io, 0x10, 0x40 | RTE_LEVEL as u32);
+    assert_ne!(io.entry(0) & RTE_REMOTE_IRR, 0);
+    // The high word write leaves it too.
+    wr(&mut io, 0x11, 0);
+    assert_ne!(io.entry(0) & RTE_REMOTE_IRR, 0);
+}
