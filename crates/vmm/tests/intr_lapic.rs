@@ -242,6 +242,15 @@ fn illegal_vectors_set_esr() {
 }
 
 #[test]
+fn disabled_apic_drops_illegal_vectors_silently() {
+    let mut l = Lapic::new(0);
+    assert!(!l.accept(3, false));
+    wr(&mut l, reg::SVR, 0x1ff);
+    wr(&mut l, reg::ESR, 0);
+    assert_eq!(rd(&l, reg::ESR), 0);
+}
+
+#[test]
 fn error_lvt_fires_on_new_error() {
     let mut l = enabled(0);
     wr(&mut l, reg::LVT_ERROR, 0xe0);

@@ -152,3 +152,36 @@ fn dfr_model_decoding() {
         assert_eq!(DfrModel::from_dfr((m << 28) | 0x0fff_ffff), DfrModel::Invalid);
     }
 }
+
+/// Every data word's low 16 bits under every RH/DM combination: the fields
+/// come out where the SDM puts them, and only modes 011 and 110 fail.
+#[test]
+fn exhaustive_data_and_flags() {
+    for policy in [RhPolicy::DmOnly, RhPolicy::RhAndDm] {
+        for flags in 0..4u64 {
+            let a = BASE | 0x5a000 | (flags << 2);
+            for data in 0..=0xffffu32 {
+                let mode = (data >> 8) & 7;
+                match msi::decode_with(a, data, policy) {
+                    Err(e) => {
+                        assert!(mode == 3 || mode == 6);
+                        assert_eq!(e, MsiError::ReservedDeliveryMode(mode as u8));
+                    }
+                    Ok(m) => {
+                        assert_eq!(u32::from(m.vector), data & 0xff);
+                        assert_eq!(m.level_triggered, data & 0x8000 != 0);
+                        assert_eq!(m.assert, data & 0x4000 != 0);
+                        let dm = flags & 1 != 0;
+                        let rh = flags & 2 != 0;
+                        let logical = match policy {
+                            RhPolicy::DmOnly => dm,
+                            RhPolicy::RhAndDm => dm && rh,
+                        };
+                        let id = 0x5a;
+                        assert_eq!(m.dest, if logical { Destination::Logical(id) } else { Destination::Physical(id) });
+                    }
+                }
+            }
+        }
+    }
+}

@@ -352,14 +352,15 @@ impl Lapic {
 
     /// Accepts an interrupt: sets its IRR bit and sets (level) or clears
     /// (edge) its TMR bit. Returns whether it was accepted: a
-    /// software-disabled APIC drops it, and an illegal vector (0-15) sets
-    /// ESR bit 6 and is dropped.
+    /// software-disabled APIC drops it silently, and an enabled one given
+    /// an illegal vector (0-15) sets ESR bit 6 and drops it (bhyve's order
+    /// of checks).
     pub fn accept(&mut self, vector: u8, level_triggered: bool) -> bool {
-        if vector < 16 {
-            self.set_error(ESR_RECEIVE_ILLEGAL_VECTOR);
+        if !self.enabled() {
             return false;
         }
-        if !self.enabled() {
+        if vector < 16 {
+            self.set_error(ESR_RECEIVE_ILLEGAL_VECTOR);
             return false;
         }
         bank_set(&mut self.irr, vector, true);
