@@ -98,7 +98,8 @@ fn hpet_level_eoi_forwarding_end_to_end() {
 fn edge_eoi_is_not_forwarded() {
     let mut ic = system(1);
     rte(&mut ic, 3, 0x41);
-    ic.set_irq(3, true);
+    ic.pulse_irq(3);
+    assert!(!ic.ioapic().asserted(3));
     assert!(ic.ack(0, 0x41));
     lw(&mut ic, 0, reg::EOI, 0);
     assert_eq!(ic.pending(0), None);

@@ -25,8 +25,8 @@
 //! * Software-disabled (SVR bit 8 clear, the reset state): interrupts are
 //!   dropped at acceptance, all LVTs become masked and cannot be unmasked,
 //!   and the timer stops; re-enabling restarts a periodic timer.
-//! * Vectors 0-15 are illegal: accepting one sets ESR "receive illegal
-//!   vector" (bit 6) and drops it; sending one as a fixed or
+//! * Vectors 0-15 are illegal: an enabled APIC accepting one sets ESR
+//!   "receive illegal vector" (bit 6) and drops it; sending one as a fixed or
 //!   lowest-priority IPI sets ESR "send illegal vector" (bit 5) and sends
 //!   nothing. A newly set ESR bit fires the error LVT when unmasked.
 //! * ESR: a write (of any value) latches the errors gathered since the last

@@ -287,10 +287,7 @@ impl Interrupts {
             match ev {
                 HpetEvent::Assert(pin) => self.set_irq(pin, true),
                 HpetEvent::Deassert(pin) => self.set_irq(pin, false),
-                HpetEvent::Pulse(pin) => {
-                    self.set_irq(pin, true);
-                    self.set_irq(pin, false);
-                }
+                HpetEvent::Pulse(pin) => self.pulse_irq(pin),
                 HpetEvent::Msi { addr, data } => {
                     // A guest-programmed bad FSB address is dropped, as a
                     // write to a non-interrupt address would be.
@@ -305,6 +302,13 @@ impl Interrupts {
     pub fn set_irq(&mut self, pin: usize, high: bool) {
         let msg = self.ioapic.set_level(pin, high);
         self.route_ioapic(msg);
+    }
+
+    /// Raises and lowers I/O APIC pin `pin` (an edge from an active-high
+    /// device, e.g. an ISA interrupt).
+    pub fn pulse_irq(&mut self, pin: usize) {
+        self.set_irq(pin, true);
+        self.set_irq(pin, false);
     }
 
     /// Delivers an MSI (always edge-triggered), decoded under the current
