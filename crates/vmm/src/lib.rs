@@ -8,5 +8,4 @@
 //! lives in `vmm-kvm` (vCPUs on KVM over a `vmspace::VmSpace`) and the
 //! `vmm` binary in `vmm-cli`.
 #![forbid(unsafe_code)]
-
 pub mod intr;
