@@ -58,6 +58,7 @@ mod error;
 pub mod fbuf;
 pub mod guest;
 pub mod hv;
+pub mod intr;
 pub mod machine;
 pub mod pci;
 pub mod platform;
