@@ -202,6 +202,17 @@ fn trampoline(code: u64) -> Vec<u8> {
 /// A mock `Memory` over copies of the three areas.
 struct Mock {
     areas: Vec<(u64, Vec<u8>)>,
+    /// The page boundary inside the data area.
+    split: u64,
+    straddled: bool,
+}
+
+impl Mock {
+    fn note(&mut self, addr: u64, len: usize) {
+        if addr < self.split && addr.wrapping_add(len as u64) > self.split {
+            self.straddled = true;
+        }
+    }
 }
 
 impl Mock {
@@ -224,12 +235,14 @@ impl Memory for Mock {
         Ok(buf.len())
     }
     fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.note(addr, buf.len());
         for (i, b) in buf.iter_mut().enumerate() {
             *b = *self.byte(addr.wrapping_add(i as u64))?;
         }
         Ok(())
     }
     fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemError> {
+        self.note(addr, data.len());
         for (i, b) in data.iter().enumerate() {
             *self.byte(addr.wrapping_add(i as u64))? = *b;
         }
@@ -257,6 +270,7 @@ fn differential_against_host_cpu() {
         Layout { code: native.code_page() + CODE_OFF, data: native.data(), stack: native.stack(), fs_base, gs_base };
     let mut generator = Generator::new(seed, layout);
     let mut failures = Vec::new();
+    let mut tally = Tally::default();
     for i in 0..n {
         let case = generator.case(i);
         let (want, want_data, want_stack) = native.run(&case);
@@ -268,6 +282,8 @@ fn differential_against_host_cpu() {
                 (layout.data, case.data.clone()),
                 (layout.stack, case.stack.clone()),
             ],
+            split: layout.data + PAGE_SIZE,
+            straddled: false,
         };
         let mut got = case.regs;
         let mut res = emulate(&mut got, &mut mem);
@@ -277,6 +293,7 @@ fn differential_against_host_cpu() {
             }
             res = emulate(&mut got, &mut mem);
         }
+        tally.add(&case, mem.straddled);
         let ok = res.is_ok()
             && got.gpr == want.gpr
             && got.rip == want.rip
@@ -311,8 +328,59 @@ fn differential_against_host_cpu() {
         }
     }
     eprintln!("emul differential: {} forms, {n} cases, {} divergences", FORMS.len(), failures.len());
+    eprintln!("emul differential: features {tally:?} (data at {:#x})", layout.data);
+    assert!(tally.lock > 0 && tally.rep > 0 && tally.rip_rel > 0 && tally.straddle > 0);
+    assert!(tally.fs > 0 && tally.gs > 0 && tally.high8 > 0 && tally.rex_reg > 0 && tally.sib > 0);
+    if layout.data < 1 << 32 {
+        assert!(tally.a32 > 0);
+    }
     for f in failures.iter().take(30) {
         eprint!("{f}");
     }
     assert!(failures.is_empty());
+}
+
+/// How often each feature occurred among the cases.
+#[derive(Debug, Default)]
+struct Tally {
+    lock: u32,
+    rep: u32,
+    a32: u32,
+    fs: u32,
+    gs: u32,
+    other_seg: u32,
+    rip_rel: u32,
+    sib: u32,
+    high8: u32,
+    rex_reg: u32,
+    straddle: u32,
+}
+
+impl Tally {
+    fn add(&mut self, case: &Case, straddled: bool) {
+        use iced_x86::{Decoder, DecoderOptions, OpKind};
+        let insn = Decoder::with_ip(64, &case.bytes, case.regs.rip, DecoderOptions::NONE).decode();
+        let regs: Vec<Register> = (0..insn.op_count())
+            .filter(|&i| insn.op_kind(i) == OpKind::Register)
+            .map(|i| insn.op_register(i))
+            .chain([insn.memory_base(), insn.memory_index()])
+            .collect();
+        let a32 = insn.memory_base().is_gpr32()
+            || insn.memory_index().is_gpr32()
+            || (0..insn.op_count()).any(|i| matches!(insn.op_kind(i), OpKind::MemorySegESI | OpKind::MemoryESEDI))
+            || case.bytes.contains(&0x67);
+        self.lock += u32::from(insn.has_lock_prefix());
+        self.rep += u32::from(insn.has_rep_prefix() || insn.has_repne_prefix());
+        self.a32 += u32::from(a32);
+        self.fs += u32::from(insn.segment_prefix() == Register::FS);
+        self.gs += u32::from(insn.segment_prefix() == Register::GS);
+        self.other_seg +=
+            u32::from(matches!(insn.segment_prefix(), Register::ES | Register::CS | Register::SS | Register::DS));
+        self.rip_rel += u32::from(insn.is_ip_rel_memory_operand());
+        self.sib += u32::from(insn.memory_index() != Register::None);
+        self.high8 +=
+            u32::from(regs.iter().any(|r| matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)));
+        self.rex_reg += u32::from(regs.iter().any(|r| r.is_gpr() && r.number() >= 8));
+        self.straddle += u32::from(straddled);
+    }
 }

@@ -543,7 +543,8 @@ impl Generator {
         let seg = if a32 {
             Register::None
         } else {
-            [Register::None, Register::None, Register::FS, Register::GS][self.below(4) as usize]
+            [Register::None, Register::None, Register::FS, Register::GS, Register::ES, Register::DS]
+                [self.below(6) as usize]
         };
         let compares = matches!(op, StrOp::Cmps | StrOp::Scas);
         let rep = match self.below(4) {
@@ -652,7 +653,18 @@ impl Generator {
         let seg = if a32 {
             Register::None
         } else {
-            [Register::None, Register::None, Register::None, Register::FS, Register::GS][self.below(5) as usize]
+            // ES/CS/SS/DS overrides are ignored in 64-bit mode (base 0).
+            [
+                Register::None,
+                Register::None,
+                Register::None,
+                Register::FS,
+                Register::GS,
+                Register::ES,
+                Register::CS,
+                Register::SS,
+                Register::DS,
+            ][self.below(9) as usize]
         };
         let seg_base = match seg {
             Register::FS => l.fs_base,

@@ -16,11 +16,20 @@ pub fn decode<M: Memory + ?Sized>(rip: u64, mem: &mut M) -> Result<(Instruction,
     let to_page_end = (PAGE_SIZE - (rip & (PAGE_SIZE - 1))) as usize;
     let mut have = fetch_into(mem, rip, &mut bytes[..to_page_end.min(MAX_INSN_LEN)])?;
     loop {
-        let mut decoder = Decoder::with_ip(64, &bytes[..have], rip, DecoderOptions::NO_INVALID_CHECK);
+        let mut decoder = Decoder::with_ip(64, &bytes[..have], rip, DecoderOptions::NONE);
         let insn = decoder.decode();
         let error = decoder.last_error();
         if error == DecoderError::None && !insn.is_invalid() {
             return Ok((insn, bytes));
+        }
+        if error == DecoderError::InvalidInstruction {
+            // Invalid as decoded strictly: a misplaced LOCK is #UD, the
+            // rest a decode error.
+            let mut lax = Decoder::with_ip(64, &bytes[..have], rip, DecoderOptions::NO_INVALID_CHECK);
+            let l = lax.decode();
+            if lax.last_error() == DecoderError::None && l.has_lock_prefix() {
+                return Err(Error::Fault { rip, fault: Fault::InvalidOpcode });
+            }
         }
         if error == DecoderError::NoMoreBytes && have < MAX_INSN_LEN {
             have += fetch_into(mem, rip.wrapping_add(have as u64), &mut bytes[have..])?;
