@@ -19,6 +19,10 @@ struct Mock {
     /// Changes the byte at this address once, right before the first
     /// compare_exchange (a racing writer).
     race: Option<(u64, u8)>,
+    /// Race on every compare_exchange.
+    always_race: bool,
+    /// Return at most this many bytes per fetch (0: no limit).
+    fetch_max: usize,
     cmpxchg_calls: u32,
 }
 
@@ -47,6 +51,8 @@ impl Memory for Mock {
     fn fetch(&mut self, addr: u64, buf: &mut [u8]) -> Result<usize, MemError> {
         assert!(buf.len() as u64 <= PAGE_SIZE - addr % PAGE_SIZE, "fetch crosses a page");
         self.fetches.push((addr, buf.len()));
+        let n = if self.fetch_max == 0 { buf.len() } else { buf.len().min(self.fetch_max) };
+        let buf = &mut buf[..n];
         for (i, b) in buf.iter_mut().enumerate() {
             *b = *self.byte(addr + i as u64)?;
         }
@@ -70,6 +76,10 @@ impl Memory for Mock {
         self.cmpxchg_calls += 1;
         if let Some((a, v)) = self.race.take() {
             *self.byte(a)? = v;
+        }
+        if self.always_race {
+            let b = self.byte(addr)?;
+            *b = b.wrapping_add(1);
         }
         let cur: Vec<u8> = (0..expected.len()).map(|i| *self.byte(addr + i as u64).unwrap()).collect();
         if cur != expected {
@@ -290,4 +300,75 @@ fn decode_reports_the_instruction_bytes() {
     let (mut m, _) = setup(0x1000, &code);
     let (insn, bytes) = decode(0x1000, &mut m).unwrap();
     assert_eq!(&bytes[..insn.len()], &code[..]);
+}
+
+#[test]
+fn short_fetches_never_cross_a_page() {
+    // The implementation returns 2 bytes per fetch; the emulator asks again,
+    // never across the page end at 0x2000.
+    let code = asm(|a| a.mov(qword_ptr(rax + 0x10), 0x1234), 0);
+    let ip = 0x2000 - 5;
+    let (mut m, mut r) = setup(ip, &code);
+    m.fetch_max = 2;
+    m.map(0x8000);
+    r.gpr[gpr::RAX] = 0x8000;
+    emulate(&mut r, &mut m).unwrap();
+    assert_eq!(m.get(0x8010, 8), 0x1234u64.to_le_bytes());
+    assert_eq!(m.fetches[..3], [(ip, 5), (ip + 2, 3), (ip + 4, 1)]);
+    assert_eq!(m.fetches[3].0, 0x2000);
+}
+
+#[test]
+fn lock_contention_is_reported() {
+    let code = asm(|a| a.lock().inc(dword_ptr(rax)), 0);
+    let (mut m, mut r) = setup(0x1000, &code);
+    m.map(0x7000);
+    m.always_race = true;
+    r.gpr[gpr::RAX] = 0x7000;
+    let before = r;
+    assert_eq!(emulate(&mut r, &mut m), Err(Error::LockContention { addr: 0x7000 }));
+    assert_eq!(r, before);
+}
+
+#[test]
+fn xchg_is_locked_and_unlocked_add_is_not() {
+    let code = asm(|a| a.xchg(dword_ptr(rax), ecx), 0);
+    let (mut m, mut r) = setup(0x1000, &code);
+    m.put(0x7000, &9u32.to_le_bytes());
+    r.gpr[gpr::RAX] = 0x7000;
+    r.gpr[gpr::RCX] = 0xffff_ffff_0000_0004;
+    emulate(&mut r, &mut m).unwrap();
+    assert_eq!(m.cmpxchg_calls, 1);
+    assert_eq!(r.gpr[gpr::RCX], 9);
+    assert_eq!(m.get(0x7000, 4), 4u32.to_le_bytes());
+
+    let code = asm(|a| a.add(dword_ptr(rax), ecx), 0);
+    let (mut m, mut r) = setup(0x1000, &code);
+    m.map(0x7000);
+    r.gpr[gpr::RAX] = 0x7000;
+    emulate(&mut r, &mut m).unwrap();
+    assert_eq!(m.cmpxchg_calls, 0);
+    assert_eq!((m.reads.len(), m.writes.len()), (1, 1));
+}
+
+#[test]
+fn address_arithmetic_wraps_modulo_2_64() {
+    let code = asm(|a| a.mov(byte_ptr(rax + rbx * 8 + 0x10), cl), 0);
+    let (mut m, mut r) = setup(0x1000, &code);
+    m.map(0x3000);
+    r.gpr[gpr::RAX] = 0x3000u64.wrapping_sub(0x10).wrapping_sub(8 * 0x1000);
+    r.gpr[gpr::RBX] = 0x1000;
+    r.gpr[gpr::RCX] = 0xab;
+    emulate(&mut r, &mut m).unwrap();
+    assert_eq!(m.get(0x3000, 1), [0xab]);
+    // Wrapping the top of the address space: a 4-byte store at 2^64 - 2.
+    let code = asm(|a| a.mov(dword_ptr(rax), ecx), 0);
+    let (mut m, mut r) = setup(0x1000, &code);
+    m.map(u64::MAX);
+    m.map(0);
+    r.gpr[gpr::RAX] = u64::MAX - 1;
+    r.gpr[gpr::RCX] = 0x4433_2211;
+    emulate(&mut r, &mut m).unwrap();
+    assert_eq!(m.get(u64::MAX - 1, 2), [0x11, 0x22]);
+    assert_eq!(m.get(0, 2), [0x33, 0x44]);
 }

@@ -13,8 +13,7 @@ use super::{
 /// Returns the instruction and its bytes (the first `len()` are valid).
 pub fn decode<M: Memory + ?Sized>(rip: u64, mem: &mut M) -> Result<(Instruction, [u8; MAX_INSN_LEN]), Error> {
     let mut bytes = [0u8; MAX_INSN_LEN];
-    let to_page_end = (PAGE_SIZE - (rip & (PAGE_SIZE - 1))) as usize;
-    let mut have = fetch_into(mem, rip, &mut bytes[..to_page_end.min(MAX_INSN_LEN)])?;
+    let mut have = fetch_into(mem, rip, &mut bytes)?;
     loop {
         let mut decoder = Decoder::with_ip(64, &bytes[..have], rip, DecoderOptions::NONE);
         let insn = decoder.decode();
@@ -33,13 +32,19 @@ pub fn decode<M: Memory + ?Sized>(rip: u64, mem: &mut M) -> Result<(Instruction,
         }
         if error == DecoderError::NoMoreBytes && have < MAX_INSN_LEN {
             have += fetch_into(mem, rip.wrapping_add(have as u64), &mut bytes[have..])?;
+            debug_assert!(have <= MAX_INSN_LEN);
             continue;
         }
         return Err(Error::Decode { rip, bytes, len: have as u8, error });
     }
 }
 
+/// One fetch at `addr` into the start of `buf`, asking at most up to the
+/// end of `addr`'s page.
 fn fetch_into<M: Memory + ?Sized>(mem: &mut M, addr: u64, buf: &mut [u8]) -> Result<usize, Error> {
+    let to_page_end = (PAGE_SIZE - (addr & (PAGE_SIZE - 1))) as usize;
+    let len = to_page_end.min(buf.len());
+    let buf = &mut buf[..len];
     let n = mem.fetch(addr, buf).map_err(Error::Memory)?;
     if n == 0 {
         return Err(Error::Memory(MemError { addr, kind: MemErrorKind::Unmapped }));
