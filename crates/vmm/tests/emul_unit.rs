@@ -151,8 +151,8 @@ fn fetch_stops_at_the_page_end_and_needs_the_next_page_only_when_short() {
 
 #[test]
 fn unsupported_instruction_reports_bytes_and_rip() {
-    // mul qword [rax] is a memory form the emulator does not implement.
-    let code = asm(|a| a.mul(qword_ptr(rax)), 0);
+    // bsf eax, [rax] is a memory form the emulator does not implement.
+    let code = asm(|a| a.bsf(eax, dword_ptr(rax)), 0);
     let (mut m, mut r) = setup(0x4000, &code);
     let before = r;
     match emulate(&mut r, &mut m) {
@@ -371,4 +371,28 @@ fn address_arithmetic_wraps_modulo_2_64() {
     emulate(&mut r, &mut m).unwrap();
     assert_eq!(m.get(u64::MAX - 1, 2), [0x11, 0x22]);
     assert_eq!(m.get(0, 2), [0x33, 0x44]);
+}
+
+#[test]
+fn divide_errors_are_de_not_host_faults() {
+    for (f, hi, lo, d) in [
+        (0u8, 0u64, 5u64, 0u64), // div by zero
+        (0, 7, 0, 7),            // unsigned quotient overflow
+        (1, !0, 1 << 63, !0),    // idiv MIN / -1
+    ] {
+        let code = if f == 0 { asm(|a| a.div(qword_ptr(rbx)), 0) } else { asm(|a| a.idiv(qword_ptr(rbx)), 0) };
+        let (mut m, mut r) = setup(0x1000, &code);
+        m.put(0x7000, &d.to_le_bytes());
+        r.gpr[gpr::RBX] = 0x7000;
+        r.gpr[gpr::RDX] = hi;
+        r.gpr[gpr::RAX] = lo;
+        assert_eq!(emulate(&mut r, &mut m), Err(Error::Fault { rip: 0x1000, fault: Fault::DivideError }));
+    }
+    let code = asm(|a| a.div(dword_ptr(rbx)), 0);
+    let (mut m, mut r) = setup(0x1000, &code);
+    m.put(0x7000, &10u32.to_le_bytes());
+    r.gpr[gpr::RBX] = 0x7000;
+    r.gpr[gpr::RAX] = 0xffff_ffff_0000_0067;
+    emulate(&mut r, &mut m).unwrap();
+    assert_eq!((r.gpr[gpr::RAX], r.gpr[gpr::RDX]), (10, 3));
 }

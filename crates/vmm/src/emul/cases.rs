@@ -74,6 +74,18 @@ pub enum Shape {
     Pop,
     /// A string instruction.
     Str(StrOp),
+    /// `shift m, 1`.
+    ShiftOne,
+    /// `shift m, cl`.
+    ShiftCl,
+    /// `shld/shrd m, r, imm8`.
+    DShImm,
+    /// `shld/shrd m, r, cl`.
+    DShCl,
+    /// `imul r, m, imm`.
+    RegMemImm,
+    /// `mul/imul/div/idiv m` (DIV operands are drawn so as not to fault).
+    MulDiv,
 }
 
 /// One instruction form the generator produces.
@@ -398,6 +410,127 @@ pub const FORMS: &[Form] = &[
     Form { code: Code::Scasw_AX_m16, shape: Shape::Str(StrOp::Scas), reg_w: 2, mem_w: 2, imm_w: 0, lockable: false },
     Form { code: Code::Scasd_EAX_m32, shape: Shape::Str(StrOp::Scas), reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
     Form { code: Code::Scasq_RAX_m64, shape: Shape::Str(StrOp::Scas), reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Rol_rm8_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Rol_rm8_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Rol_rm8_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 1, imm_w: 1, lockable: false },
+    Form { code: Code::Rol_rm16_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Rol_rm16_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Rol_rm16_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 2, imm_w: 1, lockable: false },
+    Form { code: Code::Rol_rm32_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Rol_rm32_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Rol_rm32_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 4, imm_w: 1, lockable: false },
+    Form { code: Code::Rol_rm64_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Rol_rm64_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Rol_rm64_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 8, imm_w: 1, lockable: false },
+    Form { code: Code::Ror_rm8_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Ror_rm8_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Ror_rm8_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 1, imm_w: 1, lockable: false },
+    Form { code: Code::Ror_rm16_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Ror_rm16_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Ror_rm16_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 2, imm_w: 1, lockable: false },
+    Form { code: Code::Ror_rm32_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Ror_rm32_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Ror_rm32_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 4, imm_w: 1, lockable: false },
+    Form { code: Code::Ror_rm64_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Ror_rm64_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Ror_rm64_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 8, imm_w: 1, lockable: false },
+    Form { code: Code::Rcl_rm8_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Rcl_rm8_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Rcl_rm8_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 1, imm_w: 1, lockable: false },
+    Form { code: Code::Rcl_rm16_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Rcl_rm16_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Rcl_rm16_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 2, imm_w: 1, lockable: false },
+    Form { code: Code::Rcl_rm32_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Rcl_rm32_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Rcl_rm32_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 4, imm_w: 1, lockable: false },
+    Form { code: Code::Rcl_rm64_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Rcl_rm64_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Rcl_rm64_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 8, imm_w: 1, lockable: false },
+    Form { code: Code::Rcr_rm8_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Rcr_rm8_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Rcr_rm8_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 1, imm_w: 1, lockable: false },
+    Form { code: Code::Rcr_rm16_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Rcr_rm16_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Rcr_rm16_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 2, imm_w: 1, lockable: false },
+    Form { code: Code::Rcr_rm32_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Rcr_rm32_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Rcr_rm32_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 4, imm_w: 1, lockable: false },
+    Form { code: Code::Rcr_rm64_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Rcr_rm64_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Rcr_rm64_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 8, imm_w: 1, lockable: false },
+    Form { code: Code::Shl_rm8_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Shl_rm8_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Shl_rm8_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 1, imm_w: 1, lockable: false },
+    Form { code: Code::Shl_rm16_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Shl_rm16_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Shl_rm16_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 2, imm_w: 1, lockable: false },
+    Form { code: Code::Shl_rm32_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Shl_rm32_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Shl_rm32_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 4, imm_w: 1, lockable: false },
+    Form { code: Code::Shl_rm64_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Shl_rm64_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Shl_rm64_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 8, imm_w: 1, lockable: false },
+    Form { code: Code::Shr_rm8_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Shr_rm8_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Shr_rm8_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 1, imm_w: 1, lockable: false },
+    Form { code: Code::Shr_rm16_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Shr_rm16_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Shr_rm16_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 2, imm_w: 1, lockable: false },
+    Form { code: Code::Shr_rm32_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Shr_rm32_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Shr_rm32_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 4, imm_w: 1, lockable: false },
+    Form { code: Code::Shr_rm64_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Shr_rm64_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Shr_rm64_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 8, imm_w: 1, lockable: false },
+    Form { code: Code::Sar_rm8_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Sar_rm8_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Sar_rm8_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 1, imm_w: 1, lockable: false },
+    Form { code: Code::Sar_rm16_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Sar_rm16_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Sar_rm16_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 2, imm_w: 1, lockable: false },
+    Form { code: Code::Sar_rm32_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Sar_rm32_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Sar_rm32_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 4, imm_w: 1, lockable: false },
+    Form { code: Code::Sar_rm64_1, shape: Shape::ShiftOne, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Sar_rm64_CL, shape: Shape::ShiftCl, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Sar_rm64_imm8, shape: Shape::MemImm, reg_w: 0, mem_w: 8, imm_w: 1, lockable: false },
+    Form { code: Code::Shld_rm16_r16_imm8, shape: Shape::DShImm, reg_w: 2, mem_w: 2, imm_w: 1, lockable: false },
+    Form { code: Code::Shld_rm16_r16_CL, shape: Shape::DShCl, reg_w: 2, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Shld_rm32_r32_imm8, shape: Shape::DShImm, reg_w: 4, mem_w: 4, imm_w: 1, lockable: false },
+    Form { code: Code::Shld_rm32_r32_CL, shape: Shape::DShCl, reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Shld_rm64_r64_imm8, shape: Shape::DShImm, reg_w: 8, mem_w: 8, imm_w: 1, lockable: false },
+    Form { code: Code::Shld_rm64_r64_CL, shape: Shape::DShCl, reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Shrd_rm16_r16_imm8, shape: Shape::DShImm, reg_w: 2, mem_w: 2, imm_w: 1, lockable: false },
+    Form { code: Code::Shrd_rm16_r16_CL, shape: Shape::DShCl, reg_w: 2, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Shrd_rm32_r32_imm8, shape: Shape::DShImm, reg_w: 4, mem_w: 4, imm_w: 1, lockable: false },
+    Form { code: Code::Shrd_rm32_r32_CL, shape: Shape::DShCl, reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Shrd_rm64_r64_imm8, shape: Shape::DShImm, reg_w: 8, mem_w: 8, imm_w: 1, lockable: false },
+    Form { code: Code::Shrd_rm64_r64_CL, shape: Shape::DShCl, reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Imul_r16_rm16, shape: Shape::RegMem, reg_w: 2, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Imul_r16_rm16_imm8, shape: Shape::RegMemImm, reg_w: 2, mem_w: 2, imm_w: 1, lockable: false },
+    Form { code: Code::Imul_r32_rm32, shape: Shape::RegMem, reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Imul_r32_rm32_imm8, shape: Shape::RegMemImm, reg_w: 4, mem_w: 4, imm_w: 1, lockable: false },
+    Form { code: Code::Imul_r64_rm64, shape: Shape::RegMem, reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Imul_r64_rm64_imm8, shape: Shape::RegMemImm, reg_w: 8, mem_w: 8, imm_w: 1, lockable: false },
+    Form { code: Code::Imul_r16_rm16_imm16, shape: Shape::RegMemImm, reg_w: 2, mem_w: 2, imm_w: 2, lockable: false },
+    Form { code: Code::Imul_r32_rm32_imm32, shape: Shape::RegMemImm, reg_w: 4, mem_w: 4, imm_w: 4, lockable: false },
+    Form { code: Code::Imul_r64_rm64_imm32, shape: Shape::RegMemImm, reg_w: 8, mem_w: 8, imm_w: 4, lockable: false },
+    Form { code: Code::Mul_rm8, shape: Shape::MulDiv, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Mul_rm16, shape: Shape::MulDiv, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Mul_rm32, shape: Shape::MulDiv, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Mul_rm64, shape: Shape::MulDiv, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Imul_rm8, shape: Shape::MulDiv, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Imul_rm16, shape: Shape::MulDiv, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Imul_rm32, shape: Shape::MulDiv, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Imul_rm64, shape: Shape::MulDiv, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Div_rm8, shape: Shape::MulDiv, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Div_rm16, shape: Shape::MulDiv, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Div_rm32, shape: Shape::MulDiv, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Div_rm64, shape: Shape::MulDiv, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Idiv_rm8, shape: Shape::MulDiv, reg_w: 0, mem_w: 1, imm_w: 0, lockable: false },
+    Form { code: Code::Idiv_rm16, shape: Shape::MulDiv, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Idiv_rm32, shape: Shape::MulDiv, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Idiv_rm64, shape: Shape::MulDiv, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
 ];
 
 /// A generated case.
@@ -525,7 +658,7 @@ impl Generator {
         let mut insn = if let Shape::Str(op) = form.shape {
             self.string(form, op, &mut regs, &data, low)?
         } else {
-            self.modrm(form, &mut regs, &data, low)?
+            self.modrm(form, &mut regs, &mut data, low)?
         };
         if form.lockable && self.chance(3) {
             insn.set_has_lock_prefix(true);
@@ -607,7 +740,7 @@ impl Generator {
         r.ok()
     }
 
-    fn modrm(&mut self, form: Form, regs: &mut Regs, data: &[u8], low: bool) -> Option<Instruction> {
+    fn modrm(&mut self, form: Form, regs: &mut Regs, data: &mut [u8], low: bool) -> Option<Instruction> {
         let l = self.layout;
         let mw = form.mem_w;
         let off = self.data_off(mw);
@@ -620,9 +753,20 @@ impl Generator {
         if is_cmpxchg {
             avoid.push(gpr::RAX);
         }
+        if matches!(form.shape, Shape::ShiftCl | Shape::DShCl) {
+            avoid.push(gpr::RCX);
+            let c = if self.chance(2) { self.below(u64::from(8 * mw) + 3) } else { self.next() & 0xff };
+            regs.gpr[gpr::RCX] = (regs.gpr[gpr::RCX] & !0xff) | c;
+        }
+        if form.shape == Shape::MulDiv {
+            avoid.extend([gpr::RAX, gpr::RDX]);
+        }
         // The register operand.
         let mut reg = Register::None;
-        if matches!(form.shape, Shape::MemReg | Shape::RegMem | Shape::BtReg) {
+        if matches!(
+            form.shape,
+            Shape::MemReg | Shape::RegMem | Shape::BtReg | Shape::DShImm | Shape::DShCl | Shape::RegMemImm
+        ) {
             let i = self.pick_reg(&[]);
             avoid.push(i);
             reg = gpr_reg(form.reg_w, i);
@@ -648,6 +792,9 @@ impl Generator {
             b[..usize::from(mw)].copy_from_slice(&data[off as usize..off as usize + usize::from(mw)]);
             let m = super::alu::mask(mw);
             regs.gpr[gpr::RAX] = (regs.gpr[gpr::RAX] & !m) | u64::from_le_bytes(b);
+        }
+        if form.shape == Shape::MulDiv {
+            self.no_divide_error(form, off as usize, regs, data);
         }
         let a32 = low && self.chance(6);
         let seg = if a32 {
@@ -687,6 +834,12 @@ impl Generator {
         let r = match form.shape {
             Shape::MemReg | Shape::BtReg => Instruction::with2(form.code, mem, reg),
             Shape::RegMem => Instruction::with2(form.code, reg, mem),
+            Shape::ShiftOne => Instruction::with2(form.code, mem, 1u32),
+            Shape::ShiftCl => Instruction::with2(form.code, mem, Register::CL),
+            Shape::DShImm => Instruction::with3(form.code, mem, reg, imm as u32 & 0xff),
+            Shape::DShCl => Instruction::with3(form.code, mem, reg, Register::CL),
+            Shape::RegMemImm => Instruction::with3(form.code, reg, mem, imm),
+            Shape::MulDiv => Instruction::with1(form.code, mem),
             Shape::MemImm => {
                 if form.code_is_bt() {
                     Instruction::with2(form.code, mem, imm as u32 & 0xff)
@@ -700,6 +853,39 @@ impl Generator {
             Shape::Str(_) => return None,
         };
         r.ok()
+    }
+
+    /// Makes a DIV/IDIV case not fault: a non-zero divisor in memory and a
+    /// high dividend half that keeps the quotient in range.
+    fn no_divide_error(&mut self, form: Form, off: usize, regs: &mut Regs, data: &mut [u8]) {
+        use iced_x86::Mnemonic;
+        let w = usize::from(form.mem_w);
+        let m = super::alu::mask(form.mem_w);
+        let bits = 8 * u32::from(form.mem_w);
+        let signed = match form.code.mnemonic() {
+            Mnemonic::Div => false,
+            Mnemonic::Idiv => true,
+            _ => return,
+        };
+        let mut b = [0u8; 8];
+        b[..w].copy_from_slice(&data[off..off + w]);
+        let mut d = u64::from_le_bytes(b) & m;
+        if d == 0 || (signed && d == m) {
+            d = 1 + self.below(m.min(1 << 20));
+            data[off..off + w].copy_from_slice(&d.to_le_bytes()[..w]);
+        }
+        let lo = if form.mem_w == 1 { regs.gpr[gpr::RAX] & 0xff } else { regs.gpr[gpr::RAX] & m };
+        let hi = if signed {
+            // Sign-extend the low half: |quotient| <= |dividend| fits.
+            if lo >> (bits - 1) & 1 == 1 { m } else { 0 }
+        } else {
+            self.below(d)
+        };
+        if form.mem_w == 1 {
+            regs.gpr[gpr::RAX] = (regs.gpr[gpr::RAX] & !0xff00) | (hi << 8);
+        } else {
+            regs.gpr[gpr::RDX] = (regs.gpr[gpr::RDX] & !m) | hi;
+        }
     }
 
     /// A ModRM memory operand whose offset (before the segment base) is
@@ -772,8 +958,9 @@ impl Generator {
 }
 
 impl Form {
+    /// Forms whose imm8 is an unsigned count or bit index.
     fn code_is_bt(&self) -> bool {
         use iced_x86::Mnemonic::*;
-        matches!(self.code.mnemonic(), Bt | Bts | Btr | Btc)
+        matches!(self.code.mnemonic(), Bt | Bts | Btr | Btc | Rol | Ror | Rcl | Rcr | Shl | Shr | Sar)
     }
 }

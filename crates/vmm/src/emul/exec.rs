@@ -2,7 +2,7 @@
 
 use iced_x86::{Code, ConditionCode, Decoder, DecoderError, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
-use super::alu::{self, Bin, STATUS, Un, mask};
+use super::alu::{self, Bin, STATUS, Sh, Un, mask};
 use super::{
     Emulated, Error, FLAG_DF, Fault, LOCK_RETRIES, MAX_INSN_LEN, MAX_REP_ITERATIONS, MemError, MemErrorKind, Memory,
     PAGE_SIZE, Regs, gpr,
@@ -585,6 +585,80 @@ impl<M: Memory + ?Sized> Cx<'_, M> {
                 } else {
                     Ok(())
                 }
+            }
+            Mnemonic::Rol
+            | Mnemonic::Ror
+            | Mnemonic::Rcl
+            | Mnemonic::Rcr
+            | Mnemonic::Shl
+            | Mnemonic::Sal
+            | Mnemonic::Shr
+            | Mnemonic::Sar
+                if count == 2 && mem_dst =>
+            {
+                let w = self.width(0)?;
+                let c = self.read_op(1, 1)? as u8;
+                let op = match m {
+                    Mnemonic::Rol => Sh::Rol,
+                    Mnemonic::Ror => Sh::Ror,
+                    Mnemonic::Rcl => Sh::Rcl,
+                    Mnemonic::Rcr => Sh::Rcr,
+                    Mnemonic::Shl | Mnemonic::Sal => Sh::Shl,
+                    Mnemonic::Shr => Sh::Shr,
+                    _ => Sh::Sar,
+                };
+                let addr = self.ea()?;
+                let rf = self.r.rflags;
+                let mut flags = 0;
+                self.rmw(addr, w, false, |_, a| {
+                    let (r, f) = alu::shift(op, w, a, c, rf);
+                    flags = f;
+                    Some(r)
+                })?;
+                self.set_flags(flags);
+                Ok(())
+            }
+            Mnemonic::Shld | Mnemonic::Shrd if count == 3 && mem_dst => {
+                let w = self.width(0)?;
+                let b = self.read_op(1, w)?;
+                let c = self.read_op(2, 1)? as u8;
+                let addr = self.ea()?;
+                let rf = self.r.rflags;
+                let mut flags = 0;
+                self.rmw(addr, w, false, |_, a| {
+                    let (r, f) = alu::double_shift(m == Mnemonic::Shld, w, a, b, c, rf);
+                    flags = f;
+                    Some(r)
+                })?;
+                self.set_flags(flags);
+                Ok(())
+            }
+            Mnemonic::Imul if count == 2 || count == 3 => {
+                let w = self.width(0)?;
+                let (a, b) = if count == 2 {
+                    (self.read_op(0, w)?, self.read_op(1, w)?)
+                } else {
+                    (self.read_op(1, w)?, self.read_op(2, w)?)
+                };
+                let (r, f) = alu::imul2(w, a, b, self.r.rflags);
+                self.write_op(0, w, r)?;
+                self.set_flags(f);
+                Ok(())
+            }
+            Mnemonic::Mul | Mnemonic::Imul | Mnemonic::Div | Mnemonic::Idiv if count == 1 && mem_dst => {
+                let w = self.width(0)?;
+                let b = self.read_op(0, w)?;
+                let (rax, rdx, rf) = (self.r.gpr[gpr::RAX], self.r.gpr[gpr::RDX], self.r.rflags);
+                let (rax, rdx, f) = match m {
+                    Mnemonic::Mul => alu::mul1(false, w, rax, rdx, b, rf),
+                    Mnemonic::Imul => alu::mul1(true, w, rax, rdx, b, rf),
+                    _ => alu::div1(m == Mnemonic::Idiv, w, rax, rdx, b, rf)
+                        .ok_or_else(|| self.fault(Fault::DivideError))?,
+                };
+                self.r.gpr[gpr::RAX] = rax;
+                self.r.gpr[gpr::RDX] = rdx;
+                self.set_flags(f);
+                Ok(())
             }
             Mnemonic::Push if count == 1 && mem_dst => {
                 let w = self.width(0)?;

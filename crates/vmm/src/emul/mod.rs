@@ -60,14 +60,17 @@
 //! | exchange | XCHG, CMPXCHG, XADD |
 //! | bits | BT BTS BTR BTC (reg form with bit-string addressing, imm8 form) |
 //! | conditional | SETcc, CMOVcc (memory is read even when the condition is false; 32-bit CMOV zero-extends) |
+//! | shifts | ROL ROR RCL RCR SHL/SAL SHR SAR (by 1, CL, imm8), SHLD SHRD (imm8, CL) |
+//! | multiply | IMUL r,m and r,m,imm; MUL IMUL DIV IDIV m (#DE detected before the host runs it) |
 //! | stack | PUSH r/m (FF /6), POP r/m (8F /0; the address uses the incremented RSP) |
 //! | strings | MOVS STOS LODS CMPS SCAS, all widths, REP/REPE/REPNE, DF, 67 (ECX/ESI/EDI) |
 //! | LOCK | every lockable form above |
 //!
 //! # Known gaps
 //!
-//! Shifts and rotates, MUL/DIV, CMPXCHG8B/16B, MOVBE, BSF/BSR, SSE/AVX
-//! moves, INS/OUTS, far and 16/32-bit-mode code. Unlocked CMPXCHG that
+//! CMPXCHG8B/16B, MOVBE, MOVNTI, BSF/BSR/POPCNT/LZCNT/TZCNT, SSE/AVX moves
+//! (the register file holds no vector state), INS/OUTS, far and
+//! 16/32-bit-mode code. Unlocked CMPXCHG that
 //! fails does not write the old value back (the CPU does; the value is
 //! unchanged). Alignment checks (#AC) and canonical checks (#GP/#SS) are not
 //! made.
@@ -226,6 +229,8 @@ pub enum Fault {
     InvalidOpcode,
     /// #GP(0).
     GeneralProtection,
+    /// #DE: DIV/IDIV by zero or with a quotient that does not fit.
+    DivideError,
 }
 
 /// Why an instruction was not emulated. On error the registers are
