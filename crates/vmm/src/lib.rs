@@ -54,6 +54,7 @@
 #![deny(missing_docs)]
 
 pub mod devmem;
+pub mod emul;
 mod error;
 pub mod fbuf;
 pub mod guest;
