@@ -92,6 +92,7 @@
 pub mod backend;
 pub mod bench;
 pub mod detect;
+pub mod differential;
 pub mod inspect;
 pub mod machine;
 pub mod mem;

@@ -275,6 +275,7 @@ pub fn run_oracle(probes: &[Probe], mode: PagingMode) -> Result<Vec<ProbeResult>
                 }
                 Event::Port(guest::PORT_DONE, _) => Action::Stop,
                 Event::Port(p, r) => Action::Fatal(format!("unexpected port {p:#x} {r:x?}")),
+                Event::EmulationFailed(f, e) => Action::Fatal(format!("emulation at {:#x}: {e}", f.gpa)),
             }
         },
         |_| Ok::<(), KvmError>(()),

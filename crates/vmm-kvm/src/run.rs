@@ -291,6 +291,9 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
                 Action::Continue
             }
             Event::Port(p, r) => Action::Fatal(format!("vCPU {i}: unexpected report {p:#x} {r:x?}")),
+            Event::EmulationFailed(f, e) => {
+                Action::Fatal(format!("vCPU {i}: MMIO access at {:#x} not emulated: {e}", f.gpa))
+            }
         }
     };
 

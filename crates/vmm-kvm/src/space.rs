@@ -345,6 +345,23 @@ impl VcpuMem for SpaceVcpu {
             _ => FaultError::Host,
         })
     }
+
+    fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Option<()> {
+        // One page piece (the emulator splits at page boundaries), through
+        // a read hold: safe against a concurrent unmap.
+        let h = self.client.hold(gpa & !(PAGE - 1), Prot::READ).ok()?;
+        let r = h.read((gpa % PAGE) as usize, buf).ok();
+        h.release();
+        r
+    }
+
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Option<()> {
+        // A writable hold: its release marks the page dirty.
+        let h = self.client.hold(gpa & !(PAGE - 1), Prot::READ | Prot::WRITE).ok()?;
+        let r = h.write((gpa % PAGE) as usize, data).ok();
+        h.release();
+        r
+    }
 }
 
 impl MemBackend for SpaceBackend {

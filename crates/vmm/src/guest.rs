@@ -77,6 +77,9 @@ pub const P_PROBE_COUNT: u64 = 0x80;
 pub const P_WATCH_FAULTS: u64 = 0x90;
 /// Verify pass: pages it covered (written by the guest).
 pub const P_VERIFIED: u64 = 0x98;
+/// Exec: the guest address the workload jumps to (host-written code; the
+/// emulator's differential test).
+pub const P_EXEC_ENTRY: u64 = 0xa0;
 /// Probe entries start here: {addr, kind, value, result}, 32 bytes each.
 pub const P_PROBES: u64 = 0x100;
 /// Maximum number of probe entries in one parameter block.
@@ -158,6 +161,10 @@ vmm_guest_entry:
     je vmm_guest_watch
     cmp rbx, 5
     je vmm_guest_ping
+    cmp rbx, 6
+    jne 1f
+    jmp qword ptr [r15 + 0xa0]
+1:
     mov r14, [r15 + 0x08]
     mov r13, [r15 + 0x10]
     mov r12, [r15 + 0x18]

@@ -3,8 +3,9 @@
 //! ([`crate::hv`]), so every backend runs the same loop.
 #![allow(unsafe_code)]
 
+use crate::emul::{MemError, MemErrorKind};
 use crate::guest::{self, GuestCode};
-use crate::hv::{Exit, FaultError, Kick, MachineError, MemBackend, Regs, Result, Vcpu};
+use crate::hv::{Exit, FaultError, Kick, MachineError, MemBackend, Regs, Result, Vcpu, VcpuMem};
 use crate::runtime;
 use nested_pt::Access;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +38,14 @@ pub struct VcpuStats {
     pub flushes: AtomicU64,
     /// Exits caused by kicks/signals.
     pub interrupted: AtomicU64,
+    /// Nested faults on a device's range (MMIO exits).
+    pub mmio_exits: AtomicU64,
+    /// Instructions emulated (a REP string instruction counts once per
+    /// exit).
+    pub emulated: AtomicU64,
+    /// Nanoseconds in instruction fetch, decode and emulation, including
+    /// the device models.
+    pub emul_ns: AtomicU64,
 }
 
 /// A nested fault as the vCPU loop saw it.
@@ -59,6 +68,10 @@ pub enum Event {
     Unserved(FaultInfo, FaultError),
     /// A report other than a pause, with rax, rdx, rsi, rdi.
     Port(u16, [u64; 4]),
+    /// An access to a device's range whose instruction could not be
+    /// emulated (unsupported, undecodable, a fault to inject, a failed
+    /// access): the bytes and RIP are in the error.
+    EmulationFailed(FaultInfo, crate::emul::Error),
 }
 
 /// What the handler wants done.
@@ -79,6 +92,120 @@ struct PauseState {
     paused: usize,
     finished: usize,
     epoch: u64,
+}
+
+/// The devices behind trapped guest-physical ranges, as the vCPU loop
+/// reaches them: a nested fault that no mapping serves, on an address a
+/// device claims, is emulated against them.
+pub trait MmioDevices: Send + Sync {
+    /// Whether `gpa` belongs to a device.
+    fn claims(&self, gpa: u64) -> bool;
+    /// A read of `data.len()` bytes (1 to 16) at `gpa` by vCPU `vcpu`.
+    fn read(&self, vcpu: usize, gpa: u64, data: &mut [u8]);
+    /// A write of `data` at `gpa` by vCPU `vcpu`.
+    fn write(&self, vcpu: usize, gpa: u64, data: &[u8]);
+}
+
+/// Guest memory for the emulator: each page piece goes to RAM through the
+/// vCPU's memory port (page holds) or, where nothing is mapped, to a device
+/// that claims it.
+struct EmulMemory<'a> {
+    mem: &'a mut dyn VcpuMem,
+    dev: &'a dyn MmioDevices,
+    vcpu: usize,
+}
+
+impl EmulMemory<'_> {
+    /// Splits `[addr, addr+len)` (modulo 2^64) at page boundaries and calls
+    /// `f(address, buffer range)` for each piece.
+    fn pieces(
+        addr: u64,
+        len: usize,
+        mut f: impl FnMut(u64, std::ops::Range<usize>) -> std::result::Result<(), MemError>,
+    ) -> std::result::Result<(), MemError> {
+        let mut done = 0usize;
+        while done < len {
+            let a = addr.wrapping_add(done as u64);
+            let room = (PAGE - a % PAGE) as usize;
+            let n = room.min(len - done);
+            f(a, done..done + n)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl crate::emul::Memory for EmulMemory<'_> {
+    fn fetch(&mut self, addr: u64, buf: &mut [u8]) -> std::result::Result<usize, MemError> {
+        let n = buf.len().min((PAGE - addr % PAGE) as usize);
+        // Code comes from RAM only (a device's range never holds it).
+        self.mem.read(addr, &mut buf[..n]).ok_or(MemError { addr, kind: MemErrorKind::Unmapped })?;
+        Ok(n)
+    }
+
+    fn read(&mut self, addr: u64, buf: &mut [u8]) -> std::result::Result<(), MemError> {
+        let (mem, dev, vcpu) = (&mut *self.mem, self.dev, self.vcpu);
+        Self::pieces(addr, buf.len(), |a, r| {
+            if dev.claims(a) {
+                dev.read(vcpu, a, &mut buf[r]);
+                Ok(())
+            } else if mem.read(a, &mut buf[r]).is_some() {
+                Ok(())
+            } else {
+                Err(MemError { addr: a, kind: MemErrorKind::Unmapped })
+            }
+        })
+    }
+
+    fn write(&mut self, addr: u64, data: &[u8]) -> std::result::Result<(), MemError> {
+        let (mem, dev, vcpu) = (&mut *self.mem, self.dev, self.vcpu);
+        Self::pieces(addr, data.len(), |a, r| {
+            if dev.claims(a) {
+                dev.write(vcpu, a, &data[r]);
+                Ok(())
+            } else if mem.write(a, &data[r]).is_some() {
+                Ok(())
+            } else {
+                Err(MemError { addr: a, kind: MemErrorKind::Unmapped })
+            }
+        })
+    }
+}
+
+/// Emulates the instruction that faulted on a device's range. The #PF
+/// stub has pushed the user-mode frame (error code, RIP, CS, RFLAGS, RSP,
+/// SS) on the kernel stack at `ksp`: the emulator gets the general
+/// registers with the user RSP, RIP and RFLAGS from the frame, and the
+/// results go back the same way (general registers into the vCPU, RIP,
+/// RFLAGS and RSP into the frame, which the stub's `iretq` returns
+/// through). Returns the instructions emulated (1).
+fn emulate_at(
+    v: &mut dyn Vcpu,
+    mem: &mut dyn VcpuMem,
+    dev: &dyn MmioDevices,
+    vcpu: usize,
+    b: &dyn MemBackend,
+    ksp: u64,
+) -> std::result::Result<u64, crate::emul::Error> {
+    let frame = |k: u64| read_guest_u64(b, ksp + 8 * k);
+    let stack_err = || crate::emul::Error::Memory(MemError { addr: ksp, kind: MemErrorKind::Unmapped });
+    let (rip, rflags, ursp) = match (frame(1), frame(3), frame(4)) {
+        (Some(a), Some(f), Some(s)) => (a, f, s),
+        _ => return Err(stack_err()),
+    };
+    let hv = v.regs();
+    let mut er = crate::emul::Regs { gpr: hv.gpr, rip, rflags, fs_base: 0, gs_base: 0 };
+    er.gpr[Regs::RSP] = ursp;
+    let done = crate::emul::emulate(&mut er, &mut EmulMemory { mem, dev, vcpu })?;
+    let mut out = hv;
+    out.gpr = er.gpr;
+    out.gpr[Regs::RSP] = hv.gpr[Regs::RSP];
+    v.set_regs(&out);
+    for (k, val) in [(1, er.rip), (3, er.rflags), (4, er.gpr[Regs::RSP])] {
+        write_guest_u64(b, ksp + 8 * k, val).ok_or_else(stack_err)?;
+    }
+    let _ = done;
+    Ok(1)
 }
 
 /// Coordination between the vCPU threads and the controlling thread.
@@ -159,6 +286,9 @@ pub struct Machine {
     pub stats: Vec<VcpuStats>,
     /// Pause/stop coordination.
     pub control: Control,
+    /// The devices trapped accesses are emulated against (none: every
+    /// access outside a mapping is a guest error).
+    pub mmio: Option<Arc<dyn MmioDevices>>,
     kicks: Vec<Arc<dyn Kick>>,
 }
 
@@ -192,7 +322,16 @@ impl Machine {
         let code = guest::code();
         let kicks = vcpus.iter().map(|v| v.kick_handle()).collect();
         let stats = (0..vcpus.len()).map(|_| VcpuStats::default()).collect();
-        Machine { backend, flush, code, vcpus: Mutex::new(vcpus), stats, control: Control::default(), kicks }
+        Machine {
+            backend,
+            flush,
+            code,
+            vcpus: Mutex::new(vcpus),
+            stats,
+            control: Control::default(),
+            mmio: None,
+            kicks,
+        }
     }
 
     /// Number of vCPUs.
@@ -359,7 +498,29 @@ impl Machine {
                         }
                         continue;
                     }
-                    match mem.fault(gpa, access) {
+                    let served = mem.fault(gpa, access);
+                    if served == Err(FaultError::NoMapping)
+                        && let Some(dev) = self.mmio.as_deref()
+                        && dev.claims(gpa)
+                    {
+                        // An access to a device: emulate the instruction.
+                        st.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                        let te = Instant::now();
+                        let r = emulate_at(v, &mut *mem, dev, i, b, rsp);
+                        st.emul_ns.fetch_add(te.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        match r {
+                            Ok(n) => {
+                                st.emulated.fetch_add(n, Ordering::Relaxed);
+                                continue;
+                            }
+                            Err(e) => match handler(i, Event::EmulationFailed(info, e)) {
+                                Action::Continue | Action::Skip(_) => continue,
+                                Action::Stop => return Ok(()),
+                                Action::Fatal(m) => return Err(MachineError::Guest(m)),
+                            },
+                        }
+                    }
+                    match served {
                         Ok(()) => {
                             st.faults.fetch_add(1, Ordering::Relaxed);
                             pending_fault = Some(t1);

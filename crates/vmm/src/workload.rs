@@ -29,6 +29,9 @@ pub enum Mode {
     Watch = 4,
     /// Ring a no-op doorbell in a loop (exit round-trip benchmark).
     Ping = 5,
+    /// Jump to host-written code at the parameter block's exec entry
+    /// (instruction-emulation checks against the CPU).
+    Exec = 6,
 }
 
 /// Parameters of one vCPU's data workload.
