@@ -47,12 +47,12 @@ fn one_vcpu(mem: u64, fault_around: u32, mode: PagingMode, prefault: bool) -> Re
         fault_around,
     )?);
     if mem > 0 {
-        let ram = be.ram_object(mem)?;
+        let ram = be.ram_segment(mem)?;
         if prefault {
             // Make the host allocate every page now (through the host view),
             // so the first guest touch measures faults, not host allocation.
             for off in (0..mem).step_by(PAGE as usize) {
-                let p = be.object_ptr(&ram, off).ok_or_else(|| KvmError::Setup("prefault".into()))?;
+                let p = be.object_ptr(&ram.object, off).ok_or_else(|| KvmError::Setup("prefault".into()))?;
                 // SAFETY: a resident page of our own object; no vCPU runs yet.
                 unsafe { (p as *mut u64).write_volatile(0) };
             }

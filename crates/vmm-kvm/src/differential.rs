@@ -328,13 +328,19 @@ pub fn run_differential(cases: usize, seed: u64, mode: PagingMode) -> Result<Rep
     be.map_runtime(&runtime::rom_image(&guest::code(), 1), 1, 1)?;
     let doorbell = runtime::doorbell(0) + u64::from(guest::PORT_DONE);
     let case_obj = be.map_bytes(CASE_PAGE, &fixed_code(doorbell), PAGE, Prot::RWX)?;
-    let d0 = be.ram_object(PAGE)?;
-    let d1 = be.ram_object(PAGE)?;
+    let d0 = be.ram_segment(PAGE)?;
+    let d1 = be.ram_segment(PAGE)?;
     let stack_obj = be.map_bytes(STACK_GUARD, &[], 2 * PAGE, Prot::READ | Prot::WRITE)?;
     be.map(&d0, DATA, PAGE, Prot::READ | Prot::WRITE)?;
     be.map(&d1, DATA + PAGE, PAGE, Prot::READ | Prot::WRITE)?;
     let dev = Arc::new(PlainMemory { range: Mutex::new((DATA, 0)), bytes: Mutex::new(vec![0; 2 * PAGE as usize]) });
-    let rig = Rig { be: be.clone(), case_obj, data_obj: [d0.clone(), d1.clone()], stack_obj, dev: dev.clone() };
+    let rig = Rig {
+        be: be.clone(),
+        case_obj: case_obj.object,
+        data_obj: [d0.object.clone(), d1.object.clone()],
+        stack_obj: stack_obj.object,
+        dev: dev.clone(),
+    };
     let mut m: Machine = crate::machine::create(&vm, be.clone(), mode, 1)?;
     m.set_param(0, P_MODE, Mode::Exec as u64)?;
     m.set_param(0, P_EXEC_ENTRY, CASE_PAGE)?;

@@ -215,7 +215,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
         cfg.fault_around,
     )?);
     be.zap_threshold.store(cfg.zap_threshold, Ordering::Relaxed);
-    let ram = be.ram_object(cfg.mem_bytes)?;
+    let ram = be.ram_segment(cfg.mem_bytes)?;
     be.map(&ram, 0, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
     be.map_runtime(&runtime::rom_image(&guest::code(), cfg.vcpus), cfg.vcpus, npages)?;
     let mut m = crate::machine::create(&vm, be.clone(), mode, cfg.vcpus)?;

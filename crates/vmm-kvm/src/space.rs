@@ -88,8 +88,12 @@ impl Inval {
             }
             Ok(())
         };
+        let mut outside = false;
         for p in pfns {
             if p.0 < self.frame_base || (p.0 - self.frame_base) * PAGE >= self.view.len() as u64 {
+                // Device memory lives in slots of its own, outside the
+                // reservoir's view: no per-frame drop reaches it.
+                outside = true;
                 continue;
             }
             n += 1;
@@ -104,6 +108,9 @@ impl Inval {
         }
         if let Some(r) = run {
             flush(r)?;
+        }
+        if outside {
+            self.zap();
         }
         self.stats.frames_dropped.fetch_add(n, Ordering::Relaxed);
         self.stats.drop_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -154,12 +161,13 @@ impl Inval {
 /// A vmspace run by KVM vCPUs.
 pub struct SpaceBackend {
     vm: Arc<KvmVm>,
-    space: VmSpace<SlotPages>,
     reservoir: Arc<MemfdReservoir>,
     arena: Arena,
     inval: Arc<Inval>,
     admin: Mutex<VmClient<SlotPages>>,
     mode: PagingMode,
+    /// The VM layer: segments over the vmspace.
+    segments: Arc<vmm::Vm<SlotPages>>,
     /// Harvests with more dirty pages than this zap all shadow pages
     /// instead of dropping each frame (shadow hosts).
     pub zap_threshold: AtomicU64,
@@ -173,6 +181,52 @@ impl std::fmt::Debug for SpaceBackend {
 
 fn vs(what: &str) -> impl Fn(vmspace::Error) -> KvmError + '_ {
     move |e| KvmError::Setup(format!("{what}: {e}"))
+}
+
+fn vm_err(what: &str) -> impl Fn(vmm::Error) -> KvmError + '_ {
+    move |e| KvmError::Setup(format!("{what}: {e}"))
+}
+
+/// A system-memory segment made by [`SpaceBackend::ram_segment`]: its id
+/// and its object (for host access through the reservoir's view).
+#[derive(Debug, Clone)]
+pub struct Segment {
+    /// The segment id in the VM.
+    pub id: u32,
+    /// The memory object behind it.
+    pub object: Arc<VmObject>,
+}
+
+/// KVM guest-physical base of device memory (each device-memory segment is
+/// a memory slot of its own there).
+pub const DEVMEM_KVM_BASE: u64 = 0x80_0000_0000;
+/// Bytes of KVM guest-physical space reserved for device memory.
+pub const DEVMEM_KVM_BYTES: u64 = 64 << 30;
+
+/// Device memory of the VM layer as KVM memory slots.
+struct KvmExposure {
+    vm: Arc<KvmVm>,
+    /// (first frame, slot) of each exposed segment.
+    slots: Mutex<Vec<(u64, u32)>>,
+}
+
+impl vmm::devmem::MemoryExposure for KvmExposure {
+    fn expose(&self, frame_base: Pfn, host: std::ptr::NonNull<u8>, len: u64) -> vmm::Result<()> {
+        // SAFETY: the node's mapping stays valid until `withdraw`, which
+        // deletes the slot before the mapping goes (DevMemReservoir's drop).
+        let slot = unsafe { self.vm.add_raw_region(host.as_ptr() as u64, len, frame_base.0 * PAGE) }
+            .map_err(|e| vmm::Error::Backend(e.to_string()))?;
+        self.slots.lock().expect("slots").push((frame_base.0, slot));
+        Ok(())
+    }
+
+    fn withdraw(&self, frame_base: Pfn, _len: u64) {
+        let mut slots = self.slots.lock().expect("slots");
+        if let Some(i) = slots.iter().position(|&(f, _)| f == frame_base.0) {
+            let (_, slot) = slots.swap_remove(i);
+            let _ = self.vm.remove_raw_region(slot, frame_base.0 * PAGE);
+        }
+    }
 }
 
 impl SpaceBackend {
@@ -191,6 +245,22 @@ impl SpaceBackend {
         mode: PagingMode,
         fault_around: u32,
     ) -> Result<Self> {
+        Self::create(vm, ram_limit, table_bytes, mode, fault_around, None)
+    }
+
+    /// A VM (`vmm::Vm`: memory segments over a vmspace) whose table pages,
+    /// RAM (`ram_limit` bytes of reservoir) and device memory live in KVM
+    /// memory slots of `vm`. `name` names its device-memory nodes (a name
+    /// unique to this process is made up when `None`).
+    pub fn create(
+        vm: Arc<KvmVm>,
+        ram_limit: u64,
+        table_bytes: u64,
+        mode: PagingMode,
+        fault_around: u32,
+        name: Option<&str>,
+    ) -> Result<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         let treg = Arc::new(SharedRegion::new("vmm-tables", table_bytes).map_err(|e| KvmError::Os("memfd", e))?);
         vm.add_region(treg.clone(), TABLES_KVM_BASE)?;
         let pages = SlotPages::new(treg, TABLES_KVM_BASE, Some(vm.clone()))?;
@@ -205,7 +275,20 @@ impl SpaceBackend {
         let mut cfg = SpaceConfig::new(SPACE_SIZE, npt_format(&vm));
         cfg.track_dirty = true;
         cfg.fault_around = fault_around.max(1);
-        let space = VmSpace::new(cfg, pages).map_err(vs("vmspace"))?;
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => format!("kvm-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)),
+        };
+        let vcfg = vmm::VmConfig {
+            name,
+            space: cfg,
+            devmem_frame_base: Pfn(DEVMEM_KVM_BASE / PAGE),
+            devmem_frames: DEVMEM_KVM_BYTES / PAGE,
+        };
+        let exposure = Arc::new(KvmExposure { vm: vm.clone(), slots: Mutex::new(Vec::new()) });
+        let segments = Arc::new(
+            vmm::Vm::new(vcfg, pages, reservoir.clone(), exposure).map_err(|e| KvmError::Setup(format!("VM: {e}")))?,
+        );
         let inval = Arc::new(Inval {
             vm: vm.clone(),
             mode,
@@ -215,24 +298,29 @@ impl SpaceBackend {
             own_harvest: AtomicBool::new(false),
             stats: InvalStats::default(),
         });
-        let admin = space.client();
+        let admin = segments.space().client();
         let i2 = inval.clone();
         admin.set_invalidation(Some(move |inv: &Invalidation<'_>| i2.on_invalidate(inv)));
         Ok(SpaceBackend {
             vm,
-            space,
             reservoir,
             arena,
             inval,
             admin: Mutex::new(admin),
             mode,
+            segments,
             zap_threshold: AtomicU64::new(DEFAULT_ZAP_THRESHOLD),
         })
     }
 
+    /// The VM layer: memory segments over the vmspace.
+    pub fn segments(&self) -> &Arc<vmm::Vm<SlotPages>> {
+        &self.segments
+    }
+
     /// The vmspace.
     pub fn space(&self) -> &VmSpace<SlotPages> {
-        &self.space
+        self.segments.space()
     }
 
     /// The reservoir objects are allocated from.
@@ -240,9 +328,12 @@ impl SpaceBackend {
         self.reservoir.clone()
     }
 
-    /// A new RAM object of `size` bytes.
-    pub fn ram_object(&self, size: u64) -> Result<Arc<VmObject>> {
-        VmObject::ram(self.reservoir.clone(), size).map_err(vs("RAM object"))
+    /// A new system-memory segment of `size` bytes (the next free id).
+    pub fn ram_segment(&self, size: u64) -> Result<Segment> {
+        let id = self.segments.free_segment_id().ok_or_else(|| KvmError::Setup("no free segment id".into()))?;
+        self.segments.alloc_segment(id, size, vmm::SegmentKind::SysMem).map_err(vm_err("segment"))?;
+        let object = self.segments.segment_object(id).map_err(vm_err("segment"))?;
+        Ok(Segment { id, object })
     }
 
     /// Host pointer to byte `off` of `object` (through the host view).
@@ -262,14 +353,14 @@ impl SpaceBackend {
         Ok(())
     }
 
-    /// Maps a new object holding `bytes` (padded to pages) at `gpa` with
-    /// `prot`, resident.
-    pub fn map_bytes(&self, gpa: u64, bytes: &[u8], len: u64, prot: Prot) -> Result<Arc<VmObject>> {
-        let obj = self.ram_object(len)?;
-        self.write_object(&obj, 0, bytes)?;
-        self.space.map(&obj, 0, gpa, len, prot).map_err(vs("map"))?;
-        self.space.populate(gpa, len).map_err(vs("populate"))?;
-        Ok(obj)
+    /// Maps a new system-memory segment holding `bytes` (padded to pages)
+    /// at `gpa` with `prot`, resident.
+    pub fn map_bytes(&self, gpa: u64, bytes: &[u8], len: u64, prot: Prot) -> Result<Segment> {
+        let seg = self.ram_segment(len)?;
+        self.write_object(&seg.object, 0, bytes)?;
+        self.map(&seg, gpa, len, prot)?;
+        self.space().populate(gpa, len).map_err(vs("populate"))?;
+        Ok(seg)
     }
 
     /// Maps the runtime for `nvcpus` vCPUs whose regions have `npages`
@@ -299,14 +390,14 @@ impl SpaceBackend {
         vmspace::Reservoir::stats(&*self.reservoir).allocated / PAGE
     }
 
-    /// Unmaps `[gpa, gpa+len)` (one whole mapping): see `VmSpace::unmap`.
+    /// Unmaps `[gpa, gpa+len)` (one whole mapping): `vmm::Vm::unmap`.
     pub fn unmap(&self, gpa: u64, len: u64) -> Result<()> {
-        self.space.unmap(gpa, len).map_err(vs("unmap"))
+        self.segments.unmap(gpa, len).map_err(vm_err("unmap"))
     }
 
-    /// Maps `object` at `gpa`.
-    pub fn map(&self, object: &Arc<VmObject>, gpa: u64, len: u64, prot: Prot) -> Result<()> {
-        self.space.map(object, 0, gpa, len, prot).map_err(vs("map"))
+    /// Maps the first `len` bytes of segment `seg` at `gpa`.
+    pub fn map(&self, seg: &Segment, gpa: u64, len: u64, prot: Prot) -> Result<()> {
+        self.segments.map_segment(gpa, seg.id, 0, len, Some(prot)).map_err(vm_err("map"))
     }
 
     /// The KVM VM.
@@ -369,31 +460,31 @@ impl MemBackend for SpaceBackend {
         "vmspace".into()
     }
     fn cr3(&self) -> u64 {
-        self.space.table_root()
+        self.space().table_root()
     }
     fn format(&self) -> nested_pt::PteFormat {
-        *self.space.format()
+        *self.space().format()
     }
     fn vcpu_mem(&self, vcpu: usize, kick: Arc<dyn Kick>) -> vmm::hv::Result<Box<dyn VcpuMem + '_>> {
-        let client = self.space.client();
+        let client = self.space().client();
         client.set_kick(Some(move |_cpu: u32| kick.kick()));
         Ok(Box::new(SpaceVcpu { client, cpu: vcpu as u32 }))
     }
     fn host_ptr(&self, gpa: u64) -> Option<*mut u8> {
-        let (pfn, _) = self.space.lookup(gpa)?;
+        let (pfn, _) = self.space().lookup(gpa)?;
         arena_ptr(&self.arena, pfn, gpa)
     }
     fn harvest(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> vmm::hv::Result<u64> {
         Ok(self.harvest_kvm(gpa, len, bitmap)?)
     }
     fn resident(&self) -> u64 {
-        self.space.resident_count()
+        self.space().resident_count()
     }
     fn generation(&self) -> u64 {
-        self.space.table_gen()
+        self.space().table_gen()
     }
     fn table_pages(&self) -> u64 {
-        self.space.with_table(|t| t.table_pages() as u64)
+        self.space().with_table(|t| t.table_pages() as u64)
     }
 }
 
@@ -402,7 +493,7 @@ impl SpaceBackend {
     fn harvest_kvm(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
         let mut frames = Vec::new();
         self.inval.own_harvest.store(true, Ordering::SeqCst);
-        let r = self.space.track_dirty_frames(gpa, len, bitmap, &mut frames);
+        let r = self.space().track_dirty_frames(gpa, len, bitmap, &mut frames);
         self.inval.own_harvest.store(false, Ordering::SeqCst);
         let n = r.map_err(vs("track_dirty"))?;
         // Zap when many pages were dirty: more than the threshold and more
@@ -413,7 +504,7 @@ impl SpaceBackend {
         let zap = match threshold {
             0 => true,
             u64::MAX => false,
-            t => n > t && n > self.space.resident_count() / 4,
+            t => n > t && n > self.space().resident_count() / 4,
         };
         if self.mode == PagingMode::Shadow && zap {
             // Many frames: one zap of every shadow page is far cheaper than

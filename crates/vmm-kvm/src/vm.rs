@@ -264,6 +264,21 @@ impl KvmVm {
         Ok(slot)
     }
 
+    /// Deletes raw slot `slot` (from [`add_raw_region`](Self::add_raw_region))
+    /// at `kvm_gpa`: KVM no longer reaches the mapping (and, on a shadow
+    /// host, drops every shadow page). The caller may unmap the memory
+    /// afterwards.
+    pub fn remove_raw_region(&self, slot: u32, kvm_gpa: u64) -> Result<()> {
+        let mr =
+            kvm_userspace_memory_region { slot, flags: 0, guest_phys_addr: kvm_gpa, memory_size: 0, userspace_addr: 0 };
+        // SAFETY: deleting a slot makes KVM drop its references to the
+        // memory; nothing is mapped.
+        unsafe { self.vm.set_user_memory_region(mr) }
+            .map_err(|e| KvmError::Ioctl("KVM_SET_USER_MEMORY_REGION (delete)", e))?;
+        self.zaps.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Drops every shadow page KVM holds for this VM by creating and deleting
     /// a one-page memory slot (x86 KVM zaps all shadow pages when a slot is
     /// deleted). Needed on shadow-paging hosts after a change to a non-leaf

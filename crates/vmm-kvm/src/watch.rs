@@ -64,8 +64,8 @@ pub fn run_watch(
     be.map_runtime(&runtime::rom_image(&guest::code(), nvcpus), nvcpus, 1)?;
     let objs = (1..=changes + 1)
         .map(|k| {
-            let o = be.ram_object(PAGE)?;
-            be.write_object(&o, 0, &k.to_le_bytes())?;
+            let o = be.ram_segment(PAGE)?;
+            be.write_object(&o.object, 0, &k.to_le_bytes())?;
             Ok(o)
         })
         .collect::<Result<Vec<_>>>()?;

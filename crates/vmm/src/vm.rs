@@ -266,6 +266,19 @@ impl<P: TablePages + Send + Sync> Vm<P> {
         Ok(Self::info(&st, id, s))
     }
 
+    /// The memory object behind segment `id` (for a backend's host view of
+    /// it; guest access goes through mappings and holds).
+    pub fn segment_object(&self, id: u32) -> Result<Arc<VmObject>> {
+        let st = self.state();
+        Ok(st.segments.get(&id).ok_or(Error::UnknownSegment(id))?.object.clone())
+    }
+
+    /// The lowest segment id not in use, if any.
+    pub fn free_segment_id(&self) -> Option<u32> {
+        let st = self.state();
+        (0..MAX_SEGMENTS).find(|id| !st.segments.contains_key(id))
+    }
+
     /// Every segment, by id.
     pub fn segments(&self) -> Vec<SegmentInfo> {
         let st = self.state();
