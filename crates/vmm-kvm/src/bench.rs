@@ -59,7 +59,7 @@ fn one_vcpu(mem: u64, fault_around: u32, mode: PagingMode, prefault: bool) -> Re
         }
         be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
     }
-    be.map_runtime(&runtime::rom_image(&guest::code(), 1), 1, npages.max(1))?;
+    be.map_runtime(1, npages.max(1))?;
     let m = crate::machine::create(&vm, be.clone(), mode, 1)?;
     Ok((be, m))
 }

@@ -325,7 +325,7 @@ pub fn run_differential(cases: usize, seed: u64, mode: PagingMode) -> Result<Rep
     let list: Vec<Case> = (0..cases).map(|i| generator.case(i)).collect();
     let vm = Arc::new(KvmVm::new()?);
     let be = Arc::new(SpaceBackend::with_fault_around(vm.clone(), 16 << 20, 4 << 20, mode, 1)?);
-    be.map_runtime(&runtime::rom_image(&guest::code(), 1), 1, 1)?;
+    be.map_runtime(1, 1)?;
     let doorbell = runtime::doorbell(0) + u64::from(guest::PORT_DONE);
     let case_obj = be.map_bytes(CASE_PAGE, &fixed_code(doorbell), PAGE, Prot::RWX)?;
     let d0 = be.ram_segment(PAGE)?;

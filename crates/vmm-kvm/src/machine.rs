@@ -18,7 +18,7 @@ pub fn create(vm: &KvmVm, backend: Arc<dyn MemBackend>, mode: PagingMode, nvcpus
     let mut vcpus: Vec<Box<dyn vmm::hv::Vcpu>> = Vec::new();
     for i in 0..nvcpus {
         let mut v = Vcpu::new(vm, i as u32)?;
-        v.setup_long_mode(&runtime::long_mode_setup(&code, i, nvcpus, backend.cr3()))?;
+        v.setup_long_mode(&runtime::long_mode_setup(&code, i, nvcpus, backend.cr3(), backend.rom_base()))?;
         vcpus.push(Box::new(v));
     }
     Ok(Machine::new(backend, vcpus, mode == PagingMode::HardwareNested))

@@ -213,7 +213,7 @@ pub fn run_oracle(probes: &[Probe], mode: PagingMode) -> Result<Vec<ProbeResult>
         model: NestedTable<HeapPages>,
     }
     let st = Mutex::new(St { step: 0, fault: None, results: Vec::new(), model });
-    let resume = runtime::CODE + m.code.probe_step;
+    let resume = m.code_addr(m.code.probe_step);
     let be2 = be.clone();
     let probes_v = probes.to_vec();
     m.run(

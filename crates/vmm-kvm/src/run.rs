@@ -3,7 +3,7 @@
 
 use crate::backend::MemBackend;
 use crate::detect::{Detection, detect};
-use crate::guest::{self, *};
+use crate::guest::*;
 use crate::machine::{Action, Event, Machine, read_guest_u64, write_guest_u64};
 use crate::mem::PAGE;
 use crate::runtime;
@@ -217,7 +217,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
     be.zap_threshold.store(cfg.zap_threshold, Ordering::Relaxed);
     let ram = be.ram_segment(cfg.mem_bytes)?;
     be.map(&ram, 0, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
-    be.map_runtime(&runtime::rom_image(&guest::code(), cfg.vcpus), cfg.vcpus, npages)?;
+    be.map_runtime(cfg.vcpus, npages)?;
     let mut m = crate::machine::create(&vm, be.clone(), mode, cfg.vcpus)?;
     m.flush |= cfg.force_flush;
     let specs: Vec<Spec> = (0..cfg.vcpus)

@@ -364,10 +364,22 @@ impl SpaceBackend {
     }
 
     /// Maps the runtime for `nvcpus` vCPUs whose regions have `npages`
-    /// pages each: ROM (read + execute), data and ledgers (read + write).
-    pub fn map_runtime(&self, rom: &[u8], nvcpus: usize, npages: u64) -> Result<()> {
+    /// pages each: the boot ROM as a device-memory segment named "bootrom",
+    /// read-only and executable just below 4 GiB ([`BOOTROM_BASE`]), as
+    /// bhyve maps its boot ROM; per-vCPU data and ledgers as system memory
+    /// (read + write).
+    pub fn map_runtime(&self, nvcpus: usize, npages: u64) -> Result<()> {
         use crate::runtime::*;
-        self.map_bytes(RT_BASE, rom, rom.len() as u64, Prot::READ | Prot::EXEC)?;
+        let rom = rom_image_at(&vmm::guest::code(), nvcpus, BOOTROM_BASE);
+        let len = rom.len() as u64;
+        let id = self.segments.free_segment_id().ok_or_else(|| KvmError::Setup("no free segment id".into()))?;
+        let vm = &self.segments;
+        vm.alloc_segment(id, len, vmm::SegmentKind::DevMem { name: "bootrom".into() }).map_err(vm_err("bootrom"))?;
+        vm.write_segment(id, 0, &rom).map_err(vm_err("bootrom"))?;
+        vm.map_segment(BOOTROM_BASE, id, 0, len, Some(Prot::READ | Prot::EXEC)).map_err(vm_err("bootrom"))?;
+        // Resident before any vCPU runs: a fault while delivering a fault
+        // would be a triple fault.
+        self.space().populate(BOOTROM_BASE, len).map_err(vs("populate bootrom"))?;
         for i in 0..nvcpus {
             self.map_bytes(params(i), &[], DATA_PAGES * PAGE, Prot::READ | Prot::WRITE)?;
         }
@@ -485,6 +497,9 @@ impl MemBackend for SpaceBackend {
     }
     fn table_pages(&self) -> u64 {
         self.space().with_table(|t| t.table_pages() as u64)
+    }
+    fn rom_base(&self) -> u64 {
+        crate::runtime::BOOTROM_BASE
     }
 }
 

@@ -17,7 +17,6 @@
 use crate::guest::{self, P_CTRL, P_EPOCH, P_MODE, P_WATCH_ADDR, P_WATCH_FAULTS, P_WATCH_READS};
 use crate::machine::{Action, Event};
 use crate::mem::PAGE;
-use crate::runtime;
 use crate::space::SpaceBackend;
 use crate::vm::{KvmError, KvmVm, PagingMode, Result};
 use crate::workload::Mode;
@@ -61,7 +60,7 @@ pub fn run_watch(
 ) -> Result<WatchReport> {
     let vm = Arc::new(KvmVm::new()?);
     let be = Arc::new(SpaceBackend::new(vm.clone(), 16 << 20, 4 << 20, mode)?);
-    be.map_runtime(&runtime::rom_image(&guest::code(), nvcpus), nvcpus, 1)?;
+    be.map_runtime(nvcpus, 1)?;
     let objs = (1..=changes + 1)
         .map(|k| {
             let o = be.ram_segment(PAGE)?;
@@ -77,7 +76,7 @@ pub fn run_watch(
         m.set_param(i, P_EPOCH, 1)?;
     }
     let violations = AtomicU64::new(0);
-    let resume = runtime::CODE + m.code.watch_fault;
+    let resume = m.code_addr(m.code.watch_fault);
     let mut times = Vec::new();
     m.run(
         |i, ev| match ev {

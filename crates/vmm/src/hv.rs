@@ -184,6 +184,11 @@ pub trait MemBackend: Send + Sync {
     fn generation(&self) -> u64;
     /// Number of table pages in use.
     fn table_pages(&self) -> u64;
+    /// Where the runtime's boot ROM is mapped ([`crate::runtime::RT_BASE`]
+    /// unless the backend put it elsewhere).
+    fn rom_base(&self) -> u64 {
+        crate::runtime::RT_BASE
+    }
 }
 
 /// One vCPU's access to the memory system (its vmspace client).

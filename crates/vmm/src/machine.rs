@@ -279,6 +279,8 @@ pub struct Machine {
     pub flush: bool,
     /// The guest code offsets.
     pub code: GuestCode,
+    /// Where the boot ROM (and so the guest code) is mapped.
+    pub rom_base: u64,
     /// The vCPUs while no run holds them (a mutex only to make the machine
     /// `Sync`: each vCPU is owned by one thread while it runs).
     vcpus: Mutex<Vec<Box<dyn Vcpu>>>,
@@ -315,6 +317,11 @@ pub fn write_guest_u64(b: &dyn MemBackend, gpa: u64, v: u64) -> Option<()> {
 }
 
 impl Machine {
+    /// The guest address of code offset `off` (an offset in [`GuestCode`]).
+    pub fn code_addr(&self, off: u64) -> u64 {
+        self.rom_base + runtime::CODE_OFF + off
+    }
+
     /// A machine of `vcpus` (index `i` at position `i`, each set up in long
     /// mode with [`runtime::long_mode_setup`]) over `backend`, whose runtime
     /// (see [`runtime`]) must already be mapped and resident.
@@ -322,10 +329,12 @@ impl Machine {
         let code = guest::code();
         let kicks = vcpus.iter().map(|v| v.kick_handle()).collect();
         let stats = (0..vcpus.len()).map(|_| VcpuStats::default()).collect();
+        let rom_base = backend.rom_base();
         Machine {
             backend,
             flush,
             code,
+            rom_base,
             vcpus: Mutex::new(vcpus),
             stats,
             control: Control::default(),

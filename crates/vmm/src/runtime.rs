@@ -28,6 +28,16 @@ pub const IDT: u64 = RT_BASE + 3 * PAGE;
 pub const CODE: u64 = RT_BASE + 4 * PAGE;
 /// ROM size (GDT, TSS, IDT, code).
 pub const ROM_PAGES: u64 = 8;
+/// Where a VM's boot ROM goes: just below 4 GiB, as bhyve maps its
+/// "bootrom" device-memory segment (the ROM is position-independent: the
+/// GDT, TSSes, IDT and code are placed relative to its base).
+pub const BOOTROM_BASE: u64 = (1 << 32) - ROM_PAGES * PAGE;
+/// Offset of the TSS area in the ROM.
+pub const TSS_OFF: u64 = PAGE;
+/// Offset of the IDT in the ROM.
+pub const IDT_OFF: u64 = 3 * PAGE;
+/// Offset of the first code page in the ROM.
+pub const CODE_OFF: u64 = 4 * PAGE;
 /// Most vCPUs the runtime has room for.
 pub const MAX_VCPUS: usize = 64;
 /// Per-vCPU data area base.
@@ -62,7 +72,12 @@ pub fn kernel_stack_top(i: usize) -> u64 {
     params(i) + DATA_PAGES * PAGE
 }
 
-/// Guest address of vCPU `i`'s TSS.
+/// Guest address of vCPU `i`'s TSS in a ROM at `rom_base`.
+pub fn tss_at(rom_base: u64, i: usize) -> u64 {
+    rom_base + TSS_OFF + i as u64 * 128
+}
+
+/// Guest address of vCPU `i`'s TSS (ROM at [`RT_BASE`]).
 pub fn tss(i: usize) -> u64 {
     TSS_AREA + i as u64 * 128
 }
@@ -86,11 +101,18 @@ fn put(img: &mut [u8], off: u64, bytes: &[u8]) {
     img[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
 }
 
-/// Builds the ROM image for `nvcpus` vCPUs (`ROM_PAGES` pages, to be mapped
-/// at [`RT_BASE`] read-only and executable).
+/// Builds the ROM image for `nvcpus` vCPUs to be mapped at [`RT_BASE`]
+/// (read-only and executable): [`rom_image_at`] with that base.
 pub fn rom_image(code: &GuestCode, nvcpus: usize) -> Vec<u8> {
+    rom_image_at(code, nvcpus, RT_BASE)
+}
+
+/// Builds the ROM image (`ROM_PAGES` pages: GDT, TSSes, IDT, code) for
+/// `nvcpus` vCPUs, to be mapped read-only and executable at `base`.
+pub fn rom_image_at(code: &GuestCode, nvcpus: usize, base: u64) -> Vec<u8> {
     assert!(nvcpus <= MAX_VCPUS);
     assert!(code.bytes.len() as u64 <= (ROM_PAGES - 4) * PAGE, "guest code too large");
+    let code_at = base + CODE_OFF;
     let mut img = vec![0u8; (ROM_PAGES * PAGE) as usize];
     // GDT: null, kernel code, kernel data, user data, user code; accessed set.
     let gdt: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00cf_f300_0000_ffff, 0x00af_fb00_0000_ffff];
@@ -98,20 +120,20 @@ pub fn rom_image(code: &GuestCode, nvcpus: usize) -> Vec<u8> {
         put(&mut img, (i * 8) as u64, &d.to_le_bytes());
     }
     for i in 0..nvcpus {
-        let base = tss(i);
+        let tss = tss_at(base, i);
         let limit = 0x67u64;
         // 64-bit TSS descriptor, type 0xB (busy), present.
         let lo = (limit & 0xffff)
-            | ((base & 0xff_ffff) << 16)
+            | ((tss & 0xff_ffff) << 16)
             | (0x8b << 40)
             | (((limit >> 16) & 0xf) << 48)
-            | (((base >> 24) & 0xff) << 56);
-        let hi = base >> 32;
+            | (((tss >> 24) & 0xff) << 56);
+        let hi = tss >> 32;
         let off = 0x28 + 16 * i as u64;
         put(&mut img, off, &lo.to_le_bytes());
         put(&mut img, off + 8, &hi.to_le_bytes());
         // TSS: RSP0 at +4, I/O map base at +0x66 beyond the limit.
-        let t = base - RT_BASE;
+        let t = tss - base;
         put(&mut img, t + 4, &kernel_stack_top(i).to_le_bytes());
         put(&mut img, t + 0x66, &0x68u16.to_le_bytes());
     }
@@ -120,28 +142,29 @@ pub fn rom_image(code: &GuestCode, nvcpus: usize) -> Vec<u8> {
         // Interrupt gate, DPL 0, present.
         let lo = (target & 0xffff) | (0x08 << 16) | (0x8e << 40) | (((target >> 16) & 0xffff) << 48);
         let hi = target >> 32;
-        put(img, IDT - RT_BASE + v * 16, &lo.to_le_bytes());
-        put(img, IDT - RT_BASE + v * 16 + 8, &hi.to_le_bytes());
+        put(img, IDT_OFF + v * 16, &lo.to_le_bytes());
+        put(img, IDT_OFF + v * 16 + 8, &hi.to_le_bytes());
     };
     for v in 0..32u64 {
-        let target = if v == 14 { CODE + code.pf_stub } else { CODE + code.exc_stubs + v * 8 };
+        let target = if v == 14 { code_at + code.pf_stub } else { code_at + code.exc_stubs + v * 8 };
         gate(&mut img, v, target);
     }
-    gate(&mut img, u64::from(FLUSH_VECTOR), CODE + code.flush_stub);
-    put(&mut img, CODE - RT_BASE, code.bytes);
+    gate(&mut img, u64::from(FLUSH_VECTOR), code_at + code.flush_stub);
+    put(&mut img, CODE_OFF, code.bytes);
     img
 }
 
-/// The long-mode set-up of vCPU `i` of `nvcpus`: CPL 3 at the workload
-/// entry with this vCPU's stack, parameter block and TSS, CR3 = `cr3`.
-pub fn long_mode_setup(code: &GuestCode, i: usize, nvcpus: usize, cr3: u64) -> crate::hv::LongModeSetup {
+/// The long-mode set-up of vCPU `i` of `nvcpus` with the ROM at
+/// `rom_base`: CPL 3 at the workload entry with this vCPU's stack,
+/// parameter block and TSS, CR3 = `cr3`.
+pub fn long_mode_setup(code: &GuestCode, i: usize, nvcpus: usize, cr3: u64, rom_base: u64) -> crate::hv::LongModeSetup {
     crate::hv::LongModeSetup {
         cr3,
-        gdt: (GDT, gdt_limit(nvcpus)),
-        idt: (IDT, IDT_LIMIT),
-        tss: tss(i),
+        gdt: (rom_base, gdt_limit(nvcpus)),
+        idt: (rom_base + IDT_OFF, IDT_LIMIT),
+        tss: tss_at(rom_base, i),
         index: i as u16,
-        rip: CODE + code.entry,
+        rip: rom_base + CODE_OFF + code.entry,
         rsp: user_stack_top(i),
         rdi: params(i),
     }
