@@ -15,7 +15,9 @@
 //! privileged: a CPL-3 64-bit guest (or a host process) can execute it, so
 //! the same case can run natively on RAM and emulated on MMIO and the
 //! results be compared (GPRs, RFLAGS masked to [`super::FLAGS_ARITH`],
-//! RIP = code + len, the pages).
+//! RIP = code + len, the pages). MOVBE forms need CPUID.MOVBE and
+//! CMPXCHG16B needs CX16 on the CPU that runs them natively; skip those
+//! forms where it lacks them.
 
 use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Register, RepPrefixKind};
 
@@ -531,6 +533,22 @@ pub const FORMS: &[Form] = &[
     Form { code: Code::Idiv_rm16, shape: Shape::MulDiv, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
     Form { code: Code::Idiv_rm32, shape: Shape::MulDiv, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
     Form { code: Code::Idiv_rm64, shape: Shape::MulDiv, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Movnti_m32_r32, shape: Shape::MemReg, reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Movnti_m64_r64, shape: Shape::MemReg, reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Movbe_r16_m16, shape: Shape::RegMem, reg_w: 2, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Movbe_r32_m32, shape: Shape::RegMem, reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Movbe_r64_m64, shape: Shape::RegMem, reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Movbe_m16_r16, shape: Shape::MemReg, reg_w: 2, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Movbe_m32_r32, shape: Shape::MemReg, reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Movbe_m64_r64, shape: Shape::MemReg, reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Bsf_r16_rm16, shape: Shape::RegMem, reg_w: 2, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Bsf_r32_rm32, shape: Shape::RegMem, reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Bsf_r64_rm64, shape: Shape::RegMem, reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Bsr_r16_rm16, shape: Shape::RegMem, reg_w: 2, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Bsr_r32_rm32, shape: Shape::RegMem, reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Bsr_r64_rm64, shape: Shape::RegMem, reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Cmpxchg8b_m64, shape: Shape::Mem, reg_w: 0, mem_w: 8, imm_w: 0, lockable: true },
+    Form { code: Code::Cmpxchg16b_m128, shape: Shape::Mem, reg_w: 0, mem_w: 16, imm_w: 0, lockable: true },
 ];
 
 /// A generated case.
@@ -743,7 +761,9 @@ impl Generator {
     fn modrm(&mut self, form: Form, regs: &mut Regs, data: &mut [u8], low: bool) -> Option<Instruction> {
         let l = self.layout;
         let mw = form.mem_w;
-        let off = self.data_off(mw);
+        let wide = matches!(form.code, Code::Cmpxchg8b_m64 | Code::Cmpxchg16b_m128);
+        // CMPXCHG16B needs a 16-byte aligned operand (else #GP).
+        let off = if mw == 16 { self.below(DATA_LEN / 16) * 16 } else { self.data_off(mw) };
         let target = l.data + off;
         let mut avoid: Vec<usize> = Vec::new();
         let is_cmpxchg = matches!(
@@ -760,6 +780,21 @@ impl Generator {
         }
         if form.shape == Shape::MulDiv {
             avoid.extend([gpr::RAX, gpr::RDX]);
+        }
+        if wide {
+            avoid.extend([gpr::RAX, gpr::RDX, gpr::RCX, gpr::RBX]);
+            if self.chance(2) {
+                // EDX:EAX (RDX:RAX) equal to memory.
+                let h = usize::from(mw / 2);
+                let m = super::alu::mask(mw / 2);
+                let part = |k: usize| {
+                    let mut b = [0u8; 8];
+                    b[..h].copy_from_slice(&data[off as usize + k * h..][..h]);
+                    u64::from_le_bytes(b)
+                };
+                regs.gpr[gpr::RAX] = (regs.gpr[gpr::RAX] & !m) | part(0);
+                regs.gpr[gpr::RDX] = (regs.gpr[gpr::RDX] & !m) | part(1);
+            }
         }
         // The register operand.
         let mut reg = Register::None;

@@ -57,8 +57,9 @@
 //! | moves | MOV r/m↔r (8/16/32/64), MOV r/m,imm (C6/C7), MOV moffs (A0-A3), MOVZX, MOVSX, MOVSXD |
 //! | ALU | ADD OR ADC SBB AND SUB XOR CMP (r/m,r; r,r/m; 80/81/83 imm), TEST (84/85, F6/F7 imm) |
 //! | unary | NEG NOT INC DEC |
-//! | exchange | XCHG, CMPXCHG, XADD |
-//! | bits | BT BTS BTR BTC (reg form with bit-string addressing, imm8 form) |
+//! | moves (more) | MOVNTI, MOVBE (load and store) |
+//! | exchange | XCHG, CMPXCHG, CMPXCHG8B, CMPXCHG16B (16-byte alignment, else #GP), XADD |
+//! | bits | BT BTS BTR BTC (reg form with bit-string addressing, imm8 form); BSF BSR (the host CPU decides the zero-source result) |
 //! | conditional | SETcc, CMOVcc (memory is read even when the condition is false; 32-bit CMOV zero-extends) |
 //! | shifts | ROL ROR RCL RCR SHL/SAL SHR SAR (by 1, CL, imm8), SHLD SHRD (imm8, CL) |
 //! | multiply | IMUL r,m and r,m,imm; MUL IMUL DIV IDIV m (#DE detected before the host runs it) |
@@ -68,12 +69,13 @@
 //!
 //! # Known gaps
 //!
-//! CMPXCHG8B/16B, MOVBE, MOVNTI, BSF/BSR/POPCNT/LZCNT/TZCNT, SSE/AVX moves
-//! (the register file holds no vector state), INS/OUTS, far and
-//! 16/32-bit-mode code. Unlocked CMPXCHG that
-//! fails does not write the old value back (the CPU does; the value is
-//! unchanged). Alignment checks (#AC) and canonical checks (#GP/#SS) are not
-//! made.
+//! Not emulated (reported as [`Error::Unsupported`]): POPCNT/LZCNT/TZCNT
+//! and the other BMI forms, CALL/JMP through memory, ENTER/LEAVE,
+//! INS/OUTS, SSE/AVX loads and stores (the register file holds no vector
+//! state), x87; legacy 16/32-bit modes. Unlocked CMPXCHG* that fails does
+//! not write the old value back (the CPU does; the value is unchanged).
+//! Alignment checks (#AC), canonical-address checks (#GP/#SS) and
+//! segment-limit checks are not made.
 #![cfg(target_arch = "x86_64")]
 
 mod alu;
