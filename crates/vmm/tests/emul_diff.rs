@@ -333,7 +333,10 @@ fn differential_against_host_cpu() {
     eprintln!("emul differential: {} forms, {n} cases, {} divergences", FORMS.len(), failures.len());
     eprintln!("emul differential: features {tally:?} (data at {:#x})", layout.data);
     assert!(tally.lock > 0 && tally.rep > 0 && tally.rip_rel > 0 && tally.straddle > 0);
-    assert!(tally.fs > 0 && tally.gs > 0 && tally.high8 > 0 && tally.rex_reg > 0 && tally.sib > 0);
+    assert!(
+        tally.fs > 0 && tally.gs > 0 && tally.high8 > 0 && tally.rex_reg > 0 && tally.sib > 0 && tally.rsp_base > 0
+    );
+    assert!(tally.disp32 > 0 && tally.no_base > 0);
     if layout.data < 1 << 32 {
         assert!(tally.a32 > 0);
     }
@@ -357,6 +360,9 @@ struct Tally {
     high8: u32,
     rex_reg: u32,
     straddle: u32,
+    rsp_base: u32,
+    disp32: u32,
+    no_base: u32,
 }
 
 impl Tally {
@@ -385,5 +391,8 @@ impl Tally {
             u32::from(regs.iter().any(|r| matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)));
         self.rex_reg += u32::from(regs.iter().any(|r| r.is_gpr() && r.number() >= 8));
         self.straddle += u32::from(straddled);
+        self.rsp_base += u32::from(insn.memory_base() == Register::RSP);
+        self.disp32 += u32::from(insn.memory_displ_size() >= 4 && !insn.is_ip_rel_memory_operand());
+        self.no_base += u32::from(insn.memory_base() == Register::None && insn.memory_index() != Register::None);
     }
 }

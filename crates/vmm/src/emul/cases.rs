@@ -859,7 +859,10 @@ impl Generator {
             m.segment_prefix = seg;
             m
         } else {
-            self.mem_operand(offset, a32, seg, &avoid, regs)?
+            // RSP as it is when the address is formed: POP forms it after
+            // the increment.
+            let rsp = regs.gpr[RSP_IDX].wrapping_add(if form.shape == Shape::Pop { u64::from(mw) } else { 0 });
+            self.mem_operand(offset, a32, seg, &avoid, regs, rsp)?
         };
         let imm = match form.imm_w {
             1 => self.below(256) as i32 - 128,
@@ -932,6 +935,7 @@ impl Generator {
         seg: Register,
         avoid: &[usize],
         regs: &mut Regs,
+        rsp: u64,
     ) -> Option<MemoryOperand> {
         let l = self.layout;
         let w = if a32 { 4 } else { 8 };
@@ -940,10 +944,13 @@ impl Generator {
             1 => self.below(256) as i64 - 128,
             _ => self.next() as i32 as i64,
         };
+        // iced's displacement size is the address size for disp32 (8 in
+        // 64-bit addressing).
+        let d32 = if a32 { 4 } else { 8 };
         let (displ_size, disp) = match disp {
             0 => (0, 0),
             -128..=127 => (1, disp),
-            _ => (4, disp),
+            _ => (d32, disp),
         };
         match self.below(8) {
             // RIP-relative.
@@ -968,6 +975,12 @@ impl Generator {
                 regs.gpr[b] = if a32 { (bv & 0xffff_ffff) | (self.next() & !0xffff_ffff) } else { bv };
                 Some(MemoryOperand::new(gpr_reg(w, b), gpr_reg(w, x), scale as u32, disp, displ_size, false, seg))
             }
+            // RSP + disp32 (kept in the stack page, so the displacement
+            // reaches the data pages only when they are within 2 GiB).
+            5 if !a32 && (offset.wrapping_sub(rsp) as i64).unsigned_abs() < (1 << 31) - 1 => {
+                let d = offset.wrapping_sub(rsp) as i64;
+                Some(MemoryOperand::new(Register::RSP, Register::None, 1, d, 8, false, seg))
+            }
             // index*scale + disp32, no base.
             4 => {
                 let x = self.pick_reg(avoid);
@@ -979,7 +992,7 @@ impl Generator {
                 let xv =
                     xv.wrapping_add(if scale > 1 { self.below(scale) << (64 - scale.trailing_zeros()) } else { 0 });
                 regs.gpr[x] = if a32 { (xv & 0xffff_ffff) | (self.next() & !0xffff_ffff) } else { xv };
-                Some(MemoryOperand::new(Register::None, gpr_reg(w, x), scale as u32, disp, 4, false, seg))
+                Some(MemoryOperand::new(Register::None, gpr_reg(w, x), scale as u32, disp, d32, false, seg))
             }
             // base + disp
             _ => {
