@@ -24,6 +24,12 @@ use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Register, RepPrefixKin
 use super::{PAGE_SIZE, Regs, alu::STATUS, gpr};
 
 /// Where a case's code, data and stack live (linear addresses).
+///
+/// The code page, the two data pages and the stack page must not overlap.
+/// RIP-relative operands are drawn only when the data pages lie within
+/// 1 GiB of `code`, RSP-based ones only within 2 GiB of the stack page,
+/// and address-size (67) forms only when the data pages end below 4 GiB;
+/// otherwise those draws are skipped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     /// RIP of the instruction (RIP-relative operands are computed from it).

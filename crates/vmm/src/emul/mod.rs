@@ -77,6 +77,7 @@
 //! Alignment checks (#AC), canonical-address checks (#GP/#SS) and
 //! segment-limit checks are not made.
 #![cfg(target_arch = "x86_64")]
+#![deny(missing_docs)]
 
 mod alu;
 #[cfg(feature = "cases")]
