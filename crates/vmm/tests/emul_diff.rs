@@ -4,7 +4,8 @@
 //! back) and emulated against a mock `Memory` over copies of the same
 //! pages; GPRs, RFLAGS (CF PF AF ZF SF OF DF), RIP and the pages must match.
 //!
-//! `EMUL_CASES=N` sets the number of cases (default 30000).
+//! `EMUL_CASES=N` sets the number of cases (default 30000; 5000 in debug
+//! builds), `EMUL_SEED=S` the generator seed.
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
 use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Register};
@@ -262,7 +263,8 @@ fn fs_gs() -> (u64, u64) {
 
 #[test]
 fn differential_against_host_cpu() {
-    let n: usize = std::env::var("EMUL_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(30_000);
+    let default = if cfg!(debug_assertions) { 5_000 } else { 30_000 };
+    let n: usize = std::env::var("EMUL_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
     let seed: u64 = std::env::var("EMUL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
     let native = Native::new();
     let (fs_base, gs_base) = fs_gs();
