@@ -67,6 +67,16 @@
 //! | strings | MOVS STOS LODS CMPS SCAS, all widths, REP/REPE/REPNE, DF, 67 (ECX/ESI/EDI) |
 //! | LOCK | every lockable form above |
 //!
+//! # Testing
+//!
+//! `tests/emul_diff.rs` runs every [`cases`] form natively in the test
+//! process (a trampoline in an RWX page) and emulated against a mock
+//! [`Memory`] over copies of the same pages, comparing GPRs, RFLAGS
+//! ([`FLAGS_ARITH`]), RIP and memory (`EMUL_CASES`, `EMUL_SEED`);
+//! `tests/emul_unit.rs` covers the fetch, straddle, REP, LOCK and error
+//! paths; `tests/emul_fuzz.rs` feeds random bytes and registers
+//! (`EMUL_FUZZ`); `benches/emul.rs` times decode + emulate.
+//!
 //! # Known gaps
 //!
 //! Not emulated (reported as [`Error::Unsupported`]): POPCNT/LZCNT/TZCNT
