@@ -7,7 +7,5 @@
 //! Not started: this crate holds no code yet. The running VM of today
 //! lives in `vmm-kvm` (vCPUs on KVM over a `vmspace::VmSpace`) and the
 //! `vmm` binary in `vmm-cli`.
-// `emul`'s host-executed flag computation is the one module allowed unsafe.
 #![deny(unsafe_code)]
-
 pub mod emul;

@@ -5,6 +5,10 @@
 //!
 //! Only the six status flags (CF PF AF ZF SF OF) plus the reserved bit 1
 //! are ever loaded; DF, TF, IF and AC stay as the host ABI has them.
+//!
+//! This is the one module of the crate allowed `unsafe` (the crate root
+//! denies it): one `asm!` block per operation and width, each with its
+//! SAFETY note.
 #![allow(unsafe_code)]
 
 use core::arch::asm;
