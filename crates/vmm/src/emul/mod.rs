@@ -7,6 +7,42 @@
 //! updates the [`Regs`]: general registers, RFLAGS and RIP. It knows
 //! nothing of KVM.
 //!
+//! # Example
+//!
+//! ```
+//! use vmm::emul::{emulate, gpr, MemError, MemErrorKind, Memory, Regs};
+//!
+//! /// Code at 0x1000 (`mov dword [rax], ebx`), one device register at 0xfee0_0000.
+//! struct Guest { code: [u8; 2], reg: [u8; 4] }
+//! impl Memory for Guest {
+//!     fn fetch(&mut self, addr: u64, buf: &mut [u8]) -> Result<usize, MemError> {
+//!         let off = addr.checked_sub(0x1000).filter(|&o| o < 2)
+//!             .ok_or(MemError { addr, kind: MemErrorKind::Unmapped })? as usize;
+//!         let n = buf.len().min(2 - off);
+//!         buf[..n].copy_from_slice(&self.code[off..off + n]);
+//!         Ok(n)
+//!     }
+//!     fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+//!         Err(MemError { addr, kind: MemErrorKind::Unmapped })
+//!     }
+//!     fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemError> {
+//!         if addr != 0xfee0_0000 || data.len() != 4 {
+//!             return Err(MemError { addr, kind: MemErrorKind::Unmapped });
+//!         }
+//!         self.reg.copy_from_slice(data);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let mut guest = Guest { code: [0x89, 0x18], reg: [0; 4] };
+//! let mut regs = Regs { rip: 0x1000, rflags: 2, ..Regs::default() };
+//! regs.gpr[gpr::RAX] = 0xfee0_0000;
+//! regs.gpr[gpr::RBX] = 0xdead_beef;
+//! let done = emulate(&mut regs, &mut guest).unwrap();
+//! assert_eq!((done.len, regs.rip), (2, 0x1002));
+//! assert_eq!(u32::from_le_bytes(guest.reg), 0xdead_beef);
+//! ```
+//!
 //! # Design and invariants
 //!
 //! * **64-bit mode only** (CS.L=1, flat segments): effective addresses are
