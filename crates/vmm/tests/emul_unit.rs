@@ -414,3 +414,27 @@ fn cmpxchg16b_needs_alignment_and_swaps_when_equal() {
     assert_eq!(m.get(0x7000, 16), [3, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0]);
     assert_eq!(m.cmpxchg_calls, 1);
 }
+
+#[test]
+fn device_sees_exactly_the_accesses_the_instruction_makes() {
+    type Build = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let cases: [(Build, usize, usize); 8] = [
+        (|a| a.mov(dword_ptr(rax), ebx), 0, 1),
+        (|a| a.mov(ebx, dword_ptr(rax)), 1, 0),
+        (|a| a.add(dword_ptr(rax), ebx), 1, 1),
+        (|a| a.cmp(dword_ptr(rax), ebx), 1, 0),
+        (|a| a.test(dword_ptr(rax), ebx), 1, 0),
+        (|a| a.bt(dword_ptr(rax), 3), 1, 0),
+        (|a| a.cmovne(ebx, dword_ptr(rax)), 1, 0), // read even when false
+        (|a| a.sete(byte_ptr(rax)), 0, 1),
+    ];
+    for (build, reads, writes) in cases {
+        let code = asm(build, 0);
+        let (mut m, mut r) = setup(0x1000, &code);
+        m.map(0x7000);
+        r.gpr[gpr::RAX] = 0x7000;
+        r.rflags |= FLAG_ZF;
+        emulate(&mut r, &mut m).unwrap();
+        assert_eq!((m.reads.len(), m.writes.len()), (reads, writes), "{code:02x?}");
+    }
+}

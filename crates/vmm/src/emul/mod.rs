@@ -239,7 +239,9 @@ pub trait Memory {
     /// atomic, a device its own lock) replaces `expected` by `new` at `addr`
     /// if memory holds `expected`; returns whether it did. `expected` and
     /// `new` have the same length, at most 16 bytes. The default reads,
-    /// compares and writes (not atomic).
+    /// compares and writes (not atomic); on a device range that means the
+    /// device sees the emulator's read and then this read before the
+    /// write: implementations with read side effects should override it.
     fn compare_exchange(&mut self, addr: u64, expected: &[u8], new: &[u8]) -> Result<bool, MemError> {
         let n = expected.len();
         if n > 16 || new.len() != n {
