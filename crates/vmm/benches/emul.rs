@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use vmm::emul::{MemError, Memory, Regs, emulate, gpr};
+use vmm::emul::{MemError, Memory, Regs, decode, emulate, execute, gpr};
 
 /// Code bytes at `rip`; every data access hits a 4-byte "register".
 struct Trivial {
@@ -41,6 +41,15 @@ fn bench(c: &mut Criterion) {
         let mut base = Regs { rip, rflags: 2, ..Regs::default() };
         base.gpr[gpr::RAX] = 0xfee0_0000;
         base.gpr[gpr::RBX] = 0x1234_5678;
+        c.bench_function(&format!("decode only: {name}"), |b| b.iter(|| black_box(decode(black_box(rip), &mut mem))));
+        if let Ok((insn, bytes)) = decode(rip, &mut mem) {
+            c.bench_function(&format!("execute only: {name}"), |b| {
+                b.iter(|| {
+                    let mut r = base;
+                    black_box(execute(black_box(&insn), &bytes, &mut r, &mut mem))
+                })
+            });
+        }
         c.bench_function(name, |b| {
             b.iter(|| {
                 let mut r = base;

@@ -4,7 +4,8 @@
 //! back) and emulated against a mock `Memory` over copies of the same
 //! pages; GPRs, RFLAGS (CF PF AF ZF SF OF DF), RIP and the pages must match.
 //!
-//! `EMUL_CASES=N` sets the number of cases (default 30000).
+//! `EMUL_CASES=N` sets the number of cases (default 30000; 5000 in debug
+//! builds), `EMUL_SEED=S` the generator seed.
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
 use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Register};
@@ -262,7 +263,8 @@ fn fs_gs() -> (u64, u64) {
 
 #[test]
 fn differential_against_host_cpu() {
-    let n: usize = std::env::var("EMUL_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(30_000);
+    let default = if cfg!(debug_assertions) { 5_000 } else { 30_000 };
+    let n: usize = std::env::var("EMUL_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
     let seed: u64 = std::env::var("EMUL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
     let native = Native::new();
     let (fs_base, gs_base) = fs_gs();
@@ -273,6 +275,9 @@ fn differential_against_host_cpu() {
     let mut tally = Tally::default();
     for i in 0..n {
         let case = generator.case(i);
+        if case.form.code.mnemonic() == iced_x86::Mnemonic::Movbe && !std::is_x86_feature_detected!("movbe") {
+            continue;
+        }
         let (want, want_data, want_stack) = native.run(&case);
         let mut code_page = native.read(0, PAGE_SIZE as usize);
         code_page[CODE_OFF as usize..][..case.bytes.len()].copy_from_slice(&case.bytes);
@@ -330,7 +335,10 @@ fn differential_against_host_cpu() {
     eprintln!("emul differential: {} forms, {n} cases, {} divergences", FORMS.len(), failures.len());
     eprintln!("emul differential: features {tally:?} (data at {:#x})", layout.data);
     assert!(tally.lock > 0 && tally.rep > 0 && tally.rip_rel > 0 && tally.straddle > 0);
-    assert!(tally.fs > 0 && tally.gs > 0 && tally.high8 > 0 && tally.rex_reg > 0 && tally.sib > 0);
+    assert!(
+        tally.fs > 0 && tally.gs > 0 && tally.high8 > 0 && tally.rex_reg > 0 && tally.sib > 0 && tally.rsp_base > 0
+    );
+    assert!(tally.disp32 > 0 && tally.no_base > 0);
     if layout.data < 1 << 32 {
         assert!(tally.a32 > 0);
     }
@@ -354,6 +362,9 @@ struct Tally {
     high8: u32,
     rex_reg: u32,
     straddle: u32,
+    rsp_base: u32,
+    disp32: u32,
+    no_base: u32,
 }
 
 impl Tally {
@@ -382,5 +393,8 @@ impl Tally {
             u32::from(regs.iter().any(|r| matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)));
         self.rex_reg += u32::from(regs.iter().any(|r| r.is_gpr() && r.number() >= 8));
         self.straddle += u32::from(straddled);
+        self.rsp_base += u32::from(insn.memory_base() == Register::RSP);
+        self.disp32 += u32::from(insn.memory_displ_size() >= 4 && !insn.is_ip_rel_memory_operand());
+        self.no_base += u32::from(insn.memory_base() == Register::None && insn.memory_index() != Register::None);
     }
 }

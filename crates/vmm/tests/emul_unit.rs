@@ -151,8 +151,8 @@ fn fetch_stops_at_the_page_end_and_needs_the_next_page_only_when_short() {
 
 #[test]
 fn unsupported_instruction_reports_bytes_and_rip() {
-    // bsf eax, [rax] is a memory form the emulator does not implement.
-    let code = asm(|a| a.bsf(eax, dword_ptr(rax)), 0);
+    // popcnt eax, [rax] is a memory form the emulator does not implement.
+    let code = asm(|a| a.popcnt(eax, dword_ptr(rax)), 0);
     let (mut m, mut r) = setup(0x4000, &code);
     let before = r;
     match emulate(&mut r, &mut m) {
@@ -395,4 +395,46 @@ fn divide_errors_are_de_not_host_faults() {
     r.gpr[gpr::RAX] = 0xffff_ffff_0000_0067;
     emulate(&mut r, &mut m).unwrap();
     assert_eq!((r.gpr[gpr::RAX], r.gpr[gpr::RDX]), (10, 3));
+}
+
+#[test]
+fn cmpxchg16b_needs_alignment_and_swaps_when_equal() {
+    let code = asm(|a| a.lock().cmpxchg16b(xmmword_ptr(rdi)), 0);
+    let (mut m, mut r) = setup(0x1000, &code);
+    m.put(0x7000, &[1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
+    r.gpr[gpr::RDI] = 0x7008;
+    assert_eq!(emulate(&mut r, &mut m), Err(Error::Fault { rip: 0x1000, fault: Fault::GeneralProtection }));
+    r.gpr[gpr::RDI] = 0x7000;
+    r.gpr[gpr::RAX] = 1;
+    r.gpr[gpr::RDX] = 2;
+    r.gpr[gpr::RBX] = 3;
+    r.gpr[gpr::RCX] = 4;
+    emulate(&mut r, &mut m).unwrap();
+    assert_eq!(r.rflags & FLAG_ZF, FLAG_ZF);
+    assert_eq!(m.get(0x7000, 16), [3, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(m.cmpxchg_calls, 1);
+}
+
+#[test]
+fn device_sees_exactly_the_accesses_the_instruction_makes() {
+    type Build = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let cases: [(Build, usize, usize); 8] = [
+        (|a| a.mov(dword_ptr(rax), ebx), 0, 1),
+        (|a| a.mov(ebx, dword_ptr(rax)), 1, 0),
+        (|a| a.add(dword_ptr(rax), ebx), 1, 1),
+        (|a| a.cmp(dword_ptr(rax), ebx), 1, 0),
+        (|a| a.test(dword_ptr(rax), ebx), 1, 0),
+        (|a| a.bt(dword_ptr(rax), 3), 1, 0),
+        (|a| a.cmovne(ebx, dword_ptr(rax)), 1, 0), // read even when false
+        (|a| a.sete(byte_ptr(rax)), 0, 1),
+    ];
+    for (build, reads, writes) in cases {
+        let code = asm(build, 0);
+        let (mut m, mut r) = setup(0x1000, &code);
+        m.map(0x7000);
+        r.gpr[gpr::RAX] = 0x7000;
+        r.rflags |= FLAG_ZF;
+        emulate(&mut r, &mut m).unwrap();
+        assert_eq!((m.reads.len(), m.writes.len()), (reads, writes), "{code:02x?}");
+    }
 }

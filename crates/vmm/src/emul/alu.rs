@@ -5,6 +5,10 @@
 //!
 //! Only the six status flags (CF PF AF ZF SF OF) plus the reserved bit 1
 //! are ever loaded; DF, TF, IF and AC stay as the host ABI has them.
+//!
+//! This is the one module of the crate allowed `unsafe` (the crate root
+//! denies it): one `asm!` block per operation and width, each with its
+//! SAFETY note.
 #![allow(unsafe_code)]
 
 use core::arch::asm;
@@ -309,6 +313,31 @@ pub(crate) fn div1(signed: bool, w: u8, rax: u64, rdx: u64, b: u64, rflags: u64)
         (true, _) => v!("idiv {b:r}"),
     }
     Some((rax, rdx, f & STATUS))
+}
+
+/// BSF (`reverse` false) or BSR of `src` into a register whose full
+/// 64-bit value is `dst`, at width 2, 4 or 8: returns the register's full
+/// new value (what the host CPU leaves there, also for a zero source) and
+/// the flags.
+pub(crate) fn bit_scan(reverse: bool, w: u8, dst: u64, src: u64, rflags: u64) -> (u64, u64) {
+    let mut a = dst;
+    let mut f = (rflags & STATUS) | 2;
+    macro_rules! s {
+        ($t:literal) => {
+            // SAFETY: as for `bin4`: named registers and one quadword of
+            // stack only.
+            unsafe { asm!("push {f}", "popfq", $t, "pushfq", "pop {f}", a = inout(reg) a, b = in(reg) src, f = inout(reg) f) }
+        };
+    }
+    match (reverse, w) {
+        (false, 2) => s!("bsf {a:x}, {b:x}"),
+        (false, 4) => s!("bsf {a:e}, {b:e}"),
+        (false, _) => s!("bsf {a:r}, {b:r}"),
+        (true, 2) => s!("bsr {a:x}, {b:x}"),
+        (true, 4) => s!("bsr {a:e}, {b:e}"),
+        (true, _) => s!("bsr {a:r}, {b:r}"),
+    }
+    (a, f & STATUS)
 }
 
 /// The value mask of a `w`-byte operand (`w` in 1, 2, 4, 8).

@@ -15,13 +15,21 @@
 //! privileged: a CPL-3 64-bit guest (or a host process) can execute it, so
 //! the same case can run natively on RAM and emulated on MMIO and the
 //! results be compared (GPRs, RFLAGS masked to [`super::FLAGS_ARITH`],
-//! RIP = code + len, the pages).
+//! RIP = code + len, the pages). MOVBE forms need CPUID.MOVBE and
+//! CMPXCHG16B needs CX16 on the CPU that runs them natively; skip those
+//! forms where it lacks them.
 
 use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Register, RepPrefixKind};
 
 use super::{PAGE_SIZE, Regs, alu::STATUS, gpr};
 
 /// Where a case's code, data and stack live (linear addresses).
+///
+/// The code page, the two data pages and the stack page must not overlap.
+/// RIP-relative operands are drawn only when the data pages lie within
+/// 1 GiB of `code`, RSP-based ones only within 2 GiB of the stack page,
+/// and address-size (67) forms only when the data pages end below 4 GiB;
+/// otherwise those draws are skipped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     /// RIP of the instruction (RIP-relative operands are computed from it).
@@ -531,6 +539,22 @@ pub const FORMS: &[Form] = &[
     Form { code: Code::Idiv_rm16, shape: Shape::MulDiv, reg_w: 0, mem_w: 2, imm_w: 0, lockable: false },
     Form { code: Code::Idiv_rm32, shape: Shape::MulDiv, reg_w: 0, mem_w: 4, imm_w: 0, lockable: false },
     Form { code: Code::Idiv_rm64, shape: Shape::MulDiv, reg_w: 0, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Movnti_m32_r32, shape: Shape::MemReg, reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Movnti_m64_r64, shape: Shape::MemReg, reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Movbe_r16_m16, shape: Shape::RegMem, reg_w: 2, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Movbe_r32_m32, shape: Shape::RegMem, reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Movbe_r64_m64, shape: Shape::RegMem, reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Movbe_m16_r16, shape: Shape::MemReg, reg_w: 2, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Movbe_m32_r32, shape: Shape::MemReg, reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Movbe_m64_r64, shape: Shape::MemReg, reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Bsf_r16_rm16, shape: Shape::RegMem, reg_w: 2, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Bsf_r32_rm32, shape: Shape::RegMem, reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Bsf_r64_rm64, shape: Shape::RegMem, reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Bsr_r16_rm16, shape: Shape::RegMem, reg_w: 2, mem_w: 2, imm_w: 0, lockable: false },
+    Form { code: Code::Bsr_r32_rm32, shape: Shape::RegMem, reg_w: 4, mem_w: 4, imm_w: 0, lockable: false },
+    Form { code: Code::Bsr_r64_rm64, shape: Shape::RegMem, reg_w: 8, mem_w: 8, imm_w: 0, lockable: false },
+    Form { code: Code::Cmpxchg8b_m64, shape: Shape::Mem, reg_w: 0, mem_w: 8, imm_w: 0, lockable: true },
+    Form { code: Code::Cmpxchg16b_m128, shape: Shape::Mem, reg_w: 0, mem_w: 16, imm_w: 0, lockable: true },
 ];
 
 /// A generated case.
@@ -743,7 +767,9 @@ impl Generator {
     fn modrm(&mut self, form: Form, regs: &mut Regs, data: &mut [u8], low: bool) -> Option<Instruction> {
         let l = self.layout;
         let mw = form.mem_w;
-        let off = self.data_off(mw);
+        let wide = matches!(form.code, Code::Cmpxchg8b_m64 | Code::Cmpxchg16b_m128);
+        // CMPXCHG16B needs a 16-byte aligned operand (else #GP).
+        let off = if mw == 16 { self.below(DATA_LEN / 16) * 16 } else { self.data_off(mw) };
         let target = l.data + off;
         let mut avoid: Vec<usize> = Vec::new();
         let is_cmpxchg = matches!(
@@ -760,6 +786,21 @@ impl Generator {
         }
         if form.shape == Shape::MulDiv {
             avoid.extend([gpr::RAX, gpr::RDX]);
+        }
+        if wide {
+            avoid.extend([gpr::RAX, gpr::RDX, gpr::RCX, gpr::RBX]);
+            if self.chance(2) {
+                // EDX:EAX (RDX:RAX) equal to memory.
+                let h = usize::from(mw / 2);
+                let m = super::alu::mask(mw / 2);
+                let part = |k: usize| {
+                    let mut b = [0u8; 8];
+                    b[..h].copy_from_slice(&data[off as usize + k * h..][..h]);
+                    u64::from_le_bytes(b)
+                };
+                regs.gpr[gpr::RAX] = (regs.gpr[gpr::RAX] & !m) | part(0);
+                regs.gpr[gpr::RDX] = (regs.gpr[gpr::RDX] & !m) | part(1);
+            }
         }
         // The register operand.
         let mut reg = Register::None;
@@ -824,7 +865,10 @@ impl Generator {
             m.segment_prefix = seg;
             m
         } else {
-            self.mem_operand(offset, a32, seg, &avoid, regs)?
+            // RSP as it is when the address is formed: POP forms it after
+            // the increment.
+            let rsp = regs.gpr[RSP_IDX].wrapping_add(if form.shape == Shape::Pop { u64::from(mw) } else { 0 });
+            self.mem_operand(offset, a32, seg, &avoid, regs, rsp)?
         };
         let imm = match form.imm_w {
             1 => self.below(256) as i32 - 128,
@@ -897,6 +941,7 @@ impl Generator {
         seg: Register,
         avoid: &[usize],
         regs: &mut Regs,
+        rsp: u64,
     ) -> Option<MemoryOperand> {
         let l = self.layout;
         let w = if a32 { 4 } else { 8 };
@@ -905,10 +950,13 @@ impl Generator {
             1 => self.below(256) as i64 - 128,
             _ => self.next() as i32 as i64,
         };
+        // iced's displacement size is the address size for disp32 (8 in
+        // 64-bit addressing).
+        let d32 = if a32 { 4 } else { 8 };
         let (displ_size, disp) = match disp {
             0 => (0, 0),
             -128..=127 => (1, disp),
-            _ => (4, disp),
+            _ => (d32, disp),
         };
         match self.below(8) {
             // RIP-relative.
@@ -933,6 +981,12 @@ impl Generator {
                 regs.gpr[b] = if a32 { (bv & 0xffff_ffff) | (self.next() & !0xffff_ffff) } else { bv };
                 Some(MemoryOperand::new(gpr_reg(w, b), gpr_reg(w, x), scale as u32, disp, displ_size, false, seg))
             }
+            // RSP + disp32 (kept in the stack page, so the displacement
+            // reaches the data pages only when they are within 2 GiB).
+            5 if !a32 && (offset.wrapping_sub(rsp) as i64).unsigned_abs() < (1 << 31) - 1 => {
+                let d = offset.wrapping_sub(rsp) as i64;
+                Some(MemoryOperand::new(Register::RSP, Register::None, 1, d, 8, false, seg))
+            }
             // index*scale + disp32, no base.
             4 => {
                 let x = self.pick_reg(avoid);
@@ -944,7 +998,7 @@ impl Generator {
                 let xv =
                     xv.wrapping_add(if scale > 1 { self.below(scale) << (64 - scale.trailing_zeros()) } else { 0 });
                 regs.gpr[x] = if a32 { (xv & 0xffff_ffff) | (self.next() & !0xffff_ffff) } else { xv };
-                Some(MemoryOperand::new(Register::None, gpr_reg(w, x), scale as u32, disp, 4, false, seg))
+                Some(MemoryOperand::new(Register::None, gpr_reg(w, x), scale as u32, disp, d32, false, seg))
             }
             // base + disp
             _ => {

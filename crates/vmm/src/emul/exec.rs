@@ -180,6 +180,8 @@ fn lockable(m: Mnemonic) -> bool {
             | Mnemonic::Btr
             | Mnemonic::Bts
             | Mnemonic::Cmpxchg
+            | Mnemonic::Cmpxchg8b
+            | Mnemonic::Cmpxchg16b
             | Mnemonic::Dec
             | Mnemonic::Inc
             | Mnemonic::Neg
@@ -660,6 +662,26 @@ impl<M: Memory + ?Sized> Cx<'_, M> {
                 self.set_flags(f);
                 Ok(())
             }
+            Mnemonic::Movnti if count == 2 && mem_dst => {
+                let w = self.width(0)?;
+                let v = self.read_op(1, w)?;
+                self.write_op(0, w, v)
+            }
+            Mnemonic::Movbe if count == 2 => {
+                let w = self.width(0)?;
+                let v = self.read_op(1, w)?.swap_bytes() >> (64 - 8 * u32::from(w));
+                self.write_op(0, w, v)
+            }
+            Mnemonic::Bsf | Mnemonic::Bsr if count == 2 && !mem_dst => {
+                let w = self.width(0)?;
+                let src = self.read_op(1, w)?;
+                let (i, _, _) = reg_slot(insn.op_register(0)).ok_or_else(|| self.unsupported())?;
+                let (v, f) = alu::bit_scan(m == Mnemonic::Bsr, w, self.r.gpr[i], src, self.r.rflags);
+                self.r.gpr[i] = v;
+                self.set_flags(f);
+                Ok(())
+            }
+            Mnemonic::Cmpxchg8b | Mnemonic::Cmpxchg16b if count == 1 && mem_dst => self.cmpxchg_wide(locked),
             Mnemonic::Push if count == 1 && mem_dst => {
                 let w = self.width(0)?;
                 let v = self.read_op(0, w)?;
@@ -678,6 +700,47 @@ impl<M: Memory + ?Sized> Cx<'_, M> {
             }
             _ => Err(self.unsupported()),
         }
+    }
+
+    /// CMPXCHG8B / CMPXCHG16B: compare EDX:EAX (RDX:RAX) with the memory
+    /// operand; equal: ZF=1 and store ECX:EBX (RCX:RBX); else ZF=0 and load
+    /// the operand into EDX:EAX (RDX:RAX). Only ZF changes.
+    fn cmpxchg_wide(&mut self, locked: bool) -> Res<()> {
+        let wide = self.insn.mnemonic() == Mnemonic::Cmpxchg16b;
+        let (n, half) = if wide { (16usize, 8u8) } else { (8, 4) };
+        let addr = self.ea()?;
+        if wide && addr % 16 != 0 {
+            return Err(self.fault(Fault::GeneralProtection));
+        }
+        let m = u128::from(mask(half));
+        let sh = 8 * u32::from(half);
+        let g = |i: usize| u128::from(self.r.gpr[i]) & m;
+        let expected = (g(gpr::RDX) << sh) | g(gpr::RAX);
+        let new = (g(gpr::RCX) << sh) | g(gpr::RBX);
+        for _ in 0..LOCK_RETRIES {
+            let mut b = [0u8; 16];
+            self.mem.read(addr, &mut b[..n]).map_err(Error::Memory)?;
+            let old = u128::from_le_bytes(b);
+            if old != expected {
+                self.r.rflags &= !super::FLAG_ZF;
+                // 32-bit halves are register writes: zero-extended.
+                self.r.gpr[gpr::RAX] = (old & m) as u64;
+                self.r.gpr[gpr::RDX] = ((old >> sh) & m) as u64;
+                return Ok(());
+            }
+            let nb = new.to_le_bytes();
+            let stored = if locked {
+                self.mem.compare_exchange(addr, &b[..n], &nb[..n]).map_err(Error::Memory)?
+            } else {
+                self.mem.write(addr, &nb[..n]).map_err(Error::Memory)?;
+                true
+            };
+            if stored {
+                self.r.rflags |= super::FLAG_ZF;
+                return Ok(());
+            }
+        }
+        Err(Error::LockContention { addr })
     }
 
     /// One string instruction; returns (complete, iterations).

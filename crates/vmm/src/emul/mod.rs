@@ -7,6 +7,42 @@
 //! updates the [`Regs`]: general registers, RFLAGS and RIP. It knows
 //! nothing of KVM.
 //!
+//! # Example
+//!
+//! ```
+//! use vmm::emul::{emulate, gpr, MemError, MemErrorKind, Memory, Regs};
+//!
+//! /// Code at 0x1000 (`mov dword [rax], ebx`), one device register at 0xfee0_0000.
+//! struct Guest { code: [u8; 2], reg: [u8; 4] }
+//! impl Memory for Guest {
+//!     fn fetch(&mut self, addr: u64, buf: &mut [u8]) -> Result<usize, MemError> {
+//!         let off = addr.checked_sub(0x1000).filter(|&o| o < 2)
+//!             .ok_or(MemError { addr, kind: MemErrorKind::Unmapped })? as usize;
+//!         let n = buf.len().min(2 - off);
+//!         buf[..n].copy_from_slice(&self.code[off..off + n]);
+//!         Ok(n)
+//!     }
+//!     fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+//!         Err(MemError { addr, kind: MemErrorKind::Unmapped })
+//!     }
+//!     fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemError> {
+//!         if addr != 0xfee0_0000 || data.len() != 4 {
+//!             return Err(MemError { addr, kind: MemErrorKind::Unmapped });
+//!         }
+//!         self.reg.copy_from_slice(data);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let mut guest = Guest { code: [0x89, 0x18], reg: [0; 4] };
+//! let mut regs = Regs { rip: 0x1000, rflags: 2, ..Regs::default() };
+//! regs.gpr[gpr::RAX] = 0xfee0_0000;
+//! regs.gpr[gpr::RBX] = 0xdead_beef;
+//! let done = emulate(&mut regs, &mut guest).unwrap();
+//! assert_eq!((done.len, regs.rip), (2, 0x1002));
+//! assert_eq!(u32::from_le_bytes(guest.reg), 0xdead_beef);
+//! ```
+//!
 //! # Design and invariants
 //!
 //! * **64-bit mode only** (CS.L=1, flat segments): effective addresses are
@@ -57,8 +93,9 @@
 //! | moves | MOV r/m↔r (8/16/32/64), MOV r/m,imm (C6/C7), MOV moffs (A0-A3), MOVZX, MOVSX, MOVSXD |
 //! | ALU | ADD OR ADC SBB AND SUB XOR CMP (r/m,r; r,r/m; 80/81/83 imm), TEST (84/85, F6/F7 imm) |
 //! | unary | NEG NOT INC DEC |
-//! | exchange | XCHG, CMPXCHG, XADD |
-//! | bits | BT BTS BTR BTC (reg form with bit-string addressing, imm8 form) |
+//! | moves (more) | MOVNTI, MOVBE (load and store) |
+//! | exchange | XCHG, CMPXCHG, CMPXCHG8B, CMPXCHG16B (16-byte alignment, else #GP), XADD |
+//! | bits | BT BTS BTR BTC (reg form with bit-string addressing, imm8 form); BSF BSR (the host CPU decides the zero-source result) |
 //! | conditional | SETcc, CMOVcc (memory is read even when the condition is false; 32-bit CMOV zero-extends) |
 //! | shifts | ROL ROR RCL RCR SHL/SAL SHR SAR (by 1, CL, imm8), SHLD SHRD (imm8, CL) |
 //! | multiply | IMUL r,m and r,m,imm; MUL IMUL DIV IDIV m (#DE detected before the host runs it) |
@@ -66,15 +103,27 @@
 //! | strings | MOVS STOS LODS CMPS SCAS, all widths, REP/REPE/REPNE, DF, 67 (ECX/ESI/EDI) |
 //! | LOCK | every lockable form above |
 //!
+//! # Testing
+//!
+//! `tests/emul_diff.rs` runs every [`cases`] form natively in the test
+//! process (a trampoline in an RWX page) and emulated against a mock
+//! [`Memory`] over copies of the same pages, comparing GPRs, RFLAGS
+//! ([`FLAGS_ARITH`]), RIP and memory (`EMUL_CASES`, `EMUL_SEED`);
+//! `tests/emul_unit.rs` covers the fetch, straddle, REP, LOCK and error
+//! paths; `tests/emul_fuzz.rs` feeds random bytes and registers
+//! (`EMUL_FUZZ`); `benches/emul.rs` times decode + emulate.
+//!
 //! # Known gaps
 //!
-//! CMPXCHG8B/16B, MOVBE, MOVNTI, BSF/BSR/POPCNT/LZCNT/TZCNT, SSE/AVX moves
-//! (the register file holds no vector state), INS/OUTS, far and
-//! 16/32-bit-mode code. Unlocked CMPXCHG that
-//! fails does not write the old value back (the CPU does; the value is
-//! unchanged). Alignment checks (#AC) and canonical checks (#GP/#SS) are not
-//! made.
+//! Not emulated (reported as [`Error::Unsupported`]): POPCNT/LZCNT/TZCNT
+//! and the other BMI forms, CALL/JMP through memory, ENTER/LEAVE,
+//! INS/OUTS, SSE/AVX loads and stores (the register file holds no vector
+//! state), x87; legacy 16/32-bit modes. Unlocked CMPXCHG* that fails does
+//! not write the old value back (the CPU does; the value is unchanged).
+//! Alignment checks (#AC), canonical-address checks (#GP/#SS) and
+//! segment-limit checks are not made.
 #![cfg(target_arch = "x86_64")]
+#![deny(missing_docs)]
 
 mod alu;
 #[cfg(feature = "cases")]
@@ -190,7 +239,9 @@ pub trait Memory {
     /// atomic, a device its own lock) replaces `expected` by `new` at `addr`
     /// if memory holds `expected`; returns whether it did. `expected` and
     /// `new` have the same length, at most 16 bytes. The default reads,
-    /// compares and writes (not atomic).
+    /// compares and writes (not atomic); on a device range that means the
+    /// device sees the emulator's read and then this read before the
+    /// write: implementations with read side effects should override it.
     fn compare_exchange(&mut self, addr: u64, expected: &[u8], new: &[u8]) -> Result<bool, MemError> {
         let n = expected.len();
         if n > 16 || new.len() != n {
