@@ -42,6 +42,23 @@
 //! iterator) visit each leaf table once, descending from the root only when
 //! they cross into a new table, never walking from the root for each page.
 //!
+//! # Errors change nothing
+//!
+//! Every public operation either does all it was asked or returns a typed
+//! [`Error`] and leaves the tree as it found it; no argument of any public
+//! function can make it panic (addresses and lengths near `u64::MAX`, short
+//! or huge bitmaps, frames past the format's width are refused, and bounds
+//! checks are written so that they cannot wrap). Multi-step operations roll
+//! back: a populate that runs out of table pages, meets a table page whose
+//! frame the format cannot address ([`Error::OutOfRange`]) or would
+//! overflow a count ([`Error::CountOverflow`]) frees what it allocated and
+//! restores the counts; a [`NestedTable::map_range`] that meets a frame the
+//! format cannot express clears the entries it installed before returning
+//! [`Error::OutOfRange`]. Entries are shared with hardware, so a rolled-back
+//! entry may have been used by a vCPU in the moment it existed: it mapped
+//! the frame the caller asked for, and any accessed/dirty bits it gathered
+//! are dropped with it.
+//!
 //! # Known gaps
 //!
 //! Large pages are mapped and unmapped whole; transparent promotion and
@@ -235,7 +252,8 @@ impl Access {
 }
 
 /// Why an operation on a table was refused. A refused operation changes
-/// nothing.
+/// nothing: operations of several steps (populate, map of a range) undo the
+/// steps they took before returning the error.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Error {
     /// An address or length is not a multiple of the page size it needs.
@@ -272,6 +290,10 @@ pub enum Error {
     NoMemory,
     /// A bitmap is too short for the range.
     BitmapTooSmall,
+    /// A table's count of the entries populated ranges reserve in it would
+    /// overflow (about 8.4 million overlapping populates of one leaf
+    /// table's whole span).
+    CountOverflow,
 }
 
 impl fmt::Display for Error {
@@ -292,6 +314,7 @@ impl fmt::Display for Error {
             Error::StillMapped => "pages still mapped in range",
             Error::NoMemory => "out of table pages",
             Error::BitmapTooSmall => "bitmap too small for range",
+            Error::CountOverflow => "table reservation count would overflow",
         };
         f.write_str(s)
     }
