@@ -127,7 +127,10 @@ impl fmt::Debug for Pfn {
 }
 
 impl Pfn {
-    /// The host-physical address of the frame's first byte.
+    /// The host-physical address of the frame's first byte. A frame at or
+    /// past 2^52 has no 64-bit address and loses its top bits here; every
+    /// table operation refuses frames the format cannot express
+    /// ([`PteFormat::frame_fits`]) before it forms an address.
     pub fn addr(self) -> u64 {
         self.0 << 12
     }
