@@ -917,7 +917,13 @@ impl<'a, P: TablePages> Iterator for Leaves<'a, P> {
                 let span = entry_span(level);
                 let slot_base = self.cur & !(span - 1);
                 if !fmt.is_present(e) {
-                    self.cur = slot_base.saturating_add(span);
+                    // Skip this table's empty entries in one scan instead
+                    // of descending from the root again for each of them;
+                    // the descent resumes at the next present entry.
+                    let table_base = self.cur & !(span * ENTRIES as u64 - 1);
+                    let next = (index(level, self.cur) + 1..ENTRIES)
+                        .find(|&j| fmt.is_present(table[j].load(Ordering::Relaxed)));
+                    self.cur = table_base + next.unwrap_or(ENTRIES) as u64 * span;
                     continue 'outer;
                 }
                 if fmt.is_leaf(e, level) {
