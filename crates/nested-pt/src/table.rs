@@ -412,7 +412,11 @@ impl<P: TablePages> NestedTable<P> {
     /// may have used those entries in the moment they existed: they mapped
     /// the frames the caller gave, and accessed/dirty bits set through them
     /// are lost with them, so a caller that tracks dirty pages treats those
-    /// frames as possibly written.
+    /// frames as possibly written. A concurrent `map_range` over an
+    /// overlapping range may have found such an entry in place (and not
+    /// counted it as its own): after the rollback that page is empty again,
+    /// so a fault handler must look its page up again rather than assume
+    /// it is mapped.
     pub fn map_range(
         &self,
         gpa: Gpa,

@@ -549,3 +549,28 @@ fn map_range_rollback_spares_what_others_changed() {
         assert_eq!(left, vec![(600, 0x777, Prot::READ)], "{f:?}");
     }
 }
+
+#[test]
+fn populate_meeting_a_large_leaf_rolls_back() {
+    for f in formats() {
+        let mut t = table(f);
+        t.populate_region(Gpa(2 * M2), 2 * M2, PageSize::Size2M).unwrap();
+        t.map(Gpa(3 * M2), Pfn(0x600), PageSize::Size2M, Prot::RW, MemType::WriteBack).unwrap();
+        let (live, allocs) = (t.pages().live(), t.pages().allocs());
+        // [2M-4K, 6M+4K): leaf tables for the 2 MiB slots at 0, 2M and 4M
+        // are made (4M is an empty slot of the 2 MiB range, see the lib
+        // docs on overlapping populates), then the 2 MiB leaf at 6M is
+        // where the fourth would go.
+        let r = t.populate_region(Gpa(M2 - K4), 2 * M2 + 2 * K4, PageSize::Size4K);
+        assert_eq!(r, Err(Error::AlreadyMapped { same_frame: false }));
+        assert_eq!(t.pages().allocs(), allocs + 3, "three tables made on the way");
+        assert_eq!((t.pages().live(), t.table_pages()), (live, live), "and freed");
+        assert_eq!(t.walk(Gpa(M2 - K4)).len, 3);
+        assert_eq!(t.walk(Gpa(2 * M2)).steps()[2].entry, 0);
+        assert_eq!(t.is_mapped(Gpa(3 * M2)), Some((Pfn(0x600), Prot::RW)));
+        assert_eq!(t.vacate_region(Gpa(M2 - K4), K4, PageSize::Size4K), Err(Error::NotPopulated));
+        assert_eq!(t.unmap_vacate_region(Gpa(2 * M2), 2 * M2, PageSize::Size2M), Ok(512));
+        assert_eq!(t.pages().live(), 1);
+        assert!(t.pages().errors().is_empty());
+    }
+}
