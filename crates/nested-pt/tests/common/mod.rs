@@ -12,13 +12,42 @@
 
 #![allow(dead_code)]
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use arbitrary::Arbitrary;
 use nested_pt::mmu::{self, ViolationKind};
 use nested_pt::{
     Access, CountingPages, Error, FormatKind, Gpa, HeapPages, MemType, NestedTable, PageSize, Pfn, Prot, PteFormat,
+    TablePages,
 };
+
+/// The model's table-page provider: a checking [`CountingPages`] arena
+/// with an allocation budget that operations set through the table's
+/// shared reference to its provider.
+pub struct Budgeted {
+    inner: CountingPages<HeapPages>,
+    /// Allocations left before every one fails; `None`: no limit.
+    budget: Cell<Option<u64>>,
+}
+
+// SAFETY: forwards to `inner`, which upholds the contract; refusing an
+// allocation is always allowed.
+unsafe impl TablePages for Budgeted {
+    fn alloc_zeroed(&mut self) -> Option<Pfn> {
+        if let Some(n) = self.budget.get() {
+            self.budget.set(Some(n.checked_sub(1)?));
+        }
+        self.inner.alloc_zeroed()
+    }
+    fn ptr(&self, pfn: Pfn) -> *mut u64 {
+        self.inner.ptr(pfn)
+    }
+    unsafe fn free(&mut self, pfn: Pfn) {
+        // SAFETY: the caller's promise is passed on unchanged.
+        unsafe { self.inner.free(pfn) }
+    }
+}
 
 pub const K4: u64 = 4096;
 pub const M2: u64 = 1 << 21;
@@ -44,6 +73,9 @@ pub const REGIONS: [(u64, u64, PageSize); 8] = [
 pub enum Op {
     /// Populate the region, or vacate it when populated.
     Toggle(u8),
+    /// Populate the region with only `n % 8` table pages to spare: when it
+    /// needs more, it must fail with `NoMemory` and change nothing.
+    PopulateLimited(u8, u8),
     /// Map page `p` of region `r` with protection `k`.
     Map(u8, u16, u8),
     /// Unmap page `p` of region `r`.
@@ -204,7 +236,9 @@ macro_rules! ensure_eq {
 /// Runs `ops` against a fresh table of format `fmt` and the model; the
 /// first mismatch is returned as an error.
 pub fn run(fmt: PteFormat, ops: &[Op]) -> Result<(), String> {
-    let mut t = NestedTable::new(fmt, CountingPages::new(HeapPages::with_capacity(0x100, 1 << 12))).unwrap();
+    let pages =
+        Budgeted { inner: CountingPages::new(HeapPages::with_capacity(0x100, 1 << 12)), budget: Cell::new(None) };
+    let mut t = NestedTable::new(fmt, pages).unwrap();
     let mut m = Model { fmt, populated: [false; REGIONS.len()], leaves: BTreeMap::new() };
     let emulated = fmt.kind() == FormatKind::EptEmulatedAd;
     let limit = fmt.frame_limit();
@@ -227,6 +261,26 @@ pub fn run(fmt: PteFormat, ops: &[Op]) -> Result<(), String> {
                         ensure_eq!(got, Ok(()), "{}", ctx());
                         m.populated[r] = false;
                     }
+                }
+            }
+            Op::PopulateLimited(r, n) => {
+                let r = region(r);
+                if m.populated[r] {
+                    continue;
+                }
+                let (start, len, size) = REGIONS[r];
+                let before = m.expected_tables();
+                m.populated[r] = true;
+                let needed = m.expected_tables() - before;
+                let budget = n as usize % 8;
+                t.pages().budget.set(Some(budget as u64));
+                let got = t.populate_region(Gpa(start), len, size);
+                t.pages().budget.set(None);
+                if needed > budget {
+                    ensure_eq!(got, Err(Error::NoMemory), "needs {needed}; {}", ctx());
+                    m.populated[r] = false;
+                } else {
+                    ensure_eq!(got, Ok(()), "needs {needed}; {}", ctx());
                 }
             }
             Op::Map(r, p, k) => {
@@ -450,8 +504,8 @@ pub fn run(fmt: PteFormat, ops: &[Op]) -> Result<(), String> {
             }
         }
         // Every observable after every step.
-        ensure_eq!(t.pages().errors(), &[] as &[&str], "{}", ctx());
-        ensure_eq!(t.pages().live(), m.expected_tables(), "{}", ctx());
+        ensure_eq!(t.pages().inner.errors(), &[] as &[&str], "{}", ctx());
+        ensure_eq!(t.pages().inner.live(), m.expected_tables(), "{}", ctx());
         ensure_eq!(t.table_pages(), m.expected_tables(), "{}", ctx());
         for (r, &(_, _, size)) in REGIONS.iter().enumerate() {
             for i in 0..leaves_in(r).min(6) {
@@ -472,7 +526,7 @@ pub fn run(fmt: PteFormat, ops: &[Op]) -> Result<(), String> {
             t.vacate_region(Gpa(start), len, size).map_err(|e| format!("teardown vacate: {e}"))?;
         }
     }
-    ensure_eq!(t.pages().live(), 1, "after teardown");
+    ensure_eq!(t.pages().inner.live(), 1, "after teardown");
     Ok(())
 }
 
