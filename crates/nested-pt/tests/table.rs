@@ -574,3 +574,34 @@ fn populate_meeting_a_large_leaf_rolls_back() {
         assert!(t.pages().errors().is_empty());
     }
 }
+
+#[test]
+fn map_range_rollback_races_an_overlapping_map_range() {
+    // Thread A maps [0, 4M) and fails at its last page; thread B maps
+    // [1M, 3M) with other frames at the same time. Whatever the
+    // interleaving, A's rollback removes exactly A's entries: what is left
+    // is B's, as many as B counted.
+    for f in formats() {
+        let mut t = table(f);
+        t.populate_region(Gpa(0), 4 * M2, PageSize::Size4K).unwrap();
+        let limit = f.frame_limit();
+        for round in 0..50u64 {
+            let (ra, rb) = std::thread::scope(|s| {
+                let a = s.spawn(|| {
+                    t.map_range(Gpa(0), 4 * M2, Prot::RW, MemType::WriteBack, |g| {
+                        Some(Pfn(if g.0 == 4 * M2 - K4 { limit } else { 0x10_0000 + (g.0 >> 12) }))
+                    })
+                });
+                let b = s.spawn(|| {
+                    t.map_range(Gpa(M2 / 2), M2, Prot::RW, MemType::WriteBack, |g| Some(Pfn(0x20_0000 + (g.0 >> 12))))
+                });
+                (a.join().unwrap(), b.join().unwrap())
+            });
+            assert_eq!(ra, Err(Error::OutOfRange));
+            let left: Vec<_> = t.leaves(Gpa(0), 4 * M2).map(|l| (l.gpa.0, l.pfn().0)).collect();
+            assert_eq!(left.len() as u64, rb.unwrap(), "{f:?} round {round}");
+            assert!(left.iter().all(|&(g, p)| p == 0x20_0000 + (g >> 12)), "{f:?} round {round}");
+            t.unmap_region(Gpa(0), 4 * M2).unwrap();
+        }
+    }
+}
