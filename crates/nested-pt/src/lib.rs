@@ -59,6 +59,16 @@
 //! the frame the caller asked for, and any accessed/dirty bits it gathered
 //! are dropped with it.
 //!
+//! # How it is tested
+//!
+//! Besides unit and scenario tests, `tests/common` holds a reference model
+//! (a map of the leaves the tree should hold) that `tests/model.rs`
+//! (proptest) and `tests/fuzz.rs` (stable-Rust fuzzing with `arbitrary`;
+//! `FUZZ_SECONDS=600 cargo test --release -p nested-pt --test fuzz --
+//! --nocapture` for a long run) drive with random operation sequences on
+//! all three formats, comparing every observable after every step, and
+//! `tests/hostile.rs` calls every public function with hostile arguments.
+//!
 //! # Known gaps
 //!
 //! Large pages are mapped and unmapped whole; transparent promotion and

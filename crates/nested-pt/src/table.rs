@@ -405,9 +405,13 @@ impl<P: TablePages> NestedTable<P> {
     /// changes). A frame the format cannot address
     /// ([`PteFormat::frame_fits`]) fails the call with
     /// [`Error::OutOfRange`] and nothing stays changed: the entries this
-    /// call installed before it are cleared again (each only while it still
-    /// maps what this call stored, whatever accessed/dirty bits it gained;
-    /// one unmapped meanwhile is left alone). `frame` has then been called
+    /// call installed before it are cleared again. Each is cleared only
+    /// while it still holds this call's protection and memory type,
+    /// whatever accessed/dirty bits it gained; one unmapped meanwhile is
+    /// left alone. (The frame is not re-checked: an unmap and remap of the
+    /// same entry, same protection, by another thread during the call would
+    /// be cleared too; callers own their ranges, which excludes that.)
+    /// `frame` has then been called
     /// for the pages up to the refused one. Other threads and the hardware
     /// may have used those entries in the moment they existed: they mapped
     /// the frames the caller gave, and accessed/dirty bits set through them
