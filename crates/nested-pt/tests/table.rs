@@ -605,3 +605,31 @@ fn map_range_rollback_races_an_overlapping_map_range() {
         }
     }
 }
+
+/// The reservation count of one leaf table, the honest way: 2^32 / 512
+/// populates of its whole span fit, the next is refused and changes
+/// nothing. About 1.5 s in release; ignored in debug builds (run it there
+/// with `--ignored`), where the unit test in `src/table.rs` covers the
+/// same path by setting the count.
+#[test]
+#[cfg_attr(debug_assertions, ignore = "8.4 million populates: slow without optimisation")]
+fn reservation_count_overflow_end_to_end() {
+    let mut t = table(formats()[0]);
+    let fits = (u32::MAX / 512) as u64;
+    for _ in 0..fits {
+        t.populate_region(Gpa(M2), M2, PageSize::Size4K).unwrap();
+    }
+    assert_eq!(t.table_pages(), 4);
+    // One table short of overflow on the far side: the first (new) table
+    // is counted, then the overflowing one refuses; both roll back.
+    assert_eq!(t.populate_region(Gpa(M2 - K4), M2 + K4, PageSize::Size4K), Err(Error::CountOverflow));
+    assert_eq!(t.populate_region(Gpa(M2), M2, PageSize::Size4K), Err(Error::CountOverflow));
+    assert_eq!((t.table_pages(), t.pages().live()), (4, 4));
+    assert_eq!(t.walk(Gpa(M2 - K4)).len, 3, "the table made for [2M-4K, 2M) is freed");
+    // A smaller populate still fits (the count is 511 short of u32::MAX).
+    t.populate_region(Gpa(M2), 511 * K4, PageSize::Size4K).unwrap();
+    t.vacate_region(Gpa(M2), 511 * K4, PageSize::Size4K).unwrap();
+    t.vacate_region(Gpa(M2), M2, PageSize::Size4K).unwrap();
+    assert_eq!(t.pages().live(), 4, "still counted by the other populates");
+    assert!(t.pages().errors().is_empty());
+}
