@@ -211,13 +211,19 @@ impl PteFormat {
         self.dirty
     }
 
-    /// A non-leaf entry pointing at the table page `table`.
-    pub fn table_entry(&self, table: Pfn) -> u64 {
-        let addr = table.addr() & self.addr_mask;
-        match self.kind {
+    /// A non-leaf entry pointing at the table page `table`, or
+    /// [`Error::OutOfRange`] when the frame does not fit the address field
+    /// ([`frame_fits`](Self::frame_fits)): the frame is never masked into
+    /// another one.
+    pub fn table_entry(&self, table: Pfn) -> Result<u64, Error> {
+        if !self.frame_fits(table) {
+            return Err(Error::OutOfRange);
+        }
+        let addr = table.addr();
+        Ok(match self.kind {
             FormatKind::Ept | FormatKind::EptEmulatedAd => addr | EPT_R | EPT_W | EPT_X,
             FormatKind::Npt => addr | NPT_P | NPT_RW | NPT_US,
-        }
+        })
     }
 
     /// A leaf entry mapping `pfn` as a page of `size` with `prot` and memory
@@ -456,6 +462,11 @@ impl PteFormat {
     /// The root pointer hardware is given: the EPTP (write-back paging
     /// structures, four-level walk, A/D enable bit 6 when `track_dirty` and
     /// the format has hardware A/D) or nCR3 (the root's address).
+    ///
+    /// `root` must fit the format ([`frame_fits`](Self::frame_fits)); the
+    /// root of a [`NestedTable`](crate::NestedTable) always does (`new`
+    /// refuses any other). Address bits of a frame that does not fit are
+    /// dropped, so such a pointer names another page.
     pub fn root_pointer(&self, root: Pfn, track_dirty: bool) -> u64 {
         let addr = root.addr() & self.addr_mask;
         match self.kind {

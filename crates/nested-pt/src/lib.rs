@@ -42,6 +42,33 @@
 //! iterator) visit each leaf table once, descending from the root only when
 //! they cross into a new table, never walking from the root for each page.
 //!
+//! # Errors change nothing
+//!
+//! Every public operation either does all it was asked or returns a typed
+//! [`Error`] and leaves the tree as it found it; no argument of any public
+//! function can make it panic (addresses and lengths near `u64::MAX`, short
+//! or huge bitmaps, frames past the format's width are refused, and bounds
+//! checks are written so that they cannot wrap). Multi-step operations roll
+//! back: a populate that runs out of table pages, meets a table page whose
+//! frame the format cannot address ([`Error::OutOfRange`]) or would
+//! overflow a count ([`Error::CountOverflow`]) frees what it allocated and
+//! restores the counts; a [`NestedTable::map_range`] that meets a frame the
+//! format cannot express clears the entries it installed before returning
+//! [`Error::OutOfRange`]. Entries are shared with hardware, so a rolled-back
+//! entry may have been used by a vCPU in the moment it existed: it mapped
+//! the frame the caller asked for, and any accessed/dirty bits it gathered
+//! are dropped with it.
+//!
+//! # How it is tested
+//!
+//! Besides unit and scenario tests, `tests/common` holds a reference model
+//! (a map of the leaves the tree should hold) that `tests/model.rs`
+//! (proptest) and `tests/fuzz.rs` (stable-Rust fuzzing with `arbitrary`;
+//! `FUZZ_SECONDS=600 cargo test --release -p nested-pt --test fuzz --
+//! --nocapture` for a long run) drive with random operation sequences on
+//! all three formats, comparing every observable after every step, and
+//! `tests/hostile.rs` calls every public function with hostile arguments.
+//!
 //! # Known gaps
 //!
 //! Large pages are mapped and unmapped whole; transparent promotion and
@@ -110,7 +137,10 @@ impl fmt::Debug for Pfn {
 }
 
 impl Pfn {
-    /// The host-physical address of the frame's first byte.
+    /// The host-physical address of the frame's first byte. A frame at or
+    /// past 2^52 has no 64-bit address and loses its top bits here; every
+    /// table operation refuses frames the format cannot express
+    /// ([`PteFormat::frame_fits`]) before it forms an address.
     pub fn addr(self) -> u64 {
         self.0 << 12
     }
@@ -235,7 +265,8 @@ impl Access {
 }
 
 /// Why an operation on a table was refused. A refused operation changes
-/// nothing.
+/// nothing: operations of several steps (populate, map of a range) undo the
+/// steps they took before returning the error.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Error {
     /// An address or length is not a multiple of the page size it needs.
@@ -272,6 +303,10 @@ pub enum Error {
     NoMemory,
     /// A bitmap is too short for the range.
     BitmapTooSmall,
+    /// A table's count of the entries populated ranges reserve in it would
+    /// overflow (about 8.4 million overlapping populates of one leaf
+    /// table's whole span).
+    CountOverflow,
 }
 
 impl fmt::Display for Error {
@@ -292,6 +327,7 @@ impl fmt::Display for Error {
             Error::StillMapped => "pages still mapped in range",
             Error::NoMemory => "out of table pages",
             Error::BitmapTooSmall => "bitmap too small for range",
+            Error::CountOverflow => "table reservation count would overflow",
         };
         f.write_str(s)
     }

@@ -80,7 +80,11 @@ struct Frames {
 }
 
 impl Frames {
+    /// Frames from `base_pfn`, at most `capacity` of them and never more
+    /// than frame numbers left below `u64::MAX` (so `base_pfn + index`
+    /// cannot overflow).
     fn new(base_pfn: u64, capacity: u64) -> Self {
+        let capacity = capacity.min((u64::MAX - base_pfn).saturating_add(1));
         Frames { base_pfn, capacity, next: 0, free: Vec::new() }
     }
     /// A frame index not in use, and whether it was used before (and so
@@ -128,13 +132,16 @@ impl HeapPages {
         Self::with_capacity(0x100, Self::DEFAULT_CAPACITY)
     }
 
-    /// An arena of `capacity` pages whose first frame is `base_pfn`.
+    /// An arena of `capacity` pages whose first frame is `base_pfn`. The
+    /// capacity is clamped to `1 ..= u32::MAX` pages and to the frame
+    /// numbers left from `base_pfn` up to `u64::MAX`. Frames the table's
+    /// format cannot address are refused by the table, not here.
     ///
     /// # Panics
     ///
     /// When the global allocator cannot reserve the arena.
     pub fn with_capacity(base_pfn: u64, capacity: u64) -> Self {
-        let capacity = capacity.clamp(1, u32::MAX as u64);
+        let capacity = capacity.min((u64::MAX - base_pfn).saturating_add(1)).clamp(1, u32::MAX as u64);
         let bytes = (capacity as usize).checked_mul(4096).and_then(|b| b.checked_add(4096));
         let bytes = bytes.expect("arena size overflows");
         // A byte-aligned request lets the allocator use calloc, which maps

@@ -83,7 +83,7 @@ pub struct Walk {
 impl Walk {
     /// The steps taken.
     pub fn steps(&self) -> &[WalkStep] {
-        &self.steps[..self.len]
+        &self.steps[..self.len.min(self.steps.len())]
     }
 }
 
@@ -131,9 +131,16 @@ impl<'a> Leaf<'a> {
     pub fn pfn(&self) -> Pfn {
         self.fmt.frame_at_level(self.value(), self.size.level())
     }
-    /// Frame that backs `gpa` (which must lie inside the leaf's page).
-    pub fn pfn_of(&self, gpa: Gpa) -> Pfn {
-        Pfn(self.pfn().0 + ((gpa.0 - self.gpa.0) >> 12))
+    /// Frame that backs `gpa`, or `None` when `gpa` lies outside the
+    /// leaf's page (below `self.gpa` or at or past its end).
+    pub fn pfn_of(&self, gpa: Gpa) -> Option<Pfn> {
+        let off = gpa.0.checked_sub(self.gpa.0)?;
+        if off >= self.size.bytes() {
+            return None;
+        }
+        // The leaf's frame fits the format (< 2^40) and the offset is less
+        // than the page: no overflow.
+        Some(Pfn(self.pfn().0 + (off >> 12)))
     }
     /// Protection the leaf grants.
     pub fn prot(&self) -> Prot {
@@ -193,11 +200,15 @@ pub struct NestedTable<P: TablePages> {
 
 impl<P: TablePages> NestedTable<P> {
     /// An empty table (just the root page).
+    ///
+    /// Refused with [`Error::NoMemory`] when the provider has no page (or
+    /// hands out one it cannot convert to a pointer), and with
+    /// [`Error::OutOfRange`] when the page's frame is past the format's
+    /// physical-address width ([`PteFormat::frame_fits`]): the root pointer
+    /// could not name it. Every table page the tree takes later is checked
+    /// the same way.
     pub fn new(format: PteFormat, mut pages: P) -> Result<Self, Error> {
-        let root = pages.alloc_zeroed().ok_or(Error::NoMemory)?;
-        if pages.ptr(root).is_null() {
-            return Err(Error::NoMemory);
-        }
+        let (root, _) = alloc_table(&mut pages, &format)?;
         Ok(NestedTable { fmt: format, pages, root: Node::new(root, 0), tables: 1 })
     }
 
@@ -236,7 +247,15 @@ impl<P: TablePages> NestedTable<P> {
 
     /// Creates the tables that leaves of size `leaf` in `[gpa, gpa+len)`
     /// need, and counts the range's entries in them. Both `gpa` and `len`
-    /// must be multiples of the leaf size. On error nothing changes.
+    /// must be multiples of the leaf size.
+    ///
+    /// On error nothing changes: the tables created are freed and the
+    /// counts taken are released. Besides the range errors, refused with
+    /// [`Error::NoMemory`] when the provider runs out, [`Error::OutOfRange`]
+    /// when it hands out a page whose frame the format cannot address,
+    /// [`Error::AlreadyMapped`] where a large leaf sits where a table is
+    /// needed, and [`Error::CountOverflow`] when a table's count of
+    /// reserved entries would overflow (overlapping populates).
     pub fn populate_region(&mut self, gpa: Gpa, len: u64, leaf: PageSize) -> Result<(), Error> {
         let end = check_range(gpa, len, leaf)?;
         if !self.fmt.supports(leaf) {
@@ -383,8 +402,25 @@ impl<P: TablePages> NestedTable<P> {
     /// of pages this call mapped.
     ///
     /// The range's leaf tables must exist (checked before anything
-    /// changes). A frame the format cannot address stops the call with
-    /// [`Error::OutOfRange`], leaving the pages before it mapped.
+    /// changes). A frame the format cannot address
+    /// ([`PteFormat::frame_fits`]) fails the call with
+    /// [`Error::OutOfRange`] and nothing stays changed: the entries this
+    /// call installed before it are cleared again. Each is cleared only
+    /// while it still holds this call's protection and memory type,
+    /// whatever accessed/dirty bits it gained; one unmapped meanwhile is
+    /// left alone. (The frame is not re-checked: an unmap and remap of the
+    /// same entry, same protection, by another thread during the call would
+    /// be cleared too; callers own their ranges, which excludes that.)
+    /// `frame` has then been called
+    /// for the pages up to the refused one. Other threads and the hardware
+    /// may have used those entries in the moment they existed: they mapped
+    /// the frames the caller gave, and accessed/dirty bits set through them
+    /// are lost with them, so a caller that tracks dirty pages treats those
+    /// frames as possibly written. A concurrent `map_range` over an
+    /// overlapping range may have found such an entry in place (and not
+    /// counted it as its own): after the rollback that page is empty again,
+    /// so a fault handler must look its page up again rather than assume
+    /// it is mapped.
     pub fn map_range(
         &self,
         gpa: Gpa,
@@ -398,7 +434,7 @@ impl<P: TablePages> NestedTable<P> {
 
     /// [`map_range`](Self::map_range) for a caller with exclusive access
     /// (no other thread maps or unmaps meanwhile): plain stores instead of
-    /// locked compare-and-swaps.
+    /// locked compare-and-swaps. Errors roll back as `map_range` does.
     pub fn map_range_exclusive(
         &mut self,
         gpa: Gpa,
@@ -429,7 +465,7 @@ impl<P: TablePages> NestedTable<P> {
         // Validate protection and the tables' presence before changing
         // anything; the entry for frame 0 is the template for all.
         let template = self.fmt.leaf_entry(Pfn(0), PageSize::Size4K, prot, mt)?;
-        let max_pfn = self.fmt.addr_mask() >> 12;
+        let limit = self.fmt.frame_limit();
         // Check every leaf table exists before changing anything; a range
         // inside one leaf table (a fault-around window) is checked by the
         // walk that maps it.
@@ -440,28 +476,48 @@ impl<P: TablePages> NestedTable<P> {
                 a = (a | (entry_span(2) - 1)) + 1;
             }
         }
+        // The entries this call installed, one 512-bit set per leaf table,
+        // to undo them if a later frame is refused. Only a range spanning
+        // several leaf tables keeps the sets of the tables it finished.
+        let mut done: Vec<(u64, [u64; 8])> = Vec::new();
         let mut mapped = 0;
         let mut a = gpa.0;
         while a < end {
             let table_end = ((a | (entry_span(2) - 1)) + 1).min(end);
             let first = index(1, a);
             let n = ((table_end - a) >> 12) as usize;
-            let table = self.leaf_table(a)?;
+            let table = match self.leaf_table(a) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.unfill(&done, None, template, exclusive);
+                    return Err(e);
+                }
+            };
+            let mut ours = [0u64; 8];
             for (i, slot) in table[first..first + n].iter().enumerate() {
                 let page = Gpa(a + ((i as u64) << 12));
                 let Some(pfn) = frame(page) else { continue };
-                if pfn.0 > max_pfn {
+                if pfn.0 >= limit {
+                    self.unfill(&done, Some((table, &ours)), template, exclusive);
                     return Err(Error::OutOfRange);
                 }
                 let new = template | (pfn.0 << 12);
-                if exclusive {
-                    if slot.load(Ordering::Relaxed) == 0 {
+                let installed = if exclusive {
+                    slot.load(Ordering::Relaxed) == 0 && {
                         slot.store(new, Ordering::Relaxed);
-                        mapped += 1;
+                        true
                     }
-                } else if slot.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                } else {
+                    slot.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire).is_ok()
+                };
+                if installed {
+                    let k = first + i;
+                    ours[k / 64] |= 1 << (k % 64);
                     mapped += 1;
                 }
+            }
+            if table_end < end {
+                done.push((a, ours));
             }
             a = table_end;
         }
@@ -469,6 +525,50 @@ impl<P: TablePages> NestedTable<P> {
             core::sync::atomic::fence(Ordering::Release);
         }
         Ok(mapped)
+    }
+
+    /// Undoes a failed [`fill`](Self::fill): clears the entries marked in
+    /// the sets of the finished leaf tables (`done`, by the address of
+    /// their first page) and of the current one. Shared mode clears an
+    /// entry only while it still holds what the fill stored, up to the
+    /// accessed/dirty bits hardware and other threads may have set since
+    /// (and up to the frame, which the sets do not keep: only an unmap
+    /// and remap of that very entry by another thread meanwhile, which the
+    /// caller's range ownership excludes, could change it).
+    #[cold]
+    fn unfill(&self, done: &[(u64, [u64; 8])], current: Option<(&Table, &[u64; 8])>, template: u64, exclusive: bool) {
+        let keep = !(self.fmt.addr_mask() | self.fmt.accessed_mask() | self.fmt.dirty_mask());
+        let clear = |table: &Table, set: &[u64; 8]| {
+            for (w, &bits) in set.iter().enumerate() {
+                let mut b = bits;
+                while b != 0 {
+                    let slot = &table[w * 64 + b.trailing_zeros() as usize];
+                    b &= b - 1;
+                    if exclusive {
+                        slot.store(0, Ordering::Relaxed);
+                        continue;
+                    }
+                    let mut v = slot.load(Ordering::Acquire);
+                    while v != 0 && v & keep == template & keep {
+                        match slot.compare_exchange_weak(v, 0, Ordering::AcqRel, Ordering::Acquire) {
+                            Ok(_) => break,
+                            Err(now) => v = now,
+                        }
+                    }
+                }
+            }
+        };
+        for (base, set) in done {
+            // The finished tables existed a moment ago and only `&mut self`
+            // can free a table.
+            if let Ok(table) = self.leaf_table(*base) {
+                clear(table, set);
+            }
+        }
+        if let Some((table, set)) = current {
+            clear(table, set);
+        }
+        core::sync::atomic::fence(Ordering::Release);
     }
 
     /// The present leaf that maps `gpa`, if any.
@@ -515,7 +615,7 @@ impl<P: TablePages> NestedTable<P> {
     /// protection, when mapped.
     pub fn is_mapped(&self, gpa: Gpa) -> Option<(Pfn, Prot)> {
         let leaf = self.lookup(gpa)?;
-        Some((leaf.pfn_of(Gpa(gpa.0 & !0xfff)), leaf.prot()))
+        Some((leaf.pfn_of(Gpa(gpa.0 & !0xfff))?, leaf.prot()))
     }
 
     /// The entries on the path to `gpa`, root first, ending at a leaf or a
@@ -668,8 +768,9 @@ impl<P: TablePages> NestedTable<P> {
         let dmask = self.fmt.dirty_mask();
         let mut count = 0;
         self.for_each_leaf_table(gpa, len, |base, entries, size| {
-            let first = (base.0 - gpa.0) >> 12;
             if size == PageSize::Size4K {
+                // Leaf-table slices start inside the range.
+                let first = (base.0 - gpa.0) >> 12;
                 for (c, chunk) in entries.chunks(64).enumerate() {
                     // Gather the chunk's dirty bits into one word without
                     // branches, then clear only the dirty entries.
@@ -694,11 +795,17 @@ impl<P: TablePages> NestedTable<P> {
                     or_word(bitmap, first + c as u64 * 64, word);
                 }
             } else if entries[0].load(Ordering::Relaxed) & dmask != 0 {
-                if clear != Clear::No {
+                // A large leaf. `check_no_split` refused one cutting the
+                // range's ends, but one mapped concurrently since may
+                // stick out: report only its pages inside the range, and
+                // then leave its dirty state (it covers pages outside).
+                let (lo, hi) = (base.0.max(gpa.0), (base.0 + size.bytes()).min(end));
+                let whole = hi - lo == size.bytes();
+                if clear != Clear::No && whole {
                     entries[0].fetch_and(!dmask, Ordering::AcqRel);
                 }
-                fill_bits(bitmap, first, size.pages(), true);
-                count += size.pages();
+                fill_bits(bitmap, (lo - gpa.0) >> 12, (hi - lo) >> 12, true);
+                count += (hi - lo) >> 12;
             }
         });
         if clear == Clear::Plain {
@@ -818,7 +925,13 @@ impl<'a, P: TablePages> Iterator for Leaves<'a, P> {
                 let span = entry_span(level);
                 let slot_base = self.cur & !(span - 1);
                 if !fmt.is_present(e) {
-                    self.cur = slot_base.saturating_add(span);
+                    // Skip this table's empty entries in one scan instead
+                    // of descending from the root again for each of them;
+                    // the descent resumes at the next present entry.
+                    let table_base = self.cur & !(span * ENTRIES as u64 - 1);
+                    let next = (index(level, self.cur) + 1..ENTRIES)
+                        .find(|&j| fmt.is_present(table[j].load(Ordering::Relaxed)));
+                    self.cur = table_base + next.unwrap_or(ENTRIES) as u64 * span;
                     continue 'outer;
                 }
                 if fmt.is_leaf(e, level) {
@@ -874,7 +987,9 @@ fn populate<P: TablePages>(
     let base = start & !(span * 512 - 1);
     let (first, last) = slot_range(level, base, start, end);
     if level == leaf_level {
-        node.reserved += (last - first + 1) as u32;
+        // At most 512 per call; refused (and rolled back by the caller)
+        // rather than wrapped after billions of overlapping populates.
+        node.reserved = node.reserved.checked_add((last - first + 1) as u32).ok_or(Error::CountOverflow)?;
         *progress = end;
         return Ok(());
     }
@@ -889,13 +1004,17 @@ fn populate<P: TablePages>(
                     // A large leaf sits where a table is needed.
                     return Err(Error::AlreadyMapped { same_frame: false });
                 }
-                let pfn = pages.alloc_zeroed().ok_or(Error::NoMemory)?;
-                *tables += 1;
-                if pages.ptr(pfn).is_null() {
+                let (pfn, entry) = alloc_table(pages, fmt)?;
+                let Some(table) = table_of(pages, node.pfn) else {
+                    // The provider broke its contract (the parent's page
+                    // lost its pointer); give the new page back.
+                    // SAFETY: the page was just allocated and nothing
+                    // points at it.
+                    unsafe { pages.free(pfn) };
                     return Err(Error::NoMemory);
-                }
-                let table = table_of(pages, node.pfn).ok_or(Error::NoMemory)?;
-                table[i].store(fmt.table_entry(pfn), Ordering::Release);
+                };
+                table[i].store(entry, Ordering::Release);
+                *tables += 1;
                 node.children.insert(pos, Node::new(pfn, i as u16));
                 pos
             }
@@ -903,6 +1022,23 @@ fn populate<P: TablePages>(
         populate(&mut node.children[pos], level - 1, s, e, leaf_level, pages, fmt, progress, tables)?;
     }
     Ok(())
+}
+
+/// A zeroed table page and the entry that points at it: allocated,
+/// addressable (`ptr` non-null) and inside the format's frame range. A page
+/// that fails the last two checks is handed straight back, so on error
+/// nothing is allocated and no entry can mask the frame into another one.
+fn alloc_table<P: TablePages>(pages: &mut P, fmt: &PteFormat) -> Result<(Pfn, u64), Error> {
+    let pfn = pages.alloc_zeroed().ok_or(Error::NoMemory)?;
+    let r = if pages.ptr(pfn).is_null() { Err(Error::NoMemory) } else { fmt.table_entry(pfn) };
+    match r {
+        Ok(entry) => Ok((pfn, entry)),
+        Err(e) => {
+            // SAFETY: the page was just allocated and nothing points at it.
+            unsafe { pages.free(pfn) };
+            Err(e)
+        }
+    }
 }
 
 /// True when every entry of `[start, end)` at `leaf_level` lies in an
@@ -1090,5 +1226,53 @@ fn fill_bits(bitmap: &mut [u64], first: u64, count: u64, on: bool) {
             bitmap[w] &= !mask;
         }
         b += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Caps, CountingPages, HeapPages};
+
+    /// The leaf-level node (level 1) that holds `gpa`'s entry.
+    fn leaf_node(root: &mut Node, gpa: u64) -> &mut Node {
+        let mut n = root;
+        for level in [4u8, 3, 2] {
+            let pos = n.child_pos(index(level, gpa)).expect("populated");
+            n = &mut n.children[pos];
+        }
+        n
+    }
+
+    /// Overflow of a reservation count is refused and rolled back: the
+    /// table created for the range's first part is freed, and the counts
+    /// are as before. (Reaching the limit honestly takes about 8.4 million
+    /// populates; the count is set near it directly.)
+    #[test]
+    fn reservation_count_overflow_rolls_back() {
+        const M2: u64 = 1 << 21;
+        let pages = CountingPages::new(HeapPages::with_capacity(0x100, 64));
+        let mut t = NestedTable::new(PteFormat::ept(Caps::default()), pages).unwrap();
+        t.populate_region(Gpa(M2), 4096, PageSize::Size4K).unwrap();
+        assert_eq!(t.table_pages(), 4);
+        leaf_node(&mut t.root, M2).reserved = u32::MAX - 511;
+        // Exactly up to the limit is fine ...
+        t.populate_region(Gpa(M2 + 4096), 511 * 4096, PageSize::Size4K).unwrap();
+        assert_eq!(leaf_node(&mut t.root, M2).reserved, u32::MAX);
+        t.vacate_region(Gpa(M2 + 4096), 511 * 4096, PageSize::Size4K).unwrap();
+        // ... one more is not. The range starts in a new leaf table (below
+        // 2 MiB) and ends in one past 4 MiB that the walk never reaches.
+        leaf_node(&mut t.root, M2).reserved = u32::MAX;
+        let r = t.populate_region(Gpa(M2 - 4096), M2 + 2 * 4096, PageSize::Size4K);
+        assert_eq!(r, Err(Error::CountOverflow));
+        assert_eq!(leaf_node(&mut t.root, M2).reserved, u32::MAX, "count unchanged");
+        assert_eq!(t.table_pages(), 4, "the table made for the first part is freed");
+        assert_eq!(t.pages().live(), 4);
+        assert_eq!(t.walk(Gpa(M2 - 4096)).len, 3);
+        assert!(t.pages().errors().is_empty());
+        // The overflowed table still works and releases normally.
+        leaf_node(&mut t.root, M2).reserved = 1;
+        t.vacate_region(Gpa(M2), 4096, PageSize::Size4K).unwrap();
+        assert_eq!(t.pages().live(), 1);
     }
 }

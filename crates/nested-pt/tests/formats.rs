@@ -40,7 +40,7 @@ fn ept_leaf_bits() {
 #[test]
 fn ept_table_entry_and_eptp() {
     let f = PteFormat::ept(caps());
-    assert_eq!(f.table_entry(Pfn(0x5555)), (0x5555 << 12) | 7);
+    assert_eq!(f.table_entry(Pfn(0x5555)), Ok((0x5555 << 12) | 7));
     assert_eq!(f.root_pointer(Pfn(0x777), false), (0x777 << 12) | (3 << 3) | 6);
     assert_eq!(f.root_pointer(Pfn(0x777), true), (0x777 << 12) | (1 << 6) | (3 << 3) | 6);
     assert_eq!(f.accessed_mask(), 1 << 8);
@@ -78,7 +78,7 @@ fn ept_emulated_ad_bits() {
 #[test]
 fn npt_bits() {
     let f = PteFormat::npt(caps());
-    assert_eq!(f.table_entry(Pfn(0x99)), (0x99 << 12) | 0b111, "P, RW, US at every level");
+    assert_eq!(f.table_entry(Pfn(0x99)), Ok((0x99 << 12) | 0b111), "P, RW, US at every level");
     let e = f.leaf_entry(Pfn(0x99), PageSize::Size4K, Prot::READ, MemType::WriteBack).unwrap();
     assert_eq!(e & 0b111, 0b101, "P and US, not RW");
     assert_ne!(e & (1 << 63), 0, "NX bit 63 for non-executable");
@@ -134,7 +134,7 @@ fn round_trip_frame_prot() {
             }
         }
         assert!(!f.is_present(0));
-        let t = f.table_entry(Pfn(5));
+        let t = f.table_entry(Pfn(5)).unwrap();
         assert!(f.is_present(t));
         assert!(!f.is_leaf(t, 2) && !f.is_leaf(t, 3) && !f.is_leaf(t, 4));
     }
