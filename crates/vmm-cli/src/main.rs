@@ -272,6 +272,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Serialize)]
+struct FbJson {
+    width: u32,
+    height: u32,
+    bar_size: u64,
+    fb_size: u64,
+    guest_bar_moves: u64,
+    applied_bar_moves: u64,
+    retried_writes: u64,
+    master_aborts: u64,
+    bad_pixels: u64,
+    node: String,
+}
+
+#[derive(Serialize)]
 struct RoundJson {
     dirty: u64,
     ledger: u64,
@@ -297,6 +311,11 @@ struct VcpuJson {
 struct RunJson {
     ok: bool,
     interrupted: bool,
+    name: String,
+    mmio_exits: u64,
+    emulated: u64,
+    emul_us_per_instruction: f64,
+    framebuffer: Option<FbJson>,
     invalidation_mode: String,
     kvm_module: Option<String>,
     probe_stale_after_change: Option<bool>,
@@ -336,6 +355,22 @@ fn run_json(r: &RunReport) -> RunJson {
     RunJson {
         ok: r.ok(),
         interrupted: r.interrupted,
+        name: r.name.clone(),
+        mmio_exits: r.mmio_exits,
+        emulated: r.emulated,
+        emul_us_per_instruction: us(r.emul_time) / r.emulated.max(1) as f64,
+        framebuffer: r.framebuffer.as_ref().map(|f| FbJson {
+            width: f.geometry.0,
+            height: f.geometry.1,
+            bar_size: f.bar_size,
+            fb_size: f.fb_size,
+            guest_bar_moves: f.guest_moves,
+            applied_bar_moves: f.applied_moves,
+            retried_writes: f.retried_writes,
+            master_aborts: f.master_aborts,
+            bad_pixels: f.bad_pixels,
+            node: f.node.clone(),
+        }),
         invalidation_mode: mode_name(r.mode).into(),
         kvm_module: r.detection.as_ref().map(|d| d.module.clone()),
         probe_stale_after_change: r.detection.as_ref().map(|d| d.stale_after_change),
@@ -434,10 +469,31 @@ fn print_run(r: &RunReport) {
     out!(
         "  invalidation:    {} frames dropped ({:.1} us each), {} shadow zaps ({:.1} us each)",
         r.frames_dropped,
-        us(r.drop_time) / r.frames_dropped.max(1) as f64,
+        if r.frames_dropped == 0 { 0.0 } else { us(r.drop_time) / r.frames_dropped as f64 },
         r.zaps,
         us(r.zap_time) / r.zaps.max(1) as f64
     );
+    out!(
+        "  MMIO:            {} exits, {} instructions emulated ({:.2} us each in fetch + decode + emulate + device)",
+        r.mmio_exits,
+        r.emulated,
+        us(r.emul_time) / r.emulated.max(1) as f64
+    );
+    if let Some(fb) = &r.framebuffer {
+        out!(
+            "  framebuffer:     {}x{} read from the register BAR, BAR sized {} KiB (segment {} KiB), {} guest BAR moves ({} applied), {} writes redone, {} master aborts; pixels {}",
+            fb.geometry.0,
+            fb.geometry.1,
+            fb.bar_size >> 10,
+            fb.fb_size >> 10,
+            fb.guest_moves,
+            fb.applied_moves,
+            fb.retried_writes,
+            fb.master_aborts,
+            if fb.bad_pixels == 0 { "all as drawn".to_string() } else { format!("{} WRONG", fb.bad_pixels) }
+        );
+        out!("  device memory:   {} (VM {:?})", fb.node, r.name);
+    }
     out!("  harvest rounds (dirty pages / guest ledger / missed / spurious / harvest time):");
     for (k, x) in r.rounds.iter().enumerate() {
         let last = if k + 1 == r.rounds.len() { " (final)" } else { "" };

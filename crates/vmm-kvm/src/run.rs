@@ -46,6 +46,12 @@ pub struct RunConfig {
     pub fault_around: u32,
     /// Harvests with more dirty pages zap all shadow pages (shadow hosts).
     pub zap_threshold: u64,
+    /// The PCI framebuffer the guest programs, draws into and moves
+    /// (`None`: no framebuffer, no MMIO).
+    pub framebuffer: Option<FbConfig>,
+    /// The VM's name (its device-memory nodes are found by it); a
+    /// process-unique one when `None`.
+    pub name: Option<String>,
     /// Set (e.g. by a SIGINT/SIGTERM handler) to end the workload early:
     /// the run then stops its vCPUs the normal way (verify pass, final
     /// harvest, every check) and reports [`RunReport::interrupted`].
@@ -68,8 +74,70 @@ impl Default for RunConfig {
             snapshot_leaves: 8,
             fault_around: 16,
             zap_threshold: crate::space::DEFAULT_ZAP_THRESHOLD,
+            framebuffer: Some(FbConfig::default()),
+            name: None,
             stop: None,
         }
+    }
+}
+
+/// The framebuffer of a run: a bhyve-style PCI display whose 64-bit BAR
+/// is backed by a device-memory segment named "framebuffer".
+#[derive(Debug, Clone, Copy)]
+pub struct FbConfig {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// At least this many BAR moves by vCPU 0 while vCPU 1 draws.
+    pub moves: u64,
+}
+
+impl Default for FbConfig {
+    fn default() -> Self {
+        FbConfig { width: 320, height: 200, moves: 4 }
+    }
+}
+
+/// PCI device number of the framebuffer.
+pub const FB_DEVICE: u8 = 3;
+/// Where the guest puts the framebuffer's register BAR.
+pub const FB_REGS: u64 = vmm::platform::PCI_WINDOW_32.0;
+/// The two places the guest moves the framebuffer BAR between.
+pub const FB_BASES: [u64; 2] = [vmm::platform::PCI_WINDOW_64.0, vmm::platform::PCI_WINDOW_64.0 + 0x1000_0000];
+
+/// What the framebuffer part of a run did and found.
+#[derive(Debug, Clone, Default)]
+pub struct FbReport {
+    /// Geometry (width, height) the guest read from the register BAR.
+    pub geometry: (u32, u32),
+    /// BAR size the guest found by sizing.
+    pub bar_size: u64,
+    /// The framebuffer's size.
+    pub fb_size: u64,
+    /// BAR moves the guest made, and those the VMM applied.
+    pub guest_moves: u64,
+    /// BAR placements the VMM applied (first placement included).
+    pub applied_moves: u64,
+    /// Writes the drawing vCPU had to repeat because the BAR had moved.
+    pub retried_writes: u64,
+    /// Accesses to the PCI windows that nothing decoded (master aborts).
+    pub master_aborts: u64,
+    /// Pixels that differ from what the guest was asked to draw, read
+    /// through the segment's node by name.
+    pub bad_pixels: u64,
+    /// The node's path.
+    pub node: String,
+}
+
+impl FbReport {
+    /// True when the guest saw the device right and every pixel arrived.
+    pub fn ok(&self, cfg: &FbConfig) -> bool {
+        self.geometry == (cfg.width, cfg.height)
+            && self.bar_size == self.fb_size
+            && self.bad_pixels == 0
+            && self.guest_moves >= cfg.moves
+            && self.applied_moves > self.guest_moves
     }
 }
 
@@ -156,12 +224,30 @@ pub struct RunReport {
     pub snapshot: Option<String>,
     /// The workload was ended early through [`RunConfig::stop`].
     pub interrupted: bool,
+    /// Nested faults on device ranges (MMIO exits).
+    pub mmio_exits: u64,
+    /// Instructions emulated.
+    pub emulated: u64,
+    /// Time in instruction fetch, decode, emulation and device models.
+    pub emul_time: Duration,
+    /// The framebuffer part, when configured.
+    pub framebuffer: Option<FbReport>,
+    /// The framebuffer configuration (for [`RunReport::ok`]).
+    pub fb_config: Option<FbConfig>,
+    /// The VM's name.
+    pub name: String,
 }
 
 impl RunReport {
     /// True when no check failed.
     pub fn ok(&self) -> bool {
-        self.rounds.iter().all(|r| r.missed == 0 && r.spurious == 0)
+        let fb_ok = match (&self.framebuffer, &self.fb_config) {
+            (Some(r), Some(c)) => r.ok(c),
+            (None, None) => true,
+            _ => false,
+        };
+        fb_ok
+            && self.rounds.iter().all(|r| r.missed == 0 && r.spurious == 0)
             && self.vcpus.iter().all(|v| {
                 v.bad_pages == 0
                     && v.guest_bad_headers == 0
@@ -194,8 +280,12 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
         return Err(KvmError::Setup(format!("vCPU count must be 1..={}", runtime::MAX_VCPUS)));
     }
     let per = cfg.mem_bytes / cfg.vcpus as u64 / PAGE;
-    if per == 0 || !cfg.mem_bytes.is_multiple_of(PAGE) || cfg.mem_bytes >= runtime::RT_BASE {
-        return Err(KvmError::Setup("memory size must be a multiple of 4 KiB, at least a page per vCPU".into()));
+    let ram_base = runtime::RAM_BASE;
+    if per == 0 || !cfg.mem_bytes.is_multiple_of(PAGE) || cfg.mem_bytes > vmm::platform::PCI_WINDOW_64.0 - ram_base {
+        return Err(KvmError::Setup(format!(
+            "memory size must be a multiple of 4 KiB, at least a page per vCPU, at most {} GiB",
+            (vmm::platform::PCI_WINDOW_64.0 - ram_base) >> 30
+        )));
     }
     let detection = match cfg.mode_override {
         Some(_) => None,
@@ -207,23 +297,28 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
     let rt_bytes = (runtime::ROM_PAGES + cfg.vcpus as u64 * runtime::DATA_PAGES) * PAGE
         + cfg.vcpus as u64 * runtime::ledger_bytes(npages);
     let table_bytes = (cfg.mem_bytes / 512 + (8 << 20)).next_multiple_of(PAGE);
-    let be = Arc::new(SpaceBackend::with_fault_around(
+    let be = Arc::new(SpaceBackend::create(
         vm.clone(),
         cfg.mem_bytes + rt_bytes + (1 << 20),
         table_bytes,
         mode,
         cfg.fault_around,
+        cfg.name.as_deref(),
     )?);
     be.zap_threshold.store(cfg.zap_threshold, Ordering::Relaxed);
     let ram = be.ram_segment(cfg.mem_bytes)?;
-    be.map(&ram, 0, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
+    be.map(&ram, ram_base, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
     be.map_runtime(cfg.vcpus, npages)?;
     let mut m = crate::machine::create(&vm, be.clone(), mode, cfg.vcpus)?;
     m.flush |= cfg.force_flush;
+    let fb = match cfg.framebuffer {
+        Some(f) => Some(setup_framebuffer(&be, &mut m, &f)?),
+        None => None,
+    };
     let specs: Vec<Spec> = (0..cfg.vcpus)
         .map(|i| Spec {
             mode: cfg.mode,
-            base: i as u64 * npages * PAGE,
+            base: ram_base + i as u64 * npages * PAGE,
             npages,
             seed: (cfg.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1,
             write_pct: cfg.write_pct,
@@ -252,7 +347,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
         let pause = tp.elapsed();
         let mut bitmap = vec![0u64; mem_pages.div_ceil(64) as usize];
         let th = Instant::now();
-        let dirty = be.harvest(0, mem_pages * PAGE, &mut bitmap)?;
+        let dirty = be.harvest(ram_base, mem_pages * PAGE, &mut bitmap)?;
         let harvest = th.elapsed();
         let mut r = Round { dirty, pause, harvest, ..Default::default() };
         for i in 0..cfg.vcpus {
@@ -398,8 +493,18 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
             })
             .collect()
     });
+    let framebuffer = match (&fb, &cfg.framebuffer) {
+        (Some(devs), Some(f)) => Some(framebuffer_report(&be, &m, devs, f, cfg.vcpus)?),
+        _ => None,
+    };
     let st = be.inval_stats();
     Ok(RunReport {
+        mmio_exits: m.total(|s| &s.mmio_exits),
+        emulated: m.total(|s| &s.emulated),
+        emul_time: Duration::from_nanos(m.total(|s| &s.emul_ns)),
+        framebuffer,
+        fb_config: cfg.framebuffer,
+        name: be.segments().name().to_string(),
         detection,
         mode,
         elapsed,
@@ -424,5 +529,85 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
         } else {
             None
         },
+    })
+}
+
+type Devices = vmm::platform::PlatformDevices<crate::slot_pages::SlotPages>;
+
+/// The framebuffer device: a "framebuffer" device-memory segment behind a
+/// PCI function's 64-bit BAR, the platform that traps ECAM and the PCI
+/// windows, and the guest's program (vCPU 0 sizes, places and moves the
+/// BAR; vCPU 1, if there is one, draws through it meanwhile).
+fn setup_framebuffer(be: &SpaceBackend, m: &mut Machine, f: &FbConfig) -> Result<Arc<Devices>> {
+    use vmm::fbuf::{self, Fbuf};
+    use vmm::platform::{BarBacking, ECAM_BASE, Platform, PlatformDevices};
+    let pixels = u64::from(f.width) * u64::from(f.height);
+    let fb_size = (pixels * 4).next_power_of_two().max(PAGE);
+    let model = Fbuf::new(fb_size, f.width, f.height)
+        .ok_or_else(|| KvmError::Setup(format!("bad framebuffer geometry {}x{}", f.width, f.height)))?;
+    let vm = be.segments();
+    let id = vm.free_segment_id().ok_or_else(|| KvmError::Setup("no free segment id".into()))?;
+    vm.alloc_segment(id, fb_size, vmm::SegmentKind::DevMem { name: "framebuffer".into() })
+        .map_err(|e| KvmError::Setup(format!("framebuffer segment: {e}")))?;
+    let mut platform = Platform::new(ECAM_BASE);
+    platform
+        .attach(
+            FB_DEVICE,
+            Box::new(model),
+            &[
+                (fbuf::REG_BAR, BarBacking::Emulated),
+                (fbuf::FB_BAR, BarBacking::Segment { id, prot: Prot::READ | Prot::WRITE }),
+            ],
+        )
+        .map_err(|e| KvmError::Setup(format!("attach framebuffer: {e:?}")))?;
+    let devs = Arc::new(PlatformDevices::new(platform, vm.clone()));
+    m.mmio = Some(devs.clone());
+    let shared = runtime::params(0) + P_FB_SHARED_WORDS;
+    let writer = m.nvcpus() > 1;
+    m.set_param(0, P_FB_ROLE, 1)?;
+    m.set_param(0, P_FB_CONFIG, ECAM_BASE + (u64::from(FB_DEVICE) << 15))?;
+    m.set_param(0, P_FB_REGS, FB_REGS)?;
+    m.set_param(0, P_FB_BASE_A, FB_BASES[0])?;
+    m.set_param(0, P_FB_BASE_B, FB_BASES[1])?;
+    m.set_param(0, P_FB_MOVES, f.moves)?;
+    m.set_param(0, P_FB_SHARED, shared)?;
+    m.set_param(0, P_FB_PIXELS, if writer { pixels / 2 } else { pixels })?;
+    if writer {
+        m.set_param(1, P_FB_ROLE, 2)?;
+        m.set_param(1, P_FB_SHARED, shared)?;
+        m.set_param(1, P_FB_PIXELS, pixels)?;
+    } else {
+        // No writer: the mover does not wait for one.
+        m.set_param(0, P_FB_SHARED_WORDS + 8, 1)?;
+    }
+    Ok(devs)
+}
+
+/// What the framebuffer part did, checked through the segment's node by
+/// name (as another process sees it).
+fn framebuffer_report(be: &SpaceBackend, m: &Machine, devs: &Devices, f: &FbConfig, vcpus: usize) -> Result<FbReport> {
+    let name = be.segments().name().to_string();
+    let view = vmm::devmem::open(&name, "framebuffer", false)
+        .map_err(|e| KvmError::Setup(format!("framebuffer node: {e}")))?;
+    let pixels = u64::from(f.width) * u64::from(f.height);
+    let mut bytes = vec![0u8; (pixels * 4) as usize];
+    view.read(0, &mut bytes).map_err(|e| KvmError::Setup(format!("framebuffer node: {e}")))?;
+    let bad_pixels = bytes
+        .chunks_exact(4)
+        .enumerate()
+        .filter(|(i, px)| u32::from_le_bytes([px[0], px[1], px[2], px[3]]) != fb_pixel(*i as u64))
+        .count() as u64;
+    let geo = m.param(0, P_FB_GEOMETRY);
+    let stats = devs.stats();
+    Ok(FbReport {
+        geometry: (geo as u32, (geo >> 32) as u32),
+        bar_size: m.param(0, P_FB_BAR_SIZE),
+        fb_size: view.len(),
+        guest_moves: m.param(0, P_FB_COUNT),
+        applied_moves: stats.bar_moves,
+        retried_writes: if vcpus > 1 { m.param(1, P_FB_COUNT) } else { 0 },
+        master_aborts: stats.unclaimed,
+        bad_pixels,
+        node: view.path().display().to_string(),
     })
 }

@@ -105,7 +105,7 @@ fn snapshot_dumps_the_running_space() {
     };
     let r = run(&cfg, &mut |_| {}).expect("run");
     let s = r.snapshot.expect("snapshot");
-    assert!(s.contains("[0x000000000000, 0x000000400000)"), "{s}");
-    assert!(s.contains("PML4E[  1]"), "runtime slot missing: {s}");
-    assert!(s.contains("r-x"), "ROM mapping missing: {s}");
+    assert!(s.contains("[0x000100000000, 0x000100400000)"), "guest RAM at 4 GiB: {s}");
+    assert!(s.contains("PML4E[  1]"), "runtime data slot missing: {s}");
+    assert!(s.contains("[0x0000ffff8000, 0x000100000000)") && s.contains("r-x"), "boot ROM below 4 GiB: {s}");
 }

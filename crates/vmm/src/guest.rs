@@ -80,6 +80,41 @@ pub const P_VERIFIED: u64 = 0x98;
 /// Exec: the guest address the workload jumps to (host-written code; the
 /// emulator's differential test).
 pub const P_EXEC_ENTRY: u64 = 0xa0;
+/// Framebuffer: out, the display geometry the guest read from the register
+/// BAR (width | height << 32).
+pub const P_FB_GEOMETRY: u64 = 0x70;
+/// Framebuffer: pixels to draw (mover: pixels `0..n`; writer: `n/2..n`).
+pub const P_FB_PIXELS: u64 = 0x88;
+/// Framebuffer: guest address of the function's ECAM configuration space.
+pub const P_FB_CONFIG: u64 = 0xa8;
+/// Framebuffer role before the workload: 0 none, 1 mover (programs and
+/// moves the BAR), 2 writer (draws through the moving BAR).
+pub const P_FB_ROLE: u64 = 0xb0;
+/// Framebuffer: where the register BAR goes.
+pub const P_FB_REGS: u64 = 0xb8;
+/// Framebuffer: the two addresses the framebuffer BAR moves between.
+pub const P_FB_BASE_A: u64 = 0xc0;
+/// Framebuffer: second address.
+pub const P_FB_BASE_B: u64 = 0xc8;
+/// Framebuffer: at least this many BAR moves (the mover keeps moving until
+/// the writer is done).
+pub const P_FB_MOVES: u64 = 0xd0;
+/// Framebuffer: guest address of the shared words (current base, writer
+/// done, mover done), in the mover's parameter block at
+/// [`P_FB_SHARED_WORDS`].
+pub const P_FB_SHARED: u64 = 0xd8;
+/// Offset of the shared words (current base, writer done, mover done) in
+/// the mover's parameter block (in the probe area, unused by this mode).
+pub const P_FB_SHARED_WORDS: u64 = 0xf00;
+/// Framebuffer: out, the BAR size the guest found by sizing.
+pub const P_FB_BAR_SIZE: u64 = 0xf0;
+/// Framebuffer: out, moves made (mover) or writes retried (writer).
+pub const P_FB_COUNT: u64 = 0xf8;
+
+/// The pixel the framebuffer program draws at index `i`.
+pub fn fb_pixel(i: u64) -> u32 {
+    ((i as u32).wrapping_mul(0x193).wrapping_add(0xa5_a5a5)) & 0xff_ffff
+}
 /// Probe entries start here: {addr, kind, value, result}, 32 bytes each.
 pub const P_PROBES: u64 = 0x100;
 /// Maximum number of probe entries in one parameter block.
@@ -154,6 +189,12 @@ vmm_guest_exc_stubs:
     .globl vmm_guest_entry
 vmm_guest_entry:
     mov r15, rdi
+    mov rax, [r15 + 0xb0]
+    cmp rax, 1
+    je vmm_guest_fb_mover
+    cmp rax, 2
+    je vmm_guest_fb_writer
+vmm_guest_workload:
     mov rbx, [r15 + 0x00]
     cmp rbx, 3
     je vmm_guest_probe
@@ -358,6 +399,102 @@ vmm_guest_watch_fault:
     je 69b
     test byte ptr [r15 + 0x8022], 0
     jmp 71b
+
+    /* framebuffer, vCPU 0: size the 64-bit BAR through ECAM, place the
+       register BAR and the framebuffer BAR, enable decoding, read the
+       geometry from the (emulated) register page, draw its pixels, then
+       move the framebuffer BAR back and forth (at least P_FB_MOVES
+       times), say so, and wait for the writer */
+vmm_guest_fb_mover:
+    mov r8, [r15 + 0xa8]
+    mov r9, [r15 + 0xb8]
+    mov r10, [r15 + 0xd8]
+    mov r11, [r15 + 0x88]
+    mov r12, [r15 + 0xc0]
+    mov r13, [r15 + 0xc8]
+    mov r14, [r15 + 0xd0]
+    mov dword ptr [r8 + 0x14], 0xffffffff
+    mov dword ptr [r8 + 0x18], 0xffffffff
+    mov eax, [r8 + 0x14]
+    mov edx, [r8 + 0x18]
+    shl rdx, 32
+    or rax, rdx
+    and rax, -16
+    neg rax
+    mov [r15 + 0xf0], rax
+    mov [r8 + 0x10], r9d
+    mov [r8 + 0x14], r12d
+    mov rax, r12
+    shr rax, 32
+    mov [r8 + 0x18], eax
+    mov word ptr [r8 + 0x04], 2
+    mov eax, [r9 + 4]
+    mov edx, [r9 + 8]
+    shl rdx, 32
+    or rax, rdx
+    mov [r15 + 0x70], rax
+    mov [r10], r12
+    xor ecx, ecx
+101: cmp rcx, r11
+    jae 102f
+    imul eax, ecx, 0x193
+    add eax, 0xa5a5a5
+    and eax, 0xffffff
+    mov [r12 + rcx * 4], eax
+    inc rcx
+    jmp 101b
+102: xor ecx, ecx
+103: cmp rcx, r14
+    jae 106f
+    mov rdi, r13
+    test cl, 1
+    jz 105f
+    mov rdi, r12
+105: mov [r8 + 0x14], edi
+    mov rax, rdi
+    shr rax, 32
+    mov [r8 + 0x18], eax
+    mov [r10], rdi
+    inc rcx
+    jmp 103b
+106: mov [r15 + 0xf8], rcx
+    mov qword ptr [r10 + 16], 1
+107: mov rax, [r10 + 8]
+    test rax, rax
+    jz 107b
+    jmp vmm_guest_workload
+
+    /* framebuffer, vCPU 1: once the BAR is placed, draw pixels n/2 .. n
+       through wherever the BAR is now, pass after pass until a pass that
+       began after the mover finished, reading each pixel back: a write to
+       an address the BAR just left is dropped and reads all ones (a master
+       abort), so it is written again at the new address */
+vmm_guest_fb_writer:
+    mov r10, [r15 + 0xd8]
+    mov r11, [r15 + 0x88]
+111: mov rax, [r10]
+    test rax, rax
+    jz 111b
+116: mov r9, [r10 + 16]
+    mov rcx, r11
+    shr rcx, 1
+112: cmp rcx, r11
+    jae 117f
+    imul edx, ecx, 0x193
+    add edx, 0xa5a5a5
+    and edx, 0xffffff
+113: mov rdi, [r10]
+    mov [rdi + rcx * 4], edx
+    cmp [rdi + rcx * 4], edx
+    je 114f
+    inc qword ptr [r15 + 0xf8]
+    jmp 113b
+114: inc rcx
+    jmp 112b
+117: test r9, r9
+    jz 116b
+    mov qword ptr [r10 + 8], 1
+    jmp vmm_guest_workload
 
     .balign 16
     .globl vmm_guest_blob_end

@@ -213,3 +213,59 @@ enum Target {
     Ecam(u64),
     Bar { device: u8, function: u8, bar: u8, offset: u64 },
 }
+
+/// Where the platform's device windows are: guest-physical ranges in which
+/// every access that no mapping serves is the platform's (a device's
+/// registers, or a master abort where nothing decodes).
+pub const PCI_WINDOW_32: (u64, u64) = (0xc000_0000, 0x2000_0000);
+/// The 64-bit window (above guest RAM, below the runtime).
+pub const PCI_WINDOW_64: (u64, u64) = (0x50_0000_0000, 0x10_0000_0000);
+
+/// A [`Platform`] and its VM as the vCPU loop's MMIO devices
+/// ([`crate::machine::MmioDevices`]): claims the ECAM window and the PCI
+/// windows; accesses are served under one lock (device models are not
+/// reentrant), and BAR moves are applied to the VM before the access
+/// returns.
+pub struct PlatformDevices<P: TablePages> {
+    /// The platform.
+    pub platform: std::sync::Mutex<Platform>,
+    vm: std::sync::Arc<Vm<P>>,
+    windows: Vec<(u64, u64)>,
+}
+
+impl<P: TablePages> std::fmt::Debug for PlatformDevices<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlatformDevices").field("windows", &self.windows).finish_non_exhaustive()
+    }
+}
+
+impl<P: TablePages + Send + Sync> PlatformDevices<P> {
+    /// `platform` serving `vm`, claiming its ECAM window and the PCI
+    /// windows [`PCI_WINDOW_32`] and [`PCI_WINDOW_64`].
+    pub fn new(platform: Platform, vm: std::sync::Arc<Vm<P>>) -> Self {
+        let windows = vec![platform.ecam(), PCI_WINDOW_32, PCI_WINDOW_64];
+        PlatformDevices { platform: std::sync::Mutex::new(platform), vm, windows }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Platform> {
+        self.platform.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The platform's counters.
+    pub fn stats(&self) -> PlatformStats {
+        self.lock().stats
+    }
+}
+
+impl<P: TablePages + Send + Sync> crate::machine::MmioDevices for PlatformDevices<P> {
+    fn claims(&self, gpa: u64) -> bool {
+        self.windows.iter().any(|&(base, len)| gpa.wrapping_sub(base) < len)
+    }
+    fn read(&self, _vcpu: usize, gpa: u64, data: &mut [u8]) {
+        self.lock().mmio_read(gpa, data);
+    }
+    fn write(&self, _vcpu: usize, gpa: u64, data: &[u8]) {
+        let mut p = self.lock();
+        p.mmio_write(&self.vm, gpa, data);
+    }
+}

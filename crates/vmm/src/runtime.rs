@@ -32,6 +32,9 @@ pub const ROM_PAGES: u64 = 8;
 /// "bootrom" device-memory segment (the ROM is position-independent: the
 /// GDT, TSSes, IDT and code are placed relative to its base).
 pub const BOOTROM_BASE: u64 = (1 << 32) - ROM_PAGES * PAGE;
+/// Where `vmm run` maps guest RAM: from 4 GiB up, clear of the boot ROM,
+/// the ECAM window and the 32-bit PCI window below 4 GiB.
+pub const RAM_BASE: u64 = 1 << 32;
 /// Offset of the TSS area in the ROM.
 pub const TSS_OFF: u64 = PAGE;
 /// Offset of the IDT in the ROM.
