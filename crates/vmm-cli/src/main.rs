@@ -109,6 +109,52 @@ struct RunArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    /// The VM's name: `vmm inspect NAME` and `vmm screenshot NAME` reach
+    /// it while it runs; its device-memory nodes live under
+    /// `$XDG_RUNTIME_DIR/vmm/NAME/` (or `/dev/shm/vmm-UID/NAME/`).
+    #[arg(long, value_parser = parse_vm_name)]
+    name: Option<String>,
+    /// Write a PNG of the guest's framebuffer here at the end.
+    #[arg(long)]
+    screenshot: Option<std::path::PathBuf>,
+    /// Pin the vCPU threads to these host CPUs (e.g. `0,1` or `0-3`;
+    /// vCPU i on the i-th, round robin).
+    #[arg(long, value_parser = parse_cpus)]
+    pin: Option<CpuList>,
+}
+
+/// A parsed `--pin` list.
+#[derive(Clone, Debug)]
+struct CpuList(Vec<usize>);
+
+fn parse_vm_name(s: &str) -> Result<String, String> {
+    vmm::devmem::check_name(s)
+        .map(|()| s.to_string())
+        .map_err(|e| format!("bad VM name {s:?} ({e:?}): 1 to 63 letters, digits, '.', '_' or '-'"))
+}
+
+/// A CPU list (`0,2,4-7`); every CPU must be one this process may run on.
+fn parse_cpus(s: &str) -> Result<CpuList, String> {
+    let allowed = vmm::machine::allowed_cpus();
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let lo = parse_int(lo, "a CPU number", 0, 4095)? as usize;
+        let hi = parse_int(hi, "a CPU number", 0, 4095)? as usize;
+        if lo > hi {
+            return Err(format!("bad CPU range {part:?}"));
+        }
+        for c in lo..=hi {
+            if !allowed.contains(&c) {
+                return Err(format!("CPU {c} does not exist here (this process may use CPUs {allowed:?})"));
+            }
+            out.push(c);
+        }
+    }
+    Ok(CpuList(out))
 }
 
 #[derive(Subcommand, Debug)]
@@ -117,12 +163,24 @@ enum Cmd {
     Run(RunArgs),
     /// Print a vmspace's mappings and a decoded table dump.
     Inspect {
+        /// A running VM's name (`vmm run --name NAME`): its segments,
+        /// mappings, vCPU registers and tables, asked through its control
+        /// socket. Without a name: the built-in layout.
+        name: Option<String>,
         /// Dump the vmspace of a short `vmm run` instead of the built-in layout.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "name")]
         run: bool,
         /// Present leaves shown per leaf table (0-512).
         #[arg(long, default_value = "8", value_parser = parse_leaves, allow_hyphen_values = true)]
         leaves: usize,
+    },
+    /// Write a PNG of a running VM's framebuffer, mapped by name from
+    /// this process.
+    Screenshot {
+        /// The VM's name (`vmm run --name NAME`).
+        name: String,
+        /// Where to write the PNG.
+        out: std::path::PathBuf,
     },
     /// Measure exit and fault costs, harvest and invalidation.
     Bench {
@@ -479,6 +537,12 @@ fn print_run(r: &RunReport) {
         r.emulated,
         us(r.emul_time) / r.emulated.max(1) as f64
     );
+    if !r.host_cpus.is_empty() {
+        out!("  vCPU threads:    on host CPUs {:?}", r.host_cpus);
+    }
+    if let Some(p) = &r.screenshot {
+        out!("  screenshot:      {}", p.display());
+    }
     if let Some(fb) = &r.framebuffer {
         out!(
             "  framebuffer:     {}x{} read from the register BAR, BAR sized {} KiB (segment {} KiB), {} guest BAR moves ({} applied), {} writes redone, {} master aborts; pixels {}",
@@ -568,6 +632,9 @@ fn cmd_run(a: RunArgs) -> ExitCode {
         seed: a.seed,
         force_flush: a.force_flush,
         fault_around: a.fault_around,
+        name: a.name.clone(),
+        screenshot: a.screenshot.clone(),
+        pin: a.pin.clone().map(|p| p.0).unwrap_or_default(),
         stop: Some(stop.clone()),
         ..RunConfig::default()
     };
@@ -614,6 +681,44 @@ fn cmd_run(a: RunArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("vmm run: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cmd_inspect_vm(name: &str) -> ExitCode {
+    match vmm::control::request(name, "inspect") {
+        Ok(s) => {
+            outp!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(vmm::Error::NoSuchNode) => {
+            eprintln!("vmm inspect: no running VM named {name:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("vmm inspect: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cmd_screenshot(name: &str, out: &std::path::Path) -> ExitCode {
+    let r = vmm::fbuf::screenshot(name).and_then(|(png, w, h)| {
+        std::fs::write(out, png).map_err(|e| vmm::Error::Io("write PNG", e.kind(), e.raw_os_error()))?;
+        Ok((w, h))
+    });
+    match r {
+        Ok((w, h)) => {
+            out!("vmm screenshot: {w}x{h} from VM {name:?} written to {}", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(vmm::Error::NoSuchNode) => {
+            eprintln!("vmm screenshot: no running VM named {name:?} (or it has no framebuffer)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("vmm screenshot: {e}");
             ExitCode::FAILURE
         }
     }
@@ -844,7 +949,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run(a) => cmd_run(a),
-        Cmd::Inspect { run, leaves } => cmd_inspect(run, leaves),
+        Cmd::Inspect { name: Some(name), .. } => cmd_inspect_vm(&name),
+        Cmd::Inspect { name: None, run, leaves } => cmd_inspect(run, leaves),
+        Cmd::Screenshot { name, out } => cmd_screenshot(&name, &out),
         Cmd::Bench { mem, json } => cmd_bench(mem, json),
         Cmd::Conformance { emulators, verbose } => conformance(&emulators, verbose),
     }

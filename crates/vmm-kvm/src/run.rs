@@ -52,6 +52,12 @@ pub struct RunConfig {
     /// The VM's name (its device-memory nodes are found by it); a
     /// process-unique one when `None`.
     pub name: Option<String>,
+    /// Host CPUs to pin the vCPU threads to (vCPU `i` on `pin[i % len]`);
+    /// empty: no pinning.
+    pub pin: Vec<usize>,
+    /// Write a PNG of the framebuffer here at the end of the run (taken
+    /// through the framebuffer's node by name).
+    pub screenshot: Option<std::path::PathBuf>,
     /// Set (e.g. by a SIGINT/SIGTERM handler) to end the workload early:
     /// the run then stops its vCPUs the normal way (verify pass, final
     /// harvest, every check) and reports [`RunReport::interrupted`].
@@ -76,6 +82,8 @@ impl Default for RunConfig {
             zap_threshold: crate::space::DEFAULT_ZAP_THRESHOLD,
             framebuffer: Some(FbConfig::default()),
             name: None,
+            pin: Vec::new(),
+            screenshot: None,
             stop: None,
         }
     }
@@ -236,6 +244,10 @@ pub struct RunReport {
     pub fb_config: Option<FbConfig>,
     /// The VM's name.
     pub name: String,
+    /// The host CPU each vCPU thread last ran on.
+    pub host_cpus: Vec<u64>,
+    /// Where the end-of-run screenshot was written.
+    pub screenshot: Option<std::path::PathBuf>,
 }
 
 impl RunReport {
@@ -311,6 +323,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
     be.map_runtime(cfg.vcpus, npages)?;
     let mut m = crate::machine::create(&vm, be.clone(), mode, cfg.vcpus)?;
     m.flush |= cfg.force_flush;
+    m.pin = cfg.pin.clone();
     let fb = match cfg.framebuffer {
         Some(f) => Some(setup_framebuffer(&be, &mut m, &f)?),
         None => None,
@@ -394,7 +407,7 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
 
     let stop_requested = || cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
     let mut snapshot = None;
-    let rounds = m.run(stop_ports, |m| {
+    let mut coordinate = |m: &Machine| {
         let mut rounds = Vec::new();
         let interval = cfg.duration / (cfg.rounds + 1);
         let mut next_round = start + interval;
@@ -433,6 +446,23 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
         }
         m.control.wait_all_paused(m.nvcpus(), Duration::from_secs(600))?;
         Ok::<_, KvmError>((rounds, stop_at))
+    };
+    let listener =
+        vmm::control::bind(be.segments().node_dir()).map_err(|e| KvmError::Setup(format!("control socket: {e}")))?;
+    let served = AtomicU64::new(0);
+    let rounds = m.run(stop_ports, |m| {
+        // The control endpoint: `vmm inspect NAME`, `vmm screenshot NAME`.
+        let stop_control = std::sync::atomic::AtomicBool::new(false);
+        let handler = |cmd: &str| {
+            served.fetch_add(1, Ordering::Relaxed);
+            control_answer(cmd, &be, m, fb.as_deref())
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| vmm::control::serve(&listener, &stop_control, &handler));
+            let r = coordinate(m);
+            stop_control.store(true, Ordering::SeqCst);
+            r
+        })
     });
     let end = Instant::now();
     let (mut rounds, stop_at) = rounds?;
@@ -497,6 +527,16 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
         (Some(devs), Some(f)) => Some(framebuffer_report(&be, &m, devs, f, cfg.vcpus)?),
         _ => None,
     };
+    let screenshot = match (&cfg.screenshot, &cfg.framebuffer) {
+        (Some(path), Some(f)) => {
+            let png = vmm::fbuf::screenshot_node(be.segments().name(), f.width, f.height, f.width * 4)
+                .map_err(|e| KvmError::Setup(format!("screenshot: {e}")))?;
+            std::fs::write(path, png).map_err(|e| KvmError::Os("write screenshot", e))?;
+            Some(path.clone())
+        }
+        (Some(_), None) => return Err(KvmError::Setup("a screenshot needs the framebuffer".into())),
+        _ => None,
+    };
     let st = be.inval_stats();
     Ok(RunReport {
         mmio_exits: m.total(|s| &s.mmio_exits),
@@ -505,6 +545,8 @@ pub fn run(cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunRep
         framebuffer,
         fb_config: cfg.framebuffer,
         name: be.segments().name().to_string(),
+        host_cpus: m.stats.iter().map(|s| s.host_cpu.load(Ordering::Relaxed)).collect(),
+        screenshot,
         detection,
         mode,
         elapsed,
@@ -610,4 +652,85 @@ fn framebuffer_report(be: &SpaceBackend, m: &Machine, devs: &Devices, f: &FbConf
         bad_pixels,
         node: view.path().display().to_string(),
     })
+}
+
+/// Answers a control request of a running VM (see `vmm::control`):
+/// - `inspect`: segments, mappings, vCPU registers as of their last exit,
+///   counters, and the decoded tables (what `vmm inspect NAME` prints);
+/// - `framebuffer`: `width height stride size` of the framebuffer, whose
+///   pixels the client maps by name from the "framebuffer" node.
+fn control_answer(cmd: &str, be: &SpaceBackend, m: &Machine, devs: Option<&Devices>) -> String {
+    use std::fmt::Write;
+    let vm = be.segments();
+    match cmd {
+        "inspect" => {
+            let mut o = String::new();
+            let _ = writeln!(o, "VM {:?} (pid {})", vm.name(), std::process::id());
+            let _ = writeln!(o, "segments:");
+            for s in vm.segments() {
+                let kind = match &s.kind {
+                    vmm::SegmentKind::SysMem => "sysmem".to_string(),
+                    vmm::SegmentKind::DevMem { name } => format!("devmem {name:?}"),
+                };
+                let node = s.node.as_ref().map(|p| format!(" node {}", p.display())).unwrap_or_default();
+                let _ = writeln!(o, "  {:2}: {kind}, {} KiB, {} mapping(s){node}", s.id, s.len >> 10, s.mappings);
+            }
+            let _ = writeln!(o, "segment mappings:");
+            for x in vm.mappings() {
+                let _ = writeln!(
+                    o,
+                    "  [{:#014x}, {:#014x}) segment {} offset {:#x} {:?}",
+                    x.gpa.0,
+                    x.gpa.0 + x.len,
+                    x.segment,
+                    x.offset,
+                    x.prot
+                );
+            }
+            let _ = writeln!(o, "vCPUs (registers as of the last exit):");
+            for (i, st) in m.stats.iter().enumerate() {
+                let r = *st.last_regs.lock().unwrap_or_else(|e| e.into_inner());
+                let g = &r.gpr;
+                let _ = writeln!(
+                    o,
+                    "  vCPU {i}: rip {:#x} rflags {:#x} rax {:#x} rcx {:#x} rdx {:#x} rbx {:#x} rsp {:#x} rbp {:#x} rsi {:#x} rdi {:#x}",
+                    r.rip, r.rflags, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]
+                );
+                let _ = writeln!(
+                    o,
+                    "          r8 {:#x} r9 {:#x} r10 {:#x} r11 {:#x} r12 {:#x} r13 {:#x} r14 {:#x} r15 {:#x}",
+                    g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
+                );
+                let _ = writeln!(
+                    o,
+                    "          exits {} nested faults {} MMIO exits {} emulated {}",
+                    st.exits.load(Ordering::Relaxed),
+                    st.faults.load(Ordering::Relaxed),
+                    st.mmio_exits.load(Ordering::Relaxed),
+                    st.emulated.load(Ordering::Relaxed)
+                );
+            }
+            if let Some(d) = devs {
+                let s = d.stats();
+                let _ = writeln!(
+                    o,
+                    "platform: {} MMIO accesses, {} BAR moves, {} master aborts",
+                    s.mmio, s.bar_moves, s.unclaimed
+                );
+            }
+            o.push_str(&crate::inspect::dump_space(be.space(), 4));
+            o
+        }
+        "framebuffer" => match devs {
+            Some(d) => {
+                let mut p = d.platform.lock().unwrap_or_else(|e| e.into_inner());
+                match p.fbuf(FB_DEVICE) {
+                    Some(f) => format!("{} {} {} {}\n", f.width(), f.height(), f.stride(), f.fb_size()),
+                    None => "error: no framebuffer\n".into(),
+                }
+            }
+            None => "error: no framebuffer\n".into(),
+        },
+        other => format!("error: unknown command {other:?} (inspect, framebuffer)\n"),
+    }
 }

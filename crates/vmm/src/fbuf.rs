@@ -166,3 +166,29 @@ pub fn render_png(pixels: &[u8], width: u32, height: u32, stride: u32) -> Result
     wr.finish().map_err(RenderError::Png)?;
     Ok(out)
 }
+
+/// Takes a screenshot of the framebuffer of VM `vm`, as another process
+/// does: asks the VM's control endpoint for the geometry, maps the
+/// "framebuffer" device-memory node by name (read-only) and encodes the
+/// frame as PNG. Returns the PNG and the geometry (width, height).
+pub fn screenshot(vm: &str) -> Result<(Vec<u8>, u32, u32), crate::Error> {
+    let answer = crate::control::request(vm, "framebuffer")?;
+    let bad = || crate::Error::Backend(format!("framebuffer: unexpected answer {:?}", answer.trim()));
+    let nums: Vec<u64> = answer.split_whitespace().map(|w| w.parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
+    let [w, h, stride, _size] = nums[..] else { return Err(bad()) };
+    let (w, h, stride) = (u32::try_from(w).map_err(|_| bad())?, u32::try_from(h).map_err(|_| bad())?, stride);
+    screenshot_node(vm, w, h, u32::try_from(stride).map_err(|_| bad())?).map(|png| (png, w, h))
+}
+
+/// Encodes the frame in VM `vm`'s "framebuffer" node (mapped read-only by
+/// name) with the given geometry as PNG.
+pub fn screenshot_node(vm: &str, width: u32, height: u32, stride: u32) -> Result<Vec<u8>, crate::Error> {
+    let view = crate::devmem::open(vm, "framebuffer", false)?;
+    let need = u64::from(height) * u64::from(stride);
+    if need > view.len() {
+        return Err(crate::Error::OutsideSegment);
+    }
+    let mut pixels = vec![0u8; need as usize];
+    view.read(0, &mut pixels)?;
+    render_png(&pixels, width, height, stride).map_err(|e| crate::Error::Backend(e.to_string()))
+}

@@ -53,6 +53,7 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod control;
 pub mod devmem;
 pub mod emul;
 mod error;

@@ -46,6 +46,11 @@ pub struct VcpuStats {
     /// Nanoseconds in instruction fetch, decode and emulation, including
     /// the device models.
     pub emul_ns: AtomicU64,
+    /// The general registers as of the vCPU's last exit (for inspection
+    /// from another thread while it runs).
+    pub last_regs: Mutex<Regs>,
+    /// The host CPU the vCPU thread last ran on (`u64::MAX`: unknown).
+    pub host_cpu: AtomicU64,
 }
 
 /// A nested fault as the vCPU loop saw it.
@@ -208,6 +213,39 @@ fn emulate_at(
     Ok(1)
 }
 
+/// The host CPUs this process may run on (its affinity mask).
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity
+    // writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; pid 0 is the calling thread.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return Vec::new();
+    }
+    // SAFETY: CPU_ISSET reads the set we own, for indices below its size.
+    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+}
+
+/// Pins the calling thread to host CPU `cpu`.
+fn pin_thread(cpu: usize) -> Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(MachineError::Setup(format!("CPU {cpu} does not exist")));
+    }
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it
+    // (cpu < CPU_SETSIZE, checked above).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; the set is valid.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(MachineError::Setup(format!(
+            "cannot pin a vCPU thread to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
 /// Coordination between the vCPU threads and the controlling thread.
 #[derive(Debug, Default)]
 pub struct Control {
@@ -291,6 +329,9 @@ pub struct Machine {
     /// The devices trapped accesses are emulated against (none: every
     /// access outside a mapping is a guest error).
     pub mmio: Option<Arc<dyn MmioDevices>>,
+    /// Host CPUs the vCPU threads are pinned to: vCPU `i` runs on
+    /// `pin[i % pin.len()]` (bhyve's cpuset pinning); empty: not pinned.
+    pub pin: Vec<usize>,
     kicks: Vec<Arc<dyn Kick>>,
 }
 
@@ -339,6 +380,7 @@ impl Machine {
             stats,
             control: Control::default(),
             mmio: None,
+            pin: Vec::new(),
             kicks,
         }
     }
@@ -425,9 +467,15 @@ impl Machine {
 
     fn vcpu_loop(&self, v: &mut dyn Vcpu, handler: &(dyn Fn(usize, Event) -> Action + Sync)) -> Result<()> {
         let i = v.index() as usize;
+        if !self.pin.is_empty() {
+            pin_thread(self.pin[i % self.pin.len()])?;
+        }
         v.bind_thread();
         let r = self.vcpu_loop_inner(v, i, handler);
         v.unbind_thread();
+        // SAFETY: sched_getcpu has no preconditions.
+        let cpu = unsafe { libc::sched_getcpu() };
+        self.stats[i].host_cpu.store(u64::try_from(cpu).unwrap_or(u64::MAX), Ordering::Relaxed);
         r
     }
 
@@ -469,6 +517,7 @@ impl Machine {
             }
             st.exits.fetch_add(1, Ordering::Relaxed);
             let exit = exit?;
+            *st.last_regs.lock().unwrap_or_else(|e| e.into_inner()) = v.regs();
             match exit {
                 Exit::Out(guest::PORT_FAULT) => {
                     st.fault_run_ns.fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
