@@ -315,11 +315,8 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
                 let lo = (gpa & !(w - 1)).max(c.start.get());
                 let hi = ((gpa | (w - 1)) + 1).min(c.end.get());
                 let base = c.offset.get().wrapping_sub(c.start.get());
-                let n = d
-                    .table
-                    .map_range(Gpa(lo), hi - lo, mprot, object.mem_type(), |p| object.frame_at(base.wrapping_add(p.0)))
-                    .map_err(Error::Table)?;
-                self.space.resident.fetch_add(n, Relaxed);
+                self.space
+                    .map_pages(&d.table, lo, hi - lo, mprot, object, |p| object.frame_at(base.wrapping_add(p.0)))?;
                 let slot = self.leaf_slot(d, gpa).ok_or(Error::NoMapping)?;
                 (slot, present(slot).ok_or(Error::NoMapping)?)
             }
@@ -398,11 +395,14 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             return Err(Invalid::ZeroLength.into());
         }
         let end = gpa.checked_add(len).ok_or(Error::Invalid(Invalid::Overflow))?;
-        let mut chain = HoldChain { holds: Vec::new(), first: (gpa % PAGE_SIZE) as usize, len: len as usize };
+        let len = usize::try_from(len).map_err(|_| Error::Invalid(Invalid::Overflow))?;
+        let mut chain = HoldChain { holds: Vec::new(), first: (gpa % PAGE_SIZE) as usize, len };
         let mut page = gpa & !(PAGE_SIZE - 1);
         while page < end {
             chain.holds.push(self.hold(page, prot)?);
-            page += PAGE_SIZE;
+            // The last page of the 64-bit space has no successor.
+            let Some(next) = page.checked_add(PAGE_SIZE) else { break };
+            page = next;
         }
         Ok(chain)
     }

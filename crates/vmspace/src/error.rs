@@ -25,6 +25,10 @@ pub enum Invalid {
     BadSize,
     /// `table_enter` on a client that is already in guest context.
     OnCpu,
+    /// The object range has a frame the table format cannot express (at or
+    /// above [`PteFormat::frame_limit`](nested_pt::PteFormat::frame_limit):
+    /// beyond the format's physical-address width).
+    FrameOutOfRange,
 }
 
 /// Why a range could not be placed in the space (the `ENOMEM` of seed 004).

@@ -265,6 +265,35 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         })
     }
 
+    /// Map the pages of `[gpa, gpa+len)` that have no leaf yet to
+    /// `frame(page)` (`None` skips a page) and add exactly the pages mapped
+    /// to `resident`; every multi-page mapping path (populate,
+    /// fault-around, `DirtyOp::Set`) goes through here.
+    ///
+    /// Either the whole range is handled or nothing changes: every error
+    /// `NestedTable::map_range` reports (range, protection, a missing leaf
+    /// table) is found before its first entry change, except a frame the
+    /// format cannot express, which it would report half way with the
+    /// count of the pages already mapped lost. `map` refuses objects with
+    /// such frames, and the frame function is filtered here as well, so
+    /// that error cannot occur and `resident` stays exact.
+    pub(crate) fn map_pages(
+        &self,
+        table: &NestedTable<P>,
+        gpa: u64,
+        len: u64,
+        prot: Prot,
+        object: &VmObject,
+        mut frame: impl FnMut(Gpa) -> Option<Pfn>,
+    ) -> Result<u64> {
+        let fmt = &self.format;
+        let n = table
+            .map_range(Gpa(gpa), len, prot, object.mem_type(), |p| frame(p).filter(|f| fmt.frame_fits(*f)))
+            .map_err(Error::Table)?;
+        self.resident.fetch_add(n, Relaxed);
+        Ok(n)
+    }
+
     fn bump_gen_and_invalidate(
         &self,
         a: &Admin<L>,
@@ -410,8 +439,11 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// Map `len` bytes of `object` from byte `offset` at `gpa` with `prot`.
     ///
     /// Refused with [`Error::Invalid`] for a zero length, unaligned
-    /// values, overflow, a range beyond the object or a protection the
-    /// format cannot express; with [`Error::NoSpace`] when the range ends
+    /// values, overflow, a range beyond the object, a protection the
+    /// format cannot express, or an object range with a frame the format
+    /// cannot address ([`Invalid::FrameOutOfRange`]: at or above
+    /// [`PteFormat::frame_limit`], so no later fault, populate or dirty
+    /// operation meets such a frame half way); with [`Error::NoSpace`] when the range ends
     /// at or beyond the space's size or overlaps another mapping. Tables
     /// are populated for the range; no leaf is written (pages appear on
     /// fault, hold or [`VmSpace::populate`]).
@@ -425,6 +457,9 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             return Err(Invalid::OutsideObject.into());
         }
         self.inner.format.check_prot(prot).map_err(|_| Error::Invalid(Invalid::BadProt))?;
+        if !object.frames_below(offset, len, self.inner.format.frame_limit()) {
+            return Err(Invalid::FrameOutOfRange.into());
+        }
         if end >= self.inner.size {
             return Err(NoSpace::BeyondEnd.into());
         }
@@ -473,7 +508,9 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     }
 
     /// Make `[gpa, gpa+len)`, which must lie inside one mapping, resident
-    /// in the table. Returns the number of pages this call mapped.
+    /// in the table. Returns the number of pages this call mapped. On
+    /// error nothing changed (no leaf was written); `resident_count`
+    /// always counts exactly the leaves present.
     pub fn populate(&self, gpa: u64, len: u64) -> Result<u64> {
         check_aligned(gpa, len)?;
         let inner = &*self.inner;
@@ -483,22 +520,16 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             }
             // SAFETY: lock held; entry changes are atomic and clients may
             // run concurrently (they only read the table and CAS leaves).
-            let n = unsafe {
+            unsafe {
                 inner.with_data(|d| {
                     let (start, m) = d.mapping_at(gpa).ok_or(Error::NotFound)?;
                     if gpa + len > start + m.len {
                         return Err(Error::NotFound);
                     }
                     let obj_off = m.offset + (gpa - start);
-                    d.table
-                        .map_range(Gpa(gpa), len, m.prot, m.object.mem_type(), |p| {
-                            m.object.frame_at(obj_off + (p.0 - gpa))
-                        })
-                        .map_err(Error::Table)
+                    inner.map_pages(&d.table, gpa, len, m.prot, &m.object, |p| m.object.frame_at(obj_off + (p.0 - gpa)))
                 })
-            }?;
-            inner.resident.fetch_add(n, Relaxed);
-            Ok(n)
+            }
         })
     }
 
@@ -827,14 +858,12 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             }
             let lo = gpa.max(*start);
             let hi = end.min(m_end);
-            let n = d
-                .table
-                .map_range(Gpa(lo), hi - lo, m.prot, m.object.mem_type(), |a| {
-                    let p = (a.0 - gpa) / PAGE_SIZE;
-                    if sel.is_none_or(|s| bit(s, p)) { m.object.frame_at(m.offset + (a.0 - start)) } else { None }
-                })
-                .unwrap_or(0);
-            self.inner.resident.fetch_add(n, Relaxed);
+            // An error (none is expected: see `map_pages`) changes
+            // nothing; those pages are then not marked below.
+            let _ = self.inner.map_pages(&d.table, lo, hi - lo, m.prot, &m.object, |a| {
+                let p = (a.0 - gpa) / PAGE_SIZE;
+                if sel.is_none_or(|s| bit(s, p)) { m.object.frame_at(m.offset + (a.0 - start)) } else { None }
+            });
         }
         // Mark: present, writable leaves of selected pages.
         let fmt = &self.inner.format;

@@ -717,3 +717,49 @@ fn harvest_reports_the_frames_it_cleared() {
         vec![None, None, Some(vec![frame(4), frame(6)]), Some(vec![frame(1)]), Some(vec![]), Some(vec![frame(7)]),]
     );
 }
+
+/// Objects whose frames the format cannot express are refused at `map`,
+/// changing nothing; a range of an object that does fit maps, and every
+/// multi-page path counts exactly the leaves it wrote.
+#[test]
+fn frames_beyond_the_format_width_are_refused_at_map() {
+    for fmt in formats() {
+        let s = space_with(GIB, fmt, true, 16);
+        let limit = fmt.frame_limit();
+        let before = table_pages(&s);
+        let refused = Err(Error::Invalid(Invalid::FrameOutOfRange));
+        // RAM entirely beyond the width.
+        let far = Arc::new(HeapReservoir::new(8 * PG, Pfn(1 << 40)).unwrap());
+        let o = VmObject::ram(far.clone(), 8 * PG).unwrap();
+        assert_eq!(s.map(&o, 0, 0, 8 * PG, Prot::RW), refused);
+        // RAM straddling the limit: frames limit-2 .. limit+6.
+        let edge = Arc::new(HeapReservoir::new(8 * PG, Pfn(limit - 2)).unwrap());
+        let e = VmObject::ram(edge.clone(), 8 * PG).unwrap();
+        assert_eq!(s.map(&e, 0, 0, 4 * PG, Prot::RW), refused);
+        assert_eq!(s.map(&e, PG, 0, 2 * PG, Prot::RW), refused);
+        // MMIO beyond and straddling.
+        let m = VmObject::mmio(Pfn(u64::MAX / 2), 4 * PG).unwrap();
+        assert_eq!(s.map(&m, 0, 0x10_0000, 4 * PG, Prot::RW), refused);
+        let m2 = VmObject::mmio(Pfn(limit - 1), 2 * PG).unwrap();
+        assert_eq!(s.map(&m2, 0, 0x10_0000, 2 * PG, Prot::RW), refused);
+        assert!(s.mappings().is_empty());
+        assert_eq!(table_pages(&s), before, "refusals change nothing");
+        assert_eq!(s.resident_count(), 0);
+        // The parts that fit map, populate, fault, hold and set dirty.
+        s.map(&e, 0, 0, 2 * PG, Prot::RW).unwrap();
+        s.map(&m2, 0, 0x10_0000, PG, Prot::RW).unwrap();
+        assert_eq!(s.populate(0, 2 * PG), Ok(2));
+        let c = s.client();
+        c.fault(0x10_0000, Prot::WRITE).unwrap();
+        assert_eq!(s.resident_count(), present_leaves(&s));
+        assert_eq!(s.resident_count(), 3);
+        let mut bm = [0u64; 1];
+        s.dirty_op(DirtyOp::Set, 0, 32 * PG, None, &mut bm).unwrap();
+        assert_eq!(s.resident_count(), present_leaves(&s));
+        drop(c);
+        s.unmap(0, 2 * PG).unwrap();
+        s.unmap(0x10_0000, PG).unwrap();
+        assert_eq!(s.resident_count(), 0, "never below zero");
+        assert_eq!(present_leaves(&s), 0);
+    }
+}
