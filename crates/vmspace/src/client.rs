@@ -128,6 +128,16 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// the client is held: it may release holds, but must not take holds
     /// or fault through this client (that would wait for the change it is
     /// part of).
+    ///
+    /// A callback (or kick hook) that panics does not stop the change:
+    /// the change is complete when callbacks run (entries already
+    /// cleared), so with `std` the panic is caught, every remaining
+    /// client is still kicked and invalidated, every client is released,
+    /// and the first panic is propagated from the administrative call
+    /// once the space lock is dropped. Without `std` (no `catch_unwind`)
+    /// the panic unwinds at once; every client is still released, but
+    /// clients after the panicking one are not invalidated (kernels build
+    /// with `panic = "abort"`).
     pub fn set_invalidation(&self, f: Option<impl Fn(&Invalidation<'_>) + Send + Sync + 'static>) {
         self.shared.set_inval(f.map(|f| StdArc::new(f) as _));
     }

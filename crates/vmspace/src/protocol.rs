@@ -43,6 +43,65 @@ pub(crate) type InvalFn = StdArc<dyn Fn(&Invalidation<'_>) + Send + Sync>;
 /// A kick hook (see `VmClient::set_kick`).
 pub(crate) type KickFn = StdArc<dyn Fn(u32) + Send + Sync>;
 
+/// What a panicking hook (invalidation callback, kick hook) unwound with.
+#[cfg(feature = "std")]
+pub(crate) type Payload = alloc::boxed::Box<dyn core::any::Any + Send>;
+/// Without `std` a hook's panic cannot be caught: it unwinds (or aborts)
+/// directly; see [`PanicSlot`].
+#[cfg(not(feature = "std"))]
+pub(crate) type Payload = core::convert::Infallible;
+
+/// The first panic of a hook during one administrative change (under the
+/// space lock). With `std`, hooks run under `catch_unwind`: the change
+/// goes on (every remaining client is still kicked, waited for,
+/// invalidated, and every client released) and the first panic is
+/// propagated once the space lock is dropped. Without `std` the panic
+/// unwinds at once; drop guards still release every held client.
+#[derive(Default)]
+pub(crate) struct PanicSlot {
+    #[cfg(feature = "std")]
+    first: core::cell::Cell<Option<Payload>>,
+}
+
+impl PanicSlot {
+    /// Run a hook, keeping its panic (the first one) for later.
+    pub(crate) fn call(&self, f: impl FnOnce()) {
+        #[cfg(feature = "std")]
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            let first = self.first.take().unwrap_or(p);
+            self.first.set(Some(first));
+        }
+        #[cfg(not(feature = "std"))]
+        f()
+    }
+
+    /// The panic kept, if any.
+    pub(crate) fn take(&self) -> Option<Payload> {
+        #[cfg(feature = "std")]
+        {
+            self.first.take()
+        }
+        #[cfg(not(feature = "std"))]
+        None
+    }
+}
+
+/// Propagate a hook's panic kept by a [`PanicSlot`] (no locks held).
+pub(crate) fn resume(p: Option<Payload>) {
+    // Not while already unwinding (a space dropped by a panic): that
+    // would abort; the hook's panic is dropped then.
+    #[cfg(feature = "std")]
+    if let Some(p) = p
+        && !std::thread::panicking()
+    {
+        std::panic::resume_unwind(p);
+    }
+    #[cfg(not(feature = "std"))]
+    if let Some(p) = p {
+        match p {}
+    }
+}
+
 /// An object kept alive for holds that were outstanding when its mapping
 /// went away.
 pub(crate) struct Retired {
@@ -312,13 +371,13 @@ impl<L: RawLock> ClientShared<L> {
     /// Kick and wait for a vCPU still in guest context with a generation
     /// older than `generation`, then run the invalidation callback outside the
     /// lock. Called while held.
-    pub(crate) fn invalidate(&self, generation: u64, inv: &Invalidation<'_>) {
+    pub(crate) fn invalidate(&self, generation: u64, inv: &Invalidation<'_>, hooks: &PanicSlot) {
         let stale = |s: u32| s & ON_CPU != 0 && self.cpu_gen.load(Acquire) < generation;
         // A read-modify-write, so it is ordered against `enter`'s.
         while stale(self.state.fetch_or(0, AcqRel)) {
             let kick = self.with_locked(|_, c| c.kick.clone());
             if let Some(k) = kick {
-                k(self.cpu.load(Relaxed));
+                hooks.call(|| k(self.cpu.load(Relaxed)));
             }
             let mut g = Guard::new(&self.lock);
             let s = self.state.fetch_or(WAITER, AcqRel);
@@ -328,7 +387,7 @@ impl<L: RawLock> ClientShared<L> {
         }
         let cb = self.with_locked(|_, c| c.inval.clone());
         if let Some(cb) = cb {
-            cb(inv);
+            hooks.call(|| cb(inv));
         }
     }
 }

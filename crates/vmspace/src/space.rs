@@ -11,7 +11,7 @@ use crate::PAGE_SIZE;
 use crate::client::VmClient;
 use crate::error::{Error, Invalid, NoSpace, Result};
 use crate::object::VmObject;
-use crate::protocol::ClientShared;
+use crate::protocol::{ClientShared, PanicSlot, resume};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Cell, DefaultLock, Guard, RawLock};
 
 /// How a space is created.
@@ -153,6 +153,25 @@ pub(crate) struct Admin<L> {
     pub(crate) clients: BTreeMap<u64, Arc<ClientShared<L>>>,
     next_id: u64,
     destroyed: bool,
+    /// A hook's panic during the current change.
+    hooks: PanicSlot,
+}
+
+/// Every client held by an administrative change: released when dropped,
+/// so that no exit path (an error, a hook's panic) leaves one held.
+struct HeldAll<'a, L: RawLock>(&'a Admin<L>);
+
+impl<'a, L: RawLock> HeldAll<'a, L> {
+    fn new(a: &'a Admin<L>) -> Self {
+        a.hold_all();
+        HeldAll(a)
+    }
+}
+
+impl<L: RawLock> Drop for HeldAll<'_, L> {
+    fn drop(&mut self) {
+        self.0.release_all();
+    }
 }
 
 impl<L: RawLock> Admin<L> {
@@ -225,10 +244,19 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
     }
 
     /// Run `f` with the space lock and the registry.
+    /// A hook's panic during `f` is propagated after the lock is dropped.
     fn locked<R>(&self, f: impl FnOnce(&mut Admin<L>) -> R) -> R {
-        let _g = Guard::new(&self.lock);
-        // SAFETY: the registry is only reached here, under the lock.
-        self.admin.with_mut(|a| f(unsafe { &mut *a }))
+        let (r, panic) = {
+            let _g = Guard::new(&self.lock);
+            // SAFETY: the registry is only reached here, under the lock.
+            self.admin.with_mut(|a| {
+                let a = unsafe { &mut *a };
+                let r = f(a);
+                (r, a.hooks.take())
+            })
+        };
+        resume(panic);
+        r
     }
 
     /// Register a client; `None` once the space is destroyed.
@@ -253,15 +281,13 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
 
     /// Run an administrative change: space lock held, every client held
     /// around `f`. `f` gets the registry (to invalidate clients).
-    fn exclusive<R>(&self, f: impl FnOnce(&mut Admin<L>) -> Result<R>) -> Result<R> {
+    fn exclusive<R>(&self, f: impl FnOnce(&Admin<L>) -> Result<R>) -> Result<R> {
         self.locked(|a| {
             if a.destroyed {
                 return Err(Error::Orphaned);
             }
-            a.hold_all();
-            let r = f(a);
-            a.release_all();
-            r
+            let held = HeldAll::new(a);
+            f(held.0)
         })
     }
 
@@ -306,7 +332,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         let generation = self.generation.fetch_add(1, AcqRel) + 1;
         let inv = Invalidation { gpa: Gpa(gpa), len, generation, cause, tables_freed, cleared };
         for c in a.clients.values() {
-            c.invalidate(generation, &inv);
+            c.invalidate(generation, &inv, &a.hooks);
         }
     }
 
@@ -404,7 +430,12 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         Ok(VmSpace {
             inner: Arc::new(Inner {
                 lock: L::new(),
-                admin: Cell::new(Admin { clients: BTreeMap::new(), next_id: 0, destroyed: false }),
+                admin: Cell::new(Admin {
+                    clients: BTreeMap::new(),
+                    next_id: 0,
+                    destroyed: false,
+                    hooks: PanicSlot::default(),
+                }),
                 data: Cell::new(Data { table, maps: BTreeMap::new() }),
                 size: config.size,
                 format: config.format,
@@ -764,9 +795,9 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 })
             }?;
             let cleared = frames.as_deref().map(|f| &f[first_frame..]);
-            a.hold_all();
-            inner.bump_gen_and_invalidate(a, gpa, len, Cause::Dirty, false, cleared);
-            a.release_all();
+            let held = HeldAll::new(a);
+            inner.bump_gen_and_invalidate(held.0, gpa, len, Cause::Dirty, false, cleared);
+            drop(held);
             Ok(n)
         })
     }
@@ -899,17 +930,20 @@ fn destroy_inner<P: TablePages, L: RawLock>(inner: &Inner<P, L>) {
         if a.destroyed {
             return alloc::vec::Vec::new();
         }
-        a.hold_all();
-        // SAFETY: lock held, clients held.
-        let starts: alloc::vec::Vec<u64> = unsafe { inner.with_data(|d| d.maps.keys().copied().collect()) };
-        let objects: alloc::vec::Vec<_> = starts.into_iter().filter_map(|s| inner.unmap_locked(a, s).ok()).collect();
+        let objects = {
+            let held = HeldAll::new(a);
+            // SAFETY: lock held, clients held.
+            let starts: alloc::vec::Vec<u64> = unsafe { inner.with_data(|d| d.maps.keys().copied().collect()) };
+            let objects: alloc::vec::Vec<_> =
+                starts.into_iter().filter_map(|s| inner.unmap_locked(held.0, s).ok()).collect();
+            // Orphaned before `held` releases them: woken sleepers fail.
+            for c in held.0.clients.values() {
+                c.orphan();
+            }
+            objects
+        };
         a.destroyed = true;
-        let clients = core::mem::take(&mut a.clients);
-        for c in clients.values() {
-            c.orphan();
-            c.admin_release();
-        }
-        drop(clients);
+        drop(core::mem::take(&mut a.clients));
         objects
     });
     drop(objects);

@@ -763,3 +763,55 @@ fn frames_beyond_the_format_width_are_refused_at_map() {
         assert_eq!(present_leaves(&s), 0);
     }
 }
+
+/// Runs `f` on another thread and fails the test (instead of hanging) if
+/// it does not finish within a few seconds.
+fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(f()).unwrap());
+    rx.recv_timeout(std::time::Duration::from_secs(10)).expect("blocked: a client was left held")
+}
+
+/// A panicking invalidation callback: the change completes, every other
+/// client is still invalidated and released, the panic comes out after.
+#[test]
+fn panicking_invalidation_callback_releases_every_client() {
+    let s = Arc::new(space(GIB, true));
+    let r = reservoir(64);
+    let o = ram(&r, 16);
+    s.map(&o, 0, 0, 16 * PG, Prot::RW).unwrap();
+    s.populate(0, 16 * PG).unwrap();
+    let told = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..3).map(|_| s.client()).collect();
+    clients[0].set_invalidation(Some(|_: &Invalidation<'_>| panic!("callback panics")));
+    for c in &clients[1..] {
+        let t = told.clone();
+        c.set_invalidation(Some(move |_: &Invalidation<'_>| {
+            t.fetch_add(1, Ordering::SeqCst);
+        }));
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.unmap(0, 16 * PG)));
+    assert!(r.is_err(), "the panic is propagated");
+    assert_eq!(told.load(Ordering::SeqCst), 2, "the other clients were invalidated");
+    assert!(s.mappings().is_empty(), "the unmap is complete");
+    assert_eq!(s.resident_count(), present_leaves(&s));
+    // Clients are released: holds and faults answer at once, and further
+    // changes (which hold every client again) go through.
+    s.map(&o, 0, 0, 16 * PG, Prot::RW).unwrap();
+    let mut clients = clients.into_iter();
+    let first = clients.next().unwrap();
+    for c in clients {
+        let c = within_seconds(move || {
+            c.hold(0, Prot::RW).unwrap().release();
+            c
+        });
+        drop(c);
+    }
+    let mut bm = [0u64; 1];
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.track_dirty(0, 16 * PG, &mut bm)));
+    assert!(r.is_err(), "a harvest's callback panics too");
+    first.set_invalidation(None::<fn(&Invalidation<'_>)>);
+    let s2 = s.clone();
+    within_seconds(move || s2.unmap(0, 16 * PG).unwrap());
+    drop(first);
+}
