@@ -399,6 +399,15 @@ fn bit(bitmap: &[u64], i: u64) -> bool {
     bitmap[(i / 64) as usize] & (1 << (i % 64)) != 0
 }
 
+/// Zero bits `0..n` of `bitmap` (which has room for them).
+fn clear_bits(bitmap: &mut [u64], n: u64) {
+    let full = (n / 64) as usize;
+    bitmap[..full].fill(0);
+    if !n.is_multiple_of(64) {
+        bitmap[full] &= !((1u64 << (n % 64)) - 1);
+    }
+}
+
 fn put_bit(bitmap: &mut [u64], i: u64, v: bool) {
     let w = &mut bitmap[(i / 64) as usize];
     if v {
@@ -715,8 +724,10 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
 
     /// A dirty-bitmap operation on `[gpa, gpa+len)`: see [`DirtyOp`].
     ///
-    /// With `select`, only pages whose bit is set there are looked at;
-    /// the output bits of the other pages are left as they were. The
+    /// With `select`, only pages whose bit is set there are looked at.
+    /// With or without it, the output bits of the whole range are written
+    /// (bits `0 .. len / 4096`; later bits of `bitmap` are left alone): an
+    /// unselected page reports 0, as does a page without a leaf. The
     /// output bit of a selected page is its dirty state before the
     /// operation (`Get`, `Reset`) or whether it is now marked (`Set`); a
     /// page without a leaf reports 0 (for `Set`: without a writable
@@ -802,8 +813,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         })
     }
 
-    /// Writes 0 for every selected page of `[gpa, gpa+len)` (every page
-    /// without `sel`) into `out`, then calls `f(page index, entry)` for each
+    /// Writes 0 for every page of `[gpa, gpa+len)` into `out`, then calls `f(page index, entry)` for each
     /// selected 4 KiB leaf entry in the range, visiting each leaf table once.
     /// Shared by the dirty operations that honour a selection bitmap.
     fn for_each_selected(
@@ -814,13 +824,11 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         out: &mut [u64],
         mut f: impl FnMut(&mut [u64], u64, &core::sync::atomic::AtomicU64),
     ) {
-        // Selected pages without a leaf report 0; `f` sets the bits it
-        // reports.
-        for p in 0..len / PAGE_SIZE {
-            if sel.is_none_or(|s| bit(s, p)) {
-                put_bit(out, p, false);
-            }
-        }
+        // One rule with and without a selection: every output bit of the
+        // range is written (unselected pages and pages without a leaf
+        // report 0; `f` sets the bits it reports); bits past the range
+        // are left alone.
+        clear_bits(out, len / PAGE_SIZE);
         d.table.for_each_leaf_table(Gpa(gpa), len, |base, entries, size| {
             // Only 4 KiB leaves are ever mapped by this crate.
             if size != PageSize::Size4K {

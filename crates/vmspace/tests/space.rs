@@ -367,17 +367,18 @@ fn dirty_get_set_reset_with_selection() {
     assert_eq!(s.dirty_op(DirtyOp::Get, 0, 12 * PG, None, &mut bm), Ok(4));
     assert_eq!(bm[0], 0b1010_1010);
     assert_eq!(s.table_gen(), g + 1, "every operation bumps the generation");
-    // Get does not clear; selection leaves unselected bits alone.
+    // Get does not clear; unselected pages of the range report 0, bits
+    // past the range (12..) are left alone.
     let sel = [0b0000_0110u64];
     let mut out = [0xf000u64];
     assert_eq!(s.dirty_op(DirtyOp::Reset, 0, 12 * PG, Some(&sel), &mut out), Ok(1));
-    assert_eq!(out[0], 0xf000 | 0b10, "page 2 clean, page 1 dirty, others untouched");
+    assert_eq!(out[0], 0xf000 | 0b10, "page 2 clean, page 1 dirty, others 0, past the range untouched");
     assert_eq!(s.dirty_op(DirtyOp::Get, 0, 12 * PG, None, &mut bm), Ok(3));
     assert_eq!(bm[0], 0b1010_1000);
     // Selected page without a leaf reports 0.
     let mut out = [u64::MAX];
     s.dirty_op(DirtyOp::Get, 0, 12 * PG, Some(&[1 << 9]), &mut out).unwrap();
-    assert_eq!(out[0], !(1 << 9));
+    assert_eq!(out[0], !0xfff, "the range's bits all written, the rest left alone");
     // Set: faults in writable pages, marks them; read-only pages report 0.
     let before = s.resident_count();
     let mut out = [0u64];
@@ -814,4 +815,35 @@ fn panicking_invalidation_callback_releases_every_client() {
     let s2 = s.clone();
     within_seconds(move || s2.unmap(0, 16 * PG).unwrap());
     drop(first);
+}
+
+/// One output rule for every dirty operation, with or without a selection:
+/// the range's bits are all written (unselected pages report 0), bits past
+/// the range are left alone.
+#[test]
+fn dirty_output_rule_is_the_same_with_and_without_selection() {
+    for op in [DirtyOp::Get, DirtyOp::Reset, DirtyOp::Set] {
+        for sel in [None, Some([0u64]), Some([0b1010u64]), Some([u64::MAX])] {
+            let s = space(GIB, true);
+            let r = reservoir(64);
+            let o = ram(&r, 8);
+            s.map(&o, 0, 0, 8 * PG, Prot::RW).unwrap();
+            let c = s.client();
+            for p in [1u64, 2, 3] {
+                c.hold(p * PG, Prot::WRITE).unwrap().release();
+            }
+            let mut out = [u64::MAX, u64::MAX];
+            let n = s.dirty_op(op, 0, 8 * PG, sel.as_ref().map(|s| &s[..]), &mut out).unwrap();
+            assert_eq!(out[1], u64::MAX, "{op:?} {sel:?}: past the bitmap's range");
+            assert_eq!(out[0] >> 8, u64::MAX >> 8, "{op:?} {sel:?}: past the range");
+            let selected = sel.map_or(0xff, |s| s[0] & 0xff);
+            let expect = match op {
+                DirtyOp::Set => selected,
+                _ => 0b1110 & selected,
+            };
+            assert_eq!(out[0] & 0xff, expect, "{op:?} {sel:?}");
+            assert_eq!(n, u64::from(expect.count_ones()));
+            assert_eq!(s.resident_count(), present_leaves(&s));
+        }
+    }
 }
