@@ -378,12 +378,12 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             return Err(Invalid::BadProt.into());
         }
         let s = self.snap();
-        let (found, host, seq) = self.active(|| {
+        let (found, host, seq, slot) = self.active(|| {
             let f = self.data(|d| self.lookup_map(d, gpa, prot, true, &s))?;
             let host = f.host.ok_or(Error::NoHostView)?;
             // Counted while active, so an unmap (which waits for us) sees it.
-            self.shared.hold_taken();
-            Ok((f, host, self.space.unmap_seq.load(Relaxed)))
+            let slot = self.shared.hold_taken(gpa);
+            Ok((f, host, self.space.unmap_seq.load(Relaxed), slot))
         })?;
         Ok(PageHold {
             client: self,
@@ -394,6 +394,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             prot,
             defer_dirty: core::cell::Cell::new(defer_dirty),
             seq,
+            slot,
             released: false,
         })
     }
@@ -424,7 +425,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         let mark = h.prot.contains(Prot::WRITE) && !h.defer_dirty.get();
         if !mark {
             let unmapped = shared.was_unmapped(h.gpa, h.seq);
-            shared.hold_released();
+            shared.hold_released(h.slot, h.gpa);
             return unmapped;
         }
         let bits = self.space.dirty_bits;
@@ -446,13 +447,13 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             if !unmapped {
                 set_dirty();
             }
-            shared.hold_released();
+            shared.hold_released(h.slot, h.gpa);
             shared.deactivate();
             unmapped
         } else {
             // A change is in progress: decide under the client lock, which
             // an unmap takes to retire holds before clearing any entry.
-            shared.release_locked(h.gpa, h.seq, set_dirty)
+            shared.release_locked(h.gpa, h.seq, h.slot, set_dirty)
         }
     }
 }
@@ -522,6 +523,8 @@ pub struct PageHold<'c, P: TablePages, L: RawLock = DefaultLock> {
     prot: Prot,
     defer_dirty: core::cell::Cell<bool>,
     seq: u64,
+    /// Where the client records the held page (see `ClientShared::held`).
+    slot: u8,
     released: bool,
 }
 

@@ -24,7 +24,11 @@
 //! - A [`PageHold`] keeps its object alive: if its mapping is unmapped, the
 //!   unmap first hands the client a reference to the object (*retires* it),
 //!   then clears entries; the release reports the unmap and does not touch
-//!   the (gone) entry. A writable hold marks its page dirty on release
+//!   the (gone) entry. Only clients with a hold on a page of the unmapped
+//!   range get the reference (a client records the pages of its
+//!   outstanding holds), and a client drops it as soon as no hold of its
+//!   own is on that range any more: a long-lived hold elsewhere pins
+//!   nothing. A writable hold marks its page dirty on release
 //!   (unless "defer dirty" was asked and never revoked).
 //! - The generation only grows; a vCPU that entered guest context with an
 //!   older generation than a change's is kicked and waited for before the

@@ -33,6 +33,11 @@ use crate::object::VmObject;
 use crate::space::Invalidation;
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Cell, Guard, RawLock, dekker_store};
 
+/// Holds whose page a client records (see `ClientShared::held`).
+pub(crate) const HELD_SLOTS: usize = 16;
+/// The slot of a hold beyond the recorded ones.
+pub(crate) const NO_SLOT: u8 = HELD_SLOTS as u8;
+
 pub(crate) const HOLD: u32 = 1 << 1;
 pub(crate) const ON_CPU: u32 = 1 << 2;
 pub(crate) const ORPHANED: u32 = 1 << 3;
@@ -130,6 +135,19 @@ pub(crate) struct ClientShared<L> {
     cpu_gen: AtomicU64,
     /// Holds taken and not released. Written only by the owning thread.
     outstanding: AtomicUsize,
+    /// The pages of outstanding holds, so that an unmap retires its object
+    /// only to clients holding a page of its range: slot `i` is in use
+    /// when bit `i` of `held_used` is set, and then holds the page's
+    /// address. Written only by the owning thread (slots are filled while
+    /// active, so a change that holds the client sees every hold taken);
+    /// holds beyond the slots are counted in `held_overflow` and their
+    /// pages kept in `held_more` (under `lock`: only holds beyond
+    /// `HELD_SLOTS` pay for it).
+    held: [AtomicU64; HELD_SLOTS],
+    held_used: AtomicU32,
+    held_overflow: AtomicUsize,
+    /// Under `lock`.
+    held_more: Cell<Vec<u64>>,
     /// Whether `retired` is non-empty (read without the lock).
     retired_any: AtomicBool,
     /// Under `lock`.
@@ -152,6 +170,10 @@ impl<L: RawLock> ClientShared<L> {
             cpu: AtomicU32::new(u32::MAX),
             cpu_gen: AtomicU64::new(0),
             outstanding: AtomicUsize::new(0),
+            held: core::array::from_fn(|_| AtomicU64::new(0)),
+            held_used: AtomicU32::new(0),
+            held_overflow: AtomicUsize::new(0),
+            held_more: Cell::new(Vec::new()),
             retired_any: AtomicBool::new(false),
             retired: Cell::new(Vec::new()),
             callbacks: Cell::new(Callbacks::default()),
@@ -238,28 +260,111 @@ impl<L: RawLock> ClientShared<L> {
         self.active.store(0, Release);
     }
 
-    /// Count one more hold (owning thread only).
+    /// Count one more hold, of page `gpa` (owning thread only, client
+    /// active); returns its slot, to give to the release.
     #[inline]
-    pub(crate) fn hold_taken(&self) {
+    pub(crate) fn hold_taken(&self, gpa: u64) -> u8 {
         let n = self.outstanding.load(Relaxed);
         self.outstanding.store(n + 1, Release);
+        let used = self.held_used.load(Relaxed);
+        let free = !used & ((1u32 << HELD_SLOTS) - 1);
+        if free == 0 {
+            let _g = Guard::new(&self.lock);
+            // SAFETY: `held_more` is only reached under `lock`.
+            self.held_more.with_mut(|m| unsafe { &mut *m }.push(gpa));
+            let o = self.held_overflow.load(Relaxed);
+            self.held_overflow.store(o + 1, Release);
+            return NO_SLOT;
+        }
+        let i = free.trailing_zeros();
+        self.held[i as usize].store(gpa, Relaxed);
+        self.held_used.store(used | 1 << i, Release);
+        i as u8
     }
 
-    /// Count one hold less (owning thread only); drops retired objects when
-    /// the last hold goes.
+    /// Forget the page of a hold being released (owning thread only);
+    /// `locked`: the caller holds `lock`.
     #[inline]
-    pub(crate) fn hold_released(&self) {
+    fn unrecord(&self, slot: u8, gpa: u64, locked: bool) {
+        if slot == NO_SLOT {
+            let forget = || {
+                // SAFETY: under `lock` (taken here or by the caller).
+                self.held_more.with_mut(|m| {
+                    let m = unsafe { &mut *m };
+                    if let Some(i) = m.iter().rposition(|g| *g == gpa) {
+                        m.swap_remove(i);
+                    }
+                });
+                let o = self.held_overflow.load(Relaxed);
+                self.held_overflow.store(o - 1, Release);
+            };
+            if locked {
+                forget();
+            } else {
+                let _g = Guard::new(&self.lock);
+                forget();
+            }
+        } else {
+            let used = self.held_used.load(Relaxed);
+            self.held_used.store(used & !(1 << slot), Release);
+        }
+    }
+
+    /// Whether an outstanding hold is on a page of `[start, end)`; the
+    /// caller holds `lock`. A release racing with the caller may still be
+    /// seen as outstanding: the answer errs towards "yes".
+    fn holds_in(&self, start: u64, end: u64) -> bool {
+        if self.held_overflow.load(Acquire) > 0 {
+            // SAFETY: the caller holds `lock`.
+            let more = self.held_more.with(|m| unsafe { &*m }.iter().any(|g| start <= *g && *g < end));
+            if more {
+                return true;
+            }
+        }
+        let mut used = self.held_used.load(Acquire);
+        while used != 0 {
+            let i = used.trailing_zeros();
+            used &= used - 1;
+            let g = self.held[i as usize].load(Relaxed);
+            if start <= g && g < end {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Drop the retired objects no outstanding hold needs any more (none
+    /// when no hold is left); under the lock. Returns them, to be dropped
+    /// outside it.
+    fn prune(&self, r: &mut Vec<Retired>) -> Vec<Retired> {
+        if self.outstanding.load(Relaxed) == 0 {
+            self.retired_any.store(false, Release);
+            return core::mem::take(r);
+        }
+        let mut dead = Vec::new();
+        let mut i = 0;
+        while i < r.len() {
+            if self.holds_in(r[i].start, r[i].end) {
+                i += 1;
+            } else {
+                dead.push(r.swap_remove(i));
+            }
+        }
+        if r.is_empty() {
+            self.retired_any.store(false, Release);
+        }
+        dead
+    }
+
+    /// Count one hold less (owning thread only); drops the retired
+    /// objects no remaining hold is on.
+    #[inline]
+    pub(crate) fn hold_released(&self, slot: u8, gpa: u64) {
+        self.unrecord(slot, gpa, false);
         let n = self.outstanding.load(Relaxed) - 1;
         self.outstanding.store(n, Release);
-        if n == 0 && self.retired_any.load(Acquire) {
-            let dead = self.with_locked(|r, _| {
-                if self.outstanding.load(Relaxed) == 0 {
-                    self.retired_any.store(false, Release);
-                    core::mem::take(r)
-                } else {
-                    Vec::new()
-                }
-            });
+        if self.retired_any.load(Acquire) {
+            let dead = self.with_locked(|r, _| self.prune(r));
             drop(dead);
         }
     }
@@ -282,20 +387,16 @@ impl<L: RawLock> ClientShared<L> {
     /// whether it was unmapped. The slow path of a release while the space
     /// holds the client: the admin retires holds under this same lock
     /// before it clears any entry.
-    pub(crate) fn release_locked(&self, gpa: u64, seq: u64, f: impl FnOnce()) -> bool {
+    pub(crate) fn release_locked(&self, gpa: u64, seq: u64, slot: u8, f: impl FnOnce()) -> bool {
         let (unmapped, dead) = self.with_locked(|r, _| {
             let unmapped = Self::covered(r, gpa, seq);
             if !unmapped {
                 f();
             }
+            self.unrecord(slot, gpa, true);
             let n = self.outstanding.load(Relaxed) - 1;
             self.outstanding.store(n, Release);
-            let dead = if n == 0 && !r.is_empty() {
-                self.retired_any.store(false, Release);
-                core::mem::take(r)
-            } else {
-                Vec::new()
-            };
+            let dead = if r.is_empty() { Vec::new() } else { self.prune(r) };
             (unmapped, dead)
         });
         drop(dead);
@@ -353,17 +454,19 @@ impl<L: RawLock> ClientShared<L> {
     }
 
     /// Give holds outstanding in `[start, end)` a reference to `object`
-    /// (called while held, before any entry of the range is cleared).
+    /// (called while held, before any entry of the range is cleared): only
+    /// a client with a hold on a page of the range keeps the object, and
+    /// only while such a hold is outstanding.
     pub(crate) fn retire(&self, start: u64, end: u64, seq: u64, object: &StdArc<VmObject>) {
+        if self.outstanding.load(Acquire) == 0 && !self.retired_any.load(Acquire) {
+            return;
+        }
         let dead = self.with_locked(|r, _| {
-            if self.outstanding.load(Acquire) > 0 {
+            if self.outstanding.load(Acquire) > 0 && self.holds_in(start, end) {
                 r.push(Retired { start, end, seq, _object: object.clone() });
                 self.retired_any.store(true, Release);
-                Vec::new()
-            } else {
-                self.retired_any.store(false, Release);
-                core::mem::take(r)
             }
+            self.prune(r)
         });
         drop(dead);
     }

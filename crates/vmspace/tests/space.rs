@@ -847,3 +847,32 @@ fn dirty_output_rule_is_the_same_with_and_without_selection() {
         }
     }
 }
+
+/// An unmap retires its object only to clients holding a page of its
+/// range, and only while such a hold lives: a long-lived hold elsewhere
+/// (a device's ring page) does not keep every later unmapped object alive.
+#[test]
+fn long_lived_hold_elsewhere_does_not_pin_unmapped_objects() {
+    let s = space(GIB, true);
+    let r = reservoir(16 + 8);
+    let ring = ram(&r, 16);
+    s.map(&ring, 0, 0, 16 * PG, Prot::RW).unwrap();
+    let dev = s.client();
+    let ring_hold = dev.hold(3 * PG, Prot::RW).unwrap();
+    let dev2 = s.client();
+    let many: Vec<_> = (0..20).map(|i| dev2.hold((i % 16) * PG, Prot::READ).unwrap()).collect();
+    for round in 0..200u64 {
+        let o = ram(&r, 8);
+        let gpa = 0x100_0000 + (round % 3) * 0x20_0000;
+        s.map(&o, 0, gpa, 8 * PG, Prot::RW).unwrap();
+        // Holds on the churned range, released before and after the unmap.
+        dev.hold(gpa, Prot::RW).unwrap().release();
+        let h = dev.hold(gpa + PG, Prot::RW).unwrap();
+        s.unmap(gpa, 8 * PG).unwrap();
+        assert!(h.release(), "the release reports the unmap");
+        drop(o);
+        assert_eq!(r.stats().allocated, 16 * PG, "round {round}: the unmapped object was freed");
+    }
+    assert!(!ring_hold.release());
+    drop(many);
+}
