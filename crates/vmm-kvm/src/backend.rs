@@ -52,7 +52,7 @@ pub trait Backend: Send + Sync {
     /// Number of table pages in use.
     fn table_pages(&self) -> u64;
     /// The nested table (for dumps and the oracle).
-    fn with_table(&self, f: &mut dyn FnMut(&NestedTable<SlotPages>));
+    fn with_table(&self, f: &mut dyn FnMut(&vmspace::TableView<'_, SlotPages>));
 }
 
 /// One vCPU's access to the memory system (its vmspace client).
@@ -243,8 +243,8 @@ impl Backend for TableBackend {
     fn table_pages(&self) -> u64 {
         self.table.table_pages() as u64
     }
-    fn with_table(&self, f: &mut dyn FnMut(&NestedTable<SlotPages>)) {
-        f(&self.table)
+    fn with_table(&self, f: &mut dyn FnMut(&vmspace::TableView<'_, SlotPages>)) {
+        f(&vmspace::TableView::new(&self.table))
     }
 }
 

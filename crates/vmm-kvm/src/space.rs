@@ -27,7 +27,7 @@ use crate::mem::{PAGE, SharedRegion};
 use crate::slot_pages::SlotPages;
 use crate::vcpu::{Exit, KickHandle};
 use crate::vm::{KvmError, KvmVm, PagingMode, Result};
-use nested_pt::{Access, NestedTable, Pfn, Prot};
+use nested_pt::{Access, Pfn, Prot};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -403,7 +403,7 @@ impl Backend for SpaceBackend {
     fn table_pages(&self) -> u64 {
         self.space.with_table(|t| t.table_pages() as u64)
     }
-    fn with_table(&self, f: &mut dyn FnMut(&NestedTable<SlotPages>)) {
+    fn with_table(&self, f: &mut dyn FnMut(&vmspace::TableView<'_, SlotPages>)) {
         self.space.with_table(|t| f(t))
     }
 }

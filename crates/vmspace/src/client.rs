@@ -13,7 +13,7 @@ use nested_pt::{Gpa, Pfn, Prot, TablePages};
 use crate::PAGE_SIZE;
 use crate::error::{Error, Invalid, Result};
 use crate::object::VmObject;
-use crate::protocol::ClientShared;
+use crate::protocol::{ClientShared, on_cpu};
 use crate::space::{Data, Inner, Invalidation, access_of};
 use crate::sync::{Arc, DefaultLock, RawLock};
 
@@ -157,9 +157,27 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// last flushed for, it must flush its cached translations (INVEPT,
     /// ASID flush) before entering. Never blocks (callable with interrupts
     /// off). Drop the guard (or call [`OnCpu::exit`]) after leaving.
+    ///
+    /// While the guard lives, an administrative change of the same space
+    /// that waits for vCPUs (unmap, dirty operations, tracking switch)
+    /// made by this thread is refused with [`Error::SelfDeadlock`] (with
+    /// `std`; without it, it would wait for itself forever). A *leaked*
+    /// guard (`mem::forget`) leaves the client in guest context: every
+    /// later such change kicks it and waits until the client re-enters
+    /// with the new generation or is dropped (dropping the client marks
+    /// its exit); on this thread they are refused until then.
     pub fn table_enter(&self, cpu: u32) -> Result<OnCpu<'_, P, L>> {
         let generation = self.shared.enter(cpu, &self.space.generation)?;
+        on_cpu::entered(self.space_key(), self.client_key());
         Ok(OnCpu { client: self, generation })
+    }
+
+    fn space_key(&self) -> usize {
+        &*self.space as *const Inner<P, L> as usize
+    }
+
+    fn client_key(&self) -> usize {
+        &*self.shared as *const ClientShared<L> as usize
     }
 
     #[inline]
@@ -469,6 +487,12 @@ impl<P: TablePages, L: RawLock> Clone for VmClient<P, L> {
 
 impl<P: TablePages, L: RawLock> Drop for VmClient<P, L> {
     fn drop(&mut self) {
+        // A guard that borrowed the client is gone, or was leaked: mark
+        // the exit, so that no change waits for this vCPU any more.
+        if self.shared.is_on_cpu() {
+            self.shared.exit();
+            on_cpu::left(self.client_key());
+        }
         if let Some(id) = self.id {
             self.space.unregister(id);
         }
@@ -501,6 +525,7 @@ impl<P: TablePages, L: RawLock> OnCpu<'_, P, L> {
 
 impl<P: TablePages, L: RawLock> Drop for OnCpu<'_, P, L> {
     fn drop(&mut self) {
+        on_cpu::left(self.client.client_key());
         self.client.shared.exit();
     }
 }

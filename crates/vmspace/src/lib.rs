@@ -138,6 +138,7 @@ mod protocol;
 mod reservoir;
 mod space;
 mod sync;
+mod view;
 
 pub use client::{HoldChain, OnCpu, PageHold, VmClient};
 pub use error::{Error, Invalid, NoSpace, Result};
@@ -149,6 +150,7 @@ pub use space::{Cause, DirtyOp, Invalidation, MappingInfo, SpaceConfig, VmSpace}
 #[cfg(any(loom, feature = "std"))]
 pub use sync::StdLock;
 pub use sync::{DefaultLock, RawLock, SpinLock};
+pub use view::{LeafEntry, TableView};
 
 pub use nested_pt::{Gpa, MemType, Pfn, Prot, PteFormat, TablePages};
 

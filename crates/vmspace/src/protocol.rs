@@ -194,6 +194,10 @@ impl<L: RawLock> ClientShared<L> {
         self.with_locked(|_, c| c.kick = f);
     }
 
+    pub(crate) fn is_on_cpu(&self) -> bool {
+        self.state.load(Acquire) & ON_CPU != 0
+    }
+
     pub(crate) fn is_orphaned(&self) -> bool {
         self.state.load(Acquire) & ORPHANED != 0
     }
@@ -492,5 +496,50 @@ impl<L: RawLock> ClientShared<L> {
         if let Some(cb) = cb {
             hooks.call(|| cb(inv));
         }
+    }
+}
+
+/// The `OnCpu` guards the current thread holds, as (space, client)
+/// addresses, so that an administrative change made by a thread in guest
+/// context on a client of the same space is refused instead of waiting
+/// for itself ([`Error::SelfDeadlock`]). Only with `std` (a thread-local);
+/// without it the case is not detected.
+#[cfg(all(feature = "std", not(loom)))]
+pub(crate) mod on_cpu {
+    use std::cell::RefCell;
+    use std::vec::Vec;
+
+    std::thread_local! {
+        static HELD: RefCell<Vec<(usize, usize)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// The current thread entered guest context on `client` of `space`.
+    pub(crate) fn entered(space: usize, client: usize) {
+        let _ = HELD.try_with(|h| h.borrow_mut().push((space, client)));
+    }
+
+    /// The current thread left guest context on `client` (or dropped it).
+    pub(crate) fn left(client: usize) {
+        let _ = HELD.try_with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(i) = h.iter().rposition(|e| e.1 == client) {
+                h.swap_remove(i);
+            }
+        });
+    }
+
+    /// Whether the current thread is in guest context on a client of `space`.
+    pub(crate) fn holds(space: usize) -> bool {
+        HELD.try_with(|h| h.borrow().iter().any(|e| e.0 == space)).unwrap_or(false)
+    }
+}
+
+/// Without `std`: nothing recorded, nothing detected.
+#[cfg(not(all(feature = "std", not(loom))))]
+pub(crate) mod on_cpu {
+    pub(crate) fn entered(_space: usize, _client: usize) {}
+    pub(crate) fn left(_client: usize) {}
+    pub(crate) fn holds(_space: usize) -> bool {
+        false
     }
 }

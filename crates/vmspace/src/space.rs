@@ -11,8 +11,9 @@ use crate::PAGE_SIZE;
 use crate::client::VmClient;
 use crate::error::{Error, Invalid, NoSpace, Result};
 use crate::object::VmObject;
-use crate::protocol::{ClientShared, PanicSlot, resume};
+use crate::protocol::{ClientShared, PanicSlot, on_cpu, resume};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Cell, DefaultLock, Guard, RawLock};
+use crate::view::TableView;
 
 /// How a space is created.
 #[derive(Clone, Copy, Debug)]
@@ -476,6 +477,15 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         VmClient::new(self.inner.clone())
     }
 
+    /// Refuse a change that waits for vCPUs when the calling thread is
+    /// itself in guest context on a client of this space.
+    fn check_not_on_cpu(&self) -> Result<()> {
+        if on_cpu::holds(&*self.inner as *const Inner<P, L> as usize) {
+            return Err(Error::SelfDeadlock);
+        }
+        Ok(())
+    }
+
     /// Map `len` bytes of `object` from byte `offset` at `gpa` with `prot`.
     ///
     /// Refused with [`Error::Invalid`] for a zero length, unaligned
@@ -533,6 +543,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// matches exactly.
     pub fn unmap(&self, gpa: u64, len: u64) -> Result<()> {
         check_aligned(gpa, len)?;
+        self.check_not_on_cpu()?;
         let inner = &*self.inner;
         let object = inner.exclusive(|a| {
             // SAFETY: lock held, clients held.
@@ -595,10 +606,26 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         self.inner.generation.load(Acquire)
     }
 
-    /// Run `f` on the nested table with the space lock held (no map or
-    /// unmap runs meanwhile): for software walks (`nested_pt::mmu`) and
-    /// inspection. Clients may change entries concurrently.
-    pub fn with_table<R>(&self, f: impl FnOnce(&NestedTable<P>) -> R) -> R {
+    /// Run `f` on a read-only view of the nested table with the space lock
+    /// held (no map or unmap runs meanwhile): for software walks and
+    /// inspection. Clients may change entries concurrently. The view
+    /// cannot change entries: every leaf stays inside a mapping and
+    /// `resident_count` exact.
+    pub fn with_table<R>(&self, f: impl FnOnce(&TableView<'_, P>) -> R) -> R {
+        // SAFETY: lock held.
+        self.inner.locked(|_| unsafe { self.inner.with_data(|d| f(&TableView::new(&d.table))) })
+    }
+
+    /// Run `f` on the nested table itself, with the space lock held: for
+    /// benchmarks and tests that must set accessed/dirty bits the way
+    /// hardware does (`NestedTable`'s `&self` methods change entries).
+    ///
+    /// # Safety
+    /// `f` may only set or clear accessed and dirty bits of present leaves
+    /// (as a vCPU's hardware walk or a harvest would); it must not map,
+    /// unmap or otherwise change any entry, or the space's invariants
+    /// (every leaf inside a mapping, an exact `resident_count`) break.
+    pub unsafe fn with_table_raw<R>(&self, f: impl FnOnce(&NestedTable<P>) -> R) -> R {
         // SAFETY: lock held.
         self.inner.locked(|_| unsafe { self.inner.with_data(|d| f(&d.table)) })
     }
@@ -656,6 +683,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         if on && !self.inner.format.can_track_dirty() {
             return Err(Error::Unsupported);
         }
+        self.check_not_on_cpu()?;
         let inner = &*self.inner;
         inner.exclusive(|a| {
             inner.track_dirty.store(on, Release);
@@ -765,6 +793,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         mut frames: Option<&mut Vec<Pfn>>,
     ) -> Result<u64> {
         self.check_dirty_args(gpa, len, [Some(bitmap.len()), select.map(|s| s.len())])?;
+        self.check_not_on_cpu()?;
         if op != DirtyOp::Reset {
             frames = None;
         }

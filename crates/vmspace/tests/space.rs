@@ -520,7 +520,7 @@ fn mmio_objects() {
     assert_eq!(s.lookup(0xfee01 * PG), Some((Pfn(0xfee01), Prot::RW)));
     s.with_table(|t| {
         let l = t.lookup(Gpa(0xfee01 * PG)).unwrap();
-        assert_eq!(t.format().mem_type(l.value()), Some(MemType::Uncacheable));
+        assert_eq!(t.format().mem_type(l.value), Some(MemType::Uncacheable));
     });
     assert_eq!(c.hold(0xfee00 * PG, Prot::READ).unwrap_err(), Error::NoHostView);
     // With a host view, holds work.
@@ -875,4 +875,62 @@ fn long_lived_hold_elsewhere_does_not_pin_unmapped_objects() {
     }
     assert!(!ring_hold.release());
     drop(many);
+}
+
+/// `with_table` hands out a read-only view: what it reads matches the
+/// space, and nothing in it can change an entry (the type offers no
+/// method that does; `resident_count` stays exact).
+#[test]
+fn table_view_reads_only() {
+    let s = space(GIB, true);
+    let r = reservoir(16);
+    let o = ram(&r, 4);
+    s.map(&o, 0, 0x20_0000, 4 * PG, Prot::RW).unwrap();
+    s.populate(0x20_0000, 2 * PG).unwrap();
+    s.with_table(|t| {
+        let l = t.lookup(nested_pt::Gpa(0x20_0000)).unwrap();
+        assert_eq!(t.format().frame(l.value), o.frame_at(0).unwrap());
+        assert_eq!(t.is_mapped(nested_pt::Gpa(0x20_1000)), Some((o.frame_at(PG).unwrap(), Prot::RW)));
+        assert_eq!(t.leaves(nested_pt::Gpa(0), GIB).count(), 2);
+        let mut seen = 0;
+        t.for_each_leaf_table(nested_pt::Gpa(0x20_0000), 4 * PG, |base, entries, _| {
+            assert_eq!(base.0, 0x20_0000);
+            seen += entries.iter().filter(|e| t.format().is_present(**e)).count();
+        });
+        assert_eq!(seen, 2);
+        assert_eq!(t.walk(nested_pt::Gpa(0x20_0000)).len, 4);
+        assert_eq!(t.root(), s.table_root_pfn());
+    });
+    assert_eq!(s.resident_count(), present_leaves(&s));
+}
+
+/// A change asked from guest context on the same space is refused instead
+/// of waiting for itself; a leaked guard is undone by dropping the client.
+#[test]
+fn change_from_guest_context_on_the_same_space_is_refused() {
+    let s = Arc::new(space(GIB, true));
+    let other = space(GIB, true);
+    let r = reservoir(16);
+    let o = ram(&r, 4);
+    s.map(&o, 0, 0, 4 * PG, Prot::RW).unwrap();
+    s.populate(0, 4 * PG).unwrap();
+    let c = s.client();
+    let mut bm = [0u64; 1];
+    {
+        let _on = c.table_enter(0).unwrap();
+        assert_eq!(s.unmap(0, 4 * PG), Err(Error::SelfDeadlock));
+        assert_eq!(s.track_dirty(0, 4 * PG, &mut bm), Err(Error::SelfDeadlock));
+        assert_eq!(s.set_dirty_tracking(false), Err(Error::SelfDeadlock));
+        assert_eq!(s.mappings().len(), 1, "nothing changed");
+        // Another space's changes are fine.
+        other.set_dirty_tracking(false).unwrap();
+    }
+    assert_eq!(s.track_dirty(0, 4 * PG, &mut bm), Ok(0));
+    // A leaked guard: refused on this thread, and dropping the client ends
+    // it for everyone.
+    std::mem::forget(c.table_enter(1).unwrap());
+    assert_eq!(s.unmap(0, 4 * PG), Err(Error::SelfDeadlock));
+    drop(c);
+    let s2 = s.clone();
+    within_seconds(move || s2.unmap(0, 4 * PG).unwrap());
 }
