@@ -350,9 +350,15 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             }
         };
         if self.space.records_access {
-            // Emulated A/D: the fault path records the access (and grants
-            // the hardware bits so the next access does not fault).
-            let bits = fmt.access_bits(e, access_of(prot)).ok_or(Error::Protection)?;
+            // Emulated A/D: the access is recorded in the hardware
+            // permission bits (R/X mean accessed, W means written), which
+            // also stop the vCPU's next access from faulting. Only a vCPU's
+            // fault (`host == false`) is granted W: a hold accesses the
+            // page through the host, so it records a read, and its write
+            // is marked dirty (software bit) by its release, or not at all
+            // for a deferred hold never marked.
+            let access = if host { nested_pt::Access::Read } else { access_of(prot) };
+            let bits = fmt.access_bits(e, access).ok_or(Error::Protection)?;
             if e & bits != bits {
                 // SAFETY: as in `present`.
                 unsafe { &*slot }.fetch_or(bits, AcqRel);

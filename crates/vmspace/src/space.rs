@@ -672,6 +672,15 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     }
 
     /// Whether dirty tracking is on.
+    ///
+    /// While tracking is off, writes may still leave pages dirty in the
+    /// table: hardware A/D formats set the dirty bit on every write, and
+    /// with emulated A/D ([`PteFormat::ept_emulated_ad`]) a vCPU's write
+    /// fault grants the hardware W bit, which that format reads as dirty
+    /// (it is the only way to let the guest write). Holds never do: their
+    /// release marks a page dirty only while tracking is on. So the first
+    /// harvest after tracking is switched on may report pages written
+    /// while it was off (a superset, never a miss).
     pub fn dirty_tracking(&self) -> bool {
         self.inner.track_dirty.load(Acquire)
     }

@@ -934,3 +934,39 @@ fn change_from_guest_context_on_the_same_space_is_refused() {
     let s2 = s.clone();
     within_seconds(move || s2.unmap(0, 4 * PG).unwrap());
 }
+
+/// Emulated A/D: a hold never grants the hardware W bit (this format's
+/// dirty bit); a writable hold marks its page dirty on release (software
+/// bit), a deferred one only when marked; a vCPU's write fault is dirty.
+#[test]
+fn emulated_ad_holds_honour_defer_dirty() {
+    let s = space_with(GIB, PteFormat::ept_emulated_ad(Caps::default()), true, 1);
+    let r = reservoir(16);
+    let o = ram(&r, 8);
+    s.map(&o, 0, 0, 8 * PG, Prot::RW).unwrap();
+    let c = s.client();
+    let h = c.hold_ext(0, Prot::RW, true).unwrap();
+    h.write(0, b"unmarked").unwrap();
+    drop(h);
+    let h = c.hold_ext(PG, Prot::RW, true).unwrap();
+    h.mark_dirty().unwrap();
+    drop(h);
+    c.hold(2 * PG, Prot::RW).unwrap().release();
+    c.hold(3 * PG, Prot::READ).unwrap().release();
+    c.fault(4 * PG, Prot::READ).unwrap();
+    c.fault(5 * PG, Prot::WRITE).unwrap();
+    let w = s.with_table(|t| {
+        (0..8).map(|p| t.lookup(nested_pt::Gpa(p * PG)).map_or(0, |l| l.value & (1 << 1))).collect::<Vec<_>>()
+    });
+    assert_eq!(w, [0, 0, 0, 0, 0, 2, 0, 0], "only the vCPU's write fault got hardware W");
+    let mut bm = [0u64];
+    assert_eq!(s.track_dirty(0, 8 * PG, &mut bm), Ok(3));
+    assert_eq!(bm[0], 0b10_0110);
+    // With tracking off, holds mark nothing; a write fault still grants W.
+    s.set_dirty_tracking(false).unwrap();
+    c.hold(2 * PG, Prot::RW).unwrap().release();
+    c.fault(6 * PG, Prot::WRITE).unwrap();
+    s.set_dirty_tracking(true).unwrap();
+    assert_eq!(s.track_dirty(0, 8 * PG, &mut bm), Ok(1));
+    assert_eq!(bm[0], 1 << 6, "documented: a write fault while off reads dirty");
+}
