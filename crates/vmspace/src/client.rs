@@ -406,8 +406,9 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             let f = self.data(|d| self.lookup_map(d, gpa, prot, true, &s))?;
             let host = f.host.ok_or(Error::NoHostView)?;
             // Counted while active, so an unmap (which waits for us) sees it.
-            let slot = self.shared.hold_taken(gpa);
-            Ok((f, host, self.space.unmap_seq.load(Relaxed), slot))
+            let seq = self.space.unmap_seq.load(Relaxed);
+            let slot = self.shared.hold_taken(gpa, seq);
+            Ok((f, host, seq, slot))
         })?;
         Ok(PageHold {
             client: self,

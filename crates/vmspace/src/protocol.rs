@@ -114,6 +114,9 @@ pub(crate) struct Retired {
     pub(crate) end: u64,
     /// The unmap's sequence number: holds taken earlier have a smaller one.
     pub(crate) seq: u64,
+    /// The unmap sequence number when the mapping was made: holds taken
+    /// earlier (a smaller one) were on an older mapping of the range.
+    pub(crate) born: u64,
     pub(crate) _object: StdArc<VmObject>,
 }
 
@@ -147,7 +150,9 @@ pub(crate) struct ClientShared<L> {
     held_used: AtomicU32,
     held_overflow: AtomicUsize,
     /// Under `lock`.
-    held_more: Cell<Vec<u64>>,
+    held_more: Cell<Vec<(u64, u64)>>,
+    /// The unmap sequence number each slot's hold was taken at.
+    held_seq: [AtomicU64; HELD_SLOTS],
     /// Whether `retired` is non-empty (read without the lock).
     retired_any: AtomicBool,
     /// Under `lock`.
@@ -174,6 +179,7 @@ impl<L: RawLock> ClientShared<L> {
             held_used: AtomicU32::new(0),
             held_overflow: AtomicUsize::new(0),
             held_more: Cell::new(Vec::new()),
+            held_seq: core::array::from_fn(|_| AtomicU64::new(0)),
             retired_any: AtomicBool::new(false),
             retired: Cell::new(Vec::new()),
             callbacks: Cell::new(Callbacks::default()),
@@ -267,7 +273,7 @@ impl<L: RawLock> ClientShared<L> {
     /// Count one more hold, of page `gpa` (owning thread only, client
     /// active); returns its slot, to give to the release.
     #[inline]
-    pub(crate) fn hold_taken(&self, gpa: u64) -> u8 {
+    pub(crate) fn hold_taken(&self, gpa: u64, seq: u64) -> u8 {
         let n = self.outstanding.load(Relaxed);
         self.outstanding.store(n + 1, Release);
         let used = self.held_used.load(Relaxed);
@@ -275,13 +281,14 @@ impl<L: RawLock> ClientShared<L> {
         if free == 0 {
             let _g = Guard::new(&self.lock);
             // SAFETY: `held_more` is only reached under `lock`.
-            self.held_more.with_mut(|m| unsafe { &mut *m }.push(gpa));
+            self.held_more.with_mut(|m| unsafe { &mut *m }.push((gpa, seq)));
             let o = self.held_overflow.load(Relaxed);
             self.held_overflow.store(o + 1, Release);
             return NO_SLOT;
         }
         let i = free.trailing_zeros();
         self.held[i as usize].store(gpa, Relaxed);
+        self.held_seq[i as usize].store(seq, Relaxed);
         self.held_used.store(used | 1 << i, Release);
         i as u8
     }
@@ -295,7 +302,7 @@ impl<L: RawLock> ClientShared<L> {
                 // SAFETY: under `lock` (taken here or by the caller).
                 self.held_more.with_mut(|m| {
                     let m = unsafe { &mut *m };
-                    if let Some(i) = m.iter().rposition(|g| *g == gpa) {
+                    if let Some(i) = m.iter().rposition(|g| g.0 == gpa) {
                         m.swap_remove(i);
                     }
                 });
@@ -314,13 +321,16 @@ impl<L: RawLock> ClientShared<L> {
         }
     }
 
-    /// Whether an outstanding hold is on a page of `[start, end)`; the
-    /// caller holds `lock`. A release racing with the caller may still be
-    /// seen as outstanding: the answer errs towards "yes".
-    fn holds_in(&self, start: u64, end: u64) -> bool {
+    /// Whether an outstanding hold is on a page of `[start, end)` of the
+    /// mapping made at unmap sequence `born` and unmapped at `seq` (taken
+    /// at a sequence number in `born .. seq`); the caller holds `lock`. A
+    /// release racing with the caller may still be seen as outstanding:
+    /// the answer errs towards "yes".
+    fn holds_in(&self, start: u64, end: u64, born: u64, seq: u64) -> bool {
+        let on = |g: u64, s: u64| start <= g && g < end && born <= s && s < seq;
         if self.held_overflow.load(Acquire) > 0 {
             // SAFETY: the caller holds `lock`.
-            let more = self.held_more.with(|m| unsafe { &*m }.iter().any(|g| start <= *g && *g < end));
+            let more = self.held_more.with(|m| unsafe { &*m }.iter().any(|&(g, s)| on(g, s)));
             if more {
                 return true;
             }
@@ -330,7 +340,7 @@ impl<L: RawLock> ClientShared<L> {
             let i = used.trailing_zeros();
             used &= used - 1;
             let g = self.held[i as usize].load(Relaxed);
-            if start <= g && g < end {
+            if on(g, self.held_seq[i as usize].load(Relaxed)) {
                 return true;
             }
         }
@@ -348,7 +358,7 @@ impl<L: RawLock> ClientShared<L> {
         let mut dead = Vec::new();
         let mut i = 0;
         while i < r.len() {
-            if self.holds_in(r[i].start, r[i].end) {
+            if self.holds_in(r[i].start, r[i].end, r[i].born, r[i].seq) {
                 i += 1;
             } else {
                 dead.push(r.swap_remove(i));
@@ -461,13 +471,13 @@ impl<L: RawLock> ClientShared<L> {
     /// (called while held, before any entry of the range is cleared): only
     /// a client with a hold on a page of the range keeps the object, and
     /// only while such a hold is outstanding.
-    pub(crate) fn retire(&self, start: u64, end: u64, seq: u64, object: &StdArc<VmObject>) {
+    pub(crate) fn retire(&self, start: u64, end: u64, born: u64, seq: u64, object: &StdArc<VmObject>) {
         if self.outstanding.load(Acquire) == 0 && !self.retired_any.load(Acquire) {
             return;
         }
         let dead = self.with_locked(|r, _| {
-            if self.outstanding.load(Acquire) > 0 && self.holds_in(start, end) {
-                r.push(Retired { start, end, seq, _object: object.clone() });
+            if self.outstanding.load(Acquire) > 0 && self.holds_in(start, end, born, seq) {
+                r.push(Retired { start, end, seq, born, _object: object.clone() });
                 self.retired_any.store(true, Release);
             }
             self.prune(r)

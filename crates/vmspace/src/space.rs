@@ -104,6 +104,9 @@ pub(crate) struct Mapping {
     pub(crate) offset: u64,
     pub(crate) len: u64,
     pub(crate) prot: Prot,
+    /// The space's unmap sequence number when the mapping was made: a
+    /// hold that recorded a smaller one is not on this mapping.
+    pub(crate) born: u64,
 }
 
 /// A read-only description of a mapping.
@@ -340,10 +343,10 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
     /// The unmap itself; space lock held, clients held.
     fn unmap_locked(&self, a: &Admin<L>, gpa: u64) -> Result<StdArc<VmObject>> {
         // SAFETY: lock held, clients held.
-        let (object, offset, len) = unsafe {
+        let (object, offset, len, born) = unsafe {
             self.with_data(|d| {
                 let m = d.maps.get(&gpa).ok_or(Error::NotFound)?;
-                Ok::<_, Error>((m.object.clone(), m.offset, m.len))
+                Ok::<_, Error>((m.object.clone(), m.offset, m.len, m.born))
             })
         }?;
         // Holds outstanding on the range get their own reference to the
@@ -351,7 +354,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         // done per client rather than by walking a list of holds).
         let seq = self.unmap_seq.load(Relaxed) + 1;
         for c in a.clients.values() {
-            c.retire(gpa, gpa + len, seq, &object);
+            c.retire(gpa, gpa + len, born, seq, &object);
         }
         self.unmap_seq.store(seq, Release);
         // SAFETY: lock held, clients held.
@@ -524,7 +527,10 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                         return Err(Error::NoSpace(NoSpace::Overlap));
                     }
                     d.table.populate_region(Gpa(gpa), len, PageSize::Size4K).map_err(Error::Table)?;
-                    d.maps.insert(gpa, Mapping { object: object.clone(), offset, len, prot });
+                    d.maps.insert(
+                        gpa,
+                        Mapping { object: object.clone(), offset, len, prot, born: inner.unmap_seq.load(Relaxed) },
+                    );
                     Ok::<_, Error>(())
                 })
             }?;

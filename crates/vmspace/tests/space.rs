@@ -970,3 +970,29 @@ fn emulated_ad_holds_honour_defer_dirty() {
     assert_eq!(s.track_dirty(0, 8 * PG, &mut bm), Ok(1));
     assert_eq!(bm[0], 1 << 6, "documented: a write fault while off reads dirty");
 }
+
+/// A hold on an unmapped object keeps that object only: objects mapped
+/// later at the same addresses (which the hold was never on) are freed on
+/// their unmap.
+#[test]
+fn hold_on_an_old_mapping_does_not_pin_later_ones_at_the_same_address() {
+    let s = space(GIB, true);
+    let r = reservoir(8 + 8);
+    let a = ram(&r, 8);
+    s.map(&a, 0, 0x40_0000, 8 * PG, Prot::RW).unwrap();
+    let c = s.client();
+    let h = c.hold(0x40_0000, Prot::RW).unwrap();
+    s.unmap(0x40_0000, 8 * PG).unwrap();
+    drop(a);
+    for round in 0..100 {
+        let b = ram(&r, 8);
+        s.map(&b, 0, 0x40_0000, 8 * PG, Prot::RW).unwrap();
+        // A hold on the new mapping, released before its unmap.
+        c.hold(0x40_0000 + PG, Prot::RW).unwrap().release();
+        s.unmap(0x40_0000, 8 * PG).unwrap();
+        drop(b);
+        assert_eq!(r.stats().allocated, 8 * PG, "round {round}: only the held object lives");
+    }
+    assert!(h.release());
+    assert_eq!(r.stats().allocated, 0);
+}

@@ -207,3 +207,64 @@ fn stress_holds_faults_against_map_unmap_harvest() {
     assert_eq!(s.resident_count(), 0);
     s.with_table(|t| assert!(t.pages().errors().is_empty()));
 }
+
+/// Objects are created, mapped, unmapped and dropped by the administrator
+/// while workers hold their pages: a hold must keep its object's frames
+/// (a frame freed early is zeroed and handed to the next object, which
+/// the read-back catches), and every object must be freed once the last
+/// hold on it goes (the reservoir fits only a few, so a leak exhausts it).
+#[test]
+fn stress_objects_dropped_while_held() {
+    const OBJ: u64 = 16;
+    let s = Arc::new(space_with(1 << 30, npt(), true, 4));
+    let r = reservoir(6 * OBJ);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let (s, stop) = (s.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let c = s.client();
+                let (mut held, mut i) = (0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let page = (i * 7 + w as u64) % OBJ;
+                    let Ok(h) = c.hold(SLOT_X + page * PG, Prot::RW) else { continue };
+                    let value = (w as u64) << 56 | i;
+                    h.write_u64(w * 8, value).unwrap();
+                    for _ in 0..(i % 64) {
+                        std::hint::spin_loop();
+                    }
+                    if i.is_multiple_of(16) {
+                        std::thread::yield_now();
+                    }
+                    assert_eq!(h.read_u64(w * 8).unwrap(), value, "the held frame was freed or reused");
+                    held += 1;
+                    drop(h);
+                }
+                held
+            })
+        })
+        .collect();
+    for round in 0..2000 {
+        let o = match VmObject::ram(r.clone(), OBJ * PG) {
+            Ok(o) => o,
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                panic!("round {round}: {e:?}: objects leak: {:?} after the workers stopped", r.stats());
+            }
+        };
+        s.map(&o, 0, SLOT_X, OBJ * PG, Prot::RW).unwrap();
+        if round % 2 == 0 {
+            s.populate(SLOT_X, OBJ * PG).unwrap();
+        }
+        drop(o);
+        std::thread::yield_now();
+        s.unmap(SLOT_X, OBJ * PG).unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let held: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(held > 0);
+    assert_eq!(r.stats().allocated, 0, "every object freed after its last hold");
+    assert_eq!(s.resident_count(), 0);
+}
