@@ -603,8 +603,19 @@ fn table_page_exhaustion_is_an_error_and_changes_nothing() {
     let o = ram(&r, 4);
     s.map(&o, 0, 0, PG, Prot::RW).unwrap();
     assert_eq!(s.map(&o, 0, 0x4000_0000 - 0x20_0000, PG, Prot::RW), Ok(()));
+    let tables = table_pages(&s);
     assert_eq!(s.map(&o, 0, 0x2000_0000, PG, Prot::RW), Err(Error::Table(nested_pt::Error::NoMemory)));
     assert_eq!(s.mappings().len(), 2);
+    assert_eq!(table_pages(&s), tables, "the failed map changed no table");
+    // The mappings that exist work, and the count stays exact.
+    s.populate(0, PG).unwrap();
+    s.client().fault(0x4000_0000 - 0x20_0000, Prot::WRITE).unwrap();
+    assert_eq!(s.resident_count(), 2);
+    assert_eq!(s.resident_count(), present_leaves(&s));
+    s.unmap(0, PG).unwrap();
+    s.unmap(0x4000_0000 - 0x20_0000, PG).unwrap();
+    assert_eq!(s.resident_count(), 0);
+    assert_eq!(present_leaves(&s), 0);
 }
 
 #[test]
