@@ -164,6 +164,13 @@ fn stress_holds_faults_against_map_unmap_harvest() {
     }
     assert!(harvests >= 300);
 
+    // Every stable page written through a hold is still in the table, with
+    // its frame (nothing unmaps the stable region).
+    for p in 0..PAGES {
+        if results.iter().any(|r| r.0[p as usize].0 > 0) {
+            assert_eq!(s.lookup(SLOT_Y + p * PG).map(|l| l.0), stable.frame_at(p * PG), "stable page {p}");
+        }
+    }
     // Dirty tracking: none lost, none invented, exactly once when written once.
     let rep = reported.lock().unwrap();
     let mut total_checked = 0;
@@ -176,10 +183,14 @@ fn stress_holds_faults_against_map_unmap_harvest() {
             continue;
         }
         // The harvest running at the last release, or a later one.
-        assert!(
-            seen.iter().any(|&k| k + 1 >= need),
-            "page {p}: written (last needing harvest {need}) but only reported in {seen:?}"
-        );
+        if !seen.iter().any(|&k| k + 1 >= need) {
+            let last: Vec<_> = rep.iter().map(|v| v.last().copied()).collect();
+            let lk = s.with_table(|t| t.lookup(nested_pt::Gpa(SLOT_Y + p as u64 * PG)));
+            panic!(
+                "page {p}: written (last needing harvest {need}) but only reported in {seen:?}; \
+                 last report of every page: {last:?}; leaf now {lk:?}"
+            );
+        }
         assert!(seen.len() as u64 <= writes, "page {p} reported more often than written");
         if writes == 1 {
             assert_eq!(seen.len(), 1, "page {p} written once");
