@@ -1,7 +1,7 @@
 //! Human-readable dumps of a vmspace: its mappings and its table tree
 //! (levels, entries, flags decoded), for `vmm inspect`.
 
-use nested_pt::{Gpa, NestedTable, PageSize, TablePages};
+use nested_pt::{Gpa, PageSize, TablePages};
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
@@ -40,7 +40,11 @@ fn level_name(level: u8) -> &'static str {
 
 /// Dumps the tables covering `ranges`: the upper entries on each path and
 /// up to `max_leaves` present leaves per leaf table.
-pub fn dump_tables<P: TablePages>(table: &NestedTable<P>, ranges: &[(u64, u64)], max_leaves: usize) -> String {
+pub fn dump_tables<P: TablePages>(
+    table: &vmspace::TableView<'_, P>,
+    ranges: &[(u64, u64)],
+    max_leaves: usize,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -79,12 +83,8 @@ pub fn dump_tables<P: TablePages>(table: &NestedTable<P>, ranges: &[(u64, u64)],
                 }
             }
             let indent = "  ".repeat(usize::from(4 - leaf_level));
-            let present: Vec<(usize, u64)> = entries
-                .iter()
-                .enumerate()
-                .map(|(k, e)| (k, e.load(std::sync::atomic::Ordering::Relaxed)))
-                .filter(|&(_, e)| e & 1 != 0)
-                .collect();
+            let present: Vec<(usize, u64)> =
+                entries.iter().enumerate().map(|(k, e)| (k, *e)).filter(|&(_, e)| e & 1 != 0).collect();
             let _ = writeln!(
                 out,
                 "{indent}{} entries from gpa {:#x}: {} of {} present",

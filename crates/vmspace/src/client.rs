@@ -13,7 +13,7 @@ use nested_pt::{Gpa, Pfn, Prot, TablePages};
 use crate::PAGE_SIZE;
 use crate::error::{Error, Invalid, Result};
 use crate::object::VmObject;
-use crate::protocol::ClientShared;
+use crate::protocol::{ClientShared, on_cpu};
 use crate::space::{Data, Inner, Invalidation, access_of};
 use crate::sync::{Arc, DefaultLock, RawLock};
 
@@ -128,6 +128,16 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// the client is held: it may release holds, but must not take holds
     /// or fault through this client (that would wait for the change it is
     /// part of).
+    ///
+    /// A callback (or kick hook) that panics does not stop the change:
+    /// the change is complete when callbacks run (entries already
+    /// cleared), so with `std` the panic is caught, every remaining
+    /// client is still kicked and invalidated, every client is released,
+    /// and the first panic is propagated from the administrative call
+    /// once the space lock is dropped. Without `std` (no `catch_unwind`)
+    /// the panic unwinds at once; every client is still released, but
+    /// clients after the panicking one are not invalidated (kernels build
+    /// with `panic = "abort"`).
     pub fn set_invalidation(&self, f: Option<impl Fn(&Invalidation<'_>) + Send + Sync + 'static>) {
         self.shared.set_inval(f.map(|f| StdArc::new(f) as _));
     }
@@ -147,9 +157,27 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// last flushed for, it must flush its cached translations (INVEPT,
     /// ASID flush) before entering. Never blocks (callable with interrupts
     /// off). Drop the guard (or call [`OnCpu::exit`]) after leaving.
+    ///
+    /// While the guard lives, an administrative change of the same space
+    /// that waits for vCPUs (unmap, dirty operations, tracking switch)
+    /// made by this thread is refused with [`Error::SelfDeadlock`] (with
+    /// `std`; without it, it would wait for itself forever). A *leaked*
+    /// guard (`mem::forget`) leaves the client in guest context: every
+    /// later such change kicks it and waits until the client re-enters
+    /// with the new generation or is dropped (dropping the client marks
+    /// its exit); on this thread they are refused until then.
     pub fn table_enter(&self, cpu: u32) -> Result<OnCpu<'_, P, L>> {
         let generation = self.shared.enter(cpu, &self.space.generation)?;
+        on_cpu::entered(self.space_key(), self.client_key());
         Ok(OnCpu { client: self, generation })
+    }
+
+    fn space_key(&self) -> usize {
+        &*self.space as *const Inner<P, L> as usize
+    }
+
+    fn client_key(&self) -> usize {
+        &*self.shared as *const ClientShared<L> as usize
     }
 
     #[inline]
@@ -315,19 +343,22 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
                 let lo = (gpa & !(w - 1)).max(c.start.get());
                 let hi = ((gpa | (w - 1)) + 1).min(c.end.get());
                 let base = c.offset.get().wrapping_sub(c.start.get());
-                let n = d
-                    .table
-                    .map_range(Gpa(lo), hi - lo, mprot, object.mem_type(), |p| object.frame_at(base.wrapping_add(p.0)))
-                    .map_err(Error::Table)?;
-                self.space.resident.fetch_add(n, Relaxed);
+                self.space
+                    .map_pages(&d.table, lo, hi - lo, mprot, object, |p| object.frame_at(base.wrapping_add(p.0)))?;
                 let slot = self.leaf_slot(d, gpa).ok_or(Error::NoMapping)?;
                 (slot, present(slot).ok_or(Error::NoMapping)?)
             }
         };
         if self.space.records_access {
-            // Emulated A/D: the fault path records the access (and grants
-            // the hardware bits so the next access does not fault).
-            let bits = fmt.access_bits(e, access_of(prot)).ok_or(Error::Protection)?;
+            // Emulated A/D: the access is recorded in the hardware
+            // permission bits (R/X mean accessed, W means written), which
+            // also stop the vCPU's next access from faulting. Only a vCPU's
+            // fault (`host == false`) is granted W: a hold accesses the
+            // page through the host, so it records a read, and its write
+            // is marked dirty (software bit) by its release, or not at all
+            // for a deferred hold never marked.
+            let access = if host { nested_pt::Access::Read } else { access_of(prot) };
+            let bits = fmt.access_bits(e, access).ok_or(Error::Protection)?;
             if e & bits != bits {
                 // SAFETY: as in `present`.
                 unsafe { &*slot }.fetch_or(bits, AcqRel);
@@ -371,12 +402,13 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             return Err(Invalid::BadProt.into());
         }
         let s = self.snap();
-        let (found, host, seq) = self.active(|| {
+        let (found, host, seq, slot) = self.active(|| {
             let f = self.data(|d| self.lookup_map(d, gpa, prot, true, &s))?;
             let host = f.host.ok_or(Error::NoHostView)?;
             // Counted while active, so an unmap (which waits for us) sees it.
-            self.shared.hold_taken();
-            Ok((f, host, self.space.unmap_seq.load(Relaxed)))
+            let seq = self.space.unmap_seq.load(Relaxed);
+            let slot = self.shared.hold_taken(gpa, seq);
+            Ok((f, host, seq, slot))
         })?;
         Ok(PageHold {
             client: self,
@@ -387,6 +419,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             prot,
             defer_dirty: core::cell::Cell::new(defer_dirty),
             seq,
+            slot,
             released: false,
         })
     }
@@ -398,11 +431,14 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             return Err(Invalid::ZeroLength.into());
         }
         let end = gpa.checked_add(len).ok_or(Error::Invalid(Invalid::Overflow))?;
-        let mut chain = HoldChain { holds: Vec::new(), first: (gpa % PAGE_SIZE) as usize, len: len as usize };
+        let len = usize::try_from(len).map_err(|_| Error::Invalid(Invalid::Overflow))?;
+        let mut chain = HoldChain { holds: Vec::new(), first: (gpa % PAGE_SIZE) as usize, len };
         let mut page = gpa & !(PAGE_SIZE - 1);
         while page < end {
             chain.holds.push(self.hold(page, prot)?);
-            page += PAGE_SIZE;
+            // The last page of the 64-bit space has no successor.
+            let Some(next) = page.checked_add(PAGE_SIZE) else { break };
+            page = next;
         }
         Ok(chain)
     }
@@ -414,7 +450,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         let mark = h.prot.contains(Prot::WRITE) && !h.defer_dirty.get();
         if !mark {
             let unmapped = shared.was_unmapped(h.gpa, h.seq);
-            shared.hold_released();
+            shared.hold_released(h.slot, h.gpa);
             return unmapped;
         }
         let bits = self.space.dirty_bits;
@@ -436,13 +472,13 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             if !unmapped {
                 set_dirty();
             }
-            shared.hold_released();
+            shared.hold_released(h.slot, h.gpa);
             shared.deactivate();
             unmapped
         } else {
             // A change is in progress: decide under the client lock, which
             // an unmap takes to retire holds before clearing any entry.
-            shared.release_locked(h.gpa, h.seq, set_dirty)
+            shared.release_locked(h.gpa, h.seq, h.slot, set_dirty)
         }
     }
 }
@@ -458,6 +494,12 @@ impl<P: TablePages, L: RawLock> Clone for VmClient<P, L> {
 
 impl<P: TablePages, L: RawLock> Drop for VmClient<P, L> {
     fn drop(&mut self) {
+        // A guard that borrowed the client is gone, or was leaked: mark
+        // the exit, so that no change waits for this vCPU any more.
+        if self.shared.is_on_cpu() {
+            self.shared.exit();
+            on_cpu::left(self.client_key());
+        }
         if let Some(id) = self.id {
             self.space.unregister(id);
         }
@@ -490,6 +532,7 @@ impl<P: TablePages, L: RawLock> OnCpu<'_, P, L> {
 
 impl<P: TablePages, L: RawLock> Drop for OnCpu<'_, P, L> {
     fn drop(&mut self) {
+        on_cpu::left(self.client.client_key());
         self.client.shared.exit();
     }
 }
@@ -512,6 +555,8 @@ pub struct PageHold<'c, P: TablePages, L: RawLock = DefaultLock> {
     prot: Prot,
     defer_dirty: core::cell::Cell<bool>,
     seq: u64,
+    /// Where the client records the held page (see `ClientShared::held`).
+    slot: u8,
     released: bool,
 }
 

@@ -25,6 +25,10 @@ pub enum Invalid {
     BadSize,
     /// `table_enter` on a client that is already in guest context.
     OnCpu,
+    /// The object range has a frame the table format cannot express (at or
+    /// above [`PteFormat::frame_limit`](nested_pt::PteFormat::frame_limit):
+    /// beyond the format's physical-address width).
+    FrameOutOfRange,
 }
 
 /// Why a range could not be placed in the space (the `ENOMEM` of seed 004).
@@ -66,6 +70,13 @@ pub enum Error {
     /// The nested table refused an operation this crate did not expect to
     /// fail (out of table pages, most likely).
     Table(nested_pt::Error),
+    /// An administrative change that waits for vCPUs to leave guest
+    /// context (unmap, dirty operations, tracking switch) was asked by a
+    /// thread that is itself in guest context on a client of the same
+    /// space (it holds an [`OnCpu`](crate::OnCpu) guard): it would wait
+    /// for itself forever. Nothing changed. Detected with the `std`
+    /// feature only.
+    SelfDeadlock,
 }
 
 impl From<Invalid> for Error {
@@ -96,6 +107,9 @@ impl fmt::Display for Error {
             Error::NoHostView => f.write_str("object has no host view"),
             Error::Os(e) => write!(f, "os error {e}"),
             Error::Table(e) => write!(f, "nested table: {e:?}"),
+            Error::SelfDeadlock => {
+                f.write_str("change asked from guest context on the same space: would wait for itself")
+            }
         }
     }
 }

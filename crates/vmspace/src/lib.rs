@@ -24,7 +24,11 @@
 //! - A [`PageHold`] keeps its object alive: if its mapping is unmapped, the
 //!   unmap first hands the client a reference to the object (*retires* it),
 //!   then clears entries; the release reports the unmap and does not touch
-//!   the (gone) entry. A writable hold marks its page dirty on release
+//!   the (gone) entry. Only clients with a hold on a page of the unmapped
+//!   range get the reference (a client records the pages of its
+//!   outstanding holds), and a client drops it as soon as no hold of its
+//!   own is on that range any more: a long-lived hold elsewhere pins
+//!   nothing. A writable hold marks its page dirty on release
 //!   (unless "defer dirty" was asked and never revoked).
 //! - The generation only grows; a vCPU that entered guest context with an
 //!   older generation than a change's is kicked and waited for before the
@@ -54,7 +58,11 @@
 //! condition variable); with the `std` feature [`StdLock`] provides it, a
 //! kernel brings its own. Invalidation callbacks and kick hooks run
 //! outside client locks (but under the space lock: they must not call
-//! administrative operations of the same space). Lock order: space lock,
+//! administrative operations of the same space). A change that waits for vCPUs (unmap, dirty operations,
+//! tracking switch) asked by a thread that is itself in guest context on
+//! the same space is refused with [`Error::SelfDeadlock`] (with `std`).
+//! A panicking callback or hook does not leave clients held: see
+//! [`VmClient::set_invalidation`]. Lock order: space lock,
 //! then a client lock; the data path takes a client lock only to sleep or
 //! on its slow paths, never with anything else held.
 //!
@@ -90,8 +98,11 @@
 //! # Testing and measuring
 //!
 //! `cargo test -p vmspace` runs the unit tests (every validation rule and
-//! error), the model-based property test (`tests/model.rs`) and the
-//! multi-threaded stress test (`tests/stress.rs`).
+//! error), the model-based property test (`tests/model.rs`), a 3-second
+//! stable-Rust fuzz run against the same reference model
+//! (`tests/fuzz.rs`; longer by hand: `FUZZ_SECONDS=600 cargo test -p
+//! vmspace --release --test fuzz -- --nocapture`, which prints ops/s) and
+//! the multi-threaded stress tests (`tests/stress.rs`).
 //! `RUSTFLAGS="--cfg loom" cargo test -p vmspace --test loom --release`
 //! model-checks the protocol. `cargo bench -p vmspace --bench vmspace --
 //! --warm-up-time 1 --measurement-time 3` runs the criterion benchmarks
@@ -100,6 +111,10 @@
 //!
 //! # Known gaps
 //!
+//! - Every multi-step operation completes or changes nothing: frames are
+//!   checked against the format's width at `map`
+//!   ([`Invalid::FrameOutOfRange`]), so populate, fault-around and
+//!   `DirtyOp::Set` never stop half way, and `resident_count` is exact.
 //! - Only 4 KiB leaves are mapped (nested-pt supports large leaves, but
 //!   promotion/demotion is not there yet, and objects are not required to
 //!   be physically contiguous).
@@ -134,6 +149,7 @@ mod protocol;
 mod reservoir;
 mod space;
 mod sync;
+mod view;
 
 pub use client::{HoldChain, OnCpu, PageHold, VmClient};
 pub use error::{Error, Invalid, NoSpace, Result};
@@ -145,6 +161,7 @@ pub use space::{Cause, DirtyOp, Invalidation, MappingInfo, SpaceConfig, VmSpace}
 #[cfg(any(loom, feature = "std"))]
 pub use sync::StdLock;
 pub use sync::{DefaultLock, RawLock, SpinLock};
+pub use view::{LeafEntry, TableView};
 
 pub use nested_pt::{Gpa, MemType, Pfn, Prot, PteFormat, TablePages};
 

@@ -119,6 +119,22 @@ impl VmObject {
         }
     }
 
+    /// Whether every frame of the pages `[offset, offset+len)` (a range
+    /// inside the object) is below `limit`: a table format can only express
+    /// frames `0 .. PteFormat::frame_limit()`, so `map` refuses an object
+    /// range with a frame beyond it before anything changes.
+    pub(crate) fn frames_below(&self, offset: u64, len: u64, limit: u64) -> bool {
+        let first = (offset / PAGE_SIZE) as usize;
+        let pages = (len / PAGE_SIZE) as usize;
+        match &self.backing {
+            Backing::Ram { frames, .. } => {
+                frames.get(first..first.saturating_add(pages)).is_some_and(|f| f.iter().all(|p| p.0 < limit))
+            }
+            // `base + size / 4096` does not overflow (checked at creation).
+            Backing::Mmio { base, .. } => base.0 + ((offset + len) / PAGE_SIZE) <= limit,
+        }
+    }
+
     /// The host view of the object's frames as (first frame, frame count,
     /// host address of the first frame): frame `f` with
     /// `f - first < count` is at `host + (f - first) * 4096`. `None` for

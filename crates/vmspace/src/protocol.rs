@@ -33,6 +33,11 @@ use crate::object::VmObject;
 use crate::space::Invalidation;
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Cell, Guard, RawLock, dekker_store};
 
+/// Holds whose page a client records (see `ClientShared::held`).
+pub(crate) const HELD_SLOTS: usize = 16;
+/// The slot of a hold beyond the recorded ones.
+pub(crate) const NO_SLOT: u8 = HELD_SLOTS as u8;
+
 pub(crate) const HOLD: u32 = 1 << 1;
 pub(crate) const ON_CPU: u32 = 1 << 2;
 pub(crate) const ORPHANED: u32 = 1 << 3;
@@ -43,6 +48,65 @@ pub(crate) type InvalFn = StdArc<dyn Fn(&Invalidation<'_>) + Send + Sync>;
 /// A kick hook (see `VmClient::set_kick`).
 pub(crate) type KickFn = StdArc<dyn Fn(u32) + Send + Sync>;
 
+/// What a panicking hook (invalidation callback, kick hook) unwound with.
+#[cfg(feature = "std")]
+pub(crate) type Payload = alloc::boxed::Box<dyn core::any::Any + Send>;
+/// Without `std` a hook's panic cannot be caught: it unwinds (or aborts)
+/// directly; see [`PanicSlot`].
+#[cfg(not(feature = "std"))]
+pub(crate) type Payload = core::convert::Infallible;
+
+/// The first panic of a hook during one administrative change (under the
+/// space lock). With `std`, hooks run under `catch_unwind`: the change
+/// goes on (every remaining client is still kicked, waited for,
+/// invalidated, and every client released) and the first panic is
+/// propagated once the space lock is dropped. Without `std` the panic
+/// unwinds at once; drop guards still release every held client.
+#[derive(Default)]
+pub(crate) struct PanicSlot {
+    #[cfg(feature = "std")]
+    first: core::cell::Cell<Option<Payload>>,
+}
+
+impl PanicSlot {
+    /// Run a hook, keeping its panic (the first one) for later.
+    pub(crate) fn call(&self, f: impl FnOnce()) {
+        #[cfg(feature = "std")]
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            let first = self.first.take().unwrap_or(p);
+            self.first.set(Some(first));
+        }
+        #[cfg(not(feature = "std"))]
+        f()
+    }
+
+    /// The panic kept, if any.
+    pub(crate) fn take(&self) -> Option<Payload> {
+        #[cfg(feature = "std")]
+        {
+            self.first.take()
+        }
+        #[cfg(not(feature = "std"))]
+        None
+    }
+}
+
+/// Propagate a hook's panic kept by a [`PanicSlot`] (no locks held).
+pub(crate) fn resume(p: Option<Payload>) {
+    // Not while already unwinding (a space dropped by a panic): that
+    // would abort; the hook's panic is dropped then.
+    #[cfg(feature = "std")]
+    if let Some(p) = p
+        && !std::thread::panicking()
+    {
+        std::panic::resume_unwind(p);
+    }
+    #[cfg(not(feature = "std"))]
+    if let Some(p) = p {
+        match p {}
+    }
+}
+
 /// An object kept alive for holds that were outstanding when its mapping
 /// went away.
 pub(crate) struct Retired {
@@ -50,6 +114,9 @@ pub(crate) struct Retired {
     pub(crate) end: u64,
     /// The unmap's sequence number: holds taken earlier have a smaller one.
     pub(crate) seq: u64,
+    /// The unmap sequence number when the mapping was made: holds taken
+    /// earlier (a smaller one) were on an older mapping of the range.
+    pub(crate) born: u64,
     pub(crate) _object: StdArc<VmObject>,
 }
 
@@ -71,6 +138,21 @@ pub(crate) struct ClientShared<L> {
     cpu_gen: AtomicU64,
     /// Holds taken and not released. Written only by the owning thread.
     outstanding: AtomicUsize,
+    /// The pages of outstanding holds, so that an unmap retires its object
+    /// only to clients holding a page of its range: slot `i` is in use
+    /// when bit `i` of `held_used` is set, and then holds the page's
+    /// address. Written only by the owning thread (slots are filled while
+    /// active, so a change that holds the client sees every hold taken);
+    /// holds beyond the slots are counted in `held_overflow` and their
+    /// pages kept in `held_more` (under `lock`: only holds beyond
+    /// `HELD_SLOTS` pay for it).
+    held: [AtomicU64; HELD_SLOTS],
+    held_used: AtomicU32,
+    held_overflow: AtomicUsize,
+    /// Under `lock`.
+    held_more: Cell<Vec<(u64, u64)>>,
+    /// The unmap sequence number each slot's hold was taken at.
+    held_seq: [AtomicU64; HELD_SLOTS],
     /// Whether `retired` is non-empty (read without the lock).
     retired_any: AtomicBool,
     /// Under `lock`.
@@ -93,6 +175,11 @@ impl<L: RawLock> ClientShared<L> {
             cpu: AtomicU32::new(u32::MAX),
             cpu_gen: AtomicU64::new(0),
             outstanding: AtomicUsize::new(0),
+            held: core::array::from_fn(|_| AtomicU64::new(0)),
+            held_used: AtomicU32::new(0),
+            held_overflow: AtomicUsize::new(0),
+            held_more: Cell::new(Vec::new()),
+            held_seq: core::array::from_fn(|_| AtomicU64::new(0)),
             retired_any: AtomicBool::new(false),
             retired: Cell::new(Vec::new()),
             callbacks: Cell::new(Callbacks::default()),
@@ -111,6 +198,10 @@ impl<L: RawLock> ClientShared<L> {
 
     pub(crate) fn set_kick(&self, f: Option<KickFn>) {
         self.with_locked(|_, c| c.kick = f);
+    }
+
+    pub(crate) fn is_on_cpu(&self) -> bool {
+        self.state.load(Acquire) & ON_CPU != 0
     }
 
     pub(crate) fn is_orphaned(&self) -> bool {
@@ -179,28 +270,115 @@ impl<L: RawLock> ClientShared<L> {
         self.active.store(0, Release);
     }
 
-    /// Count one more hold (owning thread only).
+    /// Count one more hold, of page `gpa` (owning thread only, client
+    /// active); returns its slot, to give to the release.
     #[inline]
-    pub(crate) fn hold_taken(&self) {
+    pub(crate) fn hold_taken(&self, gpa: u64, seq: u64) -> u8 {
         let n = self.outstanding.load(Relaxed);
         self.outstanding.store(n + 1, Release);
+        let used = self.held_used.load(Relaxed);
+        let free = !used & ((1u32 << HELD_SLOTS) - 1);
+        if free == 0 {
+            let _g = Guard::new(&self.lock);
+            // SAFETY: `held_more` is only reached under `lock`.
+            self.held_more.with_mut(|m| unsafe { &mut *m }.push((gpa, seq)));
+            let o = self.held_overflow.load(Relaxed);
+            self.held_overflow.store(o + 1, Release);
+            return NO_SLOT;
+        }
+        let i = free.trailing_zeros();
+        self.held[i as usize].store(gpa, Relaxed);
+        self.held_seq[i as usize].store(seq, Relaxed);
+        self.held_used.store(used | 1 << i, Release);
+        i as u8
     }
 
-    /// Count one hold less (owning thread only); drops retired objects when
-    /// the last hold goes.
+    /// Forget the page of a hold being released (owning thread only);
+    /// `locked`: the caller holds `lock`.
     #[inline]
-    pub(crate) fn hold_released(&self) {
+    fn unrecord(&self, slot: u8, gpa: u64, locked: bool) {
+        if slot == NO_SLOT {
+            let forget = || {
+                // SAFETY: under `lock` (taken here or by the caller).
+                self.held_more.with_mut(|m| {
+                    let m = unsafe { &mut *m };
+                    if let Some(i) = m.iter().rposition(|g| g.0 == gpa) {
+                        m.swap_remove(i);
+                    }
+                });
+                let o = self.held_overflow.load(Relaxed);
+                self.held_overflow.store(o - 1, Release);
+            };
+            if locked {
+                forget();
+            } else {
+                let _g = Guard::new(&self.lock);
+                forget();
+            }
+        } else {
+            let used = self.held_used.load(Relaxed);
+            self.held_used.store(used & !(1 << slot), Release);
+        }
+    }
+
+    /// Whether an outstanding hold is on a page of `[start, end)` of the
+    /// mapping made at unmap sequence `born` and unmapped at `seq` (taken
+    /// at a sequence number in `born .. seq`); the caller holds `lock`. A
+    /// release racing with the caller may still be seen as outstanding:
+    /// the answer errs towards "yes".
+    fn holds_in(&self, start: u64, end: u64, born: u64, seq: u64) -> bool {
+        let on = |g: u64, s: u64| start <= g && g < end && born <= s && s < seq;
+        if self.held_overflow.load(Acquire) > 0 {
+            // SAFETY: the caller holds `lock`.
+            let more = self.held_more.with(|m| unsafe { &*m }.iter().any(|&(g, s)| on(g, s)));
+            if more {
+                return true;
+            }
+        }
+        let mut used = self.held_used.load(Acquire);
+        while used != 0 {
+            let i = used.trailing_zeros();
+            used &= used - 1;
+            let g = self.held[i as usize].load(Relaxed);
+            if on(g, self.held_seq[i as usize].load(Relaxed)) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Drop the retired objects no outstanding hold needs any more (none
+    /// when no hold is left); under the lock. Returns them, to be dropped
+    /// outside it.
+    fn prune(&self, r: &mut Vec<Retired>) -> Vec<Retired> {
+        if self.outstanding.load(Relaxed) == 0 {
+            self.retired_any.store(false, Release);
+            return core::mem::take(r);
+        }
+        let mut dead = Vec::new();
+        let mut i = 0;
+        while i < r.len() {
+            if self.holds_in(r[i].start, r[i].end, r[i].born, r[i].seq) {
+                i += 1;
+            } else {
+                dead.push(r.swap_remove(i));
+            }
+        }
+        if r.is_empty() {
+            self.retired_any.store(false, Release);
+        }
+        dead
+    }
+
+    /// Count one hold less (owning thread only); drops the retired
+    /// objects no remaining hold is on.
+    #[inline]
+    pub(crate) fn hold_released(&self, slot: u8, gpa: u64) {
+        self.unrecord(slot, gpa, false);
         let n = self.outstanding.load(Relaxed) - 1;
         self.outstanding.store(n, Release);
-        if n == 0 && self.retired_any.load(Acquire) {
-            let dead = self.with_locked(|r, _| {
-                if self.outstanding.load(Relaxed) == 0 {
-                    self.retired_any.store(false, Release);
-                    core::mem::take(r)
-                } else {
-                    Vec::new()
-                }
-            });
+        if self.retired_any.load(Acquire) {
+            let dead = self.with_locked(|r, _| self.prune(r));
             drop(dead);
         }
     }
@@ -223,20 +401,16 @@ impl<L: RawLock> ClientShared<L> {
     /// whether it was unmapped. The slow path of a release while the space
     /// holds the client: the admin retires holds under this same lock
     /// before it clears any entry.
-    pub(crate) fn release_locked(&self, gpa: u64, seq: u64, f: impl FnOnce()) -> bool {
+    pub(crate) fn release_locked(&self, gpa: u64, seq: u64, slot: u8, f: impl FnOnce()) -> bool {
         let (unmapped, dead) = self.with_locked(|r, _| {
             let unmapped = Self::covered(r, gpa, seq);
             if !unmapped {
                 f();
             }
+            self.unrecord(slot, gpa, true);
             let n = self.outstanding.load(Relaxed) - 1;
             self.outstanding.store(n, Release);
-            let dead = if n == 0 && !r.is_empty() {
-                self.retired_any.store(false, Release);
-                core::mem::take(r)
-            } else {
-                Vec::new()
-            };
+            let dead = if r.is_empty() { Vec::new() } else { self.prune(r) };
             (unmapped, dead)
         });
         drop(dead);
@@ -294,17 +468,19 @@ impl<L: RawLock> ClientShared<L> {
     }
 
     /// Give holds outstanding in `[start, end)` a reference to `object`
-    /// (called while held, before any entry of the range is cleared).
-    pub(crate) fn retire(&self, start: u64, end: u64, seq: u64, object: &StdArc<VmObject>) {
+    /// (called while held, before any entry of the range is cleared): only
+    /// a client with a hold on a page of the range keeps the object, and
+    /// only while such a hold is outstanding.
+    pub(crate) fn retire(&self, start: u64, end: u64, born: u64, seq: u64, object: &StdArc<VmObject>) {
+        if self.outstanding.load(Acquire) == 0 && !self.retired_any.load(Acquire) {
+            return;
+        }
         let dead = self.with_locked(|r, _| {
-            if self.outstanding.load(Acquire) > 0 {
-                r.push(Retired { start, end, seq, _object: object.clone() });
+            if self.outstanding.load(Acquire) > 0 && self.holds_in(start, end, born, seq) {
+                r.push(Retired { start, end, seq, born, _object: object.clone() });
                 self.retired_any.store(true, Release);
-                Vec::new()
-            } else {
-                self.retired_any.store(false, Release);
-                core::mem::take(r)
             }
+            self.prune(r)
         });
         drop(dead);
     }
@@ -312,13 +488,13 @@ impl<L: RawLock> ClientShared<L> {
     /// Kick and wait for a vCPU still in guest context with a generation
     /// older than `generation`, then run the invalidation callback outside the
     /// lock. Called while held.
-    pub(crate) fn invalidate(&self, generation: u64, inv: &Invalidation<'_>) {
+    pub(crate) fn invalidate(&self, generation: u64, inv: &Invalidation<'_>, hooks: &PanicSlot) {
         let stale = |s: u32| s & ON_CPU != 0 && self.cpu_gen.load(Acquire) < generation;
         // A read-modify-write, so it is ordered against `enter`'s.
         while stale(self.state.fetch_or(0, AcqRel)) {
             let kick = self.with_locked(|_, c| c.kick.clone());
             if let Some(k) = kick {
-                k(self.cpu.load(Relaxed));
+                hooks.call(|| k(self.cpu.load(Relaxed)));
             }
             let mut g = Guard::new(&self.lock);
             let s = self.state.fetch_or(WAITER, AcqRel);
@@ -328,7 +504,52 @@ impl<L: RawLock> ClientShared<L> {
         }
         let cb = self.with_locked(|_, c| c.inval.clone());
         if let Some(cb) = cb {
-            cb(inv);
+            hooks.call(|| cb(inv));
         }
+    }
+}
+
+/// The `OnCpu` guards the current thread holds, as (space, client)
+/// addresses, so that an administrative change made by a thread in guest
+/// context on a client of the same space is refused instead of waiting
+/// for itself ([`Error::SelfDeadlock`]). Only with `std` (a thread-local);
+/// without it the case is not detected.
+#[cfg(all(feature = "std", not(loom)))]
+pub(crate) mod on_cpu {
+    use std::cell::RefCell;
+    use std::vec::Vec;
+
+    std::thread_local! {
+        static HELD: RefCell<Vec<(usize, usize)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// The current thread entered guest context on `client` of `space`.
+    pub(crate) fn entered(space: usize, client: usize) {
+        let _ = HELD.try_with(|h| h.borrow_mut().push((space, client)));
+    }
+
+    /// The current thread left guest context on `client` (or dropped it).
+    pub(crate) fn left(client: usize) {
+        let _ = HELD.try_with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(i) = h.iter().rposition(|e| e.1 == client) {
+                h.swap_remove(i);
+            }
+        });
+    }
+
+    /// Whether the current thread is in guest context on a client of `space`.
+    pub(crate) fn holds(space: usize) -> bool {
+        HELD.try_with(|h| h.borrow().iter().any(|e| e.0 == space)).unwrap_or(false)
+    }
+}
+
+/// Without `std`: nothing recorded, nothing detected.
+#[cfg(not(all(feature = "std", not(loom))))]
+pub(crate) mod on_cpu {
+    pub(crate) fn entered(_space: usize, _client: usize) {}
+    pub(crate) fn left(_client: usize) {}
+    pub(crate) fn holds(_space: usize) -> bool {
+        false
     }
 }

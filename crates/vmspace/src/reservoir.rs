@@ -349,10 +349,16 @@ mod memfd {
 
         fn range(&self, pfn: Pfn, pages: u64) -> Result<(u64, usize)> {
             let off = self.file_offset(pfn).ok_or(Error::Invalid(Invalid::OutsideObject))?;
-            let len = pages
-                .checked_mul(PAGE_SIZE)
-                .filter(|l| *l != 0 && off + l <= self.arena.len as u64)
-                .ok_or(Error::Invalid(Invalid::OutsideObject))?;
+            if pages == 0 {
+                return Err(Invalid::ZeroLength.into());
+            }
+            // `off < len` (file_offset checked it), so `len - off` cannot
+            // wrap; comparing page counts avoids `off + bytes` overflowing.
+            let room = (self.arena.len as u64 - off) / PAGE_SIZE;
+            if pages > room {
+                return Err(Invalid::OutsideObject.into());
+            }
+            let len = pages * PAGE_SIZE;
             Ok((off, len as usize))
         }
 
@@ -597,6 +603,14 @@ mod tests {
         unsafe { assert_eq!(p.add(10).read_volatile(), 0x5A) };
         assert!(r.drop_host_pages(Pfn(8), 1).is_err());
         assert!(r.map_view(f[0], 0, false).is_err());
+        // Page counts whose byte length (or `offset + length`) wraps are
+        // refused as outside the arena, never panic or reach the OS.
+        let out = Err(Error::Invalid(Invalid::OutsideObject));
+        for pages in [u64::MAX, u64::MAX / PAGE_SIZE, u64::MAX / PAGE_SIZE - 1, 1 << 52, 8] {
+            assert_eq!(r.drop_host_pages(f[1], pages).map(|_| ()), out, "{pages:#x}");
+            assert_eq!(r.map_view(f[1], pages, true).map(|_| ()), out, "{pages:#x}");
+        }
+        assert!(r.drop_host_pages(f[1], 7).is_ok());
         drop(view);
         // SAFETY: frames from this reservoir, unused now.
         unsafe { r.free(&f) };

@@ -11,8 +11,9 @@ use crate::PAGE_SIZE;
 use crate::client::VmClient;
 use crate::error::{Error, Invalid, NoSpace, Result};
 use crate::object::VmObject;
-use crate::protocol::ClientShared;
+use crate::protocol::{ClientShared, PanicSlot, on_cpu, resume};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Cell, DefaultLock, Guard, RawLock};
+use crate::view::TableView;
 
 /// How a space is created.
 #[derive(Clone, Copy, Debug)]
@@ -103,6 +104,9 @@ pub(crate) struct Mapping {
     pub(crate) offset: u64,
     pub(crate) len: u64,
     pub(crate) prot: Prot,
+    /// The space's unmap sequence number when the mapping was made: a
+    /// hold that recorded a smaller one is not on this mapping.
+    pub(crate) born: u64,
 }
 
 /// A read-only description of a mapping.
@@ -153,6 +157,25 @@ pub(crate) struct Admin<L> {
     pub(crate) clients: BTreeMap<u64, Arc<ClientShared<L>>>,
     next_id: u64,
     destroyed: bool,
+    /// A hook's panic during the current change.
+    hooks: PanicSlot,
+}
+
+/// Every client held by an administrative change: released when dropped,
+/// so that no exit path (an error, a hook's panic) leaves one held.
+struct HeldAll<'a, L: RawLock>(&'a Admin<L>);
+
+impl<'a, L: RawLock> HeldAll<'a, L> {
+    fn new(a: &'a Admin<L>) -> Self {
+        a.hold_all();
+        HeldAll(a)
+    }
+}
+
+impl<L: RawLock> Drop for HeldAll<'_, L> {
+    fn drop(&mut self) {
+        self.0.release_all();
+    }
 }
 
 impl<L: RawLock> Admin<L> {
@@ -225,10 +248,19 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
     }
 
     /// Run `f` with the space lock and the registry.
+    /// A hook's panic during `f` is propagated after the lock is dropped.
     fn locked<R>(&self, f: impl FnOnce(&mut Admin<L>) -> R) -> R {
-        let _g = Guard::new(&self.lock);
-        // SAFETY: the registry is only reached here, under the lock.
-        self.admin.with_mut(|a| f(unsafe { &mut *a }))
+        let (r, panic) = {
+            let _g = Guard::new(&self.lock);
+            // SAFETY: the registry is only reached here, under the lock.
+            self.admin.with_mut(|a| {
+                let a = unsafe { &mut *a };
+                let r = f(a);
+                (r, a.hooks.take())
+            })
+        };
+        resume(panic);
+        r
     }
 
     /// Register a client; `None` once the space is destroyed.
@@ -253,16 +285,43 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
 
     /// Run an administrative change: space lock held, every client held
     /// around `f`. `f` gets the registry (to invalidate clients).
-    fn exclusive<R>(&self, f: impl FnOnce(&mut Admin<L>) -> Result<R>) -> Result<R> {
+    fn exclusive<R>(&self, f: impl FnOnce(&Admin<L>) -> Result<R>) -> Result<R> {
         self.locked(|a| {
             if a.destroyed {
                 return Err(Error::Orphaned);
             }
-            a.hold_all();
-            let r = f(a);
-            a.release_all();
-            r
+            let held = HeldAll::new(a);
+            f(held.0)
         })
+    }
+
+    /// Map the pages of `[gpa, gpa+len)` that have no leaf yet to
+    /// `frame(page)` (`None` skips a page) and add exactly the pages mapped
+    /// to `resident`; every multi-page mapping path (populate,
+    /// fault-around, `DirtyOp::Set`) goes through here.
+    ///
+    /// Either the whole range is handled or nothing changes: every error
+    /// `NestedTable::map_range` reports (range, protection, a missing leaf
+    /// table) is found before its first entry change, except a frame the
+    /// format cannot express, which it would report half way with the
+    /// count of the pages already mapped lost. `map` refuses objects with
+    /// such frames, and the frame function is filtered here as well, so
+    /// that error cannot occur and `resident` stays exact.
+    pub(crate) fn map_pages(
+        &self,
+        table: &NestedTable<P>,
+        gpa: u64,
+        len: u64,
+        prot: Prot,
+        object: &VmObject,
+        mut frame: impl FnMut(Gpa) -> Option<Pfn>,
+    ) -> Result<u64> {
+        let fmt = &self.format;
+        let n = table
+            .map_range(Gpa(gpa), len, prot, object.mem_type(), |p| frame(p).filter(|f| fmt.frame_fits(*f)))
+            .map_err(Error::Table)?;
+        self.resident.fetch_add(n, Relaxed);
+        Ok(n)
     }
 
     fn bump_gen_and_invalidate(
@@ -277,17 +336,17 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         let generation = self.generation.fetch_add(1, AcqRel) + 1;
         let inv = Invalidation { gpa: Gpa(gpa), len, generation, cause, tables_freed, cleared };
         for c in a.clients.values() {
-            c.invalidate(generation, &inv);
+            c.invalidate(generation, &inv, &a.hooks);
         }
     }
 
     /// The unmap itself; space lock held, clients held.
     fn unmap_locked(&self, a: &Admin<L>, gpa: u64) -> Result<StdArc<VmObject>> {
         // SAFETY: lock held, clients held.
-        let (object, offset, len) = unsafe {
+        let (object, offset, len, born) = unsafe {
             self.with_data(|d| {
                 let m = d.maps.get(&gpa).ok_or(Error::NotFound)?;
-                Ok::<_, Error>((m.object.clone(), m.offset, m.len))
+                Ok::<_, Error>((m.object.clone(), m.offset, m.len, m.born))
             })
         }?;
         // Holds outstanding on the range get their own reference to the
@@ -295,7 +354,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         // done per client rather than by walking a list of holds).
         let seq = self.unmap_seq.load(Relaxed) + 1;
         for c in a.clients.values() {
-            c.retire(gpa, gpa + len, seq, &object);
+            c.retire(gpa, gpa + len, born, seq, &object);
         }
         self.unmap_seq.store(seq, Release);
         // SAFETY: lock held, clients held.
@@ -344,6 +403,15 @@ fn bit(bitmap: &[u64], i: u64) -> bool {
     bitmap[(i / 64) as usize] & (1 << (i % 64)) != 0
 }
 
+/// Zero bits `0..n` of `bitmap` (which has room for them).
+fn clear_bits(bitmap: &mut [u64], n: u64) {
+    let full = (n / 64) as usize;
+    bitmap[..full].fill(0);
+    if !n.is_multiple_of(64) {
+        bitmap[full] &= !((1u64 << (n % 64)) - 1);
+    }
+}
+
 fn put_bit(bitmap: &mut [u64], i: u64, v: bool) {
     let w = &mut bitmap[(i / 64) as usize];
     if v {
@@ -375,7 +443,12 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         Ok(VmSpace {
             inner: Arc::new(Inner {
                 lock: L::new(),
-                admin: Cell::new(Admin { clients: BTreeMap::new(), next_id: 0, destroyed: false }),
+                admin: Cell::new(Admin {
+                    clients: BTreeMap::new(),
+                    next_id: 0,
+                    destroyed: false,
+                    hooks: PanicSlot::default(),
+                }),
                 data: Cell::new(Data { table, maps: BTreeMap::new() }),
                 size: config.size,
                 format: config.format,
@@ -407,11 +480,23 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         VmClient::new(self.inner.clone())
     }
 
+    /// Refuse a change that waits for vCPUs when the calling thread is
+    /// itself in guest context on a client of this space.
+    fn check_not_on_cpu(&self) -> Result<()> {
+        if on_cpu::holds(&*self.inner as *const Inner<P, L> as usize) {
+            return Err(Error::SelfDeadlock);
+        }
+        Ok(())
+    }
+
     /// Map `len` bytes of `object` from byte `offset` at `gpa` with `prot`.
     ///
     /// Refused with [`Error::Invalid`] for a zero length, unaligned
-    /// values, overflow, a range beyond the object or a protection the
-    /// format cannot express; with [`Error::NoSpace`] when the range ends
+    /// values, overflow, a range beyond the object, a protection the
+    /// format cannot express, or an object range with a frame the format
+    /// cannot address ([`Invalid::FrameOutOfRange`]: at or above
+    /// [`PteFormat::frame_limit`], so no later fault, populate or dirty
+    /// operation meets such a frame half way); with [`Error::NoSpace`] when the range ends
     /// at or beyond the space's size or overlaps another mapping. Tables
     /// are populated for the range; no leaf is written (pages appear on
     /// fault, hold or [`VmSpace::populate`]).
@@ -425,6 +510,9 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             return Err(Invalid::OutsideObject.into());
         }
         self.inner.format.check_prot(prot).map_err(|_| Error::Invalid(Invalid::BadProt))?;
+        if !object.frames_below(offset, len, self.inner.format.frame_limit()) {
+            return Err(Invalid::FrameOutOfRange.into());
+        }
         if end >= self.inner.size {
             return Err(NoSpace::BeyondEnd.into());
         }
@@ -439,7 +527,10 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                         return Err(Error::NoSpace(NoSpace::Overlap));
                     }
                     d.table.populate_region(Gpa(gpa), len, PageSize::Size4K).map_err(Error::Table)?;
-                    d.maps.insert(gpa, Mapping { object: object.clone(), offset, len, prot });
+                    d.maps.insert(
+                        gpa,
+                        Mapping { object: object.clone(), offset, len, prot, born: inner.unmap_seq.load(Relaxed) },
+                    );
                     Ok::<_, Error>(())
                 })
             }?;
@@ -458,6 +549,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// matches exactly.
     pub fn unmap(&self, gpa: u64, len: u64) -> Result<()> {
         check_aligned(gpa, len)?;
+        self.check_not_on_cpu()?;
         let inner = &*self.inner;
         let object = inner.exclusive(|a| {
             // SAFETY: lock held, clients held.
@@ -473,7 +565,9 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     }
 
     /// Make `[gpa, gpa+len)`, which must lie inside one mapping, resident
-    /// in the table. Returns the number of pages this call mapped.
+    /// in the table. Returns the number of pages this call mapped. On
+    /// error nothing changed (no leaf was written); `resident_count`
+    /// always counts exactly the leaves present.
     pub fn populate(&self, gpa: u64, len: u64) -> Result<u64> {
         check_aligned(gpa, len)?;
         let inner = &*self.inner;
@@ -483,22 +577,16 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             }
             // SAFETY: lock held; entry changes are atomic and clients may
             // run concurrently (they only read the table and CAS leaves).
-            let n = unsafe {
+            unsafe {
                 inner.with_data(|d| {
                     let (start, m) = d.mapping_at(gpa).ok_or(Error::NotFound)?;
                     if gpa + len > start + m.len {
                         return Err(Error::NotFound);
                     }
                     let obj_off = m.offset + (gpa - start);
-                    d.table
-                        .map_range(Gpa(gpa), len, m.prot, m.object.mem_type(), |p| {
-                            m.object.frame_at(obj_off + (p.0 - gpa))
-                        })
-                        .map_err(Error::Table)
+                    inner.map_pages(&d.table, gpa, len, m.prot, &m.object, |p| m.object.frame_at(obj_off + (p.0 - gpa)))
                 })
-            }?;
-            inner.resident.fetch_add(n, Relaxed);
-            Ok(n)
+            }
         })
     }
 
@@ -524,10 +612,26 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         self.inner.generation.load(Acquire)
     }
 
-    /// Run `f` on the nested table with the space lock held (no map or
-    /// unmap runs meanwhile): for software walks (`nested_pt::mmu`) and
-    /// inspection. Clients may change entries concurrently.
-    pub fn with_table<R>(&self, f: impl FnOnce(&NestedTable<P>) -> R) -> R {
+    /// Run `f` on a read-only view of the nested table with the space lock
+    /// held (no map or unmap runs meanwhile): for software walks and
+    /// inspection. Clients may change entries concurrently. The view
+    /// cannot change entries: every leaf stays inside a mapping and
+    /// `resident_count` exact.
+    pub fn with_table<R>(&self, f: impl FnOnce(&TableView<'_, P>) -> R) -> R {
+        // SAFETY: lock held.
+        self.inner.locked(|_| unsafe { self.inner.with_data(|d| f(&TableView::new(&d.table))) })
+    }
+
+    /// Run `f` on the nested table itself, with the space lock held: for
+    /// benchmarks and tests that must set accessed/dirty bits the way
+    /// hardware does (`NestedTable`'s `&self` methods change entries).
+    ///
+    /// # Safety
+    /// `f` may only set or clear accessed and dirty bits of present leaves
+    /// (as a vCPU's hardware walk or a harvest would); it must not map,
+    /// unmap or otherwise change any entry, or the space's invariants
+    /// (every leaf inside a mapping, an exact `resident_count`) break.
+    pub unsafe fn with_table_raw<R>(&self, f: impl FnOnce(&NestedTable<P>) -> R) -> R {
         // SAFETY: lock held.
         self.inner.locked(|_| unsafe { self.inner.with_data(|d| f(&d.table)) })
     }
@@ -574,6 +678,15 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     }
 
     /// Whether dirty tracking is on.
+    ///
+    /// While tracking is off, writes may still leave pages dirty in the
+    /// table: hardware A/D formats set the dirty bit on every write, and
+    /// with emulated A/D ([`PteFormat::ept_emulated_ad`]) a vCPU's write
+    /// fault grants the hardware W bit, which that format reads as dirty
+    /// (it is the only way to let the guest write). Holds never do: their
+    /// release marks a page dirty only while tracking is on. So the first
+    /// harvest after tracking is switched on may report pages written
+    /// while it was off (a superset, never a miss).
     pub fn dirty_tracking(&self) -> bool {
         self.inner.track_dirty.load(Acquire)
     }
@@ -585,6 +698,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         if on && !self.inner.format.can_track_dirty() {
             return Err(Error::Unsupported);
         }
+        self.check_not_on_cpu()?;
         let inner = &*self.inner;
         inner.exclusive(|a| {
             inner.track_dirty.store(on, Release);
@@ -653,8 +767,10 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
 
     /// A dirty-bitmap operation on `[gpa, gpa+len)`: see [`DirtyOp`].
     ///
-    /// With `select`, only pages whose bit is set there are looked at;
-    /// the output bits of the other pages are left as they were. The
+    /// With `select`, only pages whose bit is set there are looked at.
+    /// With or without it, the output bits of the whole range are written
+    /// (bits `0 .. len / 4096`; later bits of `bitmap` are left alone): an
+    /// unselected page reports 0, as does a page without a leaf. The
     /// output bit of a selected page is its dirty state before the
     /// operation (`Get`, `Reset`) or whether it is now marked (`Set`); a
     /// page without a leaf reports 0 (for `Set`: without a writable
@@ -692,6 +808,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         mut frames: Option<&mut Vec<Pfn>>,
     ) -> Result<u64> {
         self.check_dirty_args(gpa, len, [Some(bitmap.len()), select.map(|s| s.len())])?;
+        self.check_not_on_cpu()?;
         if op != DirtyOp::Reset {
             frames = None;
         }
@@ -733,15 +850,14 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 })
             }?;
             let cleared = frames.as_deref().map(|f| &f[first_frame..]);
-            a.hold_all();
-            inner.bump_gen_and_invalidate(a, gpa, len, Cause::Dirty, false, cleared);
-            a.release_all();
+            let held = HeldAll::new(a);
+            inner.bump_gen_and_invalidate(held.0, gpa, len, Cause::Dirty, false, cleared);
+            drop(held);
             Ok(n)
         })
     }
 
-    /// Writes 0 for every selected page of `[gpa, gpa+len)` (every page
-    /// without `sel`) into `out`, then calls `f(page index, entry)` for each
+    /// Writes 0 for every page of `[gpa, gpa+len)` into `out`, then calls `f(page index, entry)` for each
     /// selected 4 KiB leaf entry in the range, visiting each leaf table once.
     /// Shared by the dirty operations that honour a selection bitmap.
     fn for_each_selected(
@@ -752,13 +868,11 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         out: &mut [u64],
         mut f: impl FnMut(&mut [u64], u64, &core::sync::atomic::AtomicU64),
     ) {
-        // Selected pages without a leaf report 0; `f` sets the bits it
-        // reports.
-        for p in 0..len / PAGE_SIZE {
-            if sel.is_none_or(|s| bit(s, p)) {
-                put_bit(out, p, false);
-            }
-        }
+        // One rule with and without a selection: every output bit of the
+        // range is written (unselected pages and pages without a leaf
+        // report 0; `f` sets the bits it reports); bits past the range
+        // are left alone.
+        clear_bits(out, len / PAGE_SIZE);
         d.table.for_each_leaf_table(Gpa(gpa), len, |base, entries, size| {
             // Only 4 KiB leaves are ever mapped by this crate.
             if size != PageSize::Size4K {
@@ -827,14 +941,12 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             }
             let lo = gpa.max(*start);
             let hi = end.min(m_end);
-            let n = d
-                .table
-                .map_range(Gpa(lo), hi - lo, m.prot, m.object.mem_type(), |a| {
-                    let p = (a.0 - gpa) / PAGE_SIZE;
-                    if sel.is_none_or(|s| bit(s, p)) { m.object.frame_at(m.offset + (a.0 - start)) } else { None }
-                })
-                .unwrap_or(0);
-            self.inner.resident.fetch_add(n, Relaxed);
+            // An error (none is expected: see `map_pages`) changes
+            // nothing; those pages are then not marked below.
+            let _ = self.inner.map_pages(&d.table, lo, hi - lo, m.prot, &m.object, |a| {
+                let p = (a.0 - gpa) / PAGE_SIZE;
+                if sel.is_none_or(|s| bit(s, p)) { m.object.frame_at(m.offset + (a.0 - start)) } else { None }
+            });
         }
         // Mark: present, writable leaves of selected pages.
         let fmt = &self.inner.format;
@@ -870,17 +982,20 @@ fn destroy_inner<P: TablePages, L: RawLock>(inner: &Inner<P, L>) {
         if a.destroyed {
             return alloc::vec::Vec::new();
         }
-        a.hold_all();
-        // SAFETY: lock held, clients held.
-        let starts: alloc::vec::Vec<u64> = unsafe { inner.with_data(|d| d.maps.keys().copied().collect()) };
-        let objects: alloc::vec::Vec<_> = starts.into_iter().filter_map(|s| inner.unmap_locked(a, s).ok()).collect();
+        let objects = {
+            let held = HeldAll::new(a);
+            // SAFETY: lock held, clients held.
+            let starts: alloc::vec::Vec<u64> = unsafe { inner.with_data(|d| d.maps.keys().copied().collect()) };
+            let objects: alloc::vec::Vec<_> =
+                starts.into_iter().filter_map(|s| inner.unmap_locked(held.0, s).ok()).collect();
+            // Orphaned before `held` releases them: woken sleepers fail.
+            for c in held.0.clients.values() {
+                c.orphan();
+            }
+            objects
+        };
         a.destroyed = true;
-        let clients = core::mem::take(&mut a.clients);
-        for c in clients.values() {
-            c.orphan();
-            c.admin_release();
-        }
-        drop(clients);
+        drop(core::mem::take(&mut a.clients));
         objects
     });
     drop(objects);

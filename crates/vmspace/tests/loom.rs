@@ -4,6 +4,17 @@
 //! - an unmap racing a hold (and its release);
 //! - an invalidation racing a vCPU entering guest context;
 //! - the destruction of the space racing the destruction of a client.
+//!
+//! What loom sees: the protocol's atomics (`active`, `state`, generations,
+//! sequence numbers, the held-page records) and the space's data and
+//! client cells (loom cells, so an exclusive access overlapping a shared
+//! one is reported). What it does not: the table entries, which are
+//! `core` atomics inside `nested-pt` (their orderings are not explored:
+//! every entry change is a compare-and-swap or read-modify-write, and the
+//! entries are reached only under the protocol's exclusion, which loom
+//! does check), and a client's mapping cache, plain cells private to the
+//! owning thread (never shared, so there is nothing to interleave; its
+//! validity rests on the map sequence, which loom sees).
 #![cfg(loom)]
 
 use std::sync::Arc as StdArc;
@@ -41,6 +52,13 @@ fn unmap_races_hold() {
         s.map(&o, 0, 0x10 * PG, PG, Prot::RW).unwrap();
         drop(o);
         let client = s.client();
+        // Set by the unmap's invalidation of this client: after the entry
+        // was cleared (and after the hold was retired).
+        let invalidated = Arc::new(AtomicBool::new(false));
+        {
+            let inv = invalidated.clone();
+            client.set_invalidation(Some(move |_: &Invalidation<'_>| inv.store(true, Ordering::SeqCst)));
+        }
         let admin = {
             let s = s.clone();
             loom::thread::spawn(move || s.unmap(0x10 * PG, PG).unwrap())
@@ -51,7 +69,12 @@ fn unmap_races_hold() {
                 h.write_u64(0, 7).unwrap();
                 assert_eq!(h.read_u64(0).unwrap(), 7);
                 assert_eq!(r.stats().allocated, PG);
-                Some(h.release())
+                // Once the unmap has invalidated this client, the release
+                // must report it (and so not touch the cleared entry).
+                let done_before = invalidated.load(Ordering::SeqCst);
+                let unmapped = h.release();
+                assert!(unmapped || !done_before, "release after the unmap did not report it");
+                Some(unmapped)
             }
             Err(e) => {
                 assert_eq!(e, Error::NoMapping);
@@ -95,8 +118,14 @@ fn invalidation_races_vcpu_entry() {
                 let g = c.table_enter(0).unwrap();
                 if g.generation() == old_gen {
                     stale.store(true, Ordering::SeqCst);
+                    // In guest context on the old generation: stay until
+                    // kicked. A lost kick leaves this thread spinning and
+                    // the unmap waiting, which loom reports.
+                    while kicks.load(Ordering::SeqCst) == 0 {
+                        loom::thread::yield_now();
+                    }
                 }
-                // Leave guest context (a kick, or any other exit).
+                // Leave guest context.
                 stale.store(false, Ordering::SeqCst);
                 g.exit();
             })

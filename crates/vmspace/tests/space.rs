@@ -367,17 +367,18 @@ fn dirty_get_set_reset_with_selection() {
     assert_eq!(s.dirty_op(DirtyOp::Get, 0, 12 * PG, None, &mut bm), Ok(4));
     assert_eq!(bm[0], 0b1010_1010);
     assert_eq!(s.table_gen(), g + 1, "every operation bumps the generation");
-    // Get does not clear; selection leaves unselected bits alone.
+    // Get does not clear; unselected pages of the range report 0, bits
+    // past the range (12..) are left alone.
     let sel = [0b0000_0110u64];
     let mut out = [0xf000u64];
     assert_eq!(s.dirty_op(DirtyOp::Reset, 0, 12 * PG, Some(&sel), &mut out), Ok(1));
-    assert_eq!(out[0], 0xf000 | 0b10, "page 2 clean, page 1 dirty, others untouched");
+    assert_eq!(out[0], 0xf000 | 0b10, "page 2 clean, page 1 dirty, others 0, past the range untouched");
     assert_eq!(s.dirty_op(DirtyOp::Get, 0, 12 * PG, None, &mut bm), Ok(3));
     assert_eq!(bm[0], 0b1010_1000);
     // Selected page without a leaf reports 0.
     let mut out = [u64::MAX];
     s.dirty_op(DirtyOp::Get, 0, 12 * PG, Some(&[1 << 9]), &mut out).unwrap();
-    assert_eq!(out[0], !(1 << 9));
+    assert_eq!(out[0], !0xfff, "the range's bits all written, the rest left alone");
     // Set: faults in writable pages, marks them; read-only pages report 0.
     let before = s.resident_count();
     let mut out = [0u64];
@@ -519,7 +520,7 @@ fn mmio_objects() {
     assert_eq!(s.lookup(0xfee01 * PG), Some((Pfn(0xfee01), Prot::RW)));
     s.with_table(|t| {
         let l = t.lookup(Gpa(0xfee01 * PG)).unwrap();
-        assert_eq!(t.format().mem_type(l.value()), Some(MemType::Uncacheable));
+        assert_eq!(t.format().mem_type(l.value), Some(MemType::Uncacheable));
     });
     assert_eq!(c.hold(0xfee00 * PG, Prot::READ).unwrap_err(), Error::NoHostView);
     // With a host view, holds work.
@@ -602,8 +603,19 @@ fn table_page_exhaustion_is_an_error_and_changes_nothing() {
     let o = ram(&r, 4);
     s.map(&o, 0, 0, PG, Prot::RW).unwrap();
     assert_eq!(s.map(&o, 0, 0x4000_0000 - 0x20_0000, PG, Prot::RW), Ok(()));
+    let tables = table_pages(&s);
     assert_eq!(s.map(&o, 0, 0x2000_0000, PG, Prot::RW), Err(Error::Table(nested_pt::Error::NoMemory)));
     assert_eq!(s.mappings().len(), 2);
+    assert_eq!(table_pages(&s), tables, "the failed map changed no table");
+    // The mappings that exist work, and the count stays exact.
+    s.populate(0, PG).unwrap();
+    s.client().fault(0x4000_0000 - 0x20_0000, Prot::WRITE).unwrap();
+    assert_eq!(s.resident_count(), 2);
+    assert_eq!(s.resident_count(), present_leaves(&s));
+    s.unmap(0, PG).unwrap();
+    s.unmap(0x4000_0000 - 0x20_0000, PG).unwrap();
+    assert_eq!(s.resident_count(), 0);
+    assert_eq!(present_leaves(&s), 0);
 }
 
 #[test]
@@ -716,4 +728,282 @@ fn harvest_reports_the_frames_it_cleared() {
         seen,
         vec![None, None, Some(vec![frame(4), frame(6)]), Some(vec![frame(1)]), Some(vec![]), Some(vec![frame(7)]),]
     );
+}
+
+/// Objects whose frames the format cannot express are refused at `map`,
+/// changing nothing; a range of an object that does fit maps, and every
+/// multi-page path counts exactly the leaves it wrote.
+#[test]
+fn frames_beyond_the_format_width_are_refused_at_map() {
+    for fmt in formats() {
+        let s = space_with(GIB, fmt, true, 16);
+        let limit = fmt.frame_limit();
+        let before = table_pages(&s);
+        let refused = Err(Error::Invalid(Invalid::FrameOutOfRange));
+        // RAM entirely beyond the width.
+        let far = Arc::new(HeapReservoir::new(8 * PG, Pfn(1 << 40)).unwrap());
+        let o = VmObject::ram(far.clone(), 8 * PG).unwrap();
+        assert_eq!(s.map(&o, 0, 0, 8 * PG, Prot::RW), refused);
+        // RAM straddling the limit: frames limit-2 .. limit+6.
+        let edge = Arc::new(HeapReservoir::new(8 * PG, Pfn(limit - 2)).unwrap());
+        let e = VmObject::ram(edge.clone(), 8 * PG).unwrap();
+        assert_eq!(s.map(&e, 0, 0, 4 * PG, Prot::RW), refused);
+        assert_eq!(s.map(&e, PG, 0, 2 * PG, Prot::RW), refused);
+        // MMIO beyond and straddling.
+        let m = VmObject::mmio(Pfn(u64::MAX / 2), 4 * PG).unwrap();
+        assert_eq!(s.map(&m, 0, 0x10_0000, 4 * PG, Prot::RW), refused);
+        let m2 = VmObject::mmio(Pfn(limit - 1), 2 * PG).unwrap();
+        assert_eq!(s.map(&m2, 0, 0x10_0000, 2 * PG, Prot::RW), refused);
+        assert!(s.mappings().is_empty());
+        assert_eq!(table_pages(&s), before, "refusals change nothing");
+        assert_eq!(s.resident_count(), 0);
+        // The parts that fit map, populate, fault, hold and set dirty.
+        s.map(&e, 0, 0, 2 * PG, Prot::RW).unwrap();
+        s.map(&m2, 0, 0x10_0000, PG, Prot::RW).unwrap();
+        assert_eq!(s.populate(0, 2 * PG), Ok(2));
+        let c = s.client();
+        c.fault(0x10_0000, Prot::WRITE).unwrap();
+        assert_eq!(s.resident_count(), present_leaves(&s));
+        assert_eq!(s.resident_count(), 3);
+        let mut bm = [0u64; 1];
+        s.dirty_op(DirtyOp::Set, 0, 32 * PG, None, &mut bm).unwrap();
+        assert_eq!(s.resident_count(), present_leaves(&s));
+        drop(c);
+        s.unmap(0, 2 * PG).unwrap();
+        s.unmap(0x10_0000, PG).unwrap();
+        assert_eq!(s.resident_count(), 0, "never below zero");
+        assert_eq!(present_leaves(&s), 0);
+    }
+}
+
+/// Runs `f` on another thread and fails the test (instead of hanging) if
+/// it does not finish within a few seconds.
+fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(f()).unwrap());
+    rx.recv_timeout(std::time::Duration::from_secs(10)).expect("blocked: a client was left held")
+}
+
+/// A panicking invalidation callback: the change completes, every other
+/// client is still invalidated and released, the panic comes out after.
+#[test]
+fn panicking_invalidation_callback_releases_every_client() {
+    let s = Arc::new(space(GIB, true));
+    let r = reservoir(64);
+    let o = ram(&r, 16);
+    s.map(&o, 0, 0, 16 * PG, Prot::RW).unwrap();
+    s.populate(0, 16 * PG).unwrap();
+    let told = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..3).map(|_| s.client()).collect();
+    clients[0].set_invalidation(Some(|_: &Invalidation<'_>| panic!("callback panics")));
+    for c in &clients[1..] {
+        let t = told.clone();
+        c.set_invalidation(Some(move |_: &Invalidation<'_>| {
+            t.fetch_add(1, Ordering::SeqCst);
+        }));
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.unmap(0, 16 * PG)));
+    assert!(r.is_err(), "the panic is propagated");
+    assert_eq!(told.load(Ordering::SeqCst), 2, "the other clients were invalidated");
+    assert!(s.mappings().is_empty(), "the unmap is complete");
+    assert_eq!(s.resident_count(), present_leaves(&s));
+    // Clients are released: holds and faults answer at once, and further
+    // changes (which hold every client again) go through.
+    s.map(&o, 0, 0, 16 * PG, Prot::RW).unwrap();
+    let mut clients = clients.into_iter();
+    let first = clients.next().unwrap();
+    for c in clients {
+        let c = within_seconds(move || {
+            c.hold(0, Prot::RW).unwrap().release();
+            c
+        });
+        drop(c);
+    }
+    let mut bm = [0u64; 1];
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.track_dirty(0, 16 * PG, &mut bm)));
+    assert!(r.is_err(), "a harvest's callback panics too");
+    first.set_invalidation(None::<fn(&Invalidation<'_>)>);
+    let s2 = s.clone();
+    within_seconds(move || s2.unmap(0, 16 * PG).unwrap());
+    drop(first);
+}
+
+/// One output rule for every dirty operation, with or without a selection:
+/// the range's bits are all written (unselected pages report 0), bits past
+/// the range are left alone.
+#[test]
+fn dirty_output_rule_is_the_same_with_and_without_selection() {
+    for op in [DirtyOp::Get, DirtyOp::Reset, DirtyOp::Set] {
+        for sel in [None, Some([0u64]), Some([0b1010u64]), Some([u64::MAX])] {
+            let s = space(GIB, true);
+            let r = reservoir(64);
+            let o = ram(&r, 8);
+            s.map(&o, 0, 0, 8 * PG, Prot::RW).unwrap();
+            let c = s.client();
+            for p in [1u64, 2, 3] {
+                c.hold(p * PG, Prot::WRITE).unwrap().release();
+            }
+            let mut out = [u64::MAX, u64::MAX];
+            let n = s.dirty_op(op, 0, 8 * PG, sel.as_ref().map(|s| &s[..]), &mut out).unwrap();
+            assert_eq!(out[1], u64::MAX, "{op:?} {sel:?}: past the bitmap's range");
+            assert_eq!(out[0] >> 8, u64::MAX >> 8, "{op:?} {sel:?}: past the range");
+            let selected = sel.map_or(0xff, |s| s[0] & 0xff);
+            let expect = match op {
+                DirtyOp::Set => selected,
+                _ => 0b1110 & selected,
+            };
+            assert_eq!(out[0] & 0xff, expect, "{op:?} {sel:?}");
+            assert_eq!(n, u64::from(expect.count_ones()));
+            assert_eq!(s.resident_count(), present_leaves(&s));
+        }
+    }
+}
+
+/// An unmap retires its object only to clients holding a page of its
+/// range, and only while such a hold lives: a long-lived hold elsewhere
+/// (a device's ring page) does not keep every later unmapped object alive.
+#[test]
+fn long_lived_hold_elsewhere_does_not_pin_unmapped_objects() {
+    let s = space(GIB, true);
+    let r = reservoir(16 + 8);
+    let ring = ram(&r, 16);
+    s.map(&ring, 0, 0, 16 * PG, Prot::RW).unwrap();
+    let dev = s.client();
+    let ring_hold = dev.hold(3 * PG, Prot::RW).unwrap();
+    let dev2 = s.client();
+    let many: Vec<_> = (0..20).map(|i| dev2.hold((i % 16) * PG, Prot::READ).unwrap()).collect();
+    for round in 0..200u64 {
+        let o = ram(&r, 8);
+        let gpa = 0x100_0000 + (round % 3) * 0x20_0000;
+        s.map(&o, 0, gpa, 8 * PG, Prot::RW).unwrap();
+        // Holds on the churned range, released before and after the unmap.
+        dev.hold(gpa, Prot::RW).unwrap().release();
+        let h = dev.hold(gpa + PG, Prot::RW).unwrap();
+        s.unmap(gpa, 8 * PG).unwrap();
+        assert!(h.release(), "the release reports the unmap");
+        drop(o);
+        assert_eq!(r.stats().allocated, 16 * PG, "round {round}: the unmapped object was freed");
+    }
+    assert!(!ring_hold.release());
+    drop(many);
+}
+
+/// `with_table` hands out a read-only view: what it reads matches the
+/// space, and nothing in it can change an entry (the type offers no
+/// method that does; `resident_count` stays exact).
+#[test]
+fn table_view_reads_only() {
+    let s = space(GIB, true);
+    let r = reservoir(16);
+    let o = ram(&r, 4);
+    s.map(&o, 0, 0x20_0000, 4 * PG, Prot::RW).unwrap();
+    s.populate(0x20_0000, 2 * PG).unwrap();
+    s.with_table(|t| {
+        let l = t.lookup(nested_pt::Gpa(0x20_0000)).unwrap();
+        assert_eq!(t.format().frame(l.value), o.frame_at(0).unwrap());
+        assert_eq!(t.is_mapped(nested_pt::Gpa(0x20_1000)), Some((o.frame_at(PG).unwrap(), Prot::RW)));
+        assert_eq!(t.leaves(nested_pt::Gpa(0), GIB).count(), 2);
+        let mut seen = 0;
+        t.for_each_leaf_table(nested_pt::Gpa(0x20_0000), 4 * PG, |base, entries, _| {
+            assert_eq!(base.0, 0x20_0000);
+            seen += entries.iter().filter(|e| t.format().is_present(**e)).count();
+        });
+        assert_eq!(seen, 2);
+        assert_eq!(t.walk(nested_pt::Gpa(0x20_0000)).len, 4);
+        assert_eq!(t.root(), s.table_root_pfn());
+    });
+    assert_eq!(s.resident_count(), present_leaves(&s));
+}
+
+/// A change asked from guest context on the same space is refused instead
+/// of waiting for itself; a leaked guard is undone by dropping the client.
+#[test]
+fn change_from_guest_context_on_the_same_space_is_refused() {
+    let s = Arc::new(space(GIB, true));
+    let other = space(GIB, true);
+    let r = reservoir(16);
+    let o = ram(&r, 4);
+    s.map(&o, 0, 0, 4 * PG, Prot::RW).unwrap();
+    s.populate(0, 4 * PG).unwrap();
+    let c = s.client();
+    let mut bm = [0u64; 1];
+    {
+        let _on = c.table_enter(0).unwrap();
+        assert_eq!(s.unmap(0, 4 * PG), Err(Error::SelfDeadlock));
+        assert_eq!(s.track_dirty(0, 4 * PG, &mut bm), Err(Error::SelfDeadlock));
+        assert_eq!(s.set_dirty_tracking(false), Err(Error::SelfDeadlock));
+        assert_eq!(s.mappings().len(), 1, "nothing changed");
+        // Another space's changes are fine.
+        other.set_dirty_tracking(false).unwrap();
+    }
+    assert_eq!(s.track_dirty(0, 4 * PG, &mut bm), Ok(0));
+    // A leaked guard: refused on this thread, and dropping the client ends
+    // it for everyone.
+    std::mem::forget(c.table_enter(1).unwrap());
+    assert_eq!(s.unmap(0, 4 * PG), Err(Error::SelfDeadlock));
+    drop(c);
+    let s2 = s.clone();
+    within_seconds(move || s2.unmap(0, 4 * PG).unwrap());
+}
+
+/// Emulated A/D: a hold never grants the hardware W bit (this format's
+/// dirty bit); a writable hold marks its page dirty on release (software
+/// bit), a deferred one only when marked; a vCPU's write fault is dirty.
+#[test]
+fn emulated_ad_holds_honour_defer_dirty() {
+    let s = space_with(GIB, PteFormat::ept_emulated_ad(Caps::default()), true, 1);
+    let r = reservoir(16);
+    let o = ram(&r, 8);
+    s.map(&o, 0, 0, 8 * PG, Prot::RW).unwrap();
+    let c = s.client();
+    let h = c.hold_ext(0, Prot::RW, true).unwrap();
+    h.write(0, b"unmarked").unwrap();
+    drop(h);
+    let h = c.hold_ext(PG, Prot::RW, true).unwrap();
+    h.mark_dirty().unwrap();
+    drop(h);
+    c.hold(2 * PG, Prot::RW).unwrap().release();
+    c.hold(3 * PG, Prot::READ).unwrap().release();
+    c.fault(4 * PG, Prot::READ).unwrap();
+    c.fault(5 * PG, Prot::WRITE).unwrap();
+    let w = s.with_table(|t| {
+        (0..8).map(|p| t.lookup(nested_pt::Gpa(p * PG)).map_or(0, |l| l.value & (1 << 1))).collect::<Vec<_>>()
+    });
+    assert_eq!(w, [0, 0, 0, 0, 0, 2, 0, 0], "only the vCPU's write fault got hardware W");
+    let mut bm = [0u64];
+    assert_eq!(s.track_dirty(0, 8 * PG, &mut bm), Ok(3));
+    assert_eq!(bm[0], 0b10_0110);
+    // With tracking off, holds mark nothing; a write fault still grants W.
+    s.set_dirty_tracking(false).unwrap();
+    c.hold(2 * PG, Prot::RW).unwrap().release();
+    c.fault(6 * PG, Prot::WRITE).unwrap();
+    s.set_dirty_tracking(true).unwrap();
+    assert_eq!(s.track_dirty(0, 8 * PG, &mut bm), Ok(1));
+    assert_eq!(bm[0], 1 << 6, "documented: a write fault while off reads dirty");
+}
+
+/// A hold on an unmapped object keeps that object only: objects mapped
+/// later at the same addresses (which the hold was never on) are freed on
+/// their unmap.
+#[test]
+fn hold_on_an_old_mapping_does_not_pin_later_ones_at_the_same_address() {
+    let s = space(GIB, true);
+    let r = reservoir(8 + 8);
+    let a = ram(&r, 8);
+    s.map(&a, 0, 0x40_0000, 8 * PG, Prot::RW).unwrap();
+    let c = s.client();
+    let h = c.hold(0x40_0000, Prot::RW).unwrap();
+    s.unmap(0x40_0000, 8 * PG).unwrap();
+    drop(a);
+    for round in 0..100 {
+        let b = ram(&r, 8);
+        s.map(&b, 0, 0x40_0000, 8 * PG, Prot::RW).unwrap();
+        // A hold on the new mapping, released before its unmap.
+        c.hold(0x40_0000 + PG, Prot::RW).unwrap().release();
+        s.unmap(0x40_0000, 8 * PG).unwrap();
+        drop(b);
+        assert_eq!(r.stats().allocated, 8 * PG, "round {round}: only the held object lives");
+    }
+    assert!(h.release());
+    assert_eq!(r.stats().allocated, 0);
 }

@@ -164,6 +164,13 @@ fn stress_holds_faults_against_map_unmap_harvest() {
     }
     assert!(harvests >= 300);
 
+    // Every stable page written through a hold is still in the table, with
+    // its frame (nothing unmaps the stable region).
+    for p in 0..PAGES {
+        if results.iter().any(|r| r.0[p as usize].0 > 0) {
+            assert_eq!(s.lookup(SLOT_Y + p * PG).map(|l| l.0), stable.frame_at(p * PG), "stable page {p}");
+        }
+    }
     // Dirty tracking: none lost, none invented, exactly once when written once.
     let rep = reported.lock().unwrap();
     let mut total_checked = 0;
@@ -176,10 +183,14 @@ fn stress_holds_faults_against_map_unmap_harvest() {
             continue;
         }
         // The harvest running at the last release, or a later one.
-        assert!(
-            seen.iter().any(|&k| k + 1 >= need),
-            "page {p}: written (last needing harvest {need}) but only reported in {seen:?}"
-        );
+        if !seen.iter().any(|&k| k + 1 >= need) {
+            let last: Vec<_> = rep.iter().map(|v| v.last().copied()).collect();
+            let lk = s.with_table(|t| t.lookup(nested_pt::Gpa(SLOT_Y + p as u64 * PG)));
+            panic!(
+                "page {p}: written (last needing harvest {need}) but only reported in {seen:?}; \
+                 last report of every page: {last:?}; leaf now {lk:?}"
+            );
+        }
         assert!(seen.len() as u64 <= writes, "page {p} reported more often than written");
         if writes == 1 {
             assert_eq!(seen.len(), 1, "page {p} written once");
@@ -206,4 +217,65 @@ fn stress_holds_faults_against_map_unmap_harvest() {
     s.unmap(SLOT_Y, PAGES * PG).unwrap();
     assert_eq!(s.resident_count(), 0);
     s.with_table(|t| assert!(t.pages().errors().is_empty()));
+}
+
+/// Objects are created, mapped, unmapped and dropped by the administrator
+/// while workers hold their pages: a hold must keep its object's frames
+/// (a frame freed early is zeroed and handed to the next object, which
+/// the read-back catches), and every object must be freed once the last
+/// hold on it goes (the reservoir fits only a few, so a leak exhausts it).
+#[test]
+fn stress_objects_dropped_while_held() {
+    const OBJ: u64 = 16;
+    let s = Arc::new(space_with(1 << 30, npt(), true, 4));
+    let r = reservoir(6 * OBJ);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let (s, stop) = (s.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let c = s.client();
+                let (mut held, mut i) = (0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let page = (i * 7 + w as u64) % OBJ;
+                    let Ok(h) = c.hold(SLOT_X + page * PG, Prot::RW) else { continue };
+                    let value = (w as u64) << 56 | i;
+                    h.write_u64(w * 8, value).unwrap();
+                    for _ in 0..(i % 64) {
+                        std::hint::spin_loop();
+                    }
+                    if i.is_multiple_of(16) {
+                        std::thread::yield_now();
+                    }
+                    assert_eq!(h.read_u64(w * 8).unwrap(), value, "the held frame was freed or reused");
+                    held += 1;
+                    drop(h);
+                }
+                held
+            })
+        })
+        .collect();
+    for round in 0..2000 {
+        let o = match VmObject::ram(r.clone(), OBJ * PG) {
+            Ok(o) => o,
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                panic!("round {round}: {e:?}: objects leak: {:?} after the workers stopped", r.stats());
+            }
+        };
+        s.map(&o, 0, SLOT_X, OBJ * PG, Prot::RW).unwrap();
+        if round % 2 == 0 {
+            s.populate(SLOT_X, OBJ * PG).unwrap();
+        }
+        drop(o);
+        std::thread::yield_now();
+        s.unmap(SLOT_X, OBJ * PG).unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let held: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(held > 0);
+    assert_eq!(r.stats().allocated, 0, "every object freed after its last hold");
+    assert_eq!(s.resident_count(), 0);
 }

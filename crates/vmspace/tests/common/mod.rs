@@ -44,3 +44,13 @@ pub fn table_pages(s: &Space) -> usize {
 pub fn bit(b: &[u64], i: u64) -> bool {
     b[(i / 64) as usize] >> (i % 64) & 1 == 1
 }
+
+/// The leaves actually present in the table (what `resident_count` must be).
+pub fn present_leaves<P: nested_pt::TablePages + Send + Sync, L: RawLock>(s: &VmSpace<P, L>) -> u64 {
+    s.with_table(|t| t.leaves(nested_pt::Gpa(0), s.size()).count() as u64)
+}
+
+/// The three table formats, with the default capabilities (46-bit frames).
+pub fn formats() -> [PteFormat; 3] {
+    [npt(), PteFormat::ept(Caps::default()), PteFormat::ept_emulated_ad(Caps::default())]
+}
