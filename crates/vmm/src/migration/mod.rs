@@ -109,6 +109,14 @@
 //!   host); otherwise the summary reports pause → final ack on the source.
 //! - Throughput is the cumulative send rate into the socket, which a large
 //!   socket buffer can flatter on small rounds.
+//! - The source reads the target's answers only at the header and at the
+//!   end: a target that fails mid-stream is noticed by the failed write
+//!   (reset, broken pipe) or at the final ack, not sooner.
+//! - No timeouts or cancellation of its own: the caller sets socket
+//!   timeouts, and cancels by shutting the socket down from another thread
+//!   (the attempt then fails and cleans up as any other).
+//! - Every page read is one `read_page` call (one copy into the batch
+//!   buffer); a source that can lend its memory directly would save it.
 
 mod error;
 pub mod fake;
