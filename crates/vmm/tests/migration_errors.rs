@@ -287,7 +287,10 @@ fn failure_after_pause_resumes_the_source() {
 }
 
 /// The source fails reading a page: it sends an abort, the target
-/// discards with `Aborted`, and the source's bits are back.
+/// discards with `Aborted`, and the source's bits are back. Guards **the
+/// target discards on failure** (without `discard` in `receive` this test
+/// and the other `discards() == 1` checks fail) and, for a source whose
+/// residency is its dirty log, **put back on failure**.
 #[test]
 fn source_failure_aborts_the_target() {
     let mut src = guest(Residency::DirtyLog);

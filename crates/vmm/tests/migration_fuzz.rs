@@ -158,3 +158,41 @@ fn random_acks_to_the_source() {
         assert!(!src.is_paused());
     }
 }
+
+/// Guards **the end record's page count**: a stream with one page record
+/// cut out (every record still well-formed) is refused, never resumed.
+/// Without the count check the target would resume with a page missing.
+#[test]
+fn dropped_page_record_is_detected() {
+    let (s, _) = small_stream();
+    let hdr = wire::encode_header(&Layout {
+        ranges: vec![
+            MemRange { gpa: 0, len: 64 << 10, kind: RangeKind::Ram },
+            MemRange { gpa: 1 << 30, len: 8 << 10, kind: RangeKind::Device },
+        ],
+    })
+    .len();
+    // Walk the records to find the offsets of the page records.
+    let mut r = wire::RecordReader::new(Cursor::new(&s[hdr..]), 4096);
+    let mut pages = Vec::new();
+    loop {
+        let at = r.bytes() as usize;
+        match r.next("walk").expect("valid stream") {
+            wire::Record::Page { .. } => pages.push((hdr + at, hdr + r.bytes() as usize)),
+            wire::Record::End { .. } => break,
+            _ => {}
+        }
+    }
+    assert!(pages.len() > 3);
+    for &(a, b) in [pages[0], pages[pages.len() / 2], pages[pages.len() - 1]].iter() {
+        let mut d = s[..a].to_vec();
+        d.extend_from_slice(&s[b..]);
+        let mut tgt = FakeTarget::new();
+        let e = receive(&mut tgt, Cursor::new(&d[..]), &mut Vec::new(), &TargetConfig::default()).expect_err("count");
+        assert!(
+            matches!(e, vmm::migration::MigrationError::Corrupt(vmm::migration::CorruptKind::CountMismatch { .. })),
+            "{e}"
+        );
+        assert!(!tgt.resumed());
+    }
+}

@@ -66,7 +66,7 @@
 //! |---|---|---|---|
 //! | 1 | page | gpa | the page (exactly the page size) |
 //! | 2 | zero pages | gpa of the first | page count (8), at least 1 |
-//! | 3 | state blob | kind << 32 \| instance | the blob, at most [`wire::MAX_STATE_BLOB`] |
+//! | 3 | state blob | kind << 32 \| instance | the blob, at most [`wire::MAX_STATE_BLOB`] (all blobs at most [`wire::MAX_STATE_TOTAL`]) |
 //! | 4 | round marker | round number | none |
 //! | 5 | end | pages delivered (records counted page by page) | none |
 //! | 6 | abort | 0 | reason, UTF-8 |

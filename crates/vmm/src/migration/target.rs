@@ -122,6 +122,7 @@ fn apply<T: MigrationTarget + ?Sized>(
     let mut received = empty_bitmaps(layout);
     let mut blobs: Vec<StateBlob> = Vec::new();
     let mut sum = TargetSummary::default();
+    let mut state_bytes = 0u64;
     loop {
         match r.next("stream record")? {
             Record::Page { gpa, data } => {
@@ -151,6 +152,10 @@ fn apply<T: MigrationTarget + ?Sized>(
                 sum.zero_pages += count;
             }
             Record::State(b) => {
+                state_bytes += b.data.len() as u64;
+                if state_bytes > wire::MAX_STATE_TOTAL {
+                    return Err(MigrationError::Corrupt(CorruptKind::BadLength { tag: tag::STATE, len: state_bytes }));
+                }
                 blobs.push(b);
             }
             Record::Round(_) => sum.rounds += 1,

@@ -17,6 +17,8 @@ pub const VERSION: u32 = 1;
 pub const MAX_HEADER_BODY: u32 = 1 << 20;
 /// The largest state blob accepted (bytes).
 pub const MAX_STATE_BLOB: u32 = 64 << 20;
+/// The most state bytes a target accepts in one stream (all blobs).
+pub const MAX_STATE_TOTAL: u64 = 1 << 30;
 /// The largest reason string in an abort, ack or refusal (bytes).
 pub const MAX_MESSAGE: u32 = 4096;
 /// The size of a record header.
