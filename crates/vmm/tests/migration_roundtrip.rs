@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use vmm::migration::fake::{FakeSource, FakeTarget, Residency, WriterConfig, loopback};
+use vmm::migration::fake::{FakeSource, FakeTarget, Residency, WriterConfig, loopback, loopback_with};
 use vmm::migration::{Layout, MemRange, PAGE_SIZE, RangeKind, SourceConfig, StateBlob, StateKind};
 
 fn layout() -> Layout {
@@ -85,10 +85,18 @@ fn busy_guest_roundtrip() {
         shared_clock: true,
         ..Default::default()
     };
-    let (res, tres, tgt) = loopback(&mut src, FakeTarget::new(), &cfg);
+    let mut seen = Vec::new();
+    let (res, tres, tgt) = loopback_with(&mut src, FakeTarget::new(), &cfg, &mut |p| seen.push(p.clone()));
     let sum = res.expect("migration");
     tres.expect("target");
     let writes = src.stop_writer();
+    // Progress: one report per harvest, rounds in order, the last one paused.
+    assert_eq!(seen.len() as u32, sum.rounds + 1, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[1].round == w[0].round + 1));
+    let last = seen.last().expect("progress");
+    assert!(last.paused && last.total_pages_sent == sum.pages_sent && last.remaining_dirty == 0);
+    assert!(seen.iter().all(|p| p.throughput > 0.0));
+    serde_json::to_string(&seen).expect("progress json");
     assert!(writes > 0);
     let mem = tgt.snapshot();
     assert_eq!(mem, src.snapshot());

@@ -554,12 +554,27 @@ impl MigrationTarget for FakeTarget {
 }
 
 /// Migrate `source` into `target` over loopback TCP: the target runs
-/// [`receive`](super::receive) on a thread. Returns both sides' results
+/// [`receive_tcp`](super::receive_tcp) on a thread, the source
+/// [`migrate_tcp`](super::migrate_tcp) here. Returns both sides' results
 /// and the target.
 pub fn loopback<S: MigrationSource + ?Sized>(
     source: &mut S,
+    target: FakeTarget,
+    config: &super::SourceConfig,
+) -> (
+    Result<super::MigrationSummary, super::MigrationError>,
+    Result<super::TargetSummary, super::MigrationError>,
+    FakeTarget,
+) {
+    loopback_with(source, target, config, &mut |_| {})
+}
+
+/// [`loopback`] with a progress callback.
+pub fn loopback_with<S: MigrationSource + ?Sized>(
+    source: &mut S,
     mut target: FakeTarget,
     config: &super::SourceConfig,
+    progress: &mut dyn FnMut(&super::Progress),
 ) -> (
     Result<super::MigrationSummary, super::MigrationError>,
     Result<super::TargetSummary, super::MigrationError>,
@@ -569,14 +584,11 @@ pub fn loopback<S: MigrationSource + ?Sized>(
     let addr = listener.local_addr().expect("local addr");
     let t = std::thread::spawn(move || {
         let (s, _) = listener.accept().expect("accept");
-        let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
-        let r = super::receive(&mut target, &s, &s, &super::TargetConfig::default());
+        let r = super::receive_tcp(&mut target, &s, &super::TargetConfig::default(), Some(Duration::from_secs(20)));
         (r, target)
     });
     let s = std::net::TcpStream::connect(addr).expect("connect");
-    let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
-    let _ = s.set_nodelay(true);
-    let res = super::migrate(source, &s, &s, config, &mut |_| {});
+    let res = super::migrate_tcp(source, &s, config, Some(Duration::from_secs(20)), progress);
     drop(s);
     let (tr, target) = t.join().expect("target thread");
     (res, tr, target)

@@ -125,8 +125,8 @@ mod target;
 pub mod wire;
 
 pub use error::{CorruptKind, HostError, MigrationError};
-pub use source::{MigrationSummary, Progress, SourceConfig, migrate};
-pub use target::{TargetConfig, TargetSummary, receive};
+pub use source::{MigrationSummary, Progress, SourceConfig, migrate, migrate_tcp};
+pub use target::{TargetConfig, TargetSummary, receive, receive_tcp};
 
 use serde::{Deserialize, Serialize};
 

@@ -179,6 +179,26 @@ pub fn migrate<S: MigrationSource + ?Sized, R: Read, W: Write>(
     }
 }
 
+/// [`migrate`] over a TCP connection: sets `TCP_NODELAY` and a read
+/// timeout for the acks (`ack_timeout`), and shuts the connection down on
+/// failure so that the target notices at once.
+pub fn migrate_tcp<S: MigrationSource + ?Sized>(
+    source: &mut S,
+    stream: &std::net::TcpStream,
+    config: &SourceConfig,
+    ack_timeout: Option<Duration>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationSummary, MigrationError> {
+    let io = |during| move |error| MigrationError::Io { during, error };
+    stream.set_nodelay(true).map_err(io("socket setup"))?;
+    stream.set_read_timeout(ack_timeout).map_err(io("socket setup"))?;
+    let res = migrate(source, stream, stream, config, progress);
+    if res.is_err() {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    res
+}
+
 struct Engine<'a, S: MigrationSource + ?Sized, W: Write> {
     source: &'a mut S,
     layout: &'a Layout,

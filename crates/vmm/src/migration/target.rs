@@ -55,6 +55,10 @@ pub struct TargetSummary {
 /// still works); the guest is resumed only after the end record arrived
 /// with the right page count, every received page was marked and the state
 /// applied.
+///
+/// After an error the caller must close the connection (or use
+/// [`receive_tcp`], which does): a source still sending blocks on a full
+/// socket buffer until it is closed.
 pub fn receive<T: MigrationTarget + ?Sized, R: Read, W: Write>(
     target: &mut T,
     reader: R,
@@ -111,6 +115,24 @@ pub fn receive<T: MigrationTarget + ?Sized, R: Read, W: Write>(
         .and_then(|()| writer.flush())
         .is_ok();
     Ok(sum)
+}
+
+/// [`receive`] over a TCP connection: sets a read timeout (a source that
+/// stalls longer fails the attempt), and shuts the connection down on
+/// failure, so that a source still sending fails at once instead of
+/// blocking on a full socket buffer.
+pub fn receive_tcp<T: MigrationTarget + ?Sized>(
+    target: &mut T,
+    stream: &std::net::TcpStream,
+    config: &TargetConfig,
+    read_timeout: Option<std::time::Duration>,
+) -> Result<TargetSummary, MigrationError> {
+    stream.set_read_timeout(read_timeout).map_err(|error| MigrationError::Io { during: "socket setup", error })?;
+    let res = receive(target, stream, stream, config);
+    if res.is_err() {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    res
 }
 
 /// Apply records up to the end, mark, apply state, resume.
