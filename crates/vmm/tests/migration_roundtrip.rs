@@ -79,9 +79,11 @@ fn busy_guest_roundtrip() {
     populate(&src);
     src.start_writer(WriterConfig { pages: hot_pages(512), rate: Some(20_000), seed: 7 });
     std::thread::sleep(Duration::from_millis(20));
+    // ~100 ms for the first pass; the dirty set never fits 1 ms.
     let cfg = SourceConfig {
-        max_bandwidth: Some(200 << 20),
-        downtime_limit: Duration::from_millis(5),
+        max_bandwidth: Some(50 << 20),
+        downtime_limit: Duration::from_millis(1),
+        max_rounds: 4,
         shared_clock: true,
         ..Default::default()
     };
@@ -110,7 +112,10 @@ fn busy_guest_roundtrip() {
 /// bits loses the writes that land in between; this test then fails.
 #[test]
 fn racing_writes_are_not_lost() {
-    for seed in 1..4 {
+    // A run where the writer was starved (the machine is shared) converges
+    // at once and proves little: retry until three runs had >= 3 rounds.
+    let mut good = 0;
+    for seed in 1..30 {
         let mut src = FakeSource::new(layout(), Residency::Populated);
         populate(&src);
         src.start_writer(WriterConfig { pages: hot_pages(64), rate: None, seed });
@@ -128,11 +133,15 @@ fn racing_writes_are_not_lost() {
         let sum = res.expect("migration");
         tres.expect("target");
         src.stop_writer();
-        assert!(sum.rounds >= 3, "{sum:?}");
         let mem = tgt.snapshot();
-        assert_eq!(mem, src.snapshot(), "seed {seed}");
+        assert_eq!(mem, src.snapshot(), "seed {seed}: {sum:?}");
         src.check_ledger(&mem).expect("ledger");
+        good += u32::from(sum.rounds >= 3);
+        if good == 3 {
+            return;
+        }
     }
+    panic!("the writer never ran through three rounds");
 }
 
 fn non_converging(auto_converge: bool, max_rounds: u32) -> (vmm::migration::MigrationSummary, FakeSource, FakeTarget) {
