@@ -48,7 +48,9 @@
 //!
 //! # Stream format (version 1)
 //!
-//! All integers little-endian. The stream opens with the header:
+//! All integers little-endian; every checksum is CRC-32 (IEEE, the
+//! `crc32fast` crate, hardware-accelerated; it catches every single-bit
+//! and burst error up to 32 bits). The stream opens with the header:
 //!
 //! | field | size | meaning |
 //! |---|---|---|
@@ -70,7 +72,7 @@
 //! | 4 | round marker | round number | none |
 //! | 5 | end | pages delivered (records counted page by page) | none |
 //! | 6 | abort | 0 | reason, UTF-8 |
-//! | 16 | header ack (target→source) | 0 accept, or [`wire::Refusal`] code | reason, UTF-8 |
+//! | 16 | header ack (target→source) | 0 accept, or [`wire::Refusal`] code \| peer's value << 32 (its version, its page size) | reason, UTF-8 |
 //! | 17 | final ack (target→source) | target's resume time, ns since the Unix epoch | none |
 //! | 18 | refusal (target→source) | [`wire::Refusal`] code | reason, UTF-8 |
 //!
