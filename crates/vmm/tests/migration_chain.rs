@@ -41,12 +41,19 @@ fn chain_delivers_untouched_received_pages() {
         let b_tgt = hop(&mut a);
         a.stop_writer();
         let a_mem = a.snapshot();
-        assert_eq!(b_tgt.snapshot(), a_mem);
+        let (x, y) = (&b_tgt.snapshot(), &a_mem);
+        assert!(x == y, "{}", vmm::migration::fake::first_difference(x, y).unwrap_or_default());
 
         // B runs without touching memory, then migrates on.
         let mut b = b_tgt.into_source(residency);
         let c = hop(&mut b);
-        assert_eq!(c.snapshot(), a_mem, "{residency:?}: C lost pages B never touched");
+        let (x, y) = (&c.snapshot(), &a_mem);
+        assert!(
+            x == y,
+            "{}; {}",
+            vmm::migration::fake::first_difference(x, y).unwrap_or_default(),
+            format_args!("{residency:?}: C lost pages B never touched")
+        );
     }
 }
 
@@ -61,12 +68,14 @@ fn chain_with_busy_guests_loses_nothing() {
     a.start_writer(WriterConfig { pages: (0..512).map(|i| i * PAGE_SIZE).collect(), rate: Some(40_000), seed: 2 });
     let b_tgt = hop(&mut a);
     a.stop_writer();
-    assert_eq!(b_tgt.snapshot(), a.snapshot());
+    let (x, y) = (&b_tgt.snapshot(), &a.snapshot());
+    assert!(x == y, "{}", vmm::migration::fake::first_difference(x, y).unwrap_or_default());
     let mut b = b_tgt.into_source(Residency::Populated);
     b.start_writer(WriterConfig { pages: (100..140).map(|i| i * PAGE_SIZE).collect(), rate: Some(40_000), seed: 3 });
     let c = hop(&mut b);
     b.stop_writer();
     let mem = c.snapshot();
-    assert_eq!(mem, b.snapshot());
+    let (x, y) = (&mem, &b.snapshot());
+    assert!(x == y, "{}", vmm::migration::fake::first_difference(x, y).unwrap_or_default());
     b.check_ledger(&mem).expect("ledger");
 }

@@ -67,7 +67,8 @@ fn second_attempt_delivers(src: &mut FakeSource) {
     let (res, tres, tgt) = loopback(src, FakeTarget::new(), &cfg());
     res.expect("second attempt");
     tres.expect("second target");
-    assert_eq!(tgt.snapshot(), src.snapshot());
+    let (x, y) = (&tgt.snapshot(), &src.snapshot());
+    assert!(x == y, "{}", vmm::migration::fake::first_difference(x, y).unwrap_or_default());
 }
 
 /// A target of another version: the source gets `VersionMismatch` with the
@@ -145,7 +146,8 @@ fn truncated_stream() {
     assert!(trunc > 0 && closed > 0);
     let mut tgt = FakeTarget::new();
     receive(&mut tgt, Cursor::new(&full[..]), &mut Vec::new(), &TargetConfig::default()).expect("full");
-    assert_eq!(tgt.snapshot(), src.snapshot());
+    let (x, y) = (&tgt.snapshot(), &src.snapshot());
+    assert!(x == y, "{}", vmm::migration::fake::first_difference(x, y).unwrap_or_default());
 }
 
 /// A flipped byte in a page payload: `BadChecksum`; over TCP through a
@@ -258,7 +260,8 @@ fn target_fails_mid_stream_busy_source() {
     tres.expect("second target");
     src.stop_writer();
     let mem = tgt.snapshot();
-    assert_eq!(mem, src.snapshot());
+    let (x, y) = (&mem, &src.snapshot());
+    assert!(x == y, "{}", vmm::migration::fake::first_difference(x, y).unwrap_or_default());
     src.check_ledger(&mem).expect("ledger");
 }
 
@@ -283,7 +286,8 @@ fn failure_after_pause_resumes_the_source() {
     let (res, _, tgt) = loopback(&mut src, FakeTarget::new(), &cfg());
     res.expect("second");
     src.stop_writer();
-    assert_eq!(tgt.snapshot(), src.snapshot());
+    let (x, y) = (&tgt.snapshot(), &src.snapshot());
+    assert!(x == y, "{}", vmm::migration::fake::first_difference(x, y).unwrap_or_default());
 }
 
 /// The source fails reading a page: it sends an abort, the target

@@ -54,7 +54,8 @@ fn valid_stream_is_accepted() {
     let (s, mem) = small_stream();
     let (ok, tgt) = feed(&s);
     assert!(ok && tgt.resumed());
-    assert_eq!(tgt.snapshot(), mem);
+    let (x, y) = (&tgt.snapshot(), &mem);
+    assert!(x == y, "{}", vmm::migration::fake::first_difference(x, y).unwrap_or_default());
 }
 
 #[test]

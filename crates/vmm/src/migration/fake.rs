@@ -202,6 +202,12 @@ impl FakeSource {
         self.g.write(gpa, off, bytes)
     }
 
+    /// A handle that writes to this guest from anywhere (a progress
+    /// callback, another thread) while the engine holds the source.
+    pub fn handle(&self) -> GuestHandle {
+        GuestHandle(self.g.clone())
+    }
+
     /// Fill every page for which `f` returns true after writing its
     /// contents into the page buffer (as guest writes).
     pub fn fill(&self, mut f: impl FnMut(u64, &mut [u8]) -> bool) {
@@ -297,6 +303,17 @@ impl FakeSource {
             }
         }
         Ok(())
+    }
+}
+
+/// Writes to a [`FakeSource`]'s guest memory (see [`FakeSource::handle`]).
+#[derive(Clone)]
+pub struct GuestHandle(Arc<Guest>);
+
+impl GuestHandle {
+    /// A guest write (dirty and resident bits set); `None` if out of range.
+    pub fn write(&self, gpa: u64, off: usize, bytes: &[u8]) -> Option<()> {
+        self.0.write(gpa, off, bytes)
     }
 }
 
@@ -551,6 +568,22 @@ impl MigrationTarget for FakeTarget {
         self.state.clear();
         self.resumed = false;
     }
+}
+
+/// The first page at which two memory images differ, with the images'
+/// lengths if those differ (`None`: equal). For test messages that do not
+/// print gigabytes.
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<String> {
+    if a.len() != b.len() {
+        return Some(format!("lengths {} and {}", a.len(), b.len()));
+    }
+    let p = a.chunks(PS).zip(b.chunks(PS)).position(|(x, y)| x != y)?;
+    let off = a[p * PS..].iter().zip(&b[p * PS..]).position(|(x, y)| x != y).unwrap_or(0);
+    Some(format!(
+        "page {p} (byte {off}): {:?} vs {:?}",
+        &a[p * PS + off..][..8.min(PS - off)],
+        &b[p * PS + off..][..8.min(PS - off)]
+    ))
 }
 
 /// Migrate `source` into `target` over loopback TCP: the target runs
