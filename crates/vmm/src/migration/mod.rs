@@ -117,6 +117,14 @@
 //! - No timeouts or cancellation of its own: the caller sets socket
 //!   timeouts, and cancels by shutting the socket down from another thread
 //!   (the attempt then fails and cleans up as any other).
+//! - The target takes any valid layout its `prepare` accepts; comparing
+//!   it with the VM's configuration (segments, sizes) is `prepare`'s job.
+//! - Writes that bypass the dirty log (another process's view of a
+//!   device-memory node) must be folded into `harvest` by the VM layer
+//!   (`Vm::harvest_dirty` compares device memory with its copy); the
+//!   engine trusts `harvest`.
+//! - The progress callback runs on the engine's thread between rounds; a
+//!   slow callback lengthens the round (and, after pause, the downtime).
 //! - Every page read is one `read_page` call (one copy into the batch
 //!   buffer); a source that can lend its memory directly would save it.
 
