@@ -62,6 +62,7 @@ pub mod guest;
 pub mod hv;
 pub mod intr;
 pub mod machine;
+pub mod migration;
 pub mod pci;
 pub mod platform;
 pub mod runtime;

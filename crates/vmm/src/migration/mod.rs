@@ -1,0 +1,398 @@
+//! Live migration: a pre-copy engine and its wire format, independent of
+//! KVM, against two small traits ([`MigrationSource`], [`MigrationTarget`])
+//! that the VM layer implements for a running VM (DESIGN.md §7 and §8).
+//!
+//! # Design
+//!
+//! The source side ([`migrate`]) runs pre-copy driven by dirty harvest:
+//!
+//! 1. **Handshake.** It sends the stream header (magic, version, page size,
+//!    layout) and waits for the target's header ack; a target that refuses
+//!    the version or the layout answers with a typed refusal.
+//! 2. **First pass.** It reads which pages are resident
+//!    ([`MigrationSource::resident`]), then harvests (read-and-clear) the
+//!    dirty bits, and sends every page in the union: a page of zeros costs
+//!    one small record (runs of them one record), a page never touched costs
+//!    nothing.
+//! 3. **Rounds.** Each round harvests and sends what was dirtied since the
+//!    previous harvest. After each harvest the engine compares the remaining
+//!    bytes with what the link carries in the downtime limit
+//!    (`remaining_bytes <= throughput * downtime_limit`, QEMU's and
+//!    cloud-hypervisor's rule, 300 ms by default) and switches over when it
+//!    fits or when [`SourceConfig::max_rounds`] is reached.
+//! 4. **Switch-over.** It pauses the vCPUs, harvests once more, sends the
+//!    pending and the last dirty pages, the state blobs
+//!    ([`MigrationSource::state`]) and the end record, and waits for the
+//!    final ack, which the target sends after it resumed the guest.
+//!
+//! The target side ([`receive`]) checks the header, prepares its layout
+//! ([`MigrationTarget::prepare`]), applies records as they come, and at the
+//! end marks every page it received ([`MigrationTarget::mark_received`]),
+//! applies the state, resumes and acks.
+//!
+//! # Convergence policy
+//!
+//! A guest that dirties memory faster than the link carries it never
+//! converges. Two behaviours, chosen by [`SourceConfig::auto_converge`]:
+//!
+//! - **Default (off, as in QEMU):** pre-copy stops at
+//!   [`SourceConfig::max_rounds`] (30) and switches over anyway; the
+//!   downtime is then bounded by the dirty set (at most the guest's resident
+//!   memory) over the measured throughput, and the summary says
+//!   `converged: false`.
+//! - **Auto-converge (QEMU's):** when the bytes dirtied in a round exceed
+//!   50% of the bytes sent in it twice in a row, the engine throttles the
+//!   vCPUs ([`MigrationSource::throttle`]) to 20%, then 10% more each time
+//!   the condition holds again, at most 99%. The throttle is lifted (0%)
+//!   when the attempt fails.
+//!
+//! # Stream format (version 1)
+//!
+//! All integers little-endian; every checksum is CRC-32 (IEEE, the
+//! `crc32fast` crate, hardware-accelerated; it catches every single-bit
+//! and burst error up to 32 bits). The stream opens with the header:
+//!
+//! | field | size | meaning |
+//! |---|---|---|
+//! | magic | 8 | `b"VMMIGRAT"` |
+//! | version | 4 | [`wire::VERSION`]; checked before anything else is parsed |
+//! | body length | 4 | at most [`wire::MAX_HEADER_BODY`] |
+//! | body | n | page size (4), range count (4), per range: gpa (8), length (8), kind (4) |
+//! | crc | 4 | CRC-32 of version, body length and body |
+//!
+//! Every record after it, in both directions, is a 20-byte header — tag
+//! (1), three zero bytes, payload length (4), argument (8), CRC-32 (4) of
+//! the first 16 header bytes and the payload — then the payload:
+//!
+//! | tag | record | argument | payload |
+//! |---|---|---|---|
+//! | 1 | page | gpa | the page (exactly the page size) |
+//! | 2 | zero pages | gpa of the first | page count (8), at least 1 |
+//! | 3 | state blob | kind << 32 \| instance | the blob, at most [`wire::MAX_STATE_BLOB`] (all blobs at most [`wire::MAX_STATE_TOTAL`]) |
+//! | 4 | round marker | round number | none |
+//! | 5 | end | pages delivered (records counted page by page) | none |
+//! | 6 | abort | 0 | reason, UTF-8 |
+//! | 16 | header ack (target→source) | 0 accept, or [`wire::Refusal`] code \| peer's value << 32 (its version, its page size) | reason, UTF-8 |
+//! | 17 | final ack (target→source) | target's resume time, ns since the Unix epoch | none |
+//! | 18 | refusal (target→source) | [`wire::Refusal`] code | reason, UTF-8 |
+//!
+//! The decoder never trusts a length: it checks it against the record
+//! type's bound before reading the payload, then checks the CRC. Pages are
+//! written into one batch buffer (256 KiB by default) and flushed by one
+//! `write`; the reader is buffered the same way, so a page record costs no
+//! system call.
+//!
+//! # Invariants (nothing lost)
+//!
+//! - **Harvest before read:** a page's dirty bit is cleared before its
+//!   contents are read, so a guest write racing the harvest either lands
+//!   before the read (sent now) or sets the bit again (sent next round).
+//! - **Put back on failure:** the engine keeps the union of every dirty
+//!   bitmap the attempt harvested. If anything fails before the final ack,
+//!   it resumes the vCPUs (if it paused them), lifts the throttle and puts
+//!   those bits back ([`MigrationSource::set_dirty`]), so the VM's dirty log
+//!   is as if the attempt had not happened and the next attempt sends those
+//!   pages (propolis 387/616/682).
+//! - **Received pages count as written:** the target marks every page it
+//!   received, so a VM that arrived by migration and leaves again sends the
+//!   pages it never touched (propolis 232).
+//! - **The target discards on failure:** any error before the final ack
+//!   makes the target call [`MigrationTarget::discard`]; it never resumes on
+//!   a partial stream (the end record carries the page count, checked).
+//!
+//! # Known gaps
+//!
+//! - Two generals: if the target resumed but its final ack is lost (the
+//!   connection drops in that instant), the source resumes too and both
+//!   run. Fencing belongs to the orchestrator.
+//! - One TCP connection; no compression, no multifd, no post-copy.
+//! - The downtime is measured pause (source) to resume (target) only when
+//!   [`SourceConfig::shared_clock`] says both sides read one clock (one
+//!   host); otherwise the summary reports pause → final ack on the source.
+//! - Throughput is the cumulative send rate into the socket, which a large
+//!   socket buffer can flatter on small rounds.
+//! - The source reads the target's answers only at the header and at the
+//!   end: a target that fails mid-stream is noticed by the failed write
+//!   (reset, broken pipe) or at the final ack, not sooner.
+//! - No timeouts or cancellation of its own: the caller sets socket
+//!   timeouts, and cancels by shutting the socket down from another thread
+//!   (the attempt then fails and cleans up as any other).
+//! - The target takes any valid layout its `prepare` accepts; comparing
+//!   it with the VM's configuration (segments, sizes) is `prepare`'s job.
+//! - Writes that bypass the dirty log (another process's view of a
+//!   device-memory node) must be folded into `harvest` by the VM layer
+//!   (`Vm::harvest_dirty` compares device memory with its copy); the
+//!   engine trusts `harvest`.
+//! - The progress callback runs on the engine's thread between rounds; a
+//!   slow callback lengthens the round (and, after pause, the downtime).
+//! - Every page read is one `read_page` call (one copy into the batch
+//!   buffer); a source that can lend its memory directly would save it.
+
+mod error;
+pub mod fake;
+mod source;
+mod target;
+pub mod wire;
+
+pub use error::{CorruptKind, HostError, MigrationError};
+pub use source::{MigrationSummary, Progress, SourceConfig, migrate, migrate_tcp};
+pub use target::{TargetConfig, TargetSummary, receive, receive_tcp};
+
+use serde::{Deserialize, Serialize};
+
+/// The page size of the stream: every range, page record and bitmap bit is
+/// in units of 4 KiB.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// What a range of guest-physical memory holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RangeKind {
+    /// System memory (guest RAM).
+    Ram,
+    /// Device memory (a boot ROM, a framebuffer).
+    Device,
+}
+
+/// A range of guest-physical memory to migrate: page-aligned, non-empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MemRange {
+    /// Guest-physical address of the first byte (page-aligned).
+    pub gpa: u64,
+    /// Length in bytes (a non-zero multiple of the page size).
+    pub len: u64,
+    /// What the range holds.
+    pub kind: RangeKind,
+}
+
+impl MemRange {
+    /// The number of pages in the range.
+    pub fn pages(&self) -> u64 {
+        self.len / PAGE_SIZE
+    }
+
+    /// The number of `u64` words of a bitmap with one bit per page.
+    pub fn bitmap_words(&self) -> usize {
+        usize::try_from(self.pages().div_ceil(64)).unwrap_or(usize::MAX)
+    }
+
+    /// Whether `gpa` lies in the range.
+    pub fn contains(&self, gpa: u64) -> bool {
+        gpa >= self.gpa && gpa - self.gpa < self.len
+    }
+}
+
+/// The memory layout of a VM: its ranges, sorted by address, disjoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Layout {
+    /// The ranges, in increasing address order, not overlapping.
+    pub ranges: Vec<MemRange>,
+}
+
+impl Layout {
+    /// The total number of bytes in the layout.
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().fold(0u64, |a, r| a.saturating_add(r.len))
+    }
+
+    /// Check that the ranges are page-aligned, non-empty, sorted, disjoint
+    /// and do not wrap; `Err` says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut end = 0u64;
+        for (i, r) in self.ranges.iter().enumerate() {
+            if r.len == 0 || r.gpa % PAGE_SIZE != 0 || r.len % PAGE_SIZE != 0 {
+                return Err(format!("range {i} ({:#x}+{:#x}) is empty or not page-aligned", r.gpa, r.len));
+            }
+            let Some(e) = r.gpa.checked_add(r.len) else {
+                return Err(format!("range {i} ({:#x}+{:#x}) wraps", r.gpa, r.len));
+            };
+            if i > 0 && r.gpa < end {
+                return Err(format!("range {i} ({:#x}) overlaps or is out of order", r.gpa));
+            }
+            end = e;
+        }
+        Ok(())
+    }
+
+    /// The index of the range holding `gpa`, and the page index in it.
+    pub fn locate(&self, gpa: u64) -> Option<(usize, u64)> {
+        let i = self.ranges.partition_point(|r| r.gpa.saturating_add(r.len) <= gpa);
+        let r = self.ranges.get(i)?;
+        r.contains(gpa).then(|| (i, (gpa - r.gpa) / PAGE_SIZE))
+    }
+}
+
+/// What a state blob holds. The engine carries blobs opaquely; the kind
+/// and instance let the target route each to its owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StateKind {
+    /// One vCPU's state (registers, MSRs, LAPIC); the instance is its index.
+    Vcpu,
+    /// One device's state; the instance identifies the device.
+    Device,
+    /// The VM's layout beyond memory ranges (segments, aliases, names).
+    VmLayout,
+    /// Anything else, by a code the two sides agree on.
+    Other(u16),
+}
+
+impl StateKind {
+    /// The wire code of the kind.
+    pub fn code(self) -> u32 {
+        match self {
+            StateKind::Vcpu => 1,
+            StateKind::Device => 2,
+            StateKind::VmLayout => 3,
+            StateKind::Other(c) => 0x1_0000 | u32::from(c),
+        }
+    }
+
+    /// The kind of a wire code, `None` for an unknown one.
+    pub fn from_code(code: u32) -> Option<StateKind> {
+        match code {
+            1 => Some(StateKind::Vcpu),
+            2 => Some(StateKind::Device),
+            3 => Some(StateKind::VmLayout),
+            c if c >> 16 == 1 => Some(StateKind::Other((c & 0xffff) as u16)),
+            _ => None,
+        }
+    }
+}
+
+/// One opaque state blob collected at pause and applied on the target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateBlob {
+    /// What the blob holds.
+    pub kind: StateKind,
+    /// Which one of its kind (a vCPU index, a device id).
+    pub instance: u32,
+    /// The bytes, at most [`wire::MAX_STATE_BLOB`].
+    pub data: Vec<u8>,
+}
+
+/// The running VM on the source host, as the engine sees it.
+///
+/// Bitmaps have one bit per page of a range: bit `i % 64` of word `i / 64`
+/// is the page at `range.gpa + i * PAGE_SIZE`; a bitmap passed in has
+/// exactly [`MemRange::bitmap_words`] words and bits past the range's end
+/// are zero (the engine never sets them; an implementation must not either).
+/// Errors are [`HostError`]s; the engine turns them into
+/// [`MigrationError::Source`] after its own clean-up.
+pub trait MigrationSource {
+    /// The ranges of guest-physical memory to migrate. Called once per
+    /// attempt, before anything else; must not change during the attempt.
+    fn layout(&self) -> Layout;
+
+    /// Set in `bitmap` (overwriting it) every page of `range` that must be
+    /// sent to a fresh target: every page whose contents may differ from
+    /// zero and every page received by a migration in and not sent since.
+    /// A page never touched may be left out (it is not sent at all). A
+    /// source may answer with its dirty log read without clearing it
+    /// (bhyve's `GET_DIRTY` on a VM that never reset it); the engine
+    /// harvests after this call and sends the union, so such a source loses
+    /// nothing as long as failed attempts put their bits back.
+    fn resident(&mut self, range: &MemRange, bitmap: &mut [u64]) -> Result<(), HostError>;
+
+    /// Copy the page at `gpa` (page-aligned, inside the layout) into `buf`
+    /// (exactly one page). The read must see every write whose dirty bit
+    /// an earlier [`harvest`](Self::harvest) cleared.
+    fn read_page(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), HostError>;
+
+    /// Read and clear the dirty bits of `range` into `bitmap` (overwriting
+    /// it), atomically per page: a write that races the harvest either is
+    /// reported now (and visible to a following `read_page`) or leaves its
+    /// bit set for the next harvest. Writes by the VMM and devices count.
+    fn harvest(&mut self, range: &MemRange, bitmap: &mut [u64]) -> Result<(), HostError>;
+
+    /// Set the dirty bit of every page set in `bitmap` (bhyve's
+    /// `SET_DIRTY`): used when an attempt fails, so that the bits it
+    /// harvested are seen again by the next harvest. Must not fail for a
+    /// page that a harvest of this range reported.
+    fn set_dirty(&mut self, range: &MemRange, bitmap: &[u64]) -> Result<(), HostError>;
+
+    /// Stop every vCPU and wait until none runs; after it returns, memory
+    /// changes only through the engine's own calls. Device emulation that
+    /// writes memory must be quiesced too.
+    fn pause(&mut self) -> Result<(), HostError>;
+
+    /// Let the vCPUs run again after [`pause`](Self::pause) (on failure).
+    fn resume(&mut self) -> Result<(), HostError>;
+
+    /// Slow the vCPUs down to run at most `100 - pct` percent of the time
+    /// (`pct` in 0..=99; 0 lifts the throttle). Used by auto-converge only;
+    /// the default refuses, which makes auto-converge a no-op that is
+    /// reported in the summary.
+    fn throttle(&mut self, pct: u8) -> Result<(), HostError> {
+        let _ = pct;
+        Err(HostError::new("throttle", "not supported"))
+    }
+
+    /// Collect the state blobs (vCPUs, devices, VM layout) of the paused
+    /// VM. Called once, after [`pause`](Self::pause).
+    fn state(&mut self) -> Result<Vec<StateBlob>, HostError>;
+}
+
+/// The VM being built on the target host, as the engine sees it.
+///
+/// Every call but [`prepare`](Self::prepare) comes after a successful
+/// `prepare`; after [`discard`](Self::discard) or [`resume`](Self::resume)
+/// the attempt is over.
+pub trait MigrationTarget {
+    /// Set up memory for `layout` (already validated: page-aligned, sorted,
+    /// disjoint); afterwards every page of it reads as zero. Refuse (`Err`,
+    /// with the reason) a layout this VM cannot take — the engine sends the
+    /// refusal to the source as a layout mismatch.
+    fn prepare(&mut self, layout: &Layout) -> Result<(), HostError>;
+
+    /// Write one page (`data` is exactly one page) at `gpa`, page-aligned
+    /// and inside the prepared layout (the engine checks both). A page may
+    /// be written several times; the last write wins.
+    fn write_page(&mut self, gpa: u64, data: &[u8]) -> Result<(), HostError>;
+
+    /// Make the page at `gpa` read as zero (it may have been written by an
+    /// earlier round).
+    fn zero_page(&mut self, gpa: u64) -> Result<(), HostError>;
+
+    /// Make `count` pages from `gpa` read as zero; the default calls
+    /// [`zero_page`](Self::zero_page) for each.
+    fn zero_pages(&mut self, gpa: u64, count: u64) -> Result<(), HostError> {
+        for i in 0..count {
+            self.zero_page(gpa + i * PAGE_SIZE)?;
+        }
+        Ok(())
+    }
+
+    /// Record that the pages set in `bitmap` of `range` were received, so
+    /// that this VM, migrated on, sends them even if its guest never
+    /// touches them: they must appear in its
+    /// [`MigrationSource::resident`] (or dirty log) until it is migrated out
+    /// successfully (propolis 232). Called once per range before
+    /// [`resume`](Self::resume).
+    fn mark_received(&mut self, range: &MemRange, bitmap: &[u64]) -> Result<(), HostError>;
+
+    /// Apply the state blobs from the source, in the order they came.
+    fn apply_state(&mut self, blobs: Vec<StateBlob>) -> Result<(), HostError>;
+
+    /// Start the vCPUs; the VM now runs here.
+    fn resume(&mut self) -> Result<(), HostError>;
+
+    /// Throw away everything this attempt set up (memory, state); called on
+    /// any failure after `prepare`. Must not fail.
+    fn discard(&mut self);
+}
+
+/// One bitmap per range, all zero.
+pub(crate) fn empty_bitmaps(layout: &Layout) -> Vec<Vec<u64>> {
+    layout.ranges.iter().map(|r| vec![0u64; r.bitmap_words()]).collect()
+}
+
+/// Clear the bits of `bitmap` past `pages`.
+pub(crate) fn trim_bitmap(bitmap: &mut [u64], pages: u64) {
+    let full = usize::try_from(pages / 64).unwrap_or(usize::MAX);
+    let rem = pages % 64;
+    if let Some(w) = bitmap.get_mut(full) {
+        *w &= if rem == 0 { 0 } else { (1u64 << rem) - 1 };
+        for w in bitmap.iter_mut().skip(full + 1) {
+            *w = 0;
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The target side: check the header, apply records, mark what arrived,
+//! resume and ack; discard on any failure.
+
+use std::io::{Read, Write};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{CorruptKind, MigrationError};
+use super::wire::{self, Record, RecordReader, Refusal, tag};
+use super::{Layout, MigrationTarget, PAGE_SIZE, StateBlob, empty_bitmaps};
+
+/// How the target reads the stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TargetConfig {
+    /// The read buffer (bytes; 1 MiB).
+    pub buffer_bytes: usize,
+}
+
+impl Default for TargetConfig {
+    fn default() -> TargetConfig {
+        TargetConfig { buffer_bytes: 1 << 20 }
+    }
+}
+
+/// What the target received, for `--json`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TargetSummary {
+    /// Page records applied.
+    pub pages: u64,
+    /// Zero pages applied (runs counted page by page).
+    pub zero_pages: u64,
+    /// Distinct pages received (and marked).
+    pub distinct_pages: u64,
+    /// Bytes read from the connection.
+    pub bytes_received: u64,
+    /// Round markers seen.
+    pub rounds: u64,
+    /// State blobs applied.
+    pub state_blobs: u64,
+    /// When the guest resumed here (ns since the Unix epoch).
+    pub resume_unix_ns: u64,
+    /// Whether the final ack was written to the connection (if not, the
+    /// source will resume its copy: see the module's known gaps).
+    pub ack_sent: bool,
+}
+
+/// Receive a migration into `target` over a connection (`reader` and
+/// `writer` are its two directions).
+///
+/// The header is checked first: a version, page size or layout the target
+/// cannot take is refused with a typed answer to the source, and returned.
+/// Every error after [`MigrationTarget::prepare`] succeeded calls
+/// [`MigrationTarget::discard`] (and tells the source, if the connection
+/// still works); the guest is resumed only after the end record arrived
+/// with the right page count, every received page was marked and the state
+/// applied.
+///
+/// After an error the caller must close the connection (or use
+/// [`receive_tcp`], which does): a source still sending blocks on a full
+/// socket buffer until it is closed.
+pub fn receive<T: MigrationTarget + ?Sized, R: Read, W: Write>(
+    target: &mut T,
+    reader: R,
+    mut writer: W,
+    config: &TargetConfig,
+) -> Result<TargetSummary, MigrationError> {
+    let mut r = RecordReader::new(reader, config.buffer_bytes);
+    let layout = match r.header() {
+        Ok(l) => l,
+        Err(e) => {
+            let answer = match &e {
+                MigrationError::VersionMismatch { ours, .. } => Some((Refusal::Version, *ours)),
+                MigrationError::PageSizeMismatch { ours, .. } => Some((Refusal::PageSize, *ours)),
+                MigrationError::Corrupt(_) => Some((Refusal::Corrupt, 0)),
+                _ => None,
+            };
+            if let Some((why, high)) = answer {
+                let _ = writer.write_all(&wire::encode_header_ack(Err((why, high, &e.to_string()))));
+                let _ = writer.flush();
+            }
+            return Err(e);
+        }
+    };
+    if let Err(h) = target.prepare(&layout) {
+        let _ = writer.write_all(&wire::encode_header_ack(Err((Refusal::Layout, 0, &h.to_string()))));
+        let _ = writer.flush();
+        return Err(MigrationError::LayoutMismatch(h.to_string()));
+    }
+    let res = (|| {
+        writer.write_all(&wire::encode_header_ack(Ok(()))).map_err(wire::send_err)?;
+        writer.flush().map_err(wire::send_err)?;
+        apply(target, &layout, &mut r)
+    })();
+    let mut sum = match res {
+        Ok(s) => s,
+        Err(e) => {
+            target.discard();
+            if !e.is_peer_gone() && !matches!(e, MigrationError::Aborted(_)) {
+                let why = match e {
+                    MigrationError::Corrupt(_) => Refusal::Corrupt,
+                    MigrationError::Target(_) => Refusal::Target,
+                    _ => Refusal::Other,
+                };
+                let _ = writer.write_all(&wire::encode_refusal(why, 0, &e.to_string()));
+                let _ = writer.flush();
+            }
+            return Err(e);
+        }
+    };
+    sum.bytes_received = r.bytes();
+    sum.resume_unix_ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    sum.ack_sent = writer
+        .write_all(&wire::encode_record(tag::FINAL_ACK, sum.resume_unix_ns, &[]))
+        .and_then(|()| writer.flush())
+        .is_ok();
+    Ok(sum)
+}
+
+/// [`receive`] over a TCP connection: sets a read timeout (a source that
+/// stalls longer fails the attempt), and shuts the connection down on
+/// failure, so that a source still sending fails at once instead of
+/// blocking on a full socket buffer.
+pub fn receive_tcp<T: MigrationTarget + ?Sized>(
+    target: &mut T,
+    stream: &std::net::TcpStream,
+    config: &TargetConfig,
+    read_timeout: Option<std::time::Duration>,
+) -> Result<TargetSummary, MigrationError> {
+    stream.set_read_timeout(read_timeout).map_err(|error| MigrationError::Io { during: "socket setup", error })?;
+    let res = receive(target, stream, stream, config);
+    if res.is_err() {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    res
+}
+
+/// Apply records up to the end, mark, apply state, resume.
+fn apply<T: MigrationTarget + ?Sized>(
+    target: &mut T,
+    layout: &Layout,
+    r: &mut RecordReader<impl Read>,
+) -> Result<TargetSummary, MigrationError> {
+    let mut received = empty_bitmaps(layout);
+    let mut blobs: Vec<StateBlob> = Vec::new();
+    let mut sum = TargetSummary::default();
+    let mut state_bytes = 0u64;
+    loop {
+        match r.next("stream record")? {
+            Record::Page { gpa, data } => {
+                let bad = MigrationError::Corrupt(CorruptKind::BadAddress { gpa, count: 1 });
+                if gpa % PAGE_SIZE != 0 {
+                    return Err(bad);
+                }
+                let (ri, idx) = layout.locate(gpa).ok_or(bad)?;
+                target.write_page(gpa, data).map_err(MigrationError::Target)?;
+                received[ri][(idx / 64) as usize] |= 1 << (idx % 64);
+                sum.pages += 1;
+            }
+            Record::Zero { gpa, count } => {
+                let bad = MigrationError::Corrupt(CorruptKind::BadAddress { gpa, count });
+                if gpa % PAGE_SIZE != 0 {
+                    return Err(bad);
+                }
+                let (ri, idx) = layout.locate(gpa).ok_or(bad)?;
+                let range = &layout.ranges[ri];
+                if count > range.pages() - idx {
+                    return Err(MigrationError::Corrupt(CorruptKind::BadAddress { gpa, count }));
+                }
+                target.zero_pages(gpa, count).map_err(MigrationError::Target)?;
+                for p in idx..idx + count {
+                    received[ri][(p / 64) as usize] |= 1 << (p % 64);
+                }
+                sum.zero_pages += count;
+            }
+            Record::State(b) => {
+                state_bytes += b.data.len() as u64;
+                if state_bytes > wire::MAX_STATE_TOTAL {
+                    return Err(MigrationError::Corrupt(CorruptKind::BadLength { tag: tag::STATE, len: state_bytes }));
+                }
+                blobs.push(b);
+            }
+            Record::Round(_) => sum.rounds += 1,
+            Record::End { pages } => {
+                let got = sum.pages + sum.zero_pages;
+                if pages != got {
+                    return Err(MigrationError::Corrupt(CorruptKind::CountMismatch { carried: pages, received: got }));
+                }
+                break;
+            }
+            Record::Abort(m) => return Err(MigrationError::Aborted(m)),
+            Record::HeaderAck(_) | Record::FinalAck { .. } | Record::Refusal(..) => {
+                return Err(MigrationError::Corrupt(CorruptKind::Unexpected("an ack from the source")));
+            }
+        }
+    }
+    for (range, bits) in layout.ranges.iter().zip(&received) {
+        sum.distinct_pages += bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+        target.mark_received(range, bits).map_err(MigrationError::Target)?;
+    }
+    sum.state_blobs = blobs.len() as u64;
+    target.apply_state(blobs).map_err(MigrationError::Target)?;
+    target.resume().map_err(MigrationError::Target)?;
+    Ok(sum)
+}

@@ -1,0 +1,533 @@
+//! The migration stream: header and records, a batching writer and a
+//! buffered, bounds-checked reader (format table in the module above).
+//!
+//! The header and the header-ack record keep their shape in every version,
+//! so that two sides of different versions can always tell each other so.
+
+use std::io::{self, Read, Write};
+
+use super::error::{CorruptKind, MigrationError};
+use super::{Layout, MemRange, PAGE_SIZE, RangeKind, StateBlob, StateKind};
+
+/// The stream's magic bytes.
+pub const MAGIC: [u8; 8] = *b"VMMIGRAT";
+/// The stream version this code speaks.
+pub const VERSION: u32 = 1;
+/// The largest header body accepted (bytes).
+pub const MAX_HEADER_BODY: u32 = 1 << 20;
+/// The largest state blob accepted (bytes).
+pub const MAX_STATE_BLOB: u32 = 64 << 20;
+/// The most state bytes a target accepts in one stream (all blobs).
+pub const MAX_STATE_TOTAL: u64 = 1 << 30;
+/// The largest reason string in an abort, ack or refusal (bytes).
+pub const MAX_MESSAGE: u32 = 4096;
+/// The size of a record header.
+pub const RECORD_HEADER: usize = 20;
+
+/// Record tags.
+pub mod tag {
+    /// A page.
+    pub const PAGE: u8 = 1;
+    /// A run of zero pages.
+    pub const ZERO: u8 = 2;
+    /// A state blob.
+    pub const STATE: u8 = 3;
+    /// A round marker.
+    pub const ROUND: u8 = 4;
+    /// The end of the stream.
+    pub const END: u8 = 5;
+    /// The source gives up.
+    pub const ABORT: u8 = 6;
+    /// The target accepts (argument 0) or refuses the header.
+    pub const HEADER_ACK: u8 = 16;
+    /// The target resumed the guest.
+    pub const FINAL_ACK: u8 = 17;
+    /// The target gives up.
+    pub const REFUSAL: u8 = 18;
+}
+
+/// Why a target refused, the low 32 bits of a refusal's argument (the
+/// high 32 bits of a version refusal carry the target's version).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Refusal {
+    /// The stream version.
+    Version = 1,
+    /// The page size.
+    PageSize = 2,
+    /// The layout (the target's `prepare` refused it).
+    Layout = 3,
+    /// The stream was corrupt.
+    Corrupt = 4,
+    /// The target VM failed an operation.
+    Target = 5,
+    /// Anything else.
+    Other = 6,
+}
+
+impl Refusal {
+    fn from_code(c: u32) -> Refusal {
+        match c {
+            1 => Refusal::Version,
+            2 => Refusal::PageSize,
+            3 => Refusal::Layout,
+            4 => Refusal::Corrupt,
+            5 => Refusal::Target,
+            _ => Refusal::Other,
+        }
+    }
+}
+
+/// One decoded record; a page borrows the reader's buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// A page at `gpa`.
+    Page {
+        /// Its address.
+        gpa: u64,
+        /// Its contents (one page).
+        data: &'a [u8],
+    },
+    /// `count` zero pages from `gpa`.
+    Zero {
+        /// The first page's address.
+        gpa: u64,
+        /// How many (at least 1).
+        count: u64,
+    },
+    /// A state blob.
+    State(StateBlob),
+    /// The start of pre-copy round `n` (0 is the first pass; the last
+    /// round, after pause, is marked too).
+    Round(u64),
+    /// The end of the stream; `pages` pages were delivered in all.
+    End {
+        /// Pages delivered (page records plus zero pages).
+        pages: u64,
+    },
+    /// The source gave up.
+    Abort(String),
+    /// The target's answer to the header.
+    HeaderAck(Result<(), (Refusal, u32, String)>),
+    /// The target resumed at `resume_unix_ns`.
+    FinalAck {
+        /// Resume time, ns since the Unix epoch on the target's clock.
+        resume_unix_ns: u64,
+    },
+    /// The target gave up.
+    Refusal(Refusal, String),
+}
+
+fn crc_of(head: &[u8], payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(head);
+    h.update(payload);
+    h.finalize()
+}
+
+fn record_head(t: u8, len: u32, arg: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0] = t;
+    h[4..8].copy_from_slice(&len.to_le_bytes());
+    h[8..16].copy_from_slice(&arg.to_le_bytes());
+    h
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+fn io_err(during: &'static str) -> impl FnOnce(io::Error) -> MigrationError {
+    move |error| MigrationError::Io { during, error }
+}
+
+/// The encoded stream header for `layout`.
+pub fn encode_header(layout: &Layout) -> Vec<u8> {
+    encode_header_with(VERSION, PAGE_SIZE as u32, layout)
+}
+
+/// The encoded stream header with a given version and page size (tests
+/// build foreign headers with it).
+pub fn encode_header_with(version: u32, page_size: u32, layout: &Layout) -> Vec<u8> {
+    let mut body = Vec::with_capacity(8 + 20 * layout.ranges.len());
+    body.extend_from_slice(&page_size.to_le_bytes());
+    body.extend_from_slice(&(layout.ranges.len() as u32).to_le_bytes());
+    for r in &layout.ranges {
+        body.extend_from_slice(&r.gpa.to_le_bytes());
+        body.extend_from_slice(&r.len.to_le_bytes());
+        let k: u32 = match r.kind {
+            RangeKind::Ram => 0,
+            RangeKind::Device => 1,
+        };
+        body.extend_from_slice(&k.to_le_bytes());
+    }
+    let mut out = Vec::with_capacity(20 + body.len());
+    out.extend_from_slice(&MAGIC);
+    let mut vl = [0u8; 8];
+    vl[..4].copy_from_slice(&version.to_le_bytes());
+    vl[4..].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&vl);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&crc_of(&vl, &body).to_le_bytes());
+    out
+}
+
+/// One encoded record (acks, tests).
+pub fn encode_record(t: u8, arg: u64, payload: &[u8]) -> Vec<u8> {
+    let head = record_head(t, payload.len() as u32, arg);
+    let mut out = Vec::with_capacity(RECORD_HEADER + payload.len());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&crc_of(&head, payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn message(s: &str) -> &[u8] {
+    let mut n = s.len().min(MAX_MESSAGE as usize);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    &s.as_bytes()[..n]
+}
+
+/// A writer that batches records into one buffer and writes it with one
+/// call when full; runs of zero pages become one record.
+pub struct RecordWriter<W: Write> {
+    inner: W,
+    buf: Vec<u8>,
+    batch: usize,
+    zero_run: Option<(u64, u64)>,
+    written: u64,
+}
+
+impl<W: Write> RecordWriter<W> {
+    /// A writer over `inner` that writes in batches of about `batch` bytes.
+    pub fn new(inner: W, batch: usize) -> RecordWriter<W> {
+        let batch = batch.max(RECORD_HEADER + PAGE_SIZE as usize);
+        RecordWriter { inner, buf: Vec::with_capacity(batch + RECORD_HEADER + 64), batch, zero_run: None, written: 0 }
+    }
+
+    /// Bytes handed to the connection or buffered so far.
+    pub fn bytes(&self) -> u64 {
+        self.written
+    }
+
+    /// The connection.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    fn make_room(&mut self, n: usize) -> io::Result<()> {
+        if !self.buf.is_empty() && self.buf.len() + n > self.batch {
+            self.inner.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, t: u8, arg: u64, payload: &[u8]) -> io::Result<()> {
+        self.make_room(RECORD_HEADER + payload.len())?;
+        let head = record_head(t, payload.len() as u32, arg);
+        self.buf.extend_from_slice(&head);
+        self.buf.extend_from_slice(&crc_of(&head, payload).to_le_bytes());
+        if payload.len() > self.batch {
+            self.inner.write_all(&self.buf)?;
+            self.buf.clear();
+            self.inner.write_all(payload)?;
+        } else {
+            self.buf.extend_from_slice(payload);
+        }
+        self.written += (RECORD_HEADER + payload.len()) as u64;
+        Ok(())
+    }
+
+    /// End a pending run of zero pages (runs never cross a range).
+    pub fn end_zero_run(&mut self) -> io::Result<()> {
+        if let Some((gpa, count)) = self.zero_run.take() {
+            self.push(tag::ZERO, gpa, &count.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Append a record (a pending run of zero pages goes first).
+    pub fn record(&mut self, t: u8, arg: u64, payload: &[u8]) -> io::Result<()> {
+        self.end_zero_run()?;
+        self.push(t, arg, payload)
+    }
+
+    /// Append a page: `fill` writes its contents straight into the batch
+    /// buffer; a page of zeros becomes (part of) a zero-page run instead.
+    /// Returns whether the page was zero.
+    pub fn page<E: From<io::Error>>(
+        &mut self,
+        gpa: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let ps = PAGE_SIZE as usize;
+        self.make_room(RECORD_HEADER + ps)?;
+        let start = self.buf.len();
+        self.buf.resize(start + RECORD_HEADER + ps, 0);
+        let slot = &mut self.buf[start + RECORD_HEADER..];
+        if let Err(e) = fill(slot) {
+            self.buf.truncate(start);
+            return Err(e);
+        }
+        if is_zero(slot) {
+            self.buf.truncate(start);
+            match &mut self.zero_run {
+                Some((g, c)) if g.checked_add(*c * PAGE_SIZE) == Some(gpa) => *c += 1,
+                _ => {
+                    self.end_zero_run()?;
+                    self.zero_run = Some((gpa, 1));
+                }
+            }
+            return Ok(true);
+        }
+        if let Some(run) = self.zero_run.take() {
+            // Keep the page where it is; the run goes before it.
+            let mut page = [0u8; PAGE_SIZE as usize];
+            page.copy_from_slice(&self.buf[start + RECORD_HEADER..]);
+            self.buf.truncate(start);
+            self.push(tag::ZERO, run.0, &run.1.to_le_bytes())?;
+            self.push(tag::PAGE, gpa, &page)?;
+            return Ok(false);
+        }
+        let head = record_head(tag::PAGE, ps as u32, gpa);
+        let crc = crc_of(&head, &self.buf[start + RECORD_HEADER..]);
+        self.buf[start..start + 16].copy_from_slice(&head);
+        self.buf[start + 16..start + 20].copy_from_slice(&crc.to_le_bytes());
+        self.written += (RECORD_HEADER + ps) as u64;
+        Ok(false)
+    }
+
+    /// Append a state blob.
+    pub fn state(&mut self, blob: &StateBlob) -> io::Result<()> {
+        let arg = (u64::from(blob.kind.code()) << 32) | u64::from(blob.instance);
+        self.record(tag::STATE, arg, &blob.data)
+    }
+
+    /// Append an abort with a reason.
+    pub fn abort(&mut self, reason: &str) -> io::Result<()> {
+        self.record(tag::ABORT, 0, message(reason))
+    }
+
+    /// Write out everything buffered and flush the connection.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.end_zero_run()?;
+        if !self.buf.is_empty() {
+            self.inner.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        self.inner.flush()
+    }
+
+    /// Write raw bytes (the header), after what is buffered.
+    pub fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.end_zero_run()?;
+        self.make_room(bytes.len())?;
+        self.buf.extend_from_slice(bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// Encode a refusal record.
+pub fn encode_refusal(r: Refusal, high: u32, reason: &str) -> Vec<u8> {
+    encode_record(tag::REFUSAL, (u64::from(high) << 32) | r as u64, message(reason))
+}
+
+/// Encode a header ack: `Ok` accepts, `Err` refuses.
+pub fn encode_header_ack(answer: Result<(), (Refusal, u32, &str)>) -> Vec<u8> {
+    match answer {
+        Ok(()) => encode_record(tag::HEADER_ACK, 0, &[]),
+        Err((r, high, reason)) => encode_record(tag::HEADER_ACK, (u64::from(high) << 32) | r as u64, message(reason)),
+    }
+}
+
+/// A buffered reader of the stream that checks every length and checksum
+/// and never panics on what it reads.
+pub struct RecordReader<R: Read> {
+    inner: R,
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    read: u64,
+}
+
+impl<R: Read> RecordReader<R> {
+    /// A reader over `inner` with a buffer of `cap` bytes (grown only for
+    /// a state blob larger than that, as its bytes arrive).
+    pub fn new(inner: R, cap: usize) -> RecordReader<R> {
+        RecordReader { inner, buf: vec![0; cap.max(2 * (RECORD_HEADER + PAGE_SIZE as usize))], pos: 0, end: 0, read: 0 }
+    }
+
+    /// Bytes consumed so far.
+    pub fn bytes(&self) -> u64 {
+        self.read
+    }
+
+    /// The connection.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    /// Make `n` bytes available at `pos`; `boundary` says whether a clean
+    /// end before any of them is a peer going away rather than truncation.
+    fn fill(&mut self, n: usize, during: &'static str, boundary: bool) -> Result<(), MigrationError> {
+        if self.end - self.pos >= n {
+            return Ok(());
+        }
+        if self.buf.len() - self.pos < n {
+            self.buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
+            self.pos = 0;
+        }
+        while self.end - self.pos < n {
+            if self.end == self.buf.len() {
+                let grown = self.buf.len().saturating_mul(2).min(n);
+                self.buf.resize(grown.max(self.buf.len()), 0);
+            }
+            match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    let got = self.end - self.pos;
+                    return Err(if got == 0 && boundary {
+                        MigrationError::PeerClosed { during }
+                    } else {
+                        MigrationError::Truncated { during, expected: n, got }
+                    });
+                }
+                Ok(k) => self.end += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(MigrationError::Truncated { during, expected: n, got: self.end - self.pos });
+                }
+                Err(error) => return Err(MigrationError::Io { during, error }),
+            }
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, n: usize) -> &[u8] {
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        self.read += n as u64;
+        s
+    }
+
+    /// Read and check the stream header; returns the layout.
+    pub fn header(&mut self) -> Result<Layout, MigrationError> {
+        self.fill(16, "stream header", true)?;
+        let h = self.take(16);
+        if h[..8] != MAGIC {
+            return Err(MigrationError::Corrupt(CorruptKind::BadMagic));
+        }
+        let vl: [u8; 8] = h[8..16].try_into().unwrap_or([0; 8]);
+        let version = u32::from_le_bytes(vl[..4].try_into().unwrap_or([0; 4]));
+        if version != VERSION {
+            return Err(MigrationError::VersionMismatch { ours: VERSION, theirs: version });
+        }
+        let body_len = u32::from_le_bytes(vl[4..].try_into().unwrap_or([0; 4]));
+        if !(8..=MAX_HEADER_BODY).contains(&body_len) {
+            return Err(MigrationError::Corrupt(CorruptKind::BadLength { tag: 0, len: u64::from(body_len) }));
+        }
+        let n = body_len as usize;
+        self.fill(n + 4, "stream header", false)?;
+        let all = self.take(n + 4);
+        let (body, crc) = all.split_at(n);
+        let carried = u32::from_le_bytes(crc.try_into().unwrap_or([0; 4]));
+        let computed = crc_of(&vl, body);
+        if carried != computed {
+            return Err(MigrationError::Corrupt(CorruptKind::BadChecksum { tag: 0, carried, computed }));
+        }
+        let page_size = u32::from_le_bytes(body[..4].try_into().unwrap_or([0; 4]));
+        if u64::from(page_size) != PAGE_SIZE {
+            return Err(MigrationError::PageSizeMismatch { ours: PAGE_SIZE as u32, theirs: page_size });
+        }
+        let count = u32::from_le_bytes(body[4..8].try_into().unwrap_or([0; 4])) as usize;
+        if count.checked_mul(20).and_then(|x| x.checked_add(8)) != Some(n) {
+            return Err(MigrationError::Corrupt(CorruptKind::BadHeader(format!(
+                "{count} ranges in a body of {n} bytes"
+            ))));
+        }
+        let mut ranges = Vec::with_capacity(count);
+        for c in body[8..].chunks_exact(20) {
+            let gpa = u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8]));
+            let len = u64::from_le_bytes(c[8..16].try_into().unwrap_or([0; 8]));
+            let kind = match u32::from_le_bytes(c[16..20].try_into().unwrap_or([0; 4])) {
+                0 => RangeKind::Ram,
+                1 => RangeKind::Device,
+                k => return Err(MigrationError::Corrupt(CorruptKind::BadHeader(format!("range kind {k}")))),
+            };
+            ranges.push(MemRange { gpa, len, kind });
+        }
+        let layout = Layout { ranges };
+        layout.validate().map_err(|m| MigrationError::Corrupt(CorruptKind::BadHeader(m)))?;
+        Ok(layout)
+    }
+
+    /// Read the next record. `during` names what is awaited for errors.
+    pub fn next(&mut self, during: &'static str) -> Result<Record<'_>, MigrationError> {
+        self.fill(RECORD_HEADER, during, true)?;
+        let h: [u8; RECORD_HEADER] = self.buf[self.pos..self.pos + RECORD_HEADER].try_into().unwrap_or([0; 20]);
+        let t = h[0];
+        if h[1..4] != [0, 0, 0] {
+            return Err(MigrationError::Corrupt(CorruptKind::Reserved));
+        }
+        let len = u32::from_le_bytes(h[4..8].try_into().unwrap_or([0; 4]));
+        let arg = u64::from_le_bytes(h[8..16].try_into().unwrap_or([0; 8]));
+        let carried = u32::from_le_bytes(h[16..20].try_into().unwrap_or([0; 4]));
+        let ok_len = match t {
+            tag::PAGE => u64::from(len) == PAGE_SIZE,
+            tag::ZERO => len == 8,
+            tag::STATE => len <= MAX_STATE_BLOB,
+            tag::ROUND | tag::END | tag::FINAL_ACK => len == 0,
+            tag::ABORT | tag::HEADER_ACK | tag::REFUSAL => len <= MAX_MESSAGE,
+            other => return Err(MigrationError::Corrupt(CorruptKind::UnknownType(other))),
+        };
+        if !ok_len {
+            return Err(MigrationError::Corrupt(CorruptKind::BadLength { tag: t, len: u64::from(len) }));
+        }
+        let n = len as usize;
+        self.fill(RECORD_HEADER + n, during, false)?;
+        self.take(RECORD_HEADER);
+        let payload = self.take(n);
+        let computed = crc_of(&h[..16], payload);
+        if computed != carried {
+            return Err(MigrationError::Corrupt(CorruptKind::BadChecksum { tag: t, carried, computed }));
+        }
+        let text = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
+        Ok(match t {
+            tag::PAGE => Record::Page { gpa: arg, data: payload },
+            tag::ZERO => {
+                let count = u64::from_le_bytes(payload.try_into().unwrap_or([0; 8]));
+                if count == 0 {
+                    return Err(MigrationError::Corrupt(CorruptKind::BadAddress { gpa: arg, count }));
+                }
+                Record::Zero { gpa: arg, count }
+            }
+            tag::STATE => {
+                let code = (arg >> 32) as u32;
+                let kind =
+                    StateKind::from_code(code).ok_or(MigrationError::Corrupt(CorruptKind::UnknownStateKind(code)))?;
+                Record::State(StateBlob { kind, instance: arg as u32, data: payload.to_vec() })
+            }
+            tag::ROUND => Record::Round(arg),
+            tag::END => Record::End { pages: arg },
+            tag::ABORT => Record::Abort(text(payload)),
+            tag::HEADER_ACK => {
+                if arg == 0 {
+                    Record::HeaderAck(Ok(()))
+                } else {
+                    Record::HeaderAck(Err((Refusal::from_code(arg as u32), (arg >> 32) as u32, text(payload))))
+                }
+            }
+            tag::FINAL_ACK => Record::FinalAck { resume_unix_ns: arg },
+            _ => Record::Refusal(Refusal::from_code(arg as u32), text(payload)),
+        })
+    }
+}
+
+/// Turn a write error into a [`MigrationError`].
+pub(crate) fn send_err(error: io::Error) -> MigrationError {
+    io_err("send")(error)
+}
