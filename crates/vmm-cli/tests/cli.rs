@@ -118,3 +118,95 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+/// Decodes a PNG and checks every pixel against what the guest's
+/// framebuffer program draws at that index.
+fn assert_png_is_the_guest_drawing(path: &std::path::Path, width: u32, height: u32) {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).expect("open PNG")));
+    let mut r = dec.read_info().expect("PNG header");
+    let mut buf = vec![0u8; r.output_buffer_size().expect("size")];
+    let info = r.next_frame(&mut buf).expect("PNG frame");
+    assert_eq!((info.width, info.height, info.color_type), (width, height, png::ColorType::Rgb));
+    for i in 0..u64::from(width * height) {
+        let want = vmm::guest::fb_pixel(i);
+        let want = [(want >> 16) as u8, (want >> 8) as u8, want as u8];
+        let at = (i * 3) as usize;
+        assert_eq!(buf[at..at + 3], want, "pixel {i}");
+    }
+}
+
+/// `vmm run --name NAME` is reachable while it runs: `vmm inspect NAME`
+/// shows its segments, mappings and vCPU registers; `vmm screenshot NAME`
+/// maps its framebuffer by name from this other process and writes a PNG
+/// whose pixels are what the guest was asked to draw; SIGTERM stops it
+/// cleanly and its nodes are removed.
+#[test]
+fn named_vm_is_inspected_and_screenshot_from_another_process() {
+    if let Err(e) = vmm_kvm::kvm_available() {
+        eprintln!("SKIPPED: needs /dev/kvm ({e})");
+        return;
+    }
+    let name = format!("cli-{}", std::process::id());
+    let child = vmm()
+        .args(["run", "--name", &name, "--mem", "16M", "--duration", "60s", "--rounds", "0", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn vmm run");
+    let t = std::time::Instant::now();
+    // Wait until the guest has placed, drawn and moved its framebuffer.
+    let inspect = loop {
+        let out = vmm().args(["inspect", &name]).output().expect("vmm inspect");
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && s.contains("5 BAR moves") {
+            break s;
+        }
+        assert!(t.elapsed().as_secs() < 30, "VM not reachable or not drawing: {s}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    for want in ["segments:", "devmem \"bootrom\"", "devmem \"framebuffer\"", "segment mappings:", "vCPU 0: rip", "vCPU 1: rip", "PML4E["] {
+        assert!(inspect.contains(want), "{want:?} missing from:\n{inspect}");
+    }
+    let png = std::env::temp_dir().join(format!("{name}.png"));
+    let out = vmm().args(["screenshot", &name, png.to_str().unwrap()]).output().expect("vmm screenshot");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_png_is_the_guest_drawing(&png, 320, 200);
+    let _ = std::fs::remove_file(&png);
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc_kill(child.id() as i32, 15) }, 0);
+    let out = child.wait_with_output().expect("wait vmm run");
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(130), "{s}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&s).expect("JSON summary");
+    assert_eq!(v["ok"], true, "{s}");
+    assert_eq!(v["framebuffer"]["bad_pixels"], 0);
+    assert!(v["mmio_exits"].as_u64().unwrap() > 0 && v["emulated"].as_u64().unwrap() > 0);
+    let node = v["framebuffer"]["node"].as_str().unwrap();
+    assert!(!std::path::Path::new(node).exists(), "node removed after the run");
+    let out = vmm().args(["inspect", &name]).output().expect("vmm inspect");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no running VM"));
+}
+
+/// `--screenshot` at the end of a run, and `--pin` of the vCPU threads.
+#[test]
+fn run_screenshot_and_pinning() {
+    if let Err(e) = vmm_kvm::kvm_available() {
+        eprintln!("SKIPPED: needs /dev/kvm ({e})");
+        return;
+    }
+    let png = std::env::temp_dir().join(format!("end-{}.png", std::process::id()));
+    let out = vmm()
+        .args(["run", "--mem", "8M", "--duration", "1s", "--rounds", "1", "--pin", "0", "--json"])
+        .args(["--screenshot", png.to_str().unwrap()])
+        .output()
+        .expect("vmm run");
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{s}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_png_is_the_guest_drawing(&png, 320, 200);
+    let _ = std::fs::remove_file(&png);
+    let v: serde_json::Value = serde_json::from_str(&s).expect("JSON");
+    assert_eq!(v["host_cpus"], serde_json::json!([0, 0]), "both vCPU threads pinned to CPU 0: {s}");
+    let out = vmm().args(["run", "--pin", "4095"]).output().expect("vmm run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
