@@ -782,6 +782,11 @@ struct BenchJson {
     unmap_with_kick_us: f64,
     remap_with_kick_us: f64,
     kicks: u64,
+    mmio_exits_per_s: f64,
+    mmio_exit_us: f64,
+    mmio_decode_emulate_us: f64,
+    mmio_our_code_us: f64,
+    mmio_emulate_share_of_exit: f64,
 }
 
 #[derive(Serialize)]
@@ -840,6 +845,7 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
         let d = detect::detect()?;
         let mode = d.mode;
         let rt = bench::exit_round_trip(Duration::from_millis(500), mode)?;
+        let mm = bench::mmio(Duration::from_millis(500), mode)?;
         let mut ft = Vec::new();
         for (fa, prefault) in [(1u32, false), (16, false), (1, true), (16, true)] {
             let f = bench::first_touch(mem, fa, mode, prefault)?;
@@ -878,6 +884,11 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
             unmap_with_kick_us: mean(&u.change_times),
             remap_with_kick_us: mean(&w.change_times),
             kicks: w.kicks + u.kicks,
+            mmio_exits_per_s: mm.per_sec(),
+            mmio_exit_us: us(mm.per_exit()),
+            mmio_decode_emulate_us: us(mm.emulate_per_exit()),
+            mmio_our_code_us: us(mm.in_our_code) / mm.exits.max(1) as f64,
+            mmio_emulate_share_of_exit: mm.our_share(),
         })
     })();
     let b = match res {
@@ -903,6 +914,14 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
         b.exit_round_trip_us,
         b.exit_in_kvm_run_us,
         b.exit_in_our_code_us
+    );
+    out!(
+        "  MMIO (mov eax, [device] in a loop): {:.0} exits/s, {:.2} us per exit; decode + emulate {:.2} us ({:.2}% of the exit), all our code {:.2} us",
+        b.mmio_exits_per_s,
+        b.mmio_exit_us,
+        b.mmio_decode_emulate_us,
+        100.0 * b.mmio_emulate_share_of_exit,
+        b.mmio_our_code_us
     );
     for f in &b.first_touch {
         out!(

@@ -164,7 +164,15 @@ fn named_vm_is_inspected_and_screenshot_from_another_process() {
         assert!(t.elapsed().as_secs() < 30, "VM not reachable or not drawing: {s}");
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
-    for want in ["segments:", "devmem \"bootrom\"", "devmem \"framebuffer\"", "segment mappings:", "vCPU 0: rip", "vCPU 1: rip", "PML4E["] {
+    for want in [
+        "segments:",
+        "devmem \"bootrom\"",
+        "devmem \"framebuffer\"",
+        "segment mappings:",
+        "vCPU 0: rip",
+        "vCPU 1: rip",
+        "PML4E[",
+    ] {
         assert!(inspect.contains(want), "{want:?} missing from:\n{inspect}");
     }
     let png = std::env::temp_dir().join(format!("{name}.png"));

@@ -198,3 +198,105 @@ pub fn first_touch(mem: u64, fault_around: u32, mode: PagingMode, prefault: bool
         })
     })
 }
+
+/// MMIO emulation under load: a guest loop of `mov eax, [moffs]` reading a
+/// device register, each read a nested fault that is emulated.
+#[derive(Debug, Clone)]
+pub struct MmioBench {
+    /// MMIO exits measured.
+    pub exits: u64,
+    /// Wall time they took.
+    pub elapsed: Duration,
+    /// Time in our fetch + decode + emulate + device model over them.
+    pub emulate: Duration,
+    /// Time inside `KVM_RUN` over them.
+    pub in_kvm_run: Duration,
+    /// Time in all of our code between `KVM_RUN`s over them (the fault
+    /// path's lookup, the emulation, the bookkeeping).
+    pub in_our_code: Duration,
+}
+
+impl MmioBench {
+    /// MMIO exits per second.
+    pub fn per_sec(&self) -> f64 {
+        self.exits as f64 / self.elapsed.as_secs_f64()
+    }
+    /// Wall time per MMIO exit (the whole round trip).
+    pub fn per_exit(&self) -> Duration {
+        self.elapsed / self.exits.max(1) as u32
+    }
+    /// Our fetch + decode + emulate per exit.
+    pub fn emulate_per_exit(&self) -> Duration {
+        self.emulate / self.exits.max(1) as u32
+    }
+    /// Our emulation's share of the exit round trip.
+    pub fn our_share(&self) -> f64 {
+        self.emulate.as_secs_f64() / self.elapsed.as_secs_f64()
+    }
+}
+
+/// A device register that reads a constant.
+struct Register;
+
+impl crate::machine::MmioDevices for Register {
+    fn claims(&self, gpa: u64) -> bool {
+        gpa & !(PAGE - 1) == MMIO_REG
+    }
+    fn read(&self, _vcpu: usize, _gpa: u64, data: &mut [u8]) {
+        data.fill(0x5a);
+    }
+    fn write(&self, _vcpu: usize, _gpa: u64, _data: &[u8]) {}
+}
+
+/// Guest address of the benchmark's code page.
+const MMIO_CODE: u64 = 0x4000_0000;
+/// Guest address of the benchmark's device register page.
+const MMIO_REG: u64 = 0x4001_0000;
+
+/// Measures MMIO exits for about `duration`.
+pub fn mmio(duration: Duration, mode: PagingMode) -> Result<MmioBench> {
+    let (be, mut m) = one_vcpu(0, 1, mode, false)?;
+    // loop: mov eax, [MMIO_REG] (A1 moffs64); jmp loop
+    let mut code = vec![0xa1];
+    code.extend_from_slice(&MMIO_REG.to_le_bytes());
+    code.extend_from_slice(&[0xeb, 0xf5]);
+    be.map_bytes(MMIO_CODE, &code, PAGE, Prot::READ | Prot::EXEC)?;
+    m.set_param(0, P_MODE, Mode::Exec as u64)?;
+    m.set_param(0, guest::P_EXEC_ENTRY, MMIO_CODE)?;
+    m.mmio = Some(Arc::new(Register));
+    let h = |i: usize, ev: Event| Action::Fatal(format!("vCPU {i}: unexpected {ev:?}"));
+    m.run(h, |m| {
+        let st = &m.stats[0];
+        let snap = || {
+            (
+                st.mmio_exits.load(Ordering::Relaxed),
+                st.emul_ns.load(Ordering::Relaxed),
+                st.run_ns.load(Ordering::Relaxed),
+                st.host_ns.load(Ordering::Relaxed),
+            )
+        };
+        let t = Instant::now();
+        while snap().0 < 100 {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err(KvmError::Guest("MMIO loop did not start".into()));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (n0, e0, r0, h0) = snap();
+        let t0 = Instant::now();
+        std::thread::sleep(duration);
+        let (n1, e1, r1, h1) = snap();
+        let elapsed = t0.elapsed();
+        m.control.request_stop();
+        for k in m.kick_handles() {
+            k.kick();
+        }
+        Ok(MmioBench {
+            exits: n1 - n0,
+            elapsed,
+            emulate: Duration::from_nanos(e1 - e0),
+            in_kvm_run: Duration::from_nanos(r1 - r0),
+            in_our_code: Duration::from_nanos(h1 - h0),
+        })
+    })
+}

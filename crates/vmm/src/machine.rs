@@ -189,27 +189,28 @@ fn emulate_at(
     mem: &mut dyn VcpuMem,
     dev: &dyn MmioDevices,
     vcpu: usize,
-    b: &dyn MemBackend,
     ksp: u64,
 ) -> std::result::Result<u64, crate::emul::Error> {
-    let frame = |k: u64| read_guest_u64(b, ksp + 8 * k);
-    let stack_err = || crate::emul::Error::Memory(MemError { addr: ksp, kind: MemErrorKind::Unmapped });
-    let (rip, rflags, ursp) = match (frame(1), frame(3), frame(4)) {
-        (Some(a), Some(f), Some(s)) => (a, f, s),
-        _ => return Err(stack_err()),
-    };
+    // The frame's RIP, CS, RFLAGS and RSP words, through the vCPU's own
+    // memory port (page holds: no lookup under the space lock).
+    let mut words = [0u8; 32];
+    crate::emul::Memory::read(&mut EmulMemory { mem: &mut *mem, dev, vcpu }, ksp + 8, &mut words)
+        .map_err(crate::emul::Error::Memory)?;
+    let word = |k: usize| u64::from_le_bytes(words[8 * k..8 * k + 8].try_into().expect("8 bytes"));
+    let (rip, rflags, ursp) = (word(0), word(2), word(3));
     let hv = v.regs();
     let mut er = crate::emul::Regs { gpr: hv.gpr, rip, rflags, fs_base: 0, gs_base: 0 };
     er.gpr[Regs::RSP] = ursp;
-    let done = crate::emul::emulate(&mut er, &mut EmulMemory { mem, dev, vcpu })?;
+    let mut em = EmulMemory { mem, dev, vcpu };
+    crate::emul::emulate(&mut er, &mut em)?;
     let mut out = hv;
     out.gpr = er.gpr;
     out.gpr[Regs::RSP] = hv.gpr[Regs::RSP];
     v.set_regs(&out);
-    for (k, val) in [(1, er.rip), (3, er.rflags), (4, er.gpr[Regs::RSP])] {
-        write_guest_u64(b, ksp + 8 * k, val).ok_or_else(stack_err)?;
-    }
-    let _ = done;
+    words[..8].copy_from_slice(&er.rip.to_le_bytes());
+    words[16..24].copy_from_slice(&er.rflags.to_le_bytes());
+    words[24..].copy_from_slice(&er.gpr[Regs::RSP].to_le_bytes());
+    crate::emul::Memory::write(&mut em, ksp + 8, &words).map_err(crate::emul::Error::Memory)?;
     Ok(1)
 }
 
@@ -564,7 +565,7 @@ impl Machine {
                         // An access to a device: emulate the instruction.
                         st.mmio_exits.fetch_add(1, Ordering::Relaxed);
                         let te = Instant::now();
-                        let r = emulate_at(v, &mut *mem, dev, i, b, rsp);
+                        let r = emulate_at(v, &mut *mem, dev, i, rsp);
                         st.emul_ns.fetch_add(te.elapsed().as_nanos() as u64, Ordering::Relaxed);
                         match r {
                             Ok(n) => {
