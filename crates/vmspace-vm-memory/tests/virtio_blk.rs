@@ -1,0 +1,295 @@
+//! virtio-queue's own test utilities (`MockSplitQueue`) driving the
+//! split virtqueue and the virtio-blk device over `VmMemory`, with an
+//! exact dirty-page check.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use common::*;
+use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
+use vmspace_vm_memory::VmMemory;
+use vmspace_vm_memory::blk::*;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const DISK: u64 = MIB;
+
+/// A scratch file removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str, len: u64) -> (Self, File) {
+        let path = std::env::temp_dir().join(format!("vmspace-vm-memory-{}-{name}", std::process::id()));
+        let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        f.write_all(&disk_byte_range(0, len)).unwrap();
+        (Scratch(path), f)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn disk_byte(i: u64) -> u8 {
+    (i ^ (i >> 9) ^ (i >> 17)).wrapping_mul(0x9e) as u8
+}
+
+fn disk_byte_range(off: u64, len: u64) -> Vec<u8> {
+    (off..off + len).map(disk_byte).collect()
+}
+
+fn header(kind: u32, sector: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..].copy_from_slice(&sector.to_le_bytes());
+    h
+}
+
+/// Pages covering `[gpa, gpa + len)`.
+fn pages(gpa: u64, len: u64) -> impl Iterator<Item = u64> {
+    gpa / PG..(gpa + len).div_ceil(PG)
+}
+
+/// A chain under construction: descriptors (addr, len, flags) and, for
+/// the test's bookkeeping, what the device is expected to write.
+struct Chains {
+    descs: Vec<RawDescriptor>,
+}
+
+impl Chains {
+    fn new() -> Self {
+        Chains { descs: Vec::new() }
+    }
+
+    /// Append a chain of `(addr, len, writable)` buffers; returns its head.
+    fn add(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
+        let head = self.descs.len() as u16;
+        for (i, &(addr, len, w)) in bufs.iter().enumerate() {
+            let last = i + 1 == bufs.len();
+            let mut flags = if w { F_WRITE } else { 0 };
+            if !last {
+                flags |= F_NEXT;
+            }
+            let next = if last { 0 } else { self.descs.len() as u16 + 1 };
+            self.descs.push(RawDescriptor::from(Descriptor::new(addr, len, flags, next)));
+        }
+        head
+    }
+}
+
+#[test]
+fn virtio_blk_over_vmspace_with_exact_dirty_pages() {
+    let g = guest();
+    let mem = VmMemory::new(&g.space);
+    let (_scratch, file) = Scratch::new("blk", DISK);
+    let mut dev = Block::new(file.try_clone().unwrap(), false, b"vmspace-blk-0").unwrap();
+    assert_eq!(dev.sectors(), DISK / SECTOR_SIZE);
+
+    // The rings: a 256-entry queue at 64 KiB (descriptor table on page
+    // 0x10, avail and used rings on page 0x11).
+    let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 256);
+    let used = mock.used_addr().raw_value();
+
+    // Buffers in B and C (contiguous mappings of different objects); some
+    // cross page and mapping boundaries.
+    let hdr = |i: u64| B.0 + 0x1000 + i * 0x20;
+    let in_data = [(C.0 - 500, 1000u32), (B.0 + 0x8000 + 4090, 536)]; // 3 sectors, across B/C and a page
+    let in_status = B.0 + 0x9800 + 5;
+    let out_data = (B.0 + 0xA000 + 3000, 1024u32); // 2 sectors, readable
+    let out_status = B.0 + 0xB000 + 4095;
+    let flush_status = C.0 + 0x2000;
+    let id_buf = C.0 + 0x5000 - 7; // 20 id bytes + status, across a page
+    let unsupp_status = C.0 + 0x3000;
+    let beyond_status = C.0 + 0x3001;
+    let hole_data = A.0 + A.1 + 0x100; // in the hole after A
+    let hole_status = C.0 + 0x4000;
+
+    let mut c = Chains::new();
+    let kinds = [
+        (VIRTIO_BLK_T_IN, 3u64),
+        (VIRTIO_BLK_T_OUT, 100),
+        (VIRTIO_BLK_T_FLUSH, 0),
+        (VIRTIO_BLK_T_GET_ID, 0),
+        (42, 0),
+        (VIRTIO_BLK_T_IN, DISK / SECTOR_SIZE - 1), // 2 sectors from the last: beyond the end
+        (VIRTIO_BLK_T_IN, 0),                      // data buffer in a hole
+    ];
+    for (i, &(k, s)) in kinds.iter().enumerate() {
+        mem.write_slice(&header(k, s), GuestAddress(hdr(i as u64))).unwrap();
+    }
+    let out_src: Vec<u8> = (0..1024u32).map(|i| (i * 7 + 1) as u8).collect();
+    mem.write_slice(&out_src, GuestAddress(out_data.0)).unwrap();
+    let heads = [
+        c.add(&[
+            (hdr(0), 16, false),
+            (in_data[0].0, in_data[0].1, true),
+            (in_data[1].0, in_data[1].1, true),
+            (in_status, 1, true),
+        ]),
+        c.add(&[(hdr(1), 16, false), (out_data.0, out_data.1, false), (out_status, 1, true)]),
+        c.add(&[(hdr(2), 16, false), (flush_status, 1, true)]),
+        c.add(&[(hdr(3), 16, false), (id_buf, 21, true)]),
+        c.add(&[(hdr(4), 16, false), (unsupp_status, 1, true)]),
+        c.add(&[(hdr(5), 16, false), (B.0 + 0x20000, 1024, true), (beyond_status, 1, true)]),
+        c.add(&[(hdr(6), 16, false), (hole_data, 512, true), (hole_status, 1, true)]),
+    ];
+    mock.add_desc_chains(&c.descs, 0).unwrap();
+    let mut queue: Queue = mock.create_queue().unwrap();
+    assert!(queue.is_valid(&mem));
+
+    // Everything so far was the driver's doing: clear it.
+    harvest(&g.space);
+
+    let served = dev.process_queue(&mut queue, &mem).unwrap();
+    assert_eq!(served.chains, heads.len() as u32);
+    assert!(served.notify);
+    assert_eq!(mem.stray_writes(), 0);
+
+    // The used ring: heads in order, with the used lengths.
+    let used_idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+    assert_eq!(used_idx, heads.len() as u16);
+    let want_len = [1536 + 1, 1, 1, 21, 1, 1, 1];
+    for (i, (&h, &l)) in heads.iter().zip(&want_len).enumerate() {
+        let id: u32 = mem.read_obj(GuestAddress(used + 4 + 8 * i as u64)).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(used + 8 + 8 * i as u64)).unwrap();
+        assert_eq!((id, len), (u32::from(h), l), "used element {i}");
+    }
+
+    // Results against the file.
+    let status = |a: u64| mem.read_obj::<u8>(GuestAddress(a)).unwrap();
+    let mut got = vec![0u8; 1536];
+    mem.read_slice(&mut got[..1000], GuestAddress(in_data[0].0)).unwrap();
+    mem.read_slice(&mut got[1000..], GuestAddress(in_data[1].0)).unwrap();
+    let want_in = disk_byte_range(3 * 512, 1536);
+    let first_diff = got.iter().zip(&want_in).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "IN data differs from the file");
+    assert_eq!(status(in_status), VIRTIO_BLK_S_OK);
+    let mut on_disk = vec![0u8; 1024];
+    file.read_exact_at(&mut on_disk, 100 * 512).unwrap();
+    assert_eq!(on_disk, out_src);
+    assert_eq!(status(out_status), VIRTIO_BLK_S_OK);
+    assert_eq!(status(flush_status), VIRTIO_BLK_S_OK);
+    let mut id = [0u8; 20];
+    mem.read_slice(&mut id, GuestAddress(id_buf)).unwrap();
+    assert_eq!(&id[..13], b"vmspace-blk-0");
+    assert!(id[13..].iter().all(|&b| b == 0));
+    assert_eq!(status(id_buf + 20), VIRTIO_BLK_S_OK);
+    assert_eq!(status(unsupp_status), VIRTIO_BLK_S_UNSUPP);
+    assert_eq!(status(beyond_status), VIRTIO_BLK_S_IOERR);
+    assert_eq!(status(hole_status), VIRTIO_BLK_S_IOERR);
+
+    // Exactly the pages the device wrote: data, status bytes, used ring.
+    let mut want = BTreeSet::new();
+    want.extend(pages(in_data[0].0, 1000));
+    want.extend(pages(in_data[1].0, 536));
+    for s in [in_status, out_status, flush_status, unsupp_status, beyond_status, hole_status] {
+        want.insert(s / PG);
+    }
+    want.extend(pages(id_buf, 21));
+    want.extend(pages(used, 4 + 8 * heads.len() as u64));
+    let got: BTreeSet<u64> = harvest(&g.space).into_iter().collect();
+    assert_eq!(got, want);
+    // The descriptor table's page, the headers' and the OUT source's stay clean.
+    assert!(!got.contains(&(0x10000 / PG)));
+    assert!(!got.contains(&(hdr(0) / PG)));
+    assert!(!got.contains(&(out_data.0 / PG)));
+
+    // Nothing new: nothing served, no notification, nothing dirty.
+    let served = dev.process_queue(&mut queue, &mem).unwrap();
+    assert_eq!(served, Served { chains: 0, notify: false });
+    let again = harvest(&g.space);
+    assert!(again.iter().all(|p| pages(used, 4).any(|u| u == *p)), "{again:?}");
+}
+
+#[test]
+fn queue_pop_add_used_needs_notification() {
+    let g = guest();
+    let mem = VmMemory::new(&g.space);
+    let mock = MockSplitQueue::new(&mem, 16);
+    let mut c = Chains::new();
+    let h0 = c.add(&[(B.0, 100, false), (C.0 - 50, 100, true)]);
+    let h1 = c.add(&[(B.0 + PG, 8, true)]);
+    mock.add_desc_chains(&c.descs, 0).unwrap();
+    let mut q: Queue = mock.create_queue().unwrap();
+    assert!(q.is_valid(&mem));
+
+    let chain = q.pop_descriptor_chain(&mem).unwrap();
+    assert_eq!(chain.head_index(), h0);
+    let descs: Vec<Descriptor> = chain.clone().collect();
+    assert_eq!(descs.len(), 2);
+    assert!(!descs[0].is_write_only() && descs[1].is_write_only());
+    // virtio-queue's Reader/Writer over the chain.
+    mem.write_slice(&[5u8; 100], GuestAddress(B.0)).unwrap();
+    harvest(&g.space);
+    let mut r = chain.clone().reader(&mem).unwrap();
+    let mut buf = [0u8; 100];
+    r.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, [5u8; 100]);
+    let mut w = chain.writer(&mem).unwrap();
+    assert_eq!(w.available_bytes(), 100);
+    w.write_all(&[9u8; 100]).unwrap();
+    drop(w);
+    assert_eq!(harvest(&g.space), [(C.0 - 50) / PG, C.0 / PG]);
+    q.add_used(&mem, h0, 100).unwrap();
+    assert!(q.needs_notification(&mem).unwrap());
+
+    let chain = q.pop_descriptor_chain(&mem).unwrap();
+    assert_eq!(chain.head_index(), h1);
+    q.add_used(&mem, h1, 8).unwrap();
+    assert!(q.pop_descriptor_chain(&mem).is_none());
+    assert_eq!(q.used_idx(&mem, std::sync::atomic::Ordering::Acquire).unwrap().0, 2);
+    // The used ring is where the mock put it, and only it was written.
+    assert_eq!(harvest(&g.space), [mock.used_addr().raw_value() / PG]);
+}
+
+#[test]
+fn queue_validity_is_permission_aware() {
+    let g = guest();
+    let mem = VmMemory::new(&g.space);
+    let mock = MockSplitQueue::new(&mem, 16);
+    let mut q: Queue = mock.create_queue().unwrap();
+    assert!(q.is_valid(&mem));
+    // Used ring in read-only memory: the device could not write it.
+    q.set_used_ring_address(Some(R.0 as u32), Some(0));
+    assert!(!q.is_valid(&mem));
+    // Avail ring in read-only memory is fine (the device only reads it).
+    let mut q: Queue = mock.create_queue().unwrap();
+    q.set_avail_ring_address(Some(R.0 as u32), Some(0));
+    assert!(q.is_valid(&mem));
+    // Descriptor table in a hole.
+    let mut q: Queue = mock.create_queue().unwrap();
+    q.set_desc_table_address(Some((A.0 + A.1) as u32), Some(0));
+    assert!(!q.is_valid(&mem));
+    assert!(harvest(&g.space).iter().all(|&p| p < A.1 / PG), "only the mock's writes");
+}
+
+#[test]
+fn iterator_and_indirect_chains() {
+    let g = guest();
+    // The mock puts indirect tables at 768 MiB: map RAM there.
+    let o = vmspace::VmObject::ram(g.reservoir.clone(), 64 * 1024).unwrap();
+    g.space.map(&o, 0, 0x3000_0000, 64 * 1024, vmspace::Prot::RW).unwrap();
+    let mem = VmMemory::new(&g.space);
+    let mut mock = MockSplitQueue::new(&mem, 16);
+    // (The mock reuses descriptor indices across `add_*` calls, so one
+    // chain per queue.)
+    mock.add_indirect_chain(4).unwrap();
+    let mut q: Queue = mock.create_queue().unwrap();
+    let lens: Vec<usize> = q.iter(&mem).unwrap().map(|chain| chain.count()).collect();
+    assert_eq!(lens, [4]);
+    let mut mock = MockSplitQueue::new(&mem, 16);
+    mock.add_chain(3).unwrap();
+    let mut q: Queue = mock.create_queue().unwrap();
+    let lens: Vec<usize> = q.iter(&mem).unwrap().map(|chain| chain.count()).collect();
+    assert_eq!(lens, [3]);
+}
