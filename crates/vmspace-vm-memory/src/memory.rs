@@ -29,11 +29,12 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// the slice, every subslice and every `VolatileRef` made from it keep
 /// the page's object alive, so an unmap (or a BAR move) that happens
 /// while a device uses the slice is safe; the hold is released when the
-/// last of them is dropped. A write through a slice
-/// ([`Bitmap::mark_dirty`], which vm-memory calls on every write it makes)
-/// makes the release mark the page dirty; pages that were only held for
-/// write but not written stay clean, so a harvest reports exactly the
-/// pages written.
+/// last of them is dropped. A write reported through the slice
+/// ([`Bitmap::mark_dirty`], which vm-memory calls after every write it
+/// makes) marks the page dirty in the space at once; pages that were only
+/// held for write but not written stay clean, so a harvest reports
+/// exactly the pages written. See the crate documentation for the
+/// soundness argument and the error mapping.
 ///
 /// `VmMemory` is `Send` but not `Sync` (like its client): give each device
 /// thread its own, from [`VmMemory::new`] or [`Clone::clone`] (a new
@@ -71,11 +72,11 @@ impl<P: TablePages, L: RawLock> VmMemory<P, L> {
     /// How many times a write was reported ([`Bitmap::mark_dirty`]) on a
     /// slice taken for reading only. vm-memory's slices do not carry the
     /// permission they were taken for, so safe code can write through a
-    /// slice from `get_slices(.., Permissions::Read)`: the write lands in
-    /// host memory (the reservoir, which is mapped writable in the host:
-    /// no undefined behaviour), but it bypasses the mapping's protection
-    /// and cannot be dirty-tracked (the hold is not writable). A nonzero
-    /// count is a bug in the device code.
+    /// slice from `get_slices(.., Permissions::Read)`. Such a write is
+    /// still marked dirty if the mapping is writable; into a read-only
+    /// mapping it lands in host memory (the reservoir, mapped writable in
+    /// the host: no undefined behaviour) past the mapping's protection. A
+    /// nonzero count is a bug in the device code.
     pub fn stray_writes(&self) -> u64 {
         self.stray_writes.get()
     }
