@@ -97,9 +97,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (mem, mut queue, mut disk) = (device_mem, queue, disk);
         for () in kick_rx {
             // A real device thread waits on its ioeventfd here.
-            let served = disk.process_queue(&mut queue, &mem).expect("queue rings unreachable");
-            if served.notify {
-                irq_tx.send(served.chains).unwrap(); // inject the interrupt
+            match disk.process_queue(&mut queue, &mem) {
+                Ok(served) if served.notify => irq_tx.send(served.chains).unwrap(), // inject the interrupt
+                Ok(_) => {}
+                // The rings are not reachable (the guest moved them into a
+                // hole, say): a real device sets DEVICE_NEEDS_RESET.
+                Err(e) => eprintln!("virtio-blk: queue error: {e}; device needs reset"),
             }
         }
     });

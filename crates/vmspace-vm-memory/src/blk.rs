@@ -41,6 +41,16 @@ pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 /// Length of the device id string.
 pub const VIRTIO_BLK_ID_BYTES: usize = 20;
 
+/// Feature bit: the device is read-only.
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// Feature bit: the device supports `FLUSH`.
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// Feature bit: `used_event`/`avail_event` notification suppression
+/// (virtio-queue's `Queue::set_event_idx`).
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// Feature bit: virtio 1.0 or later.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
 /// Bytes of the request header.
 const HEADER_LEN: u64 = 16;
 /// Size of the bounce buffer.
@@ -157,6 +167,21 @@ impl Block {
         let n = id.len().min(VIRTIO_BLK_ID_BYTES);
         buf[..n].copy_from_slice(&id[..n]);
         Ok(Block { file, sectors, read_only, id: buf, bounce: vec![0; BOUNCE] })
+    }
+
+    /// The device features to offer: `VERSION_1`, `FLUSH`, `EVENT_IDX`,
+    /// and `RO` for a read-only disk. (After negotiation, call
+    /// `Queue::set_event_idx` if the driver accepted `EVENT_IDX`.)
+    pub fn features(&self) -> u64 {
+        let ro = if self.read_only { VIRTIO_BLK_F_RO } else { 0 };
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_RING_F_EVENT_IDX | ro
+    }
+
+    /// The first 8 bytes of the configuration space: `capacity`, little
+    /// endian (the rest of `struct virtio_blk_config` is optional and
+    /// not offered).
+    pub fn config(&self) -> [u8; 8] {
+        self.sectors.to_le_bytes()
     }
 
     /// Capacity in 512-byte sectors (the `capacity` config field).

@@ -386,3 +386,34 @@ fn read_only_disk_refuses_out() {
     file.read_exact_at(&mut first, 0).unwrap();
     assert!(first == disk_byte_range(0, 512));
 }
+
+#[test]
+fn event_idx_suppresses_notifications_and_dirties_only_the_used_ring() {
+    let g = guest();
+    let mem = VmMemory::new(&g.space);
+    let (_scratch, file) = Scratch::new("evidx", DISK);
+    let mut dev = Block::new(file, false, b"evidx").unwrap();
+    assert_ne!(dev.features() & VIRTIO_RING_F_EVENT_IDX, 0);
+    assert_eq!(dev.config(), (DISK / SECTOR_SIZE).to_le_bytes());
+    let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 256);
+    let mut q: Queue = mock.create_queue().unwrap();
+    q.set_event_idx(true);
+    let used = mock.used_addr().raw_value();
+    mem.write_slice(&header(VIRTIO_BLK_T_GET_ID, 0), GuestAddress(B.0)).unwrap();
+    // used_event = 0 (the mock zeroed it): notify after the first entry only.
+    for (round, want_notify) in [(0u64, true), (1, false)] {
+        let buf = C.0 + 0x10000 * round;
+        let mut c = Chains::new();
+        c.add(&[(B.0, 16, false), (buf, 21, true)]);
+        mock.add_desc_chains(&c.descs, 0).unwrap();
+        harvest(&g.space);
+        let served = dev.process_queue(&mut q, &mem).unwrap();
+        assert_eq!(served, Served { chains: 1, notify: want_notify }, "round {round}");
+        let mut want: BTreeSet<u64> = pages(buf, 21).collect();
+        want.extend(pages(used, 4 + 8 * 256 + 2)); // elements, idx, avail_event
+        let got: BTreeSet<u64> = harvest(&g.space).into_iter().collect();
+        assert_eq!(got, want, "round {round}");
+        let avail_event: u16 = mem.read_obj(GuestAddress(used + 4 + 8 * 256)).unwrap();
+        assert_eq!(avail_event, round as u16 + 1);
+    }
+}
