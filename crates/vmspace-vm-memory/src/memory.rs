@@ -152,8 +152,10 @@ struct Held<'a, P: TablePages, L: RawLock> {
 }
 
 /// The bitmap slice of a [`VmMemory`] slice: it owns (a share of) the
-/// hold of the page the slice lies in. Marking it dirty makes the hold's
-/// release mark the page dirty in the space.
+/// hold of the page the slice lies in, which is released when the last
+/// slice sharing it is dropped. Marking it dirty marks the page dirty in
+/// the space at once (see [`Bitmap::mark_dirty`] below); `dirty_at` says
+/// whether a write was reported through any slice sharing the hold.
 pub struct HoldSlice<'a, P: TablePages, L: RawLock = DefaultLock>(Rc<Held<'a, P, L>>);
 
 impl<P: TablePages, L: RawLock> HoldSlice<'_, P, L> {
