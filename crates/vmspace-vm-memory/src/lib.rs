@@ -96,6 +96,20 @@
 //! sync::<vmspace_vm_memory::VmMemory<nested_pt::HeapPages>>();
 //! ```
 //!
+//! # Testing
+//!
+//! `cargo test -p vmspace-vm-memory` runs the adapter tests (boundaries,
+//! holes, protection, exact dirty sets, an unmap racing a device thread),
+//! a model-based property test, virtio-queue's `MockSplitQueue` driving
+//! the virtio-blk device with an exact harvest check, and four of
+//! virtio-queue's own queue tests ported to this memory.
+//! `MIRIFLAGS="-Zmiri-disable-isolation -Zmiri-tree-borrows" cargo +nightly
+//! miri test -p vmspace-vm-memory --test adapter` runs the adapter under
+//! Miri (Tree Borrows). Under Stacked Borrows, Miri reports undefined
+//! behaviour inside vmspace's hold path, on the first hold (its cached
+//! leaf-table pointer is derived from a reference to one entry and then
+//! offset to other entries); that is vmspace's to fix.
+//!
 //! # Known gaps
 //!
 //! - One hold and one small allocation per page per access, and one more
