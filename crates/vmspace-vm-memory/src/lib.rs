@@ -106,9 +106,10 @@
 //! `MIRIFLAGS="-Zmiri-disable-isolation -Zmiri-tree-borrows" cargo +nightly
 //! miri test -p vmspace-vm-memory --test adapter` runs the adapter under
 //! Miri (Tree Borrows). Under Stacked Borrows, Miri reports undefined
-//! behaviour inside vmspace's hold path, on the first hold (its cached
-//! leaf-table pointer is derived from a reference to one entry and then
-//! offset to other entries); that is vmspace's to fix.
+//! behaviour inside vmspace's hold path, on the first hold that uses the
+//! client's leaf-table cache (the cached pointer is derived from a
+//! reference to one entry and then offset to other entries); that is
+//! vmspace's to fix.
 //!
 //! # Known gaps
 //!
