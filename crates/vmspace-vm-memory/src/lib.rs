@@ -105,7 +105,8 @@
 //! virtio-queue's own queue tests ported to this memory.
 //! `MIRIFLAGS="-Zmiri-disable-isolation -Zmiri-tree-borrows" cargo +nightly
 //! miri test -p vmspace-vm-memory --test adapter` runs the adapter under
-//! Miri (Tree Borrows). Under Stacked Borrows, Miri reports undefined
+//! Miri (Tree Borrows); the queue and virtio-blk tests (`--test
+//! virtio_blk`, `--test virtio_queue_ported`) pass there too, slowly. Under Stacked Borrows, Miri reports undefined
 //! behaviour inside vmspace's hold path, on the first hold that uses the
 //! client's leaf-table cache (the cached pointer is derived from a
 //! reference to one entry and then offset to other entries); that is
