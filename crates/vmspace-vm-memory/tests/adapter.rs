@@ -293,33 +293,3 @@ fn one_memory_per_thread() {
     assert_eq!(mem.read_obj::<u64>(GuestAddress(B.0 + 100 * PG)).unwrap(), 42);
     assert!(mem.physical_memory().is_none());
 }
-
-/// Rough costs (run with `--ignored --nocapture` in release).
-#[test]
-#[ignore]
-fn cost() {
-    let g = guest();
-    let mem = VmMemory::new(&g.space);
-    let n = 200_000u64;
-    let t = std::time::Instant::now();
-    let mut x = 0u64;
-    for i in 0..n {
-        x = x.wrapping_add(mem.read_obj::<u64>(GuestAddress(B.0 + (i % 256) * PG)).unwrap());
-    }
-    let read_ns = t.elapsed().as_nanos() as f64 / n as f64;
-    let t = std::time::Instant::now();
-    for i in 0..n {
-        mem.write_obj(i, GuestAddress(B.0 + (i % 256) * PG)).unwrap();
-    }
-    let write_ns = t.elapsed().as_nanos() as f64 / n as f64;
-    let buf = vec![7u8; 64 * 1024];
-    let rounds = 2000u64;
-    let t = std::time::Instant::now();
-    for i in 0..rounds {
-        mem.write_slice(&buf, GuestAddress(B.0 + (i % 8) * 64 * 1024)).unwrap();
-    }
-    let gib_s = (rounds * 64 * 1024) as f64 / t.elapsed().as_secs_f64() / (1u64 << 30) as f64;
-    eprintln!(
-        "read_obj<u64> {read_ns:.0} ns, write_obj<u64> {write_ns:.0} ns, 64 KiB write_slice {gib_s:.2} GiB/s ({x})"
-    );
-}
