@@ -182,6 +182,17 @@ enum Cmd {
         /// Where to write the PNG.
         out: std::path::PathBuf,
     },
+    /// Check the MMIO instruction emulator against the CPU: every
+    /// generated case runs natively on RAM, emulated on a device, and
+    /// straddling the two, on a KVM vCPU; any difference is printed.
+    CheckEmulator {
+        /// Cases to run (each in three ways), at least 1.
+        #[arg(long, default_value = "3000", value_parser = parse_cases, allow_hyphen_values = true)]
+        cases: usize,
+        /// Seed of the case generator (decimal or 0x hex).
+        #[arg(long, default_value = "0xd1ff", value_parser = parse_seed, allow_hyphen_values = true)]
+        seed: u64,
+    },
     /// Measure exit and fault costs, harvest and invalidation.
     Bench {
         /// Memory touched by the first-touch benchmark (4K to 16G, a
@@ -223,6 +234,10 @@ fn parse_int(s: &str, what: &str, lo: u64, hi: u64) -> Result<u64, String> {
 
 fn parse_vcpus(s: &str) -> Result<usize, String> {
     parse_int(s, "the vCPU count", 1, vmm_kvm::runtime::MAX_VCPUS as u64).map(|v| v as usize)
+}
+
+fn parse_cases(s: &str) -> Result<usize, String> {
+    parse_int(s, "the case count", 1, 100_000_000).map(|v| v as usize)
 }
 
 fn parse_percent(s: &str) -> Result<u32, String> {
@@ -690,6 +705,44 @@ fn cmd_run(a: RunArgs) -> ExitCode {
     }
 }
 
+fn cmd_check_emulator(cases: usize, seed: u64) -> ExitCode {
+    if let Err(c) = need_kvm("check-emulator") {
+        return c;
+    }
+    let mode = detect::detect().map(|d| d.mode).unwrap_or(PagingMode::Shadow);
+    match vmm_kvm::differential::run_differential(cases, seed, mode) {
+        Ok(r) => {
+            out!(
+                "vmm check-emulator: {} forms, {} cases, each native on RAM, emulated on MMIO and straddling RAM/MMIO (seed {seed:#x})",
+                r.forms,
+                r.cases
+            );
+            out!(
+                "  {} MMIO exits, {} instructions emulated; phases native/emulated/mixed {:.0}/{:.0}/{:.0} ms",
+                r.mmio_exits,
+                r.emulated,
+                r.phase_time[0].as_secs_f64() * 1e3,
+                r.phase_time[1].as_secs_f64() * 1e3,
+                r.phase_time[2].as_secs_f64() * 1e3
+            );
+            for d in &r.divergences {
+                out!("  DIVERGENCE case {} ({:?}) {} {:02x?}: {}", d.index, d.phase, d.form, d.bytes, d.what);
+            }
+            if r.divergences.is_empty() {
+                out!("  registers, flags, RIP and memory identical in every case");
+                ExitCode::SUCCESS
+            } else {
+                out!("  {} divergences", r.divergences.len());
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("vmm check-emulator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn cmd_inspect_vm(name: &str) -> ExitCode {
     match vmm::control::request(name, "inspect") {
         Ok(s) => {
@@ -975,6 +1028,7 @@ fn main() -> ExitCode {
         Cmd::Inspect { name: Some(name), .. } => cmd_inspect_vm(&name),
         Cmd::Inspect { name: None, run, leaves } => cmd_inspect(run, leaves),
         Cmd::Screenshot { name, out } => cmd_screenshot(&name, &out),
+        Cmd::CheckEmulator { cases, seed } => cmd_check_emulator(cases, seed),
         Cmd::Bench { mem, json } => cmd_bench(mem, json),
         Cmd::Conformance { emulators, verbose } => conformance(&emulators, verbose),
     }

@@ -1,7 +1,7 @@
 //! What the vCPU loop needs from an address space, and the plain-table
 //! implementation used by the oracle tests.
 //!
-//! [`Backend`] is the seam between the KVM runner and the memory system. The
+//! [`MemBackend`] is the seam between the KVM runner and the memory system. The
 //! production implementation is [`SpaceBackend`](crate::space::SpaceBackend)
 //! (a `vmspace::VmSpace` with one client per vCPU); [`TableBackend`] is a bare
 //! `nested_pt::NestedTable` over a flat RAM region, which lets tests lay out

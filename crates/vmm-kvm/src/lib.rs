@@ -2,19 +2,30 @@
 //!
 //! # What this crate owns
 //!
-//! A KVM VM ([`vm::KvmVm`]) whose memory slots hold a vmspace's RAM (a memfd
-//! reservoir whose frame numbers are KVM guest-physical pages) and its table
-//! pages ([`slot_pages::SlotPages`], a `nested_pt::TablePages` provider inside
-//! a slot). vCPUs ([`vcpu::Vcpu`]) run in 64-bit long mode with CR3 = the
-//! vmspace root in NPT format (the x86-64 long-mode format), so guest-linear
-//! addresses *are* vmspace guest-physical addresses and the vCPU's page walk
-//! is the nested walk. The workload runs at CPL 3: nested walks are user
-//! accesses, as NPT hardware treats them. A small runtime ([`runtime`]: GDT,
-//! TSSes, IDT and the code of [`guest`]) is mapped into the vmspace like a
-//! boot ROM, read-only and executable; per-vCPU data (parameter block,
-//! stacks) and ledgers are mapped read-write and non-executable. Everything
-//! the guest runs is position-independent code assembled by the standard
-//! toolchain (`global_asm!`) and copied in at start-up.
+//! The KVM backend of the VM layer (`vmm`): a KVM VM ([`vm::KvmVm`]) whose
+//! memory slots hold a VM's RAM (a memfd reservoir whose frame numbers are
+//! KVM guest-physical pages), its table pages ([`slot_pages::SlotPages`], a
+//! `nested_pt::TablePages` provider inside a slot) and each device-memory
+//! segment (one slot per segment, added and deleted through
+//! `vmm::devmem::MemoryExposure`); vCPUs ([`vcpu::Vcpu`], implementing
+//! `vmm::hv::Vcpu`) in 64-bit long mode with CR3 = the vmspace root in NPT
+//! format (the x86-64 long-mode format), so guest-linear addresses *are*
+//! vmspace guest-physical addresses and the vCPU's page walk is the nested
+//! walk; and the invalidation that makes table changes visible to KVM on
+//! both kinds of host ([`space::SpaceBackend`], which builds a `vmm::Vm`
+//! on these slots and implements `vmm::hv::MemBackend`). The workload runs
+//! at CPL 3: nested walks are user accesses, as NPT hardware treats them.
+//!
+//! What runs a VM is above the backend interface, in `vmm`: the machine
+//! (vCPU threads, exit loop, nested faults, MMIO emulation, harvest
+//! points), the guest code, runtime layout and workloads, the devices. What
+//! stays here besides the backend are the programs that run on KVM
+//! specifically: [`run`] (`vmm run`: the workloads with harvest rounds, the
+//! PCI framebuffer, every check, the control endpoint), [`watch`] (remaps
+//! under running vCPUs), [`oracle`] (real accesses against
+//! `nested_pt::mmu::translate`), [`differential`] (the emulator against the
+//! CPU), [`detect`] (how KVM translates on this host), [`bench`](mod@bench) and
+//! [`inspect`].
 //!
 //! A page fault in the workload is our *nested page fault*: a
 //! three-instruction CPL 0 stub exits with `out`, the host reads CR2 and RSP
@@ -32,7 +43,7 @@
 //! out. [`run`] drives the built-in workloads ([`workload`]) with harvest
 //! rounds; [`watch`] remaps and unmaps under running vCPUs; [`oracle`]
 //! compares real accesses with `nested_pt::mmu::translate`; [`detect`]
-//! finds out how KVM translates on this host; [`bench`] measures.
+//! finds out how KVM translates on this host; [`bench`](mod@bench) measures.
 //!
 //! # Invalidation, on both kinds of host
 //!
@@ -83,8 +94,11 @@
 //! - vmspace maps 4 KiB pages only, so the 2 MiB (and 1 GiB) oracle
 //!   layouts use a bare `nested_pt` table ([`backend::TableBackend`]). The
 //!   1 GiB case runs only where KVM offers 1 GiB pages; ours does not.
-//! - No MMIO emulation: an access to a mapping without RAM behind it in
-//!   KVM would exit as MMIO and is reported as a guest error.
+//! - MMIO is trapped as a nested fault on an address no mapping serves
+//!   (never as a KVM MMIO exit): device ranges must not be vmspace
+//!   mappings without RAM behind them.
+//! - [`run`] still builds its VM through `SpaceBackend` directly; moving it
+//!   into `vmm` needs a host trait that creates a backend's VM.
 //! - Upper-level accessed bits on a faulting walk are not compared with the
 //!   model (KVM sets none; the model, like QEMU, may set some).
 #![warn(missing_docs)]

@@ -365,7 +365,7 @@ impl SpaceBackend {
 
     /// Maps the runtime for `nvcpus` vCPUs whose regions have `npages`
     /// pages each: the boot ROM as a device-memory segment named "bootrom",
-    /// read-only and executable just below 4 GiB ([`BOOTROM_BASE`]), as
+    /// read-only and executable just below 4 GiB (`runtime::BOOTROM_BASE`), as
     /// bhyve maps its boot ROM; per-vCPU data and ledgers as system memory
     /// (read + write).
     pub fn map_runtime(&self, nvcpus: usize, npages: u64) -> Result<()> {

@@ -1,55 +1,90 @@
-//! The VM layer on `vmspace`: memory segments (system memory and named,
-//! remappable device memory with host nodes), and what is built on them
-//! (DESIGN.md §2 and §8).
+//! The VM layer on `vmspace` (DESIGN.md §2 and §8): memory segments,
+//! named device memory, the hypervisor interface and the machine that runs
+//! vCPUs through it, MMIO instruction emulation, PCI and the platform's
+//! devices, interrupt device models, live migration, and the control
+//! endpoint of a running VM.
 //!
 //! # What this crate owns
 //!
-//! A [`Vm`] is one guest's memory as bhyve's `vmm.c` presents it: a
-//! `vmspace::VmSpace` plus *memory segments*. A segment is allocated under
-//! an id with a length and a kind — system memory (guest RAM from the VM's
-//! reservoir in 4 KiB chunks) or device memory with a name (a boot ROM, a
-//! framebuffer) — and ranges of it are mapped at guest-physical addresses
-//! with a protection, possibly at several addresses at once (aliases). Each
-//! device-memory segment has a host node ([`devmem`]): a file under the
-//! user's runtime directory that any process of the same user maps by name,
-//! independently of where the guest maps it, so a viewer keeps its mapping
-//! while the guest moves a BAR. The crate knows nothing of KVM: a backend
-//! exposes device memory to its hypervisor through
-//! [`devmem::MemoryExposure`] and runs vCPUs over the vmspace.
+//! - **Memory** ([`Vm`]): one guest's memory as bhyve's `vmm.c` presents
+//!   it: a `vmspace::VmSpace` plus *memory segments*. A segment is allocated
+//!   under an id with a length and a kind — system memory (guest RAM from
+//!   the VM's reservoir in 4 KiB chunks) or device memory with a name (the
+//!   boot ROM, a framebuffer) — and ranges of it are mapped at
+//!   guest-physical addresses with a protection, possibly at several
+//!   addresses at once (aliases). Each device-memory segment has a host
+//!   node ([`devmem`]): a file under the user's runtime directory that any
+//!   process of the same user maps by name, independently of where the
+//!   guest maps it, so a viewer keeps its mapping while the guest moves a
+//!   BAR. Beside the nodes, the [`control`] socket lets other processes
+//!   reach a running VM by name (`vmm inspect NAME`, `vmm screenshot NAME`).
+//! - **The hypervisor interface** ([`hv`]): what the layer needs from a
+//!   backend — vCPUs that run until an exit, their registers, a kick — and
+//!   from the memory system ([`hv::MemBackend`], [`hv::VcpuMem`]). The crate
+//!   knows nothing of KVM: `vmm-kvm` implements these traits (and
+//!   [`devmem::MemoryExposure`], which puts device memory into memory
+//!   slots); a bare-metal hypervisor or another host API would implement the
+//!   same and reuse everything here.
+//! - **The machine** ([`machine`]): one thread per vCPU, the exit loop,
+//!   nested faults served by vmspace, harvest points, kicks, CPU pinning;
+//!   a fault on an address a device claims goes to **MMIO emulation**
+//!   ([`emul`], decoding with iced-x86): the instruction's bytes are fetched
+//!   through page holds up to the page end (then the next page), executed
+//!   against the device and RAM (RAM through holds, so emulator writes are
+//!   dirty-tracked), and the registers, flags and RIP are updated.
+//! - **Guest side** ([`guest`], [`runtime`], [`workload`]): the
+//!   position-independent guest code, the runtime's layout (boot ROM below
+//!   4 GiB, per-vCPU data), the built-in workloads and their host replay.
+//! - **Devices**: PCI behind ECAM ([`pci`]), a bhyve-style framebuffer with
+//!   a segment-backed 64-bit BAR ([`fbuf`]), the platform that applies BAR
+//!   moves to the VM and answers master aborts ([`platform`]); vLAPIC,
+//!   vIOAPIC, vHPET and MSI decoding ([`intr`]).
+//! - **Live migration** ([`migration`]): the pre-copy engine and the
+//!   versioned, checksummed stream, against source/target traits.
 //!
 //! # Invariants
 //!
 //! - Every refused operation returns a typed [`Error`] and changes nothing:
 //!   all arguments are validated before the first change, and the
 //!   segment table and mapping list change only after the vmspace did.
-//! - The VM's mapping list and the vmspace's mappings are the same set.
 //! - A segment cannot be freed while mapped; its memory lives while mapped,
 //!   held (vmspace holds keep objects) or open (a process mapped its node).
 //! - Nodes are removed when their segment's memory is freed and the VM's
 //!   directory when the VM goes (also on a clean stop by SIGINT/SIGTERM,
 //!   which the CLI turns into a normal shutdown).
 //! - No write is lost to dirty tracking: host writes through
-//!   [`Vm::write_segment`] are marked in every writable alias, and
-//!   [`Vm::harvest_dirty`] adds every device-memory page whose contents
-//!   changed since the last harvest (writes through other processes' views
-//!   of a node are not seen by the table's dirty bits; the VM compares the
-//!   segment with the copy it kept).
+//!   [`Vm::write_segment`] are marked in every writable alias, emulated
+//!   writes go through writable holds, and [`Vm::harvest_dirty`] adds every
+//!   device-memory page whose contents changed since the last harvest
+//!   (writes through other processes' views of a node are not seen by the
+//!   table's dirty bits, so the VM compares the segment with the copy it
+//!   kept: such writes are *marked*, not refused).
+//! - An instruction the emulator does not support is reported with its
+//!   bytes and RIP, never guessed at.
 //!
 //! # Concurrency
 //!
 //! Segment and mapping changes serialize on one VM lock, taken before the
-//! space lock (never the other way round); the data path (holds, faults)
-//! goes through vmspace clients and never takes the VM lock.
+//! space lock (never the other way round); the data path (holds, faults,
+//! emulation) goes through each vCPU's vmspace client and never takes the
+//! VM lock. Device models sit behind one platform lock; a BAR move made by
+//! one vCPU's emulated configuration write unmaps and maps the segment
+//! (vmspace invalidates and kicks the other vCPUs) before that write
+//! returns.
 //!
 //! # Known gaps
 //!
-//! - The KVM runner does not run on this crate yet (`vmm-kvm` still holds
-//!   the run loop and talks to vmspace directly); MMIO emulation, the PCI
-//!   framebuffer and BAR moves are not wired to vCPUs.
+//! - The run loop with its workloads and harvest rounds (`vmm run`) still
+//!   lives in `vmm-kvm` above the KVM backend (it uses the generic machine
+//!   and `Vm`, but creating the memory is KVM's): a `Host` trait that
+//!   creates a backend's `Vm` would let it move here.
+//! - The interrupt models are not wired to vCPUs yet (no injection from
+//!   them), and the migration engine is not wired to a running VM.
 //! - Device-memory frame ranges are handed out by a bump allocator and not
 //!   reused after a segment is freed.
 //! - The harvest's comparison of device memory costs a copy of every
 //!   device-memory segment while tracking is on.
+//! - Emulation is 64-bit mode only (see [`emul`] for the instruction gaps).
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
