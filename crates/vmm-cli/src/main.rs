@@ -9,19 +9,29 @@
 //! without `/dev/kvm`.
 //!
 //! Subcommands:
-//! - `run`: the built-in workloads on real vCPUs with dirty-harvest rounds,
-//!   and a summary (faults, residency, dirty pages per round, generations,
-//!   kicks, the host's invalidation mode). Exit status 1 when a check fails.
-//! - `inspect`: mappings and a decoded table dump of the built-in layout
-//!   (no KVM needed) or of a short `vmm run` (`--run`).
-//! - `bench`: exit round trip, nested-fault cost and our share of it, KVM's
-//!   own first-touch cost, harvest and invalidation costs.
+//! - `run`: the built-in workloads on real vCPUs over a `vmm::Vm` (RAM and
+//!   boot-ROM segments, a PCI framebuffer the guest programs and moves
+//!   through emulated MMIO) with dirty-harvest rounds, and a summary
+//!   (faults, residency, dirty pages per round, MMIO exits, BAR moves,
+//!   generations, kicks, the host's invalidation mode). `--name NAME`
+//!   makes the running VM reachable; `--screenshot`, `--pin`. SIGINT or
+//!   SIGTERM stop it cleanly (exit 130). Exit status 1 when a check fails.
+//! - `inspect [NAME]`: a running VM's segments, mappings, vCPU registers and
+//!   tables (through its control socket), or the built-in layout (no KVM
+//!   needed), or a short run's (`--run`).
+//! - `screenshot NAME OUT`: a PNG of a running VM's framebuffer, mapped by
+//!   name from this process.
+//! - `check-emulator`: the MMIO emulator against the CPU (`--cases N`).
+//! - `bench`: exit round trip, MMIO exits and the emulator's share,
+//!   nested-fault cost and our share of it, KVM's own first-touch cost,
+//!   harvest and invalidation costs.
 //! - `conformance`: builds the bare-metal conformance kernel and runs it
 //!   under QEMU (SVM+NPT) and Bochs (VMX+EPT, with and without EPT A/D),
 //!   printing a pass/fail table per scenario and emulator
 //!   (`hwtest::run_conformance`).
 //!
-//! Known gaps: `migrate` (roadmap row 5) is not here yet.
+//! Known gaps: `migrate` / `run --incoming` (the engine is in
+//! `vmm::migration`) are not here yet.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
