@@ -309,6 +309,10 @@ impl vmm::hv::Vcpu for Vcpu {
         Vcpu::run(self).map_err(|e| Box::new(e) as _)
     }
     fn regs(&mut self) -> vmm::hv::Regs {
+        let (fs_base, gs_base) = {
+            let s = self.sregs();
+            (s.fs.base, s.gs.base)
+        };
         let r = Vcpu::regs(self);
         vmm::hv::Regs {
             gpr: [
@@ -317,6 +321,8 @@ impl vmm::hv::Vcpu for Vcpu {
             ],
             rip: r.rip,
             rflags: r.rflags,
+            fs_base,
+            gs_base,
         }
     }
     fn set_regs(&mut self, regs: &vmm::hv::Regs) {

@@ -66,35 +66,10 @@ pub enum Exit {
 }
 
 /// General registers in the hardware encoding order (RAX, RCX, RDX, RBX,
-/// RSP, RBP, RSI, RDI, R8-R15), RIP and RFLAGS.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Regs {
-    /// The sixteen general registers.
-    pub gpr: [u64; 16],
-    /// Instruction pointer.
-    pub rip: u64,
-    /// Flags.
-    pub rflags: u64,
-}
-
-impl Regs {
-    /// Index of RAX in [`Regs::gpr`].
-    pub const RAX: usize = 0;
-    /// Index of RCX.
-    pub const RCX: usize = 1;
-    /// Index of RDX.
-    pub const RDX: usize = 2;
-    /// Index of RBX.
-    pub const RBX: usize = 3;
-    /// Index of RSP.
-    pub const RSP: usize = 4;
-    /// Index of RBP.
-    pub const RBP: usize = 5;
-    /// Index of RSI.
-    pub const RSI: usize = 6;
-    /// Index of RDI.
-    pub const RDI: usize = 7;
-}
+/// RSP, RBP, RSI, RDI, R8-R15), RIP, RFLAGS and the FS/GS bases: the same
+/// register file the instruction emulator works on (indices in
+/// [`crate::emul::gpr`]).
+pub use crate::emul::Regs;
 
 /// Where the runtime lives, as the vCPU sees it (guest-linear addresses,
 /// which equal vmspace guest-physical addresses: CR3 is the vmspace root).

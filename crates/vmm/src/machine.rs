@@ -3,7 +3,7 @@
 //! ([`crate::hv`]), so every backend runs the same loop.
 #![allow(unsafe_code)]
 
-use crate::emul::{MemError, MemErrorKind};
+use crate::emul::{MemError, MemErrorKind, gpr};
 use crate::guest::{self, GuestCode};
 use crate::hv::{Exit, FaultError, Kick, MachineError, MemBackend, Regs, Result, Vcpu, VcpuMem};
 use crate::runtime;
@@ -199,17 +199,17 @@ fn emulate_at(
     let word = |k: usize| u64::from_le_bytes(words[8 * k..8 * k + 8].try_into().expect("8 bytes"));
     let (rip, rflags, ursp) = (word(0), word(2), word(3));
     let hv = v.regs();
-    let mut er = crate::emul::Regs { gpr: hv.gpr, rip, rflags, fs_base: 0, gs_base: 0 };
-    er.gpr[Regs::RSP] = ursp;
+    let mut er = crate::emul::Regs { rip, rflags, ..hv };
+    er.gpr[gpr::RSP] = ursp;
     let mut em = EmulMemory { mem, dev, vcpu };
     crate::emul::emulate(&mut er, &mut em)?;
     let mut out = hv;
     out.gpr = er.gpr;
-    out.gpr[Regs::RSP] = hv.gpr[Regs::RSP];
+    out.gpr[gpr::RSP] = hv.gpr[gpr::RSP];
     v.set_regs(&out);
     words[..8].copy_from_slice(&er.rip.to_le_bytes());
     words[16..24].copy_from_slice(&er.rflags.to_le_bytes());
-    words[24..].copy_from_slice(&er.gpr[Regs::RSP].to_le_bytes());
+    words[24..].copy_from_slice(&er.gpr[gpr::RSP].to_le_bytes());
     crate::emul::Memory::write(&mut em, ksp + 8, &words).map_err(crate::emul::Error::Memory)?;
     Ok(1)
 }
@@ -523,7 +523,7 @@ impl Machine {
                 Exit::Out(guest::PORT_FAULT) => {
                     st.fault_run_ns.fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
                     let gpa = v.cr2();
-                    let rsp = v.regs().gpr[Regs::RSP];
+                    let rsp = v.regs().gpr[gpr::RSP];
                     let err = read_guest_u64(b, rsp)
                         .ok_or_else(|| MachineError::Guest("kernel stack not resident".into()))?;
                     let rip = read_guest_u64(b, rsp + 8).unwrap_or(0);
@@ -549,7 +549,7 @@ impl Machine {
                         let r = v.regs();
                         match handler(
                             i,
-                            Event::Port(port, [r.gpr[Regs::RAX], r.gpr[Regs::RDX], r.gpr[Regs::RSI], r.gpr[Regs::RDI]]),
+                            Event::Port(port, [r.gpr[gpr::RAX], r.gpr[gpr::RDX], r.gpr[gpr::RSI], r.gpr[gpr::RDI]]),
                         ) {
                             Action::Continue | Action::Skip(_) => {}
                             Action::Stop => return Ok(()),
@@ -599,7 +599,7 @@ impl Machine {
                     }
                 }
                 Exit::Out(p) if p >= guest::PORT_EXCEPTION_BASE => {
-                    let rsp = v.regs().gpr[Regs::RSP];
+                    let rsp = v.regs().gpr[gpr::RSP];
                     let vec = p - guest::PORT_EXCEPTION_BASE;
                     let has_err = matches!(vec, 8 | 10..=14 | 17 | 21 | 29 | 30);
                     let rip = read_guest_u64(b, rsp + if has_err { 8 } else { 0 }).unwrap_or(0);
@@ -612,7 +612,7 @@ impl Machine {
                     let r = v.regs();
                     match handler(
                         i,
-                        Event::Port(p, [r.gpr[Regs::RAX], r.gpr[Regs::RDX], r.gpr[Regs::RSI], r.gpr[Regs::RDI]]),
+                        Event::Port(p, [r.gpr[gpr::RAX], r.gpr[gpr::RDX], r.gpr[gpr::RSI], r.gpr[gpr::RDI]]),
                     ) {
                         Action::Continue | Action::Skip(_) => {}
                         Action::Stop => return Ok(()),

@@ -375,14 +375,11 @@ impl<P: TablePages + Send + Sync> Vm<P> {
         if !(offset <= s.len && n <= s.len - offset) {
             return Err(Error::OutsideSegment);
         }
-        let arena = s.object_arena(&self.ram);
-        for_each_page(offset, n, |off, at, len| {
-            let pfn = s.object.frame_at(off).expect("inside the segment");
-            let p = arena.host_ptr(pfn).expect("segment frames lie in their arena");
-            // SAFETY: `p` is the host page of a frame of the segment's object,
-            // which lives (we hold it); `off % PAGE + len <= PAGE`; a raw copy
+        s.for_each_host_piece(&self.ram, offset, n, |host, at, len| {
+            // SAFETY: `host` points at `len` bytes inside one host page of
+            // the segment's object, which lives (we hold it); a raw copy
             // from a host buffer, no reference over guest memory.
-            unsafe { std::ptr::copy_nonoverlapping(src[at..].as_ptr(), p.as_ptr().add((off % PAGE) as usize), len) };
+            unsafe { std::ptr::copy_nonoverlapping(src[at..].as_ptr(), host, len) };
         });
         if n > 0 && self.space.dirty_tracking() {
             self.mark_segment_dirty(&st, id, offset, n)?;
@@ -398,14 +395,9 @@ impl<P: TablePages + Send + Sync> Vm<P> {
         if !(offset <= s.len && n <= s.len - offset) {
             return Err(Error::OutsideSegment);
         }
-        let arena = s.object_arena(&self.ram);
-        for_each_page(offset, n, |off, at, len| {
-            let pfn = s.object.frame_at(off).expect("inside the segment");
-            let p = arena.host_ptr(pfn).expect("segment frames lie in their arena");
+        s.for_each_host_piece(&self.ram, offset, n, |host, at, len| {
             // SAFETY: as in `write_segment`, copying out.
-            unsafe {
-                std::ptr::copy_nonoverlapping(p.as_ptr().add((off % PAGE) as usize), dst[at..].as_mut_ptr(), len)
-            };
+            unsafe { std::ptr::copy_nonoverlapping(host, dst[at..].as_mut_ptr(), len) };
         });
         Ok(())
     }
@@ -491,6 +483,27 @@ impl Segment {
             Some(n) => n.arena(),
             None => ram.arena(),
         }
+    }
+
+    /// Calls `f(host pointer, buffer offset, bytes)` for each page-sized
+    /// piece of `[offset, offset+n)` of the segment (which the caller
+    /// checked lies inside it): the pointer addresses `bytes` bytes inside
+    /// one host page of the segment's object.
+    fn for_each_host_piece(
+        &self,
+        ram: &Arc<dyn Reservoir>,
+        offset: u64,
+        n: u64,
+        mut f: impl FnMut(*mut u8, usize, usize),
+    ) {
+        let arena = self.object_arena(ram);
+        for_each_page(offset, n, |off, at, len| {
+            let pfn = self.object.frame_at(off).expect("inside the segment");
+            let p = arena.host_ptr(pfn).expect("segment frames lie in their arena");
+            // SAFETY: `off % PAGE + len <= PAGE` (a page piece), so the
+            // result stays inside the frame's host page.
+            f(unsafe { p.as_ptr().add((off % PAGE) as usize) }, at, len);
+        });
     }
 }
 
