@@ -5,8 +5,9 @@
 //! - a hold never sees a frame of an object that was not mapped at its
 //!   address when it was taken;
 //! - every page written through a hold of the stable region appears in a
-//!   later harvest, and a page written exactly once appears exactly once;
-//!   harvests report only pages that were written;
+//!   later harvest (see [`Written`] for which harvests qualify), and a page
+//!   written exactly once appears exactly once; harvests report only pages
+//!   that were written;
 //! - all data written is read back intact (through the hold, and at the
 //!   end from the objects' memory).
 
@@ -24,6 +25,41 @@ const SLOT_Y: u64 = 0x4000 * PG; // stable: harvested
 const PAGES: u64 = 64;
 const WORKERS: usize = 3;
 
+/// One worker's account of a stable page: how often it was written through
+/// a hold, and the lowest harvest index that may report its last write.
+///
+/// Harvests are numbered by a counter the (single) harvesting thread bumps
+/// before each one, so when a worker reads `started` harvests `0..started`
+/// have begun and `0..started - 1` have returned. A release that begins
+/// after that read sets the dirty bit after harvest `started - 2` returned:
+/// harvest `started - 1` (if its scan reaches the page later) or a later
+/// one reports it, and no earlier one can. The counter must be read
+/// *before* the release: read after it, a worker preempted (or sleeping on
+/// its client's lock in `hold_released`) between the release and the read
+/// lets any number of harvests start meanwhile, the first of which reports
+/// the write and clears the bit, and a count that no harvest can satisfy is
+/// demanded when no later write of the page follows (at the end of the
+/// run).
+#[derive(Clone, Copy, Default, Debug)]
+struct Written {
+    writes: u64,
+    need: u64,
+}
+
+impl Written {
+    /// A write whose release has not begun; `started` read just now.
+    fn releasing(&mut self, started: u64) {
+        self.writes += 1;
+        self.need = self.need.max(started);
+    }
+
+    /// Whether a harvest in `seen` (indices of the harvests that reported
+    /// the page) may be the one that reported the last write.
+    fn reported_in(need: u64, seen: &[u64]) -> bool {
+        seen.iter().any(|&k| k + 1 >= need)
+    }
+}
+
 /// `(epoch << 8) | object index`, or 0 when nothing is mapped.
 fn tag(epoch: u64, obj: usize) -> u64 {
     (epoch << 8) | obj as u64
@@ -40,13 +76,24 @@ fn stress_holds_faults_against_map_unmap_harvest() {
     s.map(&objs[0], 0, SLOT_X, PAGES * PG, Prot::RW).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let harvest_started = Arc::new(AtomicU64::new(0));
+    // Set once a worker has checked a hold against a mapping that stayed
+    // in place: on a loaded machine the administrator's rounds can all
+    // run while the workers wait for a CPU, so it goes on until then.
+    let checked_any = Arc::new(AtomicBool::new(false));
     // Per stable page: harvests that reported it.
     let reported: Arc<Mutex<Vec<Vec<u64>>>> = Arc::new(Mutex::new(vec![Vec::new(); PAGES as usize]));
 
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
-            let (s, objs, stable, cur_x, stop, harvest_started) =
-                (s.clone(), objs.clone(), stable.clone(), cur_x.clone(), stop.clone(), harvest_started.clone());
+            let (s, objs, stable, cur_x, stop, harvest_started, checked_any) = (
+                s.clone(),
+                objs.clone(),
+                stable.clone(),
+                cur_x.clone(),
+                stop.clone(),
+                harvest_started.clone(),
+                checked_any.clone(),
+            );
             std::thread::spawn(move || {
                 let c = s.client();
                 let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (w as u64) << 32;
@@ -56,8 +103,8 @@ fn stress_holds_faults_against_map_unmap_harvest() {
                     rng ^= rng << 17;
                     rng
                 };
-                // Stable pages: (writes, harvest index required).
-                let mut written = vec![(0u64, 0u64); PAGES as usize];
+                // Stable pages.
+                let mut written = vec![Written::default(); PAGES as usize];
                 // Last value this worker wrote, by frame.
                 let mut last: HashMap<u64, u64> = HashMap::new();
                 let mut checked = 0u64;
@@ -78,10 +125,8 @@ fn stress_holds_faults_against_map_unmap_harvest() {
                             h.write_u64(off, value).unwrap();
                             assert_eq!(h.read_u64(off).unwrap(), value);
                             last.insert(h.pfn().0, value);
+                            written[page as usize].releasing(harvest_started.load(Ordering::SeqCst));
                             assert!(!h.release());
-                            let e = &mut written[page as usize];
-                            e.0 += 1;
-                            e.1 = e.1.max(harvest_started.load(Ordering::SeqCst));
                         }
                         _ => {
                             let before = cur_x.load(Ordering::SeqCst);
@@ -91,6 +136,7 @@ fn stress_holds_faults_against_map_unmap_harvest() {
                                 let o = &objs[(before & 0xff) as usize];
                                 assert_eq!(h.pfn(), o.frame_at(page * PG).unwrap(), "frame of the mapped object");
                                 checked += 1;
+                                checked_any.store(true, Ordering::Relaxed);
                             } else {
                                 assert!(
                                     objs.iter().any(|o| o.frame_at(page * PG) == Some(h.pfn())),
@@ -130,7 +176,9 @@ fn stress_holds_faults_against_map_unmap_harvest() {
                 *k += 1;
             };
             let mut harvests = 0;
-            for round in 0..300 {
+            let t0 = std::time::Instant::now();
+            let mut round = 0;
+            while round < 300 || (!checked_any.load(Ordering::Relaxed) && t0.elapsed().as_secs() < 60) {
                 s.unmap(SLOT_X, PAGES * PG).unwrap();
                 cur_x.store(0, Ordering::SeqCst);
                 harvest(&mut harvests, &mut bitmap);
@@ -141,6 +189,7 @@ fn stress_holds_faults_against_map_unmap_harvest() {
                 if round % 3 == 0 {
                     s.populate(SLOT_X, PAGES * PG).unwrap();
                 }
+                round += 1;
                 std::thread::yield_now();
             }
             stop.store(true, Ordering::SeqCst);
@@ -167,7 +216,7 @@ fn stress_holds_faults_against_map_unmap_harvest() {
     // Every stable page written through a hold is still in the table, with
     // its frame (nothing unmaps the stable region).
     for p in 0..PAGES {
-        if results.iter().any(|r| r.0[p as usize].0 > 0) {
+        if results.iter().any(|r| r.0[p as usize].writes > 0) {
             assert_eq!(s.lookup(SLOT_Y + p * PG).map(|l| l.0), stable.frame_at(p * PG), "stable page {p}");
         }
     }
@@ -175,15 +224,15 @@ fn stress_holds_faults_against_map_unmap_harvest() {
     let rep = reported.lock().unwrap();
     let mut total_checked = 0;
     for p in 0..PAGES as usize {
-        let writes: u64 = results.iter().map(|r| r.0[p].0).sum();
-        let need: u64 = results.iter().map(|r| r.0[p].1).max().unwrap();
+        let writes: u64 = results.iter().map(|r| r.0[p].writes).sum();
+        let need: u64 = results.iter().map(|r| r.0[p].need).max().unwrap();
         let seen = &rep[p];
         if writes == 0 {
             assert!(seen.is_empty(), "page {p} never written but reported");
             continue;
         }
-        // The harvest running at the last release, or a later one.
-        if !seen.iter().any(|&k| k + 1 >= need) {
+        // The harvest running when the last release began, or a later one.
+        if !Written::reported_in(need, seen) {
             let last: Vec<_> = rep.iter().map(|v| v.last().copied()).collect();
             let lk = s.with_table(|t| t.lookup(nested_pt::Gpa(SLOT_Y + p as u64 * PG)));
             panic!(
@@ -217,6 +266,45 @@ fn stress_holds_faults_against_map_unmap_harvest() {
     s.unmap(SLOT_Y, PAGES * PG).unwrap();
     assert_eq!(s.resident_count(), 0);
     s.with_table(|t| assert!(t.pages().errors().is_empty()));
+}
+
+/// The interleaving the accounting above must accept, replayed on one
+/// thread: a worker's release of a stable page, then (the worker preempted
+/// before it records anything) two harvests, the first of which reports
+/// the page. A count read after the release (2) would demand harvest 1 or
+/// later, which cannot report the page; read before it (0), harvest 0
+/// qualifies.
+#[test]
+fn stress_accounting_release_then_preempted_across_harvests() {
+    let s = space_with(1 << 30, npt(), true, 8);
+    let r = reservoir(PAGES);
+    let stable = ram(&r, PAGES);
+    s.map(&stable, 0, SLOT_Y, PAGES * PG, Prot::RW).unwrap();
+    let c = s.client();
+    let mut started = 0u64;
+    let mut seen = Vec::new();
+    let mut w = Written::default();
+    let h = c.hold(SLOT_Y + 3 * PG, Prot::RW).unwrap();
+    h.write_u64(0, 1).unwrap();
+    w.releasing(started);
+    assert!(!h.release());
+    // The worker is preempted here; the administrator harvests twice.
+    for _ in 0..2 {
+        let idx = started;
+        started += 1;
+        let mut bitmap = [0u64; 1];
+        s.track_dirty(SLOT_Y, PAGES * PG, &mut bitmap).unwrap();
+        if bit(&bitmap, 3) {
+            seen.push(idx);
+        }
+    }
+    assert_eq!(seen, [0], "the first harvest after the release reports it, and clears it");
+    assert!(Written::reported_in(w.need, &seen));
+    // What the worker would have read after the release.
+    let mut late = Written::default();
+    late.releasing(started);
+    assert!(!Written::reported_in(late.need, &seen), "a count read after the release is too late");
+    s.unmap(SLOT_Y, PAGES * PG).unwrap();
 }
 
 /// Objects are created, mapped, unmapped and dropped by the administrator
