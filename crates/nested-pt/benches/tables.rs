@@ -22,7 +22,8 @@
 //! `vacate` (free the tables of an already unmapped range; `ptm`: drop).
 //!
 //! Run: `cargo bench -p nested-pt --bench tables -- --warm-up-time 1
-//! --measurement-time 2` (a filter such as `harvest` for a subset). At the
+//! --measurement-time 2` (a filter such as `harvest` for a subset;
+//! `NPT_BENCH_GIB=1` for the 1 GiB size only). At the
 //! end a table of medians in ns per page is printed, with the ratio of our
 //! best form to the best peer.
 
@@ -427,8 +428,8 @@ fn shuffled(n: u64, seed: u64) -> Vec<u32> {
 
 /// Not timed: what the tables cost, in real bytes (pages at 4 KiB each plus
 /// the software shadow), per GiB mapped.
-fn table_memory() {
-    for gib in [1u64, 16] {
+fn table_memory(sizes: &[u64]) {
+    for &gib in sizes {
         let bytes = gib * GIB;
         let t = mapped(bytes);
         let share = t.table_bytes() as f64 / bytes as f64 * 100.0;
@@ -442,8 +443,16 @@ fn table_memory() {
 }
 
 fn benches(c: &mut Criterion) {
-    table_memory();
-    for (sz, bytes) in [("1GiB", GIB), ("16GiB", 16 * GIB)] {
+    // `NPT_BENCH_GIB=1` (or `16`, or `1,16`, the default) picks the sizes.
+    let sizes: Vec<u64> = std::env::var("NPT_BENCH_GIB")
+        .unwrap_or_else(|_| "1,16".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    table_memory(&sizes);
+    for &gib in &sizes {
+        let (sz, bytes) = (format!("{gib}GiB"), gib * GIB);
+        let sz = sz.as_str();
         let pages = bytes / K4;
         let mut g = c.benchmark_group(format!("tables/{sz}"));
         g.sample_size(10);

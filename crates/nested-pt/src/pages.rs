@@ -208,7 +208,15 @@ unsafe impl TablePages for HeapPages {
     #[inline(always)]
     fn ptr(&self, pfn: Pfn) -> *mut u64 {
         match self.frames.index(pfn) {
-            Some(index) => self.pages.wrapping_add(index * 4096).cast(),
+            Some(index) => {
+                let p = self.pages.wrapping_add(index * 4096);
+                // SAFETY: `p` lies inside the arena (the index is below the
+                // capacity), which the allocator placed at a non-null
+                // address; telling the compiler lets the tree's null check
+                // of the result fold into the index check.
+                unsafe { core::hint::assert_unchecked(!p.is_null()) };
+                p.cast()
+            }
             None => ptr::null_mut(),
         }
     }

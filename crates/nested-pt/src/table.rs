@@ -1,7 +1,7 @@
 //! The four-level table tree.
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering, fence};
 
 use crate::format::{Kind, PteFormat, with_kind};
 use crate::pages::TablePages;
@@ -299,11 +299,23 @@ impl<P: TablePages> NestedTable<P> {
         if !counted(&self.root, 4, gpa.0, end, leaf.level()) {
             return Err(Error::NotPopulated);
         }
-        let mut mapped = false;
+        // One straight run of loads ORed together (no branch per entry):
+        // some entry is present exactly when the OR has a present bit.
+        let mut all = 0u64;
         self.for_each_leaf_table(gpa, len, |_, entries, _| {
-            mapped |= entries.iter().any(|e| self.fmt.is_present(e.load(Ordering::Relaxed)));
+            let mut acc = [0u64; 4];
+            let mut quads = entries.chunks_exact(4);
+            for q in &mut quads {
+                for (a, e) in acc.iter_mut().zip(q) {
+                    *a |= e.load(Ordering::Relaxed);
+                }
+            }
+            for e in quads.remainder() {
+                acc[0] |= e.load(Ordering::Relaxed);
+            }
+            all |= acc[0] | acc[1] | acc[2] | acc[3];
         });
-        if mapped {
+        if self.fmt.is_present(all) {
             return Err(Error::StillMapped);
         }
         uncount(&mut self.root, 4, gpa.0, end, leaf.level());
@@ -365,7 +377,8 @@ impl<P: TablePages> NestedTable<P> {
         let mut table = self.root_table();
         let mut l = 4;
         while l > level {
-            let e = table[index(l, gpa)].load(Ordering::Acquire);
+            // Relaxed: see `find`.
+            let e = table[index(l, gpa)].load(Ordering::Relaxed);
             if e & K::PRESENT == 0 {
                 return Err(Error::NotPopulated);
             }
@@ -634,30 +647,41 @@ impl<P: TablePages> NestedTable<P> {
     /// (a compare and an add for the arena providers): entries are
     /// reachable for writing through [`entry`](Self::entry), so a table
     /// entry is not trusted to name one of the provider's pages.
+    ///
+    /// Table entries are read relaxed: tables are created and freed only
+    /// under `&mut self`, so a walk under `&self` is already ordered after
+    /// the stores that made the tables it meets, and the compiler may keep
+    /// the provider's fields and the root pointer in registers across
+    /// walks. The leaf's read is an acquire (a fence for large leaves), so
+    /// a caller that sees a mapping sees what the mapping thread did
+    /// before it mapped.
     #[inline(always)]
     fn find<K: Kind>(&self, g: u64) -> Option<(&AtomicU64, PageSize, u64)> {
         if g >= GPA_LIMIT {
             return None;
         }
         let am = self.fmt.addr_mask();
-        let e4 = self.root_table()[index(4, g)].load(Ordering::Acquire);
+        let e4 = self.root_table()[index(4, g)].load(Ordering::Relaxed);
         if e4 & K::PRESENT == 0 {
             return None;
         }
         let s3 = &self.table(Pfn((e4 & am) >> 12))?[index(3, g)];
-        let e3 = s3.load(Ordering::Acquire);
+        let e3 = s3.load(Ordering::Relaxed);
         if e3 & K::PRESENT == 0 {
             return None;
         }
         if e3 & LARGE != 0 {
+            // A leaf: its read is an acquire, as for a 4 KiB leaf.
+            fence(Ordering::Acquire);
             return Some((s3, PageSize::Size1G, e3));
         }
         let s2 = &self.table(Pfn((e3 & am) >> 12))?[index(2, g)];
-        let e2 = s2.load(Ordering::Acquire);
+        let e2 = s2.load(Ordering::Relaxed);
         if e2 & K::PRESENT == 0 {
             return None;
         }
         if e2 & LARGE != 0 {
+            fence(Ordering::Acquire);
             return Some((s2, PageSize::Size2M, e2));
         }
         let s1 = &self.table(Pfn((e2 & am) >> 12))?[index(1, g)];
@@ -674,10 +698,11 @@ impl<P: TablePages> NestedTable<P> {
     pub fn is_mapped(&self, gpa: Gpa) -> Option<(Pfn, Prot)> {
         with_kind!(self.fmt, K => {
             let (_, size, v) = self.find::<K>(gpa.0)?;
-            let first = self.fmt.frame_at_level(v, size.level());
-            // The leaf's frame fits the format (< 2^40) and the offset is
-            // less than the page: no overflow.
-            Some((Pfn(first.0 + ((gpa.0 & (size.bytes() - 1)) >> 12)), K::prot(v)))
+            // The host address: the leaf's page base (its low bits are
+            // PAT or reserved in large leaves) plus the offset into it.
+            let low = size.bytes() - 1;
+            let hpa = (v & self.fmt.addr_mask() & !low) | (gpa.0 & low);
+            Some((Pfn(hpa >> 12), K::prot(v)))
         })
     }
 
@@ -996,7 +1021,32 @@ pub struct Leaves<'a, P: TablePages> {
 impl<'a, P: TablePages> Iterator for Leaves<'a, P> {
     type Item = Leaf<'a>;
 
+    /// The common step, inlined into the caller: the next entry of the
+    /// current leaf table; the descent to the next leaf table is out of
+    /// line.
+    #[inline]
     fn next(&mut self) -> Option<Leaf<'a>> {
+        if let Some(table) = self.leaf_table {
+            let fmt = &self.t.fmt;
+            let lim = self.end.min(self.leaf_base + entry_span(2));
+            while self.cur < lim && self.cur >= self.leaf_base {
+                let gpa = self.cur;
+                self.cur += 4096;
+                let slot = &table[index(1, gpa)];
+                if fmt.is_present(slot.load(Ordering::Acquire)) {
+                    return Some(Leaf { gpa: Gpa(gpa), size: PageSize::Size4K, entry: slot, fmt });
+                }
+            }
+        }
+        self.next_slow()
+    }
+}
+
+impl<'a, P: TablePages> Leaves<'a, P> {
+    /// [`next`](Iterator::next) past the end of the current leaf table:
+    /// descends from the root to the next leaf table or large leaf.
+    #[inline(never)]
+    fn next_slow(&mut self) -> Option<Leaf<'a>> {
         let fmt = &self.t.fmt;
         'outer: while self.cur < self.end {
             if let Some(table) = self.leaf_table {
@@ -1089,6 +1139,11 @@ fn populate<P: TablePages>(
         *progress = end;
         return Ok(());
     }
+    // Room for the children this call adds, made once: the children in
+    // `[first, last]` that are missing.
+    let have = node.children.partition_point(|c| (c.index as usize) <= last)
+        - node.children.partition_point(|c| (c.index as usize) < first);
+    node.children.reserve(last - first + 1 - have);
     for i in first..=last {
         let slot_base = base + i as u64 * span;
         let (s, e) = (start.max(slot_base), end.min(slot_base + span));
