@@ -3,7 +3,8 @@
 //! with different counts; the difference divided by the pages is the
 //! instructions per page (`cargo run --release -p nested-pt --example
 //! walk_cost -- lookup 3`). Workloads: `lookup`, `lookup_seq`, `map`,
-//! `map_shared`, `harvest`, `harvest_shared`, `vacate`.
+//! `map_shared`, `harvest`, `harvest_shared`, `dirty_setup` (the
+//! harvests' setup alone), `vacate`.
 
 use nested_pt::{Caps, Gpa, HeapPages, MemType, NestedTable, PageSize, Pfn, Prot, PteFormat};
 use std::hint::black_box;
@@ -61,9 +62,12 @@ fn main() {
                     r.unwrap();
                 }
             }
-            "harvest" | "harvest_shared" => {
+            "harvest" | "harvest_shared" | "dirty_setup" => {
                 for p in (0..pages).step_by(10) {
                     t.reset_dirty(Gpa(p << 12), true).unwrap();
+                }
+                if work == "dirty_setup" {
+                    continue;
                 }
                 let n = if work == "harvest" {
                     t.harvest_dirty_exclusive(Gpa(0), bytes, &mut bitmap).unwrap()

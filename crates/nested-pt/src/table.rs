@@ -892,10 +892,15 @@ impl<P: TablePages> NestedTable<P> {
                 for chunk in &mut chunks {
                     let mut word = 0u64;
                     for (j, group) in chunk.chunks_exact(8).enumerate() {
-                        let mut byte = 0u64;
-                        for (k, e) in group.iter().enumerate() {
-                            byte |= K::dirty_bit(e.load(Ordering::Relaxed)) << k;
-                        }
+                        let byte = if dmask.count_ones() == 1 {
+                            dirty8(group, dmask.trailing_zeros())
+                        } else {
+                            let mut byte = 0u64;
+                            for (k, e) in group.iter().enumerate() {
+                                byte |= K::dirty_bit(e.load(Ordering::Relaxed)) << k;
+                            }
+                            byte
+                        };
                         word |= byte << (8 * j);
                     }
                     if word != 0 {
@@ -1351,6 +1356,63 @@ fn prefetch_table(p: *const u64) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// Bit `k` of the result is bit `bit` of `group[k]`: the dirty bits of
+/// eight entries, read as eight relaxed loads would read them.
+#[inline(always)]
+fn dirty8(group: &[AtomicU64], bit: u32) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if group.len() == 8 && bit < 64 {
+        let mask: u64;
+        // SAFETY: the block reads the 64 bytes of `group` (eight entries of
+        // a live table page, 8-byte aligned, valid for reads while the
+        // borrow lasts) with four 16-byte SSE2 loads and writes no memory.
+        // Other threads and the hardware change entries only with atomic
+        // operations, and x86 reads every naturally aligned quadword of a
+        // vector load atomically (a wide load may be split into several
+        // accesses, never inside an aligned quadword), so the block is
+        // equivalent to eight relaxed atomic loads, which may race with
+        // those writes. SSE2 is part of the x86-64 baseline. The entries'
+        // dirty bits are shifted to bit 63 of each quadword, the high
+        // dwords of each pair of vectors gathered, and their sign bits
+        // read out, entry `k` to bit `k`.
+        unsafe {
+            core::arch::asm!(
+                "movq {n}, {sh}",
+                "movdqu {a}, [{p}]",
+                "movdqu {b}, [{p} + 16]",
+                "movdqu {c}, [{p} + 32]",
+                "movdqu {d}, [{p} + 48]",
+                "psllq {a}, {n}",
+                "psllq {b}, {n}",
+                "psllq {c}, {n}",
+                "psllq {d}, {n}",
+                "shufps {a}, {b}, 0xdd",
+                "shufps {c}, {d}, 0xdd",
+                "movmskps {m:e}, {a}",
+                "movmskps {t:e}, {c}",
+                "shl {t:e}, 4",
+                "or {m:e}, {t:e}",
+                p = in(reg) group.as_ptr(),
+                sh = in(reg) (63 - bit) as u64,
+                n = out(xmm_reg) _,
+                a = out(xmm_reg) _,
+                b = out(xmm_reg) _,
+                c = out(xmm_reg) _,
+                d = out(xmm_reg) _,
+                m = out(reg) mask,
+                t = out(reg) _,
+                options(readonly, nostack),
+            );
+        }
+        return mask;
+    }
+    let mut byte = 0u64;
+    for (k, e) in group.iter().enumerate() {
+        byte |= ((e.load(Ordering::Relaxed) >> bit) & 1) << k;
+    }
+    byte
 }
 
 /// ORs the 64 bits of `word` into `bitmap` starting at bit `first`.
