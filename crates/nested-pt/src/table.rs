@@ -373,7 +373,9 @@ impl<P: TablePages> NestedTable<P> {
     /// [`table_at`](Self::table_at) specialized for the format kind `K`.
     #[inline(always)]
     fn table_at_k<K: Kind>(&self, gpa: u64, level: u8) -> Result<&Table, Error> {
-        let am = self.fmt.addr_mask();
+        // Clearing the low bits again is free and tells the compiler the
+        // frame-to-address round trip is a no-op.
+        let am = self.fmt.addr_mask() & !0xfff;
         let mut table = self.root_table();
         let mut l = 4;
         while l > level {
@@ -660,7 +662,9 @@ impl<P: TablePages> NestedTable<P> {
         if g >= GPA_LIMIT {
             return None;
         }
-        let am = self.fmt.addr_mask();
+        // Clearing the low bits again is free and tells the compiler the
+        // frame-to-address round trip is a no-op.
+        let am = self.fmt.addr_mask() & !0xfff;
         let e4 = self.root_table()[index(4, g)].load(Ordering::Relaxed);
         if e4 & K::PRESENT == 0 {
             return None;
@@ -1284,7 +1288,8 @@ fn prune<P: TablePages>(
     let lo = node.children.partition_point(|c| (c.index as usize) < first);
     let hi = node.children.partition_point(|c| (c.index as usize) <= last);
     for k in lo..hi {
-        if let Some(next) = node.children.get(k + 1) {
+        // Only a clearing pass reads the child tables' entries.
+        if clear && let Some(next) = node.children.get(k + 1) {
             prefetch_table(pages.ptr(next.pfn));
         }
         let child = &mut node.children[k];
