@@ -702,10 +702,14 @@ impl<P: TablePages> NestedTable<P> {
     pub fn is_mapped(&self, gpa: Gpa) -> Option<(Pfn, Prot)> {
         with_kind!(self.fmt, K => {
             let (_, size, v) = self.find::<K>(gpa.0)?;
+            let am = self.fmt.addr_mask();
+            if size == PageSize::Size4K {
+                return Some((Pfn((v & am) >> 12), K::prot(v)));
+            }
             // The host address: the leaf's page base (its low bits are
             // PAT or reserved in large leaves) plus the offset into it.
             let low = size.bytes() - 1;
-            let hpa = (v & self.fmt.addr_mask() & !low) | (gpa.0 & low);
+            let hpa = (v & am & !low) | (gpa.0 & low);
             Some((Pfn(hpa >> 12), K::prot(v)))
         })
     }
