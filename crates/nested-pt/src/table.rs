@@ -1154,13 +1154,18 @@ fn populate<P: TablePages>(
     }
     // Room for the children this call adds, made once: the children in
     // `[first, last]` that are missing.
-    let have = node.children.partition_point(|c| (c.index as usize) <= last)
-        - node.children.partition_point(|c| (c.index as usize) < first);
+    let lo = node.children.partition_point(|c| (c.index as usize) < first);
+    let have = node.children.partition_point(|c| (c.index as usize) <= last) - lo;
     node.children.reserve(last - first + 1 - have);
+    // The children are sorted by index and the slots are visited in
+    // order, so slot `i`'s child is at (or is inserted at) the position
+    // after slot `i - 1`'s: a cursor instead of a search per slot.
+    let mut cursor = lo;
     for i in first..=last {
         let slot_base = base + i as u64 * span;
         let (s, e) = (start.max(slot_base), end.min(slot_base + span));
-        let pos = match node.child_pos(i) {
+        let found = node.children.get(cursor).is_some_and(|c| c.index as usize == i);
+        let pos = match if found { Ok(cursor) } else { Err(cursor) } {
             Ok(pos) => pos,
             Err(pos) => {
                 let table = table_of(pages, node.pfn).ok_or(Error::NoMemory)?;
@@ -1184,6 +1189,7 @@ fn populate<P: TablePages>(
             }
         };
         populate(&mut node.children[pos], level - 1, s, e, leaf_level, pages, fmt, progress, tables)?;
+        cursor = pos + 1;
     }
     Ok(())
 }
