@@ -1,126 +1,164 @@
-//! Table benchmarks at 1 GiB and 16 GiB of guest space, each run beside
-//! the seed's algorithm (a walk from the root for every page, entry
-//! operations through a table of function pointers, as illumos'
-//! `vmm_gpt.c` does) and a sequential read of an equal-sized `u64` array
-//! (8 bytes per 4 KiB page: the bandwidth reference).
+//! Table benchmarks at 1 GiB and 16 GiB of guest space, side by side with
+//! two peers over the same kind of table-page arena (a [`HeapPages`], so
+//! every implementation gets its pages from the same bump allocator with
+//! a free list, and page-to-pointer conversion is an addition):
 //!
-//! Run: `cargo bench -p nested-pt --bench tables`
-//! (`-- --quick` or a filter such as `harvest` for a subset).
-//! Every benchmark reports throughput in pages; ns per page = 1000 /
-//! (Melem/s).
+//! - `ptm`: `page_table_multiarch` 0.6 (`X64PageTable`, a `PagingHandler`
+//!   over a global arena), mapping through one cursor;
+//! - `x86`: the `x86_64` crate 0.15 (`OffsetPageTable` with a
+//!   `FrameAllocator`/`FrameDeallocator` over an arena);
+//!
+//! and a sequential read of an equal-sized `u64` array (8 bytes per 4 KiB
+//! page: the bandwidth reference for the harvest).
+//!
+//! Workloads (every implementation gets the same addresses in the same
+//! order): `populate` (peers have no populate: they map one page per 2 MiB,
+//! which creates the same tables), `map_in_order` and `map_random` (per
+//! page, into existing tables), `lookup_random` and `lookup_seq` (frame and
+//! protection of every page), `harvest_10pct` (read and clear the dirty
+//! bits of a range where every tenth page is dirty; `ptm` has no dirty
+//! bits, `x86` walks its tables by hand), `unmap_vacate` (unmap every page
+//! and free the tables; `ptm` unmaps per page and frees on drop) and
+//! `vacate` (free the tables of an already unmapped range; `ptm`: drop).
+//!
+//! Run: `cargo bench -p nested-pt --bench tables -- --warm-up-time 1
+//! --measurement-time 2` (a filter such as `harvest` for a subset;
+//! `NPT_BENCH_GIB=1` for the 1 GiB size only). At the
+//! end a table of medians in ns per page is printed, with the ratio of our
+//! best form to the best peer.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime};
 use nested_pt::{Caps, Gpa, HeapPages, MemType, NestedTable, PageSize, Pfn, Prot, PteFormat, TablePages};
 
+use memory_addr as ma;
+use page_table_multiarch::x86_64::X64PageTable;
+use page_table_multiarch::{MappingFlags, PageSize as PtmSize, PagingHandler};
+use x86_64::structures::paging::mapper::{CleanUp, TranslateResult};
+use x86_64::structures::paging::{
+    FrameAllocator, FrameDeallocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags, PhysFrame, Size4KiB,
+    Translate,
+};
+
 const K4: u64 = 4096;
+const M2: u64 = 2 << 20;
 const GIB: u64 = 1 << 30;
+/// Frames of the guest memory the benchmarks map (never touched).
+const GUEST_PFN: u64 = 0x100_0000;
 
-/// The seed's PTE operations: function pointers looked up at run time.
-struct SeedOps {
-    is_present: fn(u64) -> bool,
-    pfn: fn(u64) -> u64,
-    map_page: fn(u64, u8) -> u64,
-    reset_dirty: fn(&AtomicU64, bool) -> bool,
-}
+// ---------------------------------------------------------------------
+// Result collection: medians of ns per page, printed at the end.
+// ---------------------------------------------------------------------
 
-fn ept_present(e: u64) -> bool {
-    e & 7 != 0
-}
-fn ept_pfn(e: u64) -> u64 {
-    (e & 0x000f_ffff_ffff_f000) >> 12
-}
-fn ept_map_page(pfn: u64, prot: u8) -> u64 {
-    (pfn << 12) | (6 << 3) | (1 << 6) | prot as u64
-}
-fn ept_reset_dirty(e: &AtomicU64, on: bool) -> bool {
-    let old = if on { e.fetch_or(1 << 9, Ordering::AcqRel) } else { e.fetch_and(!(1 << 9), Ordering::AcqRel) };
-    old & (1 << 9) != 0
+static RESULTS: Mutex<BTreeMap<(String, String, String), Vec<f64>>> = Mutex::new(BTreeMap::new());
+
+fn record(size: &str, work: &str, who: &str, d: Duration, iters: u64, pages: u64) {
+    let ns = d.as_nanos() as f64 / iters as f64 / pages as f64;
+    RESULTS.lock().unwrap().entry((size.into(), work.into(), who.into())).or_default().push(ns);
 }
 
-static SEED_OPS: SeedOps =
-    SeedOps { is_present: ept_present, pfn: ept_pfn, map_page: ept_map_page, reset_dirty: ept_reset_dirty };
-
-/// The seed's walker over the same table pages: fills the entry pointers of
-/// every level from the root for each page.
-struct Seed<'a> {
-    pages: &'a HeapPages,
-    root: u64,
-    ops: &'a SeedOps,
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
 }
 
-impl<'a> Seed<'a> {
-    fn new(t: &'a NestedTable<HeapPages>) -> Self {
-        Seed { pages: t.pages(), root: t.root().0, ops: black_box(&SEED_OPS) }
+fn report() {
+    let r = RESULTS.lock().unwrap();
+    let mut rows: BTreeMap<(String, String), BTreeMap<String, f64>> = BTreeMap::new();
+    for ((size, work, who), v) in r.iter() {
+        rows.entry((work.clone(), size.clone())).or_default().insert(who.clone(), median(v));
     }
-    #[inline(never)]
-    fn walk(&self, gpa: u64, entries: &mut [*const AtomicU64; 4]) {
-        let mut cur = self.pages.ptr(Pfn(self.root)) as *const AtomicU64;
-        for (i, slot) in entries.iter_mut().enumerate() {
-            if cur.is_null() {
-                *slot = std::ptr::null();
-                continue;
-            }
-            let idx = (gpa >> (39 - 9 * i)) & 511;
-            // SAFETY: `cur` points at a live table page of `pages`.
-            let p = unsafe { cur.add(idx as usize) };
-            *slot = p;
-            // SAFETY: as above.
-            let e = unsafe { (*p).load(Ordering::Acquire) };
-            if !(self.ops.is_present)(e) {
-                cur = std::ptr::null();
-                continue;
-            }
-            cur = self.pages.ptr(Pfn((self.ops.pfn)(e))) as *const AtomicU64;
+    println!("\nmedian ns/page (ratio = our best form / best peer; harvest: bandwidth reference / ours)");
+    println!(
+        "{:<16} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9}  ratio",
+        "workload", "size", "ours", "ours_sh", "ptm", "x86", "bw_ref"
+    );
+    let bw: BTreeMap<String, f64> = rows
+        .iter()
+        .filter(|((w, _), _)| w == "bandwidth")
+        .filter_map(|((_, s), m)| Some((s.clone(), *m.get("ref")?)))
+        .collect();
+    for ((work, size), m) in &rows {
+        if work == "bandwidth" {
+            continue;
         }
-    }
-    fn lookup(&self, gpa: u64) -> *const AtomicU64 {
-        let mut e = [std::ptr::null(); 4];
-        self.walk(gpa, &mut e);
-        e[3]
-    }
-    fn map(&self, gpa: u64, pfn: u64) -> bool {
-        let p = self.lookup(gpa);
-        // SAFETY: populated range: the leaf table exists.
-        unsafe { (*p).compare_exchange(0, (self.ops.map_page)(pfn, 3), Ordering::AcqRel, Ordering::Acquire).is_ok() }
-    }
-    fn unmap_region(&self, gpa: u64, len: u64) -> u64 {
-        let mut n = 0;
-        for a in (gpa..gpa + len).step_by(K4 as usize) {
-            let p = self.lookup(a);
-            if !p.is_null() {
-                // SAFETY: `p` is an entry in a live leaf table.
-                let old = unsafe { (*p).swap(0, Ordering::AcqRel) };
-                n += (self.ops.is_present)(old) as u64;
+        let f = |k: &str| m.get(k).map_or("-".to_string(), |v| format!("{v:.3}"));
+        let ours = m.get("ours").copied();
+        let peer = [m.get("ptm"), m.get("x86")].into_iter().flatten().copied().reduce(f64::min);
+        let ratio = match (ours, peer) {
+            (Some(o), Some(p)) => format!("{:.2}", o / p),
+            _ => "-".into(),
+        };
+        let bwr = if work.starts_with("harvest") {
+            match (bw.get(size), ours, m.get("ours_sh")) {
+                (Some(b), Some(o), Some(s)) => format!("  bw {:.0}% excl, {:.0}% shared", b / o * 100.0, b / s * 100.0),
+                _ => String::new(),
             }
-        }
-        n
-    }
-    fn harvest(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> u64 {
-        let mut n = 0;
-        for (i, a) in (gpa..gpa + len).step_by(K4 as usize).enumerate() {
-            let p = self.lookup(a);
-            // SAFETY: `p` is null or an entry in a live leaf table.
-            let dirty = !p.is_null() && (self.ops.reset_dirty)(unsafe { &*p }, false);
-            if dirty {
-                bitmap[i / 64] |= 1 << (i % 64);
-                n += 1;
-            } else {
-                bitmap[i / 64] &= !(1 << (i % 64));
-            }
-        }
-        n
+        } else {
+            String::new()
+        };
+        let bws = bw.get(size).map_or("-".to_string(), |v| format!("{v:.3}"));
+        println!(
+            "{work:<16} {size:<6} {:>9} {:>9} {:>9} {:>9} {:>9}  {ratio}{bwr}",
+            f("ours"),
+            f("ours_sh"),
+            f("ptm"),
+            f("x86"),
+            bws
+        );
     }
 }
+
+/// Benchmarks `routine` on a fresh `setup()` per iteration, timing only
+/// the routine (its output is dropped untimed), and records the result.
+#[allow(clippy::too_many_arguments)]
+fn bench<I, O>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    size: &str,
+    work: &str,
+    who: &str,
+    pages: u64,
+    mut setup: impl FnMut() -> I,
+    mut routine: impl FnMut(I) -> O,
+) {
+    g.bench_function(format!("{work}/{who}"), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let input = setup();
+                let start = Instant::now();
+                let out = black_box(routine(black_box(input)));
+                total += start.elapsed();
+                drop(out);
+            }
+            record(size, work, who, total, iters, pages);
+            total
+        })
+    });
+}
+
+// ---------------------------------------------------------------------
+// Ours.
+// ---------------------------------------------------------------------
 
 fn fmt() -> PteFormat {
     PteFormat::ept(Caps::default())
 }
 
+/// Table pages a 4 KiB mapping of `bytes` needs, with room to spare.
+fn arena_pages(bytes: u64) -> u64 {
+    bytes / M2 + bytes / (1 << 30) + 64
+}
+
 fn new_table(bytes: u64) -> NestedTable<HeapPages> {
-    let pages = (bytes / (2 << 20)) + 64;
+    let pages = arena_pages(bytes);
     let mut arena = HeapPages::with_capacity(0x100, pages);
     arena.prefault(pages);
     NestedTable::new(fmt(), arena).unwrap()
@@ -133,10 +171,248 @@ fn populated(bytes: u64) -> NestedTable<HeapPages> {
 }
 
 fn mapped(bytes: u64) -> NestedTable<HeapPages> {
-    let t = populated(bytes);
-    t.map_range(Gpa(0), bytes, Prot::RW, MemType::WriteBack, |g| Some(Pfn(0x100_0000 + (g.0 >> 12)))).unwrap();
+    let mut t = populated(bytes);
+    t.map_range_exclusive(Gpa(0), bytes, Prot::RW, MemType::WriteBack, |g| Some(Pfn(GUEST_PFN + (g.0 >> 12)))).unwrap();
     t
 }
+
+fn dirty_10pct(t: &NestedTable<HeapPages>, bytes: u64) {
+    for p in (0..bytes / K4).step_by(10) {
+        t.reset_dirty(Gpa(p * K4), true).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------
+// page_table_multiarch: a global arena behind a `PagingHandler`.
+// ---------------------------------------------------------------------
+
+static PTM_PAGES: Mutex<Option<HeapPages>> = Mutex::new(None);
+/// Virtual address of physical address 0 in the `ptm` arena.
+static PTM_OFFSET: AtomicUsize = AtomicUsize::new(0);
+
+struct PtmHandler;
+
+impl PagingHandler for PtmHandler {
+    fn alloc_frames(num: usize, _align: usize) -> Option<ma::PhysAddr> {
+        assert_eq!(num, 1);
+        let pfn = PTM_PAGES.lock().unwrap().as_mut()?.alloc_zeroed()?;
+        Some(ma::PhysAddr::from((pfn.0 << 12) as usize))
+    }
+    fn dealloc_frames(paddr: ma::PhysAddr, _num: usize) {
+        let pfn = Pfn(paddr.as_usize() as u64 >> 12);
+        // SAFETY: the page table frees only frames it allocated and no
+        // longer points at.
+        unsafe { PTM_PAGES.lock().unwrap().as_mut().unwrap().free(pfn) }
+    }
+    #[inline(always)]
+    fn phys_to_virt(paddr: ma::PhysAddr) -> ma::VirtAddr {
+        ma::VirtAddr::from(PTM_OFFSET.load(Ordering::Relaxed).wrapping_add(paddr.as_usize()))
+    }
+}
+
+type Ptm = X64PageTable<PtmHandler>;
+
+/// Sets up the global arena, big enough for two 16 GiB tables at once.
+fn ptm_init() {
+    let mut g = PTM_PAGES.lock().unwrap();
+    if g.is_none() {
+        let pages = 2 * arena_pages(16 * GIB) + 64;
+        let mut h = HeapPages::with_capacity(0x100, pages);
+        h.prefault(pages);
+        let pfn = h.alloc_zeroed().unwrap();
+        PTM_OFFSET.store((h.ptr(pfn) as usize).wrapping_sub((pfn.0 << 12) as usize), Ordering::Relaxed);
+        // SAFETY: just allocated, nothing points at it.
+        unsafe { h.free(pfn) };
+        *g = Some(h);
+    }
+}
+
+const PTM_FLAGS: MappingFlags = MappingFlags::READ.union(MappingFlags::WRITE);
+
+fn ptm_va(gpa: u64) -> ma::VirtAddr {
+    ma::VirtAddr::from(gpa as usize)
+}
+fn ptm_pa(pfn: u64) -> ma::PhysAddr {
+    ma::PhysAddr::from((pfn << 12) as usize)
+}
+
+/// Creates the tables of `[0, bytes)` by mapping one page per 2 MiB.
+fn ptm_populate(pt: &mut Ptm, bytes: u64) {
+    let mut c = pt.cursor();
+    for a in (0..bytes).step_by(M2 as usize) {
+        c.map(ptm_va(a), ptm_pa(GUEST_PFN + (a >> 12)), PtmSize::Size4K, PTM_FLAGS).unwrap();
+    }
+}
+
+/// A table whose tables for `[0, bytes)` exist, with nothing mapped.
+fn ptm_populated(bytes: u64) -> Ptm {
+    ptm_init();
+    let mut pt = Ptm::try_new().unwrap();
+    ptm_populate(&mut pt, bytes);
+    let mut c = pt.cursor();
+    for a in (0..bytes).step_by(M2 as usize) {
+        c.unmap(ptm_va(a)).unwrap();
+    }
+    drop(c);
+    pt
+}
+
+fn ptm_mapped(bytes: u64) -> Ptm {
+    let mut pt = ptm_populated(bytes);
+    let mut c = pt.cursor();
+    for p in 0..bytes / K4 {
+        c.map(ptm_va(p * K4), ptm_pa(GUEST_PFN + p), PtmSize::Size4K, PTM_FLAGS).unwrap();
+    }
+    drop(c);
+    pt
+}
+
+// ---------------------------------------------------------------------
+// x86_64: an `OffsetPageTable` over its own arena.
+// ---------------------------------------------------------------------
+
+struct X86 {
+    pages: HeapPages,
+    root: Pfn,
+    offset: u64,
+}
+
+struct X86Frames<'a>(&'a mut HeapPages);
+
+// SAFETY: the arena hands out each frame once until it is freed.
+unsafe impl FrameAllocator<Size4KiB> for X86Frames<'_> {
+    fn allocate_frame(&mut self) -> Option<PhysFrame> {
+        let pfn = self.0.alloc_zeroed()?;
+        Some(PhysFrame::containing_address(x86_64::PhysAddr::new(pfn.0 << 12)))
+    }
+}
+
+impl FrameDeallocator<Size4KiB> for X86Frames<'_> {
+    unsafe fn deallocate_frame(&mut self, frame: PhysFrame) {
+        // SAFETY: the mapper frees only tables it allocated and unlinked.
+        unsafe { self.0.free(Pfn(frame.start_address().as_u64() >> 12)) }
+    }
+}
+
+const X86_FLAGS: PageTableFlags = PageTableFlags::PRESENT.union(PageTableFlags::WRITABLE);
+
+impl X86 {
+    fn new(bytes: u64) -> X86 {
+        let n = arena_pages(bytes);
+        let mut pages = HeapPages::with_capacity(0x100, n);
+        pages.prefault(n);
+        let root = pages.alloc_zeroed().unwrap();
+        let offset = (pages.ptr(root) as u64).wrapping_sub(root.0 << 12);
+        X86 { pages, root, offset }
+    }
+    /// The mapper and a frame allocator, both over this arena.
+    fn parts(&mut self) -> (OffsetPageTable<'static>, X86Frames<'_>) {
+        let l4 = self.pages.ptr(self.root).cast::<PageTable>();
+        // SAFETY: the root page is live for the arena's life and only one
+        // mapper at a time is made from it (`&mut self`).
+        let mapper = unsafe { OffsetPageTable::new(&mut *l4, x86_64::VirtAddr::new(self.offset)) };
+        (mapper, X86Frames(&mut self.pages))
+    }
+    fn map(m: &mut OffsetPageTable<'_>, f: &mut X86Frames<'_>, gpa: u64, pfn: u64) {
+        let page = Page::<Size4KiB>::containing_address(x86_64::VirtAddr::new(gpa));
+        let frame = PhysFrame::containing_address(x86_64::PhysAddr::new(pfn << 12));
+        // SAFETY: the frames are never accessed through this table.
+        unsafe { m.map_to(page, frame, X86_FLAGS, f) }.unwrap().ignore();
+    }
+    fn unmap(m: &mut OffsetPageTable<'_>, gpa: u64) {
+        m.unmap(Page::<Size4KiB>::containing_address(x86_64::VirtAddr::new(gpa))).unwrap().1.ignore();
+    }
+    fn populate(&mut self, bytes: u64) {
+        let (mut m, mut f) = self.parts();
+        for a in (0..bytes).step_by(M2 as usize) {
+            Self::map(&mut m, &mut f, a, GUEST_PFN + (a >> 12));
+        }
+    }
+    fn populated(bytes: u64) -> X86 {
+        let mut x = X86::new(bytes);
+        x.populate(bytes);
+        let (mut m, _) = x.parts();
+        for a in (0..bytes).step_by(M2 as usize) {
+            Self::unmap(&mut m, a);
+        }
+        x
+    }
+    fn mapped(bytes: u64) -> X86 {
+        let mut x = X86::populated(bytes);
+        let (mut m, mut f) = x.parts();
+        for p in 0..bytes / K4 {
+            Self::map(&mut m, &mut f, p * K4, GUEST_PFN + p);
+        }
+        x
+    }
+    fn clean_up(&mut self, bytes: u64) {
+        let (mut m, mut f) = self.parts();
+        let range = Page::range_inclusive(
+            Page::containing_address(x86_64::VirtAddr::new(0)),
+            Page::containing_address(x86_64::VirtAddr::new(bytes - 1)),
+        );
+        // SAFETY: every table frame is used once, in this table only.
+        unsafe { m.clean_up_addr_range(range, &mut f) };
+    }
+    /// Calls `f` with the index of the first page of each leaf table and
+    /// the table, walking the tree by hand (what a dirty harvest with the
+    /// crate's types looks like).
+    fn leaf_tables(&mut self, mut f: impl FnMut(u64, &mut PageTable)) {
+        let off = self.offset;
+        // SAFETY: every table address in the tree is a live arena page.
+        let table = |e: &x86_64::structures::paging::page_table::PageTableEntry| unsafe {
+            &mut *((off + e.addr().as_u64()) as *mut PageTable)
+        };
+        // SAFETY: the root page is live.
+        let l4 = unsafe { &mut *self.pages.ptr(self.root).cast::<PageTable>() };
+        for (i4, e4) in l4.iter().enumerate() {
+            if e4.is_unused() {
+                continue;
+            }
+            for (i3, e3) in table(e4).iter().enumerate() {
+                if e3.is_unused() {
+                    continue;
+                }
+                for (i2, e2) in table(e3).iter().enumerate() {
+                    if e2.is_unused() {
+                        continue;
+                    }
+                    f(((i4 as u64) << 27) | ((i3 as u64) << 18) | ((i2 as u64) << 9), table(e2));
+                }
+            }
+        }
+    }
+    fn dirty_10pct(&mut self) {
+        self.leaf_tables(|first, t| {
+            for (i, e) in t.iter_mut().enumerate() {
+                if (first + i as u64).is_multiple_of(10) && !e.is_unused() {
+                    e.set_flags(e.flags() | PageTableFlags::DIRTY);
+                }
+            }
+        });
+    }
+    fn harvest(&mut self, bitmap: &mut [u64]) -> u64 {
+        let mut n = 0;
+        self.leaf_tables(|first, t| {
+            for (i, e) in t.iter_mut().enumerate() {
+                let p = (first + i as u64) as usize;
+                let fl = e.flags();
+                if fl.contains(PageTableFlags::DIRTY) {
+                    e.set_flags(fl - PageTableFlags::DIRTY);
+                    bitmap[p / 64] |= 1 << (p % 64);
+                    n += 1;
+                } else {
+                    bitmap[p / 64] &= !(1 << (p % 64));
+                }
+            }
+        });
+        n
+    }
+}
+
+// ---------------------------------------------------------------------
+// The workloads.
+// ---------------------------------------------------------------------
 
 fn shuffled(n: u64, seed: u64) -> Vec<u32> {
     let mut v: Vec<u32> = (0..n as u32).collect();
@@ -150,16 +426,10 @@ fn shuffled(n: u64, seed: u64) -> Vec<u32> {
     v
 }
 
-fn dirty_10pct(t: &NestedTable<HeapPages>, bytes: u64) {
-    for p in (0..bytes / K4).step_by(10) {
-        t.reset_dirty(Gpa(p * K4), true).unwrap();
-    }
-}
-
 /// Not timed: what the tables cost, in real bytes (pages at 4 KiB each plus
 /// the software shadow), per GiB mapped.
-fn table_memory() {
-    for gib in [1u64, 16] {
+fn table_memory(sizes: &[u64]) {
+    for &gib in sizes {
         let bytes = gib * GIB;
         let t = mapped(bytes);
         let share = t.table_bytes() as f64 / bytes as f64 * 100.0;
@@ -169,222 +439,365 @@ fn table_memory() {
             t.table_pages(),
             share
         );
-        let mut t = new_table(bytes);
-        t.populate_region(Gpa(0), bytes, PageSize::Size1G).unwrap();
-        for i in 0..gib {
-            t.map(Gpa(i * GIB), Pfn(i << 18), PageSize::Size1G, Prot::RW, MemType::WriteBack).unwrap();
-        }
-        let share = t.table_bytes() as f64 / bytes as f64 * 100.0;
-        println!(
-            "table memory, {gib} GiB of 1 GiB pages: {} bytes ({} pages), {:.6}% of mapped memory",
-            t.table_bytes(),
-            t.table_pages(),
-            share
-        );
     }
 }
 
 fn benches(c: &mut Criterion) {
-    table_memory();
-    for (name, bytes) in [("1GiB", GIB), ("16GiB", 16 * GIB)] {
+    // `NPT_BENCH_GIB=1` (or `16`, or `1,16`, the default) picks the sizes.
+    let sizes: Vec<u64> = std::env::var("NPT_BENCH_GIB")
+        .unwrap_or_else(|_| "1,16".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    table_memory(&sizes);
+    for &gib in &sizes {
+        let (sz, bytes) = (format!("{gib}GiB"), gib * GIB);
+        let sz = sz.as_str();
         let pages = bytes / K4;
-        let mut g = c.benchmark_group(format!("tables/{name}"));
+        let mut g = c.benchmark_group(format!("tables/{sz}"));
         g.sample_size(10);
         g.throughput(Throughput::Elements(pages));
+        let g = &mut g;
 
         // Bandwidth reference: read 8 bytes per page sequentially.
         let array: Vec<u64> = (0..pages).collect();
-        g.bench_function("bandwidth_ref_seq_read", |b| {
-            b.iter(|| black_box(&array).iter().fold(0u64, |a, x| a.wrapping_add(*x)))
-        });
+        bench(
+            g,
+            sz,
+            "bandwidth",
+            "ref",
+            pages,
+            || (),
+            |_| black_box(&array).iter().fold(0u64, |a, x| a.wrapping_add(*x)),
+        );
         drop(array);
 
-        g.bench_function("populate", |b| {
-            b.iter_batched(
-                || new_table(bytes),
-                |mut t| {
-                    t.populate_region(Gpa(0), bytes, PageSize::Size4K).unwrap();
-                    t
-                },
-                BatchSize::PerIteration,
-            )
-        });
+        // Populate (peers: map one page per 2 MiB, creating the tables).
+        bench(
+            g,
+            sz,
+            "populate",
+            "ours",
+            pages,
+            || new_table(bytes),
+            |mut t| {
+                t.populate_region(Gpa(0), bytes, PageSize::Size4K).unwrap();
+                t
+            },
+        );
+        bench(
+            g,
+            sz,
+            "populate",
+            "ptm",
+            pages,
+            || {
+                ptm_init();
+                Ptm::try_new().unwrap()
+            },
+            |mut pt| {
+                ptm_populate(&mut pt, bytes);
+                pt
+            },
+        );
+        bench(
+            g,
+            sz,
+            "populate",
+            "x86",
+            pages,
+            || X86::new(bytes),
+            |mut x| {
+                x.populate(bytes);
+                x
+            },
+        );
 
-        g.bench_function("map_in_order/ours_bulk", |b| {
-            b.iter_batched(
-                || populated(bytes),
-                |t| {
-                    t.map_range(Gpa(0), bytes, Prot::RW, MemType::WriteBack, |g| Some(Pfn(0x100_0000 + (g.0 >> 12))))
-                        .unwrap();
-                    t
-                },
-                BatchSize::PerIteration,
-            )
-        });
-        g.bench_function("map_in_order/ours_bulk_exclusive", |b| {
-            b.iter_batched(
-                || populated(bytes),
-                |mut t| {
-                    t.map_range_exclusive(Gpa(0), bytes, Prot::RW, MemType::WriteBack, |g| {
-                        Some(Pfn(0x100_0000 + (g.0 >> 12)))
-                    })
-                    .unwrap();
-                    t
-                },
-                BatchSize::PerIteration,
-            )
-        });
-        g.bench_function("map_in_order/ours_per_page", |b| {
-            b.iter_batched(
-                || populated(bytes),
-                |t| {
-                    for p in 0..pages {
-                        t.map(Gpa(p * K4), Pfn(0x100_0000 + p), PageSize::Size4K, Prot::RW, MemType::WriteBack)
-                            .unwrap();
-                    }
-                    t
-                },
-                BatchSize::PerIteration,
-            )
-        });
-        g.bench_function("map_in_order/seed", |b| {
-            b.iter_batched(
-                || populated(bytes),
-                |t| {
-                    let s = Seed::new(&t);
-                    for p in 0..pages {
-                        assert!(s.map(p * K4, 0x100_0000 + p));
-                    }
-                    t
-                },
-                BatchSize::PerIteration,
-            )
-        });
-
+        // Per-page map into existing tables, in order and at random.
         let order = shuffled(pages, 0x9e37_79b9_7f4a_7c15);
-        g.bench_function("map_random/ours", |b| {
-            b.iter_batched(
+        let in_order: Vec<u32> = (0..pages as u32).collect();
+        for (work, ord) in [("map_in_order", &in_order), ("map_random", &order)] {
+            bench(
+                g,
+                sz,
+                work,
+                "ours",
+                pages,
                 || populated(bytes),
-                |t| {
-                    for &p in &order {
+                |mut t| {
+                    for &p in ord {
                         let p = p as u64;
-                        t.map(Gpa(p * K4), Pfn(0x100_0000 + p), PageSize::Size4K, Prot::RW, MemType::WriteBack)
-                            .unwrap();
+                        t.map_exclusive(
+                            Gpa(p * K4),
+                            Pfn(GUEST_PFN + p),
+                            PageSize::Size4K,
+                            Prot::RW,
+                            MemType::WriteBack,
+                        )
+                        .unwrap();
                     }
                     t
                 },
-                BatchSize::PerIteration,
-            )
-        });
-        g.bench_function("map_random/seed", |b| {
-            b.iter_batched(
+            );
+            bench(
+                g,
+                sz,
+                work,
+                "ours_sh",
+                pages,
                 || populated(bytes),
                 |t| {
-                    let s = Seed::new(&t);
-                    for &p in &order {
-                        assert!(s.map(p as u64 * K4, 0x100_0000 + p as u64));
+                    for &p in ord {
+                        let p = p as u64;
+                        t.map(Gpa(p * K4), Pfn(GUEST_PFN + p), PageSize::Size4K, Prot::RW, MemType::WriteBack).unwrap();
                     }
                     t
                 },
-                BatchSize::PerIteration,
-            )
-        });
+            );
+            bench(
+                g,
+                sz,
+                work,
+                "ptm",
+                pages,
+                || ptm_populated(bytes),
+                |mut pt| {
+                    let mut c = pt.cursor();
+                    for &p in ord {
+                        let p = p as u64;
+                        c.map(ptm_va(p * K4), ptm_pa(GUEST_PFN + p), PtmSize::Size4K, PTM_FLAGS).unwrap();
+                    }
+                    drop(c);
+                    pt
+                },
+            );
+            bench(
+                g,
+                sz,
+                work,
+                "x86",
+                pages,
+                || X86::populated(bytes),
+                |mut x| {
+                    let (mut m, mut f) = x.parts();
+                    for &p in ord {
+                        let p = p as u64;
+                        X86::map(&mut m, &mut f, p * K4, GUEST_PFN + p);
+                    }
+                    x
+                },
+            );
+        }
 
-        let t = mapped(bytes);
-        g.bench_function("lookup_random/ours", |b| {
-            b.iter(|| {
-                let mut acc = 0u64;
-                for &p in &order {
-                    acc = acc.wrapping_add(t.lookup(Gpa(p as u64 * K4)).map_or(0, |l| l.value()));
-                }
-                acc
-            })
-        });
-        g.bench_function("lookup_random/seed", |b| {
-            let s = Seed::new(&t);
-            b.iter(|| {
-                let mut acc = 0u64;
-                for &p in &order {
-                    let e = s.lookup(p as u64 * K4);
-                    // SAFETY: every page is mapped, so `e` is a live entry.
-                    acc = acc.wrapping_add(unsafe { (*e).load(Ordering::Relaxed) });
-                }
-                acc
-            })
-        });
+        // Lookups: frame and protection of every page.
+        {
+            let t = mapped(bytes);
+            let pt = ptm_mapped(bytes);
+            let mut x = X86::mapped(bytes);
+            let (xm, _) = x.parts();
+            for (work, ord) in [("lookup_random", &order), ("lookup_seq", &in_order)] {
+                bench(
+                    g,
+                    sz,
+                    work,
+                    "ours",
+                    pages,
+                    || (),
+                    |_| {
+                        let mut acc = 0u64;
+                        for &p in ord {
+                            let (pfn, prot) = t.is_mapped(Gpa(p as u64 * K4)).unwrap();
+                            acc = acc.wrapping_add(pfn.0 ^ prot.bits() as u64);
+                        }
+                        acc
+                    },
+                );
+                bench(
+                    g,
+                    sz,
+                    work,
+                    "ptm",
+                    pages,
+                    || (),
+                    |_| {
+                        let mut acc = 0u64;
+                        for &p in ord {
+                            let (pa, fl, _) = pt.query(ptm_va(p as u64 * K4)).unwrap();
+                            acc = acc.wrapping_add(pa.as_usize() as u64 ^ fl.bits() as u64);
+                        }
+                        acc
+                    },
+                );
+                bench(
+                    g,
+                    sz,
+                    work,
+                    "x86",
+                    pages,
+                    || (),
+                    |_| {
+                        let mut acc = 0u64;
+                        for &p in ord {
+                            match xm.translate(x86_64::VirtAddr::new(p as u64 * K4)) {
+                                TranslateResult::Mapped { frame, flags, .. } => {
+                                    acc = acc.wrapping_add(frame.start_address().as_u64() ^ flags.bits())
+                                }
+                                _ => panic!("not mapped"),
+                            }
+                        }
+                        acc
+                    },
+                );
+            }
+        }
         drop(order);
+        drop(in_order);
 
-        let mut bitmap = vec![0u64; (pages / 64) as usize];
-        g.bench_function("harvest_10pct/ours", |b| {
-            b.iter_batched(
-                || dirty_10pct(&t, bytes),
+        // Harvest with every tenth page dirty.
+        {
+            let bitmap = RefCell::new(vec![0u64; (pages / 64) as usize]);
+            let want = pages.div_ceil(10);
+            let t = RefCell::new(mapped(bytes));
+            bench(
+                g,
+                sz,
+                "harvest_10pct",
+                "ours",
+                pages,
+                || dirty_10pct(&t.borrow(), bytes),
                 |_| {
-                    assert_eq!(t.harvest_dirty(Gpa(0), bytes, &mut bitmap).unwrap(), pages.div_ceil(10));
+                    let n = t.borrow_mut().harvest_dirty_exclusive(Gpa(0), bytes, &mut bitmap.borrow_mut()).unwrap();
+                    assert_eq!(n, want)
                 },
-                BatchSize::PerIteration,
-            )
-        });
-        drop(t);
-        let mut t = mapped(bytes);
-        g.bench_function("harvest_10pct/ours_exclusive", |b| {
-            b.iter_custom(|iters| {
-                let mut total = std::time::Duration::ZERO;
-                for _ in 0..iters {
-                    dirty_10pct(&t, bytes);
-                    let start = std::time::Instant::now();
-                    let n = t.harvest_dirty_exclusive(Gpa(0), bytes, &mut bitmap).unwrap();
-                    total += start.elapsed();
-                    assert_eq!(n, pages.div_ceil(10));
+            );
+            bench(
+                g,
+                sz,
+                "harvest_10pct",
+                "ours_sh",
+                pages,
+                || dirty_10pct(&t.borrow(), bytes),
+                |_| assert_eq!(t.borrow().harvest_dirty(Gpa(0), bytes, &mut bitmap.borrow_mut()).unwrap(), want),
+            );
+            drop(t);
+            let x = RefCell::new(X86::mapped(bytes));
+            bench(
+                g,
+                sz,
+                "harvest_10pct",
+                "x86",
+                pages,
+                || x.borrow_mut().dirty_10pct(),
+                |_| assert_eq!(x.borrow_mut().harvest(&mut bitmap.borrow_mut()), want),
+            );
+        }
+
+        // Unmap every page and free the tables.
+        bench(
+            g,
+            sz,
+            "unmap_vacate",
+            "ours",
+            pages,
+            || mapped(bytes),
+            |mut t| {
+                assert_eq!(t.unmap_vacate_region(Gpa(0), bytes, PageSize::Size4K).unwrap(), pages);
+                t
+            },
+        );
+        bench(
+            g,
+            sz,
+            "unmap_vacate",
+            "ours_sh",
+            pages,
+            || mapped(bytes),
+            |mut t| {
+                assert_eq!(t.unmap_region(Gpa(0), bytes).unwrap(), pages);
+                t.vacate_region(Gpa(0), bytes, PageSize::Size4K).unwrap();
+                t
+            },
+        );
+        bench(
+            g,
+            sz,
+            "unmap_vacate",
+            "ptm",
+            pages,
+            || ptm_mapped(bytes),
+            |mut pt| {
+                pt.cursor().unmap_region(ptm_va(0), bytes as usize).unwrap();
+                drop(pt);
+            },
+        );
+        bench(
+            g,
+            sz,
+            "unmap_vacate",
+            "x86",
+            pages,
+            || X86::mapped(bytes),
+            |mut x| {
+                let (mut m, _) = x.parts();
+                for p in 0..pages {
+                    X86::unmap(&mut m, p * K4);
                 }
-                total
-            })
-        });
-        g.bench_function("harvest_10pct/seed", |b| {
-            let s = Seed::new(&t);
-            b.iter_batched(
-                || dirty_10pct(&t, bytes),
-                |_| {
-                    assert_eq!(s.harvest(0, bytes, &mut bitmap), pages.div_ceil(10));
-                },
-                BatchSize::PerIteration,
-            )
-        });
-        drop(t);
+                x.clean_up(bytes);
+                x
+            },
+        );
 
-        g.bench_function("unmap_vacate/ours_one_pass", |b| {
-            b.iter_batched(
-                || mapped(bytes),
-                |mut t| {
-                    assert_eq!(t.unmap_vacate_region(Gpa(0), bytes, PageSize::Size4K).unwrap(), pages);
-                    t
-                },
-                BatchSize::PerIteration,
-            )
-        });
-        g.bench_function("unmap_vacate/ours_two_calls", |b| {
-            b.iter_batched(
-                || mapped(bytes),
-                |mut t| {
-                    assert_eq!(t.unmap_region(Gpa(0), bytes).unwrap(), pages);
-                    t.vacate_region(Gpa(0), bytes, PageSize::Size4K).unwrap();
-                    t
-                },
-                BatchSize::PerIteration,
-            )
-        });
-        g.bench_function("unmap_vacate/seed", |b| {
-            b.iter_batched(
-                || mapped(bytes),
-                |mut t| {
-                    assert_eq!(Seed::new(&t).unmap_region(0, bytes), pages);
-                    t.vacate_region(Gpa(0), bytes, PageSize::Size4K).unwrap();
-                    t
-                },
-                BatchSize::PerIteration,
-            )
-        });
-        g.finish();
+        // Free the tables of an unmapped range.
+        bench(
+            g,
+            sz,
+            "vacate",
+            "ours",
+            pages,
+            || {
+                let t = mapped(bytes);
+                t.unmap_region(Gpa(0), bytes).unwrap();
+                t
+            },
+            |mut t| {
+                t.vacate_region(Gpa(0), bytes, PageSize::Size4K).unwrap();
+                t
+            },
+        );
+        bench(
+            g,
+            sz,
+            "vacate",
+            "ptm",
+            pages,
+            || {
+                let mut pt = ptm_mapped(bytes);
+                pt.cursor().unmap_region(ptm_va(0), bytes as usize).unwrap();
+                pt
+            },
+            drop,
+        );
+        bench(
+            g,
+            sz,
+            "vacate",
+            "x86",
+            pages,
+            || {
+                let mut x = X86::mapped(bytes);
+                let (mut m, _) = x.parts();
+                for p in 0..pages {
+                    X86::unmap(&mut m, p * K4);
+                }
+                x
+            },
+            |mut x| {
+                x.clean_up(bytes);
+                x
+            },
+        );
     }
+    report();
 }
 
 criterion_group!(tables, benches);

@@ -74,6 +74,137 @@ pub(crate) const NPT_PS: u64 = 1 << 7;
 /// Bit 63: no-execute (with EFER.NXE, which the hypervisor sets).
 pub(crate) const NPT_NX: u64 = 1 << 63;
 
+/// The constant facts of one entry format, for code specialized per format.
+///
+/// The public API keeps formats as run-time values ([`PteFormat`]); the hot
+/// paths read the value's kind once per call and run a copy of the walker
+/// specialized for it (see `with_kind!`), so the present, dirty and
+/// permission bits are immediates there instead of fields reloaded from the
+/// value. Widths that depend on the processor (the address mask) stay
+/// run-time values.
+pub(crate) trait Kind {
+    /// The bits of which any one makes an entry present.
+    const PRESENT: u64;
+    /// The bits that mean "dirty" in a leaf.
+    const DIRTY: u64;
+    /// 1 when the leaf `e` is dirty, else 0.
+    #[inline(always)]
+    fn dirty_bit(e: u64) -> u64 {
+        if Self::DIRTY.count_ones() == 1 {
+            (e >> Self::DIRTY.trailing_zeros()) & 1
+        } else {
+            (e & Self::DIRTY != 0) as u64
+        }
+    }
+    /// The protection a present leaf grants.
+    fn prot(e: u64) -> Prot;
+    /// The permission and memory-type bits of a leaf for a protection the
+    /// format accepted ([`PteFormat::check_prot`]), with the large-page bit
+    /// when `large`.
+    fn leaf_bits(prot: Prot, mt: MemType, large: bool) -> Result<u64, Error>;
+}
+
+/// Intel EPT with hardware accessed/dirty bits.
+pub(crate) struct EptK;
+/// Intel EPT with emulated accessed/dirty bits.
+pub(crate) struct EptEmuK;
+/// AMD NPT.
+pub(crate) struct NptK;
+
+/// The EPT memory-type, ignore-PAT and large-page bits of a leaf.
+#[inline(always)]
+fn ept_leaf_bits(mt: MemType, large: bool) -> u64 {
+    ((mt as u64) << EPT_MT_SHIFT) | EPT_IPAT | if large { EPT_LARGE } else { 0 }
+}
+
+impl Kind for EptK {
+    const PRESENT: u64 = EPT_R | EPT_W | EPT_X;
+    const DIRTY: u64 = EPT_D;
+    #[inline(always)]
+    fn prot(e: u64) -> Prot {
+        // Bits 0-2 are R, W, X, the order of `Prot`'s bits.
+        Prot::from_bits_truncate((e & 7) as u8)
+    }
+    #[inline(always)]
+    fn leaf_bits(prot: Prot, mt: MemType, large: bool) -> Result<u64, Error> {
+        Ok(ept_leaf_bits(mt, large) | (prot.bits() as u64 & 7))
+    }
+}
+
+impl Kind for EptEmuK {
+    const PRESENT: u64 = EPT_R | EPT_W | EPT_X | SW_R | SW_X;
+    const DIRTY: u64 = EPT_W | SW_DIRTY;
+    #[inline(always)]
+    fn prot(e: u64) -> Prot {
+        // Bits 52-54 are R, W, X, the order of `Prot`'s bits.
+        Prot::from_bits_truncate(((e >> 52) & 7) as u8)
+    }
+    #[inline(always)]
+    fn leaf_bits(prot: Prot, mt: MemType, large: bool) -> Result<u64, Error> {
+        const _: () = assert!(SW_R == 1 << 52 && SW_W == 1 << 53 && SW_X == 1 << 54);
+        Ok(ept_leaf_bits(mt, large) | (prot.bits() as u64 & 7) << 52)
+    }
+}
+
+impl Kind for NptK {
+    const PRESENT: u64 = NPT_P;
+    const DIRTY: u64 = NPT_D;
+    #[inline(always)]
+    fn prot(e: u64) -> Prot {
+        let mut p = Prot::empty();
+        p.set(Prot::READ, e & NPT_P != 0);
+        p.set(Prot::WRITE, e & NPT_RW != 0);
+        p.set(Prot::EXEC, e & NPT_NX == 0);
+        p
+    }
+    #[inline(always)]
+    fn leaf_bits(prot: Prot, mt: MemType, large: bool) -> Result<u64, Error> {
+        let mut e = NPT_P | NPT_US;
+        if prot.contains(Prot::WRITE) {
+            e |= NPT_RW;
+        }
+        if !prot.contains(Prot::EXEC) {
+            e |= NPT_NX;
+        }
+        // With the power-on PAT (index 0 WB, 1 WT, 3 UC).
+        e |= match mt {
+            MemType::WriteBack => 0,
+            MemType::WriteThrough => NPT_PWT,
+            MemType::Uncacheable => NPT_PWT | NPT_PCD,
+            MemType::WriteCombining | MemType::WriteProtected => {
+                return Err(Error::BadMemType);
+            }
+        };
+        if large {
+            e |= NPT_PS;
+        }
+        Ok(e)
+    }
+}
+
+/// Runs `$body` with the type `$K` bound to the [`Kind`] of `$fmt`'s
+/// format: one `match` per call, and a copy of `$body` specialized for
+/// each format.
+macro_rules! with_kind {
+    ($fmt:expr, $K:ident => $body:expr) => {
+        match $fmt.kind() {
+            $crate::FormatKind::Ept => {
+                type $K = $crate::format::EptK;
+                $body
+            }
+            $crate::FormatKind::EptEmulatedAd => {
+                type $K = $crate::format::EptEmuK;
+                $body
+            }
+            $crate::FormatKind::Npt => {
+                type $K = $crate::format::NptK;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_kind;
+
 /// Which of the three entry formats a [`PteFormat`] describes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum FormatKind {
@@ -231,70 +362,32 @@ impl PteFormat {
     /// hardware bits start clear too, so the first access faults.
     #[inline]
     pub fn leaf_entry(&self, pfn: Pfn, size: PageSize, prot: Prot, mt: MemType) -> Result<u64, Error> {
+        with_kind!(self, K => self.leaf_entry_k::<K>(pfn, size, prot, mt))
+    }
+
+    /// [`leaf_entry`](Self::leaf_entry) for the format kind `K` (which must
+    /// be this format's).
+    #[inline(always)]
+    pub(crate) fn leaf_entry_k<K: Kind>(
+        &self,
+        pfn: Pfn,
+        size: PageSize,
+        prot: Prot,
+        mt: MemType,
+    ) -> Result<u64, Error> {
         if !self.supports(size) {
             return Err(Error::UnsupportedSize);
         }
         if pfn.0 & (size.pages() - 1) != 0 {
             return Err(Error::Unaligned);
         }
-        let addr = pfn.0.checked_mul(4096).ok_or(Error::OutOfRange)?;
-        if addr & !self.addr_mask != 0 {
+        // `pfn < frame_limit()` is exactly "pfn * 4096 fits the address
+        // field" (and excludes the multiplication overflowing).
+        if !self.frame_fits(pfn) {
             return Err(Error::OutOfRange);
         }
         self.check_prot(prot)?;
-        let large = size != PageSize::Size4K;
-        match self.kind {
-            FormatKind::Ept | FormatKind::EptEmulatedAd => {
-                let mut e = addr | ((mt as u64) << EPT_MT_SHIFT) | EPT_IPAT;
-                if large {
-                    e |= EPT_LARGE;
-                }
-                if self.kind == FormatKind::Ept {
-                    if prot.contains(Prot::READ) {
-                        e |= EPT_R;
-                    }
-                    if prot.contains(Prot::WRITE) {
-                        e |= EPT_W;
-                    }
-                    if prot.contains(Prot::EXEC) {
-                        e |= EPT_X;
-                    }
-                } else {
-                    if prot.contains(Prot::READ) {
-                        e |= SW_R;
-                    }
-                    if prot.contains(Prot::WRITE) {
-                        e |= SW_W;
-                    }
-                    if prot.contains(Prot::EXEC) {
-                        e |= SW_X;
-                    }
-                }
-                Ok(e)
-            }
-            FormatKind::Npt => {
-                let mut e = addr | NPT_P | NPT_US;
-                if prot.contains(Prot::WRITE) {
-                    e |= NPT_RW;
-                }
-                if !prot.contains(Prot::EXEC) {
-                    e |= NPT_NX;
-                }
-                // With the power-on PAT (index 0 WB, 1 WT, 3 UC).
-                e |= match mt {
-                    MemType::WriteBack => 0,
-                    MemType::WriteThrough => NPT_PWT,
-                    MemType::Uncacheable => NPT_PWT | NPT_PCD,
-                    MemType::WriteCombining | MemType::WriteProtected => {
-                        return Err(Error::BadMemType);
-                    }
-                };
-                if large {
-                    e |= NPT_PS;
-                }
-                Ok(e)
-            }
-        }
+        Ok((pfn.0 << 12) | K::leaf_bits(prot, mt, size != PageSize::Size4K)?)
     }
 
     /// Checks that the format can express `prot`.
@@ -348,26 +441,9 @@ impl PteFormat {
 
     /// The protection a present leaf grants (the software permission for
     /// the emulated format).
+    #[inline]
     pub fn prot(&self, e: u64) -> Prot {
-        let mut p = Prot::empty();
-        match self.kind {
-            FormatKind::Ept => {
-                p.set(Prot::READ, e & EPT_R != 0);
-                p.set(Prot::WRITE, e & EPT_W != 0);
-                p.set(Prot::EXEC, e & EPT_X != 0);
-            }
-            FormatKind::EptEmulatedAd => {
-                p.set(Prot::READ, e & SW_R != 0);
-                p.set(Prot::WRITE, e & SW_W != 0);
-                p.set(Prot::EXEC, e & SW_X != 0);
-            }
-            FormatKind::Npt => {
-                p.set(Prot::READ, e & NPT_P != 0);
-                p.set(Prot::WRITE, e & NPT_RW != 0);
-                p.set(Prot::EXEC, e & NPT_NX == 0);
-            }
-        }
-        p
+        with_kind!(self, K => K::prot(e))
     }
 
     /// The memory type of a leaf (NPT: decoded from PWT/PCD with the

@@ -16,8 +16,13 @@
 //! with accessed/dirty bits *emulated* in software (for processors without
 //! them: the hardware read and write bits double as "accessed" and
 //! "modified", and the permission lives in ignored bits 52-54), and AMD NPT
-//! (the x86-64 long-mode format). Masks such as "the dirty bit" are fields of
-//! the format, not constants, so there is one walker and no per-format copy.
+//! (the x86-64 long-mode format). At the API, masks such as "the dirty bit"
+//! are read from the format value, not build-time constants, so one table
+//! type serves every format and the choice is made at run time. Inside, the
+//! hot paths (map, lookup, the dirty harvest) read the value's kind once
+//! per call and run a copy of the walker specialized for that kind, with
+//! its present, dirty and permission bits as immediates; widths that depend
+//! on the processor (the physical-address mask) stay run-time values.
 //! Every format can express a non-executable mapping.
 //!
 //! # The tree and its invariants
@@ -36,7 +41,11 @@
 //! emulation) can work on one table at once, and hardware may set accessed
 //! and dirty bits concurrently. Mapping is a compare-and-swap from an empty
 //! entry: two racing faults for the same page both succeed (one reports
-//! [`Error::AlreadyMapped`] with `same_frame: true`).
+//! [`Error::AlreadyMapped`] with `same_frame: true`). A caller that owns the
+//! table (`&mut`) maps with [`NestedTable::map_exclusive`] instead: the same
+//! checks and results, with a plain store where `map` needs a locked
+//! compare-and-swap (the same pairing as `map_range`/`map_range_exclusive`
+//! and `harvest_dirty`/`harvest_dirty_exclusive`).
 //!
 //! Bulk operations (unmap of a range, harvest of dirty bits, the [`Leaves`]
 //! iterator) visit each leaf table once, descending from the root only when

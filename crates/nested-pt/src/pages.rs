@@ -66,6 +66,9 @@ pub struct HeapPages {
     base: *mut u8,
     layout: Layout,
     pages: *mut u8,
+    /// `pages` less `base_pfn * 4096` (wrapping): a frame's page is at
+    /// `origin + pfn * 4096`, one addition after the entry's address mask.
+    origin: *mut u8,
     frames: Frames,
 }
 
@@ -151,7 +154,8 @@ impl HeapPages {
         let base = unsafe { alloc_zeroed(layout) };
         assert!(!base.is_null(), "cannot reserve table arena");
         let pages = base.wrapping_add(base.align_offset(4096));
-        HeapPages { base, layout, pages, frames: Frames::new(base_pfn, capacity) }
+        let origin = pages.wrapping_sub((base_pfn as usize).wrapping_mul(4096));
+        HeapPages { base, layout, pages, origin, frames: Frames::new(base_pfn, capacity) }
     }
 
     /// Touches the arena's first `pages` pages so the host backs them now
@@ -208,7 +212,18 @@ unsafe impl TablePages for HeapPages {
     #[inline(always)]
     fn ptr(&self, pfn: Pfn) -> *mut u64 {
         match self.frames.index(pfn) {
-            Some(index) => self.pages.wrapping_add(index * 4096).cast(),
+            Some(_) => {
+                // `pages + index * 4096`, computed from the frame so that
+                // the address is one addition after the entry's mask (the
+                // index check runs beside it, off the walk's critical path).
+                let p = self.origin.wrapping_add((pfn.0 as usize).wrapping_mul(4096));
+                // SAFETY: `p` is page `index` of the arena (the index is
+                // below the capacity), which the allocator placed at a
+                // non-null address; telling the compiler lets the tree's
+                // null check of the result fold into the index check.
+                unsafe { core::hint::assert_unchecked(!p.is_null()) };
+                p.cast()
+            }
             None => ptr::null_mut(),
         }
     }

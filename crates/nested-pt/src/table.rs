@@ -1,11 +1,14 @@
 //! The four-level table tree.
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering, fence};
 
-use crate::format::PteFormat;
+use crate::format::{Kind, PteFormat, with_kind};
 use crate::pages::TablePages;
 use crate::{Access, ENTRIES, Error, GPA_LIMIT, Gpa, MemType, PageSize, Pfn, Prot, check_range};
+
+/// The large-page bit of a level-2/3 entry (EPT bit 7 and NPT PS, bit 7).
+const LARGE: u64 = crate::format::EPT_LARGE;
 
 /// One table page, as the hardware sees it.
 pub(crate) type Table = [AtomicU64; ENTRIES];
@@ -296,11 +299,23 @@ impl<P: TablePages> NestedTable<P> {
         if !counted(&self.root, 4, gpa.0, end, leaf.level()) {
             return Err(Error::NotPopulated);
         }
-        let mut mapped = false;
+        // One straight run of loads ORed together (no branch per entry):
+        // some entry is present exactly when the OR has a present bit.
+        let mut all = 0u64;
         self.for_each_leaf_table(gpa, len, |_, entries, _| {
-            mapped |= entries.iter().any(|e| self.fmt.is_present(e.load(Ordering::Relaxed)));
+            let mut acc = [0u64; 4];
+            let mut quads = entries.chunks_exact(4);
+            for q in &mut quads {
+                for (a, e) in acc.iter_mut().zip(q) {
+                    *a |= e.load(Ordering::Relaxed);
+                }
+            }
+            for e in quads.remainder() {
+                acc[0] |= e.load(Ordering::Relaxed);
+            }
+            all |= acc[0] | acc[1] | acc[2] | acc[3];
         });
-        if mapped {
+        if self.fmt.is_present(all) {
             return Err(Error::StillMapped);
         }
         uncount(&mut self.root, 4, gpa.0, end, leaf.level());
@@ -347,52 +362,98 @@ impl<P: TablePages> NestedTable<P> {
     // Entries: map, unmap, lookup, walk.
     // ---------------------------------------------------------------
 
-    /// The slot at `level` for `gpa`, walking only through table entries.
-    #[inline(always)]
-    fn slot(&self, gpa: u64, level: u8) -> Result<&AtomicU64, Error> {
-        Ok(&self.table_at(gpa, level)?[index(level, gpa)])
-    }
-
     /// The table at `level` that holds `gpa`'s entry, walking down only
     /// through table entries: [`Error::NotPopulated`] where one is missing,
     /// [`Error::AlreadyMapped`] where a large leaf sits above `level`.
     #[inline(always)]
     fn table_at(&self, gpa: u64, level: u8) -> Result<&Table, Error> {
+        with_kind!(self.fmt, K => self.table_at_k::<K>(gpa, level))
+    }
+
+    /// [`table_at`](Self::table_at) specialized for the format kind `K`.
+    #[inline(always)]
+    fn table_at_k<K: Kind>(&self, gpa: u64, level: u8) -> Result<&Table, Error> {
+        // Clearing the low bits again is free and tells the compiler the
+        // frame-to-address round trip is a no-op.
+        let am = self.fmt.addr_mask() & !0xfff;
         let mut table = self.root_table();
         let mut l = 4;
         while l > level {
-            let e = table[index(l, gpa)].load(Ordering::Acquire);
-            if !self.fmt.is_present(e) {
+            // Relaxed: see `find`.
+            let e = table[index(l, gpa)].load(Ordering::Relaxed);
+            if e & K::PRESENT == 0 {
                 return Err(Error::NotPopulated);
             }
-            if self.fmt.is_leaf(e, l) {
+            if l < 4 && e & LARGE != 0 {
                 return Err(Error::AlreadyMapped { same_frame: false });
             }
-            table = self.table(self.fmt.frame(e)).ok_or(Error::NotPopulated)?;
+            table = self.table(Pfn((e & am) >> 12)).ok_or(Error::NotPopulated)?;
             l -= 1;
         }
         Ok(table)
     }
 
     /// Maps `pfn` at `gpa` as a page of `size`: a compare-and-swap from an
-    /// empty entry. The tables must have been populated with leaves of that
-    /// size.
+    /// empty entry, safe against other threads mapping, unmapping or
+    /// faulting on the same table at the same time. This is the form for
+    /// fault handlers and other `&self` users; a caller that owns the table
+    /// exclusively (building a table before it is shared, a single-threaded
+    /// tool) should use [`map_exclusive`](Self::map_exclusive), which stores
+    /// plainly and is several times faster on random addresses. The tables
+    /// must have been populated with leaves of that size.
+    #[inline]
     pub fn map(&self, gpa: Gpa, pfn: Pfn, size: PageSize, prot: Prot, mt: MemType) -> Result<(), Error> {
+        with_kind!(self.fmt, K => self.map_k::<K, false>(gpa, pfn, size, prot, mt))
+    }
+
+    /// [`map`](Self::map) for a caller with exclusive access to the table
+    /// (`&mut self`: no other thread maps, unmaps or reads it meanwhile;
+    /// hardware may walk it): the empty entry is checked with a plain load
+    /// and filled with a plain store, no locked compare-and-swap, so the
+    /// walks of consecutive calls overlap their cache misses. Same checks,
+    /// errors and result as `map`.
+    #[inline]
+    pub fn map_exclusive(&mut self, gpa: Gpa, pfn: Pfn, size: PageSize, prot: Prot, mt: MemType) -> Result<(), Error> {
+        with_kind!(self.fmt, K => self.map_k::<K, true>(gpa, pfn, size, prot, mt))
+    }
+
+    /// [`map`](Self::map) specialized for the format kind `K`; `EXCLUSIVE`
+    /// callers hold `&mut self`.
+    #[inline(always)]
+    fn map_k<K: Kind, const EXCLUSIVE: bool>(
+        &self,
+        gpa: Gpa,
+        pfn: Pfn,
+        size: PageSize,
+        prot: Prot,
+        mt: MemType,
+    ) -> Result<(), Error> {
         if !gpa.is_aligned(size) {
             return Err(Error::Unaligned);
         }
         if gpa.0 >= GPA_LIMIT {
             return Err(Error::OutOfRange);
         }
-        let new = self.fmt.leaf_entry(pfn, size, prot, mt)?;
-        let slot = self.slot(gpa.0, size.level())?;
-        match slot.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => Ok(()),
-            Err(old) => {
-                let same = self.fmt.is_leaf(old, size.level()) && self.fmt.frame_at_level(old, size.level()) == pfn;
-                Err(Error::AlreadyMapped { same_frame: same })
+        let new = self.fmt.leaf_entry_k::<K>(pfn, size, prot, mt)?;
+        let level = size.level();
+        let slot = &self.table_at_k::<K>(gpa.0, level)?[index(level, gpa.0)];
+        let old = if EXCLUSIVE {
+            // Exclusive access: no software changes the entry between the
+            // load and the store, and hardware never writes an empty entry.
+            let old = slot.load(Ordering::Relaxed);
+            if old == 0 {
+                slot.store(new, Ordering::Release);
+                return Ok(());
             }
-        }
+            old
+        } else {
+            match slot.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(()),
+                Err(old) => old,
+            }
+        };
+        let same = self.fmt.is_leaf(old, level) && self.fmt.frame_at_level(old, level) == pfn;
+        Err(Error::AlreadyMapped { same_frame: same })
     }
 
     /// Maps each 4 KiB page of `[gpa, gpa+len)` to the frame `frame(gpa)`
@@ -574,48 +635,83 @@ impl<P: TablePages> NestedTable<P> {
     /// The present leaf that maps `gpa`, if any.
     #[inline]
     pub fn lookup(&self, gpa: Gpa) -> Option<Leaf<'_>> {
-        // Unrolled: the levels are known, so each step is a load, a mask
-        // test and an address computation, with nothing between lookups
-        // that stops the processor overlapping their cache misses.
-        let g = gpa.0;
+        let (entry, size, _) = with_kind!(self.fmt, K => self.find::<K>(gpa.0))?;
+        Some(Leaf { gpa: Gpa(gpa.0 & !(size.bytes() - 1)), size, entry, fmt: &self.fmt })
+    }
+
+    /// The present leaf entry that maps `g`, the size of its page and the
+    /// value read from it, for the format kind `K`.
+    ///
+    /// Unrolled: the levels are known, so each step is a load, a mask test
+    /// and an address computation with immediate masks, with nothing
+    /// between lookups that stops the processor overlapping their cache
+    /// misses. Each table pointer still goes through the provider's `ptr`
+    /// (a compare and an add for the arena providers): entries are
+    /// reachable for writing through [`entry`](Self::entry), so a table
+    /// entry is not trusted to name one of the provider's pages.
+    ///
+    /// Table entries are read relaxed: tables are created and freed only
+    /// under `&mut self`, so a walk under `&self` is already ordered after
+    /// the stores that made the tables it meets, and the compiler may keep
+    /// the provider's fields and the root pointer in registers across
+    /// walks. The leaf's read is an acquire (a fence for large leaves), so
+    /// a caller that sees a mapping sees what the mapping thread did
+    /// before it mapped.
+    #[inline(always)]
+    fn find<K: Kind>(&self, g: u64) -> Option<(&AtomicU64, PageSize, u64)> {
         if g >= GPA_LIMIT {
             return None;
         }
-        let fmt = &self.fmt;
-        let e4 = self.root_table()[index(4, g)].load(Ordering::Acquire);
-        if !fmt.is_present(e4) {
+        // Clearing the low bits again is free and tells the compiler the
+        // frame-to-address round trip is a no-op.
+        let am = self.fmt.addr_mask() & !0xfff;
+        let e4 = self.root_table()[index(4, g)].load(Ordering::Relaxed);
+        if e4 & K::PRESENT == 0 {
             return None;
         }
-        let s3 = &self.table(fmt.frame(e4))?[index(3, g)];
-        let e3 = s3.load(Ordering::Acquire);
-        if !fmt.is_present(e3) {
+        let s3 = &self.table(Pfn((e4 & am) >> 12))?[index(3, g)];
+        let e3 = s3.load(Ordering::Relaxed);
+        if e3 & K::PRESENT == 0 {
             return None;
         }
-        if fmt.is_leaf(e3, 3) {
-            let size = PageSize::Size1G;
-            return Some(Leaf { gpa: Gpa(g & !(size.bytes() - 1)), size, entry: s3, fmt });
+        if e3 & LARGE != 0 {
+            // A leaf: its read is an acquire, as for a 4 KiB leaf.
+            fence(Ordering::Acquire);
+            return Some((s3, PageSize::Size1G, e3));
         }
-        let s2 = &self.table(fmt.frame(e3))?[index(2, g)];
-        let e2 = s2.load(Ordering::Acquire);
-        if !fmt.is_present(e2) {
+        let s2 = &self.table(Pfn((e3 & am) >> 12))?[index(2, g)];
+        let e2 = s2.load(Ordering::Relaxed);
+        if e2 & K::PRESENT == 0 {
             return None;
         }
-        if fmt.is_leaf(e2, 2) {
-            let size = PageSize::Size2M;
-            return Some(Leaf { gpa: Gpa(g & !(size.bytes() - 1)), size, entry: s2, fmt });
+        if e2 & LARGE != 0 {
+            fence(Ordering::Acquire);
+            return Some((s2, PageSize::Size2M, e2));
         }
-        let s1 = &self.table(fmt.frame(e2))?[index(1, g)];
-        if !fmt.is_present(s1.load(Ordering::Acquire)) {
+        let s1 = &self.table(Pfn((e2 & am) >> 12))?[index(1, g)];
+        let e1 = s1.load(Ordering::Acquire);
+        if e1 & K::PRESENT == 0 {
             return None;
         }
-        Some(Leaf { gpa: Gpa(g & !0xfff), size: PageSize::Size4K, entry: s1, fmt })
+        Some((s1, PageSize::Size4K, e1))
     }
 
     /// The frame backing the 4 KiB page that contains `gpa`, and the
-    /// protection, when mapped.
+    /// protection, when mapped: one walk and one read of the leaf.
+    #[inline]
     pub fn is_mapped(&self, gpa: Gpa) -> Option<(Pfn, Prot)> {
-        let leaf = self.lookup(gpa)?;
-        Some((leaf.pfn_of(Gpa(gpa.0 & !0xfff))?, leaf.prot()))
+        with_kind!(self.fmt, K => {
+            let (_, size, v) = self.find::<K>(gpa.0)?;
+            let am = self.fmt.addr_mask();
+            if size == PageSize::Size4K {
+                return Some((Pfn((v & am) >> 12), K::prot(v)));
+            }
+            // The host address: the leaf's page base (its low bits are
+            // PAT or reserved in large leaves) plus the offset into it.
+            let low = size.bytes() - 1;
+            let hpa = (v & am & !low) | (gpa.0 & low);
+            Some((Pfn(hpa >> 12), K::prot(v)))
+        })
     }
 
     /// The entries on the path to `gpa`, root first, ending at a leaf or a
@@ -758,6 +854,20 @@ impl<P: TablePages> NestedTable<P> {
     }
 
     fn dirty_pass(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: Clear) -> Result<u64, Error> {
+        with_kind!(self.fmt, K => self.dirty_pass_k::<K>(gpa, len, bitmap, clear))
+    }
+
+    /// [`dirty_pass`](Self::dirty_pass) specialized for the format kind
+    /// `K`. Each leaf table's entries are read 64 at a time with plain
+    /// loads, their dirty bits gathered into one word without branches
+    /// (eight at a time, with constant shifts), and only the entries that
+    /// read dirty are then cleared (a locked AND for `Clear::Locked`). An
+    /// entry that reads clean is not written, so a dirty bit the hardware
+    /// or another thread sets after the read is kept for the next pass; one
+    /// that reads dirty is cleared by an atomic AND of that bit alone, so
+    /// the other bits set meanwhile are kept too.
+    #[inline(always)]
+    fn dirty_pass_k<K: Kind>(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: Clear) -> Result<u64, Error> {
         let end = check_range(gpa, len, PageSize::Size4K)?;
         let pages = len >> 12;
         if (bitmap.len() as u64).saturating_mul(64) < pages {
@@ -765,34 +875,58 @@ impl<P: TablePages> NestedTable<P> {
         }
         self.check_no_split(gpa.0, end)?;
         fill_bits(bitmap, 0, pages, false);
-        let dmask = self.fmt.dirty_mask();
+        let dmask = K::DIRTY;
         let mut count = 0;
+        // Clears the entries of `chunk` whose bit is set in `word`.
+        let clear_dirty = |chunk: &[AtomicU64], word: u64| {
+            let mut w = if clear == Clear::No { 0 } else { word };
+            while w != 0 {
+                if let Some(e) = chunk.get(w.trailing_zeros() as usize) {
+                    if clear == Clear::Plain {
+                        e.store(e.load(Ordering::Relaxed) & !dmask, Ordering::Relaxed);
+                    } else {
+                        e.fetch_and(!dmask, Ordering::AcqRel);
+                    }
+                }
+                w &= w - 1;
+            }
+        };
         self.for_each_leaf_table(gpa, len, |base, entries, size| {
             if size == PageSize::Size4K {
                 // Leaf-table slices start inside the range.
                 let first = (base.0 - gpa.0) >> 12;
-                for (c, chunk) in entries.chunks(64).enumerate() {
-                    // Gather the chunk's dirty bits into one word without
-                    // branches, then clear only the dirty entries.
+                let mut chunks = entries.chunks_exact(64);
+                let mut c = 0;
+                for chunk in &mut chunks {
                     let mut word = 0u64;
-                    for (i, e) in chunk.iter().enumerate() {
-                        word |= ((e.load(Ordering::Relaxed) & dmask != 0) as u64) << i;
-                    }
-                    if word == 0 {
-                        continue;
-                    }
-                    let mut w = if clear == Clear::No { 0 } else { word };
-                    while w != 0 {
-                        let e = &chunk[w.trailing_zeros() as usize];
-                        if clear == Clear::Plain {
-                            e.store(e.load(Ordering::Relaxed) & !dmask, Ordering::Relaxed);
+                    for (j, group) in chunk.chunks_exact(8).enumerate() {
+                        let byte = if dmask.count_ones() == 1 {
+                            dirty8(group, dmask.trailing_zeros())
                         } else {
-                            e.fetch_and(!dmask, Ordering::AcqRel);
-                        }
-                        w &= w - 1;
+                            let mut byte = 0u64;
+                            for (k, e) in group.iter().enumerate() {
+                                byte |= K::dirty_bit(e.load(Ordering::Relaxed)) << k;
+                            }
+                            byte
+                        };
+                        word |= byte << (8 * j);
                     }
+                    if word != 0 {
+                        clear_dirty(chunk, word);
+                        count += word.count_ones() as u64;
+                        or_word(bitmap, first + c * 64, word);
+                    }
+                    c += 1;
+                }
+                let rest = chunks.remainder();
+                let mut word = 0u64;
+                for (i, e) in rest.iter().enumerate() {
+                    word |= K::dirty_bit(e.load(Ordering::Relaxed)) << i;
+                }
+                if word != 0 {
+                    clear_dirty(rest, word);
                     count += word.count_ones() as u64;
-                    or_word(bitmap, first + c as u64 * 64, word);
+                    or_word(bitmap, first + c * 64, word);
                 }
             } else if entries[0].load(Ordering::Relaxed) & dmask != 0 {
                 // A large leaf. `check_no_split` refused one cutting the
@@ -900,7 +1034,32 @@ pub struct Leaves<'a, P: TablePages> {
 impl<'a, P: TablePages> Iterator for Leaves<'a, P> {
     type Item = Leaf<'a>;
 
+    /// The common step, inlined into the caller: the next entry of the
+    /// current leaf table; the descent to the next leaf table is out of
+    /// line.
+    #[inline]
     fn next(&mut self) -> Option<Leaf<'a>> {
+        if let Some(table) = self.leaf_table {
+            let fmt = &self.t.fmt;
+            let lim = self.end.min(self.leaf_base + entry_span(2));
+            while self.cur < lim && self.cur >= self.leaf_base {
+                let gpa = self.cur;
+                self.cur += 4096;
+                let slot = &table[index(1, gpa)];
+                if fmt.is_present(slot.load(Ordering::Acquire)) {
+                    return Some(Leaf { gpa: Gpa(gpa), size: PageSize::Size4K, entry: slot, fmt });
+                }
+            }
+        }
+        self.next_slow()
+    }
+}
+
+impl<'a, P: TablePages> Leaves<'a, P> {
+    /// [`next`](Iterator::next) past the end of the current leaf table:
+    /// descends from the root to the next leaf table or large leaf.
+    #[inline(never)]
+    fn next_slow(&mut self) -> Option<Leaf<'a>> {
         let fmt = &self.t.fmt;
         'outer: while self.cur < self.end {
             if let Some(table) = self.leaf_table {
@@ -993,10 +1152,20 @@ fn populate<P: TablePages>(
         *progress = end;
         return Ok(());
     }
+    // Room for the children this call adds, made once: the children in
+    // `[first, last]` that are missing.
+    let lo = node.children.partition_point(|c| (c.index as usize) < first);
+    let have = node.children.partition_point(|c| (c.index as usize) <= last) - lo;
+    node.children.reserve(last - first + 1 - have);
+    // The children are sorted by index and the slots are visited in
+    // order, so slot `i`'s child is at (or is inserted at) the position
+    // after slot `i - 1`'s: a cursor instead of a search per slot.
+    let mut cursor = lo;
     for i in first..=last {
         let slot_base = base + i as u64 * span;
         let (s, e) = (start.max(slot_base), end.min(slot_base + span));
-        let pos = match node.child_pos(i) {
+        let found = node.children.get(cursor).is_some_and(|c| c.index as usize == i);
+        let pos = match if found { Ok(cursor) } else { Err(cursor) } {
             Ok(pos) => pos,
             Err(pos) => {
                 let table = table_of(pages, node.pfn).ok_or(Error::NoMemory)?;
@@ -1020,6 +1189,7 @@ fn populate<P: TablePages>(
             }
         };
         populate(&mut node.children[pos], level - 1, s, e, leaf_level, pages, fmt, progress, tables)?;
+        cursor = pos + 1;
     }
     Ok(())
 }
@@ -1128,7 +1298,8 @@ fn prune<P: TablePages>(
     let lo = node.children.partition_point(|c| (c.index as usize) < first);
     let hi = node.children.partition_point(|c| (c.index as usize) <= last);
     for k in lo..hi {
-        if let Some(next) = node.children.get(k + 1) {
+        // Only a clearing pass reads the child tables' entries.
+        if clear && let Some(next) = node.children.get(k + 1) {
             prefetch_table(pages.ptr(next.pfn));
         }
         let child = &mut node.children[k];
@@ -1200,6 +1371,63 @@ fn prefetch_table(p: *const u64) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// Bit `k` of the result is bit `bit` of `group[k]`: the dirty bits of
+/// eight entries, read as eight relaxed loads would read them.
+#[inline(always)]
+fn dirty8(group: &[AtomicU64], bit: u32) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if group.len() == 8 && bit < 64 {
+        let mask: u64;
+        // SAFETY: the block reads the 64 bytes of `group` (eight entries of
+        // a live table page, 8-byte aligned, valid for reads while the
+        // borrow lasts) with four 16-byte SSE2 loads and writes no memory.
+        // Other threads and the hardware change entries only with atomic
+        // operations, and x86 reads every naturally aligned quadword of a
+        // vector load atomically (a wide load may be split into several
+        // accesses, never inside an aligned quadword), so the block is
+        // equivalent to eight relaxed atomic loads, which may race with
+        // those writes. SSE2 is part of the x86-64 baseline. The entries'
+        // dirty bits are shifted to bit 63 of each quadword, the high
+        // dwords of each pair of vectors gathered, and their sign bits
+        // read out, entry `k` to bit `k`.
+        unsafe {
+            core::arch::asm!(
+                "movq {n}, {sh}",
+                "movdqu {a}, [{p}]",
+                "movdqu {b}, [{p} + 16]",
+                "movdqu {c}, [{p} + 32]",
+                "movdqu {d}, [{p} + 48]",
+                "psllq {a}, {n}",
+                "psllq {b}, {n}",
+                "psllq {c}, {n}",
+                "psllq {d}, {n}",
+                "shufps {a}, {b}, 0xdd",
+                "shufps {c}, {d}, 0xdd",
+                "movmskps {m:e}, {a}",
+                "movmskps {t:e}, {c}",
+                "shl {t:e}, 4",
+                "or {m:e}, {t:e}",
+                p = in(reg) group.as_ptr(),
+                sh = in(reg) (63 - bit) as u64,
+                n = out(xmm_reg) _,
+                a = out(xmm_reg) _,
+                b = out(xmm_reg) _,
+                c = out(xmm_reg) _,
+                d = out(xmm_reg) _,
+                m = out(reg) mask,
+                t = out(reg) _,
+                options(readonly, nostack),
+            );
+        }
+        return mask;
+    }
+    let mut byte = 0u64;
+    for (k, e) in group.iter().enumerate() {
+        byte |= ((e.load(Ordering::Relaxed) >> bit) & 1) << k;
+    }
+    byte
 }
 
 /// ORs the 64 bits of `word` into `bitmap` starting at bit `first`.

@@ -125,6 +125,13 @@ fn entry_operations() {
                     for mt in MEMTYPES {
                         let before = snapshot(&t0);
                         let r = t0.map(Gpa(gpa), Pfn(pfn), size, Prot::RW, mt);
+                        // The exclusive form refuses and succeeds exactly
+                        // where the shared one does.
+                        let rx = t.map_exclusive(Gpa(gpa), Pfn(pfn), size, Prot::RW, mt);
+                        assert_eq!(r, rx, "map_exclusive {gpa:#x} {pfn:#x} {size:?} {mt:?}");
+                        if rx.is_ok() {
+                            assert_eq!(t.unmap(Gpa(gpa)), Ok(true));
+                        }
                         if r.is_err() {
                             assert_eq!(snapshot(&t0), before, "map {gpa:#x} {pfn:#x} {size:?} {mt:?}: {r:?}");
                         } else {

@@ -18,6 +18,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => r.clone().prop_map(Op::Toggle),
         1 => (r.clone(), 0..8u8).prop_map(|(r, n)| Op::PopulateLimited(r, n)),
         6 => (r.clone(), p.clone(), 0..4u8).prop_map(|(r, p, k)| Op::Map(r, p, k)),
+        3 => (r.clone(), p.clone(), 0..4u8).prop_map(|(r, p, k)| Op::MapExclusive(r, p, k)),
         2 => (r.clone(), p.clone()).prop_map(|(r, p)| Op::Unmap(r, p)),
         1 => r.clone().prop_map(Op::UnmapRegion),
         1 => r.clone().prop_map(Op::UnmapVacate),

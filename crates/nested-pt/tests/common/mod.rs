@@ -78,6 +78,8 @@ pub enum Op {
     PopulateLimited(u8, u8),
     /// Map page `p` of region `r` with protection `k`.
     Map(u8, u16, u8),
+    /// `map_exclusive` of page `p` of region `r` with protection `k`.
+    MapExclusive(u8, u16, u8),
     /// Unmap page `p` of region `r`.
     Unmap(u8, u16),
     /// Unmap the whole region.
@@ -283,7 +285,7 @@ pub fn run(fmt: PteFormat, ops: &[Op]) -> Result<(), String> {
                     ensure_eq!(got, Ok(()), "needs {needed}; {}", ctx());
                 }
             }
-            Op::Map(r, p, k) => {
+            Op::Map(r, p, k) | Op::MapExclusive(r, p, k) => {
                 let r = region(r);
                 if !m.populated[r] {
                     continue;
@@ -293,7 +295,11 @@ pub fn run(fmt: PteFormat, ops: &[Op]) -> Result<(), String> {
                 let prot = prot_for(k);
                 next_pfn += size.pages();
                 let pfn = next_pfn & !(size.pages() - 1);
-                let got = t.map(Gpa(gpa), Pfn(pfn), size, prot, MemType::WriteBack);
+                let got = if matches!(op, Op::MapExclusive(..)) {
+                    t.map_exclusive(Gpa(gpa), Pfn(pfn), size, prot, MemType::WriteBack)
+                } else {
+                    t.map(Gpa(gpa), Pfn(pfn), size, prot, MemType::WriteBack)
+                };
                 match m.leaves.get(&gpa) {
                     _ if pfn >= limit => ensure_eq!(got, Err(Error::OutOfRange), "{}", ctx()),
                     Some(e) => ensure_eq!(got, Err(Error::AlreadyMapped { same_frame: e.pfn == pfn }), "{}", ctx()),
@@ -513,6 +519,9 @@ pub fn run(fmt: PteFormat, ops: &[Op]) -> Result<(), String> {
                 let got = t.lookup(Gpa(gpa + 8)).map(|l| (l.gpa, l.size, l.pfn(), l.prot(), l.accessed(), l.dirty()));
                 let want = m.leaves.get(&gpa).map(|e| (Gpa(gpa), size, Pfn(e.pfn), e.prot, e.acc, e.dirty()));
                 ensure_eq!(got, want, "lookup {gpa:#x}; {}", ctx());
+                let got = t.is_mapped(Gpa(gpa + 8));
+                let want = m.leaves.get(&gpa).map(|e| (Pfn(e.pfn), e.prot));
+                ensure_eq!(got, want, "is_mapped {gpa:#x}; {}", ctx());
             }
         }
         let leaves = t.leaves(Gpa(0), 1 << 48).map(|l| (l.gpa.0, l.pfn().0, l.prot(), l.accessed(), l.dirty()));
