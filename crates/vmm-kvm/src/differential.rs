@@ -226,16 +226,8 @@ impl Rig {
     }
 
     fn read(&self, obj: &vmspace::VmObject, off: u64, out: &mut [u8]) -> Result<()> {
-        for (k, chunk) in out.chunks_mut(PAGE as usize).enumerate() {
-            let p = self
-                .be
-                .object_ptr(obj, off + k as u64 * PAGE)
-                .ok_or_else(|| KvmError::Setup("object read out of range".into()))?;
-            // SAFETY: a raw copy out of one resident page of the object; the
-            // vCPU is stopped in the doorbell exit.
-            unsafe { std::ptr::copy_nonoverlapping(p, chunk.as_mut_ptr(), chunk.len()) };
-        }
-        Ok(())
+        // The vCPU is stopped in the doorbell exit.
+        self.be.read_object(obj, off, out)
     }
 
     /// Loads case `c` (the same initial state for every phase).

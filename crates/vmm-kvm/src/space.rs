@@ -341,16 +341,45 @@ impl SpaceBackend {
         arena_ptr(&self.arena, object.frame_at(off)?, off)
     }
 
-    /// Writes `bytes` into `object` at `off` through the host view.
-    pub fn write_object(&self, object: &VmObject, off: u64, bytes: &[u8]) -> Result<()> {
-        for (k, chunk) in bytes.chunks(PAGE as usize).enumerate() {
-            let p = self
-                .object_ptr(object, off + k as u64 * PAGE)
-                .ok_or_else(|| KvmError::Setup("object write out of range".into()))?;
-            // SAFETY: a raw copy into one resident page of the object.
-            unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), p, chunk.len()) };
+    /// Calls `f(host pointer, buffer offset, bytes)` for each piece of
+    /// `[off, off+len)` of `object` split at page boundaries (an object's
+    /// frames need not be contiguous in the host view): the pointer
+    /// addresses `bytes` bytes inside one host page of the object.
+    fn object_pieces(
+        &self,
+        object: &VmObject,
+        off: u64,
+        len: usize,
+        mut f: impl FnMut(*mut u8, usize, usize),
+    ) -> Result<()> {
+        let mut done = 0usize;
+        while done < len {
+            let at = off.checked_add(done as u64).ok_or_else(|| KvmError::Setup("object access overflows".into()))?;
+            let n = ((PAGE - at % PAGE) as usize).min(len - done);
+            let p = self.object_ptr(object, at).ok_or_else(|| KvmError::Setup("object access out of range".into()))?;
+            f(p, done, n);
+            done += n;
         }
         Ok(())
+    }
+
+    /// Writes `bytes` into `object` at `off` through the host view.
+    pub fn write_object(&self, object: &VmObject, off: u64, bytes: &[u8]) -> Result<()> {
+        self.object_pieces(object, off, bytes.len(), |p, at, n| {
+            // SAFETY: `p` addresses `n` bytes inside one resident host page
+            // of the object (`object_pieces`); a raw copy.
+            unsafe { std::ptr::copy_nonoverlapping(bytes[at..].as_ptr(), p, n) };
+        })
+    }
+
+    /// Copies `out.len()` bytes of `object` at `off` out through the host
+    /// view (raw copies: the guest may write the same memory).
+    pub fn read_object(&self, object: &VmObject, off: u64, out: &mut [u8]) -> Result<()> {
+        let len = out.len();
+        self.object_pieces(object, off, len, |p, at, n| {
+            // SAFETY: as in `write_object`, copying out.
+            unsafe { std::ptr::copy_nonoverlapping(p, out[at..].as_mut_ptr(), n) };
+        })
     }
 
     /// Maps a new system-memory segment holding `bytes` (padded to pages)
