@@ -110,11 +110,13 @@ pub mod differential;
 pub mod inspect;
 pub mod machine;
 pub mod mem;
+pub mod migrate;
 pub mod oracle;
 pub mod run;
 pub mod slot_pages;
 pub mod space;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 pub mod watch;
 

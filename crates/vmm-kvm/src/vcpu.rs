@@ -135,8 +135,8 @@ impl KickHandle {
 
 /// A vCPU in long mode.
 pub struct Vcpu {
-    fd: VcpuFd,
-    index: u32,
+    pub(crate) fd: VcpuFd,
+    pub(crate) index: u32,
     kick: std::sync::Arc<KickHandle>,
 }
 

@@ -132,6 +132,7 @@ mod error;
 pub mod fake;
 mod source;
 mod target;
+pub mod vm;
 pub mod wire;
 
 pub use error::{CorruptKind, HostError, MigrationError};

@@ -1,0 +1,728 @@
+//! Live migration of a running KVM guest: the built-in workload on a
+//! [`Guest`] whose memory ([`vmm::migration::vm::VmMemory`]) and vCPUs
+//! ([`crate::vcpu_state`]) move to another [`Guest`] over a connection,
+//! driven by the pre-copy engine of [`vmm::migration`].
+//!
+//! # Source
+//!
+//! [`Guest::run_source`] runs the workload; after `migrate_after` the
+//! coordinator runs the engine against [`KvmSource`]:
+//!
+//! - every harvest the engine asks for is a **harvest point**: the vCPUs
+//!   stop cooperatively at an operation boundary, the system-memory dirty
+//!   bits are read and cleared (the backend makes the cleared bits
+//!   effective before it returns), the guests' ledgers are compared with
+//!   them (a page written by the guest and not reported is counted
+//!   `missed`: the run fails) and cleared through the VM's host-write path
+//!   (which marks them dirty), and only then are the other segments (the
+//!   per-vCPU parameter blocks, kernel stacks and the ledgers themselves)
+//!   harvested, so the ledger clears travel in the same round;
+//! - at switch-over the vCPUs stay parked; [`crate::vcpu_state::VcpuTwin`]
+//!   completes each one's pending port exit and saves its state;
+//! - on success the source's vCPU threads leave (the guest runs on the
+//!   target); on failure the engine resumed them and put every harvested
+//!   bit back, and the guest runs to its end here, with every check.
+//!
+//! # Target
+//!
+//! [`Guest::run_target`] builds the same machine (same configuration, as
+//! QEMU's `-incoming`), receives into [`KvmTarget`] (dirty tracking off
+//! while pages arrive through the host view, on again before the vCPUs are
+//! restored, CR3 replaced by the target's table root), clears the pause
+//! request in every parameter block, and runs the rest of the workload:
+//! harvest rounds with ledger checks, the guests' verify pass, and the
+//! replay of every operation since the guest first started (the operation
+//! counts are guest memory) against the target's memory.
+//!
+//! # Known gaps
+//!
+//! - No framebuffer or other device model is migrated (the PCI platform's
+//!   state is not serialized): a migrating guest runs without one.
+//! - The target's resume time is taken when the engine acks, a few
+//!   milliseconds before its vCPU threads have entered the guest.
+
+use crate::backend::MemBackend;
+use crate::detect::detect;
+use crate::guest::*;
+use crate::machine::{Action, Event, Machine};
+use crate::mem::PAGE;
+use crate::run::{Round, VcpuReport};
+use crate::runtime;
+use crate::slot_pages::SlotPages;
+use crate::space::SpaceBackend;
+use crate::vcpu::Vcpu;
+use crate::vcpu_state::{VcpuState, VcpuTwin};
+use crate::vm::{KvmError, KvmVm, PagingMode, Result};
+use crate::workload::{Mode, Replay, Spec, checksum};
+
+use nested_pt::Prot;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use vmm::migration::vm::VmMemory;
+use vmm::migration::{
+    HostError, Layout, MemRange, MigrationError, MigrationSource, MigrationSummary, MigrationTarget, Progress,
+    SourceConfig, StateBlob, StateKind, TargetConfig, TargetSummary,
+};
+
+/// The machine a migrating guest runs on; the target must be built with
+/// the same values.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    /// vCPUs (1 to [`runtime::MAX_VCPUS`]).
+    pub vcpus: usize,
+    /// Guest RAM in bytes, split evenly between the vCPUs.
+    pub mem_bytes: u64,
+    /// Workload of every vCPU.
+    pub mode: Mode,
+    /// Percentage of random operations that write.
+    pub write_pct: u32,
+    /// Seed of the generators.
+    pub seed: u64,
+    /// Paging mode; `None` runs the start-up detection.
+    pub paging: Option<PagingMode>,
+    /// Pages a nested fault maps around the faulting one.
+    pub fault_around: u32,
+    /// The VM's name (a process-unique one when `None`).
+    pub name: Option<String>,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            vcpus: 2,
+            mem_bytes: 64 << 20,
+            mode: Mode::Mixed,
+            write_pct: 50,
+            seed: 0x5eed,
+            paging: None,
+            fault_around: 16,
+            name: None,
+        }
+    }
+}
+
+/// What one run (or run segment) of the workload found.
+#[derive(Debug, Clone, Default)]
+pub struct GuestReport {
+    /// Harvest rounds with their ledger comparison (migration harvests
+    /// included).
+    pub rounds: Vec<Round>,
+    /// Per-vCPU results of the final checks (empty when the guest left by
+    /// migration: the target checks it).
+    pub vcpus: Vec<VcpuReport>,
+    /// Workload time in this process.
+    pub elapsed: Duration,
+    /// Nested faults served in this process.
+    pub faults: u64,
+}
+
+impl GuestReport {
+    /// No ledger round missed or invented a page, every vCPU's memory
+    /// matches its replay and its checksum is the expected one.
+    pub fn ok(&self) -> bool {
+        self.rounds.iter().all(|r| r.missed == 0 && r.spurious == 0)
+            && self.vcpus.iter().all(|v| {
+                v.bad_pages == 0
+                    && v.guest_bad_headers == 0
+                    && v.data_errors == 0
+                    && v.guest_checksum == v.expected_checksum
+            })
+    }
+
+    /// Pages written by the guests (ledger) over all rounds.
+    pub fn ledger_pages(&self) -> u64 {
+        self.rounds.iter().map(|r| r.ledger).sum()
+    }
+}
+
+/// How a source run ended.
+#[derive(Debug)]
+pub enum SourceOutcome {
+    /// The guest now runs on the target.
+    Migrated(MigrationSummary, GuestReport),
+    /// The migration failed; the guest ran to its end here.
+    Failed(MigrationError, GuestReport),
+}
+
+/// What the source's coordinator hands back.
+enum Coord {
+    Migrated(MigrationSummary),
+    Local(Option<MigrationError>),
+}
+
+/// Everything of a guest but its machine (so the coordinator can borrow it
+/// while the machine runs).
+struct Core {
+    cfg: GuestConfig,
+    vm: Arc<KvmVm>,
+    be: Arc<SpaceBackend>,
+    twins: Vec<VcpuTwin>,
+    specs: Vec<Spec>,
+    npages: u64,
+    mem: VmMemory<SlotPages>,
+    rounds: Vec<Round>,
+    ram_seg: u32,
+    ledger_seg: (u32, u64),
+}
+
+/// A guest running the built-in workload on KVM, ready to migrate.
+pub struct Guest {
+    machine: Machine,
+    core: Core,
+    data_errors: Vec<AtomicU64>,
+    mode: PagingMode,
+}
+
+impl std::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guest").field("cfg", &self.core.cfg).finish_non_exhaustive()
+    }
+}
+
+fn host(op: &'static str) -> impl Fn(KvmError) -> HostError {
+    move |e| HostError::new(op, e.to_string())
+}
+
+impl Guest {
+    /// Builds the machine of `cfg`. A source (`incoming == false`) gets its
+    /// workload parameters; a target gets them with the guest's memory.
+    pub fn new(cfg: &GuestConfig, incoming: bool) -> Result<Guest> {
+        if cfg.vcpus == 0 || cfg.vcpus > runtime::MAX_VCPUS {
+            return Err(KvmError::Setup(format!("vCPU count must be 1..={}", runtime::MAX_VCPUS)));
+        }
+        let npages = cfg.mem_bytes / cfg.vcpus as u64 / PAGE;
+        let ram_base = runtime::RAM_BASE;
+        if npages == 0
+            || !cfg.mem_bytes.is_multiple_of(PAGE)
+            || cfg.mem_bytes > vmm::platform::PCI_WINDOW_64.0 - ram_base
+        {
+            return Err(KvmError::Setup("bad memory size".into()));
+        }
+        let mode = match cfg.paging {
+            Some(m) => m,
+            None => detect()?.mode,
+        };
+        let vm = Arc::new(KvmVm::new()?);
+        let rt_bytes = (runtime::ROM_PAGES + cfg.vcpus as u64 * runtime::DATA_PAGES) * PAGE
+            + cfg.vcpus as u64 * runtime::ledger_bytes(npages);
+        let table_bytes = (cfg.mem_bytes / 512 + (8 << 20)).next_multiple_of(PAGE);
+        let be = Arc::new(SpaceBackend::create(
+            vm.clone(),
+            cfg.mem_bytes + rt_bytes + (1 << 20),
+            table_bytes,
+            mode,
+            cfg.fault_around,
+            cfg.name.as_deref(),
+        )?);
+        let ram = be.ram_segment(cfg.mem_bytes)?;
+        be.map(&ram, ram_base, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
+        be.map_runtime(cfg.vcpus, npages)?;
+        let code = vmm::guest::code();
+        let mut twins = Vec::new();
+        let mut vcpus: Vec<Box<dyn vmm::hv::Vcpu>> = Vec::new();
+        for i in 0..cfg.vcpus {
+            let mut v = Vcpu::new(&vm, i as u32)?;
+            v.setup_long_mode(&runtime::long_mode_setup(&code, i, cfg.vcpus, be.cr3(), be.rom_base()))?;
+            twins.push(v.twin(&vm)?);
+            vcpus.push(Box::new(v));
+        }
+        let machine = Machine::new(be.clone(), vcpus, mode == PagingMode::HardwareNested);
+        let specs: Vec<Spec> = (0..cfg.vcpus)
+            .map(|i| Spec {
+                mode: cfg.mode,
+                base: ram_base + i as u64 * npages * PAGE,
+                npages,
+                seed: (cfg.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1,
+                write_pct: cfg.write_pct,
+                magic: 0xc0de_0000_0000_0000 | ((i as u64) << 40),
+            })
+            .collect();
+        if !incoming {
+            for (i, s) in specs.iter().enumerate() {
+                machine.set_param(i, P_MODE, s.mode as u64)?;
+                machine.set_param(i, P_BASE, s.base)?;
+                machine.set_param(i, P_NPAGES, s.npages)?;
+                machine.set_param(i, P_SEED, s.seed)?;
+                machine.set_param(i, P_WRITE_THRESH, s.write_thresh())?;
+                machine.set_param(i, P_MAGIC, s.magic)?;
+                machine.set_param(i, P_LEDGER, runtime::ledger(i, npages))?;
+            }
+        }
+        let segs = be.segments().clone();
+        let ram_seg = segs.mapping_at(ram_base).ok_or_else(|| KvmError::Setup("RAM not mapped".into()))?.segment;
+        let lm = segs.mapping_at(runtime::LEDGER_BASE).ok_or_else(|| KvmError::Setup("ledger not mapped".into()))?;
+        let mem = VmMemory::new(segs, Some(be.clone() as Arc<dyn MemBackend>));
+        let data_errors = (0..cfg.vcpus).map(|_| AtomicU64::new(0)).collect();
+        Ok(Guest {
+            machine,
+            core: Core {
+                cfg: cfg.clone(),
+                vm,
+                be,
+                twins,
+                specs,
+                npages,
+                mem,
+                rounds: Vec::new(),
+                ram_seg,
+                ledger_seg: (lm.segment, lm.offset),
+            },
+            data_errors,
+            mode,
+        })
+    }
+
+    /// The paging mode the machine runs in.
+    pub fn paging(&self) -> PagingMode {
+        self.mode
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        self.core.be.segments().name()
+    }
+
+    /// Guest memory in the migration's layout (every segment), bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.core.mem.layout().map(|l| l.bytes()).unwrap_or(0)
+    }
+
+    /// Pages received by a migration in and not yet delivered out.
+    pub fn received_pages(&self) -> u64 {
+        self.core.mem.received_pages()
+    }
+
+    /// The vCPU twins (state save and restore), for tests.
+    pub fn twins(&mut self) -> &mut [VcpuTwin] {
+        &mut self.core.twins
+    }
+
+    /// Runs the workload for `duration` with `rounds` evenly spaced harvest
+    /// rounds, and migrates it over `stream` after `migrate_after` (the
+    /// stream's peer runs [`Guest::run_target`]). `progress` sees every
+    /// engine round.
+    pub fn run_source(
+        &mut self,
+        duration: Duration,
+        rounds: u32,
+        migrate_after: Duration,
+        stream: &TcpStream,
+        config: &SourceConfig,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<SourceOutcome> {
+        let mut plan = Some((migrate_after, stream, config, progress));
+        let (coord, rep) = self.run_workload(duration, rounds, &mut plan)?;
+        Ok(match coord {
+            Coord::Migrated(s) => SourceOutcome::Migrated(s, rep),
+            Coord::Local(Some(e)) => SourceOutcome::Failed(e, rep),
+            Coord::Local(None) => {
+                return Err(KvmError::Setup("the workload ended before the migration started".into()));
+            }
+        })
+    }
+
+    /// Runs the workload here only (no migration): `duration`, `rounds`
+    /// harvest rounds, then every check.
+    pub fn run_local(&mut self, duration: Duration, rounds: u32) -> Result<GuestReport> {
+        Ok(self.run_workload(duration, rounds, &mut None)?.1)
+    }
+
+    /// Receives a migration from `stream` (into this machine, built with
+    /// the source's configuration), then runs the rest of the workload for
+    /// `duration` with `rounds` harvest rounds and every check.
+    pub fn run_target(
+        &mut self,
+        stream: &TcpStream,
+        config: &TargetConfig,
+        duration: Duration,
+        rounds: u32,
+    ) -> Result<(TargetSummary, GuestReport)> {
+        let sum = self.receive(stream, config)?;
+        let rep = self.run_local(duration, rounds)?;
+        Ok((sum, rep))
+    }
+
+    /// Receives a migration from `stream` into this machine; afterwards
+    /// [`run_local`](Self::run_local) continues the guest.
+    pub fn receive(&mut self, stream: &TcpStream, config: &TargetConfig) -> Result<TargetSummary> {
+        let mut t = KvmTarget { core: &mut self.core, machine: &self.machine };
+        vmm::migration::receive_tcp(&mut t, stream, config, Some(Duration::from_secs(60)))
+            .map_err(|e| KvmError::Setup(format!("incoming migration: {e}")))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn run_workload(
+        &mut self,
+        duration: Duration,
+        rounds: u32,
+        plan: &mut Option<(Duration, &TcpStream, &SourceConfig, &mut dyn FnMut(&Progress))>,
+    ) -> Result<(Coord, GuestReport)> {
+        let start = Instant::now();
+        let data_errors = &self.data_errors;
+        let handler = |i: usize, ev: Event| -> Action {
+            match ev {
+                Event::Unserved(f, e) => Action::Fatal(format!(
+                    "vCPU {i}: guest access at {:#x} (error code {:#x}, rip {:#x}) outside every mapping: {e:?}",
+                    f.gpa, f.err, f.rip
+                )),
+                Event::Port(PORT_DONE, _) => Action::Stop,
+                Event::Port(PORT_DATA_ERROR, r) => {
+                    data_errors[i].fetch_add(1, Ordering::Relaxed);
+                    eprintln!("vCPU {i}: data error at {:#x}: read {:#x}", r[2], r[3]);
+                    Action::Continue
+                }
+                Event::Port(p, r) => Action::Fatal(format!("vCPU {i}: unexpected report {p:#x} {r:x?}")),
+                Event::EmulationFailed(f, e) => {
+                    Action::Fatal(format!("vCPU {i}: access at {:#x} not emulated: {e}", f.gpa))
+                }
+            }
+        };
+        let core = &mut self.core;
+        let coord = self.machine.run(handler, |m| {
+            let interval = duration / (rounds + 1);
+            let mut next_round = start + interval;
+            let end = start + duration;
+            let mut failed = None;
+            loop {
+                let now = Instant::now();
+                if now >= end || m.control.finished() > 0 {
+                    break;
+                }
+                if let Some((after, stream, config, progress)) = plan.as_mut()
+                    && now >= start + *after
+                {
+                    let mut src = KvmSource { core: &mut *core, machine: m, paused: false, cache: Vec::new() };
+                    let r = vmm::migration::migrate_tcp(
+                        &mut src,
+                        stream,
+                        config,
+                        Some(Duration::from_secs(60)),
+                        &mut **progress,
+                    );
+                    *plan = None;
+                    match r {
+                        Ok(s) => {
+                            core.mem.migrated_out();
+                            // The guest runs on the target now.
+                            m.control.request_stop();
+                            for k in m.kick_handles() {
+                                k.kick();
+                            }
+                            return Ok(Coord::Migrated(s));
+                        }
+                        Err(e) => failed = Some(e),
+                    }
+                    continue;
+                }
+                if now >= next_round {
+                    let r = core.harvest_point(m, false)?;
+                    drop(r);
+                    next_round += interval;
+                }
+                std::thread::sleep(Duration::from_millis(2).min(end.saturating_duration_since(Instant::now())));
+            }
+            for i in 0..m.nvcpus() {
+                m.set_param(i, P_CTRL, 2)?;
+            }
+            m.control.wait_all_paused(m.nvcpus(), Duration::from_secs(600))?;
+            Ok::<_, KvmError>(Coord::Local(failed))
+        })?;
+        let elapsed = start.elapsed();
+        let faults = self.machine.total(|s| &s.faults);
+        if let Coord::Migrated(_) = coord {
+            let rep = GuestReport { rounds: std::mem::take(&mut self.core.rounds), vcpus: Vec::new(), elapsed, faults };
+            return Ok((coord, rep));
+        }
+        // Every vCPU finished (the verify pass only reads): a last round.
+        self.core.harvest_point(&self.machine, true)?;
+        let vcpus = self.core.check(&self.machine, &self.data_errors)?;
+        let rep = GuestReport { rounds: std::mem::take(&mut self.core.rounds), vcpus, elapsed, faults };
+        Ok((coord, rep))
+    }
+}
+
+impl Core {
+    fn layout(&self) -> std::result::Result<Layout, HostError> {
+        self.mem.layout()
+    }
+
+    /// One harvest point (module doc): the bitmaps of every range of the
+    /// layout, in order. `paused`: the vCPUs are already stopped (or done).
+    fn harvest_point(&mut self, m: &Machine, paused: bool) -> Result<Vec<Vec<u64>>> {
+        let tp = Instant::now();
+        if !paused {
+            m.pause_all(Duration::from_secs(30))?;
+        }
+        let pause = tp.elapsed();
+        let r = self.harvest_paused(pause);
+        if !paused {
+            m.resume_all()?;
+        }
+        r
+    }
+
+    fn harvest_paused(&mut self, pause: Duration) -> Result<Vec<Vec<u64>>> {
+        let layout = self.layout().map_err(|e| KvmError::Setup(e.to_string()))?;
+        let ram_idx = layout
+            .ranges
+            .iter()
+            .position(|r| vmm::migration::vm::split_addr(r.gpa).0 == self.ram_seg)
+            .ok_or_else(|| KvmError::Setup("RAM segment not in the layout".into()))?;
+        let mut out: Vec<Vec<u64>> = layout.ranges.iter().map(|r| vec![0u64; r.bitmap_words()]).collect();
+        let th = Instant::now();
+        self.mem.harvest(&layout.ranges[ram_idx], &mut out[ram_idx]).map_err(|e| KvmError::Setup(e.to_string()))?;
+        let harvest = th.elapsed();
+        // The ledgers against the RAM bitmap (segment page = RAM page).
+        let ram = &out[ram_idx];
+        let npages = self.npages;
+        let mut round = Round { pause, harvest, ..Default::default() };
+        round.dirty = ram.iter().map(|w| u64::from(w.count_ones())).sum();
+        let lbytes = runtime::ledger_bytes(npages) as usize;
+        let (lseg, loff) = self.ledger_seg;
+        let segs = self.be.segments();
+        for i in 0..self.cfg.vcpus {
+            let mut led = vec![0u8; lbytes];
+            let off = loff + (runtime::ledger(i, npages) - runtime::LEDGER_BASE);
+            segs.read_segment(lseg, off, &mut led).map_err(|e| KvmError::Setup(format!("ledger: {e}")))?;
+            for p in 0..npages {
+                let l = led[(p / 8) as usize] & (1 << (p % 8)) != 0;
+                let g = i as u64 * npages + p;
+                let h = ram[(g / 64) as usize] & (1 << (g % 64)) != 0;
+                round.ledger += u64::from(l);
+                round.missed += u64::from(l && !h);
+                round.spurious += u64::from(h && !l);
+            }
+            // Cleared through the host-write path, which marks the pages
+            // dirty: harvested below, in this same point.
+            if led.iter().any(|&b| b != 0) {
+                segs.write_segment(lseg, off, &vec![0u8; lbytes])
+                    .map_err(|e| KvmError::Setup(format!("ledger: {e}")))?;
+            }
+        }
+        self.rounds.push(round);
+        for (i, r) in layout.ranges.iter().enumerate() {
+            if i != ram_idx {
+                self.mem.harvest(r, &mut out[i]).map_err(|e| KvmError::Setup(e.to_string()))?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replays every vCPU's operations and compares memory (read through
+    /// the segment: on a target, pages that arrived by migration need not
+    /// be in the tables), the guest's checksum and its reports.
+    fn check(&self, m: &Machine, data_errors: &[AtomicU64]) -> Result<Vec<VcpuReport>> {
+        let ops: Vec<u64> = (0..self.cfg.vcpus).map(|i| m.param(i, P_OPS)).collect();
+        let segs = self.be.segments();
+        let ram_seg = self.ram_seg;
+        let results: Vec<(u64, u64)> = std::thread::scope(|s| {
+            let hs: Vec<_> = self
+                .specs
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| {
+                    let ops = ops[i];
+                    s.spawn(move || {
+                        let img = Replay::image(*spec, ops);
+                        let mut bad = 0;
+                        let mut page = vec![0u8; (USED_WORDS * 8) as usize];
+                        for p in 0..spec.npages {
+                            let off = spec.base - runtime::RAM_BASE + p * PAGE;
+                            let b = (p * USED_WORDS) as usize;
+                            let ok = segs.read_segment(ram_seg, off, &mut page).is_ok()
+                                && page
+                                    .chunks_exact(8)
+                                    .zip(&img[b..b + USED_WORDS as usize])
+                                    .all(|(w, &e)| u64::from_le_bytes(w.try_into().expect("8 bytes")) == e);
+                            bad += u64::from(!ok);
+                        }
+                        let verified = crate::workload::verified_pages(spec, ops);
+                        (bad, checksum(&img[..(verified * USED_WORDS) as usize]))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or((u64::MAX, 0))).collect()
+        });
+        Ok(results
+            .into_iter()
+            .enumerate()
+            .map(|(i, (bad_pages, expected_checksum))| VcpuReport {
+                ops: ops[i],
+                faults: m.stats[i].faults.load(Ordering::Relaxed),
+                exits: m.stats[i].exits.load(Ordering::Relaxed),
+                bad_pages,
+                guest_checksum: m.param(i, P_CHECKSUM),
+                expected_checksum,
+                guest_bad_headers: m.param(i, P_BAD_PAGES),
+                data_errors: data_errors[i].load(Ordering::Relaxed),
+                verified_pages: m.param(i, P_VERIFIED),
+            })
+            .collect())
+    }
+}
+
+/// A running [`Guest`] as the engine's source (module doc).
+pub struct KvmSource<'a> {
+    core: &'a mut Core,
+    machine: &'a Machine,
+    paused: bool,
+    /// The bitmaps of the last harvest point not yet handed out, by range.
+    cache: Vec<Option<Vec<u64>>>,
+}
+
+impl std::fmt::Debug for KvmSource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmSource").field("paused", &self.paused).finish_non_exhaustive()
+    }
+}
+
+impl MigrationSource for KvmSource<'_> {
+    fn layout(&self) -> Layout {
+        self.core.layout().unwrap_or_default()
+    }
+
+    fn resident(&mut self, range: &MemRange, bitmap: &mut [u64]) -> std::result::Result<(), HostError> {
+        self.core.mem.resident(range, bitmap)
+    }
+
+    fn read_page(&mut self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), HostError> {
+        self.core.mem.read_page(gpa, buf)
+    }
+
+    fn harvest(&mut self, range: &MemRange, bitmap: &mut [u64]) -> std::result::Result<(), HostError> {
+        let layout = self.core.layout()?;
+        let idx =
+            layout.ranges.iter().position(|r| r == range).ok_or_else(|| HostError::new("harvest", "unknown range"))?;
+        if self.cache.get(idx).is_none_or(|c| c.is_none()) {
+            // A new harvest point for every range; bits not handed out from
+            // the previous one are kept.
+            let fresh = self.core.harvest_point(self.machine, self.paused).map_err(host("harvest"))?;
+            let old = std::mem::take(&mut self.cache);
+            self.cache = fresh.into_iter().map(Some).collect();
+            for (c, o) in self.cache.iter_mut().zip(old) {
+                if let (Some(c), Some(o)) = (c.as_mut(), o) {
+                    for (a, b) in c.iter_mut().zip(o) {
+                        *a |= b;
+                    }
+                }
+            }
+        }
+        let bits = self.cache[idx].take().expect("filled above");
+        bitmap.copy_from_slice(&bits);
+        Ok(())
+    }
+
+    fn set_dirty(&mut self, range: &MemRange, bitmap: &[u64]) -> std::result::Result<(), HostError> {
+        self.core.mem.set_dirty(range, bitmap)
+    }
+
+    fn pause(&mut self) -> std::result::Result<(), HostError> {
+        self.machine.pause_all(Duration::from_secs(30)).map_err(|e| HostError::new("pause", e.to_string()))?;
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> std::result::Result<(), HostError> {
+        self.paused = false;
+        self.machine.resume_all().map_err(|e| HostError::new("resume", e.to_string()))
+    }
+
+    fn state(&mut self) -> std::result::Result<Vec<StateBlob>, HostError> {
+        let mut blobs = vec![StateBlob { kind: StateKind::VmLayout, instance: 0, data: self.core.mem.layout_blob() }];
+        for t in &mut self.core.twins {
+            let st = t.save().map_err(host("vCPU state"))?;
+            blobs.push(StateBlob { kind: StateKind::Vcpu, instance: t.index(), data: st.encode() });
+        }
+        Ok(blobs)
+    }
+}
+
+/// A [`Guest`] being built by an incoming migration (module doc).
+pub struct KvmTarget<'a> {
+    core: &'a mut Core,
+    machine: &'a Machine,
+}
+
+impl std::fmt::Debug for KvmTarget<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmTarget").finish_non_exhaustive()
+    }
+}
+
+impl MigrationTarget for KvmTarget<'_> {
+    fn prepare(&mut self, layout: &Layout) -> std::result::Result<(), HostError> {
+        self.core.mem.prepare(layout)?;
+        // Pages arrive through the host view; no vCPU runs yet, nothing to
+        // track (tracking would fault every page in for write).
+        self.core.be.segments().set_dirty_tracking(false).map_err(|e| HostError::new("prepare", e.to_string()))
+    }
+
+    fn write_page(&mut self, gpa: u64, data: &[u8]) -> std::result::Result<(), HostError> {
+        self.core.mem.write_page(gpa, data)
+    }
+
+    fn zero_page(&mut self, gpa: u64) -> std::result::Result<(), HostError> {
+        self.core.mem.zero_page(gpa)
+    }
+
+    fn mark_received(&mut self, range: &MemRange, bitmap: &[u64]) -> std::result::Result<(), HostError> {
+        self.core.mem.mark_received(range, bitmap)
+    }
+
+    fn apply_state(&mut self, blobs: Vec<StateBlob>) -> std::result::Result<(), HostError> {
+        let n = self.core.twins.len();
+        let mut states: Vec<Option<VcpuState>> = vec![None; n];
+        let mut layout_seen = false;
+        for b in blobs {
+            match b.kind {
+                StateKind::VmLayout => {
+                    self.core.mem.check_layout_blob(&b.data)?;
+                    layout_seen = true;
+                }
+                StateKind::Vcpu => {
+                    let i = b.instance as usize;
+                    if i >= n || states[i].is_some() {
+                        return Err(HostError::new("apply_state", format!("vCPU {i}: unexpected (this VM has {n})")));
+                    }
+                    states[i] = Some(VcpuState::decode(&b.data).map_err(host("apply_state"))?);
+                }
+                k => return Err(HostError::new("apply_state", format!("state of kind {k:?} is not supported"))),
+            }
+        }
+        if !layout_seen || states.iter().any(|s| s.is_none()) {
+            return Err(HostError::new("apply_state", "missing VM layout or vCPU state"));
+        }
+        let segs = self.core.be.segments();
+        segs.set_dirty_tracking(true).map_err(|e| HostError::new("apply_state", e.to_string()))?;
+        // The table root after the switch (it may move).
+        let cr3 = self.core.be.cr3();
+        for (t, s) in self.core.twins.iter_mut().zip(&states) {
+            t.restore(s.as_ref().expect("checked"), Some(cr3)).map_err(host("vCPU state"))?;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> std::result::Result<(), HostError> {
+        self.core.mem.finish();
+        // The source paused the guests at a harvest point: release them.
+        for i in 0..self.machine.nvcpus() {
+            self.machine.set_param(i, P_CTRL, 0).map_err(|e| HostError::new("resume", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        self.core.mem.discard();
+        let _ = self.core.be.segments().set_dirty_tracking(true);
+    }
+}
+
+/// The KVM VM a guest runs in (for diagnostics).
+impl Guest {
+    /// The KVM VM.
+    pub fn kvm_vm(&self) -> &Arc<KvmVm> {
+        &self.core.vm
+    }
+}
