@@ -417,7 +417,7 @@ impl Guest {
                     continue;
                 }
                 if now >= next_round {
-                    let r = core.harvest_point(m, false)?;
+                    let r = core.harvest_point(m, false, false)?;
                     drop(r);
                     next_round += interval;
                 }
@@ -436,7 +436,7 @@ impl Guest {
             return Ok((coord, rep));
         }
         // Every vCPU finished (the verify pass only reads): a last round.
-        self.core.harvest_point(&self.machine, true)?;
+        self.core.harvest_point(&self.machine, true, false)?;
         let vcpus = self.core.check(&self.machine, &self.data_errors)?;
         let rep = GuestReport { rounds: std::mem::take(&mut self.core.rounds), vcpus, elapsed, faults };
         Ok((coord, rep))
@@ -450,20 +450,22 @@ impl Core {
 
     /// One harvest point (module doc): the bitmaps of every range of the
     /// layout, in order. `paused`: the vCPUs are already stopped (or done).
-    fn harvest_point(&mut self, m: &Machine, paused: bool) -> Result<Vec<Vec<u64>>> {
+    /// `migrating`: the bits failed attempts put back are added (after the
+    /// ledger comparison, which they are not part of).
+    fn harvest_point(&mut self, m: &Machine, paused: bool, migrating: bool) -> Result<Vec<Vec<u64>>> {
         let tp = Instant::now();
         if !paused {
             m.pause_all(Duration::from_secs(30))?;
         }
         let pause = tp.elapsed();
-        let r = self.harvest_paused(pause);
+        let r = self.harvest_paused(pause, migrating);
         if !paused {
             m.resume_all()?;
         }
         r
     }
 
-    fn harvest_paused(&mut self, pause: Duration) -> Result<Vec<Vec<u64>>> {
+    fn harvest_paused(&mut self, pause: Duration, migrating: bool) -> Result<Vec<Vec<u64>>> {
         let layout = self.layout().map_err(|e| KvmError::Setup(e.to_string()))?;
         let ram_idx = layout
             .ranges
@@ -472,7 +474,9 @@ impl Core {
             .ok_or_else(|| KvmError::Setup("RAM segment not in the layout".into()))?;
         let mut out: Vec<Vec<u64>> = layout.ranges.iter().map(|r| vec![0u64; r.bitmap_words()]).collect();
         let th = Instant::now();
-        self.mem.harvest(&layout.ranges[ram_idx], &mut out[ram_idx]).map_err(|e| KvmError::Setup(e.to_string()))?;
+        self.mem
+            .harvest_fresh(&layout.ranges[ram_idx], &mut out[ram_idx])
+            .map_err(|e| KvmError::Setup(e.to_string()))?;
         let harvest = th.elapsed();
         // The ledgers against the RAM bitmap (segment page = RAM page).
         let ram = &out[ram_idx];
@@ -504,7 +508,10 @@ impl Core {
         self.rounds.push(round);
         for (i, r) in layout.ranges.iter().enumerate() {
             if i != ram_idx {
-                self.mem.harvest(r, &mut out[i]).map_err(|e| KvmError::Setup(e.to_string()))?;
+                self.mem.harvest_fresh(r, &mut out[i]).map_err(|e| KvmError::Setup(e.to_string()))?;
+            }
+            if migrating {
+                self.mem.add_pending(r, &mut out[i]).map_err(|e| KvmError::Setup(e.to_string()))?;
             }
         }
         Ok(out)
@@ -598,7 +605,7 @@ impl MigrationSource for KvmSource<'_> {
         if self.cache.get(idx).is_none_or(|c| c.is_none()) {
             // A new harvest point for every range; bits not handed out from
             // the previous one are kept.
-            let fresh = self.core.harvest_point(self.machine, self.paused).map_err(host("harvest"))?;
+            let fresh = self.core.harvest_point(self.machine, self.paused, true).map_err(host("harvest"))?;
             let old = std::mem::take(&mut self.cache);
             self.cache = fresh.into_iter().map(Some).collect();
             for (c, o) in self.cache.iter_mut().zip(old) {
@@ -719,8 +726,23 @@ impl MigrationTarget for KvmTarget<'_> {
     }
 }
 
-/// The KVM VM a guest runs in (for diagnostics).
 impl Guest {
+    /// Writes `bytes` into guest RAM at byte `offset` through the host
+    /// view (as firmware tables or a device model would; the write is
+    /// marked dirty while tracking is on).
+    pub fn write_ram(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.core
+            .be
+            .segments()
+            .write_segment(self.core.ram_seg, offset, bytes)
+            .map_err(|e| KvmError::Setup(e.to_string()))
+    }
+
+    /// Reads guest RAM at byte `offset` through the host view.
+    pub fn read_ram(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+        self.core.be.segments().read_segment(self.core.ram_seg, offset, out).map_err(|e| KvmError::Setup(e.to_string()))
+    }
+
     /// The KVM VM.
     pub fn kvm_vm(&self) -> &Arc<KvmVm> {
         &self.core.vm

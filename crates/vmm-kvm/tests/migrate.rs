@@ -84,3 +84,175 @@ fn running_guest_migrates_with_two_vcpus_and_loses_nothing() {
     assert!(target.ledger_pages() > 0, "the guest wrote nothing on the target");
     assert!(sum.pages_sent > 0 && sum.bytes_sent > 0);
 }
+
+#[test]
+fn four_vcpus_migrate_together() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let c = cfg(4, 32 << 20);
+    let (out, target) = migrate_once(&c, Duration::from_millis(400), Duration::from_millis(600));
+    let SourceOutcome::Migrated(sum, src) = out else { panic!("migration failed: {out:?}") };
+    assert_rounds("source", &src);
+    let target = target.expect("target thread");
+    assert_eq!(target.vcpus.len(), 4);
+    assert_checks("target", &target);
+    assert!(sum.state_bytes > 4 * 4096, "four vCPU states (with XSAVE) and the layout: {}", sum.state_bytes);
+}
+
+/// A page written by the host on A, received by B and never touched there
+/// (it lies past the last vCPU's region: 32 MiB over 3 vCPUs leaves two
+/// pages), reaches C when B migrates on (propolis 232: B delivers the pages
+/// it received, not only those its guest touched).
+#[test]
+fn received_but_untouched_pages_travel_on() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    // No fault-around: B's guest faults must not map the page by chance.
+    let c = GuestConfig { fault_around: 1, ..cfg(3, 32 << 20) };
+    let last = (32 << 20) - 4096u64;
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    let l1 = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let l2 = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (a1, a2) = (l1.local_addr().expect("addr"), l2.local_addr().expect("addr"));
+    let sc = SourceConfig { shared_clock: true, ..Default::default() };
+    std::thread::scope(|s| {
+        let (c2, c3, sc2) = (c.clone(), c.clone(), sc.clone());
+        let guest_c = s.spawn(move || {
+            let mut g = Guest::new(&c3, true).expect("C");
+            let (conn, _) = l2.accept().expect("accept");
+            let (_, rep) = g.run_target(&conn, &TargetConfig::default(), Duration::from_millis(400), 2).expect("C run");
+            let mut got = vec![0u8; 4096];
+            g.read_ram(last, &mut got).expect("read");
+            (rep, got)
+        });
+        let guest_b = s.spawn(move || {
+            let mut g = Guest::new(&c2, true).expect("B");
+            let (conn, _) = l1.accept().expect("accept");
+            g.receive(&conn, &TargetConfig::default()).expect("B receives");
+            let received = g.received_pages();
+            let on = TcpStream::connect(a2).expect("connect C");
+            let out = g
+                .run_source(Duration::from_millis(1200), 2, Duration::from_millis(300), &on, &sc2, &mut |_| {})
+                .expect("B run");
+            (received, out)
+        });
+        let mut a = Guest::new(&c, false).expect("A");
+        a.write_ram(last, &pattern).expect("host write");
+        let conn = TcpStream::connect(a1).expect("connect B");
+        let out = a
+            .run_source(Duration::from_millis(1200), 2, Duration::from_millis(300), &conn, &sc, &mut |_| {})
+            .expect("A run");
+        let SourceOutcome::Migrated(_, ra) = out else { panic!("A → B failed: {out:?}") };
+        assert_rounds("A", &ra);
+        let (received, out) = guest_b.join().expect("B thread");
+        assert!(received > 0, "B marked nothing received");
+        let SourceOutcome::Migrated(_, rb) = out else { panic!("B → C failed: {out:?}") };
+        assert_rounds("B", &rb);
+        let (rc, got) = guest_c.join().expect("C thread");
+        assert_checks("C", &rc);
+        assert!(got == pattern, "the page B received and never touched did not reach C");
+    });
+}
+
+/// A target that cannot take the guest (another memory size) refuses at
+/// the header: the source's guest keeps running and passes every check.
+#[test]
+fn refused_migration_leaves_the_guest_running_intact() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let c = cfg(2, 32 << 20);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::scope(|s| {
+        let other = cfg(2, 16 << 20);
+        let t = s.spawn(move || {
+            let mut g = Guest::new(&other, true).expect("target");
+            let (conn, _) = listener.accept().expect("accept");
+            g.receive(&conn, &TargetConfig::default()).map(|_| ())
+        });
+        let mut g = Guest::new(&c, false).expect("source");
+        let conn = TcpStream::connect(addr).expect("connect");
+        let out = g
+            .run_source(
+                Duration::from_millis(1000),
+                3,
+                Duration::from_millis(300),
+                &conn,
+                &SourceConfig::default(),
+                &mut |_| {},
+            )
+            .expect("source run");
+        let SourceOutcome::Failed(e, rep) = out else { panic!("a mismatched target took the guest") };
+        eprintln!("refused: {e}");
+        assert!(matches!(e, vmm::migration::MigrationError::LayoutMismatch(_)), "{e:?}");
+        assert_checks("source after refusal", &rep);
+        assert!(t.join().expect("target thread").is_err());
+    });
+}
+
+/// The connection dies half way (a proxy forwards a few megabytes, then
+/// drops both sides): the source resumes its guest, puts back what it
+/// harvested, and the guest passes every check there.
+#[test]
+fn migration_cut_mid_stream_loses_nothing_on_the_source() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let c = cfg(2, 32 << 20);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (addr, paddr) = (listener.local_addr().expect("addr"), proxy.local_addr().expect("addr"));
+    std::thread::scope(|s| {
+        let tc = c.clone();
+        let t = s.spawn(move || {
+            let mut g = Guest::new(&tc, true).expect("target");
+            let (conn, _) = listener.accept().expect("accept");
+            g.receive(&conn, &TargetConfig::default()).map(|_| ())
+        });
+        s.spawn(move || {
+            use std::io::{Read, Write};
+            let (from, _) = proxy.accept().expect("accept");
+            let to = TcpStream::connect(addr).expect("connect");
+            let (mut f2, mut t2) = (from.try_clone().expect("clone"), to.try_clone().expect("clone"));
+            // Answers from the target go back untouched.
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut t2, &mut f2);
+            });
+            let mut buf = vec![0u8; 64 << 10];
+            let mut left = 8u64 << 20;
+            let (mut from, mut to) = (from, to);
+            while left > 0 {
+                let Ok(n) = from.read(&mut buf) else { break };
+                if n == 0 {
+                    break;
+                }
+                let n = n.min(left as usize);
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                left -= n as u64;
+            }
+            let _ = from.shutdown(std::net::Shutdown::Both);
+            let _ = to.shutdown(std::net::Shutdown::Both);
+        });
+        let mut g = Guest::new(&c, false).expect("source");
+        let conn = TcpStream::connect(paddr).expect("connect");
+        let out = g
+            .run_source(
+                Duration::from_millis(1200),
+                3,
+                Duration::from_millis(300),
+                &conn,
+                &SourceConfig::default(),
+                &mut |_| {},
+            )
+            .expect("source run");
+        let SourceOutcome::Failed(e, rep) = out else { panic!("a cut stream migrated") };
+        eprintln!("cut: {e}");
+        assert_checks("source after a cut stream", &rep);
+        assert!(t.join().expect("target thread").is_err(), "the target resumed on a partial stream");
+    });
+}

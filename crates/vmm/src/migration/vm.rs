@@ -205,8 +205,9 @@ impl<P: TablePages + Send + Sync> VmMemory<P> {
     }
 
     /// Read-and-clear the pages of `range` changed since the last harvest
-    /// (module doc), plus those put back by failed attempts.
-    pub fn harvest(&mut self, range: &MemRange, bitmap: &mut [u64]) -> Result<(), HostError> {
+    /// (module doc), without the bits put back by failed attempts (a
+    /// harvest that is not a migration's leaves those for the next one).
+    pub fn harvest_fresh(&mut self, range: &MemRange, bitmap: &mut [u64]) -> Result<(), HostError> {
         let (id, kind) = self.segment_of(range)?;
         bitmap.fill(0);
         match kind {
@@ -261,6 +262,20 @@ impl<P: TablePages + Send + Sync> VmMemory<P> {
                 self.shadow.insert(id, now);
             }
         }
+        Ok(())
+    }
+
+    /// [`harvest_fresh`](Self::harvest_fresh) plus the bits put back by
+    /// failed attempts (which it hands out, once).
+    pub fn harvest(&mut self, range: &MemRange, bitmap: &mut [u64]) -> Result<(), HostError> {
+        self.harvest_fresh(range, bitmap)?;
+        self.add_pending(range, bitmap)
+    }
+
+    /// Add to `bitmap` (and forget) the bits of `range` put back by failed
+    /// attempts.
+    pub fn add_pending(&mut self, range: &MemRange, bitmap: &mut [u64]) -> Result<(), HostError> {
+        let (id, _) = self.segment_of(range)?;
         if let Some(p) = self.pending.remove(&id) {
             or_into(bitmap, &p);
         }
