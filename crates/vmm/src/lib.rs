@@ -109,6 +109,7 @@ pub mod inspect;
 pub mod intr;
 pub mod machine;
 pub mod migration;
+pub mod passthru;
 pub mod pci;
 pub mod platform;
 pub mod run;
@@ -118,4 +119,4 @@ pub mod watch;
 pub mod workload;
 
 pub use error::{BadName, Error, Result};
-pub use vm::{MAX_SEGMENTS, SegmentInfo, SegmentKind, SegmentMapping, Vm, VmConfig};
+pub use vm::{DmaMirror, MAX_SEGMENTS, SegmentInfo, SegmentKind, SegmentMapping, Vm, VmConfig};
