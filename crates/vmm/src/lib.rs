@@ -47,7 +47,10 @@
 //!   4 GiB, per-vCPU data), the built-in workloads and their host replay.
 //! - **Devices**: PCI behind ECAM ([`pci`]), a bhyve-style framebuffer with
 //!   a segment-backed 64-bit BAR ([`fbuf`]), the platform that applies BAR
-//!   moves to the VM and answers master aborts ([`platform`]); vLAPIC,
+//!   moves to the VM and answers master aborts ([`platform`]); the
+//!   passthrough model ([`passthru`]: wired memory, an IOMMU domain
+//!   mirroring system memory only for passthrough guests or when forced,
+//!   BARs with the MSI-X table hole and its emulation); vLAPIC,
 //!   vIOAPIC, vHPET and MSI decoding ([`intr`]).
 //! - **Live migration** ([`migration`]): the pre-copy engine and the
 //!   versioned, checksummed stream, against source/target traits.
