@@ -16,16 +16,20 @@
 //! on these slots and implements `vmm::hv::MemBackend`). The workload runs
 //! at CPL 3: nested walks are user accesses, as NPT hardware treats them.
 //!
+//! [`host::KvmHost`] is KVM as a `vmm::host::Host`: it creates a fresh
+//! KVM VM and a `SpaceBackend` for each VM's memory, and KVM vCPUs on it.
+//!
 //! What runs a VM is above the backend interface, in `vmm`: the machine
 //! (vCPU threads, exit loop, nested faults, MMIO emulation, harvest
-//! points), the guest code, runtime layout and workloads, the devices. What
-//! stays here besides the backend are the programs that run on KVM
-//! specifically: [`run`] (`vmm run`: the workloads with harvest rounds, the
-//! PCI framebuffer, every check, the control endpoint), [`watch`] (remaps
-//! under running vCPUs), [`oracle`] (real accesses against
-//! `nested_pt::mmu::translate`), [`differential`] (the emulator against the
-//! CPU), [`detect`] (how KVM translates on this host), [`bench`](mod@bench) and
-//! [`inspect`].
+//! points), the guest code, runtime layout and workloads, the devices, and
+//! the programs `vmm::run` (`vmm run`) and `vmm::watch` with `vmm::inspect`,
+//! written against `vmm::host::Host`. [`run`] and [`watch`] here are those
+//! programs on a [`host::KvmHost`] (thin wrappers kept for callers and the
+//! CLI). What stays here besides the backend are the tools that are about
+//! KVM itself: [`oracle`] (real accesses against
+//! `nested_pt::mmu::translate`), [`differential`] (the emulator against
+//! the CPU), [`detect`] (how KVM translates on this host) and
+//! [`bench`](mod@bench) (KVM exit and fault costs).
 //!
 //! A page fault in the workload is our *nested page fault*: a
 //! three-instruction CPL 0 stub exits with `out`, the host reads CR2 and RSP
@@ -97,8 +101,6 @@
 //! - MMIO is trapped as a nested fault on an address no mapping serves
 //!   (never as a KVM MMIO exit): device ranges must not be vmspace
 //!   mappings without RAM behind them.
-//! - [`run`] still builds its VM through `SpaceBackend` directly; moving it
-//!   into `vmm` needs a host trait that creates a backend's VM.
 //! - Upper-level accessed bits on a faulting walk are not compared with the
 //!   model (KVM sets none; the model, like QEMU, may set some).
 #![warn(missing_docs)]
@@ -107,7 +109,7 @@ pub mod backend;
 pub mod bench;
 pub mod detect;
 pub mod differential;
-pub mod inspect;
+pub mod host;
 pub mod machine;
 pub mod mem;
 pub mod migrate;
@@ -121,6 +123,6 @@ pub mod vm;
 pub mod watch;
 
 // The guest side (code, runtime layout, workloads) lives in the VM layer.
-pub use vmm::{guest, runtime, workload};
+pub use vmm::{guest, inspect, runtime, workload};
 
 pub use vm::{KvmError, KvmVm, PagingMode, Result, kvm_available};

@@ -41,7 +41,7 @@ use vmspace::{Arena, Cause, HostView, Invalidation, MemfdReservoir, SpaceConfig,
 /// a zap 70 µs to over 1 ms (it grows with the shadow pages) plus a shadow
 /// fault (~9 µs) for every page touched afterwards. `0` always zaps,
 /// `u64::MAX` never does.
-pub const DEFAULT_ZAP_THRESHOLD: u64 = 16;
+pub const DEFAULT_ZAP_THRESHOLD: u64 = vmm::host::DEFAULT_ZAP_THRESHOLD;
 
 /// Size of the vmspace: 1 TiB (RAM in the first 512 GiB, runtime above).
 pub const SPACE_SIZE: u64 = 1 << 40;

@@ -82,29 +82,13 @@ pub fn kvm_available() -> std::result::Result<(), String> {
     }
 }
 
-/// How KVM translates guest addresses on this host, which decides how
-/// changes to our tables are made visible to running vCPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PagingMode {
-    /// KVM uses hardware EPT/NPT: our tables are walked by the CPU and cached
-    /// in the vCPU's TLB; a CR3 reload inside the guest flushes them.
-    HardwareNested,
-    /// KVM shadows our tables: it does not see host writes to them; stale
-    /// shadow entries are dropped by unmapping the frame's KVM view
-    /// (leaf changes) or by a memory-slot change (everything).
-    Shadow,
-}
-
-impl fmt::Display for PagingMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PagingMode::HardwareNested => write!(f, "hardware nested paging (EPT/NPT): CR3 reload"),
-            PagingMode::Shadow => {
-                write!(f, "shadow paging: frame unmap (MADV_DONTNEED) per leaf change, slot zap for tables")
-            }
-        }
-    }
-}
+/// How KVM translates guest addresses on this host (the VM layer's
+/// [`vmm::host::PagingMode`]), which decides how changes to our tables are
+/// made visible to running vCPUs: with hardware nested paging a CR3 reload
+/// inside the guest; with shadow paging a frame's KVM view is dropped
+/// (`MADV_DONTNEED`) per leaf change and a memory-slot change zaps every
+/// shadow page when table pages were freed.
+pub use vmm::host::PagingMode;
 
 /// What the host's KVM module says about itself (sysfs), before probing.
 #[derive(Debug, Clone)]

@@ -32,12 +32,25 @@
 //!   through page holds up to the page end (then the next page), executed
 //!   against the device and RAM (RAM through holds, so emulator writes are
 //!   dirty-tracked), and the registers, flags and RIP are updated.
+//! - **The host interface and the programs on it** ([`host`], [`run`],
+//!   [`watch`], [`inspect`]): a [`host::Host`] creates a VM's memory (a
+//!   [`Vm`] whose tables, RAM and device memory its vCPUs can translate
+//!   through) and vCPUs in long mode on it; [`run`] (`vmm run`: the
+//!   built-in workloads with ledgers, harvest rounds, the PCI framebuffer
+//!   with BAR moves, the replay check, the control endpoint) and [`watch`]
+//!   (remaps under running vCPUs) are written once against it, and
+//!   [`inspect`] dumps a vmspace's mappings and tables. The KVM backend
+//!   is one `Host` (`vmm_kvm::host::KvmHost`); another backend implements
+//!   the same three methods and runs all of it unchanged.
 //! - **Guest side** ([`guest`], [`runtime`], [`workload`]): the
 //!   position-independent guest code, the runtime's layout (boot ROM below
 //!   4 GiB, per-vCPU data), the built-in workloads and their host replay.
 //! - **Devices**: PCI behind ECAM ([`pci`]), a bhyve-style framebuffer with
 //!   a segment-backed 64-bit BAR ([`fbuf`]), the platform that applies BAR
-//!   moves to the VM and answers master aborts ([`platform`]); vLAPIC,
+//!   moves to the VM and answers master aborts ([`platform`]); the
+//!   passthrough model ([`passthru`]: wired memory, an IOMMU domain
+//!   mirroring system memory only for passthrough guests or when forced,
+//!   BARs with the MSI-X table hole and its emulation); vLAPIC,
 //!   vIOAPIC, vHPET and MSI decoding ([`intr`]).
 //! - **Live migration** ([`migration`]): the pre-copy engine and the
 //!   versioned, checksummed stream, against source/target traits.
@@ -74,10 +87,9 @@
 //!
 //! # Known gaps
 //!
-//! - The run loop with its workloads and harvest rounds (`vmm run`) still
-//!   lives in `vmm-kvm` above the KVM backend (it uses the generic machine
-//!   and `Vm`, but creating the memory is KVM's): a `Host` trait that
-//!   creates a backend's `Vm` would let it move here.
+//! - KVM is the only [`host::Host`] so far; the interface has not been
+//!   exercised by a second backend, so what a bare-metal one needs beyond
+//!   it (e.g. its own invalidation counters) is a guess.
 //! - The interrupt models are not wired to vCPUs yet (no injection from
 //!   them), and the migration engine is not wired to a running VM.
 //! - Device-memory frame ranges are handed out by a bump allocator and not
@@ -94,15 +106,20 @@ pub mod emul;
 mod error;
 pub mod fbuf;
 pub mod guest;
+pub mod host;
 pub mod hv;
+pub mod inspect;
 pub mod intr;
 pub mod machine;
 pub mod migration;
+pub mod passthru;
 pub mod pci;
 pub mod platform;
+pub mod run;
 pub mod runtime;
 mod vm;
+pub mod watch;
 pub mod workload;
 
 pub use error::{BadName, Error, Result};
-pub use vm::{MAX_SEGMENTS, SegmentInfo, SegmentKind, SegmentMapping, Vm, VmConfig};
+pub use vm::{DmaMirror, MAX_SEGMENTS, SegmentInfo, SegmentKind, SegmentMapping, Vm, VmConfig};

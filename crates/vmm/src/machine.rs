@@ -358,6 +358,26 @@ pub fn write_guest_u64(b: &dyn MemBackend, gpa: u64, v: u64) -> Option<()> {
     Some(())
 }
 
+/// Reads `out.len()` u64 words from guest address `gpa` through the
+/// backend, all inside one page (`gpa` 8-byte aligned). `None` when the
+/// page is not resident or the words would cross the page's end.
+pub fn read_guest_words(b: &dyn MemBackend, gpa: u64, out: &mut [u64]) -> Option<()> {
+    let in_page = gpa % 4096;
+    let bytes = (out.len() as u64).checked_mul(8)?;
+    if !gpa.is_multiple_of(8) || bytes > 4096 - in_page {
+        return None;
+    }
+    let p = b.host_ptr(gpa)? as *const AtomicU64;
+    for (w, o) in out.iter_mut().enumerate() {
+        // SAFETY: `p` is the host address of `gpa` in a resident page and
+        // the `out.len()` aligned words from it lie inside that page
+        // (checked above); an atomic load is the sound way to read memory
+        // the guest may be writing.
+        *o = unsafe { &*p.add(w) }.load(Ordering::Relaxed);
+    }
+    Some(())
+}
+
 impl Machine {
     /// The guest address of code offset `off` (an offset in [`GuestCode`]).
     pub fn code_addr(&self, off: u64) -> u64 {

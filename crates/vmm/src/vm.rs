@@ -82,6 +82,28 @@ struct State {
     segments: BTreeMap<u32, Segment>,
     maps: BTreeMap<u64, SegmentMapping>,
     next_devmem_frame: u64,
+    /// System memory is populated when mapped and stays resident (a VM
+    /// with a passthrough device: DMA never faults).
+    wired: bool,
+    /// Follows every system-memory mapping (an IOMMU domain).
+    mirror: Option<Arc<dyn DmaMirror>>,
+}
+
+/// Something that follows a VM's system-memory mappings: an IOMMU domain
+/// whose I/O page tables must translate guest-physical addresses to the
+/// same frames as the VM's own tables (bhyve's `iommu_create_mapping` /
+/// `iommu_remove_mapping` on every sysmem map and unmap of a passthrough
+/// guest). Device memory is not mirrored (bhyve maps only sysmem into a
+/// domain).
+pub trait DmaMirror: Send + Sync {
+    /// `[gpa, gpa+len)` now maps `object` from byte `offset` with `prot`.
+    /// On an error the mirror must have changed nothing; the VM then undoes
+    /// the mapping and reports the error.
+    fn map(&self, gpa: u64, object: &VmObject, offset: u64, len: u64, prot: Prot) -> Result<()>;
+    /// `[gpa, gpa+len)` (a range an earlier `map` covered) is going away:
+    /// called before the VM's own tables change, so no DMA reaches the
+    /// frames once the unmap returns.
+    fn unmap(&self, gpa: u64, len: u64);
 }
 
 /// How a VM is created.
@@ -163,7 +185,13 @@ impl<P: TablePages + Send + Sync> Vm<P> {
             exposure,
             devmem_base: config.devmem_frame_base,
             devmem_frames: config.devmem_frames,
-            state: Mutex::new(State { segments: BTreeMap::new(), maps: BTreeMap::new(), next_devmem_frame: 0 }),
+            state: Mutex::new(State {
+                segments: BTreeMap::new(),
+                maps: BTreeMap::new(),
+                next_devmem_frame: 0,
+                wired: false,
+                mirror: None,
+            }),
             dir,
         })
     }
@@ -328,8 +356,97 @@ impl<P: TablePages + Send + Sync> Vm<P> {
             }
         };
         self.space.map(&s.object, offset, gpa, len, prot).map_err(space_err)?;
+        if s.kind == SegmentKind::SysMem {
+            let object = s.object.clone();
+            if let Err(e) = self.follow_sysmem_map(&st, gpa, &object, offset, len, prot) {
+                let _ = self.space.unmap(gpa, len);
+                return Err(e);
+            }
+        }
         st.maps.insert(gpa, SegmentMapping { gpa: Gpa(gpa), len, segment: id, offset, prot });
         Ok(())
+    }
+
+    /// What a new system-memory mapping needs besides the vmspace's: made
+    /// resident when memory is wired, and mirrored into the DMA mirror.
+    fn follow_sysmem_map(
+        &self,
+        st: &State,
+        gpa: u64,
+        object: &VmObject,
+        offset: u64,
+        len: u64,
+        prot: Prot,
+    ) -> Result<()> {
+        if st.wired {
+            self.space.populate(gpa, len).map_err(space_err)?;
+        }
+        if let Some(m) = &st.mirror {
+            m.map(gpa, object, offset, len, prot)?;
+        }
+        Ok(())
+    }
+
+    /// Wires system memory (bhyve's `vm_assign_pptdev` wiring the guest):
+    /// every system-memory mapping is made resident now, and every later
+    /// one when it is mapped, so a device's DMA never needs a fault. There
+    /// is no swapping yet, so resident pages stay resident until unmapped.
+    /// On an error (the reservoir ran out) the VM is left unwired.
+    pub fn wire_memory(&self) -> Result<()> {
+        let mut st = self.state();
+        if st.wired {
+            return Ok(());
+        }
+        for m in st.maps.values() {
+            if st.segments.get(&m.segment).is_some_and(|s| s.kind == SegmentKind::SysMem) {
+                self.space.populate(m.gpa.0, m.len).map_err(space_err)?;
+            }
+        }
+        st.wired = true;
+        Ok(())
+    }
+
+    /// Whether system memory is wired ([`Vm::wire_memory`]).
+    pub fn is_wired(&self) -> bool {
+        self.state().wired
+    }
+
+    /// Attaches `mirror`, which from now on follows every system-memory
+    /// mapping; the existing ones are given to it first. Refused when a
+    /// mirror is attached already ([`Error::Backend`]); on an error from
+    /// the mirror the ranges it accepted are taken back and nothing is
+    /// attached.
+    pub fn attach_dma_mirror(&self, mirror: Arc<dyn DmaMirror>) -> Result<()> {
+        let mut st = self.state();
+        if st.mirror.is_some() {
+            return Err(Error::Backend("a DMA mirror is attached already".into()));
+        }
+        let mut done: Vec<(u64, u64)> = Vec::new();
+        for m in st.maps.values() {
+            let Some(s) = st.segments.get(&m.segment).filter(|s| s.kind == SegmentKind::SysMem) else { continue };
+            if let Err(e) = mirror.map(m.gpa.0, &s.object, m.offset, m.len, m.prot) {
+                for &(gpa, len) in done.iter().rev() {
+                    mirror.unmap(gpa, len);
+                }
+                return Err(e);
+            }
+            done.push((m.gpa.0, m.len));
+        }
+        st.mirror = Some(mirror);
+        Ok(())
+    }
+
+    /// Detaches the DMA mirror, taking back every range it was given.
+    /// Returns it (`None` when none was attached).
+    pub fn detach_dma_mirror(&self) -> Option<Arc<dyn DmaMirror>> {
+        let mut st = self.state();
+        let mirror = st.mirror.take()?;
+        for m in st.maps.values() {
+            if st.segments.get(&m.segment).is_some_and(|s| s.kind == SegmentKind::SysMem) {
+                mirror.unmap(m.gpa.0, m.len);
+            }
+        }
+        Some(mirror)
     }
 
     /// Unmaps the mapping that starts at `gpa` and is `len` bytes long
@@ -337,11 +454,23 @@ impl<P: TablePages + Send + Sync> Vm<P> {
     /// exactly. vCPUs and other clients are invalidated (vmspace's unmap).
     pub fn unmap(&self, gpa: u64, len: u64) -> Result<()> {
         let mut st = self.state();
-        match st.maps.get(&gpa) {
-            Some(m) if m.len == len => {}
+        let segment = match st.maps.get(&gpa) {
+            Some(m) if m.len == len => m.segment,
             _ => return Err(Error::NotMapped),
+        };
+        let sysmem = st.segments.get(&segment).is_some_and(|s| s.kind == SegmentKind::SysMem);
+        if let (true, Some(mirror)) = (sysmem, &st.mirror) {
+            // No DMA reaches the frames once the unmap returns.
+            mirror.unmap(gpa, len);
         }
-        self.space.unmap(gpa, len).map_err(space_err)?;
+        if let Err(e) = self.space.unmap(gpa, len) {
+            // Still mapped: give the range back to the mirror.
+            if let (true, Some(mirror), Some(s)) = (sysmem, &st.mirror, st.segments.get(&segment)) {
+                let m = st.maps[&gpa];
+                let _ = mirror.map(gpa, &s.object, m.offset, len, m.prot);
+            }
+            return Err(space_err(e));
+        }
         st.maps.remove(&gpa);
         Ok(())
     }
