@@ -218,3 +218,65 @@ fn run_screenshot_and_pinning() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }
+
+/// `vmm run --incoming` and `vmm run --migrate-to` in two processes over
+/// loopback: the guest continues on the target and passes every check
+/// there; both sides report in JSON.
+#[test]
+fn run_migrates_between_two_processes() {
+    if let Err(e) = vmm_kvm::kvm_available() {
+        eprintln!("SKIPPED: {e}");
+        return;
+    }
+    // A free port: bind, read it, let it go (the target binds it next).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let at = format!("127.0.0.1:{port}");
+    let common = ["run", "--vcpus", "2", "--mem", "16M", "--write-pct", "80", "--rounds", "2", "--json"];
+    let target = vmm()
+        .args(common)
+        .args(["--duration", "500ms", "--incoming", &at])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn target");
+    // Wait until it listens.
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(&at).is_err() {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "the target never listened");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // (That probe connection was the target's one accept: start again.)
+    let target = {
+        let out = target.wait_with_output().expect("target");
+        assert!(!out.status.success(), "a target fed a closed connection resumed a guest");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("incoming migration") && !err.contains("panicked"), "{err}");
+        vmm()
+            .args(common)
+            .args(["--duration", "500ms", "--incoming", &at])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn target")
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let src = vmm()
+        .args(common)
+        .args(["--duration", "3s", "--migrate-to", &at, "--migrate-after", "400ms"])
+        .output()
+        .expect("run source");
+    let s = String::from_utf8_lossy(&src.stdout);
+    assert!(src.status.success(), "{s}\n{}", String::from_utf8_lossy(&src.stderr));
+    let v: serde_json::Value = serde_json::from_str(&s).expect("source JSON");
+    assert_eq!(v["migrated"], true, "{s}");
+    assert!(v["summary"]["downtime_ms"].as_f64().is_some_and(|d| d > 0.0), "{s}");
+    assert!(v["summary"]["bytes_sent"].as_u64().unwrap_or(0) > 0, "{s}");
+    assert!(!v["progress"].as_array().is_none_or(|p| p.is_empty()), "{s}");
+    let out = target.wait_with_output().expect("target");
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{t}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&t).expect("target JSON");
+    assert_eq!(v["guest"]["ok"], true, "{t}");
+    assert_eq!(v["guest"]["vcpus"].as_array().map(|x| x.len()), Some(2), "{t}");
+    assert!(v["received"]["pages"].as_u64().unwrap_or(0) > 0, "{t}");
+}

@@ -1,0 +1,364 @@
+//! Live migration from the command line, QEMU-style:
+//!
+//! ```text
+//! target$ vmm run --vcpus 2 --mem 1G --duration 5s --incoming 0.0.0.0:4444
+//! source$ vmm run --vcpus 2 --mem 1G --duration 20s --migrate-to HOST:4444 --migrate-after 3s
+//! ```
+//!
+//! The target is started first with the same machine options (vCPUs,
+//! memory, workload, seed, fault-around): it listens, takes one
+//! connection, receives the guest, and runs it for `--duration` from the
+//! moment it resumed, with `--rounds` harvest rounds, the verify pass and
+//! the replay of every operation since the guest first started. The source
+//! runs the workload and migrates it after `--migrate-after`, printing one
+//! progress line per pre-copy round (round, pages sent, remaining dirty,
+//! throughput, dirty rate) and a summary (total time, downtime from pause
+//! here to resume there, bytes sent against guest memory, rounds, dirty
+//! rate, whether pre-copy converged); `--json` prints the same as one
+//! object. A migration that fails leaves the guest running here: it runs
+//! to `--duration` with every check, and the exit status is 3.
+//!
+//! Convergence: pre-copy switches over when the dirty set fits
+//! `--downtime-limit` at the measured throughput, or after `--max-rounds`
+//! rounds anyway (the downtime is then bounded by the dirty set over the
+//! throughput, and the summary says `converged: false`); the KVM guest is
+//! not throttled (no auto-converge).
+//!
+//! A migrating run has no framebuffer (device models are not migrated).
+
+use crate::{parse_duration, parse_rounds};
+use serde::Serialize;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use vmm::migration::{MigrationSummary, Progress, SourceConfig, TargetConfig, TargetSummary};
+use vmm_kvm::migrate::{Guest, GuestConfig, GuestReport, SourceOutcome};
+
+/// The migration options of `vmm run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MigrationArgs {
+    /// Wait for an incoming migration on ADDR (host:port), then run the
+    /// guest it brings for --duration. Start it before the source, with
+    /// the same machine options.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["migrate_to", "screenshot"])]
+    pub incoming: Option<String>,
+    /// Migrate the running guest to the target listening on ADDR
+    /// (host:port) after --migrate-after.
+    #[arg(long, value_name = "ADDR", conflicts_with = "screenshot")]
+    pub migrate_to: Option<String>,
+    /// When to start the migration (time into the run).
+    #[arg(long, default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub migrate_after: Duration,
+    /// The downtime pre-copy aims for (switch over when the dirty set
+    /// fits in it at the measured throughput).
+    #[arg(long, default_value = "300ms", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub downtime_limit: Duration,
+    /// Pre-copy rounds after the first pass before switching over anyway.
+    #[arg(long, default_value = "30", value_parser = parse_rounds, allow_hyphen_values = true)]
+    pub max_rounds: u32,
+}
+
+impl MigrationArgs {
+    /// Whether the run migrates (in or out).
+    pub fn active(&self) -> bool {
+        self.incoming.is_some() || self.migrate_to.is_some()
+    }
+}
+
+/// The machine options of a migrating run.
+pub struct Machine {
+    pub vcpus: usize,
+    pub mem: u64,
+    pub mode: vmm_kvm::workload::Mode,
+    pub write_pct: u32,
+    pub seed: u64,
+    pub fault_around: u32,
+    pub name: Option<String>,
+    pub duration: Duration,
+    pub rounds: u32,
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct RoundJson {
+    dirty: u64,
+    ledger: u64,
+    missed: u64,
+    spurious: u64,
+    pause_us: f64,
+}
+
+#[derive(Serialize)]
+struct VcpuJson {
+    ops: u64,
+    bad_pages: u64,
+    checksum_ok: bool,
+    misplaced_headers: u64,
+    data_errors: u64,
+    verified_pages: u64,
+}
+
+#[derive(Serialize)]
+struct GuestJson {
+    ok: bool,
+    elapsed_s: f64,
+    nested_faults: u64,
+    rounds: Vec<RoundJson>,
+    vcpus: Vec<VcpuJson>,
+}
+
+fn guest_json(r: &GuestReport) -> GuestJson {
+    GuestJson {
+        ok: r.ok(),
+        elapsed_s: r.elapsed.as_secs_f64(),
+        nested_faults: r.faults,
+        rounds: r
+            .rounds
+            .iter()
+            .map(|x| RoundJson {
+                dirty: x.dirty,
+                ledger: x.ledger,
+                missed: x.missed,
+                spurious: x.spurious,
+                pause_us: x.pause.as_secs_f64() * 1e6,
+            })
+            .collect(),
+        vcpus: r
+            .vcpus
+            .iter()
+            .map(|v| VcpuJson {
+                ops: v.ops,
+                bad_pages: v.bad_pages,
+                checksum_ok: v.guest_checksum == v.expected_checksum,
+                misplaced_headers: v.guest_bad_headers,
+                data_errors: v.data_errors,
+                verified_pages: v.verified_pages,
+            })
+            .collect(),
+    }
+}
+
+#[derive(Serialize)]
+struct SourceJson {
+    migrated: bool,
+    error: Option<String>,
+    summary: Option<MigrationSummary>,
+    progress: Vec<Progress>,
+    /// The guest here: its harvest rounds (the migration's included) and,
+    /// when it stayed, its final checks.
+    guest: GuestJson,
+}
+
+#[derive(Serialize)]
+struct TargetJson {
+    received: TargetSummary,
+    guest: GuestJson,
+}
+
+fn print_guest(what: &str, r: &GuestReport) {
+    out!("{what}: {}", if r.ok() { "all checks passed" } else { "CHECKS FAILED" });
+    let missed: u64 = r.rounds.iter().map(|x| x.missed).sum();
+    let spurious: u64 = r.rounds.iter().map(|x| x.spurious).sum();
+    out!(
+        "  {} harvest rounds: {} pages written (ledgers), {} missed, {} spurious",
+        r.rounds.len(),
+        r.ledger_pages(),
+        missed,
+        spurious
+    );
+    for (i, v) in r.vcpus.iter().enumerate() {
+        out!(
+            "  vCPU {i}: {} ops, {} bad pages, checksum {}, {} misplaced headers, {} data errors",
+            v.ops,
+            v.bad_pages,
+            if v.guest_checksum == v.expected_checksum { "ok" } else { "WRONG" },
+            v.guest_bad_headers,
+            v.data_errors
+        );
+    }
+}
+
+fn mib(b: f64) -> f64 {
+    b / (1u64 << 20) as f64
+}
+
+fn print_summary(s: &MigrationSummary, limit: Duration) {
+    out!("migration: done in {:.1} ms", s.total_ms);
+    out!(
+        "  downtime {:.1} ms ({}), limit {:.0} ms",
+        s.downtime_ms,
+        if s.downtime_shared_clock { "pause here to resume there" } else { "pause to the target's ack" },
+        limit.as_secs_f64() * 1e3
+    );
+    out!(
+        "  sent {:.1} MiB for {:.1} MiB of guest memory ({:.2} bytes per byte), {} pages ({} zero), {} in the final round",
+        mib(s.bytes_sent as f64),
+        mib(s.guest_bytes as f64),
+        s.bytes_per_guest_byte,
+        s.pages_sent,
+        s.zero_pages,
+        s.final_round_pages
+    );
+    out!(
+        "  {} pre-copy rounds, {}; throughput {:.0} MiB/s, dirty rate {:.0} pages/s; vCPU state {} bytes",
+        s.rounds,
+        if s.converged { "converged" } else { "did NOT converge (round limit)" },
+        mib(s.throughput),
+        s.dirty_rate,
+        s.state_bytes
+    );
+}
+
+fn guest_config(m: &Machine) -> GuestConfig {
+    GuestConfig {
+        vcpus: m.vcpus,
+        mem_bytes: m.mem,
+        mode: m.mode,
+        write_pct: m.write_pct,
+        seed: m.seed,
+        paging: None,
+        fault_around: m.fault_around,
+        name: m.name.clone(),
+    }
+}
+
+fn addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.to_socket_addrs()
+        .map_err(|e| format!("bad address {s:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("address {s:?} resolves to nothing"))
+}
+
+/// `vmm run --incoming ADDR`.
+pub fn incoming(m: &Machine, at: &str) -> ExitCode {
+    let res = (|| -> Result<(TargetSummary, GuestReport), String> {
+        let listener = TcpListener::bind(addr(at)?).map_err(|e| format!("cannot listen on {at}: {e}"))?;
+        let mut g = Guest::new(&guest_config(m), true).map_err(|e| e.to_string())?;
+        if !m.json {
+            eprintln!("vmm run: waiting for a migration on {}", listener.local_addr().map_err(|e| e.to_string())?);
+        }
+        let (conn, peer) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        if !m.json {
+            eprintln!("vmm run: receiving from {peer}");
+        }
+        let t0 = Instant::now();
+        let sum = g.receive(&conn, &TargetConfig::default()).map_err(|e| e.to_string())?;
+        if !m.json {
+            eprintln!(
+                "vmm run: received {:.1} MiB in {:.1} ms; the guest runs here now",
+                mib(sum.bytes_received as f64),
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        let rep = g.run_local(m.duration, m.rounds).map_err(|e| e.to_string())?;
+        Ok((sum, rep))
+    })();
+    match res {
+        Ok((sum, rep)) => {
+            if m.json {
+                match serde_json::to_string_pretty(&TargetJson { received: sum, guest: guest_json(&rep) }) {
+                    Ok(s) => out!("{s}"),
+                    Err(e) => {
+                        eprintln!("vmm run: cannot encode JSON: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                out!(
+                    "incoming migration: {} pages ({} zero runs' pages), {} distinct, {} rounds, {} state blobs",
+                    sum.pages,
+                    sum.zero_pages,
+                    sum.distinct_pages,
+                    sum.rounds,
+                    sum.state_blobs
+                );
+                print_guest("vmm run (migrated in)", &rep);
+            }
+            if rep.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => {
+            eprintln!("vmm run --incoming: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `vmm run --migrate-to ADDR`.
+pub fn migrate_to(m: &Machine, a: &MigrationArgs, to: &str) -> ExitCode {
+    if a.migrate_after >= m.duration {
+        eprintln!("vmm run: --migrate-after must be shorter than --duration");
+        return ExitCode::from(2);
+    }
+    let cfg = SourceConfig {
+        downtime_limit: a.downtime_limit,
+        max_rounds: a.max_rounds,
+        // One clock when the target is on this host.
+        shared_clock: addr(to).map(|x| x.ip().is_loopback()).unwrap_or(false),
+        ..SourceConfig::default()
+    };
+    let mut progress = Vec::new();
+    let json = m.json;
+    let res = (|| -> Result<SourceOutcome, String> {
+        let mut g = Guest::new(&guest_config(m), false).map_err(|e| e.to_string())?;
+        let conn = TcpStream::connect(addr(to)?).map_err(|e| format!("cannot reach the target at {to}: {e}"))?;
+        g.run_source(m.duration, m.rounds, a.migrate_after, &conn, &cfg, &mut |p: &Progress| {
+            if !json {
+                eprintln!(
+                    "  round {:3}{}: sent {:8} pages, {:8} dirty remaining, {:7.1} MiB/s, dirty {:9.0} pages/s",
+                    p.round,
+                    if p.paused { " (paused)" } else { "" },
+                    p.pages_sent,
+                    p.remaining_dirty,
+                    mib(p.throughput),
+                    p.dirty_rate
+                );
+                let _ = std::io::stderr().flush();
+            }
+            progress.push(p.clone());
+        })
+        .map_err(|e| e.to_string())
+    })();
+    let out = match res {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("vmm run --migrate-to: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (summary, error, rep) = match out {
+        SourceOutcome::Migrated(s, r) => (Some(s), None, r),
+        SourceOutcome::Failed(e, r) => (None, Some(e.to_string()), r),
+    };
+    if m.json {
+        let j = SourceJson {
+            migrated: summary.is_some(),
+            error: error.clone(),
+            summary: summary.clone(),
+            progress,
+            guest: guest_json(&rep),
+        };
+        match serde_json::to_string_pretty(&j) {
+            Ok(s) => out!("{s}"),
+            Err(e) => {
+                eprintln!("vmm run: cannot encode JSON: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        if let Some(s) = &summary {
+            print_summary(s, a.downtime_limit);
+        }
+        if let Some(e) = &error {
+            out!("migration FAILED: {e}; the guest kept running here");
+        }
+        print_guest(if summary.is_some() { "vmm run (source, until the hand-over)" } else { "vmm run" }, &rep);
+    }
+    if !rep.ok() {
+        ExitCode::FAILURE
+    } else if error.is_some() {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
