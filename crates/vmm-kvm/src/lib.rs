@@ -28,8 +28,13 @@
 //! CLI). What stays here besides the backend are the tools that are about
 //! KVM itself: [`oracle`] (real accesses against
 //! `nested_pt::mmu::translate`), [`differential`] (the emulator against
-//! the CPU), [`detect`] (how KVM translates on this host) and
-//! [`bench`](mod@bench) (KVM exit and fault costs).
+//! the CPU), [`detect`] (how KVM translates on this host),
+//! [`bench`](mod@bench) (KVM exit and fault costs), and live migration:
+//! [`vcpu_state`] (the complete KVM vCPU state, taken through a twin
+//! descriptor while the vCPU's thread is parked) and [`migrate`] (a
+//! running guest moved between two VMs by `vmm::migration`'s engine; it
+//! drives its own workload loop, not `vmm::run`, and runs without the
+//! framebuffer: device models are not migrated).
 //!
 //! A page fault in the workload is our *nested page fault*: a
 //! three-instruction CPL 0 stub exits with `out`, the host reads CR2 and RSP

@@ -256,3 +256,46 @@ fn migration_cut_mid_stream_loses_nothing_on_the_source() {
         assert!(t.join().expect("target thread").is_err(), "the target resumed on a partial stream");
     });
 }
+
+/// The vCPU state survives encode, decode and restore into another VM's
+/// vCPU bit for bit (but CR3, which the target replaces with its own table
+/// root, and the TSC, which counts on).
+#[test]
+fn vcpu_state_round_trips_through_another_vm() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let c = cfg(2, 8 << 20);
+    let mut a = Guest::new(&c, false).expect("A");
+    let mut b = Guest::new(&c, true).expect("B");
+    let mut st = a.twins()[1].save().expect("save");
+    // Something else than the reset values, in every kind of section.
+    st.regs.rax = 0x1234_5678_9abc_def0;
+    st.regs.r15 = 42;
+    st.xsave[40] = 0xdead_beef; // inside the XMM registers' area
+    st.xsave[128] |= 2; // XSTATE_BV: the SSE state is in use
+    let enc = st.encode();
+    let back = vmm_kvm::vcpu_state::VcpuState::decode(&enc).expect("decode");
+    assert_eq!(back, st);
+    b.twins()[1].restore(&back, Some(0x5000)).expect("restore");
+    let got = b.twins()[1].save().expect("save again");
+    assert_eq!(got.regs, st.regs);
+    assert_eq!(got.sregs.cr3, 0x5000);
+    let mut s1 = st.sregs;
+    let mut s2 = got.sregs;
+    (s1.cr3, s2.cr3) = (0, 0);
+    assert_eq!(s1, s2);
+    assert_eq!(got.xsave[40], 0xdead_beef);
+    assert_eq!(got.xcrs, st.xcrs);
+    assert_eq!(got.events, st.events);
+    assert_eq!(got.debugregs, st.debugregs);
+    for &(i, v) in &st.msrs {
+        if i != vmm_kvm::vcpu_state::MSR_TSC {
+            assert_eq!(got.msr(i), Some(v), "MSR {i:#x}");
+        }
+    }
+    // A truncated or foreign blob is refused.
+    assert!(vmm_kvm::vcpu_state::VcpuState::decode(&enc[..enc.len() - 1]).is_err());
+    assert!(vmm_kvm::vcpu_state::VcpuState::decode(b"KVMVCPU1").is_err());
+    assert!(vmm_kvm::vcpu_state::VcpuState::decode(&enc[1..]).is_err());
+}

@@ -30,10 +30,28 @@
 //! end marks every page it received ([`MigrationTarget::mark_received`]),
 //! applies the state, resumes and acks.
 //!
+//! # A real VM
+//!
+//! [`vm::VmMemory`] is the memory half of both traits for a
+//! [`crate::Vm`]: one stream range per **segment** (not per guest-physical
+//! mapping, so a BAR move or an alias during the attempt changes nothing),
+//! residency from the vmspace's leaves, system-memory dirty bits through
+//! each writable mapping, device memory by content comparison, the bits
+//! of failed attempts accumulated, and the pages a migration in delivered
+//! kept as "received" until a migration out succeeds. `vmm-kvm`'s
+//! `migrate` module completes it for KVM: harvest points (the vCPUs parked
+//! at an operation boundary, so the guests' ledgers are checked against
+//! every migration harvest), the vCPU state (`vmm-kvm`'s `vcpu_state`:
+//! registers, segments and control registers, XSAVE, XCRs, MSRs, pending
+//! events), and `vmm run --incoming` / `--migrate-to` on top.
+//!
 //! # Convergence policy
 //!
 //! A guest that dirties memory faster than the link carries it never
 //! converges. Two behaviours, chosen by [`SourceConfig::auto_converge`]:
+//!
+//! The KVM source does not implement [`MigrationSource::throttle`]: its
+//! migrations use the round limit (below), and say `converged: false`.
 //!
 //! - **Default (off, as in QEMU):** pre-copy stops at
 //!   [`SourceConfig::max_rounds`] (30) and switches over anyway; the
