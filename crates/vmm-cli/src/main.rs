@@ -213,8 +213,12 @@ enum Cmd {
         #[arg(long, default_value = "0xd1ff", value_parser = parse_seed, allow_hyphen_values = true)]
         seed: u64,
     },
-    /// Measure exit and fault costs, harvest and invalidation.
+    /// Measure exit and fault costs, harvest and invalidation
+    /// (`vmm bench migrate`: live migration).
     Bench {
+        /// `migrate`: live migration over loopback against a plain copy.
+        #[command(subcommand)]
+        what: Option<migrate::BenchWhat>,
         /// Memory touched by the first-touch benchmark (4K to 16G, a
         /// multiple of 4 KiB).
         #[arg(long, default_value = "64M", value_parser = parse_bench_mem, allow_hyphen_values = true)]
@@ -1073,7 +1077,8 @@ fn main() -> ExitCode {
         Cmd::Inspect { name: None, run, leaves } => cmd_inspect(run, leaves),
         Cmd::Screenshot { name, out } => cmd_screenshot(&name, &out),
         Cmd::CheckEmulator { cases, seed } => cmd_check_emulator(cases, seed),
-        Cmd::Bench { mem, json } => cmd_bench(mem, json),
+        Cmd::Bench { what: Some(w), .. } => migrate::bench(w),
+        Cmd::Bench { what: None, mem, json } => cmd_bench(mem, json),
         Cmd::Conformance { emulators, verbose } => conformance(&emulators, verbose),
     }
 }

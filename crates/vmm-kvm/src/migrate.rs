@@ -86,6 +86,9 @@ pub struct GuestConfig {
     pub fault_around: u32,
     /// The VM's name (a process-unique one when `None`).
     pub name: Option<String>,
+    /// Map every RAM page before the guest starts (no nested faults: the
+    /// guest writes at full speed from the start; benchmarks).
+    pub prefault: bool,
 }
 
 impl Default for GuestConfig {
@@ -99,6 +102,7 @@ impl Default for GuestConfig {
             paging: None,
             fault_around: 16,
             name: None,
+            prefault: false,
         }
     }
 }
@@ -219,6 +223,9 @@ impl Guest {
         let ram = be.ram_segment(cfg.mem_bytes)?;
         be.map(&ram, ram_base, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
         be.map_runtime(cfg.vcpus, npages)?;
+        if cfg.prefault && !incoming {
+            be.space().populate(ram_base, cfg.mem_bytes).map_err(|e| KvmError::Setup(format!("populate: {e}")))?;
+        }
         let code = vmm::guest::code();
         let mut twins = Vec::new();
         let mut vcpus: Vec<Box<dyn vmm::hv::Vcpu>> = Vec::new();
@@ -747,4 +754,121 @@ impl Guest {
     pub fn kvm_vm(&self) -> &Arc<KvmVm> {
         &self.core.vm
     }
+}
+
+/// One case of [`bench`]: a guest migrated at one write percentage.
+#[derive(Debug, Clone)]
+pub struct BenchCase {
+    /// Percentage of the guest's random operations that write.
+    pub write_pct: u32,
+    /// The engine's summary.
+    pub summary: MigrationSummary,
+    /// The target's checks passed (ledger rounds, replay, checksums).
+    pub target_ok: bool,
+}
+
+/// What [`bench`] measured.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    /// Guest memory in the layout (bytes).
+    pub guest_bytes: u64,
+    /// Plain copies of `guest_bytes` over a loopback TCP connection
+    /// (bytes per second), measured around the cases.
+    pub plain_copy: Vec<f64>,
+    /// The cases, in the order run.
+    pub cases: Vec<BenchCase>,
+}
+
+impl BenchReport {
+    /// The median plain-copy throughput.
+    pub fn plain_median(&self) -> f64 {
+        let mut v = self.plain_copy.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    }
+}
+
+/// Copies `bytes` over a fresh loopback TCP connection in `batch`-byte
+/// writes (the engine's batch), the reader discarding into a 1 MiB buffer
+/// (the target's read buffer); returns bytes per second.
+pub fn plain_copy(bytes: u64, batch: usize) -> Result<f64> {
+    use std::io::{Read, Write};
+    let io = |e| KvmError::Os("loopback copy", e);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    let addr = l.local_addr().map_err(io)?;
+    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut c, _) = l.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            let k = c.read(&mut buf)?;
+            if k == 0 {
+                return Ok(n);
+            }
+            n += k as u64;
+        }
+    });
+    let mut c = TcpStream::connect(addr).map_err(io)?;
+    c.set_nodelay(true).map_err(io)?;
+    let buf: Vec<u8> = (0..batch).map(|i| (i * 31) as u8).collect();
+    let t0 = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = (left as usize).min(batch);
+        c.write_all(&buf[..n]).map_err(io)?;
+        left -= n as u64;
+    }
+    c.shutdown(std::net::Shutdown::Write).map_err(io)?;
+    let got = reader.join().map_err(|_| KvmError::Setup("copy reader panicked".into()))?.map_err(io)?;
+    let secs = t0.elapsed().as_secs_f64();
+    if got != bytes {
+        return Err(KvmError::Setup(format!("loopback copy delivered {got} of {bytes} bytes")));
+    }
+    Ok(bytes as f64 / secs.max(1e-9))
+}
+
+/// Migrates a guest of `cfg` (its `write_pct` replaced by each of
+/// `write_pcts`) over loopback after `warmup`, once per write percentage,
+/// with the target checking the guest for `check_time` after it resumed;
+/// plain copies of the guest's size over loopback before, between and
+/// after the cases.
+pub fn bench(
+    cfg: &GuestConfig,
+    write_pcts: &[u32],
+    source: &SourceConfig,
+    warmup: Duration,
+    check_time: Duration,
+    progress: &mut dyn FnMut(u32, &Progress),
+) -> Result<BenchReport> {
+    let guest_bytes = Guest::new(cfg, true)?.memory_bytes();
+    let mut rep =
+        BenchReport { guest_bytes, plain_copy: vec![plain_copy(guest_bytes, source.batch_bytes)?], cases: Vec::new() };
+    for &pct in write_pcts {
+        let c = GuestConfig { write_pct: pct, ..cfg.clone() };
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| KvmError::Os("bind", e))?;
+        let addr = l.local_addr().map_err(|e| KvmError::Os("bind", e))?;
+        let case = std::thread::scope(|s| -> Result<BenchCase> {
+            let tc = c.clone();
+            let t = s.spawn(move || -> Result<bool> {
+                let mut g = Guest::new(&tc, true)?;
+                let (conn, _) = l.accept().map_err(|e| KvmError::Os("accept", e))?;
+                let (_, r) = g.run_target(&conn, &TargetConfig::default(), check_time, 1)?;
+                Ok(r.ok())
+            });
+            let mut g = Guest::new(&c, false)?;
+            let conn = TcpStream::connect(addr).map_err(|e| KvmError::Os("connect", e))?;
+            let out =
+                g.run_source(warmup + Duration::from_secs(300), 0, warmup, &conn, source, &mut |p| progress(pct, p))?;
+            let target_ok = t.join().map_err(|_| KvmError::Setup("target panicked".into()))??;
+            match out {
+                SourceOutcome::Migrated(summary, r) => {
+                    Ok(BenchCase { write_pct: pct, summary, target_ok: target_ok && r.ok() })
+                }
+                SourceOutcome::Failed(e, _) => Err(KvmError::Setup(format!("migration at {pct}% writes failed: {e}"))),
+            }
+        })?;
+        rep.cases.push(case);
+        rep.plain_copy.push(plain_copy(guest_bytes, source.batch_bytes)?);
+    }
+    Ok(rep)
 }
