@@ -86,8 +86,9 @@ pub struct GuestConfig {
     pub fault_around: u32,
     /// The VM's name (a process-unique one when `None`).
     pub name: Option<String>,
-    /// Map every RAM page before the guest starts (no nested faults: the
-    /// guest writes at full speed from the start; benchmarks).
+    /// Map every RAM page before the guest starts, on the source and on a
+    /// target once the guest arrived (no nested faults: the guest writes
+    /// at full speed from the start; benchmarks).
     pub prefault: bool,
 }
 
@@ -355,8 +356,13 @@ impl Guest {
     /// [`run_local`](Self::run_local) continues the guest.
     pub fn receive(&mut self, stream: &TcpStream, config: &TargetConfig) -> Result<TargetSummary> {
         let mut t = KvmTarget { core: &mut self.core, machine: &self.machine };
-        vmm::migration::receive_tcp(&mut t, stream, config, Some(Duration::from_secs(60)))
-            .map_err(|e| KvmError::Setup(format!("incoming migration: {e}")))
+        let sum = vmm::migration::receive_tcp(&mut t, stream, config, Some(Duration::from_secs(60)))
+            .map_err(|e| KvmError::Setup(format!("incoming migration: {e}")))?;
+        if self.core.cfg.prefault {
+            let (ram, len) = (runtime::RAM_BASE, self.core.cfg.mem_bytes);
+            self.core.be.space().populate(ram, len).map_err(|e| KvmError::Setup(format!("populate: {e}")))?;
+        }
+        Ok(sum)
     }
 
     #[allow(clippy::type_complexity)]

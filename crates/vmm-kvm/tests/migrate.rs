@@ -299,3 +299,123 @@ fn vcpu_state_round_trips_through_another_vm() {
     assert!(vmm_kvm::vcpu_state::VcpuState::decode(b"KVMVCPU1").is_err());
     assert!(vmm_kvm::vcpu_state::VcpuState::decode(&enc[1..]).is_err());
 }
+
+/// A guest that dirties faster than pre-copy can follow (a 1 ms downtime
+/// limit, at most one round) is switched over at the round limit: the
+/// summary says it did not converge, the downtime is what the remaining
+/// dirty set costs, and nothing is lost.
+#[test]
+fn non_converging_guest_switches_over_at_the_round_limit() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let c = cfg(2, 32 << 20);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::scope(|s| {
+        let tc = c.clone();
+        let t = s.spawn(move || {
+            let mut g = Guest::new(&tc, true).expect("target");
+            let (conn, _) = listener.accept().expect("accept");
+            g.run_target(&conn, &TargetConfig::default(), Duration::from_millis(400), 2).expect("target run").1
+        });
+        let mut g = Guest::new(&c, false).expect("source");
+        let conn = TcpStream::connect(addr).expect("connect");
+        let sc = SourceConfig {
+            downtime_limit: Duration::from_millis(1),
+            max_rounds: 1,
+            shared_clock: true,
+            ..Default::default()
+        };
+        let out = g
+            .run_source(Duration::from_millis(1500), 0, Duration::from_millis(300), &conn, &sc, &mut |_| {})
+            .expect("source");
+        let SourceOutcome::Migrated(sum, src) = out else { panic!("migration failed: {out:?}") };
+        assert!(!sum.converged, "a write-heavy guest fit a 1 ms downtime: {sum:?}");
+        assert_eq!(sum.rounds, 2, "first pass and one round: {sum:?}");
+        assert!(sum.final_round_pages > 0);
+        assert_rounds("source", &src);
+        assert_checks("target", &t.join().expect("target thread"));
+    });
+}
+
+/// Device memory written through another process's view of its node (the
+/// boot ROM's unused tail, opened by name) after the first pass reaches
+/// the target: device memory is compared, not trusted to a dirty bit.
+#[test]
+fn device_memory_written_through_a_host_view_is_delivered() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let pid = std::process::id();
+    let (sname, tname) = (format!("migdev-src-{pid}"), format!("migdev-tgt-{pid}"));
+    let c = GuestConfig { name: Some(sname.clone()), ..cfg(2, 16 << 20) };
+    let rom_len = vmm::runtime::ROM_PAGES * 4096;
+    assert!(vmm::runtime::CODE_OFF + (vmm::guest::code().bytes.len() as u64) < rom_len - 64, "no unused ROM tail");
+    let marker: Vec<u8> = (0..64u8).map(|i| i ^ 0xa5).collect();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::scope(|s| {
+        let tc = GuestConfig { name: Some(tname.clone()), ..c.clone() };
+        let tn = tname.clone();
+        let t = s.spawn(move || {
+            let mut g = Guest::new(&tc, true).expect("target");
+            let (conn, _) = listener.accept().expect("accept");
+            g.receive(&conn, &TargetConfig::default()).expect("receive");
+            let mut got = vec![0u8; 64];
+            vmm::devmem::open(&tn, "bootrom", false)
+                .expect("target ROM node")
+                .read(rom_len - 64, &mut got)
+                .expect("read");
+            let rep = g.run_local(Duration::from_millis(300), 1).expect("target run");
+            (got, rep)
+        });
+        let mut g = Guest::new(&c, false).expect("source");
+        let conn = TcpStream::connect(addr).expect("connect");
+        let mut written = false;
+        let out = g
+            .run_source(
+                Duration::from_millis(1500),
+                0,
+                Duration::from_millis(300),
+                &conn,
+                &SourceConfig::default(),
+                &mut |p| {
+                    // After the first pass: only a later harvest can find it.
+                    if !written && !p.paused {
+                        vmm::devmem::open(&sname, "bootrom", true)
+                            .expect("source ROM node")
+                            .write(rom_len - 64, &marker)
+                            .expect("write through the node");
+                        written = true;
+                    }
+                },
+            )
+            .expect("source");
+        assert!(written);
+        let SourceOutcome::Migrated(..) = out else { panic!("migration failed: {out:?}") };
+        let (got, rep) = t.join().expect("target thread");
+        assert_eq!(got, marker, "a device-memory write through a host view was lost");
+        assert_checks("target", &rep);
+    });
+}
+
+/// The source clears the guests' ledgers at every harvest point through
+/// the VM's host-write path: those writes must reach the target, or the
+/// target's first ledger round finds bits for pages its guest never wrote
+/// (a large memory and a low write rate, so that most pages are not
+/// rewritten on the target).
+#[test]
+fn host_writes_at_harvest_points_are_delivered() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let c = GuestConfig { write_pct: 1, prefault: true, ..cfg(2, 128 << 20) };
+    let (out, target) = migrate_once(&c, Duration::from_millis(400), Duration::from_millis(400));
+    let SourceOutcome::Migrated(_, src) = out else { panic!("migration failed: {out:?}") };
+    assert_rounds("source", &src);
+    let target = target.expect("target thread");
+    assert_checks("target", &target);
+    let first = &target.rounds[0];
+    assert!(first.ledger < 32768, "the target rewrote every page; the test cannot see stale bits: {first:?}");
+}
