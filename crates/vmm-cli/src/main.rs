@@ -24,7 +24,10 @@
 //! - `check-emulator`: the MMIO emulator against the CPU (`--cases N`).
 //! - `bench`: exit round trip, MMIO exits and the emulator's share,
 //!   nested-fault cost and our share of it, KVM's own first-touch cost,
-//!   harvest and invalidation costs.
+//!   harvest and invalidation costs. `bench migrate`: live migration of
+//!   a write-heavy guest over loopback at several write rates (total
+//!   time, downtime, bytes per guest byte, rounds) against a plain
+//!   loopback copy of the guest's size measured in the same run.
 //! - `conformance`: builds the bare-metal conformance kernel and runs it
 //!   under QEMU (SVM+NPT) and Bochs (VMX+EPT, with and without EPT A/D),
 //!   printing a pass/fail table per scenario and emulator

@@ -53,7 +53,11 @@
 //!   BARs with the MSI-X table hole and its emulation); vLAPIC,
 //!   vIOAPIC, vHPET and MSI decoding ([`intr`]).
 //! - **Live migration** ([`migration`]): the pre-copy engine and the
-//!   versioned, checksummed stream, against source/target traits.
+//!   versioned, checksummed stream, against source/target traits, and the
+//!   memory half of both for a [`Vm`] ([`migration::vm`]: segments as
+//!   stream ranges, residency, dirty harvest, device-memory comparison,
+//!   put-back and received pages); `vmm-kvm::migrate` completes it with
+//!   vCPUs.
 //!
 //! # Invariants
 //!
@@ -91,7 +95,10 @@
 //!   exercised by a second backend, so what a bare-metal one needs beyond
 //!   it (e.g. its own invalidation counters) is a guess.
 //! - The interrupt models are not wired to vCPUs yet (no injection from
-//!   them), and the migration engine is not wired to a running VM.
+//!   them). Migration runs its own workload loop (`vmm-kvm::migrate`),
+//!   not [`run`]: there is no vCPU-state hook in [`host::Host`] or
+//!   [`hv::Vcpu`] yet, and device models (the framebuffer, PCI) are not
+//!   serialized.
 //! - Device-memory frame ranges are handed out by a bump allocator and not
 //!   reused after a segment is freed.
 //! - The harvest's comparison of device memory costs a copy of every
