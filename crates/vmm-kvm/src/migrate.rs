@@ -785,7 +785,7 @@ impl Guest {
     }
 }
 
-/// One case of [`bench`]: a guest migrated at one write percentage.
+/// One case of [`bench()`]: a guest migrated at one write percentage.
 #[derive(Debug, Clone)]
 pub struct BenchCase {
     /// Percentage of the guest's random operations that write.
@@ -796,7 +796,7 @@ pub struct BenchCase {
     pub target_ok: bool,
 }
 
-/// What [`bench`] measured.
+/// What [`bench()`] measured.
 #[derive(Debug, Clone)]
 pub struct BenchReport {
     /// Guest memory in the layout (bytes).
