@@ -1,4 +1,5 @@
-//! Second-level page tables (Intel EPT and AMD NPT) for hypervisors.
+//! Second-level page tables (Intel EPT and AMD NPT, and the I/O page tables
+//! of Intel VT-d and AMD-Vi) for hypervisors.
 //!
 //! # What this crate owns
 //!
@@ -11,19 +12,24 @@
 //!
 //! # Formats are values
 //!
-//! The same tree code serves three entry formats chosen at run time through a
+//! The same tree code serves five entry formats chosen at run time through a
 //! [`PteFormat`] value: Intel EPT with hardware accessed/dirty bits, Intel EPT
 //! with accessed/dirty bits *emulated* in software (for processors without
 //! them: the hardware read and write bits double as "accessed" and
 //! "modified", and the permission lives in ignored bits 52-54), and AMD NPT
-//! (the x86-64 long-mode format). At the API, masks such as "the dirty bit"
+//! (the x86-64 long-mode format); and for DMA, the IOMMUs' I/O page tables:
+//! Intel VT-d second-level tables and AMD-Vi tables (four levels, read and
+//! write permission only, no accessed/dirty bits; [`mmu::translate`] returns
+//! the fault reason VT-d records or the flags of AMD-Vi's IO_PAGE_FAULT
+//! event, see [`mmu::Violation::vtd_fault_reason`]). At the API, masks such as "the dirty bit"
 //! are read from the format value, not build-time constants, so one table
 //! type serves every format and the choice is made at run time. Inside, the
 //! hot paths (map, lookup, the dirty harvest) read the value's kind once
 //! per call and run a copy of the walker specialized for that kind, with
 //! its present, dirty and permission bits as immediates; widths that depend
 //! on the processor (the physical-address mask) stay run-time values.
-//! Every format can express a non-executable mapping.
+//! Every format can express a non-executable mapping (the IOMMU formats
+//! express no other).
 //!
 //! # The tree and its invariants
 //!
