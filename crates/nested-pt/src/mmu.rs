@@ -39,17 +39,20 @@
 //!   11 and bit 62 in legacy mode without snoop control or device IOTLBs,
 //!   address bits at or above the host address width, PS in an SL-PML4E,
 //!   PS without the matching SLLPS capability, the low address bits of a
-//!   large leaf) give fault reason 0xA; a read without R gives 0x6 and a
-//!   write without W 0x5, whether or not the entry is present (legacy
-//!   mode has no separate not-present reason). The permission is the AND
-//!   of R/W over the levels; no accessed or dirty bits are set.
+//!   large leaf) are checked; a read without R gives fault reason 0x6 and
+//!   a write without W 0x5, whether or not the entry is present (legacy
+//!   mode has no separate not-present reason), checked at each level
+//!   before the reserved fields (a refused access stops at the first level
+//!   that refuses it), and 0xC for a reserved field. No accessed or dirty
+//!   bits are set.
 //! - AMD-Vi (AMD IOMMU spec §2.2.3): PR=0 stops the walk (an
 //!   IO_PAGE_FAULT with PR clear). A PDE's Next Level must be the next
 //!   lower level or 0 (a page of the PDE's level; 0 in a PML4-level entry
 //!   and level skipping are not modelled and count as reserved, as does
 //!   Next Level 7, a page of non-default size); address bits at or above
 //!   the width are reserved. The permission is the AND of IR/IW over the
-//!   levels; a refused access is an IO_PAGE_FAULT with PE set.
+//!   levels, checked at each level first; a refused access is an
+//!   IO_PAGE_FAULT with PE set.
 //!
 //! Open points, where the manuals do not settle what hardware does: whether
 //! a walk that faults sets accessed bits in the upper entries it used (QEMU
@@ -86,7 +89,7 @@ pub enum ViolationKind {
     /// not an EPT violation).
     Misconfig,
     /// NPT: a reserved bit is set (a nested page fault with RSV=1); the
-    /// IOMMU formats: a reserved field is not zero (VT-d reason 0xA,
+    /// IOMMU formats: a reserved field is not zero (VT-d reason 0xC,
     /// AMD-Vi IO_PAGE_FAULT with RZ).
     Reserved,
     /// An entry points outside the table pages the model can read; real
@@ -138,11 +141,11 @@ impl Violation {
     /// Reason Encodings") the remapping hardware records for this
     /// violation of a DMA through second-level tables: 0x5 a write without
     /// W, 0x6 a read without R (legacy mode reports a not-present entry as
-    /// these too), 0xA a reserved field, 0x7 an entry that could not be
-    /// read (here: outside the table pages).
+    /// these too), 0xC a reserved field in a second-level entry, 0x7 an
+    /// entry that could not be read (here: outside the table pages).
     pub fn vtd_fault_reason(&self) -> u8 {
         match self.kind {
-            ViolationKind::Reserved | ViolationKind::Misconfig => 0xA,
+            ViolationKind::Reserved | ViolationKind::Misconfig => 0xC,
             ViolationKind::OutsideTables => 0x7,
             ViolationKind::NotPresent | ViolationKind::Permission => {
                 if self.access == Access::Write {
@@ -231,10 +234,17 @@ pub fn translate<P: TablePages + ?Sized>(
             return Err(fail(ViolationKind::NotPresent, level, Prot::empty()));
         }
         if iommu {
+            // Both IOMMUs check the entry's permission before its reserved
+            // fields, level by level (VT-d spec §7.1.3; QEMU's walkers do
+            // the same), so a refused access stops at the first level that
+            // refuses it.
+            effective &= fmt.prot(e);
+            if !effective.contains(access.prot()) {
+                return Err(fail(ViolationKind::Permission, level, effective));
+            }
             if reserved_iommu(fmt, e, level, leaf) {
                 return Err(fail(ViolationKind::Reserved, level, effective));
             }
-            effective &= fmt.prot(e);
         } else if npt {
             if reserved_npt(fmt, e, level) {
                 return Err(fail(ViolationKind::Reserved, level, effective));

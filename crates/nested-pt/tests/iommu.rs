@@ -143,7 +143,7 @@ fn reserved_fields_fault() {
             slot.store(b, std::sync::atomic::Ordering::Relaxed);
             let v = tr().unwrap_err();
             assert_eq!(v.kind, ViolationKind::Reserved, "{f:?} {b:#x}");
-            assert_eq!(v.vtd_fault_reason(), 0xA);
+            assert_eq!(v.vtd_fault_reason(), 0xC);
             assert_ne!(v.amd_vi_fault_flags() & 1 << 7, 0, "RZ");
         }
         slot.store(good, std::sync::atomic::Ordering::Relaxed);

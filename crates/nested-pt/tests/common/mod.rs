@@ -484,7 +484,13 @@ pub fn run(fmt: PteFormat, ops: &[Op]) -> Result<(), String> {
                 let (_, _, size) = REGIONS[r];
                 let base = Model::page(r, p as u64);
                 let off = (p as u64 * 0x1f8) % size.bytes();
-                let a = access(a);
+                // DMA has no execute: an IOMMU refuses a fetch at the first
+                // present level (tests/iommu.rs checks that); the model
+                // walks data accesses.
+                let a = match access(a) {
+                    Access::Execute if fmt.is_iommu() => Access::Read,
+                    a => a,
+                };
                 let got = mmu::translate(t.pages(), &fmt, t.root(), Gpa(base + off), a, ad);
                 let hw_ad = fmt.kind() == FormatKind::Npt || (ad && fmt.kind() == FormatKind::Ept);
                 let ent = m.leaves.get(&base).copied();
