@@ -27,7 +27,8 @@
 //!   harvest and invalidation costs.
 //! - `conformance`: builds the bare-metal conformance kernel and runs it
 //!   under QEMU (SVM+NPT) and Bochs (VMX+EPT, with and without EPT A/D),
-//!   printing a pass/fail table per scenario and emulator
+//!   and the DMA suite under QEMU's VT-d and AMD-Vi IOMMUs, printing a
+//!   pass/fail table per scenario and emulator
 //!   (`hwtest::run_conformance`).
 //!
 //! Known gaps: `migrate` / `run --incoming` (the engine is in
@@ -217,7 +218,7 @@ enum Cmd {
     /// SVM+NPT (QEMU) and VMX+EPT (Bochs): a pass/fail table per scenario
     /// and emulator.
     Conformance {
-        /// Emulators to run (qemu, bochs, bochs-noad); all when none given.
+        /// Emulators to run (qemu, bochs, bochs-noad, qemu-vtd, qemu-amdvi); all when none given.
         emulators: Vec<String>,
         /// Also print each emulator's detailed per-scenario report.
         #[arg(long)]
