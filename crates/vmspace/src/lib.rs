@@ -92,6 +92,10 @@
 //!   [`VmSpace::track_dirty_frames`] / [`VmSpace::dirty_op_frames`] to get
 //!   the cleared frames too. A harvest is exact only with the vCPUs out
 //!   of guest context (see [`VmSpace::track_dirty`]).
+//! - Host access to an object outside any mapping: [`VmObject::read`] and
+//!   [`VmObject::write`] by byte offset (across its non-contiguous frames;
+//!   not dirty-tracked), and [`VmObject::frame_runs`], its frames as runs
+//!   of contiguous frames (one host mapping per run instead of per page).
 //! - [`Arena`] and [`HostView`] are `Send + Sync`: plain descriptions of
 //!   shared mappings, used through raw addresses.
 //!
@@ -144,6 +148,7 @@ extern crate alloc;
 
 mod client;
 mod error;
+mod host_view;
 mod object;
 mod protocol;
 mod reservoir;
@@ -153,6 +158,7 @@ mod view;
 
 pub use client::{HoldChain, OnCpu, PageHold, VmClient};
 pub use error::{Error, Invalid, NoSpace, Result};
+pub use host_view::{FrameRun, FrameRuns};
 pub use object::VmObject;
 pub use reservoir::{Arena, HeapReservoir, Reservoir, ReservoirStats};
 #[cfg(feature = "std")]
