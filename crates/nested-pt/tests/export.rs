@@ -297,3 +297,48 @@ fn harvest_dirty_runs_refusals() {
     assert_eq!(t.harvest_dirty_runs(Gpa(1 << 48), K4, true, never), Err(Error::OutOfRange));
     assert!(t.lookup(Gpa(4 * M2)).unwrap().dirty(), "still dirty");
 }
+
+/// Hostile arguments to every export call: no panic, typed refusals, and
+/// a table that stays usable (raw garbage leaves included: they are
+/// walked, copied, harvested and dropped like any leaf).
+#[test]
+fn hostile_arguments() {
+    let addrs = [0, K4 - 1, M2, G1, (1 << 47) - K4, (1 << 48) - 1, 1 << 48, u64::MAX - K4 + 1, u64::MAX];
+    let values = [0, 1, 0x87, u64::MAX, 0x8000_0000_0000_0007, 0x000f_ffff_ffff_f007];
+    for fmt in formats() {
+        let t = sample(fmt, CountingPages::new(HeapPages::new()));
+        let pages_before = t.table_pages();
+        for &a in &addrs {
+            for level in 0..=6u8 {
+                let _ = t.read_entry(Gpa(a), level);
+                let _ = t.entry_at(Gpa(a), level);
+                for &v in &values {
+                    if let Ok(old) = t.write_entry(Gpa(a), level, v) {
+                        // Whatever was written reads back, and walks over
+                        // it do not panic.
+                        assert_eq!(t.read_entry(Gpa(a), level), Ok(v));
+                        let _ = t.lookup(Gpa(a));
+                        let _ = t.is_mapped(Gpa(a));
+                        let _ = translate(t.pages(), &fmt, t.root(), Gpa(a), Access::Write, true);
+                        if v == u64::MAX {
+                            t.write_entry(Gpa(a), level, old).unwrap();
+                        }
+                    }
+                }
+            }
+            for len in [0, K4, M2, u64::MAX, u64::MAX - a] {
+                let _ = t.harvest_dirty_runs(Gpa(a), len, true, |g, l| {
+                    assert!(l > 0 && g.0.checked_add(l).is_some());
+                });
+            }
+        }
+        assert_eq!(t.table_pages(), pages_before, "raw writes never add or drop tables");
+        let _ = t.harvest_dirty_runs(Gpa(0), 1 << 47, true, |_, _| {});
+        let c = t.copy_into(CountingPages::new(HeapPages::with_capacity(0x9000, 64))).unwrap();
+        let (a, b) = leaves(&t, &c);
+        assert_eq!(a, b);
+        assert_eq!(c.table_pages_iter().count(), t.table_pages());
+        drop(c);
+        assert!(t.pages().errors().is_empty());
+    }
+}
