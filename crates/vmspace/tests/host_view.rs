@@ -137,3 +137,23 @@ fn mmio_with_a_view() {
     let bytes: Vec<u8> = backing.iter().flat_map(|w| w.to_le_bytes()).collect();
     assert_eq!(&bytes[PG as usize - 2..PG as usize + 2], &[1, 2, 3, 4]);
 }
+
+#[test]
+fn table_view_lists_pages_and_reads_entries() {
+    let (_r, o) = fragmented();
+    let s: VmSpace<HeapPages> =
+        VmSpace::new(SpaceConfig::new(1 << 30, PteFormat::ept(Caps::default())), HeapPages::new()).unwrap();
+    s.map(&o, 0, 0x20_0000, 4 * PG, Prot::RW).unwrap();
+    s.populate(0x20_0000, 4 * PG).unwrap();
+    s.with_table(|t| {
+        let pages: Vec<_> = t.table_pages_iter().map(|p| (p.level, p.gpa)).collect();
+        // Root, PDPT, PD, and the leaf table covering 2 MiB .. 4 MiB.
+        assert_eq!(pages, [(4, Gpa(0)), (3, Gpa(0)), (2, Gpa(0)), (1, Gpa(0x20_0000))]);
+        assert_eq!(pages.len(), t.table_pages());
+        for p in 0..4 {
+            let e = t.read_entry(Gpa(0x20_0000 + p * PG), 1).unwrap();
+            assert_eq!(t.format().frame(e), o.frame_at(p * PG).unwrap());
+        }
+        assert_eq!(t.read_entry(Gpa(1 << 40), 1), Err(nested_pt::Error::NotPopulated));
+    });
+}
