@@ -7,6 +7,8 @@ use crate::format::{Kind, PteFormat, with_kind};
 use crate::pages::TablePages;
 use crate::{Access, ENTRIES, Error, GPA_LIMIT, Gpa, MemType, PageSize, Pfn, Prot, check_range};
 
+pub(crate) mod export;
+
 /// The large-page bit of a level-2/3 entry (EPT bit 7 and NPT PS, bit 7).
 const LARGE: u64 = crate::format::EPT_LARGE;
 

@@ -15,6 +15,47 @@
 //! client. Dirty bits are harvested and set again ([`VmSpace::dirty_op`])
 //! for live migration; tracking can be switched at run time.
 //!
+//! # Example
+//!
+//! A 1 GiB space with 1 MiB of RAM at guest-physical 0, a vCPU client
+//! faulting a page in, a device client writing through a hold, and a
+//! harvest reporting what was written:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use nested_pt::{Caps, HeapPages};
+//! use vmspace::{HeapReservoir, Pfn, Prot, PteFormat, SpaceConfig, VmObject, VmSpace};
+//!
+//! let config = SpaceConfig::new(1 << 30, PteFormat::ept(Caps::default()));
+//! let space: VmSpace<HeapPages> = VmSpace::new(config, HeapPages::new())?;
+//! let reservoir = Arc::new(HeapReservoir::new(16 << 20, Pfn(0x1_0000))?);
+//! let ram = VmObject::ram(reservoir, 1 << 20)?;
+//! space.map(&ram, 0, 0, 1 << 20, Prot::RWX)?;
+//! space.set_dirty_tracking(true)?;
+//!
+//! // A vCPU's nested page fault: the page (and its neighbours) appear.
+//! let vcpu = space.client();
+//! vcpu.fault(0x3000, Prot::READ)?;
+//! let (frame, prot) = space.lookup(0x3000).expect("faulted in");
+//! assert_eq!((frame, prot), (ram.frame_at(0x3000).unwrap(), Prot::RWX));
+//!
+//! // A device (another thread's client) writes guest memory through a
+//! // hold; releasing a writable hold marks the page dirty.
+//! let device = space.client();
+//! let hold = device.hold(0x5000, Prot::RW)?;
+//! hold.write(8, b"hello")?;
+//! assert!(!hold.release(), "the mapping was not unmapped meanwhile");
+//!
+//! // The migration's harvest: exactly the page the device wrote.
+//! let mut bitmap = [0u64; 4]; // 256 pages
+//! assert_eq!(space.track_dirty(0, 1 << 20, &mut bitmap)?, 1);
+//! assert_eq!(bitmap[0], 1 << 5);
+//! let mut back = [0u8; 5];
+//! ram.read(0x5008, &mut back)?; // the host view of the object
+//! assert_eq!(&back, b"hello");
+//! # Ok::<(), vmspace::Error>(())
+//! ```
+//!
 //! # Invariants
 //!
 //! - Mappings never overlap and end below the space's size; every leaf
@@ -92,6 +133,10 @@
 //!   [`VmSpace::track_dirty_frames`] / [`VmSpace::dirty_op_frames`] to get
 //!   the cleared frames too. A harvest is exact only with the vCPUs out
 //!   of guest context (see [`VmSpace::track_dirty`]).
+//! - Host access to an object outside any mapping: [`VmObject::read`] and
+//!   [`VmObject::write`] by byte offset (across its non-contiguous frames;
+//!   not dirty-tracked), and [`VmObject::frame_runs`], its frames as runs
+//!   of contiguous frames (one host mapping per run instead of per page).
 //! - [`Arena`] and [`HostView`] are `Send + Sync`: plain descriptions of
 //!   shared mappings, used through raw addresses.
 //!
@@ -144,6 +189,7 @@ extern crate alloc;
 
 mod client;
 mod error;
+mod host_view;
 mod object;
 mod protocol;
 mod reservoir;
@@ -153,6 +199,7 @@ mod view;
 
 pub use client::{HoldChain, OnCpu, PageHold, VmClient};
 pub use error::{Error, Invalid, NoSpace, Result};
+pub use host_view::{FrameRun, FrameRuns};
 pub use object::VmObject;
 pub use reservoir::{Arena, HeapReservoir, Reservoir, ReservoirStats};
 #[cfg(feature = "std")]
@@ -167,3 +214,8 @@ pub use nested_pt::{Gpa, MemType, Pfn, Prot, PteFormat, TablePages};
 
 /// Size of a page, in bytes.
 pub const PAGE_SIZE: u64 = 4096;
+
+/// The README's example, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
