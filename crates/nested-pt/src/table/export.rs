@@ -259,7 +259,7 @@ fn copy_node<P: TablePages, Q: TablePages>(
     }
     dst.children.reserve_exact(src.children.len());
     for child in &src.children {
-        let (pfn, entry) = alloc_table(dp, fmt)?;
+        let (pfn, entry) = alloc_table(dp, fmt, level)?;
         dst.children.push(Node::new(pfn, child.index));
         *tables += 1;
         let i = child.index as usize % ENTRIES;
