@@ -108,6 +108,7 @@ pub mod bench;
 pub mod detect;
 pub mod differential;
 pub mod inspect;
+pub mod interrupts;
 pub mod machine;
 pub mod mem;
 pub mod oracle;

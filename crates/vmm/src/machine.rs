@@ -51,6 +51,27 @@ pub struct VcpuStats {
     pub last_regs: Mutex<Regs>,
     /// The host CPU the vCPU thread last ran on (`u64::MAX`: unknown).
     pub host_cpu: AtomicU64,
+    /// External interrupts from the [`InterruptSource`] injected.
+    pub injected: AtomicU64,
+    /// Entries made with an interrupt pending that the guest could not
+    /// take yet (an interrupt window was requested instead).
+    pub window_waits: AtomicU64,
+}
+
+/// Where the vCPU loop gets external interrupts from (the interrupt
+/// controller models, `crate::intr::system::IntrSystem`): before each
+/// entry the loop asks for the vCPU's pending vector and, if the guest can
+/// take it, injects it and reports the injection; if it cannot, it asks
+/// the backend for an interrupt-window exit. Whoever makes an interrupt
+/// pending for a vCPU from another thread kicks that vCPU, so that its
+/// loop comes round to this check.
+pub trait InterruptSource: Send + Sync {
+    /// The vector to inject into `vcpu` now, if any (the highest-priority
+    /// deliverable one). Does not change the controller state.
+    fn pending(&self, vcpu: usize) -> Option<u8>;
+    /// `vector`, returned by [`pending`](Self::pending), was injected into
+    /// `vcpu` (the LAPIC moves it from IRR to ISR).
+    fn injected(&self, vcpu: usize, vector: u8);
 }
 
 /// A nested fault as the vCPU loop saw it.
@@ -214,6 +235,33 @@ fn emulate_at(
     Ok(1)
 }
 
+/// The pending-interrupt check before an entry: injects `src`'s pending
+/// vector for vCPU `i` when the guest can take it (and nothing was
+/// injected for this entry yet: one event per entry), and requests an
+/// interrupt window while something stays pending, so the loop comes back
+/// as soon as the guest can take it.
+fn inject_pending(
+    v: &mut dyn Vcpu,
+    src: &dyn InterruptSource,
+    i: usize,
+    st: &VcpuStats,
+    already_injected: bool,
+) -> Result<()> {
+    let Some(vector) = src.pending(i) else {
+        v.request_interrupt_window(false);
+        return Ok(());
+    };
+    if !already_injected && v.interrupt_ready() && v.inject_interrupt(vector).map_err(MachineError::Backend)? {
+        src.injected(i, vector);
+        st.injected.fetch_add(1, Ordering::Relaxed);
+        v.request_interrupt_window(src.pending(i).is_some());
+        return Ok(());
+    }
+    st.window_waits.fetch_add(1, Ordering::Relaxed);
+    v.request_interrupt_window(true);
+    Ok(())
+}
+
 /// The host CPUs this process may run on (its affinity mask).
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity
@@ -333,6 +381,9 @@ pub struct Machine {
     /// Host CPUs the vCPU threads are pinned to: vCPU `i` runs on
     /// `pin[i % pin.len()]` (bhyve's cpuset pinning); empty: not pinned.
     pub pin: Vec<usize>,
+    /// Where external interrupts come from (none: only the flush vector
+    /// is ever injected).
+    pub irq: Option<Arc<dyn InterruptSource>>,
     kicks: Vec<Arc<dyn Kick>>,
 }
 
@@ -382,6 +433,7 @@ impl Machine {
             control: Control::default(),
             mmio: None,
             pin: Vec::new(),
+            irq: None,
             kicks,
         }
     }
@@ -490,6 +542,7 @@ impl Machine {
         let b = &*self.backend;
         let mut mem = b.vcpu_mem(i, self.kicks[i].clone())?;
         let flush = self.flush;
+        let irq = self.irq.as_deref();
         let mut flushed_gen = 0u64;
         let mut pending_fault: Option<Instant> = None;
         let mut last_exit: Option<Instant> = None;
@@ -499,11 +552,16 @@ impl Machine {
             }
             let mut t0 = Instant::now();
             let exit = mem.entered(&mut |g| {
+                let mut injected = false;
                 if flush && g != flushed_gen {
                     if v.inject_interrupt(guest::FLUSH_VECTOR).map_err(MachineError::Backend)? {
                         st.flushes.fetch_add(1, Ordering::Relaxed);
+                        injected = true;
                     }
                     flushed_gen = g;
+                }
+                if let Some(src) = irq {
+                    inject_pending(v, src, i, st, injected)?;
                 }
                 t0 = Instant::now();
                 v.run().map_err(MachineError::Backend)

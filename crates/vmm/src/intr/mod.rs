@@ -82,6 +82,7 @@ pub mod hpet;
 pub mod ioapic;
 pub mod lapic;
 pub mod msi;
+pub mod system;
 
 use serde::{Deserialize, Serialize};
 
