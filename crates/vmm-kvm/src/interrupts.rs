@@ -227,8 +227,8 @@ pub mod scripts {
     use vmm::intr::lapic::reg as lreg;
     use vmm::intr::{HPET_BASE, IOAPIC_BASE, LAPIC_BASE};
 
-    /// Spins of a wait before it gives up (about a second of `pause`).
-    pub const WAIT_SPINS: u64 = 30_000_000;
+    /// Spins of a wait before it gives up (about three seconds of `pause` here: only a failing run waits that long).
+    pub const WAIT_SPINS: u64 = 100_000_000;
     /// Spins after the last EOI in which a wrong delivery would show.
     pub const QUIET_SPINS: u64 = 300_000;
 

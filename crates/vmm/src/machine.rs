@@ -734,3 +734,129 @@ const PAGE: u64 = 4096;
 pub fn pages(n: u64) -> u64 {
     n * PAGE
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A vCPU that records injections and window requests.
+    #[derive(Default)]
+    struct FakeVcpu {
+        ready: bool,
+        refuse: bool,
+        injected: Vec<u8>,
+        window: Option<bool>,
+    }
+
+    struct NoKick;
+    impl Kick for NoKick {
+        fn kick(&self) {}
+        fn kicks(&self) -> u64 {
+            0
+        }
+    }
+
+    impl Vcpu for FakeVcpu {
+        fn index(&self) -> u32 {
+            0
+        }
+        fn kick_handle(&self) -> Arc<dyn Kick> {
+            Arc::new(NoKick)
+        }
+        fn bind_thread(&self) {}
+        fn unbind_thread(&self) {}
+        fn run(&mut self) -> std::result::Result<Exit, crate::hv::BackendError> {
+            Ok(Exit::Interrupted)
+        }
+        fn regs(&mut self) -> Regs {
+            Regs::default()
+        }
+        fn set_regs(&mut self, _regs: &Regs) {}
+        fn cr2(&mut self) -> u64 {
+            0
+        }
+        fn inject_interrupt(&mut self, vector: u8) -> std::result::Result<bool, crate::hv::BackendError> {
+            if self.refuse {
+                return Ok(false);
+            }
+            self.injected.push(vector);
+            Ok(true)
+        }
+        fn interrupt_ready(&mut self) -> bool {
+            self.ready
+        }
+        fn request_interrupt_window(&mut self, on: bool) {
+            self.window = Some(on);
+        }
+    }
+
+    /// A source with a queue of vectors (highest first) per call.
+    #[derive(Default)]
+    struct Queue {
+        vectors: Mutex<Vec<u8>>,
+        acked: Mutex<Vec<u8>>,
+    }
+
+    impl InterruptSource for Queue {
+        fn pending(&self, _vcpu: usize) -> Option<u8> {
+            self.vectors.lock().expect("queue").last().copied()
+        }
+        fn injected(&self, _vcpu: usize, vector: u8) {
+            let mut q = self.vectors.lock().expect("queue");
+            assert_eq!(q.pop(), Some(vector));
+            self.acked.lock().expect("acked").push(vector);
+        }
+    }
+
+    fn queue(v: &[u8]) -> Queue {
+        Queue { vectors: Mutex::new(v.to_vec()), acked: Mutex::new(Vec::new()) }
+    }
+
+    #[test]
+    fn nothing_pending_clears_the_window_request() {
+        let (mut v, q, st) =
+            (FakeVcpu { ready: true, window: Some(true), ..Default::default() }, queue(&[]), VcpuStats::default());
+        inject_pending(&mut v, &q, 0, &st, false).expect("check");
+        assert_eq!((v.injected.len(), v.window), (0, Some(false)));
+        assert_eq!(st.injected.load(Ordering::Relaxed) + st.window_waits.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_ready_guest_gets_the_vector_and_the_source_hears_of_it() {
+        let (mut v, q, st) = (FakeVcpu { ready: true, ..Default::default() }, queue(&[0x41]), VcpuStats::default());
+        inject_pending(&mut v, &q, 0, &st, false).expect("check");
+        assert_eq!(v.injected, [0x41]);
+        assert_eq!(*q.acked.lock().unwrap(), [0x41]);
+        assert_eq!(v.window, Some(false), "nothing left: no window");
+        assert_eq!(st.injected.load(Ordering::Relaxed), 1);
+        // Two pending: one injected, a window asked for the other.
+        let q = queue(&[0x41, 0x51]);
+        inject_pending(&mut v, &q, 0, &st, false).expect("check");
+        assert_eq!(v.injected, [0x41, 0x51]);
+        assert_eq!(v.window, Some(true));
+    }
+
+    #[test]
+    fn a_guest_that_cannot_take_it_gets_a_window_and_the_vector_stays_pending() {
+        let st = VcpuStats::default();
+        // IF clear (in a CPL 0 stub).
+        let (mut v, q) = (FakeVcpu::default(), queue(&[0x41]));
+        inject_pending(&mut v, &q, 0, &st, false).expect("check");
+        assert!(v.injected.is_empty() && q.acked.lock().unwrap().is_empty());
+        assert_eq!(v.window, Some(true));
+        // Ready, but another event (the flush vector) was injected for this
+        // entry: one event per entry.
+        let mut v = FakeVcpu { ready: true, ..Default::default() };
+        inject_pending(&mut v, &q, 0, &st, true).expect("check");
+        assert!(v.injected.is_empty() && q.acked.lock().unwrap().is_empty());
+        assert_eq!(v.window, Some(true));
+        // The backend refuses it: not acknowledged, retried at the window.
+        let mut v = FakeVcpu { ready: true, refuse: true, ..Default::default() };
+        inject_pending(&mut v, &q, 0, &st, false).expect("check");
+        assert!(q.acked.lock().unwrap().is_empty());
+        assert_eq!(v.window, Some(true));
+        assert_eq!(st.window_waits.load(Ordering::Relaxed), 3);
+        assert_eq!(st.injected.load(Ordering::Relaxed), 0);
+        assert_eq!(q.pending(0), Some(0x41));
+    }
+}
