@@ -26,7 +26,17 @@
 //!   doorbell `KVM_SIGNAL_MSI`.
 //!
 //! The guest program and its addresses are the same in both; so must be
-//! the logs ([`differential`]).
+//! the logs ([`differential`]). They are for IPIs, MSIs by destination
+//! mode and the LAPIC timer. The level-triggered HPET sequence (EOI while
+//! asserted, re-injection, status clear, EOI, silence) has no in-kernel
+//! reference on this project's hosts: KVM there (`kvm_pvm`, kernel 6.18)
+//! does not keep a delivered vector in service — a self-IPI's ISR bit and
+//! the PPR read 0 in the guest before its EOI ([`kvm_keeps_in_service`])
+//! — so a vector whose level pin is still asserted is retired and re-sent
+//! at once, 10,000 times before KVM's I/O APIC storm guard delays it. The
+//! level differential runs where the probe passes and says why it
+//! skipped where it does not; our side of the sequence is checked against
+//! the SDM's expected log either way.
 
 use crate::mem::PAGE;
 use crate::runtime;
@@ -303,6 +313,30 @@ pub mod scripts {
             LogEntry::Read(0),
             LogEntry::Read(0),
         ];
+        (vec![s], vec![expect])
+    }
+
+    /// The vector of the LAPIC timer test.
+    pub const TIMER_VECTOR: u8 = 0x45;
+
+    /// One vCPU: the LAPIC timer, one-shot, divide by 1, a million bus
+    /// ticks (7.6 ms at our 128 MiHz; KVM's bus runs at its own rate), fires
+    /// once; after it the current count reads 0, and nothing follows the
+    /// EOI.
+    pub fn lapic_timer() -> (Vec<Vec<ScriptOp>>, Vec<Vec<LogEntry>>) {
+        let s = vec![
+            enable(),
+            w(LAPIC_BASE + lreg::TIMER_DIVIDE, 0xb),
+            w(LAPIC_BASE + lreg::LVT_TIMER, u32::from(TIMER_VECTOR)),
+            w(LAPIC_BASE + lreg::TIMER_INITIAL, 1_000_000),
+            wait(1),
+            ScriptOp::Mark(1),
+            ScriptOp::Read32(LAPIC_BASE + lreg::TIMER_CURRENT),
+            eoi(),
+            ScriptOp::Spin(QUIET_SPINS),
+            ScriptOp::LogSeen,
+        ];
+        let expect = vec![LogEntry::Vector(TIMER_VECTOR), LogEntry::Mark(1), LogEntry::Read(0), LogEntry::Seen(1)];
         (vec![s], vec![expect])
     }
 

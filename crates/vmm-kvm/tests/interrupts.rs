@@ -52,6 +52,28 @@ fn ipis_reach_their_targets() {
 }
 
 #[test]
+fn lapic_timer_fires_once() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let (s, expect) = scripts::lapic_timer();
+    let r = run_scripts(Controller::Ours, &s, mode(), TIMEOUT).expect("run");
+    show("ours", &r);
+    assert_eq!(r.logs, expect);
+    assert_eq!(r.injected, 1);
+    assert!(r.stats.timer_ticks >= 1, "the host timer fired the LAPIC timer");
+}
+
+#[test]
+fn differential_lapic_timer_against_kvm_irqchip() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let (s, expect) = scripts::lapic_timer();
+    check_differential(&s, &expect);
+}
+
+#[test]
 fn msis_reach_the_destinations_of_each_mode() {
     if common::skip_without_kvm() {
         return;

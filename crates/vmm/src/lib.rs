@@ -78,8 +78,11 @@
 //!   lives in `vmm-kvm` above the KVM backend (it uses the generic machine
 //!   and `Vm`, but creating the memory is KVM's): a `Host` trait that
 //!   creates a backend's `Vm` would let it move here.
-//! - The interrupt models are not wired to vCPUs yet (no injection from
-//!   them), and the migration engine is not wired to a running VM.
+//! - The interrupt models reach vCPUs through `intr::system::IntrSystem`
+//!   (MMIO emulation, injection before entry, kicks, a host timer; tested
+//!   on KVM), but `vmm run` does not attach them, and NMI / INIT / SIPI
+//!   are not acted on (see [`intr`]). The migration engine is not wired to
+//!   a running VM.
 //! - Device-memory frame ranges are handed out by a bump allocator and not
 //!   reused after a segment is freed.
 //! - The harvest's comparison of device memory costs a copy of every

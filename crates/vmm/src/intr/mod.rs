@@ -64,8 +64,39 @@
 //! every target and the VMM decides. SMI and `ExtINT` are dropped, as is the
 //! I/O APIC's reserved delivery mode `110`.
 //!
+//! # Wired to vCPUs
+//!
+//! [`system::IntrSystem`] runs these models under a VM: it is the
+//! machine's MMIO device for the LAPIC page, the I/O APIC and the HPET
+//! (accesses are nested faults on unmapped guest addresses, emulated by
+//! [`crate::emul`]), its [`crate::machine::InterruptSource`] (before each
+//! entry the vCPU loop injects the pending vector through the backend, or
+//! asks for an interrupt-window exit while the guest has IF clear), the
+//! kicker of vCPUs that got an interrupt from elsewhere (IPIs, MSIs, the
+//! I/O APIC, timers), and the host timer (one thread sleeping until
+//! [`Interrupts::next_deadline`]). The runtime's IDT sends vectors
+//! `0x20..=0xff` (but the flush vector `0x40`) to stubs that log them; the
+//! guest's script mode ([`crate::guest::ScriptOp`]) EOIs through the LAPIC
+//! page. On KVM this is tested end to end (`vmm-kvm`'s `interrupts` tests:
+//! an HPET level interrupt on pin 20 re-injected after an EOI while
+//! asserted and not after its status is cleared, IPIs between three
+//! vCPUs, MSIs by destination mode across four), and against KVM's
+//! in-kernel LAPIC and I/O APIC ([`system::IntrSystem::with_external`]
+//! keeps only our HPET, driving KVM's lines): IPIs, MSIs and the LAPIC
+//! timer agree. The level-triggered sequence cannot be compared on our
+//! hosts: there (`kvm_pvm`, kernel 6.18) KVM's in-kernel LAPIC leaves ISR
+//! and PPR at 0 once a vector is delivered, before any EOI, so an asserted
+//! level vector is re-sent without end (10,000 times, KVM's storm guard);
+//! a probe (a self-IPI, ISR read before the EOI) detects this and the
+//! level differential says it skipped.
+//!
 //! # Known gaps
 //!
+//! * Not wired: NMIs ([`Interrupts::take_nmi`]) and INIT/SIPI
+//!   ([`CpuEvent`]) are not acted on by the vCPU loop; `vmm run` does not
+//!   build an [`system::IntrSystem`] (the machine has one MMIO device slot,
+//!   which `vmm run` gives the PCI platform); snapshots of a running
+//!   system are not taken.
 //! * No x2APIC (MSR access, 32-bit IDs), no APIC base MSR relocation, no
 //!   TSC-deadline timer, no 8259 PIC / ExtINT, no CR8 accessors (TPR is
 //!   reachable through MMIO only); INIT/SIPI are only reported
