@@ -340,6 +340,32 @@ pub mod scripts {
         (vec![s], vec![expect])
     }
 
+    /// One vCPU, task priority: with TPR 0x50 it sends itself 0x51 and
+    /// 0x61; only 0x61 (a higher class) is taken; 0x51 stays requested
+    /// (IRR) through the EOI of 0x61 until the TPR drops to 0.
+    pub fn task_priority() -> (Vec<Vec<ScriptOp>>, Vec<Vec<LogEntry>>) {
+        let mut s = vec![enable(), w(LAPIC_BASE + lreg::TPR, 0x50)];
+        s.extend(icr(0, 0x51 | (1 << 18)));
+        s.extend(icr(0, 0x61 | (1 << 18)));
+        s.extend([
+            wait(1),
+            ScriptOp::Mark(1),
+            ScriptOp::Read32(LAPIC_BASE + lreg::IRR + 0x20),
+            eoi(),
+            ScriptOp::Spin(QUIET_SPINS),
+            ScriptOp::LogSeen,
+            w(LAPIC_BASE + lreg::TPR, 0),
+            wait(2),
+            ScriptOp::Mark(2),
+            eoi(),
+            ScriptOp::Spin(QUIET_SPINS),
+            ScriptOp::LogSeen,
+        ]);
+        use LogEntry::*;
+        let expect = vec![Vector(0x61), Mark(1), Read(1 << 17), Seen(1), Vector(0x51), Mark(2), Seen(2)];
+        (vec![s], vec![expect])
+    }
+
     /// The vector of the in-service probe.
     pub const PROBE_VECTOR: u8 = 0x51;
 
