@@ -269,3 +269,46 @@ fn dropping_the_system_stops_its_timer_thread() {
     drop(s);
     assert!(t.elapsed() < Duration::from_secs(2), "the drop waited for a far deadline");
 }
+
+/// A page of plain memory at `base`.
+struct Ram {
+    base: u64,
+    bytes: Mutex<Vec<u8>>,
+}
+
+impl MmioDevices for Ram {
+    fn claims(&self, gpa: u64) -> bool {
+        gpa.checked_sub(self.base).is_some_and(|o| o < 4096)
+    }
+    fn read(&self, _vcpu: usize, gpa: u64, data: &mut [u8]) {
+        let o = (gpa - self.base) as usize;
+        data.copy_from_slice(&self.bytes.lock().unwrap()[o..o + data.len()]);
+    }
+    fn write(&self, _vcpu: usize, gpa: u64, data: &[u8]) {
+        let o = (gpa - self.base) as usize;
+        self.bytes.lock().unwrap()[o..o + data.len()].copy_from_slice(data);
+    }
+}
+
+#[test]
+fn a_chain_sends_each_access_to_its_claimant() {
+    use vmm::intr::system::MmioChain;
+    let (s, _) = system(1);
+    let ram = Arc::new(Ram { base: 0xe000_0000, bytes: Mutex::new(vec![0; 4096]) });
+    let chain = MmioChain(vec![ram.clone(), s.clone()]);
+    assert!(chain.claims(0xe000_0ffc) && chain.claims(LAPIC_BASE) && chain.claims(HPET_BASE));
+    assert!(!chain.claims(0xe000_1000) && !chain.claims(0));
+    chain.write(0, 0xe000_0010, &[1, 2, 3, 4]);
+    assert_eq!(&ram.bytes.lock().unwrap()[0x10..0x14], &[1, 2, 3, 4]);
+    chain.write(0, LAPIC_BASE + reg::TPR, &0x20u32.to_le_bytes());
+    let mut b = [0u8; 4];
+    chain.read(0, LAPIC_BASE + reg::TPR, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 0x20);
+    chain.read(0, 0xe000_0010, &mut b);
+    assert_eq!(b, [1, 2, 3, 4]);
+    // Unclaimed: reads all ones, writes go nowhere.
+    chain.read(0, 0x1000, &mut b);
+    assert_eq!(b, [0xff; 4]);
+    chain.write(0, 0x1000, &[9; 4]);
+    assert_eq!(s.stats().mmio_writes, 3, "SVR and LDR in system(), then the TPR: nothing else reached the models");
+}

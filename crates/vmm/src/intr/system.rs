@@ -423,3 +423,43 @@ impl InterruptSource for IntrSystem {
         }
     }
 }
+
+/// Several MMIO devices in the machine's one device slot
+/// ([`crate::machine::Machine::mmio`]), e.g. the PCI platform and an
+/// [`IntrSystem`]: each access goes to the first device that claims its
+/// address (the emulator splits accesses at page boundaries, and every
+/// device range here is page-aligned, so one access has one claimant).
+pub struct MmioChain(pub Vec<Arc<dyn MmioDevices>>);
+
+impl std::fmt::Debug for MmioChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioChain").field("devices", &self.0.len()).finish()
+    }
+}
+
+impl MmioChain {
+    fn find(&self, gpa: u64) -> Option<&dyn MmioDevices> {
+        self.0.iter().find(|d| d.claims(gpa)).map(|d| &**d)
+    }
+}
+
+impl MmioDevices for MmioChain {
+    fn claims(&self, gpa: u64) -> bool {
+        self.find(gpa).is_some()
+    }
+
+    fn read(&self, vcpu: usize, gpa: u64, data: &mut [u8]) {
+        match self.find(gpa) {
+            Some(d) => d.read(vcpu, gpa, data),
+            // Only reached if a device stopped claiming between the check
+            // and the access: what nobody decodes reads all ones.
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&self, vcpu: usize, gpa: u64, data: &[u8]) {
+        if let Some(d) = self.find(gpa) {
+            d.write(vcpu, gpa, data);
+        }
+    }
+}
