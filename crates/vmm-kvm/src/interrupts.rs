@@ -366,6 +366,30 @@ pub mod scripts {
         (vec![s], vec![expect])
     }
 
+    /// Two vCPUs play IPI ping-pong `rounds` times: vCPU 0 sends 0x61 to
+    /// vCPU 1, which takes it, EOIs and answers with 0x62; vCPU 0 takes
+    /// that and EOIs (a loop of [`ScriptOp::WaitNext`]). Each log holds the
+    /// vectors (up to the log's capacity) and the count.
+    pub fn ping_pong(rounds: u64) -> (Vec<Vec<ScriptOp>>, Vec<Vec<LogEntry>>) {
+        let start = ScriptOp::Barrier { addr: barrier_addr(0), count: 2 };
+        let next = ScriptOp::WaitNext { spins: WAIT_SPINS };
+        let mut s0 = vec![enable(), start];
+        s0.extend(icr(1, 0x61));
+        s0.extend([next, eoi(), ScriptOp::Loop { to: 2, times: rounds }, ScriptOp::LogSeen]);
+        let mut s1 = vec![enable(), start, next, eoi()];
+        s1.extend(icr(0, 0x62));
+        s1.extend([ScriptOp::Loop { to: 2, times: rounds }, ScriptOp::LogSeen]);
+        let log = |v: u8| {
+            let n = (rounds as usize).min(vmm::guest::LOG_CAPACITY);
+            let mut l = vec![LogEntry::Vector(v); n];
+            if n < vmm::guest::LOG_CAPACITY {
+                l.push(LogEntry::Seen(rounds));
+            }
+            l
+        };
+        (vec![s0, s1], vec![log(0x62), log(0x61)])
+    }
+
     /// The vector of the in-service probe.
     pub const PROBE_VECTOR: u8 = 0x51;
 

@@ -76,6 +76,23 @@ fn differential_task_priority_against_kvm_irqchip() {
 }
 
 #[test]
+fn ipi_ping_pong_loops() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let (s, expect) = scripts::ping_pong(64);
+    let r = run_scripts(Controller::Ours, &s, mode(), TIMEOUT).expect("run");
+    show("ours", &r);
+    assert_eq!(r.logs, expect);
+    assert_eq!(r.seen, [64, 64]);
+    assert_eq!(r.injected, 128);
+    let kvm = run_scripts(Controller::Kvm, &s, mode(), TIMEOUT).expect("KVM run");
+    show("kvm", &kvm);
+    assert_eq!(kvm.logs, r.logs);
+    assert_eq!(kvm.seen, [64, 64]);
+}
+
+#[test]
 fn lapic_timer_fires_once() {
     if common::skip_without_kvm() {
         return;

@@ -173,6 +173,22 @@ pub enum ScriptOp {
     Device(u64, u64),
     /// Log [`LogEntry::Seen`]: the interrupts taken so far.
     LogSeen,
+    /// Wait for one interrupt more than the previous `WaitNext` took (the
+    /// first waits for the first), at most `spins` pause-loops, then log
+    /// [`LogEntry::Timeout`] and go on.
+    WaitNext {
+        /// Give up after this many spins.
+        spins: u64,
+    },
+    /// Go back to op `to` (an index in the script) until this op has run
+    /// `times` times, then go on: the ops from `to` run `times` times in
+    /// all. Loops do not nest.
+    Loop {
+        /// First op of the body.
+        to: u64,
+        /// Runs of the body.
+        times: u64,
+    },
 }
 
 impl ScriptOp {
@@ -188,6 +204,8 @@ impl ScriptOp {
             ScriptOp::Barrier { addr, count } => [6, addr, count],
             ScriptOp::Device(a, b) => [7, a, b],
             ScriptOp::LogSeen => [8, 0, 0],
+            ScriptOp::WaitNext { spins } => [9, 0, spins.max(1)],
+            ScriptOp::Loop { to, times } => [10, to.min(MAX_SCRIPT_OPS as u64 - 1), times.max(1)],
         }
     }
 }
@@ -662,6 +680,8 @@ vmm_guest_fb_writer:
        xadd so that an interrupt between claim and store loses nothing */
 vmm_guest_script:
     lea r14, [r15 + 0x100]
+    xor r12, r12
+    xor r13, r13
 201: mov rax, [r14]
     mov rsi, [r14 + 8]
     mov rdx, [r14 + 16]
@@ -682,6 +702,10 @@ vmm_guest_script:
     je 217f
     cmp rax, 8
     je 218f
+    cmp rax, 9
+    je 219f
+    cmp rax, 10
+    je 220f
 209: test byte ptr [r15 + 0x8020], 0
     jmp 209b
 211: /* write32 [a] = b */
@@ -720,6 +744,27 @@ vmm_guest_script:
 217: /* doorbell 0x40 (host device action: rsi = a, rdi = b) */
     mov rdi, rdx
     test byte ptr [r15 + 0x8040], 0
+    jmp 201b
+219: /* wait for one more interrupt than the last wait-next took (r12),
+        at most b spins; log 0xdead on timeout */
+    mov rcx, rdx
+2191: cmp [r15 + 0x700], r12
+    ja 2192f
+    pause
+    dec rcx
+    jnz 2191b
+    mov edx, 0xdead
+    jmp 290f
+2192: inc r12
+    jmp 201b
+220: /* loop: back to op a until this op ran b times (r13 counts down) */
+    test r13, r13
+    jnz 2201f
+    mov r13, rdx
+2201: dec r13
+    jz 201b
+    imul rsi, rsi, 24
+    lea r14, [r15 + rsi + 0x100]
     jmp 201b
 218: /* log the count of interrupts seen: 0x2000 | count */
     mov rdx, [r15 + 0x700]
@@ -827,6 +872,9 @@ mod tests {
         assert_eq!([w(3), w(4), w(5)], [3, 2, 1], "zero spins become one");
         assert_eq!([w(6), w(7), w(8)], [4, 0, 0x234], "marks keep 12 bits");
         assert_eq!([w(9), w(10), w(11)], [0, 0, 0], "End appended");
+        assert_eq!(ScriptOp::WaitNext { spins: 0 }.encode(), [9, 0, 1]);
+        assert_eq!(ScriptOp::Loop { to: 2, times: 0 }.encode(), [10, 2, 1], "a body runs at least once");
+        assert_eq!(ScriptOp::Loop { to: 1000, times: 5 }.encode()[1], MAX_SCRIPT_OPS as u64 - 1, "inside the script");
         assert!(encode_script(&[ScriptOp::LogSeen; MAX_SCRIPT_OPS]).is_none());
         assert!(encode_script(&[ScriptOp::LogSeen; MAX_SCRIPT_OPS - 1]).is_some());
         assert_eq!(LogEntry::decode(0x41), LogEntry::Vector(0x41));
