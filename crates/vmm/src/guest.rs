@@ -18,6 +18,7 @@
 //! | `0x25` | watch | stale read (value below the epoch): `rax` = value, `rdx` = epoch |
 //! | `0x26` | ping | no-op report (round-trip benchmark) |
 //! | `0x30` | probe | one probe access done (host compares A/D bits) |
+//! | `0x40` | script | device action ([`ScriptOp::Device`]: `rsi`, `rdi`) |
 //! | `0x80 + v` | stub | unexpected exception `v` (fatal) |
 //!
 //! The CPL 3 workload cannot use `out` (IOPL 0), and the shadow-paging host
@@ -34,6 +35,12 @@
 //! the interrupt frame to skip an access it will not serve (probe and watch
 //! workloads). Vector `0x40` reloads CR3 and returns: the host injects it to
 //! flush the vCPU's own translations on hosts with hardware nested paging.
+//! Every other vector from `0x20` up is an external interrupt: its stub
+//! (CPL 0, IF clear) counts it and logs it in the parameter block
+//! ([`P_INTR_SEEN`], [`P_LOG`]) and returns without an EOI; the script
+//! mode ([`MODE_SCRIPT`], [`ScriptOp`]) does EOIs and everything else a
+//! guest does with interrupt controllers, from CPL 3, through their MMIO
+//! pages.
 #![allow(unsafe_code)]
 
 use std::arch::global_asm;

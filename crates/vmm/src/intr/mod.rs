@@ -94,9 +94,13 @@
 //!
 //! * Not wired: NMIs ([`Interrupts::take_nmi`]) and INIT/SIPI
 //!   ([`CpuEvent`]) are not acted on by the vCPU loop; `vmm run` does not
-//!   build an [`system::IntrSystem`] (the machine has one MMIO device slot,
-//!   which `vmm run` gives the PCI platform); snapshots of a running
-//!   system are not taken.
+//!   build an [`system::IntrSystem`] (it gives the machine's one MMIO
+//!   device slot to the PCI platform; [`system::MmioChain`] lets both
+//!   share it); snapshots of a running system are not taken (the
+//!   [`Interrupts`] inside can be, between runs).
+//! * Delivery costs a nested fault per LAPIC access (EOI, ICR) and a kick
+//!   per cross-vCPU interrupt: no posted interrupts, no APIC-access page,
+//!   no paravirtual EOI.
 //! * No x2APIC (MSR access, 32-bit IDs), no APIC base MSR relocation, no
 //!   TSC-deadline timer, no 8259 PIC / ExtINT, no CR8 accessors (TPR is
 //!   reachable through MMIO only); INIT/SIPI are only reported
