@@ -129,6 +129,18 @@ fn msis_reach_the_destinations_of_each_mode() {
     assert_eq!(r.stats.msis, (scripts::MSI_FLAT.len() + scripts::MSI_CLUSTER.len()) as u64);
 }
 
+#[test]
+fn lowest_priority_msis_go_to_the_lowest_priority_target() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let (s, expect) = scripts::lowest_priority();
+    let r = run_scripts(Controller::Ours, &s, mode(), TIMEOUT).expect("run");
+    show("ours", &r);
+    assert_eq!(r.logs, expect);
+    assert_eq!(r.injected, 2);
+}
+
 fn check_differential(s: &[Vec<vmm::guest::ScriptOp>], expect: &[Vec<vmm::guest::LogEntry>]) {
     let (ours, kvm) = differential(s, mode(), TIMEOUT).expect("differential run");
     show("ours", &ours);
