@@ -36,7 +36,8 @@ pub struct VcpuStats {
     pub data_errors: AtomicU64,
     /// Flush vectors injected (hardware nested paging).
     pub flushes: AtomicU64,
-    /// Exits caused by kicks/signals.
+    /// Exits caused by kicks/signals, and interrupt-window exits (both
+    /// are `Exit::Interrupted`).
     pub interrupted: AtomicU64,
     /// Nested faults on a device's range (MMIO exits).
     pub mmio_exits: AtomicU64,
