@@ -417,6 +417,40 @@ pub mod scripts {
         (vec![s], vec![expect])
     }
 
+    /// One vCPU: pin 20 programmed level-triggered but masked; the HPET
+    /// timer asserts it (100 µs after enabling: the status reads 1 after a
+    /// spin, and nothing was delivered); unmasking the asserted pin, Remote
+    /// IRR clear, delivers at once (bhyve's rule); status clear and EOI end
+    /// it.
+    pub fn unmask_asserted() -> (Vec<Vec<ScriptOp>>, Vec<Vec<LogEntry>>) {
+        let v = HPET_VECTOR;
+        let lo = u32::from(v) | (1 << 15);
+        let mut s = vec![enable()];
+        s.extend(ioapic_pin(HPET_PIN, v, true, 0));
+        // Masked: rewrite the low word with bit 16.
+        s.push(w(IOAPIC_BASE + IOWIN, lo | (1 << 16)));
+        s.extend([
+            w(HPET_BASE + hreg::timer_comparator(0), 1_000),
+            w(
+                HPET_BASE + hreg::timer_config(0),
+                (hpet::TCONF_LEVEL | hpet::TCONF_INT_ENABLE | (u64::from(HPET_PIN) << hpet::TCONF_ROUTE_SHIFT)) as u32,
+            ),
+            w(HPET_BASE + hreg::CONFIG, hpet::CONF_ENABLE as u32),
+            ScriptOp::Spin(QUIET_SPINS),
+            ScriptOp::Read32(HPET_BASE + hreg::INT_STATUS),
+            ScriptOp::LogSeen,
+            w(IOAPIC_BASE + IOWIN, lo),
+            wait(1),
+            ScriptOp::Mark(1),
+            w(HPET_BASE + hreg::INT_STATUS, 1),
+            eoi(),
+            ScriptOp::Spin(QUIET_SPINS),
+            ScriptOp::LogSeen,
+        ]);
+        use LogEntry::*;
+        (vec![s], vec![vec![Read(1), Seen(0), Vector(v), Mark(1), Seen(1)]])
+    }
+
     fn icr(dest: u8, lo: u32) -> [ScriptOp; 2] {
         [w(LAPIC_BASE + lreg::ICR_HI, u32::from(dest) << 24), w(LAPIC_BASE + lreg::ICR_LO, lo)]
     }

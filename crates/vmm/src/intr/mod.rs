@@ -79,11 +79,13 @@
 //! guest's script mode ([`crate::guest::ScriptOp`]) EOIs through the LAPIC
 //! page. On KVM this is tested end to end (`vmm-kvm`'s `interrupts` tests:
 //! an HPET level interrupt on pin 20 re-injected after an EOI while
-//! asserted and not after its status is cleared, IPIs between three
-//! vCPUs, MSIs by destination mode across four), and against KVM's
+//! asserted and not after its status is cleared, an asserted masked pin
+//! delivered when unmasked, IPIs between three vCPUs and an IPI
+//! ping-pong, MSIs by destination mode across four and lowest-priority
+//! arbitration, task priority, the LAPIC timer), and against KVM's
 //! in-kernel LAPIC and I/O APIC ([`system::IntrSystem::with_external`]
-//! keeps only our HPET, driving KVM's lines): IPIs, MSIs and the LAPIC
-//! timer agree. The level-triggered sequence cannot be compared on our
+//! keeps only our HPET, driving KVM's lines): IPIs, the ping-pong, MSIs,
+//! task priority and the LAPIC timer agree. The level-triggered sequence cannot be compared on our
 //! hosts: there (`kvm_pvm`, kernel 6.18) KVM's in-kernel LAPIC leaves ISR
 //! and PPR at 0 once a vector is delivered, before any EOI, so an asserted
 //! level vector is re-sent without end (10,000 times, KVM's storm guard);
