@@ -95,7 +95,11 @@
 //!   table pages were freed; for harvests that collect them, the frames
 //!   whose dirty bit was cleared), and
 //!   [`VmClient::table_enter`] around guest execution (flush when the
-//!   generation changed); nested faults go to [`VmClient::fault`].
+//!   generation changed); nested faults go to [`VmClient::fault`]. A
+//!   host that prefetches only translations marked accessed may ask for
+//!   the accessed bit on fault-around neighbours
+//!   ([`SpaceConfig::fault_around_accessed`], off by default: it costs
+//!   accessed-bit precision for pages the guest never touched).
 //! - Migration: [`VmSpace::track_dirty`] / [`VmSpace::dirty_op`], or
 //!   [`VmSpace::track_dirty_frames`] / [`VmSpace::dirty_op_frames`] to get
 //!   the cleared frames too. A harvest is exact only with the vCPUs out
@@ -114,8 +118,9 @@
 //! `RUSTFLAGS="--cfg loom" cargo test -p vmspace --test loom --release`
 //! model-checks the protocol. `cargo bench -p vmspace --bench vmspace --
 //! --warm-up-time 1 --measurement-time 3` runs the criterion benchmarks
-//! (fault-in, hold+release scaling, map/unmap churn under holds, harvest
-//! against nested-pt alone).
+//! (fault-in, hold+release scaling, hold+release while another thread
+//! harvests back to back, map/unmap churn under holds, harvest against
+//! nested-pt alone).
 //!
 //! # Known gaps
 //!
