@@ -131,7 +131,10 @@ pub struct FirstTouch {
     /// Time inside `KVM_RUN` for the runs that ended in those faults.
     pub in_kvm_run: Duration,
     /// Second pass after a zap of every shadow page (KVM-served faults only;
-    /// `None` on a hardware-nested host, where no zap is needed).
+    /// `None` on a hardware-nested host, where no zap is needed, and when
+    /// the guest ran through most of the pass before it was paused). When
+    /// part of the pass ran before the pause, the time of the rest is
+    /// scaled to the whole pass.
     pub kvm_pass: Option<Duration>,
     /// Third pass, everything mapped.
     pub warm_pass: Duration,
@@ -178,9 +181,13 @@ pub fn first_touch(mem: u64, fault_around: u32, mode: PagingMode, prefault: bool
         if shadow {
             be.vm().zap_all()?;
         }
+        // The guest may have gone on into the second pass before it was
+        // paused: only the pages it touches after the zap are timed.
+        let at_resume = m.param(0, P_OPS).clamp(n, 2 * n);
         let t2s = Instant::now();
         m.resume_all()?;
         let t2 = wait_param(m, P_OPS, 2 * n, Duration::from_secs(60))?;
+        let kvm_pages = 2 * n - at_resume;
         let t3s = Instant::now();
         let t3 = wait_param(m, P_OPS, 3 * n, Duration::from_secs(60))?;
         stop(m)?;
@@ -193,7 +200,8 @@ pub fn first_touch(mem: u64, fault_around: u32, mode: PagingMode, prefault: bool
             first_pass: t1 - start,
             ours,
             in_kvm_run,
-            kvm_pass: shadow.then_some(t2 - t2s),
+            kvm_pass: (shadow && kvm_pages >= n / 4)
+                .then(|| Duration::from_secs_f64((t2 - t2s).as_secs_f64() * n as f64 / kvm_pages as f64)),
             warm_pass: t3 - t3s,
         })
     })
@@ -408,6 +416,13 @@ impl TouchCost {
     }
 }
 
+impl TouchCost {
+    /// Whether this is a KVM's-own measurement (no vmspace).
+    pub fn kvm_own(&self) -> bool {
+        self.label.starts_with("KVM's own")
+    }
+}
+
 /// Runs the `Touch` workload's first pass over `n` pages on machine `m`
 /// and reports it (stats: the vCPU's counters, if found).
 fn touch_pass(m: &mut Machine, n: u64, label: String) -> Result<TouchCost> {
@@ -540,7 +555,10 @@ pub fn vmspace_first_touch(mem: u64, mode: PagingMode, policy: TouchPolicy) -> R
 /// over `mem` bytes of fresh memory, KVM's own (a plain slot with guest
 /// page tables of its own, clean leaves) against the vmspace's nested
 /// faults with several policies, in `rounds` alternating rounds; for each
-/// variant the round with the median time. The first entry is KVM's own.
+/// variant the round with the median time. Then the same with host memory
+/// preallocated (KVM's own with accessed and dirty preset in its leaves,
+/// its best case; the vmspace's memory allocated through both views).
+/// Each half starts with its KVM's own entry (`TouchCost::kvm_own`).
 pub fn first_touch_compare(mem: u64, mode: PagingMode, rounds: usize) -> Result<Vec<TouchCost>> {
     let fresh = |fault_around, preset_accessed, populate| TouchPolicy {
         fault_around,
@@ -549,11 +567,17 @@ pub fn first_touch_compare(mem: u64, mode: PagingMode, rounds: usize) -> Result<
         populate,
     };
     let policies = [fresh(16, false, false), fresh(16, true, false), fresh(512, false, false), fresh(16, false, true)];
-    let mut runs: Vec<Vec<TouchCost>> = vec![Vec::new(); policies.len() + 1];
+    let pre = |p: TouchPolicy| TouchPolicy { prefault: true, ..p };
+    let mut runs: Vec<Vec<TouchCost>> = vec![Vec::new(); 2 * policies.len() + 2];
     for _ in 0..rounds.max(1) {
         runs[0].push(kvm_own_first_touch(mem, mode, OwnLeafBits::None, false)?);
         for (i, p) in policies.iter().enumerate() {
             runs[i + 1].push(vmspace_first_touch(mem, mode, *p)?);
+        }
+        let k = policies.len() + 1;
+        runs[k].push(kvm_own_first_touch(mem, mode, OwnLeafBits::AccessedDirty, true)?);
+        for (i, p) in policies.iter().enumerate() {
+            runs[k + 1 + i].push(vmspace_first_touch(mem, mode, pre(*p))?);
         }
     }
     Ok(runs
