@@ -491,6 +491,20 @@ pub fn kvm_own_first_touch(mem: u64, mode: PagingMode, bits: OwnLeafBits, prefau
         for p in 0..n {
             be.ram().write_u64(off + p * PAGE, 0).map_err(|e| KvmError::Setup(format!("prefault: {e}")))?;
         }
+        // The region has a host view and a KVM view: KVM finds pages
+        // (and prefetches neighbours) only where its own view maps them.
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        if off.checked_add(mem).is_none_or(|e| e > be.ram().len()) {
+            return Err(KvmError::Setup("RAM outside its region".into()));
+        }
+        // SAFETY: `[off, off+mem)` lies inside the region's KVM view
+        // (checked); populating a shared mapping never changes data.
+        let r = unsafe {
+            libc::madvise((be.ram().kvm_addr() + off) as *mut libc::c_void, mem as usize, MADV_POPULATE_WRITE)
+        };
+        if r != 0 {
+            return Err(KvmError::Os("madvise(MADV_POPULATE_WRITE)", std::io::Error::last_os_error()));
+        }
     }
     let be = Arc::new(be);
     let mut m = crate::machine::create(&vm, be.clone(), mode, 1)?;
@@ -513,14 +527,21 @@ pub struct TouchPolicy {
     pub prefault: bool,
     /// Populate the whole range before the guest runs (`VmSpace::populate`).
     pub populate: bool,
+    /// Dirty tracking off, and the dirty bit preset on a write fault's
+    /// neighbours (`FaultOptions::preset_dirty_untracked`; needs
+    /// `preset_accessed`).
+    pub untracked_dirty: bool,
 }
 
 /// The vmspace's first touch of `mem` bytes with `policy`, one vCPU.
 pub fn vmspace_first_touch(mem: u64, mode: PagingMode, policy: TouchPolicy) -> Result<TouchCost> {
     let vm = Arc::new(KvmVm::new()?);
     let n = mem / PAGE;
-    let opts =
-        crate::space::FaultOptions { fault_around: policy.fault_around, preset_accessed: policy.preset_accessed };
+    let opts = crate::space::FaultOptions {
+        fault_around: policy.fault_around,
+        preset_accessed: policy.preset_accessed,
+        preset_dirty_untracked: policy.untracked_dirty,
+    };
     let be = Arc::new(SpaceBackend::create_with(vm.clone(), mem + (4 << 20), mem / 256 + (4 << 20), mode, opts, None)?);
     let ram = be.ram_segment(mem)?;
     if policy.prefault {
@@ -532,6 +553,9 @@ pub fn vmspace_first_touch(mem: u64, mode: PagingMode, policy: TouchPolicy) -> R
         be.populate_kvm_view(&ram.object, 0, mem)?;
     }
     be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
+    if policy.untracked_dirty {
+        be.space().set_dirty_tracking(false).map_err(|e| KvmError::Setup(format!("tracking: {e}")))?;
+    }
     let t = Instant::now();
     if policy.populate {
         be.space().populate(0, mem).map_err(|e| KvmError::Setup(format!("populate: {e}")))?;
@@ -542,7 +566,11 @@ pub fn vmspace_first_touch(mem: u64, mode: PagingMode, policy: TouchPolicy) -> R
     let label = format!(
         "vmspace, fault-around {}{}{}, host memory {}",
         policy.fault_around,
-        if policy.preset_accessed { " + A preset on neighbours" } else { "" },
+        match (policy.preset_accessed, policy.untracked_dirty) {
+            (true, true) => " + A+D preset on neighbours (dirty tracking off)",
+            (true, false) => " + A preset on neighbours",
+            _ => "",
+        },
         if policy.populate { ", range populated first" } else { "" },
         if policy.prefault { "preallocated" } else { "fresh" }
     );
@@ -556,8 +584,9 @@ pub fn vmspace_first_touch(mem: u64, mode: PagingMode, policy: TouchPolicy) -> R
 /// page tables of its own, clean leaves) against the vmspace's nested
 /// faults with several policies, in `rounds` alternating rounds; for each
 /// variant the round with the median time. Then the same with host memory
-/// preallocated (KVM's own with accessed and dirty preset in its leaves,
-/// its best case; the vmspace's memory allocated through both views).
+/// preallocated through both views (KVM's own with accessed and dirty
+/// preset in its leaves, its best case), where two more vmspace variants
+/// run with dirty tracking off and A+D preset on the neighbours.
 /// Each half starts with its KVM's own entry (`TouchCost::kvm_own`).
 pub fn first_touch_compare(mem: u64, mode: PagingMode, rounds: usize) -> Result<Vec<TouchCost>> {
     let fresh = |fault_around, preset_accessed, populate| TouchPolicy {
@@ -565,10 +594,14 @@ pub fn first_touch_compare(mem: u64, mode: PagingMode, rounds: usize) -> Result<
         preset_accessed,
         prefault: false,
         populate,
+        untracked_dirty: false,
     };
     let policies = [fresh(16, false, false), fresh(16, true, false), fresh(512, false, false), fresh(16, false, true)];
     let pre = |p: TouchPolicy| TouchPolicy { prefault: true, ..p };
-    let mut runs: Vec<Vec<TouchCost>> = vec![Vec::new(); 2 * policies.len() + 2];
+    let untracked = |fault_around| TouchPolicy { untracked_dirty: true, ..pre(fresh(fault_around, true, false)) };
+    let mut pre_policies: Vec<TouchPolicy> = policies.iter().map(|p| pre(*p)).collect();
+    pre_policies.extend([untracked(16), untracked(512)]);
+    let mut runs: Vec<Vec<TouchCost>> = vec![Vec::new(); policies.len() + pre_policies.len() + 2];
     for _ in 0..rounds.max(1) {
         runs[0].push(kvm_own_first_touch(mem, mode, OwnLeafBits::None, false)?);
         for (i, p) in policies.iter().enumerate() {
@@ -576,8 +609,8 @@ pub fn first_touch_compare(mem: u64, mode: PagingMode, rounds: usize) -> Result<
         }
         let k = policies.len() + 1;
         runs[k].push(kvm_own_first_touch(mem, mode, OwnLeafBits::AccessedDirty, true)?);
-        for (i, p) in policies.iter().enumerate() {
-            runs[k + 1 + i].push(vmspace_first_touch(mem, mode, pre(*p))?);
+        for (i, p) in pre_policies.iter().enumerate() {
+            runs[k + 1 + i].push(vmspace_first_touch(mem, mode, *p)?);
         }
     }
     Ok(runs

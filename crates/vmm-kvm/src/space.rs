@@ -169,6 +169,12 @@ pub struct FaultOptions {
     /// faulting on each (it skips entries whose accessed bit is clear), at
     /// the price of accessed-bit precision for the neighbours.
     pub preset_accessed: bool,
+    /// With `preset_accessed`, preset the dirty bit too on a write fault's
+    /// neighbours while dirty tracking is off
+    /// (`vmspace::SpaceConfig::fault_around_dirty_untracked`): KVM maps a
+    /// clean entry read-only, so without it every written page faults
+    /// once more in KVM to set the bit.
+    pub preset_dirty_untracked: bool,
 }
 
 /// A vmspace run by KVM vCPUs.
@@ -273,7 +279,14 @@ impl SpaceBackend {
         fault_around: u32,
         name: Option<&str>,
     ) -> Result<Self> {
-        Self::create_with(vm, ram_limit, table_bytes, mode, FaultOptions { fault_around, preset_accessed: false }, name)
+        Self::create_with(
+            vm,
+            ram_limit,
+            table_bytes,
+            mode,
+            FaultOptions { fault_around, preset_accessed: false, preset_dirty_untracked: false },
+            name,
+        )
     }
 
     /// As [`create`](Self::create), with the nested-fault policy `opts`.
@@ -285,7 +298,7 @@ impl SpaceBackend {
         opts: FaultOptions,
         name: Option<&str>,
     ) -> Result<Self> {
-        let FaultOptions { fault_around, preset_accessed } = opts;
+        let FaultOptions { fault_around, preset_accessed, preset_dirty_untracked } = opts;
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let treg = Arc::new(SharedRegion::new("vmm-tables", table_bytes).map_err(|e| KvmError::Os("memfd", e))?);
         vm.add_region(treg.clone(), TABLES_KVM_BASE)?;
@@ -302,6 +315,7 @@ impl SpaceBackend {
         cfg.track_dirty = true;
         cfg.fault_around = fault_around.max(1);
         cfg.fault_around_accessed = preset_accessed;
+        cfg.fault_around_dirty_untracked = preset_dirty_untracked;
         let name = match name {
             Some(n) => n.to_string(),
             None => format!("kvm-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)),

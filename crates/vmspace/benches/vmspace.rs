@@ -155,10 +155,24 @@ fn hold_release(c: &mut Criterion) {
 /// `harvest`, another thread harvests the space's first 16 MiB (which hold
 /// that page) back to back meanwhile. Returns the holding thread's time
 /// and the number of harvests made while it ran.
+/// Batches of holds timed separately by [`hold_under_harvest_run`].
+const BATCH: u64 = 256;
+/// A batch slower than this (normally 5-15 us) stalled: it slept, or the
+/// thread lost its CPU.
+const STALL: Duration = Duration::from_micros(40);
+
 fn hold_under_harvest_run(s: &VmSpace<HeapPages>, iters: u64, harvest: bool) -> (Duration, u64) {
+    let (t, h, _) = hold_under_harvest_stalls(s, iters, harvest);
+    (t, h)
+}
+
+/// As [`hold_under_harvest_run`], also counting the batches of [`BATCH`]
+/// holds that took longer than [`STALL`].
+fn hold_under_harvest_stalls(s: &VmSpace<HeapPages>, iters: u64, harvest: bool) -> (Duration, u64, u64) {
     let start = AtomicBool::new(false);
     let stop = AtomicBool::new(false);
     let harvests = AtomicU64::new(0);
+    let mut stalls = 0;
     let t = std::thread::scope(|sc| {
         if harvest {
             let (start, stop, harvests) = (&start, &stop, &harvests);
@@ -179,10 +193,19 @@ fn hold_under_harvest_run(s: &VmSpace<HeapPages>, iters: u64, harvest: bool) -> 
         let client = s.client();
         let gpa = 100 * PG;
         let t0 = Instant::now();
-        for _ in 0..iters {
-            let h = client.hold(black_box(gpa), Prot::RW).unwrap();
-            black_box(&h);
-            drop(h);
+        let mut done = 0;
+        while done < iters {
+            let n = BATCH.min(iters - done);
+            let tb = Instant::now();
+            for _ in 0..n {
+                let h = client.hold(black_box(gpa), Prot::RW).unwrap();
+                black_box(&h);
+                drop(h);
+            }
+            if tb.elapsed() > STALL {
+                stalls += 1;
+            }
+            done += n;
         }
         let t = t0.elapsed();
         stop.store(true, Ordering::Relaxed);
@@ -190,7 +213,7 @@ fn hold_under_harvest_run(s: &VmSpace<HeapPages>, iters: u64, harvest: bool) -> 
     });
     // The harvester has stopped (joined by the scope): its count covers
     // the holding thread's run and at most one harvest more.
-    (t, harvests.load(Ordering::Relaxed))
+    (t, harvests.load(Ordering::Relaxed), stalls)
 }
 
 fn hold_under_harvest(c: &mut Criterion) {
@@ -210,24 +233,31 @@ fn hold_under_harvest(c: &mut Criterion) {
     // One run, both figures (medians of 5 alternating runs).
     let n = 5_000_000;
     let (mut quiet, mut busy, mut hv) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut quiet_stalls, mut busy_stalls) = (Vec::new(), Vec::new());
     for _ in 0..5 {
-        quiet.push(n as f64 / hold_under_harvest_run(&s, n, false).0.as_secs_f64());
-        let (t, h) = hold_under_harvest_run(&s, n, true);
+        let (t, _, st) = hold_under_harvest_stalls(&s, n, false);
+        quiet.push(n as f64 / t.as_secs_f64());
+        quiet_stalls.push(st as f64);
+        let (t, h, st) = hold_under_harvest_stalls(&s, n, true);
         busy.push(n as f64 / t.as_secs_f64());
         hv.push(h as f64 / t.as_secs_f64());
+        busy_stalls.push(st as f64);
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     let (q, b, h) = (med(&mut quiet), med(&mut busy), med(&mut hv));
+    let (qs, bs) = (med(&mut quiet_stalls), med(&mut busy_stalls));
     println!(
         "harvest_report: hold+release alone {:.1} M/s; while another thread harvests 16 MiB back to back \
-         ({:.0} harvests/s, each clearing a bit) {:.1} M/s; ratio {:.2}",
+         ({:.0} harvests/s, each clearing a bit) {:.1} M/s; ratio {:.2}; batches of {BATCH} holds slower than \
+         {STALL:?}: {qs:.0} alone, {bs:.0} under harvests (of {})",
         q / 1e6,
         h,
         b / 1e6,
-        b / q
+        b / q,
+        n / BATCH
     );
 }
 

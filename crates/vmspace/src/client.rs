@@ -104,15 +104,15 @@ fn empty_entries(fmt: &nested_pt::PteFormat, slot: *const EntryAtomic, gpa: u64,
     empty
 }
 
-/// Set `bit` (the accessed bit) on the entries of the window starting at
-/// `lo` that were empty before fault-around mapped them (`empty`), except
-/// `gpa`'s own, if they are now present with neither accessed nor dirty
-/// set (an entry the hardware or a harvest changed meanwhile is left
-/// alone).
+/// Set `bit` (the accessed bit, and the dirty bit where asked) on the
+/// entries of the window starting at `lo` that were empty before
+/// fault-around mapped them (`empty`), except `gpa`'s own, if they are now
+/// present with neither accessed nor dirty set (an entry the hardware or a
+/// harvest changed meanwhile is left alone).
 fn preset_accessed(fmt: &nested_pt::PteFormat, slot: *const EntryAtomic, gpa: u64, lo: u64, empty: [u64; 8], bit: u64) {
     let me = ((gpa - lo) / PAGE_SIZE) as usize;
     let first = slot.wrapping_sub(me);
-    let untouched = bit | fmt.dirty_mask();
+    let untouched = fmt.accessed_mask() | fmt.dirty_mask();
     for (w, mut bits) in empty.into_iter().enumerate() {
         while bits != 0 {
             let i = w * 64 + bits.trailing_zeros() as usize;
@@ -404,7 +404,16 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
                 let lo = (gpa & !(w - 1)).max(c.start.get());
                 let hi = ((gpa | (w - 1)) + 1).min(c.end.get());
                 let base = c.offset.get().wrapping_sub(c.start.get());
-                let preset = if host { 0 } else { self.space.fault_around_accessed };
+                let mut preset = if host { 0 } else { self.space.fault_around_accessed };
+                if preset != 0
+                    && prot.contains(Prot::WRITE)
+                    && mprot.contains(Prot::WRITE)
+                    && !self.space.track_dirty.load(Acquire)
+                {
+                    // Tracking is off and cannot be switched on while this
+                    // client is active (the switch holds every client).
+                    preset |= self.space.fault_around_dirty;
+                }
                 // The window's leaf table, and which of its entries are
                 // empty now: only those get the accessed bit (an entry
                 // already present keeps the state its accesses gave it).

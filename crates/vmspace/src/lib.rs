@@ -99,7 +99,9 @@
 //!   host that prefetches only translations marked accessed may ask for
 //!   the accessed bit on fault-around neighbours
 //!   ([`SpaceConfig::fault_around_accessed`], off by default: it costs
-//!   accessed-bit precision for pages the guest never touched).
+//!   accessed-bit precision for pages the guest never touched), and, while
+//!   dirty tracking is off, the dirty bit on a write fault's neighbours
+//!   ([`SpaceConfig::fault_around_dirty_untracked`]).
 //! - Migration: [`VmSpace::track_dirty`] / [`VmSpace::dirty_op`], or
 //!   [`VmSpace::track_dirty_frames`] / [`VmSpace::dirty_op_frames`] to get
 //!   the cleared frames too. A harvest is exact only with the vCPUs out

@@ -42,6 +42,16 @@ pub struct SpaceConfig {
     /// emulated A/D ([`PteFormat::ept_emulated_ad`]), where accessed is a
     /// permission. Off by default.
     pub fault_around_accessed: bool,
+    /// With `fault_around_accessed`, also set the dirty bit on those
+    /// neighbours when the fault is a write in a writable mapping and
+    /// dirty tracking is off at the time: a host that maps a clean entry
+    /// read-only (so that the first write sets the bit) can then map the
+    /// neighbours writable. Never while tracking is on (a harvest would
+    /// report pages nobody wrote); if tracking is switched on later, the
+    /// first harvest may report such pages (a superset, never a miss, as
+    /// for hardware A/D formats, see [`VmSpace::dirty_tracking`]). Off by
+    /// default.
+    pub fault_around_dirty_untracked: bool,
 }
 
 impl SpaceConfig {
@@ -49,7 +59,14 @@ impl SpaceConfig {
     /// fault-around window of 16 pages whose neighbours are mapped with
     /// the accessed bit clear.
     pub fn new(size: u64, format: PteFormat) -> Self {
-        SpaceConfig { size, format, track_dirty: false, fault_around: 16, fault_around_accessed: false }
+        SpaceConfig {
+            size,
+            format,
+            track_dirty: false,
+            fault_around: 16,
+            fault_around_accessed: false,
+            fault_around_dirty_untracked: false,
+        }
     }
 }
 
@@ -223,6 +240,9 @@ pub(crate) struct Inner<P: TablePages, L: RawLock> {
     pub(crate) fault_around: u64,
     /// Accessed bit preset on the neighbours a vCPU fault maps (0: none).
     pub(crate) fault_around_accessed: u64,
+    /// Dirty bit preset as well on a write fault's neighbours while
+    /// tracking is off (0: never).
+    pub(crate) fault_around_dirty: u64,
     /// The fault path records accesses in software (emulated A/D).
     pub(crate) records_access: bool,
     pub(crate) generation: AtomicU64,
@@ -475,6 +495,14 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 fault_around,
                 fault_around_accessed: if config.fault_around_accessed && !records_access(&config.format) {
                     config.format.accessed_mask()
+                } else {
+                    0
+                },
+                fault_around_dirty: if config.fault_around_accessed
+                    && config.fault_around_dirty_untracked
+                    && !records_access(&config.format)
+                {
+                    config.format.dirty_mask()
                 } else {
                     0
                 },

@@ -1160,3 +1160,47 @@ fn fault_around_accessed_presets_only_new_neighbours() {
         }
     }
 }
+
+/// `fault_around_dirty_untracked`: a write fault's new neighbours get the
+/// dirty bit as well while tracking is off; a read fault's do not, and
+/// nothing gets it while tracking is on (a harvest then reports exactly
+/// what was written).
+#[test]
+fn fault_around_dirty_only_while_untracked() {
+    for fmt in [npt(), PteFormat::ept(Caps::default())] {
+        for (track, write) in [(false, true), (false, false), (true, true)] {
+            let mut cfg = SpaceConfig::new(GIB, fmt);
+            cfg.track_dirty = track;
+            cfg.fault_around = 16;
+            cfg.fault_around_accessed = true;
+            cfg.fault_around_dirty_untracked = true;
+            let s = VmSpace::<Pages>::new(cfg, pages()).unwrap();
+            let r = reservoir(16);
+            let o = ram(&r, 16);
+            s.map(&o, 0, 0, 16 * PG, Prot::RW).unwrap();
+            let c = s.client();
+            c.fault(2 * PG, if write { Prot::WRITE } else { Prot::READ }).unwrap();
+            let (amask, dmask) = (fmt.accessed_mask(), fmt.dirty_mask());
+            s.with_table(|t| {
+                for p in 0..16u64 {
+                    let v = t.lookup(Gpa(p * PG)).unwrap().value;
+                    let neighbour = p != 2;
+                    assert_eq!(v & amask != 0, neighbour, "{:?} track {track} write {write}: page {p} A", fmt.kind());
+                    let want_d = neighbour && write && !track;
+                    assert_eq!(v & dmask != 0, want_d, "{:?} track {track} write {write}: page {p} D", fmt.kind());
+                }
+            });
+            if track {
+                let mut bm = [0u64];
+                assert_eq!(s.track_dirty(0, 16 * PG, &mut bm), Ok(0), "nothing written, nothing reported");
+            } else {
+                // Switched on later: the first harvest may report the
+                // preset neighbours (a superset).
+                s.set_dirty_tracking(true).unwrap();
+                let mut bm = [0u64];
+                let n = s.track_dirty(0, 16 * PG, &mut bm).unwrap();
+                assert_eq!(n, if write { 15 } else { 0 });
+            }
+        }
+    }
+}
