@@ -1,7 +1,9 @@
 //! Measurements for `vmm bench`: exit round trip, nested-fault cost and the
-//! share of it spent in our code, KVM's own first-touch cost, harvest and
-//! invalidation costs. Programs, not tests: the numbers are reported, never
-//! asserted.
+//! share of it spent in our code, KVM's own first-touch cost (after a zap,
+//! and a 1 GiB first touch through a plain slot with guest page tables of
+//! its own against the vmspace's fault policies, with KVM's exit and
+//! page-fault counters), harvest and invalidation costs. Programs, not
+//! tests: the numbers are reported, never asserted.
 
 use crate::guest::{self, P_CTRL, P_LEDGER, P_MAGIC, P_MODE, P_NPAGES, P_OPS, P_WATCH_READS};
 use crate::machine::{Action, Event, Machine};
