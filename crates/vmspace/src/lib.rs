@@ -13,7 +13,10 @@
 //! when a range is populated ([`VmSpace::populate`]). `unmap` clears the
 //! leaves, vacates the tables, bumps the table *generation* and tells every
 //! client. Dirty bits are harvested and set again ([`VmSpace::dirty_op`])
-//! for live migration; tracking can be switched at run time.
+//! for live migration; tracking can be switched at run time. A harvest
+//! invalidates only what its cleared bits require: one that clears bits
+//! bumps the generation and tells every client (without holding any), one
+//! that clears none, a `Get` and a `Set` invalidate nothing.
 //!
 //! # Example
 //!
@@ -81,10 +84,15 @@
 //! tracking switch, destroy) serialize on the space lock. The data path
 //! (hold, fault, release) never takes it: it goes through a per-client
 //! `active` word and a per-client state word (see `protocol.rs`). A change
-//! that alters the mapping map or the table structure first *holds* every
-//! client (setting `HOLD`, then waiting for an operation in flight to
-//! finish), makes the change, and releases them; an operation that arrives
-//! meanwhile sleeps on its client's lock. Activation is one fenced store
+//! that alters the mapping map or the table structure (map, unmap,
+//! tracking switch, destroy) first *holds* every client (setting `HOLD`,
+//! then waiting for an operation in flight to finish), makes the change,
+//! and releases them; an operation that arrives meanwhile sleeps on its
+//! client's lock. `populate` and the dirty operations hold no client:
+//! they only change leaf entries atomically, so holds and faults of every
+//! client proceed while they run (a harvest that cleared bits still kicks
+//! and waits for vCPUs in guest context on an older generation, which is
+//! what makes the clear effective). Activation is one fenced store
 //! plus a load (Dekker's pattern against the administrator's `HOLD`
 //! store), deactivation a plain release store; a client also caches its
 //! last mapping, leaf table and the mapping's host window, valid while
@@ -128,7 +136,13 @@
 //!   table pages were freed; for harvests that collect them, the frames
 //!   whose dirty bit was cleared), and
 //!   [`VmClient::table_enter`] around guest execution (flush when the
-//!   generation changed); nested faults go to [`VmClient::fault`].
+//!   generation changed); nested faults go to [`VmClient::fault`]. A
+//!   host that prefetches only translations marked accessed may ask for
+//!   the accessed bit on fault-around neighbours
+//!   ([`SpaceConfig::fault_around_accessed`], off by default: it costs
+//!   accessed-bit precision for pages the guest never touched), and, while
+//!   dirty tracking is off, the dirty bit on a write fault's neighbours
+//!   ([`SpaceConfig::fault_around_dirty_untracked`]).
 //! - Migration: [`VmSpace::track_dirty`] / [`VmSpace::dirty_op`], or
 //!   [`VmSpace::track_dirty_frames`] / [`VmSpace::dirty_op_frames`] to get
 //!   the cleared frames too. A harvest is exact only with the vCPUs out
@@ -151,8 +165,9 @@
 //! `RUSTFLAGS="--cfg loom" cargo test -p vmspace --test loom --release`
 //! model-checks the protocol. `cargo bench -p vmspace --bench vmspace --
 //! --warm-up-time 1 --measurement-time 3` runs the criterion benchmarks
-//! (fault-in, hold+release scaling, map/unmap churn under holds, harvest
-//! against nested-pt alone).
+//! (fault-in, hold+release scaling, hold+release while another thread
+//! harvests back to back, map/unmap churn under holds, harvest against
+//! nested-pt alone).
 //!
 //! # Known gaps
 //!
