@@ -26,6 +26,25 @@
 //!   ([`protocol`]) into a per-scenario [`Report`]. [`run_conformance`] is
 //!   the entry point for `vmm conformance` and the integration tests.
 //!
+//! - The DMA suite ([`Emulator::QemuVtd`], [`Emulator::QemuAmdVi`]): under
+//!   `qemu-system-x86_64 -machine q35 -device intel-iommu,aw-bits=48
+//!   -device edu` (or `-device amd-iommu`) the kernel
+//!   (`kernel/src/iommu.rs`) finds QEMU's `edu` device, builds a VT-d root
+//!   and context table (or an AMD-Vi device-table entry, command buffer and
+//!   event log) pointing at I/O page tables built by nested-pt in its VT-d
+//!   (or AMD-Vi) format, turns translation on, and has
+//!   `edu`'s DMA engine copy between its buffer and I/O virtual addresses.
+//!   For each transfer `nested_pt::mmu::translate` predicts where the bytes
+//!   land or which fault is recorded; the kernel checks the bytes at the
+//!   predicted host address (and that a faulting DMA changed no memory) and
+//!   the fault-recording register (reason, page, source id, read/write) or
+//!   the event log. Scenarios: 4 KiB and 2 MiB reads and writes, a write to
+//!   a read-only page (after a cached read and after an invalidation),
+//!   not-present at levels 1, 2 and 4, a table entry with only its present
+//!   bits cleared, unmap followed by an IOTLB invalidation; VT-d also
+//!   reserved bit 11 and an address bit above the 48-bit width (reason
+//!   0xC; QEMU's AMD-Vi checks no reserved field).
+//!
 //! # How a comparison works (kernel side)
 //!
 //! The table pages come from a fixed, identity-mapped arena (frame number =
@@ -66,6 +85,19 @@
 //! configuration must run, so a silently shortened suite fails.
 //!
 //! # Emulator quirks (accepted by name, with evidence)
+//!
+//! - `QEMU_VTD_IOTLB_HIT_NO_FAULT_RECORD` (DMA suite): QEMU records a VT-d
+//!   fault only when its page walk fails; a write refused by a read-only
+//!   translation cached in its IOTLB reaches no memory but records no fault
+//!   (VT-d spec §7.1.3: reason 0x5 either way). Seen in
+//!   `vtd-write-ro-after-cached-read`; the same write after an IOTLB
+//!   invalidation records reason 0x5 (`vtd-fault-write-ro-4k`).
+//! - `QEMU_AMDVI_NO_EVENT_LOGGED` (DMA suite): QEMU's AMD-Vi refuses every
+//!   DMA the model says must fault (nothing reaches memory; its
+//!   `amdvi_page_fault` trace event fires, seen with `-trace amdvi_*`) but
+//!   no IO_PAGE_FAULT entry reaches the event log, with the log running
+//!   and not overflowed. So under QEMU the AMD-Vi fault *flags* are not
+//!   compared; every translation that succeeds is, byte for byte.
 //!
 //! A disagreement is attributed to a quirk only if recomputing the model's
 //! prediction under the quirk's hypothesis reproduces the emulator's exit and
@@ -133,16 +165,25 @@ pub enum Emulator {
     /// A/D and without 1 GiB EPT pages, the processor the emulated-A/D
     /// format exists for.
     BochsNoAd,
+    /// `qemu-system-x86_64 -machine q35 -device intel-iommu,aw-bits=48
+    /// -device edu`: Intel VT-d DMA remapping through second-level tables
+    /// in nested-pt's VT-d format, exercised by the `edu` device's DMA.
+    QemuVtd,
+    /// `qemu-system-x86_64 -machine q35 -device amd-iommu -device edu`:
+    /// AMD-Vi DMA translation through I/O page tables in nested-pt's AMD-Vi
+    /// format.
+    QemuAmdVi,
 }
 
 impl Emulator {
     /// Every configuration, in the order the suite runs them.
-    pub const ALL: [Emulator; 3] = [Emulator::Qemu, Emulator::Bochs, Emulator::BochsNoAd];
+    pub const ALL: [Emulator; 5] =
+        [Emulator::Qemu, Emulator::Bochs, Emulator::BochsNoAd, Emulator::QemuVtd, Emulator::QemuAmdVi];
 
     /// The program that must be on `PATH`.
     pub fn program(self) -> &'static str {
         match self {
-            Emulator::Qemu => "qemu-system-x86_64",
+            Emulator::Qemu | Emulator::QemuVtd | Emulator::QemuAmdVi => "qemu-system-x86_64",
             Emulator::Bochs | Emulator::BochsNoAd => "bochs",
         }
     }
@@ -153,6 +194,8 @@ impl Emulator {
             Emulator::Qemu => "SVM+NPT",
             Emulator::Bochs => "VMX+EPT",
             Emulator::BochsNoAd => "VMX+EPT, no A/D, no 1G",
+            Emulator::QemuVtd => "VT-d second level (DMA)",
+            Emulator::QemuAmdVi => "AMD-Vi I/O page tables (DMA)",
         }
     }
 
@@ -219,9 +262,35 @@ impl Emulator {
             "mis-2m-bit12-ad-off",
             "ept-ad-disabled",
         ];
+        // The DMA suite, the same scenarios under both IOMMUs (`vtd-` or
+        // `amdvi-` before each name); QEMU's AMD-Vi checks no reserved
+        // field, so those run under VT-d only.
+        const DMA: &[&str] = &[
+            "dma-write-4k",
+            "dma-read-4k",
+            "dma-read-ro-4k",
+            "write-ro-after-cached-read",
+            "fault-write-ro-4k",
+            "fault-write-not-present-l1",
+            "fault-read-not-present-l1",
+            "fault-write-not-present-l2",
+            "fault-read-not-present-l4",
+            "dma-write-2m",
+            "dma-read-2m",
+            "fault-pde-not-present",
+            "unmap-before",
+            "unmap-invalidate",
+        ];
+        const VTD_ONLY: &[&str] = &["vtd-fault-rsv-bit11", "vtd-fault-rsv-high-addr"];
+        let dma = |p: &'static str| -> Vec<&'static str> {
+            DMA.iter().map(|n| &*Box::leak(format!("{p}-{n}").into_boxed_str())).collect()
+        };
         let own = match self {
             Emulator::Qemu => QEMU,
             Emulator::Bochs | Emulator::BochsNoAd => BOCHS,
+            // A DMA suite: none of the nested-paging scenarios.
+            Emulator::QemuVtd => return dma("vtd").into_iter().chain(VTD_ONLY.iter().copied()).collect(),
+            Emulator::QemuAmdVi => return dma("amdvi"),
         };
         COMMON.iter().chain(own).copied().filter(|n| self != Emulator::BochsNoAd || !NOT_ON_IVB.contains(n)).collect()
     }
@@ -248,6 +317,8 @@ impl fmt::Display for Emulator {
             Emulator::Qemu => "qemu",
             Emulator::Bochs => "bochs",
             Emulator::BochsNoAd => "bochs-noad",
+            Emulator::QemuVtd => "qemu-vtd",
+            Emulator::QemuAmdVi => "qemu-amdvi",
         })
     }
 }
@@ -259,7 +330,9 @@ impl std::str::FromStr for Emulator {
             "qemu" => Ok(Emulator::Qemu),
             "bochs" => Ok(Emulator::Bochs),
             "bochs-noad" => Ok(Emulator::BochsNoAd),
-            _ => Err(Error::Usage(format!("unknown emulator {s:?} (qemu, bochs or bochs-noad)"))),
+            "qemu-vtd" => Ok(Emulator::QemuVtd),
+            "qemu-amdvi" => Ok(Emulator::QemuAmdVi),
+            _ => Err(Error::Usage(format!("unknown emulator {s:?} (qemu, bochs, bochs-noad, qemu-vtd or qemu-amdvi)"))),
         }
     }
 }
@@ -458,7 +531,7 @@ pub fn build_kernel() -> Result<PathBuf, Error> {
 /// The emulator's version line.
 pub fn version(emu: Emulator) -> String {
     match emu {
-        Emulator::Qemu => Command::new(emu.program())
+        Emulator::Qemu | Emulator::QemuVtd | Emulator::QemuAmdVi => Command::new(emu.program())
             .arg("--version")
             .output()
             .ok()
@@ -514,6 +587,16 @@ fn emulator_command(emu: Emulator, work: &Path, disk: &Path) -> Result<Command, 
         Emulator::Qemu => {
             c.args(["-accel", "tcg", "-cpu", "qemu64,+svm,+npt,+pdpe1gb", "-m", "128", "-display", "none"])
                 .args(["-no-reboot", "-monitor", "none", "-serial", "none", "-debugcon", "stdio"])
+                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-drive"])
+                .arg(format!("file={},format=raw,if=ide", disk.display()));
+        }
+        Emulator::QemuVtd | Emulator::QemuAmdVi => {
+            // The IOMMU first: QEMU wants it created before the devices
+            // whose DMA it translates. `edu`'s default DMA mask is 28 bits.
+            let iommu = if emu == Emulator::QemuVtd { "intel-iommu,aw-bits=48" } else { "amd-iommu" };
+            c.args(["-accel", "tcg", "-machine", "q35", "-cpu", "qemu64", "-m", "128", "-display", "none"])
+                .args(["-no-reboot", "-monitor", "none", "-serial", "none", "-debugcon", "stdio"])
+                .args(["-device", iommu, "-device", "edu,dma_mask=0xffffffffffffffff"])
                 .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-drive"])
                 .arg(format!("file={},format=raw,if=ide", disk.display()));
         }

@@ -1,6 +1,8 @@
 //! The conformance suite: the kernel under QEMU (SVM+NPT) and Bochs
 //! (VMX+EPT with a Skylake-X model, and without EPT A/D with an Ivy Bridge
-//! model). Each test skips, with a message, when its emulator is not
+//! model), and the DMA suite under QEMU q35 with Intel VT-d or AMD-Vi and
+//! the `edu` device (I/O page tables in nested-pt's VT-d and AMD-Vi
+//! formats). Each test skips, with a message, when its emulator is not
 //! installed, and fails on any disagreement not explained by a listed quirk.
 //! `HWTEST_VERBOSE=1` prints the kernel's raw output (one CHECK line per
 //! guest access: the exit the emulator gave and the one the model predicted).
@@ -36,4 +38,14 @@ fn bochs_vmx_ept() {
 #[test]
 fn bochs_vmx_ept_without_ad() {
     suite(Emulator::BochsNoAd);
+}
+
+#[test]
+fn qemu_vtd_dma() {
+    suite(Emulator::QemuVtd);
+}
+
+#[test]
+fn qemu_amdvi_dma() {
+    suite(Emulator::QemuAmdVi);
 }

@@ -1,5 +1,6 @@
-//! Entry formats: Intel EPT (hardware or emulated accessed/dirty bits) and
-//! AMD NPT, described by values so one walker serves all of them.
+//! Entry formats: Intel EPT (hardware or emulated accessed/dirty bits),
+//! AMD NPT, and the I/O page tables of the two IOMMUs (Intel VT-d second
+//! level, AMD-Vi), described by values so one walker serves all of them.
 //!
 //! Sources. Intel: SDM vol. 3C, chapter "VMX Support for Address
 //! Translation", section "EPT Translation Mechanism" (the tables "Format of
@@ -8,7 +9,19 @@
 //! the VMCS field "Extended-Page-Table Pointer (EPTP)". AMD: APM vol. 2,
 //! section 15.25 "Nested Paging" (nested walks are user-level accesses in the
 //! host's long-mode format) and section 5.4 "Page-Translation-Table Entry
-//! Fields".
+//! Fields". Intel VT-d: "Intel Virtualization Technology for Directed I/O
+//! Architecture Specification" (rev. 3.x), section 9.8 "Second-Level Paging
+//! Entries" (legacy-mode remapping: the context entry of section 9.3 points
+//! at a second-level table), section 3.6 "Second-Level Translation" and
+//! section 7.1.3 with Appendix A for the fault reasons. AMD-Vi: "AMD I/O
+//! Virtualization Technology (IOMMU) Specification" (pub. 48882), section
+//! 2.2.3 "I/O Page Tables for Host Translations" (the PDE and PTE formats)
+//! and section 2.2.2 "Device Table Entry Format".
+//!
+//! The IOMMU formats are walked with four levels (VT-d with a 48-bit
+//! adjusted guest address width, AMD-Vi in paging mode 4); they have no
+//! execute permission and, in the modes used here (VT-d legacy mode,
+//! AMD-Vi host page tables without HA/HD), no accessed or dirty bits.
 
 use crate::{Error, MemType, PageSize, Pfn, Prot};
 
@@ -74,6 +87,45 @@ pub(crate) const NPT_PS: u64 = 1 << 7;
 /// Bit 63: no-execute (with EFER.NXE, which the hypervisor sets).
 pub(crate) const NPT_NX: u64 = 1 << 63;
 
+// ---- Intel VT-d second-level paging entries (VT-d spec §9.8) ----
+
+/// VT-d bit 0 (R): DMA reads allowed; a second-level entry is present when
+/// R or W is set.
+pub(crate) const VTD_R: u64 = 1 << 0;
+/// VT-d bit 1 (W): DMA writes allowed.
+pub(crate) const VTD_W: u64 = 1 << 1;
+/// VT-d bit 7 (PS) of an SL-PDPE / SL-PDE: the entry maps a 1 GiB / 2 MiB
+/// page (reserved in an SL-PML4E; allowed per the SLLPS field of the
+/// capability register).
+pub(crate) const VTD_PS: u64 = 1 << 7;
+/// VT-d bit 11: SNP (snoop) in revisions 1.x-2.x, reserved in legacy mode
+/// from revision 3.0 and without snoop control (ECAP.SC); never set here,
+/// checked as reserved by the model.
+pub(crate) const VTD_SNP: u64 = 1 << 11;
+/// VT-d bit 62: TM (transient mapping) in revisions 1.x-2.x, for device
+/// IOTLBs (ECAP.DT); reserved otherwise; never set here, checked as
+/// reserved by the model.
+pub(crate) const VTD_TM: u64 = 1 << 62;
+
+// ---- AMD-Vi I/O page-table entries (AMD IOMMU spec §2.2.3) ----
+
+/// AMD-Vi bit 0 (PR): present.
+pub(crate) const AMDVI_PR: u64 = 1 << 0;
+/// AMD-Vi bits 8:7 are ignored by the IOMMU; bit 7 marks a large leaf for
+/// the walker (which finds large leaves by bit 7 in every format). The
+/// hardware meaning of a large leaf is Next Level = 0 in a PDE.
+pub(crate) const AMDVI_SW_LARGE: u64 = 1 << 7;
+/// AMD-Vi bits 11:9 (Next Level): the level of the table the entry points
+/// at, 0 for a page (PTE; a page of the entry's level size in a PDE), 7 for
+/// a page of non-default size (not used here).
+pub(crate) const AMDVI_NEXT_SHIFT: u32 = 9;
+/// Next Level field mask (bit 60, FC "force coherent", is never set here).
+pub(crate) const AMDVI_NEXT_MASK: u64 = 7 << AMDVI_NEXT_SHIFT;
+/// AMD-Vi bit 61 (IR): DMA reads allowed (ANDed over the levels).
+pub(crate) const AMDVI_IR: u64 = 1 << 61;
+/// AMD-Vi bit 62 (IW): DMA writes allowed (ANDed over the levels).
+pub(crate) const AMDVI_IW: u64 = 1 << 62;
+
 /// The constant facts of one entry format, for code specialized per format.
 ///
 /// The public API keeps formats as run-time values ([`PteFormat`]); the hot
@@ -110,6 +162,50 @@ pub(crate) struct EptK;
 pub(crate) struct EptEmuK;
 /// AMD NPT.
 pub(crate) struct NptK;
+/// Intel VT-d second-level tables.
+pub(crate) struct VtdK;
+/// AMD-Vi I/O page tables.
+pub(crate) struct AmdViK;
+
+/// Only write-back: neither IOMMU format encodes a memory type in the
+/// modes used here (DMA is snooped; VT-d's EMT bits apply to nested
+/// translation only).
+#[inline(always)]
+fn iommu_mem_type(mt: MemType) -> Result<(), Error> {
+    if mt == MemType::WriteBack { Ok(()) } else { Err(Error::BadMemType) }
+}
+
+impl Kind for VtdK {
+    const PRESENT: u64 = VTD_R | VTD_W;
+    const DIRTY: u64 = 0;
+    #[inline(always)]
+    fn prot(e: u64) -> Prot {
+        // Bits 0-1 are R and W, the order of `Prot`'s bits; no execute.
+        Prot::from_bits_truncate((e & 3) as u8)
+    }
+    #[inline(always)]
+    fn leaf_bits(prot: Prot, mt: MemType, large: bool) -> Result<u64, Error> {
+        iommu_mem_type(mt)?;
+        Ok((prot.bits() as u64 & 3) | if large { VTD_PS } else { 0 })
+    }
+}
+
+impl Kind for AmdViK {
+    const PRESENT: u64 = AMDVI_PR;
+    const DIRTY: u64 = 0;
+    #[inline(always)]
+    fn prot(e: u64) -> Prot {
+        // IR and IW are bits 61 and 62: READ and WRITE.
+        Prot::from_bits_truncate(((e >> 61) & 3) as u8)
+    }
+    #[inline(always)]
+    fn leaf_bits(prot: Prot, mt: MemType, large: bool) -> Result<u64, Error> {
+        const _: () = assert!(AMDVI_IR == 1 << 61 && AMDVI_IW == 1 << 62);
+        iommu_mem_type(mt)?;
+        // Next Level 0: a page of this entry's level.
+        Ok(AMDVI_PR | (prot.bits() as u64 & 3) << 61 | if large { AMDVI_SW_LARGE } else { 0 })
+    }
+}
 
 /// The EPT memory-type, ignore-PAT and large-page bits of a leaf.
 #[inline(always)]
@@ -200,12 +296,20 @@ macro_rules! with_kind {
                 type $K = $crate::format::NptK;
                 $body
             }
+            $crate::FormatKind::VtdSecondLevel => {
+                type $K = $crate::format::VtdK;
+                $body
+            }
+            $crate::FormatKind::AmdVi => {
+                type $K = $crate::format::AmdViK;
+                $body
+            }
         }
     };
 }
 pub(crate) use with_kind;
 
-/// Which of the three entry formats a [`PteFormat`] describes.
+/// Which entry format a [`PteFormat`] describes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum FormatKind {
     /// Intel EPT; accessed/dirty bits 8/9 set by hardware when EPTP bit 6
@@ -217,6 +321,13 @@ pub enum FormatKind {
     EptEmulatedAd,
     /// AMD NPT: the x86-64 long-mode entry format walked as user accesses.
     Npt,
+    /// Intel VT-d second-level I/O page tables (legacy-mode remapping,
+    /// four levels: a 48-bit adjusted guest address width): R and W bits,
+    /// PS for large pages, no execute, no accessed/dirty bits.
+    VtdSecondLevel,
+    /// AMD-Vi I/O page tables (paging mode 4): PR, IR/IW, the Next Level
+    /// field in every entry, no execute, no accessed/dirty bits.
+    AmdVi,
 }
 
 /// What the processor (or emulator) offers for a format.
@@ -255,7 +366,7 @@ pub struct PteFormat {
 impl PteFormat {
     fn new(kind: FormatKind, mut caps: Caps) -> Self {
         caps.phys_bits = caps.phys_bits.clamp(36, 52);
-        if kind == FormatKind::Npt {
+        if kind != FormatKind::Ept && kind != FormatKind::EptEmulatedAd {
             caps.execute_only = false;
         }
         let addr_mask = ((1u64 << caps.phys_bits) - 1) & !0xfff;
@@ -263,11 +374,14 @@ impl PteFormat {
             FormatKind::Ept => (EPT_A, EPT_D),
             FormatKind::EptEmulatedAd => (EPT_R | EPT_X, EPT_W | SW_DIRTY),
             FormatKind::Npt => (NPT_A, NPT_D),
+            FormatKind::VtdSecondLevel | FormatKind::AmdVi => (0, 0),
         };
         let present = match kind {
             FormatKind::Ept => EPT_R | EPT_W | EPT_X,
             FormatKind::EptEmulatedAd => EPT_R | EPT_W | EPT_X | SW_R | SW_X,
             FormatKind::Npt => NPT_P,
+            FormatKind::VtdSecondLevel => VTD_R | VTD_W,
+            FormatKind::AmdVi => AMDVI_PR,
         };
         PteFormat { kind, caps, addr_mask, present, accessed, dirty }
     }
@@ -284,6 +398,22 @@ impl PteFormat {
     pub fn npt(caps: Caps) -> Self {
         Self::new(FormatKind::Npt, caps)
     }
+    /// Intel VT-d second-level I/O page tables, four levels. `caps.page_2m`
+    /// and `page_1g` are the SLLPS bits of the capability register,
+    /// `phys_bits` the host address width; execute-only does not apply.
+    pub fn vtd(caps: Caps) -> Self {
+        Self::new(FormatKind::VtdSecondLevel, caps)
+    }
+    /// AMD-Vi I/O page tables, paging mode 4 (four levels); execute-only
+    /// does not apply.
+    pub fn amd_vi(caps: Caps) -> Self {
+        Self::new(FormatKind::AmdVi, caps)
+    }
+    /// True for the IOMMU formats (tables walked by an IOMMU for DMA, not
+    /// by a processor).
+    pub fn is_iommu(&self) -> bool {
+        matches!(self.kind, FormatKind::VtdSecondLevel | FormatKind::AmdVi)
+    }
     /// The format's kind.
     pub fn kind(&self) -> FormatKind {
         self.kind
@@ -294,14 +424,15 @@ impl PteFormat {
     }
     /// True when hardware sets accessed/dirty bits itself (EPT with A/D
     /// enabled in the EPTP, NPT). With emulated A/D, software records them
-    /// on faults.
+    /// on faults; the IOMMU formats have none.
     pub fn hw_ad(&self) -> bool {
-        self.kind != FormatKind::EptEmulatedAd
+        matches!(self.kind, FormatKind::Ept | FormatKind::Npt)
     }
-    /// True when the format can report dirty pages at all (all three can:
-    /// the emulated one through write faults).
+    /// True when the format can report dirty pages at all: the processor
+    /// formats can (the emulated one through write faults); the IOMMU
+    /// formats cannot (no dirty bits, and a DMA fault cannot be retried).
     pub fn can_track_dirty(&self) -> bool {
-        true
+        !self.is_iommu()
     }
     /// True when leaves of `size` can be mapped.
     pub fn supports(&self, size: PageSize) -> bool {
@@ -346,14 +477,30 @@ impl PteFormat {
     /// [`Error::OutOfRange`] when the frame does not fit the address field
     /// ([`frame_fits`](Self::frame_fits)): the frame is never masked into
     /// another one.
+    ///
+    /// The entry is one at the top level (4): only AMD-Vi entries name the
+    /// level of the table they point at; [`table_entry_at`](Self::table_entry_at)
+    /// gives the entry for any level.
     pub fn table_entry(&self, table: Pfn) -> Result<u64, Error> {
-        if !self.frame_fits(table) {
+        self.table_entry_at(table, 4)
+    }
+
+    /// A non-leaf entry at `level` (2 to 4) pointing at the table page
+    /// `table` (a table of level `level - 1`): full permission, as the
+    /// permission of a walk is the AND over its levels. AMD-Vi writes
+    /// `level - 1` into the Next Level field; the other formats do not
+    /// depend on the level. Errors as [`table_entry`](Self::table_entry),
+    /// and [`Error::OutOfRange`] for a level outside 2 to 4.
+    pub fn table_entry_at(&self, table: Pfn, level: u8) -> Result<u64, Error> {
+        if !self.frame_fits(table) || !(2..=4).contains(&level) {
             return Err(Error::OutOfRange);
         }
         let addr = table.addr();
         Ok(match self.kind {
             FormatKind::Ept | FormatKind::EptEmulatedAd => addr | EPT_R | EPT_W | EPT_X,
             FormatKind::Npt => addr | NPT_P | NPT_RW | NPT_US,
+            FormatKind::VtdSecondLevel => addr | VTD_R | VTD_W,
+            FormatKind::AmdVi => addr | AMDVI_PR | AMDVI_IR | AMDVI_IW | (u64::from(level - 1) << AMDVI_NEXT_SHIFT),
         })
     }
 
@@ -391,8 +538,13 @@ impl PteFormat {
     }
 
     /// Checks that the format can express `prot`.
+    /// The IOMMU formats have no execute permission: a protection with
+    /// [`Prot::EXEC`] is refused there.
     pub fn check_prot(&self, prot: Prot) -> Result<(), Error> {
         if prot.is_empty() || (prot.contains(Prot::WRITE) && !prot.contains(Prot::READ)) {
+            return Err(Error::BadProt);
+        }
+        if self.is_iommu() && prot.contains(Prot::EXEC) {
             return Err(Error::BadProt);
         }
         if !prot.contains(Prot::READ) && !self.caps.execute_only {
@@ -410,10 +562,14 @@ impl PteFormat {
     }
 
     /// True when a present entry at `level` (1 = PTE .. 4 = PML4E) is a leaf.
+    /// For AMD-Vi this is the walker's marker (bit 7, ignored by the
+    /// IOMMU), which every large leaf this crate writes carries beside
+    /// Next Level = 0; the software MMU decodes Next Level itself.
     #[inline(always)]
     pub fn is_leaf(&self, e: u64, level: u8) -> bool {
-        // EPT's large-page bit and NPT's PS bit are both bit 7.
-        const _: () = assert!(EPT_LARGE == NPT_PS);
+        // EPT's large-page bit, NPT's PS bit, VT-d's PS bit and our AMD-Vi
+        // marker are all bit 7.
+        const _: () = assert!(EPT_LARGE == NPT_PS && EPT_LARGE == VTD_PS && EPT_LARGE == AMDVI_SW_LARGE);
         match level {
             1 => true,
             2 | 3 => e & EPT_LARGE != 0,
@@ -447,9 +603,10 @@ impl PteFormat {
     }
 
     /// The memory type of a leaf (NPT: decoded from PWT/PCD with the
-    /// power-on PAT).
+    /// power-on PAT; the IOMMU formats encode none).
     pub fn mem_type(&self, e: u64) -> Option<MemType> {
         match self.kind {
+            FormatKind::VtdSecondLevel | FormatKind::AmdVi => None,
             FormatKind::Npt => Some(match e & (NPT_PWT | NPT_PCD) {
                 0 => MemType::WriteBack,
                 NPT_PWT => MemType::WriteThrough,
@@ -483,6 +640,7 @@ impl PteFormat {
         Some(match self.kind {
             FormatKind::Ept => EPT_A | if write { EPT_D } else { 0 },
             FormatKind::Npt => NPT_A | if write { NPT_D } else { 0 },
+            FormatKind::VtdSecondLevel | FormatKind::AmdVi => 0,
             FormatKind::EptEmulatedAd => {
                 let mut b = 0;
                 if e & SW_R != 0 {
@@ -507,6 +665,7 @@ impl PteFormat {
             FormatKind::Ept => EPT_D,
             FormatKind::EptEmulatedAd => SW_DIRTY,
             FormatKind::Npt => NPT_D,
+            FormatKind::VtdSecondLevel | FormatKind::AmdVi => 0,
         }
     }
 
@@ -548,7 +707,24 @@ impl PteFormat {
         match self.kind {
             FormatKind::Ept => addr | EPTP_MT_WB | EPTP_WALK4 | if track_dirty { EPTP_AD } else { 0 },
             FormatKind::EptEmulatedAd => addr | EPTP_MT_WB | EPTP_WALK4,
-            FormatKind::Npt => addr,
+            FormatKind::Npt | FormatKind::VtdSecondLevel | FormatKind::AmdVi => addr,
         }
+    }
+
+    /// A VT-d legacy-mode context entry (VT-d spec §9.3) translating the
+    /// function's untranslated requests through the second-level table at
+    /// `root` for domain `domain`: low qword = SLPTPTR | TT 00b | P, high
+    /// qword = DID << 8 | AW 010b (48-bit, four-level walk).
+    pub fn vtd_context_entry(&self, root: Pfn, domain: u16) -> [u64; 2] {
+        [(root.addr() & self.addr_mask) | 1, (u64::from(domain) << 8) | 0b010]
+    }
+
+    /// An AMD-Vi device-table entry (AMD IOMMU spec §2.2.2) translating
+    /// the device's DMA through the I/O page table at `root` for domain
+    /// `domain`: V, TV, paging mode 4, the root pointer, IR and IW; the
+    /// domain id in the second qword. Interrupt remapping is left off.
+    pub fn amd_vi_device_table_entry(&self, root: Pfn, domain: u16) -> [u64; 4] {
+        let lo = (root.addr() & self.addr_mask) | 1 | 1 << 1 | 4 << 9 | AMDVI_IR | AMDVI_IW;
+        [lo, u64::from(domain), 0, 0]
     }
 }

@@ -1,4 +1,5 @@
-//! Second-level page tables (Intel EPT and AMD NPT) for hypervisors.
+//! Second-level page tables (Intel EPT and AMD NPT, and the I/O page tables
+//! of Intel VT-d and AMD-Vi) for hypervisors.
 //!
 //! # What this crate owns
 //!
@@ -11,19 +12,24 @@
 //!
 //! # Formats are values
 //!
-//! The same tree code serves three entry formats chosen at run time through a
+//! The same tree code serves five entry formats chosen at run time through a
 //! [`PteFormat`] value: Intel EPT with hardware accessed/dirty bits, Intel EPT
 //! with accessed/dirty bits *emulated* in software (for processors without
 //! them: the hardware read and write bits double as "accessed" and
 //! "modified", and the permission lives in ignored bits 52-54), and AMD NPT
-//! (the x86-64 long-mode format). At the API, masks such as "the dirty bit"
+//! (the x86-64 long-mode format); and for DMA, the IOMMUs' I/O page tables:
+//! Intel VT-d second-level tables and AMD-Vi tables (four levels, read and
+//! write permission only, no accessed/dirty bits; [`mmu::translate`] returns
+//! the fault reason VT-d records or the flags of AMD-Vi's IO_PAGE_FAULT
+//! event, see [`mmu::Violation::vtd_fault_reason`]). At the API, masks such as "the dirty bit"
 //! are read from the format value, not build-time constants, so one table
 //! type serves every format and the choice is made at run time. Inside, the
 //! hot paths (map, lookup, the dirty harvest) read the value's kind once
 //! per call and run a copy of the walker specialized for that kind, with
 //! its present, dirty and permission bits as immediates; widths that depend
 //! on the processor (the physical-address mask) stay run-time values.
-//! Every format can express a non-executable mapping.
+//! Every format can express a non-executable mapping (the IOMMU formats
+//! express no other).
 //!
 //! # The tree and its invariants
 //!
@@ -68,6 +74,59 @@
 //! the frame the caller asked for, and any accessed/dirty bits it gathered
 //! are dropped with it.
 //!
+//! # Example
+//!
+//! A table for a guest with 2 MiB of RAM in 4 KiB pages, one 2 MiB page
+//! above it, a lookup, a guest write recorded and the dirty harvest a
+//! live migration runs:
+//!
+//! ```
+//! use nested_pt::{Access, Caps, Gpa, HeapPages, MemType, NestedTable, PageSize, Pfn, Prot, PteFormat};
+//!
+//! let mut table = NestedTable::new(PteFormat::ept(Caps::default()), HeapPages::new())?;
+//! // Tables first (populate), then leaves (map).
+//! table.populate_region(Gpa(0), 2 << 20, PageSize::Size4K)?;
+//! table.populate_region(Gpa(2 << 20), 2 << 20, PageSize::Size2M)?;
+//! table.map(Gpa(0x1000), Pfn(0x8_0001), PageSize::Size4K, Prot::RW, MemType::WriteBack)?;
+//! table.map(Gpa(0x2000), Pfn(0x8_0002), PageSize::Size4K, Prot::READ, MemType::WriteBack)?;
+//! table.map(Gpa(2 << 20), Pfn(0x9_0000), PageSize::Size2M, Prot::RWX, MemType::WriteBack)?;
+//!
+//! let leaf = table.lookup(Gpa(0x1234)).expect("mapped");
+//! assert_eq!((leaf.gpa, leaf.size, leaf.pfn()), (Gpa(0x1000), PageSize::Size4K, Pfn(0x8_0001)));
+//! assert_eq!(table.is_mapped(Gpa((2 << 20) + 0x5000)), Some((Pfn(0x9_0005), Prot::RWX)));
+//! assert!(table.lookup(Gpa(0x3000)).is_none());
+//!
+//! // Hardware sets the dirty bit when the guest writes; device emulation
+//! // records the write in software.
+//! table.record_access(Gpa(0x1008), Access::Write)?;
+//! let mut bitmap = [0u64; 8]; // one bit per 4 KiB page of the 2 MiB
+//! assert_eq!(table.harvest_dirty(Gpa(0), 2 << 20, &mut bitmap)?, 1);
+//! assert_eq!(bitmap[0], 1 << 1); // page 1 (0x1000)
+//! assert_eq!(table.harvest_dirty(Gpa(0), 2 << 20, &mut bitmap)?, 0); // cleared
+//!
+//! // The value for the VMCS EPT pointer: root frame, write-back walks,
+//! // four levels, accessed/dirty bits on.
+//! assert_eq!(table.root_pointer(true) & !0xfff, table.root().addr());
+//! # Ok::<(), nested_pt::Error>(())
+//! ```
+//!
+//! Over memory the hypervisor owns (a bare-metal kernel), the provider is
+//! a [`PhysPages`] instead of a [`HeapPages`]; `examples/ept_baremetal.rs`
+//! shows it.
+//!
+//! # Working from outside the crate
+//!
+//! For tools that export, check or copy tables:
+//! [`NestedTable::table_pages_iter`] lists the table pages (frame, level,
+//! first address covered); [`NestedTable::read_entry`],
+//! [`NestedTable::write_entry`] and [`NestedTable::entry_at`] reach the
+//! raw entry at an address and level (writes keep the tree's structure:
+//! no table pointer is overwritten or planted);
+//! [`NestedTable::copy_into`] copies a table into another provider,
+//! remapping the table pages; [`NestedTable::harvest_dirty_runs`]
+//! reports dirty memory as runs (a dirty 1 GiB leaf is one run) instead
+//! of a bitmap.
+//!
 //! # How it is tested
 //!
 //! Besides unit and scenario tests, `tests/common` holds a reference model
@@ -99,6 +158,7 @@ mod table;
 
 pub use format::{Caps, FormatKind, PteFormat};
 pub use pages::{CountingPages, HeapPages, PhysPages, TablePages};
+pub use table::export::{TablePage, TablePagesIter};
 pub use table::{Leaf, Leaves, NestedTable, Walk, WalkStep};
 
 use core::fmt;
@@ -360,3 +420,8 @@ pub(crate) fn check_range(gpa: Gpa, len: u64, align: PageSize) -> Result<u64, Er
     }
     Ok(end)
 }
+
+/// The README's example, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -34,6 +34,26 @@
 //!   every level needs US. A successful walk sets A in every entry and, for
 //!   a write, D in the leaf.
 //!
+//! - VT-d second level (VT-d spec §3.6 "Second-Level Translation", §9.8,
+//!   §7.1.3): an entry is present when R or W is set. Reserved bits (bit
+//!   11 and bit 62 in legacy mode without snoop control or device IOTLBs,
+//!   address bits at or above the host address width, PS in an SL-PML4E,
+//!   PS without the matching SLLPS capability, the low address bits of a
+//!   large leaf) are checked; a read without R gives fault reason 0x6 and
+//!   a write without W 0x5, whether or not the entry is present (legacy
+//!   mode has no separate not-present reason), checked at each level
+//!   before the reserved fields (a refused access stops at the first level
+//!   that refuses it), and 0xC for a reserved field. No accessed or dirty
+//!   bits are set.
+//! - AMD-Vi (AMD IOMMU spec §2.2.3): PR=0 stops the walk (an
+//!   IO_PAGE_FAULT with PR clear). A PDE's Next Level must be the next
+//!   lower level or 0 (a page of the PDE's level; 0 in a PML4-level entry
+//!   and level skipping are not modelled and count as reserved, as does
+//!   Next Level 7, a page of non-default size); address bits at or above
+//!   the width are reserved. The permission is the AND of IR/IW over the
+//!   levels, checked at each level first; a refused access is an
+//!   IO_PAGE_FAULT with PE set.
+//!
 //! Open points, where the manuals do not settle what hardware does: whether
 //! a walk that faults sets accessed bits in the upper entries it used (QEMU
 //! does, Bochs does not). This model sets nothing on a faulting walk.
@@ -68,7 +88,9 @@ pub enum ViolationKind {
     /// EPT: a present entry is misconfigured (an EPT misconfiguration exit,
     /// not an EPT violation).
     Misconfig,
-    /// NPT: a reserved bit is set (a nested page fault with RSV=1).
+    /// NPT: a reserved bit is set (a nested page fault with RSV=1); the
+    /// IOMMU formats: a reserved field is not zero (VT-d reason 0xC,
+    /// AMD-Vi IO_PAGE_FAULT with RZ).
     Reserved,
     /// An entry points outside the table pages the model can read; real
     /// hardware would read whatever memory is there.
@@ -115,6 +137,48 @@ impl Violation {
         ec
     }
 
+    /// The VT-d fault reason (VT-d spec Appendix A, "Non-Recoverable Fault
+    /// Reason Encodings") the remapping hardware records for this
+    /// violation of a DMA through second-level tables: 0x5 a write without
+    /// W, 0x6 a read without R (legacy mode reports a not-present entry as
+    /// these too), 0xC a reserved field in a second-level entry, 0x7 an
+    /// entry that could not be read (here: outside the table pages).
+    pub fn vtd_fault_reason(&self) -> u8 {
+        match self.kind {
+            ViolationKind::Reserved | ViolationKind::Misconfig => 0xC,
+            ViolationKind::OutsideTables => 0x7,
+            ViolationKind::NotPresent | ViolationKind::Permission => {
+                if self.access == Access::Write {
+                    0x5
+                } else {
+                    0x6
+                }
+            }
+        }
+    }
+
+    /// The flags of the AMD-Vi IO_PAGE_FAULT event (AMD IOMMU spec §2.5.3,
+    /// "IO_PAGE_FAULT Event") for this violation, as bits of the event's
+    /// flags field: PR (bit 4: the entry was present), RW (bit 5: a write),
+    /// PE (bit 6: permission), RZ (bit 7: a reserved field not zero), TR
+    /// (bit 8: a translation request; never set, these are DMA accesses).
+    pub fn amd_vi_fault_flags(&self) -> u16 {
+        let mut f = 0u16;
+        if self.kind != ViolationKind::NotPresent {
+            f |= 1 << 4;
+        }
+        if self.access == Access::Write {
+            f |= 1 << 5;
+        }
+        if self.kind == ViolationKind::Permission {
+            f |= 1 << 6;
+        }
+        if self.kind == ViolationKind::Reserved {
+            f |= 1 << 7;
+        }
+        f
+    }
+
     /// The low bits (5:0) of the Intel EPT-violation exit qualification:
     /// bit 0 read, bit 1 write, bit 2 fetch, bits 3-5 the effective read,
     /// write and execute permission of the translation. Bits 7-8 (guest
@@ -151,6 +215,7 @@ pub fn translate<P: TablePages + ?Sized>(
     ad_enabled: bool,
 ) -> Result<Translation, Violation> {
     let npt = fmt.kind() == FormatKind::Npt;
+    let iommu = fmt.is_iommu();
     let ad = npt || (ad_enabled && fmt.kind() == FormatKind::Ept);
     let mut effective = Prot::all();
     let mut used: [Option<&core::sync::atomic::AtomicU64>; 4] = [None; 4];
@@ -163,12 +228,24 @@ pub fn translate<P: TablePages + ?Sized>(
         };
         let slot = &table[index(level, gpa.0)];
         let e = slot.load(Ordering::Acquire);
-        let leaf = fmt.is_leaf(e, level) && present_hw(fmt, e);
+        let leaf = if iommu { iommu_leaf(fmt, e, level) } else { fmt.is_leaf(e, level) } && present_hw(fmt, e);
         if !present_hw(fmt, e) {
             // The not-present entry is part of the walk and grants nothing.
             return Err(fail(ViolationKind::NotPresent, level, Prot::empty()));
         }
-        if npt {
+        if iommu {
+            // Both IOMMUs check the entry's permission before its reserved
+            // fields, level by level (VT-d spec §7.1.3; QEMU's walkers do
+            // the same), so a refused access stops at the first level that
+            // refuses it.
+            effective &= fmt.prot(e);
+            if !effective.contains(access.prot()) {
+                return Err(fail(ViolationKind::Permission, level, effective));
+            }
+            if reserved_iommu(fmt, e, level, leaf) {
+                return Err(fail(ViolationKind::Reserved, level, effective));
+            }
+        } else if npt {
             if reserved_npt(fmt, e, level) {
                 return Err(fail(ViolationKind::Reserved, level, effective));
             }
@@ -221,7 +298,40 @@ pub fn translate<P: TablePages + ?Sized>(
 fn present_hw(fmt: &PteFormat, e: u64) -> bool {
     match fmt.kind() {
         FormatKind::Npt => e & NPT_P != 0,
+        FormatKind::VtdSecondLevel => e & (VTD_R | VTD_W) != 0,
+        FormatKind::AmdVi => e & AMDVI_PR != 0,
         _ => e & (EPT_R | EPT_W | EPT_X) != 0,
+    }
+}
+
+/// Whether a present IOMMU entry at `level` maps a page, as the IOMMU
+/// decodes it: VT-d's PS bit below the top level; AMD-Vi's Next Level 0.
+fn iommu_leaf(fmt: &PteFormat, e: u64, level: u8) -> bool {
+    match fmt.kind() {
+        FormatKind::AmdVi => level == 1 || (e & AMDVI_NEXT_MASK) >> AMDVI_NEXT_SHIFT == 0,
+        _ => level == 1 || (level < 4 && e & VTD_PS != 0),
+    }
+}
+
+/// Reserved fields of a present IOMMU entry (see the module doc).
+fn reserved_iommu(fmt: &PteFormat, e: u64, level: u8, leaf: bool) -> bool {
+    if e & high_reserved(fmt) != 0 {
+        return true;
+    }
+    let caps = fmt.caps();
+    let large_ok = |level: u8| level == 1 || level == 2 && caps.page_2m || level == 3 && caps.page_1g;
+    let low_clear = |level: u8| level == 1 || e & (entry_span(level) - 1) & !0xfff == 0;
+    match fmt.kind() {
+        FormatKind::AmdVi => {
+            let next = ((e & AMDVI_NEXT_MASK) >> AMDVI_NEXT_SHIFT) as u8;
+            if leaf { !large_ok(level) || !low_clear(level) } else { next != level - 1 }
+        }
+        _ => {
+            if e & (VTD_SNP | VTD_TM) != 0 || (level == 4 && e & VTD_PS != 0) {
+                return true;
+            }
+            leaf && (!large_ok(level) || !low_clear(level))
+        }
     }
 }
 

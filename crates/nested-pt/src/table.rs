@@ -7,6 +7,8 @@ use crate::format::{Kind, PteFormat, with_kind};
 use crate::pages::TablePages;
 use crate::{Access, ENTRIES, Error, GPA_LIMIT, Gpa, MemType, PageSize, Pfn, Prot, check_range};
 
+pub(crate) mod export;
+
 /// The large-page bit of a level-2/3 entry (EPT bit 7 and NPT PS, bit 7).
 const LARGE: u64 = crate::format::EPT_LARGE;
 
@@ -211,7 +213,7 @@ impl<P: TablePages> NestedTable<P> {
     /// could not name it. Every table page the tree takes later is checked
     /// the same way.
     pub fn new(format: PteFormat, mut pages: P) -> Result<Self, Error> {
-        let (root, _) = alloc_table(&mut pages, &format)?;
+        let (root, _) = alloc_table(&mut pages, &format, 4)?;
         Ok(NestedTable { fmt: format, pages, root: Node::new(root, 0), tables: 1 })
     }
 
@@ -1173,7 +1175,7 @@ fn populate<P: TablePages>(
                     // A large leaf sits where a table is needed.
                     return Err(Error::AlreadyMapped { same_frame: false });
                 }
-                let (pfn, entry) = alloc_table(pages, fmt)?;
+                let (pfn, entry) = alloc_table(pages, fmt, level)?;
                 let Some(table) = table_of(pages, node.pfn) else {
                     // The provider broke its contract (the parent's page
                     // lost its pointer); give the new page back.
@@ -1198,9 +1200,10 @@ fn populate<P: TablePages>(
 /// addressable (`ptr` non-null) and inside the format's frame range. A page
 /// that fails the last two checks is handed straight back, so on error
 /// nothing is allocated and no entry can mask the frame into another one.
-fn alloc_table<P: TablePages>(pages: &mut P, fmt: &PteFormat) -> Result<(Pfn, u64), Error> {
+/// `level` is the level of the entry that will point at the page.
+fn alloc_table<P: TablePages>(pages: &mut P, fmt: &PteFormat, level: u8) -> Result<(Pfn, u64), Error> {
     let pfn = pages.alloc_zeroed().ok_or(Error::NoMemory)?;
-    let r = if pages.ptr(pfn).is_null() { Err(Error::NoMemory) } else { fmt.table_entry(pfn) };
+    let r = if pages.ptr(pfn).is_null() { Err(Error::NoMemory) } else { fmt.table_entry_at(pfn, level) };
     match r {
         Ok(entry) => Ok((pfn, entry)),
         Err(e) => {

@@ -112,6 +112,8 @@ fn bad_leaf_arguments() {
             FormatKind::Ept => PteFormat::ept(small),
             FormatKind::EptEmulatedAd => PteFormat::ept_emulated_ad(small),
             FormatKind::Npt => PteFormat::npt(small),
+            FormatKind::VtdSecondLevel => PteFormat::vtd(small),
+            FormatKind::AmdVi => PteFormat::amd_vi(small),
         };
         assert_eq!(g.leaf_entry(Pfn(0), PageSize::Size1G, Prot::RW, MemType::WriteBack), Err(Error::UnsupportedSize));
         assert_eq!(g.leaf_entry(Pfn(0), PageSize::Size2M, Prot::RW, MemType::WriteBack), Err(Error::UnsupportedSize));

@@ -33,6 +33,8 @@ fn formats() -> Vec<PteFormat> {
         PteFormat::npt(c),
         PteFormat::ept_emulated_ad(Caps { page_2m: false, page_1g: false, execute_only: false, phys_bits: 0 }),
         PteFormat::npt(Caps { phys_bits: 255, ..c }),
+        PteFormat::vtd(c),
+        PteFormat::amd_vi(Caps { phys_bits: 0, ..c }),
     ]
 }
 

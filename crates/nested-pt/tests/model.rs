@@ -57,6 +57,16 @@ proptest! {
         check(PteFormat::npt(Caps::default()), ops)?;
     }
 
+    #[test]
+    fn vtd_matches_model(ops in proptest::collection::vec(op(), 1..80)) {
+        check(PteFormat::vtd(Caps::default()), ops)?;
+    }
+
+    #[test]
+    fn amd_vi_matches_model(ops in proptest::collection::vec(op(), 1..80)) {
+        check(PteFormat::amd_vi(Caps::default()), ops)?;
+    }
+
     /// The narrowest physical width: frames run past the limit part way,
     /// and single maps and ranges must refuse them and change nothing.
     #[test]

@@ -30,7 +30,8 @@
 //!   loopback copy of the guest's size measured in the same run.
 //! - `conformance`: builds the bare-metal conformance kernel and runs it
 //!   under QEMU (SVM+NPT) and Bochs (VMX+EPT, with and without EPT A/D),
-//!   printing a pass/fail table per scenario and emulator
+//!   and the DMA suite under QEMU's VT-d and AMD-Vi IOMMUs, printing a
+//!   pass/fail table per scenario and emulator
 //!   (`hwtest::run_conformance`).
 //!
 //! - `run --incoming ADDR` / `run --migrate-to ADDR --migrate-after T`:
@@ -234,7 +235,7 @@ enum Cmd {
     /// SVM+NPT (QEMU) and VMX+EPT (Bochs): a pass/fail table per scenario
     /// and emulator.
     Conformance {
-        /// Emulators to run (qemu, bochs, bochs-noad); all when none given.
+        /// Emulators to run (qemu, bochs, bochs-noad, qemu-vtd, qemu-amdvi); all when none given.
         emulators: Vec<String>,
         /// Also print each emulator's detailed per-scenario report.
         #[arg(long)]
@@ -878,6 +879,7 @@ struct BenchJson {
     exit_in_kvm_run_us: f64,
     exit_in_our_code_us: f64,
     first_touch: Vec<FirstTouchJson>,
+    first_touch_1g: Vec<TouchJson>,
     harvest_adaptive: HarvestJson,
     harvest_zap: HarvestJson,
     harvest_frame_drop: HarvestJson,
@@ -906,6 +908,17 @@ struct FirstTouchJson {
     us_per_page: f64,
     kvm_own_us_per_page: Option<f64>,
     warm_us_per_page: f64,
+}
+
+#[derive(Serialize)]
+struct TouchJson {
+    what: String,
+    pages: u64,
+    us_per_page: f64,
+    vs_kvm_own: f64,
+    nested_faults: u64,
+    kvm_exits: Option<u64>,
+    kvm_page_faults: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -968,6 +981,27 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
                 warm_us_per_page: us(f.warm_pass) / pages,
             });
         }
+        let cmp = bench::first_touch_compare(1 << 30, mode, 3)?;
+        // Each variant against the KVM's own measurement before it (fresh
+        // memory, then preallocated).
+        let mut own = 1.0;
+        let first_touch_1g = cmp
+            .iter()
+            .map(|t| TouchJson {
+                what: t.label.clone(),
+                pages: t.pages,
+                us_per_page: t.us_per_page(),
+                vs_kvm_own: {
+                    if t.kvm_own() {
+                        own = t.us_per_page();
+                    }
+                    t.us_per_page() / own
+                },
+                nested_faults: t.nested_faults,
+                kvm_exits: t.kvm_exits,
+                kvm_page_faults: t.kvm_page_faults,
+            })
+            .collect();
         let ha = harvest_bench(mode, vmm_kvm::space::DEFAULT_ZAP_THRESHOLD)?;
         let hz = harvest_bench(mode, 0)?;
         let hd = harvest_bench(mode, u64::MAX)?;
@@ -980,6 +1014,7 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
             exit_in_kvm_run_us: us(rt.in_kvm_run) / rt.exits.max(1) as f64,
             exit_in_our_code_us: us(rt.in_our_code) / rt.exits.max(1) as f64,
             first_touch: ft,
+            first_touch_1g,
             harvest_adaptive: ha,
             harvest_zap: hz,
             harvest_frame_drop: hd,
@@ -1045,6 +1080,21 @@ fn cmd_bench(mem: u64, json: bool) -> ExitCode {
                 f.warm_us_per_page
             );
         }
+    }
+    out!(
+        "  first touch of 1 GiB, one sequential write pass (median of 3 alternating rounds; each against the KVM's own line above it):"
+    );
+    for t in &b.first_touch_1g {
+        let n = |v: Option<u64>| v.map_or("n/a".to_string(), |v| v.to_string());
+        out!(
+            "      {:.2} us/page ({:.2}x KVM's own), {} nested faults, {} KVM exits, {} KVM page faults: {}",
+            t.us_per_page,
+            t.vs_kvm_own,
+            t.nested_faults,
+            n(t.kvm_exits),
+            n(t.kvm_page_faults),
+            t.what
+        );
     }
     for (name, h) in [
         ("adaptive", &b.harvest_adaptive),

@@ -1,7 +1,9 @@
 //! Measurements for `vmm bench`: exit round trip, nested-fault cost and the
-//! share of it spent in our code, KVM's own first-touch cost, harvest and
-//! invalidation costs. Programs, not tests: the numbers are reported, never
-//! asserted.
+//! share of it spent in our code, KVM's own first-touch cost (after a zap,
+//! and a 1 GiB first touch through a plain slot with guest page tables of
+//! its own against the vmspace's fault policies, with KVM's exit and
+//! page-fault counters), harvest and invalidation costs. Programs, not
+//! tests: the numbers are reported, never asserted.
 
 use crate::guest::{self, P_CTRL, P_LEDGER, P_MAGIC, P_MODE, P_NPAGES, P_OPS, P_WATCH_READS};
 use crate::machine::{Action, Event, Machine};
@@ -131,7 +133,10 @@ pub struct FirstTouch {
     /// Time inside `KVM_RUN` for the runs that ended in those faults.
     pub in_kvm_run: Duration,
     /// Second pass after a zap of every shadow page (KVM-served faults only;
-    /// `None` on a hardware-nested host, where no zap is needed).
+    /// `None` on a hardware-nested host, where no zap is needed, and when
+    /// the guest ran through most of the pass before it was paused). When
+    /// part of the pass ran before the pause, the time of the rest is
+    /// scaled to the whole pass.
     pub kvm_pass: Option<Duration>,
     /// Third pass, everything mapped.
     pub warm_pass: Duration,
@@ -178,9 +183,13 @@ pub fn first_touch(mem: u64, fault_around: u32, mode: PagingMode, prefault: bool
         if shadow {
             be.vm().zap_all()?;
         }
+        // The guest may have gone on into the second pass before it was
+        // paused: only the pages it touches after the zap are timed.
+        let at_resume = m.param(0, P_OPS).clamp(n, 2 * n);
         let t2s = Instant::now();
         m.resume_all()?;
         let t2 = wait_param(m, P_OPS, 2 * n, Duration::from_secs(60))?;
+        let kvm_pages = 2 * n - at_resume;
         let t3s = Instant::now();
         let t3 = wait_param(m, P_OPS, 3 * n, Duration::from_secs(60))?;
         stop(m)?;
@@ -193,7 +202,8 @@ pub fn first_touch(mem: u64, fault_around: u32, mode: PagingMode, prefault: bool
             first_pass: t1 - start,
             ours,
             in_kvm_run,
-            kvm_pass: shadow.then_some(t2 - t2s),
+            kvm_pass: (shadow && kvm_pages >= n / 4)
+                .then(|| Duration::from_secs_f64((t2 - t2s).as_secs_f64() * n as f64 / kvm_pages as f64)),
             warm_pass: t3 - t3s,
         })
     })
@@ -299,4 +309,317 @@ pub fn mmio(duration: Duration, mode: PagingMode) -> Result<MmioBench> {
             in_our_code: Duration::from_nanos(h1 - h0),
         })
     })
+}
+
+/// The counters of a KVM vCPU (KVM's binary statistics,
+/// `KVM_GET_STATS_FD`), found through `/proc/self/fd`: the vCPU's file is
+/// private to [`crate::vcpu::Vcpu`], and a benchmark machine has exactly
+/// one vCPU alive. `None` when the host offers no statistics or the vCPU
+/// is not unique.
+pub struct VcpuCounters {
+    stats: std::fs::File,
+    /// (name, byte offset of its first value in the file).
+    fields: Vec<(String, u64)>,
+}
+
+impl std::fmt::Debug for VcpuCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuCounters").field("fields", &self.fields.len()).finish()
+    }
+}
+
+/// `KVM_GET_STATS_FD`: `_IO(KVMIO, 0xce)`.
+const KVM_GET_STATS_FD: libc::c_ulong = 0xae << 8 | 0xce;
+
+impl VcpuCounters {
+    /// The statistics of the one KVM vCPU this process has.
+    pub fn find() -> Option<Self> {
+        use std::os::fd::FromRawFd;
+        let mut found = None;
+        for e in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+            let Ok(link) = std::fs::read_link(e.path()) else { continue };
+            if link.to_string_lossy().starts_with("anon_inode:kvm-vcpu") {
+                if found.is_some() {
+                    return None;
+                }
+                found = e.file_name().to_str()?.parse::<i32>().ok();
+            }
+        }
+        // SAFETY: an ioctl without argument on a descriptor of ours; it
+        // returns a new descriptor or fails.
+        let fd = unsafe { libc::ioctl(found?, KVM_GET_STATS_FD as _) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let stats = unsafe { std::fs::File::from_raw_fd(fd) };
+        let read = |off: u64, n: usize| -> Option<Vec<u8>> {
+            use std::os::unix::fs::FileExt;
+            let mut b = vec![0u8; n];
+            stats.read_exact_at(&mut b, off).ok()?;
+            Some(b)
+        };
+        let u32_at = |b: &[u8], i: usize| Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?));
+        let h = read(0, 24)?;
+        let (name_size, num, desc_off, data_off) =
+            (u32_at(&h, 4)? as usize, u32_at(&h, 8)? as usize, u32_at(&h, 16)? as u64, u32_at(&h, 20)? as u64);
+        let dsize = 16 + name_size;
+        let descs = read(desc_off, dsize.checked_mul(num)?)?;
+        let mut fields = Vec::new();
+        for d in descs.chunks_exact(dsize) {
+            let offset = u32_at(d, 8)? as u64;
+            let name = &d[16..];
+            let name = String::from_utf8_lossy(&name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())]);
+            fields.push((name.into_owned(), data_off + offset));
+        }
+        Some(VcpuCounters { stats, fields })
+    }
+
+    /// The counter `name` now (its first value).
+    pub fn get(&self, name: &str) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let (_, off) = self.fields.iter().find(|f| f.0 == name)?;
+        let mut b = [0u8; 8];
+        self.stats.read_exact_at(&mut b, *off).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+
+    /// Exits to KVM and page faults KVM handled, now.
+    fn snapshot(&self) -> (u64, u64) {
+        (self.get("exits").unwrap_or(0), self.get("pf_taken").unwrap_or(0))
+    }
+}
+
+/// One sequential first touch (the `Touch` workload writes every page
+/// once) of fresh memory, with what it cost.
+#[derive(Debug, Clone)]
+pub struct TouchCost {
+    /// What was measured.
+    pub label: String,
+    /// Pages touched.
+    pub pages: u64,
+    /// Time of the pass.
+    pub elapsed: Duration,
+    /// Nested faults (our exits to user space) during the pass.
+    pub nested_faults: u64,
+    /// The vCPU's exits to KVM during the pass (`None`: no statistics).
+    pub kvm_exits: Option<u64>,
+    /// Page faults KVM took during the pass (`None`: no statistics).
+    pub kvm_page_faults: Option<u64>,
+    /// Host work done for this touch before the pass (populating the
+    /// range), counted in [`TouchCost::us_per_page`].
+    pub prepare: Duration,
+}
+
+impl TouchCost {
+    /// Microseconds per page, the preparation included.
+    pub fn us_per_page(&self) -> f64 {
+        (self.elapsed + self.prepare).as_secs_f64() * 1e6 / self.pages.max(1) as f64
+    }
+}
+
+impl TouchCost {
+    /// Whether this is a KVM's-own measurement (no vmspace).
+    pub fn kvm_own(&self) -> bool {
+        self.label.starts_with("KVM's own")
+    }
+}
+
+/// Runs the `Touch` workload's first pass over `n` pages on machine `m`
+/// and reports it (stats: the vCPU's counters, if found).
+fn touch_pass(m: &mut Machine, n: u64, label: String) -> Result<TouchCost> {
+    m.set_param(0, P_MODE, Mode::Touch as u64)?;
+    m.set_param(0, P_NPAGES, n)?;
+    m.set_param(0, P_MAGIC, 0x7ac4)?;
+    m.set_param(0, P_LEDGER, runtime::ledger(0, n))?;
+    let counters = VcpuCounters::find();
+    m.run(handler, |m| {
+        let st = &m.stats[0];
+        let before = counters.as_ref().map(|c| c.snapshot());
+        let f0 = st.faults.load(Ordering::Relaxed);
+        let start = Instant::now();
+        let t1 = wait_param(m, P_OPS, n, Duration::from_secs(600))?;
+        m.pause_all(Duration::from_secs(10))?;
+        let after = counters.as_ref().map(|c| c.snapshot());
+        let faults = st.faults.load(Ordering::Relaxed) - f0;
+        m.resume_all()?;
+        stop(m)?;
+        let d = before.zip(after).map(|(b, a)| (a.0 - b.0, a.1 - b.1));
+        Ok(TouchCost {
+            label,
+            pages: n,
+            elapsed: t1 - start,
+            nested_faults: faults,
+            kvm_exits: d.map(|d| d.0),
+            kvm_page_faults: d.map(|d| d.1),
+            prepare: Duration::ZERO,
+        })
+    })
+}
+
+/// Bits a plain guest's own page tables carry in every leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnLeafBits {
+    /// Neither accessed nor dirty (a table built without them).
+    None,
+    /// Accessed and dirty preset (as Linux builds its direct map).
+    AccessedDirty,
+}
+
+/// KVM's own first touch: a plain KVM memory slot of `mem` bytes mapped
+/// by guest page tables of its own (every 4 KiB leaf present from the
+/// start, with `bits`), no vmspace and no nested fault; one vCPU writes
+/// every page once. With `prefault` the host allocates the memory first
+/// (through the mapping KVM uses).
+pub fn kvm_own_first_touch(mem: u64, mode: PagingMode, bits: OwnLeafBits, prefault: bool) -> Result<TouchCost> {
+    use crate::backend::TableBackend;
+    use nested_pt::{Gpa, PageSize};
+    let vm = Arc::new(KvmVm::new()?);
+    let n = mem / PAGE;
+    let mut be = TableBackend::new(vm.clone(), mem / 256 + (4 << 20), mem + (8 << 20), mode)?;
+    be.map_runtime(&runtime::rom_image(&guest::code(), 1), 1, n)?;
+    let off = be.alloc_ram(mem, 2 << 20)?;
+    be.map_range(0, off, mem, PageSize::Size4K, Prot::READ | Prot::WRITE)?;
+    if bits == OwnLeafBits::AccessedDirty {
+        let t = be.table();
+        let set = t.format().accessed_mask() | t.format().dirty_mask();
+        t.for_each_leaf_table(Gpa(0), mem, |_, entries, _| {
+            for e in entries {
+                e.fetch_or(set, Ordering::Relaxed);
+            }
+        });
+    }
+    if prefault {
+        for p in 0..n {
+            be.ram().write_u64(off + p * PAGE, 0).map_err(|e| KvmError::Setup(format!("prefault: {e}")))?;
+        }
+        // The region has a host view and a KVM view: KVM finds pages
+        // (and prefetches neighbours) only where its own view maps them.
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        if off.checked_add(mem).is_none_or(|e| e > be.ram().len()) {
+            return Err(KvmError::Setup("RAM outside its region".into()));
+        }
+        // SAFETY: `[off, off+mem)` lies inside the region's KVM view
+        // (checked); populating a shared mapping never changes data.
+        let r = unsafe {
+            libc::madvise((be.ram().kvm_addr() + off) as *mut libc::c_void, mem as usize, MADV_POPULATE_WRITE)
+        };
+        if r != 0 {
+            return Err(KvmError::Os("madvise(MADV_POPULATE_WRITE)", std::io::Error::last_os_error()));
+        }
+    }
+    let be = Arc::new(be);
+    let mut m = crate::machine::create(&vm, be.clone(), mode, 1)?;
+    let label = format!(
+        "KVM's own (plain slot, own page tables, leaves {}, host memory {})",
+        if bits == OwnLeafBits::AccessedDirty { "A+D" } else { "clean" },
+        if prefault { "preallocated" } else { "fresh" }
+    );
+    touch_pass(&mut m, n, label)
+}
+
+/// How the vmspace first-touch variants map the memory.
+#[derive(Debug, Clone, Copy)]
+pub struct TouchPolicy {
+    /// Fault-around window.
+    pub fault_around: u32,
+    /// `SpaceConfig::fault_around_accessed`.
+    pub preset_accessed: bool,
+    /// The host allocates the memory first (through both views).
+    pub prefault: bool,
+    /// Populate the whole range before the guest runs (`VmSpace::populate`).
+    pub populate: bool,
+    /// Dirty tracking off, and the dirty bit preset on a write fault's
+    /// neighbours (`FaultOptions::preset_dirty_untracked`; needs
+    /// `preset_accessed`).
+    pub untracked_dirty: bool,
+}
+
+/// The vmspace's first touch of `mem` bytes with `policy`, one vCPU.
+pub fn vmspace_first_touch(mem: u64, mode: PagingMode, policy: TouchPolicy) -> Result<TouchCost> {
+    let vm = Arc::new(KvmVm::new()?);
+    let n = mem / PAGE;
+    let opts = crate::space::FaultOptions {
+        fault_around: policy.fault_around,
+        preset_accessed: policy.preset_accessed,
+        preset_dirty_untracked: policy.untracked_dirty,
+    };
+    let be = Arc::new(SpaceBackend::create_with(vm.clone(), mem + (4 << 20), mem / 256 + (4 << 20), mode, opts, None)?);
+    let ram = be.ram_segment(mem)?;
+    if policy.prefault {
+        for off in (0..mem).step_by(PAGE as usize) {
+            let p = be.object_ptr(&ram.object, off).ok_or_else(|| KvmError::Setup("prefault".into()))?;
+            // SAFETY: a resident page of our own object; no vCPU runs yet.
+            unsafe { (p as *mut u64).write_volatile(0) };
+        }
+        be.populate_kvm_view(&ram.object, 0, mem)?;
+    }
+    be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
+    if policy.untracked_dirty {
+        be.space().set_dirty_tracking(false).map_err(|e| KvmError::Setup(format!("tracking: {e}")))?;
+    }
+    let t = Instant::now();
+    if policy.populate {
+        be.space().populate(0, mem).map_err(|e| KvmError::Setup(format!("populate: {e}")))?;
+    }
+    let prepare = t.elapsed();
+    be.map_runtime(1, n.max(1))?;
+    let mut m = crate::machine::create(&vm, be.clone(), mode, 1)?;
+    let label = format!(
+        "vmspace, fault-around {}{}{}, host memory {}",
+        policy.fault_around,
+        match (policy.preset_accessed, policy.untracked_dirty) {
+            (true, true) => " + A+D preset on neighbours (dirty tracking off)",
+            (true, false) => " + A preset on neighbours",
+            _ => "",
+        },
+        if policy.populate { ", range populated first" } else { "" },
+        if policy.prefault { "preallocated" } else { "fresh" }
+    );
+    let mut r = touch_pass(&mut m, n, label)?;
+    r.prepare = prepare;
+    Ok(r)
+}
+
+/// The first-touch comparison of `vmm bench`: one sequential write pass
+/// over `mem` bytes of fresh memory, KVM's own (a plain slot with guest
+/// page tables of its own, clean leaves) against the vmspace's nested
+/// faults with several policies, in `rounds` alternating rounds; for each
+/// variant the round with the median time. Then the same with host memory
+/// preallocated through both views (KVM's own with accessed and dirty
+/// preset in its leaves, its best case), where two more vmspace variants
+/// run with dirty tracking off and A+D preset on the neighbours.
+/// Each half starts with its KVM's own entry (`TouchCost::kvm_own`).
+pub fn first_touch_compare(mem: u64, mode: PagingMode, rounds: usize) -> Result<Vec<TouchCost>> {
+    let fresh = |fault_around, preset_accessed, populate| TouchPolicy {
+        fault_around,
+        preset_accessed,
+        prefault: false,
+        populate,
+        untracked_dirty: false,
+    };
+    let policies = [fresh(16, false, false), fresh(16, true, false), fresh(512, false, false), fresh(16, false, true)];
+    let pre = |p: TouchPolicy| TouchPolicy { prefault: true, ..p };
+    let untracked = |fault_around| TouchPolicy { untracked_dirty: true, ..pre(fresh(fault_around, true, false)) };
+    let mut pre_policies: Vec<TouchPolicy> = policies.iter().map(|p| pre(*p)).collect();
+    pre_policies.extend([untracked(16), untracked(512)]);
+    let mut runs: Vec<Vec<TouchCost>> = vec![Vec::new(); policies.len() + pre_policies.len() + 2];
+    for _ in 0..rounds.max(1) {
+        runs[0].push(kvm_own_first_touch(mem, mode, OwnLeafBits::None, false)?);
+        for (i, p) in policies.iter().enumerate() {
+            runs[i + 1].push(vmspace_first_touch(mem, mode, *p)?);
+        }
+        let k = policies.len() + 1;
+        runs[k].push(kvm_own_first_touch(mem, mode, OwnLeafBits::AccessedDirty, true)?);
+        for (i, p) in pre_policies.iter().enumerate() {
+            runs[k + 1 + i].push(vmspace_first_touch(mem, mode, *p)?);
+        }
+    }
+    Ok(runs
+        .into_iter()
+        .map(|mut v| {
+            v.sort_by_key(|r| r.elapsed + r.prepare);
+            v.swap_remove(v.len() / 2)
+        })
+        .collect())
 }

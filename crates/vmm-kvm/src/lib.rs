@@ -115,6 +115,7 @@ pub mod bench;
 pub mod detect;
 pub mod differential;
 pub mod host;
+pub mod interrupts;
 pub mod machine;
 pub mod mem;
 pub mod migrate;

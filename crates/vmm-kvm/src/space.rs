@@ -158,6 +158,25 @@ impl Inval {
     }
 }
 
+/// How nested faults map pages ([`SpaceBackend::create_with`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FaultOptions {
+    /// Pages a nested fault maps around the faulting one.
+    pub fault_around: u32,
+    /// Preset the accessed bit on those neighbours
+    /// (`vmspace::SpaceConfig::fault_around_accessed`): on a shadow-paging
+    /// host KVM then prefetches them on its next shadow fault instead of
+    /// faulting on each (it skips entries whose accessed bit is clear), at
+    /// the price of accessed-bit precision for the neighbours.
+    pub preset_accessed: bool,
+    /// With `preset_accessed`, preset the dirty bit too on a write fault's
+    /// neighbours while dirty tracking is off
+    /// (`vmspace::SpaceConfig::fault_around_dirty_untracked`): KVM maps a
+    /// clean entry read-only, so without it every written page faults
+    /// once more in KVM to set the bit.
+    pub preset_dirty_untracked: bool,
+}
+
 /// A vmspace run by KVM vCPUs.
 pub struct SpaceBackend {
     vm: Arc<KvmVm>,
@@ -260,6 +279,26 @@ impl SpaceBackend {
         fault_around: u32,
         name: Option<&str>,
     ) -> Result<Self> {
+        Self::create_with(
+            vm,
+            ram_limit,
+            table_bytes,
+            mode,
+            FaultOptions { fault_around, preset_accessed: false, preset_dirty_untracked: false },
+            name,
+        )
+    }
+
+    /// As [`create`](Self::create), with the nested-fault policy `opts`.
+    pub fn create_with(
+        vm: Arc<KvmVm>,
+        ram_limit: u64,
+        table_bytes: u64,
+        mode: PagingMode,
+        opts: FaultOptions,
+        name: Option<&str>,
+    ) -> Result<Self> {
+        let FaultOptions { fault_around, preset_accessed, preset_dirty_untracked } = opts;
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let treg = Arc::new(SharedRegion::new("vmm-tables", table_bytes).map_err(|e| KvmError::Os("memfd", e))?);
         vm.add_region(treg.clone(), TABLES_KVM_BASE)?;
@@ -275,6 +314,8 @@ impl SpaceBackend {
         let mut cfg = SpaceConfig::new(SPACE_SIZE, npt_format(&vm));
         cfg.track_dirty = true;
         cfg.fault_around = fault_around.max(1);
+        cfg.fault_around_accessed = preset_accessed;
+        cfg.fault_around_dirty_untracked = preset_dirty_untracked;
         let name = match name {
             Some(n) => n.to_string(),
             None => format!("kvm-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)),
@@ -380,6 +421,54 @@ impl SpaceBackend {
             // SAFETY: as in `write_object`, copying out.
             unsafe { std::ptr::copy_nonoverlapping(p, out[at..].as_mut_ptr(), n) };
         })
+    }
+
+    /// Makes the host allocate the pages of `[off, off+len)` of `object`
+    /// in the KVM view and map them there writable
+    /// (`MADV_POPULATE_WRITE`), so that KVM finds them without a host page
+    /// fault: KVM prefetches neighbouring translations only for pages
+    /// already mapped in the view it reads. Data is not changed.
+    pub fn populate_kvm_view(&self, object: &VmObject, off: u64, len: u64) -> Result<()> {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        let base = self.inval.view.as_ptr() as u64;
+        let end = off.checked_add(len).ok_or_else(|| KvmError::Setup("populate overflows".into()))?;
+        let mut run: Option<(u64, u64)> = None;
+        let flush = |(first, count): (u64, u64)| -> Result<()> {
+            let at = (first - self.inval.frame_base) * PAGE;
+            if at.checked_add(count * PAGE).is_none_or(|e| e > self.inval.view.len() as u64) {
+                return Err(KvmError::Setup("frame outside the KVM view".into()));
+            }
+            // SAFETY: the range lies inside our KVM view of the reservoir
+            // file (checked above); populating a shared file mapping
+            // allocates and maps pages, it never changes their contents.
+            let r = unsafe {
+                libc::madvise((base + at) as *mut libc::c_void, (count * PAGE) as usize, MADV_POPULATE_WRITE)
+            };
+            if r != 0 {
+                return Err(KvmError::Os("madvise(MADV_POPULATE_WRITE)", std::io::Error::last_os_error()));
+            }
+            Ok(())
+        };
+        let mut o = off;
+        while o < end {
+            let f = object.frame_at(o).ok_or_else(|| KvmError::Setup("populate outside the object".into()))?.0;
+            if f < self.inval.frame_base {
+                return Err(KvmError::Setup("frame outside the KVM view".into()));
+            }
+            run = match run {
+                Some((first, c)) if first + c == f => Some((first, c + 1)),
+                Some(r) => {
+                    flush(r)?;
+                    Some((f, 1))
+                }
+                None => Some((f, 1)),
+            };
+            o += PAGE;
+        }
+        if let Some(r) = run {
+            flush(r)?;
+        }
+        Ok(())
     }
 
     /// Maps a new system-memory segment holding `bytes` (padded to pages)

@@ -239,6 +239,8 @@ impl Vcpu {
             Ok(VcpuExit::Hlt) => Ok(Exit::Halt),
             Ok(VcpuExit::Shutdown) => Ok(Exit::Shutdown),
             Ok(VcpuExit::Intr) => Ok(Exit::Interrupted),
+            // The interrupt window asked for by `request_interrupt_window`.
+            Ok(VcpuExit::IrqWindowOpen) => Ok(Exit::Interrupted),
             Ok(VcpuExit::FailEntry(reason, _)) => Ok(Exit::Other("failed entry", reason)),
             Ok(VcpuExit::InternalError) => Ok(Exit::Other("KVM internal error", 0)),
             Ok(VcpuExit::MmioRead(a, _)) => Ok(Exit::Other("MMIO read", a)),
@@ -280,6 +282,13 @@ impl Vcpu {
             return Err(KvmError::Os("KVM_INTERRUPT", std::io::Error::last_os_error()));
         }
         Ok(())
+    }
+
+    /// Makes the vCPU runnable (`KVM_SET_MP_STATE`): with KVM's in-kernel
+    /// LAPIC an application processor otherwise waits for INIT and SIPI.
+    pub fn set_runnable(&self) -> Result<()> {
+        let st = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
+        self.fd.set_mp_state(st).map_err(|e| KvmError::Ioctl("KVM_SET_MP_STATE", e))
     }
 }
 
@@ -343,6 +352,18 @@ impl vmm::hv::Vcpu for Vcpu {
             Err(KvmError::Os(_, e)) if e.raw_os_error() == Some(libc::ENXIO) => Ok(false),
             Err(e) => Err(Box::new(e)),
         }
+    }
+    fn interrupt_ready(&mut self) -> bool {
+        // As of the last exit (KVM fills both on every return from
+        // KVM_RUN): IF set, and no interrupt shadow or event being injected.
+        // KVM_INTERRUPT without an in-kernel irqchip queues the vector as
+        // injected whatever the state, so this check is what keeps it
+        // from overwriting an event or ignoring IF.
+        let run = self.fd.get_kvm_run();
+        run.ready_for_interrupt_injection != 0 && run.if_flag != 0
+    }
+    fn request_interrupt_window(&mut self, on: bool) {
+        self.fd.get_kvm_run().request_interrupt_window = u8::from(on);
     }
 }
 

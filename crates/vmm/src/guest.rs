@@ -18,6 +18,7 @@
 //! | `0x25` | watch | stale read (value below the epoch): `rax` = value, `rdx` = epoch |
 //! | `0x26` | ping | no-op report (round-trip benchmark) |
 //! | `0x30` | probe | one probe access done (host compares A/D bits) |
+//! | `0x40` | script | device action ([`ScriptOp::Device`]: `rsi`, `rdi`) |
 //! | `0x80 + v` | stub | unexpected exception `v` (fatal) |
 //!
 //! The CPL 3 workload cannot use `out` (IOPL 0), and the shadow-paging host
@@ -34,6 +35,12 @@
 //! the interrupt frame to skip an access it will not serve (probe and watch
 //! workloads). Vector `0x40` reloads CR3 and returns: the host injects it to
 //! flush the vCPU's own translations on hosts with hardware nested paging.
+//! Every other vector from `0x20` up is an external interrupt: its stub
+//! (CPL 0, IF clear) counts it and logs it in the parameter block
+//! ([`P_INTR_SEEN`], [`P_LOG`]) and returns without an EOI; the script
+//! mode ([`MODE_SCRIPT`], [`ScriptOp`]) does EOIs and everything else a
+//! guest does with interrupt controllers, from CPL 3, through their MMIO
+//! pages.
 #![allow(unsafe_code)]
 
 use std::arch::global_asm;
@@ -111,6 +118,151 @@ pub const P_FB_BAR_SIZE: u64 = 0xf0;
 /// Framebuffer: out, moves made (mover) or writes retried (writer).
 pub const P_FB_COUNT: u64 = 0xf8;
 
+/// Script mode (`P_MODE` = [`MODE_SCRIPT`]): the workload runs the ops
+/// at [`P_SCRIPT`] (see [`ScriptOp`]) and logs what it saw at [`P_LOG`].
+/// Not a [`Mode`](crate::workload::Mode) of the data workloads: the
+/// interrupt tests set it directly.
+pub const MODE_SCRIPT: u64 = 7;
+/// Script: the ops, 24 bytes each ({op, a, b}), up to [`MAX_SCRIPT_OPS`]
+/// (in the probe area, unused by this mode).
+pub const P_SCRIPT: u64 = 0x100;
+/// Most ops in a script (the last must be [`ScriptOp::End`]).
+pub const MAX_SCRIPT_OPS: usize = ((P_INTR_SEEN - P_SCRIPT) / 24) as usize;
+/// Script: external interrupts the vCPU took (incremented by the
+/// interrupt stub).
+pub const P_INTR_SEEN: u64 = 0x700;
+/// Script: entries in the log (claimed by `xadd`, by the interrupt stub
+/// and the workload alike; may exceed [`LOG_CAPACITY`]: the excess is
+/// dropped).
+pub const P_LOG_COUNT: u64 = 0x708;
+/// Script: the log, [`LOG_CAPACITY`] u64 entries (see [`LogEntry`]).
+pub const P_LOG: u64 = 0x800;
+/// Entries the log holds.
+pub const LOG_CAPACITY: usize = ((4096 - P_LOG) / 8) as usize;
+/// First vector with an external-interrupt stub (32; every vector from
+/// here to 255 but [`FLUSH_VECTOR`] logs itself and returns).
+pub const FIRST_INTR_VECTOR: u8 = 0x20;
+/// Doorbell of [`ScriptOp::Device`]: the host's device acts on `rsi`,
+/// `rdi` (an MSI in the interrupt tests).
+pub const PORT_DEVICE: u16 = 0x40;
+
+/// One op of a script-mode workload (CPL 3). Addresses are guest-linear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScriptOp {
+    /// Ring the "done" doorbell (forever).
+    End,
+    /// A 32-bit store of the value at the address.
+    Write32(u64, u32),
+    /// A 32-bit load from the address, logged as [`LogEntry::Read`].
+    Read32(u64),
+    /// Wait until the vCPU has taken `count` interrupts in all; after
+    /// `spins` pause-loops without them, log [`LogEntry::Timeout`] and go
+    /// on.
+    Wait {
+        /// Interrupts taken since the start.
+        count: u64,
+        /// Give up after this many spins.
+        spins: u64,
+    },
+    /// Log [`LogEntry::Mark`] with the value (below 0x1000).
+    Mark(u64),
+    /// Spin this many pause-loops.
+    Spin(u64),
+    /// Add one to the u64 at `addr`, wait until it reaches `count`.
+    Barrier {
+        /// The shared counter.
+        addr: u64,
+        /// Participants.
+        count: u64,
+    },
+    /// Ring doorbell [`PORT_DEVICE`] with `rsi` = the first value, `rdi` =
+    /// the second.
+    Device(u64, u64),
+    /// Log [`LogEntry::Seen`]: the interrupts taken so far.
+    LogSeen,
+    /// Wait for one interrupt more than the previous `WaitNext` took (the
+    /// first waits for the first), at most `spins` pause-loops, then log
+    /// [`LogEntry::Timeout`] and go on.
+    WaitNext {
+        /// Give up after this many spins.
+        spins: u64,
+    },
+    /// Go back to op `to` (an index in the script) until this op has run
+    /// `times` times, then go on: the ops from `to` run `times` times in
+    /// all. Loops do not nest.
+    Loop {
+        /// First op of the body.
+        to: u64,
+        /// Runs of the body.
+        times: u64,
+    },
+}
+
+impl ScriptOp {
+    /// The op's three words.
+    pub fn encode(&self) -> [u64; 3] {
+        match *self {
+            ScriptOp::End => [0, 0, 0],
+            ScriptOp::Write32(a, v) => [1, a, u64::from(v)],
+            ScriptOp::Read32(a) => [2, a, 0],
+            ScriptOp::Wait { count, spins } => [3, count, spins.max(1)],
+            ScriptOp::Mark(m) => [4, 0, m & 0xfff],
+            ScriptOp::Spin(n) => [5, 0, n],
+            ScriptOp::Barrier { addr, count } => [6, addr, count],
+            ScriptOp::Device(a, b) => [7, a, b],
+            ScriptOp::LogSeen => [8, 0, 0],
+            ScriptOp::WaitNext { spins } => [9, 0, spins.max(1)],
+            ScriptOp::Loop { to, times } => [10, to.min(MAX_SCRIPT_OPS as u64 - 1), times.max(1)],
+        }
+    }
+}
+
+/// Encodes a script (at most [`MAX_SCRIPT_OPS`] ops; an [`ScriptOp::End`]
+/// is appended) as the bytes to write at [`P_SCRIPT`]. `None` if too long.
+pub fn encode_script(ops: &[ScriptOp]) -> Option<Vec<u8>> {
+    if ops.len() >= MAX_SCRIPT_OPS {
+        return None;
+    }
+    let mut out = Vec::with_capacity((ops.len() + 1) * 24);
+    for op in ops.iter().chain([&ScriptOp::End]) {
+        for w in op.encode() {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+    Some(out)
+}
+
+/// One entry of a script's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LogEntry {
+    /// An external interrupt with this vector was taken.
+    Vector(u8),
+    /// A [`ScriptOp::Read32`] read this.
+    Read(u32),
+    /// A [`ScriptOp::Mark`].
+    Mark(u64),
+    /// A [`ScriptOp::Wait`] gave up.
+    Timeout,
+    /// A [`ScriptOp::LogSeen`]: interrupts taken so far.
+    Seen(u64),
+    /// A word no op writes (a corrupted log).
+    Unknown(u64),
+}
+
+impl LogEntry {
+    /// Decodes a log word.
+    pub fn decode(w: u64) -> LogEntry {
+        match w {
+            0..=0xff => LogEntry::Vector(w as u8),
+            0xdead => LogEntry::Timeout,
+            0x1000..=0x1fff => LogEntry::Mark(w & 0xfff),
+            0x2000..=0x2fff => LogEntry::Seen(w & 0xfff),
+            _ if w >> 32 == 1 => LogEntry::Read(w as u32),
+            _ => LogEntry::Unknown(w),
+        }
+    }
+}
+
 /// The pixel the framebuffer program draws at index `i`.
 pub fn fb_pixel(i: u64) -> u32 {
     ((i as u32).wrapping_mul(0x193).wrapping_add(0xa5_a5a5)) & 0xff_ffff
@@ -184,6 +336,37 @@ vmm_guest_exc_stubs:
     jmp 2b
     .endr
 
+    /* external interrupts 0x20-0xff (but 0x40): log the vector in the
+       parameter block (the kernel stack lies inside the vCPU's 64 KiB
+       data area, so rsp & -0x10000 is the block) and return; the EOI is
+       the workload's business */
+    .balign 8
+    .globl vmm_guest_intr_stubs
+vmm_guest_intr_stubs:
+    .irp v, 32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47,48,49,50,51,52,53,54,55,56,57,58,59,60,61,62,63,64,65,66,67,68,69,70,71,72,73,74,75,76,77,78,79,80,81,82,83,84,85,86,87,88,89,90,91,92,93,94,95,96,97,98,99,100,101,102,103,104,105,106,107,108,109,110,111,112,113,114,115,116,117,118,119,120,121,122,123,124,125,126,127,128,129,130,131,132,133,134,135,136,137,138,139,140,141,142,143,144,145,146,147,148,149,150,151,152,153,154,155,156,157,158,159,160,161,162,163,164,165,166,167,168,169,170,171,172,173,174,175,176,177,178,179,180,181,182,183,184,185,186,187,188,189,190,191,192,193,194,195,196,197,198,199,200,201,202,203,204,205,206,207,208,209,210,211,212,213,214,215,216,217,218,219,220,221,222,223,224,225,226,227,228,229,230,231,232,233,234,235,236,237,238,239,240,241,242,243,244,245,246,247,248,249,250,251,252,253,254,255
+    .balign 8
+    push rax
+    mov al, \v
+    jmp vmm_guest_intr_common
+    .endr
+    .balign 8
+vmm_guest_intr_common:
+    push rcx
+    push rdx
+    movzx edx, al
+    mov rcx, rsp
+    and rcx, -0x10000
+    inc qword ptr [rcx + 0x700]
+    mov eax, 1
+    xadd [rcx + 0x708], rax
+    cmp rax, 256
+    jae 1f
+    mov [rcx + rax * 8 + 0x800], rdx
+1:  pop rdx
+    pop rcx
+    pop rax
+    iretq
+
     /* ---- CPL 3: workloads; rdi = parameter block ---- */
     .balign 16
     .globl vmm_guest_entry
@@ -202,6 +385,8 @@ vmm_guest_workload:
     je vmm_guest_watch
     cmp rbx, 5
     je vmm_guest_ping
+    cmp rbx, 7
+    je vmm_guest_script
     cmp rbx, 6
     jne 1f
     jmp qword ptr [r15 + 0xa0]
@@ -496,6 +681,108 @@ vmm_guest_fb_writer:
     mov qword ptr [r10 + 8], 1
     jmp vmm_guest_workload
 
+    /* script (mode 7): ops of 24 bytes (op, a, b) from 0x100; the log
+       (u64 entries from 0x800, count at 0x708) gets interrupt vectors
+       (by the stub above) and workload entries, each slot claimed by one
+       xadd so that an interrupt between claim and store loses nothing */
+vmm_guest_script:
+    lea r14, [r15 + 0x100]
+    xor r12, r12
+    xor r13, r13
+201: mov rax, [r14]
+    mov rsi, [r14 + 8]
+    mov rdx, [r14 + 16]
+    add r14, 24
+    cmp rax, 1
+    je 211f
+    cmp rax, 2
+    je 212f
+    cmp rax, 3
+    je 213f
+    cmp rax, 4
+    je 214f
+    cmp rax, 5
+    je 215f
+    cmp rax, 6
+    je 216f
+    cmp rax, 7
+    je 217f
+    cmp rax, 8
+    je 218f
+    cmp rax, 9
+    je 219f
+    cmp rax, 10
+    je 220f
+209: test byte ptr [r15 + 0x8020], 0
+    jmp 209b
+211: /* write32 [a] = b */
+    mov [rsi], edx
+    jmp 201b
+212: /* read32 [a], log (1 << 32) | value */
+    mov eax, [rsi]
+    bts rax, 32
+    mov rdx, rax
+    jmp 290f
+213: /* wait until a interrupts were seen, at most b spins; log 0xdead on timeout */
+    mov rcx, rdx
+2131: cmp [r15 + 0x700], rsi
+    jae 201b
+    pause
+    dec rcx
+    jnz 2131b
+    mov edx, 0xdead
+    jmp 290f
+214: /* mark: log 0x1000 | b */
+    or rdx, 0x1000
+    jmp 290f
+215: /* spin b times */
+    test rdx, rdx
+    jz 201b
+2151: pause
+    dec rdx
+    jnz 2151b
+    jmp 201b
+216: /* barrier: count in at [a], wait until it reaches b */
+    lock inc qword ptr [rsi]
+2161: cmp [rsi], rdx
+    jae 201b
+    pause
+    jmp 2161b
+217: /* doorbell 0x40 (host device action: rsi = a, rdi = b) */
+    mov rdi, rdx
+    test byte ptr [r15 + 0x8040], 0
+    jmp 201b
+219: /* wait for one more interrupt than the last wait-next took (r12),
+        at most b spins; log 0xdead on timeout */
+    mov rcx, rdx
+2191: cmp [r15 + 0x700], r12
+    ja 2192f
+    pause
+    dec rcx
+    jnz 2191b
+    mov edx, 0xdead
+    jmp 290f
+2192: inc r12
+    jmp 201b
+220: /* loop: back to op a until this op ran b times (r13 counts down) */
+    test r13, r13
+    jnz 2201f
+    mov r13, rdx
+2201: dec r13
+    jz 201b
+    imul rsi, rsi, 24
+    lea r14, [r15 + rsi + 0x100]
+    jmp 201b
+218: /* log the count of interrupts seen: 0x2000 | count */
+    mov rdx, [r15 + 0x700]
+    or rdx, 0x2000
+290: mov eax, 1
+    xadd [r15 + 0x708], rax
+    cmp rax, 256
+    jae 201b
+    mov [r15 + rax * 8 + 0x800], rdx
+    jmp 201b
+
     .balign 16
     .globl vmm_guest_blob_end
 vmm_guest_blob_end:
@@ -509,6 +796,7 @@ unsafe extern "C" {
     static vmm_guest_pf_stub: u8;
     static vmm_guest_flush_stub: u8;
     static vmm_guest_exc_stubs: u8;
+    static vmm_guest_intr_stubs: u8;
     static vmm_guest_entry: u8;
     static vmm_guest_probe_step: u8;
     static vmm_guest_watch_fault: u8;
@@ -527,6 +815,10 @@ pub struct GuestCode {
     pub exc_stubs: u64,
     /// Offset of the CPL 3 workload entry (rdi = parameter block).
     pub entry: u64,
+    /// Offset of the external-interrupt stubs for vectors
+    /// [`FIRST_INTR_VECTOR`]`..=255`, 8 bytes apart (the one of
+    /// [`FLUSH_VECTOR`] is there but not installed).
+    pub intr_stubs: u64,
     /// Offset where a skipped probe access resumes.
     pub probe_step: u64,
     /// Offset where a skipped watch read resumes.
@@ -547,6 +839,7 @@ pub fn code() -> GuestCode {
         flush_stub: off(&raw const vmm_guest_flush_stub),
         exc_stubs: off(&raw const vmm_guest_exc_stubs),
         entry: off(&raw const vmm_guest_entry),
+        intr_stubs: off(&raw const vmm_guest_intr_stubs),
         probe_step: off(&raw const vmm_guest_probe_step),
         watch_fault: off(&raw const vmm_guest_watch_fault),
     }
@@ -569,5 +862,33 @@ mod tests {
             assert_eq!(u64::from(c.bytes[s + 1]), 0x80 + v, "stub {v}");
         }
         assert!(c.entry < c.bytes.len() as u64);
+        // push rax ; mov al, v ; jmp (8 bytes a stub)
+        for v in u64::from(FIRST_INTR_VECTOR)..256 {
+            let s = (c.intr_stubs + (v - u64::from(FIRST_INTR_VECTOR)) * 8) as usize;
+            assert_eq!(&c.bytes[s..s + 3], &[0x50, 0xB0, v as u8], "interrupt stub {v:#x}");
+        }
+    }
+
+    #[test]
+    fn script_ops_encode_and_log_entries_decode() {
+        let ops = [ScriptOp::Write32(0xfee0_00b0, 0), ScriptOp::Wait { count: 2, spins: 0 }, ScriptOp::Mark(0x1234)];
+        let b = encode_script(&ops).expect("short script");
+        assert_eq!(b.len(), 4 * 24);
+        let w = |i: usize| u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+        assert_eq!([w(0), w(1), w(2)], [1, 0xfee0_00b0, 0]);
+        assert_eq!([w(3), w(4), w(5)], [3, 2, 1], "zero spins become one");
+        assert_eq!([w(6), w(7), w(8)], [4, 0, 0x234], "marks keep 12 bits");
+        assert_eq!([w(9), w(10), w(11)], [0, 0, 0], "End appended");
+        assert_eq!(ScriptOp::WaitNext { spins: 0 }.encode(), [9, 0, 1]);
+        assert_eq!(ScriptOp::Loop { to: 2, times: 0 }.encode(), [10, 2, 1], "a body runs at least once");
+        assert_eq!(ScriptOp::Loop { to: 1000, times: 5 }.encode()[1], MAX_SCRIPT_OPS as u64 - 1, "inside the script");
+        assert!(encode_script(&[ScriptOp::LogSeen; MAX_SCRIPT_OPS]).is_none());
+        assert!(encode_script(&[ScriptOp::LogSeen; MAX_SCRIPT_OPS - 1]).is_some());
+        assert_eq!(LogEntry::decode(0x41), LogEntry::Vector(0x41));
+        assert_eq!(LogEntry::decode(0x1005), LogEntry::Mark(5));
+        assert_eq!(LogEntry::decode(0x2003), LogEntry::Seen(3));
+        assert_eq!(LogEntry::decode(0xdead), LogEntry::Timeout);
+        assert_eq!(LogEntry::decode((1 << 32) | 0xffff_ffff), LogEntry::Read(0xffff_ffff));
+        assert_eq!(LogEntry::decode(0x300), LogEntry::Unknown(0x300));
     }
 }

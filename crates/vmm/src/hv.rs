@@ -123,6 +123,17 @@ pub trait Vcpu: Send {
     /// Queues external interrupt `vector` for the next entry. `Ok(false)`
     /// when the vCPU cannot take it now (interrupts disabled).
     fn inject_interrupt(&mut self, vector: u8) -> std::result::Result<bool, BackendError>;
+    /// Whether an external interrupt injected now is taken at the next
+    /// entry, as of the last exit (RFLAGS.IF set, no interrupt shadow, no
+    /// event already being injected). The default says yes, for backends
+    /// that queue interrupts themselves.
+    fn interrupt_ready(&mut self) -> bool {
+        true
+    }
+    /// Asks (`on`) or stops asking for an exit, reported as
+    /// [`Exit::Interrupted`], as soon as the guest can take an external
+    /// interrupt (the interrupt window). The default does nothing.
+    fn request_interrupt_window(&mut self, _on: bool) {}
 }
 
 /// Why a nested fault was not served.

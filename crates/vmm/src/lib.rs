@@ -94,11 +94,14 @@
 //! - KVM is the only [`host::Host`] so far; the interface has not been
 //!   exercised by a second backend, so what a bare-metal one needs beyond
 //!   it (e.g. its own invalidation counters) is a guess.
-//! - The interrupt models are not wired to vCPUs yet (no injection from
-//!   them). Migration runs its own workload loop (`vmm-kvm::migrate`),
-//!   not [`run`]: there is no vCPU-state hook in [`host::Host`] or
-//!   [`hv::Vcpu`] yet, and device models (the framebuffer, PCI) are not
-//!   serialized.
+//! - The interrupt models reach vCPUs through `intr::system::IntrSystem`
+//!   (MMIO emulation, injection before entry, kicks, a host timer; tested
+//!   on KVM), but `vmm run` does not attach them, and NMI / INIT / SIPI
+//!   are not acted on (see [`intr`]).
+//! - Migration runs its own workload loop (`vmm-kvm::migrate`), not
+//!   [`run`]: there is no vCPU-state hook in [`host::Host`] or
+//!   [`hv::Vcpu`] yet, and device models (the framebuffer, PCI, the
+//!   interrupt models) are not serialized.
 //! - Device-memory frame ranges are handed out by a bump allocator and not
 //!   reused after a segment is freed.
 //! - The harvest's comparison of device memory costs a copy of every

@@ -36,7 +36,8 @@ pub struct VcpuStats {
     pub data_errors: AtomicU64,
     /// Flush vectors injected (hardware nested paging).
     pub flushes: AtomicU64,
-    /// Exits caused by kicks/signals.
+    /// Exits caused by kicks/signals, and interrupt-window exits (both
+    /// are `Exit::Interrupted`).
     pub interrupted: AtomicU64,
     /// Nested faults on a device's range (MMIO exits).
     pub mmio_exits: AtomicU64,
@@ -51,6 +52,27 @@ pub struct VcpuStats {
     pub last_regs: Mutex<Regs>,
     /// The host CPU the vCPU thread last ran on (`u64::MAX`: unknown).
     pub host_cpu: AtomicU64,
+    /// External interrupts from the [`InterruptSource`] injected.
+    pub injected: AtomicU64,
+    /// Entries made with an interrupt pending that the guest could not
+    /// take yet (an interrupt window was requested instead).
+    pub window_waits: AtomicU64,
+}
+
+/// Where the vCPU loop gets external interrupts from (the interrupt
+/// controller models, `crate::intr::system::IntrSystem`): before each
+/// entry the loop asks for the vCPU's pending vector and, if the guest can
+/// take it, injects it and reports the injection; if it cannot, it asks
+/// the backend for an interrupt-window exit. Whoever makes an interrupt
+/// pending for a vCPU from another thread kicks that vCPU, so that its
+/// loop comes round to this check.
+pub trait InterruptSource: Send + Sync {
+    /// The vector to inject into `vcpu` now, if any (the highest-priority
+    /// deliverable one). Does not change the controller state.
+    fn pending(&self, vcpu: usize) -> Option<u8>;
+    /// `vector`, returned by [`pending`](Self::pending), was injected into
+    /// `vcpu` (the LAPIC moves it from IRR to ISR).
+    fn injected(&self, vcpu: usize, vector: u8);
 }
 
 /// A nested fault as the vCPU loop saw it.
@@ -214,6 +236,33 @@ fn emulate_at(
     Ok(1)
 }
 
+/// The pending-interrupt check before an entry: injects `src`'s pending
+/// vector for vCPU `i` when the guest can take it (and nothing was
+/// injected for this entry yet: one event per entry), and requests an
+/// interrupt window while something stays pending, so the loop comes back
+/// as soon as the guest can take it.
+fn inject_pending(
+    v: &mut dyn Vcpu,
+    src: &dyn InterruptSource,
+    i: usize,
+    st: &VcpuStats,
+    already_injected: bool,
+) -> Result<()> {
+    let Some(vector) = src.pending(i) else {
+        v.request_interrupt_window(false);
+        return Ok(());
+    };
+    if !already_injected && v.interrupt_ready() && v.inject_interrupt(vector).map_err(MachineError::Backend)? {
+        src.injected(i, vector);
+        st.injected.fetch_add(1, Ordering::Relaxed);
+        v.request_interrupt_window(src.pending(i).is_some());
+        return Ok(());
+    }
+    st.window_waits.fetch_add(1, Ordering::Relaxed);
+    v.request_interrupt_window(true);
+    Ok(())
+}
+
 /// The host CPUs this process may run on (its affinity mask).
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity
@@ -333,6 +382,9 @@ pub struct Machine {
     /// Host CPUs the vCPU threads are pinned to: vCPU `i` runs on
     /// `pin[i % pin.len()]` (bhyve's cpuset pinning); empty: not pinned.
     pub pin: Vec<usize>,
+    /// Where external interrupts come from (none: only the flush vector
+    /// is ever injected).
+    pub irq: Option<Arc<dyn InterruptSource>>,
     kicks: Vec<Arc<dyn Kick>>,
 }
 
@@ -402,6 +454,7 @@ impl Machine {
             control: Control::default(),
             mmio: None,
             pin: Vec::new(),
+            irq: None,
             kicks,
         }
     }
@@ -510,6 +563,7 @@ impl Machine {
         let b = &*self.backend;
         let mut mem = b.vcpu_mem(i, self.kicks[i].clone())?;
         let flush = self.flush;
+        let irq = self.irq.as_deref();
         let mut flushed_gen = 0u64;
         let mut pending_fault: Option<Instant> = None;
         let mut last_exit: Option<Instant> = None;
@@ -519,11 +573,16 @@ impl Machine {
             }
             let mut t0 = Instant::now();
             let exit = mem.entered(&mut |g| {
+                let mut injected = false;
                 if flush && g != flushed_gen {
                     if v.inject_interrupt(guest::FLUSH_VECTOR).map_err(MachineError::Backend)? {
                         st.flushes.fetch_add(1, Ordering::Relaxed);
+                        injected = true;
                     }
                     flushed_gen = g;
+                }
+                if let Some(src) = irq {
+                    inject_pending(v, src, i, st, injected)?;
                 }
                 t0 = Instant::now();
                 v.run().map_err(MachineError::Backend)
@@ -695,4 +754,130 @@ const PAGE: u64 = 4096;
 /// Size helper: bytes of `n` pages.
 pub fn pages(n: u64) -> u64 {
     n * PAGE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A vCPU that records injections and window requests.
+    #[derive(Default)]
+    struct FakeVcpu {
+        ready: bool,
+        refuse: bool,
+        injected: Vec<u8>,
+        window: Option<bool>,
+    }
+
+    struct NoKick;
+    impl Kick for NoKick {
+        fn kick(&self) {}
+        fn kicks(&self) -> u64 {
+            0
+        }
+    }
+
+    impl Vcpu for FakeVcpu {
+        fn index(&self) -> u32 {
+            0
+        }
+        fn kick_handle(&self) -> Arc<dyn Kick> {
+            Arc::new(NoKick)
+        }
+        fn bind_thread(&self) {}
+        fn unbind_thread(&self) {}
+        fn run(&mut self) -> std::result::Result<Exit, crate::hv::BackendError> {
+            Ok(Exit::Interrupted)
+        }
+        fn regs(&mut self) -> Regs {
+            Regs::default()
+        }
+        fn set_regs(&mut self, _regs: &Regs) {}
+        fn cr2(&mut self) -> u64 {
+            0
+        }
+        fn inject_interrupt(&mut self, vector: u8) -> std::result::Result<bool, crate::hv::BackendError> {
+            if self.refuse {
+                return Ok(false);
+            }
+            self.injected.push(vector);
+            Ok(true)
+        }
+        fn interrupt_ready(&mut self) -> bool {
+            self.ready
+        }
+        fn request_interrupt_window(&mut self, on: bool) {
+            self.window = Some(on);
+        }
+    }
+
+    /// A source with a queue of vectors (highest first) per call.
+    #[derive(Default)]
+    struct Queue {
+        vectors: Mutex<Vec<u8>>,
+        acked: Mutex<Vec<u8>>,
+    }
+
+    impl InterruptSource for Queue {
+        fn pending(&self, _vcpu: usize) -> Option<u8> {
+            self.vectors.lock().expect("queue").last().copied()
+        }
+        fn injected(&self, _vcpu: usize, vector: u8) {
+            let mut q = self.vectors.lock().expect("queue");
+            assert_eq!(q.pop(), Some(vector));
+            self.acked.lock().expect("acked").push(vector);
+        }
+    }
+
+    fn queue(v: &[u8]) -> Queue {
+        Queue { vectors: Mutex::new(v.to_vec()), acked: Mutex::new(Vec::new()) }
+    }
+
+    #[test]
+    fn nothing_pending_clears_the_window_request() {
+        let (mut v, q, st) =
+            (FakeVcpu { ready: true, window: Some(true), ..Default::default() }, queue(&[]), VcpuStats::default());
+        inject_pending(&mut v, &q, 0, &st, false).expect("check");
+        assert_eq!((v.injected.len(), v.window), (0, Some(false)));
+        assert_eq!(st.injected.load(Ordering::Relaxed) + st.window_waits.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_ready_guest_gets_the_vector_and_the_source_hears_of_it() {
+        let (mut v, q, st) = (FakeVcpu { ready: true, ..Default::default() }, queue(&[0x41]), VcpuStats::default());
+        inject_pending(&mut v, &q, 0, &st, false).expect("check");
+        assert_eq!(v.injected, [0x41]);
+        assert_eq!(*q.acked.lock().unwrap(), [0x41]);
+        assert_eq!(v.window, Some(false), "nothing left: no window");
+        assert_eq!(st.injected.load(Ordering::Relaxed), 1);
+        // Two pending: one injected, a window asked for the other.
+        let q = queue(&[0x41, 0x51]);
+        inject_pending(&mut v, &q, 0, &st, false).expect("check");
+        assert_eq!(v.injected, [0x41, 0x51]);
+        assert_eq!(v.window, Some(true));
+    }
+
+    #[test]
+    fn a_guest_that_cannot_take_it_gets_a_window_and_the_vector_stays_pending() {
+        let st = VcpuStats::default();
+        // IF clear (in a CPL 0 stub).
+        let (mut v, q) = (FakeVcpu::default(), queue(&[0x41]));
+        inject_pending(&mut v, &q, 0, &st, false).expect("check");
+        assert!(v.injected.is_empty() && q.acked.lock().unwrap().is_empty());
+        assert_eq!(v.window, Some(true));
+        // Ready, but another event (the flush vector) was injected for this
+        // entry: one event per entry.
+        let mut v = FakeVcpu { ready: true, ..Default::default() };
+        inject_pending(&mut v, &q, 0, &st, true).expect("check");
+        assert!(v.injected.is_empty() && q.acked.lock().unwrap().is_empty());
+        assert_eq!(v.window, Some(true));
+        // The backend refuses it: not acknowledged, retried at the window.
+        let mut v = FakeVcpu { ready: true, refuse: true, ..Default::default() };
+        inject_pending(&mut v, &q, 0, &st, false).expect("check");
+        assert!(q.acked.lock().unwrap().is_empty());
+        assert_eq!(v.window, Some(true));
+        assert_eq!(st.window_waits.load(Ordering::Relaxed), 3);
+        assert_eq!(st.injected.load(Ordering::Relaxed), 0);
+        assert_eq!(q.pending(0), Some(0x41));
+    }
 }

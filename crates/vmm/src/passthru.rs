@@ -48,10 +48,13 @@
 //!
 //! # Known gaps
 //!
-//! - The domain's table format is whatever the caller passes; nested-pt
-//!   has no VT-d second-level or AMD-Vi format yet, so tests use the EPT
-//!   format, whose R (bit 0) and W (bit 1) layout VT-d's second level
-//!   shares. [`DmaFault`] names VT-d's fault reasons for the cases.
+//! - The domain's tables are in the format the caller passes: nested-pt's
+//!   VT-d second-level or AMD-Vi format (`PteFormat::vtd`,
+//!   `PteFormat::amd_vi`), whose tables QEMU's emulated IOMMUs walk in the
+//!   hwtest DMA suite. The model does not program a remapping unit itself
+//!   (no root/context or device table here: that is the host IOMMU
+//!   driver's job, VFIO's on Linux); [`DmaFault`] names VT-d's fault
+//!   reasons for the cases.
 //! - I/O BARs, expansion ROMs and configuration-space passthrough (the
 //!   virtual PCI device a guest enumerates) are not modelled; MSI (as
 //!   opposed to MSI-X) is left to [`crate::intr`].

@@ -12,7 +12,7 @@
 //! accessed bit set and the TSS descriptor busy, and the vCPU's segment and
 //! task registers are loaded directly with `KVM_SET_SREGS` (no `ltr`).
 
-use crate::guest::{DOORBELL_OFFSET, FLUSH_VECTOR, GuestCode};
+use crate::guest::{DOORBELL_OFFSET, FIRST_INTR_VECTOR, FLUSH_VECTOR, GuestCode};
 /// Bytes in a page.
 const PAGE: u64 = 4096;
 
@@ -52,8 +52,9 @@ pub const DATA_PAGES: u64 = 8;
 pub const DATA_STRIDE: u64 = 16 * PAGE;
 /// Per-vCPU ledger area base.
 pub const LEDGER_BASE: u64 = RT_BASE + 0x1000_0000;
-/// IDT limit: vectors 0..=0x40.
-pub const IDT_LIMIT: u16 = (FLUSH_VECTOR as u16 + 1) * 16 - 1;
+/// IDT limit: all 256 vectors (exceptions, the flush vector, and the
+/// external-interrupt stubs of [`FIRST_INTR_VECTOR`]`..=255`).
+pub const IDT_LIMIT: u16 = 256 * 16 - 1;
 
 /// Guest address of vCPU `i`'s parameter block.
 pub fn params(i: usize) -> u64 {
@@ -151,6 +152,13 @@ pub fn rom_image_at(code: &GuestCode, nvcpus: usize, base: u64) -> Vec<u8> {
     for v in 0..32u64 {
         let target = if v == 14 { code_at + code.pf_stub } else { code_at + code.exc_stubs + v * 8 };
         gate(&mut img, v, target);
+    }
+    // External interrupts: each vector's logging stub (interrupt gates, so
+    // IF is clear in the stub).
+    for v in u64::from(FIRST_INTR_VECTOR)..256 {
+        if v != u64::from(FLUSH_VECTOR) {
+            gate(&mut img, v, code_at + code.intr_stubs + (v - u64::from(FIRST_INTR_VECTOR)) * 8);
+        }
     }
     gate(&mut img, u64::from(FLUSH_VECTOR), code_at + code.flush_stub);
     put(&mut img, CODE_OFF, code.bytes);

@@ -35,8 +35,7 @@ fn vm(test: &str) -> Arc<Vm<HeapPages>> {
 }
 
 fn iommu_format() -> PteFormat {
-    // VT-d second level shares EPT's R/W bit layout (see the module doc).
-    PteFormat::ept(Caps::default())
+    PteFormat::vtd(Caps::default())
 }
 
 fn ppt(vm: &Arc<Vm<HeapPages>>, tunables: IommuTunables) -> Ppt {
@@ -122,6 +121,22 @@ fn domain_exists_only_with_a_device_or_when_forced() {
     let dev = TestDoubleDevice::create(&v3, device(16 * PG, None)).unwrap();
     assert_eq!(p3.attach(dev), Err(PassthroughError::IommuDisabled));
     assert!(!v3.is_wired());
+}
+
+/// The domain works in both IOMMU formats: the same RAM, the same frames.
+#[test]
+fn domain_tables_in_both_iommu_formats() {
+    for (i, fmt) in [PteFormat::vtd(Caps::default()), PteFormat::amd_vi(Caps::default())].into_iter().enumerate() {
+        let v = vm(&format!("fmt{i}"));
+        with_ram(&v);
+        let p: Ppt =
+            Passthrough::new(v.clone(), IommuTunables::default(), 3, fmt, HeapPages::with_capacity(0, 64)).unwrap();
+        p.attach(TestDoubleDevice::create(&v, device(16 * PG, None)).unwrap()).unwrap();
+        let d = p.domain().unwrap();
+        let (pfn, _) = v.space().lookup(7 * PG).unwrap();
+        assert_eq!(d.translate(7 * PG + 1, true), Ok(pfn.0 * PG + 1), "{fmt:?}");
+        assert_eq!(d.translate(1 << 20, true), Err(DmaFault::WriteDenied), "{fmt:?}");
+    }
 }
 
 #[test]

@@ -303,7 +303,7 @@ impl Block {
     /// Byte offset of `len` bytes at `sector`, if whole sectors inside
     /// the disk.
     fn range(&self, sector: u64, len: u64) -> Option<u64> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return None;
         }
         let end = sector.checked_add(len / SECTOR_SIZE)?;

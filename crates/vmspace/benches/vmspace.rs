@@ -6,6 +6,11 @@
 //! - `hold_release/{1,2}_threads`: hold + release of a writable page with
 //!   dirty tracking on, each thread through its own client; throughput in
 //!   hold+release pairs (the 2/1 ratio is printed by `scaling_report`).
+//! - `hold_under_harvest/{quiet,harvesting}`: hold + release of a
+//!   writable page on one thread, alone and while another thread harvests
+//!   (`track_dirty`) the 16 MiB around it back to back; every harvest
+//!   finds that page dirty again, so each clears a bit and invalidates.
+//!   `harvest_report` prints both rates from one run and their ratio.
 //! - `devmem_map_unmap_16m`: map + unmap of a 16 MiB device-memory object
 //!   while another thread holds and releases pages without pause.
 //! - `harvest/{vmspace,nested_pt}/{1g,16g}`: read-and-clear of dirty bits
@@ -146,6 +151,116 @@ fn hold_release(c: &mut Criterion) {
     );
 }
 
+/// Time `iters` hold+release pairs of a writable page on one thread; with
+/// `harvest`, another thread harvests the space's first 16 MiB (which hold
+/// that page) back to back meanwhile. Returns the holding thread's time
+/// and the number of harvests made while it ran.
+/// Batches of holds timed separately by [`hold_under_harvest_run`].
+const BATCH: u64 = 256;
+/// A batch slower than this (normally 5-15 us) stalled: it slept, or the
+/// thread lost its CPU.
+const STALL: Duration = Duration::from_micros(40);
+
+fn hold_under_harvest_run(s: &VmSpace<HeapPages>, iters: u64, harvest: bool) -> (Duration, u64) {
+    let (t, h, _) = hold_under_harvest_stalls(s, iters, harvest);
+    (t, h)
+}
+
+/// As [`hold_under_harvest_run`], also counting the batches of [`BATCH`]
+/// holds that took longer than [`STALL`].
+fn hold_under_harvest_stalls(s: &VmSpace<HeapPages>, iters: u64, harvest: bool) -> (Duration, u64, u64) {
+    let start = AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
+    let harvests = AtomicU64::new(0);
+    let mut stalls = 0;
+    let t = std::thread::scope(|sc| {
+        if harvest {
+            let (start, stop, harvests) = (&start, &stop, &harvests);
+            sc.spawn(move || {
+                let mut bitmap = vec![0u64; (16 << 20) / PG as usize / 64];
+                let mut n = 0;
+                start.store(true, Ordering::Release);
+                while !stop.load(Ordering::Relaxed) {
+                    black_box(s.track_dirty(0, 16 << 20, &mut bitmap).unwrap());
+                    n += 1;
+                }
+                harvests.store(n, Ordering::Relaxed);
+            });
+            while !start.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
+        }
+        let client = s.client();
+        let gpa = 100 * PG;
+        let t0 = Instant::now();
+        let mut done = 0;
+        while done < iters {
+            let n = BATCH.min(iters - done);
+            let tb = Instant::now();
+            for _ in 0..n {
+                let h = client.hold(black_box(gpa), Prot::RW).unwrap();
+                black_box(&h);
+                drop(h);
+            }
+            if tb.elapsed() > STALL {
+                stalls += 1;
+            }
+            done += n;
+        }
+        let t = t0.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        t
+    });
+    // The harvester has stopped (joined by the scope): its count covers
+    // the holding thread's run and at most one harvest more.
+    (t, harvests.load(Ordering::Relaxed), stalls)
+}
+
+fn hold_under_harvest(c: &mut Criterion) {
+    if !wanted("hold_under_harvest/quiet") && !wanted("hold_under_harvest/harvesting") {
+        return;
+    }
+    let s = space(GIB, true);
+    let o = ram(16 << 20);
+    s.map(&o, 0, 0, 16 << 20, Prot::RW).unwrap();
+    s.populate(0, 16 << 20).unwrap();
+    let mut g = c.benchmark_group("hold_under_harvest");
+    g.throughput(Throughput::Elements(1));
+    for (name, harvest) in [("quiet", false), ("harvesting", true)] {
+        g.bench_function(name, |b| b.iter_custom(|iters| hold_under_harvest_run(&s, iters, harvest).0));
+    }
+    g.finish();
+    // One run, both figures (medians of 5 alternating runs).
+    let n = 5_000_000;
+    let (mut quiet, mut busy, mut hv) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut quiet_stalls, mut busy_stalls) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let (t, _, st) = hold_under_harvest_stalls(&s, n, false);
+        quiet.push(n as f64 / t.as_secs_f64());
+        quiet_stalls.push(st as f64);
+        let (t, h, st) = hold_under_harvest_stalls(&s, n, true);
+        busy.push(n as f64 / t.as_secs_f64());
+        hv.push(h as f64 / t.as_secs_f64());
+        busy_stalls.push(st as f64);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (q, b, h) = (med(&mut quiet), med(&mut busy), med(&mut hv));
+    let (qs, bs) = (med(&mut quiet_stalls), med(&mut busy_stalls));
+    println!(
+        "harvest_report: hold+release alone {:.1} M/s; while another thread harvests 16 MiB back to back \
+         ({:.0} harvests/s, each clearing a bit) {:.1} M/s; ratio {:.2}; batches of {BATCH} holds slower than \
+         {STALL:?}: {qs:.0} alone, {bs:.0} under harvests (of {})",
+        q / 1e6,
+        h,
+        b / 1e6,
+        b / q,
+        n / BATCH
+    );
+}
+
 fn devmem_churn(c: &mut Criterion) {
     if !wanted("devmem_map_unmap_16m/while_holding") {
         return;
@@ -246,5 +361,5 @@ fn harvest(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fault_in, hold_release, devmem_churn, harvest);
+criterion_group!(benches, fault_in, hold_release, hold_under_harvest, devmem_churn, harvest);
 criterion_main!(benches);

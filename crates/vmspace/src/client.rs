@@ -86,6 +86,52 @@ struct Found {
     host: Option<NonNull<u8>>,
 }
 
+/// Which entries of the fault-around window `[lo, hi)` (inside one leaf
+/// table, `slot` being `gpa`'s entry) are empty, as a bitmap indexed by
+/// page from `lo`.
+fn empty_entries(fmt: &nested_pt::PteFormat, slot: *const EntryAtomic, gpa: u64, lo: u64, hi: u64) -> [u64; 8] {
+    let mut empty = [0u64; 8];
+    let first = slot.wrapping_sub(((gpa - lo) / PAGE_SIZE) as usize);
+    for i in 0..((hi - lo) / PAGE_SIZE) as usize {
+        // SAFETY: an aligned window of at most 512 pages lies in one leaf
+        // table, of which `slot` is `gpa`'s entry; the table stays
+        // allocated while the client is active (the mapping populated it).
+        let e = unsafe { &*first.add(i) }.load(Acquire);
+        if !fmt.is_present(e) {
+            empty[i / 64] |= 1 << (i % 64);
+        }
+    }
+    empty
+}
+
+/// Set `bit` (the accessed bit, and the dirty bit where asked) on the
+/// entries of the window starting at `lo` that were empty before
+/// fault-around mapped them (`empty`), except `gpa`'s own, if they are now
+/// present with neither accessed nor dirty set (an entry the hardware or a
+/// harvest changed meanwhile is left alone).
+fn preset_accessed(fmt: &nested_pt::PteFormat, slot: *const EntryAtomic, gpa: u64, lo: u64, empty: [u64; 8], bit: u64) {
+    let me = ((gpa - lo) / PAGE_SIZE) as usize;
+    let first = slot.wrapping_sub(me);
+    let untouched = fmt.accessed_mask() | fmt.dirty_mask();
+    for (w, mut bits) in empty.into_iter().enumerate() {
+        while bits != 0 {
+            let i = w * 64 + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if i == me {
+                continue;
+            }
+            // SAFETY: as in `empty_entries`.
+            let e = unsafe { &*first.add(i) };
+            let v = e.load(Acquire);
+            if fmt.is_present(v) && v & untouched == 0 {
+                // A compare-and-swap, so that a concurrent unmap's clear or
+                // the hardware's own update is never overwritten.
+                let _ = e.compare_exchange(v, v | bit, AcqRel, Relaxed);
+            }
+        }
+    }
+}
+
 /// A client of a [`VmSpace`](crate::VmSpace): one per vCPU, per device,
 /// per host view (seed 004's `vm_client_t`).
 ///
@@ -124,10 +170,12 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     }
 
     /// Install (or remove) the invalidation callback. It runs on the thread
-    /// making an administrative change, outside the client's lock, while
-    /// the client is held: it may release holds, but must not take holds
-    /// or fault through this client (that would wait for the change it is
-    /// part of).
+    /// making an administrative change, outside the client's lock; for an
+    /// unmap or a tracking switch while the client is held, for a harvest
+    /// ([`Cause::Dirty`](crate::Cause::Dirty)) without holding any client
+    /// (the data path runs on). It may release holds, but must not take
+    /// holds or fault through this client (during an unmap that would wait
+    /// for the change it is part of).
     ///
     /// A callback (or kick hook) that panics does not stop the change:
     /// the change is complete when callbacks run (entries already
@@ -248,6 +296,19 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         Some(slot)
     }
 
+    /// `gpa`'s entry in its 4 KiB leaf table, present or not (the cached
+    /// leaf table, or a walk); `None` without a leaf table. Client active.
+    fn entry_slot(&self, d: &Data<P>, gpa: u64) -> Option<*const EntryAtomic> {
+        let idx = ((gpa / PAGE_SIZE) % 512) as usize;
+        if self.cache.leaf_region.get() == gpa & !(LEAF_SPAN - 1) {
+            // SAFETY: as in `leaf_slot`.
+            return Some(unsafe { self.cache.leaf_table.get().add(idx) });
+        }
+        let w = d.table.walk(Gpa(gpa));
+        let step = w.steps().last().filter(|s| s.level == 1)?;
+        Some(d.table.entry(step)? as *const EntryAtomic)
+    }
+
     /// Read the cache for [`VmClient::lookup_map`] (before activating).
     #[inline(always)]
     fn snap(&self) -> Snap {
@@ -343,8 +404,29 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
                 let lo = (gpa & !(w - 1)).max(c.start.get());
                 let hi = ((gpa | (w - 1)) + 1).min(c.end.get());
                 let base = c.offset.get().wrapping_sub(c.start.get());
+                let mut preset = if host { 0 } else { self.space.fault_around_accessed };
+                if preset != 0
+                    && prot.contains(Prot::WRITE)
+                    && mprot.contains(Prot::WRITE)
+                    && !self.space.track_dirty.load(Acquire)
+                {
+                    // Tracking is off and cannot be switched on while this
+                    // client is active (the switch holds every client).
+                    preset |= self.space.fault_around_dirty;
+                }
+                // The window's leaf table, and which of its entries are
+                // empty now: only those get the accessed bit (an entry
+                // already present keeps the state its accesses gave it).
+                let before = if preset != 0 && hi - lo > PAGE_SIZE {
+                    self.entry_slot(d, gpa).map(|s| (s, empty_entries(fmt, s, gpa, lo, hi)))
+                } else {
+                    None
+                };
                 self.space
                     .map_pages(&d.table, lo, hi - lo, mprot, object, |p| object.frame_at(base.wrapping_add(p.0)))?;
+                if let Some((s, empty)) = before {
+                    preset_accessed(fmt, s, gpa, lo, empty, preset);
+                }
                 let slot = self.leaf_slot(d, gpa).ok_or(Error::NoMapping)?;
                 (slot, present(slot).ok_or(Error::NoMapping)?)
             }

@@ -13,7 +13,51 @@
 //! when a range is populated ([`VmSpace::populate`]). `unmap` clears the
 //! leaves, vacates the tables, bumps the table *generation* and tells every
 //! client. Dirty bits are harvested and set again ([`VmSpace::dirty_op`])
-//! for live migration; tracking can be switched at run time.
+//! for live migration; tracking can be switched at run time. A harvest
+//! invalidates only what its cleared bits require: one that clears bits
+//! bumps the generation and tells every client (without holding any), one
+//! that clears none, a `Get` and a `Set` invalidate nothing.
+//!
+//! # Example
+//!
+//! A 1 GiB space with 1 MiB of RAM at guest-physical 0, a vCPU client
+//! faulting a page in, a device client writing through a hold, and a
+//! harvest reporting what was written:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use nested_pt::{Caps, HeapPages};
+//! use vmspace::{HeapReservoir, Pfn, Prot, PteFormat, SpaceConfig, VmObject, VmSpace};
+//!
+//! let config = SpaceConfig::new(1 << 30, PteFormat::ept(Caps::default()));
+//! let space: VmSpace<HeapPages> = VmSpace::new(config, HeapPages::new())?;
+//! let reservoir = Arc::new(HeapReservoir::new(16 << 20, Pfn(0x1_0000))?);
+//! let ram = VmObject::ram(reservoir, 1 << 20)?;
+//! space.map(&ram, 0, 0, 1 << 20, Prot::RWX)?;
+//! space.set_dirty_tracking(true)?;
+//!
+//! // A vCPU's nested page fault: the page (and its neighbours) appear.
+//! let vcpu = space.client();
+//! vcpu.fault(0x3000, Prot::READ)?;
+//! let (frame, prot) = space.lookup(0x3000).expect("faulted in");
+//! assert_eq!((frame, prot), (ram.frame_at(0x3000).unwrap(), Prot::RWX));
+//!
+//! // A device (another thread's client) writes guest memory through a
+//! // hold; releasing a writable hold marks the page dirty.
+//! let device = space.client();
+//! let hold = device.hold(0x5000, Prot::RW)?;
+//! hold.write(8, b"hello")?;
+//! assert!(!hold.release(), "the mapping was not unmapped meanwhile");
+//!
+//! // The migration's harvest: exactly the page the device wrote.
+//! let mut bitmap = [0u64; 4]; // 256 pages
+//! assert_eq!(space.track_dirty(0, 1 << 20, &mut bitmap)?, 1);
+//! assert_eq!(bitmap[0], 1 << 5);
+//! let mut back = [0u8; 5];
+//! ram.read(0x5008, &mut back)?; // the host view of the object
+//! assert_eq!(&back, b"hello");
+//! # Ok::<(), vmspace::Error>(())
+//! ```
 //!
 //! # Invariants
 //!
@@ -40,10 +84,15 @@
 //! tracking switch, destroy) serialize on the space lock. The data path
 //! (hold, fault, release) never takes it: it goes through a per-client
 //! `active` word and a per-client state word (see `protocol.rs`). A change
-//! that alters the mapping map or the table structure first *holds* every
-//! client (setting `HOLD`, then waiting for an operation in flight to
-//! finish), makes the change, and releases them; an operation that arrives
-//! meanwhile sleeps on its client's lock. Activation is one fenced store
+//! that alters the mapping map or the table structure (map, unmap,
+//! tracking switch, destroy) first *holds* every client (setting `HOLD`,
+//! then waiting for an operation in flight to finish), makes the change,
+//! and releases them; an operation that arrives meanwhile sleeps on its
+//! client's lock. `populate` and the dirty operations hold no client:
+//! they only change leaf entries atomically, so holds and faults of every
+//! client proceed while they run (a harvest that cleared bits still kicks
+//! and waits for vCPUs in guest context on an older generation, which is
+//! what makes the clear effective). Activation is one fenced store
 //! plus a load (Dekker's pattern against the administrator's `HOLD`
 //! store), deactivation a plain release store; a client also caches its
 //! last mapping, leaf table and the mapping's host window, valid while
@@ -87,11 +136,21 @@
 //!   table pages were freed; for harvests that collect them, the frames
 //!   whose dirty bit was cleared), and
 //!   [`VmClient::table_enter`] around guest execution (flush when the
-//!   generation changed); nested faults go to [`VmClient::fault`].
+//!   generation changed); nested faults go to [`VmClient::fault`]. A
+//!   host that prefetches only translations marked accessed may ask for
+//!   the accessed bit on fault-around neighbours
+//!   ([`SpaceConfig::fault_around_accessed`], off by default: it costs
+//!   accessed-bit precision for pages the guest never touched), and, while
+//!   dirty tracking is off, the dirty bit on a write fault's neighbours
+//!   ([`SpaceConfig::fault_around_dirty_untracked`]).
 //! - Migration: [`VmSpace::track_dirty`] / [`VmSpace::dirty_op`], or
 //!   [`VmSpace::track_dirty_frames`] / [`VmSpace::dirty_op_frames`] to get
 //!   the cleared frames too. A harvest is exact only with the vCPUs out
 //!   of guest context (see [`VmSpace::track_dirty`]).
+//! - Host access to an object outside any mapping: [`VmObject::read`] and
+//!   [`VmObject::write`] by byte offset (across its non-contiguous frames;
+//!   not dirty-tracked), and [`VmObject::frame_runs`], its frames as runs
+//!   of contiguous frames (one host mapping per run instead of per page).
 //! - [`Arena`] and [`HostView`] are `Send + Sync`: plain descriptions of
 //!   shared mappings, used through raw addresses.
 //!
@@ -106,8 +165,9 @@
 //! `RUSTFLAGS="--cfg loom" cargo test -p vmspace --test loom --release`
 //! model-checks the protocol. `cargo bench -p vmspace --bench vmspace --
 //! --warm-up-time 1 --measurement-time 3` runs the criterion benchmarks
-//! (fault-in, hold+release scaling, map/unmap churn under holds, harvest
-//! against nested-pt alone).
+//! (fault-in, hold+release scaling, hold+release while another thread
+//! harvests back to back, map/unmap churn under holds, harvest against
+//! nested-pt alone).
 //!
 //! # Known gaps
 //!
@@ -144,6 +204,7 @@ extern crate alloc;
 
 mod client;
 mod error;
+mod host_view;
 mod object;
 mod protocol;
 mod reservoir;
@@ -153,6 +214,7 @@ mod view;
 
 pub use client::{HoldChain, OnCpu, PageHold, VmClient};
 pub use error::{Error, Invalid, NoSpace, Result};
+pub use host_view::{FrameRun, FrameRuns};
 pub use object::VmObject;
 pub use reservoir::{Arena, HeapReservoir, Reservoir, ReservoirStats};
 #[cfg(feature = "std")]
@@ -167,3 +229,8 @@ pub use nested_pt::{Gpa, MemType, Pfn, Prot, PteFormat, TablePages};
 
 /// Size of a page, in bytes.
 pub const PAGE_SIZE: u64 = 4096;
+
+/// The README's example, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -487,7 +487,9 @@ impl<L: RawLock> ClientShared<L> {
 
     /// Kick and wait for a vCPU still in guest context with a generation
     /// older than `generation`, then run the invalidation callback outside the
-    /// lock. Called while held.
+    /// lock. Called with the space lock held, with the client held (unmap,
+    /// tracking switch) or not (a harvest: the data path runs on, and
+    /// nothing here waits for it).
     pub(crate) fn invalidate(&self, generation: u64, inv: &Invalidation<'_>, hooks: &PanicSlot) {
         let stale = |s: u32| s & ON_CPU != 0 && self.cpu_gen.load(Acquire) < generation;
         // A read-modify-write, so it is ordered against `enter`'s.

@@ -29,13 +29,44 @@ pub struct SpaceConfig {
     /// inside the faulting mapping and its leaf table; 1 = just the page;
     /// rounded down to a power of two, at most 512).
     pub fault_around: u32,
+    /// Set the accessed bit on the fault-around neighbours a vCPU fault
+    /// maps (not on the faulting page, whose access the hardware records,
+    /// and never the dirty bit). A host that prefetches only translations
+    /// already marked accessed (KVM's shadow paging prefetches up to 8
+    /// neighbouring entries per fault, skipping those with A clear) can
+    /// then serve the neighbours without a fault each. The price is
+    /// accessed-bit precision: a neighbour the guest never touched reads
+    /// as accessed until the accessed bit is next cleared, so a clock that
+    /// reclaims pages whose bit stays clear keeps such a page one sweep
+    /// longer than it should. Dirty tracking is unaffected. No effect with
+    /// emulated A/D ([`PteFormat::ept_emulated_ad`]), where accessed is a
+    /// permission. Off by default.
+    pub fault_around_accessed: bool,
+    /// With `fault_around_accessed`, also set the dirty bit on those
+    /// neighbours when the fault is a write in a writable mapping and
+    /// dirty tracking is off at the time: a host that maps a clean entry
+    /// read-only (so that the first write sets the bit) can then map the
+    /// neighbours writable. Never while tracking is on (a harvest would
+    /// report pages nobody wrote); if tracking is switched on later, the
+    /// first harvest may report such pages (a superset, never a miss, as
+    /// for hardware A/D formats, see [`VmSpace::dirty_tracking`]). Off by
+    /// default.
+    pub fault_around_dirty_untracked: bool,
 }
 
 impl SpaceConfig {
     /// A space of `size` bytes with `format`, dirty tracking off, and a
-    /// fault-around window of 16 pages.
+    /// fault-around window of 16 pages whose neighbours are mapped with
+    /// the accessed bit clear.
     pub fn new(size: u64, format: PteFormat) -> Self {
-        SpaceConfig { size, format, track_dirty: false, fault_around: 16 }
+        SpaceConfig {
+            size,
+            format,
+            track_dirty: false,
+            fault_around: 16,
+            fault_around_accessed: false,
+            fault_around_dirty_untracked: false,
+        }
     }
 }
 
@@ -78,7 +109,9 @@ pub enum Cause<'a> {
         /// Byte offset in the object of the range's first page.
         offset: u64,
     },
-    /// Dirty bits of the range were read, cleared or set.
+    /// A harvest ([`DirtyOp::Reset`]) cleared dirty bits of the range (at
+    /// least one: a harvest that clears none, `Get` and `Set` invalidate
+    /// nothing). Told without the client held.
     Dirty,
     /// Dirty tracking was switched on or off (the whole space; the root
     /// pointer may have changed).
@@ -205,6 +238,11 @@ pub(crate) struct Inner<P: TablePages, L: RawLock> {
     /// Bits that mark a leaf dirty without granting write access.
     pub(crate) dirty_bits: u64,
     pub(crate) fault_around: u64,
+    /// Accessed bit preset on the neighbours a vCPU fault maps (0: none).
+    pub(crate) fault_around_accessed: u64,
+    /// Dirty bit preset as well on a write fault's neighbours while
+    /// tracking is off (0: never).
+    pub(crate) fault_around_dirty: u64,
     /// The fault path records accesses in software (emulated A/D).
     pub(crate) records_access: bool,
     pub(crate) generation: AtomicU64,
@@ -455,6 +493,19 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 root,
                 dirty_bits,
                 fault_around,
+                fault_around_accessed: if config.fault_around_accessed && !records_access(&config.format) {
+                    config.format.accessed_mask()
+                } else {
+                    0
+                },
+                fault_around_dirty: if config.fault_around_accessed
+                    && config.fault_around_dirty_untracked
+                    && !records_access(&config.format)
+                {
+                    config.format.dirty_mask()
+                } else {
+                    0
+                },
                 records_access: records_access(&config.format),
                 generation: AtomicU64::new(1),
                 map_seq: AtomicU64::new(0),
@@ -730,9 +781,13 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// Read-and-clear the dirty bits of `[gpa, gpa+len)` into `bitmap`
     /// (bit `i` of the bitmap, least significant first in each word, is
     /// page `gpa + i * 4096`; pages without a leaf read 0; the range's bits
-    /// are overwritten). Returns the number of dirty pages. Then bumps the
-    /// generation and invalidates clients, so vCPUs reload translations
-    /// whose dirty bit was cleared.
+    /// are overwritten). Returns the number of dirty pages. When it
+    /// cleared any bit, it then bumps the generation and invalidates
+    /// clients (kicking vCPUs in guest context on an older generation and
+    /// waiting until they leave), so vCPUs drop translations whose dirty
+    /// bit was cleared before it returns; a harvest that found nothing
+    /// dirty changes nothing and invalidates nothing. Clients are never
+    /// held: holds and faults of every client proceed while it runs.
     ///
     /// [`Error::Invalid`] for unaligned values, a zero length or a short
     /// bitmap; [`Error::Overflow`] when `gpa + len` overflows;
@@ -775,8 +830,14 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// operation (`Get`, `Reset`) or whether it is now marked (`Set`); a
     /// page without a leaf reports 0 (for `Set`: without a writable
     /// mapping). Returns the number of output bits set. Validation as in
-    /// [`VmSpace::track_dirty`]; afterwards the generation is bumped and
-    /// clients are invalidated.
+    /// [`VmSpace::track_dirty`].
+    ///
+    /// Only what cleared bits require is invalidated: `Reset` bumps the
+    /// generation and invalidates clients when it cleared a bit (not when
+    /// it found none); `Get` (which changes nothing) and `Set` (which only
+    /// adds leaves and sets bits: no cached translation contradicts that)
+    /// never do. No dirty operation holds clients: the data path runs on
+    /// during the scan and the invalidation.
     pub fn dirty_op(&self, op: DirtyOp, gpa: u64, len: u64, select: Option<&[u64]>, bitmap: &mut [u64]) -> Result<u64> {
         self.dirty_op_inner(op, gpa, len, select, bitmap, None)
     }
@@ -849,10 +910,25 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                     (DirtyOp::Set, sel) => Ok(self.set_dirty(d, gpa, len, sel, bitmap)),
                 })
             }?;
-            let cleared = frames.as_deref().map(|f| &f[first_frame..]);
-            let held = HeldAll::new(a);
-            inner.bump_gen_and_invalidate(held.0, gpa, len, Cause::Dirty, false, cleared);
-            drop(held);
+            // Only cleared bits need an invalidation: `Get` changes
+            // nothing, and `Set` only adds leaves and sets bits, which a
+            // cached translation cannot contradict (a vCPU that cached a
+            // clean translation sets the bit on its next write, finding it
+            // set). A `Reset` that cleared bits must make the clear
+            // effective before it returns: a vCPU may hold a cached
+            // writable translation of a page whose bit it cleared, and
+            // would keep writing through it without setting the bit again.
+            // The generation bump makes vCPUs flush before they next enter;
+            // those in guest context on an older generation are kicked and
+            // waited for; callbacks drop what a host mirrors (the cleared
+            // frames when collected). No client is held: the table and the
+            // mapping map do not change, so holds and faults of every
+            // client run on meanwhile (a release that sets a bit again
+            // after the scan is reported by the next harvest).
+            if op == DirtyOp::Reset && n > 0 {
+                let cleared = frames.as_deref().map(|f| &f[first_frame..]);
+                inner.bump_gen_and_invalidate(a, gpa, len, Cause::Dirty, false, cleared);
+            }
             Ok(n)
         })
     }

@@ -1,6 +1,6 @@
 //! A read-only view of a nested table.
 
-use nested_pt::{Gpa, NestedTable, PageSize, Pfn, Prot, PteFormat, TablePages, Walk};
+use nested_pt::{Gpa, NestedTable, PageSize, Pfn, Prot, PteFormat, TablePages, TablePagesIter, Walk};
 
 /// A present leaf, as a value: where it maps, its size and its entry as
 /// read (no reference to the entry, so nothing can be written through it).
@@ -72,6 +72,19 @@ impl<'a, P: TablePages> TableView<'a, P> {
     /// hardware would (never anything else).
     pub fn pages(&self) -> &'a P {
         self.table.pages()
+    }
+
+    /// The table pages in use (frame, level, first address covered), root
+    /// first (see `NestedTable::table_pages_iter`): for a provider or an
+    /// exporter that must know which of its frames hold the space's tables.
+    pub fn table_pages_iter(&self) -> TablePagesIter<'a> {
+        self.table.table_pages_iter()
+    }
+
+    /// The value of the entry at `level` (4: root .. 1: leaf table) that
+    /// translates `gpa` (see `NestedTable::read_entry` for the errors).
+    pub fn read_entry(&self, gpa: Gpa, level: u8) -> Result<u64, nested_pt::Error> {
+        self.table.read_entry(gpa, level)
     }
 
     /// The present leaf that maps `gpa`, as a value.

@@ -3,7 +3,9 @@
 //!
 //! - an unmap racing a hold (and its release);
 //! - an invalidation racing a vCPU entering guest context;
-//! - the destruction of the space racing the destruction of a client.
+//! - the destruction of the space racing the destruction of a client;
+//! - a harvest that clears a bit racing a vCPU entering guest context and
+//!   another client's hold and release (the harvest holds no client).
 //!
 //! What loom sees: the protocol's atomics (`active`, `state`, generations,
 //! sequence numbers, the held-page records) and the space's data and
@@ -188,5 +190,63 @@ fn map_races_fault_and_release() {
         assert_eq!(s.track_dirty(0, PG, &mut bm), Ok(1));
         client.fault(1 << 30 >> 1, Prot::WRITE).unwrap();
         assert_eq!(s.resident_count(), 2);
+    });
+}
+
+#[test]
+fn harvest_races_vcpu_entry_and_hold() {
+    // A harvest clears a dirty bit without holding any client: it must
+    // not return while a vCPU is in guest context on the generation from
+    // before the clear, and another client's hold and release run
+    // alongside (loom's cell tracking would report an exclusive access).
+    model(|| {
+        let r = StdArc::new(HeapReservoir::new(2 * PG, Pfn(0x1000)).unwrap());
+        let o = VmObject::ram(r, 2 * PG).unwrap();
+        let s = Arc::new(space(true));
+        s.map(&o, 0, 0, 2 * PG, Prot::RW).unwrap();
+        s.populate(0, 2 * PG).unwrap();
+        let data = s.client();
+        data.hold(0, Prot::RW).unwrap().release();
+        let old_gen = s.table_gen();
+        let stale = Arc::new(AtomicBool::new(false));
+        let kicks = Arc::new(AtomicU64::new(0));
+        let vcpu = {
+            let (s, stale, kicks) = (s.clone(), stale.clone(), kicks.clone());
+            loom::thread::spawn(move || {
+                let c = s.client();
+                let k = kicks.clone();
+                c.set_kick(Some(move |_| {
+                    k.fetch_add(1, Ordering::SeqCst);
+                }));
+                let g = c.table_enter(0).unwrap();
+                if g.generation() == old_gen {
+                    stale.store(true, Ordering::SeqCst);
+                    while kicks.load(Ordering::SeqCst) == 0 {
+                        loom::thread::yield_now();
+                    }
+                }
+                stale.store(false, Ordering::SeqCst);
+                g.exit();
+            })
+        };
+        let holder = loom::thread::spawn(move || {
+            let h = data.hold(PG, Prot::RW).unwrap();
+            h.write_u64(0, 1).unwrap();
+            assert!(!h.release());
+            data
+        });
+        let mut bm = [0u64];
+        let n = s.track_dirty(0, 2 * PG, &mut bm).unwrap();
+        assert!(n >= 1 && bm[0] & 1 == 1, "page 0 was dirty");
+        assert!(!stale.load(Ordering::SeqCst), "harvest returned with a vCPU on a stale generation");
+        assert_eq!(s.table_gen(), old_gen + 1);
+        let data = holder.join().unwrap();
+        vcpu.join().unwrap();
+        // Page 1's mark is either in the first harvest or in this one.
+        let mut bm2 = [0u64];
+        s.track_dirty(0, 2 * PG, &mut bm2).unwrap();
+        assert_eq!((bm[0] | bm2[0]) & 2, 2, "the release's dirty bit was lost");
+        assert_eq!(bm2[0] & 1, 0);
+        drop(data);
     });
 }

@@ -22,6 +22,21 @@ pub fn inb(port: u16) -> u8 {
     v
 }
 
+/// Write a 32-bit value to an I/O port (PCI configuration space).
+pub fn outl(port: u16, val: u32) {
+    // SAFETY: used for the PCI configuration address and data ports only,
+    // which have no memory side effects beyond the devices' registers.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") val, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Read a 32-bit value from an I/O port (PCI configuration space).
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as for `outl`.
+    unsafe { asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
 const COM1: u16 = 0x3F8;
 
 /// Program COM1 for 115200 8N1 without interrupts.

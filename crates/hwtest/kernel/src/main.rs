@@ -14,6 +14,7 @@ mod cpu;
 mod guest;
 mod hv;
 mod io;
+mod iommu;
 mod layout;
 mod quirks;
 mod rt;
@@ -33,6 +34,11 @@ extern "C" fn kmain() -> ! {
     let phys_bits = cpu::phys_bits();
     for q in quirks::ALL {
         kprintln!("INFO known-quirk {} ({}): {}", q.name, q.emulator, q.what);
+    }
+    // Under QEMU q35 with an IOMMU and the `edu` device: the DMA suite.
+    if let Some(failed) = iommu::run() {
+        kprintln!("END {}", if failed == 0 { "PASS" } else { "FAIL" });
+        io::exit(if failed == 0 { 0 } else { 1 });
     }
     let failed = if svm::supported() {
         let page_1g = cpu::cpuid(0x8000_0001, 0).3 & (1 << 26) != 0;

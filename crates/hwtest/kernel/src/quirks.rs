@@ -70,8 +70,41 @@ pub const QEMU_1G_LEAF_A_ON_FAULT: Quirk = Quirk {
 };
 
 /// Every quirk, for the INFO listing.
-pub const ALL: [Quirk; 4] =
-    [QEMU_NPF_RSV_WITHOUT_P, QEMU_FAULT_WALK_SETS_A, QEMU_1G_LEAF_A_ON_FAULT, BOCHS_EPT_LARGE_LEAF_BIT12_IGNORED];
+pub const ALL: [Quirk; 6] = [
+    QEMU_NPF_RSV_WITHOUT_P,
+    QEMU_FAULT_WALK_SETS_A,
+    QEMU_1G_LEAF_A_ON_FAULT,
+    BOCHS_EPT_LARGE_LEAF_BIT12_IGNORED,
+    QEMU_VTD_IOTLB_HIT_NO_FAULT_RECORD,
+    QEMU_AMDVI_NO_EVENT_LOGGED,
+];
+
+/// QEMU 7.2's AMD-Vi (`hw/i386/amd_iommu.c`) refuses a DMA whose walk
+/// fails (nothing reaches memory, and its `amdvi_page_fault` trace event
+/// fires once per 4-byte access) but no IO_PAGE_FAULT entry reaches the
+/// event log, although the status register shows the log running
+/// (EventLogRun) without overflow. AMD IOMMU spec §2.5.3: a faulting
+/// untranslated request is logged as IO_PAGE_FAULT. Evidence: the
+/// `-trace amdvi_*` output of a `qemu-amdvi` run. Accepted where the model
+/// predicts a fault and (for writes) the memory stayed untouched.
+pub const QEMU_AMDVI_NO_EVENT_LOGGED: Quirk = Quirk {
+    name: "QEMU_AMDVI_NO_EVENT_LOGGED",
+    emulator: "qemu-amdvi",
+    what: "a faulting DMA is refused but no IO_PAGE_FAULT event is logged (spec: logged)",
+};
+
+/// QEMU's VT-d (7.2, `hw/i386/intel_iommu.c`) records a fault only when its
+/// page walk fails; a DMA whose translation comes from its IOTLB with too
+/// little permission (a write through a cached read-only translation) is
+/// refused without a fault record. VT-d spec §7.1.3: a request that lacks
+/// the permission is a non-recoverable fault (reason 0x5 for a write) and
+/// is recorded whether or not the translation was cached. The iommu suite
+/// (`iommu.rs`) accepts it only where the write reached no memory.
+pub const QEMU_VTD_IOTLB_HIT_NO_FAULT_RECORD: Quirk = Quirk {
+    name: "QEMU_VTD_IOTLB_HIT_NO_FAULT_RECORD",
+    emulator: "qemu-vtd",
+    what: "a DMA refused by a cached IOTLB translation records no fault (VT-d: reason 0x5)",
+};
 
 /// What a quirk check needs to see.
 pub struct Ctx<'a> {

@@ -110,8 +110,11 @@ fn access(k: u8) -> Access {
     [Access::Read, Access::Write, Access::Execute][k as usize % 3]
 }
 
-fn prot_for(k: u8) -> Prot {
-    [Prot::READ, Prot::RW, Prot::RX, Prot::RWX][k as usize % 4]
+/// Protection number `k` as the format can express it (the IOMMU formats
+/// have no execute permission: R, RW, R, RW).
+fn prot_for(k: u8, fmt: &PteFormat) -> Prot {
+    let p = [Prot::READ, Prot::RW, Prot::RX, Prot::RWX][k as usize % 4];
+    if fmt.is_iommu() { p - Prot::EXEC } else { p }
 }
 
 fn region(r: u8) -> usize {
@@ -292,7 +295,7 @@ pub fn run(fmt: PteFormat, ops: &[Op]) -> Result<(), String> {
                 }
                 let size = REGIONS[r].2;
                 let gpa = Model::page(r, p as u64);
-                let prot = prot_for(k);
+                let prot = prot_for(k, &fmt);
                 next_pfn += size.pages();
                 let pfn = next_pfn & !(size.pages() - 1);
                 let got = if matches!(op, Op::MapExclusive(..)) {
@@ -318,7 +321,7 @@ pub fn run(fmt: PteFormat, ops: &[Op]) -> Result<(), String> {
                 let pages = len / K4;
                 let bad = bad.map(|b| b as u64 % pages);
                 let skip = skip as u64 % 4;
-                let prot = prot_for(k);
+                let prot = prot_for(k, &fmt);
                 let base = next_pfn;
                 next_pfn += pages;
                 let frame_of = |i: u64| -> Option<u64> {
@@ -481,7 +484,13 @@ pub fn run(fmt: PteFormat, ops: &[Op]) -> Result<(), String> {
                 let (_, _, size) = REGIONS[r];
                 let base = Model::page(r, p as u64);
                 let off = (p as u64 * 0x1f8) % size.bytes();
-                let a = access(a);
+                // DMA has no execute: an IOMMU refuses a fetch at the first
+                // present level (tests/iommu.rs checks that); the model
+                // walks data accesses.
+                let a = match access(a) {
+                    Access::Execute if fmt.is_iommu() => Access::Read,
+                    a => a,
+                };
                 let got = mmu::translate(t.pages(), &fmt, t.root(), Gpa(base + off), a, ad);
                 let hw_ad = fmt.kind() == FormatKind::Npt || (ad && fmt.kind() == FormatKind::Ept);
                 let ent = m.leaves.get(&base).copied();
@@ -507,6 +516,15 @@ pub fn run(fmt: PteFormat, ops: &[Op]) -> Result<(), String> {
                         }
                     }
                 }
+            }
+        }
+        // The IOMMU formats have no accessed or dirty bits: nothing the
+        // step did may have set any.
+        if fmt.is_iommu() {
+            for e in m.leaves.values_mut() {
+                e.acc = false;
+                e.wbit = false;
+                e.sdirty = false;
             }
         }
         // Every observable after every step.

@@ -64,8 +64,45 @@
 //! every target and the VMM decides. SMI and `ExtINT` are dropped, as is the
 //! I/O APIC's reserved delivery mode `110`.
 //!
+//! # Wired to vCPUs
+//!
+//! [`system::IntrSystem`] runs these models under a VM: it is the
+//! machine's MMIO device for the LAPIC page, the I/O APIC and the HPET
+//! (accesses are nested faults on unmapped guest addresses, emulated by
+//! [`crate::emul`]), its [`crate::machine::InterruptSource`] (before each
+//! entry the vCPU loop injects the pending vector through the backend, or
+//! asks for an interrupt-window exit while the guest has IF clear), the
+//! kicker of vCPUs that got an interrupt from elsewhere (IPIs, MSIs, the
+//! I/O APIC, timers), and the host timer (one thread sleeping until
+//! [`Interrupts::next_deadline`]). The runtime's IDT sends vectors
+//! `0x20..=0xff` (but the flush vector `0x40`) to stubs that log them; the
+//! guest's script mode ([`crate::guest::ScriptOp`]) EOIs through the LAPIC
+//! page. On KVM this is tested end to end (`vmm-kvm`'s `interrupts` tests:
+//! an HPET level interrupt on pin 20 re-injected after an EOI while
+//! asserted and not after its status is cleared, an asserted masked pin
+//! delivered when unmasked, IPIs between three vCPUs and an IPI
+//! ping-pong, MSIs by destination mode across four and lowest-priority
+//! arbitration, task priority, the LAPIC timer), and against KVM's
+//! in-kernel LAPIC and I/O APIC ([`system::IntrSystem::with_external`]
+//! keeps only our HPET, driving KVM's lines): IPIs, the ping-pong, MSIs,
+//! task priority and the LAPIC timer agree. The level-triggered sequence cannot be compared on our
+//! hosts: there (`kvm_pvm`, kernel 6.18) KVM's in-kernel LAPIC leaves ISR
+//! and PPR at 0 once a vector is delivered, before any EOI, so an asserted
+//! level vector is re-sent without end (10,000 times, KVM's storm guard);
+//! a probe (a self-IPI, ISR read before the EOI) detects this and the
+//! level differential says it skipped.
+//!
 //! # Known gaps
 //!
+//! * Not wired: NMIs ([`Interrupts::take_nmi`]) and INIT/SIPI
+//!   ([`CpuEvent`]) are not acted on by the vCPU loop; `vmm run` does not
+//!   build an [`system::IntrSystem`] (it gives the machine's one MMIO
+//!   device slot to the PCI platform; [`system::MmioChain`] lets both
+//!   share it); snapshots of a running system are not taken (the
+//!   [`Interrupts`] inside can be, between runs).
+//! * Delivery costs a nested fault per LAPIC access (EOI, ICR) and a kick
+//!   per cross-vCPU interrupt: no posted interrupts, no APIC-access page,
+//!   no paravirtual EOI.
 //! * No x2APIC (MSR access, 32-bit IDs), no APIC base MSR relocation, no
 //!   TSC-deadline timer, no 8259 PIC / ExtINT, no CR8 accessors (TPR is
 //!   reachable through MMIO only); INIT/SIPI are only reported
@@ -82,6 +119,7 @@ pub mod hpet;
 pub mod ioapic;
 pub mod lapic;
 pub mod msi;
+pub mod system;
 
 use serde::{Deserialize, Serialize};
 
