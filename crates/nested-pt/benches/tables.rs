@@ -15,7 +15,8 @@
 //! order): `populate` (peers have no populate: they map one page per 2 MiB,
 //! which creates the same tables), `map_in_order` and `map_random` (per
 //! page, into existing tables), `lookup_random` and `lookup_seq` (frame and
-//! protection of every page), `harvest_10pct` (read and clear the dirty
+//! protection of every page; `ours` is `is_mapped`, `ours_cur` the same
+//! through a `lookup_cursor`), `harvest_10pct` (read and clear the dirty
 //! bits of a range where every tenth page is dirty; `ptm` has no dirty
 //! bits, `x86` walks its tables by hand), `unmap_vacate` (unmap every page
 //! and free the tables; `ptm` unmaps per page and frees on drop) and
@@ -77,8 +78,8 @@ fn report() {
     }
     println!("\nmedian ns/page (ratio = our best form / best peer; harvest: bandwidth reference / ours)");
     println!(
-        "{:<16} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9}  ratio",
-        "workload", "size", "ours", "ours_sh", "ptm", "x86", "bw_ref"
+        "{:<16} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  ratio (cursor)",
+        "workload", "size", "ours", "ours_sh", "ours_cur", "ptm", "x86", "bw_ref"
     );
     let bw: BTreeMap<String, f64> = rows
         .iter()
@@ -105,10 +106,15 @@ fn report() {
             String::new()
         };
         let bws = bw.get(size).map_or("-".to_string(), |v| format!("{v:.3}"));
+        let cur = match (m.get("ours_cur"), peer) {
+            (Some(c), Some(p)) => format!(" ({:.2})", c / p),
+            _ => String::new(),
+        };
         println!(
-            "{work:<16} {size:<6} {:>9} {:>9} {:>9} {:>9} {:>9}  {ratio}{bwr}",
+            "{work:<16} {size:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {ratio}{cur}{bwr}",
             f("ours"),
             f("ours_sh"),
+            f("ours_cur"),
             f("ptm"),
             f("x86"),
             bws
@@ -607,6 +613,23 @@ fn benches(c: &mut Criterion) {
                         let mut acc = 0u64;
                         for &p in ord {
                             let (pfn, prot) = t.is_mapped(Gpa(p as u64 * K4)).unwrap();
+                            acc = acc.wrapping_add(pfn.0 ^ prot.bits() as u64);
+                        }
+                        acc
+                    },
+                );
+                bench(
+                    g,
+                    sz,
+                    work,
+                    "ours_cur",
+                    pages,
+                    || (),
+                    |_| {
+                        let mut acc = 0u64;
+                        let mut c = t.lookup_cursor();
+                        for &p in ord {
+                            let (pfn, prot) = c.is_mapped(Gpa(p as u64 * K4)).unwrap();
                             acc = acc.wrapping_add(pfn.0 ^ prot.bits() as u64);
                         }
                         acc

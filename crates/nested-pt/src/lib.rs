@@ -99,7 +99,7 @@ mod table;
 
 pub use format::{Caps, FormatKind, PteFormat};
 pub use pages::{CountingPages, HeapPages, PhysPages, TablePages};
-pub use table::{Leaf, Leaves, NestedTable, Walk, WalkStep};
+pub use table::{Leaf, Leaves, LookupCursor, NestedTable, Walk, WalkStep};
 
 use core::fmt;
 

@@ -192,6 +192,101 @@ impl<'a> Leaf<'a> {
     }
 }
 
+/// Where [`NestedTable::descend`] stopped.
+enum Descent<'a> {
+    /// At the leaf table (level 1) that holds the address's entry.
+    Table(&'a Table),
+    /// At a present large leaf: its entry, page size and value.
+    Large(&'a AtomicU64, PageSize, u64),
+    /// At a non-present entry (or an address past the 48-bit space).
+    Absent,
+}
+
+/// The present 4 KiB leaf for `g` in its leaf table `t`, read with
+/// acquire ordering.
+#[inline(always)]
+fn leaf_4k<K: Kind>(t: &Table, g: u64) -> Option<(&AtomicU64, PageSize, u64)> {
+    let s1 = &t[index(1, g)];
+    let e1 = s1.load(Ordering::Acquire);
+    if e1 & K::PRESENT == 0 {
+        return None;
+    }
+    Some((s1, PageSize::Size4K, e1))
+}
+
+/// Frame of the 4 KiB page holding `g` and protection, from the present
+/// leaf value `v` of a page of `size` (`am`: the format's address mask).
+#[inline(always)]
+fn decode<K: Kind>(am: u64, g: u64, size: PageSize, v: u64) -> (Pfn, Prot) {
+    if size == PageSize::Size4K {
+        return (Pfn((v & am) >> 12), K::prot(v));
+    }
+    // The host address: the leaf's page base (its low bits are PAT or
+    // reserved in large leaves) plus the offset into it.
+    let low = size.bytes() - 1;
+    let hpa = (v & am & !low) | (g & low);
+    (Pfn(hpa >> 12), K::prot(v))
+}
+
+/// Lookups that remember the last leaf table they used; see
+/// [`NestedTable::lookup_cursor`].
+///
+/// The cursor borrows the table, so no table page can be freed while it
+/// lives (that takes `&mut`) and the leaf table it remembers stays the one
+/// the tree holds for that 2 MiB: populate and vacate cannot run, and no
+/// `&self` operation of the tree replaces a table entry (maps fill empty
+/// entries, unmaps clear leaves). What it does not see is a table entry
+/// rewritten by its user through [`NestedTable::entry`] after the cursor
+/// passed it: lookups keep using the leaf table they found (a page of this
+/// table either way, so nothing unsafe follows). Each result is read from
+/// the leaf entry at the time of the call, as with [`NestedTable::lookup`].
+pub struct LookupCursor<'a, P: TablePages> {
+    t: &'a NestedTable<P>,
+    /// `gpa >> 21` of the remembered leaf table; `u64::MAX` (which no
+    /// address matches) before the first 4 KiB leaf is found.
+    tag: u64,
+    /// The remembered leaf table (the root until one is found).
+    leaf: &'a Table,
+}
+
+impl<'a, P: TablePages> LookupCursor<'a, P> {
+    /// What [`NestedTable::is_mapped`] returns for `gpa`.
+    #[inline]
+    pub fn is_mapped(&mut self, gpa: Gpa) -> Option<(Pfn, Prot)> {
+        let fmt = &self.t.fmt;
+        with_kind!(fmt, K => {
+            let (_, size, v) = self.find::<K>(gpa.0)?;
+            Some(decode::<K>(fmt.addr_mask(), gpa.0, size, v))
+        })
+    }
+
+    /// What [`NestedTable::lookup`] returns for `gpa`.
+    #[inline]
+    pub fn lookup(&mut self, gpa: Gpa) -> Option<Leaf<'a>> {
+        let fmt = &self.t.fmt;
+        let (entry, size, _) = with_kind!(fmt, K => self.find::<K>(gpa.0))?;
+        Some(Leaf { gpa: Gpa(gpa.0 & !(size.bytes() - 1)), size, entry, fmt })
+    }
+
+    #[inline(always)]
+    fn find<K: Kind>(&mut self, g: u64) -> Option<(&'a AtomicU64, PageSize, u64)> {
+        // `tag` is below 2^27 once set, so an address past the 48-bit
+        // space never matches it.
+        if g >> 21 == self.tag {
+            return leaf_4k::<K>(self.leaf, g);
+        }
+        match self.t.descend::<K>(g) {
+            Descent::Table(t) => {
+                self.tag = g >> 21;
+                self.leaf = t;
+                leaf_4k::<K>(t, g)
+            }
+            Descent::Large(s, size, e) => Some((s, size, e)),
+            Descent::Absent => None,
+        }
+    }
+}
+
 /// A four-level nested page table.
 pub struct NestedTable<P: TablePages> {
     fmt: PteFormat,
@@ -239,8 +334,12 @@ impl<P: TablePages> NestedTable<P> {
 
     #[inline(always)]
     fn root_table(&self) -> &Table {
-        // The root page is allocated for the table's whole life and its
-        // pointer was checked non-null in `new`.
+        let p = self.pages.ptr(self.root.pfn);
+        // SAFETY: the root page is allocated in `new` and freed only in
+        // `drop`, and the `TablePages` contract makes `ptr` of an
+        // allocated frame non-null (`new` checked it too). Stating it lets
+        // the compiler drop the provider's range check on the root.
+        unsafe { core::hint::assert_unchecked(!p.is_null()) };
         table_of(&self.pages, self.root.pfn).expect("root table page")
     }
 
@@ -640,78 +739,95 @@ impl<P: TablePages> NestedTable<P> {
     }
 
     /// The present leaf entry that maps `g`, the size of its page and the
-    /// value read from it, for the format kind `K`.
+    /// value read from it, for the format kind `K`: [`descend`](Self::descend)
+    /// and, for a 4 KiB page, one acquire load of the leaf.
+    #[inline(always)]
+    fn find<K: Kind>(&self, g: u64) -> Option<(&AtomicU64, PageSize, u64)> {
+        match self.descend::<K>(g) {
+            Descent::Table(t) => leaf_4k::<K>(t, g),
+            Descent::Large(s, size, e) => Some((s, size, e)),
+            Descent::Absent => None,
+        }
+    }
+
+    /// Walks from the root towards `g` for the format kind `K` and stops
+    /// at the leaf table (level 1) that holds `g`'s entry, at a large leaf,
+    /// or at a non-present entry.
     ///
     /// Unrolled: the levels are known, so each step is a load, a mask test
-    /// and an address computation with immediate masks, with nothing
-    /// between lookups that stops the processor overlapping their cache
-    /// misses. Each table pointer still goes through the provider's `ptr`
-    /// (a compare and an add for the arena providers): entries are
-    /// reachable for writing through [`entry`](Self::entry), so a table
-    /// entry is not trusted to name one of the provider's pages.
+    /// with the format's present bit as an immediate, and an address
+    /// computation, with nothing between lookups that stops the processor
+    /// overlapping their cache misses. Each table pointer still goes
+    /// through the provider's `ptr` (for the arena providers a subtraction
+    /// and one compare on the entry's address field, beside the walk's
+    /// critical path): entries are reachable for writing through
+    /// [`entry`](Self::entry) and through the `entry` of a large [`Leaf`],
+    /// so safe code can put any value in a table entry and an entry is not
+    /// trusted to name one of the provider's pages. The root is: it is
+    /// allocated for the table's whole life.
     ///
     /// Table entries are read relaxed: tables are created and freed only
     /// under `&mut self`, so a walk under `&self` is already ordered after
-    /// the stores that made the tables it meets, and the compiler may keep
-    /// the provider's fields and the root pointer in registers across
-    /// walks. The leaf's read is an acquire (a fence for large leaves), so
-    /// a caller that sees a mapping sees what the mapping thread did
+    /// the stores that made the tables it meets. A large leaf's read is
+    /// followed by an acquire fence, as a 4 KiB leaf's read is an acquire,
+    /// so a caller that sees a mapping sees what the mapping thread did
     /// before it mapped.
     #[inline(always)]
-    fn find<K: Kind>(&self, g: u64) -> Option<(&AtomicU64, PageSize, u64)> {
+    fn descend<K: Kind>(&self, g: u64) -> Descent<'_> {
         if g >= GPA_LIMIT {
-            return None;
+            return Descent::Absent;
         }
-        // Clearing the low bits again is free and tells the compiler the
-        // frame-to-address round trip is a no-op.
         let am = self.fmt.addr_mask() & !0xfff;
         let e4 = self.root_table()[index(4, g)].load(Ordering::Relaxed);
         if e4 & K::PRESENT == 0 {
-            return None;
+            return Descent::Absent;
         }
-        let s3 = &self.table(Pfn((e4 & am) >> 12))?[index(3, g)];
+        let Some(t3) = self.table(Pfn((e4 & am) >> 12)) else { return Descent::Absent };
+        let s3 = &t3[index(3, g)];
         let e3 = s3.load(Ordering::Relaxed);
         if e3 & K::PRESENT == 0 {
-            return None;
+            return Descent::Absent;
         }
         if e3 & LARGE != 0 {
-            // A leaf: its read is an acquire, as for a 4 KiB leaf.
             fence(Ordering::Acquire);
-            return Some((s3, PageSize::Size1G, e3));
+            return Descent::Large(s3, PageSize::Size1G, e3);
         }
-        let s2 = &self.table(Pfn((e3 & am) >> 12))?[index(2, g)];
+        let Some(t2) = self.table(Pfn((e3 & am) >> 12)) else { return Descent::Absent };
+        let s2 = &t2[index(2, g)];
         let e2 = s2.load(Ordering::Relaxed);
         if e2 & K::PRESENT == 0 {
-            return None;
+            return Descent::Absent;
         }
         if e2 & LARGE != 0 {
             fence(Ordering::Acquire);
-            return Some((s2, PageSize::Size2M, e2));
+            return Descent::Large(s2, PageSize::Size2M, e2);
         }
-        let s1 = &self.table(Pfn((e2 & am) >> 12))?[index(1, g)];
-        let e1 = s1.load(Ordering::Acquire);
-        if e1 & K::PRESENT == 0 {
-            return None;
+        match self.table(Pfn((e2 & am) >> 12)) {
+            Some(t1) => Descent::Table(t1),
+            None => Descent::Absent,
         }
-        Some((s1, PageSize::Size4K, e1))
     }
 
     /// The frame backing the 4 KiB page that contains `gpa`, and the
-    /// protection, when mapped: one walk and one read of the leaf.
+    /// protection, when mapped: one walk and one read of the leaf (frame
+    /// and protection are decoded from that one value). For runs of
+    /// lookups near each other, [`lookup_cursor`](Self::lookup_cursor)
+    /// skips the walk while they stay in one leaf table.
     #[inline]
     pub fn is_mapped(&self, gpa: Gpa) -> Option<(Pfn, Prot)> {
         with_kind!(self.fmt, K => {
             let (_, size, v) = self.find::<K>(gpa.0)?;
-            let am = self.fmt.addr_mask();
-            if size == PageSize::Size4K {
-                return Some((Pfn((v & am) >> 12), K::prot(v)));
-            }
-            // The host address: the leaf's page base (its low bits are
-            // PAT or reserved in large leaves) plus the offset into it.
-            let low = size.bytes() - 1;
-            let hpa = (v & am & !low) | (gpa.0 & low);
-            Some((Pfn(hpa >> 12), K::prot(v)))
+            Some(decode::<K>(self.fmt.addr_mask(), gpa.0, size, v))
         })
+    }
+
+    /// A lookup cursor: [`is_mapped`](LookupCursor::is_mapped) and
+    /// [`lookup`](LookupCursor::lookup) that remember the leaf table of
+    /// the last 4 KiB page they found and go straight to it while the
+    /// addresses stay in its 2 MiB, walking from the root only when they
+    /// leave it (sequential scans walk once per 512 pages).
+    pub fn lookup_cursor(&self) -> LookupCursor<'_, P> {
+        LookupCursor { t: self, tag: u64::MAX, leaf: self.root_table() }
     }
 
     /// The entries on the path to `gpa`, root first, ending at a leaf or a
