@@ -974,14 +974,16 @@ impl<P: TablePages> NestedTable<P> {
     }
 
     /// [`dirty_pass`](Self::dirty_pass) specialized for the format kind
-    /// `K`. Each leaf table's entries are read 64 at a time with plain
-    /// loads, their dirty bits gathered into one word without branches
-    /// (eight at a time, with constant shifts), and only the entries that
-    /// read dirty are then cleared (a locked AND for `Clear::Locked`). An
-    /// entry that reads clean is not written, so a dirty bit the hardware
-    /// or another thread sets after the read is kept for the next pass; one
-    /// that reads dirty is cleared by an atomic AND of that bit alone, so
-    /// the other bits set meanwhile are kept too.
+    /// `K`. Each leaf table's entries are read with plain vector loads
+    /// (equivalent to relaxed atomic loads; see `dirty64`), their dirty
+    /// bits gathered 64 to a word without branches, and only then are the
+    /// entries that read dirty cleared (a locked AND for `Clear::Locked`).
+    /// An entry that reads clean is not written, so a dirty bit the
+    /// hardware or another thread sets after the read is kept for the next
+    /// pass; one that reads dirty is cleared by an atomic AND of that bit
+    /// alone, so the other bits set meanwhile are kept too (a dirty bit set
+    /// again between the read and the clear is the same dirty state,
+    /// reported by this pass).
     #[inline(always)]
     fn dirty_pass_k<K: Kind>(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: Clear) -> Result<u64, Error> {
         let end = check_range(gpa, len, PageSize::Size4K)?;
@@ -993,56 +995,48 @@ impl<P: TablePages> NestedTable<P> {
         fill_bits(bitmap, 0, pages, false);
         let dmask = K::DIRTY;
         let mut count = 0;
-        // Clears the entries of `chunk` whose bit is set in `word`.
-        let clear_dirty = |chunk: &[AtomicU64], word: u64| {
-            let mut w = if clear == Clear::No { 0 } else { word };
-            while w != 0 {
-                if let Some(e) = chunk.get(w.trailing_zeros() as usize) {
-                    if clear == Clear::Plain {
-                        e.store(e.load(Ordering::Relaxed) & !dmask, Ordering::Relaxed);
-                    } else {
-                        e.fetch_and(!dmask, Ordering::AcqRel);
-                    }
-                }
-                w &= w - 1;
-            }
-        };
         self.for_each_leaf_table(gpa, len, |base, entries, size| {
             if size == PageSize::Size4K {
-                // Leaf-table slices start inside the range.
+                // Leaf-table slices start inside the range. First the
+                // dirty bits of the whole slice, 64 entries to a word,
+                // with loads only (no locked operation in between to hold
+                // the next loads back); then the clears, for the entries
+                // that read dirty.
                 let first = (base.0 - gpa.0) >> 12;
-                let mut chunks = entries.chunks_exact(64);
-                let mut c = 0;
-                for chunk in &mut chunks {
-                    let mut word = 0u64;
-                    for (j, group) in chunk.chunks_exact(8).enumerate() {
-                        let byte = if dmask.count_ones() == 1 {
-                            dirty8(group, dmask.trailing_zeros())
-                        } else {
-                            let mut byte = 0u64;
-                            for (k, e) in group.iter().enumerate() {
-                                byte |= K::dirty_bit(e.load(Ordering::Relaxed)) << k;
-                            }
-                            byte
-                        };
-                        word |= byte << (8 * j);
+                let mut words = [0u64; ENTRIES / 64];
+                let full = dirty_words::<K>(entries, &mut words);
+                for (i, e) in entries.iter().enumerate().skip(full) {
+                    if let Some(w) = words.get_mut(i / 64) {
+                        *w |= K::dirty_bit(e.load(Ordering::Relaxed)) << (i % 64);
                     }
+                }
+                for (c, &word) in words.iter().enumerate().take(entries.len().div_ceil(64)) {
                     if word != 0 {
-                        clear_dirty(chunk, word);
-                        count += word.count_ones() as u64;
-                        or_word(bitmap, first + c * 64, word);
+                        let chunk = &entries[c * 64..];
+                        let mut w = word;
+                        match clear {
+                            Clear::Plain => {
+                                while w != 0 {
+                                    if let Some(e) = chunk.get(w.trailing_zeros() as usize) {
+                                        e.store(e.load(Ordering::Relaxed) & !K::DIRTY, Ordering::Relaxed);
+                                    }
+                                    count += 1;
+                                    w &= w - 1;
+                                }
+                            }
+                            Clear::Locked => {
+                                while w != 0 {
+                                    if let Some(e) = chunk.get(w.trailing_zeros() as usize) {
+                                        e.fetch_and(!K::DIRTY, Ordering::AcqRel);
+                                    }
+                                    count += 1;
+                                    w &= w - 1;
+                                }
+                            }
+                            Clear::No => count += word.count_ones() as u64,
+                        }
+                        or_word(bitmap, first + c as u64 * 64, word);
                     }
-                    c += 1;
-                }
-                let rest = chunks.remainder();
-                let mut word = 0u64;
-                for (i, e) in rest.iter().enumerate() {
-                    word |= K::dirty_bit(e.load(Ordering::Relaxed)) << i;
-                }
-                if word != 0 {
-                    clear_dirty(rest, word);
-                    count += word.count_ones() as u64;
-                    or_word(bitmap, first + c * 64, word);
                 }
             } else if entries[0].load(Ordering::Relaxed) & dmask != 0 {
                 // A large leaf. `check_no_split` refused one cutting the
@@ -1489,61 +1483,84 @@ fn prefetch_table(p: *const u64) {
     let _ = p;
 }
 
-/// Bit `k` of the result is bit `bit` of `group[k]`: the dirty bits of
-/// eight entries, read as eight relaxed loads would read them.
+/// Puts the dirty state of `entries[k]` for the format kind `K` in bit
+/// `k % 64` of `words[k / 64]`, read as relaxed loads would read it, for
+/// the leading entries it handles in blocks of 16; returns how many it
+/// handled (a multiple of 16; the caller reads the rest one by one).
+/// `words` must be zero.
 #[inline(always)]
-fn dirty8(group: &[AtomicU64], bit: u32) -> u64 {
+fn dirty_words<K: Kind>(entries: &[AtomicU64], words: &mut [u64; ENTRIES / 64]) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if group.len() == 8 && bit < 64 {
-        let mask: u64;
-        // SAFETY: the block reads the 64 bytes of `group` (eight entries of
-        // a live table page, 8-byte aligned, valid for reads while the
-        // borrow lasts) with four 16-byte SSE2 loads and writes no memory.
-        // Other threads and the hardware change entries only with atomic
-        // operations, and x86 reads every naturally aligned quadword of a
-        // vector load atomically (a wide load may be split into several
-        // accesses, never inside an aligned quadword), so the block is
-        // equivalent to eight relaxed atomic loads, which may race with
-        // those writes. SSE2 is part of the x86-64 baseline. The entries'
-        // dirty bits are shifted to bit 63 of each quadword, the high
-        // dwords of each pair of vectors gathered, and their sign bits
-        // read out, entry `k` to bit `k`.
+    if K::DIRTY.count_ones() == 1 && K::DIRTY.trailing_zeros() < 32 {
+        let blocks = entries.len().min(ENTRIES) / 16;
+        if blocks == 0 {
+            return 0;
+        }
+        let shift = 31 - K::DIRTY.trailing_zeros();
+        // SAFETY: the block reads the first `blocks * 16` entries of
+        // `entries` (at most 512, of a live table page, 8-byte aligned,
+        // valid for reads while the borrow lasts) with unaligned 16-byte
+        // SSE2 loads, and writes `blocks` 16-bit masks into `words` (at
+        // most 32, its 64 bytes). Other threads and the hardware change
+        // entries only with atomic operations, and x86 reads every
+        // naturally aligned quadword of a vector load atomically (a wide
+        // load may be split into several accesses, never inside an aligned
+        // quadword), so the reads are equivalent to relaxed atomic loads,
+        // which may race with those writes. SSE2 is part of the x86-64
+        // baseline. For each 16 entries: the low dwords of four pairs
+        // gathered (`shufps`; the dirty bit is below bit 32), shifted so
+        // the dirty bit is each dword's sign, and narrowed with signed
+        // saturation (which keeps the sign) to one byte per entry, whose
+        // signs `pmovmskb` reads out, entry `k` to bit `k`; the masks are
+        // stored little-endian, so 16-bit mask `j` is bits `16 (j % 4)..`
+        // of word `j / 4`.
         unsafe {
             core::arch::asm!(
-                "movq {n}, {sh}",
+                "movd {n}, {sh:e}",
+                "2:",
                 "movdqu {a}, [{p}]",
-                "movdqu {b}, [{p} + 16]",
-                "movdqu {c}, [{p} + 32]",
-                "movdqu {d}, [{p} + 48]",
-                "psllq {a}, {n}",
-                "psllq {b}, {n}",
-                "psllq {c}, {n}",
-                "psllq {d}, {n}",
-                "shufps {a}, {b}, 0xdd",
-                "shufps {c}, {d}, 0xdd",
-                "movmskps {m:e}, {a}",
-                "movmskps {t:e}, {c}",
-                "shl {t:e}, 4",
-                "or {m:e}, {t:e}",
-                p = in(reg) group.as_ptr(),
-                sh = in(reg) (63 - bit) as u64,
+                "movdqu {t}, [{p} + 16]",
+                "shufps {a}, {t}, 0x88",
+                "movdqu {b}, [{p} + 32]",
+                "movdqu {t}, [{p} + 48]",
+                "shufps {b}, {t}, 0x88",
+                "movdqu {c}, [{p} + 64]",
+                "movdqu {t}, [{p} + 80]",
+                "shufps {c}, {t}, 0x88",
+                "movdqu {d}, [{p} + 96]",
+                "movdqu {t}, [{p} + 112]",
+                "shufps {d}, {t}, 0x88",
+                "pslld {a}, {n}",
+                "pslld {b}, {n}",
+                "pslld {c}, {n}",
+                "pslld {d}, {n}",
+                "packssdw {a}, {b}",
+                "packssdw {c}, {d}",
+                "packsswb {a}, {c}",
+                "pmovmskb {w:e}, {a}",
+                "mov word ptr [{o}], {w:x}",
+                "add {p}, 128",
+                "add {o}, 2",
+                "dec {k}",
+                "jnz 2b",
+                p = inout(reg) entries.as_ptr() => _,
+                o = inout(reg) words.as_mut_ptr() => _,
+                k = inout(reg) blocks => _,
+                sh = in(reg) shift as u64,
                 n = out(xmm_reg) _,
                 a = out(xmm_reg) _,
                 b = out(xmm_reg) _,
                 c = out(xmm_reg) _,
                 d = out(xmm_reg) _,
-                m = out(reg) mask,
-                t = out(reg) _,
-                options(readonly, nostack),
+                t = out(xmm_reg) _,
+                w = out(reg) _,
+                options(nostack),
             );
         }
-        return mask;
+        return blocks * 16;
     }
-    let mut byte = 0u64;
-    for (k, e) in group.iter().enumerate() {
-        byte |= ((e.load(Ordering::Relaxed) >> bit) & 1) << k;
-    }
-    byte
+    let _ = (entries, words);
+    0
 }
 
 /// ORs the 64 bits of `word` into `bitmap` starting at bit `first`.
