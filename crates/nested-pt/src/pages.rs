@@ -20,7 +20,9 @@ use crate::Pfn;
 /// - for an allocated frame, `ptr` returns a non-null, 8-byte-aligned
 ///   pointer to its 4096 bytes, valid for reads and writes (including atomic
 ///   ones) until the frame is freed, and never aliased by a Rust reference
-///   elsewhere; for a frame that is not one of its pages, `ptr` returns null;
+///   elsewhere (the pointer stays valid when the provider value itself is
+///   moved: the pages do not live inside it); for a frame that is not one
+///   of its pages, `ptr` returns null;
 /// - the memory is not reused for anything else until `free` is called.
 ///
 /// The tree relies on these to form atomic references to entries.
@@ -55,8 +57,10 @@ unsafe impl<T: TablePages + ?Sized> TablePages for alloc::boxed::Box<T> {
 }
 
 /// A user-space provider: one contiguous arena reserved up front, so that
-/// a frame-to-pointer conversion is an addition and every table page costs
-/// exactly 4 KiB (no per-page heap header or alignment padding).
+/// a frame-to-pointer conversion is a subtraction, one compare and an
+/// addition on the frame's address (what a table entry holds), and every
+/// table page costs exactly 4 KiB (no per-page heap header or alignment
+/// padding).
 ///
 /// The arena is obtained zeroed from the global allocator; on hosts whose
 /// allocator maps large blocks lazily (glibc), untouched pages cost nothing,

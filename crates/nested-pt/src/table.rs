@@ -292,9 +292,25 @@ pub struct NestedTable<P: TablePages> {
     fmt: PteFormat,
     pages: P,
     root: Node,
+    /// The root table page, as `pages.ptr(root.pfn)` returned it in `new`.
+    root_ptr: RootPtr,
     /// Table pages in use, the root included.
     tables: usize,
 }
+
+/// The address of a table's root page, kept so that walks start without
+/// asking the provider (one load instead of the provider's conversion).
+#[derive(Clone, Copy)]
+struct RootPtr(core::ptr::NonNull<Table>);
+
+// SAFETY: the pointer names a page of the table's own provider and is only
+// turned into a shared reference to atomics (`Table` is `Sync`); whether a
+// `NestedTable` may be sent or shared between threads is decided by its
+// other fields (the provider among them), as it is for the pages the
+// provider hands out.
+unsafe impl Send for RootPtr {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for RootPtr {}
 
 impl<P: TablePages> NestedTable<P> {
     /// An empty table (just the root page).
@@ -307,7 +323,14 @@ impl<P: TablePages> NestedTable<P> {
     /// the same way.
     pub fn new(format: PteFormat, mut pages: P) -> Result<Self, Error> {
         let (root, _) = alloc_table(&mut pages, &format)?;
-        Ok(NestedTable { fmt: format, pages, root: Node::new(root, 0), tables: 1 })
+        // `alloc_table` checked the pointer non-null; a provider that
+        // answers differently now gets its page back.
+        let Some(root_ptr) = core::ptr::NonNull::new(pages.ptr(root).cast::<Table>()) else {
+            // SAFETY: the page was just allocated and nothing points at it.
+            unsafe { pages.free(root) };
+            return Err(Error::NoMemory);
+        };
+        Ok(NestedTable { fmt: format, pages, root: Node::new(root, 0), root_ptr: RootPtr(root_ptr), tables: 1 })
     }
 
     /// The entry format.
@@ -334,13 +357,13 @@ impl<P: TablePages> NestedTable<P> {
 
     #[inline(always)]
     fn root_table(&self) -> &Table {
-        let p = self.pages.ptr(self.root.pfn);
-        // SAFETY: the root page is allocated in `new` and freed only in
-        // `drop`, and the `TablePages` contract makes `ptr` of an
-        // allocated frame non-null (`new` checked it too). Stating it lets
-        // the compiler drop the provider's range check on the root.
-        unsafe { core::hint::assert_unchecked(!p.is_null()) };
-        table_of(&self.pages, self.root.pfn).expect("root table page")
+        // SAFETY: `root_ptr` is what the provider's `ptr` returned for the
+        // root page in `new`; the root page stays allocated until `drop`,
+        // and the `TablePages` contract keeps such a pointer valid (for
+        // reads and atomic writes, 8-byte aligned, 4096 bytes) until the
+        // page is freed, wherever the provider value moves. The reference
+        // borrows `self`, so it cannot outlive the table.
+        unsafe { self.root_ptr.0.as_ref() }
     }
 
     // ---------------------------------------------------------------

@@ -723,3 +723,37 @@ fn lookup_cursor_matches_lookup() {
         assert!(c.lookup(Gpa(K4)).is_none());
     }
 }
+
+/// `HeapPages::ptr` names exactly the frames handed out, on both of its
+/// paths (frames below 2^52 are checked on their address, the others on
+/// their index), including an arena that straddles 2^52 and one at the
+/// top of the frame numbers; frames that differ by a multiple of 2^52
+/// (whose addresses wrap onto each other) are never confused.
+#[test]
+fn heap_pages_ptr_at_frame_number_edges() {
+    use nested_pt::TablePages;
+    const TOP: u64 = 1 << 52;
+    for base in [0, 0x100, TOP - 2, TOP, u64::MAX - 3] {
+        let mut hp = HeapPages::with_capacity(base, 4);
+        let mut got = Vec::new();
+        while let Some(pfn) = hp.alloc_zeroed() {
+            got.push(pfn);
+        }
+        let want: Vec<Pfn> = (0..4).filter_map(|i| base.checked_add(i)).map(Pfn).collect();
+        assert_eq!(got, want, "{base:#x}");
+        let ptrs: Vec<*mut u64> = got.iter().map(|&p| hp.ptr(p)).collect();
+        for (i, p) in ptrs.iter().enumerate() {
+            assert!(!p.is_null() && (*p as usize).is_multiple_of(4096), "{base:#x} frame {i}");
+            assert_eq!(*p as usize - ptrs[0] as usize, i * 4096, "{base:#x} frame {i}");
+        }
+        for p in [base.wrapping_sub(1), base.wrapping_add(4), base ^ TOP, base.wrapping_add(TOP), u64::MAX - 4] {
+            if !got.contains(&Pfn(p)) {
+                assert!(hp.ptr(Pfn(p)).is_null(), "{base:#x}: {p:#x}");
+            }
+        }
+        // A freed frame keeps its page (it was handed out) until reused.
+        // SAFETY: nothing refers to the page.
+        unsafe { hp.free(got[0]) };
+        assert_eq!(hp.ptr(got[0]), ptrs[0]);
+    }
+}
