@@ -15,7 +15,8 @@
 //! order): `populate` (peers have no populate: they map one page per 2 MiB,
 //! which creates the same tables), `map_in_order` and `map_random` (per
 //! page, into existing tables), `lookup_random` and `lookup_seq` (frame and
-//! protection of every page), `harvest_10pct` (read and clear the dirty
+//! protection of every page; `ours` is `is_mapped`, `ours_cur` the same
+//! through a `lookup_cursor`), `harvest_10pct` (read and clear the dirty
 //! bits of a range where every tenth page is dirty; `ptm` has no dirty
 //! bits, `x86` walks its tables by hand), `unmap_vacate` (unmap every page
 //! and free the tables; `ptm` unmaps per page and frees on drop) and
@@ -23,9 +24,14 @@
 //!
 //! Run: `cargo bench -p nested-pt --bench tables -- --warm-up-time 1
 //! --measurement-time 2` (a filter such as `harvest` for a subset;
-//! `NPT_BENCH_GIB=1` for the 1 GiB size only). At the
-//! end a table of medians in ns per page is printed, with the ratio of our
-//! best form to the best peer.
+//! `NPT_BENCH_GIB=1` for the 1 GiB size only). Each workload's
+//! implementations are measured by criterion one after the other, then
+//! again in `NPT_BENCH_ROUNDS` (default 11) interleaved rounds, every
+//! implementation once per round in a rotating order, so that all of them
+//! meet the same load on a shared machine. At the end two tables of
+//! medians in ns per page are printed (criterion's, then the rounds'),
+//! with the ratio of our form to the best peer; the harvest rows carry the
+//! bandwidth reference measured beside them (`bw_ref`).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -69,16 +75,17 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn report() {
-    let r = RESULTS.lock().unwrap();
+fn report(title: &str, r: &BTreeMap<(String, String, String), Vec<f64>>) {
     let mut rows: BTreeMap<(String, String), BTreeMap<String, f64>> = BTreeMap::new();
     for ((size, work, who), v) in r.iter() {
         rows.entry((work.clone(), size.clone())).or_default().insert(who.clone(), median(v));
     }
-    println!("\nmedian ns/page (ratio = our best form / best peer; harvest: bandwidth reference / ours)");
     println!(
-        "{:<16} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9}  ratio",
-        "workload", "size", "ours", "ours_sh", "ptm", "x86", "bw_ref"
+        "\n{title}: median ns/page (ratio = ours / best peer, in brackets the cursor form; harvest: bandwidth reference / ours)"
+    );
+    println!(
+        "{:<16} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  ratio (cursor)",
+        "workload", "size", "ours", "ours_sh", "ours_cur", "ptm", "x86", "bw_ref"
     );
     let bw: BTreeMap<String, f64> = rows
         .iter()
@@ -91,24 +98,35 @@ fn report() {
         }
         let f = |k: &str| m.get(k).map_or("-".to_string(), |v| format!("{v:.3}"));
         let ours = m.get("ours").copied();
-        let peer = [m.get("ptm"), m.get("x86")].into_iter().flatten().copied().reduce(f64::min);
+        // `ptm`'s vacate is its `Drop`, which frees the tables without
+        // looking at a leaf: not the same operation, so vacate is compared
+        // with `x86` alone.
+        let ptm = if work == "vacate" { None } else { m.get("ptm") };
+        let peer = [ptm, m.get("x86")].into_iter().flatten().copied().reduce(f64::min);
         let ratio = match (ours, peer) {
             (Some(o), Some(p)) => format!("{:.2}", o / p),
             _ => "-".into(),
         };
+        // The reference measured beside the harvest, else on its own.
+        let bw_here = m.get("bw_ref").or(bw.get(size));
         let bwr = if work.starts_with("harvest") {
-            match (bw.get(size), ours, m.get("ours_sh")) {
+            match (bw_here, ours, m.get("ours_sh")) {
                 (Some(b), Some(o), Some(s)) => format!("  bw {:.0}% excl, {:.0}% shared", b / o * 100.0, b / s * 100.0),
                 _ => String::new(),
             }
         } else {
             String::new()
         };
-        let bws = bw.get(size).map_or("-".to_string(), |v| format!("{v:.3}"));
+        let bws = bw_here.map_or("-".to_string(), |v| format!("{v:.3}"));
+        let cur = match (m.get("ours_cur"), peer) {
+            (Some(c), Some(p)) => format!(" ({:.2})", c / p),
+            _ => String::new(),
+        };
         println!(
-            "{work:<16} {size:<6} {:>9} {:>9} {:>9} {:>9} {:>9}  {ratio}{bwr}",
+            "{work:<16} {size:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {ratio}{cur}{bwr}",
             f("ours"),
             f("ours_sh"),
+            f("ours_cur"),
             f("ptm"),
             f("x86"),
             bws
@@ -116,32 +134,70 @@ fn report() {
     }
 }
 
-/// Benchmarks `routine` on a fresh `setup()` per iteration, timing only
-/// the routine (its output is dropped untimed), and records the result.
-#[allow(clippy::too_many_arguments)]
-fn bench<I, O>(
-    g: &mut BenchmarkGroup<'_, WallTime>,
-    size: &str,
-    work: &str,
-    who: &str,
+/// The implementations of one workload at one size. Each is measured twice
+/// in the same run: by criterion, one after the other (`add` order), and
+/// then in `rounds` interleaved rounds, each round running every
+/// implementation once in a rotating order, so that all of them meet the
+/// same machine load (the machine these figures come from is shared); the
+/// second table printed at the end holds the medians of those rounds.
+struct Work<'a> {
+    size: String,
+    work: String,
     pages: u64,
-    mut setup: impl FnMut() -> I,
-    mut routine: impl FnMut(I) -> O,
-) {
-    g.bench_function(format!("{work}/{who}"), |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
+    impls: Vec<(String, Box<dyn FnMut() -> Duration + 'a>)>,
+}
+
+static PAIRED: Mutex<BTreeMap<(String, String, String), Vec<f64>>> = Mutex::new(BTreeMap::new());
+
+impl<'a> Work<'a> {
+    fn new(size: &str, work: &str, pages: u64) -> Self {
+        Work { size: size.into(), work: work.into(), pages, impls: Vec::new() }
+    }
+
+    /// An implementation: `routine` on a fresh `setup()` per iteration,
+    /// timing only the routine (its output is dropped untimed).
+    fn add<I, O>(&mut self, who: &str, mut setup: impl FnMut() -> I + 'a, mut routine: impl FnMut(I) -> O + 'a) {
+        self.impls.push((
+            who.into(),
+            Box::new(move || {
                 let input = setup();
                 let start = Instant::now();
                 let out = black_box(routine(black_box(input)));
-                total += start.elapsed();
+                let d = start.elapsed();
                 drop(out);
+                d
+            }),
+        ));
+    }
+
+    fn run(mut self, g: &mut BenchmarkGroup<'_, WallTime>) {
+        let (size, work, pages) = (self.size.clone(), self.work.clone(), self.pages);
+        for (who, f) in &mut self.impls {
+            g.bench_function(format!("{work}/{who}"), |b| {
+                b.iter_custom(|iters| {
+                    let total = (0..iters).map(|_| f()).sum();
+                    record(&size, &work, who, total, iters, pages);
+                    total
+                })
+            });
+        }
+        // Only the workloads the filter selected (criterion ran them).
+        let selected: Vec<usize> = {
+            let r = RESULTS.lock().unwrap();
+            (0..self.impls.len())
+                .filter(|&i| r.contains_key(&(size.clone(), work.clone(), self.impls[i].0.clone())))
+                .collect()
+        };
+        let rounds: usize = std::env::var("NPT_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(11);
+        for r in 0..rounds {
+            for k in 0..selected.len() {
+                let i = selected[(r + k) % selected.len()];
+                let (who, f) = &mut self.impls[i];
+                let ns = f().as_nanos() as f64 / pages as f64;
+                PAIRED.lock().unwrap().entry((size.clone(), work.clone(), who.clone())).or_default().push(ns);
             }
-            record(size, work, who, total, iters, pages);
-            total
-        })
-    });
+        }
+    }
 }
 
 // ---------------------------------------------------------------------
@@ -461,36 +517,22 @@ fn benches(c: &mut Criterion) {
 
         // Bandwidth reference: read 8 bytes per page sequentially.
         let array: Vec<u64> = (0..pages).collect();
-        bench(
-            g,
-            sz,
-            "bandwidth",
-            "ref",
-            pages,
-            || (),
-            |_| black_box(&array).iter().fold(0u64, |a, x| a.wrapping_add(*x)),
-        );
-        drop(array);
+        let mut w = Work::new(sz, "bandwidth", pages);
+        w.add("ref", || (), |_| black_box(&array).iter().fold(0u64, |a, x| a.wrapping_add(*x)));
+        w.run(g);
 
         // Populate (peers: map one page per 2 MiB, creating the tables).
-        bench(
-            g,
-            sz,
-            "populate",
+        let mut w = Work::new(sz, "populate", pages);
+        w.add(
             "ours",
-            pages,
             || new_table(bytes),
             |mut t| {
                 t.populate_region(Gpa(0), bytes, PageSize::Size4K).unwrap();
                 t
             },
         );
-        bench(
-            g,
-            sz,
-            "populate",
+        w.add(
             "ptm",
-            pages,
             || {
                 ptm_init();
                 Ptm::try_new().unwrap()
@@ -500,29 +542,23 @@ fn benches(c: &mut Criterion) {
                 pt
             },
         );
-        bench(
-            g,
-            sz,
-            "populate",
+        w.add(
             "x86",
-            pages,
             || X86::new(bytes),
             |mut x| {
                 x.populate(bytes);
                 x
             },
         );
+        w.run(g);
 
         // Per-page map into existing tables, in order and at random.
         let order = shuffled(pages, 0x9e37_79b9_7f4a_7c15);
         let in_order: Vec<u32> = (0..pages as u32).collect();
         for (work, ord) in [("map_in_order", &in_order), ("map_random", &order)] {
-            bench(
-                g,
-                sz,
-                work,
+            let mut w = Work::new(sz, work, pages);
+            w.add(
                 "ours",
-                pages,
                 || populated(bytes),
                 |mut t| {
                     for &p in ord {
@@ -539,12 +575,8 @@ fn benches(c: &mut Criterion) {
                     t
                 },
             );
-            bench(
-                g,
-                sz,
-                work,
+            w.add(
                 "ours_sh",
-                pages,
                 || populated(bytes),
                 |t| {
                     for &p in ord {
@@ -554,12 +586,8 @@ fn benches(c: &mut Criterion) {
                     t
                 },
             );
-            bench(
-                g,
-                sz,
-                work,
+            w.add(
                 "ptm",
-                pages,
                 || ptm_populated(bytes),
                 |mut pt| {
                     let mut c = pt.cursor();
@@ -571,12 +599,8 @@ fn benches(c: &mut Criterion) {
                     pt
                 },
             );
-            bench(
-                g,
-                sz,
-                work,
+            w.add(
                 "x86",
-                pages,
                 || X86::populated(bytes),
                 |mut x| {
                     let (mut m, mut f) = x.parts();
@@ -587,6 +611,7 @@ fn benches(c: &mut Criterion) {
                     x
                 },
             );
+            w.run(g);
         }
 
         // Lookups: frame and protection of every page.
@@ -596,12 +621,9 @@ fn benches(c: &mut Criterion) {
             let mut x = X86::mapped(bytes);
             let (xm, _) = x.parts();
             for (work, ord) in [("lookup_random", &order), ("lookup_seq", &in_order)] {
-                bench(
-                    g,
-                    sz,
-                    work,
+                let mut w = Work::new(sz, work, pages);
+                w.add(
                     "ours",
-                    pages,
                     || (),
                     |_| {
                         let mut acc = 0u64;
@@ -612,12 +634,21 @@ fn benches(c: &mut Criterion) {
                         acc
                     },
                 );
-                bench(
-                    g,
-                    sz,
-                    work,
+                w.add(
+                    "ours_cur",
+                    || (),
+                    |_| {
+                        let mut acc = 0u64;
+                        let mut c = t.lookup_cursor();
+                        for &p in ord {
+                            let (pfn, prot) = c.is_mapped(Gpa(p as u64 * K4)).unwrap();
+                            acc = acc.wrapping_add(pfn.0 ^ prot.bits() as u64);
+                        }
+                        acc
+                    },
+                );
+                w.add(
                     "ptm",
-                    pages,
                     || (),
                     |_| {
                         let mut acc = 0u64;
@@ -628,12 +659,8 @@ fn benches(c: &mut Criterion) {
                         acc
                     },
                 );
-                bench(
-                    g,
-                    sz,
-                    work,
+                w.add(
                     "x86",
-                    pages,
                     || (),
                     |_| {
                         let mut acc = 0u64;
@@ -648,6 +675,7 @@ fn benches(c: &mut Criterion) {
                         acc
                     },
                 );
+                w.run(g);
             }
         }
         drop(order);
@@ -658,59 +686,43 @@ fn benches(c: &mut Criterion) {
             let bitmap = RefCell::new(vec![0u64; (pages / 64) as usize]);
             let want = pages.div_ceil(10);
             let t = RefCell::new(mapped(bytes));
-            bench(
-                g,
-                sz,
-                "harvest_10pct",
+            let x = RefCell::new(X86::mapped(bytes));
+            let mut w = Work::new(sz, "harvest_10pct", pages);
+            w.add("bw_ref", || (), |_| black_box(&array).iter().fold(0u64, |a, x| a.wrapping_add(*x)));
+            w.add(
                 "ours",
-                pages,
                 || dirty_10pct(&t.borrow(), bytes),
                 |_| {
                     let n = t.borrow_mut().harvest_dirty_exclusive(Gpa(0), bytes, &mut bitmap.borrow_mut()).unwrap();
                     assert_eq!(n, want)
                 },
             );
-            bench(
-                g,
-                sz,
-                "harvest_10pct",
+            w.add(
                 "ours_sh",
-                pages,
                 || dirty_10pct(&t.borrow(), bytes),
                 |_| assert_eq!(t.borrow().harvest_dirty(Gpa(0), bytes, &mut bitmap.borrow_mut()).unwrap(), want),
             );
-            drop(t);
-            let x = RefCell::new(X86::mapped(bytes));
-            bench(
-                g,
-                sz,
-                "harvest_10pct",
+            w.add(
                 "x86",
-                pages,
                 || x.borrow_mut().dirty_10pct(),
                 |_| assert_eq!(x.borrow_mut().harvest(&mut bitmap.borrow_mut()), want),
             );
+            w.run(g);
         }
+        drop(array);
 
         // Unmap every page and free the tables.
-        bench(
-            g,
-            sz,
-            "unmap_vacate",
+        let mut w = Work::new(sz, "unmap_vacate", pages);
+        w.add(
             "ours",
-            pages,
             || mapped(bytes),
             |mut t| {
                 assert_eq!(t.unmap_vacate_region(Gpa(0), bytes, PageSize::Size4K).unwrap(), pages);
                 t
             },
         );
-        bench(
-            g,
-            sz,
-            "unmap_vacate",
+        w.add(
             "ours_sh",
-            pages,
             || mapped(bytes),
             |mut t| {
                 assert_eq!(t.unmap_region(Gpa(0), bytes).unwrap(), pages);
@@ -718,24 +730,16 @@ fn benches(c: &mut Criterion) {
                 t
             },
         );
-        bench(
-            g,
-            sz,
-            "unmap_vacate",
+        w.add(
             "ptm",
-            pages,
             || ptm_mapped(bytes),
             |mut pt| {
                 pt.cursor().unmap_region(ptm_va(0), bytes as usize).unwrap();
                 drop(pt);
             },
         );
-        bench(
-            g,
-            sz,
-            "unmap_vacate",
+        w.add(
             "x86",
-            pages,
             || X86::mapped(bytes),
             |mut x| {
                 let (mut m, _) = x.parts();
@@ -746,14 +750,12 @@ fn benches(c: &mut Criterion) {
                 x
             },
         );
+        w.run(g);
 
         // Free the tables of an unmapped range.
-        bench(
-            g,
-            sz,
-            "vacate",
+        let mut w = Work::new(sz, "vacate", pages);
+        w.add(
             "ours",
-            pages,
             || {
                 let t = mapped(bytes);
                 t.unmap_region(Gpa(0), bytes).unwrap();
@@ -764,12 +766,8 @@ fn benches(c: &mut Criterion) {
                 t
             },
         );
-        bench(
-            g,
-            sz,
-            "vacate",
+        w.add(
             "ptm",
-            pages,
             || {
                 let mut pt = ptm_mapped(bytes);
                 pt.cursor().unmap_region(ptm_va(0), bytes as usize).unwrap();
@@ -777,12 +775,8 @@ fn benches(c: &mut Criterion) {
             },
             drop,
         );
-        bench(
-            g,
-            sz,
-            "vacate",
+        w.add(
             "x86",
-            pages,
             || {
                 let mut x = X86::mapped(bytes);
                 let (mut m, _) = x.parts();
@@ -796,8 +790,10 @@ fn benches(c: &mut Criterion) {
                 x
             },
         );
+        w.run(g);
     }
-    report();
+    report("criterion, one implementation after the other", &RESULTS.lock().unwrap());
+    report("interleaved rounds", &PAIRED.lock().unwrap());
 }
 
 criterion_group!(tables, benches);

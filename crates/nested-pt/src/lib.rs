@@ -56,6 +56,28 @@
 //! Bulk operations (unmap of a range, harvest of dirty bits, the [`Leaves`]
 //! iterator) visit each leaf table once, descending from the root only when
 //! they cross into a new table, never walking from the root for each page.
+//! The harvest reads a leaf table's dirty bits 16 entries at a time with
+//! SSE2 vector loads (each aligned quadword of a vector load is read
+//! atomically on x86, so this is equivalent to relaxed atomic loads) and
+//! then clears only the entries that read dirty, each with one atomic AND
+//! of the dirty bit (a plain store in the exclusive form); a clean entry is
+//! never written, so no dirty bit set after the read is lost.
+//!
+//! # Lookups
+//!
+//! A lookup walks from the root with the format's bits as immediates and
+//! reads the leaf once, decoding frame and protection from that one value.
+//! Table pointers read from entries are still checked against the provider
+//! at each step (for [`HeapPages`] a subtraction and one compare on the
+//! entry's address field, beside the walk's critical path): safe code can
+//! store any value into a table entry through [`NestedTable::entry`] or the
+//! entry of a large [`Leaf`], so an entry is not trusted to name a table
+//! page; the root is, since it lives as long as the table. A
+//! [`LookupCursor`] ([`NestedTable::lookup_cursor`]) remembers the leaf
+//! table of its last 4 KiB hit and skips the walk while lookups stay in
+//! its 2 MiB; it borrows the table, so that leaf table cannot be freed
+//! while the cursor lives (what it does not see is a table entry its user
+//! rewrites through `entry` meanwhile).
 //!
 //! # Errors change nothing
 //!
@@ -139,6 +161,12 @@
 //!
 //! # Known gaps
 //!
+//! [`NestedTable::vacate_region`] reads every leaf entry of the range to
+//! refuse one that still maps pages, so it runs at the memory bandwidth of
+//! those entries (about the x86_64 crate's clean-up, not several times
+//! faster); [`NestedTable::unmap_vacate_region`] is the fast form when the
+//! caller is about to unmap anyway.
+//!
 //! Large pages are mapped and unmapped whole; transparent promotion and
 //! demotion (splitting a 2 MiB leaf for a partial unmap) are not implemented
 //! yet: a partial unmap of a large leaf is refused with
@@ -159,7 +187,7 @@ mod table;
 pub use format::{Caps, FormatKind, PteFormat};
 pub use pages::{CountingPages, HeapPages, PhysPages, TablePages};
 pub use table::export::{TablePage, TablePagesIter};
-pub use table::{Leaf, Leaves, NestedTable, Walk, WalkStep};
+pub use table::{Leaf, Leaves, LookupCursor, NestedTable, Walk, WalkStep};
 
 use core::fmt;
 

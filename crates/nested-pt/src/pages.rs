@@ -20,7 +20,9 @@ use crate::Pfn;
 /// - for an allocated frame, `ptr` returns a non-null, 8-byte-aligned
 ///   pointer to its 4096 bytes, valid for reads and writes (including atomic
 ///   ones) until the frame is freed, and never aliased by a Rust reference
-///   elsewhere; for a frame that is not one of its pages, `ptr` returns null;
+///   elsewhere (the pointer stays valid when the provider value itself is
+///   moved: the pages do not live inside it); for a frame that is not one
+///   of its pages, `ptr` returns null;
 /// - the memory is not reused for anything else until `free` is called.
 ///
 /// The tree relies on these to form atomic references to entries.
@@ -55,8 +57,10 @@ unsafe impl<T: TablePages + ?Sized> TablePages for alloc::boxed::Box<T> {
 }
 
 /// A user-space provider: one contiguous arena reserved up front, so that
-/// a frame-to-pointer conversion is an addition and every table page costs
-/// exactly 4 KiB (no per-page heap header or alignment padding).
+/// a frame-to-pointer conversion is a subtraction, one compare and an
+/// addition on the frame's address (what a table entry holds), and every
+/// table page costs exactly 4 KiB (no per-page heap header or alignment
+/// padding).
 ///
 /// The arena is obtained zeroed from the global allocator; on hosts whose
 /// allocator maps large blocks lazily (glibc), untouched pages cost nothing,
@@ -66,11 +70,21 @@ pub struct HeapPages {
     base: *mut u8,
     layout: Layout,
     pages: *mut u8,
-    /// `pages` less `base_pfn * 4096` (wrapping): a frame's page is at
-    /// `origin + pfn * 4096`, one addition after the entry's address mask.
-    origin: *mut u8,
+    /// `base_pfn * 4096` when the first frame is below 2^52 (frames that
+    /// have a 64-bit address), else 0.
+    base_addr: u64,
+    /// Bytes from `base_addr` covered by frames handed out so far that
+    /// lie below 2^52: `ptr` of such a frame is an offset check on the
+    /// frame's address (what a table entry holds), one subtraction and one
+    /// compare. Frames at or past 2^52 take the index check.
+    addr_len: u64,
+    /// Frames from `base_pfn` up to 2^52 (0 when `base_pfn` is past it).
+    addr_frames: u64,
     frames: Frames,
 }
+
+/// Frames below this have a 64-bit address (`pfn * 4096` does not wrap).
+const ADDR_FRAMES: u64 = 1 << 52;
 
 /// Bookkeeping shared by the arena providers: frames `base_pfn ..
 /// base_pfn + capacity`, handed out by a bump index and recycled through a
@@ -154,8 +168,9 @@ impl HeapPages {
         let base = unsafe { alloc_zeroed(layout) };
         assert!(!base.is_null(), "cannot reserve table arena");
         let pages = base.wrapping_add(base.align_offset(4096));
-        let origin = pages.wrapping_sub((base_pfn as usize).wrapping_mul(4096));
-        HeapPages { base, layout, pages, origin, frames: Frames::new(base_pfn, capacity) }
+        let addr_frames = ADDR_FRAMES.saturating_sub(base_pfn);
+        let base_addr = if addr_frames > 0 { base_pfn << 12 } else { 0 };
+        HeapPages { base, layout, pages, base_addr, addr_len: 0, addr_frames, frames: Frames::new(base_pfn, capacity) }
     }
 
     /// Touches the arena's first `pages` pages so the host backs them now
@@ -201,6 +216,8 @@ impl Drop for HeapPages {
 unsafe impl TablePages for HeapPages {
     fn alloc_zeroed(&mut self) -> Option<Pfn> {
         let (index, reused) = self.frames.take()?;
+        // At most `u32::MAX` frames, so the product fits.
+        self.addr_len = self.frames.next.min(self.addr_frames) << 12;
         if reused {
             let p = self.pages.wrapping_add(index * 4096);
             // SAFETY: page `index` is inside the arena and not allocated.
@@ -211,19 +228,28 @@ unsafe impl TablePages for HeapPages {
 
     #[inline(always)]
     fn ptr(&self, pfn: Pfn) -> *mut u64 {
-        match self.frames.index(pfn) {
-            Some(_) => {
-                // `pages + index * 4096`, computed from the frame so that
-                // the address is one addition after the entry's mask (the
-                // index check runs beside it, off the walk's critical path).
-                let p = self.origin.wrapping_add((pfn.0 as usize).wrapping_mul(4096));
-                // SAFETY: `p` is page `index` of the arena (the index is
-                // below the capacity), which the allocator placed at a
+        if pfn.0 < ADDR_FRAMES {
+            // The frame's offset from the first frame, in bytes: a frame
+            // below `base_pfn` wraps to at least `2^64 - base_addr`, which
+            // is at least `addr_len` (`base_addr + addr_len <= 2^64`), so
+            // one unsigned compare checks both ends. A table entry's
+            // address field is `pfn * 4096` already, so for the walks this
+            // is a subtraction and a compare on the entry, and the `< 2^52`
+            // test folds away (the frame came from a masked entry).
+            let off = (pfn.0 << 12).wrapping_sub(self.base_addr);
+            if off < self.addr_len {
+                let p = self.pages.wrapping_add(off as usize);
+                // SAFETY: `p` is a page of the arena (the offset is below
+                // the pages handed out), which the allocator placed at a
                 // non-null address; telling the compiler lets the tree's
-                // null check of the result fold into the index check.
+                // null check of the result fold into the offset check.
                 unsafe { core::hint::assert_unchecked(!p.is_null()) };
-                p.cast()
+                return p.cast();
             }
+            return ptr::null_mut();
+        }
+        match self.frames.index(pfn) {
+            Some(index) => self.pages.wrapping_add(index * 4096).cast(),
             None => ptr::null_mut(),
         }
     }

@@ -194,14 +194,125 @@ impl<'a> Leaf<'a> {
     }
 }
 
+/// Where [`NestedTable::descend`] stopped.
+enum Descent<'a> {
+    /// At the leaf table (level 1) that holds the address's entry.
+    Table(&'a Table),
+    /// At a present large leaf: its entry, page size and value.
+    Large(&'a AtomicU64, PageSize, u64),
+    /// At a non-present entry (or an address past the 48-bit space).
+    Absent,
+}
+
+/// The present 4 KiB leaf for `g` in its leaf table `t`, read with
+/// acquire ordering.
+#[inline(always)]
+fn leaf_4k<K: Kind>(t: &Table, g: u64) -> Option<(&AtomicU64, PageSize, u64)> {
+    let s1 = &t[index(1, g)];
+    let e1 = s1.load(Ordering::Acquire);
+    if e1 & K::PRESENT == 0 {
+        return None;
+    }
+    Some((s1, PageSize::Size4K, e1))
+}
+
+/// Frame of the 4 KiB page holding `g` and protection, from the present
+/// leaf value `v` of a page of `size` (`am`: the format's address mask).
+#[inline(always)]
+fn decode<K: Kind>(am: u64, g: u64, size: PageSize, v: u64) -> (Pfn, Prot) {
+    if size == PageSize::Size4K {
+        return (Pfn((v & am) >> 12), K::prot(v));
+    }
+    // The host address: the leaf's page base (its low bits are PAT or
+    // reserved in large leaves) plus the offset into it.
+    let low = size.bytes() - 1;
+    let hpa = (v & am & !low) | (g & low);
+    (Pfn(hpa >> 12), K::prot(v))
+}
+
+/// Lookups that remember the last leaf table they used; see
+/// [`NestedTable::lookup_cursor`].
+///
+/// The cursor borrows the table, so no table page can be freed while it
+/// lives (that takes `&mut`) and the leaf table it remembers stays the one
+/// the tree holds for that 2 MiB: populate and vacate cannot run, and no
+/// `&self` operation of the tree replaces a table entry (maps fill empty
+/// entries, unmaps clear leaves). What it does not see is a table entry
+/// rewritten by its user through [`NestedTable::entry`] after the cursor
+/// passed it: lookups keep using the leaf table they found (a page of this
+/// table either way, so nothing unsafe follows). Each result is read from
+/// the leaf entry at the time of the call, as with [`NestedTable::lookup`].
+pub struct LookupCursor<'a, P: TablePages> {
+    t: &'a NestedTable<P>,
+    /// `gpa >> 21` of the remembered leaf table; `u64::MAX` (which no
+    /// address matches) before the first 4 KiB leaf is found.
+    tag: u64,
+    /// The remembered leaf table (the root until one is found).
+    leaf: &'a Table,
+}
+
+impl<'a, P: TablePages> LookupCursor<'a, P> {
+    /// What [`NestedTable::is_mapped`] returns for `gpa`.
+    #[inline]
+    pub fn is_mapped(&mut self, gpa: Gpa) -> Option<(Pfn, Prot)> {
+        let fmt = &self.t.fmt;
+        with_kind!(fmt, K => {
+            let (_, size, v) = self.find::<K>(gpa.0)?;
+            Some(decode::<K>(fmt.addr_mask(), gpa.0, size, v))
+        })
+    }
+
+    /// What [`NestedTable::lookup`] returns for `gpa`.
+    #[inline]
+    pub fn lookup(&mut self, gpa: Gpa) -> Option<Leaf<'a>> {
+        let fmt = &self.t.fmt;
+        let (entry, size, _) = with_kind!(fmt, K => self.find::<K>(gpa.0))?;
+        Some(Leaf { gpa: Gpa(gpa.0 & !(size.bytes() - 1)), size, entry, fmt })
+    }
+
+    #[inline(always)]
+    fn find<K: Kind>(&mut self, g: u64) -> Option<(&'a AtomicU64, PageSize, u64)> {
+        // `tag` is below 2^27 once set, so an address past the 48-bit
+        // space never matches it.
+        if g >> 21 == self.tag {
+            return leaf_4k::<K>(self.leaf, g);
+        }
+        match self.t.descend::<K>(g) {
+            Descent::Table(t) => {
+                self.tag = g >> 21;
+                self.leaf = t;
+                leaf_4k::<K>(t, g)
+            }
+            Descent::Large(s, size, e) => Some((s, size, e)),
+            Descent::Absent => None,
+        }
+    }
+}
+
 /// A four-level nested page table.
 pub struct NestedTable<P: TablePages> {
     fmt: PteFormat,
     pages: P,
     root: Node,
+    /// The root table page, as `pages.ptr(root.pfn)` returned it in `new`.
+    root_ptr: RootPtr,
     /// Table pages in use, the root included.
     tables: usize,
 }
+
+/// The address of a table's root page, kept so that walks start without
+/// asking the provider (one load instead of the provider's conversion).
+#[derive(Clone, Copy)]
+struct RootPtr(core::ptr::NonNull<Table>);
+
+// SAFETY: the pointer names a page of the table's own provider and is only
+// turned into a shared reference to atomics (`Table` is `Sync`); whether a
+// `NestedTable` may be sent or shared between threads is decided by its
+// other fields (the provider among them), as it is for the pages the
+// provider hands out.
+unsafe impl Send for RootPtr {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for RootPtr {}
 
 impl<P: TablePages> NestedTable<P> {
     /// An empty table (just the root page).
@@ -214,7 +325,14 @@ impl<P: TablePages> NestedTable<P> {
     /// the same way.
     pub fn new(format: PteFormat, mut pages: P) -> Result<Self, Error> {
         let (root, _) = alloc_table(&mut pages, &format, 4)?;
-        Ok(NestedTable { fmt: format, pages, root: Node::new(root, 0), tables: 1 })
+        // `alloc_table` checked the pointer non-null; a provider that
+        // answers differently now gets its page back.
+        let Some(root_ptr) = core::ptr::NonNull::new(pages.ptr(root).cast::<Table>()) else {
+            // SAFETY: the page was just allocated and nothing points at it.
+            unsafe { pages.free(root) };
+            return Err(Error::NoMemory);
+        };
+        Ok(NestedTable { fmt: format, pages, root: Node::new(root, 0), root_ptr: RootPtr(root_ptr), tables: 1 })
     }
 
     /// The entry format.
@@ -241,9 +359,13 @@ impl<P: TablePages> NestedTable<P> {
 
     #[inline(always)]
     fn root_table(&self) -> &Table {
-        // The root page is allocated for the table's whole life and its
-        // pointer was checked non-null in `new`.
-        table_of(&self.pages, self.root.pfn).expect("root table page")
+        // SAFETY: `root_ptr` is what the provider's `ptr` returned for the
+        // root page in `new`; the root page stays allocated until `drop`,
+        // and the `TablePages` contract keeps such a pointer valid (for
+        // reads and atomic writes, 8-byte aligned, 4096 bytes) until the
+        // page is freed, wherever the provider value moves. The reference
+        // borrows `self`, so it cannot outlive the table.
+        unsafe { self.root_ptr.0.as_ref() }
     }
 
     // ---------------------------------------------------------------
@@ -304,19 +426,7 @@ impl<P: TablePages> NestedTable<P> {
         // One straight run of loads ORed together (no branch per entry):
         // some entry is present exactly when the OR has a present bit.
         let mut all = 0u64;
-        self.for_each_leaf_table(gpa, len, |_, entries, _| {
-            let mut acc = [0u64; 4];
-            let mut quads = entries.chunks_exact(4);
-            for q in &mut quads {
-                for (a, e) in acc.iter_mut().zip(q) {
-                    *a |= e.load(Ordering::Relaxed);
-                }
-            }
-            for e in quads.remainder() {
-                acc[0] |= e.load(Ordering::Relaxed);
-            }
-            all |= acc[0] | acc[1] | acc[2] | acc[3];
-        });
+        self.for_each_leaf_table(gpa, len, |_, entries, _| all |= or_all(entries));
         if self.fmt.is_present(all) {
             return Err(Error::StillMapped);
         }
@@ -642,78 +752,95 @@ impl<P: TablePages> NestedTable<P> {
     }
 
     /// The present leaf entry that maps `g`, the size of its page and the
-    /// value read from it, for the format kind `K`.
+    /// value read from it, for the format kind `K`: [`descend`](Self::descend)
+    /// and, for a 4 KiB page, one acquire load of the leaf.
+    #[inline(always)]
+    fn find<K: Kind>(&self, g: u64) -> Option<(&AtomicU64, PageSize, u64)> {
+        match self.descend::<K>(g) {
+            Descent::Table(t) => leaf_4k::<K>(t, g),
+            Descent::Large(s, size, e) => Some((s, size, e)),
+            Descent::Absent => None,
+        }
+    }
+
+    /// Walks from the root towards `g` for the format kind `K` and stops
+    /// at the leaf table (level 1) that holds `g`'s entry, at a large leaf,
+    /// or at a non-present entry.
     ///
     /// Unrolled: the levels are known, so each step is a load, a mask test
-    /// and an address computation with immediate masks, with nothing
-    /// between lookups that stops the processor overlapping their cache
-    /// misses. Each table pointer still goes through the provider's `ptr`
-    /// (a compare and an add for the arena providers): entries are
-    /// reachable for writing through [`entry`](Self::entry), so a table
-    /// entry is not trusted to name one of the provider's pages.
+    /// with the format's present bit as an immediate, and an address
+    /// computation, with nothing between lookups that stops the processor
+    /// overlapping their cache misses. Each table pointer still goes
+    /// through the provider's `ptr` (for the arena providers a subtraction
+    /// and one compare on the entry's address field, beside the walk's
+    /// critical path): entries are reachable for writing through
+    /// [`entry`](Self::entry) and through the `entry` of a large [`Leaf`],
+    /// so safe code can put any value in a table entry and an entry is not
+    /// trusted to name one of the provider's pages. The root is: it is
+    /// allocated for the table's whole life.
     ///
     /// Table entries are read relaxed: tables are created and freed only
     /// under `&mut self`, so a walk under `&self` is already ordered after
-    /// the stores that made the tables it meets, and the compiler may keep
-    /// the provider's fields and the root pointer in registers across
-    /// walks. The leaf's read is an acquire (a fence for large leaves), so
-    /// a caller that sees a mapping sees what the mapping thread did
+    /// the stores that made the tables it meets. A large leaf's read is
+    /// followed by an acquire fence, as a 4 KiB leaf's read is an acquire,
+    /// so a caller that sees a mapping sees what the mapping thread did
     /// before it mapped.
     #[inline(always)]
-    fn find<K: Kind>(&self, g: u64) -> Option<(&AtomicU64, PageSize, u64)> {
+    fn descend<K: Kind>(&self, g: u64) -> Descent<'_> {
         if g >= GPA_LIMIT {
-            return None;
+            return Descent::Absent;
         }
-        // Clearing the low bits again is free and tells the compiler the
-        // frame-to-address round trip is a no-op.
         let am = self.fmt.addr_mask() & !0xfff;
         let e4 = self.root_table()[index(4, g)].load(Ordering::Relaxed);
         if e4 & K::PRESENT == 0 {
-            return None;
+            return Descent::Absent;
         }
-        let s3 = &self.table(Pfn((e4 & am) >> 12))?[index(3, g)];
+        let Some(t3) = self.table(Pfn((e4 & am) >> 12)) else { return Descent::Absent };
+        let s3 = &t3[index(3, g)];
         let e3 = s3.load(Ordering::Relaxed);
         if e3 & K::PRESENT == 0 {
-            return None;
+            return Descent::Absent;
         }
         if e3 & LARGE != 0 {
-            // A leaf: its read is an acquire, as for a 4 KiB leaf.
             fence(Ordering::Acquire);
-            return Some((s3, PageSize::Size1G, e3));
+            return Descent::Large(s3, PageSize::Size1G, e3);
         }
-        let s2 = &self.table(Pfn((e3 & am) >> 12))?[index(2, g)];
+        let Some(t2) = self.table(Pfn((e3 & am) >> 12)) else { return Descent::Absent };
+        let s2 = &t2[index(2, g)];
         let e2 = s2.load(Ordering::Relaxed);
         if e2 & K::PRESENT == 0 {
-            return None;
+            return Descent::Absent;
         }
         if e2 & LARGE != 0 {
             fence(Ordering::Acquire);
-            return Some((s2, PageSize::Size2M, e2));
+            return Descent::Large(s2, PageSize::Size2M, e2);
         }
-        let s1 = &self.table(Pfn((e2 & am) >> 12))?[index(1, g)];
-        let e1 = s1.load(Ordering::Acquire);
-        if e1 & K::PRESENT == 0 {
-            return None;
+        match self.table(Pfn((e2 & am) >> 12)) {
+            Some(t1) => Descent::Table(t1),
+            None => Descent::Absent,
         }
-        Some((s1, PageSize::Size4K, e1))
     }
 
     /// The frame backing the 4 KiB page that contains `gpa`, and the
-    /// protection, when mapped: one walk and one read of the leaf.
+    /// protection, when mapped: one walk and one read of the leaf (frame
+    /// and protection are decoded from that one value). For runs of
+    /// lookups near each other, [`lookup_cursor`](Self::lookup_cursor)
+    /// skips the walk while they stay in one leaf table.
     #[inline]
     pub fn is_mapped(&self, gpa: Gpa) -> Option<(Pfn, Prot)> {
         with_kind!(self.fmt, K => {
             let (_, size, v) = self.find::<K>(gpa.0)?;
-            let am = self.fmt.addr_mask();
-            if size == PageSize::Size4K {
-                return Some((Pfn((v & am) >> 12), K::prot(v)));
-            }
-            // The host address: the leaf's page base (its low bits are
-            // PAT or reserved in large leaves) plus the offset into it.
-            let low = size.bytes() - 1;
-            let hpa = (v & am & !low) | (gpa.0 & low);
-            Some((Pfn(hpa >> 12), K::prot(v)))
+            Some(decode::<K>(self.fmt.addr_mask(), gpa.0, size, v))
         })
+    }
+
+    /// A lookup cursor: [`is_mapped`](LookupCursor::is_mapped) and
+    /// [`lookup`](LookupCursor::lookup) that remember the leaf table of
+    /// the last 4 KiB page they found and go straight to it while the
+    /// addresses stay in its 2 MiB, walking from the root only when they
+    /// leave it (sequential scans walk once per 512 pages).
+    pub fn lookup_cursor(&self) -> LookupCursor<'_, P> {
+        LookupCursor { t: self, tag: u64::MAX, leaf: self.root_table() }
     }
 
     /// The entries on the path to `gpa`, root first, ending at a leaf or a
@@ -860,14 +987,16 @@ impl<P: TablePages> NestedTable<P> {
     }
 
     /// [`dirty_pass`](Self::dirty_pass) specialized for the format kind
-    /// `K`. Each leaf table's entries are read 64 at a time with plain
-    /// loads, their dirty bits gathered into one word without branches
-    /// (eight at a time, with constant shifts), and only the entries that
-    /// read dirty are then cleared (a locked AND for `Clear::Locked`). An
-    /// entry that reads clean is not written, so a dirty bit the hardware
-    /// or another thread sets after the read is kept for the next pass; one
-    /// that reads dirty is cleared by an atomic AND of that bit alone, so
-    /// the other bits set meanwhile are kept too.
+    /// `K`. Each leaf table's entries are read with plain vector loads
+    /// (equivalent to relaxed atomic loads; see `dirty64`), their dirty
+    /// bits gathered 64 to a word without branches, and only then are the
+    /// entries that read dirty cleared (a locked AND for `Clear::Locked`).
+    /// An entry that reads clean is not written, so a dirty bit the
+    /// hardware or another thread sets after the read is kept for the next
+    /// pass; one that reads dirty is cleared by an atomic AND of that bit
+    /// alone, so the other bits set meanwhile are kept too (a dirty bit set
+    /// again between the read and the clear is the same dirty state,
+    /// reported by this pass).
     #[inline(always)]
     fn dirty_pass_k<K: Kind>(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: Clear) -> Result<u64, Error> {
         let end = check_range(gpa, len, PageSize::Size4K)?;
@@ -879,56 +1008,48 @@ impl<P: TablePages> NestedTable<P> {
         fill_bits(bitmap, 0, pages, false);
         let dmask = K::DIRTY;
         let mut count = 0;
-        // Clears the entries of `chunk` whose bit is set in `word`.
-        let clear_dirty = |chunk: &[AtomicU64], word: u64| {
-            let mut w = if clear == Clear::No { 0 } else { word };
-            while w != 0 {
-                if let Some(e) = chunk.get(w.trailing_zeros() as usize) {
-                    if clear == Clear::Plain {
-                        e.store(e.load(Ordering::Relaxed) & !dmask, Ordering::Relaxed);
-                    } else {
-                        e.fetch_and(!dmask, Ordering::AcqRel);
-                    }
-                }
-                w &= w - 1;
-            }
-        };
         self.for_each_leaf_table(gpa, len, |base, entries, size| {
             if size == PageSize::Size4K {
-                // Leaf-table slices start inside the range.
+                // Leaf-table slices start inside the range. First the
+                // dirty bits of the whole slice, 64 entries to a word,
+                // with loads only (no locked operation in between to hold
+                // the next loads back); then the clears, for the entries
+                // that read dirty.
                 let first = (base.0 - gpa.0) >> 12;
-                let mut chunks = entries.chunks_exact(64);
-                let mut c = 0;
-                for chunk in &mut chunks {
-                    let mut word = 0u64;
-                    for (j, group) in chunk.chunks_exact(8).enumerate() {
-                        let byte = if dmask.count_ones() == 1 {
-                            dirty8(group, dmask.trailing_zeros())
-                        } else {
-                            let mut byte = 0u64;
-                            for (k, e) in group.iter().enumerate() {
-                                byte |= K::dirty_bit(e.load(Ordering::Relaxed)) << k;
-                            }
-                            byte
-                        };
-                        word |= byte << (8 * j);
+                let mut words = [0u64; ENTRIES / 64];
+                let full = dirty_words::<K>(entries, &mut words);
+                for (i, e) in entries.iter().enumerate().skip(full) {
+                    if let Some(w) = words.get_mut(i / 64) {
+                        *w |= K::dirty_bit(e.load(Ordering::Relaxed)) << (i % 64);
                     }
+                }
+                for (c, &word) in words.iter().enumerate().take(entries.len().div_ceil(64)) {
                     if word != 0 {
-                        clear_dirty(chunk, word);
-                        count += word.count_ones() as u64;
-                        or_word(bitmap, first + c * 64, word);
+                        let chunk = &entries[c * 64..];
+                        let mut w = word;
+                        match clear {
+                            Clear::Plain => {
+                                while w != 0 {
+                                    if let Some(e) = chunk.get(w.trailing_zeros() as usize) {
+                                        e.store(e.load(Ordering::Relaxed) & !K::DIRTY, Ordering::Relaxed);
+                                    }
+                                    count += 1;
+                                    w &= w - 1;
+                                }
+                            }
+                            Clear::Locked => {
+                                while w != 0 {
+                                    if let Some(e) = chunk.get(w.trailing_zeros() as usize) {
+                                        e.fetch_and(!K::DIRTY, Ordering::AcqRel);
+                                    }
+                                    count += 1;
+                                    w &= w - 1;
+                                }
+                            }
+                            Clear::No => count += word.count_ones() as u64,
+                        }
+                        or_word(bitmap, first + c as u64 * 64, word);
                     }
-                    c += 1;
-                }
-                let rest = chunks.remainder();
-                let mut word = 0u64;
-                for (i, e) in rest.iter().enumerate() {
-                    word |= K::dirty_bit(e.load(Ordering::Relaxed)) << i;
-                }
-                if word != 0 {
-                    clear_dirty(rest, word);
-                    count += word.count_ones() as u64;
-                    or_word(bitmap, first + c * 64, word);
                 }
             } else if entries[0].load(Ordering::Relaxed) & dmask != 0 {
                 // A large leaf. `check_no_split` refused one cutting the
@@ -1376,61 +1497,149 @@ fn prefetch_table(p: *const u64) {
     let _ = p;
 }
 
-/// Bit `k` of the result is bit `bit` of `group[k]`: the dirty bits of
-/// eight entries, read as eight relaxed loads would read them.
+/// Puts the dirty state of `entries[k]` for the format kind `K` in bit
+/// `k % 64` of `words[k / 64]`, read as relaxed loads would read it, for
+/// the leading entries it handles in blocks of 16; returns how many it
+/// handled (a multiple of 16; the caller reads the rest one by one).
+/// `words` must be zero.
 #[inline(always)]
-fn dirty8(group: &[AtomicU64], bit: u32) -> u64 {
+fn dirty_words<K: Kind>(entries: &[AtomicU64], words: &mut [u64; ENTRIES / 64]) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if group.len() == 8 && bit < 64 {
-        let mask: u64;
-        // SAFETY: the block reads the 64 bytes of `group` (eight entries of
-        // a live table page, 8-byte aligned, valid for reads while the
-        // borrow lasts) with four 16-byte SSE2 loads and writes no memory.
-        // Other threads and the hardware change entries only with atomic
-        // operations, and x86 reads every naturally aligned quadword of a
-        // vector load atomically (a wide load may be split into several
-        // accesses, never inside an aligned quadword), so the block is
-        // equivalent to eight relaxed atomic loads, which may race with
-        // those writes. SSE2 is part of the x86-64 baseline. The entries'
-        // dirty bits are shifted to bit 63 of each quadword, the high
-        // dwords of each pair of vectors gathered, and their sign bits
-        // read out, entry `k` to bit `k`.
+    if K::DIRTY.count_ones() == 1 && K::DIRTY.trailing_zeros() < 32 {
+        let blocks = entries.len().min(ENTRIES) / 16;
+        if blocks == 0 {
+            return 0;
+        }
+        let shift = 31 - K::DIRTY.trailing_zeros();
+        // SAFETY: the block reads the first `blocks * 16` entries of
+        // `entries` (at most 512, of a live table page, 8-byte aligned,
+        // valid for reads while the borrow lasts) with unaligned 16-byte
+        // SSE2 loads, and writes `blocks` 16-bit masks into `words` (at
+        // most 32, its 64 bytes). Other threads and the hardware change
+        // entries only with atomic operations, and x86 reads every
+        // naturally aligned quadword of a vector load atomically (a wide
+        // load may be split into several accesses, never inside an aligned
+        // quadword), so the reads are equivalent to relaxed atomic loads,
+        // which may race with those writes. SSE2 is part of the x86-64
+        // baseline. For each 16 entries: the low dwords of four pairs
+        // gathered (`shufps`; the dirty bit is below bit 32), shifted so
+        // the dirty bit is each dword's sign, and narrowed with signed
+        // saturation (which keeps the sign) to one byte per entry, whose
+        // signs `pmovmskb` reads out, entry `k` to bit `k`; the masks are
+        // stored little-endian, so 16-bit mask `j` is bits `16 (j % 4)..`
+        // of word `j / 4`.
         unsafe {
             core::arch::asm!(
-                "movq {n}, {sh}",
+                "movd {n}, {sh:e}",
+                "2:",
                 "movdqu {a}, [{p}]",
-                "movdqu {b}, [{p} + 16]",
-                "movdqu {c}, [{p} + 32]",
-                "movdqu {d}, [{p} + 48]",
-                "psllq {a}, {n}",
-                "psllq {b}, {n}",
-                "psllq {c}, {n}",
-                "psllq {d}, {n}",
-                "shufps {a}, {b}, 0xdd",
-                "shufps {c}, {d}, 0xdd",
-                "movmskps {m:e}, {a}",
-                "movmskps {t:e}, {c}",
-                "shl {t:e}, 4",
-                "or {m:e}, {t:e}",
-                p = in(reg) group.as_ptr(),
-                sh = in(reg) (63 - bit) as u64,
+                "movdqu {t}, [{p} + 16]",
+                "shufps {a}, {t}, 0x88",
+                "movdqu {b}, [{p} + 32]",
+                "movdqu {t}, [{p} + 48]",
+                "shufps {b}, {t}, 0x88",
+                "movdqu {c}, [{p} + 64]",
+                "movdqu {t}, [{p} + 80]",
+                "shufps {c}, {t}, 0x88",
+                "movdqu {d}, [{p} + 96]",
+                "movdqu {t}, [{p} + 112]",
+                "shufps {d}, {t}, 0x88",
+                "pslld {a}, {n}",
+                "pslld {b}, {n}",
+                "pslld {c}, {n}",
+                "pslld {d}, {n}",
+                "packssdw {a}, {b}",
+                "packssdw {c}, {d}",
+                "packsswb {a}, {c}",
+                "pmovmskb {w:e}, {a}",
+                "mov word ptr [{o}], {w:x}",
+                "add {p}, 128",
+                "add {o}, 2",
+                "dec {k}",
+                "jnz 2b",
+                p = inout(reg) entries.as_ptr() => _,
+                o = inout(reg) words.as_mut_ptr() => _,
+                k = inout(reg) blocks => _,
+                sh = in(reg) shift as u64,
                 n = out(xmm_reg) _,
                 a = out(xmm_reg) _,
                 b = out(xmm_reg) _,
                 c = out(xmm_reg) _,
                 d = out(xmm_reg) _,
-                m = out(reg) mask,
-                t = out(reg) _,
-                options(readonly, nostack),
+                t = out(xmm_reg) _,
+                w = out(reg) _,
+                options(nostack),
             );
         }
-        return mask;
+        return blocks * 16;
     }
-    let mut byte = 0u64;
-    for (k, e) in group.iter().enumerate() {
-        byte |= ((e.load(Ordering::Relaxed) >> bit) & 1) << k;
+    let _ = (entries, words);
+    0
+}
+
+/// The OR of every entry of `entries`, read as relaxed loads would read
+/// them.
+#[inline(always)]
+fn or_all(entries: &[AtomicU64]) -> u64 {
+    let mut all = 0u64;
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let blocks = entries.len() / 16;
+        if blocks > 0 {
+            // SAFETY: the block reads the first `blocks * 16` entries of
+            // `entries` (of a live table page, 8-byte aligned, valid for
+            // reads while the borrow lasts) with unaligned 16-byte SSE2
+            // loads and writes no memory. As in `dirty_words`, x86 reads
+            // each aligned quadword of a vector load atomically, so the
+            // reads are equivalent to relaxed atomic loads. SSE2 is part of
+            // the x86-64 baseline. Two vector accumulators, folded at the
+            // end.
+            unsafe {
+                core::arch::asm!(
+                    "pxor {a}, {a}",
+                    "pxor {b}, {b}",
+                    "2:",
+                    "movdqu {t}, [{p}]",
+                    "por {a}, {t}",
+                    "movdqu {u}, [{p} + 16]",
+                    "por {b}, {u}",
+                    "movdqu {t}, [{p} + 32]",
+                    "por {a}, {t}",
+                    "movdqu {u}, [{p} + 48]",
+                    "por {b}, {u}",
+                    "movdqu {t}, [{p} + 64]",
+                    "por {a}, {t}",
+                    "movdqu {u}, [{p} + 80]",
+                    "por {b}, {u}",
+                    "movdqu {t}, [{p} + 96]",
+                    "por {a}, {t}",
+                    "movdqu {u}, [{p} + 112]",
+                    "por {b}, {u}",
+                    "add {p}, 128",
+                    "dec {k}",
+                    "jnz 2b",
+                    "por {a}, {b}",
+                    "pshufd {b}, {a}, 0x4e",
+                    "por {a}, {b}",
+                    "movq {r}, {a}",
+                    p = inout(reg) entries.as_ptr() => _,
+                    k = inout(reg) blocks => _,
+                    a = out(xmm_reg) _,
+                    b = out(xmm_reg) _,
+                    t = out(xmm_reg) _,
+                    u = out(xmm_reg) _,
+                    r = out(reg) all,
+                    options(readonly, nostack),
+                );
+            }
+            done = blocks * 16;
+        }
     }
-    byte
+    for e in entries.iter().skip(done) {
+        all |= e.load(Ordering::Relaxed);
+    }
+    all
 }
 
 /// ORs the 64 bits of `word` into `bitmap` starting at bit `first`.

@@ -155,6 +155,9 @@ fn entry_operations() {
                 .lookup(Gpa(gpa))
                 .map(|l| (l.pfn(), l.pfn_of(Gpa(gpa)), l.pfn_of(Gpa(u64::MAX)), l.pfn_of(Gpa(0)), l.prot()));
             let _ = t0.is_mapped(Gpa(gpa));
+            let mut cur = t0.lookup_cursor();
+            assert_eq!(cur.is_mapped(Gpa(gpa)), t0.is_mapped(Gpa(gpa)));
+            assert_eq!(cur.lookup(Gpa(gpa)).map(|l| l.gpa), t0.lookup(Gpa(gpa)).map(|l| l.gpa));
             let w = t0.walk(Gpa(gpa));
             assert!(w.steps().len() <= 4);
             for s in w.steps() {

@@ -683,3 +683,77 @@ fn harvest_races_dirtying_writer() {
         }
     }
 }
+
+/// A lookup cursor answers exactly what `lookup` and `is_mapped` answer, in
+/// sequential and scattered order, across holes, table boundaries, large
+/// leaves and addresses past the 48-bit space, and sees entries mapped and
+/// unmapped (through `&self`) after it remembered their leaf table.
+#[test]
+fn lookup_cursor_matches_lookup() {
+    for f in formats() {
+        let mut t = table(f);
+        t.populate_region(Gpa(0), 4 * M2, PageSize::Size4K).unwrap();
+        t.populate_region(Gpa(G), 2 * M2, PageSize::Size2M).unwrap();
+        t.populate_region(Gpa(2 * G), G, PageSize::Size1G).unwrap();
+        for p in (0..4 * 512u64).filter(|p| p % 3 != 0) {
+            t.map(Gpa(p * K4), Pfn(0x1000 + p), PageSize::Size4K, Prot::RW, MemType::WriteBack).unwrap();
+        }
+        t.map(Gpa(G), Pfn(0x20_0000), PageSize::Size2M, Prot::RX, MemType::WriteBack).unwrap();
+        t.map(Gpa(2 * G), Pfn(0x4_0000), PageSize::Size1G, Prot::RW, MemType::WriteBack).unwrap();
+        let mut probes: Vec<u64> = (0..4 * 512u64 + 8).map(|p| p * K4 + 8).collect();
+        probes.extend([G, G + 5 * K4, G + M2, 2 * G + 77 * K4, 3 * G, 1 << 48, u64::MAX, 4 * M2 - K4]);
+        let mut scattered = probes.clone();
+        scattered.sort_by_key(|a| a.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for order in [&probes, &scattered] {
+            let mut c = t.lookup_cursor();
+            for &a in order.iter() {
+                let want = t.lookup(Gpa(a)).map(|l| (l.gpa, l.size, l.pfn()));
+                assert_eq!(c.lookup(Gpa(a)).map(|l| (l.gpa, l.size, l.pfn())), want, "{f:?} {a:#x}");
+                assert_eq!(c.is_mapped(Gpa(a)), t.is_mapped(Gpa(a)), "{f:?} {a:#x}");
+            }
+        }
+        // Changes to leaves through `&self` are seen by a live cursor.
+        let mut c = t.lookup_cursor();
+        assert_eq!(c.is_mapped(Gpa(K4)), Some((Pfn(0x1001), Prot::RW)));
+        assert_eq!(c.is_mapped(Gpa(0)), None);
+        t.map(Gpa(0), Pfn(0x999), PageSize::Size4K, Prot::READ, MemType::WriteBack).unwrap();
+        assert_eq!(c.is_mapped(Gpa(0)), Some((Pfn(0x999), Prot::READ)));
+        assert_eq!(t.unmap(Gpa(K4)), Ok(true));
+        assert_eq!(c.is_mapped(Gpa(K4)), None);
+        assert!(c.lookup(Gpa(K4)).is_none());
+    }
+}
+
+/// `HeapPages::ptr` names exactly the frames handed out, on both of its
+/// paths (frames below 2^52 are checked on their address, the others on
+/// their index), including an arena that straddles 2^52 and one at the
+/// top of the frame numbers; frames that differ by a multiple of 2^52
+/// (whose addresses wrap onto each other) are never confused.
+#[test]
+fn heap_pages_ptr_at_frame_number_edges() {
+    use nested_pt::TablePages;
+    const TOP: u64 = 1 << 52;
+    for base in [0, 0x100, TOP - 2, TOP, u64::MAX - 3] {
+        let mut hp = HeapPages::with_capacity(base, 4);
+        let mut got = Vec::new();
+        while let Some(pfn) = hp.alloc_zeroed() {
+            got.push(pfn);
+        }
+        let want: Vec<Pfn> = (0..4).filter_map(|i| base.checked_add(i)).map(Pfn).collect();
+        assert_eq!(got, want, "{base:#x}");
+        let ptrs: Vec<*mut u64> = got.iter().map(|&p| hp.ptr(p)).collect();
+        for (i, p) in ptrs.iter().enumerate() {
+            assert!(!p.is_null() && (*p as usize).is_multiple_of(4096), "{base:#x} frame {i}");
+            assert_eq!(*p as usize - ptrs[0] as usize, i * 4096, "{base:#x} frame {i}");
+        }
+        for p in [base.wrapping_sub(1), base.wrapping_add(4), base ^ TOP, base.wrapping_add(TOP), u64::MAX - 4] {
+            if !got.contains(&Pfn(p)) {
+                assert!(hp.ptr(Pfn(p)).is_null(), "{base:#x}: {p:#x}");
+            }
+        }
+        // A freed frame keeps its page (it was handed out) until reused.
+        // SAFETY: nothing refers to the page.
+        unsafe { hp.free(got[0]) };
+        assert_eq!(hp.ptr(got[0]), ptrs[0]);
+    }
+}

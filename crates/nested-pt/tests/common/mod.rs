@@ -531,15 +531,21 @@ pub fn run(fmt: PteFormat, ops: &[Op]) -> Result<(), String> {
         ensure_eq!(t.pages().inner.errors(), &[] as &[&str], "{}", ctx());
         ensure_eq!(t.pages().inner.live(), m.expected_tables(), "{}", ctx());
         ensure_eq!(t.table_pages(), m.expected_tables(), "{}", ctx());
+        // One lookup cursor across all the probes: consecutive probes in
+        // one leaf table take its remembered-table path, the others walk.
+        let mut cur = t.lookup_cursor();
         for (r, &(_, _, size)) in REGIONS.iter().enumerate() {
             for i in 0..leaves_in(r).min(6) {
                 let gpa = Model::page(r, i * 97);
                 let got = t.lookup(Gpa(gpa + 8)).map(|l| (l.gpa, l.size, l.pfn(), l.prot(), l.accessed(), l.dirty()));
                 let want = m.leaves.get(&gpa).map(|e| (Gpa(gpa), size, Pfn(e.pfn), e.prot, e.acc, e.dirty()));
                 ensure_eq!(got, want, "lookup {gpa:#x}; {}", ctx());
+                let got = cur.lookup(Gpa(gpa + 8)).map(|l| (l.gpa, l.size, l.pfn(), l.prot(), l.accessed(), l.dirty()));
+                ensure_eq!(got, want, "cursor lookup {gpa:#x}; {}", ctx());
                 let got = t.is_mapped(Gpa(gpa + 8));
                 let want = m.leaves.get(&gpa).map(|e| (Pfn(e.pfn), e.prot));
                 ensure_eq!(got, want, "is_mapped {gpa:#x}; {}", ctx());
+                ensure_eq!(cur.is_mapped(Gpa(gpa + 8)), want, "cursor is_mapped {gpa:#x}; {}", ctx());
             }
         }
         let leaves = t.leaves(Gpa(0), 1 << 48).map(|l| (l.gpa.0, l.pfn().0, l.prot(), l.accessed(), l.dirty()));
