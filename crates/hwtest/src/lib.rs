@@ -43,7 +43,10 @@
 //!   not-present at levels 1, 2 and 4, a table entry with only its present
 //!   bits cleared, unmap followed by an IOTLB invalidation; VT-d also
 //!   reserved bit 11 and an address bit above the 48-bit width (reason
-//!   0xC; QEMU's AMD-Vi checks no reserved field).
+//!   0xC; QEMU's AMD-Vi checks no reserved field), and the same device
+//!   through a three-level (39-bit) table (`PteFormat::vtd_3level`): a
+//!   transfer each way, a not-present top entry, and an address beyond
+//!   the width (reason 0x4).
 //!
 //! # How a comparison works (kernel side)
 //!
@@ -281,7 +284,14 @@ impl Emulator {
             "unmap-before",
             "unmap-invalidate",
         ];
-        const VTD_ONLY: &[&str] = &["vtd-fault-rsv-bit11", "vtd-fault-rsv-high-addr"];
+        const VTD_ONLY: &[&str] = &[
+            "vtd-fault-rsv-bit11",
+            "vtd-fault-rsv-high-addr",
+            "vtd39-dma-write-4k",
+            "vtd39-dma-read-4k",
+            "vtd39-fault-read-not-present-l3",
+            "vtd39-fault-beyond-width",
+        ];
         let dma = |p: &'static str| -> Vec<&'static str> {
             DMA.iter().map(|n| &*Box::leak(format!("{p}-{n}").into_boxed_str())).collect()
         };

@@ -356,6 +356,8 @@ impl Default for Caps {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct PteFormat {
     kind: FormatKind,
+    /// Levels the hardware walks (4; 3 for a 39-bit VT-d domain).
+    levels: u8,
     caps: Caps,
     addr_mask: u64,
     present: u64,
@@ -383,7 +385,7 @@ impl PteFormat {
             FormatKind::VtdSecondLevel => VTD_R | VTD_W,
             FormatKind::AmdVi => AMDVI_PR,
         };
-        PteFormat { kind, caps, addr_mask, present, accessed, dirty }
+        PteFormat { kind, levels: 4, caps, addr_mask, present, accessed, dirty }
     }
 
     /// Intel EPT with hardware accessed/dirty bits.
@@ -403,6 +405,27 @@ impl PteFormat {
     /// `phys_bits` the host address width; execute-only does not apply.
     pub fn vtd(caps: Caps) -> Self {
         Self::new(FormatKind::VtdSecondLevel, caps)
+    }
+    /// Intel VT-d second-level tables walked with **three** levels (an
+    /// adjusted guest address width of 39 bits, SAGAW bit 1): I/O virtual
+    /// addresses below 512 GiB. The tree keeps its four-level shape; the
+    /// level-3 table under the root's entry 0 is the top table the
+    /// remapping unit walks ([`NestedTable::hw_root`](crate::NestedTable::hw_root)),
+    /// created with the table and never freed, and every operation refuses
+    /// addresses at or above [`gpa_limit`](Self::gpa_limit).
+    pub fn vtd_3level(caps: Caps) -> Self {
+        let mut f = Self::new(FormatKind::VtdSecondLevel, caps);
+        f.levels = 3;
+        f
+    }
+    /// Levels the hardware walks: 4, or 3 for [`vtd_3level`](Self::vtd_3level).
+    pub fn levels(&self) -> u8 {
+        self.levels
+    }
+    /// The first address the hardware walk cannot translate: 2^48 for four
+    /// levels, 2^39 for three.
+    pub fn gpa_limit(&self) -> u64 {
+        1u64 << (12 + 9 * u32::from(self.levels))
     }
     /// AMD-Vi I/O page tables, paging mode 4 (four levels); execute-only
     /// does not apply.
@@ -713,10 +736,13 @@ impl PteFormat {
 
     /// A VT-d legacy-mode context entry (VT-d spec §9.3) translating the
     /// function's untranslated requests through the second-level table at
-    /// `root` for domain `domain`: low qword = SLPTPTR | TT 00b | P, high
-    /// qword = DID << 8 | AW 010b (48-bit, four-level walk).
+    /// `root` (the table's [`hw_root`](crate::NestedTable::hw_root)) for
+    /// domain `domain`: low qword = SLPTPTR | TT 00b | P, high qword =
+    /// DID << 8 | AW (010b: 48-bit, four-level walk; 001b: 39-bit,
+    /// three-level).
     pub fn vtd_context_entry(&self, root: Pfn, domain: u16) -> [u64; 2] {
-        [(root.addr() & self.addr_mask) | 1, (u64::from(domain) << 8) | 0b010]
+        let aw = u64::from(self.levels.saturating_sub(2));
+        [(root.addr() & self.addr_mask) | 1, (u64::from(domain) << 8) | aw]
     }
 
     /// An AMD-Vi device-table entry (AMD IOMMU spec §2.2.2) translating

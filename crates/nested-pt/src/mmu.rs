@@ -95,6 +95,10 @@ pub enum ViolationKind {
     /// An entry points outside the table pages the model can read; real
     /// hardware would read whatever memory is there.
     OutsideTables,
+    /// IOMMU formats: the address is at or above the domain's width
+    /// ([`PteFormat::gpa_limit`]; VT-d fault reason 0x4, "address beyond
+    /// the adjusted guest address width").
+    BeyondWidth,
 }
 
 /// A failed translation.
@@ -146,6 +150,7 @@ impl Violation {
     pub fn vtd_fault_reason(&self) -> u8 {
         match self.kind {
             ViolationKind::Reserved | ViolationKind::Misconfig => 0xC,
+            ViolationKind::BeyondWidth => 0x4,
             ViolationKind::OutsideTables => 0x7,
             ViolationKind::NotPresent | ViolationKind::Permission => {
                 if self.access == Access::Write {
@@ -173,7 +178,7 @@ impl Violation {
         if self.kind == ViolationKind::Permission {
             f |= 1 << 6;
         }
-        if self.kind == ViolationKind::Reserved {
+        if matches!(self.kind, ViolationKind::Reserved | ViolationKind::BeyondWidth) {
             f |= 1 << 7;
         }
         f
@@ -203,9 +208,10 @@ impl Violation {
     }
 }
 
-/// Translates `gpa` for `access` through the table rooted at `root`, as the
-/// hardware would, setting accessed/dirty bits when `ad_enabled` (EPTP bit
-/// 6 for EPT; NPT always sets them, whatever the flag).
+/// Translates `gpa` for `access` through the table rooted at `root` (the
+/// table's [`hw_root`](crate::NestedTable::hw_root)), as the hardware
+/// would, setting accessed/dirty bits when `ad_enabled` (EPTP bit 6 for
+/// EPT; NPT always sets them, whatever the flag).
 pub fn translate<P: TablePages + ?Sized>(
     pages: &P,
     fmt: &PteFormat,
@@ -220,8 +226,13 @@ pub fn translate<P: TablePages + ?Sized>(
     let mut effective = Prot::all();
     let mut used: [Option<&core::sync::atomic::AtomicU64>; 4] = [None; 4];
     let mut pfn = root;
-    let mut level = 4u8;
+    // `root` is the top table the hardware walks: for a three-level format
+    // the level-3 table (`NestedTable::hw_root`).
+    let mut level = fmt.levels();
     let fail = |kind, level, effective| Violation { kind, level, access, effective };
+    if iommu && gpa.0 >= fmt.gpa_limit() {
+        return Err(fail(ViolationKind::BeyondWidth, level, Prot::empty()));
+    }
     loop {
         let Some(table) = table_of(pages, pfn) else {
             return Err(fail(ViolationKind::OutsideTables, level, effective));

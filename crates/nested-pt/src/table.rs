@@ -5,7 +5,7 @@ use core::sync::atomic::{AtomicU64, Ordering, fence};
 
 use crate::format::{Kind, PteFormat, with_kind};
 use crate::pages::TablePages;
-use crate::{Access, ENTRIES, Error, GPA_LIMIT, Gpa, MemType, PageSize, Pfn, Prot, check_range};
+use crate::{Access, ENTRIES, Error, Gpa, MemType, PageSize, Pfn, Prot, check_range};
 
 pub(crate) mod export;
 
@@ -332,7 +332,38 @@ impl<P: TablePages> NestedTable<P> {
             unsafe { pages.free(root) };
             return Err(Error::NoMemory);
         };
-        Ok(NestedTable { fmt: format, pages, root: Node::new(root, 0), root_ptr: RootPtr(root_ptr), tables: 1 })
+        let mut t =
+            NestedTable { fmt: format, pages, root: Node::new(root, 0), root_ptr: RootPtr(root_ptr), tables: 1 };
+        if format.levels() == 3 {
+            // The top table of a three-level walk: the level-3 table under
+            // the root's entry 0, pinned (a reservation nothing releases)
+            // so that no vacate frees it. Dropping `t` on error gives the
+            // root back.
+            let (pfn, entry) = alloc_table(&mut t.pages, &format, 4)?;
+            t.root_table()[0].store(entry, Ordering::Release);
+            let mut top = Node::new(pfn, 0);
+            top.reserved = 1;
+            t.root.children.push(top);
+            t.tables += 1;
+        }
+        Ok(t)
+    }
+
+    /// The top table the hardware walks: the root, or for a three-level
+    /// format ([`PteFormat::vtd_3level`]) the level-3 table under the
+    /// root's entry 0. This is what a root pointer or a context entry
+    /// names.
+    pub fn hw_root(&self) -> Pfn {
+        if self.fmt.levels() == 3 { self.root.children.first().map_or(self.root.pfn, |c| c.pfn) } else { self.root.pfn }
+    }
+
+    /// [`check_range`] within this table's format's width.
+    fn check(&self, gpa: Gpa, len: u64, align: PageSize) -> Result<u64, Error> {
+        let end = check_range(gpa, len, align)?;
+        if end > self.fmt.gpa_limit() {
+            return Err(Error::OutOfRange);
+        }
+        Ok(end)
     }
 
     /// The entry format.
@@ -349,7 +380,7 @@ impl<P: TablePages> NestedTable<P> {
     }
     /// The root pointer for hardware: EPTP or nCR3.
     pub fn root_pointer(&self, track_dirty: bool) -> u64 {
-        self.fmt.root_pointer(self.root.pfn, track_dirty)
+        self.fmt.root_pointer(self.hw_root(), track_dirty)
     }
 
     #[inline(always)]
@@ -384,7 +415,7 @@ impl<P: TablePages> NestedTable<P> {
     /// needed, and [`Error::CountOverflow`] when a table's count of
     /// reserved entries would overflow (overlapping populates).
     pub fn populate_region(&mut self, gpa: Gpa, len: u64, leaf: PageSize) -> Result<(), Error> {
-        let end = check_range(gpa, len, leaf)?;
+        let end = self.check(gpa, len, leaf)?;
         if !self.fmt.supports(leaf) {
             return Err(Error::UnsupportedSize);
         }
@@ -416,7 +447,7 @@ impl<P: TablePages> NestedTable<P> {
     /// leaf size, and frees tables left with nothing, bottom-up (never the
     /// root). The range must map no pages any more.
     pub fn vacate_region(&mut self, gpa: Gpa, len: u64, leaf: PageSize) -> Result<(), Error> {
-        let end = check_range(gpa, len, leaf)?;
+        let end = self.check(gpa, len, leaf)?;
         if !self.fmt.supports(leaf) {
             return Err(Error::UnsupportedSize);
         }
@@ -443,7 +474,7 @@ impl<P: TablePages> NestedTable<P> {
     /// number of 4 KiB pages that were mapped. The caller must invalidate
     /// cached translations before the freed pages are reused.
     pub fn unmap_vacate_region(&mut self, gpa: Gpa, len: u64, leaf: PageSize) -> Result<u64, Error> {
-        let end = check_range(gpa, len, leaf)?;
+        let end = self.check(gpa, len, leaf)?;
         if !self.fmt.supports(leaf) {
             return Err(Error::UnsupportedSize);
         }
@@ -543,7 +574,7 @@ impl<P: TablePages> NestedTable<P> {
         if !gpa.is_aligned(size) {
             return Err(Error::Unaligned);
         }
-        if gpa.0 >= GPA_LIMIT {
+        if gpa.0 >= self.fmt.gpa_limit() {
             return Err(Error::OutOfRange);
         }
         let new = self.fmt.leaf_entry_k::<K>(pfn, size, prot, mt)?;
@@ -634,7 +665,7 @@ impl<P: TablePages> NestedTable<P> {
         mut frame: impl FnMut(Gpa) -> Option<Pfn>,
         exclusive: bool,
     ) -> Result<u64, Error> {
-        let end = check_range(gpa, len, PageSize::Size4K)?;
+        let end = self.check(gpa, len, PageSize::Size4K)?;
         // Validate protection and the tables' presence before changing
         // anything; the entry for frame 0 is the template for all.
         let template = self.fmt.leaf_entry(Pfn(0), PageSize::Size4K, prot, mt)?;
@@ -787,7 +818,7 @@ impl<P: TablePages> NestedTable<P> {
     /// before it mapped.
     #[inline(always)]
     fn descend<K: Kind>(&self, g: u64) -> Descent<'_> {
-        if g >= GPA_LIMIT {
+        if g >= self.fmt.gpa_limit() {
             return Descent::Absent;
         }
         let am = self.fmt.addr_mask() & !0xfff;
@@ -847,7 +878,7 @@ impl<P: TablePages> NestedTable<P> {
     /// non-present entry.
     pub fn walk(&self, gpa: Gpa) -> Walk {
         let mut w = Walk::default();
-        if gpa.0 >= GPA_LIMIT {
+        if gpa.0 >= self.fmt.gpa_limit() {
             return w;
         }
         let mut pfn = self.root.pfn;
@@ -904,7 +935,7 @@ impl<P: TablePages> NestedTable<P> {
     /// once. Returns the number of 4 KiB pages unmapped (a 2 MiB leaf
     /// counts 512).
     pub fn unmap_region(&self, gpa: Gpa, len: u64) -> Result<u64, Error> {
-        let end = check_range(gpa, len, PageSize::Size4K)?;
+        let end = self.check(gpa, len, PageSize::Size4K)?;
         self.check_no_split(gpa.0, end)?;
         // Plain (unlocked) loads and stores: an unmap does not need the old
         // accessed/dirty bits, hardware only ever sets A/D in an entry it
@@ -999,7 +1030,7 @@ impl<P: TablePages> NestedTable<P> {
     /// reported by this pass).
     #[inline(always)]
     fn dirty_pass_k<K: Kind>(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: Clear) -> Result<u64, Error> {
-        let end = check_range(gpa, len, PageSize::Size4K)?;
+        let end = self.check(gpa, len, PageSize::Size4K)?;
         let pages = len >> 12;
         if (bitmap.len() as u64).saturating_mul(64) < pages {
             return Err(Error::BitmapTooSmall);
@@ -1081,7 +1112,7 @@ impl<P: TablePages> NestedTable<P> {
     /// as one-entry slices. Descends from the root once per table, never
     /// per page. Ranges reaching past the guest-physical space are clipped.
     pub fn for_each_leaf_table(&self, gpa: Gpa, len: u64, mut f: impl FnMut(Gpa, &[AtomicU64], PageSize)) {
-        let end = gpa.0.saturating_add(len).min(GPA_LIMIT);
+        let end = gpa.0.saturating_add(len).min(self.fmt.gpa_limit());
         if gpa.0 >= end {
             return;
         }
@@ -1126,7 +1157,7 @@ impl<P: TablePages> NestedTable<P> {
     /// `[gpa, gpa+len)`, in address order; it descends from the root once
     /// per leaf table.
     pub fn leaves(&self, gpa: Gpa, len: u64) -> Leaves<'_, P> {
-        let end = gpa.0.saturating_add(len).min(GPA_LIMIT);
+        let end = gpa.0.saturating_add(len).min(self.fmt.gpa_limit());
         Leaves { t: self, cur: gpa.0 & !0xfff, end, leaf_table: None, leaf_base: 0 }
     }
 }

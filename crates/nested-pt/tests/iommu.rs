@@ -164,3 +164,41 @@ fn reserved_fields_fault() {
         assert!(tr().is_ok());
     }
 }
+
+/// A three-level VT-d table (39-bit width): the hardware's top table is
+/// the level-3 table under the root's entry 0; it exists from the start,
+/// survives vacates, and everything at or above 512 GiB is refused.
+#[test]
+fn vtd_three_level_walk() {
+    let f = PteFormat::vtd_3level(caps());
+    assert_eq!((f.levels(), f.gpa_limit()), (3, 1 << 39));
+    assert_eq!(PteFormat::vtd(caps()).gpa_limit(), 1 << 48);
+    let mut t = NestedTable::new(f, HeapPages::new()).unwrap();
+    assert_eq!(t.table_pages(), 2, "root and the hardware's top table");
+    let top = t.hw_root();
+    assert_ne!(top, t.root());
+    assert_eq!(t.walk(Gpa(0)).steps()[0].entry, f.table_entry_at(top, 4).unwrap());
+    assert_eq!(f.vtd_context_entry(top, 5), [top.0 << 12 | 1, 5 << 8 | 1], "AW 001b: 39-bit, three levels");
+    assert_eq!(t.root_pointer(false), top.0 << 12);
+    // Mapping and the model's walk from the top table.
+    t.populate_region(Gpa(0x20_0000), 2 << 20, PageSize::Size4K).unwrap();
+    t.map(Gpa(0x20_3000), Pfn(0x777), PageSize::Size4K, Prot::RW, MemType::WriteBack).unwrap();
+    let tr = mmu::translate(t.pages(), &f, top, Gpa(0x20_3010), Access::Write, false).unwrap();
+    assert_eq!(tr.hpa, 0x777010);
+    let v = mmu::translate(t.pages(), &f, top, Gpa(0x20_4000), Access::Read, false).unwrap_err();
+    assert_eq!((v.kind, v.level, v.vtd_fault_reason()), (ViolationKind::NotPresent, 1, 0x6));
+    let v = mmu::translate(t.pages(), &f, top, Gpa(0x40_0000_0000), Access::Read, false).unwrap_err();
+    assert_eq!((v.kind, v.level), (ViolationKind::NotPresent, 3), "the walk starts at level 3");
+    let v = mmu::translate(t.pages(), &f, top, Gpa(1 << 39), Access::Read, false).unwrap_err();
+    assert_eq!((v.kind, v.vtd_fault_reason()), (ViolationKind::BeyondWidth, 0x4));
+    // Nothing at or above 512 GiB.
+    assert_eq!(t.populate_region(Gpa((1 << 39) - 0x1000), 0x2000, PageSize::Size4K), Err(Error::OutOfRange));
+    assert_eq!(t.populate_region(Gpa(1 << 39), 0x1000, PageSize::Size4K), Err(Error::OutOfRange));
+    assert_eq!(t.map(Gpa(1 << 39), Pfn(1), PageSize::Size4K, Prot::RW, MemType::WriteBack), Err(Error::OutOfRange));
+    assert!(t.lookup(Gpa(1 << 39)).is_none());
+    assert_eq!(t.table_pages(), 4, "only the tables below 512 GiB were made");
+    // Vacating everything leaves the top table in place.
+    assert_eq!(t.unmap_vacate_region(Gpa(0x20_0000), 2 << 20, PageSize::Size4K), Ok(1));
+    assert_eq!((t.table_pages(), t.hw_root()), (2, top));
+    assert_eq!(t.walk(Gpa(0)).steps()[0].entry, f.table_entry_at(top, 4).unwrap());
+}

@@ -293,7 +293,8 @@ struct Run {
 impl Run {
     fn predict(&self, iova: u64, write: bool) -> Result<u64, mmu::Violation> {
         let a = if write { Access::Write } else { Access::Read };
-        mmu::translate(self.table.pages(), self.table.format(), self.table.root(), Gpa(iova), a, false).map(|t| t.hpa)
+        mmu::translate(self.table.pages(), self.table.format(), self.table.hw_root(), Gpa(iova), a, false)
+            .map(|t| t.hpa)
     }
 
     fn result(&mut self, name: &str, diffs: u32) {
@@ -651,5 +652,33 @@ pub fn run() -> Option<u32> {
     r.write_case(&n("unmap-before"), IOVA_4K + 0x600, 64, HOST_4K + 0x600, 0xBB);
     r.table.unmap(Gpa(IOVA_4K)).expect("unmap");
     r.write_case(&n("unmap-invalidate"), IOVA_4K + 0x700, 64, HOST_4K + 0x700, 0xCC);
+    if matches!(r.unit, Unit::Vtd(_)) {
+        vtd_three_level(&mut r, bdf, caps);
+    }
     Some(r.failed)
+}
+
+/// The same device through a three-level (39-bit) second-level table:
+/// the context entry's AW field and pointer switch to the table's
+/// `hw_root`, the level-3 table.
+fn vtd_three_level(r: &mut Run, bdf: u16, caps: Caps) {
+    let fmt = PteFormat::vtd_3level(caps);
+    let mut t = NestedTable::new(fmt, ArenaPages::new()).expect("three-level table");
+    t.populate_region(Gpa(0), 2 << 20, PageSize::Size4K).expect("populate");
+    t.map(Gpa(IOVA_4K), Pfn((HOST_4K >> 12) + 8), PageSize::Size4K, Prot::RW, MemType::WriteBack).expect("map");
+    t.map(Gpa(IOVA_STAGE), Pfn(HOST_STAGE >> 12), PageSize::Size4K, Prot::RW, MemType::WriteBack).expect("stage");
+    let ce = fmt.vtd_context_entry(t.hw_root(), DOMAIN);
+    let at = CONTEXT_TABLE + u64::from(bdf & 0xFF) * 16;
+    // SAFETY: the context table is reserved RAM the kernel owns.
+    unsafe {
+        write_volatile(at as *mut u64, 0);
+        write_volatile((at + 8) as *mut u64, ce[1]);
+        write_volatile(at as *mut u64, ce[0]);
+    }
+    kprintln!("INFO vtd three-level table: top {:#x}, context entry {:x?}", t.hw_root().addr(), ce);
+    r.table = t;
+    r.write_case("vtd39-dma-write-4k", IOVA_4K + 0x100, 128, HOST_4K + 0x8100, 0x71);
+    r.read_case("vtd39-dma-read-4k", IOVA_4K + 0x200, 128, 0x72);
+    r.read_case("vtd39-fault-read-not-present-l3", 0x40_0000_0000, 64, 0x73);
+    r.read_case("vtd39-fault-beyond-width", 1 << 40, 64, 0x74);
 }

@@ -12,7 +12,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::{NestedTable, Node, alloc_table, entry_span, index, table_of};
 use crate::pages::TablePages;
-use crate::{ENTRIES, Error, GPA_LIMIT, Gpa, PageSize, Pfn, check_range};
+use crate::{ENTRIES, Error, Gpa, PageSize, Pfn};
 
 /// One table page of a [`NestedTable`], as
 /// [`NestedTable::table_pages_iter`] reports it.
@@ -71,7 +71,7 @@ impl<P: TablePages> NestedTable<P> {
     /// [`Error::NotPopulated`] where a table is missing,
     /// [`Error::AlreadyMapped`] where a large leaf sits above `level`.
     fn node_at(&self, gpa: u64, level: u8) -> Result<&Node, Error> {
-        if !(1..=4).contains(&level) || gpa >= GPA_LIMIT {
+        if !(1..=4).contains(&level) || gpa >= self.fmt.gpa_limit() {
             return Err(Error::OutOfRange);
         }
         let mut node = &self.root;
@@ -201,7 +201,7 @@ impl<P: TablePages> NestedTable<P> {
         clear: bool,
         mut f: impl FnMut(Gpa, u64),
     ) -> Result<u64, Error> {
-        let end = check_range(gpa, len, PageSize::Size4K)?;
+        let end = self.check(gpa, len, PageSize::Size4K)?;
         self.check_no_split(gpa.0, end)?;
         let mut run: Option<(u64, u64)> = None;
         let mut pages = 0;
