@@ -14,24 +14,17 @@
 //! for successful walks only, leaf A/D always.
 
 use crate::backend::{RAM_KVM_BASE, TableBackend};
-use crate::guest::{self, P_MODE, P_PROBE_COUNT, P_PROBES};
+use crate::guest;
 use crate::machine::{Action, Event, FaultInfo};
 use crate::mem::PAGE;
 use crate::runtime;
 use crate::vm::{KvmError, KvmVm, PagingMode, Result};
-use crate::workload::Mode;
 use nested_pt::mmu::{self, Violation};
 use nested_pt::{Access, Gpa, HeapPages, MemType, NestedTable, PageSize, Pfn, Prot};
 use std::sync::{Arc, Mutex};
 
-/// One probe: an access the guest makes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Probe {
-    /// Guest address.
-    pub gpa: u64,
-    /// Read, write or execute.
-    pub access: Access,
-}
+/// One probe: an access the guest makes (the VM layer's typed probe).
+pub use vmm::guest::ProbeOp as Probe;
 
 /// What happened on one probe, and what the model said.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,16 +50,30 @@ impl ProbeResult {
     }
 }
 
-/// The test layout: (gpa, RAM offset within the layout area, size, prot).
-struct Region {
-    gpa: u64,
-    len: u64,
-    size: PageSize,
-    prot: Prot,
+/// One mapped range of an oracle layout: `len` bytes at `gpa` in leaves of
+/// `size`, with `prot`. Its RAM is filled with a pattern (a read returns
+/// `address ^ 0x5a5a << 48`) and `jmp r11` every 256 bytes, so execute
+/// probes return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// First guest address (aligned to `size`).
+    pub gpa: u64,
+    /// Bytes (a multiple of `size`).
+    pub len: u64,
+    /// Leaf size.
+    pub size: PageSize,
+    /// Protection.
+    pub prot: Prot,
 }
 
 const fn r(gpa: u64, len: u64, size: PageSize, prot: Prot) -> Region {
     Region { gpa, len, size, prot }
+}
+
+/// The layout of the standard oracle run: 4 KiB pages of every
+/// protection, 2 MiB pages, and a 1 GiB page where `page_1g`.
+pub fn standard_layout(page_1g: bool) -> Vec<Region> {
+    layout(page_1g)
 }
 
 fn layout(page_1g: bool) -> Vec<Region> {
@@ -142,10 +149,36 @@ pub fn standard_probes() -> Vec<Probe> {
 /// Runs `probes` on a fresh VM with one vCPU and compares each with the
 /// software MMU. `mode` is the host's paging mode.
 pub fn run_oracle(probes: &[Probe], mode: PagingMode) -> Result<Vec<ProbeResult>> {
-    assert!(probes.len() <= guest::MAX_PROBES);
+    let page_1g = kvm_page_1g() && probes.iter().any(|p| (GIG..2 * GIG).contains(&p.gpa));
+    run_oracle_with(&layout(page_1g), &[HOLE], probes, mode)
+}
+
+fn kvm_page_1g() -> bool {
+    KvmVm::new().map(|vm| vm.facts().page_1g).unwrap_or(false)
+}
+
+/// Runs `probes` over a custom `layout` (plus `holes`: 4 KiB pages whose
+/// tables exist but which map nothing) on a fresh one-vCPU VM, and
+/// compares each with the software MMU: the typed form of a custom oracle
+/// run (no raw parameter-block offsets). Regions must lie in the first
+/// 512 GiB and not overlap; large regions are filled only where probed.
+pub fn run_oracle_with(
+    layout: &[Region],
+    holes: &[u64],
+    probes: &[Probe],
+    mode: PagingMode,
+) -> Result<Vec<ProbeResult>> {
+    if probes.len() > guest::MAX_PROBES {
+        return Err(KvmError::Setup(format!("{} probes, at most {}", probes.len(), guest::MAX_PROBES)));
+    }
     let vm = Arc::new(KvmVm::new()?);
     // RAM is a sparse memfd: a 1 GiB page needs a 1 GiB-aligned gigabyte.
-    let ram = if vm.facts().page_1g { 3 << 30 } else { 32 << 20 };
+    let needs_1g = layout.iter().any(|r| r.size == PageSize::Size1G);
+    let ram = if needs_1g {
+        3 << 30
+    } else {
+        (layout.iter().map(|r| r.len.max(2 << 20)).sum::<u64>() + (8 << 20)).next_multiple_of(2 << 20)
+    };
     let mut be = TableBackend::new(vm.clone(), 8 << 20, ram, mode)?;
     let rom = runtime::rom_image(&guest::code(), 1);
     be.map_runtime(&rom, 1, 1)?;
@@ -154,8 +187,7 @@ pub fn run_oracle(probes: &[Probe], mode: PagingMode) -> Result<Vec<ProbeResult>
         NestedTable::new(fmt, HeapPages::with_capacity(0x10, 4096)).map_err(|e| KvmError::Setup(e.to_string()))?;
     // Lay the regions out in RAM, 2 MiB aligned, filled with a pattern and
     // `jmp r11` at every 256-byte boundary (so execute probes return).
-    let page_1g = vm.facts().page_1g && probes.iter().any(|p| (GIG..2 * GIG).contains(&p.gpa));
-    for reg in layout(page_1g) {
+    for reg in layout.iter().copied() {
         let off = be.alloc_ram(reg.len, reg.size.bytes().max(2 << 20))?;
         // Small regions are filled whole; a 1 GiB page only where probed.
         let pages: Vec<u64> = if reg.len <= 4 << 20 {
@@ -186,25 +218,16 @@ pub fn run_oracle(probes: &[Probe], mode: PagingMode) -> Result<Vec<ProbeResult>
             a += reg.size.bytes();
         }
     }
-    be.table_mut().populate_region(Gpa(HOLE), PAGE, PageSize::Size4K).map_err(|e| KvmError::Setup(e.to_string()))?;
-    model.populate_region(Gpa(HOLE), PAGE, PageSize::Size4K).map_err(|e| KvmError::Setup(e.to_string()))?;
+    for &hole in holes {
+        be.table_mut()
+            .populate_region(Gpa(hole), PAGE, PageSize::Size4K)
+            .map_err(|e| KvmError::Setup(e.to_string()))?;
+        model.populate_region(Gpa(hole), PAGE, PageSize::Size4K).map_err(|e| KvmError::Setup(e.to_string()))?;
+    }
 
     let be = Arc::new(be);
     let mut m = crate::machine::create(&vm, be.clone(), mode, 1)?;
-    m.set_param(0, P_MODE, Mode::Probe as u64)?;
-    m.set_param(0, P_PROBE_COUNT, probes.len() as u64)?;
-    for (k, p) in probes.iter().enumerate() {
-        let e = runtime::params(0) + P_PROBES + 32 * k as u64;
-        let kind = match p.access {
-            Access::Read => 0,
-            Access::Write => 1,
-            Access::Execute => 2,
-        };
-        crate::machine::write_guest_u64(&*be, e, p.gpa).expect("params");
-        crate::machine::write_guest_u64(&*be, e + 8, kind).expect("params");
-        crate::machine::write_guest_u64(&*be, e + 16, 0xabcd_0000 + k as u64).expect("params");
-        crate::machine::write_guest_u64(&*be, e + 24, u64::MAX).expect("params");
-    }
+    m.load_probes(0, probes)?;
 
     struct St {
         step: usize,
@@ -241,7 +264,7 @@ pub fn run_oracle(probes: &[Probe], mode: PagingMode) -> Result<Vec<ProbeResult>
                         }
                     };
                     let value = if probe.access == Access::Read && fault.is_none() {
-                        let e = runtime::params(0) + P_PROBES + 32 * k as u64 + 24;
+                        let e = runtime::params(0) + guest::probe_value_offset(k).unwrap_or(0);
                         crate::machine::read_guest_u64(&*be2, e)
                     } else {
                         None

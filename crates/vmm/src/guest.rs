@@ -272,6 +272,44 @@ pub const P_PROBES: u64 = 0x100;
 /// Maximum number of probe entries in one parameter block.
 pub const MAX_PROBES: usize = ((4096 - P_PROBES) / 32) as usize;
 
+/// One access of the probe workload ([`crate::workload::Mode::Probe`]):
+/// the guest makes the probes in order, one per step, reporting each on
+/// [`PORT_PROBE_STEP`]. The typed form of a probe entry, so that a test
+/// with its own guest layout never writes raw parameter-block words
+/// (load them with [`crate::machine::Machine::load_probes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeOp {
+    /// Guest address (guest-linear = vmspace guest-physical).
+    pub gpa: u64,
+    /// Read (the value read is kept, see [`probe_value_offset`]), write or
+    /// instruction fetch (the code at `gpa` must return with `jmp r11`).
+    pub access: nested_pt::Access,
+}
+
+impl ProbeOp {
+    /// The parameter-block words of probe slot `k`: (offset, value) for the
+    /// address, the kind code (0 read, 1 write, 2 execute), the tag the
+    /// guest writes, and the result slot (cleared). `None` when `k` is not
+    /// below [`MAX_PROBES`].
+    pub fn encode(&self, k: usize) -> Option<[(u64, u64); 4]> {
+        if k >= MAX_PROBES {
+            return None;
+        }
+        let e = P_PROBES + 32 * k as u64;
+        let kind = match self.access {
+            nested_pt::Access::Read => 0,
+            nested_pt::Access::Write => 1,
+            nested_pt::Access::Execute => 2,
+        };
+        Some([(e, self.gpa), (e + 8, kind), (e + 16, 0xabcd_0000 + k as u64), (e + 24, u64::MAX)])
+    }
+}
+
+/// Parameter-block offset of the value read probe `k` returned.
+pub fn probe_value_offset(k: usize) -> Option<u64> {
+    (k < MAX_PROBES).then(|| P_PROBES + 32 * k as u64 + 24)
+}
+
 /// Port of the nested page fault exit.
 pub const PORT_FAULT: u16 = 0x10;
 /// Port of the "workload finished" exit.

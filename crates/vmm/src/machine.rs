@@ -475,6 +475,29 @@ impl Machine {
             .ok_or_else(|| MachineError::Setup("parameter block not resident".into()))
     }
 
+    /// Sets vCPU `i` up to run the probe workload over `probes` (its mode,
+    /// count and typed entries, [`crate::guest::ProbeOp`]). Refused when
+    /// there are more than [`crate::guest::MAX_PROBES`].
+    pub fn load_probes(&self, i: usize, probes: &[crate::guest::ProbeOp]) -> Result<()> {
+        if probes.len() > crate::guest::MAX_PROBES {
+            return Err(MachineError::Setup(format!("{} probes, at most {}", probes.len(), crate::guest::MAX_PROBES)));
+        }
+        self.set_param(i, crate::guest::P_MODE, crate::workload::Mode::Probe as u64)?;
+        self.set_param(i, crate::guest::P_PROBE_COUNT, probes.len() as u64)?;
+        for (k, p) in probes.iter().enumerate() {
+            for (off, v) in p.encode(k).into_iter().flatten() {
+                self.set_param(i, off, v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The value read probe `k` of vCPU `i` returned (meaningful once the
+    /// guest reported that step).
+    pub fn probe_value(&self, i: usize, k: usize) -> Option<u64> {
+        crate::guest::probe_value_offset(k).map(|off| self.param(i, off))
+    }
+
     /// Reads parameter `off` of vCPU `i`.
     pub fn param(&self, i: usize, off: u64) -> u64 {
         read_guest_u64(&*self.backend, runtime::params(i) + off).unwrap_or(0)
