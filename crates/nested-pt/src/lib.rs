@@ -187,6 +187,7 @@ mod table;
 pub use format::{Caps, FormatKind, PteFormat};
 pub use pages::{CountingPages, HeapPages, PhysPages, TablePages};
 pub use table::export::{TablePage, TablePagesIter};
+pub use table::large::PromoteRefusal;
 pub use table::{Leaf, Leaves, LookupCursor, NestedTable, Walk, WalkStep};
 
 use core::fmt;

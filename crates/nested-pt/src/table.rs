@@ -8,6 +8,7 @@ use crate::pages::TablePages;
 use crate::{Access, ENTRIES, Error, Gpa, MemType, PageSize, Pfn, Prot, check_range};
 
 pub(crate) mod export;
+pub(crate) mod large;
 
 /// The large-page bit of a level-2/3 entry (EPT bit 7 and NPT PS, bit 7).
 const LARGE: u64 = crate::format::EPT_LARGE;

@@ -1,0 +1,195 @@
+//! Promotion and demotion of 2 MiB leaves (FreeBSD's `pmap_promote_pde` /
+//! `pmap_demote_pde`, for nested tables).
+//!
+//! [`NestedTable::promote_2m`] replaces a leaf table whose 512 entries map
+//! one aligned, physically contiguous 2 MiB run with one protection and
+//! memory type by a single 2 MiB leaf in the parent entry, carrying the
+//! accessed and dirty state over (the large leaf is accessed if any small
+//! one was, dirty if any was), and frees the leaf table.
+//! [`NestedTable::demote_2m`] does the reverse: a full leaf table with the
+//! same translations, each entry carrying the large leaf's accessed and
+//! dirty state, so a harvest after the split reports every page of a dirty
+//! large leaf (it cannot tell which 4 KiB of it were written).
+//!
+//! Both change the translation in one store of the parent entry: a page
+//! that stays mapped is never not-present, for hardware walking the table
+//! meanwhile. Both take `&mut self` (no software walker runs), and the
+//! caller invalidates the hardware's cached translations (INVEPT / the
+//! vmspace's generation) before the freed leaf-table page can be reused.
+//!
+//! The tree's populate counts move with the translation: after a promotion
+//! the range counts as populated for 2 MiB leaves (vacate it with
+//! `PageSize::Size2M`, or demote it first), after a demotion for 4 KiB
+//! leaves.
+
+use core::sync::atomic::Ordering;
+
+use super::{NestedTable, Node, alloc_table, index, table_of};
+use crate::pages::TablePages;
+use crate::{ENTRIES, Error, Gpa, MemType, PageSize, Pfn, Prot};
+
+const M2: u64 = 2 << 20;
+
+/// Why a promotion did not happen (nothing changed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromoteRefusal {
+    /// The address is not 2 MiB aligned, or beyond the table's width.
+    Unaligned,
+    /// The format (its capabilities) has no 2 MiB leaves.
+    Unsupported,
+    /// No leaf table covers the range (already large, or not populated).
+    NoLeafTable,
+    /// A leaf of the range is not present.
+    Hole,
+    /// The leaves do not map one aligned, contiguous 2 MiB run of frames.
+    NotContiguous,
+    /// The leaves differ in protection or memory type.
+    Mixed,
+    /// The leaf table's populate count is not a whole number of 2 MiB
+    /// ranges (partial, overlapping populates), so it cannot move to the
+    /// parent without changing what a later vacate must undo.
+    PartialCount,
+}
+
+impl<P: TablePages> NestedTable<P> {
+    /// The level-2 node covering `gpa`, if the tables down to it exist.
+    fn node_l2(&mut self, g: u64) -> Option<&mut Node> {
+        let n3 = self.root.child_pos(index(4, g)).ok().map(|p| &mut self.root.children[p])?;
+        let p = n3.child_pos(index(3, g)).ok()?;
+        Some(&mut n3.children[p])
+    }
+
+    /// Promotes the 2 MiB range at `gpa` to one 2 MiB leaf if its 512
+    /// leaves map one aligned contiguous run with one protection and
+    /// memory type (see the module doc). Returns the freed leaf table's
+    /// frame; on refusal nothing changes.
+    pub fn promote_2m(&mut self, gpa: Gpa) -> Result<Pfn, PromoteRefusal> {
+        let g = gpa.0;
+        if !g.is_multiple_of(M2) || g >= self.fmt.gpa_limit() {
+            return Err(PromoteRefusal::Unaligned);
+        }
+        if !self.fmt.supports(PageSize::Size2M) {
+            return Err(PromoteRefusal::Unsupported);
+        }
+        let fmt = self.fmt;
+        let i2 = index(2, g);
+        let (l2_pfn, l1_pfn, l1_reserved) = {
+            let n2 = self.node_l2(g).ok_or(PromoteRefusal::NoLeafTable)?;
+            let pos = n2.child_pos(i2).map_err(|_| PromoteRefusal::NoLeafTable)?;
+            let l1 = &n2.children[pos];
+            (n2.pfn, l1.pfn, l1.reserved)
+        };
+        if l1_reserved == 0 || !(l1_reserved as usize).is_multiple_of(ENTRIES) {
+            return Err(PromoteRefusal::PartialCount);
+        }
+        let t1 = table_of(&self.pages, l1_pfn).ok_or(PromoteRefusal::NoLeafTable)?;
+        let first = t1[0].load(Ordering::Acquire);
+        if !fmt.is_present(first) {
+            return Err(PromoteRefusal::Hole);
+        }
+        let pfn0 = fmt.frame(first);
+        if !pfn0.0.is_multiple_of(PageSize::Size2M.pages()) {
+            return Err(PromoteRefusal::NotContiguous);
+        }
+        let (prot, mt) = (fmt.prot(first), fmt.mem_type(first));
+        let (mut accessed, mut dirty) = (false, false);
+        for (k, slot) in t1.iter().enumerate() {
+            let e = slot.load(Ordering::Acquire);
+            if !fmt.is_present(e) {
+                return Err(PromoteRefusal::Hole);
+            }
+            if fmt.frame(e) != Pfn(pfn0.0 + k as u64) {
+                return Err(PromoteRefusal::NotContiguous);
+            }
+            if fmt.prot(e) != prot || fmt.mem_type(e) != mt {
+                return Err(PromoteRefusal::Mixed);
+            }
+            accessed |= fmt.accessed(e);
+            dirty |= fmt.dirty(e);
+        }
+        let mut large = fmt
+            .leaf_entry(pfn0, PageSize::Size2M, prot, mt.unwrap_or(MemType::WriteBack))
+            .map_err(|_| PromoteRefusal::Unsupported)?;
+        if accessed {
+            large |= fmt.set_accessed_bits(large);
+        }
+        if dirty {
+            large |= fmt.set_dirty_bits();
+        }
+        // One store: the translation changes from the leaf table's to the
+        // large leaf's, with no not-present window.
+        let t2 = table_of(&self.pages, l2_pfn).ok_or(PromoteRefusal::NoLeafTable)?;
+        t2[i2].store(large, Ordering::Release);
+        let n2 = self.node_l2(g).expect("checked above");
+        let pos = n2.child_pos(i2).expect("checked above");
+        n2.children.remove(pos);
+        n2.reserved += l1_reserved / ENTRIES as u32;
+        // SAFETY: the leaf table is no longer referenced by any entry or
+        // node; hardware may still cache it until the caller invalidates
+        // (see the module doc), which the caller does before the provider
+        // hands the page out again.
+        unsafe { self.pages.free(l1_pfn) };
+        self.tables -= 1;
+        Ok(l1_pfn)
+    }
+
+    /// Splits the 2 MiB leaf at `gpa` into a leaf table of 512 entries with
+    /// the same translations, protection and memory type, each carrying
+    /// the large leaf's accessed and dirty state (see the module doc).
+    /// Refused with [`Error::Unaligned`] for an unaligned address,
+    /// [`Error::NotMapped`] when no 2 MiB leaf is there, and
+    /// [`Error::NoMemory`] / [`Error::OutOfRange`] when the provider has no
+    /// usable page; on error nothing changes.
+    pub fn demote_2m(&mut self, gpa: Gpa) -> Result<(), Error> {
+        let g = gpa.0;
+        if !g.is_multiple_of(M2) {
+            return Err(Error::Unaligned);
+        }
+        if g >= self.fmt.gpa_limit() {
+            return Err(Error::OutOfRange);
+        }
+        let fmt = self.fmt;
+        let i2 = index(2, g);
+        let l2_pfn = self.node_l2(g).map(|n| n.pfn).ok_or(Error::NotMapped)?;
+        let t2 = table_of(&self.pages, l2_pfn).ok_or(Error::NotMapped)?;
+        let large = t2[i2].load(Ordering::Acquire);
+        if !fmt.is_present(large) || !fmt.is_leaf(large, 2) {
+            return Err(Error::NotMapped);
+        }
+        let n2 = self.node_l2(g).expect("exists");
+        if n2.reserved == 0 {
+            return Err(Error::NotPopulated);
+        }
+        let pfn0 = fmt.frame_at_level(large, 2);
+        let prot: Prot = fmt.prot(large);
+        let mt = fmt.mem_type(large).unwrap_or(MemType::WriteBack);
+        let mut small = fmt.leaf_entry(pfn0, PageSize::Size4K, prot, mt)?;
+        if fmt.accessed(large) {
+            small |= fmt.set_accessed_bits(small);
+        }
+        if fmt.dirty(large) {
+            small |= fmt.set_dirty_bits();
+        }
+        let (l1_pfn, table_entry) = alloc_table(&mut self.pages, &fmt, 2)?;
+        let Some(t1) = table_of(&self.pages, l1_pfn) else {
+            // SAFETY: just allocated, referenced by nothing.
+            unsafe { self.pages.free(l1_pfn) };
+            return Err(Error::NoMemory);
+        };
+        for (k, slot) in t1.iter().enumerate() {
+            // Frame k of the run: the leaf's other bits are the same.
+            slot.store(small + ((k as u64) << 12), Ordering::Relaxed);
+        }
+        let t2 = table_of(&self.pages, l2_pfn).ok_or(Error::NotMapped)?;
+        // One store: the large leaf's translation becomes the table's.
+        t2[i2].store(table_entry, Ordering::Release);
+        let n2 = self.node_l2(g).expect("exists");
+        n2.reserved -= 1;
+        let pos = n2.child_pos(i2).expect_err("a large leaf has no child table");
+        let mut child = Node::new(l1_pfn, i2 as u16);
+        child.reserved = ENTRIES as u32;
+        n2.children.insert(pos, child);
+        self.tables += 1;
+        Ok(())
+    }
+}
