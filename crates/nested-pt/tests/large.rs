@@ -31,10 +31,13 @@ fn small_table(f: PteFormat) -> NestedTable<HeapPages> {
     t
 }
 
+/// A page's hardware translation (if the walk succeeds) and its mapping.
+type Seen = (Option<u64>, Option<(Pfn, Prot)>);
+
 /// What each page of the range translates to: through the software MMU
 /// (the hardware's walk) where the format's hardware bits say present,
 /// and through the table's own lookup (frame and protection) for all.
-fn translations(t: &NestedTable<HeapPages>) -> Vec<(Option<u64>, Option<(Pfn, Prot)>)> {
+fn translations(t: &NestedTable<HeapPages>) -> Vec<Seen> {
     let hw = t.format().kind() != FormatKind::EptEmulatedAd;
     (0..512u64)
         .map(|k| BASE + k * 4096 + 8)
