@@ -414,6 +414,11 @@ struct BenchCaseJson {
     dirty_pages_per_s: f64,
     throughput_bytes_per_s: f64,
     throughput_vs_plain_copy: f64,
+    loaded_plain_copy_bytes_per_s: f64,
+    loaded_plain_copy_under_load: bool,
+    throughput_vs_loaded_plain_copy: f64,
+    source_timings: vmm::migration::SourceTimings,
+    target_timings: vmm::migration::TargetTimings,
 }
 
 #[derive(Serialize)]
@@ -480,6 +485,11 @@ pub fn bench(w: BenchWhat) -> ExitCode {
                 dirty_pages_per_s: c.summary.dirty_rate,
                 throughput_bytes_per_s: c.summary.throughput,
                 throughput_vs_plain_copy: c.summary.throughput / plain.max(1.0),
+                loaded_plain_copy_bytes_per_s: c.loaded_copy.throughput,
+                loaded_plain_copy_under_load: c.loaded_copy.under_load,
+                throughput_vs_loaded_plain_copy: c.summary.throughput / c.loaded_copy.throughput.max(1.0),
+                source_timings: c.summary.timings.clone(),
+                target_timings: c.target.timings.clone(),
             })
             .collect(),
     };

@@ -168,8 +168,8 @@ pub mod vm;
 pub mod wire;
 
 pub use error::{CorruptKind, HostError, MigrationError};
-pub use source::{MigrationSummary, Progress, SourceConfig, migrate, migrate_tcp};
-pub use target::{TargetConfig, TargetSummary, receive, receive_tcp};
+pub use source::{MigrationSummary, Progress, SourceConfig, SourceTimings, migrate, migrate_tcp};
+pub use target::{TargetConfig, TargetSummary, TargetTimings, receive, receive_tcp};
 
 use serde::{Deserialize, Serialize};
 
