@@ -226,6 +226,10 @@ impl Guest {
         be.map_runtime(cfg.vcpus, npages)?;
         if cfg.prefault && !incoming {
             be.space().populate(ram_base, cfg.mem_bytes).map_err(|e| KvmError::Setup(format!("populate: {e}")))?;
+            // The memory is allocated now; map it in the host view too,
+            // so that reading it out (migration) is copies, not a fault
+            // per page (see `populate_host_view`).
+            populate_host_view_read(&be);
         }
         if cfg.prefault && incoming {
             // Before the source connects (see `populate_host_view`).
@@ -694,14 +698,32 @@ impl std::fmt::Debug for KvmTarget<'_> {
 /// 4.1 to 6.1 s total. Populating on a thread of its own while the pages
 /// arrive was worse: the copies outran it and faulted page by page
 /// (`write_pages_ms` 139 ms to 2.8 s, throughput 696 to 265 MiB/s).
-/// Populating the source's view before its first pass would allocate
-/// every page the guest never touched, so the source does not.
+/// Populating the view of a source that is not prefaulted would allocate
+/// every page its guest never touched, so such a source does not.
+///
+/// A prefaulting source maps its host view for reading when it is built
+/// (`populate_host_view_read`; its memory is allocated by then, so this
+/// allocates nothing): its first pass then reads pages without a fault
+/// each. Measured with the same command, `read_pages_ms` went from 920 to
+/// 212 ms at 0% writes; the populate itself takes 0.7 to 0.85 s per GiB at
+/// build time on this host (about what the faults cost), so this moves
+/// the cost out of the migration rather than removing it.
 fn populate_host_view(be: &SpaceBackend) {
     let arena = vmspace::Reservoir::arena(&*be.reservoir());
     // SAFETY: the range is the reservoir's own shared mapping, which lives
     // as long as `be`; populating it faults pages in and changes no byte.
     let r = unsafe { libc::madvise(arena.host.as_ptr().cast(), arena.len, libc::MADV_POPULATE_WRITE) };
     // Best effort: without it, pages fault in one by one as they arrive.
+    let _ = r;
+}
+
+/// Maps the host view of the reservoir for reading (`MADV_POPULATE_READ`),
+/// best effort (module doc of `populate_host_view`).
+fn populate_host_view_read(be: &SpaceBackend) {
+    let arena = vmspace::Reservoir::arena(&*be.reservoir());
+    // SAFETY: as in `populate_host_view`; populating for reading maps
+    // pages and changes no byte.
+    let r = unsafe { libc::madvise(arena.host.as_ptr().cast(), arena.len, libc::MADV_POPULATE_READ) };
     let _ = r;
 }
 
