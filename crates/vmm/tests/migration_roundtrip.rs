@@ -72,6 +72,27 @@ fn idle_guest_roundtrip() {
     assert!(sum.bytes_sent < data_pages * (PAGE_SIZE + 20) + sum.zero_pages * 28 + 4096, "{sum:?}");
     let json = serde_json::to_string(&sum).expect("json");
     assert!(json.contains("downtime_ms"));
+    // The phase timings: disjoint phases of one attempt, none longer
+    // than the whole; pages were read out and written in.
+    let t = &sum.timings;
+    let phases = [
+        t.handshake_ms,
+        t.resident_ms,
+        t.harvest_ms,
+        t.pause_ms,
+        t.read_pages_ms,
+        t.encode_ms,
+        t.socket_write_ms,
+        t.state_ms,
+        t.final_ack_wait_ms,
+    ];
+    assert!(phases.iter().all(|&p| p >= 0.0), "{t:?}");
+    assert!(phases.iter().sum::<f64>() <= sum.total_ms + 1e-6, "{t:?} vs {}", sum.total_ms);
+    assert!(t.read_pages_ms > 0.0 && t.socket_write_ms > 0.0, "{t:?}");
+    let tt = &tsum.timings;
+    assert!(tt.write_pages_ms > 0.0 && tt.checksum_ms > 0.0 && tt.socket_read_ms > 0.0, "{tt:?}");
+    assert!(tt.write_pages_ms + tt.zero_pages_ms + tt.checksum_ms <= tt.total_ms + 1e-6, "{tt:?}");
+    assert!(serde_json::to_string(&tsum).expect("json").contains("write_pages_ms"));
 }
 
 /// A guest that keeps writing while it migrates (bandwidth capped, so

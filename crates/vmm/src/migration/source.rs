@@ -107,6 +107,35 @@ pub struct MigrationSummary {
     pub dirty_rate: f64,
     /// Bytes of state blobs.
     pub state_bytes: u64,
+    /// Where the time went.
+    #[serde(default)]
+    pub timings: SourceTimings,
+}
+
+/// Where a source's time went (ms, from `Instant` counters; the phases
+/// overlap nothing, their sum is at most `total_ms`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SourceTimings {
+    /// Header sent to header ack (the target's `prepare` included).
+    pub handshake_ms: f64,
+    /// Residency of the first pass.
+    pub resident_ms: f64,
+    /// Every harvest (pausing the vCPUs at a harvest point included).
+    pub harvest_ms: f64,
+    /// Pause for the switch-over.
+    pub pause_ms: f64,
+    /// Reading pages out of guest memory.
+    pub read_pages_ms: f64,
+    /// Zero checks, checksums and record framing (sending minus reading
+    /// minus socket writes).
+    pub encode_ms: f64,
+    /// Socket writes and flushes.
+    pub socket_write_ms: f64,
+    /// Saving and encoding the state blobs.
+    pub state_ms: f64,
+    /// End record flushed to final ack (the target's last pages, state
+    /// and resume).
+    pub final_ack_wait_ms: f64,
 }
 
 /// What the clean-up must undo if the attempt fails.
@@ -114,6 +143,14 @@ struct Undo {
     harvested: Vec<Vec<u64>>,
     paused: bool,
     throttle: u8,
+}
+
+/// Accumulated phase times of one attempt.
+#[derive(Default)]
+struct Clock {
+    harvest: Duration,
+    read: Duration,
+    send: Duration,
 }
 
 /// Migrate `source` over a connection (`reader` and `writer` are its two
@@ -138,7 +175,8 @@ pub fn migrate<S: MigrationSource + ?Sized, R: Read, W: Write>(
     let mut w = RecordWriter::new(writer, config.batch_bytes);
     let mut r = RecordReader::new(reader, 64 << 10);
     let res =
-        Engine { source: &mut *source, layout: &layout, config, undo: &mut undo, w: &mut w }.run(&mut r, progress);
+        Engine { source: &mut *source, layout: &layout, config, undo: &mut undo, w: &mut w, clock: Clock::default() }
+            .run(&mut r, progress);
     let err = match res {
         Ok(s) => return Ok(s),
         Err(e) => e,
@@ -205,6 +243,7 @@ struct Engine<'a, S: MigrationSource + ?Sized, W: Write> {
     config: &'a SourceConfig,
     undo: &'a mut Undo,
     w: &'a mut RecordWriter<W>,
+    clock: Clock,
 }
 
 fn popcount(maps: &[Vec<u64>]) -> u64 {
@@ -223,6 +262,13 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
     /// Harvest every range into `into` (overwriting), accumulating what
     /// was harvested for the clean-up.
     fn harvest(&mut self, into: &mut [Vec<u64>]) -> Result<(), MigrationError> {
+        let t = Instant::now();
+        let r = self.harvest_inner(into);
+        self.clock.harvest += t.elapsed();
+        r
+    }
+
+    fn harvest_inner(&mut self, into: &mut [Vec<u64>]) -> Result<(), MigrationError> {
         for ((range, bits), acc) in self.layout.ranges.iter().zip(into.iter_mut()).zip(self.undo.harvested.iter_mut()) {
             bits.fill(0);
             self.source.harvest(range, bits).map_err(MigrationError::Source)?;
@@ -236,6 +282,13 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
 
     /// Send the pages set in `maps`; returns (pages, zero pages).
     fn send(&mut self, round: u64, maps: &[Vec<u64>]) -> Result<(u64, u64), MigrationError> {
+        let t = Instant::now();
+        let r = self.send_inner(round, maps);
+        self.clock.send += t.elapsed();
+        r
+    }
+
+    fn send_inner(&mut self, round: u64, maps: &[Vec<u64>]) -> Result<(u64, u64), MigrationError> {
         self.w.record(tag::ROUND, round, &[]).map_err(wire::send_err)?;
         let (mut pages, mut zeros) = (0u64, 0u64);
         let start = Instant::now();
@@ -248,7 +301,13 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
                     word &= word - 1;
                     let gpa = range.gpa + ((wi as u64) * 64 + bit) * PAGE_SIZE;
                     let source = &mut *self.source;
-                    let zero = self.w.page(gpa, |buf| source.read_page(gpa, buf).map_err(MigrationError::Source))?;
+                    let read = &mut self.clock.read;
+                    let zero = self.w.page(gpa, |buf| {
+                        let t = Instant::now();
+                        let r = source.read_page(gpa, buf).map_err(MigrationError::Source);
+                        *read += t.elapsed();
+                        r
+                    })?;
                     pages += 1;
                     zeros += u64::from(zero);
                     if let Some(bw) = self.config.max_bandwidth
@@ -276,7 +335,10 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
         let mut sum = MigrationSummary { guest_bytes: self.layout.bytes(), ..Default::default() };
         self.w.raw(&wire::encode_header(self.layout)).map_err(wire::send_err)?;
         self.w.flush().map_err(wire::send_err)?;
-        match r.next("header ack")? {
+        let th = Instant::now();
+        let ack = r.next("header ack");
+        sum.timings.handshake_ms = ms(th.elapsed());
+        match ack? {
             Record::HeaderAck(Ok(())) => {}
             Record::HeaderAck(Err((why, high, msg))) => return Err(refusal(why, high, msg)),
             Record::Refusal(why, msg) => return Err(refusal(why, 0, msg)),
@@ -286,10 +348,12 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
         // First pass: resident, then harvest, send the union.
         let mut send = empty_bitmaps(self.layout);
         let mut fresh = empty_bitmaps(self.layout);
+        let tr = Instant::now();
         for (range, bits) in self.layout.ranges.iter().zip(send.iter_mut()) {
             self.source.resident(range, bits).map_err(MigrationError::Source)?;
             trim_bitmap(bits, range.pages());
         }
+        sum.timings.resident_ms = ms(tr.elapsed());
         self.harvest(&mut fresh)?;
         for (s, f) in send.iter_mut().zip(&fresh) {
             for (a, b) in s.iter_mut().zip(f) {
@@ -359,7 +423,9 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
         sum.rounds = round + 1;
 
         // Switch-over: pause, final harvest, pending and last pages.
+        let tp = Instant::now();
         self.source.pause().map_err(MigrationError::Source)?;
+        sum.timings.pause_ms = ms(tp.elapsed());
         let paused_at = Instant::now();
         let paused_wall = SystemTime::now();
         self.undo.paused = true;
@@ -373,7 +439,10 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
         sum.pages_sent += sent;
         sum.zero_pages += zeros;
         sum.final_round_pages = sent;
-        for blob in self.source.state().map_err(MigrationError::Source)? {
+        let ts = Instant::now();
+        let blobs = self.source.state().map_err(MigrationError::Source)?;
+        sum.timings.state_ms = ms(ts.elapsed());
+        for blob in blobs {
             if blob.data.len() > wire::MAX_STATE_BLOB as usize {
                 return Err(MigrationError::Invalid(format!("state blob of {} bytes", blob.data.len())));
             }
@@ -382,7 +451,10 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
         }
         self.w.record(tag::END, sum.pages_sent, &[]).map_err(wire::send_err)?;
         self.w.flush().map_err(wire::send_err)?;
-        let resume_ns = match r.next("final ack")? {
+        let ta = Instant::now();
+        let ack = r.next("final ack");
+        sum.timings.final_ack_wait_ms = ms(ta.elapsed());
+        let resume_ns = match ack? {
             Record::FinalAck { resume_unix_ns } => resume_unix_ns,
             Record::Refusal(why, msg) => return Err(refusal(why, 0, msg)),
             _ => return Err(MigrationError::Corrupt(CorruptKind::Unexpected("record other than the final ack"))),
@@ -402,6 +474,11 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
         sum.bytes_sent = self.w.bytes();
         sum.bytes_per_guest_byte = sum.bytes_sent as f64 / sum.guest_bytes.max(1) as f64;
         sum.total_ms = ms(t0.elapsed());
+        let (send, read, write) = (self.clock.send, self.clock.read, self.w.write_time());
+        sum.timings.harvest_ms = ms(self.clock.harvest);
+        sum.timings.read_pages_ms = ms(read);
+        sum.timings.socket_write_ms = ms(write);
+        sum.timings.encode_ms = ms(send.saturating_sub(read).saturating_sub(write));
         progress(&Progress {
             round: round + 1,
             pages_sent: sent,

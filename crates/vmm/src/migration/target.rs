@@ -2,7 +2,7 @@
 //! resume and ack; discard on any failure.
 
 use std::io::{Read, Write};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +43,28 @@ pub struct TargetSummary {
     /// Whether the final ack was written to the connection (if not, the
     /// source will resume its copy: see the module's known gaps).
     pub ack_sent: bool,
+    /// Where the time went.
+    #[serde(default)]
+    pub timings: TargetTimings,
+}
+
+/// Where a target's time went (ms, from `Instant` counters).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TargetTimings {
+    /// Header read to the end record (everything below but `finish_ms`).
+    pub total_ms: f64,
+    /// [`MigrationTarget::prepare`].
+    pub prepare_ms: f64,
+    /// Socket reads (waiting for the source included).
+    pub socket_read_ms: f64,
+    /// Verifying record checksums.
+    pub checksum_ms: f64,
+    /// Writing pages into guest memory.
+    pub write_pages_ms: f64,
+    /// Applying zero-page runs.
+    pub zero_pages_ms: f64,
+    /// Marking received pages, applying the state, resuming.
+    pub finish_ms: f64,
 }
 
 /// Receive a migration into `target` over a connection (`reader` and
@@ -82,7 +104,10 @@ pub fn receive<T: MigrationTarget + ?Sized, R: Read, W: Write>(
             return Err(e);
         }
     };
-    if let Err(h) = target.prepare(&layout) {
+    let t0 = Instant::now();
+    let prep = target.prepare(&layout);
+    let prepare_ms = ms(t0.elapsed());
+    if let Err(h) = prep {
         let _ = writer.write_all(&wire::encode_header_ack(Err((Refusal::Layout, 0, &h.to_string()))));
         let _ = writer.flush();
         return Err(MigrationError::LayoutMismatch(h.to_string()));
@@ -108,6 +133,10 @@ pub fn receive<T: MigrationTarget + ?Sized, R: Read, W: Write>(
             return Err(e);
         }
     };
+    sum.timings.prepare_ms = prepare_ms;
+    sum.timings.total_ms = ms(t0.elapsed()) - sum.timings.finish_ms;
+    sum.timings.socket_read_ms = ms(r.read_time());
+    sum.timings.checksum_ms = ms(r.check_time());
     sum.bytes_received = r.bytes();
     sum.resume_unix_ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     sum.ack_sent = writer
@@ -145,6 +174,7 @@ fn apply<T: MigrationTarget + ?Sized>(
     let mut blobs: Vec<StateBlob> = Vec::new();
     let mut sum = TargetSummary::default();
     let mut state_bytes = 0u64;
+    let (mut write_t, mut zero_t) = (Duration::ZERO, Duration::ZERO);
     loop {
         match r.next("stream record")? {
             Record::Page { gpa, data } => {
@@ -153,7 +183,9 @@ fn apply<T: MigrationTarget + ?Sized>(
                     return Err(bad);
                 }
                 let (ri, idx) = layout.locate(gpa).ok_or(bad)?;
+                let t = Instant::now();
                 target.write_page(gpa, data).map_err(MigrationError::Target)?;
+                write_t += t.elapsed();
                 received[ri][(idx / 64) as usize] |= 1 << (idx % 64);
                 sum.pages += 1;
             }
@@ -167,7 +199,9 @@ fn apply<T: MigrationTarget + ?Sized>(
                 if count > range.pages() - idx {
                     return Err(MigrationError::Corrupt(CorruptKind::BadAddress { gpa, count }));
                 }
+                let t = Instant::now();
                 target.zero_pages(gpa, count).map_err(MigrationError::Target)?;
+                zero_t += t.elapsed();
                 for p in idx..idx + count {
                     received[ri][(p / 64) as usize] |= 1 << (p % 64);
                 }
@@ -194,6 +228,9 @@ fn apply<T: MigrationTarget + ?Sized>(
             }
         }
     }
+    sum.timings.write_pages_ms = ms(write_t);
+    sum.timings.zero_pages_ms = ms(zero_t);
+    let tf = Instant::now();
     for (range, bits) in layout.ranges.iter().zip(&received) {
         sum.distinct_pages += bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
         target.mark_received(range, bits).map_err(MigrationError::Target)?;
@@ -201,5 +238,10 @@ fn apply<T: MigrationTarget + ?Sized>(
     sum.state_blobs = blobs.len() as u64;
     target.apply_state(blobs).map_err(MigrationError::Target)?;
     target.resume().map_err(MigrationError::Target)?;
+    sum.timings.finish_ms = ms(tf.elapsed());
     Ok(sum)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }

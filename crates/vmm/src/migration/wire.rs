@@ -5,6 +5,7 @@
 //! so that two sides of different versions can always tell each other so.
 
 use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
 
 use super::error::{CorruptKind, MigrationError};
 use super::{Layout, MemRange, PAGE_SIZE, RangeKind, StateBlob, StateKind};
@@ -198,13 +199,21 @@ pub struct RecordWriter<W: Write> {
     batch: usize,
     zero_run: Option<(u64, u64)>,
     written: u64,
+    write_time: Duration,
 }
 
 impl<W: Write> RecordWriter<W> {
     /// A writer over `inner` that writes in batches of about `batch` bytes.
     pub fn new(inner: W, batch: usize) -> RecordWriter<W> {
         let batch = batch.max(RECORD_HEADER + PAGE_SIZE as usize);
-        RecordWriter { inner, buf: Vec::with_capacity(batch + RECORD_HEADER + 64), batch, zero_run: None, written: 0 }
+        RecordWriter {
+            inner,
+            buf: Vec::with_capacity(batch + RECORD_HEADER + 64),
+            batch,
+            zero_run: None,
+            written: 0,
+            write_time: Duration::ZERO,
+        }
     }
 
     /// Bytes handed to the connection or buffered so far.
@@ -217,10 +226,28 @@ impl<W: Write> RecordWriter<W> {
         &mut self.inner
     }
 
+    /// Time spent in the connection's `write_all` and `flush` so far.
+    pub fn write_time(&self) -> Duration {
+        self.write_time
+    }
+
+    fn write_out(&mut self, bytes: Option<&[u8]>) -> io::Result<()> {
+        let t = Instant::now();
+        let r = match bytes {
+            Some(b) => self.inner.write_all(b),
+            None => {
+                let r = self.inner.write_all(&self.buf);
+                self.buf.clear();
+                r
+            }
+        };
+        self.write_time += t.elapsed();
+        r
+    }
+
     fn make_room(&mut self, n: usize) -> io::Result<()> {
         if !self.buf.is_empty() && self.buf.len() + n > self.batch {
-            self.inner.write_all(&self.buf)?;
-            self.buf.clear();
+            self.write_out(None)?;
         }
         Ok(())
     }
@@ -231,9 +258,8 @@ impl<W: Write> RecordWriter<W> {
         self.buf.extend_from_slice(&head);
         self.buf.extend_from_slice(&crc_of(&head, payload).to_le_bytes());
         if payload.len() > self.batch {
-            self.inner.write_all(&self.buf)?;
-            self.buf.clear();
-            self.inner.write_all(payload)?;
+            self.write_out(None)?;
+            self.write_out(Some(payload))?;
         } else {
             self.buf.extend_from_slice(payload);
         }
@@ -315,10 +341,12 @@ impl<W: Write> RecordWriter<W> {
     pub fn flush(&mut self) -> io::Result<()> {
         self.end_zero_run()?;
         if !self.buf.is_empty() {
-            self.inner.write_all(&self.buf)?;
-            self.buf.clear();
+            self.write_out(None)?;
         }
-        self.inner.flush()
+        let t = Instant::now();
+        let r = self.inner.flush();
+        self.write_time += t.elapsed();
+        r
     }
 
     /// Write raw bytes (the header), after what is buffered.
@@ -352,13 +380,23 @@ pub struct RecordReader<R: Read> {
     pos: usize,
     end: usize,
     read: u64,
+    read_time: Duration,
+    check_time: Duration,
 }
 
 impl<R: Read> RecordReader<R> {
     /// A reader over `inner` with a buffer of `cap` bytes (grown only for
     /// a state blob larger than that, as its bytes arrive).
     pub fn new(inner: R, cap: usize) -> RecordReader<R> {
-        RecordReader { inner, buf: vec![0; cap.max(2 * (RECORD_HEADER + PAGE_SIZE as usize))], pos: 0, end: 0, read: 0 }
+        RecordReader {
+            inner,
+            buf: vec![0; cap.max(2 * (RECORD_HEADER + PAGE_SIZE as usize))],
+            pos: 0,
+            end: 0,
+            read: 0,
+            read_time: Duration::ZERO,
+            check_time: Duration::ZERO,
+        }
     }
 
     /// Bytes consumed so far.
@@ -369,6 +407,17 @@ impl<R: Read> RecordReader<R> {
     /// The connection.
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
+    }
+
+    /// Time spent in the connection's `read` so far (waiting for the peer
+    /// included).
+    pub fn read_time(&self) -> Duration {
+        self.read_time
+    }
+
+    /// Time spent verifying record checksums so far.
+    pub fn check_time(&self) -> Duration {
+        self.check_time
     }
 
     /// Make `n` bytes available at `pos`; `boundary` says whether a clean
@@ -387,7 +436,10 @@ impl<R: Read> RecordReader<R> {
                 let grown = self.buf.len().saturating_mul(2).min(n);
                 self.buf.resize(grown.max(self.buf.len()), 0);
             }
-            match self.inner.read(&mut self.buf[self.end..]) {
+            let t = Instant::now();
+            let got = self.inner.read(&mut self.buf[self.end..]);
+            self.read_time += t.elapsed();
+            match got {
                 Ok(0) => {
                     let got = self.end - self.pos;
                     return Err(if got == 0 && boundary {
@@ -490,8 +542,11 @@ impl<R: Read> RecordReader<R> {
         let n = len as usize;
         self.fill(RECORD_HEADER + n, during, false)?;
         self.take(RECORD_HEADER);
-        let payload = self.take(n);
+        let t0 = Instant::now();
+        let payload = &self.buf[self.pos..self.pos + n];
         let computed = crc_of(&h[..16], payload);
+        self.check_time += t0.elapsed();
+        let payload = self.take(n);
         if computed != carried {
             return Err(MigrationError::Corrupt(CorruptKind::BadChecksum { tag: t, carried, computed }));
         }
