@@ -167,10 +167,14 @@
 //! faster); [`NestedTable::unmap_vacate_region`] is the fast form when the
 //! caller is about to unmap anyway.
 //!
-//! Large pages are mapped and unmapped whole; transparent promotion and
-//! demotion (splitting a 2 MiB leaf for a partial unmap) are not implemented
-//! yet: a partial unmap of a large leaf is refused with
-//! [`Error::WouldSplit`]. Overlapping populates of the same range are the
+//! Large pages are mapped and unmapped whole: a partial unmap of a large
+//! leaf is refused with [`Error::WouldSplit`]. The caller can promote 512
+//! contiguous small leaves to a 2 MiB leaf and demote one back
+//! ([`NestedTable::promote_2m`], [`NestedTable::demote_2m`]: one store of
+//! the parent entry, accessed/dirty state carried); nothing here does it
+//! transparently, and 1 GiB promotion is not there. The IOMMU formats walk
+//! four levels (VT-d also three); AMD-Vi level skipping and VT-d 5-level
+//! walks are not modelled. Overlapping populates of the same range are the
 //! caller's responsibility (`vmspace` prevents overlapping mappings): the
 //! counts stay consistent, but the tree does not record which entry belongs
 //! to which range.
