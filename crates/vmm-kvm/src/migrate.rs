@@ -44,7 +44,7 @@
 use crate::backend::MemBackend;
 use crate::detect::detect;
 use crate::guest::*;
-use crate::machine::{Action, Event, Machine};
+use crate::machine::{Event, Machine};
 use crate::mem::PAGE;
 use crate::run::{Round, VcpuReport};
 use crate::runtime;
@@ -387,24 +387,7 @@ impl Guest {
     ) -> Result<(Coord, GuestReport)> {
         let start = Instant::now();
         let data_errors = &self.data_errors;
-        let handler = |i: usize, ev: Event| -> Action {
-            match ev {
-                Event::Unserved(f, e) => Action::Fatal(format!(
-                    "vCPU {i}: guest access at {:#x} (error code {:#x}, rip {:#x}) outside every mapping: {e:?}",
-                    f.gpa, f.err, f.rip
-                )),
-                Event::Port(PORT_DONE, _) => Action::Stop,
-                Event::Port(PORT_DATA_ERROR, r) => {
-                    data_errors[i].fetch_add(1, Ordering::Relaxed);
-                    eprintln!("vCPU {i}: data error at {:#x}: read {:#x}", r[2], r[3]);
-                    Action::Continue
-                }
-                Event::Port(p, r) => Action::Fatal(format!("vCPU {i}: unexpected report {p:#x} {r:x?}")),
-                Event::EmulationFailed(f, e) => {
-                    Action::Fatal(format!("vCPU {i}: access at {:#x} not emulated: {e}", f.gpa))
-                }
-            }
-        };
+        let handler = |i: usize, ev: Event| vmm::run::workload_event(i, ev, data_errors);
         let core = &mut self.core;
         let coord = self.machine.run(handler, |m| {
             let interval = duration / (rounds + 1);
@@ -516,14 +499,7 @@ impl Core {
             let mut led = vec![0u8; lbytes];
             let off = loff + (runtime::ledger(i, npages) - runtime::LEDGER_BASE);
             segs.read_segment(lseg, off, &mut led).map_err(|e| KvmError::Setup(format!("ledger: {e}")))?;
-            for p in 0..npages {
-                let l = led[(p / 8) as usize] & (1 << (p % 8)) != 0;
-                let g = i as u64 * npages + p;
-                let h = ram[(g / 64) as usize] & (1 << (g % 64)) != 0;
-                round.ledger += u64::from(l);
-                round.missed += u64::from(l && !h);
-                round.spurious += u64::from(h && !l);
-            }
+            round.compare_ledger(&led, ram, i as u64 * npages, npages);
             // Cleared through the host-write path, which marks the pages
             // dirty: harvested below, in this same point.
             if led.iter().any(|&b| b != 0) {

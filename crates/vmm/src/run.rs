@@ -311,6 +311,48 @@ fn bit(b: &[u64], i: u64) -> bool {
     b[(i / 64) as usize] & (1 << (i % 64)) != 0
 }
 
+impl Round {
+    /// Adds one vCPU's ledger to the round: `ledger` is its bitmap of the
+    /// pages it wrote since the last round (bit `p` = page `p` of its
+    /// region, `npages` pages), `bitmap` the harvest's bitmap of all RAM
+    /// with the vCPU's region starting at page `first`. Counts the ledger
+    /// pages, those the harvest missed, and those it reported unwritten.
+    pub fn compare_ledger(&mut self, ledger: &[u8], bitmap: &[u64], first: u64, npages: u64) {
+        for p in 0..npages {
+            let led = ledger.get((p / 8) as usize).is_some_and(|b| b & (1 << (p % 8)) != 0);
+            let h = bit(bitmap, first + p);
+            self.ledger += u64::from(led);
+            self.missed += u64::from(led && !h);
+            self.spurious += u64::from(h && !led);
+        }
+    }
+}
+
+/// What the built-in workload's reports mean to the exit loop, shared by
+/// every program that runs it (`vmm run`, live migration): done stops the
+/// vCPU, a data error is counted in `data_errors[i]` and the vCPU goes on,
+/// anything else is fatal.
+pub fn workload_event(i: usize, ev: Event, data_errors: &[AtomicU64]) -> Action {
+    match ev {
+        Event::Unserved(f, e) => Action::Fatal(format!(
+            "vCPU {i}: guest access at {:#x} (error code {:#x}, rip {:#x}) outside every mapping: {e:?}",
+            f.gpa, f.err, f.rip
+        )),
+        Event::Port(PORT_DONE, _) => Action::Stop,
+        Event::Port(PORT_DATA_ERROR, r) => {
+            if let Some(c) = data_errors.get(i) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            eprintln!("vCPU {i}: data error at {:#x}: read {:#x}", r[2], r[3]);
+            Action::Continue
+        }
+        Event::Port(p, r) => Action::Fatal(format!("vCPU {i}: unexpected report {p:#x} {r:x?}")),
+        Event::EmulationFailed(f, e) => {
+            Action::Fatal(format!("vCPU {i}: MMIO access at {:#x} not emulated: {e}", f.gpa))
+        }
+    }
+}
+
 /// Runs `cfg` on `host`, calling `progress` about four times a second.
 pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Progress)) -> Result<RunReport<H::Probe>> {
     if cfg.vcpus == 0 || cfg.vcpus > runtime::MAX_VCPUS {
@@ -383,20 +425,10 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
         let mut r = Round { dirty, pause, harvest, ..Default::default() };
         for i in 0..cfg.vcpus {
             let lbase = runtime::ledger(i, npages);
-            for w in 0..words as u64 {
-                let l = read_guest_u64(&*be, lbase + 8 * w).unwrap_or(0);
-                for b in 0..64 {
-                    let p = w * 64 + b;
-                    if p >= npages {
-                        break;
-                    }
-                    let led = l & (1 << b) != 0;
-                    let h = bit(&bitmap, i as u64 * npages + p);
-                    r.ledger += u64::from(led);
-                    r.missed += u64::from(led && !h);
-                    r.spurious += u64::from(h && !led);
-                }
-            }
+            let ledger: Vec<u8> = (0..words as u64)
+                .flat_map(|w| read_guest_u64(&*be, lbase + 8 * w).unwrap_or(0).to_le_bytes())
+                .collect();
+            r.compare_ledger(&ledger, &bitmap, i as u64 * npages, npages);
             for w in 0..ledger_words {
                 write_guest_u64(&*be, lbase + 8 * w, 0);
             }
@@ -404,24 +436,7 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
         Ok(r)
     };
 
-    let stop_ports = |i: usize, ev: Event| -> Action {
-        match ev {
-            Event::Unserved(f, e) => Action::Fatal(format!(
-                "vCPU {i}: guest access at {:#x} (error code {:#x}, rip {:#x}) outside every mapping: {e:?}",
-                f.gpa, f.err, f.rip
-            )),
-            Event::Port(PORT_DONE, _) => Action::Stop,
-            Event::Port(PORT_DATA_ERROR, r) => {
-                data_errors[i].fetch_add(1, Ordering::Relaxed);
-                eprintln!("vCPU {i}: data error at {:#x}: read {:#x}", r[2], r[3]);
-                Action::Continue
-            }
-            Event::Port(p, r) => Action::Fatal(format!("vCPU {i}: unexpected report {p:#x} {r:x?}")),
-            Event::EmulationFailed(f, e) => {
-                Action::Fatal(format!("vCPU {i}: MMIO access at {:#x} not emulated: {e}", f.gpa))
-            }
-        }
-    };
+    let stop_ports = |i: usize, ev: Event| workload_event(i, ev, &data_errors);
 
     let stop_requested = || cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
     let mut snapshot = None;

@@ -84,13 +84,13 @@ impl Native {
     }
 
     fn write(&self, off: u64, bytes: &[u8]) {
-        assert!(off as usize + bytes.len() <= self.len);
+        assert!(off as usize <= self.len && bytes.len() <= self.len - off as usize);
         // SAFETY: inside our mapping; nothing else references it.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(off as usize), bytes.len()) }
     }
 
     fn read(&self, off: u64, len: usize) -> Vec<u8> {
-        assert!(off as usize + len <= self.len);
+        assert!(off as usize <= self.len && len <= self.len - off as usize);
         let mut v = vec![0; len];
         // SAFETY: inside our mapping.
         unsafe { std::ptr::copy_nonoverlapping(self.base.add(off as usize), v.as_mut_ptr(), len) }
