@@ -396,8 +396,10 @@ struct RoundJson {
     pause_us: f64,
 }
 
+/// One vCPU's results in the `--json` reports (`run`, and the migrating
+/// run's guest report).
 #[derive(Serialize)]
-struct VcpuJson {
+pub(crate) struct VcpuJson {
     ops: u64,
     faults: u64,
     exits: u64,
@@ -406,6 +408,21 @@ struct VcpuJson {
     misplaced_headers: u64,
     data_errors: u64,
     verified_pages: u64,
+}
+
+impl From<&vmm_kvm::run::VcpuReport> for VcpuJson {
+    fn from(v: &vmm_kvm::run::VcpuReport) -> Self {
+        VcpuJson {
+            ops: v.ops,
+            faults: v.faults,
+            exits: v.exits,
+            bad_pages: v.bad_pages,
+            checksum_ok: v.guest_checksum == v.expected_checksum,
+            misplaced_headers: v.guest_bad_headers,
+            data_errors: v.data_errors,
+            verified_pages: v.verified_pages,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -508,20 +525,7 @@ fn run_json(r: &RunReport) -> RunJson {
                 pause_us: us(x.pause),
             })
             .collect(),
-        vcpus: r
-            .vcpus
-            .iter()
-            .map(|v| VcpuJson {
-                ops: v.ops,
-                faults: v.faults,
-                exits: v.exits,
-                bad_pages: v.bad_pages,
-                checksum_ok: v.guest_checksum == v.expected_checksum,
-                misplaced_headers: v.guest_bad_headers,
-                data_errors: v.data_errors,
-                verified_pages: v.verified_pages,
-            })
-            .collect(),
+        vcpus: r.vcpus.iter().map(VcpuJson::from).collect(),
     }
 }
 

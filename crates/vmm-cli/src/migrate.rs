@@ -26,7 +26,7 @@
 //!
 //! A migrating run has no framebuffer (device models are not migrated).
 
-use crate::{parse_duration, parse_rounds};
+use crate::{VcpuJson, parse_duration, parse_rounds};
 use serde::Serialize;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -90,16 +90,6 @@ struct RoundJson {
 }
 
 #[derive(Serialize)]
-struct VcpuJson {
-    ops: u64,
-    bad_pages: u64,
-    checksum_ok: bool,
-    misplaced_headers: u64,
-    data_errors: u64,
-    verified_pages: u64,
-}
-
-#[derive(Serialize)]
 struct GuestJson {
     ok: bool,
     elapsed_s: f64,
@@ -124,18 +114,7 @@ fn guest_json(r: &GuestReport) -> GuestJson {
                 pause_us: x.pause.as_secs_f64() * 1e6,
             })
             .collect(),
-        vcpus: r
-            .vcpus
-            .iter()
-            .map(|v| VcpuJson {
-                ops: v.ops,
-                bad_pages: v.bad_pages,
-                checksum_ok: v.guest_checksum == v.expected_checksum,
-                misplaced_headers: v.guest_bad_headers,
-                data_errors: v.data_errors,
-                verified_pages: v.verified_pages,
-            })
-            .collect(),
+        vcpus: r.vcpus.iter().map(VcpuJson::from).collect(),
     }
 }
 
