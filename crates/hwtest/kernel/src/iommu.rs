@@ -110,6 +110,18 @@ fn vtd_present() -> bool {
     v != 0 && v != 0xFFFF_FFFF
 }
 
+/// Polls `done` a bounded number of times (a register the unit clears or
+/// sets when a command completes).
+fn wait(what: &str, done: impl Fn() -> bool) -> bool {
+    for _ in 0..1_000_000 {
+        if done() {
+            return true;
+        }
+    }
+    kprintln!("INFO timeout waiting for {what}");
+    false
+}
+
 struct Vtd {
     iotlb: u64,
     frcd: u64,
@@ -122,22 +134,12 @@ impl Vtd {
         Vtd { iotlb: DMAR + ((ecap >> 8) & 0x3FF) * 16 + 8, frcd: DMAR + ((cap >> 24) & 0x3FF) * 16 }
     }
 
-    fn wait(what: &str, done: impl Fn() -> bool) -> bool {
-        for _ in 0..1_000_000 {
-            if done() {
-                return true;
-            }
-        }
-        kprintln!("INFO vtd timeout waiting for {what}");
-        false
-    }
-
     /// Global context-cache and IOTLB invalidation (VT-d spec §6.5).
     fn invalidate(&self) -> bool {
         wmmio64(DMAR + CCMD, 1 << 63 | 1 << 61);
-        let a = Self::wait("context invalidation", || mmio64(DMAR + CCMD) & (1 << 63) == 0);
+        let a = wait("context invalidation", || mmio64(DMAR + CCMD) & (1 << 63) == 0);
         wmmio64(self.iotlb, 1 << 63 | 1 << 60);
-        let b = Self::wait("IOTLB invalidation", || mmio64(self.iotlb) & (1 << 63) == 0);
+        let b = wait("IOTLB invalidation", || mmio64(self.iotlb) & (1 << 63) == 0);
         a && b
     }
 
@@ -193,7 +195,7 @@ impl AmdVi {
         }
         self.cmd_tail = (self.cmd_tail + 16) % 4096;
         wmmio64(AMDVI + AMDVI_CMD_TAIL, self.cmd_tail);
-        Vtd::wait("AMD-Vi command buffer", || mmio64(AMDVI + AMDVI_CMD_HEAD) == self.cmd_tail)
+        wait("AMD-Vi command buffer", || mmio64(AMDVI + AMDVI_CMD_HEAD) == self.cmd_tail)
     }
 
     /// The next IO_PAGE_FAULT event, if one was logged: (event code and
@@ -341,7 +343,7 @@ impl Run {
     /// entry reaches the event log (see `QEMU_AMDVI_NO_EVENT_LOGGED`): a
     /// predicted fault with no event is accepted under that name, with the
     /// write cases also checking that memory stayed untouched.
-    fn amdvi_silent(&self, v: &mmu::Violation, _iova: u64) -> bool {
+    fn amdvi_silent(&self, v: &mmu::Violation) -> bool {
         matches!(self.unit, Unit::AmdVi(_))
             && matches!(v.kind, mmu::ViolationKind::NotPresent | mmu::ViolationKind::Permission)
     }
@@ -394,7 +396,7 @@ impl Run {
                     diffs += 1;
                 }
             }
-            (Err(v), None) if self.amdvi_silent(&v, iova) && (0..len).all(|i| peek(watch + i) == 0xA5) => {
+            (Err(v), None) if self.amdvi_silent(&v) && (0..len).all(|i| peek(watch + i) == 0xA5) => {
                 kprintln!(
                     "QUIRK {name} QEMU_AMDVI_NO_EVENT_LOGGED write refused, no event logged (model: {:?} at level {})",
                     v.kind,
@@ -457,7 +459,7 @@ impl Run {
                 }
             }
             (Err(v), Some(rec)) => diffs += self.check_fault(name, v, rec, iova, true),
-            (Err(v), None) if self.amdvi_silent(&v, iova) => {
+            (Err(v), None) if self.amdvi_silent(&v) => {
                 kprintln!(
                     "QUIRK {name} QEMU_AMDVI_NO_EVENT_LOGGED read refused, no event logged (model: {:?} at level {})",
                     v.kind,
@@ -523,9 +525,9 @@ fn enable_vtd(fmt: &PteFormat, table: &NestedTable<ArenaPages>, bdf: u16) -> Opt
     wmmio32(DMAR + FECTL, 1 << 31);
     wmmio64(DMAR + RTADDR, ROOT_TABLE);
     wmmio32(DMAR + GCMD, SRTP);
-    let ok = Vtd::wait("root table pointer", || mmio32(DMAR + GSTS) & SRTP != 0) && vtd.invalidate();
+    let ok = wait("root table pointer", || mmio32(DMAR + GSTS) & SRTP != 0) && vtd.invalidate();
     wmmio32(DMAR + GCMD, TE);
-    if !ok || !Vtd::wait("translation enable", || mmio32(DMAR + GSTS) & TE != 0) {
+    if !ok || !wait("translation enable", || mmio32(DMAR + GSTS) & TE != 0) {
         kprintln!("PANIC cannot enable DMA remapping (GSTS {:#x})", mmio32(DMAR + GSTS));
         return None;
     }
