@@ -276,9 +276,17 @@ impl<Q: TablePages + Send> DmaMirror for IommuDomain<Q> {
         let mut t = self.table();
         let err = |e: nested_pt::Error| Error::Backend(format!("IOMMU domain: {e:?}"));
         t.populate_region(Gpa(gpa), len, PageSize::Size4K).map_err(err)?;
-        let n = t
-            .map_range_exclusive(Gpa(gpa), len, dma, MemType::WriteBack, |g| object.frame_at(offset + (g.0 - gpa)))
-            .map_err(err)?;
+        let mapped =
+            t.map_range_exclusive(Gpa(gpa), len, dma, MemType::WriteBack, |g| object.frame_at(offset + (g.0 - gpa)));
+        let n = match mapped {
+            Ok(n) => n,
+            Err(e) => {
+                // The failed map installed nothing; give back the tables
+                // the populate made, so the mirror changed nothing.
+                let _ = t.vacate_region(Gpa(gpa), len, PageSize::Size4K);
+                return Err(err(e));
+            }
+        };
         self.pages_mapped.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }

@@ -325,3 +325,26 @@ fn msix_table_in_the_middle_of_a_bar() {
 fn msix_table_at_the_end_of_a_bar() {
     check_table_at("end", 15 * PG + 0x700, 2 * PG);
 }
+
+/// RAM whose frames the domain's format cannot address: attaching fails,
+/// the domain's tables are given back, and no device is attached.
+#[test]
+fn a_domain_that_cannot_mirror_ram_changes_nothing() {
+    let ram = Arc::new(HeapReservoir::new(64 * PG, Pfn(1 << 30)).unwrap());
+    let space = SpaceConfig::new(1 << 36, PteFormat::npt(Caps::default()));
+    let cfg = VmConfig {
+        name: format!("t{}-ppt-narrow", std::process::id()),
+        space,
+        devmem_frame_base: Pfn(0x10_0000),
+        devmem_frames: 1 << 16,
+    };
+    let v = Arc::new(Vm::new(cfg, HeapPages::with_capacity(0, 256), ram, Arc::new(NoExposure)).unwrap());
+    v.alloc_segment(0, 8 * PG, SegmentKind::SysMem).unwrap();
+    v.map_segment(0, 0, 0, 8 * PG, None).unwrap();
+    let narrow = PteFormat::vtd(Caps { phys_bits: 36, ..Caps::default() });
+    let p: Ppt =
+        Passthrough::new(v.clone(), IommuTunables::default(), 1, narrow, HeapPages::with_capacity(0, 64)).unwrap();
+    assert!(p.attach(TestDoubleDevice::create(&v, device(16 * PG, None)).unwrap()).is_err());
+    assert!(p.domain().is_none(), "no domain was brought into being");
+    assert_eq!(p.detach(BDF).unwrap_err(), PassthroughError::UnknownDevice(BDF));
+}
