@@ -224,6 +224,11 @@ impl Emulator {
             "harvest-dirty-2m",
             "unmap-invalidate-4k",
             "unmap-invalidate-2m",
+            "promote-2m",
+            "promote-2m-clean",
+            "demote-2m",
+            "demote-2m-clean",
+            "promote-2m-refused",
         ];
         const QEMU: &[&str] = &[
             "rsv-4k-high-addr",

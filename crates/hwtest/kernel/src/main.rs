@@ -16,6 +16,7 @@ mod hv;
 mod io;
 mod iommu;
 mod layout;
+mod promote;
 mod quirks;
 mod rt;
 mod scenarios;

@@ -452,4 +452,7 @@ pub fn run(suite: &mut Suite, caps: Caps, ept_ad: bool) {
     } else {
         suite.skip("ept-emulated-ad", "EPT only");
     }
+
+    // ---- promotion and demotion of 2 MiB leaves (`promote.rs`).
+    crate::promote::run(suite, fmt, env.ad);
 }

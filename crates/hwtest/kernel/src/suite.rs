@@ -108,11 +108,40 @@ pub enum Expect {
     Fault(ViolationKind),
 }
 
+/// The data of one guest access.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Data {
+    /// A fresh marker: planted where the table maps the address before a
+    /// read (the guest must read it), written by the guest on a write.
+    Marker,
+    /// Plant nothing: the guest must read this value, which the scenario
+    /// put in the frame earlier (through an earlier translation, or
+    /// directly in host memory). A translation that changed would read
+    /// another frame.
+    Read(u32),
+    /// The guest writes this value.
+    Write(u32),
+}
+
 /// What the model predicts for one run.
 #[derive(Clone, Copy, Debug)]
 enum Prediction {
     Ok(Translation),
     Fault(Violation, u64),
+}
+
+impl Env {
+    /// A copy of every word of the table's pages (the whole sub-arena
+    /// handed out so far, freed pages included): to show that an operation
+    /// changed nothing.
+    pub fn table_words(&self) -> Vec<u64> {
+        let (base, len) = self.table.pages().used();
+        let mut v = alloc::vec![0u64; len as usize / 8];
+        // SAFETY: [base, base+len) is the table's identity-mapped sub-arena
+        // (see `snapshot`); the guest is not running; `v` has len/8 words.
+        unsafe { core::ptr::copy_nonoverlapping(base as *const u64, v.as_mut_ptr(), v.len()) }
+        v
+    }
 }
 
 /// Per-scenario bookkeeping.
@@ -267,11 +296,37 @@ impl<'h> Suite<'h> {
     /// Run `op` on `gpa` after invalidating `inv`; compare with the model.
     /// Returns the hardware exit.
     pub fn access(&mut self, s: &mut Scenario, env: &Env, op: Op, gpa: u64, inv: Invalidate, expect: Expect) -> Exit {
+        self.access_data(s, env, op, gpa, inv, expect, Data::Marker)
+    }
+
+    /// [`access`](Self::access) with the data the guest moves chosen by the
+    /// scenario (see [`Data`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn access_data(
+        &mut self,
+        s: &mut Scenario,
+        env: &Env,
+        op: Op,
+        gpa: u64,
+        inv: Invalidate,
+        expect: Expect,
+        data: Data,
+    ) -> Exit {
         self.hv.set_root(env.root_pointer());
         self.marker = self.marker.wrapping_add(0x1_0001);
-        let marker = self.marker;
+        let marker = match data {
+            Data::Marker => self.marker,
+            Data::Read(v) => {
+                assert!(op == Op::Read, "Data::Read is for reads");
+                v
+            }
+            Data::Write(v) => {
+                assert!(op == Op::Write, "Data::Write is for writes");
+                v ^ 0xFFFF
+            }
+        };
         // Put a marker (read) or a HLT (fetch) where the table maps gpa.
-        if let Some((pfn, _)) = env.table.is_mapped(Gpa(gpa)) {
+        if let Some((pfn, _)) = env.table.is_mapped(Gpa(gpa)).filter(|_| data == Data::Marker) {
             let host = pfn.addr() + (gpa & 0xFFF);
             if in_test_region(host) {
                 // SAFETY: host lies in the test-frame region, which only the
@@ -394,7 +449,10 @@ impl<'h> Suite<'h> {
                     if got != marker {
                         self.diff(
                             s,
-                            format_args!("read {gpa:#x}: guest got {got:#x}, frame at {:#x} holds {marker:#x}", tr.hpa),
+                            format_args!(
+                                "read {gpa:#x}: guest got {got:#x}, expected {marker:#x} (predicted frame {:#x})",
+                                tr.hpa
+                            ),
                         );
                     }
                 }
@@ -413,6 +471,73 @@ impl<'h> Suite<'h> {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// The guest reads `count` words, the `i`-th at `gpa + i *
+    /// SCAN_STRIDE`, in one run (after invalidating `inv`), and checks in
+    /// the guest that the `i`-th holds `first + i`; it stops at the first
+    /// that does not. Compared with the model replaying the code fetch and
+    /// every read: each read must succeed, the guest must halt after the
+    /// last one with every value as expected, and every table word must be
+    /// what the model's reads leave. Much cheaper under an emulator than
+    /// `count` separate runs (one VM entry, one comparison).
+    pub fn scan(&mut self, s: &mut Scenario, env: &Env, gpa: u64, count: u32, first: u32, inv: Invalidate) {
+        assert!(count > 0);
+        self.hv.set_root(env.root_pointer());
+        snapshot(env, 0);
+        let regs = GuestRegs { rax: 0, rbx: gpa, rcx: u64::from(count), rdx: u64::from(first) };
+        let exit = self.hv.run(guest::scan_entry(), regs, inv);
+        let got = self.hv.regs();
+        snapshot(env, 1);
+        restore(env, 0);
+        let t = &env.table;
+        let run = |g: u64, a: Access| mmu::translate(t.pages(), t.format(), t.root(), Gpa(g), a, env.ad);
+        let mut fault = run(guest::scan_entry(), Access::Execute).err().map(|v| (v, guest::scan_entry()));
+        for i in 0..u64::from(count) {
+            if fault.is_some() {
+                break;
+            }
+            let g = gpa + i * guest::SCAN_STRIDE;
+            fault = run(g, Access::Read).err().map(|v| (v, g));
+        }
+        snapshot(env, 2);
+        restore(env, 1);
+        kprintln!("CHECK {} Scan {gpa:#x}x{count} hw={exit:x?} left={} model-fault={fault:x?}", s.name, got.rcx);
+        if let Some((v, g)) = fault {
+            self.diff(s, format_args!("scan {gpa:#x}x{count}: the model faults at {g:#x}: {v:x?}"));
+            return;
+        }
+        let mut complete = false;
+        match exit {
+            Exit::Hlt { rip } if rip == guest::scan_hlt() => {
+                complete = got.rcx == 0;
+                if !complete {
+                    let i = u64::from(count) - got.rcx;
+                    self.diff(
+                        s,
+                        format_args!(
+                            "scan {gpa:#x}: read {i} ({:#x}) got {:#x}, expected {:#x}",
+                            got.rbx,
+                            got.rax as u32,
+                            got.rdx as u32
+                        ),
+                    );
+                }
+            }
+            e => self.diff(s, format_args!("scan {gpa:#x}x{count}: exit {e:x?}, expected HLT at {:#x}", guest::scan_hlt())),
+        }
+        let diffs = table_diffs(env, 1, 2);
+        if !complete && !diffs.is_empty() {
+            // The model read every page; the guest stopped early.
+            self.diff(s, format_args!("scan {gpa:#x}x{count}: {} table word(s) differ after the early stop", diffs.len()));
+            return;
+        }
+        for (addr, hw, model) in diffs {
+            self.diff(
+                s,
+                format_args!("scan {gpa:#x}x{count}: entry @{addr:#x} hw={hw:#x} model={model:#x} xor={:#x}", hw ^ model),
+            );
         }
     }
 
