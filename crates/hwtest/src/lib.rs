@@ -255,6 +255,7 @@ impl Emulator {
             "ept-ad-disabled",
             "exec-only-4k",
             "ept-emulated-ad",
+            "promote-demote-emulated-ad",
         ];
         // Ivy Bridge: no 1 GiB EPT pages, no EPT A/D (so no hardware dirty
         // harvest and no "A/D disabled" variant).

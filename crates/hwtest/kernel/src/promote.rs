@@ -27,6 +27,7 @@
 //! | 0x0280_0000  | demote-2m                 | TEST_BASE + 3*2M     |
 //! | 0x02C0_0000  | demote-2m-clean           | TEST_BASE + 4*2M     |
 //! | 0x0300_0000  | promote-2m-refused        | TEST_BASE + 5*2M (one page from 6*2M) |
+//! | 0x0200_0000  | promote-demote-emulated-ad (own table) | TEST_BASE + 7*2M |
 //!
 //! After a promotion or demotion the kernel invalidates before the next
 //! run, as a hypervisor must before the freed leaf table is reused: on VMX
@@ -41,10 +42,10 @@
 
 use alloc::vec::Vec;
 use nested_pt::mmu::ViolationKind::{NotPresent, Permission};
-use nested_pt::{Gpa, MemType, PageSize, Pfn, PromoteRefusal, Prot, PteFormat};
+use nested_pt::{Access, Caps, Gpa, MemType, PageSize, Pfn, PromoteRefusal, Prot, PteFormat};
 
 use crate::guest::{Op, SCAN_STRIDE};
-use crate::hv::Invalidate;
+use crate::hv::{Exit, Invalidate};
 use crate::layout::{TEST_BASE, TEST_SIZE};
 use crate::suite::{Arch, Data, Env, Expect, Scenario, Suite};
 
@@ -166,9 +167,17 @@ fn harvest(suite: &mut Suite, s: &mut Scenario, env: &Env, g: u64, dirty: &dyn F
     }
 }
 
-/// Run the promotion and demotion scenarios.
-pub fn run(suite: &mut Suite, fmt: PteFormat, ad: bool) {
-    const NAMES: [&str; 5] = ["promote-2m", "promote-2m-clean", "demote-2m", "demote-2m-clean", "promote-2m-refused"];
+/// Run the promotion and demotion scenarios on a table of `fmt` (EPTP bit
+/// 6 = `ad`); on VMX also in the emulated-A/D format of `caps`.
+pub fn run(suite: &mut Suite, caps: Caps, fmt: PteFormat, ad: bool) {
+    const NAMES: [&str; 6] = [
+        "promote-2m",
+        "promote-2m-clean",
+        "demote-2m",
+        "demote-2m-clean",
+        "promote-2m-refused",
+        "promote-demote-emulated-ad",
+    ];
     if !fmt.supports(PageSize::Size2M) {
         for n in NAMES {
             suite.skip(n, "CPU model has no 2 MiB nested pages");
@@ -177,7 +186,8 @@ pub fn run(suite: &mut Suite, fmt: PteFormat, ad: bool) {
     }
     if !ad {
         crate::kprintln!(
-            "INFO promote/demote: EPT without A/D: the CPU sets no A/D bits, so the carried state is checked as none"
+            "INFO promote/demote: EPT without A/D: the CPU sets no A/D bits, so the carried state is checked as none \
+             (promote-demote-emulated-ad checks it in the emulated-A/D format)"
         );
     }
     let mut env = Env::new(fmt, ad);
@@ -186,6 +196,11 @@ pub fn run(suite: &mut Suite, fmt: PteFormat, ad: bool) {
     demote(suite, &mut env, false);
     demote(suite, &mut env, true);
     refused(suite, &mut env);
+    if suite.arch == Arch::Vmx {
+        emulated(suite, caps);
+    } else {
+        suite.skip("promote-demote-emulated-ad", "EPT only (NPT always has hardware A/D)");
+    }
 }
 
 /// `promote-2m` (`clean` false): the guest writes every 32nd page and
@@ -396,4 +411,113 @@ fn attempt(suite: &mut Suite, s: &mut Scenario, env: &mut Env, g: u64, want: Pro
     if env.table_words() != before {
         suite.diff(s, format_args!("refused promotion ({want:?}) changed table words"));
     }
+}
+
+/// One guest access in the emulated-A/D format: when it exits (the first
+/// access, or the first write, since the leaf was last cleared), the kernel
+/// records it with `record_access` as a hypervisor's fault handler would
+/// and resumes the guest, which must then complete. `first` is what the
+/// first run must do.
+#[allow(clippy::too_many_arguments)]
+fn emu_access(
+    suite: &mut Suite,
+    s: &mut Scenario,
+    env: &Env,
+    op: Op,
+    gpa: u64,
+    inv: Invalidate,
+    first: Expect,
+    data: Data,
+) {
+    let e = suite.access_data(s, env, op, gpa, inv, first, data);
+    if matches!(e, Exit::EptViolation { .. }) {
+        let acc = if op == Op::Write { Access::Write } else { Access::Read };
+        if env.table.record_access(Gpa(gpa), acc) != Ok(true) {
+            suite.diff(s, format_args!("record_access({gpa:#x}, {acc:?}) refused"));
+        }
+        suite.resume(s, env, op, gpa, Expect::Ok);
+    }
+}
+
+/// `promote-demote-emulated-ad` (EPT, both CPU models): the same in the
+/// emulated-A/D format, where accessed is the hardware R/X bits and dirty
+/// the hardware W bit or software bit 55, so A/D carried over is visible
+/// on the Ivy Bridge model too. The guest writes pages 0 and 64 and reads
+/// pages 1 and 200 of 512 small leaves (each first access exits and is
+/// recorded); after `promote_2m` the 2 MiB leaf must read accessed and
+/// dirty and the guest scans every page without an exit (its R bit
+/// carried). A write through it may exit once (dirty is carried in
+/// software bit 55, hardware W is granted by the next recorded write).
+/// Then `demote_2m` of that leaf: each small leaf must be accessed and
+/// dirty, the scan runs without an exit, a harvest reports all 512 pages,
+/// and after a write to page 77 (which exits: the harvest took W away) the
+/// next harvest reports exactly page 77.
+fn emulated(suite: &mut Suite, caps: Caps) {
+    let (g, host, tag) = (G_PROMOTE, run_base(7), 7);
+    let mut s = suite.begin("promote-demote-emulated-ad");
+    let mut env = Env::new(PteFormat::ept_emulated_ad(caps), false);
+    let code = crate::guest::code_page();
+    for a in [Access::Execute, Access::Read] {
+        if env.table.record_access(Gpa(code), a) != Ok(true) {
+            suite.diff(&mut s, format_args!("record_access on the code page refused"));
+        }
+    }
+    map_small(&mut env, g, host);
+    let writes = |i: u64| i == 0 || i == 64;
+    let reads = |i: u64| i == 1 || i == 200;
+    fill(tag, host, &writes);
+    for i in (0..PAGES).filter(|&i| writes(i)) {
+        let d = Data::Write(value(tag, i));
+        emu_access(suite, &mut s, &env, Op::Write, word(g, i), Invalidate::All, Expect::Fault(NotPresent), d);
+    }
+    for i in (0..PAGES).filter(|&i| reads(i)) {
+        let d = Data::Read(value(tag, i));
+        emu_access(suite, &mut s, &env, Op::Read, word(g, i), Invalidate::None, Expect::Fault(NotPresent), d);
+    }
+    for i in 0..PAGES {
+        suite.expect_ad(&mut s, &env, g + i * 4096, writes(i) || reads(i), writes(i));
+    }
+    if let Err(r) = env.table.promote_2m(Gpa(g)) {
+        suite.diff(&mut s, format_args!("promote_2m refused: {r:?}"));
+    }
+    check_leaves(suite, &mut s, &env, g, host, PageSize::Size2M);
+    suite.expect_ad(&mut s, &env, g, true, true);
+    scan(suite, &mut s, &env, g, tag, 0, PAGES, Invalidate::Page(g));
+    let k = 5;
+    let v = decoy(tag, k) ^ 0x00F0_0000;
+    let e = suite.access_data(&mut s, &env, Op::Write, word(g, k), Invalidate::None, Expect::Fault(Permission), {
+        Data::Write(v)
+    });
+    if matches!(e, Exit::EptViolation { .. }) {
+        let _ = env.table.record_access(Gpa(word(g, k)), Access::Write);
+        suite.resume(&mut s, &env, Op::Write, word(g, k), Expect::Ok);
+    }
+    suite.expect_ad(&mut s, &env, g, true, true);
+    // Put page 5's value back for the scans.
+    poke(word(host, k), value(tag, k));
+
+    if let Err(e) = env.table.demote_2m(Gpa(g)) {
+        suite.diff(&mut s, format_args!("demote_2m: {e:?}"));
+    }
+    check_leaves(suite, &mut s, &env, g, host, PageSize::Size4K);
+    for i in 0..PAGES {
+        suite.expect_ad(&mut s, &env, g + i * 4096, true, true);
+    }
+    scan(suite, &mut s, &env, g, tag, 0, PAGES, Invalidate::Page(g));
+    let mut bm = [0u64; (PAGES / 64) as usize];
+    let n = env.table.harvest_dirty(Gpa(g), M2, &mut bm);
+    if n != Ok(PAGES) || bm.iter().any(|w| *w != u64::MAX) {
+        suite.diff(&mut s, format_args!("emulated harvest after the demotion: {n:?}, expected all 512"));
+    }
+    let k = 77;
+    let d = Data::Write(decoy(tag, k));
+    emu_access(suite, &mut s, &env, Op::Write, word(g, k), Invalidate::Page(g), Expect::Fault(Permission), d);
+    let mut bm = [0u64; (PAGES / 64) as usize];
+    let n = env.table.harvest_dirty(Gpa(g), M2, &mut bm);
+    let mut want = [0u64; (PAGES / 64) as usize];
+    want[(k / 64) as usize] = 1 << (k % 64);
+    if n != Ok(1) || bm != want {
+        suite.diff(&mut s, format_args!("emulated harvest after a write to page {k}: {n:?} {bm:x?}"));
+    }
+    suite.end(s);
 }

@@ -454,5 +454,5 @@ pub fn run(suite: &mut Suite, caps: Caps, ept_ad: bool) {
     }
 
     // ---- promotion and demotion of 2 MiB leaves (`promote.rs`).
-    crate::promote::run(suite, fmt, env.ad);
+    crate::promote::run(suite, caps, fmt, env.ad);
 }

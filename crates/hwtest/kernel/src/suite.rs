@@ -162,6 +162,8 @@ pub struct Suite<'h> {
     /// Scenarios run.
     pub ran: u32,
     marker: u32,
+    /// What the last access expected to read and wrote (for `resume`).
+    last: (u32, u32),
 }
 
 const SNAP_WORDS: usize = (SLOT_PAGES * 512) as usize;
@@ -221,7 +223,7 @@ fn level_on_walk(env: &Env, gpa: u64, addr: u64) -> Option<u8> {
 impl<'h> Suite<'h> {
     /// A suite on `hv`.
     pub fn new(hv: &'h mut dyn Hv, arch: Arch) -> Suite<'h> {
-        Suite { hv, arch, failed: 0, ran: 0, marker: 0x5EED_0000 }
+        Suite { hv, arch, failed: 0, ran: 0, marker: 0x5EED_0000, last: (0, 0) }
     }
 
     /// Start a scenario.
@@ -346,6 +348,7 @@ impl<'h> Suite<'h> {
             ..GuestRegs::default()
         };
         let exit = self.hv.run(guest::entry(op), regs, inv);
+        self.last = (marker, regs.rax as u32);
         self.compare(s, env, op, gpa, exit, expect, marker, regs.rax as u32);
         exit
     }
@@ -357,8 +360,8 @@ impl<'h> Suite<'h> {
     pub fn resume(&mut self, s: &mut Scenario, env: &Env, op: Op, gpa: u64, expect: Expect) -> Exit {
         snapshot(env, 0);
         let exit = self.hv.resume();
-        let marker = self.marker;
-        self.compare(s, env, op, gpa, exit, expect, marker, (u64::from(marker) ^ 0xFFFF) as u32);
+        let (marker, wrote) = self.last;
+        self.compare(s, env, op, gpa, exit, expect, marker, wrote);
         exit
     }
 
