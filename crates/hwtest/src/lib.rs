@@ -65,6 +65,11 @@
 //! pages; the model replays the code fetch, so those shared A bits are
 //! compared too rather than hidden. Each scenario also states what it
 //! expects (fault kind, A/D after each access) independently of the model.
+//! To read a whole 2 MiB range without 512 runs, a second guest stub
+//! (`Suite::scan`) reads one word per page in a loop and checks in the
+//! guest that page `i` holds `first + i`, stopping at the first that does
+//! not; the model replays the fetch and every read, and the tables are
+//! compared as for one access.
 //!
 //! # Scenarios
 //!
@@ -83,7 +88,32 @@
 //! bit 12 again with EPTP bit 6 clear. On the Ivy Bridge model (no EPT A/D,
 //! no 1 GiB pages) the 1 GiB, hardware-harvest and "A/D disabled"
 //! scenarios skip, every A/D expectation becomes "none set", and a PDPTE
-//! with PS must be a misconfiguration. Not applicable scenarios print
+//! with PS must be a misconfiguration.
+//!
+//! Promotion and demotion (`kernel/src/promote.rs`, every configuration,
+//! in a table of their own): `promote-2m` (512 small leaves onto a
+//! contiguous aligned run, some written, some read, half untouched, then
+//! `NestedTable::promote_2m`), `promote-2m-clean` (reads only),
+//! `demote-2m` (a written 2 MiB leaf, `demote_2m`), `demote-2m-clean` (a
+//! read one) and `promote-2m-refused` (not contiguous, a hole, mixed
+//! protection: refused with the matching `PromoteRefusal` and no table word
+//! changed; then repaired and promoted). Each page holds a distinct value,
+//! written by the guest or in host memory (with a decoy where the guest is
+//! to write, or where a wrong frame would lead); after the change and the
+//! invalidation (single-context INVEPT; on SVM a TLB flush, since INVLPGA
+//! covers one page) the guest scans all 512 pages and must find every value:
+//! the same translation. A/D: each small leaf's state before, the large
+//! leaf = their OR, each small leaf after a demotion = the large leaf's,
+//! a write through the new leaf sets D (after the harvest and the page's
+//! invalidation where D was already set), and after a demotion and a
+//! harvest a write to one page makes the next harvest report exactly that
+//! page. Without EPT A/D those expectations are "none set" and the
+//! harvests report nothing; `promote-demote-emulated-ad` (VMX, both
+//! models) checks the carried state in the emulated-A/D format instead,
+//! recording each exit with `record_access` (there the dirty state is
+//! carried in software bit 55, so the first write through the promoted or
+//! demoted leaf exits once more, as the model predicts). Not applicable
+//! scenarios print
 //! `SKIP` with the reason; [`Emulator::required_scenarios`] lists what each
 //! configuration must run, so a silently shortened suite fails.
 //!

@@ -1,7 +1,8 @@
 //! The hwtest conformance kernel: see `crates/hwtest/src/lib.rs` for the
 //! design. Boot (`boot.rs`), the two virtualization back ends (`svm.rs`,
 //! `vmx.rs`), the table-page provider for nested-pt (`arena.rs`), the
-//! comparison engine (`suite.rs`), the scenarios (`scenarios.rs`) and the
+//! comparison engine (`suite.rs`), the scenarios (`scenarios.rs`, and
+//! `promote.rs` for promotion and demotion of 2 MiB leaves) and the
 //! emulator quirks (`quirks.rs`).
 #![no_std]
 #![no_main]

@@ -10,6 +10,9 @@
 //! | 0x4000_0000               | one 1 GiB page (PDPTE 1)               | host 0..1 GiB          |
 //! | 0x8000_0000               | PDPTE 2: never populated (level 3 hole)| —                      |
 //!
+//! The promotion and demotion scenarios (`promote.rs`) run last, in
+//! tables of their own.
+//!
 //! The code page shares only the PML4E and the PDPTE of GiB 0 with the test
 //! pages; those entries' A bits are set by every code fetch and the model
 //! replays that fetch, so they are compared like every other word.
