@@ -1263,5 +1263,17 @@ mod tests {
         let Cmd::Run(a) = cli.cmd else { panic!("not run") };
         assert_eq!((a.vcpus, a.mem, a.rounds), (2, 256 << 20, 4));
         assert!(Cli::try_parse_from(["vmm", "run", "--write-pct", "101"]).is_err());
+        assert_eq!((a.reservoir, a.swap_dir), (None, None));
+    }
+
+    #[test]
+    fn reservoir_and_swap_dir_parse() {
+        let cli = Cli::try_parse_from(["vmm", "run", "--mem", "1G", "--reservoir", "256M", "--swap-dir", "/var/tmp"])
+            .expect("parse");
+        let Cmd::Run(a) = cli.cmd else { panic!("not run") };
+        assert_eq!((a.mem, a.reservoir), (1 << 30, Some(256 << 20)));
+        assert_eq!(a.swap_dir.as_deref(), Some(std::path::Path::new("/var/tmp")));
+        assert!(Cli::try_parse_from(["vmm", "run", "--reservoir", "1000"]).is_err(), "not a multiple of 4 KiB");
+        assert!(Cli::try_parse_from(["vmm", "run", "--reservoir", "-1M"]).is_err());
     }
 }
