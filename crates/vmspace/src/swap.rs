@@ -746,17 +746,19 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
     /// A data-path operation failed with `ReservoirFull`: reclaim a batch
     /// (outside the client's active section) and say whether to try
     /// again. Not from a thread in guest context on this space (the
-    /// invalidation would wait for it), and at most a few times: a
-    /// reclaim that freed nothing allows one more try (another swapper may
-    /// have freed frames just before it), then the operation fails.
+    /// invalidation would wait for it), and at most a few times (fewer
+    /// when reclaims free nothing), then the operation fails.
     pub(crate) fn reclaim_after_full(&self, tries: &mut u32) -> bool {
         if *tries >= FAULT_TRIES || crate::protocol::on_cpu::holds(self as *const Self as usize) {
             return false;
         }
         match self.reclaim(FAULT_BATCH) {
             Ok(0) => {
-                // Nothing to evict: one more try, then give up.
-                *tries = FAULT_TRIES;
+                // Nothing evicted: every resident page pinned or busy, or
+                // another swapper freed frames that other threads took.
+                // A few more tries (letting the others run), then give up.
+                *tries += FAULT_TRIES / 4;
+                std::thread::yield_now();
                 true
             }
             Ok(_) => {

@@ -321,8 +321,31 @@ fn data_path_races_the_swapper() {
     const PER: u64 = 48;
     let s = Arc::new(space_with(GIB, npt(), true, 8));
     let r = reservoir(40);
-    let o = swap_obj(&r, THREADS * PER);
-    s.map(&o, 0, 0, THREADS * PER * PG, Prot::RW).unwrap();
+    // One more range of PER pages, written and read only by the host
+    // (through the object: frames, or the swap file) meanwhile.
+    let o = swap_obj(&r, (THREADS + 1) * PER);
+    s.map(&o, 0, 0, (THREADS + 1) * PER * PG, Prot::RW).unwrap();
+    let host = {
+        let (o, s) = (o.clone(), s.clone());
+        std::thread::spawn(move || {
+            // Some of its pages faulted in, so that host copies meet
+            // resident, swapped-out and never-touched pages.
+            let c = s.client();
+            for round in 1..=30u64 {
+                for i in 0..PER {
+                    if (i + round) % 4 == 0 {
+                        c.fault((THREADS * PER + i) * PG, Prot::READ).unwrap();
+                    }
+                    let off = (THREADS * PER + i) * PG + 8 * (round % 8);
+                    let v = pattern(i, round);
+                    o.write(off, &v.to_le_bytes()).unwrap();
+                    let mut w = [0u8; 8];
+                    o.read(off, &mut w).unwrap();
+                    assert_eq!(u64::from_le_bytes(w), v);
+                }
+            }
+        })
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let swapper = {
         let (s, stop) = (s.clone(), stop.clone());
@@ -363,6 +386,13 @@ fn data_path_races_the_swapper() {
         })
         .collect();
     let lasts: Vec<Vec<u64>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    host.join().unwrap();
+    // The host's last round is intact too.
+    for i in 0..PER {
+        let mut w = [0u8; 8];
+        o.read((THREADS * PER + i) * PG + 8 * (30 % 8), &mut w).unwrap();
+        assert_eq!(u64::from_le_bytes(w), pattern(i, 30));
+    }
     stop.store(true, Ordering::Relaxed);
     let evicted = swapper.join().unwrap();
     assert!(evicted > 0);
