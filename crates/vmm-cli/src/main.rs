@@ -104,6 +104,16 @@ struct RunArgs {
     /// Guest memory (bytes; K, M, G suffixes; a multiple of 4 KiB).
     #[arg(long, default_value = "256M", value_parser = parse_mem, allow_hyphen_values = true)]
     mem: u64,
+    /// RAM reservoir of the VM (guest memory plus the runtime's pages;
+    /// bytes with K, M, G suffixes). Smaller than `--mem` plus the runtime
+    /// makes guest memory swappable: cold pages go to an anonymous swap
+    /// file and come back on access. Default: enough for all of it.
+    #[arg(long, value_parser = parse_mem, allow_hyphen_values = true)]
+    reservoir: Option<u64>,
+    /// Directory of the swap file (default: the system's temporary
+    /// directory).
+    #[arg(long)]
+    swap_dir: Option<std::path::PathBuf>,
     /// Workload every vCPU runs on its share of memory.
     #[arg(long, value_enum, default_value_t = Workload::Mixed)]
     workload: Workload,
@@ -458,6 +468,19 @@ struct RunJson {
     zap_ms: f64,
     rounds: Vec<RoundJson>,
     vcpus: Vec<VcpuJson>,
+    swap: Option<SwapJson>,
+}
+
+#[derive(Serialize)]
+struct SwapJson {
+    swapped_out: u64,
+    swapped_in: u64,
+    first_touch: u64,
+    clock_passes: u64,
+    aged: u64,
+    write_errors: u64,
+    resident: u64,
+    swapped: u64,
 }
 
 fn us(d: Duration) -> f64 {
@@ -526,6 +549,16 @@ fn run_json(r: &RunReport) -> RunJson {
             })
             .collect(),
         vcpus: r.vcpus.iter().map(VcpuJson::from).collect(),
+        swap: r.swap.map(|s| SwapJson {
+            swapped_out: s.swapped_out,
+            swapped_in: s.swapped_in,
+            first_touch: s.first_touch,
+            clock_passes: s.clock_passes,
+            aged: s.aged,
+            write_errors: s.write_errors,
+            resident: s.resident,
+            swapped: s.swapped,
+        }),
     }
 }
 
@@ -575,6 +608,19 @@ fn print_run(r: &RunReport) {
     );
     out!("  pages resident:  {} ({} MiB), table pages {}", r.resident, r.resident * 4 / 1024, r.table_pages);
     out!("  generations:     {}   kicks: {}   CR3 flushes: {}", r.generation, r.kicks, r.flushes);
+    if let Some(s) = &r.swap {
+        out!(
+            "  swapping:        {} pages swapped out, {} swapped in, {} first touches, {} clock passes ({} pages spared), {} write errors; at the end {} resident, {} in the swap file",
+            s.swapped_out,
+            s.swapped_in,
+            s.first_touch,
+            s.clock_passes,
+            s.aged,
+            s.write_errors,
+            s.resident,
+            s.swapped
+        );
+    }
     out!(
         "  invalidation:    {} frames dropped ({:.1} us each), {} shadow zaps ({:.1} us each)",
         r.frames_dropped,
@@ -667,6 +713,10 @@ fn cmd_run(a: RunArgs) -> ExitCode {
         return c;
     }
     if a.migration.active() {
+        if a.reservoir.is_some() {
+            eprintln!("vmm run: --reservoir (swapping) is not supported with live migration");
+            return ExitCode::FAILURE;
+        }
         return cmd_run_migrating(&a);
     }
     let stop = match stop_on_signals() {
@@ -689,6 +739,8 @@ fn cmd_run(a: RunArgs) -> ExitCode {
         name: a.name.clone(),
         screenshot: a.screenshot.clone(),
         pin: a.pin.clone().map(|p| p.0).unwrap_or_default(),
+        reservoir: a.reservoir,
+        swap_dir: a.swap_dir.clone(),
         stop: Some(stop.clone()),
         ..RunConfig::default()
     };
@@ -1211,5 +1263,17 @@ mod tests {
         let Cmd::Run(a) = cli.cmd else { panic!("not run") };
         assert_eq!((a.vcpus, a.mem, a.rounds), (2, 256 << 20, 4));
         assert!(Cli::try_parse_from(["vmm", "run", "--write-pct", "101"]).is_err());
+        assert_eq!((a.reservoir, a.swap_dir), (None, None));
+    }
+
+    #[test]
+    fn reservoir_and_swap_dir_parse() {
+        let cli = Cli::try_parse_from(["vmm", "run", "--mem", "1G", "--reservoir", "256M", "--swap-dir", "/var/tmp"])
+            .expect("parse");
+        let Cmd::Run(a) = cli.cmd else { panic!("not run") };
+        assert_eq!((a.mem, a.reservoir), (1 << 30, Some(256 << 20)));
+        assert_eq!(a.swap_dir.as_deref(), Some(std::path::Path::new("/var/tmp")));
+        assert!(Cli::try_parse_from(["vmm", "run", "--reservoir", "1000"]).is_err(), "not a multiple of 4 KiB");
+        assert!(Cli::try_parse_from(["vmm", "run", "--reservoir", "-1M"]).is_err());
     }
 }

@@ -19,6 +19,9 @@
 //! - dirty-bit changes made by someone else than [`SpaceBackend::harvest`]
 //!   (which drops exactly the frames it cleared, as `track_dirty_frames`
 //!   reports them): all shadow pages are zapped;
+//! - swap-out (`Cause::Swap`): the frames the swapper evicts or whose
+//!   accessed bit it cleared are dropped (it frees the evicted ones only
+//!   after every client was told);
 //! - on a hardware-nested host nothing is needed here: the generation bump
 //!   makes each vCPU reload CR3 before it resumes.
 
@@ -154,6 +157,15 @@ impl Inval {
                 }
             }
             Cause::Tracking => self.zap(),
+            // The swapper cleared leaves of pages it evicts (their frames
+            // are freed once this returns) and accessed bits of pages it
+            // spared: KVM must drop its translations of exactly those
+            // frames (so that an evicted frame is no longer reached and a
+            // spared page's next access walks the table, setting the bit).
+            Cause::Swap => match inv.cleared {
+                Some(frames) if self.drop_frames(frames.iter().copied()).is_ok() => {}
+                _ => self.zap(),
+            },
         }
     }
 }

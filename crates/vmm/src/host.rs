@@ -161,6 +161,25 @@ pub fn map_ram<P: TablePages + Send + Sync + 'static>(
     Ok(id)
 }
 
+/// As [`map_ram`], with a swappable segment whose cold pages go to
+/// `swap` ([`Vm::alloc_swappable_segment`]): `len` may exceed the
+/// reservoir.
+pub fn map_swappable_ram<P: TablePages + Send + Sync + 'static>(
+    vm: &Vm<P>,
+    gpa: u64,
+    len: u64,
+    prot: nested_pt::Prot,
+    swap: std::fs::File,
+) -> Result<u32> {
+    let id = vm.free_segment_id().ok_or_else(|| crate::hv::MachineError::Setup("no free segment id".into()))?;
+    vm.alloc_swappable_segment(id, len, swap).map_err(setup_err("swappable segment"))?;
+    if let Err(e) = vm.map_segment(gpa, id, 0, len, Some(prot)) {
+        let _ = vm.free_segment(id);
+        return Err(setup_err("map")(e));
+    }
+    Ok(id)
+}
+
 /// Installs the guest runtime for `nvcpus` vCPUs whose workload regions
 /// have `npages` pages each: the boot ROM as a device-memory segment named
 /// "bootrom", read-only and executable just below 4 GiB

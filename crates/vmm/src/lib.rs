@@ -12,7 +12,9 @@
 //!   the VM's reservoir in 4 KiB chunks) or device memory with a name (the
 //!   boot ROM, a framebuffer) — and ranges of it are mapped at
 //!   guest-physical addresses with a protection, possibly at several
-//!   addresses at once (aliases). Each device-memory segment has a host
+//!   addresses at once (aliases). System memory may be *swappable*
+//!   ([`Vm::alloc_swappable_segment`]: larger than the reservoir, cold
+//!   pages in a swap file; `vmm run --reservoir`). Each device-memory segment has a host
 //!   node ([`devmem`]): a file under the user's runtime directory that any
 //!   process of the same user maps by name, independently of where the
 //!   guest maps it, so a viewer keeps its mapping while the guest moves a
@@ -102,6 +104,13 @@
 //!   [`run`]: there is no vCPU-state hook in [`host::Host`] or
 //!   [`hv::Vcpu`] yet, and device models (the framebuffer, PCI, the
 //!   interrupt models) are not serialized.
+//! - Swappable memory is refused for wiring and DMA mirrors (passthrough
+//!   guests), and live migration does not run with it yet (its first pass
+//!   sends the pages that have a leaf, which swapped-out pages lack; page
+//!   reads go through [`Vm::read_segment`], which does read them); `vmm
+//!   run` swaps from its coordinating thread every few milliseconds and
+//!   from faults that find the reservoir exhausted (no swapper thread of
+//!   its own).
 //! - Device-memory frame ranges are handed out by a bump allocator and not
 //!   reused after a segment is freed.
 //! - The harvest's comparison of device memory costs a copy of every

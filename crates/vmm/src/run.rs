@@ -15,6 +15,19 @@
 //! guest's own verify pass and checksums are checked, and the framebuffer
 //! is read through its node by name, as another process sees it.
 //!
+//! With a reservoir smaller than guest memory plus the runtime
+//! ([`RunConfig::reservoir`]) guest memory is a *swappable* segment
+//! ([`crate::Vm::alloc_swappable_segment`]): pages get frames on first
+//! touch, the coordinating thread swaps cold pages out whenever the
+//! reservoir's free frames fall below a low-water mark
+//! (`vmspace::VmSpace::swap_out`, the accessed-bit clock), a fault that
+//! still finds it exhausted evicts a batch itself, and the next access
+//! swaps a page back in. Every check is the same: the ledgers must match
+//! the harvests exactly (swapped-out dirty pages included), and the replay
+//! reads guest memory through the segment's object (resident pages from
+//! their frames, the others from the swap file). The report gives the
+//! swap counters ([`RunReport::swap`]).
+//!
 //! While it runs, the VM answers on its control socket ([`crate::control`]):
 //! `inspect` (segments, mappings, vCPU registers, tables) and
 //! `framebuffer` (the geometry a screenshot needs).
@@ -79,6 +92,14 @@ pub struct RunConfig {
     /// Write a PNG of the framebuffer here at the end of the run (taken
     /// through the framebuffer's node by name).
     pub screenshot: Option<std::path::PathBuf>,
+    /// Bytes of RAM reservoir for the VM (guest memory, the runtime's data
+    /// pages and ledgers); `None`, or enough for all of it: no swapping.
+    /// Less than that makes guest memory swappable (see the module doc);
+    /// it must still hold the runtime plus [`MIN_SWAP_FRAMES`] frames.
+    pub reservoir: Option<u64>,
+    /// Directory of the (anonymous) swap file when swapping; the system's
+    /// temporary directory when `None`.
+    pub swap_dir: Option<std::path::PathBuf>,
     /// Set (e.g. by a SIGINT/SIGTERM handler) to end the workload early:
     /// the run then stops its vCPUs the normal way (verify pass, final
     /// harvest, every check) and reports [`RunReport::interrupted`].
@@ -105,10 +126,16 @@ impl Default for RunConfig {
             name: None,
             pin: Vec::new(),
             screenshot: None,
+            reservoir: None,
+            swap_dir: None,
             stop: None,
         }
     }
 }
+
+/// Reservoir frames a swapping run needs beyond the runtime's (the
+/// guest's working set must fit in them between two evictions).
+pub const MIN_SWAP_FRAMES: u64 = 256;
 
 /// The framebuffer of a run: a bhyve-style PCI display whose 64-bit BAR
 /// is backed by a device-memory segment named "framebuffer".
@@ -273,6 +300,9 @@ pub struct RunReport<D = ()> {
     pub host_cpus: Vec<u64>,
     /// Where the end-of-run screenshot was written.
     pub screenshot: Option<std::path::PathBuf>,
+    /// The swap counters at the end (pages swapped out and in, clock
+    /// passes...), when guest memory was swappable.
+    pub swap: Option<vmspace::SwapStats>,
 }
 
 impl<D> RunReport<D> {
@@ -371,15 +401,37 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
     let rt_bytes = (runtime::ROM_PAGES + cfg.vcpus as u64 * runtime::DATA_PAGES) * PAGE
         + cfg.vcpus as u64 * runtime::ledger_bytes(npages);
     let table_bytes = (cfg.mem_bytes / 512 + (8 << 20)).next_multiple_of(PAGE);
+    let need = cfg.mem_bytes + rt_bytes + (1 << 20);
+    let (reservoir_bytes, swapping) = match cfg.reservoir {
+        Some(r) if r < need => {
+            let min = rt_bytes + (1 << 20) + MIN_SWAP_FRAMES * PAGE;
+            if r < min || !r.is_multiple_of(PAGE) {
+                return Err(setup(format!(
+                    "a reservoir smaller than guest memory must be a multiple of 4 KiB and at least {} KiB \
+                     (the runtime and {MIN_SWAP_FRAMES} frames)",
+                    min >> 10
+                )));
+            }
+            (r, true)
+        }
+        Some(r) => (r, false),
+        None => (need, false),
+    };
     let be = host.create_memory(&MemorySpec {
-        reservoir_bytes: cfg.mem_bytes + rt_bytes + (1 << 20),
+        reservoir_bytes,
         table_bytes,
         fault_around: cfg.fault_around,
         name: cfg.name.clone(),
         mode,
         zap_threshold: cfg.zap_threshold,
     })?;
-    crate::host::map_ram(be.vm(), ram_base, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
+    if swapping {
+        let dir = cfg.swap_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let file = vmspace::swap_file_in(&dir).map_err(|e| setup(format!("swap file in {}: {e}", dir.display())))?;
+        crate::host::map_swappable_ram(be.vm(), ram_base, cfg.mem_bytes, Prot::READ | Prot::WRITE, file)?;
+    } else {
+        crate::host::map_ram(be.vm(), ram_base, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
+    }
     crate::host::install_runtime(be.vm(), cfg.vcpus, npages)?;
     let mut m = crate::host::machine(host, &be, mode, cfg.vcpus)?;
     m.flush |= cfg.force_flush;
@@ -451,6 +503,9 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
             if now >= end || m.control.finished() > 0 || stop_requested() {
                 break;
             }
+            if swapping {
+                swap_step(be.vm())?;
+            }
             if now >= next_round && (rounds.len() as u32) < cfg.rounds {
                 rounds.push(harvest_round(m)?);
                 if cfg.snapshot && snapshot.is_none() {
@@ -506,6 +561,15 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
     // Replay each vCPU (in parallel) and compare memory with the image.
     let ops: Vec<u64> = (0..cfg.vcpus).map(|i| m.param(i, P_OPS)).collect();
     let be2: &dyn MemBackend = &*be;
+    // Swappable RAM is read through its object: swapped-out pages have
+    // no leaf (and no host pointer), their contents are in the swap file.
+    let ram_obj = if swapping {
+        let mi = be.vm().space().mapping_at(ram_base).ok_or_else(|| setup("guest RAM is not mapped"))?;
+        Some((mi.object, mi.gpa.0, mi.offset))
+    } else {
+        None
+    };
+    let ram_obj = ram_obj.as_ref();
     let vcpus: Vec<VcpuReport> = std::thread::scope(|s| {
         let hs: Vec<_> = specs
             .iter()
@@ -520,7 +584,7 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
                         let gpa = spec.base + p * PAGE;
                         let b = (p * USED_WORDS) as usize;
                         let expect = &img[b..b + USED_WORDS as usize];
-                        let ok = match read_guest_words(be2, gpa, &mut words) {
+                        let ok = match read_ram_words(be2, ram_obj, gpa, &mut words) {
                             Some(()) => words[..] == *expect,
                             // Not resident: never written, reads as zero.
                             None => expect.iter().all(|&w| w == 0),
@@ -574,6 +638,7 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
         name: be.vm().name().to_string(),
         host_cpus: m.stats.iter().map(|s| s.host_cpu.load(Ordering::Relaxed)).collect(),
         screenshot,
+        swap: swapping.then(|| be.vm().space().swap_stats()),
         detection: if cfg.mode_override.is_none() { host.probe() } else { None },
         mode,
         elapsed,
@@ -599,6 +664,38 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
             None
         },
     })
+}
+
+/// The swapper's step, run by the coordinating thread every few
+/// milliseconds: when the reservoir's free frames fall below a low-water
+/// mark (1/16 of it, at least 64 frames), swap out cold pages until twice
+/// the mark is free.
+fn swap_step<P: nested_pt::TablePages + Send + Sync + 'static>(vm: &crate::Vm<P>) -> Result<()> {
+    let st = vm.ram_stats();
+    let low = (st.limit / PAGE / 16).max(64);
+    let free = st.free / PAGE;
+    if free < low {
+        vm.space().swap_out(2 * low - free).map_err(|e| setup(format!("swap out: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Reads `out.len()` words of guest RAM at `gpa` (inside one page): through
+/// the RAM object `(object, start gpa, offset)` when it is swappable, else
+/// through the backend's host view (`None`: the page is not resident).
+fn read_ram_words(
+    be: &dyn MemBackend,
+    ram: Option<&(Arc<vmspace::VmObject>, u64, u64)>,
+    gpa: u64,
+    out: &mut [u64],
+) -> Option<()> {
+    let Some((object, start, offset)) = ram else { return read_guest_words(be, gpa, out) };
+    let mut bytes = vec![0u8; out.len() * 8];
+    object.read(offset + gpa.checked_sub(*start)?, &mut bytes).ok()?;
+    for (w, b) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+        *w = u64::from_le_bytes(b.try_into().ok()?);
+    }
+    Some(())
 }
 
 type Devices<P> = crate::platform::PlatformDevices<P>;

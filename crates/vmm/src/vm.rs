@@ -259,6 +259,45 @@ impl<P: TablePages + Send + Sync> Vm<P> {
         Ok(())
     }
 
+    /// Allocates segment `id` as *swappable* system memory of `len` bytes
+    /// (`vmspace::VmObject::swappable`): its pages take reservoir frames
+    /// when first touched, may be swapped out to `swap` (a file of ours,
+    /// e.g. `vmspace::swap_file_in`) by [`VmSpace::swap_out`] or by a fault
+    /// that finds the reservoir exhausted, and come back on the next
+    /// access, so the segment may be larger than the reservoir. It is
+    /// [`SegmentKind::SysMem`] otherwise. Refused as
+    /// [`Vm::alloc_segment`], and while memory is wired or a DMA mirror is
+    /// attached ([`Error::Backend`]: a device's DMA cannot follow pages
+    /// that move).
+    pub fn alloc_swappable_segment(&self, id: u32, len: u64, swap: std::fs::File) -> Result<()> {
+        if id >= MAX_SEGMENTS {
+            return Err(Error::BadSegmentId(id));
+        }
+        if len == 0 || !len.is_multiple_of(PAGE) || len > isize::MAX as u64 {
+            return Err(Error::BadLength);
+        }
+        let mut st = self.state();
+        if st.segments.contains_key(&id) {
+            return Err(Error::DuplicateSegment(id));
+        }
+        if st.wired || st.mirror.is_some() {
+            return Err(Error::Backend("swappable memory cannot be wired or DMA-mirrored".into()));
+        }
+        let object = VmObject::swappable(self.ram.clone(), len, swap)?;
+        st.segments.insert(id, Segment { len, kind: SegmentKind::SysMem, object, node: None, shadow: None });
+        Ok(())
+    }
+
+    /// The accounting of the system-memory reservoir.
+    pub fn ram_stats(&self) -> vmspace::ReservoirStats {
+        self.ram.stats()
+    }
+
+    /// Whether any segment is swappable system memory.
+    fn has_swappable(st: &State) -> bool {
+        st.segments.values().any(|s| s.object.is_swappable())
+    }
+
     /// A copy of device memory for the harvest's comparison, while dirty
     /// tracking is on.
     fn devmem_shadow(&self, object: &VmObject, node: &Option<Arc<DevMemReservoir>>) -> Option<Vec<u8>> {
@@ -389,13 +428,18 @@ impl<P: TablePages + Send + Sync> Vm<P> {
 
     /// Wires system memory (bhyve's `vm_assign_pptdev` wiring the guest):
     /// every system-memory mapping is made resident now, and every later
-    /// one when it is mapped, so a device's DMA never needs a fault. There
-    /// is no swapping yet, so resident pages stay resident until unmapped.
-    /// On an error (the reservoir ran out) the VM is left unwired.
+    /// one when it is mapped, so a device's DMA never needs a fault.
+    /// Resident pages of plain system memory stay resident until unmapped;
+    /// a VM with swappable memory ([`Vm::alloc_swappable_segment`]) is
+    /// refused ([`Error::Backend`]). On an error (the reservoir ran out)
+    /// the VM is left unwired.
     pub fn wire_memory(&self) -> Result<()> {
         let mut st = self.state();
         if st.wired {
             return Ok(());
+        }
+        if Self::has_swappable(&st) {
+            return Err(Error::Backend("swappable memory cannot be wired".into()));
         }
         for m in st.maps.values() {
             if st.segments.get(&m.segment).is_some_and(|s| s.kind == SegmentKind::SysMem) {
@@ -420,6 +464,9 @@ impl<P: TablePages + Send + Sync> Vm<P> {
         let mut st = self.state();
         if st.mirror.is_some() {
             return Err(Error::Backend("a DMA mirror is attached already".into()));
+        }
+        if Self::has_swappable(&st) {
+            return Err(Error::Backend("swappable memory cannot be DMA-mirrored".into()));
         }
         let mut done: Vec<(u64, u64)> = Vec::new();
         for m in st.maps.values() {
@@ -504,12 +551,17 @@ impl<P: TablePages + Send + Sync> Vm<P> {
         if !(offset <= s.len && n <= s.len - offset) {
             return Err(Error::OutsideSegment);
         }
-        s.for_each_host_piece(&self.ram, offset, n, |host, at, len| {
-            // SAFETY: `host` points at `len` bytes inside one host page of
-            // the segment's object, which lives (we hold it); a raw copy
-            // from a host buffer, no reference over guest memory.
-            unsafe { std::ptr::copy_nonoverlapping(src[at..].as_ptr(), host, len) };
-        });
+        if s.object.is_swappable() {
+            // Resident pages in their frames, the others in the swap file.
+            s.object.write(offset, src)?;
+        } else {
+            s.for_each_host_piece(&self.ram, offset, n, |host, at, len| {
+                // SAFETY: `host` points at `len` bytes inside one host page of
+                // the segment's object, which lives (we hold it); a raw copy
+                // from a host buffer, no reference over guest memory.
+                unsafe { std::ptr::copy_nonoverlapping(src[at..].as_ptr(), host, len) };
+            });
+        }
         if n > 0 && self.space.dirty_tracking() {
             self.mark_segment_dirty(&st, id, offset, n)?;
         }
@@ -523,6 +575,9 @@ impl<P: TablePages + Send + Sync> Vm<P> {
         let n = dst.len() as u64;
         if !(offset <= s.len && n <= s.len - offset) {
             return Err(Error::OutsideSegment);
+        }
+        if s.object.is_swappable() {
+            return Ok(s.object.read(offset, dst)?);
         }
         s.for_each_host_piece(&self.ram, offset, n, |host, at, len| {
             // SAFETY: as in `write_segment`, copying out.

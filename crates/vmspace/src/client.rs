@@ -399,6 +399,14 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         let (slot, e) = match self.leaf_slot(d, gpa).and_then(|s| Some((s, present(s)?))) {
             Some(found) => found,
             None => {
+                // A swappable object's page may have no frame yet (never
+                // touched, or swapped out): it gets one first, so that
+                // the mapping below finds it (its neighbours are mapped
+                // only if already resident). No swapper runs meanwhile:
+                // it holds every client while it clears leaves.
+                if let Some(sw) = object.swap() {
+                    sw.ensure_resident((c.offset.get() + (gpa - c.start.get())) / PAGE_SIZE)?;
+                }
                 // Fault-around: an aligned window inside the mapping.
                 let w = self.space.fault_around * PAGE_SIZE;
                 let lo = (gpa & !(w - 1)).max(c.start.get());
@@ -462,8 +470,16 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             return Err(Invalid::BadProt.into());
         }
         let gpa = gpa & !(PAGE_SIZE - 1);
-        let s = self.snap();
-        self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false, &s).map(|_| ())))
+        let mut tries = 0;
+        loop {
+            let s = self.snap();
+            match self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false, &s).map(|_| ()))) {
+                // A swappable page found the reservoir exhausted: reclaim
+                // outside the active section, then try again.
+                Err(Error::ReservoirFull) if self.space.reclaim_after_full(&mut tries) => continue,
+                r => return r,
+            }
+        }
     }
 
     /// Hold the page at `gpa` (4 KiB aligned) for `prot` (read and/or
@@ -483,15 +499,23 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         if !prot.intersects(Prot::READ | Prot::WRITE) || prot.contains(Prot::EXEC) {
             return Err(Invalid::BadProt.into());
         }
-        let s = self.snap();
-        let (found, host, seq, slot) = self.active(|| {
-            let f = self.data(|d| self.lookup_map(d, gpa, prot, true, &s))?;
-            let host = f.host.ok_or(Error::NoHostView)?;
-            // Counted while active, so an unmap (which waits for us) sees it.
-            let seq = self.space.unmap_seq.load(Relaxed);
-            let slot = self.shared.hold_taken(gpa, seq);
-            Ok((f, host, seq, slot))
-        })?;
+        let mut tries = 0;
+        let (found, host, seq, slot) = loop {
+            let s = self.snap();
+            let r = self.active(|| {
+                let f = self.data(|d| self.lookup_map(d, gpa, prot, true, &s))?;
+                let host = f.host.ok_or(Error::NoHostView)?;
+                // Counted while active, so an unmap (which waits for us) sees it.
+                let seq = self.space.unmap_seq.load(Relaxed);
+                let slot = self.shared.hold_taken(gpa, seq);
+                Ok((f, host, seq, slot))
+            });
+            match r {
+                // As in `fault`: reclaim outside the active section.
+                Err(Error::ReservoirFull) if self.space.reclaim_after_full(&mut tries) => continue,
+                r => break r?,
+            }
+        };
         Ok(PageHold {
             client: self,
             gpa,

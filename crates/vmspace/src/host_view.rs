@@ -107,7 +107,14 @@ impl VmObject {
     ///
     /// The copy is not atomic: the guest or another thread writing the
     /// range meanwhile may leave a mix of old and new bytes in `dst`.
+    ///
+    /// For a swappable object, resident pages are read from their frames,
+    /// swapped-out pages from the swap file and never-touched pages as
+    /// zero; nothing is swapped in.
     pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        if let Some(s) = self.swap() {
+            return s.read(self.size(), offset, dst);
+        }
         let base = dst.as_mut_ptr();
         self.for_each_piece(offset, dst.len(), |host, done, n| {
             // SAFETY: `host..host+n` is inside one page of the object's
@@ -128,7 +135,13 @@ impl VmObject {
     /// reported with [`DirtyOp::Set`](crate::DirtyOp::Set) on the
     /// mappings of the pages written. Use it to load images before a
     /// guest runs, or on objects no mapping tracks.
+    ///
+    /// For a swappable object, pages that are not resident are written in
+    /// the swap file (nothing is swapped in).
     pub fn write(&self, offset: u64, src: &[u8]) -> Result<()> {
+        if let Some(s) = self.swap() {
+            return s.write(self.size(), offset, src);
+        }
         let base = src.as_ptr();
         self.for_each_piece(offset, src.len(), |host, done, n| {
             // SAFETY: as in `read`, in the other direction.

@@ -18,6 +18,17 @@
 //! bumps the generation and tells every client (without holding any), one
 //! that clears none, a `Get` and a `Set` invalidate nothing.
 //!
+//! Guest RAM may be *swappable* ([`VmObject::swappable`], with `std`): its
+//! pages get reservoir frames lazily, on first touch, so the object may be
+//! larger than its reservoir; cold pages, chosen by an accessed-bit clock,
+//! are written to a swap file and their frames freed
+//! ([`VmSpace::swap_out`], or a fault that finds the reservoir
+//! exhausted), and the next access swaps them back in. Dirty state
+//! survives swapping (a swapped-out dirty page is reported by the next
+//! harvest; a page swapped in and not written since is not). The design
+//! (per-page slot states, the four steps of a swap-out, pinning by holds)
+//! is in `swap.rs`'s module doc; counters in [`SwapStats`].
+//!
 //! # Example
 //!
 //! A 1 GiB space with 1 MiB of RAM at guest-physical 0, a vCPU client
@@ -63,7 +74,10 @@
 //!
 //! - Mappings never overlap and end below the space's size; every leaf
 //!   present in the table lies inside a mapping and maps the frame the
-//!   mapping's object has at that offset, with the mapping's protection.
+//!   mapping's object has at that offset, with the mapping's protection
+//!   (for a swappable object: only a resident page has a frame and a
+//!   leaf; a page leaves that state only while every client is held and
+//!   its leaves are cleared before its frame is freed).
 //! - `resident_count` is the number of present leaves.
 //! - A [`PageHold`] keeps its object alive: if its mapping is unmapped, the
 //!   unmap first hands the client a reference to the object (*retires* it),
@@ -81,12 +95,16 @@
 //! # Locking and concurrency
 //!
 //! Administrative operations (`map`, `unmap`, `populate`, dirty operations,
-//! tracking switch, destroy) serialize on the space lock. The data path
-//! (hold, fault, release) never takes it: it goes through a per-client
+//! tracking switch, swap-out, destroy) serialize on the space lock. The
+//! data path (hold, fault, release) never takes it (a fault or hold that
+//! finds the reservoir exhausted for a swappable page leaves the data path
+//! and reclaims as an administrative operation, then tries again; a
+//! swap-in reads the swap file inside the active section, without the
+//! space lock): it goes through a per-client
 //! `active` word and a per-client state word (see `protocol.rs`). A change
 //! that alters the mapping map or the table structure (map, unmap,
-//! tracking switch, destroy) first *holds* every client (setting `HOLD`,
-//! then waiting for an operation in flight to finish), makes the change,
+//! tracking switch, destroy, and the leaf-clearing step of a swap-out)
+//! first *holds* every client (setting `HOLD`, then waiting for an operation in flight to finish), makes the change,
 //! and releases them; an operation that arrives meanwhile sleeps on its
 //! client's lock. `populate` and the dirty operations hold no client:
 //! they only change leaf entries atomically, so holds and faults of every
@@ -161,7 +179,10 @@
 //! stable-Rust fuzz run against the same reference model
 //! (`tests/fuzz.rs`; longer by hand: `FUZZ_SECONDS=600 cargo test -p
 //! vmspace --release --test fuzz -- --nocapture`, which prints ops/s) and
-//! the multi-threaded stress tests (`tests/stress.rs`).
+//! the multi-threaded stress tests (`tests/stress.rs`); `tests/swap.rs`
+//! covers swapping (lazy backing, the clock, pinning, dirty state across
+//! swapping, the data path racing the swapper, kicks before frames are
+//! freed).
 //! `RUSTFLAGS="--cfg loom" cargo test -p vmspace --test loom --release`
 //! model-checks the protocol. `cargo bench -p vmspace --bench vmspace --
 //! --warm-up-time 1 --measurement-time 3` runs the criterion benchmarks
@@ -175,6 +196,10 @@
 //!   checked against the format's width at `map`
 //!   ([`Invalid::FrameOutOfRange`]), so populate, fault-around and
 //!   `DirtyOp::Set` never stop half way, and `resident_count` is exact.
+//! - Swappable objects: see `swap.rs` for their gaps (4 KiB leaves only,
+//!   the swap-in's file read inside the active section, the clock seeing
+//!   only mapped pages). [`VmObject::frame_runs`] of a swappable object
+//!   stops at its first page without a frame.
 //! - Only 4 KiB leaves are mapped (nested-pt supports large leaves, but
 //!   promotion/demotion is not there yet, and objects are not required to
 //!   be physically contiguous).
@@ -209,6 +234,11 @@ mod object;
 mod protocol;
 mod reservoir;
 mod space;
+#[cfg(feature = "std")]
+mod swap;
+#[cfg(not(feature = "std"))]
+#[path = "swap_none.rs"]
+mod swap;
 mod sync;
 mod view;
 
@@ -220,6 +250,8 @@ pub use reservoir::{Arena, HeapReservoir, Reservoir, ReservoirStats};
 #[cfg(feature = "std")]
 pub use reservoir::{HostView, MemfdReservoir};
 pub use space::{Cause, DirtyOp, Invalidation, MappingInfo, SpaceConfig, VmSpace};
+#[cfg(feature = "std")]
+pub use swap::{SwapStats, swap_file_in};
 #[cfg(any(loom, feature = "std"))]
 pub use sync::StdLock;
 pub use sync::{DefaultLock, RawLock, SpinLock};

@@ -11,8 +11,18 @@ use crate::reservoir::{Arena, Reservoir};
 use alloc::sync::Arc;
 
 enum Backing {
-    Ram { reservoir: alloc::sync::Arc<dyn Reservoir>, arena: Arena, frames: Box<[Pfn]> },
-    Mmio { base: Pfn, host: Option<NonNull<u8>> },
+    Ram {
+        reservoir: alloc::sync::Arc<dyn Reservoir>,
+        arena: Arena,
+        frames: Box<[Pfn]>,
+    },
+    Mmio {
+        base: Pfn,
+        host: Option<NonNull<u8>>,
+    },
+    /// Lazily backed, swappable RAM (see `swap.rs`).
+    #[cfg(feature = "std")]
+    Swap(Box<crate::swap::Swap>),
 }
 
 /// A memory object: guest RAM from a [`Reservoir`] (write-back), or a fixed
@@ -101,9 +111,35 @@ impl VmObject {
         self.mem_type
     }
 
-    /// Whether the object is reservoir RAM.
+    /// Whether the object is reservoir RAM (swappable RAM included).
     pub fn is_ram(&self) -> bool {
-        matches!(self.backing, Backing::Ram { .. })
+        match self.backing {
+            Backing::Ram { .. } => true,
+            #[cfg(feature = "std")]
+            Backing::Swap(_) => true,
+            Backing::Mmio { .. } => false,
+        }
+    }
+
+    /// The swap state of a swappable object.
+    #[cfg(feature = "std")]
+    pub(crate) fn swap(&self) -> Option<&crate::swap::Swap> {
+        match &self.backing {
+            Backing::Swap(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The swap state of a swappable object (`None` without `std`).
+    #[cfg(not(feature = "std"))]
+    pub(crate) fn swap(&self) -> Option<&crate::swap::Swap> {
+        None
+    }
+
+    /// A swappable RAM object (see [`VmObject::swappable`]).
+    #[cfg(feature = "std")]
+    pub(crate) fn from_swap(size: u64, swap: crate::swap::Swap) -> Arc<Self> {
+        Arc::new(VmObject { size, mem_type: MemType::WriteBack, backing: Backing::Swap(Box::new(swap)) })
     }
 
     /// The frame holding byte `offset`, or `None` past the end.
@@ -116,6 +152,8 @@ impl VmObject {
         match &self.backing {
             Backing::Ram { frames, .. } => frames.get(page as usize).copied(),
             Backing::Mmio { base, .. } => Some(Pfn(base.0 + page)),
+            #[cfg(feature = "std")]
+            Backing::Swap(s) => s.frame(page),
         }
     }
 
@@ -132,6 +170,9 @@ impl VmObject {
             }
             // `base + size / 4096` does not overflow (checked at creation).
             Backing::Mmio { base, .. } => base.0 + ((offset + len) / PAGE_SIZE) <= limit,
+            // Any frame of the arena may back any page later.
+            #[cfg(feature = "std")]
+            Backing::Swap(s) => s.frames_below(limit),
         }
     }
 
@@ -145,6 +186,11 @@ impl VmObject {
         match &self.backing {
             Backing::Ram { arena, .. } => Some((arena.frame_base, arena.pages(), arena.host)),
             Backing::Mmio { base, host } => host.map(|h| (*base, self.size / PAGE_SIZE, h)),
+            #[cfg(feature = "std")]
+            Backing::Swap(s) => {
+                let arena = s.arena();
+                Some((arena.frame_base, arena.pages(), arena.host))
+            }
         }
     }
 }

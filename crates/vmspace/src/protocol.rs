@@ -347,6 +347,18 @@ impl<L: RawLock> ClientShared<L> {
         false
     }
 
+    /// Whether an outstanding hold of this client is on page `gpa` (of
+    /// any mapping); the swapper asks, with the client held, to leave
+    /// held pages alone.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    pub(crate) fn holds_page(&self, gpa: u64) -> bool {
+        if self.outstanding.load(Acquire) == 0 {
+            return false;
+        }
+        let _g = Guard::new(&self.lock);
+        self.holds_in(gpa, gpa.saturating_add(crate::PAGE_SIZE), 0, u64::MAX)
+    }
+
     /// Drop the retired objects no outstanding hold needs any more (none
     /// when no hold is left); under the lock. Returns them, to be dropped
     /// outside it.

@@ -93,6 +93,8 @@ pub struct Invalidation<'a> {
     /// address order, so that a host can drop exactly the translations
     /// that still allow writes without setting the bit. `None` when they
     /// were not collected: then any page of the range may have changed.
+    /// For [`Cause::Swap`]: the frames evicted and those whose accessed
+    /// bit the clock cleared (always collected).
     pub cleared: Option<&'a [Pfn]>,
 }
 
@@ -116,6 +118,11 @@ pub enum Cause<'a> {
     /// Dirty tracking was switched on or off (the whole space; the root
     /// pointer may have changed).
     Tracking,
+    /// The swapper ([`VmSpace::swap_out`]) cleared leaves of pages it
+    /// swaps out, or accessed bits of pages it spared for a pass: their
+    /// frames are in [`Invalidation::cleared`] (the evicted frames are
+    /// freed once every client was told). Told without the client held.
+    Swap,
 }
 
 /// Dirty-bitmap operations (bhyve's live-migration additions).
@@ -189,17 +196,17 @@ impl<T> core::ops::Deref for Padded<T> {
 pub(crate) struct Admin<L> {
     pub(crate) clients: BTreeMap<u64, Arc<ClientShared<L>>>,
     next_id: u64,
-    destroyed: bool,
+    pub(crate) destroyed: bool,
     /// A hook's panic during the current change.
     hooks: PanicSlot,
 }
 
 /// Every client held by an administrative change: released when dropped,
 /// so that no exit path (an error, a hook's panic) leaves one held.
-struct HeldAll<'a, L: RawLock>(&'a Admin<L>);
+pub(crate) struct HeldAll<'a, L: RawLock>(pub(crate) &'a Admin<L>);
 
 impl<'a, L: RawLock> HeldAll<'a, L> {
-    fn new(a: &'a Admin<L>) -> Self {
+    pub(crate) fn new(a: &'a Admin<L>) -> Self {
         a.hold_all();
         HeldAll(a)
     }
@@ -287,7 +294,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
 
     /// Run `f` with the space lock and the registry.
     /// A hook's panic during `f` is propagated after the lock is dropped.
-    fn locked<R>(&self, f: impl FnOnce(&mut Admin<L>) -> R) -> R {
+    pub(crate) fn locked<R>(&self, f: impl FnOnce(&mut Admin<L>) -> R) -> R {
         let (r, panic) = {
             let _g = Guard::new(&self.lock);
             // SAFETY: the registry is only reached here, under the lock.
@@ -362,7 +369,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         Ok(n)
     }
 
-    fn bump_gen_and_invalidate(
+    pub(crate) fn bump_gen_and_invalidate(
         &self,
         a: &Admin<L>,
         gpa: u64,
@@ -533,7 +540,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
 
     /// Refuse a change that waits for vCPUs when the calling thread is
     /// itself in guest context on a client of this space.
-    fn check_not_on_cpu(&self) -> Result<()> {
+    pub(crate) fn check_not_on_cpu(&self) -> Result<()> {
         if on_cpu::holds(&*self.inner as *const Inner<P, L> as usize) {
             return Err(Error::SelfDeadlock);
         }
@@ -910,6 +917,10 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                     (DirtyOp::Set, sel) => Ok(self.set_dirty(d, gpa, len, sel, bitmap)),
                 })
             }?;
+            // Swappable objects keep the dirty state of swapped-out pages
+            // beside the table (see `swap.rs`): merged in, counted once.
+            // SAFETY: lock held; shared access.
+            let swapped = unsafe { inner.with_data(|d| crate::swap::merge_dirty(d, op, gpa, len, select, bitmap)) };
             // Only cleared bits need an invalidation: `Get` changes
             // nothing, and `Set` only adds leaves and sets bits, which a
             // cached translation cannot contradict (a vCPU that cached a
@@ -929,7 +940,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 let cleared = frames.as_deref().map(|f| &f[first_frame..]);
                 inner.bump_gen_and_invalidate(a, gpa, len, Cause::Dirty, false, cleared);
             }
-            Ok(n)
+            Ok(n + swapped)
         })
     }
 
