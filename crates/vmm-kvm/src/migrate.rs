@@ -58,7 +58,7 @@ use crate::workload::{Mode, Replay, Spec, checksum};
 use nested_pt::Prot;
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use vmm::migration::vm::VmMemory;
 use vmm::migration::{
@@ -403,13 +403,24 @@ impl Guest {
                     && now >= start + *after
                 {
                     let mut src = KvmSource { core: &mut *core, machine: m, paused: false, cache: Vec::new() };
-                    let r = vmm::migration::migrate_tcp(
-                        &mut src,
-                        stream,
-                        config,
-                        Some(Duration::from_secs(60)),
-                        &mut **progress,
-                    );
+                    let ticking = AtomicBool::new(true);
+                    let r = std::thread::scope(|s| {
+                        // Auto-converge's throttle acts at exits: kick every
+                        // slice while a throttle is set.
+                        s.spawn(|| throttle_ticker(m, &ticking));
+                        let r = vmm::migration::migrate_tcp(
+                            &mut src,
+                            stream,
+                            config,
+                            Some(Duration::from_secs(60)),
+                            &mut **progress,
+                        );
+                        ticking.store(false, Ordering::SeqCst);
+                        r
+                    });
+                    // The engine lifted it on failure; after success the
+                    // vCPUs leave. Lifted either way.
+                    m.control.set_throttle(0);
                     *plan = None;
                     match r {
                         Ok(s) => {
@@ -572,6 +583,20 @@ impl Core {
     }
 }
 
+/// Kicks every vCPU each [`vmm::machine::THROTTLE_SLICE`] while the
+/// machine's throttle is set, until `ticking` is cleared: a vCPU notices
+/// its throttle at an exit, and a guest that rarely exits would not.
+fn throttle_ticker(m: &Machine, ticking: &AtomicBool) {
+    while ticking.load(Ordering::SeqCst) {
+        if m.control.throttle() > 0 {
+            for k in m.kick_handles() {
+                k.kick();
+            }
+        }
+        std::thread::sleep(vmm::machine::THROTTLE_SLICE);
+    }
+}
+
 /// A running [`Guest`] as the engine's source (module doc).
 pub struct KvmSource<'a> {
     core: &'a mut Core,
@@ -625,6 +650,11 @@ impl MigrationSource for KvmSource<'_> {
 
     fn set_dirty(&mut self, range: &MemRange, bitmap: &[u64]) -> std::result::Result<(), HostError> {
         self.core.mem.set_dirty(range, bitmap)
+    }
+
+    fn throttle(&mut self, pct: u8) -> std::result::Result<(), HostError> {
+        self.machine.control.set_throttle(pct);
+        Ok(())
     }
 
     fn pause(&mut self) -> std::result::Result<(), HostError> {
@@ -802,6 +832,8 @@ impl Guest {
 pub struct BenchCase {
     /// Percentage of the guest's random operations that write.
     pub write_pct: u32,
+    /// Which repetition of the case (0-based).
+    pub run: u32,
     /// The engine's summary.
     pub summary: MigrationSummary,
     /// The target's checks passed (ledger rounds, replay, checksums).
@@ -914,13 +946,16 @@ pub fn loaded_copy(cfg: &GuestConfig, bytes: u64, batch: usize, warmup: Duration
 }
 
 /// Migrates a guest of `cfg` (its `write_pct` replaced by each of
-/// `write_pcts`) over loopback after `warmup`, once per write percentage,
+/// `write_pcts`) over loopback after `warmup`, `runs` times per write
+/// percentage (the percentages interleaved: every one once, then again),
 /// with the target checking the guest for `check_time` after it resumed;
 /// plain copies of the guest's size over loopback before, between and
 /// after the cases.
+#[allow(clippy::too_many_arguments)]
 pub fn bench(
     cfg: &GuestConfig,
     write_pcts: &[u32],
+    runs: u32,
     source: &SourceConfig,
     warmup: Duration,
     check_time: Duration,
@@ -929,7 +964,8 @@ pub fn bench(
     let guest_bytes = Guest::new(cfg, true)?.memory_bytes();
     let mut rep =
         BenchReport { guest_bytes, plain_copy: vec![plain_copy(guest_bytes, source.batch_bytes)?], cases: Vec::new() };
-    for &pct in write_pcts {
+    let order: Vec<(u32, u32)> = (0..runs.max(1)).flat_map(|r| write_pcts.iter().map(move |&p| (r, p))).collect();
+    for (run, pct) in order {
         let c = GuestConfig { write_pct: pct, ..cfg.clone() };
         let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| KvmError::Os("bind", e))?;
         let addr = l.local_addr().map_err(|e| KvmError::Os("bind", e))?;
@@ -961,6 +997,7 @@ pub fn bench(
             match out {
                 SourceOutcome::Migrated(summary, r) => Ok(BenchCase {
                     write_pct: pct,
+                    run,
                     summary,
                     target_ok: target_ok && r.ok(),
                     target,
