@@ -27,6 +27,18 @@
 //! `vmm::migration`), and the summary and JSON give the highest throttle
 //! reached (`max_throttle_pct`).
 //!
+//! On command instead of after a delay:
+//!
+//! ```text
+//! source$ vmm run --vcpus 2 --mem 1G --duration 60s --name web --migratable
+//! source$ vmm migrate web HOST:4444
+//! ```
+//!
+//! `vmm migrate` asks the running VM over its control socket and prints
+//! its answer when the attempt ended (`migrated: ` and the figures, or
+//! `error: ` and why; a failed attempt leaves the guest running there,
+//! and it may be asked again).
+//!
 //! A migrating run has no framebuffer (device models are not migrated).
 
 use crate::{VcpuJson, parse_duration, parse_rounds};
@@ -67,12 +79,17 @@ pub struct MigrationArgs {
     /// default (as in QEMU): pre-copy then stops at --max-rounds.
     #[arg(long)]
     pub auto_converge: bool,
+    /// Run the guest for --duration ready to migrate on command: `vmm
+    /// migrate NAME ADDR` (NAME from --name) asks it, over its control
+    /// socket, to migrate to the target listening on ADDR.
+    #[arg(long, conflicts_with_all = ["incoming", "migrate_to", "screenshot"])]
+    pub migratable: bool,
 }
 
 impl MigrationArgs {
     /// Whether the run migrates (in or out).
     pub fn active(&self) -> bool {
-        self.incoming.is_some() || self.migrate_to.is_some()
+        self.incoming.is_some() || self.migrate_to.is_some() || self.migratable
     }
 }
 
@@ -285,20 +302,52 @@ pub fn migrate_to(m: &Machine, a: &MigrationArgs, to: &str) -> ExitCode {
         eprintln!("vmm run: --migrate-after must be shorter than --duration");
         return ExitCode::from(2);
     }
+    source(m, a, Some(to))
+}
+
+/// `vmm run --migratable`: migrates when `vmm migrate NAME ADDR` asks.
+pub fn migratable(m: &Machine, a: &MigrationArgs) -> ExitCode {
+    source(m, a, None)
+}
+
+/// `vmm migrate NAME ADDR`: asks the running `vmm run --migratable
+/// --name NAME` to migrate to ADDR, and prints its answer when the
+/// attempt ended. Exit status 0 when it migrated, 3 when the attempt
+/// failed (the guest keeps running there), 1 when the VM cannot be asked.
+pub fn command(name: &str, to: &str) -> ExitCode {
+    match vmm::control::request_with_timeout(name, &format!("migrate {to}"), Duration::from_secs(3600)) {
+        Ok(answer) => {
+            out!("{}", answer.trim_end());
+            if answer.starts_with("migrated:") { ExitCode::SUCCESS } else { ExitCode::from(3) }
+        }
+        Err(vmm::Error::NoSuchNode) => {
+            eprintln!("vmm migrate: no running VM named {name:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("vmm migrate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A source run: migrating to `to` after --migrate-after, or on command
+/// when `to` is `None`.
+fn source(m: &Machine, a: &MigrationArgs, to: Option<&str>) -> ExitCode {
     let cfg = SourceConfig {
         downtime_limit: a.downtime_limit,
         max_rounds: a.max_rounds,
         auto_converge: a.auto_converge,
-        // One clock when the target is on this host.
-        shared_clock: addr(to).map(|x| x.ip().is_loopback()).unwrap_or(false),
+        // One clock when the target is on this host (on command: set
+        // per request).
+        shared_clock: to.and_then(|t| addr(t).ok()).is_some_and(|x| x.ip().is_loopback()),
         ..SourceConfig::default()
     };
     let mut progress = Vec::new();
     let json = m.json;
     let res = (|| -> Result<SourceOutcome, String> {
         let mut g = Guest::new(&guest_config(m), false).map_err(|e| e.to_string())?;
-        let conn = TcpStream::connect(addr(to)?).map_err(|e| format!("cannot reach the target at {to}: {e}"))?;
-        g.run_source(m.duration, m.rounds, a.migrate_after, &conn, &cfg, &mut |p: &Progress| {
+        let mut show = |p: &Progress| {
             if !json {
                 eprintln!(
                     "  round {:3}{}: sent {:8} pages, {:8} dirty remaining, {:7.1} MiB/s, dirty {:9.0} pages/s",
@@ -312,19 +361,33 @@ pub fn migrate_to(m: &Machine, a: &MigrationArgs, to: &str) -> ExitCode {
                 let _ = std::io::stderr().flush();
             }
             progress.push(p.clone());
-        })
+        };
+        match to {
+            Some(to) => {
+                let conn =
+                    TcpStream::connect(addr(to)?).map_err(|e| format!("cannot reach the target at {to}: {e}"))?;
+                g.run_source(m.duration, m.rounds, a.migrate_after, &conn, &cfg, &mut show)
+            }
+            None => {
+                if !json {
+                    eprintln!("vmm run: VM {:?} runs; `vmm migrate {} ADDR` migrates it", g.name(), g.name());
+                }
+                g.run_on_command(m.duration, m.rounds, &cfg, &mut show)
+            }
+        }
         .map_err(|e| e.to_string())
     })();
     let out = match res {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("vmm run --migrate-to: {e}");
+            eprintln!("vmm run: {e}");
             return ExitCode::FAILURE;
         }
     };
     let (summary, error, rep) = match out {
         SourceOutcome::Migrated(s, r) => (Some(s), None, r),
         SourceOutcome::Failed(e, r) => (None, Some(e.to_string()), r),
+        SourceOutcome::NotRequested(r) => (None, None, r),
     };
     if m.json {
         let j = SourceJson {

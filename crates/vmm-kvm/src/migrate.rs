@@ -149,6 +149,50 @@ pub enum SourceOutcome {
     Migrated(MigrationSummary, GuestReport),
     /// The migration failed; the guest ran to its end here.
     Failed(MigrationError, GuestReport),
+    /// No migration was asked for ([`Guest::run_on_command`]); the guest
+    /// ran to its end here.
+    NotRequested(GuestReport),
+}
+
+/// When a source migrates.
+enum When<'a> {
+    /// After this long into the run, over this connection.
+    After(Duration, &'a TcpStream),
+    /// When the control socket asks (`migrate ADDR`).
+    OnCommand(std::sync::mpsc::Receiver<Request>),
+}
+
+/// What triggered an attempt.
+enum Due<'a> {
+    Timer(&'a TcpStream),
+    Command(TcpStream),
+}
+
+/// A migration the run is to make.
+struct Plan<'a> {
+    when: When<'a>,
+    config: &'a SourceConfig,
+    progress: &'a mut dyn FnMut(&Progress),
+}
+
+/// A control request to migrate, with where its answer goes.
+struct Request {
+    addr: String,
+    reply: std::sync::mpsc::Sender<String>,
+}
+
+/// Connects to a migration target (5 s timeout per address).
+fn connect(addr: &str) -> std::result::Result<TcpStream, String> {
+    use std::net::ToSocketAddrs;
+    let addrs = addr.to_socket_addrs().map_err(|e| format!("bad address {addr:?}: {e}"))?;
+    let mut last = format!("address {addr:?} resolves to nothing");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+            Ok(c) => return Ok(c),
+            Err(e) => last = format!("cannot reach the target at {a}: {e}"),
+        }
+    }
+    Err(last)
 }
 
 /// What the source's coordinator hands back.
@@ -333,7 +377,7 @@ impl Guest {
         config: &SourceConfig,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<SourceOutcome> {
-        let mut plan = Some((migrate_after, stream, config, progress));
+        let mut plan = Some(Plan { when: When::After(migrate_after, stream), config, progress });
         let (coord, rep) = self.run_workload(duration, rounds, &mut plan)?;
         Ok(match coord {
             Coord::Migrated(s) => SourceOutcome::Migrated(s, rep),
@@ -341,6 +385,57 @@ impl Guest {
             Coord::Local(None) => {
                 return Err(KvmError::Setup("the workload ended before the migration started".into()));
             }
+        })
+    }
+
+    /// Runs the workload for `duration` with `rounds` harvest rounds,
+    /// serving the VM's control socket ([`vmm::control`], in its node
+    /// directory, reached by name): the command `migrate ADDR` connects to
+    /// the target listening on ADDR (`host:port`) and migrates the guest
+    /// there (`config`'s `shared_clock` is set when ADDR is a loopback
+    /// address). The request's answer comes when the attempt ended:
+    /// `migrated: ` and the summary's figures (`total_ms`, `downtime_ms`,
+    /// `rounds`, `converged`, `max_throttle_pct`, `bytes_sent`,
+    /// `pages_sent`, as `name value` pairs) on success (the run then ends:
+    /// the guest runs on the target), `error: ` and why on failure (the
+    /// guest keeps running here, and another `migrate` may be asked).
+    /// Returns [`SourceOutcome::NotRequested`] when the run ended without
+    /// a successful migration and none failed, [`SourceOutcome::Failed`]
+    /// with the last failure when one did.
+    pub fn run_on_command(
+        &mut self,
+        duration: Duration,
+        rounds: u32,
+        config: &SourceConfig,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<SourceOutcome> {
+        let listener = vmm::control::bind(self.core.be.segments().node_dir())
+            .map_err(|e| KvmError::Setup(format!("control socket: {e}")))?;
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
+        let stop = AtomicBool::new(false);
+        let handler = |cmd: &str| -> String {
+            let Some(addr) = cmd.strip_prefix("migrate ").map(str::trim) else {
+                return format!("error: unknown command {cmd:?} (migrate ADDR)\n");
+            };
+            let (rtx, rrx) = std::sync::mpsc::channel();
+            if tx.send(Request { addr: addr.to_string(), reply: rtx }).is_err() {
+                return "error: the VM is stopping\n".into();
+            }
+            rrx.recv().unwrap_or_else(|_| "error: the VM stopped before it could migrate\n".into())
+        };
+        let res = std::thread::scope(|s| {
+            s.spawn(|| vmm::control::serve(&listener, &stop, &handler));
+            let mut plan = Some(Plan { when: When::OnCommand(rx), config, progress });
+            let r = self.run_workload(duration, rounds, &mut plan);
+            drop(plan);
+            stop.store(true, Ordering::SeqCst);
+            r
+        });
+        let (coord, rep) = res?;
+        Ok(match coord {
+            Coord::Migrated(s) => SourceOutcome::Migrated(s, rep),
+            Coord::Local(Some(e)) => SourceOutcome::Failed(e, rep),
+            Coord::Local(None) => SourceOutcome::NotRequested(rep),
         })
     }
 
@@ -378,12 +473,11 @@ impl Guest {
         Ok(sum)
     }
 
-    #[allow(clippy::type_complexity)]
     fn run_workload(
         &mut self,
         duration: Duration,
         rounds: u32,
-        plan: &mut Option<(Duration, &TcpStream, &SourceConfig, &mut dyn FnMut(&Progress))>,
+        plan: &mut Option<Plan<'_>>,
     ) -> Result<(Coord, GuestReport)> {
         let start = Instant::now();
         let data_errors = &self.data_errors;
@@ -399,9 +493,32 @@ impl Guest {
                 if now >= end || m.control.finished() > 0 {
                     break;
                 }
-                if let Some((after, stream, config, progress)) = plan.as_mut()
-                    && now >= start + *after
+                let due = match plan.as_mut().map(|p| &mut p.when) {
+                    Some(When::After(after, stream)) if now >= start + *after => Some((Due::Timer(stream), None)),
+                    Some(When::OnCommand(rx)) => match rx.try_recv() {
+                        Ok(req) => match connect(&req.addr) {
+                            Ok(c) => Some((Due::Command(c), Some(req))),
+                            Err(e) => {
+                                let _ = req.reply.send(format!("error: {e}\n"));
+                                None
+                            }
+                        },
+                        Err(_) => None,
+                    },
+                    _ => None,
+                };
+                if let Some((due, req)) = due
+                    && let Some(Plan { config, progress, .. }) = plan.as_mut()
                 {
+                    let mut config = (*config).clone();
+                    let stream = match &due {
+                        Due::Timer(s) => *s,
+                        Due::Command(c) => {
+                            config.shared_clock = c.peer_addr().map(|a| a.ip().is_loopback()).unwrap_or(false);
+                            c
+                        }
+                    };
+                    let config = &config;
                     let mut src = KvmSource { core: &mut *core, machine: m, paused: false, cache: Vec::new() };
                     let ticking = AtomicBool::new(true);
                     let r = std::thread::scope(|s| {
@@ -421,7 +538,23 @@ impl Guest {
                     // The engine lifted it on failure; after success the
                     // vCPUs leave. Lifted either way.
                     m.control.set_throttle(0);
-                    *plan = None;
+                    if let Some(req) = req {
+                        let _ = req.reply.send(match &r {
+                            Ok(s) => format!(
+                                "migrated: total_ms {:.1} downtime_ms {:.1} rounds {} converged {} max_throttle_pct {} bytes_sent {} pages_sent {}\n",
+                                s.total_ms,
+                                s.downtime_ms,
+                                s.rounds,
+                                s.converged,
+                                s.max_throttle_pct,
+                                s.bytes_sent,
+                                s.pages_sent
+                            ),
+                            Err(e) => format!("error: migration failed: {e}; the guest keeps running here\n"),
+                        });
+                    } else {
+                        *plan = None;
+                    }
                     match r {
                         Ok(s) => {
                             core.mem.migrated_out();
@@ -1004,6 +1137,7 @@ pub fn bench(
                     loaded_copy: LoadedCopy { throughput: 0.0, under_load: false },
                 }),
                 SourceOutcome::Failed(e, _) => Err(KvmError::Setup(format!("migration at {pct}% writes failed: {e}"))),
+                SourceOutcome::NotRequested(_) => Err(KvmError::Setup("no migration was made".into())),
             }
         })?;
         let mut case = case;

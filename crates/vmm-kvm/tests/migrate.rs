@@ -490,3 +490,58 @@ fn auto_converge_throttles_a_non_converging_guest_until_it_converges() {
     assert!(on.max_throttle_pct >= 20, "converged without throttling; the test cannot tell: {on:?}");
     assert!(on.rounds <= 41);
 }
+
+/// "On command": a running guest serves its control socket; `migrate
+/// ADDR` to an address nobody listens on answers an error and the guest
+/// keeps running, then `migrate ADDR` to a target migrates it there (the
+/// answer comes when the attempt ended), and the target's checks pass.
+#[test]
+fn control_socket_command_migrates_a_running_guest() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let name = format!("migcmd-{}", std::process::id());
+    let c = GuestConfig { name: Some(name.clone()), ..cfg(2, 32 << 20) };
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // A port that refuses: bound, then closed.
+    let dead = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    std::thread::scope(|s| {
+        let tc = GuestConfig { name: Some(format!("{name}-t")), ..c.clone() };
+        let t = s.spawn(move || {
+            let mut g = Guest::new(&tc, true).expect("target");
+            let (conn, _) = listener.accept().expect("accept");
+            g.run_target(&conn, &TargetConfig::default(), Duration::from_millis(400), 2).expect("target run").1
+        });
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let src = s.spawn(move || {
+            let mut g = Guest::new(&c, false).expect("source");
+            ready_tx.send(()).expect("ready");
+            g.run_on_command(Duration::from_secs(60), 0, &SourceConfig::default(), &mut |_| {}).expect("source run")
+        });
+        ready.recv().expect("source built");
+        let ask = |cmd: &str| {
+            // The socket appears when the run starts.
+            for _ in 0..200 {
+                match vmm::control::request_with_timeout(&name, cmd, Duration::from_secs(120)) {
+                    Err(vmm::Error::NoSuchNode) => std::thread::sleep(Duration::from_millis(25)),
+                    r => return r.expect("control request"),
+                }
+            }
+            panic!("the source's control socket never appeared");
+        };
+        let bad = ask("frobnicate");
+        assert!(bad.starts_with("error: unknown command"), "{bad}");
+        let refused = ask(&format!("migrate {dead}"));
+        assert!(refused.starts_with("error:"), "migrating to a closed port: {refused}");
+        let answer = ask(&format!("migrate {addr}"));
+        assert!(answer.starts_with("migrated: "), "{answer}");
+        let SourceOutcome::Migrated(sum, rep) = src.join().expect("source thread") else {
+            panic!("the source did not migrate")
+        };
+        assert!(answer.contains(&format!("pages_sent {}", sum.pages_sent)), "{answer} vs {sum:?}");
+        assert!(sum.downtime_shared_clock, "a loopback target shares the clock");
+        assert_rounds("source", &rep);
+        assert_checks("target", &t.join().expect("target thread"));
+    });
+}
