@@ -171,6 +171,7 @@
 //!   attempt is therefore not exercised on a real VM (the segment-addressed
 //!   layout is what would keep it safe).
 
+pub mod devices;
 mod error;
 pub mod fake;
 mod source;
