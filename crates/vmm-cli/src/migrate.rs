@@ -461,8 +461,8 @@ pub enum BenchWhat {
         #[arg(long, default_value = "3", value_parser = parse_rounds, allow_hyphen_values = true)]
         runs: u32,
         /// The size of one socket write, for the migration and the plain
-        /// copies alike (bytes; K, M suffixes).
-        #[arg(long, default_value = "1M", value_parser = crate::parse_mem, allow_hyphen_values = true)]
+        /// copies alike (bytes; K, M suffixes; the engine's default).
+        #[arg(long, default_value = "256K", value_parser = crate::parse_mem, allow_hyphen_values = true)]
         batch: u64,
         /// Throttle the guest when it dirties faster than the link
         /// carries (QEMU's auto-converge).

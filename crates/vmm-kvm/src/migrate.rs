@@ -34,10 +34,21 @@
 //! replay of every operation since the guest first started (the operation
 //! counts are guest memory) against the target's memory.
 //!
+//! # Triggers and convergence
+//!
+//! A source migrates after a delay ([`Guest::run_source`]) or when its
+//! control socket asks (`migrate ADDR`, [`Guest::run_on_command`]; `vmm
+//! migrate NAME ADDR`). With [`SourceConfig::auto_converge`] the engine's
+//! throttle ([`MigrationSource::throttle`]) sets the machine's vCPU
+//! throttle, and a ticker thread kicks the vCPUs every
+//! [`vmm::machine::THROTTLE_SLICE`] while it is set, so that the vCPU loop
+//! gets to sleep its share; the throttle is lifted when the attempt ends.
+//!
 //! # Known gaps
 //!
-//! - No framebuffer or other device model is migrated (the PCI platform's
-//!   state is not serialized): a migrating guest runs without one.
+//! - No framebuffer or other device model runs in a migrating guest, so
+//!   none is migrated here (`vmm::migration::devices` carries the PCI
+//!   platform's state for a VMM that has one).
 //! - The target's resume time is taken when the engine acks, a few
 //!   milliseconds before its vCPU threads have entered the guest.
 

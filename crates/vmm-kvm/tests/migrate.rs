@@ -545,3 +545,47 @@ fn control_socket_command_migrates_a_running_guest() {
         assert_checks("target", &t.join().expect("target thread"));
     });
 }
+
+/// A migration started while the run's harvest rounds are due every
+/// 10 ms composes with them: rounds that fall due during the attempt wait
+/// for it (they run on the same coordinator thread), every harvest — the
+/// run's and the migration's — is compared with the guests' ledgers, and
+/// nothing is missed on either side.
+#[test]
+fn harvest_rounds_due_during_an_attempt_wait_and_lose_nothing() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let c = cfg(2, 32 << 20);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::scope(|s| {
+        let tc = c.clone();
+        let t = s.spawn(move || {
+            let mut g = Guest::new(&tc, true).expect("target");
+            let (conn, _) = listener.accept().expect("accept");
+            g.run_target(&conn, &TargetConfig::default(), Duration::from_millis(500), 50).expect("target run").1
+        });
+        let mut g = Guest::new(&c, false).expect("source");
+        let conn = TcpStream::connect(addr).expect("connect");
+        let mut engine_rounds = 0;
+        let out = g
+            .run_source(
+                Duration::from_secs(2),
+                199,
+                Duration::from_millis(300),
+                &conn,
+                &SourceConfig { shared_clock: true, ..Default::default() },
+                &mut |_| engine_rounds += 1,
+            )
+            .expect("source");
+        let SourceOutcome::Migrated(sum, src) = out else { panic!("migration failed: {out:?}") };
+        // The run's rounds before the attempt plus one per engine harvest.
+        assert!(src.rounds.len() >= 10, "few harvest rounds before the attempt: {}", src.rounds.len());
+        assert!(engine_rounds as usize >= 2 && src.rounds.len() > engine_rounds as usize, "{engine_rounds} {sum:?}");
+        assert_rounds("source", &src);
+        let target = t.join().expect("target thread");
+        assert!(target.rounds.len() >= 10, "the target's frequent rounds did not run");
+        assert_checks("target", &target);
+    });
+}

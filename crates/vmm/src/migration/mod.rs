@@ -50,9 +50,6 @@
 //! A guest that dirties memory faster than the link carries it never
 //! converges. Two behaviours, chosen by [`SourceConfig::auto_converge`]:
 //!
-//! The KVM source does not implement [`MigrationSource::throttle`]: its
-//! migrations use the round limit (below), and say `converged: false`.
-//!
 //! - **Default (off, as in QEMU):** pre-copy stops at
 //!   [`SourceConfig::max_rounds`] (30) and switches over anyway; the
 //!   downtime is then bounded by the dirty set (at most the guest's resident
@@ -62,7 +59,13 @@
 //!   50% of the bytes sent in it twice in a row, the engine throttles the
 //!   vCPUs ([`MigrationSource::throttle`]) to 20%, then 10% more each time
 //!   the condition holds again, at most 99%. The throttle is lifted (0%)
-//!   when the attempt fails.
+//!   when the attempt fails. The summary's `max_throttle_pct` says how far
+//!   it went. The KVM source (`vmm-kvm`'s `migrate`) implements the
+//!   throttle in the machine's vCPU loop
+//!   ([`crate::machine::Control::set_throttle`]): after each 10 ms slice a
+//!   vCPU ran, its thread sleeps `slice * pct / (100 - pct)`, and a ticker
+//!   kicks the vCPUs every slice so that a guest that rarely exits notices
+//!   (`vmm run --migrate-to ... --auto-converge`).
 //!
 //! # Stream format (version 1)
 //!
@@ -96,9 +99,10 @@
 //!
 //! The decoder never trusts a length: it checks it against the record
 //! type's bound before reading the payload, then checks the CRC. Pages are
-//! written into one batch buffer (256 KiB by default) and flushed by one
-//! `write`; the reader is buffered the same way, so a page record costs no
-//! system call.
+//! read straight into their slot of one batch buffer (256 KiB by default,
+//! allocated and zeroed once: no clearing per page, no second copy) and
+//! flushed by one `write`; the reader is buffered the same way, so a page
+//! record costs no system call.
 //!
 //! # Invariants (nothing lost)
 //!
@@ -148,6 +152,8 @@
 //! - Every page read is one `read_page` call (one copy into the batch
 //!   buffer); a source that can lend its memory directly would save it.
 //! - Throughput on the project's 2-core, shared, shadow-paging test host
+//!   (the figures below are from before the writer lost its per-page
+//!   clearing; `vmm bench migrate --runs N` now reports medians)
 //!   (`vmm bench migrate --mem 1G --write-pct 0,1,10,80 --json`, one run):
 //!   30-60% of a plain loopback copy run without a guest, 50-89% of one
 //!   run while a guest of the same configuration runs (the bench reports
@@ -166,10 +172,21 @@
 //!   a prefaulting guest is built instead (see its `populate_host_view`).
 //! - The real-VM layer ([`vm`]) cannot see a host write into a
 //!   system-memory page no mapping covers (there is no dirty bit to set).
-//! - No device model state is carried (the PCI platform, the framebuffer):
-//!   the KVM migration runs guests without them; a BAR move during an
-//!   attempt is therefore not exercised on a real VM (the segment-addressed
-//!   layout is what would keep it safe).
+//! - Device models: the PCI platform's state (every function's command
+//!   register, BARs, interrupt line, the framebuffer's mode) is a
+//!   [`devices`] blob, restored through configuration writes so that the
+//!   target maps each BAR's segment where the source had it; a BAR moved
+//!   during an attempt lands at its new place (tested on a `Vm` with a
+//!   platform, without KVM). The KVM migration still runs guests without a
+//!   platform (so `vmm run --migrate-to` has no framebuffer), and no
+//!   interrupt model (vLAPIC, vIOAPIC, vHPET, MSI) is serialized.
+//! - Harvests compose with migration by running in one place: on KVM the
+//!   run's harvest rounds and the engine's harvests are the same harvest
+//!   points on the coordinator thread (a round due during an attempt waits
+//!   for it; every migration harvest is checked against the guests'
+//!   ledgers like any round). A harvest by someone else on the same VM
+//!   during an attempt ([`vm::VmMemory::harvest_fresh`], `Vm::harvest_dirty`)
+//!   would take bits the attempt needs: nothing prevents it.
 
 pub mod devices;
 mod error;
