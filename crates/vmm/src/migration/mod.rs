@@ -152,24 +152,31 @@
 //! - Every page read is one `read_page` call (one copy into the batch
 //!   buffer); a source that can lend its memory directly would save it.
 //! - Throughput on the project's 2-core, shared, shadow-paging test host
-//!   (the figures below are from before the writer lost its per-page
-//!   clearing; `vmm bench migrate --runs N` now reports medians)
-//!   (`vmm bench migrate --mem 1G --write-pct 0,1,10,80 --json`, one run):
-//!   30-60% of a plain loopback copy run without a guest, 50-89% of one
-//!   run while a guest of the same configuration runs (the bench reports
-//!   both); the 70% target against the unloaded copy is unmet there. The
-//!   phase timings ([`SourceTimings`], [`TargetTimings`], in the summaries
-//!   and the bench's JSON) put most of the time in socket writes and reads
-//!   (both sides waiting in the kernel's loopback copy while the guest's
-//!   vCPU threads and the host's other load hold the cores); reading pages
-//!   out, zero checks, checksums and writing pages in take 0.2-0.4 s per
-//!   GiB together. What the timings found and fixed: the 0%-writes case's
-//!   17.6 s total for 1 GiB was a target populating its 1 GiB view in
-//!   `prepare` (2-4 s, the source waiting in the handshake), a bench that
-//!   connected before its target was built, and a first pass that faulted
-//!   every page of the source's host view in (0.9 s per GiB in
-//!   `read_pages_ms`); vmm-kvm's `migrate` module populates both views when
-//!   a prefaulting guest is built instead (see its `populate_host_view`).
+//!   is far below the 70% target. `vmm bench migrate --mem 1G --write-pct
+//!   0,10,80 --runs 3 --batch 1M --json` with the host's load average at
+//!   6-10 (other jobs): medians 0.22 / 0.18 / 0.18 of a plain loopback copy
+//!   made without a guest in the same run, 0.34 / 0.39 / 0.37 of one made
+//!   while a guest of the case's configuration runs; 4 GiB (`--mem 4G
+//!   --write-pct 0,80 --runs 3`): 0.20 / 0.21 and 0.27 / 0.32. At a load of
+//!   about 2 (an earlier single run): 0.30-0.31 and 0.33-0.82. The phase
+//!   timings ([`SourceTimings`], [`TargetTimings`], in the summaries and the
+//!   bench's JSON) put 70-75% of the source's time in socket writes (the
+//!   kernel's loopback copy, which on two cores competes with the guest's
+//!   two busy vCPU threads, the target's receiver and the host's other
+//!   load); reading pages out, zero checks, checksums, and on the target
+//!   checksums and writing pages in take 0.7-1.2 s per GiB together under
+//!   that load. What the timings and `perf` found and fixed: no clearing of
+//!   each page's slot in the batch buffer (the writer's buffer is zeroed
+//!   once), the first pass's residency taking the space lock per page
+//!   (0.3-0.4 s per GiB, now 13 ms), and earlier a target populating its
+//!   view in `prepare`, a bench connecting before its target was built,
+//!   and a first pass faulting the source's host view in page by page
+//!   (vmm-kvm's `migrate` populates both views when a prefaulting guest is
+//!   built; see its `populate_host_view`). Not done: reading runs of
+//!   contiguous dirty pages with one call (each page is one
+//!   [`MigrationSource::read_page`], one lock of the VM's state), the same
+//!   on the target's writes, and zero-copy sends (a page must be copied
+//!   before its checksum, since the guest may write it meanwhile).
 //! - The real-VM layer ([`vm`]) cannot see a host write into a
 //!   system-memory page no mapping covers (there is no dirty bit to set).
 //! - Device models: the PCI platform's state (every function's command
