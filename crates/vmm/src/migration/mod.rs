@@ -158,7 +158,8 @@
 //!   made without a guest in the same run, 0.34 / 0.39 / 0.37 of one made
 //!   while a guest of the case's configuration runs; 4 GiB (`--mem 4G
 //!   --write-pct 0,80 --runs 3`): 0.20 / 0.21 and 0.27 / 0.32. At a load of
-//!   about 2 (an earlier single run): 0.30-0.31 and 0.33-0.82. The phase
+//!   about 2 (one run before this work's changes): 0.20-0.31 and
+//!   0.33-0.82. The phase
 //!   timings ([`SourceTimings`], [`TargetTimings`], in the summaries and the
 //!   bench's JSON) put 70-75% of the source's time in socket writes (the
 //!   kernel's loopback copy, which on two cores competes with the guest's
