@@ -37,10 +37,12 @@
 //! - `run --incoming ADDR` / `run --migrate-to ADDR --migrate-after T`:
 //!   live migration of the running guest over TCP (see the `migrate`
 //!   module: QEMU-style, the target started first with the same machine
-//!   options), with per-round progress and a summary (`--json`).
+//!   options), with per-round progress and a summary (`--json`);
+//!   `run --migratable --name NAME` and `migrate NAME ADDR`: the same on
+//!   command, asked over the VM's control socket; `--auto-converge`.
 //!
 //! Known gaps: a migrating run has no framebuffer (device models are not
-//! migrated); no `vmm migrate NAME ADDR` over the control socket.
+//! migrated).
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -215,6 +217,15 @@ enum Cmd {
         name: String,
         /// Where to write the PNG.
         out: std::path::PathBuf,
+    },
+    /// Ask a running `vmm run --migratable --name NAME` to migrate its
+    /// guest to the target listening on ADDR (`vmm run --incoming ADDR`);
+    /// prints the answer when the attempt ended.
+    Migrate {
+        /// The VM's name (`vmm run --name NAME`).
+        name: String,
+        /// The target's address (host:port).
+        addr: String,
     },
     /// Check the MMIO instruction emulator against the CPU: every
     /// generated case runs natively on RAM, emulated on a device, and
@@ -809,6 +820,7 @@ fn cmd_run_migrating(a: &RunArgs) -> ExitCode {
     match (&a.migration.incoming, &a.migration.migrate_to) {
         (Some(at), _) => migrate::incoming(&m, at),
         (None, Some(to)) => migrate::migrate_to(&m, &a.migration, to),
+        (None, None) if a.migration.migratable => migrate::migratable(&m, &a.migration),
         (None, None) => ExitCode::FAILURE,
     }
 }
@@ -1185,6 +1197,7 @@ fn main() -> ExitCode {
         Cmd::Inspect { name: Some(name), .. } => cmd_inspect_vm(&name),
         Cmd::Inspect { name: None, run, leaves } => cmd_inspect(run, leaves),
         Cmd::Screenshot { name, out } => cmd_screenshot(&name, &out),
+        Cmd::Migrate { name, addr } => migrate::command(&name, &addr),
         Cmd::CheckEmulator { cases, seed } => cmd_check_emulator(cases, seed),
         Cmd::Bench { what: Some(w), .. } => migrate::bench(w),
         Cmd::Bench { what: None, mem, json } => cmd_bench(mem, json),

@@ -21,8 +21,23 @@
 //! Convergence: pre-copy switches over when the dirty set fits
 //! `--downtime-limit` at the measured throughput, or after `--max-rounds`
 //! rounds anyway (the downtime is then bounded by the dirty set over the
-//! throughput, and the summary says `converged: false`); the KVM guest is
-//! not throttled (no auto-converge).
+//! throughput, and the summary says `converged: false`). That is the
+//! default; `--auto-converge` throttles the vCPUs instead when the guest
+//! dirties faster than the link carries (QEMU's auto-converge, see
+//! `vmm::migration`), and the summary and JSON give the highest throttle
+//! reached (`max_throttle_pct`).
+//!
+//! On command instead of after a delay:
+//!
+//! ```text
+//! source$ vmm run --vcpus 2 --mem 1G --duration 60s --name web --migratable
+//! source$ vmm migrate web HOST:4444
+//! ```
+//!
+//! `vmm migrate` asks the running VM over its control socket and prints
+//! its answer when the attempt ended (`migrated: ` and the figures, or
+//! `error: ` and why; a failed attempt leaves the guest running there,
+//! and it may be asked again).
 //!
 //! A migrating run has no framebuffer (device models are not migrated).
 
@@ -57,12 +72,24 @@ pub struct MigrationArgs {
     /// Pre-copy rounds after the first pass before switching over anyway.
     #[arg(long, default_value = "30", value_parser = parse_rounds, allow_hyphen_values = true)]
     pub max_rounds: u32,
+    /// Throttle the guest's vCPUs when it dirties memory faster than the
+    /// link carries it (QEMU's auto-converge: when the bytes dirtied in a
+    /// round exceed half the bytes sent in it twice in a row, the vCPUs
+    /// sleep 20% of the time, then 10% more each time, up to 99%). Off by
+    /// default (as in QEMU): pre-copy then stops at --max-rounds.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// Run the guest for --duration ready to migrate on command: `vmm
+    /// migrate NAME ADDR` (NAME from --name) asks it, over its control
+    /// socket, to migrate to the target listening on ADDR.
+    #[arg(long, conflicts_with_all = ["incoming", "migrate_to", "screenshot"])]
+    pub migratable: bool,
 }
 
 impl MigrationArgs {
     /// Whether the run migrates (in or out).
     pub fn active(&self) -> bool {
-        self.incoming.is_some() || self.migrate_to.is_some()
+        self.incoming.is_some() || self.migrate_to.is_some() || self.migratable
     }
 }
 
@@ -180,9 +207,14 @@ fn print_summary(s: &MigrationSummary, limit: Duration) {
         s.final_round_pages
     );
     out!(
-        "  {} pre-copy rounds, {}; throughput {:.0} MiB/s, dirty rate {:.0} pages/s; vCPU state {} bytes",
+        "  {} pre-copy rounds, {}{}; throughput {:.0} MiB/s, dirty rate {:.0} pages/s; vCPU state {} bytes",
         s.rounds,
         if s.converged { "converged" } else { "did NOT converge (round limit)" },
+        if s.max_throttle_pct > 0 {
+            format!(" (vCPUs throttled up to {}%)", s.max_throttle_pct)
+        } else {
+            String::new()
+        },
         mib(s.throughput),
         s.dirty_rate,
         s.state_bytes
@@ -270,19 +302,52 @@ pub fn migrate_to(m: &Machine, a: &MigrationArgs, to: &str) -> ExitCode {
         eprintln!("vmm run: --migrate-after must be shorter than --duration");
         return ExitCode::from(2);
     }
+    source(m, a, Some(to))
+}
+
+/// `vmm run --migratable`: migrates when `vmm migrate NAME ADDR` asks.
+pub fn migratable(m: &Machine, a: &MigrationArgs) -> ExitCode {
+    source(m, a, None)
+}
+
+/// `vmm migrate NAME ADDR`: asks the running `vmm run --migratable
+/// --name NAME` to migrate to ADDR, and prints its answer when the
+/// attempt ended. Exit status 0 when it migrated, 3 when the attempt
+/// failed (the guest keeps running there), 1 when the VM cannot be asked.
+pub fn command(name: &str, to: &str) -> ExitCode {
+    match vmm::control::request_with_timeout(name, &format!("migrate {to}"), Duration::from_secs(3600)) {
+        Ok(answer) => {
+            out!("{}", answer.trim_end());
+            if answer.starts_with("migrated:") { ExitCode::SUCCESS } else { ExitCode::from(3) }
+        }
+        Err(vmm::Error::NoSuchNode) => {
+            eprintln!("vmm migrate: no running VM named {name:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("vmm migrate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A source run: migrating to `to` after --migrate-after, or on command
+/// when `to` is `None`.
+fn source(m: &Machine, a: &MigrationArgs, to: Option<&str>) -> ExitCode {
     let cfg = SourceConfig {
         downtime_limit: a.downtime_limit,
         max_rounds: a.max_rounds,
-        // One clock when the target is on this host.
-        shared_clock: addr(to).map(|x| x.ip().is_loopback()).unwrap_or(false),
+        auto_converge: a.auto_converge,
+        // One clock when the target is on this host (on command: set
+        // per request).
+        shared_clock: to.and_then(|t| addr(t).ok()).is_some_and(|x| x.ip().is_loopback()),
         ..SourceConfig::default()
     };
     let mut progress = Vec::new();
     let json = m.json;
     let res = (|| -> Result<SourceOutcome, String> {
         let mut g = Guest::new(&guest_config(m), false).map_err(|e| e.to_string())?;
-        let conn = TcpStream::connect(addr(to)?).map_err(|e| format!("cannot reach the target at {to}: {e}"))?;
-        g.run_source(m.duration, m.rounds, a.migrate_after, &conn, &cfg, &mut |p: &Progress| {
+        let mut show = |p: &Progress| {
             if !json {
                 eprintln!(
                     "  round {:3}{}: sent {:8} pages, {:8} dirty remaining, {:7.1} MiB/s, dirty {:9.0} pages/s",
@@ -296,19 +361,33 @@ pub fn migrate_to(m: &Machine, a: &MigrationArgs, to: &str) -> ExitCode {
                 let _ = std::io::stderr().flush();
             }
             progress.push(p.clone());
-        })
+        };
+        match to {
+            Some(to) => {
+                let conn =
+                    TcpStream::connect(addr(to)?).map_err(|e| format!("cannot reach the target at {to}: {e}"))?;
+                g.run_source(m.duration, m.rounds, a.migrate_after, &conn, &cfg, &mut show)
+            }
+            None => {
+                if !json {
+                    eprintln!("vmm run: VM {:?} runs; `vmm migrate {} ADDR` migrates it", g.name(), g.name());
+                }
+                g.run_on_command(m.duration, m.rounds, &cfg, &mut show)
+            }
+        }
         .map_err(|e| e.to_string())
     })();
     let out = match res {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("vmm run --migrate-to: {e}");
+            eprintln!("vmm run: {e}");
             return ExitCode::FAILURE;
         }
     };
     let (summary, error, rep) = match out {
         SourceOutcome::Migrated(s, r) => (Some(s), None, r),
         SourceOutcome::Failed(e, r) => (None, Some(e.to_string()), r),
+        SourceOutcome::NotRequested(r) => (None, None, r),
     };
     if m.json {
         let j = SourceJson {
@@ -377,6 +456,18 @@ pub enum BenchWhat {
         /// How long each guest runs before the migration starts.
         #[arg(long, default_value = "500ms", value_parser = parse_duration, allow_hyphen_values = true)]
         warmup: Duration,
+        /// Repetitions of every case (interleaved); the table and the
+        /// JSON's `medians` give the median of each write percentage.
+        #[arg(long, default_value = "3", value_parser = parse_rounds, allow_hyphen_values = true)]
+        runs: u32,
+        /// The size of one socket write, for the migration and the plain
+        /// copies alike (bytes; K, M suffixes; the engine's default).
+        #[arg(long, default_value = "256K", value_parser = crate::parse_mem, allow_hyphen_values = true)]
+        batch: u64,
+        /// Throttle the guest when it dirties faster than the link
+        /// carries (QEMU's auto-converge).
+        #[arg(long)]
+        auto_converge: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -386,6 +477,7 @@ pub enum BenchWhat {
 #[derive(Serialize)]
 struct BenchCaseJson {
     write_pct: u32,
+    run: u32,
     target_ok: bool,
     total_ms: f64,
     downtime_ms: f64,
@@ -394,6 +486,7 @@ struct BenchCaseJson {
     bytes_per_guest_byte: f64,
     rounds: u32,
     converged: bool,
+    max_throttle_pct: u8,
     dirty_pages_per_s: f64,
     throughput_bytes_per_s: f64,
     throughput_vs_plain_copy: f64,
@@ -412,30 +505,77 @@ struct BenchJson {
     max_rounds: u32,
     plain_copy_bytes_per_s: Vec<f64>,
     plain_copy_median_bytes_per_s: f64,
+    batch_bytes: u64,
+    auto_converge: bool,
     cases: Vec<BenchCaseJson>,
+    /// Per write percentage, the medians over its runs.
+    medians: Vec<BenchMedianJson>,
+}
+
+#[derive(Serialize)]
+struct BenchMedianJson {
+    write_pct: u32,
+    runs: usize,
+    total_ms: f64,
+    downtime_ms: f64,
+    throughput_bytes_per_s: f64,
+    throughput_vs_plain_copy: f64,
+    throughput_vs_loaded_plain_copy: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// `vmm bench migrate`.
 pub fn bench(w: BenchWhat) -> ExitCode {
-    let BenchWhat::Migrate { mem, vcpus, write_pct, downtime_limit, max_rounds, warmup, json } = w;
+    let BenchWhat::Migrate {
+        mem,
+        vcpus,
+        write_pct,
+        downtime_limit,
+        max_rounds,
+        warmup,
+        runs,
+        batch,
+        auto_converge,
+        json,
+    } = w;
+    let Ok(batch_bytes) = usize::try_from(batch) else {
+        eprintln!("vmm bench migrate: --batch too large");
+        return ExitCode::from(2);
+    };
     if let Err(e) = vmm_kvm::kvm_available() {
         eprintln!("vmm bench migrate: KVM is not available on this host ({e})");
         return ExitCode::from(2);
     }
     let cfg = GuestConfig { vcpus, mem_bytes: mem, prefault: true, ..GuestConfig::default() };
-    let scfg = SourceConfig { downtime_limit, max_rounds, shared_clock: true, ..SourceConfig::default() };
-    let r = vmm_kvm::migrate::bench(&cfg, &write_pct, &scfg, warmup, Duration::from_millis(300), &mut |pct, p| {
-        if !json {
-            eprintln!(
-                "  [{pct:3}% writes] round {:3}{}: sent {:8} pages, {:8} dirty, {:7.1} MiB/s",
-                p.round,
-                if p.paused { " (paused)" } else { "" },
-                p.pages_sent,
-                p.remaining_dirty,
-                mib(p.throughput)
-            );
-        }
-    });
+    let scfg = SourceConfig {
+        downtime_limit,
+        max_rounds,
+        shared_clock: true,
+        batch_bytes,
+        auto_converge,
+        ..SourceConfig::default()
+    };
+    let r =
+        vmm_kvm::migrate::bench(&cfg, &write_pct, runs, &scfg, warmup, Duration::from_millis(300), &mut |pct, p| {
+            if !json {
+                eprintln!(
+                    "  [{pct:3}% writes] round {:3}{}: sent {:8} pages, {:8} dirty, {:7.1} MiB/s",
+                    p.round,
+                    if p.paused { " (paused)" } else { "" },
+                    p.pages_sent,
+                    p.remaining_dirty,
+                    mib(p.throughput)
+                );
+            }
+        });
     let r = match r {
         Ok(r) => r,
         Err(e) => {
@@ -445,7 +585,7 @@ pub fn bench(w: BenchWhat) -> ExitCode {
     };
     let plain = r.plain_median();
     let limit_ms = downtime_limit.as_secs_f64() * 1e3;
-    let j = BenchJson {
+    let mut j = BenchJson {
         guest_bytes: r.guest_bytes,
         vcpus,
         downtime_limit_ms: limit_ms,
@@ -457,6 +597,7 @@ pub fn bench(w: BenchWhat) -> ExitCode {
             .iter()
             .map(|c| BenchCaseJson {
                 write_pct: c.write_pct,
+                run: c.run,
                 target_ok: c.target_ok,
                 total_ms: c.summary.total_ms,
                 downtime_ms: c.summary.downtime_ms,
@@ -465,6 +606,7 @@ pub fn bench(w: BenchWhat) -> ExitCode {
                 bytes_per_guest_byte: c.summary.bytes_per_guest_byte,
                 rounds: c.summary.rounds,
                 converged: c.summary.converged,
+                max_throttle_pct: c.summary.max_throttle_pct,
                 dirty_pages_per_s: c.summary.dirty_rate,
                 throughput_bytes_per_s: c.summary.throughput,
                 throughput_vs_plain_copy: c.summary.throughput / plain.max(1.0),
@@ -475,7 +617,27 @@ pub fn bench(w: BenchWhat) -> ExitCode {
                 target_timings: c.target.timings.clone(),
             })
             .collect(),
+        batch_bytes: batch,
+        auto_converge,
+        medians: Vec::new(),
     };
+
+    for &pct in &write_pct {
+        if j.medians.iter().any(|m| m.write_pct == pct) {
+            continue;
+        }
+        let cs: Vec<&BenchCaseJson> = j.cases.iter().filter(|c| c.write_pct == pct).collect();
+        let med = |f: &dyn Fn(&BenchCaseJson) -> f64| median(cs.iter().map(|c| f(c)).collect());
+        j.medians.push(BenchMedianJson {
+            write_pct: pct,
+            runs: cs.len(),
+            total_ms: med(&|c| c.total_ms),
+            downtime_ms: med(&|c| c.downtime_ms),
+            throughput_bytes_per_s: med(&|c| c.throughput_bytes_per_s),
+            throughput_vs_plain_copy: med(&|c| c.throughput_vs_plain_copy),
+            throughput_vs_loaded_plain_copy: med(&|c| c.throughput_vs_loaded_plain_copy),
+        });
+    }
     if json {
         match serde_json::to_string_pretty(&j) {
             Ok(s) => out!("{s}"),
@@ -495,22 +657,37 @@ pub fn bench(w: BenchWhat) -> ExitCode {
             r.plain_copy.iter().map(|x| format!("{:.0}", mib(*x))).collect::<Vec<_>>().join(", ")
         );
         out!(
-            "writes%  total ms  downtime ms  bytes/guest byte  rounds  converged  dirty pages/s  MiB/s  vs plain  vs loaded  target ok"
+            "writes%  run  total ms  downtime ms  bytes/guest byte  rounds  converged  throttle%  dirty pages/s  MiB/s  vs plain  vs loaded  target ok"
         );
         for c in &j.cases {
             out!(
-                "{:6}  {:8.0}  {:11.1}  {:16.2}  {:6}  {:9}  {:13.0}  {:5.0}  {:7.0}%  {:8.0}%  {}",
+                "{:6}  {:3}  {:8.0}  {:11.1}  {:16.2}  {:6}  {:9}  {:9}  {:13.0}  {:5.0}  {:7.0}%  {:8.0}%  {}",
                 c.write_pct,
+                c.run,
                 c.total_ms,
                 c.downtime_ms,
                 c.bytes_per_guest_byte,
                 c.rounds,
                 c.converged,
+                c.max_throttle_pct,
                 c.dirty_pages_per_s,
                 mib(c.throughput_bytes_per_s),
                 c.throughput_vs_plain_copy * 100.0,
                 c.throughput_vs_loaded_plain_copy * 100.0,
                 c.target_ok
+            );
+        }
+        out!("medians: writes%  runs  total ms  downtime ms  MiB/s  vs plain  vs loaded");
+        for m in &j.medians {
+            out!(
+                "         {:6}  {:4}  {:8.0}  {:11.1}  {:5.0}  {:7.0}%  {:8.0}%",
+                m.write_pct,
+                m.runs,
+                m.total_ms,
+                m.downtime_ms,
+                mib(m.throughput_bytes_per_s),
+                m.throughput_vs_plain_copy * 100.0,
+                m.throughput_vs_loaded_plain_copy * 100.0
             );
         }
     }

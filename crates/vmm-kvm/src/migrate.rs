@@ -34,10 +34,21 @@
 //! replay of every operation since the guest first started (the operation
 //! counts are guest memory) against the target's memory.
 //!
+//! # Triggers and convergence
+//!
+//! A source migrates after a delay ([`Guest::run_source`]) or when its
+//! control socket asks (`migrate ADDR`, [`Guest::run_on_command`]; `vmm
+//! migrate NAME ADDR`). With [`SourceConfig::auto_converge`] the engine's
+//! throttle ([`MigrationSource::throttle`]) sets the machine's vCPU
+//! throttle, and a ticker thread kicks the vCPUs every
+//! [`vmm::machine::THROTTLE_SLICE`] while it is set, so that the vCPU loop
+//! gets to sleep its share; the throttle is lifted when the attempt ends.
+//!
 //! # Known gaps
 //!
-//! - No framebuffer or other device model is migrated (the PCI platform's
-//!   state is not serialized): a migrating guest runs without one.
+//! - No framebuffer or other device model runs in a migrating guest, so
+//!   none is migrated here (`vmm::migration::devices` carries the PCI
+//!   platform's state for a VMM that has one).
 //! - The target's resume time is taken when the engine acks, a few
 //!   milliseconds before its vCPU threads have entered the guest.
 
@@ -58,7 +69,7 @@ use crate::workload::{Mode, Replay, Spec, checksum};
 use nested_pt::Prot;
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use vmm::migration::vm::VmMemory;
 use vmm::migration::{
@@ -149,6 +160,50 @@ pub enum SourceOutcome {
     Migrated(MigrationSummary, GuestReport),
     /// The migration failed; the guest ran to its end here.
     Failed(MigrationError, GuestReport),
+    /// No migration was asked for ([`Guest::run_on_command`]); the guest
+    /// ran to its end here.
+    NotRequested(GuestReport),
+}
+
+/// When a source migrates.
+enum When<'a> {
+    /// After this long into the run, over this connection.
+    After(Duration, &'a TcpStream),
+    /// When the control socket asks (`migrate ADDR`).
+    OnCommand(std::sync::mpsc::Receiver<Request>),
+}
+
+/// What triggered an attempt.
+enum Due<'a> {
+    Timer(&'a TcpStream),
+    Command(TcpStream),
+}
+
+/// A migration the run is to make.
+struct Plan<'a> {
+    when: When<'a>,
+    config: &'a SourceConfig,
+    progress: &'a mut dyn FnMut(&Progress),
+}
+
+/// A control request to migrate, with where its answer goes.
+struct Request {
+    addr: String,
+    reply: std::sync::mpsc::Sender<String>,
+}
+
+/// Connects to a migration target (5 s timeout per address).
+fn connect(addr: &str) -> std::result::Result<TcpStream, String> {
+    use std::net::ToSocketAddrs;
+    let addrs = addr.to_socket_addrs().map_err(|e| format!("bad address {addr:?}: {e}"))?;
+    let mut last = format!("address {addr:?} resolves to nothing");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+            Ok(c) => return Ok(c),
+            Err(e) => last = format!("cannot reach the target at {a}: {e}"),
+        }
+    }
+    Err(last)
 }
 
 /// What the source's coordinator hands back.
@@ -333,7 +388,7 @@ impl Guest {
         config: &SourceConfig,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<SourceOutcome> {
-        let mut plan = Some((migrate_after, stream, config, progress));
+        let mut plan = Some(Plan { when: When::After(migrate_after, stream), config, progress });
         let (coord, rep) = self.run_workload(duration, rounds, &mut plan)?;
         Ok(match coord {
             Coord::Migrated(s) => SourceOutcome::Migrated(s, rep),
@@ -341,6 +396,57 @@ impl Guest {
             Coord::Local(None) => {
                 return Err(KvmError::Setup("the workload ended before the migration started".into()));
             }
+        })
+    }
+
+    /// Runs the workload for `duration` with `rounds` harvest rounds,
+    /// serving the VM's control socket ([`vmm::control`], in its node
+    /// directory, reached by name): the command `migrate ADDR` connects to
+    /// the target listening on ADDR (`host:port`) and migrates the guest
+    /// there (`config`'s `shared_clock` is set when ADDR is a loopback
+    /// address). The request's answer comes when the attempt ended:
+    /// `migrated: ` and the summary's figures (`total_ms`, `downtime_ms`,
+    /// `rounds`, `converged`, `max_throttle_pct`, `bytes_sent`,
+    /// `pages_sent`, as `name value` pairs) on success (the run then ends:
+    /// the guest runs on the target), `error: ` and why on failure (the
+    /// guest keeps running here, and another `migrate` may be asked).
+    /// Returns [`SourceOutcome::NotRequested`] when the run ended without
+    /// a successful migration and none failed, [`SourceOutcome::Failed`]
+    /// with the last failure when one did.
+    pub fn run_on_command(
+        &mut self,
+        duration: Duration,
+        rounds: u32,
+        config: &SourceConfig,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<SourceOutcome> {
+        let listener = vmm::control::bind(self.core.be.segments().node_dir())
+            .map_err(|e| KvmError::Setup(format!("control socket: {e}")))?;
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
+        let stop = AtomicBool::new(false);
+        let handler = |cmd: &str| -> String {
+            let Some(addr) = cmd.strip_prefix("migrate ").map(str::trim) else {
+                return format!("error: unknown command {cmd:?} (migrate ADDR)\n");
+            };
+            let (rtx, rrx) = std::sync::mpsc::channel();
+            if tx.send(Request { addr: addr.to_string(), reply: rtx }).is_err() {
+                return "error: the VM is stopping\n".into();
+            }
+            rrx.recv().unwrap_or_else(|_| "error: the VM stopped before it could migrate\n".into())
+        };
+        let res = std::thread::scope(|s| {
+            s.spawn(|| vmm::control::serve(&listener, &stop, &handler));
+            let mut plan = Some(Plan { when: When::OnCommand(rx), config, progress });
+            let r = self.run_workload(duration, rounds, &mut plan);
+            drop(plan);
+            stop.store(true, Ordering::SeqCst);
+            r
+        });
+        let (coord, rep) = res?;
+        Ok(match coord {
+            Coord::Migrated(s) => SourceOutcome::Migrated(s, rep),
+            Coord::Local(Some(e)) => SourceOutcome::Failed(e, rep),
+            Coord::Local(None) => SourceOutcome::NotRequested(rep),
         })
     }
 
@@ -378,12 +484,11 @@ impl Guest {
         Ok(sum)
     }
 
-    #[allow(clippy::type_complexity)]
     fn run_workload(
         &mut self,
         duration: Duration,
         rounds: u32,
-        plan: &mut Option<(Duration, &TcpStream, &SourceConfig, &mut dyn FnMut(&Progress))>,
+        plan: &mut Option<Plan<'_>>,
     ) -> Result<(Coord, GuestReport)> {
         let start = Instant::now();
         let data_errors = &self.data_errors;
@@ -399,18 +504,68 @@ impl Guest {
                 if now >= end || m.control.finished() > 0 {
                     break;
                 }
-                if let Some((after, stream, config, progress)) = plan.as_mut()
-                    && now >= start + *after
+                let due = match plan.as_mut().map(|p| &mut p.when) {
+                    Some(When::After(after, stream)) if now >= start + *after => Some((Due::Timer(stream), None)),
+                    Some(When::OnCommand(rx)) => match rx.try_recv() {
+                        Ok(req) => match connect(&req.addr) {
+                            Ok(c) => Some((Due::Command(c), Some(req))),
+                            Err(e) => {
+                                let _ = req.reply.send(format!("error: {e}\n"));
+                                None
+                            }
+                        },
+                        Err(_) => None,
+                    },
+                    _ => None,
+                };
+                if let Some((due, req)) = due
+                    && let Some(Plan { config, progress, .. }) = plan.as_mut()
                 {
+                    let mut config = (*config).clone();
+                    let stream = match &due {
+                        Due::Timer(s) => *s,
+                        Due::Command(c) => {
+                            config.shared_clock = c.peer_addr().map(|a| a.ip().is_loopback()).unwrap_or(false);
+                            c
+                        }
+                    };
+                    let config = &config;
                     let mut src = KvmSource { core: &mut *core, machine: m, paused: false, cache: Vec::new() };
-                    let r = vmm::migration::migrate_tcp(
-                        &mut src,
-                        stream,
-                        config,
-                        Some(Duration::from_secs(60)),
-                        &mut **progress,
-                    );
-                    *plan = None;
+                    let ticking = AtomicBool::new(true);
+                    let r = std::thread::scope(|s| {
+                        // Auto-converge's throttle acts at exits: kick every
+                        // slice while a throttle is set.
+                        s.spawn(|| throttle_ticker(m, &ticking));
+                        let r = vmm::migration::migrate_tcp(
+                            &mut src,
+                            stream,
+                            config,
+                            Some(Duration::from_secs(60)),
+                            &mut **progress,
+                        );
+                        ticking.store(false, Ordering::SeqCst);
+                        r
+                    });
+                    // The engine lifted it on failure; after success the
+                    // vCPUs leave. Lifted either way.
+                    m.control.set_throttle(0);
+                    if let Some(req) = req {
+                        let _ = req.reply.send(match &r {
+                            Ok(s) => format!(
+                                "migrated: total_ms {:.1} downtime_ms {:.1} rounds {} converged {} max_throttle_pct {} bytes_sent {} pages_sent {}\n",
+                                s.total_ms,
+                                s.downtime_ms,
+                                s.rounds,
+                                s.converged,
+                                s.max_throttle_pct,
+                                s.bytes_sent,
+                                s.pages_sent
+                            ),
+                            Err(e) => format!("error: migration failed: {e}; the guest keeps running here\n"),
+                        });
+                    } else {
+                        *plan = None;
+                    }
                     match r {
                         Ok(s) => {
                             core.mem.migrated_out();
@@ -572,6 +727,20 @@ impl Core {
     }
 }
 
+/// Kicks every vCPU each [`vmm::machine::THROTTLE_SLICE`] while the
+/// machine's throttle is set, until `ticking` is cleared: a vCPU notices
+/// its throttle at an exit, and a guest that rarely exits would not.
+fn throttle_ticker(m: &Machine, ticking: &AtomicBool) {
+    while ticking.load(Ordering::SeqCst) {
+        if m.control.throttle() > 0 {
+            for k in m.kick_handles() {
+                k.kick();
+            }
+        }
+        std::thread::sleep(vmm::machine::THROTTLE_SLICE);
+    }
+}
+
 /// A running [`Guest`] as the engine's source (module doc).
 pub struct KvmSource<'a> {
     core: &'a mut Core,
@@ -625,6 +794,11 @@ impl MigrationSource for KvmSource<'_> {
 
     fn set_dirty(&mut self, range: &MemRange, bitmap: &[u64]) -> std::result::Result<(), HostError> {
         self.core.mem.set_dirty(range, bitmap)
+    }
+
+    fn throttle(&mut self, pct: u8) -> std::result::Result<(), HostError> {
+        self.machine.control.set_throttle(pct);
+        Ok(())
     }
 
     fn pause(&mut self) -> std::result::Result<(), HostError> {
@@ -802,6 +976,8 @@ impl Guest {
 pub struct BenchCase {
     /// Percentage of the guest's random operations that write.
     pub write_pct: u32,
+    /// Which repetition of the case (0-based).
+    pub run: u32,
     /// The engine's summary.
     pub summary: MigrationSummary,
     /// The target's checks passed (ledger rounds, replay, checksums).
@@ -914,13 +1090,16 @@ pub fn loaded_copy(cfg: &GuestConfig, bytes: u64, batch: usize, warmup: Duration
 }
 
 /// Migrates a guest of `cfg` (its `write_pct` replaced by each of
-/// `write_pcts`) over loopback after `warmup`, once per write percentage,
+/// `write_pcts`) over loopback after `warmup`, `runs` times per write
+/// percentage (the percentages interleaved: every one once, then again),
 /// with the target checking the guest for `check_time` after it resumed;
 /// plain copies of the guest's size over loopback before, between and
 /// after the cases.
+#[allow(clippy::too_many_arguments)]
 pub fn bench(
     cfg: &GuestConfig,
     write_pcts: &[u32],
+    runs: u32,
     source: &SourceConfig,
     warmup: Duration,
     check_time: Duration,
@@ -929,7 +1108,8 @@ pub fn bench(
     let guest_bytes = Guest::new(cfg, true)?.memory_bytes();
     let mut rep =
         BenchReport { guest_bytes, plain_copy: vec![plain_copy(guest_bytes, source.batch_bytes)?], cases: Vec::new() };
-    for &pct in write_pcts {
+    let order: Vec<(u32, u32)> = (0..runs.max(1)).flat_map(|r| write_pcts.iter().map(move |&p| (r, p))).collect();
+    for (run, pct) in order {
         let c = GuestConfig { write_pct: pct, ..cfg.clone() };
         let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| KvmError::Os("bind", e))?;
         let addr = l.local_addr().map_err(|e| KvmError::Os("bind", e))?;
@@ -961,12 +1141,14 @@ pub fn bench(
             match out {
                 SourceOutcome::Migrated(summary, r) => Ok(BenchCase {
                     write_pct: pct,
+                    run,
                     summary,
                     target_ok: target_ok && r.ok(),
                     target,
                     loaded_copy: LoadedCopy { throughput: 0.0, under_load: false },
                 }),
                 SourceOutcome::Failed(e, _) => Err(KvmError::Setup(format!("migration at {pct}% writes failed: {e}"))),
+                SourceOutcome::NotRequested(_) => Err(KvmError::Setup("no migration was made".into())),
             }
         })?;
         let mut case = case;

@@ -70,6 +70,12 @@ fn answer(stream: UnixStream, handler: &dyn Fn(&str) -> String) -> io::Result<()
 /// Sends `command` to the VM named `vm` and returns its answer.
 /// [`Error::NoSuchNode`] when no such VM is running.
 pub fn request(vm: &str, command: &str) -> Result<String> {
+    request_with_timeout(vm, command, Duration::from_secs(10))
+}
+
+/// [`request`], waiting up to `timeout` for the answer (a command that
+/// answers when it is done, as a live migration's `migrate ADDR`).
+pub fn request_with_timeout(vm: &str, command: &str, timeout: Duration) -> Result<String> {
     crate::devmem::check_name(vm).map_err(Error::BadVmName)?;
     let path = socket_path(&crate::devmem::vm_dir(vm));
     let mut s = UnixStream::connect(&path).map_err(|e| match e.kind() {
@@ -77,7 +83,7 @@ pub fn request(vm: &str, command: &str) -> Result<String> {
         k => Error::Io("connect control socket", k, e.raw_os_error()),
     })?;
     let io = |e: io::Error| Error::Io("control request", e.kind(), e.raw_os_error());
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.write_all(command.as_bytes()).map_err(io)?;
     s.write_all(b"\n").map_err(io)?;
     let mut out = String::new();

@@ -8,7 +8,7 @@ use crate::guest::{self, GuestCode};
 use crate::hv::{Exit, FaultError, Kick, MachineError, MemBackend, Regs, Result, Vcpu, VcpuMem};
 use crate::runtime;
 use nested_pt::Access;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,7 +57,14 @@ pub struct VcpuStats {
     /// Entries made with an interrupt pending that the guest could not
     /// take yet (an interrupt window was requested instead).
     pub window_waits: AtomicU64,
+    /// Nanoseconds the vCPU thread slept throttled ([`Control::set_throttle`]).
+    pub throttle_ns: AtomicU64,
 }
+
+/// The time slice of the vCPU throttle: a throttled vCPU sleeps
+/// `THROTTLE_SLICE * pct / (100 - pct)` after each slice it ran (QEMU's
+/// `cpu_throttle`, 10 ms).
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 /// Where the vCPU loop gets external interrupts from (the interrupt
 /// controller models, `crate::intr::system::IntrSystem`): before each
@@ -302,9 +309,26 @@ pub struct Control {
     state: Mutex<PauseState>,
     cv: Condvar,
     stop: AtomicBool,
+    throttle: AtomicU8,
 }
 
 impl Control {
+    /// Throttle the vCPUs to run at most `100 - pct` percent of the time
+    /// (`pct` clamped to 0..=99; 0 lifts it): after each
+    /// [`THROTTLE_SLICE`] a vCPU ran, its thread sleeps
+    /// `THROTTLE_SLICE * pct / (100 - pct)` (cut short by a stop, a pause
+    /// request or the throttle's lifting). The vCPUs only notice at an
+    /// exit: whoever sets a throttle kicks them every slice (live
+    /// migration's auto-converge does). A new run starts unthrottled.
+    pub fn set_throttle(&self, pct: u8) {
+        self.throttle.store(pct.min(99), Ordering::SeqCst);
+    }
+
+    /// The throttle in force (percent).
+    pub fn throttle(&self) -> u8 {
+        self.throttle.load(Ordering::SeqCst)
+    }
+
     fn arrive_paused(&self) {
         let mut s = self.state.lock().expect("pause lock");
         s.paused += 1;
@@ -590,9 +614,15 @@ impl Machine {
         let mut flushed_gen = 0u64;
         let mut pending_fault: Option<Instant> = None;
         let mut last_exit: Option<Instant> = None;
+        let mut slice_start = Instant::now();
         loop {
             if self.control.stop.load(Ordering::SeqCst) {
                 return Ok(());
+            }
+            let pct = self.control.throttle();
+            if pct > 0 && slice_start.elapsed() >= THROTTLE_SLICE {
+                self.throttle_sleep(i, pct);
+                slice_start = Instant::now();
             }
             let mut t0 = Instant::now();
             let exit = mem.entered(&mut |g| {
@@ -735,6 +765,28 @@ impl Machine {
                 }
             }
         }
+    }
+
+    /// The throttle's sleep of vCPU `i` after a slice (see
+    /// [`Control::set_throttle`]), in steps of at most a millisecond so
+    /// that a stop, a pause request (its parameter block's control word)
+    /// or a lifted throttle ends it early.
+    fn throttle_sleep(&self, i: usize, pct: u8) {
+        let pct = u32::from(pct.min(99));
+        let total = THROTTLE_SLICE * pct / (100 - pct);
+        let t0 = Instant::now();
+        loop {
+            let el = t0.elapsed();
+            if el >= total
+                || self.control.stop.load(Ordering::SeqCst)
+                || self.control.throttle() == 0
+                || self.param(i, guest::P_CTRL) != 0
+            {
+                break;
+            }
+            std::thread::sleep((total - el).min(Duration::from_millis(1)));
+        }
+        self.stats[i].throttle_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Asks every vCPU to stop at its next harvest point and waits until all

@@ -193,3 +193,212 @@ fn a_target_of_another_layout_refuses() {
         assert!(t.join().unwrap());
     });
 }
+
+// ---- device models: the PCI platform with a framebuffer ----
+
+use std::sync::Mutex;
+use vmm::fbuf::{self, Fbuf};
+use vmm::platform::{BarBacking, ECAM_BASE, PCI_WINDOW_32, Platform};
+
+const FB_DEV: u8 = 3;
+const FB_SEG: u32 = 2;
+const FB_SIZE: u64 = 1 << 20;
+/// Two placements of the framebuffer BAR (1 MiB aligned, inside the
+/// test VM's 64 GiB space).
+const BAR_A: u64 = PCI_WINDOW_32.0;
+const BAR_B: u64 = PCI_WINDOW_32.0 + (16 << 20);
+
+/// [`vm`] with a framebuffer segment behind BAR 1 of a framebuffer at
+/// 03.0 (its register BAR emulated), not programmed yet.
+fn vm_fb(test: &str) -> (Arc<Vm<HeapPages>>, Arc<Mutex<Platform>>) {
+    let v = vm(test);
+    v.alloc_segment(FB_SEG, FB_SIZE, SegmentKind::DevMem { name: "framebuffer".into() }).unwrap();
+    let mut p = Platform::new(ECAM_BASE);
+    p.attach(
+        FB_DEV,
+        Box::new(Fbuf::new(FB_SIZE, 256, 128).unwrap()),
+        &[
+            (fbuf::REG_BAR, BarBacking::Emulated),
+            (fbuf::FB_BAR, BarBacking::Segment { id: FB_SEG, prot: vmspace::Prot::RW }),
+        ],
+    )
+    .unwrap();
+    (v, Arc::new(Mutex::new(p)))
+}
+
+/// A guest's configuration write of a dword at `off` of 03.0.
+fn cfg_write(p: &Mutex<Platform>, v: &Vm<HeapPages>, off: u64, val: u32) {
+    let gpa = ECAM_BASE + (u64::from(FB_DEV) << 15) + off;
+    assert!(p.lock().unwrap().mmio_write(v, gpa, &val.to_le_bytes()));
+}
+
+fn cfg_read(p: &Mutex<Platform>, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    assert!(p.lock().unwrap().mmio_read(ECAM_BASE + (u64::from(FB_DEV) << 15) + off, &mut b));
+    u32::from_le_bytes(b)
+}
+
+/// Places the framebuffer BAR at `at` with decoding on, as an OS does
+/// (low dword, then high).
+fn place_bar(p: &Mutex<Platform>, v: &Vm<HeapPages>, at: u64) {
+    cfg_write(p, v, 0x14, at as u32);
+    cfg_write(p, v, 0x18, (at >> 32) as u32);
+}
+
+/// A VM with its platform as a source: the platform's state travels.
+struct SrcP(Src, Arc<Mutex<Platform>>);
+
+impl MigrationSource for SrcP {
+    fn layout(&self) -> Layout {
+        self.0.layout()
+    }
+    fn resident(&mut self, r: &MemRange, b: &mut [u64]) -> Result<(), HostError> {
+        self.0.resident(r, b)
+    }
+    fn read_page(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), HostError> {
+        self.0.read_page(gpa, buf)
+    }
+    fn harvest(&mut self, r: &MemRange, b: &mut [u64]) -> Result<(), HostError> {
+        self.0.harvest(r, b)
+    }
+    fn set_dirty(&mut self, r: &MemRange, b: &[u64]) -> Result<(), HostError> {
+        self.0.set_dirty(r, b)
+    }
+    fn pause(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn state(&mut self) -> Result<Vec<StateBlob>, HostError> {
+        let mut blobs = self.0.state()?;
+        blobs.push(vmm::migration::devices::save_platform(&mut self.1.lock().unwrap()));
+        Ok(blobs)
+    }
+}
+
+/// The same as a target: the platform first (it maps the BARs), then the
+/// layout check (which compares the mappings).
+struct TgtP(Tgt, Arc<Mutex<Platform>>);
+
+impl MigrationTarget for TgtP {
+    fn prepare(&mut self, l: &Layout) -> Result<(), HostError> {
+        self.0.prepare(l)
+    }
+    fn write_page(&mut self, gpa: u64, d: &[u8]) -> Result<(), HostError> {
+        self.0.write_page(gpa, d)
+    }
+    fn zero_page(&mut self, gpa: u64) -> Result<(), HostError> {
+        self.0.zero_page(gpa)
+    }
+    fn mark_received(&mut self, r: &MemRange, b: &[u64]) -> Result<(), HostError> {
+        self.0.mark_received(r, b)
+    }
+    fn apply_state(&mut self, blobs: Vec<StateBlob>) -> Result<(), HostError> {
+        let (dev, rest): (Vec<_>, Vec<_>) = blobs.into_iter().partition(|b| b.kind == StateKind::Device);
+        for b in &dev {
+            let vm = self.0.0.vm().clone();
+            vmm::migration::devices::restore_platform(&mut self.1.lock().unwrap(), &vm, &b.data)?;
+        }
+        self.0.apply_state(rest)
+    }
+    fn resume(&mut self) -> Result<(), HostError> {
+        self.0.resume()
+    }
+    fn discard(&mut self) {
+        self.0.discard();
+    }
+}
+
+fn migrate_p(src: &mut SrcP, dst: &mut TgtP, progress: &mut dyn FnMut(&vmm::migration::Progress)) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::scope(|s| {
+        let t = s.spawn(move || {
+            let (c, _) = l.accept().unwrap();
+            vmm::migration::receive_tcp(dst, &c, &TargetConfig::default(), None)
+        });
+        let c = TcpStream::connect(addr).unwrap();
+        let sum = vmm::migration::migrate_tcp(src, &c, &SourceConfig::default(), None, progress);
+        let got = t.join().unwrap();
+        sum.unwrap();
+        got.unwrap();
+    });
+}
+
+/// The framebuffer's state travels: BAR placement and decoding, interrupt
+/// line, the guest-programmed mode, and the pixels; the target's BAR is
+/// mapped where the source's was (without the platform blob the target's
+/// layout check refuses: the source has a mapping the target lacks).
+#[test]
+fn framebuffer_bar_config_space_and_mode_travel() {
+    let ((a, pa), (b, pb)) = (vm_fb("fb-a"), vm_fb("fb-b"));
+    place_bar(&pa, &a, BAR_A);
+    cfg_write(&pa, &a, 0x3c, 11);
+    cfg_write(&pa, &a, 0x04, u32::from(vmm::pci::COMMAND_MEMORY));
+    assert_eq!(pa.lock().unwrap().mapped_at(FB_DEV, fbuf::FB_BAR), Some(BAR_A));
+    pa.lock().unwrap().fbuf(FB_DEV).unwrap().reg_write(4, &128u32.to_le_bytes());
+    let pixels: Vec<u8> = (0..3 * PG as usize).map(|i| (i * 13 + 1) as u8).collect();
+    a.write_segment(FB_SEG, 5 * PG, &pixels).unwrap();
+    let mut src = SrcP(Src(VmMemory::new(a.clone(), None)), pa.clone());
+    let mut dst = TgtP(Tgt(VmMemory::new(b.clone(), None)), pb.clone());
+    migrate_p(&mut src, &mut dst, &mut |_| {});
+    let mut p = pb.lock().unwrap();
+    assert_eq!(p.pci.bar_address(FB_DEV, 0, fbuf::FB_BAR), Some(BAR_A));
+    assert_eq!(p.mapped_at(FB_DEV, fbuf::FB_BAR), Some(BAR_A));
+    assert_eq!(b.mapping_at(BAR_A).map(|m| m.segment), Some(FB_SEG));
+    assert_eq!(p.fbuf(FB_DEV).unwrap().width(), 128);
+    drop(p);
+    assert_eq!(cfg_read(&pb, 0x3c) & 0xff, 11);
+    assert_eq!(cfg_read(&pb, 0x04) & 0xffff, u32::from(vmm::pci::COMMAND_MEMORY));
+    let mut got = vec![0u8; pixels.len()];
+    b.read_segment(FB_SEG, 5 * PG, &mut got).unwrap();
+    assert_eq!(got, pixels);
+}
+
+/// A BAR moved while the migration runs (after the first pass) composes:
+/// the stream addresses the segment, not the guest-physical range, so the
+/// pixels written after the move arrive, and the placement at pause (the
+/// new one) is the target's; nothing is left at the old address.
+#[test]
+fn a_bar_moved_during_the_attempt_lands_at_its_new_place() {
+    let ((a, pa), (b, pb)) = (vm_fb("mv-a"), vm_fb("mv-b"));
+    place_bar(&pa, &a, BAR_A);
+    cfg_write(&pa, &a, 0x04, u32::from(vmm::pci::COMMAND_MEMORY));
+    a.write_segment(FB_SEG, 0, &[1u8; 4096]).unwrap();
+    let mut src = SrcP(Src(VmMemory::new(a.clone(), None)), pa.clone());
+    let mut dst = TgtP(Tgt(VmMemory::new(b.clone(), None)), pb.clone());
+    let mut moved = false;
+    let (a2, pa2) = (a.clone(), pa.clone());
+    migrate_p(&mut src, &mut dst, &mut |p| {
+        if !moved && !p.paused {
+            place_bar(&pa2, &a2, BAR_B);
+            // Written after the first pass: only a later round finds it.
+            a2.write_segment(FB_SEG, PG, &[2u8; 4096]).unwrap();
+            moved = true;
+        }
+    });
+    assert!(moved);
+    let p = pb.lock().unwrap();
+    assert_eq!(p.mapped_at(FB_DEV, fbuf::FB_BAR), Some(BAR_B));
+    assert!(b.mapping_at(BAR_A).is_none(), "a mapping left at the old address");
+    assert_eq!(b.mapping_at(BAR_B).map(|m| m.segment), Some(FB_SEG));
+    assert_eq!(page(&b, FB_SEG, 0), vec![1u8; 4096]);
+    assert_eq!(page(&b, FB_SEG, 1), vec![2u8; 4096]);
+}
+
+/// A target whose platform differs (no framebuffer) refuses the state.
+#[test]
+fn platform_state_for_other_functions_is_refused() {
+    let (_, pa) = vm_fb("pf-a");
+    let blob = vmm::migration::devices::save_platform(&mut pa.lock().unwrap());
+    let b = vm("pf-b");
+    let mut bare = Platform::new(ECAM_BASE);
+    let e = vmm::migration::devices::restore_platform(&mut bare, &b, &blob.data).unwrap_err();
+    assert!(e.message.contains("functions"), "{e}");
+    // Truncated and foreign blobs are typed errors, never panics.
+    for n in 0..blob.data.len() {
+        assert!(vmm::migration::devices::restore_platform(&mut bare, &b, &blob.data[..n]).is_err());
+    }
+    assert!(vmm::migration::devices::restore_platform(&mut bare, &b, b"not a blob at all").is_err());
+}

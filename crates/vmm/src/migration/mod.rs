@@ -50,9 +50,6 @@
 //! A guest that dirties memory faster than the link carries it never
 //! converges. Two behaviours, chosen by [`SourceConfig::auto_converge`]:
 //!
-//! The KVM source does not implement [`MigrationSource::throttle`]: its
-//! migrations use the round limit (below), and say `converged: false`.
-//!
 //! - **Default (off, as in QEMU):** pre-copy stops at
 //!   [`SourceConfig::max_rounds`] (30) and switches over anyway; the
 //!   downtime is then bounded by the dirty set (at most the guest's resident
@@ -62,7 +59,13 @@
 //!   50% of the bytes sent in it twice in a row, the engine throttles the
 //!   vCPUs ([`MigrationSource::throttle`]) to 20%, then 10% more each time
 //!   the condition holds again, at most 99%. The throttle is lifted (0%)
-//!   when the attempt fails.
+//!   when the attempt fails. The summary's `max_throttle_pct` says how far
+//!   it went. The KVM source (`vmm-kvm`'s `migrate`) implements the
+//!   throttle in the machine's vCPU loop
+//!   ([`crate::machine::Control::set_throttle`]): after each 10 ms slice a
+//!   vCPU ran, its thread sleeps `slice * pct / (100 - pct)`, and a ticker
+//!   kicks the vCPUs every slice so that a guest that rarely exits notices
+//!   (`vmm run --migrate-to ... --auto-converge`).
 //!
 //! # Stream format (version 1)
 //!
@@ -96,9 +99,10 @@
 //!
 //! The decoder never trusts a length: it checks it against the record
 //! type's bound before reading the payload, then checks the CRC. Pages are
-//! written into one batch buffer (256 KiB by default) and flushed by one
-//! `write`; the reader is buffered the same way, so a page record costs no
-//! system call.
+//! read straight into their slot of one batch buffer (256 KiB by default,
+//! allocated and zeroed once: no clearing per page, no second copy) and
+//! flushed by one `write`; the reader is buffered the same way, so a page
+//! record costs no system call.
 //!
 //! # Invariants (nothing lost)
 //!
@@ -148,29 +152,51 @@
 //! - Every page read is one `read_page` call (one copy into the batch
 //!   buffer); a source that can lend its memory directly would save it.
 //! - Throughput on the project's 2-core, shared, shadow-paging test host
-//!   (`vmm bench migrate --mem 1G --write-pct 0,1,10,80 --json`, one run):
-//!   30-60% of a plain loopback copy run without a guest, 50-89% of one
-//!   run while a guest of the same configuration runs (the bench reports
-//!   both); the 70% target against the unloaded copy is unmet there. The
-//!   phase timings ([`SourceTimings`], [`TargetTimings`], in the summaries
-//!   and the bench's JSON) put most of the time in socket writes and reads
-//!   (both sides waiting in the kernel's loopback copy while the guest's
-//!   vCPU threads and the host's other load hold the cores); reading pages
-//!   out, zero checks, checksums and writing pages in take 0.2-0.4 s per
-//!   GiB together. What the timings found and fixed: the 0%-writes case's
-//!   17.6 s total for 1 GiB was a target populating its 1 GiB view in
-//!   `prepare` (2-4 s, the source waiting in the handshake), a bench that
-//!   connected before its target was built, and a first pass that faulted
-//!   every page of the source's host view in (0.9 s per GiB in
-//!   `read_pages_ms`); vmm-kvm's `migrate` module populates both views when
-//!   a prefaulting guest is built instead (see its `populate_host_view`).
+//!   is far below the 70% target. `vmm bench migrate --mem 1G --write-pct
+//!   0,10,80 --runs 3 --batch 1M --json` with the host's load average at
+//!   6-10 (other jobs): medians 0.22 / 0.18 / 0.18 of a plain loopback copy
+//!   made without a guest in the same run, 0.34 / 0.39 / 0.37 of one made
+//!   while a guest of the case's configuration runs; 4 GiB (`--mem 4G
+//!   --write-pct 0,80 --runs 3`): 0.20 / 0.21 and 0.27 / 0.32. At a load of
+//!   about 2 (one run before this work's changes): 0.20-0.31 and
+//!   0.33-0.82. The phase
+//!   timings ([`SourceTimings`], [`TargetTimings`], in the summaries and the
+//!   bench's JSON) put 70-75% of the source's time in socket writes (the
+//!   kernel's loopback copy, which on two cores competes with the guest's
+//!   two busy vCPU threads, the target's receiver and the host's other
+//!   load); reading pages out, zero checks, checksums, and on the target
+//!   checksums and writing pages in take 0.7-1.2 s per GiB together under
+//!   that load. What the timings and `perf` found and fixed: no clearing of
+//!   each page's slot in the batch buffer (the writer's buffer is zeroed
+//!   once), the first pass's residency taking the space lock per page
+//!   (0.3-0.4 s per GiB, now 13 ms), and earlier a target populating its
+//!   view in `prepare`, a bench connecting before its target was built,
+//!   and a first pass faulting the source's host view in page by page
+//!   (vmm-kvm's `migrate` populates both views when a prefaulting guest is
+//!   built; see its `populate_host_view`). Not done: reading runs of
+//!   contiguous dirty pages with one call (each page is one
+//!   [`MigrationSource::read_page`], one lock of the VM's state), the same
+//!   on the target's writes, and zero-copy sends (a page must be copied
+//!   before its checksum, since the guest may write it meanwhile).
 //! - The real-VM layer ([`vm`]) cannot see a host write into a
 //!   system-memory page no mapping covers (there is no dirty bit to set).
-//! - No device model state is carried (the PCI platform, the framebuffer):
-//!   the KVM migration runs guests without them; a BAR move during an
-//!   attempt is therefore not exercised on a real VM (the segment-addressed
-//!   layout is what would keep it safe).
+//! - Device models: the PCI platform's state (every function's command
+//!   register, BARs, interrupt line, the framebuffer's mode) is a
+//!   [`devices`] blob, restored through configuration writes so that the
+//!   target maps each BAR's segment where the source had it; a BAR moved
+//!   during an attempt lands at its new place (tested on a `Vm` with a
+//!   platform, without KVM). The KVM migration still runs guests without a
+//!   platform (so `vmm run --migrate-to` has no framebuffer), and no
+//!   interrupt model (vLAPIC, vIOAPIC, vHPET, MSI) is serialized.
+//! - Harvests compose with migration by running in one place: on KVM the
+//!   run's harvest rounds and the engine's harvests are the same harvest
+//!   points on the coordinator thread (a round due during an attempt waits
+//!   for it; every migration harvest is checked against the guests'
+//!   ledgers like any round). A harvest by someone else on the same VM
+//!   during an attempt ([`vm::VmMemory::harvest_fresh`], `Vm::harvest_dirty`)
+//!   would take bits the attempt needs: nothing prevents it.
 
+pub mod devices;
 mod error;
 pub mod fake;
 mod source;

@@ -176,12 +176,23 @@ impl<P: TablePages + Send + Sync> VmMemory<P> {
         bitmap.fill(0);
         match kind {
             RangeKind::Ram => {
+                // One table view (one take of the space lock) per 2 MiB,
+                // not one per page; short enough that faults wait little.
+                const CHUNK: u64 = 512;
                 for m in self.vm.mappings().into_iter().filter(|m| m.segment == id) {
                     let first = m.offset / PAGE_SIZE;
-                    for i in 0..m.len / PAGE_SIZE {
-                        if self.vm.space().lookup(m.gpa.0 + i * PAGE_SIZE).is_some() {
-                            set_bit(bitmap, first + i);
-                        }
+                    let pages = m.len / PAGE_SIZE;
+                    let mut i = 0;
+                    while i < pages {
+                        let end = (i + CHUNK).min(pages);
+                        self.vm.space().with_table(|t| {
+                            for k in i..end {
+                                if t.is_mapped(vmspace::Gpa(m.gpa.0 + k * PAGE_SIZE)).is_some() {
+                                    set_bit(bitmap, first + k);
+                                }
+                            }
+                        });
+                        i = end;
                     }
                 }
             }

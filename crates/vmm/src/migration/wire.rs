@@ -191,12 +191,20 @@ fn message(s: &str) -> &[u8] {
     &s.as_bytes()[..n]
 }
 
+/// A zero-page record: header and the page count.
+const ZERO_RECORD: usize = RECORD_HEADER + 8;
+
 /// A writer that batches records into one buffer and writes it with one
 /// call when full; runs of zero pages become one record.
+///
+/// The buffer is allocated (and zeroed) once: a page is read straight into
+/// its slot after the slot's header, with no clearing and no second copy,
+/// and a zero-page record that must precede it is written into room
+/// reserved in front of the slot.
 pub struct RecordWriter<W: Write> {
     inner: W,
-    buf: Vec<u8>,
-    batch: usize,
+    buf: Box<[u8]>,
+    used: usize,
     zero_run: Option<(u64, u64)>,
     written: u64,
     write_time: Duration,
@@ -205,11 +213,11 @@ pub struct RecordWriter<W: Write> {
 impl<W: Write> RecordWriter<W> {
     /// A writer over `inner` that writes in batches of about `batch` bytes.
     pub fn new(inner: W, batch: usize) -> RecordWriter<W> {
-        let batch = batch.max(RECORD_HEADER + PAGE_SIZE as usize);
+        let batch = batch.max(ZERO_RECORD + RECORD_HEADER + PAGE_SIZE as usize);
         RecordWriter {
             inner,
-            buf: Vec::with_capacity(batch + RECORD_HEADER + 64),
-            batch,
+            buf: vec![0u8; batch].into_boxed_slice(),
+            used: 0,
             zero_run: None,
             written: 0,
             write_time: Duration::ZERO,
@@ -231,46 +239,74 @@ impl<W: Write> RecordWriter<W> {
         self.write_time
     }
 
-    fn write_out(&mut self, bytes: Option<&[u8]>) -> io::Result<()> {
+    /// Write out what is buffered.
+    fn drain(&mut self) -> io::Result<()> {
+        if self.used == 0 {
+            return Ok(());
+        }
         let t = Instant::now();
-        let r = match bytes {
-            Some(b) => self.inner.write_all(b),
-            None => {
-                let r = self.inner.write_all(&self.buf);
-                self.buf.clear();
-                r
-            }
-        };
+        let r = self.inner.write_all(&self.buf[..self.used]);
+        self.write_time += t.elapsed();
+        self.used = 0;
+        r
+    }
+
+    /// Write `bytes` straight to the connection (after draining).
+    fn direct(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.drain()?;
+        let t = Instant::now();
+        let r = self.inner.write_all(bytes);
         self.write_time += t.elapsed();
         r
     }
 
+    /// Make room for `n` more bytes (`n` at most the batch size).
     fn make_room(&mut self, n: usize) -> io::Result<()> {
-        if !self.buf.is_empty() && self.buf.len() + n > self.batch {
-            self.write_out(None)?;
+        if self.used + n > self.buf.len() { self.drain() } else { Ok(()) }
+    }
+
+    /// Append bytes, through the buffer when they fit in it.
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.len() > self.buf.len() {
+            return self.direct(bytes);
         }
+        self.make_room(bytes.len())?;
+        self.buf[self.used..self.used + bytes.len()].copy_from_slice(bytes);
+        self.used += bytes.len();
         Ok(())
     }
 
     fn push(&mut self, t: u8, arg: u64, payload: &[u8]) -> io::Result<()> {
-        self.make_room(RECORD_HEADER + payload.len())?;
         let head = record_head(t, payload.len() as u32, arg);
-        self.buf.extend_from_slice(&head);
-        self.buf.extend_from_slice(&crc_of(&head, payload).to_le_bytes());
-        if payload.len() > self.batch {
-            self.write_out(None)?;
-            self.write_out(Some(payload))?;
-        } else {
-            self.buf.extend_from_slice(payload);
+        let mut h = [0u8; RECORD_HEADER];
+        h[..16].copy_from_slice(&head);
+        h[16..].copy_from_slice(&crc_of(&head, payload).to_le_bytes());
+        if RECORD_HEADER + payload.len() <= self.buf.len() {
+            self.make_room(RECORD_HEADER + payload.len())?;
         }
+        self.append(&h)?;
+        self.append(payload)?;
         self.written += (RECORD_HEADER + payload.len()) as u64;
         Ok(())
     }
 
+    /// Write a zero-page record for `run` at `at` in the buffer (room for
+    /// it is there).
+    fn put_zero_record(&mut self, at: usize, run: (u64, u64)) {
+        let count = run.1.to_le_bytes();
+        let head = record_head(tag::ZERO, 8, run.0);
+        self.buf[at..at + 16].copy_from_slice(&head);
+        self.buf[at + 16..at + 20].copy_from_slice(&crc_of(&head, &count).to_le_bytes());
+        self.buf[at + 20..at + ZERO_RECORD].copy_from_slice(&count);
+        self.written += ZERO_RECORD as u64;
+    }
+
     /// End a pending run of zero pages (runs never cross a range).
     pub fn end_zero_run(&mut self) -> io::Result<()> {
-        if let Some((gpa, count)) = self.zero_run.take() {
-            self.push(tag::ZERO, gpa, &count.to_le_bytes())?;
+        if let Some(run) = self.zero_run.take() {
+            self.make_room(ZERO_RECORD)?;
+            self.put_zero_record(self.used, run);
+            self.used += ZERO_RECORD;
         }
         Ok(())
     }
@@ -282,24 +318,24 @@ impl<W: Write> RecordWriter<W> {
     }
 
     /// Append a page: `fill` writes its contents straight into the batch
-    /// buffer; a page of zeros becomes (part of) a zero-page run instead.
-    /// Returns whether the page was zero.
+    /// buffer (the slot holds stale bytes: `fill` must write all of it); a
+    /// page of zeros becomes (part of) a zero-page run instead. Returns
+    /// whether the page was zero. On an error of `fill` nothing was
+    /// appended.
     pub fn page<E: From<io::Error>>(
         &mut self,
         gpa: u64,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<bool, E> {
         let ps = PAGE_SIZE as usize;
-        self.make_room(RECORD_HEADER + ps)?;
-        let start = self.buf.len();
-        self.buf.resize(start + RECORD_HEADER + ps, 0);
-        let slot = &mut self.buf[start + RECORD_HEADER..];
-        if let Err(e) = fill(slot) {
-            self.buf.truncate(start);
-            return Err(e);
-        }
-        if is_zero(slot) {
-            self.buf.truncate(start);
+        // Room for the pending zero run's record in front of the page.
+        let zr = if self.zero_run.is_some() { ZERO_RECORD } else { 0 };
+        self.make_room(zr + RECORD_HEADER + ps)?;
+        let start = self.used;
+        let slot = start + zr;
+        let data = slot + RECORD_HEADER;
+        fill(&mut self.buf[data..data + ps])?;
+        if is_zero(&self.buf[data..data + ps]) {
             match &mut self.zero_run {
                 Some((g, c)) if g.checked_add(*c * PAGE_SIZE) == Some(gpa) => *c += 1,
                 _ => {
@@ -310,18 +346,13 @@ impl<W: Write> RecordWriter<W> {
             return Ok(true);
         }
         if let Some(run) = self.zero_run.take() {
-            // Keep the page where it is; the run goes before it.
-            let mut page = [0u8; PAGE_SIZE as usize];
-            page.copy_from_slice(&self.buf[start + RECORD_HEADER..]);
-            self.buf.truncate(start);
-            self.push(tag::ZERO, run.0, &run.1.to_le_bytes())?;
-            self.push(tag::PAGE, gpa, &page)?;
-            return Ok(false);
+            self.put_zero_record(start, run);
         }
         let head = record_head(tag::PAGE, ps as u32, gpa);
-        let crc = crc_of(&head, &self.buf[start + RECORD_HEADER..]);
-        self.buf[start..start + 16].copy_from_slice(&head);
-        self.buf[start + 16..start + 20].copy_from_slice(&crc.to_le_bytes());
+        let crc = crc_of(&head, &self.buf[data..data + ps]);
+        self.buf[slot..slot + 16].copy_from_slice(&head);
+        self.buf[slot + 16..slot + 20].copy_from_slice(&crc.to_le_bytes());
+        self.used = data + ps;
         self.written += (RECORD_HEADER + ps) as u64;
         Ok(false)
     }
@@ -340,9 +371,7 @@ impl<W: Write> RecordWriter<W> {
     /// Write out everything buffered and flush the connection.
     pub fn flush(&mut self) -> io::Result<()> {
         self.end_zero_run()?;
-        if !self.buf.is_empty() {
-            self.write_out(None)?;
-        }
+        self.drain()?;
         let t = Instant::now();
         let r = self.inner.flush();
         self.write_time += t.elapsed();
@@ -352,8 +381,7 @@ impl<W: Write> RecordWriter<W> {
     /// Write raw bytes (the header), after what is buffered.
     pub fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.end_zero_run()?;
-        self.make_room(bytes.len())?;
-        self.buf.extend_from_slice(bytes);
+        self.append(bytes)?;
         self.written += bytes.len() as u64;
         Ok(())
     }
