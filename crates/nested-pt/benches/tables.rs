@@ -31,7 +31,12 @@
 //! meet the same load on a shared machine. At the end two tables of
 //! medians in ns per page are printed (criterion's, then the rounds'),
 //! with the ratio of our form to the best peer; the harvest rows carry the
-//! bandwidth reference measured beside them (`bw_ref`).
+//! bandwidth reference measured beside them (`bw_ref`, warmed by one
+//! untimed read before each timed one, so that in the interleaved rounds
+//! it does not read its array cold after another implementation, as the
+//! harvests read entries their setup has just touched; and `bw_ref_w`,
+//! the same read after every tenth element was written, the state the
+//! harvest's setup leaves its entries in).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
