@@ -31,7 +31,12 @@
 //! meet the same load on a shared machine. At the end two tables of
 //! medians in ns per page are printed (criterion's, then the rounds'),
 //! with the ratio of our form to the best peer; the harvest rows carry the
-//! bandwidth reference measured beside them (`bw_ref`).
+//! bandwidth reference measured beside them (`bw_ref`, warmed by one
+//! untimed read before each timed one, so that in the interleaved rounds
+//! it does not read its array cold after another implementation, as the
+//! harvests read entries their setup has just touched; and `bw_ref_w`,
+//! the same read after every tenth element was written, the state the
+//! harvest's setup leaves its entries in).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -111,7 +116,17 @@ fn report(title: &str, r: &BTreeMap<(String, String, String), Vec<f64>>) {
         let bw_here = m.get("bw_ref").or(bw.get(size));
         let bwr = if work.starts_with("harvest") {
             match (bw_here, ours, m.get("ours_sh")) {
-                (Some(b), Some(o), Some(s)) => format!("  bw {:.0}% excl, {:.0}% shared", b / o * 100.0, b / s * 100.0),
+                (Some(b), Some(o), Some(s)) => {
+                    let mut t = format!("  bw {:.0}% excl, {:.0}% shared", b / o * 100.0, b / s * 100.0);
+                    if let Some(bw) = m.get("bw_ref_w") {
+                        t += &format!(
+                            "; vs the read after 10% writes ({bw:.3}): {:.0}% / {:.0}%",
+                            bw / o * 100.0,
+                            bw / s * 100.0
+                        );
+                    }
+                    t
+                }
                 _ => String::new(),
             }
         } else {
@@ -684,11 +699,34 @@ fn benches(c: &mut Criterion) {
         // Harvest with every tenth page dirty.
         {
             let bitmap = RefCell::new(vec![0u64; (pages / 64) as usize]);
+            let written = RefCell::new(array.clone());
             let want = pages.div_ceil(10);
             let t = RefCell::new(mapped(bytes));
             let x = RefCell::new(X86::mapped(bytes));
             let mut w = Work::new(sz, "harvest_10pct", pages);
-            w.add("bw_ref", || (), |_| black_box(&array).iter().fold(0u64, |a, x| a.wrapping_add(*x)));
+            // The reference, warmed by one untimed read (so that in the
+            // interleaved rounds it does not read its array cold after
+            // another implementation's run, as the harvests read entries
+            // their setup just touched) ...
+            w.add(
+                "bw_ref",
+                || black_box(black_box(&array).iter().fold(0u64, |a, x| a.wrapping_add(*x))),
+                |_| black_box(&array).iter().fold(0u64, |a, x| a.wrapping_add(*x)),
+            );
+            // ... and the same read after the setup the harvests get:
+            // every tenth element written (as `dirty_10pct` writes every
+            // tenth entry), so its lines are in the state the harvest
+            // finds its entries in.
+            w.add(
+                "bw_ref_w",
+                || {
+                    let mut a = written.borrow_mut();
+                    for i in (0..a.len()).step_by(10) {
+                        a[i] = black_box(a[i]);
+                    }
+                },
+                |_| black_box(&*written.borrow()).iter().fold(0u64, |a, x| a.wrapping_add(*x)),
+            );
             w.add(
                 "ours",
                 || dirty_10pct(&t.borrow(), bytes),

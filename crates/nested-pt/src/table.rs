@@ -1046,7 +1046,7 @@ impl<P: TablePages> NestedTable<P> {
                 // dirty bits of the whole slice, 64 entries to a word,
                 // with loads only (no locked operation in between to hold
                 // the next loads back); then the clears, for the entries
-                // that read dirty.
+                // that read dirty, and each word into the bitmap once.
                 let first = (base.0 - gpa.0) >> 12;
                 let mut words = [0u64; ENTRIES / 64];
                 let full = dirty_words::<K>(entries, &mut words);
@@ -1055,34 +1055,14 @@ impl<P: TablePages> NestedTable<P> {
                         *w |= K::dirty_bit(e.load(Ordering::Relaxed)) << (i % 64);
                     }
                 }
-                for (c, &word) in words.iter().enumerate().take(entries.len().div_ceil(64)) {
+                let chunks = entries.len().div_ceil(64);
+                for (c, &word) in words.iter().enumerate().take(chunks) {
+                    count += word.count_ones() as u64;
                     if word != 0 {
-                        let chunk = &entries[c * 64..];
-                        let mut w = word;
-                        match clear {
-                            Clear::Plain => {
-                                while w != 0 {
-                                    if let Some(e) = chunk.get(w.trailing_zeros() as usize) {
-                                        e.store(e.load(Ordering::Relaxed) & !K::DIRTY, Ordering::Relaxed);
-                                    }
-                                    count += 1;
-                                    w &= w - 1;
-                                }
-                            }
-                            Clear::Locked => {
-                                while w != 0 {
-                                    if let Some(e) = chunk.get(w.trailing_zeros() as usize) {
-                                        e.fetch_and(!K::DIRTY, Ordering::AcqRel);
-                                    }
-                                    count += 1;
-                                    w &= w - 1;
-                                }
-                            }
-                            Clear::No => count += word.count_ones() as u64,
-                        }
-                        or_word(bitmap, first + c as u64 * 64, word);
+                        clear_dirty::<K>(&entries[c * 64..], word, clear);
                     }
                 }
+                store_words(bitmap, first, &words[..chunks], entries.len() as u64);
             } else if entries[0].load(Ordering::Relaxed) & dmask != 0 {
                 // A large leaf. `check_no_split` refused one cutting the
                 // range's ends, but one mapped concurrently since may
@@ -1149,7 +1129,16 @@ impl<P: TablePages> NestedTable<P> {
                 continue;
             }
             if let Some(child) = self.table(self.fmt.frame(e)) {
-                self.visit(child, level - 1, slot_base, start.max(slot_base), end.min(slot_base + span), f);
+                let (lo, hi) = (start.max(slot_base), end.min(slot_base + span));
+                if level == 2 {
+                    // A leaf table: its slice straight to `f`, without a
+                    // call one level down per table.
+                    let first = ((lo - slot_base) >> 12) as usize;
+                    let last = ((hi - 1 - slot_base) >> 12) as usize;
+                    f(Gpa(lo), &child[first..=last], PageSize::Size4K);
+                } else {
+                    self.visit(child, level - 1, slot_base, lo, hi, f);
+                }
             }
         }
     }
@@ -1531,50 +1520,49 @@ fn prefetch_table(p: *const u64) {
 
 /// Puts the dirty state of `entries[k]` for the format kind `K` in bit
 /// `k % 64` of `words[k / 64]`, read as relaxed loads would read it, for
-/// the leading entries it handles in blocks of 16; returns how many it
-/// handled (a multiple of 16; the caller reads the rest one by one).
-/// `words` must be zero.
+/// the leading entries it handles in blocks of 64 (one word each); returns
+/// how many it handled (a multiple of 64; the caller reads the rest one by
+/// one). `words` must be zero.
 #[inline(always)]
 fn dirty_words<K: Kind>(entries: &[AtomicU64], words: &mut [u64; ENTRIES / 64]) -> usize {
     #[cfg(target_arch = "x86_64")]
     if K::DIRTY.count_ones() == 1 && K::DIRTY.trailing_zeros() < 32 {
-        let blocks = entries.len().min(ENTRIES) / 16;
+        let blocks = entries.len().min(ENTRIES) / 64;
         if blocks == 0 {
             return 0;
         }
         let shift = 31 - K::DIRTY.trailing_zeros();
-        // SAFETY: the block reads the first `blocks * 16` entries of
+        // SAFETY: the block reads the first `blocks * 64` entries of
         // `entries` (at most 512, of a live table page, 8-byte aligned,
         // valid for reads while the borrow lasts) with unaligned 16-byte
-        // SSE2 loads, and writes `blocks` 16-bit masks into `words` (at
-        // most 32, its 64 bytes). Other threads and the hardware change
+        // SSE2 loads, and writes `blocks` 64-bit words into `words` (at
+        // most 8, its 64 bytes). Other threads and the hardware change
         // entries only with atomic operations, and x86 reads every
         // naturally aligned quadword of a vector load atomically (a wide
         // load may be split into several accesses, never inside an aligned
         // quadword), so the reads are equivalent to relaxed atomic loads,
         // which may race with those writes. SSE2 is part of the x86-64
-        // baseline. For each 16 entries: the low dwords of four pairs
-        // gathered (`shufps`; the dirty bit is below bit 32), shifted so
-        // the dirty bit is each dword's sign, and narrowed with signed
-        // saturation (which keeps the sign) to one byte per entry, whose
-        // signs `pmovmskb` reads out, entry `k` to bit `k`; the masks are
-        // stored little-endian, so 16-bit mask `j` is bits `16 (j % 4)..`
-        // of word `j / 4`.
+        // baseline. For each 16 entries (the macro below, four times per
+        // word): the low dwords of four pairs gathered (`shufps`; the
+        // dirty bit is below bit 32), shifted so the dirty bit is each
+        // dword's sign, and narrowed with signed saturation (which keeps
+        // the sign) to one byte per entry, whose signs `pmovmskb` reads
+        // out, entry `k` to bit `k`; the four 16-bit masks are combined in
+        // registers and the word stored once.
         unsafe {
             core::arch::asm!(
-                "movd {n}, {sh:e}",
-                "2:",
-                "movdqu {a}, [{p}]",
-                "movdqu {t}, [{p} + 16]",
+                ".macro npt_dirty16 off, dst",
+                "movdqu {a}, [{p} + \\off]",
+                "movdqu {t}, [{p} + \\off + 16]",
                 "shufps {a}, {t}, 0x88",
-                "movdqu {b}, [{p} + 32]",
-                "movdqu {t}, [{p} + 48]",
+                "movdqu {b}, [{p} + \\off + 32]",
+                "movdqu {t}, [{p} + \\off + 48]",
                 "shufps {b}, {t}, 0x88",
-                "movdqu {c}, [{p} + 64]",
-                "movdqu {t}, [{p} + 80]",
+                "movdqu {c}, [{p} + \\off + 64]",
+                "movdqu {t}, [{p} + \\off + 80]",
                 "shufps {c}, {t}, 0x88",
-                "movdqu {d}, [{p} + 96]",
-                "movdqu {t}, [{p} + 112]",
+                "movdqu {d}, [{p} + \\off + 96]",
+                "movdqu {t}, [{p} + \\off + 112]",
                 "shufps {d}, {t}, 0x88",
                 "pslld {a}, {n}",
                 "pslld {b}, {n}",
@@ -1583,12 +1571,26 @@ fn dirty_words<K: Kind>(entries: &[AtomicU64], words: &mut [u64; ENTRIES / 64]) 
                 "packssdw {a}, {b}",
                 "packssdw {c}, {d}",
                 "packsswb {a}, {c}",
-                "pmovmskb {w:e}, {a}",
-                "mov word ptr [{o}], {w:x}",
-                "add {p}, 128",
-                "add {o}, 2",
+                "pmovmskb \\dst, {a}",
+                ".endm",
+                "movd {n}, {sh:e}",
+                "2:",
+                "npt_dirty16 0, {w:e}",
+                "npt_dirty16 128, {x:e}",
+                "shl {x}, 16",
+                "or {w}, {x}",
+                "npt_dirty16 256, {x:e}",
+                "shl {x}, 32",
+                "or {w}, {x}",
+                "npt_dirty16 384, {x:e}",
+                "shl {x}, 48",
+                "or {w}, {x}",
+                "mov qword ptr [{o}], {w}",
+                "add {p}, 512",
+                "add {o}, 8",
                 "dec {k}",
                 "jnz 2b",
+                ".purgem npt_dirty16",
                 p = inout(reg) entries.as_ptr() => _,
                 o = inout(reg) words.as_mut_ptr() => _,
                 k = inout(reg) blocks => _,
@@ -1600,10 +1602,11 @@ fn dirty_words<K: Kind>(entries: &[AtomicU64], words: &mut [u64; ENTRIES / 64]) 
                 d = out(xmm_reg) _,
                 t = out(xmm_reg) _,
                 w = out(reg) _,
+                x = out(reg) _,
                 options(nostack),
             );
         }
-        return blocks * 16;
+        return blocks * 64;
     }
     let _ = (entries, words);
     0
@@ -1684,14 +1687,75 @@ fn or_word(bitmap: &mut [u64], first: u64, word: u64) {
     }
 }
 
+/// Clears the dirty state of the entries of `chunk` whose bit is set in
+/// `word` (bit `k` = `chunk[k]`), as `clear` says: a locked AND of the
+/// dirty bits alone, or a plain store of the entry without them.
+#[inline(always)]
+fn clear_dirty<K: Kind>(chunk: &[AtomicU64], mut word: u64, clear: Clear) {
+    match clear {
+        Clear::Plain => {
+            while word != 0 {
+                if let Some(e) = chunk.get(word.trailing_zeros() as usize) {
+                    e.store(e.load(Ordering::Relaxed) & !K::DIRTY, Ordering::Relaxed);
+                }
+                word &= word - 1;
+            }
+        }
+        Clear::Locked => {
+            while word != 0 {
+                if let Some(e) = chunk.get(word.trailing_zeros() as usize) {
+                    e.fetch_and(!K::DIRTY, Ordering::AcqRel);
+                }
+                word &= word - 1;
+            }
+        }
+        Clear::No => {}
+    }
+}
+
+/// Writes the dirty words of `n` entries (`words[c]` holds entries
+/// `64 c ..`) into `bitmap` from bit `first`, whose bits there are clear.
+/// Where `first` is word-aligned, each whole word is stored once (no
+/// read-modify-write); a last partial word, or an unaligned start, is
+/// ORed in, so bits past the range are left as they were.
+#[inline(always)]
+fn store_words(bitmap: &mut [u64], first: u64, words: &[u64], n: u64) {
+    if first.is_multiple_of(64) {
+        let w0 = (first / 64) as usize;
+        let whole = (n / 64) as usize;
+        if let Some(dst) = bitmap.get_mut(w0..w0 + whole) {
+            dst.copy_from_slice(&words[..whole]);
+        }
+        if let Some(&last) = words.get(whole)
+            && last != 0
+        {
+            or_word(bitmap, first + whole as u64 * 64, last);
+        }
+    } else {
+        for (c, &word) in words.iter().enumerate() {
+            if word != 0 {
+                or_word(bitmap, first + c as u64 * 64, word);
+            }
+        }
+    }
+}
+
 /// Sets (`on`) or clears `count` bits of `bitmap` from bit `first`, a word
 /// at a time.
 fn fill_bits(bitmap: &mut [u64], first: u64, count: u64, on: bool) {
     let (mut b, end) = (first, first + count);
+    let fill = if on { u64::MAX } else { 0 };
     while b < end {
         let (w, o) = ((b / 64) as usize, b % 64);
         let n = (64 - o).min(end - b);
-        let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << o };
+        if n == 64 {
+            // The whole words at once.
+            let words = ((end - b) / 64) as usize;
+            bitmap[w..w + words].fill(fill);
+            b += words as u64 * 64;
+            continue;
+        }
+        let mask = ((1u64 << n) - 1) << o;
         if on {
             bitmap[w] |= mask;
         } else {

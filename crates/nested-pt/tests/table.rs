@@ -203,6 +203,47 @@ fn out_of_memory_rolls_back() {
     }
 }
 
+/// Harvests of ranges that start and end anywhere in a leaf table (whole
+/// bitmap words, an unaligned start, a last partial word, slices shorter
+/// than a block of 64 entries), in all three clear forms: the bitmap holds
+/// exactly the dirty pages of the range, its bits past the range keep
+/// what they held, and the entries outside the range stay dirty.
+#[test]
+fn harvest_ranges_at_any_offset() {
+    for f in formats() {
+        let mut t = table(f);
+        t.populate_region(Gpa(0), 3 * M2, PageSize::Size4K).unwrap();
+        t.map_range(Gpa(0), 3 * M2, Prot::RW, MemType::WriteBack, |g| Some(Pfn(0x10000 + (g.0 >> 12)))).unwrap();
+        let dirty = |p: u64| p.is_multiple_of(3) || p % 64 == 63;
+        for (first, pages) in [(0u64, 1536u64), (5, 700), (64, 512), (511, 2), (100, 37), (448, 600), (1, 1535)] {
+            for form in 0..3 {
+                for p in 0..1536u64 {
+                    t.reset_dirty(Gpa(p * K4), dirty(p)).unwrap();
+                }
+                let mut bm = vec![u64::MAX; 1536 / 64 + 1];
+                let (g, len) = (Gpa(first * K4), pages * K4);
+                let n = match form {
+                    0 => t.harvest_dirty(g, len, &mut bm),
+                    1 => t.harvest_dirty_exclusive(g, len, &mut bm),
+                    _ => t.scan_dirty(g, len, &mut bm, false),
+                };
+                let want = (first..first + pages).filter(|&p| dirty(p)).count() as u64;
+                assert_eq!(n, Ok(want), "{first}+{pages} form {form}");
+                for b in 0..bm.len() as u64 * 64 {
+                    let bit = bm[(b / 64) as usize] >> (b % 64) & 1 == 1;
+                    let expect = if b < pages { dirty(first + b) } else { true };
+                    assert_eq!(bit, expect, "bit {b} of {first}+{pages} form {form}");
+                }
+                for p in 0..1536u64 {
+                    let cleared = form != 2 && (first..first + pages).contains(&p);
+                    let leaf = t.lookup(Gpa(p * K4)).unwrap();
+                    assert_eq!(leaf.dirty(), dirty(p) && !cleared, "page {p} after {first}+{pages} form {form}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn accessed_dirty_reset_and_harvest() {
     for f in formats() {

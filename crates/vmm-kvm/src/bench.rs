@@ -470,8 +470,18 @@ pub enum OwnLeafBits {
 /// by guest page tables of its own (every 4 KiB leaf present from the
 /// start, with `bits`), no vmspace and no nested fault; one vCPU writes
 /// every page once. With `prefault` the host allocates the memory first
-/// (through the mapping KVM uses).
-pub fn kvm_own_first_touch(mem: u64, mode: PagingMode, bits: OwnLeafBits, prefault: bool) -> Result<TouchCost> {
+/// (through the mapping KVM uses). With `dirty_log`, KVM's own dirty
+/// tracking is on for the slot (`KVM_MEM_LOG_DIRTY_PAGES`, the log
+/// cleared before the pass), the fair baseline for the vmspace with its
+/// dirty tracking on; the pages KVM logged during the pass go into the
+/// label.
+pub fn kvm_own_first_touch(
+    mem: u64,
+    mode: PagingMode,
+    bits: OwnLeafBits,
+    prefault: bool,
+    dirty_log: bool,
+) -> Result<TouchCost> {
     use crate::backend::TableBackend;
     use nested_pt::{Gpa, PageSize};
     let vm = Arc::new(KvmVm::new()?);
@@ -508,14 +518,30 @@ pub fn kvm_own_first_touch(mem: u64, mode: PagingMode, bits: OwnLeafBits, prefau
             return Err(KvmError::Os("madvise(MADV_POPULATE_WRITE)", std::io::Error::last_os_error()));
         }
     }
+    let log_slot = if dirty_log {
+        let slot = vm.set_dirty_log(be.ram(), crate::backend::RAM_KVM_BASE, true)?;
+        vm.dirty_log_pages(slot, be.ram().len())?;
+        Some(slot)
+    } else {
+        None
+    };
+    let ram_len = be.ram().len();
     let be = Arc::new(be);
     let mut m = crate::machine::create(&vm, be.clone(), mode, 1)?;
     let label = format!(
-        "KVM's own (plain slot, own page tables, leaves {}, host memory {})",
+        "KVM's own (plain slot, own page tables, leaves {}, host memory {}{})",
         if bits == OwnLeafBits::AccessedDirty { "A+D" } else { "clean" },
-        if prefault { "preallocated" } else { "fresh" }
+        if prefault { "preallocated" } else { "fresh" },
+        if dirty_log { ", KVM dirty log on" } else { "" }
     );
-    touch_pass(&mut m, n, label)
+    let mut r = touch_pass(&mut m, n, label)?;
+    if let Some(slot) = log_slot {
+        // The guest may have run on into its next pass before the pause:
+        // the count is of pages, each logged once.
+        let logged = vm.dirty_log_pages(slot, ram_len)?;
+        r.label += &format!(": {logged} pages logged");
+    }
+    Ok(r)
 }
 
 /// How the vmspace first-touch variants map the memory.
@@ -578,6 +604,14 @@ pub fn vmspace_first_touch(mem: u64, mode: PagingMode, policy: TouchPolicy) -> R
     );
     let mut r = touch_pass(&mut m, n, label)?;
     r.prepare = prepare;
+    if !policy.untracked_dirty {
+        // The harvest after the pass: with tracking on, every written page
+        // must be reported (the guest writes each once per pass).
+        let mut bitmap = vec![0u64; n.div_ceil(64) as usize];
+        let dirty =
+            be.space().track_dirty(0, mem, &mut bitmap).map_err(|e| KvmError::Setup(format!("harvest: {e}")))?;
+        r.label += &format!(": {dirty} pages harvested dirty");
+    }
     Ok(r)
 }
 
@@ -586,10 +620,14 @@ pub fn vmspace_first_touch(mem: u64, mode: PagingMode, policy: TouchPolicy) -> R
 /// page tables of its own, clean leaves) against the vmspace's nested
 /// faults with several policies, in `rounds` alternating rounds; for each
 /// variant the round with the median time. Then the same with host memory
-/// preallocated through both views (KVM's own with accessed and dirty
-/// preset in its leaves, its best case), where two more vmspace variants
-/// run with dirty tracking off and A+D preset on the neighbours.
-/// Each half starts with its KVM's own entry (`TouchCost::kvm_own`).
+/// preallocated through both views: first KVM's own with accessed and
+/// dirty preset in its leaves (its best case, untracked) and the two
+/// vmspace variants with dirty tracking off and A+D preset on the
+/// neighbours; then KVM's own with clean leaves, and KVM's own with A+D
+/// leaves and its dirty log on (`KVM_MEM_LOG_DIRTY_PAGES`: the tracked
+/// baseline), followed by the vmspace's policies with tracking on.
+/// Each vmspace entry follows the KVM's own entry it is compared with
+/// (`TouchCost::kvm_own`).
 pub fn first_touch_compare(mem: u64, mode: PagingMode, rounds: usize) -> Result<Vec<TouchCost>> {
     let fresh = |fault_around, preset_accessed, populate| TouchPolicy {
         fault_around,
@@ -601,18 +639,25 @@ pub fn first_touch_compare(mem: u64, mode: PagingMode, rounds: usize) -> Result<
     let policies = [fresh(16, false, false), fresh(16, true, false), fresh(512, false, false), fresh(16, false, true)];
     let pre = |p: TouchPolicy| TouchPolicy { prefault: true, ..p };
     let untracked = |fault_around| TouchPolicy { untracked_dirty: true, ..pre(fresh(fault_around, true, false)) };
-    let mut pre_policies: Vec<TouchPolicy> = policies.iter().map(|p| pre(*p)).collect();
-    pre_policies.extend([untracked(16), untracked(512)]);
-    let mut runs: Vec<Vec<TouchCost>> = vec![Vec::new(); policies.len() + pre_policies.len() + 2];
+    let untracked_policies = [untracked(16), untracked(512)];
+    let tracked_policies: Vec<TouchPolicy> = policies.iter().map(|p| pre(*p)).collect();
+    let mut runs: Vec<Vec<TouchCost>> =
+        vec![Vec::new(); policies.len() + untracked_policies.len() + tracked_policies.len() + 4];
     for _ in 0..rounds.max(1) {
-        runs[0].push(kvm_own_first_touch(mem, mode, OwnLeafBits::None, false)?);
-        for (i, p) in policies.iter().enumerate() {
-            runs[i + 1].push(vmspace_first_touch(mem, mode, *p)?);
+        let mut slot = runs.iter_mut();
+        let mut push = |r: TouchCost| slot.next().map(|v| v.push(r)).ok_or(KvmError::Setup("bench slots".into()));
+        push(kvm_own_first_touch(mem, mode, OwnLeafBits::None, false, false)?)?;
+        for p in &policies {
+            push(vmspace_first_touch(mem, mode, *p)?)?;
         }
-        let k = policies.len() + 1;
-        runs[k].push(kvm_own_first_touch(mem, mode, OwnLeafBits::AccessedDirty, true)?);
-        for (i, p) in pre_policies.iter().enumerate() {
-            runs[k + 1 + i].push(vmspace_first_touch(mem, mode, *p)?);
+        push(kvm_own_first_touch(mem, mode, OwnLeafBits::AccessedDirty, true, false)?)?;
+        for p in &untracked_policies {
+            push(vmspace_first_touch(mem, mode, *p)?)?;
+        }
+        push(kvm_own_first_touch(mem, mode, OwnLeafBits::None, true, false)?)?;
+        push(kvm_own_first_touch(mem, mode, OwnLeafBits::AccessedDirty, true, true)?)?;
+        for p in &tracked_policies {
+            push(vmspace_first_touch(mem, mode, *p)?)?;
         }
     }
     Ok(runs

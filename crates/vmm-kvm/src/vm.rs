@@ -225,6 +225,39 @@ impl KvmVm {
         Ok(slot)
     }
 
+    /// Turns KVM's dirty log (`KVM_MEM_LOG_DIRTY_PAGES`) on or off for the
+    /// slot of `region` (registered at `kvm_gpa` by
+    /// [`add_region`](Self::add_region)); returns the slot. KVM's own
+    /// dirty tracking, for benchmarks that compare with it.
+    pub fn set_dirty_log(&self, region: &Arc<SharedRegion>, kvm_gpa: u64, on: bool) -> Result<u32> {
+        let regions = self.regions.lock().expect("regions lock");
+        let slot = regions
+            .iter()
+            .find(|(_, r)| Arc::ptr_eq(r, region))
+            .map(|(s, _)| *s)
+            .ok_or_else(|| KvmError::Setup("dirty log: region not registered".into()))?;
+        let mr = kvm_userspace_memory_region {
+            slot,
+            flags: if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: kvm_gpa,
+            memory_size: region.len(),
+            userspace_addr: region.kvm_addr(),
+        };
+        // SAFETY: the same slot, address and size as its registration (the
+        // region is alive in `regions`); only the flags change.
+        unsafe { self.vm.set_user_memory_region(mr) }
+            .map_err(|e| KvmError::Ioctl("KVM_SET_USER_MEMORY_REGION (dirty log)", e))?;
+        Ok(slot)
+    }
+
+    /// Reads and clears KVM's dirty log of `slot` (`len` bytes, with the
+    /// log on: [`set_dirty_log`](Self::set_dirty_log)); returns the number
+    /// of pages it reported dirty.
+    pub fn dirty_log_pages(&self, slot: u32, len: u64) -> Result<u64> {
+        let log = self.vm.get_dirty_log(slot, len as usize).map_err(|e| KvmError::Ioctl("KVM_GET_DIRTY_LOG", e))?;
+        Ok(log.iter().map(|w| w.count_ones() as u64).sum())
+    }
+
     /// Registers `len` bytes of host memory at `host` (a shared mapping
     /// owned by the caller) as KVM guest-physical memory at `kvm_gpa`.
     ///
