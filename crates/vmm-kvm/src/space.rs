@@ -153,7 +153,7 @@ impl Inval {
                     }
                 }
             }
-            Cause::Tracking => self.zap(),
+            Cause::Tracking | Cause::Remap => self.zap(),
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::PAGE_SIZE;
 use crate::error::{Error, Invalid, Result};
 use crate::object::VmObject;
 use crate::protocol::{ClientShared, on_cpu};
-use crate::space::{Data, Inner, Invalidation, access_of};
+use crate::space::{Data, Inner, Invalidation, access_of, chunk_large};
 use crate::sync::{Arc, DefaultLock, RawLock};
 
 /// The last mapping a client resolved, valid while the space's map
@@ -78,6 +78,12 @@ struct Snap {
 
 /// Bytes one leaf table covers.
 const LEAF_SPAN: u64 = 512 * PAGE_SIZE;
+
+/// The data path's signal that a write met a large leaf that must be
+/// split first (the lazy split, or any large leaf while tracking is on):
+/// caught by `fault` and `hold_ext`, which split and retry; never
+/// returned to a caller (nested-pt's map never reports it).
+const SPLIT: Error = Error::Table(nested_pt::Error::WouldSplit);
 
 /// A page found by the data path.
 struct Found {
@@ -396,6 +402,11 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             let e = unsafe { &*slot }.load(Acquire);
             fmt.is_present(e).then_some(e)
         };
+        if self.cache.leaf_region.get() != gpa & !(LEAF_SPAN - 1)
+            && let Some(found) = self.large_leaf(d, gpa, prot, host, mprot, object)?
+        {
+            return Ok(found);
+        }
         let (slot, e) = match self.leaf_slot(d, gpa).and_then(|s| Some((s, present(s)?))) {
             Some(found) => found,
             None => {
@@ -451,6 +462,56 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         Ok(Found { pfn, entry: slot, host })
     }
 
+    /// The large-leaf part of the slow path: `gpa`'s 2 MiB leaf, mapped
+    /// first (the whole run, one leaf) if its chunk is counted for one and
+    /// still empty. `None` where the chunk has 4 KiB leaves (a leaf
+    /// table). [`SPLIT`] for a write the leaf does not allow (lazily
+    /// write-protected) or any write while tracking is on. Client active.
+    #[inline(never)]
+    fn large_leaf(
+        &self,
+        d: &Data<P>,
+        gpa: u64,
+        prot: Prot,
+        host: bool,
+        mprot: Prot,
+        object: &VmObject,
+    ) -> Result<Option<Found>> {
+        let c = gpa & !(LEAF_SPAN - 1);
+        let fmt = &self.space.format;
+        let leaf = match d.table.lookup(Gpa(gpa)) {
+            Some(l) if l.size == nested_pt::PageSize::Size4K => return Ok(None),
+            Some(l) => l,
+            None => {
+                let (start, end) = (self.cache.start.get(), self.cache.end.get());
+                if c < start || end - c < LEAF_SPAN || !chunk_large(&d.table, c) {
+                    return Ok(None);
+                }
+                let off = self.cache.offset.get() + (c - start);
+                self.space.map_large(&d.table, c, mprot, object, off)?;
+                match d.table.lookup(Gpa(gpa)) {
+                    Some(l) if l.size != nested_pt::PageSize::Size4K => l,
+                    _ => return Err(Error::NoMapping),
+                }
+            }
+        };
+        let e = leaf.value();
+        if prot.contains(Prot::WRITE) && (!fmt.prot(e).contains(Prot::WRITE) || self.space.track_dirty.load(Acquire)) {
+            return Err(SPLIT);
+        }
+        if self.space.records_access {
+            // As for a 4 KiB leaf (see `lookup_map_slow`).
+            let access = if host { nested_pt::Access::Read } else { access_of(prot) };
+            let bits = fmt.access_bits(e, access).ok_or(Error::Protection)?;
+            if e & bits != bits {
+                leaf.entry.fetch_or(bits, AcqRel);
+            }
+        }
+        let pfn = leaf.pfn_of(Gpa(gpa)).ok_or(Error::NoMapping)?;
+        let host = if host { Some(Self::host_of(&self.snap(), pfn)?) } else { None };
+        Ok(Some(Found { pfn, entry: leaf.entry as *const EntryAtomic, host }))
+    }
+
     /// Handle a nested page fault at `gpa` (any alignment) for an access
     /// needing `prot`: map the page (and its fault-around window) with a
     /// compare-and-swap if it is not present. [`Error::NoMapping`] when no
@@ -463,7 +524,27 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         }
         let gpa = gpa & !(PAGE_SIZE - 1);
         let s = self.snap();
-        self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false, &s).map(|_| ())))
+        match self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false, &s).map(|_| ()))) {
+            Err(e) if e == SPLIT => self.fault_split(gpa, prot),
+            r => r,
+        }
+    }
+
+    /// A write fault on a large leaf that must be split first: split it
+    /// (an administrative change: every client held, the generation
+    /// bumped) and fault again. [`Error::SelfDeadlock`] from a thread in
+    /// guest context on the same space.
+    #[cold]
+    fn fault_split(&self, gpa: u64, prot: Prot) -> Result<()> {
+        for _ in 0..4 {
+            self.space.split_for_write(gpa)?;
+            let s = self.snap();
+            match self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false, &s).map(|_| ()))) {
+                Err(e) if e == SPLIT => continue,
+                r => return r,
+            }
+        }
+        Err(Error::Protection)
     }
 
     /// Hold the page at `gpa` (4 KiB aligned) for `prot` (read and/or
@@ -483,15 +564,31 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         if !prot.intersects(Prot::READ | Prot::WRITE) || prot.contains(Prot::EXEC) {
             return Err(Invalid::BadProt.into());
         }
-        let s = self.snap();
-        let (found, host, seq, slot) = self.active(|| {
-            let f = self.data(|d| self.lookup_map(d, gpa, prot, true, &s))?;
-            let host = f.host.ok_or(Error::NoHostView)?;
-            // Counted while active, so an unmap (which waits for us) sees it.
-            let seq = self.space.unmap_seq.load(Relaxed);
-            let slot = self.shared.hold_taken(gpa, seq);
-            Ok((f, host, seq, slot))
-        })?;
+        let take = || {
+            let s = self.snap();
+            self.active(|| {
+                let f = self.data(|d| self.lookup_map(d, gpa, prot, true, &s))?;
+                let host = f.host.ok_or(Error::NoHostView)?;
+                // Counted while active, so an unmap (which waits for us) sees it.
+                let seq = self.space.unmap_seq.load(Relaxed);
+                let slot = self.shared.hold_taken(gpa, seq);
+                // No split or promotion runs while we are active: the
+                // entry found is valid for this structure sequence.
+                Ok((f, host, seq, slot, self.space.struct_seq.load(Acquire)))
+            })
+        };
+        let mut r = take();
+        for _ in 0..4 {
+            if !matches!(r, Err(e) if e == SPLIT) {
+                break;
+            }
+            self.space.split_for_write(gpa)?;
+            r = take();
+        }
+        let (found, host, seq, slot, sseq) = match r {
+            Err(e) if e == SPLIT => return Err(Error::Protection),
+            r => r?,
+        };
         Ok(PageHold {
             client: self,
             gpa,
@@ -501,6 +598,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             prot,
             defer_dirty: core::cell::Cell::new(defer_dirty),
             seq,
+            sseq,
             slot,
             released: false,
         })
@@ -536,15 +634,25 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             return unmapped;
         }
         let bits = self.space.dirty_bits;
-        let set_dirty = || {
-            if self.space.track_dirty.load(Relaxed) {
-                // SAFETY: the mapping is still in place (checked by the
-                // caller under exclusion), so its leaf table is allocated
-                // and the entry pointer valid.
-                let e = unsafe { &*h.entry };
-                if e.load(Relaxed) & bits != bits {
-                    e.fetch_or(bits, AcqRel);
-                }
+        let mark = |e: &EntryAtomic| {
+            if e.load(Relaxed) & bits != bits {
+                e.fetch_or(bits, AcqRel);
+            }
+        };
+        // The hold's leaf, found again if a split or a promotion moved it
+        // since the hold was taken (its entry pointer may then be a table
+        // entry, or in a freed leaf table); the caller excludes exclusive
+        // access to the data and checked the mapping is still in place.
+        let set_dirty_in = |d: &Data<P>| {
+            if !self.space.track_dirty.load(Relaxed) {
+                return;
+            }
+            if self.space.struct_seq.load(Acquire) == h.sseq {
+                // SAFETY: the mapping is still in place and nothing moved
+                // its leaves, so the entry pointer is valid.
+                mark(unsafe { &*h.entry });
+            } else if let Some(l) = d.table.lookup(Gpa(h.gpa)) {
+                mark(l.entry);
             }
         };
         if shared.try_activate() {
@@ -552,7 +660,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             // every unmap that happened since the hold was taken.
             let unmapped = shared.was_unmapped(h.gpa, h.seq);
             if !unmapped {
-                set_dirty();
+                self.data(set_dirty_in);
             }
             shared.hold_released(h.slot, h.gpa);
             shared.deactivate();
@@ -560,7 +668,9 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         } else {
             // A change is in progress: decide under the client lock, which
             // an unmap takes to retire holds before clearing any entry.
-            shared.release_locked(h.gpa, h.seq, h.slot, set_dirty)
+            // The structure lock keeps the change's exclusive access to
+            // the table out while the leaf is found and marked.
+            shared.release_locked(h.gpa, h.seq, h.slot, || self.space.with_data_structure_locked(set_dirty_in))
         }
     }
 }
@@ -637,6 +747,8 @@ pub struct PageHold<'c, P: TablePages, L: RawLock = DefaultLock> {
     prot: Prot,
     defer_dirty: core::cell::Cell<bool>,
     seq: u64,
+    /// The space's structure sequence when taken (see `Inner::struct_seq`).
+    sseq: u64,
     /// Where the client records the held page (see `ClientShared::held`).
     slot: u8,
     released: bool,

@@ -219,7 +219,7 @@ pub use object::VmObject;
 pub use reservoir::{Arena, HeapReservoir, Reservoir, ReservoirStats};
 #[cfg(feature = "std")]
 pub use reservoir::{HostView, MemfdReservoir};
-pub use space::{Cause, DirtyOp, Invalidation, MappingInfo, SpaceConfig, VmSpace};
+pub use space::{Cause, DirtyOp, Invalidation, MappingInfo, SpaceConfig, SplitPolicy, VmSpace};
 #[cfg(any(loom, feature = "std"))]
 pub use sync::StdLock;
 pub use sync::{DefaultLock, RawLock, SpinLock};

@@ -52,6 +52,36 @@ pub struct SpaceConfig {
     /// for hardware A/D formats, see [`VmSpace::dirty_tracking`]). Off by
     /// default.
     pub fault_around_dirty_untracked: bool,
+    /// Map an aligned 2 MiB range of a mapping with one 2 MiB leaf when
+    /// the mapping's object backs it with one aligned 2 MiB run
+    /// ([`VmObject::run_at`]) and the format has 2 MiB leaves: the range
+    /// is populated for a 2 MiB leaf at `map` (while dirty tracking is
+    /// off), and `populate`, a fault or a hold in it maps the whole run
+    /// at once. On by default; off maps 4 KiB leaves only (promotion,
+    /// [`VmSpace::promote`], is refused then).
+    pub large_leaves: bool,
+    /// How large leaves are split when dirty tracking is switched on
+    /// (default [`SplitPolicy::Eager`]).
+    pub split: SplitPolicy,
+}
+
+/// How [`VmSpace::set_dirty_tracking`] treats large leaves (a harvest
+/// reports 4 KiB pages, so a large leaf must be split before the guest's
+/// writes to it can be told apart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitPolicy {
+    /// Split every large leaf into a full leaf table when tracking is
+    /// switched on (each small leaf carrying the large one's accessed and
+    /// dirty state): switching costs one leaf table per large leaf, and
+    /// the guest's writes afterwards take no fault in `vmspace`.
+    Eager,
+    /// Write-protect every large leaf when tracking is switched on (and
+    /// clear its dirty bit: what was written before tracking needs no
+    /// report), and split a large leaf on the first write to it (a vCPU's
+    /// write fault or a writable hold), the small leaves getting the
+    /// mapping's protection back: switching is cheap, each large leaf's
+    /// first write pays a fault, a split and an invalidation.
+    Lazy,
 }
 
 impl SpaceConfig {
@@ -66,6 +96,8 @@ impl SpaceConfig {
             fault_around: 16,
             fault_around_accessed: false,
             fault_around_dirty_untracked: false,
+            large_leaves: true,
+            split: SplitPolicy::Eager,
         }
     }
 }
@@ -116,6 +148,13 @@ pub enum Cause<'a> {
     /// Dirty tracking was switched on or off (the whole space; the root
     /// pointer may have changed).
     Tracking,
+    /// The translations of the range changed shape or protection without
+    /// being unmapped: large leaves were split or promoted (the same
+    /// frames, now through a leaf table or one large leaf), or a
+    /// protection change ([`VmSpace::protect`]) rewrote its leaves.
+    /// `tables_freed` is true when a promotion freed leaf tables. A host
+    /// that mirrors the table drops what it built for the range.
+    Remap,
 }
 
 /// Dirty-bitmap operations (bhyve's live-migration additions).
@@ -255,6 +294,18 @@ pub(crate) struct Inner<P: TablePages, L: RawLock> {
     /// threads' holds.
     pub(crate) resident: Padded<AtomicU64>,
     pub(crate) track_dirty: AtomicBool,
+    /// Large leaves are mapped (config and format allow them).
+    pub(crate) large: bool,
+    /// Split large leaves on their first write once tracking is on.
+    pub(crate) lazy_split: bool,
+    /// Bumped (under `struct_lock`) by every change that moves present
+    /// leaves to other entries (a split, a promotion): a hold that
+    /// recorded an older value finds its entry again before marking it.
+    pub(crate) struct_seq: AtomicU64,
+    /// Taken around every exclusive access to the data
+    /// (`with_data_mut`): a release that runs while an administrative
+    /// change holds its client reads the table under it.
+    struct_lock: L,
 }
 
 // SAFETY: `admin` is only reached under `lock`; `data` follows the rule
@@ -276,13 +327,23 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         self.data.with(|d| f(unsafe { &*d }))
     }
 
-    /// Exclusive access.
+    /// Exclusive access (under `struct_lock`).
     ///
     /// # Safety
     /// The caller holds the space lock and every client is held.
     unsafe fn with_data_mut<R>(&self, f: impl FnOnce(&mut Data<P>) -> R) -> R {
+        let _g = Guard::new(&self.struct_lock);
         // SAFETY: per the caller, nothing else reaches the data.
         self.data.with_mut(|d| f(unsafe { &mut *d }))
+    }
+
+    /// Shared access for a release that runs while its client is held by
+    /// an administrative change: `struct_lock` keeps exclusive access out.
+    pub(crate) fn with_data_structure_locked<R>(&self, f: impl FnOnce(&Data<P>) -> R) -> R {
+        let _g = Guard::new(&self.struct_lock);
+        // SAFETY: exclusive access only happens under `struct_lock`, which
+        // is held; shared readers run concurrently by design.
+        self.data.with(|d| f(unsafe { &*d }))
     }
 
     /// Run `f` with the space lock and the registry.
@@ -362,6 +423,179 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         Ok(n)
     }
 
+    /// Map the empty 2 MiB slot at `c`, counted for a 2 MiB leaf, with
+    /// one leaf for the run backing `object` from byte `offset`; counts
+    /// 512 resident pages. `Ok(0)` when someone else mapped it first.
+    pub(crate) fn map_large(
+        &self,
+        table: &NestedTable<P>,
+        c: u64,
+        prot: Prot,
+        object: &VmObject,
+        offset: u64,
+    ) -> Result<u64> {
+        // Only ranges with a run are populated for 2 MiB leaves, and an
+        // object's frames never change.
+        let run = object.run_at(offset).ok_or(Error::Table(nested_pt::Error::NotPopulated))?;
+        match table.map(Gpa(c), run, PageSize::Size2M, prot, object.mem_type()) {
+            Ok(()) => {
+                self.resident.fetch_add(M2 / PAGE_SIZE, Relaxed);
+                Ok(M2 / PAGE_SIZE)
+            }
+            Err(nested_pt::Error::AlreadyMapped { .. }) => Ok(0),
+            Err(e) => Err(Error::Table(e)),
+        }
+    }
+
+    /// Map what is missing of `[gpa, end)`, inside the mapping `m` at
+    /// `start`: 4 KiB pages where the range is populated for them, the
+    /// whole 2 MiB leaf where it is populated for one (also when the range
+    /// covers only part of it). Returns the pages mapped.
+    fn map_span(&self, table: &NestedTable<P>, start: u64, m: &Mapping, gpa: u64, end: u64) -> Result<u64> {
+        let mut n = 0;
+        let mut small: Option<(u64, u64)> = None;
+        let frame = |p: Gpa| m.object.frame_at(m.offset + (p.0 - start));
+        let mut a = gpa;
+        while a < end {
+            let c = a & !(M2 - 1);
+            let b = (c + M2).min(end);
+            if chunk_large(table, c) {
+                if let Some((lo, hi)) = small.take() {
+                    n += self.map_pages(table, lo, hi - lo, m.prot, &m.object, frame)?;
+                }
+                n += self.map_large(table, c, m.prot, &m.object, m.offset + (c - start))?;
+            } else {
+                small = Some(small.map_or((a, b), |(lo, _)| (lo, b)));
+            }
+            a = b;
+        }
+        if let Some((lo, hi)) = small {
+            n += self.map_pages(table, lo, hi - lo, m.prot, &m.object, frame)?;
+        }
+        Ok(n)
+    }
+
+    /// Turn the 2 MiB chunk at `c` (inside a mapping whose protection is
+    /// `prot`) from counted for a 2 MiB leaf into counted for 4 KiB
+    /// leaves: its large leaf is split into a leaf table with the same
+    /// translations (the small leaves get `prot`), an empty slot gets an
+    /// empty leaf table. `Ok(true)` when it changed something. The caller
+    /// has exclusive access; a split bumps `struct_seq`.
+    fn split_chunk(&self, table: &mut NestedTable<P>, c: u64, prot: Prot) -> Result<bool> {
+        if !chunk_large(table, c) {
+            return Ok(false);
+        }
+        let leaf = table.lookup(Gpa(c)).map(|l| l.size);
+        match leaf {
+            Some(PageSize::Size2M) => table.demote_2m_as(Gpa(c), Some(prot)).map_err(Error::Table)?,
+            Some(_) => return Ok(false),
+            None => table.split_empty_2m(Gpa(c)).map_err(Error::Table)?,
+        }
+        self.struct_seq.fetch_add(1, Release);
+        Ok(true)
+    }
+
+    /// Split every chunk counted for a 2 MiB leaf that overlaps
+    /// `[gpa, end)` (within the mappings there); with `lazy`, a large leaf
+    /// of a writable mapping is write-protected (and made clean) instead.
+    /// Returns whether anything changed, and the first error (the chunks
+    /// before it are split: the same translations, so the state is
+    /// consistent).
+    fn split_range(&self, d: &mut Data<P>, gpa: u64, end: u64, lazy: bool) -> (bool, Result<()>) {
+        let Data { table, maps } = d;
+        let mut changed = false;
+        for (start, m) in maps.range(..end) {
+            let m_end = start + m.len;
+            if m_end <= gpa {
+                continue;
+            }
+            let mut c = (*start).max(gpa) & !(M2 - 1);
+            while c < m_end.min(end) {
+                if c >= *start && c + M2 <= m_end {
+                    let r = if lazy
+                        && m.prot.contains(Prot::WRITE)
+                        && table.lookup(Gpa(c)).is_some_and(|l| l.size == PageSize::Size2M)
+                    {
+                        self.write_protect_large(table, c);
+                        Ok(false)
+                    } else {
+                        self.split_chunk(table, c, m.prot)
+                    };
+                    match r {
+                        Ok(ch) => changed |= ch,
+                        Err(e) => return (changed, Err(e)),
+                    }
+                }
+                c += M2;
+            }
+        }
+        (changed, Ok(()))
+    }
+
+    /// Clear the write permission and the dirty state of the large leaf
+    /// at `c` (keeping its accessed state), so that the next write faults
+    /// and splits it (the lazy split). A compare-and-swap loop: hardware
+    /// may set accessed/dirty bits meanwhile.
+    fn write_protect_large(&self, table: &NestedTable<P>, c: u64) {
+        let fmt = &self.format;
+        let Some(leaf) = table.lookup(Gpa(c)) else { return };
+        let mut v = leaf.value();
+        loop {
+            let prot = fmt.prot(v) - Prot::WRITE;
+            let mt = fmt.mem_type(v).unwrap_or(nested_pt::MemType::WriteBack);
+            let Ok(mut new) = fmt.leaf_entry(fmt.frame_at_level(v, 2), PageSize::Size2M, prot, mt) else { return };
+            if fmt.accessed(v) {
+                let read = fmt.access_bits(new, Access::Read);
+                new |= read.or_else(|| fmt.access_bits(new, Access::Execute)).unwrap_or(0);
+            }
+            match leaf.entry.compare_exchange(v, new, AcqRel, Acquire) {
+                Ok(_) => return,
+                Err(now) if fmt.is_present(now) => v = now,
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Clear and vacate `[gpa, end)` (whole chunks counted for 2 MiB
+    /// leaves, the rest for 4 KiB ones); the caller split the chunks the
+    /// range cuts. Returns the 4 KiB pages cleared (a 2 MiB leaf: 512).
+    fn vacate_span(&self, table: &mut NestedTable<P>, gpa: u64, end: u64) -> Result<u64> {
+        let mut n = 0;
+        for (lo, hi, size) in spans(gpa, end, |c| chunk_large(table, c)) {
+            n += table.unmap_vacate_region(Gpa(lo), hi - lo, size).map_err(Error::Table)?;
+        }
+        Ok(n)
+    }
+
+    /// The lazy split on a write: split the large leaf that covers `gpa`
+    /// (if it is still there) with its mapping's protection, bump the
+    /// generation and tell every client. Called by a client's data path
+    /// with nothing held and the client inactive.
+    pub(crate) fn split_for_write(&self, gpa: u64) -> Result<()> {
+        if on_cpu::holds(self as *const Inner<P, L> as usize) {
+            return Err(Error::SelfDeadlock);
+        }
+        self.exclusive(|a| {
+            let c = gpa & !(M2 - 1);
+            // SAFETY: lock held, clients held.
+            let changed = unsafe {
+                self.with_data_mut(|d| {
+                    let Some((start, m)) = d.mapping_at(gpa) else { return Ok(false) };
+                    if c < start || c + M2 > start + m.len {
+                        return Ok(false);
+                    }
+                    let prot = m.prot;
+                    self.split_chunk(&mut d.table, c, prot)
+                })
+            }?;
+            if changed {
+                self.map_seq.fetch_add(1, Release);
+                self.bump_gen_and_invalidate(a, c, M2, Cause::Remap, false, None);
+            }
+            Ok(())
+        })
+    }
+
     fn bump_gen_and_invalidate(
         &self,
         a: &Admin<L>,
@@ -400,7 +634,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
             self.with_data_mut(|d| {
                 let before = d.table.table_pages();
                 // One pass over the leaf entries: clear and vacate.
-                let cleared = d.table.unmap_vacate_region(Gpa(gpa), len, PageSize::Size4K).map_err(Error::Table)?;
+                let cleared = self.vacate_span(&mut d.table, gpa, gpa + len)?;
                 d.maps.remove(&gpa);
                 Ok::<_, Error>((cleared, d.table.table_pages() < before))
             })
@@ -427,6 +661,37 @@ pub struct VmSpace<P: TablePages, L: RawLock = DefaultLock> {
     pub(crate) inner: Arc<Inner<P, L>>,
 }
 
+/// Bytes a 2 MiB leaf (and a leaf table) covers.
+pub(crate) const M2: u64 = 2 << 20;
+
+/// Whether the 2 MiB chunk at `c` (inside a mapping) is counted for a
+/// 2 MiB leaf: the walk ends at level 2, at a large leaf or an empty
+/// entry (a chunk counted for 4 KiB leaves has its leaf table).
+#[inline]
+pub(crate) fn chunk_large<P: TablePages>(table: &NestedTable<P>, c: u64) -> bool {
+    let fmt = table.format();
+    let w = table.walk(Gpa(c));
+    w.steps().last().is_some_and(|s| s.level == 2 && (!fmt.is_present(s.entry) || fmt.is_leaf(s.entry, 2)))
+}
+
+/// `[gpa, end)` cut into spans of one leaf size: whole aligned 2 MiB
+/// chunks for which `large` holds are `Size2M`, the rest `Size4K`;
+/// neighbours of the same size merged.
+fn spans(gpa: u64, end: u64, mut large: impl FnMut(u64) -> bool) -> Vec<(u64, u64, PageSize)> {
+    let mut out: Vec<(u64, u64, PageSize)> = Vec::new();
+    let mut a = gpa;
+    while a < end {
+        let b = ((a | (M2 - 1)) + 1).min(end);
+        let size = if a.is_multiple_of(M2) && b - a == M2 && large(a) { PageSize::Size2M } else { PageSize::Size4K };
+        match out.last_mut() {
+            Some((_, hi, s)) if *hi == a && *s == size => *hi = b,
+            _ => out.push((a, b, size)),
+        }
+        a = b;
+    }
+    out
+}
+
 fn check_aligned(gpa: u64, len: u64) -> Result<u64> {
     if len == 0 {
         return Err(Invalid::ZeroLength.into());
@@ -435,6 +700,17 @@ fn check_aligned(gpa: u64, len: u64) -> Result<u64> {
         return Err(Invalid::Unaligned.into());
     }
     gpa.checked_add(len).ok_or(Error::Invalid(Invalid::Overflow))
+}
+
+/// Whether a large leaf covers `gpa` or `end - 1` and sticks out of
+/// `[gpa, end)` (nested-pt's harvest refuses such a range).
+fn cuts_large<P: TablePages>(table: &NestedTable<P>, gpa: u64, end: u64) -> bool {
+    end > gpa
+        && [gpa, end - 1].into_iter().any(|a| {
+            table
+                .lookup(Gpa(a))
+                .is_some_and(|l| l.size != PageSize::Size4K && (l.gpa.0 < gpa || l.gpa.0 + l.size.bytes() > end))
+        })
 }
 
 fn bit(bitmap: &[u64], i: u64) -> bool {
@@ -512,6 +788,10 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 unmap_seq: AtomicU64::new(0),
                 resident: Padded(AtomicU64::new(0)),
                 track_dirty: AtomicBool::new(config.track_dirty),
+                large: config.large_leaves && config.format.supports(PageSize::Size2M),
+                lazy_split: config.split == SplitPolicy::Lazy,
+                struct_seq: AtomicU64::new(0),
+                struct_lock: L::new(),
             }),
         })
     }
@@ -577,7 +857,19 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                     {
                         return Err(Error::NoSpace(NoSpace::Overlap));
                     }
-                    d.table.populate_region(Gpa(gpa), len, PageSize::Size4K).map_err(Error::Table)?;
+                    // Whole aligned 2 MiB chunks that one run backs are
+                    // populated for a 2 MiB leaf (not while tracking: a
+                    // harvest needs 4 KiB leaves), the rest for 4 KiB.
+                    let large = inner.large && !inner.track_dirty.load(Acquire);
+                    let plan = spans(gpa, end, |c| large && object.run_at(offset + (c - gpa)).is_some());
+                    for (i, &(lo, hi, size)) in plan.iter().enumerate() {
+                        if let Err(e) = d.table.populate_region(Gpa(lo), hi - lo, size) {
+                            for &(lo, hi, size) in &plan[..i] {
+                                let _ = d.table.vacate_region(Gpa(lo), hi - lo, size);
+                            }
+                            return Err(Error::Table(e));
+                        }
+                    }
                     d.maps.insert(
                         gpa,
                         Mapping { object: object.clone(), offset, len, prot, born: inner.unmap_seq.load(Relaxed) },
@@ -634,8 +926,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                     if gpa + len > start + m.len {
                         return Err(Error::NotFound);
                     }
-                    let obj_off = m.offset + (gpa - start);
-                    inner.map_pages(&d.table, gpa, len, m.prot, &m.object, |p| m.object.frame_at(obj_off + (p.0 - gpa)))
+                    inner.map_span(&d.table, start, m, gpa, gpa + len)
                 })
             }
         })
@@ -752,6 +1043,25 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         self.check_not_on_cpu()?;
         let inner = &*self.inner;
         inner.exclusive(|a| {
+            if on && !inner.track_dirty.load(Acquire) {
+                // Large leaves go first (see `SplitPolicy`); chunks
+                // counted for a 2 MiB leaf and still empty get leaf
+                // tables, so that faults map 4 KiB leaves from now on.
+                // SAFETY: lock held, clients held.
+                let (changed, r) =
+                    unsafe { inner.with_data_mut(|d| inner.split_range(d, 0, inner.size, inner.lazy_split)) };
+                if changed {
+                    inner.map_seq.fetch_add(1, Release);
+                }
+                if let Err(e) = r {
+                    // Tracking stays off; what was split keeps its
+                    // translations, but vCPUs must see the new tables.
+                    if changed {
+                        inner.bump_gen_and_invalidate(a, 0, inner.size, Cause::Remap, false, None);
+                    }
+                    return Err(e);
+                }
+            }
             inner.track_dirty.store(on, Release);
             inner.bump_gen_and_invalidate(a, 0, inner.size, Cause::Tracking, false, None);
             Ok(())
@@ -874,6 +1184,12 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             frames = None;
         }
         let inner = &*self.inner;
+        if op == DirtyOp::Set {
+            // Set marks 4 KiB pages: large leaves of the range (only
+            // write-protected ones of the lazy split exist while tracking
+            // is on) are split first, with every client held.
+            self.split_span(gpa, len)?;
+        }
         // Entries beyond the 48-bit space do not exist: clip, reporting 0.
         let clipped = len.min(nested_pt::GPA_LIMIT.saturating_sub(gpa));
         let first_frame = frames.as_ref().map_or(0, |f| f.len());
@@ -890,6 +1206,12 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                         // its frame) as it clears the bit.
                         let f = frames.as_deref_mut();
                         Ok(self.scan_leaves(d, gpa, len, sel, bitmap, true, f))
+                    }
+                    (DirtyOp::Get | DirtyOp::Reset, None) if cuts_large(&d.table, gpa, gpa + clipped) => {
+                        // A large leaf sticks out of the range: the leaf
+                        // iterator reports its pages inside, and clears
+                        // nothing it cannot clear whole.
+                        Ok(self.scan_leaves(d, gpa, len, None, bitmap, op == DirtyOp::Reset, None))
                     }
                     (DirtyOp::Get | DirtyOp::Reset, None) => {
                         if clipped == 0 {
@@ -966,7 +1288,11 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
 
     /// Get/Reset through the leaf iterator, one leaf table at a time: of
     /// the selected pages (every page without `sel`), appending the frame
-    /// of each page whose bit it clears to `frames`.
+    /// of each page whose bit it clears to `frames`. A large leaf reports
+    /// its pages inside the range when dirty, and is cleared only when it
+    /// lies wholly inside the range with every page selected (its one
+    /// dirty bit stands for all its pages; left set, the next harvest
+    /// reports them again: a superset, never a miss).
     #[allow(clippy::too_many_arguments)]
     fn scan_leaves(
         &self,
@@ -980,26 +1306,101 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     ) -> u64 {
         let fmt = &self.inner.format;
         let dmask = fmt.dirty_mask();
+        let end = gpa.saturating_add(len);
         let mut count = 0;
-        Self::for_each_selected(d, gpa, len, sel, out, |out, p, e| {
-            let v = e.load(Relaxed);
-            if v & dmask == 0 {
+        clear_bits(out, len / PAGE_SIZE);
+        let selected = |p: u64| sel.is_none_or(|s| bit(s, p));
+        d.table.for_each_leaf_table(Gpa(gpa), len, |base, entries, size| {
+            if size != PageSize::Size4K {
+                let e = &entries[0];
+                let v = e.load(Relaxed);
+                if v & dmask == 0 || !fmt.is_present(v) {
+                    return;
+                }
+                let (lo, hi) = (base.0.max(gpa), (base.0 + size.bytes()).min(end));
+                let pages = (lo - gpa) / PAGE_SIZE..(hi - gpa) / PAGE_SIZE;
+                let whole = lo == base.0 && hi == base.0 + size.bytes() && pages.clone().all(selected);
+                let cleared = clear && whole && {
+                    e.fetch_and(!dmask, AcqRel);
+                    true
+                };
+                let first = fmt.frame_at_level(v, size.level());
+                for p in pages {
+                    if selected(p) {
+                        put_bit(out, p, true);
+                        count += 1;
+                        if cleared && let Some(f) = frames.as_deref_mut() {
+                            f.push(Pfn(first.0 + (gpa + p * PAGE_SIZE - base.0) / PAGE_SIZE));
+                        }
+                    }
+                }
                 return;
             }
-            if clear {
-                // Harvests are serialized (space lock): nobody else
-                // clears the bit, so the entry still has it here.
-                let v = e.fetch_and(!dmask, AcqRel);
-                if let Some(f) = frames.as_deref_mut()
-                    && fmt.is_present(v)
-                {
-                    f.push(fmt.frame(v));
+            let first = (base.0 - gpa) / PAGE_SIZE;
+            for (i, e) in entries.iter().enumerate() {
+                let p = first + i as u64;
+                if !selected(p) {
+                    continue;
                 }
+                let v = e.load(Relaxed);
+                if v & dmask == 0 {
+                    continue;
+                }
+                if clear {
+                    // Harvests are serialized (space lock): nobody else
+                    // clears the bit, so the entry still has it here.
+                    let v = e.fetch_and(!dmask, AcqRel);
+                    if let Some(f) = frames.as_deref_mut()
+                        && fmt.is_present(v)
+                    {
+                        f.push(fmt.frame(v));
+                    }
+                }
+                put_bit(out, p, true);
+                count += 1;
             }
-            put_bit(out, p, true);
-            count += 1;
         });
         count
+    }
+
+    /// Split the large leaves (and give empty 2 MiB-counted chunks leaf
+    /// tables) in `[gpa, gpa+len)`, with every client held, when there are
+    /// any; bumps the generation and tells every client when it split
+    /// something ([`Cause::Remap`]).
+    fn split_span(&self, gpa: u64, len: u64) -> Result<()> {
+        let inner = &*self.inner;
+        let end = gpa.saturating_add(len).min(inner.size);
+        if gpa >= end {
+            return Ok(());
+        }
+        // SAFETY: lock held (shared access).
+        let any = inner.locked(|_| unsafe {
+            inner.with_data(|d| {
+                d.maps.range(..end).rev().take_while(|(s, m)| *s + m.len > gpa).any(|(s, m)| {
+                    let mut c = (*s).max(gpa) & !(M2 - 1);
+                    let m_end = s + m.len;
+                    while c < m_end.min(end) {
+                        if c >= *s && c + M2 <= m_end && chunk_large(&d.table, c) {
+                            return true;
+                        }
+                        c += M2;
+                    }
+                    false
+                })
+            })
+        });
+        if !any {
+            return Ok(());
+        }
+        inner.exclusive(|a| {
+            // SAFETY: lock held, clients held.
+            let (changed, r) = unsafe { inner.with_data_mut(|d| inner.split_range(d, gpa, end, false)) };
+            if changed {
+                inner.map_seq.fetch_add(1, Release);
+                inner.bump_gen_and_invalidate(a, gpa, end - gpa, Cause::Remap, false, None);
+            }
+            r
+        })
     }
 
     /// Set: fault each selected page whose mapping is writable in for

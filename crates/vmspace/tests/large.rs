@@ -1,0 +1,335 @@
+//! Transparent 2 MiB leaves: the reservoir's aligned runs mapped with one
+//! leaf by `populate` and by faults and holds, exact `resident_count`,
+//! holds inside a large leaf, and the split when dirty tracking is
+//! switched on (eager and lazy), with harvests exact afterwards.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use nested_pt::{Access, Gpa, PageSize, mmu};
+use vmspace::*;
+
+const M2: u64 = 2 << 20;
+
+/// 4 KiB pages the present leaves map (a 2 MiB leaf: 512).
+fn mapped_pages(s: &Space) -> u64 {
+    s.with_table(|t| t.leaves(Gpa(0), s.size()).map(|l| l.size.pages()).sum())
+}
+
+/// The sizes of the present leaves, in address order.
+fn leaf_sizes(s: &Space, gpa: u64, len: u64) -> Vec<PageSize> {
+    s.with_table(|t| t.leaves(Gpa(gpa), len).map(|l| l.size).collect())
+}
+
+/// A vCPU's write as the hardware does it: the walk sets accessed/dirty
+/// (NPT always, EPT with A/D on). Emulated A/D records it in the fault
+/// path instead, so it is not used with that format.
+fn hw_write(s: &Space, gpa: u64) -> bool {
+    // SAFETY: a hardware walk only sets accessed/dirty bits.
+    unsafe {
+        s.with_table_raw(|t| mmu::translate(t.pages(), t.format(), t.hw_root(), Gpa(gpa), Access::Write, true).is_ok())
+    }
+}
+
+fn space_cfg(format: PteFormat, split: SplitPolicy) -> Space {
+    let mut cfg = SpaceConfig::new(1 << 32, format);
+    cfg.split = split;
+    cfg.fault_around = 16;
+    VmSpace::new(cfg, pages()).unwrap()
+}
+
+/// Every page of the range translates to its object frame.
+fn check_frames(s: &Space, o: &VmObject, gpa: u64, off: u64, pages: u64) {
+    for p in 0..pages {
+        let g = gpa + p * PG;
+        assert_eq!(s.lookup(g).map(|(f, _)| f), o.frame_at(off + p * PG), "page {g:#x}");
+    }
+}
+
+#[test]
+fn populate_and_faults_map_large_leaves() {
+    for f in formats() {
+        let s = space_cfg(f, SplitPolicy::Eager);
+        let r = reservoir(8192);
+        let o = ram(&r, 4 * 512 + 16);
+        for k in 0..4 {
+            assert!(o.run_at(k * M2).is_some(), "{f:?}: the reservoir handed out runs");
+        }
+        s.map(&o, 0, 0x4000_0000, 4 * M2 + 16 * PG, Prot::RW).unwrap();
+        let tables = table_pages(&s);
+        // populate: one 2 MiB leaf per run, even for part of one.
+        assert_eq!(s.populate(0x4000_0000 + 5 * PG, PG).unwrap(), 512, "{f:?}");
+        assert_eq!(s.resident_count(), 512);
+        assert_eq!(leaf_sizes(&s, 0x4000_0000, M2), vec![PageSize::Size2M]);
+        // A fault anywhere in the second run maps it with one leaf.
+        let c = s.client();
+        c.fault(0x4000_0000 + M2 + 77 * PG + 3, Prot::READ).unwrap();
+        assert_eq!(s.resident_count(), 1024, "{f:?}");
+        // A hold in the third: the host pointer is the frame + offset.
+        let h = c.hold(0x4000_0000 + 2 * M2 + 300 * PG, Prot::RW).unwrap();
+        assert_eq!(Some(h.pfn()), o.frame_at(2 * M2 + 300 * PG));
+        h.write_u64(8, 0xdead_beef).unwrap();
+        drop(h);
+        let mut b = [0u8; 8];
+        o.read(2 * M2 + 300 * PG + 8, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 0xdead_beef);
+        // The rest: the fourth run and the 4 KiB tail.
+        assert_eq!(s.populate(0x4000_0000, 4 * M2 + 16 * PG).unwrap(), 512 + 16);
+        assert_eq!(s.resident_count(), 4 * 512 + 16);
+        assert_eq!(mapped_pages(&s), s.resident_count(), "{f:?}: resident_count exact");
+        assert_eq!(leaf_sizes(&s, 0x4000_0000, 4 * M2), vec![PageSize::Size2M; 4]);
+        assert_eq!(table_pages(&s), tables, "no leaf table for the runs");
+        check_frames(&s, &o, 0x4000_0000, 0, 4 * 512 + 16);
+        assert_eq!(s.lookup(0x4000_0000 + 3 * M2).unwrap().1, Prot::RW);
+        s.unmap(0x4000_0000, 4 * M2 + 16 * PG).unwrap();
+        assert_eq!(s.resident_count(), 0);
+        assert_eq!(table_pages(&s), 1, "{f:?}: every table vacated");
+    }
+}
+
+#[test]
+fn no_large_leaf_where_the_range_is_not_one_aligned_run() {
+    let s = space_cfg(npt(), SplitPolicy::Eager);
+    let r = reservoir(8192);
+    let o = ram(&r, 3 * 512);
+    // Object offset not 2 MiB aligned against the guest address.
+    s.map(&o, PG, 0, 2 * M2, Prot::RW).unwrap();
+    // The same object at an aligned offset, but the space's address is not.
+    s.map(&o, 0, 0x1000_0000 + PG, M2, Prot::RW).unwrap();
+    s.populate(0, 2 * M2).unwrap();
+    s.populate(0x1000_0000 + PG, M2).unwrap();
+    assert!(leaf_sizes(&s, 0, 1 << 30).iter().all(|&z| z == PageSize::Size4K));
+    assert_eq!(s.resident_count(), 3 * 512);
+    // Large leaves off by configuration.
+    let mut cfg = SpaceConfig::new(1 << 32, npt());
+    cfg.large_leaves = false;
+    let s: Space = VmSpace::new(cfg, pages()).unwrap();
+    s.map(&o, 0, 0, M2, Prot::RW).unwrap();
+    s.populate(0, M2).unwrap();
+    assert_eq!(leaf_sizes(&s, 0, M2), vec![PageSize::Size4K; 512]);
+    // Fragmented frames (no aligned room): 4 KiB leaves.
+    let s = space_cfg(npt(), SplitPolicy::Eager);
+    let r = Arc::new(HeapReservoir::new(900 * PG, Pfn(0x10_0001)).unwrap());
+    let o = VmObject::ram(r, 512 * PG).unwrap();
+    assert!(o.run_at(0).is_none());
+    s.map(&o, 0, 0, M2, Prot::RW).unwrap();
+    s.client().fault(0, Prot::WRITE).unwrap();
+    assert_eq!(s.resident_count(), 16, "fault-around of 4 KiB leaves");
+}
+
+/// A space with `runs` large leaves at 1 GiB, populated, and the object.
+fn large_space(f: PteFormat, split: SplitPolicy, runs: u64) -> (Space, Arc<VmObject>) {
+    let s = space_cfg(f, split);
+    let r = reservoir(runs * 512 + 1024);
+    let o = ram(&r, runs * 512);
+    s.map(&o, 0, 1 << 30, runs * M2, Prot::RW).unwrap();
+    s.populate(1 << 30, runs * M2).unwrap();
+    assert_eq!(leaf_sizes(&s, 1 << 30, runs * M2), vec![PageSize::Size2M; runs as usize]);
+    (s, o)
+}
+
+#[test]
+fn eager_split_when_tracking_is_switched_on_and_harvest_is_exact() {
+    for f in formats() {
+        let (s, o) = large_space(f, SplitPolicy::Eager, 3);
+        let base = 1 << 30;
+        let tables = table_pages(&s);
+        let gens = Arc::new(Mutex::new(Vec::new()));
+        let c = s.client();
+        let g2 = gens.clone();
+        c.set_invalidation(Some(move |inv: &Invalidation<'_>| g2.lock().unwrap().push(format!("{:?}", inv.cause))));
+        // A writable hold taken before the split, released after it.
+        let held = c.hold(base + M2 + 9 * PG, Prot::RW).unwrap();
+        s.set_dirty_tracking(true).unwrap();
+        assert_eq!(gens.lock().unwrap().as_slice(), ["Tracking"]);
+        assert_eq!(leaf_sizes(&s, base, 3 * M2), vec![PageSize::Size4K; 3 * 512], "{f:?}");
+        assert_eq!(table_pages(&s), tables + 3, "one leaf table per large leaf");
+        assert_eq!(s.resident_count(), 3 * 512);
+        assert_eq!(mapped_pages(&s), 3 * 512);
+        check_frames(&s, &o, base, 0, 3 * 512);
+        // Nothing was written while tracking was off; the split reports
+        // nothing either.
+        let mut bm = vec![0u64; 3 * 8];
+        assert_eq!(s.track_dirty(base, 3 * M2, &mut bm).unwrap(), 0, "{f:?}");
+        // Writes after the split: a hold's release and (where the format
+        // has hardware A/D) the vCPU's own writes, page by page.
+        assert!(!held.release());
+        let h = c.hold(base + 2 * M2 + 511 * PG, Prot::WRITE | Prot::READ).unwrap();
+        drop(h);
+        let mut want = vec![512 + 9, 1024 + 511];
+        if f.kind() != nested_pt::FormatKind::EptEmulatedAd {
+            assert!(hw_write(&s, base + 40 * PG));
+            want.push(40);
+        } else {
+            c.fault(base + 40 * PG, Prot::WRITE).unwrap();
+            want.push(40);
+        }
+        want.sort();
+        assert_eq!(s.track_dirty(base, 3 * M2, &mut bm).unwrap(), 3, "{f:?}");
+        let got: Vec<u64> = (0..3 * 512).filter(|&p| bit(&bm, p)).collect();
+        assert_eq!(got, want, "{f:?}: exactly the pages written");
+        s.unmap(base, 3 * M2).unwrap();
+        assert_eq!(s.resident_count(), 0);
+        assert_eq!(table_pages(&s), 1);
+    }
+}
+
+#[test]
+fn large_leaf_dirty_before_tracking_is_carried_by_the_split() {
+    // A hardware write to a large leaf while tracking is off sets its
+    // dirty bit; the eager split carries it to every small leaf, so the
+    // first harvest reports the whole 2 MiB (a superset, never a miss).
+    let (s, _o) = large_space(npt(), SplitPolicy::Eager, 1);
+    let base = 1 << 30;
+    assert!(hw_write(&s, base + 3 * PG));
+    s.set_dirty_tracking(true).unwrap();
+    let mut bm = [0u64; 8];
+    assert_eq!(s.track_dirty(base, M2, &mut bm).unwrap(), 512);
+    assert_eq!(s.track_dirty(base, M2, &mut bm).unwrap(), 0);
+}
+
+#[test]
+fn lazy_split_on_the_first_write() {
+    for f in formats() {
+        let (s, o) = large_space(f, SplitPolicy::Lazy, 2);
+        let base = 1 << 30;
+        let tables = table_pages(&s);
+        if f.kind() != nested_pt::FormatKind::EptEmulatedAd {
+            assert!(hw_write(&s, base + 5 * PG), "a write while tracking is off");
+        }
+        let causes = Arc::new(Mutex::new(Vec::new()));
+        let c = s.client();
+        let k = causes.clone();
+        c.set_invalidation(Some(move |inv: &Invalidation<'_>| k.lock().unwrap().push(format!("{:?}", inv.cause))));
+        s.set_dirty_tracking(true).unwrap();
+        // Still large, write-protected and clean.
+        assert_eq!(leaf_sizes(&s, base, 2 * M2), vec![PageSize::Size2M; 2], "{f:?}");
+        assert_eq!(table_pages(&s), tables);
+        assert_eq!(s.lookup(base).unwrap().1, Prot::READ, "{f:?}: write-protected");
+        let mut bm = [0u64; 16];
+        assert_eq!(s.dirty_op(DirtyOp::Get, base, 2 * M2, None, &mut bm).unwrap(), 0, "{f:?}: made clean");
+        if f.kind() != nested_pt::FormatKind::EptEmulatedAd {
+            assert!(!hw_write(&s, base + 5 * PG), "{f:?}: the hardware write faults now");
+        }
+        // A read fault does not split.
+        c.fault(base + 7 * PG, Prot::READ).unwrap();
+        assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M]);
+        // The write fault splits that leaf only, with write back.
+        c.fault(base + 5 * PG, Prot::WRITE).unwrap();
+        assert_eq!(causes.lock().unwrap().as_slice(), ["Tracking", "Remap"], "{f:?}");
+        let sizes = leaf_sizes(&s, base, 2 * M2);
+        assert_eq!(sizes.len(), 513);
+        assert_eq!(sizes[512], PageSize::Size2M, "the other leaf is still large");
+        assert_eq!(s.lookup(base + 100 * PG).unwrap().1, Prot::RW);
+        assert_eq!(table_pages(&s), tables + 1);
+        assert_eq!(s.resident_count(), 1024);
+        assert_eq!(mapped_pages(&s), 1024);
+        check_frames(&s, &o, base, 0, 1024);
+        if f.kind() != nested_pt::FormatKind::EptEmulatedAd {
+            assert!(hw_write(&s, base + 5 * PG));
+        }
+        // A writable hold on the other leaf splits it too.
+        let h = c.hold(base + M2 + 200 * PG, Prot::RW).unwrap();
+        assert_eq!(Some(h.pfn()), o.frame_at(M2 + 200 * PG));
+        drop(h);
+        assert_eq!(leaf_sizes(&s, base, 2 * M2).len(), 1024);
+        assert_eq!(s.track_dirty(base, 2 * M2, &mut bm).unwrap(), 2, "{f:?}: exactly the two pages written");
+        assert!(bit(&bm, 5) && bit(&bm, 512 + 200));
+    }
+}
+
+#[test]
+fn harvests_and_set_with_large_leaves_while_tracking() {
+    let (s, _o) = large_space(npt(), SplitPolicy::Lazy, 2);
+    let base = 1 << 30;
+    s.set_dirty_tracking(true).unwrap();
+    // A dirty bit on a (write-protected) large leaf: a hold released
+    // after the switch, taken before, marks its leaf (here set by hand).
+    // SAFETY: only the dirty bit of a present leaf changes.
+    unsafe { s.with_table_raw(|t| t.reset_dirty(Gpa(base), true).unwrap()) };
+    // A harvest of part of the leaf reports its pages inside, clears
+    // nothing (its one bit stands for the whole leaf)...
+    let mut bm = [0u64; 16];
+    assert_eq!(s.track_dirty(base, M2 / 2, &mut bm).unwrap(), 256);
+    assert_eq!(s.dirty_op(DirtyOp::Get, base + M2 / 2, M2, None, &mut bm).unwrap(), 256);
+    // ...one of the whole leaf clears it, with the frames collected.
+    let mut frames = Vec::new();
+    assert_eq!(s.track_dirty_frames(base, 2 * M2, &mut bm, &mut frames).unwrap(), 512);
+    assert_eq!(frames.len(), 512);
+    assert_eq!(s.track_dirty(base, 2 * M2, &mut bm).unwrap(), 0);
+    // Set splits the large leaves it touches and marks 4 KiB pages.
+    let mut sel = [0u64; 16];
+    sel[8] = 1 << 3; // page 512 + 3
+    assert_eq!(s.dirty_op(DirtyOp::Set, base, 2 * M2, Some(&sel), &mut bm).unwrap(), 1);
+    assert_eq!(leaf_sizes(&s, base, 2 * M2).len(), 1024);
+    assert_eq!(s.track_dirty(base, 2 * M2, &mut bm).unwrap(), 1);
+    assert!(bit(&bm, 515));
+    assert_eq!(s.resident_count(), 1024);
+}
+
+#[test]
+fn tracking_on_gives_empty_large_chunks_leaf_tables() {
+    // Chunks counted for a 2 MiB leaf but never touched get leaf tables
+    // when tracking goes on (both policies): faults map 4 KiB leaves then.
+    for split in [SplitPolicy::Eager, SplitPolicy::Lazy] {
+        let s = space_cfg(npt(), split);
+        let r = reservoir(4096);
+        let o = ram(&r, 1024);
+        s.map(&o, 0, 0, 2 * M2, Prot::RW).unwrap();
+        let tables = table_pages(&s);
+        s.set_dirty_tracking(true).unwrap();
+        assert_eq!(table_pages(&s), tables + 2, "{split:?}");
+        let c = s.client();
+        c.fault(M2 + 5 * PG, Prot::WRITE).unwrap();
+        assert_eq!(s.resident_count(), 16, "{split:?}: a 4 KiB fault-around window");
+        let mut bm = [0u64; 16];
+        assert!(hw_write(&s, M2 + 5 * PG));
+        assert_eq!(s.track_dirty(0, 2 * M2, &mut bm).unwrap(), 1);
+        // Mapped while tracking: 4 KiB only.
+        let o2 = ram(&r, 512);
+        s.map(&o2, 0, 1 << 30, M2, Prot::RW).unwrap();
+        s.populate(1 << 30, M2).unwrap();
+        assert_eq!(leaf_sizes(&s, 1 << 30, M2), vec![PageSize::Size4K; 512]);
+        // Tracking off again: mappings keep what they have.
+        s.set_dirty_tracking(false).unwrap();
+        s.unmap(0, 2 * M2).unwrap();
+        s.unmap(1 << 30, M2).unwrap();
+        assert_eq!((s.resident_count(), table_pages(&s)), (0, 1));
+    }
+}
+
+#[test]
+fn holds_across_a_split_mark_the_right_page() {
+    // Writable holds on a large leaf, taken with tracking off, are
+    // released after the eager split: each marks its own 4 KiB page.
+    let (s, _o) = large_space(npt(), SplitPolicy::Eager, 1);
+    let base = 1 << 30;
+    let c = s.client();
+    let hs: Vec<_> = [3u64, 400].iter().map(|p| c.hold(base + p * PG, Prot::RW).unwrap()).collect();
+    s.set_dirty_tracking(true).unwrap();
+    drop(hs);
+    let mut bm = [0u64; 8];
+    assert_eq!(s.track_dirty(base, M2, &mut bm).unwrap(), 2);
+    assert!(bit(&bm, 3) && bit(&bm, 400));
+    // A release while another thread's change holds the client: the
+    // slow path finds the moved leaf under the structure lock.
+    let (s, _o) = large_space(npt(), SplitPolicy::Eager, 1);
+    let c = s.client();
+    let h = c.hold(base + 7 * PG, Prot::RW).unwrap();
+    let released = AtomicU64::new(0);
+    std::thread::scope(|t| {
+        t.spawn(|| {
+            s.set_dirty_tracking(true).unwrap();
+        });
+        drop(h);
+        released.store(1, Ordering::SeqCst);
+    });
+    let mut bm = [0u64; 8];
+    let n = s.track_dirty(base, M2, &mut bm).unwrap();
+    // The release ran before the switch (tracking off: nothing marked)
+    // or after it (the page marked); never anything else.
+    assert!(n == 0 || (n == 1 && bit(&bm, 7)), "{n}");
+}
