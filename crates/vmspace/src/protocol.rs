@@ -347,6 +347,16 @@ impl<L: RawLock> ClientShared<L> {
         false
     }
 
+    /// Whether an outstanding hold of this client is on a page of
+    /// `[start, end)` (of any mapping there); errs towards "yes" for a
+    /// release racing with the caller. Space lock held.
+    pub(crate) fn has_holds(&self, start: u64, end: u64) -> bool {
+        if self.outstanding.load(Acquire) == 0 {
+            return false;
+        }
+        self.with_locked(|_, _| self.holds_in(start, end, 0, u64::MAX))
+    }
+
     /// Drop the retired objects no outstanding hold needs any more (none
     /// when no hold is left); under the lock. Returns them, to be dropped
     /// outside it.

@@ -567,6 +567,193 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         Ok(n)
     }
 
+    /// Split the chunks counted for 2 MiB leaves that `[gpa, end)` cuts
+    /// (inside the mapping at `start`, of protection `prot`): at most the
+    /// two at its ends. Returns whether one was split.
+    fn split_ends(
+        &self,
+        table: &mut NestedTable<P>,
+        start: u64,
+        m_end: u64,
+        gpa: u64,
+        end: u64,
+        prot: Prot,
+    ) -> Result<bool> {
+        let mut changed = false;
+        for c in [gpa & !(M2 - 1), (end - 1) & !(M2 - 1)] {
+            let cut = c < gpa || c + M2 > end;
+            if cut && c >= start && c + M2 <= m_end {
+                changed |= self.split_chunk(table, c, prot)?;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Part of `unmap_range`: space lock held, clients held.
+    fn unmap_part_locked(&self, a: &Admin<L>, start: u64, gpa: u64, end: u64) -> Result<StdArc<VmObject>> {
+        // SAFETY: lock held, clients held.
+        let (object, m_offset, m_len, prot, born) = unsafe {
+            self.with_data(|d| {
+                let m = &d.maps[&start];
+                (m.object.clone(), m.offset, m.len, m.prot, m.born)
+            })
+        };
+        let m_end = start + m_len;
+        // Splits first: on error nothing is unmapped (what was split keeps
+        // its translations; vCPUs are told of the new tables).
+        // SAFETY: lock held, clients held.
+        let split = unsafe { self.with_data_mut(|d| self.split_ends(&mut d.table, start, m_end, gpa, end, prot)) };
+        let split = match split {
+            Ok(s) => s,
+            Err(e) => {
+                self.map_seq.fetch_add(1, Release);
+                self.bump_gen_and_invalidate(a, gpa, end - gpa, Cause::Remap, true, None);
+                return Err(e);
+            }
+        };
+        let seq = self.unmap_seq.load(Relaxed) + 1;
+        for c in a.clients.values() {
+            c.retire(gpa, end, born, seq, &object);
+        }
+        self.unmap_seq.store(seq, Release);
+        // SAFETY: lock held, clients held.
+        let (cleared, freed) = unsafe {
+            self.with_data_mut(|d| {
+                let before = d.table.table_pages();
+                let cleared = self.vacate_span(&mut d.table, gpa, end)?;
+                d.maps.remove(&start);
+                if gpa > start {
+                    let left = Mapping { object: object.clone(), offset: m_offset, len: gpa - start, prot, born };
+                    d.maps.insert(start, left);
+                }
+                if end < m_end {
+                    let offset = m_offset + (end - start);
+                    let right = Mapping { object: object.clone(), offset, len: m_end - end, prot, born };
+                    d.maps.insert(end, right);
+                }
+                Ok::<_, Error>((cleared, d.table.table_pages() < before))
+            })
+        }?;
+        self.map_seq.fetch_add(1, Release);
+        self.resident.fetch_sub(cleared, Relaxed);
+        if cleared > 0 || freed || split {
+            let cause = Cause::Unmap { object: &object, offset: m_offset + (gpa - start) };
+            self.bump_gen_and_invalidate(a, gpa, end - gpa, cause, freed || split, None);
+        }
+        Ok(object)
+    }
+
+    /// The leaf entry `v` (of a page of `size`) with protection `prot`,
+    /// its frame, memory type and accessed/dirty state kept.
+    fn with_prot(&self, v: u64, size: PageSize, prot: Prot) -> Result<u64> {
+        let fmt = &self.format;
+        let mt = fmt.mem_type(v).unwrap_or(nested_pt::MemType::WriteBack);
+        let mut new = fmt.leaf_entry(fmt.frame_at_level(v, size.level()), size, prot, mt).map_err(Error::Table)?;
+        if fmt.accessed(v) {
+            let read = fmt.access_bits(new, Access::Read);
+            new |= read.or_else(|| fmt.access_bits(new, Access::Execute)).unwrap_or(0);
+        }
+        if fmt.dirty(v) {
+            new |= fmt.set_dirty_bits();
+        }
+        Ok(new)
+    }
+
+    /// Part of `protect`: space lock held, clients held.
+    fn protect_locked(&self, a: &Admin<L>, start: u64, gpa: u64, end: u64, prot: Prot) -> Result<()> {
+        let tracking = self.track_dirty.load(Acquire);
+        // SAFETY: lock held, clients held.
+        let r = unsafe {
+            self.with_data_mut(|d| {
+                let m = &d.maps[&start];
+                let (m_end, old) = (start + m.len, m.prot);
+                let mut split = self.split_ends(&mut d.table, start, m_end, gpa, end, old)?;
+                if tracking {
+                    let (s, r) = self.split_range(d, gpa, end, false);
+                    split |= s;
+                    r?;
+                }
+                // Rewrite the leaves: a compare-and-swap each, since the
+                // hardware may set accessed/dirty bits meanwhile.
+                let fmt = &self.format;
+                let mut err = Ok(());
+                d.table.for_each_leaf_table(Gpa(gpa), end - gpa, |_, entries, size| {
+                    for e in entries {
+                        let mut v = e.load(Acquire);
+                        while fmt.is_present(v) {
+                            let new = match self.with_prot(v, size, prot) {
+                                Ok(n) => n,
+                                Err(x) => {
+                                    err = Err(x);
+                                    return;
+                                }
+                            };
+                            match e.compare_exchange(v, new, AcqRel, Acquire) {
+                                Ok(_) => break,
+                                Err(now) => v = now,
+                            }
+                        }
+                    }
+                });
+                err?;
+                let m = d.maps.remove(&start).expect("found above");
+                let piece = |offset: u64, len: u64, prot: Prot| Mapping {
+                    object: m.object.clone(),
+                    offset: m.offset + offset,
+                    len,
+                    prot,
+                    born: m.born,
+                };
+                if gpa > start {
+                    d.maps.insert(start, piece(0, gpa - start, old));
+                }
+                d.maps.insert(gpa, piece(gpa - start, end - gpa, prot));
+                if end < m_end {
+                    d.maps.insert(end, piece(end - start, m_end - end, old));
+                }
+                // Pieces of one mapping with the same protection again
+                // become one (so that a later promotion sees them whole).
+                coalesce(&mut d.maps, gpa);
+                Ok::<_, Error>(split)
+            })
+        };
+        // The map sequence and the generation move whatever happened: the
+        // leaves may be rewritten in part when an error stopped it.
+        self.map_seq.fetch_add(1, Release);
+        let split = *r.as_ref().unwrap_or(&true);
+        self.bump_gen_and_invalidate(a, gpa, end - gpa, Cause::Remap, split, None);
+        r.map(|_| ())
+    }
+
+    /// Promote the qualifying 2 MiB chunks of `[gpa, end)` (see
+    /// [`VmSpace::promote`]); exclusive access. Returns how many.
+    fn promote_range(&self, d: &mut Data<P>, gpa: u64, end: u64) -> u64 {
+        let Data { table, maps } = d;
+        let mut n = 0;
+        for (start, m) in maps.range(..end) {
+            let m_end = start + m.len;
+            if m_end <= gpa {
+                continue;
+            }
+            let lo = (*start).max(gpa).next_multiple_of(M2);
+            let hi = m_end.min(end) & !(M2 - 1);
+            let mut c = lo;
+            while c + M2 <= hi {
+                if !chunk_large(table, c)
+                    && m.object.run_at(m.offset + (c - start)).is_some()
+                    && table.promote_2m(Gpa(c)).is_ok()
+                {
+                    n += 1;
+                }
+                c += M2;
+            }
+        }
+        if n > 0 {
+            self.struct_seq.fetch_add(1, Release);
+        }
+        n
+    }
+
     /// The lazy split on a write: split the large leaf that covers `gpa`
     /// (if it is still there) with its mapping's protection, bump the
     /// generation and tell every client. Called by a client's data path
@@ -711,6 +898,39 @@ fn cuts_large<P: TablePages>(table: &NestedTable<P>, gpa: u64, end: u64) -> bool
                 .lookup(Gpa(a))
                 .is_some_and(|l| l.size != PageSize::Size4K && (l.gpa.0 < gpa || l.gpa.0 + l.size.bytes() > end))
         })
+}
+
+/// Merge the mapping at `at` with the one that ends where it starts and
+/// the one that starts where it ends, where they are pieces of one
+/// mapping (same object, contiguous offsets, same protection and unmap
+/// sequence of birth, so that holds on either see the same mapping).
+fn coalesce(maps: &mut BTreeMap<u64, Mapping>, at: u64) {
+    let same = |a: &Mapping, a_start: u64, b: &Mapping, b_start: u64| {
+        StdArc::ptr_eq(&a.object, &b.object)
+            && a.prot == b.prot
+            && a.born == b.born
+            && a_start + a.len == b_start
+            && a.offset + a.len == b.offset
+    };
+    let mut at = at;
+    // Left neighbour.
+    if let Some((&l, lm)) = maps.range(..at).next_back()
+        && let Some(m) = maps.get(&at)
+        && same(lm, l, m, at)
+    {
+        let m = maps.remove(&at).expect("present");
+        maps.get_mut(&l).expect("present").len += m.len;
+        at = l;
+    }
+    // Right neighbour.
+    let Some(m) = maps.get(&at) else { return };
+    let next = at + m.len;
+    if let Some(r) = maps.get(&next)
+        && same(m, at, r, next)
+    {
+        let r = maps.remove(&next).expect("present");
+        maps.get_mut(&at).expect("present").len += r.len;
+    }
 }
 
 fn bit(bitmap: &[u64], i: u64) -> bool {
@@ -905,6 +1125,118 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         // The mapping's reference is dropped here, outside every lock.
         drop(object);
         Ok(())
+    }
+
+    /// Unmap `[gpa, gpa+len)`, which must lie inside one mapping (all of
+    /// it, or any part: the mapping is cut, and what is left of it on
+    /// either side stays mapped as before, same object offsets and
+    /// protection). A large leaf the range cuts is split first (its pages
+    /// outside the range keep their translations, with no not-present
+    /// window). Then as [`VmSpace::unmap`] for the range: its leaves are
+    /// cleared and its tables vacated, holds on its pages keep the object
+    /// and report the unmap on release (holds elsewhere on the mapping
+    /// are unaffected), the generation is bumped and every client told
+    /// ([`Cause::Unmap`] with the range's object offset;
+    /// `tables_freed` also when a split rewrote a table entry).
+    /// [`Error::NotFound`] unless one mapping contains the range.
+    pub fn unmap_range(&self, gpa: u64, len: u64) -> Result<()> {
+        let end = check_aligned(gpa, len)?;
+        self.check_not_on_cpu()?;
+        let inner = &*self.inner;
+        let object = inner.exclusive(|a| {
+            // SAFETY: lock held, clients held.
+            let start = unsafe {
+                inner.with_data(|d| match d.mapping_at(gpa) {
+                    Some((s, m)) if end - s <= m.len => Ok(s),
+                    _ => Err(Error::NotFound),
+                })
+            }?;
+            inner.unmap_part_locked(a, start, gpa, end)
+        })?;
+        drop(object);
+        Ok(())
+    }
+
+    /// Change the protection of `[gpa, gpa+len)`, which must lie inside
+    /// one mapping, to `prot` (FreeBSD's `pmap_protect`, seed 004's
+    /// missing `vmspace_protect`): the mapping is cut where the range
+    /// ends inside it, a large leaf the range cuts is split first, and
+    /// every present leaf of the range is rewritten with the new
+    /// protection, keeping its frame, memory type and accessed/dirty
+    /// state (a dirty page stays dirty for the next harvest). With every
+    /// client held; the generation is bumped and every client told
+    /// ([`Cause::Remap`]), kicking vCPUs in guest context, so no vCPU uses
+    /// a right the change removed once it returns. While dirty tracking
+    /// is on, large leaves of the range are split first (only 4 KiB
+    /// leaves are writable then).
+    ///
+    /// Refused, with nothing changed: [`Error::Invalid`] for a zero
+    /// length, unaligned values or a protection the format cannot
+    /// express; [`Error::NotFound`] unless one mapping contains the
+    /// range; [`Error::Held`] when the change removes a right and a page
+    /// hold of any client is outstanding on the range (the holder reaches
+    /// the page through the host, which the table cannot stop; release
+    /// the holds first).
+    pub fn protect(&self, gpa: u64, len: u64, prot: Prot) -> Result<()> {
+        let end = check_aligned(gpa, len)?;
+        self.inner.format.check_prot(prot).map_err(|_| Error::Invalid(Invalid::BadProt))?;
+        self.check_not_on_cpu()?;
+        let inner = &*self.inner;
+        inner.exclusive(|a| {
+            // SAFETY: lock held, clients held.
+            let (start, old) = unsafe {
+                inner.with_data(|d| match d.mapping_at(gpa) {
+                    Some((s, m)) if end - s <= m.len => Ok((s, m.prot)),
+                    _ => Err(Error::NotFound),
+                })
+            }?;
+            if !prot.contains(old) && a.clients.values().any(|c| c.has_holds(gpa, end)) {
+                return Err(Error::Held);
+            }
+            inner.protect_locked(a, start, gpa, end, prot)
+        })
+    }
+
+    /// Promote every aligned 2 MiB range inside `[gpa, gpa+len)` whose
+    /// 512 leaves are present, with one protection, and map one aligned
+    /// run of their mapping's object, to one 2 MiB leaf (FreeBSD's
+    /// `pmap_promote_pde`; what a khugepaged-like pass of the VMM calls,
+    /// e.g. after a migration switched tracking off). The leaf table is
+    /// freed; the large leaf is accessed if any small one was and dirty if
+    /// any was (tracking is off, and switching it on splits or
+    /// write-protects the leaf again, so no harvest misses a write).
+    /// `resident_count` does not change (a 2 MiB leaf counts 512 pages).
+    /// With every client held; when anything was promoted, the generation
+    /// is bumped and every client told ([`Cause::Remap`],
+    /// `tables_freed`), kicking vCPUs in guest context, before the freed
+    /// leaf tables can be reused. Ranges that do not qualify (a hole,
+    /// mixed protections, frames of no single run, a mapping boundary
+    /// inside) are left as they are. Returns the number of 2 MiB leaves
+    /// made.
+    ///
+    /// [`Error::TrackingOn`] while dirty tracking is on;
+    /// [`Error::Unsupported`] when large leaves are off
+    /// ([`SpaceConfig::large_leaves`], or the format has none);
+    /// [`Error::Invalid`] for unaligned values or a zero length.
+    pub fn promote(&self, gpa: u64, len: u64) -> Result<u64> {
+        let end = check_aligned(gpa, len)?;
+        self.check_not_on_cpu()?;
+        let inner = &*self.inner;
+        if !inner.large {
+            return Err(Error::Unsupported);
+        }
+        inner.exclusive(|a| {
+            if inner.track_dirty.load(Acquire) {
+                return Err(Error::TrackingOn);
+            }
+            // SAFETY: lock held, clients held.
+            let n = unsafe { inner.with_data_mut(|d| inner.promote_range(d, gpa, end)) };
+            if n > 0 {
+                inner.map_seq.fetch_add(1, Release);
+                inner.bump_gen_and_invalidate(a, gpa, len, Cause::Remap, true, None);
+            }
+            Ok(n)
+        })
     }
 
     /// Make `[gpa, gpa+len)`, which must lie inside one mapping, resident

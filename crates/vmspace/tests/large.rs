@@ -333,3 +333,174 @@ fn holds_across_a_split_mark_the_right_page() {
     // or after it (the page marked); never anything else.
     assert!(n == 0 || (n == 1 && bit(&bm, 7)), "{n}");
 }
+
+#[test]
+fn partial_unmap_cuts_mappings_and_splits_large_leaves() {
+    for f in formats() {
+        let (s, o) = large_space(f, SplitPolicy::Eager, 3);
+        let base = 1 << 30;
+        let c = s.client();
+        let causes = Arc::new(Mutex::new(Vec::new()));
+        let k = causes.clone();
+        c.set_invalidation(Some(move |inv: &Invalidation<'_>| {
+            if let Cause::Unmap { offset, .. } = inv.cause {
+                k.lock().unwrap().push((inv.gpa.0, inv.len, offset, inv.tables_freed));
+            }
+        }));
+        // Holds: one inside the hole (keeps the object, reports the
+        // unmap), one outside (unaffected, still marks dirty).
+        let inside = c.hold(base + M2 + 10 * PG, Prot::RW).unwrap();
+        let outside = c.hold(base + 3 * PG, Prot::RW).unwrap();
+        // The middle of the second large leaf, and more.
+        let (lo, hi) = (base + M2 + 8 * PG, base + 2 * M2 + 4 * PG);
+        assert_eq!(s.unmap_range(base + M2, 4 * M2), Err(Error::NotFound), "{f:?}: past the mapping");
+        assert_eq!(s.unmap_range(base + PG / 2, PG), Err(Error::Invalid(Invalid::Unaligned)));
+        s.unmap_range(lo, hi - lo).unwrap();
+        assert_eq!(causes.lock().unwrap().as_slice(), [(lo, hi - lo, M2 + 8 * PG, true)], "{f:?}");
+        let left = 512 + 8;
+        let right = 3 * 512 - left - (hi - lo) / PG;
+        assert_eq!(s.resident_count(), left + right, "{f:?}");
+        assert_eq!(mapped_pages(&s), s.resident_count());
+        // The first leaf is still large, the cut ones are 4 KiB now.
+        assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M]);
+        check_frames(&s, &o, base, 0, left);
+        check_frames(&s, &o, hi, hi - base, right);
+        assert!(s.lookup(lo).is_none() && s.lookup(hi - PG).is_none());
+        // The mapping is now two, with the right offsets.
+        let maps = s.mappings();
+        assert_eq!(maps.len(), 2);
+        assert_eq!((maps[0].gpa.0, maps[0].len, maps[0].offset), (base, left * PG, 0));
+        assert_eq!((maps[1].gpa.0, maps[1].len, maps[1].offset), (hi, right * PG, hi - base));
+        assert_eq!(c.fault(lo, Prot::READ), Err(Error::NoMapping));
+        c.fault(hi + 50 * PG, Prot::WRITE).unwrap();
+        assert!(inside.release(), "{f:?}: its page was unmapped");
+        assert!(!outside.release());
+        // Unmapping every remaining piece gives every table back.
+        s.unmap_range(base, left * PG).unwrap();
+        s.unmap(hi, right * PG).unwrap();
+        assert_eq!((s.resident_count(), table_pages(&s)), (0, 1), "{f:?}");
+    }
+}
+
+#[test]
+fn protect_part_of_a_mapping() {
+    for f in formats() {
+        let (s, o) = large_space(f, SplitPolicy::Eager, 2);
+        let base = 1 << 30;
+        let c = s.client();
+        // Read-only: the middle of the first leaf and all of the second.
+        let lo = base + 100 * PG;
+        assert_eq!(s.protect(lo, 2 * M2, Prot::READ), Err(Error::NotFound), "{f:?}");
+        assert_eq!(s.protect(lo, PG, Prot::empty()), Err(Error::Invalid(Invalid::BadProt)));
+        // A hold on the range refuses a change that removes write.
+        let h = c.hold(base + M2 + 5 * PG, Prot::READ).unwrap();
+        assert_eq!(s.protect(lo, 2 * M2 - 100 * PG, Prot::READ), Err(Error::Held), "{f:?}");
+        assert_eq!(leaf_sizes(&s, base, 2 * M2), vec![PageSize::Size2M; 2], "nothing changed");
+        // ...but not one that only adds a right.
+        s.protect(lo, 2 * M2 - 100 * PG, Prot::RWX).unwrap();
+        drop(h);
+        s.protect(lo, 2 * M2 - 100 * PG, Prot::READ).unwrap();
+        let sizes = leaf_sizes(&s, base, 2 * M2);
+        assert_eq!(sizes.len(), 513, "{f:?}: the cut leaf split, the whole one kept");
+        assert_eq!(sizes[512], PageSize::Size2M);
+        assert_eq!(s.lookup(base + 99 * PG).unwrap().1, Prot::RW);
+        assert_eq!(s.lookup(lo).unwrap().1, Prot::READ);
+        assert_eq!(s.lookup(base + M2 + 7 * PG).unwrap().1, Prot::READ);
+        check_frames(&s, &o, base, 0, 1024);
+        assert_eq!(c.fault(lo, Prot::WRITE), Err(Error::Protection), "{f:?}");
+        assert_eq!(c.hold(base + M2, Prot::RW).map(|_| ()), Err(Error::Protection));
+        c.fault(base + 99 * PG, Prot::WRITE).unwrap();
+        let maps = s.mappings();
+        assert_eq!(maps.iter().map(|m| (m.gpa.0, m.prot)).collect::<Vec<_>>(), [(base, Prot::RW), (lo, Prot::READ)]);
+        // Back to writable, tracking on: writes to the range are reported.
+        s.set_dirty_tracking(true).unwrap();
+        s.protect(lo, 2 * M2 - 100 * PG, Prot::RW).unwrap();
+        c.fault(base + M2 + 9 * PG, Prot::WRITE).unwrap();
+        drop(c.hold(base + M2 + 11 * PG, Prot::RW).unwrap());
+        let mut bm = [0u64; 16];
+        let n = s.track_dirty(base, 2 * M2, &mut bm).unwrap();
+        if f.kind() == nested_pt::FormatKind::EptEmulatedAd {
+            // The fault granted W, which that format reads as dirty.
+            assert_eq!(n, 3, "{f:?}");
+        } else {
+            assert_eq!(n, 1, "{f:?}");
+        }
+        assert!(bit(&bm, 512 + 11));
+        assert_eq!(s.resident_count(), 1024);
+    }
+}
+
+#[test]
+fn a_dirty_page_stays_dirty_across_a_protection_change() {
+    let s = space_cfg(npt(), SplitPolicy::Eager);
+    let r = reservoir(1024);
+    let o = ram(&r, 64);
+    s.map(&o, 0, 0, 64 * PG, Prot::RW).unwrap();
+    s.set_dirty_tracking(true).unwrap();
+    s.populate(0, 64 * PG).unwrap();
+    assert!(hw_write(&s, 5 * PG));
+    s.protect(0, 64 * PG, Prot::READ).unwrap();
+    let mut bm = [0u64; 1];
+    assert_eq!(s.track_dirty(0, 64 * PG, &mut bm).unwrap(), 1);
+    assert_eq!(bm[0], 1 << 5);
+    assert!(!hw_write(&s, 6 * PG), "read-only now");
+}
+
+#[test]
+fn promotion_makes_one_leaf_and_frees_the_leaf_table() {
+    for f in formats() {
+        let (s, o) = large_space(f, SplitPolicy::Eager, 3);
+        let base = 1 << 30;
+        let c = s.client();
+        let tables = table_pages(&s);
+        // Tracking on (split) and off again: 4 KiB leaves stay.
+        s.set_dirty_tracking(true).unwrap();
+        assert_eq!(s.promote(base, 3 * M2), Err(Error::TrackingOn));
+        let h = c.hold(base + 2 * M2 + 8 * PG, Prot::RW).unwrap();
+        s.set_dirty_tracking(false).unwrap();
+        assert_eq!(table_pages(&s), tables + 3);
+        // A hole in the first range, another protection in the second.
+        s.unmap_range(base + 3 * PG, PG).unwrap();
+        s.protect(base + M2 + 3 * PG, PG, Prot::READ).unwrap();
+        let inv = Arc::new(Mutex::new(Vec::new()));
+        let k = inv.clone();
+        c.set_invalidation(Some(move |i: &Invalidation<'_>| {
+            k.lock().unwrap().push((format!("{:?}", i.cause), i.tables_freed))
+        }));
+        assert_eq!(s.promote(base, 3 * M2).unwrap(), 1, "{f:?}: only the third range qualifies");
+        assert_eq!(inv.lock().unwrap().as_slice(), [("Remap".to_string(), true)]);
+        assert_eq!(table_pages(&s), tables + 2, "{f:?}: its leaf table freed");
+        assert_eq!(leaf_sizes(&s, base + 2 * M2, M2), vec![PageSize::Size2M]);
+        assert_eq!(s.resident_count(), 3 * 512 - 1);
+        assert_eq!(mapped_pages(&s), s.resident_count());
+        check_frames(&s, &o, base + 2 * M2, 2 * M2, 512);
+        assert_eq!(s.promote(base, 3 * M2).unwrap(), 0, "nothing more");
+        // The hold taken before the promotion marks its page when
+        // released after tracking is on again (the leaf was split again).
+        s.set_dirty_tracking(true).unwrap();
+        drop(h);
+        let mut bm = [0u64; 24];
+        s.track_dirty(base, 3 * M2, &mut bm).unwrap();
+        assert!(bit(&bm, 1024 + 8), "{f:?}");
+        // Fill the hole and restore the protection: both promote.
+        s.set_dirty_tracking(false).unwrap();
+        s.protect(base + M2 + 3 * PG, PG, Prot::RW).unwrap();
+        // The pieces the protection change cut are one mapping again; the
+        // third range was split again when tracking went on.
+        assert_eq!(s.mappings().len(), 2, "{f:?}");
+        assert_eq!(s.promote(base, 3 * M2).unwrap(), 2, "{f:?}");
+        assert_eq!(leaf_sizes(&s, base + M2, 2 * M2), vec![PageSize::Size2M; 2]);
+        check_frames(&s, &o, base + M2, M2, 1024);
+        assert_eq!(mapped_pages(&s), s.resident_count());
+    }
+}
+
+#[test]
+fn promote_refusals() {
+    let s = space_cfg(npt(), SplitPolicy::Eager);
+    assert_eq!(s.promote(PG / 2, PG), Err(Error::Invalid(Invalid::Unaligned)));
+    let mut cfg = SpaceConfig::new(1 << 32, npt());
+    cfg.large_leaves = false;
+    let s: Space = VmSpace::new(cfg, pages()).unwrap();
+    assert_eq!(s.promote(0, M2), Err(Error::Unsupported));
+}
