@@ -13,7 +13,19 @@
 //! when a range is populated ([`VmSpace::populate`]). `unmap` clears the
 //! leaves, vacates the tables, bumps the table *generation* and tells every
 //! client. Dirty bits are harvested and set again ([`VmSpace::dirty_op`])
-//! for live migration; tracking can be switched at run time. A harvest
+//! for live migration; tracking can be switched at run time.
+//!
+//! Large leaves are transparent: a reservoir hands out aligned 2 MiB
+//! runs of frames where it can ([`Reservoir::alloc_large`]), and an
+//! aligned 2 MiB range of a mapping that one run backs
+//! ([`VmObject::run_at`]) is populated at `map` for one 2 MiB leaf (while
+//! tracking is off), which `populate`, a fault or a hold anywhere in it
+//! maps whole. [`VmSpace::set_dirty_tracking`] splits them when tracking
+//! goes on ([`SplitPolicy`]: eagerly, or lazily on the first write to
+//! each), [`VmSpace::promote`] merges 512 small leaves of one run back
+//! (FreeBSD's `pmap_promote_pde`), and [`VmSpace::unmap_range`] /
+//! [`VmSpace::protect`] work on part of a mapping, splitting a large leaf
+//! they cut. A harvest
 //! invalidates only what its cleared bits require: one that clears bits
 //! bumps the generation and tells every client (without holding any), one
 //! that clears none, a `Get` and a `Set` invalidate nothing.
@@ -64,7 +76,21 @@
 //! - Mappings never overlap and end below the space's size; every leaf
 //!   present in the table lies inside a mapping and maps the frame the
 //!   mapping's object has at that offset, with the mapping's protection.
-//! - `resident_count` is the number of present leaves.
+//! - `resident_count` is the number of 4 KiB pages the present leaves
+//!   map: a 2 MiB leaf counts 512 (mapping one adds 512, a split or a
+//!   promotion changes nothing).
+//! - Each aligned 2 MiB range of the space is populated either for one
+//!   2 MiB leaf (no leaf table: the table walk ends at level 2, at the
+//!   large leaf or an empty entry) or for 4 KiB leaves (a leaf table); the
+//!   first only for a range inside one mapping that one aligned run of
+//!   its object backs. A 2 MiB leaf maps exactly that run.
+//! - While dirty tracking is on, no large leaf allows writes: with the
+//!   eager split there are none (and no empty 2 MiB-populated range),
+//!   with the lazy one they are write-protected and clean, and the first
+//!   write (a vCPU fault or a writable hold) splits the leaf, the small
+//!   leaves getting the mapping's protection. So a harvest sees 4 KiB
+//!   dirty bits only, except where a hold taken before the switch marks
+//!   a large leaf on release (reported as its 512 pages: a superset).
 //! - A [`PageHold`] keeps its object alive: if its mapping is unmapped, the
 //!   unmap first hands the client a reference to the object (*retires* it),
 //!   then clears entries; the release reports the unmap and does not touch
@@ -80,12 +106,14 @@
 //!
 //! # Locking and concurrency
 //!
-//! Administrative operations (`map`, `unmap`, `populate`, dirty operations,
-//! tracking switch, destroy) serialize on the space lock. The data path
+//! Administrative operations (`map`, `unmap`, `unmap_range`, `protect`,
+//! `promote`, `populate`, dirty operations, tracking switch, destroy)
+//! serialize on the space lock. The data path
 //! (hold, fault, release) never takes it: it goes through a per-client
 //! `active` word and a per-client state word (see `protocol.rs`). A change
 //! that alters the mapping map or the table structure (map, unmap,
-//! tracking switch, destroy) first *holds* every client (setting `HOLD`,
+//! protection change, promotion, a split, tracking switch, destroy) first
+//! *holds* every client (setting `HOLD`,
 //! then waiting for an operation in flight to finish), makes the change,
 //! and releases them; an operation that arrives meanwhile sleeps on its
 //! client's lock. `populate` and the dirty operations hold no client:
@@ -114,6 +142,26 @@
 //! [`VmClient::set_invalidation`]. Lock order: space lock,
 //! then a client lock; the data path takes a client lock only to sleep or
 //! on its slow paths, never with anything else held.
+//!
+//! Splits and promotions take `&mut NestedTable`, so they run like an
+//! unmap: space lock, every client held, then a generation bump and an
+//! invalidation ([`Cause::Remap`]) before the lock is dropped (a promotion
+//! frees the leaf table, which vCPUs may cache; a split changes no
+//! translation, but a host that mirrors the table must see the new leaf
+//! table). Both change the translation with one store of the level-2
+//! entry (nested-pt's `promote_2m` / `demote_2m_as`): a page that stays
+//! mapped is never not-present. The lazy split runs from the data path:
+//! the fault (or hold) deactivates its client, splits as an
+//! administrative change, and retries; from a thread in guest context on
+//! the same space it is refused with [`Error::SelfDeadlock`]. A hold
+//! records the leaf entry it found and a *structure sequence*, bumped by
+//! every split and promotion: a release that sees it changed finds the
+//! leaf again (through the table) before marking it dirty. Exclusive
+//! access to the table and mappings also takes a *structure lock*, under
+//! which a release that runs while an administrative change holds its
+//! client reads the table (lock order: client lock, then structure lock;
+//! the space lock is taken before the structure lock, and no client lock
+//! is taken under it).
 //!
 //! An unmap clears the leaves and vacates the tables first, then bumps the
 //! generation and waits for vCPUs still in guest context on an older one
@@ -175,11 +223,27 @@
 //!   checked against the format's width at `map`
 //!   ([`Invalid::FrameOutOfRange`]), so populate, fault-around and
 //!   `DirtyOp::Set` never stop half way, and `resident_count` is exact.
-//! - Only 4 KiB leaves are mapped (nested-pt supports large leaves, but
-//!   promotion/demotion is not there yet, and objects are not required to
-//!   be physically contiguous).
-//! - `unmap` must match one mapping exactly and `populate` must stay within
-//!   one mapping (as in the seed); no partial unmap or protection change.
+//! - Large leaves are 2 MiB only: no 1 GiB leaves (the reservoir hands
+//!   out no 1 GiB runs, and nested-pt promotes and demotes 2 MiB leaves).
+//!   A mapping whose object offset is not 2 MiB-aligned against its
+//!   guest address gets 4 KiB leaves only.
+//! - Promotion is explicit ([`VmSpace::promote`], a khugepaged-like pass
+//!   the VMM runs, e.g. after a migration switched tracking off), not
+//!   done by the fault path; it is refused while tracking is on. A large
+//!   leaf lazily write-protected stays so after tracking goes off, until
+//!   a write splits it or a promotion of the range runs after the split.
+//! - The eager split carries a large leaf's dirty bit (set while tracking
+//!   was off) to all its 512 small leaves: the first harvest reports them
+//!   (a superset). The lazy split clears it when tracking goes on.
+//! - A split that runs out of table pages when tracking is switched on
+//!   leaves tracking off with what it split split (same translations) and
+//!   returns the error.
+//! - `unmap` must match one mapping exactly (as in the seed);
+//!   [`VmSpace::unmap_range`] and [`VmSpace::protect`] take any range
+//!   inside one mapping, not one across several. `populate` must stay
+//!   within one mapping. A protection change refuses ([`Error::Held`])
+//!   when any hold of any client is on the range and a right is removed
+//!   (holds record pages, not their access).
 //! - A client belongs to one thread (`Send`, not `Sync`); holds are
 //!   released on the thread that took them (seed 004 allows a release from
 //!   any thread).

@@ -116,8 +116,11 @@ pub struct Invalidation<'a> {
     /// Whether the change freed table pages (changed non-leaf entries):
     /// a host that mirrors the table (a shadow-paging KVM host) must then
     /// drop everything it built from the table, not only the leaves of the
-    /// range. Only an unmap frees table pages (it vacates the tables it
-    /// emptied), so this is false for every other cause.
+    /// range. An unmap (it vacates the tables it emptied, and a partial
+    /// one may split a large leaf it cuts), a promotion (it frees the leaf
+    /// table) and a split ([`Cause::Remap`] from a protection change that
+    /// cut a large leaf) set it; a harvest, a tracking switch and a lazy
+    /// split on a write do not.
     pub tables_freed: bool,
     /// For [`Cause::Dirty`] from a harvest that collected them
     /// ([`VmSpace::track_dirty_frames`], [`VmSpace::dirty_op_frames`] with
