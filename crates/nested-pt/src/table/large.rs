@@ -92,21 +92,40 @@ impl<P: TablePages> NestedTable<P> {
             return Err(PromoteRefusal::NotContiguous);
         }
         let (prot, mt) = (fmt.prot(first), fmt.mem_type(first));
-        let (mut accessed, mut dirty) = (false, false);
+        // One compare per entry: apart from the accessed/dirty bits, entry
+        // `k` of a contiguous run with one protection and memory type is
+        // the first entry plus `k` frames. The bits of all entries are
+        // ORed to carry accessed/dirty; only a mismatch takes the slow
+        // path that says why.
+        let ad = fmt.accessed_mask() | fmt.dirty_mask();
+        let want = first & !ad;
+        let mut all = 0u64;
+        let mut mismatch = false;
         for (k, slot) in t1.iter().enumerate() {
             let e = slot.load(Ordering::Acquire);
-            if !fmt.is_present(e) {
-                return Err(PromoteRefusal::Hole);
-            }
-            if fmt.frame(e) != Pfn(pfn0.0 + k as u64) {
-                return Err(PromoteRefusal::NotContiguous);
-            }
-            if fmt.prot(e) != prot || fmt.mem_type(e) != mt {
-                return Err(PromoteRefusal::Mixed);
-            }
-            accessed |= fmt.accessed(e);
-            dirty |= fmt.dirty(e);
+            all |= e;
+            mismatch |= e & !ad != want + ((k as u64) << 12);
         }
+        if mismatch {
+            for (k, slot) in t1.iter().enumerate() {
+                let e = slot.load(Ordering::Acquire);
+                if !fmt.is_present(e) {
+                    return Err(PromoteRefusal::Hole);
+                }
+                if fmt.frame(e) != Pfn(pfn0.0 + k as u64) {
+                    return Err(PromoteRefusal::NotContiguous);
+                }
+                if fmt.prot(e) != prot || fmt.mem_type(e) != mt {
+                    return Err(PromoteRefusal::Mixed);
+                }
+            }
+            // Differing only in bits that are neither frame, protection
+            // nor memory type (software bits): refused as mixed.
+            return Err(PromoteRefusal::Mixed);
+        }
+        // The OR keeps each entry's other bits (equal in all of them), so
+        // it reads accessed/dirty as any entry's.
+        let (accessed, dirty) = (fmt.accessed(all & !fmt.addr_mask()), fmt.dirty(all & !fmt.addr_mask()));
         let mut large = fmt
             .leaf_entry(pfn0, PageSize::Size2M, prot, mt.unwrap_or(MemType::WriteBack))
             .map_err(|_| PromoteRefusal::Unsupported)?;
