@@ -174,3 +174,55 @@ pub fn large_leaf_rounds(mem: u64, mode: PagingMode) -> Result<LargeReport> {
         Ok(r.clone())
     })
 }
+
+/// What switching dirty tracking on costs with one split policy
+/// ([`split_cost`]).
+#[derive(Debug, Clone)]
+pub struct SplitCost {
+    /// `set_dirty_tracking(true)` over the RAM mapped with 2 MiB leaves.
+    pub switch_on: Duration,
+    /// The guest's next pass writing every page once (from resume until
+    /// its operation count shows the pass done).
+    pub write_all: Duration,
+    /// Nested faults during that pass.
+    pub faults: u64,
+}
+
+/// One vCPU touches `mem` bytes (mapped with 2 MiB leaves, tracking
+/// off), then tracking is switched on with `policy` and the guest writes
+/// all its memory once more: the cost of each (the eager split against
+/// the lazy one, split on the first write to each 2 MiB).
+pub fn split_cost(mem: u64, mode: PagingMode, policy: vmspace::SplitPolicy) -> Result<SplitCost> {
+    let vm = Arc::new(KvmVm::new()?);
+    let n = mem / PAGE;
+    let opts = FaultOptions { fault_around: 16, preset_accessed: false, preset_dirty_untracked: false };
+    let be = Arc::new(SpaceBackend::create_with(vm.clone(), mem + (4 << 20), mem / 256 + (4 << 20), mode, opts, None)?);
+    be.space().set_dirty_tracking(false).map_err(setup)?;
+    be.space().set_split_policy(policy);
+    let ram = be.ram_segment(mem)?;
+    be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
+    be.map_runtime(1, n)?;
+    let mut m = crate::machine::create(&vm, be.clone(), mode, 1)?;
+    m.set_param(0, P_MODE, Mode::Touch as u64)?;
+    m.set_param(0, P_NPAGES, n)?;
+    m.set_param(0, P_MAGIC, MAGIC)?;
+    m.set_param(0, P_LEDGER, runtime::ledger(0, n))?;
+    m.run(handler, |m| -> Result<SplitCost> {
+        let st = &m.stats[0];
+        wait_ops(m, n)?;
+        m.pause_all(Duration::from_secs(10))?;
+        let ops = m.param(0, P_OPS);
+        let t = Instant::now();
+        be.space().set_dirty_tracking(true).map_err(setup)?;
+        let switch_on = t.elapsed();
+        let f0 = st.faults.load(Ordering::Relaxed);
+        let t = Instant::now();
+        m.resume_all()?;
+        wait_ops(m, ops + n)?;
+        let write_all = t.elapsed();
+        let faults = st.faults.load(Ordering::Relaxed) - f0;
+        m.set_param(0, P_CTRL, 2)?;
+        m.control.wait_all_paused(1, Duration::from_secs(30))?;
+        Ok(SplitCost { switch_on, write_all, faults })
+    })
+}

@@ -300,7 +300,7 @@ pub(crate) struct Inner<P: TablePages, L: RawLock> {
     /// Large leaves are mapped (config and format allow them).
     pub(crate) large: bool,
     /// Split large leaves on their first write once tracking is on.
-    pub(crate) lazy_split: bool,
+    pub(crate) lazy_split: AtomicBool,
     /// Bumped (under `struct_lock`) by every change that moves present
     /// leaves to other entries (a split, a promotion): a hold that
     /// recorded an older value finds its entry again before marking it.
@@ -1012,7 +1012,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 resident: Padded(AtomicU64::new(0)),
                 track_dirty: AtomicBool::new(config.track_dirty),
                 large: config.large_leaves && config.format.supports(PageSize::Size2M),
-                lazy_split: config.split == SplitPolicy::Lazy,
+                lazy_split: AtomicBool::new(config.split == SplitPolicy::Lazy),
                 struct_seq: AtomicU64::new(0),
                 struct_lock: L::new(),
             }),
@@ -1368,6 +1368,12 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         self.inner.track_dirty.load(Acquire)
     }
 
+    /// Choose how the next switch of dirty tracking to on treats large
+    /// leaves (see [`SplitPolicy`]; initially [`SpaceConfig::split`]).
+    pub fn set_split_policy(&self, split: SplitPolicy) {
+        self.inner.lazy_split.store(split == SplitPolicy::Lazy, Relaxed);
+    }
+
     /// Switch dirty tracking on or off. Refused with
     /// [`Error::Unsupported`] where the format cannot track dirty bits.
     /// Invalidates the whole space (the root pointer may change).
@@ -1383,8 +1389,9 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 // counted for a 2 MiB leaf and still empty get leaf
                 // tables, so that faults map 4 KiB leaves from now on.
                 // SAFETY: lock held, clients held.
-                let (changed, r) =
-                    unsafe { inner.with_data_mut(|d| inner.split_range(d, 0, inner.size, inner.lazy_split)) };
+                let (changed, r) = unsafe {
+                    inner.with_data_mut(|d| inner.split_range(d, 0, inner.size, inner.lazy_split.load(Relaxed)))
+                };
                 if changed {
                     inner.map_seq.fetch_add(1, Release);
                 }
