@@ -2,9 +2,11 @@
 //! on over RAM mapped with 2 MiB leaves, and the guest's next pass writing
 //! all of it. `cargo run --release -p vmm-kvm --example large_split --
 //! [MiB...] [rounds]` (default 256 and 1024 MiB, 5 rounds; medians).
+//! Then the guest's random-access rate with 2 MiB against 4 KiB leaves
+//! over the same sizes (1 s each, interleaved rounds, medians).
 
 use vmm_kvm::detect::detect;
-use vmm_kvm::large::split_cost;
+use vmm_kvm::large::{random_rate, split_cost};
 use vmspace::SplitPolicy;
 
 fn main() {
@@ -19,6 +21,7 @@ fn main() {
         _ => (vec![256, 1024], 5),
     };
     println!("mode {mode:?}, {rounds} rounds, medians");
+    let sizes_again = sizes.clone();
     for mib in sizes {
         let mem = mib << 20;
         let mut eager = Vec::new();
@@ -45,6 +48,27 @@ fn main() {
             med(&mut lazy, wr),
             med(&mut lazy, fa),
             med(&mut lazy, wr) / med(&mut eager, wr),
+        );
+    }
+    for mib in sizes_again {
+        let mem = mib << 20;
+        let (mut large, mut small) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            large.push(random_rate(mem, mode, true, std::time::Duration::from_secs(1)).expect("2m"));
+            small.push(random_rate(mem, mode, false, std::time::Duration::from_secs(1)).expect("4k"));
+        }
+        let med = |v: &mut Vec<(f64, u64)>| {
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            v[v.len() / 2]
+        };
+        let (l, s) = (med(&mut large), med(&mut small));
+        println!(
+            "{mib} MiB random access: 2 MiB leaves {:.0} ops/s ({} faults), 4 KiB leaves {:.0} ops/s ({} faults); 2m/4k {:.2}",
+            l.0,
+            l.1,
+            s.0,
+            s.1,
+            l.0 / s.0
         );
     }
 }
