@@ -209,13 +209,18 @@
 //! stable-Rust fuzz run against the same reference model
 //! (`tests/fuzz.rs`; longer by hand: `FUZZ_SECONDS=600 cargo test -p
 //! vmspace --release --test fuzz -- --nocapture`, which prints ops/s) and
-//! the multi-threaded stress tests (`tests/stress.rs`).
+//! the multi-threaded stress tests (`tests/stress.rs`), and the large-leaf
+//! tests (`tests/large.rs`: runs, populate/fault/hold with 2 MiB leaves,
+//! eager and lazy splits, harvests after them, partial unmap, protection
+//! changes, promotion, and splits/promotions under concurrent writers).
 //! `RUSTFLAGS="--cfg loom" cargo test -p vmspace --test loom --release`
 //! model-checks the protocol. `cargo bench -p vmspace --bench vmspace --
 //! --warm-up-time 1 --measurement-time 3` runs the criterion benchmarks
 //! (fault-in, hold+release scaling, hold+release while another thread
 //! harvests back to back, map/unmap churn under holds, harvest against
-//! nested-pt alone).
+//! nested-pt alone); `cargo bench -p vmspace --bench large` the large-leaf
+//! ones (first touch of 1 GiB with 2 MiB against 4 KiB leaves, eager
+//! against lazy split at 4 and 16 GiB, promotion per 2 MiB).
 //!
 //! # Known gaps
 //!
