@@ -516,7 +516,13 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// needing `prot`: map the page (and its fault-around window) with a
     /// compare-and-swap if it is not present. [`Error::NoMapping`] when no
     /// mapping covers `gpa`, [`Error::Protection`] when the mapping does
-    /// not allow `prot`.
+    /// not allow `prot`. In a 2 MiB range populated for a large leaf the
+    /// whole run is mapped with one leaf. A write to a large leaf that
+    /// must be split first (the lazy split, see
+    /// [`SplitPolicy`](crate::SplitPolicy)) splits it as an administrative
+    /// change (every client held, the generation bumped) and retries;
+    /// from a thread in guest context on the same space that is refused
+    /// with [`Error::SelfDeadlock`]. A writable hold does the same.
     #[inline]
     pub fn fault(&self, gpa: u64, prot: Prot) -> Result<()> {
         if prot.is_empty() {
