@@ -540,9 +540,14 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// (an administrative change: every client held, the generation
     /// bumped) and fault again. [`Error::SelfDeadlock`] from a thread in
     /// guest context on the same space.
+    /// The leaf can be write-protected again between the split and the
+    /// retry (tracking switched off, the range promoted, tracking
+    /// switched on lazily, all by other threads): then it splits again,
+    /// as a vCPU would fault again; each round means another thread's
+    /// change completed.
     #[cold]
     fn fault_split(&self, gpa: u64, prot: Prot) -> Result<()> {
-        for _ in 0..4 {
+        loop {
             self.space.split_for_write(gpa)?;
             let s = self.snap();
             match self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false, &s).map(|_| ()))) {
@@ -550,7 +555,6 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
                 r => return r,
             }
         }
-        Err(Error::Protection)
     }
 
     /// Hold the page at `gpa` (4 KiB aligned) for `prot` (read and/or
@@ -584,17 +588,12 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             })
         };
         let mut r = take();
-        for _ in 0..4 {
-            if !matches!(r, Err(e) if e == SPLIT) {
-                break;
-            }
+        // As in `fault_split`: split again until the retry finds the page.
+        while matches!(r, Err(e) if e == SPLIT) {
             self.space.split_for_write(gpa)?;
             r = take();
         }
-        let (found, host, seq, slot, sseq) = match r {
-            Err(e) if e == SPLIT => return Err(Error::Protection),
-            r => r?,
-        };
+        let (found, host, seq, slot, sseq) = r?;
         Ok(PageHold {
             client: self,
             gpa,

@@ -182,6 +182,10 @@ pub(crate) struct Mapping {
     /// The space's unmap sequence number when the mapping was made: a
     /// hold that recorded a smaller one is not on this mapping.
     pub(crate) born: u64,
+    /// Which `map` call made it (the map sequence then): the pieces a
+    /// partial unmap or a protection change cut keep it, and only pieces
+    /// of one mapping are ever merged again.
+    pub(crate) id: u64,
 }
 
 /// A read-only description of a mapping.
@@ -595,10 +599,10 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
     /// Part of `unmap_range`: space lock held, clients held.
     fn unmap_part_locked(&self, a: &Admin<L>, start: u64, gpa: u64, end: u64) -> Result<StdArc<VmObject>> {
         // SAFETY: lock held, clients held.
-        let (object, m_offset, m_len, prot, born) = unsafe {
+        let (object, m_offset, m_len, prot, born, id) = unsafe {
             self.with_data(|d| {
                 let m = &d.maps[&start];
-                (m.object.clone(), m.offset, m.len, m.prot, m.born)
+                (m.object.clone(), m.offset, m.len, m.prot, m.born, m.id)
             })
         };
         let m_end = start + m_len;
@@ -626,12 +630,12 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
                 let cleared = self.vacate_span(&mut d.table, gpa, end)?;
                 d.maps.remove(&start);
                 if gpa > start {
-                    let left = Mapping { object: object.clone(), offset: m_offset, len: gpa - start, prot, born };
+                    let left = Mapping { object: object.clone(), offset: m_offset, len: gpa - start, prot, born, id };
                     d.maps.insert(start, left);
                 }
                 if end < m_end {
                     let offset = m_offset + (end - start);
-                    let right = Mapping { object: object.clone(), offset, len: m_end - end, prot, born };
+                    let right = Mapping { object: object.clone(), offset, len: m_end - end, prot, born, id };
                     d.maps.insert(end, right);
                 }
                 Ok::<_, Error>((cleared, d.table.table_pages() < before))
@@ -706,6 +710,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
                     len,
                     prot,
                     born: m.born,
+                    id: m.id,
                 };
                 if gpa > start {
                     d.maps.insert(start, piece(0, gpa - start, old));
@@ -905,11 +910,13 @@ fn cuts_large<P: TablePages>(table: &NestedTable<P>, gpa: u64, end: u64) -> bool
 
 /// Merge the mapping at `at` with the one that ends where it starts and
 /// the one that starts where it ends, where they are pieces of one
-/// mapping (same object, contiguous offsets, same protection and unmap
-/// sequence of birth, so that holds on either see the same mapping).
+/// mapping (same `map` call, contiguous offsets, same protection): two
+/// mappings made apart stay apart, so that `unmap` of either still
+/// matches it exactly.
 fn coalesce(maps: &mut BTreeMap<u64, Mapping>, at: u64) {
     let same = |a: &Mapping, a_start: u64, b: &Mapping, b_start: u64| {
-        StdArc::ptr_eq(&a.object, &b.object)
+        a.id == b.id
+            && StdArc::ptr_eq(&a.object, &b.object)
             && a.prot == b.prot
             && a.born == b.born
             && a_start + a.len == b_start
@@ -1095,7 +1102,14 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                     }
                     d.maps.insert(
                         gpa,
-                        Mapping { object: object.clone(), offset, len, prot, born: inner.unmap_seq.load(Relaxed) },
+                        Mapping {
+                            object: object.clone(),
+                            offset,
+                            len,
+                            prot,
+                            born: inner.unmap_seq.load(Relaxed),
+                            id: inner.map_seq.load(Relaxed),
+                        },
                     );
                     Ok::<_, Error>(())
                 })

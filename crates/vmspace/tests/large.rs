@@ -555,3 +555,22 @@ fn splits_and_promotions_under_concurrent_faults_and_holds() {
     assert_eq!(s.resident_count(), 4 * 512);
     check_frames(&s, &o, base, 0, 4 * 512);
 }
+
+#[test]
+fn protection_changes_never_merge_two_mappings() {
+    // Two mappings of one object, side by side with contiguous offsets:
+    // a protection change and its undo merge the pieces of the first one
+    // only, so that an exact unmap of either still matches.
+    let s = space_cfg(npt(), SplitPolicy::Eager);
+    let r = reservoir(1024);
+    let o = ram(&r, 64);
+    s.map(&o, 0, 0, 32 * PG, Prot::RW).unwrap();
+    s.map(&o, 32 * PG, 32 * PG, 32 * PG, Prot::RW).unwrap();
+    s.protect(16 * PG, 16 * PG, Prot::READ).unwrap();
+    assert_eq!(s.mappings().len(), 3);
+    s.protect(16 * PG, 16 * PG, Prot::RW).unwrap();
+    assert_eq!(s.mappings().len(), 2, "the first mapping whole again, the second apart");
+    s.unmap(32 * PG, 32 * PG).unwrap();
+    s.unmap(0, 32 * PG).unwrap();
+    assert!(s.mappings().is_empty());
+}
