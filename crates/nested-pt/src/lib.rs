@@ -176,9 +176,12 @@
 //! Large pages are mapped and unmapped whole: a partial unmap of a large
 //! leaf is refused with [`Error::WouldSplit`]. The caller can promote 512
 //! contiguous small leaves to a 2 MiB leaf and demote one back
-//! ([`NestedTable::promote_2m`], [`NestedTable::demote_2m`]: one store of
-//! the parent entry, accessed/dirty state carried); nothing here does it
-//! transparently, and 1 GiB promotion is not there. The IOMMU formats walk
+//! ([`NestedTable::promote_2m`], [`NestedTable::demote_2m`] or
+//! [`NestedTable::demote_2m_as`] with another protection for the small
+//! leaves: one store of the parent entry, accessed/dirty state carried),
+//! and give an empty slot counted for a 2 MiB leaf an empty leaf table
+//! ([`NestedTable::split_empty_2m`]); `vmspace` uses them for transparent
+//! 2 MiB pages. 1 GiB promotion and demotion are not there. The IOMMU formats walk
 //! four levels (VT-d also three); AMD-Vi level skipping and VT-d 5-level
 //! walks are not modelled. Overlapping populates of the same range are the
 //! caller's responsibility (`vmspace` prevents overlapping mappings): the

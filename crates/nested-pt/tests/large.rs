@@ -159,3 +159,53 @@ fn a_populated_large_leaf_demotes_and_promotes_back() {
     assert_eq!(t.unmap_vacate_region(Gpa(BASE), M2, PageSize::Size2M), Ok(512));
     assert_eq!(t.table_pages(), 1, "everything vacated back to the root");
 }
+
+#[test]
+fn demote_with_another_protection() {
+    for f in formats() {
+        let mut t = NestedTable::new(f, HeapPages::new()).unwrap();
+        t.populate_region(Gpa(BASE), M2, PageSize::Size2M).unwrap();
+        t.map(Gpa(BASE), Pfn(RUN), PageSize::Size2M, Prot::READ, MemType::WriteBack).unwrap();
+        t.demote_2m_as(Gpa(BASE), Some(rw(&f))).unwrap();
+        for k in [0u64, 200, 511] {
+            assert_eq!(t.is_mapped(Gpa(BASE + k * 4096)), Some((Pfn(RUN + k), rw(&f))), "{f:?}");
+        }
+        assert_eq!(t.unmap_vacate_region(Gpa(BASE), M2, PageSize::Size4K), Ok(512), "{f:?}");
+        assert_eq!(t.table_pages(), 1, "{f:?}");
+    }
+    // A protection the format cannot express changes nothing.
+    let f = PteFormat::ept(Caps::default());
+    let mut t = NestedTable::new(f, HeapPages::new()).unwrap();
+    t.populate_region(Gpa(BASE), M2, PageSize::Size2M).unwrap();
+    t.map(Gpa(BASE), Pfn(RUN), PageSize::Size2M, Prot::READ, MemType::WriteBack).unwrap();
+    let pages = t.table_pages();
+    assert!(t.demote_2m_as(Gpa(BASE), Some(Prot::WRITE)).is_err(), "write without read on EPT");
+    assert_eq!(t.table_pages(), pages);
+    assert_eq!(t.lookup(Gpa(BASE)).unwrap().size, PageSize::Size2M);
+}
+
+#[test]
+fn an_empty_2m_slot_becomes_an_empty_leaf_table() {
+    for f in formats() {
+        let mut t = NestedTable::new(f, HeapPages::new()).unwrap();
+        assert_eq!(t.split_empty_2m(Gpa(BASE)), Err(Error::NotPopulated), "{f:?}: no level-2 table");
+        t.populate_region(Gpa(BASE), 2 * M2, PageSize::Size2M).unwrap();
+        let pages = t.table_pages();
+        assert_eq!(t.split_empty_2m(Gpa(BASE + 4096)), Err(Error::Unaligned));
+        assert_eq!(t.split_empty_2m(Gpa(1 << 60)), Err(Error::OutOfRange));
+        t.split_empty_2m(Gpa(BASE)).unwrap();
+        assert_eq!(t.table_pages(), pages + 1, "{f:?}");
+        assert_eq!(t.split_empty_2m(Gpa(BASE)), Err(Error::AlreadyMapped { same_frame: false }), "a table now");
+        // 4 KiB leaves go in; the other slot still takes a 2 MiB leaf.
+        assert_eq!(
+            t.map_range(Gpa(BASE), M2, rw(&f), MemType::WriteBack, |g| Some(Pfn(RUN + (g.0 - BASE) / 4096))),
+            Ok(512)
+        );
+        t.map(Gpa(BASE + M2), Pfn(RUN + 512), PageSize::Size2M, rw(&f), MemType::WriteBack).unwrap();
+        assert_eq!(t.split_empty_2m(Gpa(BASE + M2)), Err(Error::AlreadyMapped { same_frame: false }), "a leaf");
+        // Vacated as what each slot now is: the counts moved exactly.
+        assert_eq!(t.unmap_vacate_region(Gpa(BASE), M2, PageSize::Size4K), Ok(512), "{f:?}");
+        assert_eq!(t.unmap_vacate_region(Gpa(BASE + M2), M2, PageSize::Size2M), Ok(512), "{f:?}");
+        assert_eq!(t.table_pages(), 1, "{f:?}");
+    }
+}

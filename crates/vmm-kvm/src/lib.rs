@@ -116,6 +116,7 @@ pub mod detect;
 pub mod differential;
 pub mod host;
 pub mod interrupts;
+pub mod large;
 pub mod machine;
 pub mod mem;
 pub mod migrate;

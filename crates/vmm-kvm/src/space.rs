@@ -156,7 +156,7 @@ impl Inval {
                     }
                 }
             }
-            Cause::Tracking => self.zap(),
+            Cause::Tracking | Cause::Remap => self.zap(),
             // The swapper cleared leaves of pages it evicts (their frames
             // are freed once this returns) and accessed bits of pages it
             // spared: KVM must drop its translations of exactly those

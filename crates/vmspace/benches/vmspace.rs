@@ -32,6 +32,9 @@ const GIB: u64 = 1 << 30;
 fn space(size: u64, track: bool) -> VmSpace<HeapPages> {
     let mut cfg = SpaceConfig::new(size, PteFormat::npt(Caps::default()));
     cfg.track_dirty = track;
+    // 4 KiB leaves, as these figures always measured (large leaves:
+    // `benches/large.rs`).
+    cfg.large_leaves = false;
     VmSpace::new(cfg, HeapPages::new()).unwrap()
 }
 

@@ -14,7 +14,7 @@ use crate::PAGE_SIZE;
 use crate::error::{Error, Invalid, Result};
 use crate::object::VmObject;
 use crate::protocol::{ClientShared, on_cpu};
-use crate::space::{Data, Inner, Invalidation, access_of};
+use crate::space::{Data, Inner, Invalidation, access_of, chunk_large};
 use crate::sync::{Arc, DefaultLock, RawLock};
 
 /// The last mapping a client resolved, valid while the space's map
@@ -78,6 +78,12 @@ struct Snap {
 
 /// Bytes one leaf table covers.
 const LEAF_SPAN: u64 = 512 * PAGE_SIZE;
+
+/// The data path's signal that a write met a large leaf that must be
+/// split first (the lazy split, or any large leaf while tracking is on):
+/// caught by `fault` and `hold_ext`, which split and retry; never
+/// returned to a caller (nested-pt's map never reports it).
+const SPLIT: Error = Error::Table(nested_pt::Error::WouldSplit);
 
 /// A page found by the data path.
 struct Found {
@@ -396,6 +402,11 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             let e = unsafe { &*slot }.load(Acquire);
             fmt.is_present(e).then_some(e)
         };
+        if self.cache.leaf_region.get() != gpa & !(LEAF_SPAN - 1)
+            && let Some(found) = self.large_leaf(d, gpa, prot, host, mprot, object)?
+        {
+            return Ok(found);
+        }
         let (slot, e) = match self.leaf_slot(d, gpa).and_then(|s| Some((s, present(s)?))) {
             Some(found) => found,
             None => {
@@ -459,11 +470,67 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         Ok(Found { pfn, entry: slot, host })
     }
 
+    /// The large-leaf part of the slow path: `gpa`'s 2 MiB leaf, mapped
+    /// first (the whole run, one leaf) if its chunk is counted for one and
+    /// still empty. `None` where the chunk has 4 KiB leaves (a leaf
+    /// table). [`SPLIT`] for a write the leaf does not allow (lazily
+    /// write-protected) or any write while tracking is on. Client active.
+    #[inline(never)]
+    fn large_leaf(
+        &self,
+        d: &Data<P>,
+        gpa: u64,
+        prot: Prot,
+        host: bool,
+        mprot: Prot,
+        object: &VmObject,
+    ) -> Result<Option<Found>> {
+        let c = gpa & !(LEAF_SPAN - 1);
+        let fmt = &self.space.format;
+        let leaf = match d.table.lookup(Gpa(gpa)) {
+            Some(l) if l.size == nested_pt::PageSize::Size4K => return Ok(None),
+            Some(l) => l,
+            None => {
+                let (start, end) = (self.cache.start.get(), self.cache.end.get());
+                if c < start || end - c < LEAF_SPAN || !chunk_large(&d.table, c) {
+                    return Ok(None);
+                }
+                let off = self.cache.offset.get() + (c - start);
+                self.space.map_large(&d.table, c, mprot, object, off)?;
+                match d.table.lookup(Gpa(gpa)) {
+                    Some(l) if l.size != nested_pt::PageSize::Size4K => l,
+                    _ => return Err(Error::NoMapping),
+                }
+            }
+        };
+        let e = leaf.value();
+        if prot.contains(Prot::WRITE) && (!fmt.prot(e).contains(Prot::WRITE) || self.space.track_dirty.load(Acquire)) {
+            return Err(SPLIT);
+        }
+        if self.space.records_access {
+            // As for a 4 KiB leaf (see `lookup_map_slow`).
+            let access = if host { nested_pt::Access::Read } else { access_of(prot) };
+            let bits = fmt.access_bits(e, access).ok_or(Error::Protection)?;
+            if e & bits != bits {
+                leaf.entry.fetch_or(bits, AcqRel);
+            }
+        }
+        let pfn = leaf.pfn_of(Gpa(gpa)).ok_or(Error::NoMapping)?;
+        let host = if host { Some(Self::host_of(&self.snap(), pfn)?) } else { None };
+        Ok(Some(Found { pfn, entry: leaf.entry as *const EntryAtomic, host }))
+    }
+
     /// Handle a nested page fault at `gpa` (any alignment) for an access
     /// needing `prot`: map the page (and its fault-around window) with a
     /// compare-and-swap if it is not present. [`Error::NoMapping`] when no
     /// mapping covers `gpa`, [`Error::Protection`] when the mapping does
-    /// not allow `prot`.
+    /// not allow `prot`. In a 2 MiB range populated for a large leaf the
+    /// whole run is mapped with one leaf. A write to a large leaf that
+    /// must be split first (the lazy split, see
+    /// [`SplitPolicy`](crate::SplitPolicy)) splits it as an administrative
+    /// change (every client held, the generation bumped) and retries;
+    /// from a thread in guest context on the same space that is refused
+    /// with [`Error::SelfDeadlock`]. A writable hold does the same.
     #[inline]
     pub fn fault(&self, gpa: u64, prot: Prot) -> Result<()> {
         if prot.is_empty() {
@@ -474,9 +541,32 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         loop {
             let s = self.snap();
             match self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false, &s).map(|_| ()))) {
+                Err(e) if e == SPLIT => return self.fault_split(gpa, prot),
                 // A swappable page found the reservoir exhausted: reclaim
                 // outside the active section, then try again.
                 Err(Error::ReservoirFull) if self.space.reclaim_after_full(&mut tries) => continue,
+                r => return r,
+            }
+        }
+    }
+
+    /// A write fault on a large leaf that must be split first: split it
+    /// (an administrative change: every client held, the generation
+    /// bumped) and fault again. [`Error::SelfDeadlock`] from a thread in
+    /// guest context on the same space.
+    /// The leaf can be write-protected again between the split and the
+    /// retry (tracking switched off, the range promoted, tracking
+    /// switched on lazily, all by other threads): then it splits again,
+    /// as a vCPU would fault again; each round means another thread's
+    /// change completed. (Swappable objects have no large leaves, so no
+    /// reservoir reclaim is needed here.)
+    #[cold]
+    fn fault_split(&self, gpa: u64, prot: Prot) -> Result<()> {
+        loop {
+            self.space.split_for_write(gpa)?;
+            let s = self.snap();
+            match self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false, &s).map(|_| ()))) {
+                Err(e) if e == SPLIT => continue,
                 r => return r,
             }
         }
@@ -499,23 +589,33 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         if !prot.intersects(Prot::READ | Prot::WRITE) || prot.contains(Prot::EXEC) {
             return Err(Invalid::BadProt.into());
         }
-        let mut tries = 0;
-        let (found, host, seq, slot) = loop {
+        let take = || {
             let s = self.snap();
-            let r = self.active(|| {
+            self.active(|| {
                 let f = self.data(|d| self.lookup_map(d, gpa, prot, true, &s))?;
                 let host = f.host.ok_or(Error::NoHostView)?;
                 // Counted while active, so an unmap (which waits for us) sees it.
                 let seq = self.space.unmap_seq.load(Relaxed);
                 let slot = self.shared.hold_taken(gpa, seq);
-                Ok((f, host, seq, slot))
-            });
-            match r {
-                // As in `fault`: reclaim outside the active section.
-                Err(Error::ReservoirFull) if self.space.reclaim_after_full(&mut tries) => continue,
-                r => break r?,
-            }
+                // No split or promotion runs while we are active: the
+                // entry found is valid for this structure sequence.
+                Ok((f, host, seq, slot, self.space.struct_seq.load(Acquire)))
+            })
         };
+        let mut r = take();
+        let mut tries = 0;
+        loop {
+            match r {
+                // As in `fault_split`: split again until the retry finds
+                // the page.
+                Err(e) if e == SPLIT => self.space.split_for_write(gpa)?,
+                // As in `fault`: reclaim outside the active section.
+                Err(Error::ReservoirFull) if self.space.reclaim_after_full(&mut tries) => {}
+                _ => break,
+            }
+            r = take();
+        }
+        let (found, host, seq, slot, sseq) = r?;
         Ok(PageHold {
             client: self,
             gpa,
@@ -525,6 +625,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             prot,
             defer_dirty: core::cell::Cell::new(defer_dirty),
             seq,
+            sseq,
             slot,
             released: false,
         })
@@ -560,15 +661,25 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             return unmapped;
         }
         let bits = self.space.dirty_bits;
-        let set_dirty = || {
-            if self.space.track_dirty.load(Relaxed) {
-                // SAFETY: the mapping is still in place (checked by the
-                // caller under exclusion), so its leaf table is allocated
-                // and the entry pointer valid.
-                let e = unsafe { &*h.entry };
-                if e.load(Relaxed) & bits != bits {
-                    e.fetch_or(bits, AcqRel);
-                }
+        let mark = |e: &EntryAtomic| {
+            if e.load(Relaxed) & bits != bits {
+                e.fetch_or(bits, AcqRel);
+            }
+        };
+        // The hold's leaf, found again if a split or a promotion moved it
+        // since the hold was taken (its entry pointer may then be a table
+        // entry, or in a freed leaf table); the caller excludes exclusive
+        // access to the data and checked the mapping is still in place.
+        let set_dirty_in = |d: &Data<P>| {
+            if !self.space.track_dirty.load(Relaxed) {
+                return;
+            }
+            if self.space.struct_seq.load(Acquire) == h.sseq {
+                // SAFETY: the mapping is still in place and nothing moved
+                // its leaves, so the entry pointer is valid.
+                mark(unsafe { &*h.entry });
+            } else if let Some(l) = d.table.lookup(Gpa(h.gpa)) {
+                mark(l.entry);
             }
         };
         if shared.try_activate() {
@@ -576,7 +687,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             // every unmap that happened since the hold was taken.
             let unmapped = shared.was_unmapped(h.gpa, h.seq);
             if !unmapped {
-                set_dirty();
+                self.data(set_dirty_in);
             }
             shared.hold_released(h.slot, h.gpa);
             shared.deactivate();
@@ -584,7 +695,9 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         } else {
             // A change is in progress: decide under the client lock, which
             // an unmap takes to retire holds before clearing any entry.
-            shared.release_locked(h.gpa, h.seq, h.slot, set_dirty)
+            // The structure lock keeps the change's exclusive access to
+            // the table out while the leaf is found and marked.
+            shared.release_locked(h.gpa, h.seq, h.slot, || self.space.with_data_structure_locked(set_dirty_in))
         }
     }
 }
@@ -661,6 +774,8 @@ pub struct PageHold<'c, P: TablePages, L: RawLock = DefaultLock> {
     prot: Prot,
     defer_dirty: core::cell::Cell<bool>,
     seq: u64,
+    /// The space's structure sequence when taken (see `Inner::struct_seq`).
+    sseq: u64,
     /// Where the client records the held page (see `ClientShared::held`).
     slot: u8,
     released: bool,

@@ -77,6 +77,14 @@ pub enum Error {
     /// for itself forever. Nothing changed. Detected with the `std`
     /// feature only.
     SelfDeadlock,
+    /// A protection change that removes a right was refused: a page hold
+    /// is outstanding on the range (the holder accesses the page through
+    /// the host, which no table entry can stop). Nothing changed.
+    Held,
+    /// Promotion was refused: dirty tracking is on (a harvest reports
+    /// 4 KiB pages; large leaves are split while it is on). Nothing
+    /// changed.
+    TrackingOn,
 }
 
 impl From<Invalid> for Error {
@@ -107,6 +115,8 @@ impl fmt::Display for Error {
             Error::NoHostView => f.write_str("object has no host view"),
             Error::Os(e) => write!(f, "os error {e}"),
             Error::Table(e) => write!(f, "nested table: {e:?}"),
+            Error::Held => f.write_str("a page hold is outstanding on the range"),
+            Error::TrackingOn => f.write_str("dirty tracking is on"),
             Error::SelfDeadlock => {
                 f.write_str("change asked from guest context on the same space: would wait for itself")
             }

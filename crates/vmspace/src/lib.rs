@@ -13,7 +13,19 @@
 //! when a range is populated ([`VmSpace::populate`]). `unmap` clears the
 //! leaves, vacates the tables, bumps the table *generation* and tells every
 //! client. Dirty bits are harvested and set again ([`VmSpace::dirty_op`])
-//! for live migration; tracking can be switched at run time. A harvest
+//! for live migration; tracking can be switched at run time.
+//!
+//! Large leaves are transparent: a reservoir hands out aligned 2 MiB
+//! runs of frames where it can ([`Reservoir::alloc_large`]), and an
+//! aligned 2 MiB range of a mapping that one run backs
+//! ([`VmObject::run_at`]) is populated at `map` for one 2 MiB leaf (while
+//! tracking is off), which `populate`, a fault or a hold anywhere in it
+//! maps whole. [`VmSpace::set_dirty_tracking`] splits them when tracking
+//! goes on ([`SplitPolicy`]: eagerly, or lazily on the first write to
+//! each), [`VmSpace::promote`] merges 512 small leaves of one run back
+//! (FreeBSD's `pmap_promote_pde`), and [`VmSpace::unmap_range`] /
+//! [`VmSpace::protect`] work on part of a mapping, splitting a large leaf
+//! they cut. A harvest
 //! invalidates only what its cleared bits require: one that clears bits
 //! bumps the generation and tells every client (without holding any), one
 //! that clears none, a `Get` and a `Set` invalidate nothing.
@@ -78,7 +90,22 @@
 //!   (for a swappable object: only a resident page has a frame and a
 //!   leaf; a page leaves that state only while every client is held and
 //!   its leaves are cleared before its frame is freed).
-//! - `resident_count` is the number of present leaves.
+//! - `resident_count` is the number of 4 KiB pages the present leaves
+//!   map: a 2 MiB leaf counts 512 (mapping one adds 512, a split or a
+//!   promotion changes nothing).
+//! - Each aligned 2 MiB range of the space is populated either for one
+//!   2 MiB leaf (no leaf table: the table walk ends at level 2, at the
+//!   large leaf or an empty entry) or for 4 KiB leaves (a leaf table); the
+//!   first only for a range inside one mapping that one aligned run of
+//!   its object backs. A 2 MiB leaf maps exactly that run. Swappable
+//!   objects have no runs: they get 4 KiB leaves only.
+//! - While dirty tracking is on, no large leaf allows writes: with the
+//!   eager split there are none (and no empty 2 MiB-populated range),
+//!   with the lazy one they are write-protected and clean, and the first
+//!   write (a vCPU fault or a writable hold) splits the leaf, the small
+//!   leaves getting the mapping's protection. So a harvest sees 4 KiB
+//!   dirty bits only, except where a hold taken before the switch marks
+//!   a large leaf on release (reported as its 512 pages: a superset).
 //! - A [`PageHold`] keeps its object alive: if its mapping is unmapped, the
 //!   unmap first hands the client a reference to the object (*retires* it),
 //!   then clears entries; the release reports the unmap and does not touch
@@ -94,17 +121,19 @@
 //!
 //! # Locking and concurrency
 //!
-//! Administrative operations (`map`, `unmap`, `populate`, dirty operations,
-//! tracking switch, swap-out, destroy) serialize on the space lock. The
-//! data path (hold, fault, release) never takes it (a fault or hold that
-//! finds the reservoir exhausted for a swappable page leaves the data path
-//! and reclaims as an administrative operation, then tries again; a
-//! swap-in reads the swap file inside the active section, without the
-//! space lock): it goes through a per-client
-//! `active` word and a per-client state word (see `protocol.rs`). A change
-//! that alters the mapping map or the table structure (map, unmap,
-//! tracking switch, destroy, and the leaf-clearing step of a swap-out)
-//! first *holds* every client (setting `HOLD`, then waiting for an operation in flight to finish), makes the change,
+//! Administrative operations (`map`, `unmap`, `unmap_range`, `protect`,
+//! `promote`, `populate`, dirty operations, tracking switch, swap-out,
+//! destroy) serialize on the space lock. The data path (hold, fault,
+//! release) never takes it (a fault or hold that finds the reservoir
+//! exhausted for a swappable page leaves the data path and reclaims as an
+//! administrative operation, then tries again; a swap-in reads the swap
+//! file inside the active section, without the space lock): it goes
+//! through a per-client `active` word and a per-client state word (see
+//! `protocol.rs`). A change that alters the mapping map or the table
+//! structure (map, unmap, protection change, promotion, a split, tracking
+//! switch, destroy, and the leaf-clearing step of a swap-out) first
+//! *holds* every client (setting `HOLD`,
+//! then waiting for an operation in flight to finish), makes the change,
 //! and releases them; an operation that arrives meanwhile sleeps on its
 //! client's lock. `populate` and the dirty operations hold no client:
 //! they only change leaf entries atomically, so holds and faults of every
@@ -132,6 +161,26 @@
 //! [`VmClient::set_invalidation`]. Lock order: space lock,
 //! then a client lock; the data path takes a client lock only to sleep or
 //! on its slow paths, never with anything else held.
+//!
+//! Splits and promotions take `&mut NestedTable`, so they run like an
+//! unmap: space lock, every client held, then a generation bump and an
+//! invalidation ([`Cause::Remap`]) before the lock is dropped (a promotion
+//! frees the leaf table, which vCPUs may cache; a split changes no
+//! translation, but a host that mirrors the table must see the new leaf
+//! table). Both change the translation with one store of the level-2
+//! entry (nested-pt's `promote_2m` / `demote_2m_as`): a page that stays
+//! mapped is never not-present. The lazy split runs from the data path:
+//! the fault (or hold) deactivates its client, splits as an
+//! administrative change, and retries; from a thread in guest context on
+//! the same space it is refused with [`Error::SelfDeadlock`]. A hold
+//! records the leaf entry it found and a *structure sequence*, bumped by
+//! every split and promotion: a release that sees it changed finds the
+//! leaf again (through the table) before marking it dirty. Exclusive
+//! access to the table and mappings also takes a *structure lock*, under
+//! which a release that runs while an administrative change holds its
+//! client reads the table (lock order: client lock, then structure lock;
+//! the space lock is taken before the structure lock, and no client lock
+//! is taken under it).
 //!
 //! An unmap clears the leaves and vacates the tables first, then bumps the
 //! generation and waits for vCPUs still in guest context on an older one
@@ -179,16 +228,21 @@
 //! stable-Rust fuzz run against the same reference model
 //! (`tests/fuzz.rs`; longer by hand: `FUZZ_SECONDS=600 cargo test -p
 //! vmspace --release --test fuzz -- --nocapture`, which prints ops/s) and
-//! the multi-threaded stress tests (`tests/stress.rs`); `tests/swap.rs`
-//! covers swapping (lazy backing, the clock, pinning, dirty state across
-//! swapping, the data path racing the swapper, kicks before frames are
-//! freed).
+//! the multi-threaded stress tests (`tests/stress.rs`), the large-leaf
+//! tests (`tests/large.rs`: runs, populate/fault/hold with 2 MiB leaves,
+//! eager and lazy splits, harvests after them, partial unmap, protection
+//! changes, promotion, and splits/promotions under concurrent writers);
+//! `tests/swap.rs` covers swapping (lazy backing, the clock, pinning,
+//! dirty state across swapping, the data path racing the swapper, kicks
+//! before frames are freed).
 //! `RUSTFLAGS="--cfg loom" cargo test -p vmspace --test loom --release`
 //! model-checks the protocol. `cargo bench -p vmspace --bench vmspace --
 //! --warm-up-time 1 --measurement-time 3` runs the criterion benchmarks
 //! (fault-in, hold+release scaling, hold+release while another thread
 //! harvests back to back, map/unmap churn under holds, harvest against
-//! nested-pt alone).
+//! nested-pt alone); `cargo bench -p vmspace --bench large` the large-leaf
+//! ones (first touch of 1 GiB with 2 MiB against 4 KiB leaves, eager
+//! against lazy split at 4 and 16 GiB, promotion per 2 MiB).
 //!
 //! # Known gaps
 //!
@@ -196,15 +250,31 @@
 //!   checked against the format's width at `map`
 //!   ([`Invalid::FrameOutOfRange`]), so populate, fault-around and
 //!   `DirtyOp::Set` never stop half way, and `resident_count` is exact.
+//! - Large leaves are 2 MiB only: no 1 GiB leaves (the reservoir hands
+//!   out no 1 GiB runs, and nested-pt promotes and demotes 2 MiB leaves).
+//!   A mapping whose object offset is not 2 MiB-aligned against its
+//!   guest address gets 4 KiB leaves only.
+//! - Promotion is explicit ([`VmSpace::promote`], a khugepaged-like pass
+//!   the VMM runs, e.g. after a migration switched tracking off), not
+//!   done by the fault path; it is refused while tracking is on. A large
+//!   leaf lazily write-protected stays so after tracking goes off, until
+//!   a write splits it or a promotion of the range runs after the split.
+//! - The eager split carries a large leaf's dirty bit (set while tracking
+//!   was off) to all its 512 small leaves: the first harvest reports them
+//!   (a superset). The lazy split clears it when tracking goes on.
+//! - A split that runs out of table pages when tracking is switched on
+//!   leaves tracking off with what it split split (same translations) and
+//!   returns the error.
+//! - `unmap` must match one mapping exactly (as in the seed);
+//!   [`VmSpace::unmap_range`] and [`VmSpace::protect`] take any range
+//!   inside one mapping, not one across several. `populate` must stay
+//!   within one mapping. A protection change refuses ([`Error::Held`])
+//!   when any hold of any client is on the range and a right is removed
+//!   (holds record pages, not their access).
 //! - Swappable objects: see `swap.rs` for their gaps (4 KiB leaves only,
 //!   the swap-in's file read inside the active section, the clock seeing
 //!   only mapped pages). [`VmObject::frame_runs`] of a swappable object
 //!   stops at its first page without a frame.
-//! - Only 4 KiB leaves are mapped (nested-pt supports large leaves, but
-//!   promotion/demotion is not there yet, and objects are not required to
-//!   be physically contiguous).
-//! - `unmap` must match one mapping exactly and `populate` must stay within
-//!   one mapping (as in the seed); no partial unmap or protection change.
 //! - A client belongs to one thread (`Send`, not `Sync`); holds are
 //!   released on the thread that took them (seed 004 allows a release from
 //!   any thread).
@@ -249,7 +319,7 @@ pub use object::VmObject;
 pub use reservoir::{Arena, HeapReservoir, Reservoir, ReservoirStats};
 #[cfg(feature = "std")]
 pub use reservoir::{HostView, MemfdReservoir};
-pub use space::{Cause, DirtyOp, Invalidation, MappingInfo, SpaceConfig, VmSpace};
+pub use space::{Cause, DirtyOp, Invalidation, MappingInfo, SpaceConfig, SplitPolicy, VmSpace};
 #[cfg(feature = "std")]
 pub use swap::{SwapStats, swap_file_in};
 #[cfg(any(loom, feature = "std"))]

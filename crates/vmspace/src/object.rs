@@ -10,11 +10,16 @@ use crate::error::{Invalid, Result};
 use crate::reservoir::{Arena, Reservoir};
 use alloc::sync::Arc;
 
+/// Frames in a 2 MiB run.
+const RUN: usize = 512;
+
 enum Backing {
     Ram {
         reservoir: alloc::sync::Arc<dyn Reservoir>,
         arena: Arena,
         frames: Box<[Pfn]>,
+        /// Bit `k`: pages `512k .. 512k + 512` are one aligned 2 MiB run.
+        runs: Box<[u64]>,
     },
     Mmio {
         base: Pfn,
@@ -57,7 +62,8 @@ impl core::fmt::Debug for VmObject {
 
 impl VmObject {
     /// Guest RAM of `size` bytes (a non-zero multiple of 4 KiB), allocated
-    /// from `reservoir` in 4 KiB frames; zero-filled.
+    /// from `reservoir` with [`Reservoir::alloc_large`] (aligned 2 MiB runs
+    /// where it can, 4 KiB frames otherwise); zero-filled.
     pub fn ram(reservoir: alloc::sync::Arc<dyn Reservoir>, size: u64) -> Result<Arc<Self>> {
         if size == 0 {
             return Err(Invalid::ZeroLength.into());
@@ -65,12 +71,20 @@ impl VmObject {
         if !size.is_multiple_of(PAGE_SIZE) {
             return Err(Invalid::Unaligned.into());
         }
-        let frames = reservoir.alloc(size / PAGE_SIZE)?.into_boxed_slice();
+        let frames = reservoir.alloc_large(size / PAGE_SIZE)?.into_boxed_slice();
         let arena = reservoir.arena();
+        let groups = frames.len() / RUN;
+        let mut runs = alloc::vec![0u64; groups.div_ceil(64)].into_boxed_slice();
+        for (k, g) in frames.chunks_exact(RUN).enumerate() {
+            let first = g[0].0;
+            if first.is_multiple_of(RUN as u64) && g.iter().enumerate().all(|(i, p)| p.0 == first + i as u64) {
+                runs[k / 64] |= 1 << (k % 64);
+            }
+        }
         Ok(Arc::new(VmObject {
             size,
             mem_type: MemType::WriteBack,
-            backing: Backing::Ram { reservoir, arena, frames },
+            backing: Backing::Ram { reservoir, arena, frames, runs },
         }))
     }
 
@@ -157,6 +171,30 @@ impl VmObject {
         }
     }
 
+    /// The first frame of the aligned 2 MiB run that backs
+    /// `[offset, offset + 2 MiB)`, if one run does: `offset` a multiple of
+    /// 2 MiB inside the object, its 512 frames contiguous from a frame
+    /// number that is a multiple of 512 (RAM whose reservoir handed out a
+    /// run there; MMIO whose range is aligned there; never a swappable object).
+    /// Such a range can be mapped with one 2 MiB leaf.
+    pub fn run_at(&self, offset: u64) -> Option<Pfn> {
+        let span = RUN as u64 * PAGE_SIZE;
+        if !offset.is_multiple_of(span) || offset.checked_add(span)? > self.size {
+            return None;
+        }
+        let k = (offset / span) as usize;
+        match &self.backing {
+            Backing::Ram { frames, runs, .. } => (runs.get(k / 64)? & (1 << (k % 64)) != 0).then(|| frames[k * RUN]),
+            Backing::Mmio { base, .. } => {
+                let f = base.0 + offset / PAGE_SIZE;
+                f.is_multiple_of(RUN as u64).then_some(Pfn(f))
+            }
+            // Lazily backed page by page: never one run.
+            #[cfg(feature = "std")]
+            Backing::Swap(_) => None,
+        }
+    }
+
     /// Whether every frame of the pages `[offset, offset+len)` (a range
     /// inside the object) is below `limit`: a table format can only express
     /// frames `0 .. PteFormat::frame_limit()`, so `map` refuses an object
@@ -239,6 +277,30 @@ mod tests {
         assert_eq!(VmObject::ram(r.clone(), 3 * PAGE_SIZE).unwrap_err(), Error::ReservoirFull);
         assert_eq!(VmObject::mmio(Pfn(0), 0).unwrap_err(), Error::Invalid(Invalid::ZeroLength));
         assert_eq!(VmObject::mmio(Pfn(u64::MAX), PAGE_SIZE).unwrap_err(), Error::Invalid(Invalid::Overflow));
+    }
+
+    #[test]
+    fn runs_of_an_object() {
+        let r = alloc::sync::Arc::new(HeapReservoir::new(4096 * PAGE_SIZE, Pfn(0x1_0000)).unwrap());
+        let _head = r.alloc(5).unwrap();
+        let o = VmObject::ram(r.clone(), 3 * 512 * PAGE_SIZE + 8 * PAGE_SIZE).unwrap();
+        let m2 = 512 * PAGE_SIZE;
+        for k in 0..3 {
+            let f = o.run_at(k * m2).expect("a run");
+            assert!(f.0.is_multiple_of(512));
+            assert_eq!(o.frame_at(k * m2 + 100 * PAGE_SIZE), Some(Pfn(f.0 + 100)));
+        }
+        assert_eq!(o.run_at(3 * m2), None, "the tail is shorter than 2 MiB");
+        assert_eq!(o.run_at(PAGE_SIZE), None, "unaligned offset");
+        assert_eq!(o.run_at(!(m2 - 1)), None);
+        // No aligned room for a run: 4 KiB frames.
+        let r = alloc::sync::Arc::new(HeapReservoir::new(900 * PAGE_SIZE, Pfn(0x1_0001)).unwrap());
+        let o = VmObject::ram(r, 800 * PAGE_SIZE).unwrap();
+        assert_eq!(o.run_at(0), None);
+        let m = VmObject::mmio(Pfn(0x8_0000), 2 * m2).unwrap();
+        assert_eq!(m.run_at(m2), Some(Pfn(0x8_0200)));
+        let m = VmObject::mmio(Pfn(0x8_0001), 2 * m2).unwrap();
+        assert_eq!(m.run_at(0), None);
     }
 
     #[test]

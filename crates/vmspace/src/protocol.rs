@@ -347,16 +347,14 @@ impl<L: RawLock> ClientShared<L> {
         false
     }
 
-    /// Whether an outstanding hold of this client is on page `gpa` (of
-    /// any mapping); the swapper asks, with the client held, to leave
-    /// held pages alone.
-    #[cfg_attr(not(feature = "std"), allow(dead_code))]
-    pub(crate) fn holds_page(&self, gpa: u64) -> bool {
+    /// Whether an outstanding hold of this client is on a page of
+    /// `[start, end)` (of any mapping there); errs towards "yes" for a
+    /// release racing with the caller. Space lock held.
+    pub(crate) fn has_holds(&self, start: u64, end: u64) -> bool {
         if self.outstanding.load(Acquire) == 0 {
             return false;
         }
-        let _g = Guard::new(&self.lock);
-        self.holds_in(gpa, gpa.saturating_add(crate::PAGE_SIZE), 0, u64::MAX)
+        self.with_locked(|_, _| self.holds_in(start, end, 0, u64::MAX))
     }
 
     /// Drop the retired objects no outstanding hold needs any more (none

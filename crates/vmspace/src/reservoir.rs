@@ -1,7 +1,11 @@
 //! Host memory providers ("reservoirs") for guest RAM.
 //!
 //! Guest RAM is handed out in 4 KiB frames that need not be contiguous
-//! (seed 002: memory segments in 4 KiB chunks). A reservoir owns an *arena*:
+//! (seed 002: memory segments in 4 KiB chunks); [`Reservoir::alloc_large`]
+//! hands out aligned, physically contiguous 2 MiB runs where it can (fresh
+//! frames from the next aligned index, or a run freed whole), so that a
+//! mapping can map them with 2 MiB leaves, and falls back to 4 KiB
+//! frames (a run is broken up only when nothing else is left). A reservoir owns an *arena*:
 //! one host-virtual range in which frame `frame_base + i` lives at byte
 //! `i * 4096`. In a kernel that arena is the direct map; in user space it is
 //! a shared-memory file mapped into the process ([`MemfdReservoir`]), which
@@ -91,6 +95,16 @@ pub unsafe trait Reservoir: Send + Sync {
     /// `pages` zero-filled frames, not necessarily contiguous; all or
     /// nothing. [`Error::ReservoirFull`] when over the limit.
     fn alloc(&self, pages: u64) -> Result<Vec<Pfn>>;
+    /// As [`Reservoir::alloc`], preferring large runs: each group of 512
+    /// frames at index `512 * k` of the result is, where the reservoir
+    /// can manage it, one physically contiguous run starting at a frame
+    /// number that is a multiple of 512 (an aligned 2 MiB run, which a
+    /// mapping can map with one 2 MiB leaf); other groups and the
+    /// remainder fall back to 4 KiB frames. The default hands out what
+    /// `alloc` does.
+    fn alloc_large(&self, pages: u64) -> Result<Vec<Pfn>> {
+        self.alloc(pages)
+    }
     /// Give frames back.
     ///
     /// # Safety
@@ -101,44 +115,107 @@ pub unsafe trait Reservoir: Send + Sync {
     fn stats(&self) -> ReservoirStats;
 }
 
+/// Frames in an aligned 2 MiB run.
+const RUN: u64 = 512;
+
 /// Free-frame bookkeeping shared by the reservoirs: a stack of freed frame
-/// indices plus a high-water mark of never-used ones.
+/// indices, a stack of free aligned 2 MiB runs (first index of each), plus
+/// a high-water mark of never-used frames. Indices count from the
+/// arena's first frame, whose number is `base`: a run is aligned when
+/// `base + index` is a multiple of 512.
 #[derive(Debug)]
 struct FrameAllocator {
     pages: u64,
+    base: u64,
     next_fresh: u64,
     freed: Vec<u64>,
+    runs: Vec<u64>,
     allocated: u64,
 }
 
 impl FrameAllocator {
-    fn new(pages: u64) -> Self {
-        FrameAllocator { pages, next_fresh: 0, freed: Vec::new(), allocated: 0 }
+    fn new(pages: u64, base: u64) -> Self {
+        FrameAllocator { pages, base, next_fresh: 0, freed: Vec::new(), runs: Vec::new(), allocated: 0 }
+    }
+
+    /// One 4 KiB frame: a freed one, a fresh one, or one of a free run
+    /// broken up (the caller checked there is room).
+    fn one(&mut self) -> u64 {
+        if let Some(i) = self.freed.pop() {
+            return i;
+        }
+        if self.next_fresh < self.pages {
+            self.next_fresh += 1;
+            return self.next_fresh - 1;
+        }
+        let r = self.runs.pop().expect("room was checked");
+        self.freed.extend((r + 1..r + RUN).rev());
+        r
+    }
+
+    /// An aligned run: a free one, or fresh frames from the next aligned
+    /// index (the fresh frames skipped to get there go to the 4 KiB pool).
+    fn run(&mut self) -> Option<u64> {
+        if let Some(r) = self.runs.pop() {
+            return Some(r);
+        }
+        let skip = (RUN - (self.base.wrapping_add(self.next_fresh)) % RUN) % RUN;
+        let start = self.next_fresh.checked_add(skip)?;
+        if start.checked_add(RUN)? > self.pages {
+            return None;
+        }
+        self.freed.extend(self.next_fresh..start);
+        self.next_fresh = start + RUN;
+        Some(start)
     }
 
     fn alloc(&mut self, count: u64) -> Result<Vec<u64>> {
+        self.alloc_with(count, false)
+    }
+
+    fn alloc_with(&mut self, count: u64, large: bool) -> Result<Vec<u64>> {
         if count > self.pages - self.allocated {
             return Err(Error::ReservoirFull);
         }
         let mut out = Vec::new();
         out.try_reserve_exact(count as usize).map_err(|_| Error::ReservoirFull)?;
+        let mut runs = large;
         while (out.len() as u64) < count {
-            match self.freed.pop() {
-                Some(i) => out.push(i),
-                None => {
-                    out.push(self.next_fresh);
-                    self.next_fresh += 1;
+            if runs && count - out.len() as u64 >= RUN {
+                match self.run() {
+                    Some(r) => {
+                        out.extend(r..r + RUN);
+                        continue;
+                    }
+                    None => runs = false,
                 }
             }
+            let i = self.one();
+            out.push(i);
         }
         self.allocated += count;
         Ok(out)
     }
 
+    /// Give frames back: aligned runs among them go back whole, so that
+    /// a later `alloc_large` gets them again.
     fn free(&mut self, idx: impl Iterator<Item = u64>) {
-        for i in idx {
-            self.freed.push(i);
-            self.allocated -= 1;
+        let mut idx: Vec<u64> = idx.collect();
+        self.allocated -= idx.len() as u64;
+        idx.sort_unstable();
+        let mut i = 0;
+        while i < idx.len() {
+            let r = idx[i];
+            let whole = (self.base.wrapping_add(r)).is_multiple_of(RUN)
+                && idx.len() - i >= RUN as usize
+                && idx[i + RUN as usize - 1] == r + RUN - 1;
+            if whole {
+                self.runs.push(r);
+                i += RUN as usize;
+            } else {
+                self.freed.push(r);
+                i += 1;
+            }
         }
     }
 
@@ -156,8 +233,8 @@ struct LockedAllocator {
 }
 
 impl LockedAllocator {
-    fn new(pages: u64) -> Self {
-        LockedAllocator { lock: DefaultLock::new(), inner: crate::sync::Cell::new(FrameAllocator::new(pages)) }
+    fn new(pages: u64, base: Pfn) -> Self {
+        LockedAllocator { lock: DefaultLock::new(), inner: crate::sync::Cell::new(FrameAllocator::new(pages, base.0)) }
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut FrameAllocator) -> R) -> R {
@@ -215,7 +292,7 @@ impl HeapReservoir {
         let host = NonNull::new(p).ok_or(Error::ReservoirFull)?;
         Ok(HeapReservoir {
             arena: Arena { host, len: limit as usize, frame_base },
-            frames: LockedAllocator::new(pages),
+            frames: LockedAllocator::new(pages, frame_base),
         })
     }
 }
@@ -239,6 +316,11 @@ unsafe impl Reservoir for HeapReservoir {
 
     fn alloc(&self, pages: u64) -> Result<Vec<Pfn>> {
         let idx = self.frames.with(|a| a.alloc(pages))?;
+        Ok(frames_from(self.arena.frame_base, idx))
+    }
+
+    fn alloc_large(&self, pages: u64) -> Result<Vec<Pfn>> {
+        let idx = self.frames.with(|a| a.alloc_with(pages, true))?;
         Ok(frames_from(self.arena.frame_base, idx))
     }
 
@@ -331,7 +413,7 @@ mod memfd {
             Ok(MemfdReservoir {
                 fd,
                 arena: Arena { host, len: limit as usize, frame_base },
-                frames: LockedAllocator::new(pages),
+                frames: LockedAllocator::new(pages, frame_base),
             })
         }
 
@@ -415,6 +497,11 @@ mod memfd {
 
         fn alloc(&self, pages: u64) -> Result<Vec<Pfn>> {
             let idx = self.frames.with(|a| a.alloc(pages))?;
+            Ok(frames_from(self.arena.frame_base, idx))
+        }
+
+        fn alloc_large(&self, pages: u64) -> Result<Vec<Pfn>> {
+            let idx = self.frames.with(|a| a.alloc_with(pages, true))?;
             Ok(frames_from(self.arena.frame_base, idx))
         }
 
@@ -559,6 +646,72 @@ mod tests {
         accounting_and_limit(&r);
         frames_zeroed_and_distinct(&r);
         assert_eq!(r.arena().frame_base, Pfn(0x100));
+    }
+
+    /// Whether frames `[512k, 512k+512)` of `f` are one aligned run.
+    fn is_run(f: &[Pfn], k: usize) -> bool {
+        let g = &f[k * 512..(k + 1) * 512];
+        g[0].0.is_multiple_of(512) && g.iter().enumerate().all(|(i, p)| p.0 == g[0].0 + i as u64)
+    }
+
+    fn large_runs(r: &dyn Reservoir) {
+        // A few 4 KiB frames first: the next run skips to an aligned frame.
+        let small = r.alloc(3).unwrap();
+        let a = r.alloc_large(2 * 512 + 7).unwrap();
+        assert_eq!(a.len(), 1031);
+        assert!(is_run(&a, 0) && is_run(&a, 1), "two aligned runs");
+        let mut all: Vec<u64> = a.iter().chain(&small).map(|f| f.0).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 1034, "distinct frames");
+        assert_eq!(r.stats().allocated, 1034 * PAGE_SIZE);
+        // A run freed whole comes back whole.
+        // SAFETY: frames from this reservoir, unused.
+        unsafe { r.free(&a[512..1024]) };
+        let b = r.alloc_large(512).unwrap();
+        assert_eq!(b, a[512..1024].to_vec());
+        // Fill up: runs while fresh aligned room lasts, then 4 KiB frames,
+        // breaking up free runs only when nothing else is left.
+        let rest = r.stats().free / PAGE_SIZE;
+        let c = r.alloc_large(rest).unwrap();
+        assert_eq!(r.stats().free, 0);
+        assert_eq!(r.alloc_large(1), Err(Error::ReservoirFull));
+        // SAFETY: as above.
+        unsafe {
+            r.free(&small);
+            r.free(&a[..512]);
+            r.free(&a[1024..]);
+            r.free(&b);
+            r.free(&c);
+        }
+        assert_eq!(r.stats().allocated, 0);
+        // Everything free: a small allocation takes no run apart while
+        // 4 KiB frames remain, and runs are there for large ones.
+        let d = r.alloc_large(1024).unwrap();
+        assert!(is_run(&d, 0) && is_run(&d, 1));
+        // SAFETY: as above.
+        unsafe { r.free(&d) };
+    }
+
+    #[test]
+    fn heap_reservoir_large_runs() {
+        // Frame base not a multiple of 512: runs start where frames align.
+        let r = HeapReservoir::new(4096 * PAGE_SIZE, Pfn(0x1_0003)).unwrap();
+        large_runs(&r);
+        // Too small for any aligned run: 4 KiB frames, all or nothing.
+        let r = HeapReservoir::new(600 * PAGE_SIZE, Pfn(0x1_0001)).unwrap();
+        let f = r.alloc_large(600).unwrap();
+        let mut s: Vec<u64> = f.iter().map(|p| p.0).collect();
+        s.sort_unstable();
+        s.dedup();
+        assert_eq!(s.len(), 600);
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn memfd_reservoir_large_runs() {
+        let r = MemfdReservoir::new(4096 * PAGE_SIZE, Pfn(0x4_0000)).unwrap();
+        large_runs(&r);
     }
 
     #[test]

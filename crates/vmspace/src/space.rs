@@ -52,6 +52,36 @@ pub struct SpaceConfig {
     /// for hardware A/D formats, see [`VmSpace::dirty_tracking`]). Off by
     /// default.
     pub fault_around_dirty_untracked: bool,
+    /// Map an aligned 2 MiB range of a mapping with one 2 MiB leaf when
+    /// the mapping's object backs it with one aligned 2 MiB run
+    /// ([`VmObject::run_at`]) and the format has 2 MiB leaves: the range
+    /// is populated for a 2 MiB leaf at `map` (while dirty tracking is
+    /// off), and `populate`, a fault or a hold in it maps the whole run
+    /// at once. On by default; off maps 4 KiB leaves only (promotion,
+    /// [`VmSpace::promote`], is refused then).
+    pub large_leaves: bool,
+    /// How large leaves are split when dirty tracking is switched on
+    /// (default [`SplitPolicy::Eager`]).
+    pub split: SplitPolicy,
+}
+
+/// How [`VmSpace::set_dirty_tracking`] treats large leaves (a harvest
+/// reports 4 KiB pages, so a large leaf must be split before the guest's
+/// writes to it can be told apart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitPolicy {
+    /// Split every large leaf into a full leaf table when tracking is
+    /// switched on (each small leaf carrying the large one's accessed and
+    /// dirty state): switching costs one leaf table per large leaf, and
+    /// the guest's writes afterwards take no fault in `vmspace`.
+    Eager,
+    /// Write-protect every large leaf when tracking is switched on (and
+    /// clear its dirty bit: what was written before tracking needs no
+    /// report), and split a large leaf on the first write to it (a vCPU's
+    /// write fault or a writable hold), the small leaves getting the
+    /// mapping's protection back: switching is cheap, each large leaf's
+    /// first write pays a fault, a split and an invalidation.
+    Lazy,
 }
 
 impl SpaceConfig {
@@ -66,6 +96,8 @@ impl SpaceConfig {
             fault_around: 16,
             fault_around_accessed: false,
             fault_around_dirty_untracked: false,
+            large_leaves: true,
+            split: SplitPolicy::Eager,
         }
     }
 }
@@ -84,8 +116,11 @@ pub struct Invalidation<'a> {
     /// Whether the change freed table pages (changed non-leaf entries):
     /// a host that mirrors the table (a shadow-paging KVM host) must then
     /// drop everything it built from the table, not only the leaves of the
-    /// range. Only an unmap frees table pages (it vacates the tables it
-    /// emptied), so this is false for every other cause.
+    /// range. An unmap (it vacates the tables it emptied, and a partial
+    /// one may split a large leaf it cuts), a promotion (it frees the leaf
+    /// table) and a split ([`Cause::Remap`] from a protection change that
+    /// cut a large leaf) set it; a harvest, a tracking switch and a lazy
+    /// split on a write do not.
     pub tables_freed: bool,
     /// For [`Cause::Dirty`] from a harvest that collected them
     /// ([`VmSpace::track_dirty_frames`], [`VmSpace::dirty_op_frames`] with
@@ -123,6 +158,13 @@ pub enum Cause<'a> {
     /// frames are in [`Invalidation::cleared`] (the evicted frames are
     /// freed once every client was told). Told without the client held.
     Swap,
+    /// The translations of the range changed shape or protection without
+    /// being unmapped: large leaves were split or promoted (the same
+    /// frames, now through a leaf table or one large leaf), or a
+    /// protection change ([`VmSpace::protect`]) rewrote its leaves.
+    /// `tables_freed` is true when a promotion freed leaf tables. A host
+    /// that mirrors the table drops what it built for the range.
+    Remap,
 }
 
 /// Dirty-bitmap operations (bhyve's live-migration additions).
@@ -147,6 +189,10 @@ pub(crate) struct Mapping {
     /// The space's unmap sequence number when the mapping was made: a
     /// hold that recorded a smaller one is not on this mapping.
     pub(crate) born: u64,
+    /// Which `map` call made it (the map sequence then): the pieces a
+    /// partial unmap or a protection change cut keep it, and only pieces
+    /// of one mapping are ever merged again.
+    pub(crate) id: u64,
 }
 
 /// A read-only description of a mapping.
@@ -262,6 +308,18 @@ pub(crate) struct Inner<P: TablePages, L: RawLock> {
     /// threads' holds.
     pub(crate) resident: Padded<AtomicU64>,
     pub(crate) track_dirty: AtomicBool,
+    /// Large leaves are mapped (config and format allow them).
+    pub(crate) large: bool,
+    /// Split large leaves on their first write once tracking is on.
+    pub(crate) lazy_split: AtomicBool,
+    /// Bumped (under `struct_lock`) by every change that moves present
+    /// leaves to other entries (a split, a promotion): a hold that
+    /// recorded an older value finds its entry again before marking it.
+    pub(crate) struct_seq: AtomicU64,
+    /// Taken around every exclusive access to the data
+    /// (`with_data_mut`): a release that runs while an administrative
+    /// change holds its client reads the table under it.
+    struct_lock: L,
 }
 
 // SAFETY: `admin` is only reached under `lock`; `data` follows the rule
@@ -283,13 +341,23 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         self.data.with(|d| f(unsafe { &*d }))
     }
 
-    /// Exclusive access.
+    /// Exclusive access (under `struct_lock`).
     ///
     /// # Safety
     /// The caller holds the space lock and every client is held.
     unsafe fn with_data_mut<R>(&self, f: impl FnOnce(&mut Data<P>) -> R) -> R {
+        let _g = Guard::new(&self.struct_lock);
         // SAFETY: per the caller, nothing else reaches the data.
         self.data.with_mut(|d| f(unsafe { &mut *d }))
+    }
+
+    /// Shared access for a release that runs while its client is held by
+    /// an administrative change: `struct_lock` keeps exclusive access out.
+    pub(crate) fn with_data_structure_locked<R>(&self, f: impl FnOnce(&Data<P>) -> R) -> R {
+        let _g = Guard::new(&self.struct_lock);
+        // SAFETY: exclusive access only happens under `struct_lock`, which
+        // is held; shared readers run concurrently by design.
+        self.data.with(|d| f(unsafe { &*d }))
     }
 
     /// Run `f` with the space lock and the registry.
@@ -369,6 +437,367 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         Ok(n)
     }
 
+    /// Map the empty 2 MiB slot at `c`, counted for a 2 MiB leaf, with
+    /// one leaf for the run backing `object` from byte `offset`; counts
+    /// 512 resident pages. `Ok(0)` when someone else mapped it first.
+    pub(crate) fn map_large(
+        &self,
+        table: &NestedTable<P>,
+        c: u64,
+        prot: Prot,
+        object: &VmObject,
+        offset: u64,
+    ) -> Result<u64> {
+        // Only ranges with a run are populated for 2 MiB leaves, and an
+        // object's frames never change.
+        let run = object.run_at(offset).ok_or(Error::Table(nested_pt::Error::NotPopulated))?;
+        match table.map(Gpa(c), run, PageSize::Size2M, prot, object.mem_type()) {
+            Ok(()) => {
+                self.resident.fetch_add(M2 / PAGE_SIZE, Relaxed);
+                Ok(M2 / PAGE_SIZE)
+            }
+            Err(nested_pt::Error::AlreadyMapped { .. }) => Ok(0),
+            Err(e) => Err(Error::Table(e)),
+        }
+    }
+
+    /// Map what is missing of `[gpa, end)`, inside the mapping `m` at
+    /// `start`: 4 KiB pages where the range is populated for them, the
+    /// whole 2 MiB leaf where it is populated for one (also when the range
+    /// covers only part of it). Returns the pages mapped.
+    fn map_span(&self, table: &NestedTable<P>, start: u64, m: &Mapping, gpa: u64, end: u64) -> Result<u64> {
+        let mut n = 0;
+        let mut small: Option<(u64, u64)> = None;
+        let frame = |p: Gpa| m.object.frame_at(m.offset + (p.0 - start));
+        let mut a = gpa;
+        while a < end {
+            let c = a & !(M2 - 1);
+            let b = (c + M2).min(end);
+            if chunk_large(table, c) {
+                if let Some((lo, hi)) = small.take() {
+                    n += self.map_pages(table, lo, hi - lo, m.prot, &m.object, frame)?;
+                }
+                n += self.map_large(table, c, m.prot, &m.object, m.offset + (c - start))?;
+            } else {
+                small = Some(small.map_or((a, b), |(lo, _)| (lo, b)));
+            }
+            a = b;
+        }
+        if let Some((lo, hi)) = small {
+            n += self.map_pages(table, lo, hi - lo, m.prot, &m.object, frame)?;
+        }
+        Ok(n)
+    }
+
+    /// Turn the 2 MiB chunk at `c` (inside a mapping whose protection is
+    /// `prot`) from counted for a 2 MiB leaf into counted for 4 KiB
+    /// leaves: its large leaf is split into a leaf table with the same
+    /// translations (the small leaves get `prot`), an empty slot gets an
+    /// empty leaf table. `Ok(true)` when it changed something. The caller
+    /// has exclusive access; a split bumps `struct_seq`.
+    fn split_chunk(&self, table: &mut NestedTable<P>, c: u64, prot: Prot) -> Result<bool> {
+        if !chunk_large(table, c) {
+            return Ok(false);
+        }
+        let leaf = table.lookup(Gpa(c)).map(|l| l.size);
+        match leaf {
+            Some(PageSize::Size2M) => table.demote_2m_as(Gpa(c), Some(prot)).map_err(Error::Table)?,
+            Some(_) => return Ok(false),
+            None => table.split_empty_2m(Gpa(c)).map_err(Error::Table)?,
+        }
+        self.struct_seq.fetch_add(1, Release);
+        Ok(true)
+    }
+
+    /// Split every chunk counted for a 2 MiB leaf that overlaps
+    /// `[gpa, end)` (within the mappings there); with `lazy`, a large leaf
+    /// of a writable mapping is write-protected (and made clean) instead.
+    /// Returns whether anything changed, and the first error (the chunks
+    /// before it are split: the same translations, so the state is
+    /// consistent).
+    fn split_range(&self, d: &mut Data<P>, gpa: u64, end: u64, lazy: bool) -> (bool, Result<()>) {
+        let Data { table, maps } = d;
+        let mut changed = false;
+        for (start, m) in maps.range(..end) {
+            let m_end = start + m.len;
+            if m_end <= gpa {
+                continue;
+            }
+            let mut c = (*start).max(gpa) & !(M2 - 1);
+            while c < m_end.min(end) {
+                if c >= *start && c + M2 <= m_end {
+                    let r = if lazy
+                        && m.prot.contains(Prot::WRITE)
+                        && table.lookup(Gpa(c)).is_some_and(|l| l.size == PageSize::Size2M)
+                    {
+                        self.write_protect_large(table, c);
+                        Ok(false)
+                    } else {
+                        self.split_chunk(table, c, m.prot)
+                    };
+                    match r {
+                        Ok(ch) => changed |= ch,
+                        Err(e) => return (changed, Err(e)),
+                    }
+                }
+                c += M2;
+            }
+        }
+        (changed, Ok(()))
+    }
+
+    /// Clear the write permission and the dirty state of the large leaf
+    /// at `c` (keeping its accessed state), so that the next write faults
+    /// and splits it (the lazy split). A compare-and-swap loop: hardware
+    /// may set accessed/dirty bits meanwhile.
+    fn write_protect_large(&self, table: &NestedTable<P>, c: u64) {
+        let fmt = &self.format;
+        let Some(leaf) = table.lookup(Gpa(c)) else { return };
+        let mut v = leaf.value();
+        loop {
+            let prot = fmt.prot(v) - Prot::WRITE;
+            let mt = fmt.mem_type(v).unwrap_or(nested_pt::MemType::WriteBack);
+            let Ok(mut new) = fmt.leaf_entry(fmt.frame_at_level(v, 2), PageSize::Size2M, prot, mt) else { return };
+            if fmt.accessed(v) {
+                let read = fmt.access_bits(new, Access::Read);
+                new |= read.or_else(|| fmt.access_bits(new, Access::Execute)).unwrap_or(0);
+            }
+            match leaf.entry.compare_exchange(v, new, AcqRel, Acquire) {
+                Ok(_) => return,
+                Err(now) if fmt.is_present(now) => v = now,
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Clear and vacate `[gpa, end)` (whole chunks counted for 2 MiB
+    /// leaves, the rest for 4 KiB ones); the caller split the chunks the
+    /// range cuts. Returns the 4 KiB pages cleared (a 2 MiB leaf: 512).
+    fn vacate_span(&self, table: &mut NestedTable<P>, gpa: u64, end: u64) -> Result<u64> {
+        let mut n = 0;
+        for (lo, hi, size) in spans(gpa, end, |c| chunk_large(table, c)) {
+            n += table.unmap_vacate_region(Gpa(lo), hi - lo, size).map_err(Error::Table)?;
+        }
+        Ok(n)
+    }
+
+    /// Split the chunks counted for 2 MiB leaves that `[gpa, end)` cuts
+    /// (inside the mapping at `start`, of protection `prot`): at most the
+    /// two at its ends. Returns whether one was split.
+    fn split_ends(
+        &self,
+        table: &mut NestedTable<P>,
+        start: u64,
+        m_end: u64,
+        gpa: u64,
+        end: u64,
+        prot: Prot,
+    ) -> Result<bool> {
+        let mut changed = false;
+        for c in [gpa & !(M2 - 1), (end - 1) & !(M2 - 1)] {
+            let cut = c < gpa || c + M2 > end;
+            if cut && c >= start && c + M2 <= m_end {
+                changed |= self.split_chunk(table, c, prot)?;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Part of `unmap_range`: space lock held, clients held.
+    fn unmap_part_locked(&self, a: &Admin<L>, start: u64, gpa: u64, end: u64) -> Result<StdArc<VmObject>> {
+        // SAFETY: lock held, clients held.
+        let (object, m_offset, m_len, prot, born, id) = unsafe {
+            self.with_data(|d| {
+                let m = &d.maps[&start];
+                (m.object.clone(), m.offset, m.len, m.prot, m.born, m.id)
+            })
+        };
+        let m_end = start + m_len;
+        // Splits first: on error nothing is unmapped (what was split keeps
+        // its translations; vCPUs are told of the new tables).
+        // SAFETY: lock held, clients held.
+        let split = unsafe { self.with_data_mut(|d| self.split_ends(&mut d.table, start, m_end, gpa, end, prot)) };
+        let split = match split {
+            Ok(s) => s,
+            Err(e) => {
+                self.map_seq.fetch_add(1, Release);
+                self.bump_gen_and_invalidate(a, gpa, end - gpa, Cause::Remap, true, None);
+                return Err(e);
+            }
+        };
+        let seq = self.unmap_seq.load(Relaxed) + 1;
+        for c in a.clients.values() {
+            c.retire(gpa, end, born, seq, &object);
+        }
+        self.unmap_seq.store(seq, Release);
+        // SAFETY: lock held, clients held.
+        let (cleared, freed) = unsafe {
+            self.with_data_mut(|d| {
+                let before = d.table.table_pages();
+                let cleared = self.vacate_span(&mut d.table, gpa, end)?;
+                d.maps.remove(&start);
+                if gpa > start {
+                    let left = Mapping { object: object.clone(), offset: m_offset, len: gpa - start, prot, born, id };
+                    d.maps.insert(start, left);
+                }
+                if end < m_end {
+                    let offset = m_offset + (end - start);
+                    let right = Mapping { object: object.clone(), offset, len: m_end - end, prot, born, id };
+                    d.maps.insert(end, right);
+                }
+                Ok::<_, Error>((cleared, d.table.table_pages() < before))
+            })
+        }?;
+        self.map_seq.fetch_add(1, Release);
+        self.resident.fetch_sub(cleared, Relaxed);
+        if cleared > 0 || freed || split {
+            let cause = Cause::Unmap { object: &object, offset: m_offset + (gpa - start) };
+            self.bump_gen_and_invalidate(a, gpa, end - gpa, cause, freed || split, None);
+        }
+        Ok(object)
+    }
+
+    /// The leaf entry `v` (of a page of `size`) with protection `prot`,
+    /// its frame, memory type and accessed/dirty state kept.
+    fn with_prot(&self, v: u64, size: PageSize, prot: Prot) -> Result<u64> {
+        let fmt = &self.format;
+        let mt = fmt.mem_type(v).unwrap_or(nested_pt::MemType::WriteBack);
+        let mut new = fmt.leaf_entry(fmt.frame_at_level(v, size.level()), size, prot, mt).map_err(Error::Table)?;
+        if fmt.accessed(v) {
+            let read = fmt.access_bits(new, Access::Read);
+            new |= read.or_else(|| fmt.access_bits(new, Access::Execute)).unwrap_or(0);
+        }
+        if fmt.dirty(v) {
+            new |= fmt.set_dirty_bits();
+        }
+        Ok(new)
+    }
+
+    /// Part of `protect`: space lock held, clients held.
+    fn protect_locked(&self, a: &Admin<L>, start: u64, gpa: u64, end: u64, prot: Prot) -> Result<()> {
+        let tracking = self.track_dirty.load(Acquire);
+        // SAFETY: lock held, clients held.
+        let r = unsafe {
+            self.with_data_mut(|d| {
+                let m = &d.maps[&start];
+                let (m_end, old) = (start + m.len, m.prot);
+                let mut split = self.split_ends(&mut d.table, start, m_end, gpa, end, old)?;
+                if tracking {
+                    let (s, r) = self.split_range(d, gpa, end, false);
+                    split |= s;
+                    r?;
+                }
+                // Rewrite the leaves: a compare-and-swap each, since the
+                // hardware may set accessed/dirty bits meanwhile.
+                let fmt = &self.format;
+                let mut err = Ok(());
+                d.table.for_each_leaf_table(Gpa(gpa), end - gpa, |_, entries, size| {
+                    for e in entries {
+                        let mut v = e.load(Acquire);
+                        while fmt.is_present(v) {
+                            let new = match self.with_prot(v, size, prot) {
+                                Ok(n) => n,
+                                Err(x) => {
+                                    err = Err(x);
+                                    return;
+                                }
+                            };
+                            match e.compare_exchange(v, new, AcqRel, Acquire) {
+                                Ok(_) => break,
+                                Err(now) => v = now,
+                            }
+                        }
+                    }
+                });
+                err?;
+                let m = d.maps.remove(&start).expect("found above");
+                let piece = |offset: u64, len: u64, prot: Prot| Mapping {
+                    object: m.object.clone(),
+                    offset: m.offset + offset,
+                    len,
+                    prot,
+                    born: m.born,
+                    id: m.id,
+                };
+                if gpa > start {
+                    d.maps.insert(start, piece(0, gpa - start, old));
+                }
+                d.maps.insert(gpa, piece(gpa - start, end - gpa, prot));
+                if end < m_end {
+                    d.maps.insert(end, piece(end - start, m_end - end, old));
+                }
+                // Pieces of one mapping with the same protection again
+                // become one (so that a later promotion sees them whole).
+                coalesce(&mut d.maps, gpa);
+                Ok::<_, Error>(split)
+            })
+        };
+        // The map sequence and the generation move whatever happened: the
+        // leaves may be rewritten in part when an error stopped it.
+        self.map_seq.fetch_add(1, Release);
+        let split = *r.as_ref().unwrap_or(&true);
+        self.bump_gen_and_invalidate(a, gpa, end - gpa, Cause::Remap, split, None);
+        r.map(|_| ())
+    }
+
+    /// Promote the qualifying 2 MiB chunks of `[gpa, end)` (see
+    /// [`VmSpace::promote`]); exclusive access. Returns how many.
+    fn promote_range(&self, d: &mut Data<P>, gpa: u64, end: u64) -> u64 {
+        let Data { table, maps } = d;
+        let mut n = 0;
+        for (start, m) in maps.range(..end) {
+            let m_end = start + m.len;
+            if m_end <= gpa {
+                continue;
+            }
+            let lo = (*start).max(gpa).next_multiple_of(M2);
+            let hi = m_end.min(end) & !(M2 - 1);
+            let mut c = lo;
+            while c + M2 <= hi {
+                if !chunk_large(table, c)
+                    && m.object.run_at(m.offset + (c - start)).is_some()
+                    && table.promote_2m(Gpa(c)).is_ok()
+                {
+                    n += 1;
+                }
+                c += M2;
+            }
+        }
+        if n > 0 {
+            self.struct_seq.fetch_add(1, Release);
+        }
+        n
+    }
+
+    /// The lazy split on a write: split the large leaf that covers `gpa`
+    /// (if it is still there) with its mapping's protection, bump the
+    /// generation and tell every client. Called by a client's data path
+    /// with nothing held and the client inactive.
+    pub(crate) fn split_for_write(&self, gpa: u64) -> Result<()> {
+        if on_cpu::holds(self as *const Inner<P, L> as usize) {
+            return Err(Error::SelfDeadlock);
+        }
+        self.exclusive(|a| {
+            let c = gpa & !(M2 - 1);
+            // SAFETY: lock held, clients held.
+            let changed = unsafe {
+                self.with_data_mut(|d| {
+                    let Some((start, m)) = d.mapping_at(gpa) else { return Ok(false) };
+                    if c < start || c + M2 > start + m.len {
+                        return Ok(false);
+                    }
+                    let prot = m.prot;
+                    self.split_chunk(&mut d.table, c, prot)
+                })
+            }?;
+            if changed {
+                self.map_seq.fetch_add(1, Release);
+                self.bump_gen_and_invalidate(a, c, M2, Cause::Remap, false, None);
+            }
+            Ok(())
+        })
+    }
+
     pub(crate) fn bump_gen_and_invalidate(
         &self,
         a: &Admin<L>,
@@ -407,7 +836,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
             self.with_data_mut(|d| {
                 let before = d.table.table_pages();
                 // One pass over the leaf entries: clear and vacate.
-                let cleared = d.table.unmap_vacate_region(Gpa(gpa), len, PageSize::Size4K).map_err(Error::Table)?;
+                let cleared = self.vacate_span(&mut d.table, gpa, gpa + len)?;
                 d.maps.remove(&gpa);
                 Ok::<_, Error>((cleared, d.table.table_pages() < before))
             })
@@ -434,6 +863,37 @@ pub struct VmSpace<P: TablePages, L: RawLock = DefaultLock> {
     pub(crate) inner: Arc<Inner<P, L>>,
 }
 
+/// Bytes a 2 MiB leaf (and a leaf table) covers.
+pub(crate) const M2: u64 = 2 << 20;
+
+/// Whether the 2 MiB chunk at `c` (inside a mapping) is counted for a
+/// 2 MiB leaf: the walk ends at level 2, at a large leaf or an empty
+/// entry (a chunk counted for 4 KiB leaves has its leaf table).
+#[inline]
+pub(crate) fn chunk_large<P: TablePages>(table: &NestedTable<P>, c: u64) -> bool {
+    let fmt = table.format();
+    let w = table.walk(Gpa(c));
+    w.steps().last().is_some_and(|s| s.level == 2 && (!fmt.is_present(s.entry) || fmt.is_leaf(s.entry, 2)))
+}
+
+/// `[gpa, end)` cut into spans of one leaf size: whole aligned 2 MiB
+/// chunks for which `large` holds are `Size2M`, the rest `Size4K`;
+/// neighbours of the same size merged.
+fn spans(gpa: u64, end: u64, mut large: impl FnMut(u64) -> bool) -> Vec<(u64, u64, PageSize)> {
+    let mut out: Vec<(u64, u64, PageSize)> = Vec::new();
+    let mut a = gpa;
+    while a < end {
+        let b = ((a | (M2 - 1)) + 1).min(end);
+        let size = if a.is_multiple_of(M2) && b - a == M2 && large(a) { PageSize::Size2M } else { PageSize::Size4K };
+        match out.last_mut() {
+            Some((_, hi, s)) if *hi == a && *s == size => *hi = b,
+            _ => out.push((a, b, size)),
+        }
+        a = b;
+    }
+    out
+}
+
 fn check_aligned(gpa: u64, len: u64) -> Result<u64> {
     if len == 0 {
         return Err(Invalid::ZeroLength.into());
@@ -442,6 +902,52 @@ fn check_aligned(gpa: u64, len: u64) -> Result<u64> {
         return Err(Invalid::Unaligned.into());
     }
     gpa.checked_add(len).ok_or(Error::Invalid(Invalid::Overflow))
+}
+
+/// Whether a large leaf covers `gpa` or `end - 1` and sticks out of
+/// `[gpa, end)` (nested-pt's harvest refuses such a range).
+fn cuts_large<P: TablePages>(table: &NestedTable<P>, gpa: u64, end: u64) -> bool {
+    end > gpa
+        && [gpa, end - 1].into_iter().any(|a| {
+            table
+                .lookup(Gpa(a))
+                .is_some_and(|l| l.size != PageSize::Size4K && (l.gpa.0 < gpa || l.gpa.0 + l.size.bytes() > end))
+        })
+}
+
+/// Merge the mapping at `at` with the one that ends where it starts and
+/// the one that starts where it ends, where they are pieces of one
+/// mapping (same `map` call, contiguous offsets, same protection): two
+/// mappings made apart stay apart, so that `unmap` of either still
+/// matches it exactly.
+fn coalesce(maps: &mut BTreeMap<u64, Mapping>, at: u64) {
+    let same = |a: &Mapping, a_start: u64, b: &Mapping, b_start: u64| {
+        a.id == b.id
+            && StdArc::ptr_eq(&a.object, &b.object)
+            && a.prot == b.prot
+            && a.born == b.born
+            && a_start + a.len == b_start
+            && a.offset + a.len == b.offset
+    };
+    let mut at = at;
+    // Left neighbour.
+    if let Some((&l, lm)) = maps.range(..at).next_back()
+        && let Some(m) = maps.get(&at)
+        && same(lm, l, m, at)
+    {
+        let m = maps.remove(&at).expect("present");
+        maps.get_mut(&l).expect("present").len += m.len;
+        at = l;
+    }
+    // Right neighbour.
+    let Some(m) = maps.get(&at) else { return };
+    let next = at + m.len;
+    if let Some(r) = maps.get(&next)
+        && same(m, at, r, next)
+    {
+        let r = maps.remove(&next).expect("present");
+        maps.get_mut(&at).expect("present").len += r.len;
+    }
 }
 
 fn bit(bitmap: &[u64], i: u64) -> bool {
@@ -519,6 +1025,10 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 unmap_seq: AtomicU64::new(0),
                 resident: Padded(AtomicU64::new(0)),
                 track_dirty: AtomicBool::new(config.track_dirty),
+                large: config.large_leaves && config.format.supports(PageSize::Size2M),
+                lazy_split: AtomicBool::new(config.split == SplitPolicy::Lazy),
+                struct_seq: AtomicU64::new(0),
+                struct_lock: L::new(),
             }),
         })
     }
@@ -584,10 +1094,29 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                     {
                         return Err(Error::NoSpace(NoSpace::Overlap));
                     }
-                    d.table.populate_region(Gpa(gpa), len, PageSize::Size4K).map_err(Error::Table)?;
+                    // Whole aligned 2 MiB chunks that one run backs are
+                    // populated for a 2 MiB leaf (not while tracking: a
+                    // harvest needs 4 KiB leaves), the rest for 4 KiB.
+                    let large = inner.large && !inner.track_dirty.load(Acquire);
+                    let plan = spans(gpa, end, |c| large && object.run_at(offset + (c - gpa)).is_some());
+                    for (i, &(lo, hi, size)) in plan.iter().enumerate() {
+                        if let Err(e) = d.table.populate_region(Gpa(lo), hi - lo, size) {
+                            for &(lo, hi, size) in &plan[..i] {
+                                let _ = d.table.vacate_region(Gpa(lo), hi - lo, size);
+                            }
+                            return Err(Error::Table(e));
+                        }
+                    }
                     d.maps.insert(
                         gpa,
-                        Mapping { object: object.clone(), offset, len, prot, born: inner.unmap_seq.load(Relaxed) },
+                        Mapping {
+                            object: object.clone(),
+                            offset,
+                            len,
+                            prot,
+                            born: inner.unmap_seq.load(Relaxed),
+                            id: inner.map_seq.load(Relaxed),
+                        },
                     );
                     Ok::<_, Error>(())
                 })
@@ -622,6 +1151,118 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         Ok(())
     }
 
+    /// Unmap `[gpa, gpa+len)`, which must lie inside one mapping (all of
+    /// it, or any part: the mapping is cut, and what is left of it on
+    /// either side stays mapped as before, same object offsets and
+    /// protection). A large leaf the range cuts is split first (its pages
+    /// outside the range keep their translations, with no not-present
+    /// window). Then as [`VmSpace::unmap`] for the range: its leaves are
+    /// cleared and its tables vacated, holds on its pages keep the object
+    /// and report the unmap on release (holds elsewhere on the mapping
+    /// are unaffected), the generation is bumped and every client told
+    /// ([`Cause::Unmap`] with the range's object offset;
+    /// `tables_freed` also when a split rewrote a table entry).
+    /// [`Error::NotFound`] unless one mapping contains the range.
+    pub fn unmap_range(&self, gpa: u64, len: u64) -> Result<()> {
+        let end = check_aligned(gpa, len)?;
+        self.check_not_on_cpu()?;
+        let inner = &*self.inner;
+        let object = inner.exclusive(|a| {
+            // SAFETY: lock held, clients held.
+            let start = unsafe {
+                inner.with_data(|d| match d.mapping_at(gpa) {
+                    Some((s, m)) if end - s <= m.len => Ok(s),
+                    _ => Err(Error::NotFound),
+                })
+            }?;
+            inner.unmap_part_locked(a, start, gpa, end)
+        })?;
+        drop(object);
+        Ok(())
+    }
+
+    /// Change the protection of `[gpa, gpa+len)`, which must lie inside
+    /// one mapping, to `prot` (FreeBSD's `pmap_protect`, seed 004's
+    /// missing `vmspace_protect`): the mapping is cut where the range
+    /// ends inside it, a large leaf the range cuts is split first, and
+    /// every present leaf of the range is rewritten with the new
+    /// protection, keeping its frame, memory type and accessed/dirty
+    /// state (a dirty page stays dirty for the next harvest). With every
+    /// client held; the generation is bumped and every client told
+    /// ([`Cause::Remap`]), kicking vCPUs in guest context, so no vCPU uses
+    /// a right the change removed once it returns. While dirty tracking
+    /// is on, large leaves of the range are split first (only 4 KiB
+    /// leaves are writable then).
+    ///
+    /// Refused, with nothing changed: [`Error::Invalid`] for a zero
+    /// length, unaligned values or a protection the format cannot
+    /// express; [`Error::NotFound`] unless one mapping contains the
+    /// range; [`Error::Held`] when the change removes a right and a page
+    /// hold of any client is outstanding on the range (the holder reaches
+    /// the page through the host, which the table cannot stop; release
+    /// the holds first).
+    pub fn protect(&self, gpa: u64, len: u64, prot: Prot) -> Result<()> {
+        let end = check_aligned(gpa, len)?;
+        self.inner.format.check_prot(prot).map_err(|_| Error::Invalid(Invalid::BadProt))?;
+        self.check_not_on_cpu()?;
+        let inner = &*self.inner;
+        inner.exclusive(|a| {
+            // SAFETY: lock held, clients held.
+            let (start, old) = unsafe {
+                inner.with_data(|d| match d.mapping_at(gpa) {
+                    Some((s, m)) if end - s <= m.len => Ok((s, m.prot)),
+                    _ => Err(Error::NotFound),
+                })
+            }?;
+            if !prot.contains(old) && a.clients.values().any(|c| c.has_holds(gpa, end)) {
+                return Err(Error::Held);
+            }
+            inner.protect_locked(a, start, gpa, end, prot)
+        })
+    }
+
+    /// Promote every aligned 2 MiB range inside `[gpa, gpa+len)` whose
+    /// 512 leaves are present, with one protection, and map one aligned
+    /// run of their mapping's object, to one 2 MiB leaf (FreeBSD's
+    /// `pmap_promote_pde`; what a khugepaged-like pass of the VMM calls,
+    /// e.g. after a migration switched tracking off). The leaf table is
+    /// freed; the large leaf is accessed if any small one was and dirty if
+    /// any was (tracking is off, and switching it on splits or
+    /// write-protects the leaf again, so no harvest misses a write).
+    /// `resident_count` does not change (a 2 MiB leaf counts 512 pages).
+    /// With every client held; when anything was promoted, the generation
+    /// is bumped and every client told ([`Cause::Remap`],
+    /// `tables_freed`), kicking vCPUs in guest context, before the freed
+    /// leaf tables can be reused. Ranges that do not qualify (a hole,
+    /// mixed protections, frames of no single run, a mapping boundary
+    /// inside) are left as they are. Returns the number of 2 MiB leaves
+    /// made.
+    ///
+    /// [`Error::TrackingOn`] while dirty tracking is on;
+    /// [`Error::Unsupported`] when large leaves are off
+    /// ([`SpaceConfig::large_leaves`], or the format has none);
+    /// [`Error::Invalid`] for unaligned values or a zero length.
+    pub fn promote(&self, gpa: u64, len: u64) -> Result<u64> {
+        let end = check_aligned(gpa, len)?;
+        self.check_not_on_cpu()?;
+        let inner = &*self.inner;
+        if !inner.large {
+            return Err(Error::Unsupported);
+        }
+        inner.exclusive(|a| {
+            if inner.track_dirty.load(Acquire) {
+                return Err(Error::TrackingOn);
+            }
+            // SAFETY: lock held, clients held.
+            let n = unsafe { inner.with_data_mut(|d| inner.promote_range(d, gpa, end)) };
+            if n > 0 {
+                inner.map_seq.fetch_add(1, Release);
+                inner.bump_gen_and_invalidate(a, gpa, len, Cause::Remap, true, None);
+            }
+            Ok(n)
+        })
+    }
+
     /// Make `[gpa, gpa+len)`, which must lie inside one mapping, resident
     /// in the table. Returns the number of pages this call mapped. On
     /// error nothing changed (no leaf was written); `resident_count`
@@ -641,8 +1282,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                     if gpa + len > start + m.len {
                         return Err(Error::NotFound);
                     }
-                    let obj_off = m.offset + (gpa - start);
-                    inner.map_pages(&d.table, gpa, len, m.prot, &m.object, |p| m.object.frame_at(obj_off + (p.0 - gpa)))
+                    inner.map_span(&d.table, start, m, gpa, gpa + len)
                 })
             }
         })
@@ -749,6 +1389,12 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         self.inner.track_dirty.load(Acquire)
     }
 
+    /// Choose how the next switch of dirty tracking to on treats large
+    /// leaves (see [`SplitPolicy`]; initially [`SpaceConfig::split`]).
+    pub fn set_split_policy(&self, split: SplitPolicy) {
+        self.inner.lazy_split.store(split == SplitPolicy::Lazy, Relaxed);
+    }
+
     /// Switch dirty tracking on or off. Refused with
     /// [`Error::Unsupported`] where the format cannot track dirty bits.
     /// Invalidates the whole space (the root pointer may change).
@@ -759,6 +1405,26 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         self.check_not_on_cpu()?;
         let inner = &*self.inner;
         inner.exclusive(|a| {
+            if on && !inner.track_dirty.load(Acquire) {
+                // Large leaves go first (see `SplitPolicy`); chunks
+                // counted for a 2 MiB leaf and still empty get leaf
+                // tables, so that faults map 4 KiB leaves from now on.
+                // SAFETY: lock held, clients held.
+                let (changed, r) = unsafe {
+                    inner.with_data_mut(|d| inner.split_range(d, 0, inner.size, inner.lazy_split.load(Relaxed)))
+                };
+                if changed {
+                    inner.map_seq.fetch_add(1, Release);
+                }
+                if let Err(e) = r {
+                    // Tracking stays off; what was split keeps its
+                    // translations, but vCPUs must see the new tables.
+                    if changed {
+                        inner.bump_gen_and_invalidate(a, 0, inner.size, Cause::Remap, false, None);
+                    }
+                    return Err(e);
+                }
+            }
             inner.track_dirty.store(on, Release);
             inner.bump_gen_and_invalidate(a, 0, inner.size, Cause::Tracking, false, None);
             Ok(())
@@ -881,6 +1547,12 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             frames = None;
         }
         let inner = &*self.inner;
+        if op == DirtyOp::Set {
+            // Set marks 4 KiB pages: large leaves of the range (only
+            // write-protected ones of the lazy split exist while tracking
+            // is on) are split first, with every client held.
+            self.split_span(gpa, len)?;
+        }
         // Entries beyond the 48-bit space do not exist: clip, reporting 0.
         let clipped = len.min(nested_pt::GPA_LIMIT.saturating_sub(gpa));
         let first_frame = frames.as_ref().map_or(0, |f| f.len());
@@ -897,6 +1569,12 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                         // its frame) as it clears the bit.
                         let f = frames.as_deref_mut();
                         Ok(self.scan_leaves(d, gpa, len, sel, bitmap, true, f))
+                    }
+                    (DirtyOp::Get | DirtyOp::Reset, None) if cuts_large(&d.table, gpa, gpa + clipped) => {
+                        // A large leaf sticks out of the range: the leaf
+                        // iterator reports its pages inside, and clears
+                        // nothing it cannot clear whole.
+                        Ok(self.scan_leaves(d, gpa, len, None, bitmap, op == DirtyOp::Reset, None))
                     }
                     (DirtyOp::Get | DirtyOp::Reset, None) => {
                         if clipped == 0 {
@@ -977,7 +1655,11 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
 
     /// Get/Reset through the leaf iterator, one leaf table at a time: of
     /// the selected pages (every page without `sel`), appending the frame
-    /// of each page whose bit it clears to `frames`.
+    /// of each page whose bit it clears to `frames`. A large leaf reports
+    /// its pages inside the range when dirty, and is cleared only when it
+    /// lies wholly inside the range with every page selected (its one
+    /// dirty bit stands for all its pages; left set, the next harvest
+    /// reports them again: a superset, never a miss).
     #[allow(clippy::too_many_arguments)]
     fn scan_leaves(
         &self,
@@ -991,26 +1673,101 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     ) -> u64 {
         let fmt = &self.inner.format;
         let dmask = fmt.dirty_mask();
+        let end = gpa.saturating_add(len);
         let mut count = 0;
-        Self::for_each_selected(d, gpa, len, sel, out, |out, p, e| {
-            let v = e.load(Relaxed);
-            if v & dmask == 0 {
+        clear_bits(out, len / PAGE_SIZE);
+        let selected = |p: u64| sel.is_none_or(|s| bit(s, p));
+        d.table.for_each_leaf_table(Gpa(gpa), len, |base, entries, size| {
+            if size != PageSize::Size4K {
+                let e = &entries[0];
+                let v = e.load(Relaxed);
+                if v & dmask == 0 || !fmt.is_present(v) {
+                    return;
+                }
+                let (lo, hi) = (base.0.max(gpa), (base.0 + size.bytes()).min(end));
+                let pages = (lo - gpa) / PAGE_SIZE..(hi - gpa) / PAGE_SIZE;
+                let whole = lo == base.0 && hi == base.0 + size.bytes() && pages.clone().all(selected);
+                let cleared = clear && whole && {
+                    e.fetch_and(!dmask, AcqRel);
+                    true
+                };
+                let first = fmt.frame_at_level(v, size.level());
+                for p in pages {
+                    if selected(p) {
+                        put_bit(out, p, true);
+                        count += 1;
+                        if cleared && let Some(f) = frames.as_deref_mut() {
+                            f.push(Pfn(first.0 + (gpa + p * PAGE_SIZE - base.0) / PAGE_SIZE));
+                        }
+                    }
+                }
                 return;
             }
-            if clear {
-                // Harvests are serialized (space lock): nobody else
-                // clears the bit, so the entry still has it here.
-                let v = e.fetch_and(!dmask, AcqRel);
-                if let Some(f) = frames.as_deref_mut()
-                    && fmt.is_present(v)
-                {
-                    f.push(fmt.frame(v));
+            let first = (base.0 - gpa) / PAGE_SIZE;
+            for (i, e) in entries.iter().enumerate() {
+                let p = first + i as u64;
+                if !selected(p) {
+                    continue;
                 }
+                let v = e.load(Relaxed);
+                if v & dmask == 0 {
+                    continue;
+                }
+                if clear {
+                    // Harvests are serialized (space lock): nobody else
+                    // clears the bit, so the entry still has it here.
+                    let v = e.fetch_and(!dmask, AcqRel);
+                    if let Some(f) = frames.as_deref_mut()
+                        && fmt.is_present(v)
+                    {
+                        f.push(fmt.frame(v));
+                    }
+                }
+                put_bit(out, p, true);
+                count += 1;
             }
-            put_bit(out, p, true);
-            count += 1;
         });
         count
+    }
+
+    /// Split the large leaves (and give empty 2 MiB-counted chunks leaf
+    /// tables) in `[gpa, gpa+len)`, with every client held, when there are
+    /// any; bumps the generation and tells every client when it split
+    /// something ([`Cause::Remap`]).
+    fn split_span(&self, gpa: u64, len: u64) -> Result<()> {
+        let inner = &*self.inner;
+        let end = gpa.saturating_add(len).min(inner.size);
+        if gpa >= end {
+            return Ok(());
+        }
+        // SAFETY: lock held (shared access).
+        let any = inner.locked(|_| unsafe {
+            inner.with_data(|d| {
+                d.maps.range(..end).rev().take_while(|(s, m)| *s + m.len > gpa).any(|(s, m)| {
+                    let mut c = (*s).max(gpa) & !(M2 - 1);
+                    let m_end = s + m.len;
+                    while c < m_end.min(end) {
+                        if c >= *s && c + M2 <= m_end && chunk_large(&d.table, c) {
+                            return true;
+                        }
+                        c += M2;
+                    }
+                    false
+                })
+            })
+        });
+        if !any {
+            return Ok(());
+        }
+        inner.exclusive(|a| {
+            // SAFETY: lock held, clients held.
+            let (changed, r) = unsafe { inner.with_data_mut(|d| inner.split_range(d, gpa, end, false)) };
+            if changed {
+                inner.map_seq.fetch_add(1, Release);
+                inner.bump_gen_and_invalidate(a, gpa, end - gpa, Cause::Remap, false, None);
+            }
+            r
+        })
     }
 
     /// Set: fault each selected page whose mapping is writable in for

@@ -1,4 +1,5 @@
-//! Model-based property test: random sequences of map / unmap / populate /
+//! Model-based property test: random sequences of map / unmap / partial
+//! unmap / protection change / populate /
 //! fault / hold / release / dirty operations from several clients against
 //! the reference model of `tests/common/model.rs`, over the three table
 //! formats and windows of guest addresses that cross leaf-table and

@@ -414,6 +414,7 @@ fn tracking_switch_and_invalidation_callbacks() {
             Cause::Unmap { object, offset } => format!("unmap {} {:?}", offset, object.frame_at(offset)),
             Cause::Dirty => "dirty".into(),
             Cause::Tracking => "tracking".into(),
+            Cause::Remap => "remap".into(),
             Cause::Swap => "swap".into(),
         };
         log.lock().unwrap().push((inv.gpa.0, inv.len, inv.generation, what));

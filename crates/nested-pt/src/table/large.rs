@@ -92,21 +92,40 @@ impl<P: TablePages> NestedTable<P> {
             return Err(PromoteRefusal::NotContiguous);
         }
         let (prot, mt) = (fmt.prot(first), fmt.mem_type(first));
-        let (mut accessed, mut dirty) = (false, false);
+        // One compare per entry: apart from the accessed/dirty bits, entry
+        // `k` of a contiguous run with one protection and memory type is
+        // the first entry plus `k` frames. The bits of all entries are
+        // ORed to carry accessed/dirty; only a mismatch takes the slow
+        // path that says why.
+        let ad = fmt.accessed_mask() | fmt.dirty_mask();
+        let want = first & !ad;
+        let mut all = 0u64;
+        let mut mismatch = false;
         for (k, slot) in t1.iter().enumerate() {
             let e = slot.load(Ordering::Acquire);
-            if !fmt.is_present(e) {
-                return Err(PromoteRefusal::Hole);
-            }
-            if fmt.frame(e) != Pfn(pfn0.0 + k as u64) {
-                return Err(PromoteRefusal::NotContiguous);
-            }
-            if fmt.prot(e) != prot || fmt.mem_type(e) != mt {
-                return Err(PromoteRefusal::Mixed);
-            }
-            accessed |= fmt.accessed(e);
-            dirty |= fmt.dirty(e);
+            all |= e;
+            mismatch |= e & !ad != want + ((k as u64) << 12);
         }
+        if mismatch {
+            for (k, slot) in t1.iter().enumerate() {
+                let e = slot.load(Ordering::Acquire);
+                if !fmt.is_present(e) {
+                    return Err(PromoteRefusal::Hole);
+                }
+                if fmt.frame(e) != Pfn(pfn0.0 + k as u64) {
+                    return Err(PromoteRefusal::NotContiguous);
+                }
+                if fmt.prot(e) != prot || fmt.mem_type(e) != mt {
+                    return Err(PromoteRefusal::Mixed);
+                }
+            }
+            // Differing only in bits that are neither frame, protection
+            // nor memory type (software bits): refused as mixed.
+            return Err(PromoteRefusal::Mixed);
+        }
+        // The OR keeps each entry's other bits (equal in all of them), so
+        // it reads accessed/dirty as any entry's.
+        let (accessed, dirty) = (fmt.accessed(all & !fmt.addr_mask()), fmt.dirty(all & !fmt.addr_mask()));
         let mut large = fmt
             .leaf_entry(pfn0, PageSize::Size2M, prot, mt.unwrap_or(MemType::WriteBack))
             .map_err(|_| PromoteRefusal::Unsupported)?;
@@ -141,6 +160,16 @@ impl<P: TablePages> NestedTable<P> {
     /// [`Error::NoMemory`] / [`Error::OutOfRange`] when the provider has no
     /// usable page; on error nothing changes.
     pub fn demote_2m(&mut self, gpa: Gpa) -> Result<(), Error> {
+        self.demote_2m_as(gpa, None)
+    }
+
+    /// [`demote_2m`](Self::demote_2m), giving the 512 small leaves `prot`
+    /// instead of the large leaf's protection when it is `Some` (a large
+    /// leaf that was write-protected to catch the first write, split on
+    /// that write with the mapping's protection back). Refused as
+    /// `demote_2m` is, and with the errors of `PteFormat::leaf_entry` for
+    /// a protection the format cannot express; on error nothing changes.
+    pub fn demote_2m_as(&mut self, gpa: Gpa, prot: Option<Prot>) -> Result<(), Error> {
         let g = gpa.0;
         if !g.is_multiple_of(M2) {
             return Err(Error::Unaligned);
@@ -161,7 +190,7 @@ impl<P: TablePages> NestedTable<P> {
             return Err(Error::NotPopulated);
         }
         let pfn0 = fmt.frame_at_level(large, 2);
-        let prot: Prot = fmt.prot(large);
+        let prot: Prot = prot.unwrap_or_else(|| fmt.prot(large));
         let mt = fmt.mem_type(large).unwrap_or(MemType::WriteBack);
         let mut small = fmt.leaf_entry(pfn0, PageSize::Size4K, prot, mt)?;
         if fmt.accessed(large) {
@@ -186,6 +215,54 @@ impl<P: TablePages> NestedTable<P> {
         let n2 = self.node_l2(g).expect("exists");
         n2.reserved -= 1;
         let pos = n2.child_pos(i2).expect_err("a large leaf has no child table");
+        let mut child = Node::new(l1_pfn, i2 as u16);
+        child.reserved = ENTRIES as u32;
+        n2.children.insert(pos, child);
+        self.tables += 1;
+        Ok(())
+    }
+
+    /// Gives the empty 2 MiB slot at `gpa`, which the caller populated for
+    /// a 2 MiB leaf (`populate_region` with `PageSize::Size2M`), an empty
+    /// leaf table instead: the slot's populate count moves from the
+    /// level-2 table to the new leaf table (512 entries), as a demotion
+    /// moves it, so that 4 KiB leaves can then be mapped there and the
+    /// range is vacated with `PageSize::Size4K`. Nothing is translated
+    /// before or after, so no cached translation changes. Refused with
+    /// [`Error::Unaligned`], [`Error::OutOfRange`], [`Error::NotPopulated`]
+    /// (no level-2 table, or it counts no 2 MiB entry),
+    /// [`Error::AlreadyMapped`] (the slot holds a leaf or a table) and
+    /// [`Error::NoMemory`]; on error nothing changes. The tree keeps one
+    /// count per table, not per slot: that this slot is the one counted is
+    /// the caller's word.
+    pub fn split_empty_2m(&mut self, gpa: Gpa) -> Result<(), Error> {
+        let g = gpa.0;
+        if !g.is_multiple_of(M2) {
+            return Err(Error::Unaligned);
+        }
+        if g >= self.fmt.gpa_limit() {
+            return Err(Error::OutOfRange);
+        }
+        let fmt = self.fmt;
+        let i2 = index(2, g);
+        let (l2_pfn, reserved) = self.node_l2(g).map(|n| (n.pfn, n.reserved)).ok_or(Error::NotPopulated)?;
+        if reserved == 0 {
+            return Err(Error::NotPopulated);
+        }
+        let t2 = table_of(&self.pages, l2_pfn).ok_or(Error::NotPopulated)?;
+        if fmt.is_present(t2[i2].load(Ordering::Acquire)) {
+            return Err(Error::AlreadyMapped { same_frame: false });
+        }
+        let (l1_pfn, table_entry) = alloc_table(&mut self.pages, &fmt, 2)?;
+        let Some(t2) = table_of(&self.pages, l2_pfn) else {
+            // SAFETY: just allocated, referenced by nothing.
+            unsafe { self.pages.free(l1_pfn) };
+            return Err(Error::NoMemory);
+        };
+        t2[i2].store(table_entry, Ordering::Release);
+        let n2 = self.node_l2(g).expect("exists");
+        n2.reserved -= 1;
+        let pos = n2.child_pos(i2).expect_err("an empty slot has no child table");
         let mut child = Node::new(l1_pfn, i2 as u16);
         child.reserved = ENTRIES as u32;
         n2.children.insert(pos, child);

@@ -45,6 +45,10 @@ pub enum Op {
     Dirty { op: u8, gpa: u8, len: u8, select: Option<u64> },
     /// Switch dirty tracking.
     Tracking { on: bool },
+    /// Unmap part of a mapping (`unmap_range`).
+    UnmapRange { gpa: u8, len: u8 },
+    /// Change the protection of part of a mapping.
+    Protect { gpa: u8, len: u8, write: bool },
 }
 
 /// What a run is made of.
@@ -87,12 +91,55 @@ struct Model {
     dirty: BTreeSet<u64>,
     tracking: bool,
     next_id: u64,
-    unmapped_ids: BTreeSet<u64>,
+    /// Unmapped ranges `(mapping id, first page, end page)`: a hold on a
+    /// page of one, taken on that mapping, reports the unmap.
+    unmapped: Vec<(u64, u64, u64)>,
     /// Contents: (object, page) -> last value written at offset 0.
     content: HashMap<(usize, u64), u64>,
 }
 
 impl Model {
+    fn was_unmapped(&self, id: u64, page: u64) -> bool {
+        self.unmapped.iter().any(|&(i, lo, hi)| i == id && lo <= page && page < hi)
+    }
+
+    /// Cut the mapping at `st` around `[gpa, end)` (inside it): the
+    /// pieces before and after stay; the middle is returned, removed.
+    fn cut(&mut self, st: u64, gpa: u64, end: u64) -> MMap {
+        let mm = self.maps.remove(&st).unwrap();
+        if gpa > st {
+            self.maps.insert(st, MMap { len: gpa - st, ..mm });
+        }
+        if end < st + mm.len {
+            self.maps.insert(end, MMap { off: mm.off + (end - st), len: st + mm.len - end, ..mm });
+        }
+        MMap { off: mm.off + (gpa - st), len: end - gpa, ..mm }
+    }
+
+    /// Merge the mapping at `at` with neighbouring pieces of the same
+    /// mapping and protection (as the space does after `protect`).
+    fn coalesce(&mut self, at: u64) {
+        let same = |a: &MMap, a_st: u64, b: &MMap, b_st: u64| {
+            a.id == b.id && a.obj == b.obj && a.prot == b.prot && a_st + a.len == b_st && a.off + a.len == b.off
+        };
+        let mut at = at;
+        if let Some((&l, lm)) = self.maps.range(..at).next_back()
+            && same(lm, l, &self.maps[&at], at)
+        {
+            let m = self.maps.remove(&at).unwrap();
+            self.maps.get_mut(&l).unwrap().len += m.len;
+            at = l;
+        }
+        let m = self.maps[&at];
+        let next = at + m.len;
+        if let Some(r) = self.maps.get(&next).copied()
+            && same(&m, at, &r, next)
+        {
+            self.maps.remove(&next);
+            self.maps.get_mut(&at).unwrap().len += r.len;
+        }
+    }
+
     fn mapping(&self, page: u64) -> Option<(u64, MMap)> {
         let (s, m) = self.maps.range(..=page).next_back()?;
         (page < s + m.len).then_some((*s, *m))
@@ -187,7 +234,7 @@ pub fn run(cfg: &Config, ops: &[Op]) -> std::result::Result<(), String> {
                     Err(Error::Invalid(Invalid::ZeroLength))
                 } else if m.maps.get(&gpa).is_some_and(|mm| mm.len == len) {
                     let mm = m.maps.remove(&gpa).unwrap();
-                    m.unmapped_ids.insert(mm.id);
+                    m.unmapped.push((mm.id, gpa, gpa + len));
                     let had = (gpa..gpa + len).any(|p| m.present.contains(&p));
                     for p in gpa..gpa + len {
                         m.present.remove(&p);
@@ -269,7 +316,7 @@ pub fn run(cfg: &Config, ops: &[Op]) -> std::result::Result<(), String> {
                 if !holds.is_empty() {
                     let (h, mh) = holds.remove(idx as usize % holds.len());
                     let unmapped = h.release();
-                    let want = m.unmapped_ids.contains(&mh.map_id);
+                    let want = m.was_unmapped(mh.map_id, mh.page);
                     check_eq!(unmapped, want, "step {step}: release report");
                     if !want && mh.write && !mh.defer && m.tracking {
                         m.dirty.insert(mh.page);
@@ -325,6 +372,54 @@ pub fn run(cfg: &Config, ops: &[Op]) -> std::result::Result<(), String> {
                 m.tracking = on;
                 gen_rule = Some((1, true));
             }
+            Op::UnmapRange { gpa, len } => {
+                let (gpa, len) = (gpa as u64 % GPA_PAGES, len as u64 % 12);
+                let got = s.unmap_range(at(gpa), len * PG);
+                let want = if len == 0 {
+                    Err(Error::Invalid(Invalid::ZeroLength))
+                } else {
+                    match m.mapping(gpa) {
+                        Some((st, mm)) if gpa + len <= st + mm.len => {
+                            let piece = m.cut(st, gpa, gpa + len);
+                            m.unmapped.push((piece.id, gpa, gpa + len));
+                            let had = (gpa..gpa + len).any(|p| m.present.contains(&p));
+                            for p in gpa..gpa + len {
+                                m.present.remove(&p);
+                                m.dirty.remove(&p);
+                            }
+                            gen_rule = if had { Some((1, false)) } else { None };
+                            Ok(())
+                        }
+                        _ => Err(Error::NotFound),
+                    }
+                };
+                check_eq!(got, want, "step {step}: {op:?}");
+            }
+            Op::Protect { gpa, len, write } => {
+                let (gpa, len) = (gpa as u64 % GPA_PAGES, len as u64 % 12);
+                let prot = if write { Prot::RW } else { Prot::READ };
+                let got = s.protect(at(gpa), len * PG, prot);
+                let want = if len == 0 {
+                    Err(Error::Invalid(Invalid::ZeroLength))
+                } else {
+                    match m.mapping(gpa) {
+                        Some((st, mm)) if gpa + len <= st + mm.len => {
+                            let held = holds.iter().any(|(_, h)| gpa <= h.page && h.page < gpa + len);
+                            if !prot.contains(mm.prot) && held {
+                                Err(Error::Held)
+                            } else {
+                                let piece = m.cut(st, gpa, gpa + len);
+                                m.maps.insert(gpa, MMap { prot, ..piece });
+                                m.coalesce(gpa);
+                                gen_rule = Some((1, true));
+                                Ok(())
+                            }
+                        }
+                        _ => Err(Error::NotFound),
+                    }
+                };
+                check_eq!(got, want, "step {step}: {op:?}");
+            }
         }
         // Observables.
         check_eq!(s.resident_count(), m.present.len() as u64, "step {step}: resident count after {op:?}");
@@ -347,7 +442,7 @@ pub fn run(cfg: &Config, ops: &[Op]) -> std::result::Result<(), String> {
     }
     // Releases left: their reports.
     for (h, mh) in holds {
-        check_eq!(h.release(), m.unmapped_ids.contains(&mh.map_id), "final release report");
+        check_eq!(h.release(), m.was_unmapped(mh.map_id, mh.page), "final release report");
     }
     Ok(())
 }

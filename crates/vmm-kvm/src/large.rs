@@ -1,0 +1,269 @@
+//! Large leaves under a running guest: a vmspace whose RAM is mapped with
+//! 2 MiB leaves (dirty tracking off when it is mapped), a guest that
+//! writes every page (the touch workload), and between passes, with the
+//! vCPU paused, the eager split (tracking switched on), an exact harvest
+//! of what the guest wrote after it, and a promotion back to 2 MiB leaves
+//! (tracking off); the guest's memory is compared with the host's replay
+//! of its writes after every step.
+
+use crate::backend::MemBackend;
+use crate::guest::{self, P_CTRL, P_LEDGER, P_MAGIC, P_MODE, P_NPAGES, P_OPS, P_SEED, P_WRITE_THRESH, USED_WORDS};
+use crate::machine::{Action, Event, Machine};
+use crate::mem::PAGE;
+use crate::runtime;
+use crate::space::{FaultOptions, SpaceBackend};
+use crate::vm::{KvmError, KvmVm, PagingMode, Result};
+use crate::workload::{Mode, Replay, Spec};
+use nested_pt::{Gpa, PageSize, Prot};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+const MAGIC: u64 = 0x7ac4;
+
+/// What [`large_leaf_rounds`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct LargeReport {
+    /// Pages of guest RAM.
+    pub pages: u64,
+    /// 2 MiB leaves after the first pass (every 2 MiB of RAM: `pages / 512`).
+    pub large_after_touch: u64,
+    /// Nested faults of the first pass.
+    pub first_pass_faults: u64,
+    /// 2 MiB leaves right after tracking went on (eager split: 0).
+    pub large_after_split: u64,
+    /// Pages the first harvest after the split reported (the large leaves'
+    /// dirty state carried to their pages).
+    pub harvest_after_split: u64,
+    /// Pages written by the guest between the two harvest points.
+    pub written: u64,
+    /// Pages the harvest reported that the guest did not write since the
+    /// previous one.
+    pub spurious: u64,
+    /// Pages the guest wrote that the harvest missed.
+    pub missed: u64,
+    /// 2 MiB leaves made by the promotion after tracking went off.
+    pub promoted: u64,
+    /// Pages (of all checks) whose contents differed from the replay.
+    pub bad_pages: u64,
+    /// `resident_count` differed from the pages the leaves map.
+    pub resident_mismatch: bool,
+}
+
+fn handler(i: usize, ev: Event) -> Action {
+    match ev {
+        Event::Port(guest::PORT_PING, _) => Action::Continue,
+        Event::Port(guest::PORT_DONE, _) => Action::Stop,
+        other => Action::Fatal(format!("vCPU {i}: unexpected {other:?}")),
+    }
+}
+
+fn wait_ops(m: &Machine, at_least: u64) -> Result<()> {
+    let t = Instant::now();
+    while m.param(0, P_OPS) < at_least {
+        if t.elapsed() > Duration::from_secs(300) || m.control.finished() > 0 {
+            return Err(KvmError::Guest("touch workload stalled".into()));
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    Ok(())
+}
+
+fn setup(e: impl std::fmt::Display) -> KvmError {
+    KvmError::Setup(e.to_string())
+}
+
+/// Pages of `[0, mem)` whose 65 used words differ from the replay of
+/// `ops` touch operations.
+fn bad_pages(be: &SpaceBackend, object: &vmspace::VmObject, spec: Spec, ops: u64) -> Result<u64> {
+    let img = Replay::image(spec, ops);
+    let mut bad = 0;
+    let mut buf = vec![0u8; (USED_WORDS * 8) as usize];
+    for p in 0..spec.npages {
+        be.read_object(object, p * PAGE, &mut buf)?;
+        let b = (p * USED_WORDS) as usize;
+        let same = buf
+            .chunks_exact(8)
+            .zip(&img[b..b + USED_WORDS as usize])
+            .all(|(w, want)| u64::from_le_bytes(w.try_into().expect("8 bytes")) == *want);
+        bad += !same as u64;
+    }
+    Ok(bad)
+}
+
+fn large_leaves(be: &SpaceBackend, mem: u64) -> u64 {
+    be.space().with_table(|t| t.leaves(Gpa(0), mem).filter(|l| l.size == PageSize::Size2M).count() as u64)
+}
+
+fn mapped_pages(be: &SpaceBackend) -> u64 {
+    be.space().with_table(|t| t.leaves(Gpa(0), be.space().size()).map(|l| l.size.pages()).sum())
+}
+
+/// The rounds of the module doc over `mem` bytes (a multiple of 2 MiB)
+/// on one vCPU.
+pub fn large_leaf_rounds(mem: u64, mode: PagingMode) -> Result<LargeReport> {
+    let vm = Arc::new(KvmVm::new()?);
+    let n = mem / PAGE;
+    let opts = FaultOptions { fault_around: 16, preset_accessed: false, preset_dirty_untracked: false };
+    let be = Arc::new(SpaceBackend::create_with(vm.clone(), mem + (4 << 20), mem / 256 + (4 << 20), mode, opts, None)?);
+    // Tracking off before the RAM is mapped: its 2 MiB ranges are
+    // populated for 2 MiB leaves.
+    be.space().set_dirty_tracking(false).map_err(setup)?;
+    let ram = be.ram_segment(mem)?;
+    be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
+    be.map_runtime(1, n)?;
+    let mut m = crate::machine::create(&vm, be.clone(), mode, 1)?;
+    m.set_param(0, P_MODE, Mode::Touch as u64)?;
+    m.set_param(0, P_NPAGES, n)?;
+    m.set_param(0, P_MAGIC, MAGIC)?;
+    m.set_param(0, P_LEDGER, runtime::ledger(0, n))?;
+    let spec = Spec { mode: Mode::Touch, base: 0, npages: n, seed: 1, write_pct: 0, magic: MAGIC };
+    let object = ram.object.clone();
+    let mut r = LargeReport { pages: n, ..LargeReport::default() };
+    let bitmap_words = n.div_ceil(64) as usize;
+    m.run(handler, |m| -> Result<LargeReport> {
+        let st = &m.stats[0];
+        let check = |r: &mut LargeReport, ops: u64| -> Result<()> {
+            r.bad_pages += bad_pages(&be, &object, spec, ops)?;
+            r.resident_mismatch |= mapped_pages(&be) != be.space().resident_count();
+            Ok(())
+        };
+        // 1. First pass with 2 MiB leaves.
+        let f0 = st.faults.load(Ordering::Relaxed);
+        wait_ops(m, n)?;
+        m.pause_all(Duration::from_secs(10))?;
+        r.first_pass_faults = st.faults.load(Ordering::Relaxed) - f0;
+        r.large_after_touch = large_leaves(&be, mem);
+        let ops1 = m.param(0, P_OPS);
+        check(&mut r, ops1)?;
+        // 2. Tracking on: the eager split; a harvest clears what the
+        // large leaves carried.
+        be.space().set_dirty_tracking(true).map_err(setup)?;
+        r.large_after_split = large_leaves(&be, mem);
+        let mut bm = vec![0u64; bitmap_words];
+        r.harvest_after_split = be.harvest(0, mem, &mut bm).map_err(setup)?;
+        check(&mut r, ops1)?;
+        // 3. Half a pass more, then a harvest: exactly the pages written.
+        let ops1 = m.param(0, P_OPS);
+        m.resume_all()?;
+        wait_ops(m, ops1 + n / 2)?;
+        m.pause_all(Duration::from_secs(10))?;
+        let ops2 = m.param(0, P_OPS);
+        be.harvest(0, mem, &mut bm).map_err(setup)?;
+        let mut want = vec![0u64; bitmap_words];
+        for i in ops1..ops2.min(ops1 + n) {
+            let p = i % n;
+            want[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        r.written = want.iter().map(|w| w.count_ones() as u64).sum();
+        r.spurious = bm.iter().zip(&want).map(|(g, w)| (g & !w).count_ones() as u64).sum();
+        r.missed = bm.iter().zip(&want).map(|(g, w)| (w & !g).count_ones() as u64).sum();
+        check(&mut r, ops2)?;
+        // 4. Tracking off, promotion back to 2 MiB leaves, another pass.
+        be.space().set_dirty_tracking(false).map_err(setup)?;
+        r.promoted = be.space().promote(0, mem).map_err(setup)?;
+        check(&mut r, ops2)?;
+        m.resume_all()?;
+        wait_ops(m, ops2 + n)?;
+        m.pause_all(Duration::from_secs(10))?;
+        let ops3 = m.param(0, P_OPS);
+        check(&mut r, ops3)?;
+        m.resume_all()?;
+        m.set_param(0, P_CTRL, 2)?;
+        m.control.wait_all_paused(1, Duration::from_secs(30))?;
+        Ok(r.clone())
+    })
+}
+
+/// What switching dirty tracking on costs with one split policy
+/// ([`split_cost`]).
+#[derive(Debug, Clone)]
+pub struct SplitCost {
+    /// `set_dirty_tracking(true)` over the RAM mapped with 2 MiB leaves.
+    pub switch_on: Duration,
+    /// The guest's next pass writing every page once (from resume until
+    /// its operation count shows the pass done).
+    pub write_all: Duration,
+    /// Nested faults during that pass.
+    pub faults: u64,
+}
+
+/// One vCPU touches `mem` bytes (mapped with 2 MiB leaves, tracking
+/// off), then tracking is switched on with `policy` and the guest writes
+/// all its memory once more: the cost of each (the eager split against
+/// the lazy one, split on the first write to each 2 MiB).
+pub fn split_cost(mem: u64, mode: PagingMode, policy: vmspace::SplitPolicy) -> Result<SplitCost> {
+    let vm = Arc::new(KvmVm::new()?);
+    let n = mem / PAGE;
+    let opts = FaultOptions { fault_around: 16, preset_accessed: false, preset_dirty_untracked: false };
+    let be = Arc::new(SpaceBackend::create_with(vm.clone(), mem + (4 << 20), mem / 256 + (4 << 20), mode, opts, None)?);
+    be.space().set_dirty_tracking(false).map_err(setup)?;
+    be.space().set_split_policy(policy);
+    let ram = be.ram_segment(mem)?;
+    be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
+    be.map_runtime(1, n)?;
+    let mut m = crate::machine::create(&vm, be.clone(), mode, 1)?;
+    m.set_param(0, P_MODE, Mode::Touch as u64)?;
+    m.set_param(0, P_NPAGES, n)?;
+    m.set_param(0, P_MAGIC, MAGIC)?;
+    m.set_param(0, P_LEDGER, runtime::ledger(0, n))?;
+    m.run(handler, |m| -> Result<SplitCost> {
+        let st = &m.stats[0];
+        wait_ops(m, n)?;
+        m.pause_all(Duration::from_secs(10))?;
+        let ops = m.param(0, P_OPS);
+        let t = Instant::now();
+        be.space().set_dirty_tracking(true).map_err(setup)?;
+        let switch_on = t.elapsed();
+        let f0 = st.faults.load(Ordering::Relaxed);
+        let t = Instant::now();
+        m.resume_all()?;
+        wait_ops(m, ops + n)?;
+        let write_all = t.elapsed();
+        let faults = st.faults.load(Ordering::Relaxed) - f0;
+        m.set_param(0, P_CTRL, 2)?;
+        m.control.wait_all_paused(1, Duration::from_secs(30))?;
+        Ok(SplitCost { switch_on, write_all, faults })
+    })
+}
+
+/// The guest's random-access rate over `mem` bytes (one vCPU, the
+/// `Mixed` workload: a sequential pass, then random reads and writes, half
+/// of them writes), mapped with 2 MiB leaves (`large`) or 4 KiB leaves,
+/// dirty tracking off: operations per second over `measure` after the
+/// sequential pass, and the nested faults in that time.
+pub fn random_rate(mem: u64, mode: PagingMode, large: bool, measure: Duration) -> Result<(f64, u64)> {
+    let vm = Arc::new(KvmVm::new()?);
+    let n = mem / PAGE;
+    let opts = FaultOptions { fault_around: 16, preset_accessed: false, preset_dirty_untracked: false };
+    let be = Arc::new(SpaceBackend::create_with(vm.clone(), mem + (4 << 20), mem / 256 + (4 << 20), mode, opts, None)?);
+    let ram = be.ram_segment(mem)?;
+    if large {
+        // Mapped with tracking off: 2 MiB leaves.
+        be.space().set_dirty_tracking(false).map_err(setup)?;
+        be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
+    } else {
+        // Mapped while tracking is on: 4 KiB leaves, which stay.
+        be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
+        be.space().set_dirty_tracking(false).map_err(setup)?;
+    }
+    be.map_runtime(1, n)?;
+    let mut m = crate::machine::create(&vm, be.clone(), mode, 1)?;
+    let spec = Spec { mode: Mode::Mixed, base: 0, npages: n, seed: 0x1234_5678, write_pct: 50, magic: MAGIC };
+    m.set_param(0, P_MODE, Mode::Mixed as u64)?;
+    m.set_param(0, P_NPAGES, n)?;
+    m.set_param(0, P_MAGIC, MAGIC)?;
+    m.set_param(0, P_SEED, spec.seed)?;
+    m.set_param(0, P_WRITE_THRESH, spec.write_thresh())?;
+    m.set_param(0, P_LEDGER, runtime::ledger(0, n))?;
+    m.run(handler, |m| -> Result<(f64, u64)> {
+        let st = &m.stats[0];
+        wait_ops(m, n)?;
+        let (o0, f0, t) = (m.param(0, P_OPS), st.faults.load(Ordering::Relaxed), Instant::now());
+        std::thread::sleep(measure);
+        let (o1, f1, d) = (m.param(0, P_OPS), st.faults.load(Ordering::Relaxed), t.elapsed());
+        m.set_param(0, P_CTRL, 2)?;
+        m.control.wait_all_paused(1, Duration::from_secs(30))?;
+        Ok(((o1 - o0) as f64 / d.as_secs_f64(), f1 - f0))
+    })
+}

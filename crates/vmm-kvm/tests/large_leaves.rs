@@ -1,0 +1,28 @@
+//! 2 MiB leaves under a running guest (need /dev/kvm): first touch maps
+//! them, the eager split when tracking goes on keeps every translation
+//! and the next harvest is exact, promotion back keeps the data.
+
+mod common;
+
+use vmm_kvm::detect::detect;
+use vmm_kvm::large::large_leaf_rounds;
+
+#[test]
+fn guest_data_and_harvest_across_split_and_promotion() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let mode = detect().expect("detect").mode;
+    let mem = 16 << 20;
+    let r = large_leaf_rounds(mem, mode).expect("large-leaf rounds");
+    eprintln!("{r:#?}");
+    assert_eq!(r.large_after_touch, mem >> 21, "every 2 MiB mapped with one leaf");
+    assert!(r.first_pass_faults <= 2 * (mem >> 21) + 64, "a fault per 2 MiB, not per page: {}", r.first_pass_faults);
+    assert_eq!(r.large_after_split, 0, "the eager split left no large leaf");
+    assert!(r.written > 0);
+    assert_eq!(r.missed, 0, "written pages missed by the harvest after the split");
+    assert_eq!(r.spurious, 0, "pages reported that the guest did not write");
+    assert_eq!(r.promoted, mem >> 21, "every 2 MiB promoted back");
+    assert_eq!(r.bad_pages, 0, "guest memory differs from the replay");
+    assert!(!r.resident_mismatch, "resident_count differs from the leaves");
+}

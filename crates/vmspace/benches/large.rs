@@ -1,0 +1,227 @@
+//! Large-leaf benchmarks. Run with
+//! `cargo bench -p vmspace --bench large -- --warm-up-time 1 --measurement-time 3`.
+//!
+//! - `first_touch_1g/{4k,2m}`: a guest touching each 4 KiB page of 1 GiB
+//!   once, in order: a nested fault (`VmClient::fault`, default
+//!   fault-around of 16 pages) wherever the page is not present yet, a
+//!   software hardware walk otherwise; 4 KiB leaves against 2 MiB leaves
+//!   (`SpaceConfig::large_leaves`). The nested-fault counts and the time
+//!   spent handling them are printed (the software walk of every page,
+//!   which hardware does on TLB misses, dominates the total).
+//! - `split/{eager,lazy}/{4g,16g}/switch_on`: `set_dirty_tracking(true)`
+//!   over RAM mapped with 2 MiB leaves (the eager split, or the lazy
+//!   write-protect).
+//! - `split/{eager,lazy}/{4g,16g}/write_all`: the guest then writing
+//!   every 4 KiB page of its memory once, in order (with the lazy split
+//!   the first write to each 2 MiB faults and splits; with the eager one
+//!   every write finds its small leaf). A write is
+//!   `nested_pt::mmu::translate` for a write (the walk the hardware does
+//!   on a TLB miss, setting accessed/dirty), then a fault where it
+//!   faults: a guest on real hardware pays the walk once per TLB miss,
+//!   not per write, so the software walk dilutes the ratio. The ratios
+//!   are printed (`split_report`).
+//! - `promote_2m_x{32,512}`: `VmSpace::promote` of 2 MiB of 512 present
+//!   small leaves (one scan of the leaf table, the store, the freeing,
+//!   one invalidation per call), over 64 MiB or 1 GiB at a time;
+//!   throughput in 2 MiB ranges.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use nested_pt::{Access, Caps, Gpa, HeapPages, mmu};
+use vmspace::*;
+
+const PG: u64 = PAGE_SIZE;
+const M2: u64 = 2 << 20;
+const GIB: u64 = 1 << 30;
+
+fn space(size: u64, large: bool, split: SplitPolicy) -> VmSpace<HeapPages> {
+    let mut cfg = SpaceConfig::new(size, PteFormat::npt(Caps::default()));
+    cfg.large_leaves = large;
+    cfg.split = split;
+    VmSpace::new(cfg, HeapPages::new()).unwrap()
+}
+
+fn ram(bytes: u64) -> Arc<VmObject> {
+    // Frame base 2 MiB-aligned: every 2 MiB of the object is one run. A
+    // memfd, so that freeing 16 GiB punches holes instead of zeroing it.
+    let r = Arc::new(MemfdReservoir::new(bytes, Pfn(0x10_0000)).unwrap());
+    VmObject::ram(r, bytes).unwrap()
+}
+
+/// The hardware's write to `gpa`: `true` when it went through.
+fn hw(t: &nested_pt::NestedTable<HeapPages>, gpa: u64, access: Access) -> bool {
+    mmu::translate(t.pages(), t.format(), t.hw_root(), Gpa(gpa), access, true).is_ok()
+}
+
+/// Touch every page of `[0, len)` once as a guest would; returns the
+/// nested faults taken.
+fn touch_all(s: &VmSpace<HeapPages>, c: &VmClient<HeapPages>, len: u64, access: Access, step: u64) -> u64 {
+    touch_all_timed(s, c, len, access, step).0
+}
+
+/// As `touch_all`, also returning the time spent in the nested faults.
+fn touch_all_timed(
+    s: &VmSpace<HeapPages>,
+    c: &VmClient<HeapPages>,
+    len: u64,
+    access: Access,
+    step: u64,
+) -> (u64, Duration) {
+    let mut in_faults = Duration::ZERO;
+    let mut faults = 0;
+    let prot = if access == Access::Write { Prot::WRITE } else { Prot::READ };
+    let mut g = 0;
+    while g < len {
+        // SAFETY: the hardware walk only sets accessed/dirty bits.
+        let ok = unsafe { s.with_table_raw(|t| hw(t, g, access)) };
+        if !ok {
+            let t0 = Instant::now();
+            c.fault(g, prot).unwrap();
+            in_faults += t0.elapsed();
+            faults += 1;
+            // SAFETY: as above.
+            assert!(unsafe { s.with_table_raw(|t| hw(t, g, access)) });
+        }
+        g += step;
+    }
+    (faults, in_faults)
+}
+
+fn first_touch(c: &mut Criterion) {
+    let mut g = c.benchmark_group("first_touch_1g");
+    g.throughput(Throughput::Bytes(GIB));
+    g.sample_size(10);
+    let o = ram(GIB);
+    for (name, large) in [("4k", false), ("2m", true)] {
+        let s = space(4 * GIB, large, SplitPolicy::Eager);
+        let client = s.client();
+        let mut faults = 0;
+        let mut in_faults = Vec::new();
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut t = Duration::ZERO;
+                for _ in 0..iters {
+                    s.map(&o, 0, 0, GIB, Prot::RW).unwrap();
+                    let t0 = Instant::now();
+                    let (f, d) = touch_all_timed(&s, &client, GIB, Access::Write, PG);
+                    t += t0.elapsed();
+                    faults = f;
+                    in_faults.push(d);
+                    s.unmap(0, GIB).unwrap();
+                }
+                t
+            })
+        });
+        eprintln!(
+            "first_touch_1g/{name}: {faults} nested faults, {:.3} ms in them (median)",
+            median(&mut in_faults).as_secs_f64() * 1e3
+        );
+    }
+    g.finish();
+}
+
+/// A space of `bytes` of RAM mapped with 2 MiB leaves, populated.
+fn large_space(bytes: u64, split: SplitPolicy, o: &Arc<VmObject>) -> VmSpace<HeapPages> {
+    let s = space(bytes + GIB, true, split);
+    s.map(o, 0, 0, bytes, Prot::RW).unwrap();
+    s.populate(0, bytes).unwrap();
+    s
+}
+
+fn split(c: &mut Criterion) {
+    let mut g = c.benchmark_group("split");
+    g.sample_size(10);
+    let mut medians: Vec<(String, Duration)> = Vec::new();
+    for (gname, bytes) in [("4g", 4 * GIB), ("16g", 16 * GIB)] {
+        let o = ram(bytes);
+        for (pname, policy) in [("eager", SplitPolicy::Eager), ("lazy", SplitPolicy::Lazy)] {
+            let mut on = Vec::new();
+            let mut write = Vec::new();
+            g.bench_function(format!("{pname}/{gname}/switch_on"), |b| {
+                b.iter_custom(|iters| {
+                    let mut t = Duration::ZERO;
+                    for _ in 0..iters {
+                        let s = large_space(bytes, policy, &o);
+                        let t0 = Instant::now();
+                        s.set_dirty_tracking(true).unwrap();
+                        let d = t0.elapsed();
+                        on.push(d);
+                        t += d;
+                    }
+                    t
+                })
+            });
+            g.bench_function(format!("{pname}/{gname}/write_all"), |b| {
+                b.iter_custom(|iters| {
+                    let mut t = Duration::ZERO;
+                    for _ in 0..iters {
+                        let s = large_space(bytes, policy, &o);
+                        s.set_dirty_tracking(true).unwrap();
+                        let client = s.client();
+                        let t0 = Instant::now();
+                        touch_all(&s, &client, bytes, Access::Write, PG);
+                        let d = t0.elapsed();
+                        write.push(d);
+                        t += d;
+                    }
+                    t
+                })
+            });
+            medians.push((format!("{pname}/{gname}/switch_on"), median(&mut on)));
+            medians.push((format!("{pname}/{gname}/write_all"), median(&mut write)));
+        }
+    }
+    g.finish();
+    let get = |k: &str| medians.iter().find(|(n, _)| n == k).map(|(_, d)| d.as_secs_f64()).unwrap_or(f64::NAN);
+    for gname in ["4g", "16g"] {
+        eprintln!(
+            "split_report {gname}: switch_on eager {:.3} ms lazy {:.3} ms (lazy/eager {:.2}); write_all eager {:.3} ms lazy {:.3} ms (lazy/eager {:.2})",
+            get(&format!("eager/{gname}/switch_on")) * 1e3,
+            get(&format!("lazy/{gname}/switch_on")) * 1e3,
+            get(&format!("lazy/{gname}/switch_on")) / get(&format!("eager/{gname}/switch_on")),
+            get(&format!("eager/{gname}/write_all")) * 1e3,
+            get(&format!("lazy/{gname}/write_all")) * 1e3,
+            get(&format!("lazy/{gname}/write_all")) / get(&format!("eager/{gname}/write_all")),
+        );
+    }
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn promote(c: &mut Criterion) {
+    promote_n(c, 32);
+    promote_n(c, 512);
+}
+
+fn promote_n(c: &mut Criterion, chunks: u64) {
+    let mut g = c.benchmark_group(format!("promote_2m_x{chunks}"));
+    g.throughput(Throughput::Elements(chunks));
+    g.sample_size(20);
+    let o = ram(chunks * M2);
+    let s = space(4 * GIB, true, SplitPolicy::Eager);
+    s.map(&o, 0, 0, chunks * M2, Prot::RW).unwrap();
+    s.populate(0, chunks * M2).unwrap();
+    g.bench_function("per_2m", |b| {
+        b.iter_custom(|iters| {
+            let mut t = Duration::ZERO;
+            for _ in 0..iters {
+                // Split (tracking on and off), then time the promotion.
+                s.set_dirty_tracking(true).unwrap();
+                s.set_dirty_tracking(false).unwrap();
+                let t0 = Instant::now();
+                assert_eq!(s.promote(0, chunks * M2).unwrap(), chunks);
+                t += t0.elapsed();
+            }
+            t
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, first_touch, split, promote);
+criterion_main!(benches);
