@@ -5,7 +5,8 @@
 //!   once, in order: a nested fault (`VmClient::fault`, default
 //!   fault-around of 16 pages) wherever the page is not present yet, a
 //!   software hardware walk otherwise; 4 KiB leaves against 2 MiB leaves
-//!   (`SpaceConfig::large_leaves`). The nested-fault counts and the time
+//!   (`SpaceConfig::large_leaves`), and `4k_fa1` with 4 KiB leaves and no
+//!   fault-around (`SpaceConfig::fault_around = 1`). The nested-fault counts and the time
 //!   spent handling them are printed (the software walk of every page,
 //!   which hardware does on TLB misses, dominates the total).
 //! - `split/{eager,lazy}/{4g,16g}/switch_on`: `set_dirty_tracking(true)`
@@ -37,7 +38,16 @@ const M2: u64 = 2 << 20;
 const GIB: u64 = 1 << 30;
 
 fn space(size: u64, large: bool, split: SplitPolicy) -> VmSpace<HeapPages> {
+    space_fa(size, large, split, None)
+}
+
+/// As `space`, with a fault-around window of `fault_around` pages instead
+/// of the default.
+fn space_fa(size: u64, large: bool, split: SplitPolicy, fault_around: Option<u32>) -> VmSpace<HeapPages> {
     let mut cfg = SpaceConfig::new(size, PteFormat::npt(Caps::default()));
+    if let Some(n) = fault_around {
+        cfg.fault_around = n;
+    }
     cfg.large_leaves = large;
     cfg.split = split;
     VmSpace::new(cfg, HeapPages::new()).unwrap()
@@ -94,8 +104,10 @@ fn first_touch(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(GIB));
     g.sample_size(10);
     let o = ram(GIB);
-    for (name, large) in [("4k", false), ("2m", true)] {
-        let s = space(4 * GIB, large, SplitPolicy::Eager);
+    // 4 KiB leaves with the default fault-around window (16 pages) and
+    // with none (one page per fault, what a 2 MiB leaf's fault replaces).
+    for (name, large, fa) in [("4k", false, None), ("4k_fa1", false, Some(1)), ("2m", true, None)] {
+        let s = space_fa(4 * GIB, large, SplitPolicy::Eager, fa);
         let client = s.client();
         let mut faults = 0;
         let mut in_faults = Vec::new();

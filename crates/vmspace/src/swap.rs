@@ -680,7 +680,9 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
                         for (ti, (t, c)) in ts.iter().zip(&cands).enumerate() {
                             let s = t.swap();
                             for &page in c {
-                                let pinned = t.gpas(page).any(|g| held.0.clients.values().any(|cl| cl.has_holds(g, g + crate::PAGE_SIZE)));
+                                let pinned = t
+                                    .gpas(page)
+                                    .any(|g| held.0.clients.values().any(|cl| cl.has_holds(g, g + crate::PAGE_SIZE)));
                                 if pinned {
                                     continue;
                                 }
