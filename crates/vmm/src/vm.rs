@@ -217,23 +217,32 @@ impl<P: TablePages + Send + Sync> Vm<P> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Allocates segment `id` of `len` bytes (bhyve's `vm_alloc_memseg`).
-    /// System memory comes from the reservoir in 4 KiB chunks; device memory
-    /// gets a node named `name` that other processes can map
-    /// ([`crate::devmem::open`]). Refused: an id beyond [`MAX_SEGMENTS`], an
-    /// id in use, a zero or unaligned length, a bad or duplicate name, a
-    /// full reservoir or device-memory frame range.
-    pub fn alloc_segment(&self, id: u32, len: u64, kind: SegmentKind) -> Result<()> {
+    /// The state, locked, for a new segment `id` of `len` bytes: refused
+    /// for an id beyond [`MAX_SEGMENTS`] or in use, and a zero, unaligned
+    /// or oversized length.
+    fn new_segment_state(&self, id: u32, len: u64) -> Result<MutexGuard<'_, State>> {
         if id >= MAX_SEGMENTS {
             return Err(Error::BadSegmentId(id));
         }
         if len == 0 || !len.is_multiple_of(PAGE) || len > isize::MAX as u64 {
             return Err(Error::BadLength);
         }
-        let mut st = self.state();
+        let st = self.state();
         if st.segments.contains_key(&id) {
             return Err(Error::DuplicateSegment(id));
         }
+        Ok(st)
+    }
+
+    /// Allocates segment `id` of `len` bytes (bhyve's `vm_alloc_memseg`).
+    /// System memory comes from the reservoir in aligned 2 MiB runs where
+    /// it has them, 4 KiB frames otherwise; device memory
+    /// gets a node named `name` that other processes can map
+    /// ([`crate::devmem::open`]). Refused: an id beyond [`MAX_SEGMENTS`], an
+    /// id in use, a zero or unaligned length, a bad or duplicate name, a
+    /// full reservoir or device-memory frame range.
+    pub fn alloc_segment(&self, id: u32, len: u64, kind: SegmentKind) -> Result<()> {
+        let mut st = self.new_segment_state(id, len)?;
         let (object, node) = match &kind {
             SegmentKind::SysMem => (VmObject::ram(self.ram.clone(), len)?, None),
             SegmentKind::DevMem { name } => {
@@ -270,16 +279,7 @@ impl<P: TablePages + Send + Sync> Vm<P> {
     /// attached ([`Error::Backend`]: a device's DMA cannot follow pages
     /// that move).
     pub fn alloc_swappable_segment(&self, id: u32, len: u64, swap: std::fs::File) -> Result<()> {
-        if id >= MAX_SEGMENTS {
-            return Err(Error::BadSegmentId(id));
-        }
-        if len == 0 || !len.is_multiple_of(PAGE) || len > isize::MAX as u64 {
-            return Err(Error::BadLength);
-        }
-        let mut st = self.state();
-        if st.segments.contains_key(&id) {
-            return Err(Error::DuplicateSegment(id));
-        }
+        let mut st = self.new_segment_state(id, len)?;
         if st.wired || st.mirror.is_some() {
             return Err(Error::Backend("swappable memory cannot be wired or DMA-mirrored".into()));
         }

@@ -52,6 +52,18 @@ pub enum PromoteRefusal {
 }
 
 impl<P: TablePages> NestedTable<P> {
+    /// A 2 MiB-aligned address inside the table's width, for the split
+    /// operations.
+    fn check_2m(&self, g: u64) -> Result<(), Error> {
+        if !g.is_multiple_of(M2) {
+            return Err(Error::Unaligned);
+        }
+        if g >= self.fmt.gpa_limit() {
+            return Err(Error::OutOfRange);
+        }
+        Ok(())
+    }
+
     /// The level-2 node covering `gpa`, if the tables down to it exist.
     fn node_l2(&mut self, g: u64) -> Option<&mut Node> {
         let n3 = self.root.child_pos(index(4, g)).ok().map(|p| &mut self.root.children[p])?;
@@ -171,12 +183,7 @@ impl<P: TablePages> NestedTable<P> {
     /// a protection the format cannot express; on error nothing changes.
     pub fn demote_2m_as(&mut self, gpa: Gpa, prot: Option<Prot>) -> Result<(), Error> {
         let g = gpa.0;
-        if !g.is_multiple_of(M2) {
-            return Err(Error::Unaligned);
-        }
-        if g >= self.fmt.gpa_limit() {
-            return Err(Error::OutOfRange);
-        }
+        self.check_2m(g)?;
         let fmt = self.fmt;
         let i2 = index(2, g);
         let l2_pfn = self.node_l2(g).map(|n| n.pfn).ok_or(Error::NotMapped)?;
@@ -237,12 +244,7 @@ impl<P: TablePages> NestedTable<P> {
     /// the caller's word.
     pub fn split_empty_2m(&mut self, gpa: Gpa) -> Result<(), Error> {
         let g = gpa.0;
-        if !g.is_multiple_of(M2) {
-            return Err(Error::Unaligned);
-        }
-        if g >= self.fmt.gpa_limit() {
-            return Err(Error::OutOfRange);
-        }
+        self.check_2m(g)?;
         let fmt = self.fmt;
         let i2 = index(2, g);
         let (l2_pfn, reserved) = self.node_l2(g).map(|n| (n.pfn, n.reserved)).ok_or(Error::NotPopulated)?;
