@@ -480,6 +480,13 @@ impl Swap {
         was
     }
 
+    /// Whether `page` has content: any state but `EMPTY` (resident, being
+    /// copied, evicted, in the swap file, or being loaded). A page never
+    /// touched (by the guest or the host) has none and reads as zero.
+    pub(crate) fn has_content(&self, page: u64) -> bool {
+        self.slots.get(page as usize).is_some_and(|s| tag(s.load(Acquire)) != EMPTY)
+    }
+
     /// Whether `page` is resident (its slot has a frame leaves may map).
     fn is_resident(&self, page: u64) -> bool {
         self.frame(page).is_some()
@@ -539,6 +546,21 @@ impl VmObject {
     /// Whether the object is swappable RAM.
     pub fn is_swappable(&self) -> bool {
         self.swap().is_some()
+    }
+
+    /// For a swappable object, whether the page holding byte `offset` has
+    /// content: it is resident or swapped out (or moving between the two)
+    /// rather than never touched. `None` for an object that is not
+    /// swappable or past the end. A live migration's first pass sends
+    /// exactly these pages (a never-touched page reads as zero): a
+    /// swapped-out page has no leaf, so the page table alone would miss it.
+    /// A snapshot: a page may gain content right after (its first touch),
+    /// which the dirty bits then report.
+    pub fn page_has_content(&self, offset: u64) -> Option<bool> {
+        if offset >= self.size() {
+            return None;
+        }
+        self.swap().map(|s| s.has_content(offset / PAGE_SIZE))
     }
 
     /// The swapping counters of a swappable object.

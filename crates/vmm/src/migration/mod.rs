@@ -147,6 +147,11 @@
 //!   device-memory node) must be folded into `harvest` by the VM layer
 //!   (`Vm::harvest_dirty` compares device memory with its copy); the
 //!   engine trusts `harvest`.
+//! - Swappable guest memory migrates ([`vm`] module doc: the first pass
+//!   lists resident and swapped-out pages, the harvest reports pages
+//!   swapped out dirty), but the engine does not pace itself to the swap
+//!   file: a first pass over mostly swapped-out memory reads it at the
+//!   swap file's speed.
 //! - The progress callback runs on the engine's thread between rounds; a
 //!   slow callback lengthens the round (and, after pause, the downtime).
 //! - Every page read is one `read_page` call (one copy into the batch

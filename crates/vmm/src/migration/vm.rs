@@ -19,13 +19,21 @@
 //!   resident when the vmspace has a leaf for it in one of its mappings
 //!   (the guest or a host write touched it; a page never touched has none
 //!   and is not sent); a device-memory page when its contents are not zero.
+//!   A **swappable** system-memory segment
+//!   ([`crate::Vm::alloc_swappable_segment`]) sends every page that has
+//!   content ([`vmspace::VmObject::page_has_content`]): resident or in the
+//!   swap file (a swapped-out page has no leaf, so the table would miss
+//!   it), read through [`crate::Vm::read_segment`], which reads a
+//!   swapped-out page from the swap file without swapping it in.
 //!   Both add the pages **received** by an earlier migration in and not yet
 //!   delivered by a successful migration out (propolis 232), and the pages
 //!   a failed attempt harvested.
 //! - **Harvest** ([`VmMemory::harvest`]): system memory through the dirty
 //!   bits of each writable mapping of the segment (through the backend's
 //!   [`MemBackend::harvest`], which makes the cleared bits effective before
-//!   it returns, so a read after it sees every write it cleared); writes
+//!   it returns, so a read after it sees every write it cleared; for a
+//!   swappable segment the harvest adds the swapped-dirty bits, so a page
+//!   swapped out dirty is reported, and one swapped in clean is not); writes
 //!   by holds, by the MMIO emulator (through holds) and by the host
 //!   ([`crate::Vm::write_segment`]) set those bits too. Device memory by
 //!   comparing the segment's contents with a copy taken at the previous
@@ -39,7 +47,11 @@
 //!
 //! [`VmMemory::prepare`] checks that the VM (built from the same
 //! configuration, as QEMU's `-incoming`) has a segment of the right size
-//! and kind for every range. Pages are written through the host view;
+//! and kind for every range; how a segment is backed is not part of the
+//! check (a swappable source may migrate to a plain target and back: each
+//! side allocates what its own configuration says, and the layout blob
+//! names only sizes and kinds). Pages are written through the host view
+//! (on a swappable target, into a resident frame or its swap file);
 //! a zero record touches only a page that may hold something (written by
 //! this attempt, or resident before it); [`VmMemory::discard`] zeroes every
 //! page the attempt wrote.
@@ -49,6 +61,10 @@
 //! - A host write into a system-memory page that no mapping covers sets no
 //!   dirty bit (there is none to set): such a page is sent by the first
 //!   pass only if some mapping made it resident.
+//! - The first pass over a swappable segment reads its swapped-out pages
+//!   from the swap file one by one (a `pread` each, no readahead), and a
+//!   target with a small reservoir writes what does not fit to its swap
+//!   file page by page.
 //! - Device memory is compared whole at every harvest: fine for ROMs and
 //!   framebuffers, not for gigabytes of device memory.
 
@@ -164,6 +180,10 @@ impl<P: TablePages + Send + Sync> VmMemory<P> {
         Ok((id, if matches!(s.kind, SegmentKind::SysMem) { RangeKind::Ram } else { RangeKind::Device }))
     }
 
+    fn is_swappable(&self, id: u32) -> Result<bool, HostError> {
+        Ok(self.vm.segment_object(id).map_err(|e| err("segment", e))?.is_swappable())
+    }
+
     fn contents(&self, id: u32, len: u64) -> Result<Vec<u8>, HostError> {
         let mut v = vec![0u8; len as usize];
         self.vm.read_segment(id, 0, &mut v).map_err(|e| err("read_segment", e))?;
@@ -175,6 +195,16 @@ impl<P: TablePages + Send + Sync> VmMemory<P> {
         let (id, kind) = self.segment_of(range)?;
         bitmap.fill(0);
         match kind {
+            RangeKind::Ram if self.is_swappable(id)? => {
+                // Resident and swapped-out pages alike: a swapped-out page
+                // has no leaf. One atomic load per page, no lock.
+                let obj = self.vm.segment_object(id).map_err(|e| err("segment", e))?;
+                for i in 0..range.pages() {
+                    if obj.page_has_content(i * PAGE_SIZE) == Some(true) {
+                        set_bit(bitmap, i);
+                    }
+                }
+            }
             RangeKind::Ram => {
                 // One table view (one take of the space lock) per 2 MiB,
                 // not one per page; short enough that faults wait little.
