@@ -109,7 +109,8 @@ struct RunArgs {
     /// RAM reservoir of the VM (guest memory plus the runtime's pages;
     /// bytes with K, M, G suffixes). Smaller than `--mem` plus the runtime
     /// makes guest memory swappable: cold pages go to an anonymous swap
-    /// file and come back on access. Default: enough for all of it.
+    /// file and come back on access. Default: enough for all of it. A
+    /// migrating run may use it too (on either side, independently).
     #[arg(long, value_parser = parse_mem, allow_hyphen_values = true)]
     reservoir: Option<u64>,
     /// Directory of the swap file (default: the system's temporary
@@ -724,10 +725,6 @@ fn cmd_run(a: RunArgs) -> ExitCode {
         return c;
     }
     if a.migration.active() {
-        if a.reservoir.is_some() {
-            eprintln!("vmm run: --reservoir (swapping) is not supported with live migration");
-            return ExitCode::FAILURE;
-        }
         return cmd_run_migrating(&a);
     }
     let stop = match stop_on_signals() {
@@ -816,6 +813,8 @@ fn cmd_run_migrating(a: &RunArgs) -> ExitCode {
         duration: a.duration,
         rounds: a.rounds,
         json: a.json,
+        reservoir: a.reservoir,
+        swap_dir: a.swap_dir.clone(),
     };
     match (&a.migration.incoming, &a.migration.migrate_to) {
         (Some(at), _) => migrate::incoming(&m, at),

@@ -105,6 +105,11 @@ pub struct Machine {
     pub duration: Duration,
     pub rounds: u32,
     pub json: bool,
+    /// `--reservoir`: below guest memory plus the runtime, guest memory is
+    /// swappable (each side of a migration uses its own).
+    pub reservoir: Option<u64>,
+    /// `--swap-dir`.
+    pub swap_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -232,6 +237,8 @@ fn guest_config(m: &Machine) -> GuestConfig {
         fault_around: m.fault_around,
         name: m.name.clone(),
         prefault: false,
+        reservoir: m.reservoir,
+        swap_dir: m.swap_dir.clone(),
     }
 }
 

@@ -34,6 +34,18 @@
 //! replay of every operation since the guest first started (the operation
 //! counts are guest memory) against the target's memory.
 //!
+//! # Swappable memory
+//!
+//! With [`GuestConfig::reservoir`] below guest memory plus the runtime,
+//! guest RAM is a swappable segment (as `vmm run --reservoir`): a fault
+//! that finds the reservoir exhausted swaps cold pages out. Such a guest
+//! migrates like any other: the first pass sends its resident and
+//! swapped-out pages (read from the swap file without swapping them in),
+//! the harvest points report pages swapped out dirty, and the ledger
+//! comparison holds as for plain RAM. Each side backs its memory as its
+//! own configuration says (a swappable source may go to a plain target and
+//! back); the layout check compares sizes and kinds only.
+//!
 //! # Triggers and convergence
 //!
 //! A source migrates after a delay ([`Guest::run_source`]) or when its
@@ -101,6 +113,15 @@ pub struct GuestConfig {
     /// target once the guest arrived (no nested faults: the guest writes
     /// at full speed from the start; benchmarks).
     pub prefault: bool,
+    /// Bytes of RAM reservoir (guest memory plus the runtime's pages), as
+    /// `vmm run --reservoir`: smaller than that, guest memory is a
+    /// swappable segment whose cold pages go to a swap file (faults that
+    /// find the reservoir exhausted swap pages out). `None`: enough for
+    /// everything, nothing swaps. Each side of a migration uses its own.
+    pub reservoir: Option<u64>,
+    /// Directory of the anonymous swap file (the system's temporary
+    /// directory when `None`).
+    pub swap_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for GuestConfig {
@@ -115,6 +136,8 @@ impl Default for GuestConfig {
             fault_around: 16,
             name: None,
             prefault: false,
+            reservoir: None,
+            swap_dir: None,
         }
     }
 }
@@ -268,16 +291,42 @@ impl Guest {
         let rt_bytes = (runtime::ROM_PAGES + cfg.vcpus as u64 * runtime::DATA_PAGES) * PAGE
             + cfg.vcpus as u64 * runtime::ledger_bytes(npages);
         let table_bytes = (cfg.mem_bytes / 512 + (8 << 20)).next_multiple_of(PAGE);
+        let need = cfg.mem_bytes + rt_bytes + (1 << 20);
+        let (reservoir_bytes, swapping) = match cfg.reservoir {
+            Some(r) if r < need => {
+                let min = rt_bytes + (1 << 20) + vmm::run::MIN_SWAP_FRAMES * PAGE;
+                if r < min || !r.is_multiple_of(PAGE) {
+                    return Err(KvmError::Setup(format!(
+                        "a reservoir smaller than guest memory must be a multiple of 4 KiB and at least {} KiB",
+                        min >> 10
+                    )));
+                }
+                if cfg.prefault {
+                    return Err(KvmError::Setup("prefaulting is not supported with swappable memory".into()));
+                }
+                (r, true)
+            }
+            Some(r) => (r, false),
+            None => (need, false),
+        };
         let be = Arc::new(SpaceBackend::create(
             vm.clone(),
-            cfg.mem_bytes + rt_bytes + (1 << 20),
+            reservoir_bytes,
             table_bytes,
             mode,
             cfg.fault_around,
             cfg.name.as_deref(),
         )?);
-        let ram = be.ram_segment(cfg.mem_bytes)?;
-        be.map(&ram, ram_base, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
+        if swapping {
+            let dir = cfg.swap_dir.clone().unwrap_or_else(std::env::temp_dir);
+            let file = vmspace::swap_file_in(&dir)
+                .map_err(|e| KvmError::Setup(format!("swap file in {}: {e}", dir.display())))?;
+            vmm::host::map_swappable_ram(be.segments(), ram_base, cfg.mem_bytes, Prot::READ | Prot::WRITE, file)
+                .map_err(|e| KvmError::Setup(format!("swappable RAM: {e}")))?;
+        } else {
+            let ram = be.ram_segment(cfg.mem_bytes)?;
+            be.map(&ram, ram_base, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
+        }
         be.map_runtime(cfg.vcpus, npages)?;
         if cfg.prefault && !incoming {
             be.space().populate(ram_base, cfg.mem_bytes).map_err(|e| KvmError::Setup(format!("populate: {e}")))?;

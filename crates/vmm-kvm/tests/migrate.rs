@@ -589,3 +589,54 @@ fn harvest_rounds_due_during_an_attempt_wait_and_lose_nothing() {
         assert_checks("target", &target);
     });
 }
+
+/// A guest whose memory is swappable (`vmm run --reservoir`: 32 MiB of
+/// guest memory over an 8 MiB reservoir, so the workload's faults swap
+/// pages out) migrates losing nothing: the first pass sends its resident
+/// and swapped-out pages (including those whose dirty bits local harvest
+/// rounds cleared before), later rounds the pages swapped out dirty. The
+/// target's replay of every operation checks every page; once to a plain
+/// target, once to a swappable one with a reservoir of its own size.
+#[test]
+fn swappable_memory_migrates_to_plain_and_swappable_targets() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let c = GuestConfig { reservoir: Some(8 << 20), ..cfg(2, 32 << 20) };
+    for tc in [GuestConfig { reservoir: None, ..c.clone() }, GuestConfig { reservoir: Some(12 << 20), ..c.clone() }] {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let swappable_target = tc.reservoir.is_some();
+        let (out, target, swapped_out) = std::thread::scope(|s| {
+            let target = s.spawn(move || {
+                let mut g = Guest::new(&tc, true).expect("target guest");
+                let (conn, _) = listener.accept().expect("accept");
+                let (_, rep) =
+                    g.run_target(&conn, &TargetConfig::default(), Duration::from_millis(800), 4).expect("target run");
+                (rep, g.vm().space().swap_stats())
+            });
+            let mut g = Guest::new(&c, false).expect("source guest");
+            let conn = TcpStream::connect(addr).expect("connect");
+            let sc = SourceConfig { shared_clock: true, ..Default::default() };
+            // Harvest rounds every 200 ms before the migration starts at
+            // 700 ms: pages written and harvested by them, then swapped
+            // out, are clean when the first pass looks, which alone must
+            // send them (they have no leaf).
+            let out = g.run_source(Duration::from_secs(4), 19, Duration::from_millis(700), &conn, &sc, &mut |_| {});
+            let swapped_out = g.vm().space().swap_stats().swapped_out;
+            (out.expect("source run"), target.join().ok(), swapped_out)
+        });
+        let SourceOutcome::Migrated(sum, src) = out else { panic!("migration failed: {out:?}") };
+        eprintln!("summary: {sum:#?}");
+        assert!(swapped_out > 0, "the source's guest swapped nothing out");
+        assert_rounds("source", &src);
+        let (target, tstats) = target.expect("target thread");
+        assert_checks("target", &target);
+        assert!(target.ledger_pages() > 0, "the guest wrote nothing on the target");
+        if swappable_target {
+            assert!(tstats.swapped > 0 || tstats.swapped_out > 0, "the target swapped nothing: {tstats:?}");
+        } else {
+            assert_eq!(tstats, vmspace::SwapStats::default(), "a plain target has no swappable memory");
+        }
+    }
+}
