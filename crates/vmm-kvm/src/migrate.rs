@@ -44,7 +44,10 @@
 //! the harvest points report pages swapped out dirty, and the ledger
 //! comparison holds as for plain RAM. Each side backs its memory as its
 //! own configuration says (a swappable source may go to a plain target and
-//! back); the layout check compares sizes and kinds only.
+//! back); the layout check compares sizes and kinds only. Pages swap out
+//! only from faults that find the reservoir exhausted: this workload loop
+//! has no low-water swapper step as `vmm run`'s coordinator has (a known
+//! gap: faults then reclaim in batches, on the data path).
 //!
 //! # Triggers and convergence
 //!

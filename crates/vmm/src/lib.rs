@@ -105,9 +105,10 @@
 //!   [`hv::Vcpu`] yet, and device models (the framebuffer, PCI, the
 //!   interrupt models) are not serialized.
 //! - Swappable memory is refused for wiring and DMA mirrors (passthrough
-//!   guests), and live migration does not run with it yet (its first pass
-//!   sends the pages that have a leaf, which swapped-out pages lack; page
-//!   reads go through [`Vm::read_segment`], which does read them); `vmm
+//!   guests); live migration runs with it (the first pass sends resident
+//!   and swapped-out pages, [`migration::vm`], reading swapped-out ones
+//!   from the swap file through [`Vm::read_segment`]), but a migrating run
+//!   has no swapper of its own beyond its faults' reclaim; `vmm
 //!   run` swaps from its coordinating thread every few milliseconds and
 //!   from faults that find the reservoir exhausted (no swapper thread of
 //!   its own).
