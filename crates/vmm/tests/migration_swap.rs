@@ -165,6 +165,7 @@ fn populate(vm: &Vm<HeapPages>) {
     assert!((0..44).all(|p| obj.page_has_content(p * PG) == Some(true)));
     assert!((44..PAGES).all(|p| obj.page_has_content(p * PG) == Some(false)));
     assert!((0..44).any(|p| obj.frame_at(p * PG).is_none()), "some written page is swapped out");
+    assert_eq!(obj.page_has_content(PAGES * PG), None, "past the end");
 }
 
 fn check_target(src: &Vm<HeapPages>, dst: &Vm<HeapPages>) {
@@ -180,6 +181,7 @@ fn swapped_out_pages_go_in_the_first_pass_to_a_plain_target() {
     let src = new_vm("plain-src", 16, true);
     populate(&src);
     let dst = new_vm("plain-dst", 256, false);
+    assert_eq!(dst.segment_object(0).unwrap().page_has_content(0), None, "not swappable");
     let sum = migrate(&src, &dst, &mut |_, _| {});
     // Exactly the pages with content: resident or swapped, none untouched.
     assert_eq!(sum.resident_pages, 44);
