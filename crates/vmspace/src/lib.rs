@@ -319,7 +319,7 @@ pub use object::VmObject;
 pub use reservoir::{Arena, HeapReservoir, Reservoir, ReservoirStats};
 #[cfg(feature = "std")]
 pub use reservoir::{HostView, MemfdReservoir};
-pub use space::{Cause, DirtyOp, Invalidation, MappingInfo, SpaceConfig, SplitPolicy, VmSpace};
+pub use space::{Cause, DirtyOp, Invalidation, MappingInfo, PromotionStats, SpaceConfig, SplitPolicy, VmSpace};
 #[cfg(feature = "std")]
 pub use swap::{SwapStats, swap_file_in};
 #[cfg(any(loom, feature = "std"))]
