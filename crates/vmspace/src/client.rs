@@ -481,11 +481,12 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// After a vCPU fault mapped leaves in `gpa`'s leaf table (`slot` is
     /// `gpa`'s entry): note its chunk for automatic promotion if it may
     /// promote (see [`SpaceConfig::auto_promote`](crate::SpaceConfig)) and
-    /// the table is now full. Cheap unless it is nearly full: the first
-    /// entry of each other fault-around window is checked (stopping at
-    /// the first empty one; fault-around maps whole windows), then all
-    /// 512. Tracking cannot be switched while the client is active; the
-    /// promotion checks everything again. Client active.
+    /// the table is now full and would promote. Cheap unless it is
+    /// nearly full: the first entry of each other fault-around window is
+    /// checked (stopping at the first empty one; fault-around maps whole
+    /// windows), then all 512 (about 0.5 µs). Tracking cannot be switched
+    /// while the client is active; the promotion checks everything again.
+    /// Client active.
     #[inline(never)]
     fn note_full(&self, gpa: u64, slot: *const EntryAtomic, object: &VmObject) {
         let sp = &*self.space;
@@ -508,8 +509,19 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         };
         let w = sp.fault_around as usize;
         let windows = 512 / w;
-        let sampled = (1..windows).all(|k| present((me / w + k) % windows * w));
-        if sampled && (w == 1 || (0..512).all(present)) {
+        if !(1..windows).all(|k| present((me / w + k) % windows * w)) {
+            return;
+        }
+        // All 512: apart from accessed and dirty, entry `i` of one run
+        // with one protection and memory type is entry 0 plus `i` frames,
+        // as the promotion requires (it checks again, exclusively): a
+        // range it would refuse costs no administrative change.
+        // SAFETY: as in `present`.
+        let load = |i: usize| unsafe { &*first.add(i) }.load(Acquire);
+        let ad = fmt.accessed_mask() | fmt.dirty_mask();
+        let e0 = load(0);
+        let want = e0 & !ad;
+        if fmt.is_present(e0) && (1..512).all(|i| load(i) & !ad == want + ((i as u64) << 12)) {
             self.cache.promote.set(c);
         }
     }
@@ -587,6 +599,11 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// change (every client held, the generation bumped) and retries;
     /// from a thread in guest context on the same space that is refused
     /// with [`Error::SelfDeadlock`]. A writable hold does the same.
+    /// A fault that fills the leaf table of an aligned 2 MiB range of one
+    /// run promotes it afterwards, also as an administrative change, while
+    /// tracking is off ([`SpaceConfig::auto_promote`](crate::SpaceConfig));
+    /// not from a thread in guest context on the same space, and a
+    /// promotion that does not happen is not the fault's error.
     #[inline]
     pub fn fault(&self, gpa: u64, prot: Prot) -> Result<()> {
         if prot.is_empty() {

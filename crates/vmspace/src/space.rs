@@ -1348,7 +1348,10 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// Make `[gpa, gpa+len)`, which must lie inside one mapping, resident
     /// in the table. Returns the number of pages this call mapped. On
     /// error nothing changed (no leaf was written); `resident_count`
-    /// always counts exactly the leaves present.
+    /// always counts exactly the leaves present. A 2 MiB range whose leaf
+    /// table this call filled is then promoted where it qualifies
+    /// ([`SpaceConfig::auto_promote`]; every client held for it), except
+    /// from a thread in guest context on the space.
     pub fn populate(&self, gpa: u64, len: u64) -> Result<u64> {
         check_aligned(gpa, len)?;
         let inner = &*self.inner;

@@ -759,3 +759,62 @@ fn no_auto_promotion_from_guest_context() {
     assert_eq!(s.promotions(), PromotionStats { explicit: 1, automatic: 0 });
     assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M]);
 }
+
+#[test]
+fn auto_promotions_under_concurrent_faults_and_holds() {
+    // Two threads fault and write through holds over 4 runs while the
+    // main thread unmaps and maps them again with tracking on (4 KiB
+    // leaves, empty) and switches tracking off: the faults refill the
+    // leaf tables and promote them. Every value a thread wrote reads
+    // back, resident_count stays exact, promotions happen.
+    let (s, o) = small_populated(npt(), 4, true);
+    let base = 1u64 << 30;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|t| {
+        for id in 0..2u64 {
+            let (s, stop) = (&s, &stop);
+            t.spawn(move || {
+                let c = s.client();
+                let mut x = 0x2545_f491_4f6c_dd1du64 ^ (id + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let page = ((x % 2048) & !1) | id;
+                    let g = base + page * PG;
+                    // Between an unmap and the map again: no mapping.
+                    match c.fault(g, if x & 0x100 == 0 { Prot::WRITE } else { Prot::READ }) {
+                        Ok(()) | Err(Error::NoMapping) => {}
+                        Err(e) => panic!("fault: {e:?}"),
+                    }
+                    match c.hold(g, Prot::RW) {
+                        Ok(h) => {
+                            h.write_u64(16, x).unwrap();
+                            assert_eq!(h.read_u64(16).unwrap(), x);
+                        }
+                        Err(Error::NoMapping) => {}
+                        Err(e) => panic!("hold: {e:?}"),
+                    }
+                }
+            });
+        }
+        let mut rounds = 0;
+        while s.promotions().automatic < 8 || rounds < 20 {
+            s.set_dirty_tracking(true).unwrap();
+            s.unmap(base, 4 * M2).unwrap();
+            s.map(&o, 0, base, 4 * M2, Prot::RW).unwrap();
+            s.set_dirty_tracking(false).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            assert_eq!(mapped_pages(&s), s.resident_count(), "round {rounds}");
+            rounds += 1;
+            assert!(rounds < 2000, "no promotions after {rounds} rounds");
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert_eq!(mapped_pages(&s), s.resident_count());
+    // What the threads left unfaulted: populate promotes the rest.
+    s.populate(base, 4 * M2).unwrap();
+    assert_eq!(leaf_sizes(&s, base, 4 * M2), vec![PageSize::Size2M; 4]);
+    assert_eq!(s.resident_count(), 4 * 512);
+    check_frames(&s, &o, base, 0, 4 * 512);
+}
