@@ -818,3 +818,25 @@ fn auto_promotions_under_concurrent_faults_and_holds() {
     assert_eq!(s.resident_count(), 4 * 512);
     check_frames(&s, &o, base, 0, 4 * 512);
 }
+
+#[test]
+fn a_swappable_object_is_never_promoted() {
+    // Its pages get frames one by one (no runs): a full leaf table of it
+    // stays 4 KiB leaves, even though a fresh reservoir hands them out as
+    // one aligned run (which the table would promote).
+    let s = space_cfg(npt(), SplitPolicy::Eager);
+    let r = reservoir(2048);
+    let f = swap_file_in(&std::env::temp_dir()).unwrap();
+    let o = VmObject::swappable(r.clone(), M2, f).unwrap();
+    s.map(&o, 0, 1 << 30, M2, Prot::RW).unwrap();
+    let c = s.client();
+    fault_chunk(&c, 1 << 30, Prot::READ, false);
+    s.populate(1 << 30, M2).unwrap();
+    assert_eq!(s.resident_count(), 512);
+    assert_eq!(s.promotions(), PromotionStats::default());
+    assert_eq!(leaf_sizes(&s, 1 << 30, M2).len(), 512);
+    let f0 = o.frame_at(0).unwrap().0;
+    let one_run = f0 % 512 == 0 && (0..512).all(|p| o.frame_at(p * PG).map(|f| f.0) == Some(f0 + p));
+    assert!(one_run, "only the object's lack of runs refuses the promotion");
+    assert_eq!(o.run_at(0), None);
+}
