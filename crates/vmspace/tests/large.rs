@@ -836,7 +836,7 @@ fn a_swappable_object_is_never_promoted() {
     assert_eq!(s.promotions(), PromotionStats::default());
     assert_eq!(leaf_sizes(&s, 1 << 30, M2).len(), 512);
     let f0 = o.frame_at(0).unwrap().0;
-    let one_run = f0 % 512 == 0 && (0..512).all(|p| o.frame_at(p * PG).map(|f| f.0) == Some(f0 + p));
+    let one_run = f0.is_multiple_of(512) && (0..512).all(|p| o.frame_at(p * PG).map(|f| f.0) == Some(f0 + p));
     assert!(one_run, "only the object's lack of runs refuses the promotion");
     assert_eq!(o.run_at(0), None);
 }
