@@ -452,7 +452,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
                     preset_accessed(fmt, s, gpa, lo, empty, preset);
                 }
                 let slot = self.leaf_slot(d, gpa).ok_or(Error::NoMapping)?;
-                if n > 0 && !host {
+                if n > 0 {
                     self.note_full(gpa, slot, object);
                 }
                 (slot, present(slot).ok_or(Error::NoMapping)?)
@@ -478,7 +478,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         Ok(Found { pfn, entry: slot, host })
     }
 
-    /// After a vCPU fault mapped leaves in `gpa`'s leaf table (`slot` is
+    /// After a fault or a hold mapped leaves in `gpa`'s leaf table (`slot` is
     /// `gpa`'s entry): note its chunk for automatic promotion if it may
     /// promote (see [`SpaceConfig::auto_promote`](crate::SpaceConfig)) and
     /// the table is now full and would promote. Cheap unless it is
@@ -526,14 +526,16 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         }
     }
 
-    /// The automatic promotion a fault noted ([`VmClient::note_full`]),
-    /// run with the client inactive. A refusal (the chunk changed, or
-    /// [`Error::SelfDeadlock`] from guest context) is not the fault's
-    /// error: the page is mapped either way.
-    #[inline]
+    /// The automatic promotion a fault or hold noted
+    /// ([`VmClient::note_full`]), run with the client inactive. A refusal
+    /// (the chunk changed, or [`Error::SelfDeadlock`] from guest context)
+    /// is not the fault's or hold's error: the page is mapped either way.
+    #[inline(always)]
     fn promote_noted(&self) {
-        let c = self.cache.promote.replace(u64::MAX);
+        // One client-local load on the hot paths; the rest only when set.
+        let c = self.cache.promote.get();
         if c != u64::MAX {
+            self.cache.promote.set(u64::MAX);
             let _ = self.space.promote_after_fault(c);
         }
     }
@@ -599,7 +601,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// change (every client held, the generation bumped) and retries;
     /// from a thread in guest context on the same space that is refused
     /// with [`Error::SelfDeadlock`]. A writable hold does the same.
-    /// A fault that fills the leaf table of an aligned 2 MiB range of one
+    /// A fault (or hold) that fills the leaf table of an aligned 2 MiB range of one
     /// run promotes it afterwards, also as an administrative change, while
     /// tracking is off ([`SpaceConfig::auto_promote`](crate::SpaceConfig));
     /// not from a thread in guest context on the same space, and a
@@ -692,6 +694,9 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             }
             r = take();
         }
+        // A promotion moves the hold's leaf: its release finds it again
+        // (the structure sequence changed).
+        self.promote_noted();
         let (found, host, seq, slot, sseq) = r?;
         Ok(PageHold {
             client: self,

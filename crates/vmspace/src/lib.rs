@@ -23,8 +23,8 @@
 //! maps whole. [`VmSpace::set_dirty_tracking`] splits them when tracking
 //! goes on ([`SplitPolicy`]: eagerly, or lazily on the first write to
 //! each), [`VmSpace::promote`] merges 512 small leaves of one run back
-//! (FreeBSD's `pmap_promote_pde`), as a vCPU fault or a `populate` does
-//! automatically when it fills such a leaf table while tracking is off
+//! (FreeBSD's `pmap_promote_pde`), as a vCPU fault, a hold or a
+//! `populate` does automatically when it fills such a leaf table while tracking is off
 //! ([`SpaceConfig::auto_promote`], counted in [`VmSpace::promotions`]),
 //! and [`VmSpace::unmap_range`] /
 //! [`VmSpace::protect`] work on part of a mapping, splitting a large leaf
@@ -176,10 +176,10 @@
 //! the fault (or hold) deactivates its client, splits as an
 //! administrative change, and retries; from a thread in guest context on
 //! the same space it is refused with [`Error::SelfDeadlock`]. The
-//! automatic promotion runs the same way: the fault's active section
-//! only notes a leaf table it filled (a check of one entry per
+//! automatic promotion runs the same way: the fault's (or hold's)
+//! active section only notes a leaf table it filled (a check of one entry per
 //! fault-around window, then of all 512 where those are present); after
-//! deactivating, the fault promotes as an administrative change (not
+//! deactivating, it promotes as an administrative change (not
 //! from guest context on the same space, where it is skipped: the page
 //! is mapped either way). `populate`, under the space lock already,
 //! holds every client for the promotion of the chunks it filled. A hold
@@ -266,8 +266,8 @@
 //!   A mapping whose object offset is not 2 MiB-aligned against its
 //!   guest address gets 4 KiB leaves only.
 //! - Automatic promotion ([`SpaceConfig::auto_promote`]) happens only
-//!   when a vCPU fault or a `populate` maps the leaves that fill a leaf
-//!   table: not after a hold (a device's access), a `DirtyOp::Set`, or a
+//!   when a vCPU fault, a hold or a `populate` maps the leaves that fill
+//!   a leaf table: not after a `DirtyOp::Set`, or a
 //!   protection change that makes a full table uniform again (nothing is
 //!   mapped then: [`VmSpace::promote`], a khugepaged-like pass the VMM
 //!   runs, e.g. after a migration switched tracking off, merges those).

@@ -64,8 +64,8 @@ pub struct SpaceConfig {
     /// (default [`SplitPolicy::Eager`]).
     pub split: SplitPolicy,
     /// Promote automatically (FreeBSD's promotion in `pmap_enter` when a
-    /// page-table page fills): when a vCPU fault ([`VmClient::fault`],
-    /// not a hold) or [`VmSpace::populate`] maps leaves while dirty
+    /// page-table page fills): when a vCPU fault ([`VmClient::fault`]), a
+    /// hold or [`VmSpace::populate`] maps leaves while dirty
     /// tracking is off and leaves the leaf table of an aligned 2 MiB
     /// range full, the range lies inside one mapping, one aligned run of
     /// its object backs it ([`VmObject::run_at`]: never a swappable
@@ -88,7 +88,7 @@ pub struct SpaceConfig {
 pub struct PromotionStats {
     /// By [`VmSpace::promote`].
     pub explicit: u64,
-    /// By a fault or a populate ([`SpaceConfig::auto_promote`]).
+    /// By a fault, a hold or a populate ([`SpaceConfig::auto_promote`]).
     pub automatic: u64,
 }
 
@@ -832,7 +832,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         })
     }
 
-    /// Automatic promotion after a vCPU fault filled the leaf table of
+    /// Automatic promotion after a fault or hold filled the leaf table of
     /// the 2 MiB chunk at `c` (see [`SpaceConfig::auto_promote`]): an
     /// administrative change, called with nothing held and the client
     /// inactive. [`Error::SelfDeadlock`] from a thread in guest context on

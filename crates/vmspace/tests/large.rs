@@ -812,8 +812,11 @@ fn auto_promotions_under_concurrent_faults_and_holds() {
         stop.store(true, Ordering::Relaxed);
     });
     assert_eq!(mapped_pages(&s), s.resident_count());
-    // What the threads left unfaulted: populate promotes the rest.
+    // What the threads left unfaulted (populate promotes what it fills),
+    // and a table filled while tracking was still on (between the map
+    // and the switch) is promoted explicitly.
     s.populate(base, 4 * M2).unwrap();
+    s.promote(base, 4 * M2).unwrap();
     assert_eq!(leaf_sizes(&s, base, 4 * M2), vec![PageSize::Size2M; 4]);
     assert_eq!(s.resident_count(), 4 * 512);
     check_frames(&s, &o, base, 0, 4 * 512);
@@ -839,4 +842,29 @@ fn a_swappable_object_is_never_promoted() {
     let one_run = f0.is_multiple_of(512) && (0..512).all(|p| o.frame_at(p * PG).map(|f| f.0) == Some(f0 + p));
     assert!(one_run, "only the object's lack of runs refuses the promotion");
     assert_eq!(o.run_at(0), None);
+}
+
+#[test]
+fn a_hold_that_fills_a_leaf_table_promotes_it() {
+    // The hold's leaf moves under it: its release, after tracking went on
+    // (an eager split), finds its page again and marks exactly it.
+    let (s, o) = small_populated(npt(), 1, true);
+    let base = 1u64 << 30;
+    let c = s.client();
+    for p in 0..512 - 16 {
+        c.fault(base + p * PG, Prot::READ).unwrap();
+    }
+    let h = c.hold(base + 500 * PG, Prot::RW).unwrap();
+    assert_eq!(s.promotions().automatic, 1);
+    assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M]);
+    assert_eq!(Some(h.pfn()), o.frame_at(500 * PG));
+    h.write_u64(0, 0x1234).unwrap();
+    s.set_dirty_tracking(true).unwrap();
+    assert!(!h.release());
+    let mut bm = [0u64; 8];
+    assert_eq!(s.track_dirty(base, M2, &mut bm).unwrap(), 1);
+    assert!(bit(&bm, 500));
+    let mut b = [0u8; 8];
+    o.read(500 * PG, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), 0x1234);
 }
