@@ -16,6 +16,7 @@ use nested_pt::Prot;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use vmspace::Gpa;
 
 /// The exit round trip: a doorbell read at CPL 3 (#PF, the three-instruction
 /// stub, `out`, back to user space, and all the way back) with no work.
@@ -586,7 +587,7 @@ pub fn vmspace_first_touch(mem: u64, mode: PagingMode, policy: TouchPolicy) -> R
     }
     let t = Instant::now();
     if policy.populate {
-        be.space().populate(0, mem).map_err(|e| KvmError::Setup(format!("populate: {e}")))?;
+        be.space().populate(Gpa(0), mem).map_err(|e| KvmError::Setup(format!("populate: {e}")))?;
     }
     let prepare = t.elapsed();
     be.map_runtime(1, n.max(1))?;
@@ -609,7 +610,7 @@ pub fn vmspace_first_touch(mem: u64, mode: PagingMode, policy: TouchPolicy) -> R
         // must be reported (the guest writes each once per pass).
         let mut bitmap = vec![0u64; n.div_ceil(64) as usize];
         let dirty =
-            be.space().track_dirty(0, mem, &mut bitmap).map_err(|e| KvmError::Setup(format!("harvest: {e}")))?;
+            be.space().track_dirty(Gpa(0), mem, &mut bitmap).map_err(|e| KvmError::Setup(format!("harvest: {e}")))?;
         r.label += &format!(": {dirty} pages harvested dirty");
     }
     Ok(r)

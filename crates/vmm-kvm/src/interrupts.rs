@@ -51,6 +51,7 @@ use vmm::guest::{self, LOG_CAPACITY, LogEntry, MODE_SCRIPT, P_LOG, P_LOG_COUNT, 
 use vmm::intr::system::{IntrSystem, IrqLines, SystemStats};
 use vmm::intr::{IOAPIC_BASE, LAPIC_BASE};
 use vmm::machine::{Action, Event, Machine};
+use vmspace::Gpa;
 
 /// Which interrupt controller the guest talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,7 +139,7 @@ pub fn run_scripts(
             let obj = vmspace::VmObject::mmio(Pfn(base / PAGE), PAGE)
                 .map_err(|e| KvmError::Setup(format!("MMIO object at {base:#x}: {e}")))?;
             be.space()
-                .map(&obj, 0, base, PAGE, Prot::READ | Prot::WRITE)
+                .map(&obj, 0, Gpa(base), PAGE, Prot::READ | Prot::WRITE)
                 .map_err(|e| KvmError::Setup(format!("mapping {base:#x}: {e}")))?;
         }
     }

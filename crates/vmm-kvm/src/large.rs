@@ -161,7 +161,7 @@ pub fn large_leaf_rounds(mem: u64, mode: PagingMode) -> Result<LargeReport> {
         check(&mut r, ops2)?;
         // 4. Tracking off, promotion back to 2 MiB leaves, another pass.
         be.space().set_dirty_tracking(false).map_err(setup)?;
-        r.promoted = be.space().promote(0, mem).map_err(setup)?;
+        r.promoted = be.space().promote(Gpa(0), mem).map_err(setup)?;
         check(&mut r, ops2)?;
         m.resume_all()?;
         wait_ops(m, ops2 + n)?;

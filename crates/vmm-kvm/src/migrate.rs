@@ -80,6 +80,7 @@ use crate::vcpu::Vcpu;
 use crate::vcpu_state::{VcpuState, VcpuTwin};
 use crate::vm::{KvmError, KvmVm, PagingMode, Result};
 use crate::workload::{Mode, Replay, Spec, checksum};
+use vmspace::Gpa;
 
 use nested_pt::Prot;
 use std::net::TcpStream;
@@ -332,7 +333,7 @@ impl Guest {
         }
         be.map_runtime(cfg.vcpus, npages)?;
         if cfg.prefault && !incoming {
-            be.space().populate(ram_base, cfg.mem_bytes).map_err(|e| KvmError::Setup(format!("populate: {e}")))?;
+            be.space().populate(Gpa(ram_base), cfg.mem_bytes).map_err(|e| KvmError::Setup(format!("populate: {e}")))?;
             // The memory is allocated now; map it in the host view too,
             // so that reading it out (migration) is copies, not a fault
             // per page (see `populate_host_view`).
@@ -531,7 +532,7 @@ impl Guest {
             .map_err(|e| KvmError::Setup(format!("incoming migration: {e}")))?;
         if self.core.cfg.prefault {
             let (ram, len) = (runtime::RAM_BASE, self.core.cfg.mem_bytes);
-            self.core.be.space().populate(ram, len).map_err(|e| KvmError::Setup(format!("populate: {e}")))?;
+            self.core.be.space().populate(Gpa(ram), len).map_err(|e| KvmError::Setup(format!("populate: {e}")))?;
         }
         Ok(sum)
     }

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vmm::hv::Kick;
-use vmspace::{Arena, Cause, HostView, Invalidation, MemfdReservoir, SpaceConfig, VmClient, VmObject, VmSpace};
+use vmspace::{Arena, Cause, Gpa, HostView, Invalidation, MemfdReservoir, SpaceConfig, VmClient, VmObject, VmSpace};
 
 /// Default dirty-page count above which a harvest may zap every shadow page
 /// rather than drop frames one by one (it also needs a quarter of the
@@ -489,7 +489,7 @@ impl SpaceBackend {
         let seg = self.ram_segment(len)?;
         self.write_object(&seg.object, 0, bytes)?;
         self.map(&seg, gpa, len, prot)?;
-        self.space().populate(gpa, len).map_err(vs("populate"))?;
+        self.space().populate(Gpa(gpa), len).map_err(vs("populate"))?;
         Ok(seg)
     }
 
@@ -509,7 +509,7 @@ impl SpaceBackend {
         vm.map_segment(BOOTROM_BASE, id, 0, len, Some(Prot::READ | Prot::EXEC)).map_err(vm_err("bootrom"))?;
         // Resident before any vCPU runs: a fault while delivering a fault
         // would be a triple fault.
-        self.space().populate(BOOTROM_BASE, len).map_err(vs("populate bootrom"))?;
+        self.space().populate(Gpa(BOOTROM_BASE), len).map_err(vs("populate bootrom"))?;
         for i in 0..nvcpus {
             self.map_bytes(params(i), &[], DATA_PAGES * PAGE, Prot::READ | Prot::WRITE)?;
         }
@@ -572,7 +572,7 @@ impl VcpuMem for SpaceVcpu {
             Access::Write => Prot::WRITE,
             Access::Execute => Prot::EXEC,
         };
-        self.client.fault(gpa, prot).map_err(|e| match e {
+        self.client.fault(Gpa(gpa), prot).map_err(|e| match e {
             vmspace::Error::NoMapping => FaultError::NoMapping,
             vmspace::Error::Protection => FaultError::Protection,
             _ => FaultError::Host,
@@ -582,7 +582,7 @@ impl VcpuMem for SpaceVcpu {
     fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Option<()> {
         // One page piece (the emulator splits at page boundaries), through
         // a read hold: safe against a concurrent unmap.
-        let h = self.client.hold(gpa & !(PAGE - 1), Prot::READ).ok()?;
+        let h = self.client.hold(Gpa(gpa & !(PAGE - 1)), Prot::READ).ok()?;
         let r = h.read((gpa % PAGE) as usize, buf).ok();
         h.release();
         r
@@ -590,7 +590,7 @@ impl VcpuMem for SpaceVcpu {
 
     fn write(&mut self, gpa: u64, data: &[u8]) -> Option<()> {
         // A writable hold: its release marks the page dirty.
-        let h = self.client.hold(gpa & !(PAGE - 1), Prot::READ | Prot::WRITE).ok()?;
+        let h = self.client.hold(Gpa(gpa & !(PAGE - 1)), Prot::READ | Prot::WRITE).ok()?;
         let r = h.write((gpa % PAGE) as usize, data).ok();
         h.release();
         r
@@ -613,7 +613,7 @@ impl MemBackend for SpaceBackend {
         Ok(Box::new(SpaceVcpu { client, cpu: vcpu as u32 }))
     }
     fn host_ptr(&self, gpa: u64) -> Option<*mut u8> {
-        let (pfn, _) = self.space().lookup(gpa)?;
+        let (pfn, _) = self.space().lookup(Gpa(gpa))?;
         arena_ptr(&self.arena, pfn, gpa)
     }
     fn harvest(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> vmm::hv::Result<u64> {
@@ -638,7 +638,7 @@ impl SpaceBackend {
     fn harvest_kvm(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
         let mut frames = Vec::new();
         self.inval.own_harvest.store(true, Ordering::SeqCst);
-        let r = self.space().track_dirty_frames(gpa, len, bitmap, &mut frames);
+        let r = self.space().track_dirty_frames(Gpa(gpa), len, bitmap, &mut frames);
         self.inval.own_harvest.store(false, Ordering::SeqCst);
         let n = r.map_err(vs("track_dirty"))?;
         // Zap when many pages were dirty: more than the threshold and more

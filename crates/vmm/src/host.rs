@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nested_pt::TablePages;
+use nested_pt::{Gpa, TablePages};
 
 use crate::Vm;
 use crate::hv::{LongModeSetup, MemBackend, Result, Vcpu};
@@ -200,7 +200,7 @@ pub fn install_runtime<P: TablePages + Send + Sync + 'static>(vm: &Vm<P>, nvcpus
     vm.write_segment(id, 0, &rom).map_err(setup_err("bootrom"))?;
     vm.map_segment(BOOTROM_BASE, id, 0, len, Some(Prot::READ | Prot::EXEC)).map_err(setup_err("bootrom"))?;
     vm.space()
-        .populate(BOOTROM_BASE, len)
+        .populate(Gpa(BOOTROM_BASE), len)
         .map_err(|e| crate::hv::MachineError::Setup(format!("populate bootrom: {e}")))?;
     let ledgers = (nvcpus as u64)
         .checked_mul(ledger_bytes(npages))
@@ -208,7 +208,9 @@ pub fn install_runtime<P: TablePages + Send + Sync + 'static>(vm: &Vm<P>, nvcpus
     let data = (0..nvcpus).map(|i| (params(i), DATA_PAGES * PAGE_BYTES));
     for (gpa, len) in data.chain([(LEDGER_BASE, ledgers)]) {
         map_ram(vm, gpa, len, Prot::READ | Prot::WRITE)?;
-        vm.space().populate(gpa, len).map_err(|e| crate::hv::MachineError::Setup(format!("populate {gpa:#x}: {e}")))?;
+        vm.space()
+            .populate(Gpa(gpa), len)
+            .map_err(|e| crate::hv::MachineError::Setup(format!("populate {gpa:#x}: {e}")))?;
     }
     Ok(())
 }

@@ -159,15 +159,15 @@ pub fn builtin_layout_dump(max_leaves: usize) -> Result<String, vmspace::Error> 
     let rom = VmObject::ram(res.clone(), 64 << 10)?;
     let acpi = VmObject::ram(res.clone(), 16 << 10)?;
     let dev = VmObject::ram(res, 16 << 10)?;
-    space.map(&ram, 0, 0, 8 << 20, Prot::READ | Prot::WRITE | Prot::EXEC)?;
-    space.map(&rom, 0, 0xffff_0000, 64 << 10, Prot::READ | Prot::EXEC)?;
-    space.map(&acpi, 0, 0x00e0_0000, 16 << 10, Prot::READ)?;
-    space.map(&dev, 0, 0xc000_0000, 16 << 10, Prot::READ | Prot::WRITE)?;
-    space.populate(0, 64 << 10)?;
-    space.populate(0x40_0000, 8 << 10)?;
-    space.populate(0xffff_0000, 64 << 10)?;
-    space.populate(0x00e0_0000, 16 << 10)?;
-    space.populate(0xc000_0000, 4 << 10)?;
+    space.map(&ram, 0, Gpa(0), 8 << 20, Prot::READ | Prot::WRITE | Prot::EXEC)?;
+    space.map(&rom, 0, Gpa(0xffff_0000), 64 << 10, Prot::READ | Prot::EXEC)?;
+    space.map(&acpi, 0, Gpa(0x00e0_0000), 16 << 10, Prot::READ)?;
+    space.map(&dev, 0, Gpa(0xc000_0000), 16 << 10, Prot::READ | Prot::WRITE)?;
+    space.populate(Gpa(0), 64 << 10)?;
+    space.populate(Gpa(0x40_0000), 8 << 10)?;
+    space.populate(Gpa(0xffff_0000), 64 << 10)?;
+    space.populate(Gpa(0x00e0_0000), 16 << 10)?;
+    space.populate(Gpa(0xc000_0000), 4 << 10)?;
     Ok(dump_space(&space, max_leaves))
 }
 

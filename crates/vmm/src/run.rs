@@ -38,6 +38,7 @@ use crate::hv::{MachineError, MemBackend, Result};
 use crate::machine::{Action, Event, Machine, read_guest_u64, read_guest_words, write_guest_u64};
 use crate::runtime;
 use crate::workload::{Mode, Replay, Spec, checksum};
+use vmspace::Gpa;
 
 use nested_pt::Prot;
 use std::sync::Arc;
@@ -564,7 +565,7 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
     // Swappable RAM is read through its object: swapped-out pages have
     // no leaf (and no host pointer), their contents are in the swap file.
     let ram_obj = if swapping {
-        let mi = be.vm().space().mapping_at(ram_base).ok_or_else(|| setup("guest RAM is not mapped"))?;
+        let mi = be.vm().space().mapping_at(Gpa(ram_base)).ok_or_else(|| setup("guest RAM is not mapped"))?;
         Some((mi.object, mi.gpa.0, mi.offset))
     } else {
         None

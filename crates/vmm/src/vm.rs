@@ -394,11 +394,11 @@ impl<P: TablePages + Send + Sync> Vm<P> {
                 p
             }
         };
-        self.space.map(&s.object, offset, gpa, len, prot).map_err(space_err)?;
+        self.space.map(&s.object, offset, Gpa(gpa), len, prot).map_err(space_err)?;
         if s.kind == SegmentKind::SysMem {
             let object = s.object.clone();
             if let Err(e) = self.follow_sysmem_map(&st, gpa, &object, offset, len, prot) {
-                let _ = self.space.unmap(gpa, len);
+                let _ = self.space.unmap(Gpa(gpa), len);
                 return Err(e);
             }
         }
@@ -418,7 +418,7 @@ impl<P: TablePages + Send + Sync> Vm<P> {
         prot: Prot,
     ) -> Result<()> {
         if st.wired {
-            self.space.populate(gpa, len).map_err(space_err)?;
+            self.space.populate(Gpa(gpa), len).map_err(space_err)?;
         }
         if let Some(m) = &st.mirror {
             m.map(gpa, object, offset, len, prot)?;
@@ -443,7 +443,7 @@ impl<P: TablePages + Send + Sync> Vm<P> {
         }
         for m in st.maps.values() {
             if st.segments.get(&m.segment).is_some_and(|s| s.kind == SegmentKind::SysMem) {
-                self.space.populate(m.gpa.0, m.len).map_err(space_err)?;
+                self.space.populate(m.gpa, m.len).map_err(space_err)?;
             }
         }
         st.wired = true;
@@ -510,7 +510,7 @@ impl<P: TablePages + Send + Sync> Vm<P> {
             // No DMA reaches the frames once the unmap returns.
             mirror.unmap(gpa, len);
         }
-        if let Err(e) = self.space.unmap(gpa, len) {
+        if let Err(e) = self.space.unmap(Gpa(gpa), len) {
             // Still mapped: give the range back to the mirror.
             if let (true, Some(mirror), Some(s)) = (sysmem, &st.mirror, st.segments.get(&segment)) {
                 let m = st.maps[&gpa];
@@ -598,7 +598,7 @@ impl<P: TablePages + Send + Sync> Vm<P> {
             }
             let pages = (b - a) / PAGE;
             let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
-            self.space.dirty_op(DirtyOp::Set, m.gpa.0 + (a - m.offset), b - a, None, &mut bitmap)?;
+            self.space.dirty_op(DirtyOp::Set, Gpa(m.gpa.0 + (a - m.offset)), b - a, None, &mut bitmap)?;
         }
         Ok(())
     }
@@ -631,7 +631,7 @@ impl<P: TablePages + Send + Sync> Vm<P> {
     /// Returns the number of dirty pages.
     pub fn harvest_dirty(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
         let mut st = self.state();
-        let mut n = self.space.track_dirty(gpa, len, bitmap)?;
+        let mut n = self.space.track_dirty(Gpa(gpa), len, bitmap)?;
         let end = gpa + len;
         let maps: Vec<SegmentMapping> = st.maps.values().copied().collect();
         for m in maps {

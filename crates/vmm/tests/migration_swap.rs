@@ -15,7 +15,7 @@ use vmm::migration::{
     StateKind, TargetConfig,
 };
 use vmm::{SegmentKind, Vm, VmConfig};
-use vmspace::{HeapReservoir, Pfn, Prot, PteFormat, SpaceConfig, swap_file_in};
+use vmspace::{Gpa, HeapReservoir, Pfn, Prot, PteFormat, SpaceConfig, swap_file_in};
 
 const PG: u64 = 4096;
 const PAGES: u64 = 64;
@@ -148,7 +148,7 @@ fn page(vm: &Vm<HeapPages>, p: u64) -> Vec<u8> {
 fn populate(vm: &Vm<HeapPages>) {
     let c = vm.space().client();
     for p in 0..40 {
-        let h = c.hold(p * PG, Prot::RW).unwrap();
+        let h = c.hold(Gpa(p * PG), Prot::RW).unwrap();
         h.write(0, &pattern(p, 0)).unwrap();
     }
     drop(c);
@@ -157,8 +157,8 @@ fn populate(vm: &Vm<HeapPages>) {
     }
     vm.space().swap_out(PAGES).unwrap();
     let mut bm = vec![0u64; PAGES.div_ceil(64) as usize];
-    vm.space().track_dirty(0, PAGES * PG, &mut bm).unwrap();
-    assert_eq!(vm.space().track_dirty(0, PAGES * PG, &mut bm).unwrap(), 0, "no dirty bit left");
+    vm.space().track_dirty(Gpa(0), PAGES * PG, &mut bm).unwrap();
+    assert_eq!(vm.space().track_dirty(Gpa(0), PAGES * PG, &mut bm).unwrap(), 0, "no dirty bit left");
     let st = vm.space().swap_stats();
     assert!(st.swapped >= 40, "most written pages are in the swap file: {st:?}");
     let obj = vm.segment_object(0).unwrap();
@@ -219,7 +219,7 @@ fn a_page_swapped_out_dirty_after_the_first_pass_is_sent_again() {
         // guest rewrites page 5, then it is swapped out dirty.
         if n == 2 {
             let c = vm.space().client();
-            c.hold(5 * PG, Prot::RW).unwrap().write(0, &pattern(5, 0xa5)).unwrap();
+            c.hold(Gpa(5 * PG), Prot::RW).unwrap().write(0, &pattern(5, 0xa5)).unwrap();
             drop(c);
             vm.space().swap_out(PAGES).unwrap();
             assert!(obj.frame_at(5 * PG).is_none(), "page 5 is swapped out");

@@ -14,7 +14,7 @@ use vmm::passthru::{
     TestDoubleDevice, bar_pieces, msix_hole,
 };
 use vmm::{SegmentKind, Vm, VmConfig};
-use vmspace::{HeapReservoir, Pfn, Prot, SpaceConfig};
+use vmspace::{Gpa, HeapReservoir, Pfn, Prot, SpaceConfig};
 
 const PG: u64 = 4096;
 const BAR_GPA: u64 = 0xC000_0000;
@@ -96,7 +96,7 @@ fn domain_exists_only_with_a_device_or_when_forced() {
     assert_eq!(v.space().resident_count(), 48);
     assert_eq!(d.stats().pages_mapped, 48);
     for gpa in (0..32 * PG).step_by(PG as usize).chain(((1 << 20)..(1 << 20) + 16 * PG).step_by(PG as usize)) {
-        let (pfn, _) = v.space().lookup(gpa).unwrap();
+        let (pfn, _) = v.space().lookup(Gpa(gpa)).unwrap();
         assert_eq!(d.translate(gpa + 0x10, false), Ok(pfn.0 * PG + 0x10), "gpa {gpa:#x}");
     }
     // The read-only mapping refuses DMA writes; nothing maps past RAM; the
@@ -133,7 +133,7 @@ fn domain_tables_in_both_iommu_formats() {
             Passthrough::new(v.clone(), IommuTunables::default(), 3, fmt, HeapPages::with_capacity(0, 64)).unwrap();
         p.attach(TestDoubleDevice::create(&v, device(16 * PG, None)).unwrap()).unwrap();
         let d = p.domain().unwrap();
-        let (pfn, _) = v.space().lookup(7 * PG).unwrap();
+        let (pfn, _) = v.space().lookup(Gpa(7 * PG)).unwrap();
         assert_eq!(d.translate(7 * PG + 1, true), Ok(pfn.0 * PG + 1), "{fmt:?}");
         assert_eq!(d.translate(1 << 20, true), Err(DmaFault::WriteDenied), "{fmt:?}");
     }
@@ -149,7 +149,7 @@ fn domain_follows_later_maps_and_unmaps() {
     // A new sysmem mapping is wired and mirrored at once.
     v.alloc_segment(9, 8 * PG, SegmentKind::SysMem).unwrap();
     v.map_segment(2 << 20, 9, 0, 8 * PG, None).unwrap();
-    let (pfn, _) = v.space().lookup((2 << 20) + 3 * PG).expect("wired at map time");
+    let (pfn, _) = v.space().lookup(Gpa((2 << 20) + 3 * PG)).expect("wired at map time");
     assert_eq!(d.translate((2 << 20) + 3 * PG, true), Ok(pfn.0 * PG));
     // An alias of the same segment reaches the same frames.
     v.map_segment(3 << 20, 9, 0, 8 * PG, None).unwrap();
@@ -231,7 +231,7 @@ fn bar_mapping_checks_alignment_and_state() {
     assert!(!p.claims(BAR_GPA));
     v.write_segment(seg, 5 * PG, &[1, 2, 3, 4]).unwrap();
     let client = v.space().client();
-    let h = client.hold(BAR_GPA + 5 * PG, Prot::READ).unwrap();
+    let h = client.hold(Gpa(BAR_GPA + 5 * PG), Prot::READ).unwrap();
     let mut b = [0u8; 4];
     h.read(0, &mut b).unwrap();
     h.release();

@@ -11,7 +11,7 @@ use vmm::fbuf::{self, Fbuf};
 use vmm::pci::CONFIG_SPACE;
 use vmm::platform::{BarBacking, ECAM_BASE, Platform};
 use vmm::{SegmentKind, Vm, VmConfig};
-use vmspace::{HeapReservoir, Pfn, Prot, PteFormat, SpaceConfig};
+use vmspace::{Gpa, HeapReservoir, Pfn, Prot, PteFormat, SpaceConfig};
 
 const PG: u64 = 4096;
 const FB_SIZE: u64 = 1 << 20;
@@ -156,7 +156,7 @@ fn bar_moves_under_writers_lose_nothing() {
     let p = Mutex::new(p);
     // A device hold on the last page, taken before any move.
     let dev = vm.space().client();
-    let held = dev.hold(bases[0] + FB_SIZE - PG, Prot::RW).unwrap();
+    let held = dev.hold(Gpa(bases[0] + FB_SIZE - PG), Prot::RW).unwrap();
     std::thread::scope(|s| {
         s.spawn(|| {
             let c = vm.space().client();
@@ -167,7 +167,7 @@ fn bar_moves_under_writers_lose_nothing() {
                 }
                 loop {
                     let base = current.load(Ordering::SeqCst);
-                    match c.hold((base + off) & !(PG - 1), Prot::RW) {
+                    match c.hold(Gpa((base + off) & !(PG - 1)), Prot::RW) {
                         Ok(h) => {
                             h.write((off % PG) as usize, &(i | 0x0100_0000).to_le_bytes()).unwrap();
                             h.release();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use nested_pt::{Caps, HeapPages};
 use vmm::devmem::NoExposure;
 use vmm::{SegmentKind, Vm, VmConfig};
-use vmspace::{HeapReservoir, Pfn, Prot, PteFormat, SpaceConfig};
+use vmspace::{Gpa, HeapReservoir, Pfn, Prot, PteFormat, SpaceConfig};
 
 #[test]
 fn readme_example() -> Result<(), Box<dyn std::error::Error>> {
@@ -34,7 +34,7 @@ fn readme_example() -> Result<(), Box<dyn std::error::Error>> {
     let client = vm.space().client();
     let mut seen = [0u8; 4];
     for gpa in [0x3000, (1 << 32) + 0x3000] {
-        let hold = client.hold(gpa, Prot::READ)?;
+        let hold = client.hold(Gpa(gpa), Prot::READ)?;
         hold.read(0, &mut seen)?;
         hold.release();
         assert_eq!(&seen, b"boot");
@@ -43,7 +43,7 @@ fn readme_example() -> Result<(), Box<dyn std::error::Error>> {
     // A device write through a writable hold is dirty-tracked.
     let mut bitmap = vec![0u64; 8];
     vm.harvest_dirty(0, 2 << 20, &mut bitmap)?; // start clean
-    let hold = client.hold(0x7000, Prot::RW)?;
+    let hold = client.hold(Gpa(0x7000), Prot::RW)?;
     hold.write(0, b"data")?;
     hold.release();
     assert_eq!(vm.harvest_dirty(0, 2 << 20, &mut bitmap)?, 1);

@@ -143,21 +143,21 @@ fn aliases_reach_the_same_memory() {
     vm.map_segment(0x4000_0000, 1, 0, 4 * PG, Some(Prot::READ)).unwrap();
     let c = vm.space().client();
     // A write through one alias is read through the other and by the host.
-    c.hold(0x1000_0000 + PG, Prot::RW).unwrap().write_u64(8, 0xfeed).unwrap();
-    assert_eq!(c.hold(0x2000_0000, Prot::READ).unwrap().read_u64(8), Ok(0xfeed));
+    c.hold(Gpa(0x1000_0000 + PG), Prot::RW).unwrap().write_u64(8, 0xfeed).unwrap();
+    assert_eq!(c.hold(Gpa(0x2000_0000), Prot::READ).unwrap().read_u64(8), Ok(0xfeed));
     let mut b = [0u8; 8];
     vm.read_segment(0, PG + 8, &mut b).unwrap();
     assert_eq!(u64::from_le_bytes(b), 0xfeed);
     // Device memory: guest, host node and read-only alias agree.
-    c.hold(0x3000_0000 + 3 * PG, Prot::RW).unwrap().write_u64(0, 0xabcd).unwrap();
+    c.hold(Gpa(0x3000_0000 + 3 * PG), Prot::RW).unwrap().write_u64(0, 0xabcd).unwrap();
     let view = devmem::open(vm.name(), "fb", false).unwrap();
     view.read(3 * PG, &mut b).unwrap();
     assert_eq!(u64::from_le_bytes(b), 0xabcd);
     assert_eq!(view.write(0, &[1]), Err(Error::ReadOnlyView));
     let rw = devmem::open(vm.name(), "fb", true).unwrap();
     rw.write(16, &7u64.to_le_bytes()).unwrap();
-    assert_eq!(c.hold(0x4000_0000, Prot::READ).unwrap().read_u64(16), Ok(7));
-    assert_eq!(c.hold(0x4000_0000, Prot::RW).err(), Some(vmspace::Error::Protection));
+    assert_eq!(c.hold(Gpa(0x4000_0000), Prot::READ).unwrap().read_u64(16), Ok(7));
+    assert_eq!(c.hold(Gpa(0x4000_0000), Prot::RW).err(), Some(vmspace::Error::Protection));
     assert_eq!(rw.read(4 * PG - 4, &mut b), Err(Error::OutsideSegment));
     assert_eq!(rw.read(u64::MAX, &mut b), Err(Error::OutsideSegment));
 }
@@ -168,7 +168,7 @@ fn nodes_are_seen_by_other_processes_and_removed_with_the_vm() {
     vm.alloc_segment(1, 2 * PG, devmem("fb")).unwrap();
     vm.map_segment(0x8000_0000, 1, 0, 2 * PG, None).unwrap();
     let c = vm.space().client();
-    c.hold(0x8000_0000 + PG, Prot::RW).unwrap().write(100, b"written by the guest").unwrap();
+    c.hold(Gpa(0x8000_0000 + PG), Prot::RW).unwrap().write(100, b"written by the guest").unwrap();
     let path = vm.segment(1).unwrap().node.unwrap();
     // Another process reads it by name...
     let out = Command::new("dd")
@@ -186,7 +186,7 @@ fn nodes_are_seen_by_other_processes_and_removed_with_the_vm() {
         .expect("run sh");
     assert!(st.success());
     let mut b = [0u8; 20];
-    c.hold(0x8000_0000, Prot::READ).unwrap().read(200, &mut b).unwrap();
+    c.hold(Gpa(0x8000_0000), Prot::READ).unwrap().read(200, &mut b).unwrap();
     assert_eq!(&b, b"from another process");
     // A second VM of the same name is refused while this one lives.
     let ram2 = Arc::new(HeapReservoir::new(PG, Pfn(0x1000)).unwrap());
@@ -218,7 +218,7 @@ fn held_memory_outlives_unmap_and_free() {
     vm.alloc_segment(0, 2 * PG, SegmentKind::SysMem).unwrap();
     vm.map_segment(0x10_0000, 0, 0, 2 * PG, None).unwrap();
     let c = vm.space().client();
-    let h = c.hold(0x10_0000, Prot::RW).unwrap();
+    let h = c.hold(Gpa(0x10_0000), Prot::RW).unwrap();
     vm.unmap(0x10_0000, 2 * PG).unwrap();
     vm.free_segment(0).unwrap();
     assert_eq!(ram.stats().allocated, 2 * PG, "the hold keeps the segment's memory");
@@ -254,10 +254,10 @@ fn host_writes_and_node_writes_are_dirty_tracked() {
     assert_eq!(bm[0], 0b100);
     assert_eq!(vm.harvest_dirty(0x20_0000, 4 * PG, &mut bm), Ok(0));
     // A guest-style write through a hold is reported by the table bit.
-    vm.space().client().hold(0x20_0000 + 3 * PG, Prot::RW).unwrap().write_u64(0, 1).unwrap();
+    vm.space().client().hold(Gpa(0x20_0000 + 3 * PG), Prot::RW).unwrap().write_u64(0, 1).unwrap();
     assert_eq!(vm.harvest_dirty(0x20_0000, 4 * PG, &mut bm), Ok(1));
     assert_eq!(bm[0], 0b1000);
     // Nothing else was dirty.
     let mut all = [0u64; 1];
-    assert_eq!(vm.space().dirty_op(DirtyOp::Get, 0, 8 * PG, None, &mut all), Ok(0));
+    assert_eq!(vm.space().dirty_op(DirtyOp::Get, Gpa(0), 8 * PG, None, &mut all), Ok(0));
 }

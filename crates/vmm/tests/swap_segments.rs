@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use nested_pt::{Caps, HeapPages};
 use vmm::devmem::NoExposure;
 use vmm::{DmaMirror, Error, SegmentKind, Vm, VmConfig};
-use vmspace::{HeapReservoir, Pfn, Prot, PteFormat, Reservoir, SpaceConfig, VmObject, swap_file_in};
+use vmspace::{Gpa, HeapReservoir, Pfn, Prot, PteFormat, Reservoir, SpaceConfig, VmObject, swap_file_in};
 
 const PG: u64 = 4096;
 
@@ -46,13 +46,13 @@ fn swappable_segment_larger_than_the_reservoir() {
     vm.write_segment(0, 0, &img).unwrap();
     assert_eq!(ram.stats().allocated, 0);
     let mut bm = [0u64; 1];
-    assert_eq!(vm.space().track_dirty(0, 64 * PG, &mut bm).unwrap(), 64);
+    assert_eq!(vm.space().track_dirty(Gpa(0), 64 * PG, &mut bm).unwrap(), 64);
     assert_eq!(bm[0], u64::MAX);
     // The guest reads every page through holds: each swaps in, the
     // reservoir never holds more than its 16 frames.
     let c = vm.space().client();
     for p in 0..64 {
-        let h = c.hold(p * PG, Prot::READ).unwrap();
+        let h = c.hold(Gpa(p * PG), Prot::READ).unwrap();
         let mut b = [0u8; 16];
         h.read(100, &mut b).unwrap();
         assert_eq!(b[..], img[(p * PG + 100) as usize..][..16]);
@@ -60,7 +60,7 @@ fn swappable_segment_larger_than_the_reservoir() {
     assert!(ram.stats().allocated <= 16 * PG);
     assert!(vm.space().swap_stats().swapped_out >= 48);
     // Read-only holds left nothing dirty.
-    assert_eq!(vm.space().track_dirty(0, 64 * PG, &mut bm).unwrap(), 0);
+    assert_eq!(vm.space().track_dirty(Gpa(0), 64 * PG, &mut bm).unwrap(), 0);
     let mut back = vec![0u8; img.len()];
     vm.read_segment(0, 0, &mut back).unwrap();
     assert_eq!(back, img);

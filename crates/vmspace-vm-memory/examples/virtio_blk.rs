@@ -33,7 +33,7 @@ use virtio_queue::Queue;
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
-use vmspace::{HeapReservoir, PAGE_SIZE, Pfn, Prot, PteFormat, SpaceConfig, VmObject, VmSpace};
+use vmspace::{Gpa, HeapReservoir, PAGE_SIZE, Pfn, Prot, PteFormat, SpaceConfig, VmObject, VmSpace};
 use vmspace_vm_memory::VmMemory;
 use vmspace_vm_memory::blk::{
     Block, SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -68,7 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reservoir = Arc::new(HeapReservoir::new(LOW.1 + HIGH.1, Pfn(0x10_0000))?);
     for (gpa, len) in [LOW, HIGH] {
         let ram = VmObject::ram(reservoir.clone(), len)?;
-        space.map(&ram, 0, gpa, len, Prot::RW)?;
+        space.map(&ram, 0, Gpa(gpa), len, Prot::RW)?;
     }
 
     // The disk: a file given on the command line, or a scratch one.
@@ -110,7 +110,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 3. Rounds of guest I/O, each followed by a harvest.
     let ram_pages = (HIGH.0 + HIGH.1) / PAGE_SIZE;
     let mut bitmap = vec![0u64; ram_pages.div_ceil(64) as usize];
-    space.track_dirty(0, HIGH.0 + HIGH.1, &mut bitmap)?; // start clean
+    space.track_dirty(Gpa(0), HIGH.0 + HIGH.1, &mut bitmap)?; // start clean
     for round in 0..4u64 {
         // The driver: write 8 sectors of a pattern at sector 64*round,
         // read them back into another buffer, flush.
@@ -139,13 +139,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         driver.add_desc_chains(&descs, 0)?;
         // Harvest what the driver (the "guest") did, to see the device's
         // writes alone below.
-        space.track_dirty(0, HIGH.0 + HIGH.1, &mut bitmap)?;
+        space.track_dirty(Gpa(0), HIGH.0 + HIGH.1, &mut bitmap)?;
 
         kick_tx.send(())?; // the guest's queue notification
         let chains = irq_rx.recv()?; // the device's interrupt
 
         // The migration thread's harvest.
-        let dirty = space.track_dirty(0, HIGH.0 + HIGH.1, &mut bitmap)?;
+        let dirty = space.track_dirty(Gpa(0), HIGH.0 + HIGH.1, &mut bitmap)?;
         let pages: Vec<String> = (0..ram_pages)
             .filter(|&p| bitmap[(p / 64) as usize] >> (p % 64) & 1 == 1)
             .map(|p| format!("{:#x}", p * PAGE_SIZE))

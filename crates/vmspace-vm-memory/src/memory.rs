@@ -15,7 +15,7 @@ use vm_memory::{
     GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryRegion, GuestMemoryRegionBytes, GuestRegionCollection,
     GuestUsize, MemoryRegionAddress, Permissions, VolatileSlice,
 };
-use vmspace::{DefaultLock, PAGE_SIZE, PageHold, Prot, RawLock, TablePages, VmClient, VmSpace};
+use vmspace::{DefaultLock, Gpa, PAGE_SIZE, PageHold, Prot, RawLock, TablePages, VmClient, VmSpace};
 
 /// Bytes of one page, as a `usize`.
 const PAGE: usize = PAGE_SIZE as usize;
@@ -86,7 +86,7 @@ impl<P: TablePages, L: RawLock> VmMemory<P, L> {
     /// reported, see [`HoldSlice`]).
     fn hold(&self, gpa: u64, prot: Prot) -> Result<PageHold<'_, P, L>, GuestMemoryError> {
         let page = gpa & !(PAGE_SIZE - 1);
-        self.client.hold_ext(page, prot, true).map_err(|e| to_guest_error(e, gpa, prot.contains(Prot::WRITE)))
+        self.client.hold_ext(Gpa(page), prot, true).map_err(|e| to_guest_error(e, gpa, prot.contains(Prot::WRITE)))
     }
 }
 
@@ -202,7 +202,7 @@ impl<P: TablePages, L: RawLock> Bitmap for HoldSlice<'_, P, L> {
         }
         held.dirty.set(true);
         // A failure means the page is gone or not writable: nothing to mark.
-        let _ = held.mem.client.hold(held.hold.gpa().0, Prot::READ | Prot::WRITE);
+        let _ = held.mem.client.hold(held.hold.gpa(), Prot::READ | Prot::WRITE);
     }
 
     fn dirty_at(&self, _offset: usize) -> bool {

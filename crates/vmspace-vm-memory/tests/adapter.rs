@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use common::*;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
-use vmspace::{Prot, VmObject};
+use vmspace::{Gpa, Prot, VmObject};
 use vmspace_vm_memory::VmMemory;
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
@@ -20,7 +20,7 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
 /// Read `len` bytes at `gpa` with plain holds (not through the adapter).
 fn read_direct(g: &Guest, gpa: u64, len: usize) -> Vec<u8> {
     let c = g.space.client();
-    let chain = c.hold_range(gpa, len as u64, Prot::READ).unwrap();
+    let chain = c.hold_range(Gpa(gpa), len as u64, Prot::READ).unwrap();
     let mut out = vec![0; len];
     chain.read(0, &mut out).unwrap();
     out
@@ -219,10 +219,10 @@ fn slice_outlives_unmap_safely() {
     let mem = VmMemory::new(&g.space);
     let obj = VmObject::ram(g.reservoir.clone(), 4 * PG).unwrap();
     let at = 12 * MIB;
-    g.space.map(&obj, 0, at, 4 * PG, Prot::RW).unwrap();
+    g.space.map(&obj, 0, Gpa(at), 4 * PG, Prot::RW).unwrap();
     let s = mem.get_slices(GuestAddress(at + PG), 16, Permissions::Write).unwrap().next().unwrap().unwrap();
     harvest(&g.space);
-    g.space.unmap(at, 4 * PG).unwrap();
+    g.space.unmap(Gpa(at), 4 * PG).unwrap();
     // The hold keeps the object's memory: the write lands in it, and is not
     // reported (the mapping is gone, its dirty bits with it).
     s.write_obj(0xfeed_u32, 0).unwrap();
@@ -230,7 +230,7 @@ fn slice_outlives_unmap_safely() {
     assert!(harvest(&g.space).is_empty());
     assert!(mem.read_obj::<u32>(GuestAddress(at + PG)).is_err());
     // Map the object elsewhere: the write is there.
-    g.space.map(&obj, 0, 13 * MIB, 4 * PG, Prot::RW).unwrap();
+    g.space.map(&obj, 0, Gpa(13 * MIB), 4 * PG, Prot::RW).unwrap();
     assert_eq!(mem.read_obj::<u32>(GuestAddress(13 * MIB + PG)).unwrap(), 0xfeed);
 }
 
@@ -240,7 +240,7 @@ fn unmap_races_device_access() {
     let obj = VmObject::ram(g.reservoir.clone(), 16 * PG).unwrap();
     let at = 12 * MIB;
     let len = 16 * PG;
-    g.space.map(&obj, 0, at, len, Prot::RW).unwrap();
+    g.space.map(&obj, 0, Gpa(at), len, Prot::RW).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let dev_mem = VmMemory::new(&g.space);
     let stop2 = stop.clone();
@@ -271,9 +271,9 @@ fn unmap_races_device_access() {
         (ok, failed)
     });
     for _ in 0..300 {
-        g.space.unmap(at, len).unwrap();
+        g.space.unmap(Gpa(at), len).unwrap();
         std::thread::sleep(std::time::Duration::from_micros(20));
-        g.space.map(&obj, 0, at, len, Prot::RW).unwrap();
+        g.space.map(&obj, 0, Gpa(at), len, Prot::RW).unwrap();
         std::thread::sleep(std::time::Duration::from_micros(100));
     }
     stop.store(true, Ordering::Relaxed);

@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use vmspace::Gpa;
 
 use common::*;
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
@@ -278,7 +279,7 @@ fn iterator_and_indirect_chains() {
     let g = guest();
     // The mock puts indirect tables at 768 MiB: map RAM there.
     let o = vmspace::VmObject::ram(g.reservoir.clone(), 64 * 1024).unwrap();
-    g.space.map(&o, 0, 0x3000_0000, 64 * 1024, vmspace::Prot::RW).unwrap();
+    g.space.map(&o, 0, Gpa(0x3000_0000), 64 * 1024, vmspace::Prot::RW).unwrap();
     let mem = VmMemory::new(&g.space);
     let mut mock = MockSplitQueue::new(&mem, 16);
     // (The mock reuses descriptor indices across `add_*` calls, so one
@@ -435,7 +436,7 @@ fn mapping_moves_while_device_serves() {
     let dev = Block::new(file, false, b"move").unwrap();
     let obj = vmspace::VmObject::ram(g.reservoir.clone(), 64 * 1024).unwrap();
     let (d0, d1, dlen) = (12 * MIB, 14 * MIB, 64 * 1024);
-    g.space.map(&obj, 0, d0, dlen, vmspace::Prot::RW).unwrap();
+    g.space.map(&obj, 0, Gpa(d0), dlen, vmspace::Prot::RW).unwrap();
 
     let mock = MockSplitQueue::create(&driver, GuestAddress(0x10000), 256);
     let mut queue: Queue = mock.create_queue().unwrap();
@@ -460,11 +461,11 @@ fn mapping_moves_while_device_serves() {
         move || {
             let mut moves = 0u32;
             while !stop.load(Ordering::Relaxed) {
-                space.unmap(d0, dlen).unwrap();
-                space.map(&obj, 0, d1, dlen, vmspace::Prot::RW).unwrap();
+                space.unmap(Gpa(d0), dlen).unwrap();
+                space.map(&obj, 0, Gpa(d1), dlen, vmspace::Prot::RW).unwrap();
                 std::thread::sleep(std::time::Duration::from_micros(30));
-                space.unmap(d1, dlen).unwrap();
-                space.map(&obj, 0, d0, dlen, vmspace::Prot::RW).unwrap();
+                space.unmap(Gpa(d1), dlen).unwrap();
+                space.map(&obj, 0, Gpa(d0), dlen, vmspace::Prot::RW).unwrap();
                 std::thread::sleep(std::time::Duration::from_micros(30));
                 moves += 1;
             }

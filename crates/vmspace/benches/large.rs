@@ -88,7 +88,7 @@ fn touch_all_timed(
         let ok = unsafe { s.with_table_raw(|t| hw(t, g, access)) };
         if !ok {
             let t0 = Instant::now();
-            c.fault(g, prot).unwrap();
+            c.fault(Gpa(g), prot).unwrap();
             in_faults += t0.elapsed();
             faults += 1;
             // SAFETY: as above.
@@ -115,13 +115,13 @@ fn first_touch(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut t = Duration::ZERO;
                 for _ in 0..iters {
-                    s.map(&o, 0, 0, GIB, Prot::RW).unwrap();
+                    s.map(&o, 0, Gpa(0), GIB, Prot::RW).unwrap();
                     let t0 = Instant::now();
                     let (f, d) = touch_all_timed(&s, &client, GIB, Access::Write, PG);
                     t += t0.elapsed();
                     faults = f;
                     in_faults.push(d);
-                    s.unmap(0, GIB).unwrap();
+                    s.unmap(Gpa(0), GIB).unwrap();
                 }
                 t
             })
@@ -137,8 +137,8 @@ fn first_touch(c: &mut Criterion) {
 /// A space of `bytes` of RAM mapped with 2 MiB leaves, populated.
 fn large_space(bytes: u64, split: SplitPolicy, o: &Arc<VmObject>) -> VmSpace<HeapPages> {
     let s = space(bytes + GIB, true, split);
-    s.map(o, 0, 0, bytes, Prot::RW).unwrap();
-    s.populate(0, bytes).unwrap();
+    s.map(o, 0, Gpa(0), bytes, Prot::RW).unwrap();
+    s.populate(Gpa(0), bytes).unwrap();
     s
 }
 
@@ -216,8 +216,8 @@ fn promote_n(c: &mut Criterion, chunks: u64) {
     g.sample_size(20);
     let o = ram(chunks * M2);
     let s = space(4 * GIB, true, SplitPolicy::Eager);
-    s.map(&o, 0, 0, chunks * M2, Prot::RW).unwrap();
-    s.populate(0, chunks * M2).unwrap();
+    s.map(&o, 0, Gpa(0), chunks * M2, Prot::RW).unwrap();
+    s.populate(Gpa(0), chunks * M2).unwrap();
     g.bench_function("per_2m", |b| {
         b.iter_custom(|iters| {
             let mut t = Duration::ZERO;
@@ -226,7 +226,7 @@ fn promote_n(c: &mut Criterion, chunks: u64) {
                 s.set_dirty_tracking(true).unwrap();
                 s.set_dirty_tracking(false).unwrap();
                 let t0 = Instant::now();
-                assert_eq!(s.promote(0, chunks * M2).unwrap(), chunks);
+                assert_eq!(s.promote(Gpa(0), chunks * M2).unwrap(), chunks);
                 t += t0.elapsed();
             }
             t

@@ -51,7 +51,7 @@ fn main() {
     let swap = VmObject::swappable(reservoir.clone(), pages * PG, file).unwrap();
     let plain = VmObject::ram(reservoir.clone(), pages * PG).unwrap();
     let (swap_at, plain_at) = (0u64, 1u64 << 32);
-    space.map(&swap, 0, swap_at, pages * PG, Prot::RW).unwrap();
+    space.map(&swap, 0, Gpa(swap_at), pages * PG, Prot::RW).unwrap();
     let client = space.client();
     let mut buf = vec![0u8; PG as usize];
     let mut cold = vec![0u8; (pages * PG) as usize];
@@ -59,18 +59,18 @@ fn main() {
     for round in 0..rounds {
         // Every page resident with distinct contents, then swapped out.
         for p in 0..pages {
-            client.fault(swap_at + p * PG, Prot::WRITE).unwrap();
+            client.fault(Gpa(swap_at + p * PG), Prot::WRITE).unwrap();
             swap.write(p * PG, &(p ^ round << 32).to_le_bytes()).unwrap();
         }
         assert_eq!(space.swap_out(pages).unwrap(), pages);
         // Plain RAM mapped afresh: frames resident, no leaf.
-        space.map(&plain, 0, plain_at, pages * PG, Prot::RW).unwrap();
+        space.map(&plain, 0, Gpa(plain_at), pages * PG, Prot::RW).unwrap();
         for p in 0..pages {
             for k in 0..4 {
                 match (p + k) % 4 {
                     0 => {
                         let t = Instant::now();
-                        client.fault(swap_at + p * PG, Prot::READ).unwrap();
+                        client.fault(Gpa(swap_at + p * PG), Prot::READ).unwrap();
                         t_swapin.push(t.elapsed().as_nanos() as u64);
                     }
                     1 => {
@@ -86,14 +86,14 @@ fn main() {
                     }
                     _ => {
                         let t = Instant::now();
-                        client.fault(plain_at + p * PG, Prot::READ).unwrap();
+                        client.fault(Gpa(plain_at + p * PG), Prot::READ).unwrap();
                         t_fault.push(t.elapsed().as_nanos() as u64);
                     }
                 }
             }
             assert_eq!(u64::from_le_bytes(buf[..8].try_into().unwrap()), p ^ round << 32);
         }
-        space.unmap(plain_at, pages * PG).unwrap();
+        space.unmap(Gpa(plain_at), pages * PG).unwrap();
     }
     let st = space.swap_stats();
     assert_eq!(st.swapped_in, pages * rounds);

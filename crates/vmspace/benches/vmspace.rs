@@ -55,13 +55,13 @@ fn fault_in(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut t = Duration::ZERO;
             for _ in 0..iters {
-                s.map(o, 0, 0, GIB, Prot::RW).unwrap();
+                s.map(o, 0, Gpa(0), GIB, Prot::RW).unwrap();
                 let t0 = Instant::now();
                 for p in 0..pages {
-                    client.fault(p * PG, Prot::WRITE).unwrap();
+                    client.fault(Gpa(p * PG), Prot::WRITE).unwrap();
                 }
                 t += t0.elapsed();
-                s.unmap(0, GIB).unwrap();
+                s.unmap(Gpa(0), GIB).unwrap();
             }
             t
         })
@@ -80,13 +80,13 @@ fn hold_release_run(s: &VmSpace<HeapPages>, threads: u64, iters: u64) -> Duratio
                 let start = start.clone();
                 sc.spawn(move || {
                     let gpa = (i * 64) * PG;
-                    client.hold(gpa, Prot::RW).unwrap();
+                    client.hold(Gpa(gpa), Prot::RW).unwrap();
                     while !start.load(Ordering::Acquire) {
                         std::hint::spin_loop();
                     }
                     let t0 = Instant::now();
                     for _ in 0..iters {
-                        let h = client.hold(black_box(gpa), Prot::RW).unwrap();
+                        let h = client.hold(black_box(Gpa(gpa)), Prot::RW).unwrap();
                         black_box(&h);
                         drop(h);
                     }
@@ -126,8 +126,8 @@ fn hold_release(c: &mut Criterion) {
     }
     let s = space(GIB, true);
     let o = ram(16 << 20);
-    s.map(&o, 0, 0, 16 << 20, Prot::RW).unwrap();
-    s.populate(0, 16 << 20).unwrap();
+    s.map(&o, 0, Gpa(0), 16 << 20, Prot::RW).unwrap();
+    s.populate(Gpa(0), 16 << 20).unwrap();
     let mut g = c.benchmark_group("hold_release");
     for threads in [1u64, 2] {
         g.throughput(Throughput::Elements(threads));
@@ -184,7 +184,7 @@ fn hold_under_harvest_stalls(s: &VmSpace<HeapPages>, iters: u64, harvest: bool) 
                 let mut n = 0;
                 start.store(true, Ordering::Release);
                 while !stop.load(Ordering::Relaxed) {
-                    black_box(s.track_dirty(0, 16 << 20, &mut bitmap).unwrap());
+                    black_box(s.track_dirty(Gpa(0), 16 << 20, &mut bitmap).unwrap());
                     n += 1;
                 }
                 harvests.store(n, Ordering::Relaxed);
@@ -201,7 +201,7 @@ fn hold_under_harvest_stalls(s: &VmSpace<HeapPages>, iters: u64, harvest: bool) 
             let n = BATCH.min(iters - done);
             let tb = Instant::now();
             for _ in 0..n {
-                let h = client.hold(black_box(gpa), Prot::RW).unwrap();
+                let h = client.hold(black_box(Gpa(gpa)), Prot::RW).unwrap();
                 black_box(&h);
                 drop(h);
             }
@@ -225,8 +225,8 @@ fn hold_under_harvest(c: &mut Criterion) {
     }
     let s = space(GIB, true);
     let o = ram(16 << 20);
-    s.map(&o, 0, 0, 16 << 20, Prot::RW).unwrap();
-    s.populate(0, 16 << 20).unwrap();
+    s.map(&o, 0, Gpa(0), 16 << 20, Prot::RW).unwrap();
+    s.populate(Gpa(0), 16 << 20).unwrap();
     let mut g = c.benchmark_group("hold_under_harvest");
     g.throughput(Throughput::Elements(1));
     for (name, harvest) in [("quiet", false), ("harvesting", true)] {
@@ -271,8 +271,8 @@ fn devmem_churn(c: &mut Criterion) {
     let s = space(4 * GIB, true);
     let o = ram(16 << 20);
     let dev = ram(16 << 20);
-    s.map(&o, 0, 0, 16 << 20, Prot::RW).unwrap();
-    s.populate(0, 16 << 20).unwrap();
+    s.map(&o, 0, Gpa(0), 16 << 20, Prot::RW).unwrap();
+    s.populate(Gpa(0), 16 << 20).unwrap();
     let stop = AtomicBool::new(false);
     let held = AtomicU64::new(0);
     let mut g = c.benchmark_group("devmem_map_unmap_16m");
@@ -283,7 +283,7 @@ fn devmem_churn(c: &mut Criterion) {
         sc.spawn(move || {
             let mut p = 0;
             while !stop.load(Ordering::Relaxed) {
-                let h = client.hold((p % 4096) * PG, Prot::RW).unwrap();
+                let h = client.hold(Gpa((p % 4096) * PG), Prot::RW).unwrap();
                 h.write_u64(0, p).unwrap();
                 drop(h);
                 p += 1;
@@ -292,8 +292,8 @@ fn devmem_churn(c: &mut Criterion) {
         });
         g.bench_function("while_holding", |b| {
             b.iter(|| {
-                s.map(&dev, 0, 2 * GIB, 16 << 20, Prot::RW).unwrap();
-                s.unmap(2 * GIB, 16 << 20).unwrap();
+                s.map(&dev, 0, Gpa(2 * GIB), 16 << 20, Prot::RW).unwrap();
+                s.unmap(Gpa(2 * GIB), 16 << 20).unwrap();
             })
         });
         stop.store(true, Ordering::Relaxed);
@@ -327,8 +327,8 @@ fn harvest(c: &mut Criterion) {
         }
         let s = space(2 * bytes, true);
         let o = ram(bytes);
-        s.map(&o, 0, 0, bytes, Prot::RW).unwrap();
-        s.populate(0, bytes).unwrap();
+        s.map(&o, 0, Gpa(0), bytes, Prot::RW).unwrap();
+        s.populate(Gpa(0), bytes).unwrap();
         let mut bitmap = vec![0u64; (bytes / PG / 64) as usize];
         g.throughput(Throughput::Elements(bytes / PG));
         g.bench_function(format!("vmspace/{name}"), |b| {
@@ -337,7 +337,7 @@ fn harvest(c: &mut Criterion) {
                 for _ in 0..iters {
                     dirty_10pct(&s, bytes);
                     let t0 = Instant::now();
-                    black_box(s.track_dirty(0, bytes, &mut bitmap).unwrap());
+                    black_box(s.track_dirty(Gpa(0), bytes, &mut bitmap).unwrap());
                     t += t0.elapsed();
                 }
                 t

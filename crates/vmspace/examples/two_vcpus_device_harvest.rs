@@ -53,7 +53,7 @@ fn main() -> Result<(), vmspace::Error> {
     let space: VmSpace<HeapPages> = VmSpace::new(config, HeapPages::new())?;
     let reservoir = Arc::new(HeapReservoir::new(RAM_PAGES * PG, Pfn(0x4_0000))?);
     let ram = VmObject::ram(reservoir, RAM_PAGES * PG)?;
-    space.map(&ram, 0, RAM_GPA, RAM_PAGES * PG, Prot::RWX)?;
+    space.map(&ram, 0, Gpa(RAM_GPA), RAM_PAGES * PG, Prot::RWX)?;
     space.set_dirty_tracking(true)?;
 
     // Writers and the harvester meet twice a round: after the writes, and
@@ -80,7 +80,7 @@ fn main() -> Result<(), vmspace::Error> {
                         let hpa = match store_walk(space, gpa) {
                             Some(hpa) => hpa,
                             None => {
-                                vcpu.fault(gpa, Prot::RW)?;
+                                vcpu.fault(Gpa(gpa), Prot::RW)?;
                                 store_walk(space, gpa).expect("mapped by the fault")
                             }
                         };
@@ -100,7 +100,7 @@ fn main() -> Result<(), vmspace::Error> {
                 for page in pages_of(2, round) {
                     // A DMA write: hold the page writable, store, release
                     // (the release marks the page dirty).
-                    let hold = device.hold(RAM_GPA + page * PG, Prot::RW)?;
+                    let hold = device.hold(Gpa(RAM_GPA + page * PG), Prot::RW)?;
                     hold.write(0, &stamp(2, round, page))?;
                     hold.release();
                 }
@@ -114,7 +114,7 @@ fn main() -> Result<(), vmspace::Error> {
         let mut bitmap = vec![0u64; (RAM_PAGES / 64) as usize];
         for round in 0..ROUNDS {
             barrier.wait();
-            let n = space.track_dirty(RAM_GPA, RAM_PAGES * PG, &mut bitmap)?;
+            let n = space.track_dirty(Gpa(RAM_GPA), RAM_PAGES * PG, &mut bitmap)?;
             let dirty: BTreeSet<u64> =
                 (0..RAM_PAGES).filter(|&p| bitmap[(p / 64) as usize] >> (p % 64) & 1 == 1).collect();
             let written: BTreeSet<u64> = (0..3).flat_map(|who| pages_of(who, round)).collect();
@@ -139,7 +139,7 @@ fn main() -> Result<(), vmspace::Error> {
     // Fault-around mapped neighbours of the faulted pages; none of them was
     // reported dirty (the per-round check), and nothing is dirty now.
     let mut bitmap = vec![0u64; (RAM_PAGES / 64) as usize];
-    assert_eq!(space.track_dirty(RAM_GPA, RAM_PAGES * PG, &mut bitmap)?, 0);
+    assert_eq!(space.track_dirty(Gpa(RAM_GPA), RAM_PAGES * PG, &mut bitmap)?, 0);
     println!(
         "{ROUNDS} rounds exact; {} pages resident, {} kicks",
         space.resident_count(),

@@ -532,7 +532,8 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// from a thread in guest context on the same space that is refused
     /// with [`Error::SelfDeadlock`]. A writable hold does the same.
     #[inline]
-    pub fn fault(&self, gpa: u64, prot: Prot) -> Result<()> {
+    pub fn fault(&self, gpa: Gpa, prot: Prot) -> Result<()> {
+        let gpa = gpa.0;
         if prot.is_empty() {
             return Err(Invalid::BadProt.into());
         }
@@ -575,14 +576,16 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// Hold the page at `gpa` (4 KiB aligned) for `prot` (read and/or
     /// write). Releasing a writable hold marks the page dirty.
     #[inline(always)]
-    pub fn hold(&self, gpa: u64, prot: Prot) -> Result<PageHold<'_, P, L>> {
-        self.hold_ext(gpa, prot, false)
+    pub fn hold(&self, gpa: Gpa, prot: Prot) -> Result<PageHold<'_, P, L>> {
+        let gpa = gpa.0;
+        self.hold_ext(Gpa(gpa), prot, false)
     }
 
     /// As [`VmClient::hold`]; with `defer_dirty`, a writable hold marks the
     /// page dirty on release only if [`PageHold::mark_dirty`] was called.
     #[inline(always)]
-    pub fn hold_ext(&self, gpa: u64, prot: Prot, defer_dirty: bool) -> Result<PageHold<'_, P, L>> {
+    pub fn hold_ext(&self, gpa: Gpa, prot: Prot, defer_dirty: bool) -> Result<PageHold<'_, P, L>> {
+        let gpa = gpa.0;
         if !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(Invalid::Unaligned.into());
         }
@@ -633,7 +636,8 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
 
     /// Hold every page of `[gpa, gpa+len)` (any alignment, `len > 0`) as a
     /// chain, for accesses that cross pages.
-    pub fn hold_range(&self, gpa: u64, len: u64, prot: Prot) -> Result<HoldChain<'_, P, L>> {
+    pub fn hold_range(&self, gpa: Gpa, len: u64, prot: Prot) -> Result<HoldChain<'_, P, L>> {
+        let gpa = gpa.0;
         if len == 0 {
             return Err(Invalid::ZeroLength.into());
         }
@@ -642,7 +646,7 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         let mut chain = HoldChain { holds: Vec::new(), first: (gpa % PAGE_SIZE) as usize, len };
         let mut page = gpa & !(PAGE_SIZE - 1);
         while page < end {
-            chain.holds.push(self.hold(page, prot)?);
+            chain.holds.push(self.hold(Gpa(page), prot)?);
             // The last page of the 64-bit space has no successor.
             let Some(next) = page.checked_add(PAGE_SIZE) else { break };
             page = next;

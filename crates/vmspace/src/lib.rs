@@ -41,6 +41,10 @@
 //! (per-page slot states, the four steps of a swap-out, pinning by holds)
 //! is in `swap.rs`'s module doc; counters in [`SwapStats`].
 //!
+//! Guest-physical addresses in the API are [`Gpa`]s and frames [`Pfn`]s
+//! (nested-pt's newtypes, re-exported); lengths and offsets into an
+//! object are plain byte counts.
+//!
 //! # Example
 //!
 //! A 1 GiB space with 1 MiB of RAM at guest-physical 0, a vCPU client
@@ -50,31 +54,31 @@
 //! ```
 //! use std::sync::Arc;
 //! use nested_pt::{Caps, HeapPages};
-//! use vmspace::{HeapReservoir, Pfn, Prot, PteFormat, SpaceConfig, VmObject, VmSpace};
+//! use vmspace::{Gpa, HeapReservoir, Pfn, Prot, PteFormat, SpaceConfig, VmObject, VmSpace};
 //!
 //! let config = SpaceConfig::new(1 << 30, PteFormat::ept(Caps::default()));
 //! let space: VmSpace<HeapPages> = VmSpace::new(config, HeapPages::new())?;
 //! let reservoir = Arc::new(HeapReservoir::new(16 << 20, Pfn(0x1_0000))?);
 //! let ram = VmObject::ram(reservoir, 1 << 20)?;
-//! space.map(&ram, 0, 0, 1 << 20, Prot::RWX)?;
+//! space.map(&ram, 0, Gpa(0), 1 << 20, Prot::RWX)?;
 //! space.set_dirty_tracking(true)?;
 //!
 //! // A vCPU's nested page fault: the page (and its neighbours) appear.
 //! let vcpu = space.client();
-//! vcpu.fault(0x3000, Prot::READ)?;
-//! let (frame, prot) = space.lookup(0x3000).expect("faulted in");
+//! vcpu.fault(Gpa(0x3000), Prot::READ)?;
+//! let (frame, prot) = space.lookup(Gpa(0x3000)).expect("faulted in");
 //! assert_eq!((frame, prot), (ram.frame_at(0x3000).unwrap(), Prot::RWX));
 //!
 //! // A device (another thread's client) writes guest memory through a
 //! // hold; releasing a writable hold marks the page dirty.
 //! let device = space.client();
-//! let hold = device.hold(0x5000, Prot::RW)?;
+//! let hold = device.hold(Gpa(0x5000), Prot::RW)?;
 //! hold.write(8, b"hello")?;
 //! assert!(!hold.release(), "the mapping was not unmapped meanwhile");
 //!
 //! // The migration's harvest: exactly the page the device wrote.
 //! let mut bitmap = [0u64; 4]; // 256 pages
-//! assert_eq!(space.track_dirty(0, 1 << 20, &mut bitmap)?, 1);
+//! assert_eq!(space.track_dirty(Gpa(0), 1 << 20, &mut bitmap)?, 1);
 //! assert_eq!(bitmap[0], 1 << 5);
 //! let mut back = [0u8; 5];
 //! ram.read(0x5008, &mut back)?; // the host view of the object

@@ -1068,7 +1068,8 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// at or beyond the space's size or overlaps another mapping. Tables
     /// are populated for the range; no leaf is written (pages appear on
     /// fault, hold or [`VmSpace::populate`]).
-    pub fn map(&self, object: &StdArc<VmObject>, offset: u64, gpa: u64, len: u64, prot: Prot) -> Result<()> {
+    pub fn map(&self, object: &StdArc<VmObject>, offset: u64, gpa: Gpa, len: u64, prot: Prot) -> Result<()> {
+        let gpa = gpa.0;
         let end = check_aligned(gpa, len)?;
         if !offset.is_multiple_of(PAGE_SIZE) {
             return Err(Invalid::Unaligned.into());
@@ -1134,7 +1135,8 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// until they leave). Holds on the range keep the object alive; their
     /// release reports the unmap. [`Error::NotFound`] unless one mapping
     /// matches exactly.
-    pub fn unmap(&self, gpa: u64, len: u64) -> Result<()> {
+    pub fn unmap(&self, gpa: Gpa, len: u64) -> Result<()> {
+        let gpa = gpa.0;
         check_aligned(gpa, len)?;
         self.check_not_on_cpu()?;
         let inner = &*self.inner;
@@ -1163,7 +1165,8 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// ([`Cause::Unmap`] with the range's object offset;
     /// `tables_freed` also when a split rewrote a table entry).
     /// [`Error::NotFound`] unless one mapping contains the range.
-    pub fn unmap_range(&self, gpa: u64, len: u64) -> Result<()> {
+    pub fn unmap_range(&self, gpa: Gpa, len: u64) -> Result<()> {
+        let gpa = gpa.0;
         let end = check_aligned(gpa, len)?;
         self.check_not_on_cpu()?;
         let inner = &*self.inner;
@@ -1201,7 +1204,8 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// hold of any client is outstanding on the range (the holder reaches
     /// the page through the host, which the table cannot stop; release
     /// the holds first).
-    pub fn protect(&self, gpa: u64, len: u64, prot: Prot) -> Result<()> {
+    pub fn protect(&self, gpa: Gpa, len: u64, prot: Prot) -> Result<()> {
+        let gpa = gpa.0;
         let end = check_aligned(gpa, len)?;
         self.inner.format.check_prot(prot).map_err(|_| Error::Invalid(Invalid::BadProt))?;
         self.check_not_on_cpu()?;
@@ -1242,7 +1246,8 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// [`Error::Unsupported`] when large leaves are off
     /// ([`SpaceConfig::large_leaves`], or the format has none);
     /// [`Error::Invalid`] for unaligned values or a zero length.
-    pub fn promote(&self, gpa: u64, len: u64) -> Result<u64> {
+    pub fn promote(&self, gpa: Gpa, len: u64) -> Result<u64> {
+        let gpa = gpa.0;
         let end = check_aligned(gpa, len)?;
         self.check_not_on_cpu()?;
         let inner = &*self.inner;
@@ -1267,7 +1272,8 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// in the table. Returns the number of pages this call mapped. On
     /// error nothing changed (no leaf was written); `resident_count`
     /// always counts exactly the leaves present.
-    pub fn populate(&self, gpa: u64, len: u64) -> Result<u64> {
+    pub fn populate(&self, gpa: Gpa, len: u64) -> Result<u64> {
+        let gpa = gpa.0;
         check_aligned(gpa, len)?;
         let inner = &*self.inner;
         inner.locked(|a| {
@@ -1336,12 +1342,14 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
 
     /// Frame and protection of the page at `gpa` if it is present in the
     /// table.
-    pub fn lookup(&self, gpa: u64) -> Option<(Pfn, Prot)> {
+    pub fn lookup(&self, gpa: Gpa) -> Option<(Pfn, Prot)> {
+        let gpa = gpa.0;
         self.with_table(|t| t.is_mapped(Gpa(gpa)))
     }
 
     /// The mapping containing `gpa`.
-    pub fn mapping_at(&self, gpa: u64) -> Option<MappingInfo> {
+    pub fn mapping_at(&self, gpa: Gpa) -> Option<MappingInfo> {
+        let gpa = gpa.0;
         // SAFETY: lock held.
         self.inner.locked(|_| unsafe {
             self.inner.with_data(|d| {
@@ -1479,8 +1487,9 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// (the final pass of a migration), stop the vCPUs first; a harvest
     /// while they run is good for the iterative passes, whose misses the
     /// final pass catches.
-    pub fn track_dirty(&self, gpa: u64, len: u64, bitmap: &mut [u64]) -> Result<u64> {
-        self.dirty_op(DirtyOp::Reset, gpa, len, None, bitmap)
+    pub fn track_dirty(&self, gpa: Gpa, len: u64, bitmap: &mut [u64]) -> Result<u64> {
+        let gpa = gpa.0;
+        self.dirty_op(DirtyOp::Reset, Gpa(gpa), len, None, bitmap)
     }
 
     /// As [`VmSpace::track_dirty`], and append to `frames` the frame of
@@ -1489,8 +1498,9 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// the same list in [`Invalidation::cleared`]. For a host that mirrors
     /// the table: it drops exactly those frames' translations, without
     /// looking each dirty page up again.
-    pub fn track_dirty_frames(&self, gpa: u64, len: u64, bitmap: &mut [u64], frames: &mut Vec<Pfn>) -> Result<u64> {
-        self.dirty_op_frames(DirtyOp::Reset, gpa, len, None, bitmap, frames)
+    pub fn track_dirty_frames(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], frames: &mut Vec<Pfn>) -> Result<u64> {
+        let gpa = gpa.0;
+        self.dirty_op_frames(DirtyOp::Reset, Gpa(gpa), len, None, bitmap, frames)
     }
 
     /// A dirty-bitmap operation on `[gpa, gpa+len)`: see [`DirtyOp`].
@@ -1511,7 +1521,8 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// adds leaves and sets bits: no cached translation contradicts that)
     /// never do. No dirty operation holds clients: the data path runs on
     /// during the scan and the invalidation.
-    pub fn dirty_op(&self, op: DirtyOp, gpa: u64, len: u64, select: Option<&[u64]>, bitmap: &mut [u64]) -> Result<u64> {
+    pub fn dirty_op(&self, op: DirtyOp, gpa: Gpa, len: u64, select: Option<&[u64]>, bitmap: &mut [u64]) -> Result<u64> {
+        let gpa = gpa.0;
         self.dirty_op_inner(op, gpa, len, select, bitmap, None)
     }
 
@@ -1523,12 +1534,13 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     pub fn dirty_op_frames(
         &self,
         op: DirtyOp,
-        gpa: u64,
+        gpa: Gpa,
         len: u64,
         select: Option<&[u64]>,
         bitmap: &mut [u64],
         frames: &mut Vec<Pfn>,
     ) -> Result<u64> {
+        let gpa = gpa.0;
         self.dirty_op_inner(op, gpa, len, select, bitmap, Some(frames))
     }
 

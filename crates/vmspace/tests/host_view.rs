@@ -58,11 +58,11 @@ fn read_write_cross_pages_and_match_the_guest_view() {
     // the same object offset.
     let s: VmSpace<HeapPages> =
         VmSpace::new(SpaceConfig::new(1 << 30, PteFormat::ept(Caps::default())), HeapPages::new()).unwrap();
-    s.map(&o, 0, 0x10_0000, 4 * PG, Prot::RW).unwrap();
+    s.map(&o, 0, Gpa(0x10_0000), 4 * PG, Prot::RW).unwrap();
     let c = s.client();
     let mut whole = vec![0u8; 4 * PG as usize];
     for p in 0..4u64 {
-        let h = c.hold(0x10_0000 + p * PG, Prot::READ).unwrap();
+        let h = c.hold(Gpa(0x10_0000 + p * PG), Prot::READ).unwrap();
         assert_eq!(h.pfn(), o.frame_at(p * PG).unwrap());
         h.read(0, &mut whole[(p * PG) as usize..((p + 1) * PG) as usize]).unwrap();
         h.release();
@@ -70,10 +70,10 @@ fn read_write_cross_pages_and_match_the_guest_view() {
     assert_eq!(&whole[(PG - 50) as usize..(PG - 50) as usize + data.len()], &data[..]);
     assert!(whole[..(PG - 50) as usize].iter().all(|&b| b == 0));
     // The other way: a guest-side write read through the object.
-    let h = c.hold(0x10_0000 + 2 * PG, Prot::RW).unwrap();
+    let h = c.hold(Gpa(0x10_0000 + 2 * PG), Prot::RW).unwrap();
     h.write(PG as usize - 3, b"abcdef"[..3].as_ref()).unwrap();
     h.release();
-    let h = c.hold(0x10_0000 + 3 * PG, Prot::RW).unwrap();
+    let h = c.hold(Gpa(0x10_0000 + 3 * PG), Prot::RW).unwrap();
     h.write(0, b"def").unwrap();
     h.release();
     let mut six = [0u8; 6];
@@ -83,13 +83,13 @@ fn read_write_cross_pages_and_match_the_guest_view() {
     // sees the holds' pages only.
     s.set_dirty_tracking(true).unwrap();
     let mut bitmap = [0u64; 1];
-    s.track_dirty(0x10_0000, 4 * PG, &mut bitmap).unwrap();
+    s.track_dirty(Gpa(0x10_0000), 4 * PG, &mut bitmap).unwrap();
     o.write(0, &[1, 2, 3]).unwrap();
-    assert_eq!(s.track_dirty(0x10_0000, 4 * PG, &mut bitmap), Ok(0));
-    let h = c.hold(0x10_0000, Prot::RW).unwrap();
+    assert_eq!(s.track_dirty(Gpa(0x10_0000), 4 * PG, &mut bitmap), Ok(0));
+    let h = c.hold(Gpa(0x10_0000), Prot::RW).unwrap();
     h.write(5, &[9]).unwrap();
     h.release();
-    assert_eq!(s.track_dirty(0x10_0000, 4 * PG, &mut bitmap), Ok(1));
+    assert_eq!(s.track_dirty(Gpa(0x10_0000), 4 * PG, &mut bitmap), Ok(1));
     assert_eq!(bitmap[0], 1);
     let mut first = [0u8; 6];
     o.read(0, &mut first).unwrap();
@@ -143,8 +143,8 @@ fn table_view_lists_pages_and_reads_entries() {
     let (_r, o) = fragmented();
     let s: VmSpace<HeapPages> =
         VmSpace::new(SpaceConfig::new(1 << 30, PteFormat::ept(Caps::default())), HeapPages::new()).unwrap();
-    s.map(&o, 0, 0x20_0000, 4 * PG, Prot::RW).unwrap();
-    s.populate(0x20_0000, 4 * PG).unwrap();
+    s.map(&o, 0, Gpa(0x20_0000), 4 * PG, Prot::RW).unwrap();
+    s.populate(Gpa(0x20_0000), 4 * PG).unwrap();
     s.with_table(|t| {
         let pages: Vec<_> = t.table_pages_iter().map(|p| (p.level, p.gpa)).collect();
         // Root, PDPT, PD, and the leaf table covering 2 MiB .. 4 MiB.

@@ -45,7 +45,7 @@ fn space_cfg(format: PteFormat, split: SplitPolicy) -> Space {
 fn check_frames(s: &Space, o: &VmObject, gpa: u64, off: u64, pages: u64) {
     for p in 0..pages {
         let g = gpa + p * PG;
-        assert_eq!(s.lookup(g).map(|(f, _)| f), o.frame_at(off + p * PG), "page {g:#x}");
+        assert_eq!(s.lookup(Gpa(g)).map(|(f, _)| f), o.frame_at(off + p * PG), "page {g:#x}");
     }
 }
 
@@ -58,18 +58,18 @@ fn populate_and_faults_map_large_leaves() {
         for k in 0..4 {
             assert!(o.run_at(k * M2).is_some(), "{f:?}: the reservoir handed out runs");
         }
-        s.map(&o, 0, 0x4000_0000, 4 * M2 + 16 * PG, Prot::RW).unwrap();
+        s.map(&o, 0, Gpa(0x4000_0000), 4 * M2 + 16 * PG, Prot::RW).unwrap();
         let tables = table_pages(&s);
         // populate: one 2 MiB leaf per run, even for part of one.
-        assert_eq!(s.populate(0x4000_0000 + 5 * PG, PG).unwrap(), 512, "{f:?}");
+        assert_eq!(s.populate(Gpa(0x4000_0000 + 5 * PG), PG).unwrap(), 512, "{f:?}");
         assert_eq!(s.resident_count(), 512);
         assert_eq!(leaf_sizes(&s, 0x4000_0000, M2), vec![PageSize::Size2M]);
         // A fault anywhere in the second run maps it with one leaf.
         let c = s.client();
-        c.fault(0x4000_0000 + M2 + 77 * PG + 3, Prot::READ).unwrap();
+        c.fault(Gpa(0x4000_0000 + M2 + 77 * PG + 3), Prot::READ).unwrap();
         assert_eq!(s.resident_count(), 1024, "{f:?}");
         // A hold in the third: the host pointer is the frame + offset.
-        let h = c.hold(0x4000_0000 + 2 * M2 + 300 * PG, Prot::RW).unwrap();
+        let h = c.hold(Gpa(0x4000_0000 + 2 * M2 + 300 * PG), Prot::RW).unwrap();
         assert_eq!(Some(h.pfn()), o.frame_at(2 * M2 + 300 * PG));
         h.write_u64(8, 0xdead_beef).unwrap();
         drop(h);
@@ -77,14 +77,14 @@ fn populate_and_faults_map_large_leaves() {
         o.read(2 * M2 + 300 * PG + 8, &mut b).unwrap();
         assert_eq!(u64::from_le_bytes(b), 0xdead_beef);
         // The rest: the fourth run and the 4 KiB tail.
-        assert_eq!(s.populate(0x4000_0000, 4 * M2 + 16 * PG).unwrap(), 512 + 16);
+        assert_eq!(s.populate(Gpa(0x4000_0000), 4 * M2 + 16 * PG).unwrap(), 512 + 16);
         assert_eq!(s.resident_count(), 4 * 512 + 16);
         assert_eq!(mapped_pages(&s), s.resident_count(), "{f:?}: resident_count exact");
         assert_eq!(leaf_sizes(&s, 0x4000_0000, 4 * M2), vec![PageSize::Size2M; 4]);
         assert_eq!(table_pages(&s), tables, "no leaf table for the runs");
         check_frames(&s, &o, 0x4000_0000, 0, 4 * 512 + 16);
-        assert_eq!(s.lookup(0x4000_0000 + 3 * M2).unwrap().1, Prot::RW);
-        s.unmap(0x4000_0000, 4 * M2 + 16 * PG).unwrap();
+        assert_eq!(s.lookup(Gpa(0x4000_0000 + 3 * M2)).unwrap().1, Prot::RW);
+        s.unmap(Gpa(0x4000_0000), 4 * M2 + 16 * PG).unwrap();
         assert_eq!(s.resident_count(), 0);
         assert_eq!(table_pages(&s), 1, "{f:?}: every table vacated");
     }
@@ -96,27 +96,27 @@ fn no_large_leaf_where_the_range_is_not_one_aligned_run() {
     let r = reservoir(8192);
     let o = ram(&r, 3 * 512);
     // Object offset not 2 MiB aligned against the guest address.
-    s.map(&o, PG, 0, 2 * M2, Prot::RW).unwrap();
+    s.map(&o, PG, Gpa(0), 2 * M2, Prot::RW).unwrap();
     // The same object at an aligned offset, but the space's address is not.
-    s.map(&o, 0, 0x1000_0000 + PG, M2, Prot::RW).unwrap();
-    s.populate(0, 2 * M2).unwrap();
-    s.populate(0x1000_0000 + PG, M2).unwrap();
+    s.map(&o, 0, Gpa(0x1000_0000 + PG), M2, Prot::RW).unwrap();
+    s.populate(Gpa(0), 2 * M2).unwrap();
+    s.populate(Gpa(0x1000_0000 + PG), M2).unwrap();
     assert!(leaf_sizes(&s, 0, 1 << 30).iter().all(|&z| z == PageSize::Size4K));
     assert_eq!(s.resident_count(), 3 * 512);
     // Large leaves off by configuration.
     let mut cfg = SpaceConfig::new(1 << 32, npt());
     cfg.large_leaves = false;
     let s: Space = VmSpace::new(cfg, pages()).unwrap();
-    s.map(&o, 0, 0, M2, Prot::RW).unwrap();
-    s.populate(0, M2).unwrap();
+    s.map(&o, 0, Gpa(0), M2, Prot::RW).unwrap();
+    s.populate(Gpa(0), M2).unwrap();
     assert_eq!(leaf_sizes(&s, 0, M2), vec![PageSize::Size4K; 512]);
     // Fragmented frames (no aligned room): 4 KiB leaves.
     let s = space_cfg(npt(), SplitPolicy::Eager);
     let r = Arc::new(HeapReservoir::new(900 * PG, Pfn(0x10_0001)).unwrap());
     let o = VmObject::ram(r, 512 * PG).unwrap();
     assert!(o.run_at(0).is_none());
-    s.map(&o, 0, 0, M2, Prot::RW).unwrap();
-    s.client().fault(0, Prot::WRITE).unwrap();
+    s.map(&o, 0, Gpa(0), M2, Prot::RW).unwrap();
+    s.client().fault(Gpa(0), Prot::WRITE).unwrap();
     assert_eq!(s.resident_count(), 16, "fault-around of 4 KiB leaves");
 }
 
@@ -125,8 +125,8 @@ fn large_space(f: PteFormat, split: SplitPolicy, runs: u64) -> (Space, Arc<VmObj
     let s = space_cfg(f, split);
     let r = reservoir(runs * 512 + 1024);
     let o = ram(&r, runs * 512);
-    s.map(&o, 0, 1 << 30, runs * M2, Prot::RW).unwrap();
-    s.populate(1 << 30, runs * M2).unwrap();
+    s.map(&o, 0, Gpa(1 << 30), runs * M2, Prot::RW).unwrap();
+    s.populate(Gpa(1 << 30), runs * M2).unwrap();
     assert_eq!(leaf_sizes(&s, 1 << 30, runs * M2), vec![PageSize::Size2M; runs as usize]);
     (s, o)
 }
@@ -142,7 +142,7 @@ fn eager_split_when_tracking_is_switched_on_and_harvest_is_exact() {
         let g2 = gens.clone();
         c.set_invalidation(Some(move |inv: &Invalidation<'_>| g2.lock().unwrap().push(format!("{:?}", inv.cause))));
         // A writable hold taken before the split, released after it.
-        let held = c.hold(base + M2 + 9 * PG, Prot::RW).unwrap();
+        let held = c.hold(Gpa(base + M2 + 9 * PG), Prot::RW).unwrap();
         s.set_dirty_tracking(true).unwrap();
         assert_eq!(gens.lock().unwrap().as_slice(), ["Tracking"]);
         assert_eq!(leaf_sizes(&s, base, 3 * M2), vec![PageSize::Size4K; 3 * 512], "{f:?}");
@@ -153,25 +153,25 @@ fn eager_split_when_tracking_is_switched_on_and_harvest_is_exact() {
         // Nothing was written while tracking was off; the split reports
         // nothing either.
         let mut bm = vec![0u64; 3 * 8];
-        assert_eq!(s.track_dirty(base, 3 * M2, &mut bm).unwrap(), 0, "{f:?}");
+        assert_eq!(s.track_dirty(Gpa(base), 3 * M2, &mut bm).unwrap(), 0, "{f:?}");
         // Writes after the split: a hold's release and (where the format
         // has hardware A/D) the vCPU's own writes, page by page.
         assert!(!held.release());
-        let h = c.hold(base + 2 * M2 + 511 * PG, Prot::WRITE | Prot::READ).unwrap();
+        let h = c.hold(Gpa(base + 2 * M2 + 511 * PG), Prot::WRITE | Prot::READ).unwrap();
         drop(h);
         let mut want = vec![512 + 9, 1024 + 511];
         if f.kind() != nested_pt::FormatKind::EptEmulatedAd {
             assert!(hw_write(&s, base + 40 * PG));
             want.push(40);
         } else {
-            c.fault(base + 40 * PG, Prot::WRITE).unwrap();
+            c.fault(Gpa(base + 40 * PG), Prot::WRITE).unwrap();
             want.push(40);
         }
         want.sort();
-        assert_eq!(s.track_dirty(base, 3 * M2, &mut bm).unwrap(), 3, "{f:?}");
+        assert_eq!(s.track_dirty(Gpa(base), 3 * M2, &mut bm).unwrap(), 3, "{f:?}");
         let got: Vec<u64> = (0..3 * 512).filter(|&p| bit(&bm, p)).collect();
         assert_eq!(got, want, "{f:?}: exactly the pages written");
-        s.unmap(base, 3 * M2).unwrap();
+        s.unmap(Gpa(base), 3 * M2).unwrap();
         assert_eq!(s.resident_count(), 0);
         assert_eq!(table_pages(&s), 1);
     }
@@ -187,8 +187,8 @@ fn large_leaf_dirty_before_tracking_is_carried_by_the_split() {
     assert!(hw_write(&s, base + 3 * PG));
     s.set_dirty_tracking(true).unwrap();
     let mut bm = [0u64; 8];
-    assert_eq!(s.track_dirty(base, M2, &mut bm).unwrap(), 512);
-    assert_eq!(s.track_dirty(base, M2, &mut bm).unwrap(), 0);
+    assert_eq!(s.track_dirty(Gpa(base), M2, &mut bm).unwrap(), 512);
+    assert_eq!(s.track_dirty(Gpa(base), M2, &mut bm).unwrap(), 0);
 }
 
 #[test]
@@ -208,22 +208,22 @@ fn lazy_split_on_the_first_write() {
         // Still large, write-protected and clean.
         assert_eq!(leaf_sizes(&s, base, 2 * M2), vec![PageSize::Size2M; 2], "{f:?}");
         assert_eq!(table_pages(&s), tables);
-        assert_eq!(s.lookup(base).unwrap().1, Prot::READ, "{f:?}: write-protected");
+        assert_eq!(s.lookup(Gpa(base)).unwrap().1, Prot::READ, "{f:?}: write-protected");
         let mut bm = [0u64; 16];
-        assert_eq!(s.dirty_op(DirtyOp::Get, base, 2 * M2, None, &mut bm).unwrap(), 0, "{f:?}: made clean");
+        assert_eq!(s.dirty_op(DirtyOp::Get, Gpa(base), 2 * M2, None, &mut bm).unwrap(), 0, "{f:?}: made clean");
         if f.kind() != nested_pt::FormatKind::EptEmulatedAd {
             assert!(!hw_write(&s, base + 5 * PG), "{f:?}: the hardware write faults now");
         }
         // A read fault does not split.
-        c.fault(base + 7 * PG, Prot::READ).unwrap();
+        c.fault(Gpa(base + 7 * PG), Prot::READ).unwrap();
         assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M]);
         // The write fault splits that leaf only, with write back.
-        c.fault(base + 5 * PG, Prot::WRITE).unwrap();
+        c.fault(Gpa(base + 5 * PG), Prot::WRITE).unwrap();
         assert_eq!(causes.lock().unwrap().as_slice(), ["Tracking", "Remap"], "{f:?}");
         let sizes = leaf_sizes(&s, base, 2 * M2);
         assert_eq!(sizes.len(), 513);
         assert_eq!(sizes[512], PageSize::Size2M, "the other leaf is still large");
-        assert_eq!(s.lookup(base + 100 * PG).unwrap().1, Prot::RW);
+        assert_eq!(s.lookup(Gpa(base + 100 * PG)).unwrap().1, Prot::RW);
         assert_eq!(table_pages(&s), tables + 1);
         assert_eq!(s.resident_count(), 1024);
         assert_eq!(mapped_pages(&s), 1024);
@@ -232,11 +232,11 @@ fn lazy_split_on_the_first_write() {
             assert!(hw_write(&s, base + 5 * PG));
         }
         // A writable hold on the other leaf splits it too.
-        let h = c.hold(base + M2 + 200 * PG, Prot::RW).unwrap();
+        let h = c.hold(Gpa(base + M2 + 200 * PG), Prot::RW).unwrap();
         assert_eq!(Some(h.pfn()), o.frame_at(M2 + 200 * PG));
         drop(h);
         assert_eq!(leaf_sizes(&s, base, 2 * M2).len(), 1024);
-        assert_eq!(s.track_dirty(base, 2 * M2, &mut bm).unwrap(), 2, "{f:?}: exactly the two pages written");
+        assert_eq!(s.track_dirty(Gpa(base), 2 * M2, &mut bm).unwrap(), 2, "{f:?}: exactly the two pages written");
         assert!(bit(&bm, 5) && bit(&bm, 512 + 200));
     }
 }
@@ -253,19 +253,19 @@ fn harvests_and_set_with_large_leaves_while_tracking() {
     // A harvest of part of the leaf reports its pages inside, clears
     // nothing (its one bit stands for the whole leaf)...
     let mut bm = [0u64; 16];
-    assert_eq!(s.track_dirty(base, M2 / 2, &mut bm).unwrap(), 256);
-    assert_eq!(s.dirty_op(DirtyOp::Get, base + M2 / 2, M2, None, &mut bm).unwrap(), 256);
+    assert_eq!(s.track_dirty(Gpa(base), M2 / 2, &mut bm).unwrap(), 256);
+    assert_eq!(s.dirty_op(DirtyOp::Get, Gpa(base + M2 / 2), M2, None, &mut bm).unwrap(), 256);
     // ...one of the whole leaf clears it, with the frames collected.
     let mut frames = Vec::new();
-    assert_eq!(s.track_dirty_frames(base, 2 * M2, &mut bm, &mut frames).unwrap(), 512);
+    assert_eq!(s.track_dirty_frames(Gpa(base), 2 * M2, &mut bm, &mut frames).unwrap(), 512);
     assert_eq!(frames.len(), 512);
-    assert_eq!(s.track_dirty(base, 2 * M2, &mut bm).unwrap(), 0);
+    assert_eq!(s.track_dirty(Gpa(base), 2 * M2, &mut bm).unwrap(), 0);
     // Set splits the large leaves it touches and marks 4 KiB pages.
     let mut sel = [0u64; 16];
     sel[8] = 1 << 3; // page 512 + 3
-    assert_eq!(s.dirty_op(DirtyOp::Set, base, 2 * M2, Some(&sel), &mut bm).unwrap(), 1);
+    assert_eq!(s.dirty_op(DirtyOp::Set, Gpa(base), 2 * M2, Some(&sel), &mut bm).unwrap(), 1);
     assert_eq!(leaf_sizes(&s, base, 2 * M2).len(), 1024);
-    assert_eq!(s.track_dirty(base, 2 * M2, &mut bm).unwrap(), 1);
+    assert_eq!(s.track_dirty(Gpa(base), 2 * M2, &mut bm).unwrap(), 1);
     assert!(bit(&bm, 515));
     assert_eq!(s.resident_count(), 1024);
 }
@@ -278,25 +278,25 @@ fn tracking_on_gives_empty_large_chunks_leaf_tables() {
         let s = space_cfg(npt(), split);
         let r = reservoir(4096);
         let o = ram(&r, 1024);
-        s.map(&o, 0, 0, 2 * M2, Prot::RW).unwrap();
+        s.map(&o, 0, Gpa(0), 2 * M2, Prot::RW).unwrap();
         let tables = table_pages(&s);
         s.set_dirty_tracking(true).unwrap();
         assert_eq!(table_pages(&s), tables + 2, "{split:?}");
         let c = s.client();
-        c.fault(M2 + 5 * PG, Prot::WRITE).unwrap();
+        c.fault(Gpa(M2 + 5 * PG), Prot::WRITE).unwrap();
         assert_eq!(s.resident_count(), 16, "{split:?}: a 4 KiB fault-around window");
         let mut bm = [0u64; 16];
         assert!(hw_write(&s, M2 + 5 * PG));
-        assert_eq!(s.track_dirty(0, 2 * M2, &mut bm).unwrap(), 1);
+        assert_eq!(s.track_dirty(Gpa(0), 2 * M2, &mut bm).unwrap(), 1);
         // Mapped while tracking: 4 KiB only.
         let o2 = ram(&r, 512);
-        s.map(&o2, 0, 1 << 30, M2, Prot::RW).unwrap();
-        s.populate(1 << 30, M2).unwrap();
+        s.map(&o2, 0, Gpa(1 << 30), M2, Prot::RW).unwrap();
+        s.populate(Gpa(1 << 30), M2).unwrap();
         assert_eq!(leaf_sizes(&s, 1 << 30, M2), vec![PageSize::Size4K; 512]);
         // Tracking off again: mappings keep what they have.
         s.set_dirty_tracking(false).unwrap();
-        s.unmap(0, 2 * M2).unwrap();
-        s.unmap(1 << 30, M2).unwrap();
+        s.unmap(Gpa(0), 2 * M2).unwrap();
+        s.unmap(Gpa(1 << 30), M2).unwrap();
         assert_eq!((s.resident_count(), table_pages(&s)), (0, 1));
     }
 }
@@ -308,17 +308,17 @@ fn holds_across_a_split_mark_the_right_page() {
     let (s, _o) = large_space(npt(), SplitPolicy::Eager, 1);
     let base = 1 << 30;
     let c = s.client();
-    let hs: Vec<_> = [3u64, 400].iter().map(|p| c.hold(base + p * PG, Prot::RW).unwrap()).collect();
+    let hs: Vec<_> = [3u64, 400].iter().map(|p| c.hold(Gpa(base + p * PG), Prot::RW).unwrap()).collect();
     s.set_dirty_tracking(true).unwrap();
     drop(hs);
     let mut bm = [0u64; 8];
-    assert_eq!(s.track_dirty(base, M2, &mut bm).unwrap(), 2);
+    assert_eq!(s.track_dirty(Gpa(base), M2, &mut bm).unwrap(), 2);
     assert!(bit(&bm, 3) && bit(&bm, 400));
     // A release while another thread's change holds the client: the
     // slow path finds the moved leaf under the structure lock.
     let (s, _o) = large_space(npt(), SplitPolicy::Eager, 1);
     let c = s.client();
-    let h = c.hold(base + 7 * PG, Prot::RW).unwrap();
+    let h = c.hold(Gpa(base + 7 * PG), Prot::RW).unwrap();
     let released = AtomicU64::new(0);
     std::thread::scope(|t| {
         t.spawn(|| {
@@ -328,7 +328,7 @@ fn holds_across_a_split_mark_the_right_page() {
         released.store(1, Ordering::SeqCst);
     });
     let mut bm = [0u64; 8];
-    let n = s.track_dirty(base, M2, &mut bm).unwrap();
+    let n = s.track_dirty(Gpa(base), M2, &mut bm).unwrap();
     // The release ran before the switch (tracking off: nothing marked)
     // or after it (the page marked); never anything else.
     assert!(n == 0 || (n == 1 && bit(&bm, 7)), "{n}");
@@ -349,13 +349,13 @@ fn partial_unmap_cuts_mappings_and_splits_large_leaves() {
         }));
         // Holds: one inside the hole (keeps the object, reports the
         // unmap), one outside (unaffected, still marks dirty).
-        let inside = c.hold(base + M2 + 10 * PG, Prot::RW).unwrap();
-        let outside = c.hold(base + 3 * PG, Prot::RW).unwrap();
+        let inside = c.hold(Gpa(base + M2 + 10 * PG), Prot::RW).unwrap();
+        let outside = c.hold(Gpa(base + 3 * PG), Prot::RW).unwrap();
         // The middle of the second large leaf, and more.
         let (lo, hi) = (base + M2 + 8 * PG, base + 2 * M2 + 4 * PG);
-        assert_eq!(s.unmap_range(base + M2, 4 * M2), Err(Error::NotFound), "{f:?}: past the mapping");
-        assert_eq!(s.unmap_range(base + PG / 2, PG), Err(Error::Invalid(Invalid::Unaligned)));
-        s.unmap_range(lo, hi - lo).unwrap();
+        assert_eq!(s.unmap_range(Gpa(base + M2), 4 * M2), Err(Error::NotFound), "{f:?}: past the mapping");
+        assert_eq!(s.unmap_range(Gpa(base + PG / 2), PG), Err(Error::Invalid(Invalid::Unaligned)));
+        s.unmap_range(Gpa(lo), hi - lo).unwrap();
         assert_eq!(causes.lock().unwrap().as_slice(), [(lo, hi - lo, M2 + 8 * PG, true)], "{f:?}");
         let left = 512 + 8;
         let right = 3 * 512 - left - (hi - lo) / PG;
@@ -365,19 +365,19 @@ fn partial_unmap_cuts_mappings_and_splits_large_leaves() {
         assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M]);
         check_frames(&s, &o, base, 0, left);
         check_frames(&s, &o, hi, hi - base, right);
-        assert!(s.lookup(lo).is_none() && s.lookup(hi - PG).is_none());
+        assert!(s.lookup(Gpa(lo)).is_none() && s.lookup(Gpa(hi - PG)).is_none());
         // The mapping is now two, with the right offsets.
         let maps = s.mappings();
         assert_eq!(maps.len(), 2);
         assert_eq!((maps[0].gpa.0, maps[0].len, maps[0].offset), (base, left * PG, 0));
         assert_eq!((maps[1].gpa.0, maps[1].len, maps[1].offset), (hi, right * PG, hi - base));
-        assert_eq!(c.fault(lo, Prot::READ), Err(Error::NoMapping));
-        c.fault(hi + 50 * PG, Prot::WRITE).unwrap();
+        assert_eq!(c.fault(Gpa(lo), Prot::READ), Err(Error::NoMapping));
+        c.fault(Gpa(hi + 50 * PG), Prot::WRITE).unwrap();
         assert!(inside.release(), "{f:?}: its page was unmapped");
         assert!(!outside.release());
         // Unmapping every remaining piece gives every table back.
-        s.unmap_range(base, left * PG).unwrap();
-        s.unmap(hi, right * PG).unwrap();
+        s.unmap_range(Gpa(base), left * PG).unwrap();
+        s.unmap(Gpa(hi), right * PG).unwrap();
         assert_eq!((s.resident_count(), table_pages(&s)), (0, 1), "{f:?}");
     }
 }
@@ -390,35 +390,35 @@ fn protect_part_of_a_mapping() {
         let c = s.client();
         // Read-only: the middle of the first leaf and all of the second.
         let lo = base + 100 * PG;
-        assert_eq!(s.protect(lo, 2 * M2, Prot::READ), Err(Error::NotFound), "{f:?}");
-        assert_eq!(s.protect(lo, PG, Prot::empty()), Err(Error::Invalid(Invalid::BadProt)));
+        assert_eq!(s.protect(Gpa(lo), 2 * M2, Prot::READ), Err(Error::NotFound), "{f:?}");
+        assert_eq!(s.protect(Gpa(lo), PG, Prot::empty()), Err(Error::Invalid(Invalid::BadProt)));
         // A hold on the range refuses a change that removes write.
-        let h = c.hold(base + M2 + 5 * PG, Prot::READ).unwrap();
-        assert_eq!(s.protect(lo, 2 * M2 - 100 * PG, Prot::READ), Err(Error::Held), "{f:?}");
+        let h = c.hold(Gpa(base + M2 + 5 * PG), Prot::READ).unwrap();
+        assert_eq!(s.protect(Gpa(lo), 2 * M2 - 100 * PG, Prot::READ), Err(Error::Held), "{f:?}");
         assert_eq!(leaf_sizes(&s, base, 2 * M2), vec![PageSize::Size2M; 2], "nothing changed");
         // ...but not one that only adds a right.
-        s.protect(lo, 2 * M2 - 100 * PG, Prot::RWX).unwrap();
+        s.protect(Gpa(lo), 2 * M2 - 100 * PG, Prot::RWX).unwrap();
         drop(h);
-        s.protect(lo, 2 * M2 - 100 * PG, Prot::READ).unwrap();
+        s.protect(Gpa(lo), 2 * M2 - 100 * PG, Prot::READ).unwrap();
         let sizes = leaf_sizes(&s, base, 2 * M2);
         assert_eq!(sizes.len(), 513, "{f:?}: the cut leaf split, the whole one kept");
         assert_eq!(sizes[512], PageSize::Size2M);
-        assert_eq!(s.lookup(base + 99 * PG).unwrap().1, Prot::RW);
-        assert_eq!(s.lookup(lo).unwrap().1, Prot::READ);
-        assert_eq!(s.lookup(base + M2 + 7 * PG).unwrap().1, Prot::READ);
+        assert_eq!(s.lookup(Gpa(base + 99 * PG)).unwrap().1, Prot::RW);
+        assert_eq!(s.lookup(Gpa(lo)).unwrap().1, Prot::READ);
+        assert_eq!(s.lookup(Gpa(base + M2 + 7 * PG)).unwrap().1, Prot::READ);
         check_frames(&s, &o, base, 0, 1024);
-        assert_eq!(c.fault(lo, Prot::WRITE), Err(Error::Protection), "{f:?}");
-        assert_eq!(c.hold(base + M2, Prot::RW).map(|_| ()), Err(Error::Protection));
-        c.fault(base + 99 * PG, Prot::WRITE).unwrap();
+        assert_eq!(c.fault(Gpa(lo), Prot::WRITE), Err(Error::Protection), "{f:?}");
+        assert_eq!(c.hold(Gpa(base + M2), Prot::RW).map(|_| ()), Err(Error::Protection));
+        c.fault(Gpa(base + 99 * PG), Prot::WRITE).unwrap();
         let maps = s.mappings();
         assert_eq!(maps.iter().map(|m| (m.gpa.0, m.prot)).collect::<Vec<_>>(), [(base, Prot::RW), (lo, Prot::READ)]);
         // Back to writable, tracking on: writes to the range are reported.
         s.set_dirty_tracking(true).unwrap();
-        s.protect(lo, 2 * M2 - 100 * PG, Prot::RW).unwrap();
-        c.fault(base + M2 + 9 * PG, Prot::WRITE).unwrap();
-        drop(c.hold(base + M2 + 11 * PG, Prot::RW).unwrap());
+        s.protect(Gpa(lo), 2 * M2 - 100 * PG, Prot::RW).unwrap();
+        c.fault(Gpa(base + M2 + 9 * PG), Prot::WRITE).unwrap();
+        drop(c.hold(Gpa(base + M2 + 11 * PG), Prot::RW).unwrap());
         let mut bm = [0u64; 16];
-        let n = s.track_dirty(base, 2 * M2, &mut bm).unwrap();
+        let n = s.track_dirty(Gpa(base), 2 * M2, &mut bm).unwrap();
         if f.kind() == nested_pt::FormatKind::EptEmulatedAd {
             // The fault granted W, which that format reads as dirty.
             assert_eq!(n, 3, "{f:?}");
@@ -435,13 +435,13 @@ fn a_dirty_page_stays_dirty_across_a_protection_change() {
     let s = space_cfg(npt(), SplitPolicy::Eager);
     let r = reservoir(1024);
     let o = ram(&r, 64);
-    s.map(&o, 0, 0, 64 * PG, Prot::RW).unwrap();
+    s.map(&o, 0, Gpa(0), 64 * PG, Prot::RW).unwrap();
     s.set_dirty_tracking(true).unwrap();
-    s.populate(0, 64 * PG).unwrap();
+    s.populate(Gpa(0), 64 * PG).unwrap();
     assert!(hw_write(&s, 5 * PG));
-    s.protect(0, 64 * PG, Prot::READ).unwrap();
+    s.protect(Gpa(0), 64 * PG, Prot::READ).unwrap();
     let mut bm = [0u64; 1];
-    assert_eq!(s.track_dirty(0, 64 * PG, &mut bm).unwrap(), 1);
+    assert_eq!(s.track_dirty(Gpa(0), 64 * PG, &mut bm).unwrap(), 1);
     assert_eq!(bm[0], 1 << 5);
     assert!(!hw_write(&s, 6 * PG), "read-only now");
 }
@@ -455,40 +455,40 @@ fn promotion_makes_one_leaf_and_frees_the_leaf_table() {
         let tables = table_pages(&s);
         // Tracking on (split) and off again: 4 KiB leaves stay.
         s.set_dirty_tracking(true).unwrap();
-        assert_eq!(s.promote(base, 3 * M2), Err(Error::TrackingOn));
-        let h = c.hold(base + 2 * M2 + 8 * PG, Prot::RW).unwrap();
+        assert_eq!(s.promote(Gpa(base), 3 * M2), Err(Error::TrackingOn));
+        let h = c.hold(Gpa(base + 2 * M2 + 8 * PG), Prot::RW).unwrap();
         s.set_dirty_tracking(false).unwrap();
         assert_eq!(table_pages(&s), tables + 3);
         // A hole in the first range, another protection in the second.
-        s.unmap_range(base + 3 * PG, PG).unwrap();
-        s.protect(base + M2 + 3 * PG, PG, Prot::READ).unwrap();
+        s.unmap_range(Gpa(base + 3 * PG), PG).unwrap();
+        s.protect(Gpa(base + M2 + 3 * PG), PG, Prot::READ).unwrap();
         let inv = Arc::new(Mutex::new(Vec::new()));
         let k = inv.clone();
         c.set_invalidation(Some(move |i: &Invalidation<'_>| {
             k.lock().unwrap().push((format!("{:?}", i.cause), i.tables_freed))
         }));
-        assert_eq!(s.promote(base, 3 * M2).unwrap(), 1, "{f:?}: only the third range qualifies");
+        assert_eq!(s.promote(Gpa(base), 3 * M2).unwrap(), 1, "{f:?}: only the third range qualifies");
         assert_eq!(inv.lock().unwrap().as_slice(), [("Remap".to_string(), true)]);
         assert_eq!(table_pages(&s), tables + 2, "{f:?}: its leaf table freed");
         assert_eq!(leaf_sizes(&s, base + 2 * M2, M2), vec![PageSize::Size2M]);
         assert_eq!(s.resident_count(), 3 * 512 - 1);
         assert_eq!(mapped_pages(&s), s.resident_count());
         check_frames(&s, &o, base + 2 * M2, 2 * M2, 512);
-        assert_eq!(s.promote(base, 3 * M2).unwrap(), 0, "nothing more");
+        assert_eq!(s.promote(Gpa(base), 3 * M2).unwrap(), 0, "nothing more");
         // The hold taken before the promotion marks its page when
         // released after tracking is on again (the leaf was split again).
         s.set_dirty_tracking(true).unwrap();
         drop(h);
         let mut bm = [0u64; 24];
-        s.track_dirty(base, 3 * M2, &mut bm).unwrap();
+        s.track_dirty(Gpa(base), 3 * M2, &mut bm).unwrap();
         assert!(bit(&bm, 1024 + 8), "{f:?}");
         // Fill the hole and restore the protection: both promote.
         s.set_dirty_tracking(false).unwrap();
-        s.protect(base + M2 + 3 * PG, PG, Prot::RW).unwrap();
+        s.protect(Gpa(base + M2 + 3 * PG), PG, Prot::RW).unwrap();
         // The pieces the protection change cut are one mapping again; the
         // third range was split again when tracking went on.
         assert_eq!(s.mappings().len(), 2, "{f:?}");
-        assert_eq!(s.promote(base, 3 * M2).unwrap(), 2, "{f:?}");
+        assert_eq!(s.promote(Gpa(base), 3 * M2).unwrap(), 2, "{f:?}");
         assert_eq!(leaf_sizes(&s, base + M2, 2 * M2), vec![PageSize::Size2M; 2]);
         check_frames(&s, &o, base + M2, M2, 1024);
         assert_eq!(mapped_pages(&s), s.resident_count());
@@ -498,11 +498,11 @@ fn promotion_makes_one_leaf_and_frees_the_leaf_table() {
 #[test]
 fn promote_refusals() {
     let s = space_cfg(npt(), SplitPolicy::Eager);
-    assert_eq!(s.promote(PG / 2, PG), Err(Error::Invalid(Invalid::Unaligned)));
+    assert_eq!(s.promote(Gpa(PG / 2), PG), Err(Error::Invalid(Invalid::Unaligned)));
     let mut cfg = SpaceConfig::new(1 << 32, npt());
     cfg.large_leaves = false;
     let s: Space = VmSpace::new(cfg, pages()).unwrap();
-    assert_eq!(s.promote(0, M2), Err(Error::Unsupported));
+    assert_eq!(s.promote(Gpa(0), M2), Err(Error::Unsupported));
 }
 
 #[test]
@@ -529,9 +529,9 @@ fn splits_and_promotions_under_concurrent_faults_and_holds() {
                     let page = ((x % 2048) & !1) | id;
                     let g = base + page * PG;
                     if x & 0x100 == 0 {
-                        c.fault(g, Prot::WRITE).unwrap();
+                        c.fault(Gpa(g), Prot::WRITE).unwrap();
                     }
-                    let h = c.hold(g, Prot::RW).unwrap();
+                    let h = c.hold(Gpa(g), Prot::RW).unwrap();
                     h.write_u64(16, x).unwrap();
                     assert_eq!(h.read_u64(16).unwrap(), x);
                     drop(h);
@@ -544,9 +544,9 @@ fn splits_and_promotions_under_concurrent_faults_and_holds() {
         for round in 0..200 {
             s.set_split_policy(if round % 2 == 0 { SplitPolicy::Lazy } else { SplitPolicy::Eager });
             s.set_dirty_tracking(true).unwrap();
-            s.track_dirty(base, 4 * M2, &mut bm).unwrap();
+            s.track_dirty(Gpa(base), 4 * M2, &mut bm).unwrap();
             s.set_dirty_tracking(false).unwrap();
-            promoted += s.promote(base, 4 * M2).unwrap();
+            promoted += s.promote(Gpa(base), 4 * M2).unwrap();
             assert_eq!(mapped_pages(&s), s.resident_count(), "round {round}");
         }
         stop.store(true, Ordering::Relaxed);
@@ -564,13 +564,13 @@ fn protection_changes_never_merge_two_mappings() {
     let s = space_cfg(npt(), SplitPolicy::Eager);
     let r = reservoir(1024);
     let o = ram(&r, 64);
-    s.map(&o, 0, 0, 32 * PG, Prot::RW).unwrap();
-    s.map(&o, 32 * PG, 32 * PG, 32 * PG, Prot::RW).unwrap();
-    s.protect(16 * PG, 16 * PG, Prot::READ).unwrap();
+    s.map(&o, 0, Gpa(0), 32 * PG, Prot::RW).unwrap();
+    s.map(&o, 32 * PG, Gpa(32 * PG), 32 * PG, Prot::RW).unwrap();
+    s.protect(Gpa(16 * PG), 16 * PG, Prot::READ).unwrap();
     assert_eq!(s.mappings().len(), 3);
-    s.protect(16 * PG, 16 * PG, Prot::RW).unwrap();
+    s.protect(Gpa(16 * PG), 16 * PG, Prot::RW).unwrap();
     assert_eq!(s.mappings().len(), 2, "the first mapping whole again, the second apart");
-    s.unmap(32 * PG, 32 * PG).unwrap();
-    s.unmap(0, 32 * PG).unwrap();
+    s.unmap(Gpa(32 * PG), 32 * PG).unwrap();
+    s.unmap(Gpa(0), 32 * PG).unwrap();
     assert!(s.mappings().is_empty());
 }

@@ -51,7 +51,7 @@ fn unmap_races_hold() {
         let r = StdArc::new(HeapReservoir::new(2 * PG, Pfn(0x1000)).unwrap());
         let o = VmObject::ram(r.clone(), PG).unwrap();
         let s = Arc::new(space(true));
-        s.map(&o, 0, 0x10 * PG, PG, Prot::RW).unwrap();
+        s.map(&o, 0, Gpa(0x10 * PG), PG, Prot::RW).unwrap();
         drop(o);
         let client = s.client();
         // Set by the unmap's invalidation of this client: after the entry
@@ -63,9 +63,9 @@ fn unmap_races_hold() {
         }
         let admin = {
             let s = s.clone();
-            loom::thread::spawn(move || s.unmap(0x10 * PG, PG).unwrap())
+            loom::thread::spawn(move || s.unmap(Gpa(0x10 * PG), PG).unwrap())
         };
-        let outcome = match client.hold(0x10 * PG, Prot::RW) {
+        let outcome = match client.hold(Gpa(0x10 * PG), Prot::RW) {
             Ok(h) => {
                 // The object is alive whatever the unmap does meanwhile.
                 h.write_u64(0, 7).unwrap();
@@ -102,8 +102,8 @@ fn invalidation_races_vcpu_entry() {
         let r = StdArc::new(HeapReservoir::new(PG, Pfn(0x1000)).unwrap());
         let o = VmObject::ram(r, PG).unwrap();
         let s = Arc::new(space(false));
-        s.map(&o, 0, 0, PG, Prot::RW).unwrap();
-        s.populate(0, PG).unwrap();
+        s.map(&o, 0, Gpa(0), PG, Prot::RW).unwrap();
+        s.populate(Gpa(0), PG).unwrap();
         let old_gen = s.table_gen();
         // The vCPU records whether it is in guest context with a stale
         // generation; the unmap must not return while that is so.
@@ -132,7 +132,7 @@ fn invalidation_races_vcpu_entry() {
                 g.exit();
             })
         };
-        s.unmap(0, PG).unwrap();
+        s.unmap(Gpa(0), PG).unwrap();
         assert!(!stale.load(Ordering::SeqCst), "unmap returned with a vCPU on a stale generation");
         assert!(s.table_gen() > old_gen);
         vcpu.join().unwrap();
@@ -145,13 +145,13 @@ fn space_destruction_races_client_destruction() {
         let r = StdArc::new(HeapReservoir::new(PG, Pfn(0x1000)).unwrap());
         let o = VmObject::ram(r.clone(), PG).unwrap();
         let s = space(true);
-        s.map(&o, 0, 0, PG, Prot::RW).unwrap();
+        s.map(&o, 0, Gpa(0), PG, Prot::RW).unwrap();
         drop(o);
         let c = s.client();
         let c2 = c.clone();
         let t = loom::thread::spawn(move || {
             // The client may or may not be orphaned by now.
-            match c.fault(0, Prot::READ) {
+            match c.fault(Gpa(0), Prot::READ) {
                 Ok(()) | Err(Error::Orphaned) => {}
                 Err(e) => panic!("unexpected {e:?}"),
             }
@@ -176,19 +176,19 @@ fn map_races_fault_and_release() {
         let a = VmObject::ram(r.clone(), PG).unwrap();
         let b = VmObject::ram(r, PG).unwrap();
         let s = Arc::new(space(true));
-        s.map(&a, 0, 0, PG, Prot::RW).unwrap();
+        s.map(&a, 0, Gpa(0), PG, Prot::RW).unwrap();
         let client = s.client();
         let admin = {
             let s = s.clone();
-            loom::thread::spawn(move || s.map(&b, 0, 1 << 30 >> 1, PG, Prot::RW).unwrap())
+            loom::thread::spawn(move || s.map(&b, 0, Gpa(1 << 30 >> 1), PG, Prot::RW).unwrap())
         };
-        let h = client.hold(0, Prot::RW).unwrap();
+        let h = client.hold(Gpa(0), Prot::RW).unwrap();
         h.write_u64(0, 1).unwrap();
         assert!(!h.release());
         admin.join().unwrap();
         let mut bm = [0u64];
-        assert_eq!(s.track_dirty(0, PG, &mut bm), Ok(1));
-        client.fault(1 << 30 >> 1, Prot::WRITE).unwrap();
+        assert_eq!(s.track_dirty(Gpa(0), PG, &mut bm), Ok(1));
+        client.fault(Gpa(1 << 30 >> 1), Prot::WRITE).unwrap();
         assert_eq!(s.resident_count(), 2);
     });
 }
@@ -203,10 +203,10 @@ fn harvest_races_vcpu_entry_and_hold() {
         let r = StdArc::new(HeapReservoir::new(2 * PG, Pfn(0x1000)).unwrap());
         let o = VmObject::ram(r, 2 * PG).unwrap();
         let s = Arc::new(space(true));
-        s.map(&o, 0, 0, 2 * PG, Prot::RW).unwrap();
-        s.populate(0, 2 * PG).unwrap();
+        s.map(&o, 0, Gpa(0), 2 * PG, Prot::RW).unwrap();
+        s.populate(Gpa(0), 2 * PG).unwrap();
         let data = s.client();
-        data.hold(0, Prot::RW).unwrap().release();
+        data.hold(Gpa(0), Prot::RW).unwrap().release();
         let old_gen = s.table_gen();
         let stale = Arc::new(AtomicBool::new(false));
         let kicks = Arc::new(AtomicU64::new(0));
@@ -230,13 +230,13 @@ fn harvest_races_vcpu_entry_and_hold() {
             })
         };
         let holder = loom::thread::spawn(move || {
-            let h = data.hold(PG, Prot::RW).unwrap();
+            let h = data.hold(Gpa(PG), Prot::RW).unwrap();
             h.write_u64(0, 1).unwrap();
             assert!(!h.release());
             data
         });
         let mut bm = [0u64];
-        let n = s.track_dirty(0, 2 * PG, &mut bm).unwrap();
+        let n = s.track_dirty(Gpa(0), 2 * PG, &mut bm).unwrap();
         assert!(n >= 1 && bm[0] & 1 == 1, "page 0 was dirty");
         assert!(!stale.load(Ordering::SeqCst), "harvest returned with a vCPU on a stale generation");
         assert_eq!(s.table_gen(), old_gen + 1);
@@ -244,7 +244,7 @@ fn harvest_races_vcpu_entry_and_hold() {
         vcpu.join().unwrap();
         // Page 1's mark is either in the first harvest or in this one.
         let mut bm2 = [0u64];
-        s.track_dirty(0, 2 * PG, &mut bm2).unwrap();
+        s.track_dirty(Gpa(0), 2 * PG, &mut bm2).unwrap();
         assert_eq!((bm[0] | bm2[0]) & 2, 2, "the release's dirty bit was lost");
         assert_eq!(bm2[0] & 1, 0);
         drop(data);

@@ -71,9 +71,9 @@ fn stress_holds_faults_against_map_unmap_harvest() {
     let r = reservoir(8 * PAGES);
     let objs: Vec<Arc<VmObject>> = (0..4).map(|_| ram(&r, PAGES)).collect();
     let stable = ram(&r, PAGES);
-    s.map(&stable, 0, SLOT_Y, PAGES * PG, Prot::RW).unwrap();
+    s.map(&stable, 0, Gpa(SLOT_Y), PAGES * PG, Prot::RW).unwrap();
     let cur_x = Arc::new(AtomicU64::new(tag(1, 0)));
-    s.map(&objs[0], 0, SLOT_X, PAGES * PG, Prot::RW).unwrap();
+    s.map(&objs[0], 0, Gpa(SLOT_X), PAGES * PG, Prot::RW).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let harvest_started = Arc::new(AtomicU64::new(0));
     // Set once a worker has checked a hold against a mapping that stayed
@@ -116,11 +116,11 @@ fn stress_holds_faults_against_map_unmap_harvest() {
                     let off = w * 8;
                     match next() % 4 {
                         0 => {
-                            let _ = c.fault(SLOT_X + page * PG + 5, Prot::WRITE);
+                            let _ = c.fault(Gpa(SLOT_X + page * PG + 5), Prot::WRITE);
                         }
                         1 => {
                             // Stable region: write and account for the dirty bit.
-                            let h = c.hold(SLOT_Y + page * PG, Prot::RW).unwrap();
+                            let h = c.hold(Gpa(SLOT_Y + page * PG), Prot::RW).unwrap();
                             assert_eq!(h.pfn(), stable.frame_at(page * PG).unwrap());
                             h.write_u64(off, value).unwrap();
                             assert_eq!(h.read_u64(off).unwrap(), value);
@@ -130,7 +130,7 @@ fn stress_holds_faults_against_map_unmap_harvest() {
                         }
                         _ => {
                             let before = cur_x.load(Ordering::SeqCst);
-                            let Ok(h) = c.hold(SLOT_X + page * PG, Prot::RW) else { continue };
+                            let Ok(h) = c.hold(Gpa(SLOT_X + page * PG), Prot::RW) else { continue };
                             let after = cur_x.load(Ordering::SeqCst);
                             if before == after && before != 0 {
                                 let o = &objs[(before & 0xff) as usize];
@@ -166,7 +166,7 @@ fn stress_holds_faults_against_map_unmap_harvest() {
             let mut obj = 0;
             let harvest = |k: &mut u64, bitmap: &mut [u64; 1]| {
                 let idx = harvest_started.fetch_add(1, Ordering::SeqCst);
-                s.track_dirty(SLOT_Y, PAGES * PG, bitmap).unwrap();
+                s.track_dirty(Gpa(SLOT_Y), PAGES * PG, bitmap).unwrap();
                 let mut rep = reported.lock().unwrap();
                 for p in 0..PAGES {
                     if bit(&bitmap[..], p) {
@@ -179,15 +179,15 @@ fn stress_holds_faults_against_map_unmap_harvest() {
             let t0 = std::time::Instant::now();
             let mut round = 0;
             while round < 300 || (!checked_any.load(Ordering::Relaxed) && t0.elapsed().as_secs() < 60) {
-                s.unmap(SLOT_X, PAGES * PG).unwrap();
+                s.unmap(Gpa(SLOT_X), PAGES * PG).unwrap();
                 cur_x.store(0, Ordering::SeqCst);
                 harvest(&mut harvests, &mut bitmap);
                 epoch += 1;
                 obj = (obj + 1) % objs.len();
                 cur_x.store(tag(epoch, obj), Ordering::SeqCst);
-                s.map(&objs[obj], 0, SLOT_X, PAGES * PG, Prot::RW).unwrap();
+                s.map(&objs[obj], 0, Gpa(SLOT_X), PAGES * PG, Prot::RW).unwrap();
                 if round % 3 == 0 {
-                    s.populate(SLOT_X, PAGES * PG).unwrap();
+                    s.populate(Gpa(SLOT_X), PAGES * PG).unwrap();
                 }
                 round += 1;
                 std::thread::yield_now();
@@ -202,7 +202,7 @@ fn stress_holds_faults_against_map_unmap_harvest() {
     // A final harvest sees whatever was released after the last one.
     let mut bitmap = [0u64; 1];
     let last_idx = harvest_started.fetch_add(1, Ordering::SeqCst);
-    s.track_dirty(SLOT_Y, PAGES * PG, &mut bitmap).unwrap();
+    s.track_dirty(Gpa(SLOT_Y), PAGES * PG, &mut bitmap).unwrap();
     {
         let mut rep = reported.lock().unwrap();
         for p in 0..PAGES {
@@ -217,7 +217,7 @@ fn stress_holds_faults_against_map_unmap_harvest() {
     // its frame (nothing unmaps the stable region).
     for p in 0..PAGES {
         if results.iter().any(|r| r.0[p as usize].writes > 0) {
-            assert_eq!(s.lookup(SLOT_Y + p * PG).map(|l| l.0), stable.frame_at(p * PG), "stable page {p}");
+            assert_eq!(s.lookup(Gpa(SLOT_Y + p * PG)).map(|l| l.0), stable.frame_at(p * PG), "stable page {p}");
         }
     }
     // Dirty tracking: none lost, none invented, exactly once when written once.
@@ -262,8 +262,8 @@ fn stress_holds_faults_against_map_unmap_harvest() {
         }
     }
     drop(rep);
-    s.unmap(SLOT_X, PAGES * PG).unwrap();
-    s.unmap(SLOT_Y, PAGES * PG).unwrap();
+    s.unmap(Gpa(SLOT_X), PAGES * PG).unwrap();
+    s.unmap(Gpa(SLOT_Y), PAGES * PG).unwrap();
     assert_eq!(s.resident_count(), 0);
     s.with_table(|t| assert!(t.pages().errors().is_empty()));
 }
@@ -279,12 +279,12 @@ fn stress_accounting_release_then_preempted_across_harvests() {
     let s = space_with(1 << 30, npt(), true, 8);
     let r = reservoir(PAGES);
     let stable = ram(&r, PAGES);
-    s.map(&stable, 0, SLOT_Y, PAGES * PG, Prot::RW).unwrap();
+    s.map(&stable, 0, Gpa(SLOT_Y), PAGES * PG, Prot::RW).unwrap();
     let c = s.client();
     let mut started = 0u64;
     let mut seen = Vec::new();
     let mut w = Written::default();
-    let h = c.hold(SLOT_Y + 3 * PG, Prot::RW).unwrap();
+    let h = c.hold(Gpa(SLOT_Y + 3 * PG), Prot::RW).unwrap();
     h.write_u64(0, 1).unwrap();
     w.releasing(started);
     assert!(!h.release());
@@ -293,7 +293,7 @@ fn stress_accounting_release_then_preempted_across_harvests() {
         let idx = started;
         started += 1;
         let mut bitmap = [0u64; 1];
-        s.track_dirty(SLOT_Y, PAGES * PG, &mut bitmap).unwrap();
+        s.track_dirty(Gpa(SLOT_Y), PAGES * PG, &mut bitmap).unwrap();
         if bit(&bitmap, 3) {
             seen.push(idx);
         }
@@ -304,7 +304,7 @@ fn stress_accounting_release_then_preempted_across_harvests() {
     let mut late = Written::default();
     late.releasing(started);
     assert!(!Written::reported_in(late.need, &seen), "a count read after the release is too late");
-    s.unmap(SLOT_Y, PAGES * PG).unwrap();
+    s.unmap(Gpa(SLOT_Y), PAGES * PG).unwrap();
 }
 
 /// Objects are created, mapped, unmapped and dropped by the administrator
@@ -327,7 +327,7 @@ fn stress_objects_dropped_while_held() {
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
                     let page = (i * 7 + w as u64) % OBJ;
-                    let Ok(h) = c.hold(SLOT_X + page * PG, Prot::RW) else { continue };
+                    let Ok(h) = c.hold(Gpa(SLOT_X + page * PG), Prot::RW) else { continue };
                     let value = (w as u64) << 56 | i;
                     h.write_u64(w * 8, value).unwrap();
                     for _ in 0..(i % 64) {
@@ -353,13 +353,13 @@ fn stress_objects_dropped_while_held() {
                 panic!("round {round}: {e:?}: objects leak: {:?} after the workers stopped", r.stats());
             }
         };
-        s.map(&o, 0, SLOT_X, OBJ * PG, Prot::RW).unwrap();
+        s.map(&o, 0, Gpa(SLOT_X), OBJ * PG, Prot::RW).unwrap();
         if round % 2 == 0 {
-            s.populate(SLOT_X, OBJ * PG).unwrap();
+            s.populate(Gpa(SLOT_X), OBJ * PG).unwrap();
         }
         drop(o);
         std::thread::yield_now();
-        s.unmap(SLOT_X, OBJ * PG).unwrap();
+        s.unmap(Gpa(SLOT_X), OBJ * PG).unwrap();
     }
     stop.store(true, Ordering::SeqCst);
     let held: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();

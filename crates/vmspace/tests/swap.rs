@@ -23,7 +23,7 @@ fn setup(pages: u64, frames: u64, track: bool) -> (Space, Arc<HeapReservoir>, Ar
     let s = space(GIB, track);
     let r = reservoir(frames);
     let o = swap_obj(&r, pages);
-    s.map(&o, 0, 0, pages * PG, Prot::RW).unwrap();
+    s.map(&o, 0, Gpa(0), pages * PG, Prot::RW).unwrap();
     (s, r, o)
 }
 
@@ -32,14 +32,14 @@ fn pattern(page: u64, round: u64) -> u64 {
 }
 
 fn write_page(c: &VmClient<Pages>, page: u64, v: u64) {
-    let h = c.hold(page * PG, Prot::RW).unwrap();
+    let h = c.hold(Gpa(page * PG), Prot::RW).unwrap();
     h.write_u64(0, v).unwrap();
     h.write_u64(4088, !v).unwrap();
     h.release();
 }
 
 fn read_page(c: &VmClient<Pages>, page: u64) -> (u64, u64) {
-    let h = c.hold(page * PG, Prot::READ).unwrap();
+    let h = c.hold(Gpa(page * PG), Prot::READ).unwrap();
     let r = (h.read_u64(0).unwrap(), h.read_u64(4088).unwrap());
     h.release();
     r
@@ -107,7 +107,7 @@ fn more_memory_than_reservoir_round_trips() {
     }
     assert_eq!(s.swap_stats().swapped_in, before);
     // Everything goes back to the reservoir with the object.
-    s.unmap(0, 64 * PG).unwrap();
+    s.unmap(Gpa(0), 64 * PG).unwrap();
     drop(o);
     assert_eq!(r.stats().allocated, 0);
 }
@@ -117,30 +117,30 @@ fn vcpu_faults_swap_in_and_neighbours_stay_out() {
     let s = space_with(GIB, npt(), false, 16);
     let r = reservoir(32);
     let o = swap_obj(&r, 64);
-    s.map(&o, 0, 0, 64 * PG, Prot::RW).unwrap();
+    s.map(&o, 0, Gpa(0), 64 * PG, Prot::RW).unwrap();
     o.write(5 * PG, &42u64.to_le_bytes()).unwrap(); // straight into the swap file
     let c = s.client();
-    c.fault(5 * PG, Prot::READ).unwrap();
+    c.fault(Gpa(5 * PG), Prot::READ).unwrap();
     // Only the faulting page became resident: fault-around maps no
     // neighbour without a frame.
     assert_eq!(s.resident_count(), 1);
     assert_eq!(s.swap_stats().swapped_in, 1);
-    let (pfn, _) = s.lookup(5 * PG).unwrap();
+    let (pfn, _) = s.lookup(Gpa(5 * PG)).unwrap();
     assert_eq!(o.frame_at(5 * PG), Some(pfn));
     assert_eq!(read_page(&c, 5).0, 42);
     // Everything out, then two pages in, one fault each.
     assert_eq!(s.swap_out(64).unwrap(), 1);
     assert_eq!(s.resident_count(), 0);
-    c.fault(0, Prot::READ).unwrap();
-    c.fault(2 * PG, Prot::READ).unwrap();
+    c.fault(Gpa(0), Prot::READ).unwrap();
+    c.fault(Gpa(2 * PG), Prot::READ).unwrap();
     assert_eq!(s.resident_count(), 2);
     // Resident neighbours (frames kept, leaves gone with the unmap) are
     // mapped around a later fault.
-    s.unmap(0, 64 * PG).unwrap();
-    s.map(&o, 0, 0, 64 * PG, Prot::RW).unwrap();
-    c.fault(0, Prot::READ).unwrap();
+    s.unmap(Gpa(0), 64 * PG).unwrap();
+    s.map(&o, 0, Gpa(0), 64 * PG, Prot::RW).unwrap();
+    c.fault(Gpa(0), Prot::READ).unwrap();
     assert_eq!(s.resident_count(), 2);
-    assert!(s.lookup(2 * PG).is_some());
+    assert!(s.lookup(Gpa(2 * PG)).is_some());
     assert_eq!(s.resident_count(), present_leaves(&s));
 }
 
@@ -149,7 +149,7 @@ fn clock_spares_accessed_pages_for_a_pass() {
     let (s, _r, o) = setup(8, 8, false);
     let c = s.client();
     for p in 0..8 {
-        c.fault(p * PG, Prot::READ).unwrap();
+        c.fault(Gpa(p * PG), Prot::READ).unwrap();
     }
     for p in 0..4 {
         touch(&s, p * PG);
@@ -166,7 +166,7 @@ fn clock_spares_accessed_pages_for_a_pass() {
     assert_eq!(s.swap_out(4).unwrap(), 4);
     // The cold half went; the accessed half lost its bit and stayed.
     for p in 0..8 {
-        assert_eq!(s.lookup(p * PG).is_some(), p < 4, "page {p}");
+        assert_eq!(s.lookup(Gpa(p * PG)).is_some(), p < 4, "page {p}");
         assert_eq!(o.frame_at(p * PG).is_some(), p < 4);
     }
     let st = s.swap_stats();
@@ -188,7 +188,7 @@ fn clock_spares_accessed_pages_for_a_pass() {
     touch(&s, PG);
     let mut told = Vec::new();
     assert_eq!(s.swap_out(3).unwrap(), 3);
-    assert!(s.lookup(PG).is_some());
+    assert!(s.lookup(Gpa(PG)).is_some());
     told.extend(seen.lock().unwrap()[1].iter().copied());
     told.sort();
     assert_eq!(told, [0, 1, 2, 3].map(|p| frames[p]));
@@ -204,14 +204,14 @@ fn holds_pin_pages() {
     for p in 0..16 {
         write_page(&c, p, pattern(p, 2));
     }
-    let h = other.hold(3 * PG, Prot::RW).unwrap();
-    let chain = c.hold_range(9 * PG, 2 * PG, Prot::READ).unwrap();
+    let h = other.hold(Gpa(3 * PG), Prot::RW).unwrap();
+    let chain = c.hold_range(Gpa(9 * PG), 2 * PG, Prot::READ).unwrap();
     assert_eq!(s.swap_out(16).unwrap(), 13);
     for p in 0..16 {
         assert_eq!(o.frame_at(p * PG).is_some(), [3, 9, 10].contains(&p), "page {p}");
     }
     // The held page is still the held frame, writable through the hold.
-    assert_eq!(s.lookup(3 * PG).map(|l| l.0), Some(h.pfn()));
+    assert_eq!(s.lookup(Gpa(3 * PG)).map(|l| l.0), Some(h.pfn()));
     h.write_u64(8, 99).unwrap();
     assert!(!h.release());
     chain.release();
@@ -231,12 +231,12 @@ fn swapped_out_dirty_page_stays_dirty_clean_swap_in_is_not_resent() {
     }
     let mut bm = [0u64; 1];
     // Harvest pages 0..4 now (they become clean), leave 4..8 dirty.
-    assert_eq!(s.dirty_op(DirtyOp::Reset, 0, 4 * PG, None, &mut bm).unwrap(), 4);
+    assert_eq!(s.dirty_op(DirtyOp::Reset, Gpa(0), 4 * PG, None, &mut bm).unwrap(), 4);
     assert_eq!(s.swap_out(8).unwrap(), 8);
     assert_eq!(s.resident_count(), 0);
     assert_eq!(s.swap_stats().swapped_dirty, 4);
     // Get reports the swapped-out dirty pages without clearing them.
-    assert_eq!(s.dirty_op(DirtyOp::Get, 0, 8 * PG, None, &mut bm).unwrap(), 4);
+    assert_eq!(s.dirty_op(DirtyOp::Get, Gpa(0), 8 * PG, None, &mut bm).unwrap(), 4);
     assert_eq!(bm[0], 0xf0);
     // Swap the dirty pages and one clean page back in by reading them.
     for p in 3..8 {
@@ -245,27 +245,27 @@ fn swapped_out_dirty_page_stays_dirty_clean_swap_in_is_not_resent() {
     // The next harvest reports exactly the pages dirty before swap-out
     // (whether swapped in since or not), and clears them.
     let mut frames = Vec::new();
-    assert_eq!(s.track_dirty_frames(0, 8 * PG, &mut bm, &mut frames).unwrap(), 4);
+    assert_eq!(s.track_dirty_frames(Gpa(0), 8 * PG, &mut bm, &mut frames).unwrap(), 4);
     assert_eq!(bm[0], 0xf0);
     assert_eq!(s.swap_stats().swapped_dirty, 0);
     // Swapped in clean and not written since: nothing to re-send.
-    assert_eq!(s.track_dirty(0, 8 * PG, &mut bm).unwrap(), 0);
+    assert_eq!(s.track_dirty(Gpa(0), 8 * PG, &mut bm).unwrap(), 0);
     // A swapped-in page written again is dirty again.
     write_page(&c, 3, 1);
-    assert_eq!(s.track_dirty(0, 8 * PG, &mut bm).unwrap(), 1);
+    assert_eq!(s.track_dirty(Gpa(0), 8 * PG, &mut bm).unwrap(), 1);
     assert_eq!(bm[0], 1 << 3);
     // A page both dirty in its leaf and swapped-dirty counts once.
     write_page(&c, 2, 5);
     s.swap_out(8).unwrap();
     write_page(&c, 2, 6);
-    assert_eq!(s.track_dirty(0, 8 * PG, &mut bm).unwrap(), 1);
+    assert_eq!(s.track_dirty(Gpa(0), 8 * PG, &mut bm).unwrap(), 1);
     assert_eq!(bm[0], 1 << 2);
     // Set marks swapped-out pages of the selection too.
     s.swap_out(8).unwrap();
-    assert!(s.lookup(6 * PG).is_none());
+    assert!(s.lookup(Gpa(6 * PG)).is_none());
     let sel = [0b0100_0100u64];
-    assert_eq!(s.dirty_op(DirtyOp::Set, 0, 8 * PG, Some(&sel), &mut bm).unwrap(), 2);
-    assert_eq!(s.track_dirty(0, 8 * PG, &mut bm).unwrap(), 2);
+    assert_eq!(s.dirty_op(DirtyOp::Set, Gpa(0), 8 * PG, Some(&sel), &mut bm).unwrap(), 2);
+    assert_eq!(s.track_dirty(Gpa(0), 8 * PG, &mut bm).unwrap(), 2);
     assert_eq!(bm[0], 0b0100_0100);
 }
 
@@ -276,10 +276,10 @@ fn unmap_and_remap_keep_swapped_contents() {
     for p in 0..32 {
         write_page(&c, p, pattern(p, 4));
     }
-    s.unmap(0, 32 * PG).unwrap();
+    s.unmap(Gpa(0), 32 * PG).unwrap();
     assert_eq!(s.resident_count(), 0);
     // Mapped elsewhere: the resident and the swapped-out pages come back.
-    s.map(&o, 0, 1 << 20, 32 * PG, Prot::RW).unwrap();
+    s.map(&o, 0, Gpa(1 << 20), 32 * PG, Prot::RW).unwrap();
     for p in 0..32 {
         assert_eq!(read_page(&c, (1 << 20) / PG + p).0, pattern(p, 4));
     }
@@ -290,14 +290,14 @@ fn unmap_and_remap_keep_swapped_contents() {
 fn exhausted_reservoir_with_everything_pinned_fails_cleanly() {
     let (s, _r, o) = setup(8, 2, false);
     let c = s.client();
-    let h0 = c.hold(0, Prot::RW).unwrap();
-    let h1 = c.hold(PG, Prot::RW).unwrap();
-    assert_eq!(c.hold(2 * PG, Prot::RW).unwrap_err(), Error::ReservoirFull);
-    assert_eq!(c.fault(2 * PG, Prot::READ).unwrap_err(), Error::ReservoirFull);
+    let h0 = c.hold(Gpa(0), Prot::RW).unwrap();
+    let h1 = c.hold(Gpa(PG), Prot::RW).unwrap();
+    assert_eq!(c.hold(Gpa(2 * PG), Prot::RW).unwrap_err(), Error::ReservoirFull);
+    assert_eq!(c.fault(Gpa(2 * PG), Prot::READ).unwrap_err(), Error::ReservoirFull);
     assert_eq!(o.frame_at(2 * PG), None);
     assert_eq!(s.resident_count(), 2);
     drop((h0, h1));
-    c.fault(2 * PG, Prot::READ).unwrap();
+    c.fault(Gpa(2 * PG), Prot::READ).unwrap();
     assert_eq!(s.resident_count(), present_leaves(&s));
 }
 
@@ -305,7 +305,7 @@ fn exhausted_reservoir_with_everything_pinned_fails_cleanly() {
 fn swap_out_from_guest_context_is_refused() {
     let (s, _r, _o) = setup(4, 4, false);
     let c = s.client();
-    c.fault(0, Prot::READ).unwrap();
+    c.fault(Gpa(0), Prot::READ).unwrap();
     let on = c.table_enter(0).unwrap();
     assert_eq!(s.swap_out(4).unwrap_err(), Error::SelfDeadlock);
     on.exit();
@@ -324,7 +324,7 @@ fn data_path_races_the_swapper() {
     // One more range of PER pages, written and read only by the host
     // (through the object: frames, or the swap file) meanwhile.
     let o = swap_obj(&r, (THREADS + 1) * PER);
-    s.map(&o, 0, 0, (THREADS + 1) * PER * PG, Prot::RW).unwrap();
+    s.map(&o, 0, Gpa(0), (THREADS + 1) * PER * PG, Prot::RW).unwrap();
     let host = {
         let (o, s) = (o.clone(), s.clone());
         std::thread::spawn(move || {
@@ -334,7 +334,7 @@ fn data_path_races_the_swapper() {
             for round in 1..=30u64 {
                 for i in 0..PER {
                     if (i + round) % 4 == 0 {
-                        c.fault((THREADS * PER + i) * PG, Prot::READ).unwrap();
+                        c.fault(Gpa((THREADS * PER + i) * PG), Prot::READ).unwrap();
                     }
                     let off = (THREADS * PER + i) * PG + 8 * (round % 8);
                     let v = pattern(i, round);
@@ -367,10 +367,10 @@ fn data_path_races_the_swapper() {
                     for i in 0..PER {
                         let p = t * PER + i;
                         if (i + round) % 3 == 0 {
-                            c.fault(p * PG, Prot::WRITE).unwrap();
+                            c.fault(Gpa(p * PG), Prot::WRITE).unwrap();
                             continue;
                         }
-                        let h = match c.hold(p * PG, Prot::RW) {
+                        let h = match c.hold(Gpa(p * PG), Prot::RW) {
                             Ok(h) => h,
                             Err(e) => panic!("{e:?} {:?} {:?}", s.swap_stats(), s.resident_count()),
                         };
@@ -409,7 +409,7 @@ fn data_path_races_the_swapper() {
     assert_eq!(s.resident_count(), present_leaves(&s));
     // Every page was written (held writable) since the last harvest.
     let mut bm = vec![0u64; (THREADS * PER).div_ceil(64) as usize];
-    assert_eq!(s.track_dirty(0, THREADS * PER * PG, &mut bm).unwrap(), THREADS * PER);
+    assert_eq!(s.track_dirty(Gpa(0), THREADS * PER * PG, &mut bm).unwrap(), THREADS * PER);
 }
 
 #[test]
@@ -417,7 +417,7 @@ fn vcpu_in_guest_context_is_kicked_before_frames_are_freed() {
     let (s, _r, o) = setup(4, 4, false);
     let s = Arc::new(s);
     let v = s.client();
-    v.fault(0, Prot::READ).unwrap();
+    v.fault(Gpa(0), Prot::READ).unwrap();
     let kicked = Arc::new(AtomicBool::new(false));
     let k2 = kicked.clone();
     v.set_kick(Some(move |_cpu: u32| k2.store(true, Ordering::SeqCst)));

@@ -264,7 +264,7 @@ impl<P: TablePages + Send + Sync> VmMemory<P> {
                         None => self
                             .vm
                             .space()
-                            .track_dirty(m.gpa.0, m.len, &mut tmp)
+                            .track_dirty(m.gpa, m.len, &mut tmp)
                             .map(|_| ())
                             .map_err(|e| err("harvest", e))?,
                     }

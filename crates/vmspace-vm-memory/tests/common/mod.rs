@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use nested_pt::{Caps, HeapPages};
-use vmspace::{HeapReservoir, PAGE_SIZE, Pfn, Prot, PteFormat, SpaceConfig, VmObject, VmSpace};
+use vmspace::{Gpa, HeapReservoir, PAGE_SIZE, Pfn, Prot, PteFormat, SpaceConfig, VmObject, VmSpace};
 
 pub const PG: u64 = PAGE_SIZE;
 pub const MIB: u64 = 1 << 20;
@@ -39,7 +39,7 @@ pub fn guest() -> Guest {
     let mut objects = Vec::new();
     for (gpa, len, prot) in [(A.0, A.1, Prot::RW), (B.0, B.1, Prot::RW), (C.0, C.1, Prot::RW), (R.0, R.1, Prot::READ)] {
         let o = VmObject::ram(reservoir.clone(), len).unwrap();
-        space.map(&o, 0, gpa, len, prot).unwrap();
+        space.map(&o, 0, Gpa(gpa), len, prot).unwrap();
         objects.push(o);
     }
     Guest { space, reservoir, objects }
@@ -50,6 +50,6 @@ pub fn guest() -> Guest {
 pub fn harvest(space: &Space) -> Vec<u64> {
     let pages = 16 * MIB / PG;
     let mut bm = vec![0u64; pages.div_ceil(64) as usize];
-    space.track_dirty(0, 16 * MIB, &mut bm).unwrap();
+    space.track_dirty(Gpa(0), 16 * MIB, &mut bm).unwrap();
     (0..pages).filter(|&i| bm[(i / 64) as usize] >> (i % 64) & 1 == 1).collect()
 }

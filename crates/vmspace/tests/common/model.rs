@@ -211,7 +211,7 @@ pub fn run(cfg: &Config, ops: &[Op]) -> std::result::Result<(), String> {
                 let (obj, off, gpa, len) =
                     (obj as usize % objs.len(), off as u64 % 18, gpa as u64 % GPA_PAGES, len as u64 % 20);
                 let prot = if write { Prot::RW } else { Prot::READ };
-                let got = s.map(&objs[obj], off * PG, at(gpa), len * PG, prot);
+                let got = s.map(&objs[obj], off * PG, Gpa(at(gpa)), len * PG, prot);
                 let want = if len == 0 {
                     Err(Error::Invalid(Invalid::ZeroLength))
                 } else if off + len > OBJ_PAGES {
@@ -229,7 +229,7 @@ pub fn run(cfg: &Config, ops: &[Op]) -> std::result::Result<(), String> {
             }
             Op::Unmap { gpa, len } => {
                 let (gpa, len) = (gpa as u64 % GPA_PAGES, len as u64 % 20);
-                let got = s.unmap(at(gpa), len * PG);
+                let got = s.unmap(Gpa(at(gpa)), len * PG);
                 let want = if len == 0 {
                     Err(Error::Invalid(Invalid::ZeroLength))
                 } else if m.maps.get(&gpa).is_some_and(|mm| mm.len == len) {
@@ -250,7 +250,7 @@ pub fn run(cfg: &Config, ops: &[Op]) -> std::result::Result<(), String> {
             }
             Op::Populate { gpa, len } => {
                 let (gpa, len) = (gpa as u64 % GPA_PAGES, len as u64 % 8);
-                let got = s.populate(at(gpa), len * PG);
+                let got = s.populate(Gpa(at(gpa)), len * PG);
                 let want = if len == 0 {
                     Err(Error::Invalid(Invalid::ZeroLength))
                 } else {
@@ -268,7 +268,7 @@ pub fn run(cfg: &Config, ops: &[Op]) -> std::result::Result<(), String> {
             Op::Fault { client, gpa, write } => {
                 let (c, gpa) = (&clients[client as usize % clients.len()], gpa as u64 % GPA_PAGES);
                 let prot = if write { Prot::WRITE } else { Prot::READ };
-                let got = c.fault(at(gpa) + 17, prot);
+                let got = c.fault(Gpa(at(gpa) + 17), prot);
                 let want = m.access(gpa, prot, base).map(|_| ());
                 // Emulated A/D: a vCPU's write fault grants hardware W,
                 // the format's dirty bit (whether tracking is on or not).
@@ -280,7 +280,7 @@ pub fn run(cfg: &Config, ops: &[Op]) -> std::result::Result<(), String> {
             Op::Hold { client, gpa, write, defer, mark } => {
                 let (c, gpa) = (&clients[client as usize % clients.len()], gpa as u64 % GPA_PAGES);
                 let prot = if write { Prot::RW } else { Prot::READ };
-                let got = c.hold_ext(at(gpa), prot, defer);
+                let got = c.hold_ext(Gpa(at(gpa)), prot, defer);
                 let want = m.access(gpa, prot, base);
                 match (got, want) {
                     (Ok(h), Ok(mm)) => {
@@ -329,7 +329,7 @@ pub fn run(cfg: &Config, ops: &[Op]) -> std::result::Result<(), String> {
                 let sel = select.map(|v| [v]);
                 let mut out = [0xa5a5_5a5a_0f0f_f0f0u64];
                 let before = out[0];
-                let got = s.dirty_op(dop, at(gpa), len * PG, sel.as_ref().map(|s| &s[..]), &mut out);
+                let got = s.dirty_op(dop, Gpa(at(gpa)), len * PG, sel.as_ref().map(|s| &s[..]), &mut out);
                 let want = if len == 0 {
                     Err(Error::Invalid(Invalid::ZeroLength))
                 } else if !m.tracking {
@@ -374,7 +374,7 @@ pub fn run(cfg: &Config, ops: &[Op]) -> std::result::Result<(), String> {
             }
             Op::UnmapRange { gpa, len } => {
                 let (gpa, len) = (gpa as u64 % GPA_PAGES, len as u64 % 12);
-                let got = s.unmap_range(at(gpa), len * PG);
+                let got = s.unmap_range(Gpa(at(gpa)), len * PG);
                 let want = if len == 0 {
                     Err(Error::Invalid(Invalid::ZeroLength))
                 } else {
@@ -398,7 +398,7 @@ pub fn run(cfg: &Config, ops: &[Op]) -> std::result::Result<(), String> {
             Op::Protect { gpa, len, write } => {
                 let (gpa, len) = (gpa as u64 % GPA_PAGES, len as u64 % 12);
                 let prot = if write { Prot::RW } else { Prot::READ };
-                let got = s.protect(at(gpa), len * PG, prot);
+                let got = s.protect(Gpa(at(gpa)), len * PG, prot);
                 let want = if len == 0 {
                     Err(Error::Invalid(Invalid::ZeroLength))
                 } else {
@@ -431,7 +431,7 @@ pub fn run(cfg: &Config, ops: &[Op]) -> std::result::Result<(), String> {
             } else {
                 None
             };
-            check_eq!(s.lookup(at(p)), want, "step {step}: lookup of page {p} after {op:?}");
+            check_eq!(s.lookup(Gpa(at(p))), want, "step {step}: lookup of page {p} after {op:?}");
         }
         let gen_after = s.table_gen();
         match gen_rule {
