@@ -353,16 +353,8 @@ impl Guest {
             vcpus.push(Box::new(v));
         }
         let machine = Machine::new(be.clone(), vcpus, mode == PagingMode::HardwareNested);
-        let specs: Vec<Spec> = (0..cfg.vcpus)
-            .map(|i| Spec {
-                mode: cfg.mode,
-                base: ram_base + i as u64 * npages * PAGE,
-                npages,
-                seed: (cfg.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1,
-                write_pct: cfg.write_pct,
-                magic: 0xc0de_0000_0000_0000 | ((i as u64) << 40),
-            })
-            .collect();
+        let specs: Vec<Spec> =
+            (0..cfg.vcpus).map(|i| Spec::for_vcpu(i, cfg.mode, ram_base, npages, cfg.seed, cfg.write_pct)).collect();
         if !incoming {
             for (i, s) in specs.iter().enumerate() {
                 machine.set_param(i, P_MODE, s.mode as u64)?;

@@ -441,16 +441,8 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
         Some(f) => Some(setup_framebuffer(&*be, &mut m, &f)?),
         None => None,
     };
-    let specs: Vec<Spec> = (0..cfg.vcpus)
-        .map(|i| Spec {
-            mode: cfg.mode,
-            base: ram_base + i as u64 * npages * PAGE,
-            npages,
-            seed: (cfg.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1,
-            write_pct: cfg.write_pct,
-            magic: 0xc0de_0000_0000_0000 | ((i as u64) << 40),
-        })
-        .collect();
+    let specs: Vec<Spec> =
+        (0..cfg.vcpus).map(|i| Spec::for_vcpu(i, cfg.mode, ram_base, npages, cfg.seed, cfg.write_pct)).collect();
     for (i, s) in specs.iter().enumerate() {
         m.set_param(i, P_MODE, s.mode as u64)?;
         m.set_param(i, P_BASE, s.base)?;

@@ -52,6 +52,21 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// vCPU `i`'s workload in the standard layout: its own `npages`-page
+    /// region after those of the vCPUs before it from `ram_base`, a
+    /// generator seed derived from `seed` and `i` (distinct and non-zero
+    /// per vCPU), and a header magic naming the vCPU.
+    pub fn for_vcpu(i: usize, mode: Mode, ram_base: u64, npages: u64, seed: u64, write_pct: u32) -> Spec {
+        Spec {
+            mode,
+            base: ram_base + i as u64 * npages * 4096,
+            npages,
+            seed: (seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1,
+            write_pct,
+            magic: 0xc0de_0000_0000_0000 | ((i as u64) << 40),
+        }
+    }
+
     /// The write threshold out of 256 the guest compares against.
     pub fn write_thresh(&self) -> u64 {
         (u64::from(self.write_pct.min(100)) * 256).div_ceil(100)
