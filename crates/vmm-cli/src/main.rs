@@ -493,6 +493,11 @@ struct SwapJson {
     write_errors: u64,
     resident: u64,
     swapped: u64,
+    /// The swapper thread's low-water steps that swapped out, and the
+    /// pages they swapped out (the rest were evicted by faults that found
+    /// the reservoir exhausted).
+    swapper_calls: u64,
+    swapper_pages_out: u64,
 }
 
 fn us(d: Duration) -> f64 {
@@ -562,6 +567,8 @@ fn run_json(r: &RunReport) -> RunJson {
             .collect(),
         vcpus: r.vcpus.iter().map(VcpuJson::from).collect(),
         swap: r.swap.map(|s| SwapJson {
+            swapper_calls: r.swapper.map_or(0, |w| w.swap_calls),
+            swapper_pages_out: r.swapper.map_or(0, |w| w.pages_out),
             swapped_out: s.swapped_out,
             swapped_in: s.swapped_in,
             first_touch: s.first_touch,
@@ -632,6 +639,9 @@ fn print_run(r: &RunReport) {
             s.resident,
             s.swapped
         );
+        if let Some(w) = &r.swapper {
+            out!("  swapper thread:  {} low-water steps swapped out {} pages", w.swap_calls, w.pages_out);
+        }
     }
     out!(
         "  invalidation:    {} frames dropped ({:.1} us each), {} shadow zaps ({:.1} us each)",

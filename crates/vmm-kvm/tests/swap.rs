@@ -31,6 +31,10 @@ fn check(r: &RunReport, reservoir: u64) {
     assert!(s.swapped_in > 0, "nothing was swapped back in: {s:?}");
     assert_eq!(s.write_errors, 0);
     assert!(s.resident * 4096 <= reservoir, "more pages resident than the reservoir holds: {s:?}");
+    // The swapper thread ran, and counted no more than the space did.
+    let w = r.swapper.expect("a swapping run has a swapper thread");
+    assert!(w.steps > 0, "the swapper never looked: {w:?}");
+    assert!(w.pages_out <= s.swapped_out, "{w:?} vs {s:?}");
     assert!(r.ok());
 }
 

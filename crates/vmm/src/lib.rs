@@ -109,9 +109,8 @@
 //!   and swapped-out pages, [`migration::vm`], reading swapped-out ones
 //!   from the swap file through [`Vm::read_segment`]), but a migrating run
 //!   has no swapper of its own beyond its faults' reclaim; `vmm
-//!   run` swaps from its coordinating thread every few milliseconds and
-//!   from faults that find the reservoir exhausted (no swapper thread of
-//!   its own).
+//!   run` swaps from a swapper thread ([`swapper::Swapper`], a fixed
+//!   low-water mark) and from faults that find the reservoir exhausted.
 //! - Device-memory frame ranges are handed out by a bump allocator and not
 //!   reused after a segment is freed.
 //! - The harvest's comparison of device memory costs a copy of every
@@ -137,6 +136,7 @@ pub mod pci;
 pub mod platform;
 pub mod run;
 pub mod runtime;
+pub mod swapper;
 mod vm;
 pub mod watch;
 pub mod workload;

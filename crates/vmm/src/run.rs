@@ -18,15 +18,15 @@
 //! With a reservoir smaller than guest memory plus the runtime
 //! ([`RunConfig::reservoir`]) guest memory is a *swappable* segment
 //! ([`crate::Vm::alloc_swappable_segment`]): pages get frames on first
-//! touch, the coordinating thread swaps cold pages out whenever the
-//! reservoir's free frames fall below a low-water mark
+//! touch, a swapper thread ([`crate::swapper::Swapper`]) swaps cold pages
+//! out whenever the reservoir's free frames fall below a low-water mark
 //! (`vmspace::VmSpace::swap_out`, the accessed-bit clock), a fault that
 //! still finds it exhausted evicts a batch itself, and the next access
 //! swaps a page back in. Every check is the same: the ledgers must match
 //! the harvests exactly (swapped-out dirty pages included), and the replay
 //! reads guest memory through the segment's object (resident pages from
 //! their frames, the others from the swap file). The report gives the
-//! swap counters ([`RunReport::swap`]).
+//! swap counters ([`RunReport::swap`], [`RunReport::swapper`]).
 //!
 //! While it runs, the VM answers on its control socket ([`crate::control`]):
 //! `inspect` (segments, mappings, vCPU registers, tables) and
@@ -304,6 +304,9 @@ pub struct RunReport<D = ()> {
     /// The swap counters at the end (pages swapped out and in, clock
     /// passes...), when guest memory was swappable.
     pub swap: Option<vmspace::SwapStats>,
+    /// What the swapper thread did ([`crate::swapper::Swapper`]), when
+    /// guest memory was swappable.
+    pub swapper: Option<crate::swapper::SwapperStats>,
 }
 
 impl<D> RunReport<D> {
@@ -483,6 +486,15 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
 
     let stop_ports = |i: usize, ev: Event| workload_event(i, ev, &data_errors);
 
+    // The swapper keeps the reservoir above its low-water mark on a thread
+    // of its own while the vCPUs run (a fault that finds it exhausted
+    // still reclaims by itself).
+    let swapper = if swapping {
+        let s = crate::swapper::Swapper::spawn(be.vm().clone(), crate::swapper::SwapperConfig::default());
+        Some(s.map_err(|e| setup(format!("swapper: {e}")))?)
+    } else {
+        None
+    };
     let stop_requested = || cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
     let mut snapshot = None;
     let mut coordinate = |m: &Machine| {
@@ -496,8 +508,8 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
             if now >= end || m.control.finished() > 0 || stop_requested() {
                 break;
             }
-            if swapping {
-                swap_step(be.vm())?;
+            if let Some(e) = swapper.as_ref().and_then(crate::swapper::Swapper::error) {
+                return Err(setup(format!("swap out: {e}")));
             }
             if now >= next_round && (rounds.len() as u32) < cfg.rounds {
                 rounds.push(harvest_round(m)?);
@@ -545,6 +557,8 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
         })
     });
     let end = Instant::now();
+    let swapper =
+        swapper.map(crate::swapper::Swapper::stop).transpose().map_err(|e| setup(format!("swap out: {e}")))?;
     let (mut rounds, stop_at) = rounds?;
     let elapsed = stop_at - start;
     let verify_time = end - stop_at;
@@ -632,6 +646,7 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
         host_cpus: m.stats.iter().map(|s| s.host_cpu.load(Ordering::Relaxed)).collect(),
         screenshot,
         swap: swapping.then(|| be.vm().space().swap_stats()),
+        swapper,
         detection: if cfg.mode_override.is_none() { host.probe() } else { None },
         mode,
         elapsed,
@@ -657,20 +672,6 @@ pub fn run<H: Host>(host: &mut H, cfg: &RunConfig, progress: &mut dyn FnMut(Prog
             None
         },
     })
-}
-
-/// The swapper's step, run by the coordinating thread every few
-/// milliseconds: when the reservoir's free frames fall below a low-water
-/// mark (1/16 of it, at least 64 frames), swap out cold pages until twice
-/// the mark is free.
-fn swap_step<P: nested_pt::TablePages + Send + Sync + 'static>(vm: &crate::Vm<P>) -> Result<()> {
-    let st = vm.ram_stats();
-    let low = (st.limit / PAGE / 16).max(64);
-    let free = st.free / PAGE;
-    if free < low {
-        vm.space().swap_out(2 * low - free).map_err(|e| setup(format!("swap out: {e}")))?;
-    }
-    Ok(())
 }
 
 /// Reads `out.len()` words of guest RAM at `gpa` (inside one page): through
