@@ -102,8 +102,8 @@
 //!   are not acted on (see [`intr`]).
 //! - Migration runs its own workload loop (`vmm-kvm::migrate`), not
 //!   [`run`]: there is no vCPU-state hook in [`host::Host`] or
-//!   [`hv::Vcpu`] yet, and device models (the framebuffer, PCI, the
-//!   interrupt models) are not serialized.
+//!   [`hv::Vcpu`] yet, and its guests have no PCI platform or interrupt
+//!   system, whose state [`migration::devices`] serializes.
 //! - Swappable memory is refused for wiring and DMA mirrors (passthrough
 //!   guests); live migration runs with it (the first pass sends resident
 //!   and swapped-out pages, [`migration::vm`], reading swapped-out ones

@@ -98,8 +98,9 @@
 //!   ([`CpuEvent`]) are not acted on by the vCPU loop; `vmm run` does not
 //!   build an [`system::IntrSystem`] (it gives the machine's one MMIO
 //!   device slot to the PCI platform; [`system::MmioChain`] lets both
-//!   share it); snapshots of a running system are not taken (the
-//!   [`Interrupts`] inside can be, between runs).
+//!   share it). A running system's snapshot
+//!   ([`system::IntrSystem::snapshot`]) is consistent only with its
+//!   vCPUs paused, which the caller ensures (a migration's switch-over).
 //! * Delivery costs a nested fault per LAPIC access (EOI, ICR) and a kick
 //!   per cross-vCPU interrupt: no posted interrupts, no APIC-access page,
 //!   no paravirtual EOI.

@@ -19,7 +19,19 @@
 //!   them and kicks whoever got something. Register writes wake it, as
 //!   they may move a deadline.
 //!
-//! Time is nanoseconds since the system was built (a monotonic clock).
+//! Time is nanoseconds since the system was built (a monotonic clock),
+//! plus an offset that [`IntrSystem::restore`] sets so that a snapshot's
+//! clock continues where it was taken (timers neither restart nor fire
+//! early on a migration's target).
+//!
+//! # Snapshots
+//!
+//! [`IntrSystem::snapshot`] takes the models' state and their clock
+//! ([`IntrSnapshot`]) under the lock, so it is consistent with itself; it
+//! is meant for paused vCPUs (a migration's switch-over), as a vCPU
+//! running on would change the state right after. [`IntrSystem::restore`]
+//! replaces the models with a validated snapshot ([`Interrupts::restore`])
+//! and wakes the timer thread for the restored deadlines.
 //!
 //! # External controllers
 //!
@@ -36,7 +48,7 @@
 //! [`IntrSystem::send_msi`] / [`IntrSystem::set_irq`]. Kicks and
 //! [`IrqLines`] calls are made under it (neither calls back).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,7 +57,7 @@ use super::hpet::{HPET_PAGE_SIZE, Hpet, HpetEvent};
 use super::ioapic::{IOAPIC_PAGE_SIZE, IOAPIC_PINS};
 use super::lapic::LAPIC_PAGE_SIZE;
 use super::msi::{self, MsiError};
-use super::{HPET_BASE, IOAPIC_BASE, Interrupts, IntrError, LAPIC_BASE};
+use super::{HPET_BASE, IOAPIC_BASE, Interrupts, InterruptsState, IntrError, LAPIC_BASE};
 use crate::hv::Kick;
 use crate::machine::{InterruptSource, MmioDevices};
 
@@ -99,8 +111,19 @@ struct Shared {
     state: Mutex<State>,
     cv: Condvar,
     epoch: Instant,
+    /// Added to the time since `epoch` (set by a restore).
+    offset_ns: AtomicI64,
     kicks: Mutex<Vec<Arc<dyn Kick>>>,
     stop: AtomicBool,
+}
+
+/// An [`IntrSystem`]'s models with the time they were taken at.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IntrSnapshot {
+    /// The system's clock ([`IntrSystem::now_ns`]) when it was taken.
+    pub at_ns: u64,
+    /// The models.
+    pub state: InterruptsState,
 }
 
 /// The interrupt models of a running VM (see the module doc).
@@ -126,7 +149,8 @@ impl Shared {
     }
 
     fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        let t = self.epoch.elapsed().as_nanos() as i128 + i128::from(self.offset_ns.load(Ordering::Acquire));
+        u64::try_from(t.max(0)).unwrap_or(u64::MAX)
     }
 
     /// Kicks every vCPU but `except` that has a pending vector and was not
@@ -224,6 +248,7 @@ impl IntrSystem {
             state: Mutex::new(State { models, notified: vec![false; vcpus], stats: SystemStats::default() }),
             cv: Condvar::new(),
             epoch: Instant::now(),
+            offset_ns: AtomicI64::new(0),
             kicks: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
@@ -260,7 +285,9 @@ impl IntrSystem {
         *self.shared.kicks.lock().unwrap_or_else(|e| e.into_inner()) = kicks.to_vec();
     }
 
-    /// Nanoseconds since the system was built (the models' clock).
+    /// The models' clock: nanoseconds since the system was built, or
+    /// since the clock of the snapshot it was restored from
+    /// ([`IntrSystem::restore`]).
     pub fn now_ns(&self) -> u64 {
         self.shared.now_ns()
     }
@@ -312,6 +339,48 @@ impl IntrSystem {
             Models::Ours(intr) => Some(f(intr)),
             Models::External { .. } => None,
         }
+    }
+
+    /// Our models' state and their clock, taken together under the lock
+    /// (see the module doc; `None` for an external controller, whose
+    /// state is not ours to take).
+    pub fn snapshot(&self) -> Option<IntrSnapshot> {
+        let st = self.shared.lock();
+        let at_ns = self.shared.now_ns();
+        match &st.models {
+            Models::Ours(intr) => Some(IntrSnapshot { at_ns, state: intr.snapshot() }),
+            Models::External { .. } => None,
+        }
+    }
+
+    /// Replaces our models with `snap`'s, validated as
+    /// [`Interrupts::restore`] does, and sets the clock so that it reads
+    /// `snap.at_ns` now and runs on from there. Nothing changes on error.
+    ///
+    /// # Errors
+    ///
+    /// [`IntrError::BadVcpuCount`] for a snapshot of another number of
+    /// vCPUs than this system's, [`IntrError::BadSnapshot`] for state no
+    /// guest could have produced or for a system with an external
+    /// controller.
+    pub fn restore(&self, snap: IntrSnapshot) -> Result<(), IntrError> {
+        let intr = Interrupts::restore(snap.state)?;
+        let mut st = self.shared.lock();
+        if !matches!(st.models, Models::Ours(_)) {
+            return Err(IntrError::BadSnapshot("the system drives an external controller"));
+        }
+        if intr.vcpus() != st.notified.len() {
+            return Err(IntrError::BadVcpuCount(intr.vcpus()));
+        }
+        let elapsed = self.shared.epoch.elapsed().as_nanos() as i128;
+        let off = (i128::from(snap.at_ns) - elapsed).clamp(i128::from(i64::MIN), i128::from(i64::MAX));
+        self.shared.offset_ns.store(off as i64, Ordering::Release);
+        st.models = Models::Ours(intr);
+        st.notified.iter_mut().for_each(|n| *n = false);
+        // New deadlines for the timer thread; vCPUs find what is pending
+        // at their next entry.
+        self.shared.cv.notify_all();
+        Ok(())
     }
 
     /// The counters.

@@ -1,5 +1,7 @@
 //! Device-model state for migration: the PCI platform ([`Platform`]) as
-//! one [`StateKind::Device`] blob (instance [`PLATFORM_INSTANCE`]).
+//! one [`StateKind::Device`] blob (instance [`PLATFORM_INSTANCE`]), and
+//! the interrupt models of an [`IntrSystem`] (vLAPICs, vIOAPIC, vHPET and
+//! their clock) as another (instance [`INTERRUPTS_INSTANCE`]).
 //!
 //! # What is carried
 //!
@@ -27,10 +29,25 @@
 //! then discards the target VM (it never resumes on a failed
 //! `apply_state`).
 //!
+//! # Interrupt models
+//!
+//! [`save_interrupts`] takes an [`IntrSystem`]'s snapshot
+//! ([`IntrSystem::snapshot`]: every LAPIC's registers, IRR/ISR/TMR and
+//! timer, the I/O APIC's redirection table and pin levels, the HPET's
+//! counter and timers, pending INIT/start-up events, the models' clock)
+//! with the vCPUs paused; [`restore_interrupts`] checks the blob's magic,
+//! version and vCPU count and the state itself ([`Interrupts::restore`]
+//! refuses what no guest could have produced), then replaces the target's
+//! models and sets its clock to the source's, so a LAPIC or HPET timer
+//! expires on the target when it would have on the source (the time the
+//! VM was paused is not counted, as for a suspended guest). MSI routing
+//! has no state of its own (the policy travels with the models).
+//!
 //! # Known gaps
 //!
-//! - Interrupt models (vLAPIC, vIOAPIC, vHPET, MSI) are not serialized;
-//!   the migrating KVM runs attach none.
+//! - The migrating KVM runs attach no interrupt system (their workloads
+//!   take no interrupts): the interrupt blob is proved on `vmm`'s own
+//!   engine and models, not on a migrating KVM guest.
 //! - Only the framebuffer's registers are known; another device model's
 //!   device-specific registers (configuration space from 0x40) are not
 //!   carried.
@@ -39,11 +56,83 @@ use vmspace::TablePages;
 
 use super::{HostError, StateBlob, StateKind};
 use crate::fbuf::Fbuf;
+use crate::intr::Interrupts;
+use crate::intr::system::{IntrSnapshot, IntrSystem};
 use crate::platform::Platform;
 use crate::vm::Vm;
 
 /// The instance number of the platform's blob.
 pub const PLATFORM_INSTANCE: u32 = 0;
+
+/// The instance number of the interrupt models' blob.
+pub const INTERRUPTS_INSTANCE: u32 = 1;
+
+const INTR_MAGIC: u32 = 0x494e_5431; // "INT1"
+const INTR_VERSION: u32 = 1;
+
+/// The interrupt models' state of `intr` as a [`StateKind::Device`] blob
+/// (see the module doc): magic, version, vCPU count, then the snapshot as
+/// JSON. Take it with the vCPUs paused.
+///
+/// # Errors
+///
+/// A system driving an external controller has no models of ours to
+/// save.
+pub fn save_interrupts(intr: &IntrSystem) -> Result<StateBlob, HostError> {
+    let snap = intr.snapshot().ok_or_else(|| intr_bad("the system drives an external controller"))?;
+    let json = serde_json::to_vec(&snap).map_err(|e| intr_bad(format!("encoding: {e}")))?;
+    let mut data = Vec::with_capacity(12 + json.len());
+    data.extend_from_slice(&INTR_MAGIC.to_le_bytes());
+    data.extend_from_slice(&INTR_VERSION.to_le_bytes());
+    data.extend_from_slice(&(snap.state.lapics.len() as u32).to_le_bytes());
+    data.extend_from_slice(&json);
+    Ok(StateBlob { kind: StateKind::Device, instance: INTERRUPTS_INSTANCE, data })
+}
+
+fn intr_bad(m: impl Into<String>) -> HostError {
+    HostError::new("interrupt state", m)
+}
+
+/// Decodes and checks an interrupt blob ([`save_interrupts`]) for a
+/// system of `vcpus` vCPUs, without applying it.
+///
+/// # Errors
+///
+/// A short blob, another magic or version, another vCPU count, JSON that
+/// does not decode, or state [`Interrupts::restore`] refuses.
+pub fn decode_interrupts(blob: &[u8], vcpus: usize) -> Result<IntrSnapshot, HostError> {
+    let word = |i: usize| blob.get(4 * i..4 * i + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let (Some(magic), Some(version), Some(n)) = (word(0), word(1), word(2)) else {
+        return Err(intr_bad(format!("blob of {} bytes is shorter than its header", blob.len())));
+    };
+    if magic != INTR_MAGIC {
+        return Err(intr_bad(format!("not an interrupt blob (magic {magic:#010x})")));
+    }
+    if version != INTR_VERSION {
+        return Err(intr_bad(format!("version {version}, this build reads version {INTR_VERSION}")));
+    }
+    if n as usize != vcpus {
+        return Err(intr_bad(format!("the source had {n} vCPUs, this VM has {vcpus}")));
+    }
+    let snap: IntrSnapshot = serde_json::from_slice(&blob[12..]).map_err(|e| intr_bad(format!("decoding: {e}")))?;
+    if snap.state.lapics.len() != vcpus {
+        return Err(intr_bad(format!("header says {n} vCPUs, the state has {}", snap.state.lapics.len())));
+    }
+    Interrupts::restore(snap.state.clone()).map_err(|e| intr_bad(e.to_string()))?;
+    Ok(snap)
+}
+
+/// Applies an interrupt blob to the target's `intr` (see the module doc).
+/// Nothing changes on error.
+///
+/// # Errors
+///
+/// As [`decode_interrupts`], and a system driving an external
+/// controller.
+pub fn restore_interrupts(intr: &IntrSystem, blob: &[u8], vcpus: usize) -> Result<(), HostError> {
+    let snap = decode_interrupts(blob, vcpus)?;
+    intr.restore(snap).map_err(|e| intr_bad(e.to_string()))
+}
 
 const MAGIC: u32 = 0x5043_4931; // "PCI1"
 const ENTRY: usize = 52;

@@ -191,8 +191,11 @@
 //!   target maps each BAR's segment where the source had it; a BAR moved
 //!   during an attempt lands at its new place (tested on a `Vm` with a
 //!   platform, without KVM). The KVM migration still runs guests without a
-//!   platform (so `vmm run --migrate-to` has no framebuffer), and no
-//!   interrupt model (vLAPIC, vIOAPIC, vHPET, MSI) is serialized.
+//!   platform (so `vmm run --migrate-to` has no framebuffer). The
+//!   interrupt models (vLAPICs, vIOAPIC, vHPET and their clock) are
+//!   another [`devices`] blob ([`devices::save_interrupts`]), restored
+//!   with the target's clock set to the source's; the KVM migration's
+//!   guests attach no interrupt system either.
 //! - Harvests compose with migration by running in one place: on KVM the
 //!   run's harvest rounds and the engine's harvests are the same harvest
 //!   points on the coordinator thread (a round due during an attempt waits
