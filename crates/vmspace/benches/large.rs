@@ -25,6 +25,13 @@
 //!   small leaves (one scan of the leaf table, the store, the freeing,
 //!   one invalidation per call), over 64 MiB or 1 GiB at a time;
 //!   throughput in 2 MiB ranges.
+//! - `refill_256m/{auto,no_auto}`: the guest writing every 4 KiB page of
+//!   256 MiB of runs once, in order, after they were mapped while
+//!   tracking was on (so populated for 4 KiB leaves) and tracking went
+//!   off: with `SpaceConfig::auto_promote` the fault that fills a leaf
+//!   table promotes it (and later pages of the range take no fault),
+//!   without it every page stays a 4 KiB leaf. The nested-fault counts,
+//!   the time in them and the promotions are printed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -235,5 +242,44 @@ fn promote_n(c: &mut Criterion, chunks: u64) {
     g.finish();
 }
 
-criterion_group!(benches, first_touch, split, promote);
+fn refill(c: &mut Criterion) {
+    const LEN: u64 = 256 << 20;
+    let mut g = c.benchmark_group("refill_256m");
+    g.throughput(Throughput::Bytes(LEN));
+    g.sample_size(10);
+    let o = ram(LEN);
+    for (name, auto) in [("auto", true), ("no_auto", false)] {
+        let mut cfg = SpaceConfig::new(4 * GIB, PteFormat::npt(Caps::default()));
+        cfg.auto_promote = auto;
+        let s = VmSpace::new(cfg, HeapPages::new()).unwrap();
+        let client = s.client();
+        let mut faults = 0;
+        let mut in_faults = Vec::new();
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut t = Duration::ZERO;
+                for _ in 0..iters {
+                    s.set_dirty_tracking(true).unwrap();
+                    s.map(&o, 0, 0, LEN, Prot::RW).unwrap();
+                    s.set_dirty_tracking(false).unwrap();
+                    let t0 = Instant::now();
+                    let (f, d) = touch_all_timed(&s, &client, LEN, Access::Write, PG);
+                    t += t0.elapsed();
+                    faults = f;
+                    in_faults.push(d);
+                    s.unmap(0, LEN).unwrap();
+                }
+                t
+            })
+        });
+        eprintln!(
+            "refill_256m/{name}: {faults} nested faults, {:.3} ms in them (median), {} promotions in all",
+            median(&mut in_faults).as_secs_f64() * 1e3,
+            s.promotions().automatic
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, first_touch, split, promote, refill);
 criterion_main!(benches);
