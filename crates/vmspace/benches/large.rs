@@ -260,14 +260,14 @@ fn refill(c: &mut Criterion) {
                 let mut t = Duration::ZERO;
                 for _ in 0..iters {
                     s.set_dirty_tracking(true).unwrap();
-                    s.map(&o, 0, 0, LEN, Prot::RW).unwrap();
+                    s.map(&o, 0, Gpa(0), LEN, Prot::RW).unwrap();
                     s.set_dirty_tracking(false).unwrap();
                     let t0 = Instant::now();
                     let (f, d) = touch_all_timed(&s, &client, LEN, Access::Write, PG);
                     t += t0.elapsed();
                     faults = f;
                     in_faults.push(d);
-                    s.unmap(0, LEN).unwrap();
+                    s.unmap(Gpa(0), LEN).unwrap();
                 }
                 t
             })

@@ -589,7 +589,7 @@ fn small_populated(f: PteFormat, chunks: u64, auto: bool) -> (Space, Arc<VmObjec
         assert!(o.run_at(k * M2).is_some(), "{f:?}: the reservoir handed out runs");
     }
     s.set_dirty_tracking(true).unwrap();
-    s.map(&o, 0, 1 << 30, chunks * M2, Prot::RW).unwrap();
+    s.map(&o, 0, Gpa(1 << 30), chunks * M2, Prot::RW).unwrap();
     s.set_dirty_tracking(false).unwrap();
     assert_eq!(s.resident_count(), 0);
     (s, o)
@@ -600,7 +600,7 @@ fn small_populated(f: PteFormat, chunks: u64, auto: bool) -> (Space, Arc<VmObjec
 fn fault_chunk(c: &VmClient<Pages>, chunk: u64, prot: Prot, descending: bool) {
     for i in 0..512 {
         let p = if descending { 511 - i } else { i };
-        c.fault(chunk + p * PG, prot).unwrap();
+        c.fault(Gpa(chunk + p * PG), prot).unwrap();
     }
 }
 
@@ -620,13 +620,13 @@ fn faults_filling_a_leaf_table_promote_it() {
         let tables = table_pages(&s);
         // All but the last window of the first chunk: no promotion yet.
         for p in 0..512 - 16 {
-            c.fault(base + p * PG, Prot::WRITE).unwrap();
+            c.fault(Gpa(base + p * PG), Prot::WRITE).unwrap();
             assert!(hw_write(&s, base + p * PG));
         }
         assert_eq!(s.promotions(), PromotionStats::default(), "{f:?}");
         assert_eq!(leaf_sizes(&s, base, M2).len(), 512 - 16);
         // The last window fills the table: one 2 MiB leaf, table freed.
-        c.fault(base + 511 * PG, Prot::READ).unwrap();
+        c.fault(Gpa(base + 511 * PG), Prot::READ).unwrap();
         assert_eq!(s.promotions(), PromotionStats { explicit: 0, automatic: 1 }, "{f:?}");
         assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M], "{f:?}");
         assert_eq!(table_pages(&s), tables - 1, "{f:?}: the leaf table freed");
@@ -639,9 +639,9 @@ fn faults_filling_a_leaf_table_promote_it() {
         assert_eq!(s.promotions().automatic, 2, "{f:?}");
         assert_eq!(leaf_sizes(&s, base + M2, M2), vec![PageSize::Size2M], "{f:?}");
         // The third by populate, in two halves.
-        assert_eq!(s.populate(base + 2 * M2, M2 / 2).unwrap(), 256);
+        assert_eq!(s.populate(Gpa(base + 2 * M2), M2 / 2).unwrap(), 256);
         assert_eq!(s.promotions().automatic, 2, "half full");
-        assert_eq!(s.populate(base + 2 * M2, M2).unwrap(), 256);
+        assert_eq!(s.populate(Gpa(base + 2 * M2), M2).unwrap(), 256);
         assert_eq!(s.promotions().automatic, 3, "{f:?}");
         assert_eq!(leaf_sizes(&s, base, 3 * M2), vec![PageSize::Size2M; 3], "{f:?}");
         assert_eq!(s.resident_count(), 3 * 512);
@@ -661,7 +661,7 @@ fn faults_filling_a_leaf_table_promote_it() {
         assert!(!a1 && !d1, "{f:?}: faulted (the hardware sets accessed), never written");
         s.set_dirty_tracking(true).unwrap();
         let mut bm = [0u64; 24];
-        assert_eq!(s.track_dirty(base, 3 * M2, &mut bm).unwrap(), 512, "{f:?}");
+        assert_eq!(s.track_dirty(Gpa(base), 3 * M2, &mut bm).unwrap(), 512, "{f:?}");
         assert!((0..512).all(|p| bit(&bm, p)), "{f:?}: every written page reported");
         assert!((512..1536).all(|p| !bit(&bm, p)), "{f:?}: nothing unwritten");
     }
@@ -673,7 +673,7 @@ fn faults_filling_a_leaf_table_promote_it() {
     let base = 1u64 << 30;
     let c = s.client();
     fault_chunk(&c, base, Prot::READ, false);
-    c.fault(base + M2 + 7 * PG, Prot::WRITE).unwrap();
+    c.fault(Gpa(base + M2 + 7 * PG), Prot::WRITE).unwrap();
     fault_chunk(&c, base + M2, Prot::READ, true);
     assert_eq!(s.promotions().automatic, 2);
     assert_eq!(leaf_sizes(&s, base, 2 * M2), vec![PageSize::Size2M; 2]);
@@ -681,7 +681,7 @@ fn faults_filling_a_leaf_table_promote_it() {
     check_frames(&s, &o, base, 0, 1024);
     s.set_dirty_tracking(true).unwrap();
     let mut bm = [0u64; 16];
-    assert_eq!(s.track_dirty(base, 2 * M2, &mut bm).unwrap(), 512, "the written chunk, whole");
+    assert_eq!(s.track_dirty(Gpa(base), 2 * M2, &mut bm).unwrap(), 512, "the written chunk, whole");
     assert!((512..1024).all(|p| bit(&bm, p)) && (0..512).all(|p| !bit(&bm, p)));
 }
 
@@ -694,7 +694,7 @@ fn auto_promotion_refusals() {
         s.set_dirty_tracking(true).unwrap();
         let c = s.client();
         fault_chunk(&c, base, Prot::READ, false);
-        s.populate(base + M2, M2).unwrap();
+        s.populate(Gpa(base + M2), M2).unwrap();
         assert_eq!(s.promotions(), PromotionStats::default(), "{f:?}");
         assert_eq!(leaf_sizes(&s, base, 2 * M2), vec![PageSize::Size4K; 1024], "{f:?}");
         assert_eq!(s.resident_count(), 1024);
@@ -704,19 +704,19 @@ fn auto_promotion_refusals() {
         let (s, _o) = small_populated(npt(), 2, false);
         let c = s.client();
         fault_chunk(&c, base, Prot::READ, false);
-        s.populate(base + M2, M2).unwrap();
+        s.populate(Gpa(base + M2), M2).unwrap();
         assert_eq!(s.promotions(), PromotionStats::default());
         assert_eq!(leaf_sizes(&s, base, 2 * M2).len(), 1024);
-        assert_eq!(s.promote(base, 2 * M2).unwrap(), 2);
+        assert_eq!(s.promote(Gpa(base), 2 * M2).unwrap(), 2);
         assert_eq!(s.promotions(), PromotionStats { explicit: 2, automatic: 0 });
     }
     // One page of another protection: not promoted (the other chunk is).
     for f in formats() {
         let (s, _o) = small_populated(f, 2, true);
-        s.protect(base + 100 * PG, PG, Prot::READ).unwrap();
+        s.protect(Gpa(base + 100 * PG), PG, Prot::READ).unwrap();
         let c = s.client();
         fault_chunk(&c, base, Prot::READ, false);
-        s.populate(base + M2, M2).unwrap();
+        s.populate(Gpa(base + M2), M2).unwrap();
         assert_eq!(s.promotions().automatic, 1, "{f:?}");
         assert_eq!(leaf_sizes(&s, base, M2).len(), 512, "{f:?}");
         assert_eq!(s.resident_count(), 1024);
@@ -729,7 +729,7 @@ fn auto_promotion_refusals() {
         let s: Space = VmSpace::new(cfg, pages()).unwrap();
         let r = reservoir(1024);
         let o = ram(&r, 512);
-        s.map(&o, 0, base, M2, Prot::RW).unwrap();
+        s.map(&o, 0, Gpa(base), M2, Prot::RW).unwrap();
         let c = s.client();
         fault_chunk(&c, base, Prot::READ, false);
         assert_eq!(s.promotions(), PromotionStats::default());
@@ -746,16 +746,16 @@ fn no_auto_promotion_from_guest_context() {
     let base = 1u64 << 30;
     let c = s.client();
     for p in 0..512 - 16 {
-        c.fault(base + p * PG, Prot::READ).unwrap();
+        c.fault(Gpa(base + p * PG), Prot::READ).unwrap();
     }
     {
         let _g = c.table_enter(0).unwrap();
-        c.fault(base + 511 * PG, Prot::READ).unwrap();
+        c.fault(Gpa(base + 511 * PG), Prot::READ).unwrap();
     }
     assert_eq!(s.promotions().automatic, 0);
     assert_eq!(s.resident_count(), 512);
     assert_eq!(leaf_sizes(&s, base, M2).len(), 512);
-    assert_eq!(s.promote(base, M2).unwrap(), 1);
+    assert_eq!(s.promote(Gpa(base), M2).unwrap(), 1);
     assert_eq!(s.promotions(), PromotionStats { explicit: 1, automatic: 0 });
     assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M]);
 }
@@ -783,11 +783,11 @@ fn auto_promotions_under_concurrent_faults_and_holds() {
                     let page = ((x % 2048) & !1) | id;
                     let g = base + page * PG;
                     // Between an unmap and the map again: no mapping.
-                    match c.fault(g, if x & 0x100 == 0 { Prot::WRITE } else { Prot::READ }) {
+                    match c.fault(Gpa(g), if x & 0x100 == 0 { Prot::WRITE } else { Prot::READ }) {
                         Ok(()) | Err(Error::NoMapping) => {}
                         Err(e) => panic!("fault: {e:?}"),
                     }
-                    match c.hold(g, Prot::RW) {
+                    match c.hold(Gpa(g), Prot::RW) {
                         Ok(h) => {
                             h.write_u64(16, x).unwrap();
                             assert_eq!(h.read_u64(16).unwrap(), x);
@@ -801,8 +801,8 @@ fn auto_promotions_under_concurrent_faults_and_holds() {
         let mut rounds = 0;
         while s.promotions().automatic < 8 || rounds < 20 {
             s.set_dirty_tracking(true).unwrap();
-            s.unmap(base, 4 * M2).unwrap();
-            s.map(&o, 0, base, 4 * M2, Prot::RW).unwrap();
+            s.unmap(Gpa(base), 4 * M2).unwrap();
+            s.map(&o, 0, Gpa(base), 4 * M2, Prot::RW).unwrap();
             s.set_dirty_tracking(false).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(5));
             assert_eq!(mapped_pages(&s), s.resident_count(), "round {rounds}");
@@ -815,8 +815,8 @@ fn auto_promotions_under_concurrent_faults_and_holds() {
     // What the threads left unfaulted (populate promotes what it fills),
     // and a table filled while tracking was still on (between the map
     // and the switch) is promoted explicitly.
-    s.populate(base, 4 * M2).unwrap();
-    s.promote(base, 4 * M2).unwrap();
+    s.populate(Gpa(base), 4 * M2).unwrap();
+    s.promote(Gpa(base), 4 * M2).unwrap();
     assert_eq!(leaf_sizes(&s, base, 4 * M2), vec![PageSize::Size2M; 4]);
     assert_eq!(s.resident_count(), 4 * 512);
     check_frames(&s, &o, base, 0, 4 * 512);
@@ -831,10 +831,10 @@ fn a_swappable_object_is_never_promoted() {
     let r = reservoir(2048);
     let f = swap_file_in(&std::env::temp_dir()).unwrap();
     let o = VmObject::swappable(r.clone(), M2, f).unwrap();
-    s.map(&o, 0, 1 << 30, M2, Prot::RW).unwrap();
+    s.map(&o, 0, Gpa(1 << 30), M2, Prot::RW).unwrap();
     let c = s.client();
     fault_chunk(&c, 1 << 30, Prot::READ, false);
-    s.populate(1 << 30, M2).unwrap();
+    s.populate(Gpa(1 << 30), M2).unwrap();
     assert_eq!(s.resident_count(), 512);
     assert_eq!(s.promotions(), PromotionStats::default());
     assert_eq!(leaf_sizes(&s, 1 << 30, M2).len(), 512);
@@ -852,9 +852,9 @@ fn a_hold_that_fills_a_leaf_table_promotes_it() {
     let base = 1u64 << 30;
     let c = s.client();
     for p in 0..512 - 16 {
-        c.fault(base + p * PG, Prot::READ).unwrap();
+        c.fault(Gpa(base + p * PG), Prot::READ).unwrap();
     }
-    let h = c.hold(base + 500 * PG, Prot::RW).unwrap();
+    let h = c.hold(Gpa(base + 500 * PG), Prot::RW).unwrap();
     assert_eq!(s.promotions().automatic, 1);
     assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M]);
     assert_eq!(Some(h.pfn()), o.frame_at(500 * PG));
@@ -862,7 +862,7 @@ fn a_hold_that_fills_a_leaf_table_promotes_it() {
     s.set_dirty_tracking(true).unwrap();
     assert!(!h.release());
     let mut bm = [0u64; 8];
-    assert_eq!(s.track_dirty(base, M2, &mut bm).unwrap(), 1);
+    assert_eq!(s.track_dirty(Gpa(base), M2, &mut bm).unwrap(), 1);
     assert!(bit(&bm, 500));
     let mut b = [0u8; 8];
     o.read(500 * PG, &mut b).unwrap();
