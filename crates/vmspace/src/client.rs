@@ -631,13 +631,35 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// A write fault on a large leaf that must be split first: split it
     /// (an administrative change: every client held, the generation
     /// bumped) and fault again. [`Error::SelfDeadlock`] from a thread in
-    /// guest context on the same space.
-    /// The leaf can be write-protected again between the split and the
-    /// retry (tracking switched off, the range promoted, tracking
-    /// switched on lazily, all by other threads): then it splits again,
-    /// as a vCPU would fault again; each round means another thread's
-    /// change completed. (Swappable objects have no large leaves, so no
-    /// reservoir reclaim is needed here.)
+    /// guest context on the same space. (Swappable objects have no large
+    /// leaves, so no reservoir reclaim is needed here.)
+    ///
+    /// # Why the loop ends
+    ///
+    /// [`SPLIT`] comes only from `large_leaf`: a write to a 2 MiB leaf
+    /// without write permission, or to any 2 MiB leaf while tracking is
+    /// on. `split_for_write` leaves `gpa`'s chunk with 4 KiB leaves of
+    /// the mapping's protection (or finds it so, or finds no mapping,
+    /// and then the retry ends with [`Error::NoMapping`]). For the retry
+    /// to see [`SPLIT`] again, other threads must meanwhile have made a
+    /// 2 MiB leaf there again and then taken its write permission away
+    /// or switched tracking on:
+    /// - a 2 MiB leaf is made only by a promotion (explicit or
+    ///   automatic) or by a fault into an empty slot counted for one,
+    ///   both only while tracking is off, and both with the mapping's
+    ///   whole protection (a promotion refuses leaves without it), so
+    ///   that leaf is writable in a writable mapping;
+    /// - with tracking off, only [`VmSpace::set_dirty_tracking`]
+    ///   switching it on removes that: it splits the leaf (eager) or
+    ///   write-protects it (lazy).
+    ///
+    /// So every round after the first needs one more completed
+    /// `set_dirty_tracking(true)` by another thread, and the loop ends
+    /// once no other thread switches tracking on meanwhile: it cannot
+    /// spin on its own, and a concurrent automatic promotion alone never
+    /// sends it round again. (A vCPU would fault again the same way.)
+    ///
+    /// [`VmSpace::set_dirty_tracking`]: crate::VmSpace::set_dirty_tracking
     #[cold]
     fn fault_split(&self, gpa: u64, prot: Prot) -> Result<()> {
         loop {
@@ -689,7 +711,9 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         loop {
             match r {
                 // As in `fault_split`: split again until the retry finds
-                // the page.
+                // the page (and it ends for the same reason: each round
+                // after the first needs another thread's completed
+                // switch of tracking on).
                 Err(e) if e == SPLIT => self.space.split_for_write(gpa)?,
                 // As in `fault`: reclaim outside the active section.
                 Err(Error::ReservoirFull) if self.space.reclaim_after_full(&mut tries) => {}

@@ -788,8 +788,17 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
             let hi = m_end.min(end) & !(M2 - 1);
             let mut c = lo;
             while c + M2 <= hi {
+                // The leaves must carry the mapping's whole protection
+                // (promote_2m checks that all 512 have the first one's):
+                // a large leaf is only ever made with it, never
+                // write-protected below it, which is what bounds the
+                // lazy split's retries (see `VmClient::fault_split`).
+                // Every path that maps or rewrites 4 KiB leaves gives
+                // them the mapping's protection, so this refuses nothing
+                // today; it keeps the bound from resting on that.
                 if !chunk_large(table, c)
                     && m.object.run_at(m.offset + (c - start)).is_some()
+                    && table.lookup(Gpa(c)).is_some_and(|l| self.format.prot(l.value()).contains(m.prot))
                     && table.promote_2m(Gpa(c)).is_ok()
                 {
                     n += 1;
