@@ -186,7 +186,14 @@
 //! deactivating, it promotes as an administrative change (not
 //! from guest context on the same space, where it is skipped: the page
 //! is mapped either way). `populate`, under the space lock already,
-//! holds every client for the promotion of the chunks it filled. A hold
+//! holds every client for the promotion of the chunks it filled. The
+//! split's retry loop (a fault's or a writable hold's) ends even with
+//! promotions running: a promotion, like a fault into an empty 2 MiB
+//! slot, only makes a large leaf while tracking is off and with the
+//! mapping's whole protection (writable in a writable mapping), so the
+//! retry meets a leaf to split again only after another thread switched
+//! tracking on in between; each extra round is one such completed
+//! switch (see `VmClient::fault_split`). A hold
 //! records the leaf entry it found and a *structure sequence*, bumped by
 //! every split and promotion: a release that sees it changed finds the
 //! leaf again (through the table) before marking it dirty. Exclusive
@@ -245,8 +252,9 @@
 //! the multi-threaded stress tests (`tests/stress.rs`), the large-leaf
 //! tests (`tests/large.rs`: runs, populate/fault/hold with 2 MiB leaves,
 //! eager and lazy splits, harvests after them, partial unmap, protection
-//! changes, promotion explicit and automatic, and splits/promotions
-//! under concurrent writers);
+//! changes, promotion explicit and automatic, a promotion between a
+//! lazy split and the writer's retry, and splits/promotions explicit
+//! and automatic under concurrent writers);
 //! `tests/swap.rs` covers swapping (lazy backing, the clock, pinning,
 //! dirty state across swapping, the data path racing the swapper, kicks
 //! before frames are freed).
@@ -257,7 +265,9 @@
 //! harvests back to back, map/unmap churn under holds, harvest against
 //! nested-pt alone); `cargo bench -p vmspace --bench large` the large-leaf
 //! ones (first touch of 1 GiB with 2 MiB against 4 KiB leaves, eager
-//! against lazy split at 4 and 16 GiB, promotion per 2 MiB).
+//! against lazy split at 4 and 16 GiB, promotion per 2 MiB explicit and
+//! automatic, writing 1 GiB after a tracking on/off cycle with and
+//! without automatic promotion).
 //!
 //! # Known gaps
 //!
@@ -280,6 +290,11 @@
 //!   Promotion of either kind is refused while tracking is on. A large
 //!   leaf lazily write-protected stays so after tracking goes off, until
 //!   a write splits it or a promotion of the range runs after the split.
+//!   The split's retry is lock-free, not wait-free: a writer whose
+//!   chunk another thread promotes and write-protects again (tracking
+//!   switched off, promoted, switched on lazily) between its split and
+//!   its retry splits again, once per such switch, as a vCPU would fault
+//!   again.
 //! - The eager split carries a large leaf's dirty bit (set while tracking
 //!   was off) to all its 512 small leaves: the first harvest reports them
 //!   (a superset). The lazy split clears it when tracking goes on.
