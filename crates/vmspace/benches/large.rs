@@ -25,6 +25,19 @@
 //!   small leaves (one scan of the leaf table, the store, the freeing,
 //!   one invalidation per call), over 64 MiB or 1 GiB at a time;
 //!   throughput in 2 MiB ranges.
+//! - `auto_promote_2m_x32/{auto,no_auto}/filling_fault`: the fault that
+//!   fills a leaf table (its last fault-around window, after the others
+//!   were faulted untimed), in a range mapped while tracking was on and
+//!   tracking off again, with and without `SpaceConfig::auto_promote`;
+//!   the difference per 2 MiB is the automatic promotion (printed).
+//! - `refill_1g/{auto,no_auto}`: the guest writing every 4 KiB page of
+//!   1 GiB of runs once, in order, after they were mapped while tracking
+//!   was on (so populated for 4 KiB leaves) and tracking went off: with
+//!   `SpaceConfig::auto_promote` the fault that fills a leaf table
+//!   promotes it, without it every page stays a 4 KiB leaf. The
+//!   nested-fault counts, the time in them, the promotions, the table
+//!   pages left and a second pass over the range (walks only) are
+//!   printed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -235,5 +248,109 @@ fn promote_n(c: &mut Criterion, chunks: u64) {
     g.finish();
 }
 
-criterion_group!(benches, first_touch, split, promote);
+/// A space of `LEN`-sized RAM whose automatic promotion is `auto`: `o`
+/// mapped at 0 while tracking is on (so populated for 4 KiB leaves) and
+/// tracking off again, nothing resident.
+fn refill_space(o: &Arc<VmObject>, len: u64, auto: bool) -> VmSpace<HeapPages> {
+    let mut cfg = SpaceConfig::new(4 * GIB, PteFormat::npt(Caps::default()));
+    cfg.auto_promote = auto;
+    let s = VmSpace::new(cfg, HeapPages::new()).unwrap();
+    s.set_dirty_tracking(true).unwrap();
+    s.map(o, 0, Gpa(0), len, Prot::RW).unwrap();
+    s.set_dirty_tracking(false).unwrap();
+    s
+}
+
+fn refill(c: &mut Criterion) {
+    let mut g = c.benchmark_group("refill_1g");
+    g.throughput(Throughput::Bytes(GIB));
+    g.sample_size(10);
+    let o = ram(GIB);
+    for (name, auto) in [("auto", true), ("no_auto", false)] {
+        let mut faults = 0;
+        let mut in_faults = Vec::new();
+        let mut again = Vec::new();
+        let (mut promoted, mut tables) = (0, 0);
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut t = Duration::ZERO;
+                for _ in 0..iters {
+                    let s = refill_space(&o, GIB, auto);
+                    let client = s.client();
+                    let t0 = Instant::now();
+                    let (f, d) = touch_all_timed(&s, &client, GIB, Access::Write, PG);
+                    t += t0.elapsed();
+                    faults = f;
+                    in_faults.push(d);
+                    // The second pass: every page mapped, only the walks.
+                    let t1 = Instant::now();
+                    assert_eq!(touch_all(&s, &client, GIB, Access::Write, PG), 0);
+                    again.push(t1.elapsed());
+                    promoted = s.promotions().automatic;
+                    tables = s.with_table(|t| t.table_pages());
+                }
+                t
+            })
+        });
+        eprintln!(
+            "refill_1g/{name}: {faults} nested faults, {:.3} ms in them (median), {promoted} promotions, \
+             {tables} table pages after; second pass (walks only) {:.3} ms (median)",
+            median(&mut in_faults).as_secs_f64() * 1e3,
+            median(&mut again).as_secs_f64() * 1e3,
+        );
+    }
+    g.finish();
+}
+
+/// The cost of an automatic promotion: the fault that fills a leaf
+/// table (its last fault-around window) timed alone, with and without
+/// `auto_promote`, over 32 ranges of 2 MiB per iteration; the difference
+/// per range is the promotion (the note, the administrative change, the
+/// invalidation).
+fn auto_promote(c: &mut Criterion) {
+    const CHUNKS: u64 = 32;
+    let mut g = c.benchmark_group("auto_promote_2m_x32");
+    g.throughput(Throughput::Elements(CHUNKS));
+    g.sample_size(20);
+    let o = ram(CHUNKS * M2);
+    let mut per = Vec::new();
+    for (name, auto) in [("auto", true), ("no_auto", false)] {
+        let mut last = Vec::new();
+        g.bench_function(format!("{name}/filling_fault"), |b| {
+            b.iter_custom(|iters| {
+                let mut t = Duration::ZERO;
+                for _ in 0..iters {
+                    let s = refill_space(&o, CHUNKS * M2, auto);
+                    let client = s.client();
+                    let mut d = Duration::ZERO;
+                    for k in 0..CHUNKS {
+                        let base = k * M2;
+                        // All windows but the last (16 pages each), untimed.
+                        for p in (0..512 - 16).step_by(16) {
+                            client.fault(Gpa(base + p * PG), Prot::WRITE).unwrap();
+                        }
+                        let t0 = Instant::now();
+                        client.fault(Gpa(base + 511 * PG), Prot::WRITE).unwrap();
+                        d += t0.elapsed();
+                    }
+                    assert_eq!(s.promotions().automatic, if auto { CHUNKS } else { 0 });
+                    last.push(d);
+                    t += d;
+                }
+                t
+            })
+        });
+        per.push(median(&mut last).as_secs_f64() / CHUNKS as f64);
+    }
+    g.finish();
+    eprintln!(
+        "auto_promote_2m: the filling fault {:.3} us with auto_promote, {:.3} us without (median); \
+         automatic promotion {:.3} us per 2 MiB",
+        per[0] * 1e6,
+        per[1] * 1e6,
+        (per[0] - per[1]) * 1e6
+    );
+}
+
+criterion_group!(benches, first_touch, split, promote, auto_promote, refill);
 criterion_main!(benches);

@@ -37,6 +37,9 @@ struct Cache {
     host_first: Cell<u64>,
     host_pages: Cell<u64>,
     host_base: Cell<*mut u8>,
+    /// The 2 MiB chunk a fault's fault-around just filled (`u64::MAX`:
+    /// none), promoted by the fault once its client is inactive.
+    promote: Cell<u64>,
 }
 
 impl Cache {
@@ -53,6 +56,7 @@ impl Cache {
             host_first: Cell::new(0),
             host_pages: Cell::new(0),
             host_base: Cell::new(core::ptr::null_mut()),
+            promote: Cell::new(u64::MAX),
         }
     }
 }
@@ -441,12 +445,16 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
                 } else {
                     None
                 };
-                self.space
+                let n = self
+                    .space
                     .map_pages(&d.table, lo, hi - lo, mprot, object, |p| object.frame_at(base.wrapping_add(p.0)))?;
                 if let Some((s, empty)) = before {
                     preset_accessed(fmt, s, gpa, lo, empty, preset);
                 }
                 let slot = self.leaf_slot(d, gpa).ok_or(Error::NoMapping)?;
+                if n > 0 {
+                    self.note_full(gpa, slot, object);
+                }
                 (slot, present(slot).ok_or(Error::NoMapping)?)
             }
         };
@@ -468,6 +476,68 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         let pfn = fmt.frame(e);
         let host = if host { Some(Self::host_of(&self.snap(), pfn)?) } else { None };
         Ok(Found { pfn, entry: slot, host })
+    }
+
+    /// After a fault or a hold mapped leaves in `gpa`'s leaf table (`slot` is
+    /// `gpa`'s entry): note its chunk for automatic promotion if it may
+    /// promote (see [`SpaceConfig::auto_promote`](crate::SpaceConfig)) and
+    /// the table is now full and would promote. Cheap unless it is
+    /// nearly full: the first entry of each other fault-around window is
+    /// checked (stopping at the first empty one; fault-around maps whole
+    /// windows), then all 512 (about 0.5 µs). Tracking cannot be switched
+    /// while the client is active; the promotion checks everything again.
+    /// Client active.
+    #[inline(never)]
+    fn note_full(&self, gpa: u64, slot: *const EntryAtomic, object: &VmObject) {
+        let sp = &*self.space;
+        if !sp.auto_promote || sp.track_dirty.load(Acquire) {
+            return;
+        }
+        let c = gpa & !(LEAF_SPAN - 1);
+        let (start, end) = (self.cache.start.get(), self.cache.end.get());
+        if c < start || end - c < LEAF_SPAN || object.run_at(self.cache.offset.get() + (c - start)).is_none() {
+            return;
+        }
+        let fmt = &sp.format;
+        let me = ((gpa / PAGE_SIZE) % 512) as usize;
+        let first = slot.wrapping_sub(me);
+        let present = |i: usize| {
+            // SAFETY: `first` is entry 0 of `gpa`'s 512-entry leaf table
+            // (`slot` is entry `me` of it), allocated while the client is
+            // active (the mapping populated it); i < 512.
+            fmt.is_present(unsafe { &*first.add(i) }.load(Acquire))
+        };
+        let w = sp.fault_around as usize;
+        let windows = 512 / w;
+        if !(1..windows).all(|k| present((me / w + k) % windows * w)) {
+            return;
+        }
+        // All 512: apart from accessed and dirty, entry `i` of one run
+        // with one protection and memory type is entry 0 plus `i` frames,
+        // as the promotion requires (it checks again, exclusively): a
+        // range it would refuse costs no administrative change.
+        // SAFETY: as in `present`.
+        let load = |i: usize| unsafe { &*first.add(i) }.load(Acquire);
+        let ad = fmt.accessed_mask() | fmt.dirty_mask();
+        let e0 = load(0);
+        let want = e0 & !ad;
+        if fmt.is_present(e0) && (1..512).all(|i| load(i) & !ad == want + ((i as u64) << 12)) {
+            self.cache.promote.set(c);
+        }
+    }
+
+    /// The automatic promotion a fault or hold noted
+    /// ([`VmClient::note_full`]), run with the client inactive. A refusal
+    /// (the chunk changed, or [`Error::SelfDeadlock`] from guest context)
+    /// is not the fault's or hold's error: the page is mapped either way.
+    #[inline(always)]
+    fn promote_noted(&self) {
+        // One client-local load on the hot paths; the rest only when set.
+        let c = self.cache.promote.get();
+        if c != u64::MAX {
+            self.cache.promote.set(u64::MAX);
+            let _ = self.space.promote_after_fault(c);
+        }
     }
 
     /// The large-leaf part of the slow path: `gpa`'s 2 MiB leaf, mapped
@@ -531,6 +601,11 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// change (every client held, the generation bumped) and retries;
     /// from a thread in guest context on the same space that is refused
     /// with [`Error::SelfDeadlock`]. A writable hold does the same.
+    /// A fault (or hold) that fills the leaf table of an aligned 2 MiB range of one
+    /// run promotes it afterwards, also as an administrative change, while
+    /// tracking is off ([`SpaceConfig::auto_promote`](crate::SpaceConfig));
+    /// not from a thread in guest context on the same space, and a
+    /// promotion that does not happen is not the fault's error.
     #[inline]
     pub fn fault(&self, gpa: Gpa, prot: Prot) -> Result<()> {
         let gpa = gpa.0;
@@ -541,7 +616,9 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         let mut tries = 0;
         loop {
             let s = self.snap();
-            match self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false, &s).map(|_| ()))) {
+            let r = self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false, &s).map(|_| ())));
+            self.promote_noted();
+            match r {
                 Err(e) if e == SPLIT => return self.fault_split(gpa, prot),
                 // A swappable page found the reservoir exhausted: reclaim
                 // outside the active section, then try again.
@@ -554,19 +631,43 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
     /// A write fault on a large leaf that must be split first: split it
     /// (an administrative change: every client held, the generation
     /// bumped) and fault again. [`Error::SelfDeadlock`] from a thread in
-    /// guest context on the same space.
-    /// The leaf can be write-protected again between the split and the
-    /// retry (tracking switched off, the range promoted, tracking
-    /// switched on lazily, all by other threads): then it splits again,
-    /// as a vCPU would fault again; each round means another thread's
-    /// change completed. (Swappable objects have no large leaves, so no
-    /// reservoir reclaim is needed here.)
+    /// guest context on the same space. (Swappable objects have no large
+    /// leaves, so no reservoir reclaim is needed here.)
+    ///
+    /// # Why the loop ends
+    ///
+    /// [`SPLIT`] comes only from `large_leaf`: a write to a 2 MiB leaf
+    /// without write permission, or to any 2 MiB leaf while tracking is
+    /// on. `split_for_write` leaves `gpa`'s chunk with 4 KiB leaves of
+    /// the mapping's protection (or finds it so, or finds no mapping,
+    /// and then the retry ends with [`Error::NoMapping`]). For the retry
+    /// to see [`SPLIT`] again, other threads must meanwhile have made a
+    /// 2 MiB leaf there again and then taken its write permission away
+    /// or switched tracking on:
+    /// - a 2 MiB leaf is made only by a promotion (explicit or
+    ///   automatic) or by a fault into an empty slot counted for one,
+    ///   both only while tracking is off, and both with the mapping's
+    ///   whole protection (a promotion refuses leaves without it), so
+    ///   that leaf is writable in a writable mapping;
+    /// - with tracking off, only [`VmSpace::set_dirty_tracking`]
+    ///   switching it on removes that: it splits the leaf (eager) or
+    ///   write-protects it (lazy).
+    ///
+    /// So every round after the first needs one more completed
+    /// `set_dirty_tracking(true)` by another thread, and the loop ends
+    /// once no other thread switches tracking on meanwhile: it cannot
+    /// spin on its own, and a concurrent automatic promotion alone never
+    /// sends it round again. (A vCPU would fault again the same way.)
+    ///
+    /// [`VmSpace::set_dirty_tracking`]: crate::VmSpace::set_dirty_tracking
     #[cold]
     fn fault_split(&self, gpa: u64, prot: Prot) -> Result<()> {
         loop {
             self.space.split_for_write(gpa)?;
             let s = self.snap();
-            match self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false, &s).map(|_| ()))) {
+            let r = self.active(|| self.data(|d| self.lookup_map(d, gpa, prot, false, &s).map(|_| ())));
+            self.promote_noted();
+            match r {
                 Err(e) if e == SPLIT => continue,
                 r => return r,
             }
@@ -610,7 +711,9 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
         loop {
             match r {
                 // As in `fault_split`: split again until the retry finds
-                // the page.
+                // the page (and it ends for the same reason: each round
+                // after the first needs another thread's completed
+                // switch of tracking on).
                 Err(e) if e == SPLIT => self.space.split_for_write(gpa)?,
                 // As in `fault`: reclaim outside the active section.
                 Err(Error::ReservoirFull) if self.space.reclaim_after_full(&mut tries) => {}
@@ -618,6 +721,9 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             }
             r = take();
         }
+        // A promotion moves the hold's leaf: its release finds it again
+        // (the structure sequence changed).
+        self.promote_noted();
         let (found, host, seq, slot, sseq) = r?;
         Ok(PageHold {
             client: self,

@@ -23,7 +23,10 @@
 //! maps whole. [`VmSpace::set_dirty_tracking`] splits them when tracking
 //! goes on ([`SplitPolicy`]: eagerly, or lazily on the first write to
 //! each), [`VmSpace::promote`] merges 512 small leaves of one run back
-//! (FreeBSD's `pmap_promote_pde`), and [`VmSpace::unmap_range`] /
+//! (FreeBSD's `pmap_promote_pde`), as a vCPU fault, a hold or a
+//! `populate` does automatically when it fills such a leaf table while tracking is off
+//! ([`SpaceConfig::auto_promote`], counted in [`VmSpace::promotions`]),
+//! and [`VmSpace::unmap_range`] /
 //! [`VmSpace::protect`] work on part of a mapping, splitting a large leaf
 //! they cut. A harvest
 //! invalidates only what its cleared bits require: one that clears bits
@@ -126,7 +129,7 @@
 //! # Locking and concurrency
 //!
 //! Administrative operations (`map`, `unmap`, `unmap_range`, `protect`,
-//! `promote`, `populate`, dirty operations, tracking switch, swap-out,
+//! `promote` and the automatic promotion, `populate`, dirty operations, tracking switch, swap-out,
 //! destroy) serialize on the space lock. The data path (hold, fault,
 //! release) never takes it (a fault or hold that finds the reservoir
 //! exhausted for a swappable page leaves the data path and reclaims as an
@@ -176,7 +179,21 @@
 //! mapped is never not-present. The lazy split runs from the data path:
 //! the fault (or hold) deactivates its client, splits as an
 //! administrative change, and retries; from a thread in guest context on
-//! the same space it is refused with [`Error::SelfDeadlock`]. A hold
+//! the same space it is refused with [`Error::SelfDeadlock`]. The
+//! automatic promotion runs the same way: the fault's (or hold's)
+//! active section only notes a leaf table it filled (a check of one entry per
+//! fault-around window, then of all 512 where those are present); after
+//! deactivating, it promotes as an administrative change (not
+//! from guest context on the same space, where it is skipped: the page
+//! is mapped either way). `populate`, under the space lock already,
+//! holds every client for the promotion of the chunks it filled. The
+//! split's retry loop (a fault's or a writable hold's) ends even with
+//! promotions running: a promotion, like a fault into an empty 2 MiB
+//! slot, only makes a large leaf while tracking is off and with the
+//! mapping's whole protection (writable in a writable mapping), so the
+//! retry meets a leaf to split again only after another thread switched
+//! tracking on in between; each extra round is one such completed
+//! switch (see `VmClient::fault_split`). A hold
 //! records the leaf entry it found and a *structure sequence*, bumped by
 //! every split and promotion: a release that sees it changed finds the
 //! leaf again (through the table) before marking it dirty. Exclusive
@@ -235,7 +252,9 @@
 //! the multi-threaded stress tests (`tests/stress.rs`), the large-leaf
 //! tests (`tests/large.rs`: runs, populate/fault/hold with 2 MiB leaves,
 //! eager and lazy splits, harvests after them, partial unmap, protection
-//! changes, promotion, and splits/promotions under concurrent writers);
+//! changes, promotion explicit and automatic, a promotion between a
+//! lazy split and the writer's retry, and splits/promotions explicit
+//! and automatic under concurrent writers);
 //! `tests/swap.rs` covers swapping (lazy backing, the clock, pinning,
 //! dirty state across swapping, the data path racing the swapper, kicks
 //! before frames are freed).
@@ -246,7 +265,9 @@
 //! harvests back to back, map/unmap churn under holds, harvest against
 //! nested-pt alone); `cargo bench -p vmspace --bench large` the large-leaf
 //! ones (first touch of 1 GiB with 2 MiB against 4 KiB leaves, eager
-//! against lazy split at 4 and 16 GiB, promotion per 2 MiB).
+//! against lazy split at 4 and 16 GiB, promotion per 2 MiB explicit and
+//! automatic, writing 1 GiB after a tracking on/off cycle with and
+//! without automatic promotion).
 //!
 //! # Known gaps
 //!
@@ -258,11 +279,22 @@
 //!   out no 1 GiB runs, and nested-pt promotes and demotes 2 MiB leaves).
 //!   A mapping whose object offset is not 2 MiB-aligned against its
 //!   guest address gets 4 KiB leaves only.
-//! - Promotion is explicit ([`VmSpace::promote`], a khugepaged-like pass
-//!   the VMM runs, e.g. after a migration switched tracking off), not
-//!   done by the fault path; it is refused while tracking is on. A large
+//! - Automatic promotion ([`SpaceConfig::auto_promote`]) happens only
+//!   when a vCPU fault, a hold or a `populate` maps the leaves that fill
+//!   a leaf table: not after a `DirtyOp::Set`, or a
+//!   protection change that makes a full table uniform again (nothing is
+//!   mapped then: [`VmSpace::promote`], a khugepaged-like pass the VMM
+//!   runs, e.g. after a migration switched tracking off, merges those).
+//!   A fault in guest context on the same space skips it, and a table
+//!   filled while tracking was on is not promoted when tracking goes off.
+//!   Promotion of either kind is refused while tracking is on. A large
 //!   leaf lazily write-protected stays so after tracking goes off, until
 //!   a write splits it or a promotion of the range runs after the split.
+//!   The split's retry is lock-free, not wait-free: a writer whose
+//!   chunk another thread promotes and write-protects again (tracking
+//!   switched off, promoted, switched on lazily) between its split and
+//!   its retry splits again, once per such switch, as a vCPU would fault
+//!   again.
 //! - The eager split carries a large leaf's dirty bit (set while tracking
 //!   was off) to all its 512 small leaves: the first harvest reports them
 //!   (a superset). The lazy split clears it when tracking goes on.
@@ -323,7 +355,7 @@ pub use object::VmObject;
 pub use reservoir::{Arena, HeapReservoir, Reservoir, ReservoirStats};
 #[cfg(feature = "std")]
 pub use reservoir::{HostView, MemfdReservoir};
-pub use space::{Cause, DirtyOp, Invalidation, MappingInfo, SpaceConfig, SplitPolicy, VmSpace};
+pub use space::{Cause, DirtyOp, Invalidation, MappingInfo, PromotionStats, SpaceConfig, SplitPolicy, VmSpace};
 #[cfg(feature = "std")]
 pub use swap::{SwapStats, swap_file_in};
 #[cfg(any(loom, feature = "std"))]

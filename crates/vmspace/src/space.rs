@@ -63,6 +63,33 @@ pub struct SpaceConfig {
     /// How large leaves are split when dirty tracking is switched on
     /// (default [`SplitPolicy::Eager`]).
     pub split: SplitPolicy,
+    /// Promote automatically (FreeBSD's promotion in `pmap_enter` when a
+    /// page-table page fills): when a vCPU fault ([`VmClient::fault`]), a
+    /// hold or [`VmSpace::populate`] maps leaves while dirty
+    /// tracking is off and leaves the leaf table of an aligned 2 MiB
+    /// range full, the range lies inside one mapping, one aligned run of
+    /// its object backs it ([`VmObject::run_at`]: never a swappable
+    /// object) and its 512 leaves have one protection, they become one
+    /// 2 MiB leaf as [`VmSpace::promote`] makes it (accessed and dirty
+    /// carried over, the leaf table freed, every client held, the
+    /// generation bumped, [`Cause::Remap`] with `tables_freed`). Counted
+    /// in [`PromotionStats::automatic`]. No effect without large leaves.
+    /// On by default: the range was populated for 4 KiB leaves only
+    /// because tracking was on (or a split cut it), and the guest filling
+    /// it back is the sign that it is in use as a whole again.
+    ///
+    /// [`VmClient::fault`]: crate::VmClient::fault
+    /// [`VmObject::run_at`]: crate::VmObject::run_at
+    pub auto_promote: bool,
+}
+
+/// 2 MiB leaves made by promotion ([`VmSpace::promotions`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PromotionStats {
+    /// By [`VmSpace::promote`].
+    pub explicit: u64,
+    /// By a fault, a hold or a populate ([`SpaceConfig::auto_promote`]).
+    pub automatic: u64,
 }
 
 /// How [`VmSpace::set_dirty_tracking`] treats large leaves (a harvest
@@ -98,6 +125,7 @@ impl SpaceConfig {
             fault_around_dirty_untracked: false,
             large_leaves: true,
             split: SplitPolicy::Eager,
+            auto_promote: true,
         }
     }
 }
@@ -312,6 +340,12 @@ pub(crate) struct Inner<P: TablePages, L: RawLock> {
     pub(crate) large: bool,
     /// Split large leaves on their first write once tracking is on.
     pub(crate) lazy_split: AtomicBool,
+    /// Promote full leaf tables after a fault or a populate (config, and
+    /// `large`).
+    pub(crate) auto_promote: bool,
+    /// 2 MiB leaves made by `promote` and automatically.
+    promoted_explicit: AtomicU64,
+    promoted_auto: AtomicU64,
     /// Bumped (under `struct_lock`) by every change that moves present
     /// leaves to other entries (a split, a promotion): a hold that
     /// recorded an older value finds its entry again before marking it.
@@ -754,8 +788,17 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
             let hi = m_end.min(end) & !(M2 - 1);
             let mut c = lo;
             while c + M2 <= hi {
+                // The leaves must carry the mapping's whole protection
+                // (promote_2m checks that all 512 have the first one's):
+                // a large leaf is only ever made with it, never
+                // write-protected below it, which is what bounds the
+                // lazy split's retries (see `VmClient::fault_split`).
+                // Every path that maps or rewrites 4 KiB leaves gives
+                // them the mapping's protection, so this refuses nothing
+                // today; it keeps the bound from resting on that.
                 if !chunk_large(table, c)
                     && m.object.run_at(m.offset + (c - start)).is_some()
+                    && table.lookup(Gpa(c)).is_some_and(|l| self.format.prot(l.value()).contains(m.prot))
                     && table.promote_2m(Gpa(c)).is_ok()
                 {
                     n += 1;
@@ -796,6 +839,38 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
             }
             Ok(())
         })
+    }
+
+    /// Automatic promotion after a fault or hold filled the leaf table of
+    /// the 2 MiB chunk at `c` (see [`SpaceConfig::auto_promote`]): an
+    /// administrative change, called with nothing held and the client
+    /// inactive. [`Error::SelfDeadlock`] from a thread in guest context on
+    /// the same space (it would wait for itself); otherwise the number of
+    /// leaves made (0 when the chunk no longer qualifies).
+    pub(crate) fn promote_after_fault(&self, c: u64) -> Result<u64> {
+        if on_cpu::holds(self as *const Inner<P, L> as usize) {
+            return Err(Error::SelfDeadlock);
+        }
+        self.locked(|a| if a.destroyed { Ok(0) } else { Ok(self.auto_promote_locked(a, c, c + M2)) })
+    }
+
+    /// Promote the qualifying chunks of `[lo, hi)` (2 MiB aligned), as an
+    /// automatic promotion: space lock held, no client held (this holds
+    /// them all). Nothing while tracking is on. Returns how many.
+    fn auto_promote_locked(&self, a: &Admin<L>, lo: u64, hi: u64) -> u64 {
+        // Tracking only changes under the space lock, which is held.
+        if !self.auto_promote || self.track_dirty.load(Acquire) || lo >= hi {
+            return 0;
+        }
+        let held = HeldAll::new(a);
+        // SAFETY: lock held, clients held.
+        let n = unsafe { self.with_data_mut(|d| self.promote_range(d, lo, hi)) };
+        if n > 0 {
+            self.map_seq.fetch_add(1, Release);
+            self.promoted_auto.fetch_add(n, Relaxed);
+            self.bump_gen_and_invalidate(held.0, lo, hi - lo, Cause::Remap, true, None);
+        }
+        n
     }
 
     pub(crate) fn bump_gen_and_invalidate(
@@ -874,6 +949,18 @@ pub(crate) fn chunk_large<P: TablePages>(table: &NestedTable<P>, c: u64) -> bool
     let fmt = table.format();
     let w = table.walk(Gpa(c));
     w.steps().last().is_some_and(|s| s.level == 2 && (!fmt.is_present(s.entry) || fmt.is_leaf(s.entry, 2)))
+}
+
+/// Whether the 2 MiB chunk at `c` has a leaf table whose 512 entries are
+/// all present (a scan of the table: only where there is reason to
+/// believe it full).
+pub(crate) fn chunk_full<P: TablePages>(table: &NestedTable<P>, c: u64) -> bool {
+    let fmt = table.format();
+    let w = table.walk(Gpa(c));
+    let Some(step) = w.steps().last().filter(|s| s.level == 1) else { return false };
+    (0..512u16).all(|i| {
+        table.entry(&nested_pt::WalkStep { index: i, ..*step }).is_some_and(|e| fmt.is_present(e.load(Acquire)))
+    })
 }
 
 /// `[gpa, end)` cut into spans of one leaf size: whole aligned 2 MiB
@@ -1027,6 +1114,9 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 track_dirty: AtomicBool::new(config.track_dirty),
                 large: config.large_leaves && config.format.supports(PageSize::Size2M),
                 lazy_split: AtomicBool::new(config.split == SplitPolicy::Lazy),
+                auto_promote: config.auto_promote && config.large_leaves && config.format.supports(PageSize::Size2M),
+                promoted_explicit: AtomicU64::new(0),
+                promoted_auto: AtomicU64::new(0),
                 struct_seq: AtomicU64::new(0),
                 struct_lock: L::new(),
             }),
@@ -1262,6 +1352,7 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             let n = unsafe { inner.with_data_mut(|d| inner.promote_range(d, gpa, end)) };
             if n > 0 {
                 inner.map_seq.fetch_add(1, Release);
+                inner.promoted_explicit.fetch_add(n, Relaxed);
                 inner.bump_gen_and_invalidate(a, gpa, len, Cause::Remap, true, None);
             }
             Ok(n)
@@ -1271,7 +1362,10 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// Make `[gpa, gpa+len)`, which must lie inside one mapping, resident
     /// in the table. Returns the number of pages this call mapped. On
     /// error nothing changed (no leaf was written); `resident_count`
-    /// always counts exactly the leaves present.
+    /// always counts exactly the leaves present. A 2 MiB range whose leaf
+    /// table this call filled is then promoted where it qualifies
+    /// ([`SpaceConfig::auto_promote`]; every client held for it), except
+    /// from a thread in guest context on the space.
     pub fn populate(&self, gpa: Gpa, len: u64) -> Result<u64> {
         let gpa = gpa.0;
         check_aligned(gpa, len)?;
@@ -1280,18 +1374,48 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             if a.destroyed {
                 return Err(Error::Orphaned);
             }
+            let end = gpa + len;
             // SAFETY: lock held; entry changes are atomic and clients may
             // run concurrently (they only read the table and CAS leaves).
-            unsafe {
+            let (n, full) = unsafe {
                 inner.with_data(|d| {
                     let (start, m) = d.mapping_at(gpa).ok_or(Error::NotFound)?;
-                    if gpa + len > start + m.len {
+                    if end > start + m.len {
                         return Err(Error::NotFound);
                     }
-                    inner.map_span(&d.table, start, m, gpa, gpa + len)
+                    let n = inner.map_span(&d.table, start, m, gpa, end)?;
+                    // The chunks this call touched whose leaf tables are
+                    // now full (and so may promote); [lo, hi) spans them.
+                    let mut full: Option<(u64, u64)> = None;
+                    if n > 0 && inner.auto_promote && !inner.track_dirty.load(Acquire) {
+                        let mut c = (gpa & !(M2 - 1)).max(start.next_multiple_of(M2));
+                        while c < end && c + M2 <= start + m.len {
+                            if m.object.run_at(m.offset + (c - start)).is_some() && chunk_full(&d.table, c) {
+                                full = Some(full.map_or((c, c + M2), |(lo, _)| (lo, c + M2)));
+                            }
+                            c += M2;
+                        }
+                    }
+                    Ok((n, full))
                 })
+            }?;
+            // Promotion waits for vCPUs in guest context: not from one.
+            if let Some((lo, hi)) = full
+                && !on_cpu::holds(inner as *const Inner<P, L> as usize)
+            {
+                inner.auto_promote_locked(a, lo, hi);
             }
+            Ok(n)
         })
+    }
+
+    /// The 2 MiB leaves made by promotion so far: by [`VmSpace::promote`]
+    /// and automatically ([`SpaceConfig::auto_promote`]).
+    pub fn promotions(&self) -> PromotionStats {
+        PromotionStats {
+            explicit: self.inner.promoted_explicit.load(Relaxed),
+            automatic: self.inner.promoted_auto.load(Relaxed),
+        }
     }
 
     /// Pages present in the table.

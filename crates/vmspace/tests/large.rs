@@ -9,10 +9,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use nested_pt::{Access, Gpa, PageSize, mmu};
+use nested_pt::{Access, Caps, Gpa, PageSize, mmu};
 use vmspace::*;
 
 const M2: u64 = 2 << 20;
+
+/// Sets its flag when dropped. The concurrent tests' main thread holds
+/// one for the workers' stop flag: a failed assertion there unwinds
+/// through it and stops the workers, so the scope (which joins them
+/// before the panic propagates) ends and the test fails instead of
+/// waiting forever for workers that never see the flag.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
 
 /// 4 KiB pages the present leaves map (a 2 MiB leaf: 512).
 fn mapped_pages(s: &Space) -> u64 {
@@ -539,6 +552,7 @@ fn splits_and_promotions_under_concurrent_faults_and_holds() {
                 }
             });
         }
+        let _stop = StopOnDrop(&stop);
         let mut bm = vec![0u64; 4 * 8];
         let mut promoted = 0;
         for round in 0..200 {
@@ -549,7 +563,6 @@ fn splits_and_promotions_under_concurrent_faults_and_holds() {
             promoted += s.promote(Gpa(base), 4 * M2).unwrap();
             assert_eq!(mapped_pages(&s), s.resident_count(), "round {round}");
         }
-        stop.store(true, Ordering::Relaxed);
         assert!(promoted > 0, "no promotion ran");
     });
     assert_eq!(s.resident_count(), 4 * 512);
@@ -573,4 +586,385 @@ fn protection_changes_never_merge_two_mappings() {
     s.unmap(Gpa(32 * PG), 32 * PG).unwrap();
     s.unmap(Gpa(0), 32 * PG).unwrap();
     assert!(s.mappings().is_empty());
+}
+
+/// A space of `chunks` 2 MiB runs at 1 GiB, mapped while tracking was on
+/// (so populated for 4 KiB leaves), tracking off again, nothing
+/// resident; `auto` is [`SpaceConfig::auto_promote`].
+fn small_populated(f: PteFormat, chunks: u64, auto: bool) -> (Space, Arc<VmObject>) {
+    let mut cfg = SpaceConfig::new(1 << 32, f);
+    cfg.fault_around = 16;
+    cfg.auto_promote = auto;
+    let s: Space = VmSpace::new(cfg, pages()).unwrap();
+    let r = reservoir(chunks * 512 + 1024);
+    let o = ram(&r, chunks * 512);
+    for k in 0..chunks {
+        assert!(o.run_at(k * M2).is_some(), "{f:?}: the reservoir handed out runs");
+    }
+    s.set_dirty_tracking(true).unwrap();
+    s.map(&o, 0, Gpa(1 << 30), chunks * M2, Prot::RW).unwrap();
+    s.set_dirty_tracking(false).unwrap();
+    assert_eq!(s.resident_count(), 0);
+    (s, o)
+}
+
+/// Fault every page of the chunk at `chunk` for `prot`, in ascending or
+/// descending order.
+fn fault_chunk(c: &VmClient<Pages>, chunk: u64, prot: Prot, descending: bool) {
+    for i in 0..512 {
+        let p = if descending { 511 - i } else { i };
+        c.fault(Gpa(chunk + p * PG), prot).unwrap();
+    }
+}
+
+#[test]
+fn faults_filling_a_leaf_table_promote_it() {
+    // Hardware A/D formats (the hardware's write is simulated); emulated
+    // A/D below, where the fault path records the accesses.
+    for f in [npt(), PteFormat::ept(Caps::default())] {
+        let (s, o) = small_populated(f, 3, true);
+        let base = 1u64 << 30;
+        let c = s.client();
+        let inv = Arc::new(Mutex::new(Vec::new()));
+        let k = inv.clone();
+        c.set_invalidation(Some(move |i: &Invalidation<'_>| {
+            k.lock().unwrap().push((i.gpa.0, i.len, format!("{:?}", i.cause), i.tables_freed))
+        }));
+        let tables = table_pages(&s);
+        // All but the last window of the first chunk: no promotion yet.
+        for p in 0..512 - 16 {
+            c.fault(Gpa(base + p * PG), Prot::WRITE).unwrap();
+            assert!(hw_write(&s, base + p * PG));
+        }
+        assert_eq!(s.promotions(), PromotionStats::default(), "{f:?}");
+        assert_eq!(leaf_sizes(&s, base, M2).len(), 512 - 16);
+        // The last window fills the table: one 2 MiB leaf, table freed.
+        c.fault(Gpa(base + 511 * PG), Prot::READ).unwrap();
+        assert_eq!(s.promotions(), PromotionStats { explicit: 0, automatic: 1 }, "{f:?}");
+        assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M], "{f:?}");
+        assert_eq!(table_pages(&s), tables - 1, "{f:?}: the leaf table freed");
+        assert_eq!(inv.lock().unwrap().as_slice(), [(base, M2, "Remap".to_string(), true)]);
+        assert_eq!(s.resident_count(), 512);
+        check_frames(&s, &o, base, 0, 512);
+        // The second chunk read only, in descending order (the window
+        // that fills it is its first).
+        fault_chunk(&c, base + M2, Prot::READ, true);
+        assert_eq!(s.promotions().automatic, 2, "{f:?}");
+        assert_eq!(leaf_sizes(&s, base + M2, M2), vec![PageSize::Size2M], "{f:?}");
+        // The third by populate, in two halves.
+        assert_eq!(s.populate(Gpa(base + 2 * M2), M2 / 2).unwrap(), 256);
+        assert_eq!(s.promotions().automatic, 2, "half full");
+        assert_eq!(s.populate(Gpa(base + 2 * M2), M2).unwrap(), 256);
+        assert_eq!(s.promotions().automatic, 3, "{f:?}");
+        assert_eq!(leaf_sizes(&s, base, 3 * M2), vec![PageSize::Size2M; 3], "{f:?}");
+        assert_eq!(s.resident_count(), 3 * 512);
+        assert_eq!(mapped_pages(&s), s.resident_count());
+        check_frames(&s, &o, base, 0, 3 * 512);
+        assert_eq!(table_pages(&s), tables - 3);
+        // A/D carried: the written chunk's large leaf is dirty, the read
+        // one's is not; the eager split reports the whole written one.
+        let fmt = *s.format();
+        let ad = |g: u64| {
+            let v = s.with_table(|t| t.leaves(Gpa(g), M2).map(|l| l.value).next().unwrap());
+            (fmt.accessed(v), fmt.dirty(v))
+        };
+        let (a0, d0) = ad(base);
+        assert!(a0 && d0, "{f:?}");
+        let (a1, d1) = ad(base + M2);
+        assert!(!a1 && !d1, "{f:?}: faulted (the hardware sets accessed), never written");
+        s.set_dirty_tracking(true).unwrap();
+        let mut bm = [0u64; 24];
+        assert_eq!(s.track_dirty(Gpa(base), 3 * M2, &mut bm).unwrap(), 512, "{f:?}");
+        assert!((0..512).all(|p| bit(&bm, p)), "{f:?}: every written page reported");
+        assert!((512..1536).all(|p| !bit(&bm, p)), "{f:?}: nothing unwritten");
+    }
+    // Emulated A/D: the accessed/dirty permission bits a fault grants do
+    // not count as another protection; a write fault's dirty state is
+    // carried.
+    let f = PteFormat::ept_emulated_ad(Caps::default());
+    let (s, o) = small_populated(f, 2, true);
+    let base = 1u64 << 30;
+    let c = s.client();
+    fault_chunk(&c, base, Prot::READ, false);
+    c.fault(Gpa(base + M2 + 7 * PG), Prot::WRITE).unwrap();
+    fault_chunk(&c, base + M2, Prot::READ, true);
+    assert_eq!(s.promotions().automatic, 2);
+    assert_eq!(leaf_sizes(&s, base, 2 * M2), vec![PageSize::Size2M; 2]);
+    assert_eq!(s.resident_count(), 1024);
+    check_frames(&s, &o, base, 0, 1024);
+    s.set_dirty_tracking(true).unwrap();
+    let mut bm = [0u64; 16];
+    assert_eq!(s.track_dirty(Gpa(base), 2 * M2, &mut bm).unwrap(), 512, "the written chunk, whole");
+    assert!((512..1024).all(|p| bit(&bm, p)) && (0..512).all(|p| !bit(&bm, p)));
+}
+
+#[test]
+fn auto_promotion_refusals() {
+    let base = 1u64 << 30;
+    // While tracking is on: nothing, by faults or populate.
+    for f in formats() {
+        let (s, _o) = small_populated(f, 2, true);
+        s.set_dirty_tracking(true).unwrap();
+        let c = s.client();
+        fault_chunk(&c, base, Prot::READ, false);
+        s.populate(Gpa(base + M2), M2).unwrap();
+        assert_eq!(s.promotions(), PromotionStats::default(), "{f:?}");
+        assert_eq!(leaf_sizes(&s, base, 2 * M2), vec![PageSize::Size4K; 1024], "{f:?}");
+        assert_eq!(s.resident_count(), 1024);
+    }
+    // With the knob off: nothing; the explicit promotion still works.
+    {
+        let (s, _o) = small_populated(npt(), 2, false);
+        let c = s.client();
+        fault_chunk(&c, base, Prot::READ, false);
+        s.populate(Gpa(base + M2), M2).unwrap();
+        assert_eq!(s.promotions(), PromotionStats::default());
+        assert_eq!(leaf_sizes(&s, base, 2 * M2).len(), 1024);
+        assert_eq!(s.promote(Gpa(base), 2 * M2).unwrap(), 2);
+        assert_eq!(s.promotions(), PromotionStats { explicit: 2, automatic: 0 });
+    }
+    // One page of another protection: not promoted (the other chunk is).
+    for f in formats() {
+        let (s, _o) = small_populated(f, 2, true);
+        s.protect(Gpa(base + 100 * PG), PG, Prot::READ).unwrap();
+        let c = s.client();
+        fault_chunk(&c, base, Prot::READ, false);
+        s.populate(Gpa(base + M2), M2).unwrap();
+        assert_eq!(s.promotions().automatic, 1, "{f:?}");
+        assert_eq!(leaf_sizes(&s, base, M2).len(), 512, "{f:?}");
+        assert_eq!(s.resident_count(), 1024);
+        assert_eq!(mapped_pages(&s), 1024);
+    }
+    // Large leaves off: nothing (and no runs are looked for).
+    {
+        let mut cfg = SpaceConfig::new(1 << 32, npt());
+        cfg.large_leaves = false;
+        let s: Space = VmSpace::new(cfg, pages()).unwrap();
+        let r = reservoir(1024);
+        let o = ram(&r, 512);
+        s.map(&o, 0, Gpa(base), M2, Prot::RW).unwrap();
+        let c = s.client();
+        fault_chunk(&c, base, Prot::READ, false);
+        assert_eq!(s.promotions(), PromotionStats::default());
+        assert_eq!(leaf_sizes(&s, base, M2).len(), 512);
+    }
+}
+
+#[test]
+fn no_auto_promotion_from_guest_context() {
+    // A fault from a thread in guest context on the space maps the page
+    // but does not promote (it would wait for itself): the range stays
+    // full of 4 KiB leaves until an explicit promotion.
+    let (s, _o) = small_populated(npt(), 1, true);
+    let base = 1u64 << 30;
+    let c = s.client();
+    for p in 0..512 - 16 {
+        c.fault(Gpa(base + p * PG), Prot::READ).unwrap();
+    }
+    {
+        let _g = c.table_enter(0).unwrap();
+        c.fault(Gpa(base + 511 * PG), Prot::READ).unwrap();
+    }
+    assert_eq!(s.promotions().automatic, 0);
+    assert_eq!(s.resident_count(), 512);
+    assert_eq!(leaf_sizes(&s, base, M2).len(), 512);
+    assert_eq!(s.promote(Gpa(base), M2).unwrap(), 1);
+    assert_eq!(s.promotions(), PromotionStats { explicit: 1, automatic: 0 });
+    assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M]);
+}
+
+#[test]
+fn auto_promotions_under_concurrent_faults_and_holds() {
+    // Two threads fault and write through holds over 4 runs while the
+    // main thread unmaps and maps them again with tracking on (4 KiB
+    // leaves, empty) and switches tracking off: the faults refill the
+    // leaf tables and promote them. Every value a thread wrote reads
+    // back, resident_count stays exact, promotions happen.
+    //
+    // resident_count is compared with the leaves in the table while the
+    // workers are parked (`gate`): a fault maps its window and counts it
+    // in two steps, and `with_table` does not stop clients, so a check
+    // while they fault can see one window mapped but not yet counted, or
+    // counted after the walk passed it (this test once failed so, 16
+    // pages apart, and then hung: the workers never saw the stop flag).
+    let (s, o) = small_populated(npt(), 4, true);
+    let base = 1u64 << 30;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let gate = std::sync::RwLock::new(());
+    std::thread::scope(|t| {
+        for id in 0..2u64 {
+            let (s, stop, gate) = (&s, &stop, &gate);
+            t.spawn(move || {
+                let c = s.client();
+                let mut x = 0x2545_f491_4f6c_dd1du64 ^ (id + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    let _running = gate.read().unwrap();
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let page = ((x % 2048) & !1) | id;
+                    let g = base + page * PG;
+                    // Between an unmap and the map again: no mapping.
+                    match c.fault(Gpa(g), if x & 0x100 == 0 { Prot::WRITE } else { Prot::READ }) {
+                        Ok(()) | Err(Error::NoMapping) => {}
+                        Err(e) => panic!("fault: {e:?}"),
+                    }
+                    match c.hold(Gpa(g), Prot::RW) {
+                        Ok(h) => {
+                            h.write_u64(16, x).unwrap();
+                            assert_eq!(h.read_u64(16).unwrap(), x);
+                        }
+                        Err(Error::NoMapping) => {}
+                        Err(e) => panic!("hold: {e:?}"),
+                    }
+                }
+            });
+        }
+        let _stop = StopOnDrop(&stop);
+        let mut rounds = 0;
+        while s.promotions().automatic < 8 || rounds < 20 {
+            s.set_dirty_tracking(true).unwrap();
+            s.unmap(Gpa(base), 4 * M2).unwrap();
+            s.map(&o, 0, Gpa(base), 4 * M2, Prot::RW).unwrap();
+            s.set_dirty_tracking(false).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            {
+                let _parked = gate.write().unwrap();
+                assert_eq!(mapped_pages(&s), s.resident_count(), "round {rounds}");
+            }
+            rounds += 1;
+            assert!(rounds < 2000, "no promotions after {rounds} rounds");
+        }
+    });
+    assert_eq!(mapped_pages(&s), s.resident_count());
+    // What the threads left unfaulted (populate promotes what it fills),
+    // and a table filled while tracking was still on (between the map
+    // and the switch) is promoted explicitly.
+    s.populate(Gpa(base), 4 * M2).unwrap();
+    s.promote(Gpa(base), 4 * M2).unwrap();
+    assert_eq!(leaf_sizes(&s, base, 4 * M2), vec![PageSize::Size2M; 4]);
+    assert_eq!(s.resident_count(), 4 * 512);
+    check_frames(&s, &o, base, 0, 4 * 512);
+}
+
+#[test]
+fn a_promotion_between_a_lazy_split_and_the_retry_gives_a_writable_leaf() {
+    // The interleaving the split retry (`VmClient::fault_split`, and the
+    // hold's loop) must survive, run in order on one thread: a 2 MiB
+    // leaf write-protected by a lazy tracking switch (tracking off
+    // again: it stays so), a write splits it, and the chunk is promoted
+    // again (explicitly, or automatically by faults refilling it) before
+    // the writer retries. The new leaf carries the mapping's protection,
+    // so the retried write and a writable hold map it with no other
+    // split and no other change: the retry goes round again only after
+    // another switch of tracking on.
+    let base = 1u64 << 30;
+    for f in formats() {
+        let causes = Arc::new(Mutex::new(Vec::new()));
+        let watch = |c: &VmClient<Pages>| {
+            let k = causes.clone();
+            c.set_invalidation(Some(move |i: &Invalidation<'_>| k.lock().unwrap().push(format!("{:?}", i.cause))));
+        };
+        // Explicit promotion.
+        let (s, o) = large_space(f, SplitPolicy::Lazy, 1);
+        let c = s.client();
+        watch(&c);
+        s.set_dirty_tracking(true).unwrap();
+        s.set_dirty_tracking(false).unwrap();
+        assert_eq!(s.lookup(Gpa(base)).unwrap().1, Prot::READ, "{f:?}: still write-protected");
+        c.fault(Gpa(base + 5 * PG), Prot::WRITE).unwrap();
+        assert_eq!(leaf_sizes(&s, base, M2).len(), 512, "{f:?}: split by the write");
+        assert!(
+            (0..512).all(|p| s.lookup(Gpa(base + p * PG)).unwrap().1 == Prot::RW),
+            "{f:?}: the mapping's protection"
+        );
+        assert_eq!(s.promote(Gpa(base), M2).unwrap(), 1);
+        assert_eq!(s.lookup(Gpa(base)).unwrap().1, Prot::RW, "{f:?}: promoted writable");
+        causes.lock().unwrap().clear();
+        c.fault(Gpa(base + 9 * PG), Prot::WRITE).unwrap();
+        let h = c.hold(Gpa(base + 10 * PG), Prot::RW).unwrap();
+        h.write_u64(0, 7).unwrap();
+        drop(h);
+        assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M], "{f:?}: not split again");
+        assert!(causes.lock().unwrap().is_empty(), "{f:?}: {:?}", causes.lock().unwrap());
+        check_frames(&s, &o, base, 0, 512);
+        causes.lock().unwrap().clear();
+
+        // Automatic promotion: the same with the table refilled by faults
+        // (unmapped, mapped again while tracking is on, tracking off).
+        let (s, o) = small_populated(f, 1, true);
+        s.set_split_policy(SplitPolicy::Lazy);
+        let c = s.client();
+        watch(&c);
+        fault_chunk(&c, base, Prot::READ, false);
+        assert_eq!(s.promotions().automatic, 1, "{f:?}");
+        s.set_dirty_tracking(true).unwrap();
+        s.set_dirty_tracking(false).unwrap();
+        assert_eq!(s.lookup(Gpa(base)).unwrap().1, Prot::READ, "{f:?}: still write-protected");
+        c.fault(Gpa(base + 5 * PG), Prot::WRITE).unwrap();
+        assert_eq!(leaf_sizes(&s, base, M2).len(), 512, "{f:?}: split by the write");
+        s.set_dirty_tracking(true).unwrap();
+        s.unmap(Gpa(base), M2).unwrap();
+        s.map(&o, 0, Gpa(base), M2, Prot::RW).unwrap();
+        s.set_dirty_tracking(false).unwrap();
+        fault_chunk(&c, base, Prot::WRITE, true);
+        assert_eq!(s.promotions().automatic, 2, "{f:?}: refilled and promoted");
+        assert_eq!(s.lookup(Gpa(base)).unwrap().1, Prot::RW, "{f:?}: promoted writable");
+        causes.lock().unwrap().clear();
+        c.fault(Gpa(base + 9 * PG), Prot::WRITE).unwrap();
+        let h = c.hold(Gpa(base + 10 * PG), Prot::RW).unwrap();
+        h.write_u64(0, 7).unwrap();
+        drop(h);
+        assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M], "{f:?}: not split again");
+        assert!(causes.lock().unwrap().is_empty(), "{f:?}: {:?}", causes.lock().unwrap());
+        assert_eq!(s.resident_count(), 512);
+        check_frames(&s, &o, base, 0, 512);
+    }
+}
+
+#[test]
+fn a_swappable_object_is_never_promoted() {
+    // Its pages get frames one by one (no runs): a full leaf table of it
+    // stays 4 KiB leaves, even though a fresh reservoir hands them out as
+    // one aligned run (which the table would promote).
+    let s = space_cfg(npt(), SplitPolicy::Eager);
+    let r = reservoir(2048);
+    let f = swap_file_in(&std::env::temp_dir()).unwrap();
+    let o = VmObject::swappable(r.clone(), M2, f).unwrap();
+    s.map(&o, 0, Gpa(1 << 30), M2, Prot::RW).unwrap();
+    let c = s.client();
+    fault_chunk(&c, 1 << 30, Prot::READ, false);
+    s.populate(Gpa(1 << 30), M2).unwrap();
+    assert_eq!(s.resident_count(), 512);
+    assert_eq!(s.promotions(), PromotionStats::default());
+    assert_eq!(leaf_sizes(&s, 1 << 30, M2).len(), 512);
+    let f0 = o.frame_at(0).unwrap().0;
+    let one_run = f0.is_multiple_of(512) && (0..512).all(|p| o.frame_at(p * PG).map(|f| f.0) == Some(f0 + p));
+    assert!(one_run, "only the object's lack of runs refuses the promotion");
+    assert_eq!(o.run_at(0), None);
+}
+
+#[test]
+fn a_hold_that_fills_a_leaf_table_promotes_it() {
+    // The hold's leaf moves under it: its release, after tracking went on
+    // (an eager split), finds its page again and marks exactly it.
+    let (s, o) = small_populated(npt(), 1, true);
+    let base = 1u64 << 30;
+    let c = s.client();
+    for p in 0..512 - 16 {
+        c.fault(Gpa(base + p * PG), Prot::READ).unwrap();
+    }
+    let h = c.hold(Gpa(base + 500 * PG), Prot::RW).unwrap();
+    assert_eq!(s.promotions().automatic, 1);
+    assert_eq!(leaf_sizes(&s, base, M2), vec![PageSize::Size2M]);
+    assert_eq!(Some(h.pfn()), o.frame_at(500 * PG));
+    h.write_u64(0, 0x1234).unwrap();
+    s.set_dirty_tracking(true).unwrap();
+    assert!(!h.release());
+    let mut bm = [0u64; 8];
+    assert_eq!(s.track_dirty(Gpa(base), M2, &mut bm).unwrap(), 1);
+    assert!(bit(&bm, 500));
+    let mut b = [0u8; 8];
+    o.read(500 * PG, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), 0x1234);
 }
