@@ -304,6 +304,7 @@ extern crate alloc;
 mod client;
 mod error;
 mod host_view;
+mod huge;
 mod object;
 mod protocol;
 mod reservoir;
