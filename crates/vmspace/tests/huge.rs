@@ -478,8 +478,9 @@ fn writers_during(split: SplitPolicy, control: impl FnOnce(&Space)) {
         assert_eq!(leaf_sizes(&s, BASE, G1), vec![PageSize::Size1G]);
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(AtomicU64::new(0));
     const WRITERS: u64 = 3;
+    // Rounds each writer completed.
+    let rounds: Arc<Vec<AtomicU64>> = Arc::new((0..WRITERS).map(|_| AtomicU64::new(0)).collect());
     // Writer w's pages: one in each of 8 chunks, distinct per writer.
     let pages_of = |w: u64| (0..8u64).map(move |k| (k * 61 + w * 7) * 512 + w * 3 + 1);
     let handles: Vec<_> = (0..WRITERS)
@@ -495,19 +496,21 @@ fn writers_during(split: SplitPolicy, control: impl FnOnce(&Space)) {
                         h.write_u64(0, v).unwrap();
                         h.write_u64(8, p).unwrap();
                     }
-                    rounds.fetch_add(1, Ordering::Relaxed);
+                    rounds[w as usize].fetch_add(1, Ordering::Release);
                 }
                 v
             })
         })
         .collect();
-    while rounds.load(Ordering::Relaxed) < 2 * WRITERS {
+    let done = |w: usize| rounds[w].load(Ordering::Acquire);
+    while (0..WRITERS as usize).any(|w| done(w) < 2) {
         std::thread::yield_now();
     }
     control(&s);
-    // The writers go on past the change, then stop.
-    let at = rounds.load(Ordering::Relaxed);
-    while rounds.load(Ordering::Relaxed) < at + 2 * WRITERS {
+    // Every writer goes on for two whole rounds past the change (so each
+    // of its pages is written after it), then they stop.
+    let at: Vec<u64> = (0..WRITERS as usize).map(done).collect();
+    while (0..WRITERS as usize).any(|w| done(w) < at[w] + 2) {
         std::thread::yield_now();
     }
     stop.store(true, Ordering::Release);
@@ -573,4 +576,35 @@ fn writers_through_holds_while_unmap_range_cuts_the_leaf() {
     let v = writer.join().unwrap();
     assert_eq!(read_u64(&o, 9 * PG), v, "no lost write");
     assert_eq!(leaf_counts(&s, BASE, G1), [511, 511, 0]);
+}
+
+#[test]
+fn heap_reservoir_and_mmio_give_1g_leaves_too() {
+    // A heap arena of 1 GiB + 2 MiB numbered from a 1 GiB-aligned frame
+    // (untouched pages of the zeroed allocation cost nothing until used;
+    // freeing zeroes the frames).
+    let r = Arc::new(HeapReservoir::new(G1 + M2, Pfn(FRAMES)).unwrap());
+    let o = VmObject::ram(r.clone(), G1 + M2).unwrap();
+    assert_eq!(o.huge_run_at(0), Some(Pfn(FRAMES)));
+    let s = space_cfg(PteFormat::ept(Caps::default()), SplitPolicy::Eager);
+    s.map(&o, 0, Gpa(BASE), G1 + M2, Prot::RW).unwrap();
+    let c = s.client();
+    let h = c.hold(Gpa(BASE + 1234 * PG), Prot::RW).unwrap();
+    assert_eq!(h.pfn(), Pfn(FRAMES + 1234));
+    h.write_u64(0, 7).unwrap();
+    drop(h);
+    assert_eq!(leaf_counts(&s, BASE, G1 + M2), [0, 0, 1]);
+    assert_eq!(read_u64(&o, 1234 * PG), 7);
+    drop(c);
+    drop(s);
+    drop(o);
+    assert_eq!(r.stats().allocated, 0);
+    // MMIO whose range is 1 GiB-aligned: one uncached 1 GiB leaf.
+    let m = VmObject::mmio(Pfn(8 * 0x4_0000), G1).unwrap();
+    let s = space_cfg(npt(), SplitPolicy::Eager);
+    s.map(&m, 0, Gpa(BASE), G1, Prot::RW).unwrap();
+    s.client().fault(Gpa(BASE + 5 * M2), Prot::READ).unwrap();
+    assert_eq!(leaf_sizes(&s, BASE, G1), vec![PageSize::Size1G]);
+    assert_eq!(s.lookup(Gpa(BASE + 3 * PG)).map(|(f, _)| f), Some(Pfn(8 * 0x4_0000 + 3)));
+    assert_eq!(s.resident_count(), G1 / PG);
 }
