@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use common::*;
-use nested_pt::{Access, Caps, FormatKind, Gpa, PageSize, mmu};
+use nested_pt::{Access, Caps, CountingPages, FormatKind, Gpa, HeapPages, PageSize, mmu};
 use vmspace::*;
 
 const M2: u64 = 2 << 20;
@@ -607,4 +607,80 @@ fn heap_reservoir_and_mmio_give_1g_leaves_too() {
     assert_eq!(leaf_sizes(&s, BASE, G1), vec![PageSize::Size1G]);
     assert_eq!(s.lookup(Gpa(BASE + 3 * PG)).map(|(f, _)| f), Some(Pfn(8 * 0x4_0000 + 3)));
     assert_eq!(s.resident_count(), G1 / PG);
+}
+
+#[test]
+fn unmap_range_and_protect_across_slots() {
+    // 2 GiB + 2 MiB of RAM (two 1 GiB runs, one 2 MiB run) at 2 GiB.
+    let o = ram_at(2 * G1 + M2, FRAMES);
+    assert!(o.huge_run_at(0).is_some() && o.huge_run_at(G1).is_some());
+    for f in formats() {
+        let s = space_cfg(f, SplitPolicy::Eager);
+        let base_tables = table_pages(&s);
+        let at = 2 * G1;
+        s.map(&o, 0, Gpa(at), 2 * G1 + M2, Prot::RW).unwrap();
+        s.populate(Gpa(at), 2 * G1 + M2).unwrap();
+        assert_eq!(leaf_counts(&s, at, 2 * G1 + M2), [0, 1, 2]);
+        // Protect from the last 2 MiB of the first GiB into the middle of
+        // the second: the first slot is cut (split), so is the second.
+        s.protect(Gpa(at + G1 - M2), M2 + 5 * M2 + 3 * PG, Prot::READ).unwrap();
+        // The first GiB is cut at a 2 MiB boundary: 512 2 MiB leaves; the
+        // second inside a chunk: 511 and 512 small ones; the tail's one.
+        assert_eq!(leaf_counts(&s, at, 2 * G1 + M2), [512, 1024, 0], "{f:?}");
+        assert_eq!(s.lookup(Gpa(at + G1 - M2 - PG)).map(|(_, p)| p), Some(Prot::RW));
+        assert_eq!(s.lookup(Gpa(at + G1 - M2)).map(|(_, p)| p), Some(Prot::READ));
+        assert_eq!(s.lookup(Gpa(at + G1 + 5 * M2 + 2 * PG)).map(|(_, p)| p), Some(Prot::READ));
+        assert_eq!(s.lookup(Gpa(at + G1 + 5 * M2 + 3 * PG)).map(|(_, p)| p), Some(Prot::RW));
+        check_frames(&s, &o, at, 0, 2 * G1 + M2);
+        assert_eq!(s.resident_count(), 2 * (G1 / PG) + 512);
+        s.unmap(Gpa(at), G1 - M2).unwrap();
+        s.unmap(Gpa(at + G1 - M2), M2 + 5 * M2 + 3 * PG).unwrap();
+        s.unmap(Gpa(at + G1 + 5 * M2 + 3 * PG), G1 - 5 * M2 - 3 * PG + M2).unwrap();
+        assert_eq!(s.resident_count(), 0);
+        assert_eq!(table_pages(&s), base_tables, "{f:?}");
+
+        // unmap_range of a whole slot and the pieces around it: the slot
+        // goes as one 1 GiB leaf, the cut one is split.
+        s.map(&o, 0, Gpa(at), 2 * G1 + M2, Prot::RW).unwrap();
+        s.populate(Gpa(at), 2 * G1 + M2).unwrap();
+        s.unmap_range(Gpa(at + G1 - 4 * M2 - PG), 4 * M2 + PG + G1).unwrap();
+        // Left: chunks 0..507 of the first GiB as 2 MiB leaves, 511 pages
+        // of chunk 507, the tail's 2 MiB leaf.
+        assert_eq!(s.resident_count(), 507 * 512 + 511 + 512, "{f:?}");
+        assert_eq!(mapped_pages(&s), s.resident_count());
+        assert_eq!(leaf_counts(&s, at, 2 * G1 + M2), [511, 507 + 1, 0]);
+        check_frames(&s, &o, at, 0, G1 - 5 * M2);
+        assert_eq!(s.lookup(Gpa(at + G1 - 4 * M2 - 2 * PG)).map(|(f, _)| f), o.frame_at(G1 - 4 * M2 - 2 * PG));
+        assert_eq!(s.lookup(Gpa(at + G1 - 4 * M2 - PG)), None);
+        check_frames(&s, &o, at + 2 * G1, 2 * G1, M2);
+        for m in s.mappings() {
+            s.unmap(m.gpa, m.len).unwrap();
+        }
+        assert_eq!(table_pages(&s), base_tables, "{f:?}");
+    }
+}
+
+#[test]
+fn an_eager_split_out_of_table_pages_keeps_tracking_off_and_translations() {
+    // Room for the tables of the 1 GiB leaf and a hundred more: the eager
+    // split (513 pages) runs out part way.
+    let s: Space =
+        VmSpace::new(SpaceConfig::new(1 << 36, npt()), CountingPages::new(HeapPages::with_capacity(0x100, 104)))
+            .unwrap();
+    let o = huge_ram();
+    s.map(&o, 0, Gpa(BASE), G1, Prot::RW).unwrap();
+    s.populate(Gpa(BASE), G1).unwrap();
+    o.write(200_000 * PG, &9u64.to_le_bytes()).unwrap();
+    let r = s.set_dirty_tracking(true);
+    assert!(matches!(r, Err(Error::Table(nested_pt::Error::NoMemory))), "{r:?}");
+    assert!(!s.dirty_tracking());
+    let [small, mid, huge] = leaf_counts(&s, BASE, G1);
+    assert_eq!(huge, 0, "the 1 GiB leaf was split");
+    assert!(small > 0 && mid > 0 && small + mid * 512 == 262_144, "{small} {mid}");
+    assert_eq!(s.resident_count(), G1 / PG);
+    assert_eq!(mapped_pages(&s), G1 / PG);
+    check_frames(&s, &o, BASE, 0, G1);
+    assert_eq!(s.client().hold(Gpa(BASE + 200_000 * PG), Prot::RW).unwrap().read_u64(0).unwrap(), 9);
+    s.unmap(Gpa(BASE), G1).unwrap();
+    assert_eq!(s.resident_count(), 0);
 }
