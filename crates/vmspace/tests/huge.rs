@@ -684,3 +684,158 @@ fn an_eager_split_out_of_table_pages_keeps_tracking_off_and_translations() {
     s.unmap(Gpa(BASE), G1).unwrap();
     assert_eq!(s.resident_count(), 0);
 }
+
+/// A small deterministic generator (the test must be reproducible).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn random_operations_on_a_1g_leaf_keep_translations_data_and_harvests_exact() {
+    use std::collections::{BTreeMap, BTreeSet};
+    for seed in 1..=6u64 {
+        let mut rng = Lcg(seed);
+        let s = space_cfg(npt(), SplitPolicy::Eager);
+        let o = huge_ram();
+        s.map(&o, 0, Gpa(BASE), G1, Prot::RW).unwrap();
+        let c = s.client();
+        // The model: each mapped page's protection, the value last
+        // written to each page, the pages a harvest must report.
+        let mut prot: BTreeMap<u64, Prot> = (0..G1 / PG).map(|p| (p, Prot::RW)).collect();
+        let mut data: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut dirty: BTreeSet<u64> = BTreeSet::new();
+        let mut tracking = false;
+        let pages = G1 / PG;
+        for step in 0..200 {
+            // Ranges stay inside one mapping piece: from a mapped page, up
+            // to 40 pages while the same piece goes on.
+            let piece = |p: u64, prot: &BTreeMap<u64, Prot>| {
+                let m = s.mappings().into_iter().find(|m| m.gpa.0 <= BASE + p * PG && BASE + p * PG < m.gpa.0 + m.len);
+                m.map(|m| ((m.gpa.0 - BASE) / PG, (m.gpa.0 + m.len - BASE) / PG)).filter(|_| prot.contains_key(&p))
+            };
+            if step % 40 == 39 {
+                // Start over: a fresh mapping (one 1 GiB slot again while
+                // tracking is off).
+                for m in s.mappings() {
+                    s.unmap(m.gpa, m.len).unwrap();
+                }
+                assert_eq!(s.resident_count(), 0);
+                s.map(&o, 0, Gpa(BASE), G1, Prot::RW).unwrap();
+                prot = (0..G1 / PG).map(|p| (p, Prot::RW)).collect();
+                dirty.clear();
+                if !tracking {
+                    assert_eq!(walk_level(&s, BASE), 3);
+                }
+            }
+            let p = rng.below(pages);
+            match rng.below(10) {
+                0 | 1 => {
+                    // Write through a hold.
+                    if prot.get(&p) == Some(&Prot::RW) {
+                        let v = step * 1000 + p;
+                        c.hold(Gpa(BASE + p * PG), Prot::RW).unwrap().write_u64(0, v).unwrap();
+                        data.insert(p, v);
+                        if tracking {
+                            dirty.insert(p);
+                        }
+                    }
+                }
+                2 => {
+                    let want = match prot.get(&p) {
+                        None => Err(Error::NoMapping),
+                        Some(&pr) if !pr.contains(Prot::WRITE) => Err(Error::Protection),
+                        Some(_) => Ok(()),
+                    };
+                    assert_eq!(c.fault(Gpa(BASE + p * PG), Prot::WRITE), want, "seed {seed} step {step}");
+                }
+                3 => {
+                    if let Some((_, hi)) = piece(p, &prot) {
+                        let n = 1 + rng.below(40).min(hi - p - 1);
+                        s.populate(Gpa(BASE + p * PG), n * PG).unwrap();
+                    }
+                }
+                4 => {
+                    if let Some((_, hi)) = piece(p, &prot) {
+                        let n = 1 + rng.below(40).min(hi - p - 1);
+                        s.unmap_range(Gpa(BASE + p * PG), n * PG).unwrap();
+                        for q in p..p + n {
+                            prot.remove(&q);
+                            dirty.remove(&q);
+                        }
+                    }
+                }
+                5 | 6 => {
+                    if let Some((_, hi)) = piece(p, &prot) {
+                        let n = 1 + rng.below(3000).min(hi - p - 1);
+                        let new = if rng.below(2) == 0 { Prot::READ } else { Prot::RW };
+                        let r = s.protect(Gpa(BASE + p * PG), n * PG, new);
+                        assert_eq!(r, Ok(()), "seed {seed} step {step}");
+                        for q in p..p + n {
+                            prot.insert(q, new);
+                        }
+                    }
+                }
+                7 => {
+                    if tracking {
+                        let got: BTreeSet<u64> = harvest(&s).into_iter().collect();
+                        assert_eq!(got, dirty, "seed {seed} step {step}: harvest before switching off");
+                        dirty.clear();
+                        s.set_dirty_tracking(false).unwrap();
+                    } else {
+                        let lazy = rng.below(2) == 0;
+                        s.set_split_policy(if lazy { SplitPolicy::Lazy } else { SplitPolicy::Eager });
+                        s.set_dirty_tracking(true).unwrap();
+                    }
+                    tracking = !tracking;
+                }
+                8 => {
+                    if !tracking {
+                        s.promote(Gpa(BASE), G1).unwrap();
+                    }
+                }
+                _ => {
+                    if tracking {
+                        let got: BTreeSet<u64> = harvest(&s).into_iter().collect();
+                        assert_eq!(got, dirty, "seed {seed} step {step}");
+                        dirty.clear();
+                    }
+                }
+            }
+            if step % 10 == 9 {
+                assert_eq!(mapped_pages(&s), s.resident_count(), "seed {seed} step {step}");
+                for _ in 0..64 {
+                    let q = rng.below(pages);
+                    let seen = s.lookup(Gpa(BASE + q * PG));
+                    match prot.get(&q) {
+                        None => assert_eq!(seen, None, "seed {seed} step {step} page {q}"),
+                        Some(&pr) => {
+                            if let Some((f, sp)) = seen {
+                                // A large leaf the lazy split write-protected
+                                // stays so until a write splits it.
+                                let large =
+                                    s.with_table(|t| t.lookup(Gpa(BASE + q * PG)).unwrap().size) != PageSize::Size4K;
+                                let sp = if large && sp == Prot::READ && pr == Prot::RW { pr } else { sp };
+                                assert_eq!((f, sp), (o.frame_at(q * PG).unwrap(), pr), "seed {seed} page {q}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (p, v) in &data {
+            assert_eq!(read_u64(&o, p * PG), *v, "seed {seed} page {p}");
+        }
+        for m in s.mappings() {
+            s.unmap(m.gpa, m.len).unwrap();
+        }
+        assert_eq!(s.resident_count(), 0);
+    }
+}
