@@ -259,8 +259,10 @@
 //! `tests/huge.rs` the same for 1 GiB leaves on memfd RAM: one level-3
 //! leaf, exact resident counts, data through holds across splits, eager
 //! and lazy splits with exact harvests, one page unmapped from the middle
-//! of a 1 GiB leaf, protection of part, the fallbacks to 2 MiB leaves,
-//! writers through holds while splits run);
+//! of a 1 GiB leaf, protection of part and across two slots, the
+//! fallbacks to 2 MiB leaves, an eager split out of table pages, writers
+//! through holds while splits run, and a deterministic random sequence of
+//! operations on a 1 GiB leaf checked against a model);
 //! `tests/swap.rs` covers swapping (lazy backing, the clock, pinning,
 //! dirty state across swapping, the data path racing the swapper, kicks
 //! before frames are freed).

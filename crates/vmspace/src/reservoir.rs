@@ -87,8 +87,9 @@ pub struct ReservoirStats {
 ///
 /// # Safety
 ///
-/// Implementations promise that: every frame [`Reservoir::alloc`] returns
-/// lies inside [`Reservoir::arena`], is zero-filled, and is not returned
+/// Implementations promise that: every frame [`Reservoir::alloc`],
+/// [`Reservoir::alloc_large`] or [`Reservoir::alloc_huge`] returns lies
+/// inside [`Reservoir::arena`], is zero-filled, and is not returned
 /// again until it was passed to [`Reservoir::free`]; the arena stays mapped
 /// and unchanged for as long as the reservoir exists. Objects hand out raw
 /// pointers into the arena on the strength of these promises.
@@ -121,8 +122,8 @@ pub unsafe trait Reservoir: Send + Sync {
     /// Give frames back.
     ///
     /// # Safety
-    /// Every frame came from `alloc` of this reservoir, is freed once, and
-    /// nothing accesses it any more.
+    /// Every frame came from `alloc` (or `alloc_large` / `alloc_huge`) of
+    /// this reservoir, is freed once, and nothing accesses it any more.
     unsafe fn free(&self, frames: &[Pfn]);
     /// Current accounting.
     fn stats(&self) -> ReservoirStats;
