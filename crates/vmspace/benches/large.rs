@@ -62,6 +62,8 @@ fn space_fa(size: u64, large: bool, split: SplitPolicy, fault_around: Option<u32
         cfg.fault_around = n;
     }
     cfg.large_leaves = large;
+    // 2 MiB leaves against 4 KiB ones (1 GiB leaves: `benches/huge.rs`).
+    cfg.huge_leaves = false;
     cfg.split = split;
     VmSpace::new(cfg, HeapPages::new()).unwrap()
 }

@@ -562,11 +562,14 @@ impl<P: TablePages, L: RawLock> VmClient<P, L> {
             Some(l) => l,
             None => {
                 let (start, end) = (self.cache.start.get(), self.cache.end.get());
-                if c < start || end - c < LEAF_SPAN || !chunk_large(&d.table, c) {
-                    return Ok(None);
+                let offset = self.cache.offset.get();
+                // A 1 GiB slot counted for one leaf: its whole run (`huge.rs`).
+                if !self.space.fault_huge(&d.table, gpa, start, end, offset, mprot, object)? {
+                    if c < start || end - c < LEAF_SPAN || !chunk_large(&d.table, c) {
+                        return Ok(None);
+                    }
+                    self.space.map_large(&d.table, c, mprot, object, offset + (c - start))?;
                 }
-                let off = self.cache.offset.get() + (c - start);
-                self.space.map_large(&d.table, c, mprot, object, off)?;
                 match d.table.lookup(Gpa(gpa)) {
                     Some(l) if l.size != nested_pt::PageSize::Size4K => l,
                     _ => return Err(Error::NoMapping),

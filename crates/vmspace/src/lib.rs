@@ -28,7 +28,23 @@
 //! ([`SpaceConfig::auto_promote`], counted in [`VmSpace::promotions`]),
 //! and [`VmSpace::unmap_range`] /
 //! [`VmSpace::protect`] work on part of a mapping, splitting a large leaf
-//! they cut. A harvest
+//! they cut.
+//!
+//! 1 GiB leaves work the same way one level up (`huge.rs`): a reservoir
+//! hands out aligned 1 GiB runs where its arena has aligned room
+//! ([`Reservoir::alloc_huge`], which [`VmObject::ram`] uses), and an
+//! aligned 1 GiB slot of a mapping that one such run backs
+//! ([`VmObject::huge_run_at`], the object offset 1 GiB-aligned against the
+//! guest address) is populated at `map` for one level-3 leaf
+//! ([`SpaceConfig::huge_leaves`], where the format has 1 GiB leaves),
+//! which `populate`, a fault or a hold anywhere in it maps whole. Every
+//! change that needs smaller leaves splits the slot first, 1 GiB to 512
+//! 2 MiB leaves in one store of the level-3 entry (nested-pt's
+//! `demote_1g_as`, accessed/dirty carried), then applies the 2 MiB rules:
+//! the eager split goes on to 4 KiB, the lazy one write-protects the 1 GiB
+//! leaf and its first write splits it to (write-protected) 2 MiB leaves
+//! and the written 2 MiB to 4 KiB, `unmap_range` and `protect` split the
+//! slots and chunks they cut. A harvest
 //! invalidates only what its cleared bits require: one that clears bits
 //! bumps the generation and tells every client (without holding any), one
 //! that clears none, a `Get` and a `Set` invalidate nothing.
@@ -98,14 +114,18 @@
 //!   leaf; a page leaves that state only while every client is held and
 //!   its leaves are cleared before its frame is freed).
 //! - `resident_count` is the number of 4 KiB pages the present leaves
-//!   map: a 2 MiB leaf counts 512 (mapping one adds 512, a split or a
-//!   promotion changes nothing).
+//!   map: a 2 MiB leaf counts 512, a 1 GiB leaf 262,144 (mapping one adds
+//!   that many, a split or a promotion changes nothing).
 //! - Each aligned 2 MiB range of the space is populated either for one
 //!   2 MiB leaf (no leaf table: the table walk ends at level 2, at the
 //!   large leaf or an empty entry) or for 4 KiB leaves (a leaf table); the
 //!   first only for a range inside one mapping that one aligned run of
-//!   its object backs. A 2 MiB leaf maps exactly that run. Swappable
-//!   objects have no runs: they get 4 KiB leaves only.
+//!   its object backs. A 2 MiB leaf maps exactly that run. Likewise each
+//!   aligned 1 GiB slot lying inside one mapping is populated either for
+//!   one 1 GiB leaf (no level-2 table: the walk ends at level 3), only
+//!   where one aligned 1 GiB run of the object backs it, or for smaller
+//!   leaves (a level-2 table whose chunks follow the rule above).
+//!   Swappable objects have no runs: they get 4 KiB leaves only.
 //! - While dirty tracking is on, no large leaf allows writes: with the
 //!   eager split there are none (and no empty 2 MiB-populated range),
 //!   with the lazy one they are write-protected and clean, and the first
@@ -254,7 +274,14 @@
 //! eager and lazy splits, harvests after them, partial unmap, protection
 //! changes, promotion explicit and automatic, a promotion between a
 //! lazy split and the writer's retry, and splits/promotions explicit
-//! and automatic under concurrent writers);
+//! and automatic under concurrent writers;
+//! `tests/huge.rs` the same for 1 GiB leaves on memfd RAM: one level-3
+//! leaf, exact resident counts, data through holds across splits, eager
+//! and lazy splits with exact harvests, one page unmapped from the middle
+//! of a 1 GiB leaf, protection of part and across two slots, the
+//! fallbacks to 2 MiB leaves, an eager split out of table pages, writers
+//! through holds while splits run, and a deterministic random sequence of
+//! operations on a 1 GiB leaf checked against a model);
 //! `tests/swap.rs` covers swapping (lazy backing, the clock, pinning,
 //! dirty state across swapping, the data path racing the swapper, kicks
 //! before frames are freed).
@@ -267,7 +294,9 @@
 //! ones (first touch of 1 GiB with 2 MiB against 4 KiB leaves, eager
 //! against lazy split at 4 and 16 GiB, promotion per 2 MiB explicit and
 //! automatic, writing 1 GiB after a tracking on/off cycle with and
-//! without automatic promotion).
+//! without automatic promotion), and
+//! `cargo bench -p vmspace --bench huge` the 1 GiB ones (first touch of
+//! 4 GiB with 1 GiB against 2 MiB leaves, the split of one 1 GiB leaf).
 //!
 //! # Known gaps
 //!
@@ -275,10 +304,19 @@
 //!   checked against the format's width at `map`
 //!   ([`Invalid::FrameOutOfRange`]), so populate, fault-around and
 //!   `DirtyOp::Set` never stop half way, and `resident_count` is exact.
-//! - Large leaves are 2 MiB only: no 1 GiB leaves (the reservoir hands
-//!   out no 1 GiB runs, and nested-pt promotes and demotes 2 MiB leaves).
-//!   A mapping whose object offset is not 2 MiB-aligned against its
-//!   guest address gets 4 KiB leaves only.
+//! - No promotion to 1 GiB: once split, a 1 GiB slot keeps 2 MiB leaves
+//!   at best ([`VmSpace::promote`] and the automatic promotion merge
+//!   4 KiB leaves to 2 MiB only), and
+//!   a slot populated for smaller leaves (mapped while tracking was on)
+//!   never gets a 1 GiB leaf. A 1 GiB run is only ever the reservoir's
+//!   fresh aligned frames or one freed whole (free 2 MiB runs are not
+//!   reassembled). A mapping whose object offset is not 2 MiB-aligned
+//!   against its guest address gets 4 KiB leaves only (1 GiB-aligned for
+//!   a 1 GiB leaf).
+//! - The lazy split of a 1 GiB leaf on a write invalidates only the
+//!   written 2 MiB (the other 511 keep their translations and stay
+//!   write-protected), but the change of the level-3 entry is reported
+//!   with `tables_freed` false, as for a 2 MiB lazy split.
 //! - Automatic promotion ([`SpaceConfig::auto_promote`]) happens only
 //!   when a vCPU fault, a hold or a `populate` maps the leaves that fill
 //!   a leaf table: not after a `DirtyOp::Set`, or a
@@ -336,6 +374,7 @@ extern crate alloc;
 mod client;
 mod error;
 mod host_view;
+mod huge;
 mod object;
 mod protocol;
 mod reservoir;

@@ -13,6 +13,9 @@ use alloc::sync::Arc;
 /// Frames in a 2 MiB run.
 const RUN: usize = 512;
 
+/// Frames in a 1 GiB run.
+const HUGE: usize = crate::reservoir::HUGE_RUN as usize;
+
 enum Backing {
     Ram {
         reservoir: alloc::sync::Arc<dyn Reservoir>,
@@ -20,6 +23,8 @@ enum Backing {
         frames: Box<[Pfn]>,
         /// Bit `k`: pages `512k .. 512k + 512` are one aligned 2 MiB run.
         runs: Box<[u64]>,
+        /// Bit `k`: pages `262144k .. 262144(k+1)` are one aligned 1 GiB run.
+        huge: Box<[u64]>,
     },
     Mmio {
         base: Pfn,
@@ -62,8 +67,9 @@ impl core::fmt::Debug for VmObject {
 
 impl VmObject {
     /// Guest RAM of `size` bytes (a non-zero multiple of 4 KiB), allocated
-    /// from `reservoir` with [`Reservoir::alloc_large`] (aligned 2 MiB runs
-    /// where it can, 4 KiB frames otherwise); zero-filled.
+    /// from `reservoir` with [`Reservoir::alloc_huge`] (aligned 1 GiB runs
+    /// where it can, then aligned 2 MiB runs, 4 KiB frames otherwise);
+    /// zero-filled.
     pub fn ram(reservoir: alloc::sync::Arc<dyn Reservoir>, size: u64) -> Result<Arc<Self>> {
         if size == 0 {
             return Err(Invalid::ZeroLength.into());
@@ -71,7 +77,7 @@ impl VmObject {
         if !size.is_multiple_of(PAGE_SIZE) {
             return Err(Invalid::Unaligned.into());
         }
-        let frames = reservoir.alloc_large(size / PAGE_SIZE)?.into_boxed_slice();
+        let frames = reservoir.alloc_huge(size / PAGE_SIZE)?.into_boxed_slice();
         let arena = reservoir.arena();
         let groups = frames.len() / RUN;
         let mut runs = alloc::vec![0u64; groups.div_ceil(64)].into_boxed_slice();
@@ -81,10 +87,24 @@ impl VmObject {
                 runs[k / 64] |= 1 << (k % 64);
             }
         }
+        // A 1 GiB group is one run when its first frame is aligned and its
+        // 512 2 MiB groups are runs following each other.
+        let giant = frames.len() / HUGE;
+        let mut huge = alloc::vec![0u64; giant.div_ceil(64)].into_boxed_slice();
+        for k in 0..giant {
+            let first = frames[k * HUGE].0;
+            let all = (0..HUGE / RUN).all(|j| {
+                let g = k * (HUGE / RUN) + j;
+                runs[g / 64] & (1 << (g % 64)) != 0 && frames[g * RUN].0 == first + (j * RUN) as u64
+            });
+            if first.is_multiple_of(HUGE as u64) && all {
+                huge[k / 64] |= 1 << (k % 64);
+            }
+        }
         Ok(Arc::new(VmObject {
             size,
             mem_type: MemType::WriteBack,
-            backing: Backing::Ram { reservoir, arena, frames, runs },
+            backing: Backing::Ram { reservoir, arena, frames, runs, huge },
         }))
     }
 
@@ -190,6 +210,31 @@ impl VmObject {
                 f.is_multiple_of(RUN as u64).then_some(Pfn(f))
             }
             // Lazily backed page by page: never one run.
+            #[cfg(feature = "std")]
+            Backing::Swap(_) => None,
+        }
+    }
+
+    /// The first frame of the aligned 1 GiB run that backs
+    /// `[offset, offset + 1 GiB)`, if one run does: `offset` a multiple of
+    /// 1 GiB inside the object, its 262,144 frames contiguous from a frame
+    /// number that is a multiple of 262,144 (RAM whose reservoir handed
+    /// out a 1 GiB run there, [`Reservoir::alloc_huge`]; MMIO whose range
+    /// is aligned there; never a swappable object). Such a range can be
+    /// mapped with one 1 GiB leaf; each of its 2 MiB pieces is also a run
+    /// for [`VmObject::run_at`].
+    pub fn huge_run_at(&self, offset: u64) -> Option<Pfn> {
+        let span = HUGE as u64 * PAGE_SIZE;
+        if !offset.is_multiple_of(span) || offset.checked_add(span)? > self.size {
+            return None;
+        }
+        let k = (offset / span) as usize;
+        match &self.backing {
+            Backing::Ram { frames, huge, .. } => (huge.get(k / 64)? & (1 << (k % 64)) != 0).then(|| frames[k * HUGE]),
+            Backing::Mmio { base, .. } => {
+                let f = base.0 + offset / PAGE_SIZE;
+                f.is_multiple_of(HUGE as u64).then_some(Pfn(f))
+            }
             #[cfg(feature = "std")]
             Backing::Swap(_) => None,
         }
@@ -301,6 +346,37 @@ mod tests {
         assert_eq!(m.run_at(m2), Some(Pfn(0x8_0200)));
         let m = VmObject::mmio(Pfn(0x8_0001), 2 * m2).unwrap();
         assert_eq!(m.run_at(0), None);
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn huge_runs_of_an_object() {
+        use crate::reservoir::MemfdReservoir;
+        let g1 = HUGE as u64 * PAGE_SIZE;
+        let m2 = RUN as u64 * PAGE_SIZE;
+        // 1 GiB + 4 MiB from a 1 GiB-aligned frame: one 1 GiB run, whose
+        // 2 MiB pieces are runs too, then two 2 MiB runs (never touched:
+        // a memfd's pages are allocated on first access).
+        let r = alloc::sync::Arc::new(MemfdReservoir::new(g1 + 2 * m2, Pfn(3 * HUGE as u64)).unwrap());
+        let o = VmObject::ram(r.clone(), g1 + 2 * m2).unwrap();
+        assert_eq!(o.huge_run_at(0), Some(Pfn(3 * HUGE as u64)));
+        assert_eq!(o.run_at(5 * m2), Some(Pfn(3 * HUGE as u64 + 5 * RUN as u64)));
+        assert_eq!(o.frame_at(g1 - PAGE_SIZE), Some(Pfn(4 * HUGE as u64 - 1)));
+        assert_eq!(o.huge_run_at(m2), None, "unaligned offset");
+        assert_eq!(o.huge_run_at(g1), None, "the tail is shorter than 1 GiB");
+        assert!(o.run_at(g1).is_some() && o.run_at(g1 + m2).is_some());
+        assert_eq!(o.huge_run_at(!(g1 - 1)), None);
+        drop(o);
+        assert_eq!(r.stats().allocated, 0);
+        // The reservoir gives no 1 GiB run (frames off the grid): 2 MiB runs.
+        let r = alloc::sync::Arc::new(MemfdReservoir::new(g1 + 2 * m2, Pfn(3 * HUGE as u64 + RUN as u64)).unwrap());
+        let o = VmObject::ram(r, g1).unwrap();
+        assert_eq!(o.huge_run_at(0), None);
+        assert!((0..512).all(|k| o.run_at(k * m2).is_some()));
+        let m = VmObject::mmio(Pfn(HUGE as u64), 2 * g1).unwrap();
+        assert_eq!(m.huge_run_at(g1), Some(Pfn(2 * HUGE as u64)));
+        let m = VmObject::mmio(Pfn(HUGE as u64 + RUN as u64), 2 * g1).unwrap();
+        assert_eq!(m.huge_run_at(0), None);
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! hands out aligned, physically contiguous 2 MiB runs where it can (fresh
 //! frames from the next aligned index, or a run freed whole), so that a
 //! mapping can map them with 2 MiB leaves, and falls back to 4 KiB
-//! frames (a run is broken up only when nothing else is left). A reservoir owns an *arena*:
+//! frames (a run is broken up only when nothing else is left), and
+//! [`Reservoir::alloc_huge`] likewise hands out aligned, contiguous 1 GiB
+//! runs (262,144 frames) where the arena has aligned room for them, for
+//! 1 GiB leaves, falling back to 2 MiB runs and 4 KiB frames. A reservoir owns an *arena*:
 //! one host-virtual range in which frame `frame_base + i` lives at byte
 //! `i * 4096`. In a kernel that arena is the direct map; in user space it is
 //! a shared-memory file mapped into the process ([`MemfdReservoir`]), which
@@ -84,8 +87,9 @@ pub struct ReservoirStats {
 ///
 /// # Safety
 ///
-/// Implementations promise that: every frame [`Reservoir::alloc`] returns
-/// lies inside [`Reservoir::arena`], is zero-filled, and is not returned
+/// Implementations promise that: every frame [`Reservoir::alloc`],
+/// [`Reservoir::alloc_large`] or [`Reservoir::alloc_huge`] returns lies
+/// inside [`Reservoir::arena`], is zero-filled, and is not returned
 /// again until it was passed to [`Reservoir::free`]; the arena stays mapped
 /// and unchanged for as long as the reservoir exists. Objects hand out raw
 /// pointers into the arena on the strength of these promises.
@@ -105,11 +109,21 @@ pub unsafe trait Reservoir: Send + Sync {
     fn alloc_large(&self, pages: u64) -> Result<Vec<Pfn>> {
         self.alloc(pages)
     }
+    /// As [`Reservoir::alloc_large`], preferring 1 GiB runs: each group of
+    /// 262,144 frames at index `262144 * k` of the result is, where the
+    /// reservoir can manage it, one physically contiguous run starting at
+    /// a frame number that is a multiple of 262,144 (an aligned 1 GiB run,
+    /// which a mapping can map with one 1 GiB leaf); the other groups fall
+    /// back as `alloc_large`'s do. The default hands out what
+    /// `alloc_large` does.
+    fn alloc_huge(&self, pages: u64) -> Result<Vec<Pfn>> {
+        self.alloc_large(pages)
+    }
     /// Give frames back.
     ///
     /// # Safety
-    /// Every frame came from `alloc` of this reservoir, is freed once, and
-    /// nothing accesses it any more.
+    /// Every frame came from `alloc` (or `alloc_large` / `alloc_huge`) of
+    /// this reservoir, is freed once, and nothing accesses it any more.
     unsafe fn free(&self, frames: &[Pfn]);
     /// Current accounting.
     fn stats(&self) -> ReservoirStats;
@@ -118,11 +132,28 @@ pub unsafe trait Reservoir: Send + Sync {
 /// Frames in an aligned 2 MiB run.
 const RUN: u64 = 512;
 
+/// Frames in an aligned 1 GiB run.
+pub(crate) const HUGE_RUN: u64 = 512 * 512;
+
+/// What `FrameAllocator::alloc_with` prefers.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Runs {
+    /// 4 KiB frames only.
+    None,
+    /// Aligned 2 MiB runs, then 4 KiB frames.
+    Large,
+    /// Aligned 1 GiB runs, then 2 MiB runs, then 4 KiB frames.
+    Huge,
+}
+
 /// Free-frame bookkeeping shared by the reservoirs: a stack of freed frame
-/// indices, a stack of free aligned 2 MiB runs (first index of each), plus
-/// a high-water mark of never-used frames. Indices count from the
-/// arena's first frame, whose number is `base`: a run is aligned when
-/// `base + index` is a multiple of 512.
+/// indices, a stack of free aligned 2 MiB runs and one of free aligned
+/// 1 GiB runs (first index of each), plus a high-water mark of never-used
+/// frames. Indices count from the arena's first frame, whose number is
+/// `base`: a run is aligned when `base + index` is a multiple of 512
+/// (262,144 for a 1 GiB run). Smaller pieces are taken before larger ones
+/// are broken up: a 4 KiB frame breaks a 2 MiB run only when no freed or
+/// fresh frame is left, and a 1 GiB run only when no 2 MiB run is.
 #[derive(Debug)]
 struct FrameAllocator {
     pages: u64,
@@ -130,12 +161,21 @@ struct FrameAllocator {
     next_fresh: u64,
     freed: Vec<u64>,
     runs: Vec<u64>,
+    huge: Vec<u64>,
     allocated: u64,
 }
 
 impl FrameAllocator {
     fn new(pages: u64, base: u64) -> Self {
-        FrameAllocator { pages, base, next_fresh: 0, freed: Vec::new(), runs: Vec::new(), allocated: 0 }
+        FrameAllocator {
+            pages,
+            base,
+            next_fresh: 0,
+            freed: Vec::new(),
+            runs: Vec::new(),
+            huge: Vec::new(),
+            allocated: 0,
+        }
     }
 
     /// One 4 KiB frame: a freed one, a fresh one, or one of a free run
@@ -148,9 +188,51 @@ impl FrameAllocator {
             self.next_fresh += 1;
             return self.next_fresh - 1;
         }
+        if self.runs.is_empty() {
+            self.break_huge();
+        }
         let r = self.runs.pop().expect("room was checked");
         self.freed.extend((r + 1..r + RUN).rev());
         r
+    }
+
+    /// Break a free 1 GiB run up into 2 MiB runs (none left: nothing).
+    fn break_huge(&mut self) {
+        if let Some(h) = self.huge.pop() {
+            self.runs.extend((0..HUGE_RUN / RUN).rev().map(|k| h + k * RUN));
+        }
+    }
+
+    /// Fresh frames `[lo, hi)` skipped to reach an aligned start go to the
+    /// pools: the aligned 2 MiB runs among them whole, the rest as 4 KiB
+    /// frames (all are zero, never used).
+    fn give_fresh(&mut self, lo: u64, hi: u64) {
+        let mut i = lo;
+        while i < hi {
+            if self.base.wrapping_add(i).is_multiple_of(RUN) && hi - i >= RUN {
+                self.runs.push(i);
+                i += RUN;
+            } else {
+                self.freed.push(i);
+                i += 1;
+            }
+        }
+    }
+
+    /// An aligned 1 GiB run: a free one, or fresh frames from the next
+    /// aligned index (the fresh frames skipped go to the pools).
+    fn huge_run(&mut self) -> Option<u64> {
+        if let Some(h) = self.huge.pop() {
+            return Some(h);
+        }
+        let skip = (HUGE_RUN - (self.base.wrapping_add(self.next_fresh)) % HUGE_RUN) % HUGE_RUN;
+        let start = self.next_fresh.checked_add(skip)?;
+        if start.checked_add(HUGE_RUN)? > self.pages {
+            return None;
+        }
+        self.give_fresh(self.next_fresh, start);
+        self.next_fresh = start + HUGE_RUN;
+        Some(start)
     }
 
     /// An aligned run: a free one, or fresh frames from the next aligned
@@ -162,7 +244,9 @@ impl FrameAllocator {
         let skip = (RUN - (self.base.wrapping_add(self.next_fresh)) % RUN) % RUN;
         let start = self.next_fresh.checked_add(skip)?;
         if start.checked_add(RUN)? > self.pages {
-            return None;
+            // No fresh aligned room: a free 1 GiB run broken up, if any.
+            self.break_huge();
+            return self.runs.pop();
         }
         self.freed.extend(self.next_fresh..start);
         self.next_fresh = start + RUN;
@@ -170,24 +254,32 @@ impl FrameAllocator {
     }
 
     fn alloc(&mut self, count: u64) -> Result<Vec<u64>> {
-        self.alloc_with(count, false)
+        self.alloc_with(count, Runs::None)
     }
 
-    fn alloc_with(&mut self, count: u64, large: bool) -> Result<Vec<u64>> {
+    fn alloc_with(&mut self, count: u64, mut prefer: Runs) -> Result<Vec<u64>> {
         if count > self.pages - self.allocated {
             return Err(Error::ReservoirFull);
         }
         let mut out = Vec::new();
         out.try_reserve_exact(count as usize).map_err(|_| Error::ReservoirFull)?;
-        let mut runs = large;
         while (out.len() as u64) < count {
-            if runs && count - out.len() as u64 >= RUN {
+            if prefer == Runs::Huge && count - out.len() as u64 >= HUGE_RUN {
+                match self.huge_run() {
+                    Some(h) => {
+                        out.extend(h..h + HUGE_RUN);
+                        continue;
+                    }
+                    None => prefer = Runs::Large,
+                }
+            }
+            if prefer >= Runs::Large && count - out.len() as u64 >= RUN {
                 match self.run() {
                     Some(r) => {
                         out.extend(r..r + RUN);
                         continue;
                     }
-                    None => runs = false,
+                    None => prefer = Runs::None,
                 }
             }
             let i = self.one();
@@ -197,8 +289,9 @@ impl FrameAllocator {
         Ok(out)
     }
 
-    /// Give frames back: aligned runs among them go back whole, so that
-    /// a later `alloc_large` gets them again.
+    /// Give frames back: aligned runs among them go back whole (1 GiB
+    /// runs as such), so that a later `alloc_large` / `alloc_huge` gets
+    /// them again.
     fn free(&mut self, idx: impl Iterator<Item = u64>) {
         let mut idx: Vec<u64> = idx.collect();
         self.allocated -= idx.len() as u64;
@@ -206,6 +299,17 @@ impl FrameAllocator {
         let mut i = 0;
         while i < idx.len() {
             let r = idx[i];
+            // Sorted and distinct: the last index of a span telling its
+            // length tells that it is contiguous.
+            let h = HUGE_RUN as usize;
+            if (self.base.wrapping_add(r)).is_multiple_of(HUGE_RUN)
+                && idx.len() - i >= h
+                && idx[i + h - 1] == r + HUGE_RUN - 1
+            {
+                self.huge.push(r);
+                i += h;
+                continue;
+            }
             let whole = (self.base.wrapping_add(r)).is_multiple_of(RUN)
                 && idx.len() - i >= RUN as usize
                 && idx[i + RUN as usize - 1] == r + RUN - 1;
@@ -320,7 +424,12 @@ unsafe impl Reservoir for HeapReservoir {
     }
 
     fn alloc_large(&self, pages: u64) -> Result<Vec<Pfn>> {
-        let idx = self.frames.with(|a| a.alloc_with(pages, true))?;
+        let idx = self.frames.with(|a| a.alloc_with(pages, Runs::Large))?;
+        Ok(frames_from(self.arena.frame_base, idx))
+    }
+
+    fn alloc_huge(&self, pages: u64) -> Result<Vec<Pfn>> {
+        let idx = self.frames.with(|a| a.alloc_with(pages, Runs::Huge))?;
         Ok(frames_from(self.arena.frame_base, idx))
     }
 
@@ -501,7 +610,12 @@ mod memfd {
         }
 
         fn alloc_large(&self, pages: u64) -> Result<Vec<Pfn>> {
-            let idx = self.frames.with(|a| a.alloc_with(pages, true))?;
+            let idx = self.frames.with(|a| a.alloc_with(pages, Runs::Large))?;
+            Ok(frames_from(self.arena.frame_base, idx))
+        }
+
+        fn alloc_huge(&self, pages: u64) -> Result<Vec<Pfn>> {
+            let idx = self.frames.with(|a| a.alloc_with(pages, Runs::Huge))?;
             Ok(frames_from(self.arena.frame_base, idx))
         }
 
@@ -712,6 +826,116 @@ mod tests {
     fn memfd_reservoir_large_runs() {
         let r = MemfdReservoir::new(4096 * PAGE_SIZE, Pfn(0x4_0000)).unwrap();
         large_runs(&r);
+    }
+
+    /// Whether `f[k*n .. (k+1)*n]` is one run of `n` frames aligned to `n`.
+    fn is_run_of(f: &[u64], k: usize, n: u64, base: u64) -> bool {
+        let g = &f[k * n as usize..(k + 1) * n as usize];
+        (base + g[0]).is_multiple_of(n) && g.iter().enumerate().all(|(i, p)| *p == g[0] + i as u64)
+    }
+
+    #[test]
+    fn allocator_huge_runs() {
+        // The bookkeeping alone (no memory behind it): 3.5 GiB of frames
+        // whose first frame number is 3 past a 1 GiB boundary.
+        let base = 7 * HUGE_RUN + 3;
+        let mut a = FrameAllocator::new(3 * HUGE_RUN + HUGE_RUN / 2, base);
+        let small = a.alloc(5).unwrap();
+        // Two 1 GiB runs fit aligned (the third would reach past the end),
+        // then 2 MiB runs, then 4 KiB frames.
+        let n = 2 * HUGE_RUN + 3 * RUN + 9;
+        let f = a.alloc_with(n, Runs::Huge).unwrap();
+        assert_eq!(f.len() as u64, n);
+        assert!(is_run_of(&f, 0, HUGE_RUN, base) && is_run_of(&f, 1, HUGE_RUN, base));
+        for k in 0..3 {
+            assert!(is_run_of(&f[2 * HUGE_RUN as usize..], k, RUN, base), "2 MiB run {k}");
+        }
+        let mut all: Vec<u64> = f.iter().chain(&small).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len() as u64, n + 5, "distinct");
+        assert_eq!(a.allocated, n + 5);
+        // The fresh frames skipped to reach the first aligned GiB went to
+        // the pools: 2 MiB runs among them are handed out whole.
+        let r = a.alloc_with(RUN, Runs::Large).unwrap();
+        assert!(is_run_of(&r, 0, RUN, base));
+        assert!(r[0] < f[0], "from the skipped frames");
+        // A 1 GiB run freed whole comes back whole.
+        a.free(f[..HUGE_RUN as usize].iter().copied());
+        assert_eq!(a.huge.len(), 1);
+        let g = a.alloc_with(HUGE_RUN, Runs::Huge).unwrap();
+        assert_eq!(g, f[..HUGE_RUN as usize].to_vec());
+        // No 1 GiB room left: the same request gets 2 MiB runs.
+        let h = a.alloc_with(HUGE_RUN, Runs::Huge).unwrap();
+        assert_eq!(h.len() as u64, HUGE_RUN);
+        assert!(!is_run_of(&h, 0, HUGE_RUN, base));
+        assert!(h[..2 * RUN as usize].chunks_exact(RUN as usize).all(|g| (base + g[0]).is_multiple_of(RUN)));
+        // Freed and broken up: a 1 GiB run gives 2 MiB runs only once
+        // no other 2 MiB run is left, and 4 KiB frames last of all.
+        let mut b = FrameAllocator::new(HUGE_RUN + 100, 0);
+        let x = b.alloc_with(HUGE_RUN, Runs::Huge).unwrap();
+        assert!(is_run_of(&x, 0, HUGE_RUN, 0));
+        b.free(x.iter().copied());
+        assert_eq!(b.huge, vec![0]);
+        let y = b.alloc(100).unwrap();
+        assert!(y.iter().all(|&i| i >= HUGE_RUN), "fresh frames before the free run");
+        assert_eq!(b.huge, vec![0]);
+        let z = b.alloc_with(RUN, Runs::Large).unwrap();
+        assert!(is_run_of(&z, 0, RUN, 0));
+        assert!(b.huge.is_empty() && b.runs.len() == 511, "broken into 2 MiB runs");
+        let w = b.alloc(RUN * 511).unwrap();
+        assert_eq!(w.len() as u64, RUN * 511);
+        assert_eq!(b.alloc(1), Err(Error::ReservoirFull));
+        b.free(w.into_iter().chain(z).chain(y));
+        assert_eq!(b.allocated, 0);
+        assert_eq!(b.huge, vec![0], "whole again");
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn memfd_reservoir_huge_runs() {
+        // 1 GiB + 4 MiB of frames, numbered from a 1 GiB-aligned frame: one
+        // 1 GiB run, then 2 MiB runs. The memory is never touched.
+        let r = MemfdReservoir::new((HUGE_RUN + 2 * RUN) * PAGE_SIZE, Pfn(4 * HUGE_RUN)).unwrap();
+        let f = r.alloc_huge(HUGE_RUN + 2 * RUN).unwrap();
+        let idx: Vec<u64> = f.iter().map(|p| p.0 - 4 * HUGE_RUN).collect();
+        assert!(is_run_of(&idx, 0, HUGE_RUN, 0));
+        assert!(is_run_of(&idx[HUGE_RUN as usize..], 0, RUN, 0) && is_run_of(&idx[HUGE_RUN as usize..], 1, RUN, 0));
+        // SAFETY: frames from this reservoir, unused.
+        unsafe { r.free(&f) };
+        assert_eq!(r.stats().allocated, 0);
+        // Frame base off the 1 GiB grid: no aligned GiB fits, 2 MiB runs.
+        let r = MemfdReservoir::new((HUGE_RUN + 2 * RUN) * PAGE_SIZE, Pfn(4 * HUGE_RUN + RUN)).unwrap();
+        let f = r.alloc_huge(HUGE_RUN).unwrap();
+        assert!(!f[0].0.is_multiple_of(HUGE_RUN) || !f.windows(2).all(|w| w[1].0 == w[0].0 + 1));
+        assert!(f.chunks_exact(RUN as usize).all(|g| g[0].0.is_multiple_of(RUN)));
+        // The default (a reservoir without 1 GiB support) hands out what
+        // `alloc_large` does.
+        struct Plain(HeapReservoir);
+        // SAFETY: delegates to a reservoir that keeps the promises.
+        unsafe impl Reservoir for Plain {
+            fn arena(&self) -> Arena {
+                self.0.arena()
+            }
+            fn alloc(&self, pages: u64) -> Result<Vec<Pfn>> {
+                self.0.alloc(pages)
+            }
+            fn alloc_large(&self, pages: u64) -> Result<Vec<Pfn>> {
+                self.0.alloc_large(pages)
+            }
+            unsafe fn free(&self, frames: &[Pfn]) {
+                // SAFETY: the caller's contract, passed on.
+                unsafe { self.0.free(frames) }
+            }
+            fn stats(&self) -> ReservoirStats {
+                self.0.stats()
+            }
+        }
+        let p = Plain(HeapReservoir::new(2048 * PAGE_SIZE, Pfn(0)).unwrap());
+        let f = p.alloc_huge(1024).unwrap();
+        assert!(f.chunks_exact(512).all(|g| g[0].0.is_multiple_of(512) && g[511].0 == g[0].0 + 511));
+        // SAFETY: as above.
+        unsafe { p.free(&f) };
     }
 
     #[test]

@@ -60,6 +60,15 @@ pub struct SpaceConfig {
     /// at once. On by default; off maps 4 KiB leaves only (promotion,
     /// [`VmSpace::promote`], is refused then).
     pub large_leaves: bool,
+    /// Map an aligned 1 GiB slot of a mapping with one 1 GiB leaf when
+    /// the mapping's object backs it with one aligned 1 GiB run
+    /// ([`VmObject::huge_run_at`]: the object offset of the slot is 1 GiB
+    /// aligned too) and the format has 1 GiB leaves; as for 2 MiB leaves,
+    /// the slot is populated for it at `map` (while dirty tracking is off)
+    /// and `populate`, a fault or a hold in it maps the whole run. Needs
+    /// `large_leaves` (a 1 GiB leaf splits to 2 MiB leaves). On by
+    /// default; without 1 GiB leaves in the format it has no effect.
+    pub huge_leaves: bool,
     /// How large leaves are split when dirty tracking is switched on
     /// (default [`SplitPolicy::Eager`]).
     pub split: SplitPolicy,
@@ -124,6 +133,7 @@ impl SpaceConfig {
             fault_around_accessed: false,
             fault_around_dirty_untracked: false,
             large_leaves: true,
+            huge_leaves: true,
             split: SplitPolicy::Eager,
             auto_promote: true,
         }
@@ -338,6 +348,8 @@ pub(crate) struct Inner<P: TablePages, L: RawLock> {
     pub(crate) track_dirty: AtomicBool,
     /// Large leaves are mapped (config and format allow them).
     pub(crate) large: bool,
+    /// 1 GiB leaves are mapped (config and format allow them; see `huge.rs`).
+    pub(crate) huge: bool,
     /// Split large leaves on their first write once tracking is on.
     pub(crate) lazy_split: AtomicBool,
     /// Promote full leaf tables after a fault or a populate (config, and
@@ -505,6 +517,19 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         let frame = |p: Gpa| m.object.frame_at(m.offset + (p.0 - start));
         let mut a = gpa;
         while a < end {
+            // A 1 GiB slot counted for one leaf (see `huge.rs`): found at
+            // the range's start or a slot boundary.
+            if self.huge
+                && (a == gpa || a.is_multiple_of(crate::huge::G1))
+                && let Some(g) = crate::huge::huge_slot_at(table, a, start, start + m.len)
+            {
+                if let Some((lo, hi)) = small.take() {
+                    n += self.map_pages(table, lo, hi - lo, m.prot, &m.object, frame)?;
+                }
+                n += self.map_huge(table, g, m.prot, &m.object, m.offset + (g - start))?;
+                a = (g + crate::huge::G1).min(end);
+                continue;
+            }
             let c = a & !(M2 - 1);
             let b = (c + M2).min(end);
             if chunk_large(table, c) {
@@ -530,8 +555,10 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
     /// empty leaf table. `Ok(true)` when it changed something. The caller
     /// has exclusive access; a split bumps `struct_seq`.
     fn split_chunk(&self, table: &mut NestedTable<P>, c: u64, prot: Prot) -> Result<bool> {
+        // A 1 GiB slot counted for one leaf goes to 2 MiB first (`huge.rs`).
+        let huge = self.split_huge_slot(table, c)?;
         if !chunk_large(table, c) {
-            return Ok(false);
+            return Ok(huge);
         }
         let leaf = table.lookup(Gpa(c)).map(|l| l.size);
         match leaf {
@@ -562,7 +589,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
                 if c >= *start && c + M2 <= m_end {
                     let r = if lazy
                         && m.prot.contains(Prot::WRITE)
-                        && table.lookup(Gpa(c)).is_some_and(|l| l.size == PageSize::Size2M)
+                        && table.lookup(Gpa(c)).is_some_and(|l| l.size != PageSize::Size4K)
                     {
                         self.write_protect_large(table, c);
                         Ok(false)
@@ -591,7 +618,9 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         loop {
             let prot = fmt.prot(v) - Prot::WRITE;
             let mt = fmt.mem_type(v).unwrap_or(nested_pt::MemType::WriteBack);
-            let Ok(mut new) = fmt.leaf_entry(fmt.frame_at_level(v, 2), PageSize::Size2M, prot, mt) else { return };
+            let Ok(mut new) = fmt.leaf_entry(fmt.frame_at_level(v, leaf.size.level()), leaf.size, prot, mt) else {
+                return;
+            };
             if fmt.accessed(v) {
                 let read = fmt.access_bits(new, Access::Read);
                 new |= read.or_else(|| fmt.access_bits(new, Access::Execute)).unwrap_or(0);
@@ -609,7 +638,9 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
     /// range cuts. Returns the 4 KiB pages cleared (a 2 MiB leaf: 512).
     fn vacate_span(&self, table: &mut NestedTable<P>, gpa: u64, end: u64) -> Result<u64> {
         let mut n = 0;
-        for (lo, hi, size) in spans(gpa, end, |c| chunk_large(table, c)) {
+        let huge = self.huge;
+        let plan = crate::huge::plan(gpa, end, |g| huge && crate::huge::slot_huge(table, g), |c| chunk_large(table, c));
+        for (lo, hi, size) in plan {
             n += table.unmap_vacate_region(Gpa(lo), hi - lo, size).map_err(Error::Table)?;
         }
         Ok(n)
@@ -627,7 +658,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
         end: u64,
         prot: Prot,
     ) -> Result<bool> {
-        let mut changed = false;
+        let mut changed = self.split_cut_huge(table, start, m_end, gpa, end)?;
         for c in [gpa & !(M2 - 1), (end - 1) & !(M2 - 1)] {
             let cut = c < gpa || c + M2 > end;
             if cut && c >= start && c + M2 <= m_end {
@@ -966,7 +997,7 @@ pub(crate) fn chunk_full<P: TablePages>(table: &NestedTable<P>, c: u64) -> bool 
 /// `[gpa, end)` cut into spans of one leaf size: whole aligned 2 MiB
 /// chunks for which `large` holds are `Size2M`, the rest `Size4K`;
 /// neighbours of the same size merged.
-fn spans(gpa: u64, end: u64, mut large: impl FnMut(u64) -> bool) -> Vec<(u64, u64, PageSize)> {
+pub(crate) fn spans(gpa: u64, end: u64, mut large: impl FnMut(u64) -> bool) -> Vec<(u64, u64, PageSize)> {
     let mut out: Vec<(u64, u64, PageSize)> = Vec::new();
     let mut a = gpa;
     while a < end {
@@ -1113,6 +1144,10 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 resident: Padded(AtomicU64::new(0)),
                 track_dirty: AtomicBool::new(config.track_dirty),
                 large: config.large_leaves && config.format.supports(PageSize::Size2M),
+                huge: config.huge_leaves
+                    && config.large_leaves
+                    && config.format.supports(PageSize::Size2M)
+                    && config.format.supports(PageSize::Size1G),
                 lazy_split: AtomicBool::new(config.split == SplitPolicy::Lazy),
                 auto_promote: config.auto_promote && config.large_leaves && config.format.supports(PageSize::Size2M),
                 promoted_explicit: AtomicU64::new(0),
@@ -1189,7 +1224,13 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                     // populated for a 2 MiB leaf (not while tracking: a
                     // harvest needs 4 KiB leaves), the rest for 4 KiB.
                     let large = inner.large && !inner.track_dirty.load(Acquire);
-                    let plan = spans(gpa, end, |c| large && object.run_at(offset + (c - gpa)).is_some());
+                    let huge = inner.huge && large;
+                    let plan = crate::huge::plan(
+                        gpa,
+                        end,
+                        |g| huge && object.huge_run_at(offset + (g - gpa)).is_some(),
+                        |c| large && object.run_at(offset + (c - gpa)).is_some(),
+                    );
                     for (i, &(lo, hi, size)) in plan.iter().enumerate() {
                         if let Err(e) = d.table.populate_region(Gpa(lo), hi - lo, size) {
                             for &(lo, hi, size) in &plan[..i] {
@@ -1883,7 +1924,8 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                     let mut c = (*s).max(gpa) & !(M2 - 1);
                     let m_end = s + m.len;
                     while c < m_end.min(end) {
-                        if c >= *s && c + M2 <= m_end && chunk_large(&d.table, c) {
+                        let huge = inner.huge && crate::huge::slot_huge(&d.table, c & !(crate::huge::G1 - 1));
+                        if c >= *s && c + M2 <= m_end && (chunk_large(&d.table, c) || huge) {
                             return true;
                         }
                         c += M2;

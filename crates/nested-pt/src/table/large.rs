@@ -21,6 +21,15 @@
 //! the range counts as populated for 2 MiB leaves (vacate it with
 //! `PageSize::Size2M`, or demote it first), after a demotion for 4 KiB
 //! leaves.
+//!
+//! 1 GiB leaves are demoted one level at a time:
+//! [`NestedTable::demote_1g_as`] replaces a level-3 leaf by a level-2
+//! table of 512 2 MiB leaves (the same translations, accessed/dirty
+//! carried to each, one store of the level-3 entry), after which the
+//! range counts as populated for 2 MiB leaves, and
+//! [`NestedTable::split_empty_1g`] gives an empty slot counted for a
+//! 1 GiB leaf an empty level-2 table counted for 512 2 MiB leaves. There
+//! is no 1 GiB promotion.
 
 use core::sync::atomic::Ordering;
 
@@ -29,6 +38,7 @@ use crate::pages::TablePages;
 use crate::{ENTRIES, Error, Gpa, MemType, PageSize, Pfn, Prot};
 
 const M2: u64 = 2 << 20;
+const G1: u64 = 1 << 30;
 
 /// Why a promotion did not happen (nothing changed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,6 +278,138 @@ impl<P: TablePages> NestedTable<P> {
         let mut child = Node::new(l1_pfn, i2 as u16);
         child.reserved = ENTRIES as u32;
         n2.children.insert(pos, child);
+        self.tables += 1;
+        Ok(())
+    }
+
+    /// A 1 GiB-aligned address inside the table's width.
+    fn check_1g(&self, g: u64) -> Result<(), Error> {
+        if !g.is_multiple_of(G1) {
+            return Err(Error::Unaligned);
+        }
+        if g >= self.fmt.gpa_limit() {
+            return Err(Error::OutOfRange);
+        }
+        Ok(())
+    }
+
+    /// The level-3 node covering `gpa` (the table holding its 1 GiB
+    /// entry), if it exists.
+    fn node_l3(&mut self, g: u64) -> Option<&mut Node> {
+        let p = self.root.child_pos(index(4, g)).ok()?;
+        Some(&mut self.root.children[p])
+    }
+
+    /// Splits the 1 GiB leaf at `gpa` into a level-2 table of 512 2 MiB
+    /// leaves with the same translations and memory type, each carrying
+    /// the large leaf's accessed and dirty state, with the large leaf's
+    /// protection or `prot` when it is `Some` (see the module doc): one
+    /// store of the level-3 entry, so no page of the range is ever
+    /// not-present. The range then counts as populated for 2 MiB leaves
+    /// (demote those with [`demote_2m_as`](Self::demote_2m_as), or vacate
+    /// with `PageSize::Size2M`). Refused with [`Error::Unaligned`],
+    /// [`Error::OutOfRange`], [`Error::UnsupportedSize`] (the format has no
+    /// 2 MiB leaves), [`Error::NotMapped`] (no 1 GiB leaf there),
+    /// [`Error::NotPopulated`], [`Error::NoMemory`] and the errors of
+    /// `PteFormat::leaf_entry` for `prot`; on error nothing changes. The
+    /// caller invalidates cached translations as for a 2 MiB demotion.
+    pub fn demote_1g_as(&mut self, gpa: Gpa, prot: Option<Prot>) -> Result<(), Error> {
+        let g = gpa.0;
+        self.check_1g(g)?;
+        let fmt = self.fmt;
+        if !fmt.supports(PageSize::Size2M) {
+            return Err(Error::UnsupportedSize);
+        }
+        let i3 = index(3, g);
+        let (l3_pfn, reserved) = self.node_l3(g).map(|n| (n.pfn, n.reserved)).ok_or(Error::NotMapped)?;
+        let t3 = table_of(&self.pages, l3_pfn).ok_or(Error::NotMapped)?;
+        let large = t3[i3].load(Ordering::Acquire);
+        if !fmt.is_present(large) || !fmt.is_leaf(large, 3) {
+            return Err(Error::NotMapped);
+        }
+        if reserved == 0 {
+            return Err(Error::NotPopulated);
+        }
+        let pfn0 = fmt.frame_at_level(large, 3);
+        let prot: Prot = prot.unwrap_or_else(|| fmt.prot(large));
+        let mt = fmt.mem_type(large).unwrap_or(MemType::WriteBack);
+        let mut mid = fmt.leaf_entry(pfn0, PageSize::Size2M, prot, mt)?;
+        if fmt.accessed(large) {
+            mid |= fmt.set_accessed_bits(mid);
+        }
+        if fmt.dirty(large) {
+            mid |= fmt.set_dirty_bits();
+        }
+        let (l2_pfn, table_entry) = alloc_table(&mut self.pages, &fmt, 3)?;
+        let Some(t2) = table_of(&self.pages, l2_pfn) else {
+            // SAFETY: just allocated, referenced by nothing.
+            unsafe { self.pages.free(l2_pfn) };
+            return Err(Error::NoMemory);
+        };
+        for (k, slot) in t2.iter().enumerate() {
+            // 2 MiB run k of the 1 GiB run: the other bits are the same.
+            slot.store(mid + ((k as u64) << 21), Ordering::Relaxed);
+        }
+        let t3 = table_of(&self.pages, l3_pfn).ok_or(Error::NotMapped)?;
+        // One store: the 1 GiB leaf's translation becomes the table's.
+        t3[i3].store(table_entry, Ordering::Release);
+        let n3 = self.node_l3(g).expect("exists");
+        n3.reserved -= 1;
+        let pos = n3.child_pos(i3).expect_err("a large leaf has no child table");
+        let mut child = Node::new(l2_pfn, i3 as u16);
+        child.reserved = ENTRIES as u32;
+        n3.children.insert(pos, child);
+        self.tables += 1;
+        Ok(())
+    }
+
+    /// [`demote_1g_as`](Self::demote_1g_as) keeping the leaf's protection.
+    pub fn demote_1g(&mut self, gpa: Gpa) -> Result<(), Error> {
+        self.demote_1g_as(gpa, None)
+    }
+
+    /// Gives the empty 1 GiB slot at `gpa`, which the caller populated for
+    /// a 1 GiB leaf (`populate_region` with `PageSize::Size1G`), an empty
+    /// level-2 table counted for 512 2 MiB leaves instead (as a demotion
+    /// moves the count), so that 2 MiB leaves can be mapped there (or each
+    /// 2 MiB slot split further with [`split_empty_2m`](Self::split_empty_2m))
+    /// and the range is vacated with `PageSize::Size2M`. Nothing is
+    /// translated before or after. Refused with [`Error::Unaligned`],
+    /// [`Error::OutOfRange`], [`Error::UnsupportedSize`],
+    /// [`Error::NotPopulated`] (no level-3 table, or it counts no 1 GiB
+    /// entry), [`Error::AlreadyMapped`] (the slot holds a leaf or a table)
+    /// and [`Error::NoMemory`]; on error nothing changes. As for
+    /// `split_empty_2m`, that this slot is the one counted is the caller's
+    /// word.
+    pub fn split_empty_1g(&mut self, gpa: Gpa) -> Result<(), Error> {
+        let g = gpa.0;
+        self.check_1g(g)?;
+        let fmt = self.fmt;
+        if !fmt.supports(PageSize::Size2M) {
+            return Err(Error::UnsupportedSize);
+        }
+        let i3 = index(3, g);
+        let (l3_pfn, reserved) = self.node_l3(g).map(|n| (n.pfn, n.reserved)).ok_or(Error::NotPopulated)?;
+        if reserved == 0 {
+            return Err(Error::NotPopulated);
+        }
+        let t3 = table_of(&self.pages, l3_pfn).ok_or(Error::NotPopulated)?;
+        if fmt.is_present(t3[i3].load(Ordering::Acquire)) {
+            return Err(Error::AlreadyMapped { same_frame: false });
+        }
+        let (l2_pfn, table_entry) = alloc_table(&mut self.pages, &fmt, 3)?;
+        let Some(t3) = table_of(&self.pages, l3_pfn) else {
+            // SAFETY: just allocated, referenced by nothing.
+            unsafe { self.pages.free(l2_pfn) };
+            return Err(Error::NoMemory);
+        };
+        t3[i3].store(table_entry, Ordering::Release);
+        let n3 = self.node_l3(g).expect("exists");
+        n3.reserved -= 1;
+        let pos = n3.child_pos(i3).expect_err("an empty slot has no child table");
+        let mut child = Node::new(l2_pfn, i3 as u16);
+        child.reserved = ENTRIES as u32;
+        n3.children.insert(pos, child);
         self.tables += 1;
         Ok(())
     }
