@@ -839,3 +839,47 @@ fn random_operations_on_a_1g_leaf_keep_translations_data_and_harvests_exact() {
         assert_eq!(s.resident_count(), 0);
     }
 }
+
+/// Automatic promotion inside a 1 GiB slot populated for smaller leaves
+/// (mapped while tracking was on): faults that fill one 2 MiB chunk's
+/// leaf table after tracking goes off promote it to a 2 MiB leaf (not to
+/// 1 GiB), the other chunks keep their small leaves, and data written
+/// before and after reads back through the object.
+#[test]
+fn automatic_promotion_inside_a_1g_slot_gives_2m_leaves() {
+    for f in formats() {
+        let s = space_cfg(f, SplitPolicy::Eager);
+        let o = huge_ram();
+        s.set_dirty_tracking(true).unwrap();
+        s.map(&o, 0, Gpa(BASE), G1, Prot::RW).unwrap();
+        let c = s.client();
+        let chunk = BASE + 3 * M2;
+        // While tracking is on, faults map small leaves: half the chunk.
+        for p in 0..256 {
+            c.hold(Gpa(chunk + p * PG), Prot::RW).unwrap().write_u64(0, 0xb000 + p).unwrap();
+        }
+        assert_eq!(leaf_counts(&s, chunk, M2), [256, 0, 0], "{f:?}");
+        let before = s.promotions();
+        s.set_dirty_tracking(false).unwrap();
+        for p in 256..512 {
+            c.fault(Gpa(chunk + p * PG), Prot::READ | Prot::WRITE).unwrap();
+        }
+        assert_eq!(leaf_counts(&s, chunk, M2), [0, 1, 0], "{f:?}: the full table was not promoted");
+        assert_eq!(s.promotions().automatic, before.automatic + 1, "{f:?}");
+        assert_eq!(walk_level(&s, chunk + 9 * PG), 2, "{f:?}");
+        assert_eq!(hw(&s, chunk + 300 * PG, Access::Write), Some(PageSize::Size2M), "{f:?}");
+        // The rest of the slot is untouched: no leaves, no 1 GiB leaf.
+        assert_eq!(leaf_counts(&s, BASE, G1), [0, 1, 0], "{f:?}");
+        for p in [0u64, 100, 255] {
+            let h = c.hold(Gpa(chunk + p * PG), Prot::RW).unwrap();
+            assert_eq!(h.read_u64(0).unwrap(), 0xb000 + p, "{f:?}");
+            h.write_u64(8, p).unwrap();
+        }
+        assert_eq!(read_u64(&o, 3 * M2 + 100 * PG + 8), 100);
+        assert_eq!(s.resident_count(), 512);
+        check_frames(&s, &o, chunk, 3 * M2, M2);
+        drop(c);
+        s.unmap(Gpa(BASE), G1).unwrap();
+        assert_eq!(s.resident_count(), 0);
+    }
+}
