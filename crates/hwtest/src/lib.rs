@@ -97,7 +97,12 @@
 //! `demote-2m` (a written 2 MiB leaf, `demote_2m`), `demote-2m-clean` (a
 //! read one) and `promote-2m-refused` (not contiguous, a hole, mixed
 //! protection: refused with the matching `PromoteRefusal` and no table word
-//! changed; then repaired and promoted). Each page holds a distinct value,
+//! changed; then repaired and promoted), and `demote-1g` (a written
+//! 1 GiB leaf, `demote_1g` to 512 2 MiB leaves, each checked for its part
+//! of the run and the carried A/D, two of them scanned and harvested, then
+//! one demoted on to 4 KiB and written once: the harvest reports exactly
+//! that page; not on the Ivy Bridge model, which has no 1 GiB EPT pages).
+//! Each page holds a distinct value,
 //! written by the guest or in host memory (with a decoy where the guest is
 //! to write, or where a wrong frame would lead); after the change and the
 //! invalidation (single-context INVEPT; on SVM a TLB flush, since INVLPGA
@@ -259,6 +264,7 @@ impl Emulator {
             "demote-2m",
             "demote-2m-clean",
             "promote-2m-refused",
+            "demote-1g",
         ];
         const QEMU: &[&str] = &[
             "rsv-4k-high-addr",
@@ -293,6 +299,7 @@ impl Emulator {
             "map-1g",
             "ro-1g",
             "nx-1g",
+            "demote-1g",
             "harvest-dirty-4k",
             "harvest-dirty-2m",
             "mis-1g-bit13",

@@ -28,6 +28,7 @@
 //! | 0x02C0_0000  | demote-2m-clean           | TEST_BASE + 4*2M     |
 //! | 0x0300_0000  | promote-2m-refused        | TEST_BASE + 5*2M (one page from 6*2M) |
 //! | 0x0200_0000  | promote-demote-emulated-ad (own table) | TEST_BASE + 7*2M |
+//! | 0x4000_0000  | demote-1g (a 1 GiB leaf, PDPTE 1; the guest uses its pages at TEST_BASE..+4M) | host 0..1 GiB |
 //!
 //! After a promotion or demotion the kernel invalidates before the next
 //! run, as a hypervisor must before the freed leaf table is reused: on VMX
@@ -57,6 +58,8 @@ const G_PROMOTE_CLEAN: u64 = 0x0240_0000;
 const G_DEMOTE: u64 = 0x0280_0000;
 const G_DEMOTE_CLEAN: u64 = 0x02C0_0000;
 const G_REFUSED: u64 = 0x0300_0000;
+const G_1G: u64 = 0x4000_0000;
+const G1: u64 = 1 << 30;
 
 /// Host run `k` (0..8) of the test-frame region.
 fn run_base(k: u64) -> u64 {
@@ -170,13 +173,14 @@ fn harvest(suite: &mut Suite, s: &mut Scenario, env: &Env, g: u64, dirty: &dyn F
 /// Run the promotion and demotion scenarios on a table of `fmt` (EPTP bit
 /// 6 = `ad`); on VMX also in the emulated-A/D format of `caps`.
 pub fn run(suite: &mut Suite, caps: Caps, fmt: PteFormat, ad: bool) {
-    const NAMES: [&str; 6] = [
+    const NAMES: [&str; 7] = [
         "promote-2m",
         "promote-2m-clean",
         "demote-2m",
         "demote-2m-clean",
         "promote-2m-refused",
         "promote-demote-emulated-ad",
+        "demote-1g",
     ];
     if !fmt.supports(PageSize::Size2M) {
         for n in NAMES {
@@ -196,6 +200,11 @@ pub fn run(suite: &mut Suite, caps: Caps, fmt: PteFormat, ad: bool) {
     demote(suite, &mut env, false);
     demote(suite, &mut env, true);
     refused(suite, &mut env);
+    if fmt.supports(PageSize::Size1G) {
+        demote_1g(suite, &mut env);
+    } else {
+        suite.skip("demote-1g", "CPU model has no 1 GiB nested pages");
+    }
     if suite.arch == Arch::Vmx {
         emulated(suite, caps);
     } else {
@@ -340,6 +349,87 @@ fn demote(suite: &mut Suite, env: &mut Env, clean: bool) {
     }
     harvest(suite, &mut s, env, g, &|i| i == k, "after a write to one page");
     suite.access_data(&mut s, env, Op::Read, word(g, k), Invalidate::None, Expect::Ok, Data::Read(v));
+    suite.end(s);
+}
+
+/// `demote-1g`: a 1 GiB leaf onto host 0..1 GiB; the guest writes every
+/// 64th page of the 2 MiB at TEST_BASE through it and reads one. After
+/// `demote_1g` each of the 512 2 MiB leaves must map its part of the run
+/// with the 1 GiB leaf's A/D, the guest reads the same values through
+/// them, a harvest of that 2 MiB and of the next one (never touched)
+/// reports every page when the 1 GiB leaf was dirty (the dirty bit is
+/// carried to each part). Then `demote_2m` of the first one: its small
+/// leaves carry its (now clean) state, and after a guest write to page 77
+/// the next harvest reports exactly that page: translations and A/D stay
+/// exact down the whole 1 GiB → 2 MiB → 4 KiB chain.
+fn demote_1g(suite: &mut Suite, env: &mut Env) {
+    let tag = 8;
+    let host = run_base(0);
+    let g = G_1G + host;
+    let arch = suite.arch;
+    let mut s = suite.begin("demote-1g");
+    env.table.populate_region(Gpa(G_1G), G1, PageSize::Size1G).expect("populate 1G range");
+    env.table.map(Gpa(G_1G), Pfn(0), PageSize::Size1G, Prot::RW, MemType::WriteBack).expect("map 1G leaf");
+    let writes = |i: u64| i.is_multiple_of(64);
+    fill(tag, host, &writes);
+    // The next 2 MiB holds its values for the scan after the demotion.
+    fill(tag + 1, host + M2, &|_| false);
+    for i in (0..PAGES).filter(|&i| writes(i)) {
+        let inv = if i == 0 { Invalidate::All } else { Invalidate::None };
+        suite.access_data(&mut s, env, Op::Write, word(g, i), inv, Expect::Ok, Data::Write(value(tag, i)));
+    }
+    suite.access_data(&mut s, env, Op::Read, word(g, 3), Invalidate::None, Expect::Ok, Data::Read(value(tag, 3)));
+    suite.expect_ad(&mut s, env, g, true, true);
+    let (large_a, large_d) = env.table.lookup(Gpa(G_1G)).map(|l| (l.accessed(), l.dirty())).unwrap_or_default();
+    let tables = env.table.table_pages();
+    match env.table.demote_1g(Gpa(G_1G)) {
+        Ok(()) if env.table.table_pages() == tables + 1 => {}
+        r => suite.diff(&mut s, format_args!("demote_1g: {r:?}, table pages {} (were {tables})", env.table.table_pages())),
+    }
+    // Every 2 MiB part: a 2 MiB leaf onto its part of host 0..1 GiB with
+    // the 1 GiB leaf's A/D.
+    for k in 0..PAGES {
+        let gpa = G_1G + k * M2;
+        match env.table.lookup(Gpa(gpa)) {
+            Some(l)
+                if l.size == PageSize::Size2M
+                    && l.pfn_of(Gpa(gpa)) == Some(Pfn(k * PAGES))
+                    && l.accessed() == large_a
+                    && l.dirty() == large_d => {}
+            l => {
+                suite.diff(
+                    &mut s,
+                    format_args!("{gpa:#x}: {l:x?}, expected a 2M leaf onto {:#x} with A/D {large_a}/{large_d}", k * M2),
+                );
+                break;
+            }
+        }
+    }
+    scan(suite, &mut s, env, g, tag, 0, PAGES, inv_range(arch, g));
+    scan(suite, &mut s, env, g + M2, tag + 1, 0, PAGES, Invalidate::None);
+    harvest(suite, &mut s, env, g, &|_| true, "of a part of the demoted dirty 1G leaf");
+    harvest(suite, &mut s, env, g + M2, &|_| true, "of an untouched part of the demoted dirty 1G leaf");
+    suite.expect_ad(&mut s, env, g, true, false);
+    // Down to 4 KiB.
+    let tables = env.table.table_pages();
+    match env.table.demote_2m(Gpa(g)) {
+        Ok(()) if env.table.table_pages() == tables + 1 => {}
+        r => suite.diff(&mut s, format_args!("demote_2m: {r:?}, table pages {} (were {tables})", env.table.table_pages())),
+    }
+    check_leaves(suite, &mut s, env, g, host, PageSize::Size4K);
+    for i in [0, 76, 77, 78, 511] {
+        suite.expect_ad(&mut s, env, g + i * 4096, true, false);
+    }
+    let k = 77;
+    let v = decoy(tag, k) ^ 0x00F0_0000;
+    suite.access_data(&mut s, env, Op::Write, word(g, k), inv_range(arch, g), Expect::Ok, Data::Write(v));
+    for i in [k - 1, k, k + 1] {
+        suite.expect_ad(&mut s, env, g + i * 4096, true, i == k);
+    }
+    harvest(suite, &mut s, env, g, &|i| i == k, "after a write to one page of the 4K leaves");
+    suite.access_data(&mut s, env, Op::Read, word(g, k), Invalidate::None, Expect::Ok, Data::Read(v));
+    // The rest of the 1 GiB still translates through its 2 MiB leaves.
+    check_leaves(suite, &mut s, env, g + M2, host + M2, PageSize::Size2M);
     suite.end(s);
 }
 
