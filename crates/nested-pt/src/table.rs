@@ -8,6 +8,7 @@ use crate::pages::TablePages;
 use crate::{Access, ENTRIES, Error, Gpa, MemType, PageSize, Pfn, Prot, check_range};
 
 pub(crate) mod export;
+pub(crate) mod harvest;
 pub(crate) mod large;
 
 /// The large-page bit of a level-2/3 entry (EPT bit 7 and NPT PS, bit 7).
@@ -70,7 +71,7 @@ impl Node {
 
 /// How a dirty pass clears what it reports.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Clear {
+pub(crate) enum Clear {
     No,
     Locked,
     Plain,
@@ -994,7 +995,7 @@ impl<P: TablePages> NestedTable<P> {
     /// 0) and, when `clear`, clears it in the leaves, visiting each leaf
     /// table once. Returns the number of dirty pages.
     pub fn scan_dirty(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: bool) -> Result<u64, Error> {
-        self.dirty_pass(gpa, len, bitmap, if clear { Clear::Locked } else { Clear::No })
+        self.dirty_pass(gpa, len, bitmap, if clear { Clear::Locked } else { Clear::No }, harvest::simd())
     }
 
     /// Read-and-clear of the dirty state into `bitmap`: see
@@ -1002,7 +1003,7 @@ impl<P: TablePages> NestedTable<P> {
     /// locked atomic AND, so this is safe against any concurrent use of the
     /// table (vCPU faults, holds marking pages dirty, hardware).
     pub fn harvest_dirty(&self, gpa: Gpa, len: u64, bitmap: &mut [u64]) -> Result<u64, Error> {
-        self.dirty_pass(gpa, len, bitmap, Clear::Locked)
+        self.dirty_pass(gpa, len, bitmap, Clear::Locked, harvest::simd())
     }
 
     /// [`harvest_dirty`](Self::harvest_dirty) for a caller with exclusive
@@ -1011,18 +1012,27 @@ impl<P: TablePages> NestedTable<P> {
     /// that reads dirty, so each dirty entry is cleared with a plain store
     /// instead of a locked operation.
     pub fn harvest_dirty_exclusive(&mut self, gpa: Gpa, len: u64, bitmap: &mut [u64]) -> Result<u64, Error> {
-        self.dirty_pass(gpa, len, bitmap, Clear::Plain)
+        self.dirty_pass(gpa, len, bitmap, Clear::Plain, harvest::simd())
     }
 
-    fn dirty_pass(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: Clear) -> Result<u64, Error> {
-        with_kind!(self.fmt, K => self.dirty_pass_k::<K>(gpa, len, bitmap, clear))
+    fn dirty_pass(
+        &self,
+        gpa: Gpa,
+        len: u64,
+        bitmap: &mut [u64],
+        clear: Clear,
+        simd: harvest::Simd,
+    ) -> Result<u64, Error> {
+        with_kind!(self.fmt, K => self.dirty_pass_k::<K>(gpa, len, bitmap, clear, simd))
     }
 
     /// [`dirty_pass`](Self::dirty_pass) specialized for the format kind
-    /// `K`. Each leaf table's entries are read with plain vector loads
-    /// (equivalent to relaxed atomic loads; see `dirty64`), their dirty
-    /// bits gathered 64 to a word without branches, and only then are the
-    /// entries that read dirty cleared (a locked AND for `Clear::Locked`).
+    /// `K`, with the vector unit `simd`. Each leaf table's entries are
+    /// read with plain vector loads (equivalent to relaxed atomic loads;
+    /// see `harvest::scan_words`), their dirty bits gathered 64 to a word
+    /// without branches, and only then are the entries that read dirty
+    /// cleared (a locked AND for `Clear::Locked`; for `Clear::Plain` the
+    /// AVX-512 path clears them in the scan itself, with masked stores).
     /// An entry that reads clean is not written, so a dirty bit the
     /// hardware or another thread sets after the read is kept for the next
     /// pass; one that reads dirty is cleared by an atomic AND of that bit
@@ -1030,7 +1040,14 @@ impl<P: TablePages> NestedTable<P> {
     /// again between the read and the clear is the same dirty state,
     /// reported by this pass).
     #[inline(always)]
-    fn dirty_pass_k<K: Kind>(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: Clear) -> Result<u64, Error> {
+    fn dirty_pass_k<K: Kind>(
+        &self,
+        gpa: Gpa,
+        len: u64,
+        bitmap: &mut [u64],
+        clear: Clear,
+        simd: harvest::Simd,
+    ) -> Result<u64, Error> {
         let end = self.check(gpa, len, PageSize::Size4K)?;
         let pages = len >> 12;
         if (bitmap.len() as u64).saturating_mul(64) < pages {
@@ -1049,7 +1066,7 @@ impl<P: TablePages> NestedTable<P> {
                 // that read dirty, and each word into the bitmap once.
                 let first = (base.0 - gpa.0) >> 12;
                 let mut words = [0u64; ENTRIES / 64];
-                let full = dirty_words::<K>(entries, &mut words);
+                let (full, cleared) = harvest::scan_words::<K>(simd, entries, &mut words, clear == Clear::Plain);
                 for (i, e) in entries.iter().enumerate().skip(full) {
                     if let Some(w) = words.get_mut(i / 64) {
                         *w |= K::dirty_bit(e.load(Ordering::Relaxed)) << (i % 64);
@@ -1058,8 +1075,10 @@ impl<P: TablePages> NestedTable<P> {
                 let chunks = entries.len().div_ceil(64);
                 for (c, &word) in words.iter().enumerate().take(chunks) {
                     count += word.count_ones() as u64;
-                    if word != 0 {
-                        clear_dirty::<K>(&entries[c * 64..], word, clear);
+                    // Less the entries the scan cleared already.
+                    let todo = if cleared { word & !harvest::low_bits(full.saturating_sub(c * 64)) } else { word };
+                    if todo != 0 {
+                        clear_dirty::<K>(&entries[c * 64..], todo, clear);
                     }
                 }
                 store_words(bitmap, first, &words[..chunks], entries.len() as u64);
