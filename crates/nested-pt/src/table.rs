@@ -1054,9 +1054,13 @@ impl<P: TablePages> NestedTable<P> {
             return Err(Error::BitmapTooSmall);
         }
         self.check_no_split(gpa.0, end)?;
-        fill_bits(bitmap, 0, pages, false);
         let dmask = K::DIRTY;
         let mut count = 0;
+        // The bitmap's bits are written once each, in address order: a
+        // leaf table's as the words it gathered, a large leaf's set, and
+        // the gaps before them (and after the last) cleared; `written` is
+        // where the next gap starts.
+        let mut written = 0u64;
         self.for_each_leaf_table(gpa, len, |base, entries, size| {
             if size == PageSize::Size4K {
                 // Leaf-table slices start inside the range. First the
@@ -1073,15 +1077,17 @@ impl<P: TablePages> NestedTable<P> {
                     }
                 }
                 let chunks = entries.len().div_ceil(64);
+                count += harvest::count_ones(simd, &words);
                 for (c, &word) in words.iter().enumerate().take(chunks) {
-                    count += word.count_ones() as u64;
                     // Less the entries the scan cleared already.
                     let todo = if cleared { word & !harvest::low_bits(full.saturating_sub(c * 64)) } else { word };
                     if todo != 0 {
                         clear_dirty::<K>(&entries[c * 64..], todo, clear);
                     }
                 }
+                fill_bits(bitmap, written, first.saturating_sub(written), false);
                 store_words(bitmap, first, &words[..chunks], entries.len() as u64);
+                written = first + entries.len() as u64;
             } else if entries[0].load(Ordering::Relaxed) & dmask != 0 {
                 // A large leaf. `check_no_split` refused one cutting the
                 // range's ends, but one mapped concurrently since may
@@ -1092,10 +1098,14 @@ impl<P: TablePages> NestedTable<P> {
                 if clear != Clear::No && whole {
                     entries[0].fetch_and(!dmask, Ordering::AcqRel);
                 }
-                fill_bits(bitmap, (lo - gpa.0) >> 12, (hi - lo) >> 12, true);
+                let lo_bit = (lo - gpa.0) >> 12;
+                fill_bits(bitmap, written, lo_bit.saturating_sub(written), false);
+                fill_bits(bitmap, lo_bit, (hi - lo) >> 12, true);
+                written = lo_bit + ((hi - lo) >> 12);
                 count += (hi - lo) >> 12;
             }
         });
+        fill_bits(bitmap, written, pages.saturating_sub(written), false);
         if clear == Clear::Plain {
             core::sync::atomic::fence(Ordering::Release);
         }
@@ -1733,24 +1743,32 @@ fn clear_dirty<K: Kind>(chunk: &[AtomicU64], mut word: u64, clear: Clear) {
 }
 
 /// Writes the dirty words of `n` entries (`words[c]` holds entries
-/// `64 c ..`) into `bitmap` from bit `first`, whose bits there are clear.
-/// Where `first` is word-aligned, each whole word is stored once (no
-/// read-modify-write); a last partial word, or an unaligned start, is
-/// ORed in, so bits past the range are left as they were.
+/// `64 c ..`) into bits `first .. first + n` of `bitmap`, whatever they
+/// held; bits outside are left as they were. Where `first` is
+/// word-aligned, each whole word is stored once (no read-modify-write)
+/// and a last partial word merged under a mask; an unaligned start is
+/// cleared and then ORed in.
 #[inline(always)]
 fn store_words(bitmap: &mut [u64], first: u64, words: &[u64], n: u64) {
     if first.is_multiple_of(64) {
         let w0 = (first / 64) as usize;
         let whole = (n / 64) as usize;
         if let Some(dst) = bitmap.get_mut(w0..w0 + whole) {
-            dst.copy_from_slice(&words[..whole]);
+            // A whole table's words as one fixed-size copy (a few vector
+            // stores, not a call to `memcpy`).
+            match (<&mut [u64; ENTRIES / 64]>::try_from(&mut *dst), <&[u64; ENTRIES / 64]>::try_from(words)) {
+                (Ok(d), Ok(w)) => *d = *w,
+                _ => dst.copy_from_slice(&words[..whole]),
+            }
         }
-        if let Some(&last) = words.get(whole)
-            && last != 0
+        let rest = harvest::low_bits((n % 64) as usize);
+        if let (Some(&last), Some(dst)) = (words.get(whole), bitmap.get_mut(w0 + whole))
+            && !n.is_multiple_of(64)
         {
-            or_word(bitmap, first + whole as u64 * 64, last);
+            *dst = (*dst & !rest) | (last & rest);
         }
     } else {
+        fill_bits(bitmap, first, n, false);
         for (c, &word) in words.iter().enumerate() {
             if word != 0 {
                 or_word(bitmap, first + c as u64 * 64, word);

@@ -27,7 +27,8 @@ pub(crate) enum Simd {
     /// SSE2 loads, 64 entries to a word (single-bit dirty masks below bit
     /// 32; other formats fall back to `Scalar`).
     Sse2,
-    /// AVX-512F loads, tests and masked stores, eight entries to a step.
+    /// AVX-512F loads, tests and masked stores, eight entries to a step
+    /// (chosen only where POPCNT is there too).
     Avx512,
 }
 
@@ -69,8 +70,10 @@ fn detect() -> Simd {
     }
     // SSE, AVX, opmask, ZMM_Hi256 and Hi16_ZMM state enabled by the OS
     // (XCR0 bits 1, 2, 5, 6, 7), and AVX-512F (CPUID.(7,0):EBX bit 16).
+    // POPCNT (CPUID.1:ECX bit 23), which the AVX-512 path counts with.
     let os = xcr0 & 0xe6 == 0xe6;
-    if os && __cpuid_count(7, 0).ebx & (1 << 16) != 0 { Simd::Avx512 } else { Simd::Sse2 }
+    let popcnt = __cpuid(1).ecx & (1 << 23) != 0;
+    if os && popcnt && __cpuid_count(7, 0).ebx & (1 << 16) != 0 { Simd::Avx512 } else { Simd::Sse2 }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -123,6 +126,32 @@ pub(crate) fn scan_words<K: Kind>(
     }
 }
 
+/// The number of bits set in `words` (bits past a slice's entries are
+/// zero), with the POPCNT instruction on the AVX-512 path (every processor
+/// with AVX-512 has it; the x86-64 baseline does not, where `count_ones`
+/// is a dozen instructions a word).
+#[inline(always)]
+pub(crate) fn count_ones(simd: Simd, words: &[u64; ENTRIES / 64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx512 {
+        // SAFETY: `Simd::Avx512` is detected only with POPCNT present.
+        return unsafe { count_ones_popcnt(words) };
+    }
+    let _ = simd;
+    words.iter().map(|w| w.count_ones() as u64).sum()
+}
+
+/// [`count_ones`] with POPCNT.
+///
+/// # Safety
+///
+/// The processor must support POPCNT.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "popcnt")]
+unsafe fn count_ones_popcnt(words: &[u64; ENTRIES / 64]) -> u64 {
+    words.iter().map(|w| w.count_ones() as u64).sum()
+}
+
 /// AVX-512F scan of [`scan_words`]: eight entries (64 bytes) per step, the
 /// mask of those that AND with `dmask` non-zero stored as one byte of
 /// `words` (entry `k` is bit `k % 8` of byte `k / 8`, which is bit `k % 64`
@@ -153,8 +182,11 @@ unsafe fn scan_avx512(entries: &[AtomicU64], dmask: u64, words: &mut [u64; ENTRI
         // loads and masked stores, and writes `groups` bytes of `words`
         // (at most its 64). x86 reads and writes every naturally aligned
         // quadword of a vector access atomically, so the loads are
-        // equivalent to relaxed atomic loads; the masked store writes only
-        // the quadwords whose mask bit is set (none for a clean line),
+        // equivalent to relaxed atomic loads. A line with dirty entries is
+        // read again (only the hardware may have set accessed/dirty bits
+        // since, which the entries of the mask already have, and the
+        // entries outside the mask are not written) and the masked store
+        // writes only the quadwords whose mask bit is set,
         // each the value just read without `dmask` (and a clean line is
         // skipped: an all-zero masked store writes nothing, but was
         // measured slower than a full one on Zen 4), which is the scalar
@@ -165,12 +197,12 @@ unsafe fn scan_avx512(entries: &[AtomicU64], dmask: u64, words: &mut [u64; ENTRI
             core::arch::asm!(
                 "vpbroadcastq {d}, {m}",
                 "2:",
-                "vmovdqu64 {v}, zmmword ptr [{p}]",
-                "vptestmq {k}, {v}, {d}",
+                "vptestmq {k}, {d}, zmmword ptr [{p}]",
                 "kmovw {t:e}, {k}",
                 "mov byte ptr [{o}], {t:l}",
                 "test {t:e}, {t:e}",
                 "jz 3f",
+                "vmovdqu64 {v}, zmmword ptr [{p}]",
                 "vpandnq {v}, {d}, {v}",
                 "vmovdqu64 zmmword ptr [{p}] {{{k}}}, {v}",
                 "3:",
