@@ -173,6 +173,11 @@
 //! --nocapture` for a long run) drive with random operation sequences on
 //! all three formats, comparing every observable after every step, and
 //! `tests/hostile.rs` calls every public function with hostile arguments.
+//! The harvest's vector paths (AVX-512, SSE2) are compared with its
+//! scalar path and a model over random entries of every format, at
+//! densities from 0 to 100% and on ranges that start and end anywhere
+//! (`table::harvest` unit tests); `tests/table.rs` races harvests against
+//! a writer dirtying pages and against each other.
 //!
 //! # Known gaps
 //!
