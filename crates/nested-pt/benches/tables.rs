@@ -16,9 +16,12 @@
 //! which creates the same tables), `map_in_order` and `map_random` (per
 //! page, into existing tables), `lookup_random` and `lookup_seq` (frame and
 //! protection of every page; `ours` is `is_mapped`, `ours_cur` the same
-//! through a `lookup_cursor`), `harvest_10pct` (read and clear the dirty
-//! bits of a range where every tenth page is dirty; `ptm` has no dirty
-//! bits, `x86` walks its tables by hand), `unmap_vacate` (unmap every page
+//! through a `lookup_cursor`), `harvest_0pct`, `harvest_1pct`,
+//! `harvest_10pct` and `harvest_100pct` (read and clear the dirty bits of
+//! a range where no page, every hundredth, every tenth or every page is
+//! dirty: `ours` is `harvest_dirty_exclusive`, `ours_sh` `harvest_dirty`,
+//! `ours_runs` `harvest_dirty_runs`; `ptm` has no dirty bits, `x86`,
+//! at 10% only, walks its tables by hand), `unmap_vacate` (unmap every page
 //! and free the tables; `ptm` unmaps per page and frees on drop) and
 //! `vacate` (free the tables of an already unmapped range; `ptm`: drop).
 //!
@@ -35,8 +38,10 @@
 //! untimed read before each timed one, so that in the interleaved rounds
 //! it does not read its array cold after another implementation, as the
 //! harvests read entries their setup has just touched; and `bw_ref_w`,
-//! the same read after every tenth element was written, the state the
-//! harvest's setup leaves its entries in).
+//! the same read after the elements of the dirty pages were written, the
+//! state the harvest's setup leaves its entries in), the harvests' ratios
+//! to it, and what the shared form costs beyond the exclusive one per
+//! dirty page (its locked ANDs).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -118,12 +123,23 @@ fn report(title: &str, r: &BTreeMap<(String, String, String), Vec<f64>>) {
             match (bw_here, ours, m.get("ours_sh")) {
                 (Some(b), Some(o), Some(s)) => {
                     let mut t = format!("  bw {:.0}% excl, {:.0}% shared", b / o * 100.0, b / s * 100.0);
+                    if let Some(r) = m.get("ours_runs") {
+                        t += &format!(", {:.0}% runs", b / r * 100.0);
+                    }
                     if let Some(bw) = m.get("bw_ref_w") {
                         t += &format!(
-                            "; vs the read after 10% writes ({bw:.3}): {:.0}% / {:.0}%",
+                            "; vs the read after the same writes ({bw:.3}): {:.0}% / {:.0}%",
                             bw / o * 100.0,
                             bw / s * 100.0
                         );
+                    }
+                    // What the shared form costs beyond the exclusive one,
+                    // per dirty page (its locked ANDs).
+                    let density = work.trim_start_matches("harvest_").trim_end_matches("pct").parse::<f64>();
+                    if let Ok(d) = density
+                        && d > 0.0
+                    {
+                        t += &format!("; shared - excl = {:.2} ns/dirty page", (s - o) * 100.0 / d);
                     }
                     t
                 }
@@ -247,10 +263,20 @@ fn mapped(bytes: u64) -> NestedTable<HeapPages> {
     t
 }
 
-fn dirty_10pct(t: &NestedTable<HeapPages>, bytes: u64) {
-    for p in (0..bytes / K4).step_by(10) {
-        t.reset_dirty(Gpa(p * K4), true).unwrap();
+/// Sets the dirty state (accessed and dirty bits) of every `step`-th
+/// page of `[0, bytes)` (none for `step` 0), straight in the leaf tables:
+/// the setup of the harvests, cheap beside them at every density.
+fn dirty_every(t: &NestedTable<HeapPages>, bytes: u64, step: u64) {
+    if step == 0 {
+        return;
     }
+    let bits = t.format().set_dirty_bits() | t.format().accessed_mask();
+    t.for_each_leaf_table(Gpa(0), bytes, |base, entries, _| {
+        let first = (base.0 / K4).next_multiple_of(step) - base.0 / K4;
+        for e in entries.iter().skip(first as usize).step_by(step as usize) {
+            e.store(e.load(Ordering::Relaxed) | bits, Ordering::Relaxed);
+        }
+    });
 }
 
 // ---------------------------------------------------------------------
@@ -696,14 +722,15 @@ fn benches(c: &mut Criterion) {
         drop(order);
         drop(in_order);
 
-        // Harvest with every tenth page dirty.
-        {
+        // Harvest at several dirty densities: none, every hundredth page,
+        // every tenth (`harvest_10pct`, with the `x86` peer), every page.
+        for (density, step) in [(0u64, 0u64), (1, 100), (10, 10), (100, 1)] {
             let bitmap = RefCell::new(vec![0u64; (pages / 64) as usize]);
             let written = RefCell::new(array.clone());
-            let want = pages.div_ceil(10);
+            let want = if step == 0 { 0 } else { pages.div_ceil(step) };
             let t = RefCell::new(mapped(bytes));
-            let x = RefCell::new(X86::mapped(bytes));
-            let mut w = Work::new(sz, "harvest_10pct", pages);
+            let x = RefCell::new((density == 10).then(|| X86::mapped(bytes)));
+            let mut w = Work::new(sz, &format!("harvest_{density}pct"), pages);
             // The reference, warmed by one untimed read (so that in the
             // interleaved rounds it does not read its array cold after
             // another implementation's run, as the harvests read entries
@@ -714,22 +741,24 @@ fn benches(c: &mut Criterion) {
                 |_| black_box(&array).iter().fold(0u64, |a, x| a.wrapping_add(*x)),
             );
             // ... and the same read after the setup the harvests get:
-            // every tenth element written (as `dirty_10pct` writes every
-            // tenth entry), so its lines are in the state the harvest
-            // finds its entries in.
-            w.add(
-                "bw_ref_w",
-                || {
-                    let mut a = written.borrow_mut();
-                    for i in (0..a.len()).step_by(10) {
-                        a[i] = black_box(a[i]);
-                    }
-                },
-                |_| black_box(&*written.borrow()).iter().fold(0u64, |a, x| a.wrapping_add(*x)),
-            );
+            // every `step`-th element written (as `dirty_every` writes
+            // every `step`-th entry), so its lines are in the state the
+            // harvest finds its entries in.
+            if step != 0 {
+                w.add(
+                    "bw_ref_w",
+                    || {
+                        let mut a = written.borrow_mut();
+                        for i in (0..a.len()).step_by(step as usize) {
+                            a[i] = black_box(a[i]);
+                        }
+                    },
+                    |_| black_box(&*written.borrow()).iter().fold(0u64, |a, x| a.wrapping_add(*x)),
+                );
+            }
             w.add(
                 "ours",
-                || dirty_10pct(&t.borrow(), bytes),
+                || dirty_every(&t.borrow(), bytes, step),
                 |_| {
                     let n = t.borrow_mut().harvest_dirty_exclusive(Gpa(0), bytes, &mut bitmap.borrow_mut()).unwrap();
                     assert_eq!(n, want)
@@ -737,14 +766,25 @@ fn benches(c: &mut Criterion) {
             );
             w.add(
                 "ours_sh",
-                || dirty_10pct(&t.borrow(), bytes),
+                || dirty_every(&t.borrow(), bytes, step),
                 |_| assert_eq!(t.borrow().harvest_dirty(Gpa(0), bytes, &mut bitmap.borrow_mut()).unwrap(), want),
             );
             w.add(
-                "x86",
-                || x.borrow_mut().dirty_10pct(),
-                |_| assert_eq!(x.borrow_mut().harvest(&mut bitmap.borrow_mut()), want),
+                "ours_runs",
+                || dirty_every(&t.borrow(), bytes, step),
+                |_| {
+                    let mut runs = 0u64;
+                    assert_eq!(t.borrow().harvest_dirty_runs(Gpa(0), bytes, true, |_, _| runs += 1).unwrap(), want);
+                    runs
+                },
             );
+            if density == 10 {
+                w.add(
+                    "x86",
+                    || x.borrow_mut().as_mut().unwrap().dirty_10pct(),
+                    |_| assert_eq!(x.borrow_mut().as_mut().unwrap().harvest(&mut bitmap.borrow_mut()), want),
+                );
+            }
             w.run(g);
         }
         drop(array);

@@ -8,6 +8,7 @@ use crate::pages::TablePages;
 use crate::{Access, ENTRIES, Error, Gpa, MemType, PageSize, Pfn, Prot, check_range};
 
 pub(crate) mod export;
+pub(crate) mod harvest;
 pub(crate) mod large;
 
 /// The large-page bit of a level-2/3 entry (EPT bit 7 and NPT PS, bit 7).
@@ -70,7 +71,7 @@ impl Node {
 
 /// How a dirty pass clears what it reports.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Clear {
+pub(crate) enum Clear {
     No,
     Locked,
     Plain,
@@ -994,7 +995,7 @@ impl<P: TablePages> NestedTable<P> {
     /// 0) and, when `clear`, clears it in the leaves, visiting each leaf
     /// table once. Returns the number of dirty pages.
     pub fn scan_dirty(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: bool) -> Result<u64, Error> {
-        self.dirty_pass(gpa, len, bitmap, if clear { Clear::Locked } else { Clear::No })
+        self.dirty_pass(gpa, len, bitmap, if clear { Clear::Locked } else { Clear::No }, harvest::simd())
     }
 
     /// Read-and-clear of the dirty state into `bitmap`: see
@@ -1002,7 +1003,7 @@ impl<P: TablePages> NestedTable<P> {
     /// locked atomic AND, so this is safe against any concurrent use of the
     /// table (vCPU faults, holds marking pages dirty, hardware).
     pub fn harvest_dirty(&self, gpa: Gpa, len: u64, bitmap: &mut [u64]) -> Result<u64, Error> {
-        self.dirty_pass(gpa, len, bitmap, Clear::Locked)
+        self.dirty_pass(gpa, len, bitmap, Clear::Locked, harvest::simd())
     }
 
     /// [`harvest_dirty`](Self::harvest_dirty) for a caller with exclusive
@@ -1011,18 +1012,27 @@ impl<P: TablePages> NestedTable<P> {
     /// that reads dirty, so each dirty entry is cleared with a plain store
     /// instead of a locked operation.
     pub fn harvest_dirty_exclusive(&mut self, gpa: Gpa, len: u64, bitmap: &mut [u64]) -> Result<u64, Error> {
-        self.dirty_pass(gpa, len, bitmap, Clear::Plain)
+        self.dirty_pass(gpa, len, bitmap, Clear::Plain, harvest::simd())
     }
 
-    fn dirty_pass(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: Clear) -> Result<u64, Error> {
-        with_kind!(self.fmt, K => self.dirty_pass_k::<K>(gpa, len, bitmap, clear))
+    fn dirty_pass(
+        &self,
+        gpa: Gpa,
+        len: u64,
+        bitmap: &mut [u64],
+        clear: Clear,
+        simd: harvest::Simd,
+    ) -> Result<u64, Error> {
+        with_kind!(self.fmt, K => self.dirty_pass_k::<K>(gpa, len, bitmap, clear, simd))
     }
 
     /// [`dirty_pass`](Self::dirty_pass) specialized for the format kind
-    /// `K`. Each leaf table's entries are read with plain vector loads
-    /// (equivalent to relaxed atomic loads; see `dirty64`), their dirty
-    /// bits gathered 64 to a word without branches, and only then are the
-    /// entries that read dirty cleared (a locked AND for `Clear::Locked`).
+    /// `K`, with the vector unit `simd`. Each leaf table's entries are
+    /// read with plain vector loads (equivalent to relaxed atomic loads;
+    /// see `harvest::scan_words`), their dirty bits gathered 64 to a word
+    /// without branches, and only then are the entries that read dirty
+    /// cleared (a locked AND for `Clear::Locked`; for `Clear::Plain` the
+    /// AVX-512 path clears them in the scan itself, with masked stores).
     /// An entry that reads clean is not written, so a dirty bit the
     /// hardware or another thread sets after the read is kept for the next
     /// pass; one that reads dirty is cleared by an atomic AND of that bit
@@ -1030,16 +1040,27 @@ impl<P: TablePages> NestedTable<P> {
     /// again between the read and the clear is the same dirty state,
     /// reported by this pass).
     #[inline(always)]
-    fn dirty_pass_k<K: Kind>(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: Clear) -> Result<u64, Error> {
+    fn dirty_pass_k<K: Kind>(
+        &self,
+        gpa: Gpa,
+        len: u64,
+        bitmap: &mut [u64],
+        clear: Clear,
+        simd: harvest::Simd,
+    ) -> Result<u64, Error> {
         let end = self.check(gpa, len, PageSize::Size4K)?;
         let pages = len >> 12;
         if (bitmap.len() as u64).saturating_mul(64) < pages {
             return Err(Error::BitmapTooSmall);
         }
         self.check_no_split(gpa.0, end)?;
-        fill_bits(bitmap, 0, pages, false);
         let dmask = K::DIRTY;
         let mut count = 0;
+        // The bitmap's bits are written once each, in address order: a
+        // leaf table's as the words it gathered, a large leaf's set, and
+        // the gaps before them (and after the last) cleared; `written` is
+        // where the next gap starts.
+        let mut written = 0u64;
         self.for_each_leaf_table(gpa, len, |base, entries, size| {
             if size == PageSize::Size4K {
                 // Leaf-table slices start inside the range. First the
@@ -1049,20 +1070,24 @@ impl<P: TablePages> NestedTable<P> {
                 // that read dirty, and each word into the bitmap once.
                 let first = (base.0 - gpa.0) >> 12;
                 let mut words = [0u64; ENTRIES / 64];
-                let full = dirty_words::<K>(entries, &mut words);
+                let (full, cleared) = harvest::scan_words::<K>(simd, entries, &mut words, clear == Clear::Plain);
                 for (i, e) in entries.iter().enumerate().skip(full) {
                     if let Some(w) = words.get_mut(i / 64) {
                         *w |= K::dirty_bit(e.load(Ordering::Relaxed)) << (i % 64);
                     }
                 }
                 let chunks = entries.len().div_ceil(64);
+                count += harvest::count_ones(simd, &words);
                 for (c, &word) in words.iter().enumerate().take(chunks) {
-                    count += word.count_ones() as u64;
-                    if word != 0 {
-                        clear_dirty::<K>(&entries[c * 64..], word, clear);
+                    // Less the entries the scan cleared already.
+                    let todo = if cleared { word & !harvest::low_bits(full.saturating_sub(c * 64)) } else { word };
+                    if todo != 0 {
+                        clear_dirty::<K>(&entries[c * 64..], todo, clear);
                     }
                 }
+                fill_bits(bitmap, written, first.saturating_sub(written), false);
                 store_words(bitmap, first, &words[..chunks], entries.len() as u64);
+                written = first + entries.len() as u64;
             } else if entries[0].load(Ordering::Relaxed) & dmask != 0 {
                 // A large leaf. `check_no_split` refused one cutting the
                 // range's ends, but one mapped concurrently since may
@@ -1073,10 +1098,14 @@ impl<P: TablePages> NestedTable<P> {
                 if clear != Clear::No && whole {
                     entries[0].fetch_and(!dmask, Ordering::AcqRel);
                 }
-                fill_bits(bitmap, (lo - gpa.0) >> 12, (hi - lo) >> 12, true);
+                let lo_bit = (lo - gpa.0) >> 12;
+                fill_bits(bitmap, written, lo_bit.saturating_sub(written), false);
+                fill_bits(bitmap, lo_bit, (hi - lo) >> 12, true);
+                written = lo_bit + ((hi - lo) >> 12);
                 count += (hi - lo) >> 12;
             }
         });
+        fill_bits(bitmap, written, pages.saturating_sub(written), false);
         if clear == Clear::Plain {
             core::sync::atomic::fence(Ordering::Release);
         }
@@ -1714,24 +1743,32 @@ fn clear_dirty<K: Kind>(chunk: &[AtomicU64], mut word: u64, clear: Clear) {
 }
 
 /// Writes the dirty words of `n` entries (`words[c]` holds entries
-/// `64 c ..`) into `bitmap` from bit `first`, whose bits there are clear.
-/// Where `first` is word-aligned, each whole word is stored once (no
-/// read-modify-write); a last partial word, or an unaligned start, is
-/// ORed in, so bits past the range are left as they were.
+/// `64 c ..`) into bits `first .. first + n` of `bitmap`, whatever they
+/// held; bits outside are left as they were. Where `first` is
+/// word-aligned, each whole word is stored once (no read-modify-write)
+/// and a last partial word merged under a mask; an unaligned start is
+/// cleared and then ORed in.
 #[inline(always)]
 fn store_words(bitmap: &mut [u64], first: u64, words: &[u64], n: u64) {
     if first.is_multiple_of(64) {
         let w0 = (first / 64) as usize;
         let whole = (n / 64) as usize;
         if let Some(dst) = bitmap.get_mut(w0..w0 + whole) {
-            dst.copy_from_slice(&words[..whole]);
+            // A whole table's words as one fixed-size copy (a few vector
+            // stores, not a call to `memcpy`).
+            match (<&mut [u64; ENTRIES / 64]>::try_from(&mut *dst), <&[u64; ENTRIES / 64]>::try_from(words)) {
+                (Ok(d), Ok(w)) => *d = *w,
+                _ => dst.copy_from_slice(&words[..whole]),
+            }
         }
-        if let Some(&last) = words.get(whole)
-            && last != 0
+        let rest = harvest::low_bits((n % 64) as usize);
+        if let (Some(&last), Some(dst)) = (words.get(whole), bitmap.get_mut(w0 + whole))
+            && !n.is_multiple_of(64)
         {
-            or_word(bitmap, first + whole as u64 * 64, last);
+            *dst = (*dst & !rest) | (last & rest);
         }
     } else {
+        fill_bits(bitmap, first, n, false);
         for (c, &word) in words.iter().enumerate() {
             if word != 0 {
                 or_word(bitmap, first + c as u64 * 64, word);

@@ -725,6 +725,91 @@ fn harvest_races_dirtying_writer() {
     }
 }
 
+/// The run harvest against the same writer, with two harvesters at once:
+/// a page is reported only by the harvest whose locked AND found it dirty,
+/// so across both, and a final harvest, every page is reported exactly
+/// once (no dirty bit set between a scan and its clear is lost, none
+/// reported twice), and the accessed bits the writer sets are kept. Then
+/// rounds of two harvests started together over all pages dirty: each
+/// page goes to exactly one of them (a harvest that reported what its
+/// scan read, without checking its AND's result, fails this).
+#[test]
+fn harvest_runs_race_dirtying_writer_and_each_other() {
+    for f in formats() {
+        let mut t = table(f);
+        let len = 16 * M2;
+        let pages = (len / K4) as usize;
+        t.populate_region(Gpa(0), len, PageSize::Size4K).unwrap();
+        t.map_range(Gpa(0), len, Prot::RW, MemType::WriteBack, |g| Some(Pfn(0x10_0000 + (g.0 >> 12)))).unwrap();
+        let seen: Vec<std::sync::atomic::AtomicU32> =
+            (0..pages).map(|_| std::sync::atomic::AtomicU32::new(0)).collect();
+        let add = |g: Gpa, n: u64| {
+            for p in g.0 / K4..(g.0 + n) / K4 {
+                seen[p as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let start = std::sync::Barrier::new(3);
+        std::thread::scope(|s| {
+            let (t, done, add, start) = (&t, &done, &add, &start);
+            s.spawn(move || {
+                start.wait();
+                for k in 0..pages {
+                    let p = (k * 97) % pages;
+                    t.reset_dirty(Gpa(p as u64 * K4), true).unwrap();
+                    t.reset_accessed(Gpa(p as u64 * K4), true).unwrap();
+                }
+                done.store(true, std::sync::atomic::Ordering::Release);
+            });
+            for _ in 0..2 {
+                s.spawn(move || {
+                    start.wait();
+                    while !done.load(std::sync::atomic::Ordering::Acquire) {
+                        t.harvest_dirty_runs(Gpa(0), len, true, add).unwrap();
+                    }
+                });
+            }
+        });
+        t.harvest_dirty_runs(Gpa(0), len, true, add).unwrap();
+        for (p, n) in seen.iter().enumerate() {
+            assert_eq!(n.swap(0, std::sync::atomic::Ordering::Relaxed), 1, "{:?}: page {p} reported once", f.kind());
+        }
+        assert_eq!(t.harvest_dirty_runs(Gpa(0), len, true, |_, _| panic!("nothing left")), Ok(0));
+        for p in (0..pages).step_by(61) {
+            assert!(t.lookup(Gpa(p as u64 * K4)).unwrap().accessed(), "accessed bit kept");
+        }
+        // Two harvests of the same dirty pages at once, started together:
+        // each page goes to one of them.
+        for round in 0..40 {
+            for p in 0..pages as u64 {
+                t.reset_dirty(Gpa(p * K4), true).unwrap();
+            }
+            let start = std::sync::Barrier::new(2);
+            let n: u64 = std::thread::scope(|s| {
+                let (t, add, start) = (&t, &add, &start);
+                let h: Vec<_> = (0..2)
+                    .map(|_| {
+                        s.spawn(move || {
+                            start.wait();
+                            t.harvest_dirty_runs(Gpa(0), len, true, add).unwrap()
+                        })
+                    })
+                    .collect();
+                h.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            assert_eq!(n, pages as u64, "{:?} round {round}", f.kind());
+            for (p, c) in seen.iter().enumerate() {
+                assert_eq!(
+                    c.swap(0, std::sync::atomic::Ordering::Relaxed),
+                    1,
+                    "{:?} round {round}: page {p}",
+                    f.kind()
+                );
+            }
+        }
+    }
+}
+
 /// A lookup cursor answers exactly what `lookup` and `is_mapped` answer, in
 /// sequential and scattered order, across holes, table boundaries, large
 /// leaves and addresses past the 48-bit space, and sees entries mapped and

@@ -201,33 +201,7 @@ impl<P: TablePages> NestedTable<P> {
         clear: bool,
         mut f: impl FnMut(Gpa, u64),
     ) -> Result<u64, Error> {
-        let end = self.check(gpa, len, PageSize::Size4K)?;
-        self.check_no_split(gpa.0, end)?;
-        let mut run: Option<(u64, u64)> = None;
-        let mut pages = 0;
-        for leaf in self.leaves(gpa, len) {
-            if !leaf.dirty() {
-                continue;
-            }
-            let (lo, hi) = (leaf.gpa.0.max(gpa.0), (leaf.gpa.0 + leaf.size.bytes()).min(end));
-            if clear && hi - lo == leaf.size.bytes() && !leaf.reset_dirty(false) {
-                // Cleaned meanwhile by another harvest: not ours to report.
-                continue;
-            }
-            pages += (hi - lo) >> 12;
-            run = match run {
-                Some((s, e)) if e == lo => Some((s, hi)),
-                Some((s, e)) => {
-                    f(Gpa(s), e - s);
-                    Some((lo, hi))
-                }
-                None => Some((lo, hi)),
-            };
-        }
-        if let Some((s, e)) = run {
-            f(Gpa(s), e - s);
-        }
-        Ok(pages)
+        self.dirty_runs(gpa, len, clear, &mut f, super::harvest::simd())
     }
 }
 
