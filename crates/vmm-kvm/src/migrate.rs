@@ -814,6 +814,10 @@ impl MigrationSource for KvmSource<'_> {
         self.core.mem.read_page(gpa, buf)
     }
 
+    fn read_pages(&mut self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), HostError> {
+        self.core.mem.read_pages(gpa, buf)
+    }
+
     fn harvest(&mut self, range: &MemRange, bitmap: &mut [u64]) -> std::result::Result<(), HostError> {
         let layout = self.core.layout()?;
         let idx =
@@ -935,6 +939,10 @@ impl MigrationTarget for KvmTarget<'_> {
 
     fn write_page(&mut self, gpa: u64, data: &[u8]) -> std::result::Result<(), HostError> {
         self.core.mem.write_page(gpa, data)
+    }
+
+    fn write_pages(&mut self, gpa: u64, data: &[u8]) -> std::result::Result<(), HostError> {
+        self.core.mem.write_pages(gpa, data)
     }
 
     fn zero_page(&mut self, gpa: u64) -> std::result::Result<(), HostError> {

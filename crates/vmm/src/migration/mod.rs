@@ -67,7 +67,7 @@
 //!   kicks the vCPUs every slice so that a guest that rarely exits notices
 //!   (`vmm run --migrate-to ... --auto-converge`).
 //!
-//! # Stream format (version 1)
+//! # Stream format (version 2)
 //!
 //! All integers little-endian; every checksum is CRC-32 (IEEE, the
 //! `crc32fast` crate, hardware-accelerated; it catches every single-bit
@@ -87,7 +87,7 @@
 //!
 //! | tag | record | argument | payload |
 //! |---|---|---|---|
-//! | 1 | page | gpa | the page (exactly the page size) |
+//! | 1 | pages | gpa of the first | a run of consecutive pages: 1 to [`wire::MAX_RUN_PAGES`] whole pages (version 1: exactly one) |
 //! | 2 | zero pages | gpa of the first | page count (8), at least 1 |
 //! | 3 | state blob | kind << 32 \| instance | the blob, at most [`wire::MAX_STATE_BLOB`] (all blobs at most [`wire::MAX_STATE_TOTAL`]) |
 //! | 4 | round marker | round number | none |
@@ -98,11 +98,16 @@
 //! | 18 | refusal (target→source) | [`wire::Refusal`] code | reason, UTF-8 |
 //!
 //! The decoder never trusts a length: it checks it against the record
-//! type's bound before reading the payload, then checks the CRC. Pages are
-//! read straight into their slot of one batch buffer (256 KiB by default,
-//! allocated and zeroed once: no clearing per page, no second copy) and
-//! flushed by one `write`; the reader is buffered the same way, so a page
-//! record costs no system call.
+//! type's bound before reading the payload, then checks the CRC; a page
+//! run must lie inside one range. The source reads each run of
+//! consecutive dirty pages (up to [`wire::MAX_RUN_PAGES`]) with one
+//! [`MigrationSource::read_pages`] call straight into one batch buffer
+//! (256 KiB by default, allocated and zeroed once: no clearing, no second
+//! copy), checks each page for zero, and frames each maximal run of
+//! non-zero pages as one record (a run after zero pages is moved down once
+//! to make room for its header); the buffer is flushed by one `write`. The
+//! reader is buffered the same way, and the target writes each run with
+//! one [`MigrationTarget::write_pages`] call.
 //!
 //! # Invariants (nothing lost)
 //!
@@ -372,6 +377,20 @@ pub trait MigrationSource {
     /// an earlier [`harvest`](Self::harvest) cleared.
     fn read_page(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), HostError>;
 
+    /// Copy the pages from `gpa` (page-aligned; `buf` is a whole number of
+    /// pages, all in one range of the layout) into `buf`, under the same
+    /// rule as [`read_page`](Self::read_page). The engine reads each run of
+    /// consecutive dirty pages with one call (at most
+    /// [`wire::MAX_RUN_PAGES`]); the default calls `read_page` for each
+    /// page, a source that can copy a run at once (one lock, one copy)
+    /// should.
+    fn read_pages(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), HostError> {
+        for (i, page) in buf.chunks_exact_mut(PAGE_SIZE as usize).enumerate() {
+            self.read_page(gpa + i as u64 * PAGE_SIZE, page)?;
+        }
+        Ok(())
+    }
+
     /// Read and clear the dirty bits of `range` into `bitmap` (overwriting
     /// it), atomically per page: a write that races the harvest either is
     /// reported now (and visible to a following `read_page`) or leaves its
@@ -422,6 +441,17 @@ pub trait MigrationTarget {
     /// and inside the prepared layout (the engine checks both). A page may
     /// be written several times; the last write wins.
     fn write_page(&mut self, gpa: u64, data: &[u8]) -> Result<(), HostError>;
+
+    /// Write the pages of `data` (a whole number of pages, all in one range
+    /// of the prepared layout, checked by the engine) from `gpa`, as a page
+    /// record carries them; the default calls
+    /// [`write_page`](Self::write_page) for each.
+    fn write_pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), HostError> {
+        for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
+            self.write_page(gpa + i as u64 * PAGE_SIZE, page)?;
+        }
+        Ok(())
+    }
 
     /// Make the page at `gpa` read as zero (it may have been written by an
     /// earlier round).

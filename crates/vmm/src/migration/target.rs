@@ -26,7 +26,7 @@ impl Default for TargetConfig {
 /// What the target received, for `--json`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TargetSummary {
-    /// Page records applied.
+    /// Pages applied from page records (a record carries a run of them).
     pub pages: u64,
     /// Zero pages applied (runs counted page by page).
     pub zero_pages: u64,
@@ -178,16 +178,23 @@ fn apply<T: MigrationTarget + ?Sized>(
     loop {
         match r.next("stream record")? {
             Record::Page { gpa, data } => {
-                let bad = MigrationError::Corrupt(CorruptKind::BadAddress { gpa, count: 1 });
+                // The reader checked the length: 1 to MAX_RUN_PAGES pages.
+                let count = data.len() as u64 / PAGE_SIZE;
+                let bad = MigrationError::Corrupt(CorruptKind::BadAddress { gpa, count });
                 if gpa % PAGE_SIZE != 0 {
                     return Err(bad);
                 }
                 let (ri, idx) = layout.locate(gpa).ok_or(bad)?;
+                if count > layout.ranges[ri].pages() - idx {
+                    return Err(MigrationError::Corrupt(CorruptKind::BadAddress { gpa, count }));
+                }
                 let t = Instant::now();
-                target.write_page(gpa, data).map_err(MigrationError::Target)?;
+                target.write_pages(gpa, data).map_err(MigrationError::Target)?;
                 write_t += t.elapsed();
-                received[ri][(idx / 64) as usize] |= 1 << (idx % 64);
-                sum.pages += 1;
+                for p in idx..idx + count {
+                    received[ri][(p / 64) as usize] |= 1 << (p % 64);
+                }
+                sum.pages += count;
             }
             Record::Zero { gpa, count } => {
                 let bad = MigrationError::Corrupt(CorruptKind::BadAddress { gpa, count });
