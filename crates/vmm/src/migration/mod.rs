@@ -485,6 +485,22 @@ pub trait MigrationTarget {
     fn discard(&mut self);
 }
 
+/// CPU time the calling thread has used so far
+/// (`CLOCK_THREAD_CPUTIME_ID`; zero where it cannot be read). The timings
+/// report it so that a run on a loaded host can be judged by the work done
+/// rather than by the wall time it was given.
+#[allow(unsafe_code)]
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `clock_gettime` writes one `timespec` through a pointer to a
+    // live local.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if r != 0 || ts.tv_sec < 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32)
+}
+
 /// One bitmap per range, all zero.
 pub(crate) fn empty_bitmaps(layout: &Layout) -> Vec<Vec<u64>> {
     layout.ranges.iter().map(|r| vec![0u64; r.bitmap_words()]).collect()

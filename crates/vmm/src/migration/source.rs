@@ -136,6 +136,10 @@ pub struct SourceTimings {
     /// End record flushed to final ack (the target's last pages, state
     /// and resume).
     pub final_ack_wait_ms: f64,
+    /// CPU time of the engine's thread over the attempt (its harvests
+    /// included; [`super::thread_cpu_time`]).
+    #[serde(default)]
+    pub cpu_ms: f64,
 }
 
 /// What the clean-up must undo if the attempt fails.
@@ -374,6 +378,7 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<MigrationSummary, MigrationError> {
         let t0 = Instant::now();
+        let cpu0 = super::thread_cpu_time();
         let mut sum = MigrationSummary { guest_bytes: self.layout.bytes(), ..Default::default() };
         self.w.raw(&wire::encode_header(self.layout)).map_err(wire::send_err)?;
         self.w.flush().map_err(wire::send_err)?;
@@ -521,6 +526,7 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
         sum.timings.read_pages_ms = ms(read);
         sum.timings.socket_write_ms = ms(write);
         sum.timings.encode_ms = ms(send.saturating_sub(read).saturating_sub(write));
+        sum.timings.cpu_ms = ms(super::thread_cpu_time().saturating_sub(cpu0));
         progress(&Progress {
             round: round + 1,
             pages_sent: sent,

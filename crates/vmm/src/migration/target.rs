@@ -65,6 +65,10 @@ pub struct TargetTimings {
     pub zero_pages_ms: f64,
     /// Marking received pages, applying the state, resuming.
     pub finish_ms: f64,
+    /// CPU time of the receiving thread from the header to the final ack
+    /// ([`super::thread_cpu_time`]).
+    #[serde(default)]
+    pub cpu_ms: f64,
 }
 
 /// Receive a migration into `target` over a connection (`reader` and
@@ -87,6 +91,7 @@ pub fn receive<T: MigrationTarget + ?Sized, R: Read, W: Write>(
     mut writer: W,
     config: &TargetConfig,
 ) -> Result<TargetSummary, MigrationError> {
+    let cpu0 = super::thread_cpu_time();
     let mut r = RecordReader::new(reader, config.buffer_bytes);
     let layout = match r.header() {
         Ok(l) => l,
@@ -143,6 +148,7 @@ pub fn receive<T: MigrationTarget + ?Sized, R: Read, W: Write>(
         .write_all(&wire::encode_record(tag::FINAL_ACK, sum.resume_unix_ns, &[]))
         .and_then(|()| writer.flush())
         .is_ok();
+    sum.timings.cpu_ms = ms(super::thread_cpu_time().saturating_sub(cpu0));
     Ok(sum)
 }
 
