@@ -16,7 +16,14 @@
 //!   `missed`: the run fails) and cleared through the VM's host-write path
 //!   (which marks them dirty), and only then are the other segments (the
 //!   per-vCPU parameter blocks, kernel stacks and the ledgers themselves)
-//!   harvested, so the ledger clears travel in the same round;
+//!   harvested, so the ledger clears travel in the same round; on a
+//!   shadow-paging host each of the attempt's harvests makes its cleared
+//!   bits effective by zapping every shadow page rather than dropping each
+//!   dirty frame ([`MIGRATION_ZAP_THRESHOLD`]: the drops cost the engine's
+//!   thread, the zap's refaults cost the vCPU threads);
+//! - pages are read a run of consecutive dirty pages at a time
+//!   ([`MigrationSource::read_pages`], one read of the segment) and
+//!   written on the target the same way;
 //! - at switch-over the vCPUs stay parked; [`crate::vcpu_state::VcpuTwin`]
 //!   completes each one's pending port exit and saves its state;
 //! - on success the source's vCPU threads leave (the guest runs on the

@@ -159,35 +159,53 @@
 //!   swap file's speed.
 //! - The progress callback runs on the engine's thread between rounds; a
 //!   slow callback lengthens the round (and, after pause, the downtime).
-//! - Every page read is one `read_page` call (one copy into the batch
-//!   buffer); a source that can lend its memory directly would save it.
+//! - Every page is copied once into the batch buffer before its checksum
+//!   (the guest may write it meanwhile, so the checksum cannot be taken
+//!   over guest memory and the kernel's copy); the target copies each page
+//!   once more from its read buffer into guest memory. With the kernel's
+//!   two copies that is twice a plain copy's work per byte.
 //! - Throughput on the project's 2-core, shared, shadow-paging test host
 //!   is far below the 70% target. `vmm bench migrate --mem 1G --write-pct
-//!   0,10,80 --runs 3 --batch 1M --json` with the host's load average at
-//!   6-10 (other jobs): medians 0.22 / 0.18 / 0.18 of a plain loopback copy
-//!   made without a guest in the same run, 0.34 / 0.39 / 0.37 of one made
-//!   while a guest of the case's configuration runs; 4 GiB (`--mem 4G
-//!   --write-pct 0,80 --runs 3`): 0.20 / 0.21 and 0.27 / 0.32. At a load of
-//!   about 2 (one run before this work's changes): 0.20-0.31 and
-//!   0.33-0.82. The phase
-//!   timings ([`SourceTimings`], [`TargetTimings`], in the summaries and the
-//!   bench's JSON) put 70-75% of the source's time in socket writes (the
-//!   kernel's loopback copy, which on two cores competes with the guest's
-//!   two busy vCPU threads, the target's receiver and the host's other
-//!   load); reading pages out, zero checks, checksums, and on the target
-//!   checksums and writing pages in take 0.7-1.2 s per GiB together under
-//!   that load. What the timings and `perf` found and fixed: no clearing of
-//!   each page's slot in the batch buffer (the writer's buffer is zeroed
-//!   once), the first pass's residency taking the space lock per page
-//!   (0.3-0.4 s per GiB, now 13 ms), and earlier a target populating its
-//!   view in `prepare`, a bench connecting before its target was built,
-//!   and a first pass faulting the source's host view in page by page
-//!   (vmm-kvm's `migrate` populates both views when a prefaulting guest is
-//!   built; see its `populate_host_view`). Not done: reading runs of
-//!   contiguous dirty pages with one call (each page is one
-//!   [`MigrationSource::read_page`], one lock of the VM's state), the same
-//!   on the target's writes, and zero-copy sends (a page must be copied
-//!   before its checksum, since the guest may write it meanwhile).
+//!   0,10,80 --runs 3 --batch 1M --json` (load average 4.5-6.5 from other
+//!   jobs; medians of 3): 0.20 / 0.23 / 0.19 of a plain loopback copy made
+//!   without a guest in the same run and 0.53 / 0.54 / 0.54 of one made
+//!   while a guest of the case's configuration runs (before this version,
+//!   measured just before in the same conditions: 0.26 / 0.25 / 0.27 and
+//!   0.33 / 0.37 / 0.47; the unloaded ratio fell because that run's plain
+//!   copies ran faster, 2.8 against 2.0 GB/s, while the migration's own
+//!   rate rose from 531 / 502 / 548 to 584 / 667 / 559 MiB/s); 4 GiB
+//!   (`--mem 4G --write-pct 0,80`): 0.25 / 0.26 and 0.34 / 0.59 (before:
+//!   0.17 / 0.15 and 0.34 / 0.29). The load-independent figure is the CPU
+//!   time of the two threads that do the work (the engine's and the
+//!   receiver's, [`SourceTimings::cpu_ms`], [`TargetTimings::cpu_ms`]) per
+//!   byte sent: 0.68 / 0.63 / 0.63 ns at 1 GiB, 0.69 / 0.71 at 4 GiB
+//!   (before: 0.82 / 0.88 / 0.85 and 0.78 / 0.75), against 0.27-0.37 ns
+//!   for the plain copy's two threads: the stream costs 2-2.5 times a
+//!   plain copy's CPU per byte (zero pages, copied and checked but sent as
+//!   a few bytes, add to it: a third to three quarters of the first pass
+//!   here, the guest not having written them yet), and the rest of the gap
+//!   to the unloaded copy is the guest's two busy vCPU threads taking
+//!   their share of the two cores. `perf record -g` on the engine's thread
+//!   (80% writes): the socket write (the kernel's copy and loopback TCP)
+//!   48%, copying pages out of guest memory 34%, CRC-32 8%, shadow zaps 3%;
+//!   on the receiver: the socket read 45%, copying pages in 30%, CRC-32 9%.
+//!   What the timings and `perf` found and fixed, in this version: a clock
+//!   read per page on both sides (6% of the engine's CPU, 17% of the
+//!   receiver's), a record, a read and a write call per page (now one per
+//!   run of up to [`wire::MAX_RUN_PAGES`] consecutive dirty pages), and the
+//!   harvests dropping each dirty frame from KVM's view with an `madvise`
+//!   on the engine's thread (0.4 s per GiB sent at 80% writes; vmm-kvm's
+//!   `migrate` now zaps for an attempt's harvests); earlier: no clearing
+//!   of each page's slot in the batch buffer, the first pass's residency
+//!   taking the space lock per page (0.3-0.4 s per GiB, now 13 ms), a
+//!   target populating its view in `prepare`, a bench connecting before
+//!   its target was built, and a first pass faulting the source's host
+//!   view in page by page (vmm-kvm's `populate_host_view`). Not done: a
+//!   zero check in place before the copy (a page the guest never wrote is
+//!   copied to be found zero; it needs a zero test on segment memory that
+//!   the VM layer does not have), receiving straight into guest memory,
+//!   a sender thread of its own (harvests and sends do not overlap), and
+//!   socket buffer tuning.
 //! - The real-VM layer ([`vm`]) cannot see a host write into a
 //!   system-memory page no mapping covers (there is no dirty bit to set).
 //! - Device models: the PCI platform's state (every function's command
