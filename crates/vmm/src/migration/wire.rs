@@ -201,12 +201,14 @@ fn message(s: &str) -> &[u8] {
 const ZERO_RECORD: usize = RECORD_HEADER + 8;
 
 /// A writer that batches records into one buffer and writes it with one
-/// call when full; runs of zero pages become one record.
+/// call when full; runs of non-zero pages become one page record, runs of
+/// zero pages one zero-page record.
 ///
-/// The buffer is allocated (and zeroed) once: a page is read straight into
-/// its slot after the slot's header, with no clearing and no second copy,
-/// and a zero-page record that must precede it is written into room
-/// reserved in front of the slot.
+/// The buffer is allocated (and zeroed) once: a run of pages is read
+/// straight into its slot after the slot's header, with no clearing and no
+/// second copy (a non-zero run after zero pages is moved down once), and a
+/// zero-page record that must precede it is written into room reserved in
+/// front of the slot.
 pub struct RecordWriter<W: Write> {
     inner: W,
     buf: Box<[u8]>,
