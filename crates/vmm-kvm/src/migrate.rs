@@ -17,9 +17,9 @@
 //!   (which marks them dirty), and only then are the other segments (the
 //!   per-vCPU parameter blocks, kernel stacks and the ledgers themselves)
 //!   harvested, so the ledger clears travel in the same round; on a
-//!   shadow-paging host each of the attempt's harvests makes its cleared
-//!   bits effective by zapping every shadow page rather than dropping each
-//!   dirty frame ([`MIGRATION_ZAP_THRESHOLD`]: the drops cost the engine's
+//!   shadow-paging host the RAM harvest of each of the attempt's harvest
+//!   points makes its cleared bits effective by zapping every shadow page
+//!   rather than dropping each dirty frame ([`MIGRATION_ZAP_THRESHOLD`]: the drops cost the engine's
 //!   thread, the zap's refaults cost the vCPU threads);
 //! - pages are read a run of consecutive dirty pages at a time
 //!   ([`MigrationSource::read_pages`], one read of the segment) and
@@ -582,9 +582,6 @@ impl Guest {
                         }
                     };
                     let config = &config;
-                    // Harvests of the attempt zap (see MIGRATION_ZAP_THRESHOLD).
-                    let be = core.be.clone();
-                    let saved_zap = be.zap_threshold.swap(MIGRATION_ZAP_THRESHOLD, Ordering::Relaxed);
                     let mut src = KvmSource { core: &mut *core, machine: m, paused: false, cache: Vec::new() };
                     let ticking = AtomicBool::new(true);
                     let r = std::thread::scope(|s| {
@@ -601,7 +598,6 @@ impl Guest {
                         ticking.store(false, Ordering::SeqCst);
                         r
                     });
-                    be.zap_threshold.store(saved_zap, Ordering::Relaxed);
                     // The engine lifted it on failure; after success the
                     // vCPUs leave. Lifted either way.
                     m.control.set_throttle(0);
@@ -694,9 +690,14 @@ impl Core {
             .ok_or_else(|| KvmError::Setup("RAM segment not in the layout".into()))?;
         let mut out: Vec<Vec<u64>> = layout.ranges.iter().map(|r| vec![0u64; r.bitmap_words()]).collect();
         let th = Instant::now();
-        self.mem
-            .harvest_fresh(&layout.ranges[ram_idx], &mut out[ram_idx])
-            .map_err(|e| KvmError::Setup(e.to_string()))?;
+        // A migration's RAM harvest zaps (MIGRATION_ZAP_THRESHOLD); the
+        // small segments after it drop their few frames as usual.
+        let saved_zap = migrating.then(|| self.be.zap_threshold.swap(MIGRATION_ZAP_THRESHOLD, Ordering::Relaxed));
+        let r = self.mem.harvest_fresh(&layout.ranges[ram_idx], &mut out[ram_idx]);
+        if let Some(z) = saved_zap {
+            self.be.zap_threshold.store(z, Ordering::Relaxed);
+        }
+        r.map_err(|e| KvmError::Setup(e.to_string()))?;
         let harvest = th.elapsed();
         // The ledgers against the RAM bitmap (segment page = RAM page).
         let ram = &out[ram_idx];
@@ -797,18 +798,20 @@ fn throttle_ticker(m: &Machine, ticking: &AtomicBool) {
     }
 }
 
-/// The zap threshold ([`SpaceBackend::zap_threshold`]) of the harvests a
-/// migration attempt makes on a shadow-paging host: 0, every harvest that
-/// cleared a bit zaps all shadow pages (one ioctl, well under a
-/// millisecond, on the engine's thread) instead of dropping each dirty
-/// frame from KVM's view (an `madvise` of 6-8 µs per run of frames, on the
+/// The zap threshold ([`SpaceBackend::zap_threshold`]) of the RAM harvest
+/// of each harvest point a migration attempt makes on a shadow-paging
+/// host: 0, the harvest zaps all shadow pages (one ioctl on the engine's
+/// thread; KVM updates a memory slot for it, a few milliseconds on a loaded
+/// host) instead of dropping each dirty frame from KVM's view (an `madvise` of 6-8 µs per run of frames, on the
 /// engine's thread too, which is the migration's critical path: nothing is
 /// sent while it harvests). The zap's price, a shadow fault on every page
 /// the guest touches afterwards, is paid by the vCPU threads, which slows
 /// the guest rather than the stream. Measured with `vmm bench migrate
 /// --mem 1G --write-pct 80` (`perf record -g`): dropping frames put 0.4 s of
 /// `madvise` per GiB sent on the engine's thread (half its CPU time in
-/// that run); the run's own harvests outside an attempt keep the default.
+/// that run). The point's other segments (a few runtime pages) drop their
+/// frames as usual, so a point zaps once; the run's own harvests outside
+/// an attempt keep the backend's threshold.
 pub const MIGRATION_ZAP_THRESHOLD: u64 = 0;
 
 /// A running [`Guest`] as the engine's source (module doc).
@@ -1049,8 +1052,9 @@ impl Guest {
     }
 
     /// The backend's zap threshold in force
-    /// ([`SpaceBackend::zap_threshold`]): [`MIGRATION_ZAP_THRESHOLD`]
-    /// during a migration attempt, the backend's own before and after.
+    /// ([`SpaceBackend::zap_threshold`]): the backend's own outside a
+    /// migration attempt's RAM harvests (which use
+    /// [`MIGRATION_ZAP_THRESHOLD`]).
     pub fn zap_threshold(&self) -> u64 {
         self.core.be.zap_threshold.load(Ordering::Relaxed)
     }
