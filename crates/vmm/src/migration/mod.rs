@@ -165,26 +165,21 @@
 //!   once more from its read buffer into guest memory. With the kernel's
 //!   two copies that is twice a plain copy's work per byte.
 //! - Throughput on the project's 2-core, shared, shadow-paging test host
-//!   is far below the 70% target. `vmm bench migrate --mem 1G --write-pct
-//!   0,10,80 --runs 3 --batch 1M --json` (load average 4.5-6.5 from other
-//!   jobs; medians of 3): 0.20 / 0.23 / 0.19 of a plain loopback copy made
-//!   without a guest in the same run and 0.53 / 0.54 / 0.54 of one made
-//!   while a guest of the case's configuration runs (before this version,
-//!   measured just before in the same conditions: 0.26 / 0.25 / 0.27 and
-//!   0.33 / 0.37 / 0.47; the unloaded ratio fell because that run's plain
-//!   copies ran faster, 2.8 against 2.0 GB/s, while the migration's own
-//!   rate rose from 531 / 502 / 548 to 584 / 667 / 559 MiB/s); 4 GiB
-//!   (`--mem 4G --write-pct 0,80`): 0.25 / 0.26 and 0.34 / 0.59 (before:
-//!   0.17 / 0.15 and 0.34 / 0.29). The load-independent figure is the CPU
-//!   time of the two threads that do the work (the engine's and the
-//!   receiver's, [`SourceTimings::cpu_ms`], [`TargetTimings::cpu_ms`]) per
-//!   byte sent: 0.68 / 0.63 / 0.63 ns at 1 GiB, 0.69 / 0.71 at 4 GiB
-//!   (before: 0.82 / 0.88 / 0.85 and 0.78 / 0.75), against 0.27-0.37 ns
-//!   for the plain copy's two threads: the stream costs 2-2.5 times a
-//!   plain copy's CPU per byte (zero pages, copied and checked but sent as
-//!   a few bytes, add to it: a third to three quarters of the first pass
-//!   here, the guest not having written them yet), and the rest of the gap
-//!   to the unloaded copy is the guest's two busy vCPU threads taking
+//!   is below the 70% target against a plain loopback copy made without a
+//!   guest. `vmm bench migrate --mem 1G --write-pct 0,10,80 --runs 3
+//!   --batch 1M --json` (medians of 3; `README.md` has the 4 GiB figures
+//!   and the previous version's, measured alongside): with the host's load
+//!   average at 1.6-2.2, 0.48 / 0.54 / 0.35 of that copy and 0.89 / 0.63 /
+//!   0.74 of one made while a guest of the case's configuration runs; at
+//!   4-6.5 (other jobs), 0.20 / 0.23 / 0.19 and 0.53 / 0.54 / 0.54. The
+//!   load-independent figure is the CPU time of the two threads that do
+//!   the work (the engine's and the receiver's, [`SourceTimings::cpu_ms`],
+//!   [`TargetTimings::cpu_ms`]) per byte sent: 0.59-0.81 ns, against
+//!   0.27-0.46 ns for the plain copy's two threads; the stream costs about
+//!   twice a plain copy's CPU per byte (the copies above; under load also
+//!   zero pages, a third to three quarters of the first pass then, copied
+//!   and checked but sent as a few bytes), and the rest of the gap to the
+//!   copy without a guest is the guest's two busy vCPU threads taking
 //!   their share of the two cores. `perf record -g` on the engine's thread
 //!   (80% writes): the socket write (the kernel's copy and loopback TCP)
 //!   48%, copying pages out of guest memory 34%, CRC-32 8%, shadow zaps 3%;
@@ -195,7 +190,9 @@
 //!   run of up to [`wire::MAX_RUN_PAGES`] consecutive dirty pages), and the
 //!   harvests dropping each dirty frame from KVM's view with an `madvise`
 //!   on the engine's thread (0.4 s per GiB sent at 80% writes; vmm-kvm's
-//!   `migrate` now zaps for an attempt's harvests); earlier: no clearing
+//!   `migrate` now zaps at the RAM harvest of an attempt's harvest
+//!   points). Under load these cut the CPU per byte by 15-29%; at low load
+//!   the difference is within the runs' variation. Earlier: no clearing
 //!   of each page's slot in the batch buffer, the first pass's residency
 //!   taking the space lock per page (0.3-0.4 s per GiB, now 13 ms), a
 //!   target populating its view in `prepare`, a bench connecting before
