@@ -191,8 +191,9 @@
 //!   harvests dropping each dirty frame from KVM's view with an `madvise`
 //!   on the engine's thread (0.4 s per GiB sent at 80% writes; vmm-kvm's
 //!   `migrate` now zaps at the RAM harvest of an attempt's harvest
-//!   points). Under load these cut the CPU per byte by 15-29%; at low load
-//!   the difference is within the runs' variation. Earlier: no clearing
+//!   points). Under load, and at 4 GiB in both sessions, these cut the
+//!   CPU per byte by 10-29%; at 1 GiB and low load the difference is
+//!   within the runs' variation. Earlier: no clearing
 //!   of each page's slot in the batch buffer, the first pass's residency
 //!   taking the space lock per page (0.3-0.4 s per GiB, now 13 ms), a
 //!   target populating its view in `prepare`, a bench connecting before
