@@ -500,6 +500,14 @@ struct BenchCaseJson {
     loaded_plain_copy_bytes_per_s: f64,
     loaded_plain_copy_under_load: bool,
     throughput_vs_loaded_plain_copy: f64,
+    pages_sent: u64,
+    zero_pages: u64,
+    /// CPU of the source's engine thread and the target's receiving
+    /// thread together, ns per byte sent.
+    cpu_ns_per_byte: f64,
+    /// The median plain copy's CPU per byte over this case's.
+    cpu_efficiency_vs_plain_copy: f64,
+    loaded_plain_copy_cpu_ns_per_byte: f64,
     source_timings: vmm::migration::SourceTimings,
     target_timings: vmm::migration::TargetTimings,
 }
@@ -512,6 +520,9 @@ struct BenchJson {
     max_rounds: u32,
     plain_copy_bytes_per_s: Vec<f64>,
     plain_copy_median_bytes_per_s: f64,
+    /// CPU of the plain copies' two threads, ns per byte.
+    plain_copy_cpu_ns_per_byte: Vec<f64>,
+    plain_copy_median_cpu_ns_per_byte: f64,
     batch_bytes: u64,
     auto_converge: bool,
     cases: Vec<BenchCaseJson>,
@@ -528,6 +539,8 @@ struct BenchMedianJson {
     throughput_bytes_per_s: f64,
     throughput_vs_plain_copy: f64,
     throughput_vs_loaded_plain_copy: f64,
+    cpu_ns_per_byte: f64,
+    cpu_efficiency_vs_plain_copy: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -591,6 +604,7 @@ pub fn bench(w: BenchWhat) -> ExitCode {
         }
     };
     let plain = r.plain_median();
+    let plain_cpu = r.plain_cpu_median();
     let limit_ms = downtime_limit.as_secs_f64() * 1e3;
     let mut j = BenchJson {
         guest_bytes: r.guest_bytes,
@@ -599,6 +613,8 @@ pub fn bench(w: BenchWhat) -> ExitCode {
         max_rounds,
         plain_copy_bytes_per_s: r.plain_copy.clone(),
         plain_copy_median_bytes_per_s: plain,
+        plain_copy_cpu_ns_per_byte: r.plain_copy_cpu_ns_per_byte.clone(),
+        plain_copy_median_cpu_ns_per_byte: plain_cpu,
         cases: r
             .cases
             .iter()
@@ -620,6 +636,13 @@ pub fn bench(w: BenchWhat) -> ExitCode {
                 loaded_plain_copy_bytes_per_s: c.loaded_copy.throughput,
                 loaded_plain_copy_under_load: c.loaded_copy.under_load,
                 throughput_vs_loaded_plain_copy: c.summary.throughput / c.loaded_copy.throughput.max(1.0),
+                pages_sent: c.summary.pages_sent,
+                zero_pages: c.summary.zero_pages,
+                cpu_ns_per_byte: (c.summary.timings.cpu_ms + c.target.timings.cpu_ms) * 1e6
+                    / c.summary.bytes_sent.max(1) as f64,
+                cpu_efficiency_vs_plain_copy: plain_cpu * c.summary.bytes_sent.max(1) as f64
+                    / ((c.summary.timings.cpu_ms + c.target.timings.cpu_ms) * 1e6).max(1.0),
+                loaded_plain_copy_cpu_ns_per_byte: c.loaded_copy.cpu_ns_per_byte,
                 source_timings: c.summary.timings.clone(),
                 target_timings: c.target.timings.clone(),
             })
@@ -643,6 +666,8 @@ pub fn bench(w: BenchWhat) -> ExitCode {
             throughput_bytes_per_s: med(&|c| c.throughput_bytes_per_s),
             throughput_vs_plain_copy: med(&|c| c.throughput_vs_plain_copy),
             throughput_vs_loaded_plain_copy: med(&|c| c.throughput_vs_loaded_plain_copy),
+            cpu_ns_per_byte: med(&|c| c.cpu_ns_per_byte),
+            cpu_efficiency_vs_plain_copy: med(&|c| c.cpu_efficiency_vs_plain_copy),
         });
     }
     if json {
@@ -663,6 +688,7 @@ pub fn bench(w: BenchWhat) -> ExitCode {
             mib(plain),
             r.plain_copy.iter().map(|x| format!("{:.0}", mib(*x))).collect::<Vec<_>>().join(", ")
         );
+        out!("its CPU (sender and receiver threads): median {plain_cpu:.3} ns per byte");
         out!(
             "writes%  run  total ms  downtime ms  bytes/guest byte  rounds  converged  throttle%  dirty pages/s  MiB/s  vs plain  vs loaded  target ok"
         );
@@ -684,17 +710,19 @@ pub fn bench(w: BenchWhat) -> ExitCode {
                 c.target_ok
             );
         }
-        out!("medians: writes%  runs  total ms  downtime ms  MiB/s  vs plain  vs loaded");
+        out!("medians: writes%  runs  total ms  downtime ms  MiB/s  vs plain  vs loaded  CPU ns/byte  plain CPU/ours");
         for m in &j.medians {
             out!(
-                "         {:6}  {:4}  {:8.0}  {:11.1}  {:5.0}  {:7.0}%  {:8.0}%",
+                "         {:6}  {:4}  {:8.0}  {:11.1}  {:5.0}  {:7.0}%  {:8.0}%  {:11.3}  {:13.0}%",
                 m.write_pct,
                 m.runs,
                 m.total_ms,
                 m.downtime_ms,
                 mib(m.throughput_bytes_per_s),
                 m.throughput_vs_plain_copy * 100.0,
-                m.throughput_vs_loaded_plain_copy * 100.0
+                m.throughput_vs_loaded_plain_copy * 100.0,
+                m.cpu_ns_per_byte,
+                m.cpu_efficiency_vs_plain_copy * 100.0
             );
         }
     }

@@ -328,3 +328,37 @@ fn run_with_a_reservoir_migrates_between_two_processes() {
     assert_eq!(v["guest"]["ok"], true, "{t}");
     assert!(v["received"]["pages"].as_u64().unwrap_or(0) > 0, "{t}");
 }
+
+/// `vmm bench migrate --json` on a small guest: every case passes the
+/// target's checks, and the figures the throughput target is judged by
+/// (both plain-copy baselines, CPU per byte of the stream and of the plain
+/// copies) are there and plausible.
+#[test]
+fn bench_migrate_reports_both_baselines_and_cpu() {
+    if let Err(e) = vmm_kvm::kvm_available() {
+        eprintln!("SKIPPED: {e}");
+        return;
+    }
+    let out = vmm()
+        .args(["bench", "migrate", "--mem", "16M", "--write-pct", "0,80", "--runs", "1", "--warmup", "200ms", "--json"])
+        .output()
+        .expect("run vmm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let plain_cpu = j["plain_copy_median_cpu_ns_per_byte"].as_f64().expect("plain CPU");
+    assert!(plain_cpu > 0.0 && j["plain_copy_median_bytes_per_s"].as_f64().expect("plain") > 0.0);
+    let cases = j["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 2);
+    for c in cases {
+        assert_eq!(c["target_ok"], true, "{c}");
+        assert!(c["throughput_vs_plain_copy"].as_f64().expect("ratio") > 0.0, "{c}");
+        assert!(c["throughput_vs_loaded_plain_copy"].as_f64().expect("loaded ratio") > 0.0, "{c}");
+        let cpu = c["cpu_ns_per_byte"].as_f64().expect("CPU");
+        assert!(cpu > 0.0 && c["source_timings"]["cpu_ms"].as_f64().expect("source CPU") > 0.0, "{c}");
+        assert!(c["target_timings"]["cpu_ms"].as_f64().expect("target CPU") > 0.0, "{c}");
+        let eff = c["cpu_efficiency_vs_plain_copy"].as_f64().expect("efficiency");
+        assert!((eff - plain_cpu / cpu).abs() < 1e-6 * eff.max(1.0), "{c}");
+        assert!(c["pages_sent"].as_u64().expect("pages") >= (16 << 20) / 4096, "{c}");
+    }
+}

@@ -239,6 +239,7 @@ fn migration_cut_mid_stream_loses_nothing_on_the_source() {
             let _ = to.shutdown(std::net::Shutdown::Both);
         });
         let mut g = Guest::new(&c, false).expect("source");
+        let default_zap = g.zap_threshold();
         let conn = TcpStream::connect(paddr).expect("connect");
         let out = g
             .run_source(
@@ -252,6 +253,9 @@ fn migration_cut_mid_stream_loses_nothing_on_the_source() {
             .expect("source run");
         let SourceOutcome::Failed(e, rep) = out else { panic!("a cut stream migrated") };
         eprintln!("cut: {e}");
+        // The attempt's harvests zapped; the run's own threshold is back.
+        assert_eq!(g.zap_threshold(), default_zap);
+        assert_ne!(default_zap, vmm_kvm::migrate::MIGRATION_ZAP_THRESHOLD);
         assert_checks("source after a cut stream", &rep);
         assert!(t.join().expect("target thread").is_err(), "the target resumed on a partial stream");
     });

@@ -88,22 +88,24 @@ fn version_mismatch_source_side() {
     second_attempt_delivers(&mut src);
 }
 
-/// A stream of another version reaching our target: typed error, refusal
-/// ack carrying our version, nothing prepared.
+/// A stream of another version (here version 1, whose page records carry
+/// one page each) reaching our target: typed error, refusal ack carrying
+/// our version, nothing prepared.
 #[test]
 fn version_mismatch_target_side() {
-    let stream = wire::encode_header_with(2, 4096, &layout());
+    assert_eq!(wire::VERSION, 2);
+    let stream = wire::encode_header_with(1, 4096, &layout());
     let mut tgt = FakeTarget::new();
     let mut answer = Vec::new();
     let e = receive(&mut tgt, Cursor::new(stream), &mut answer, &TargetConfig::default()).expect_err("must fail");
-    assert!(matches!(e, MigrationError::VersionMismatch { ours: 1, theirs: 2 }), "{e}");
+    assert!(matches!(e, MigrationError::VersionMismatch { ours: 2, theirs: 1 }), "{e}");
     assert!(!tgt.prepared());
     let mut r = wire::RecordReader::new(Cursor::new(answer), 4096);
     match r.next("ack").expect("ack") {
-        wire::Record::HeaderAck(Err((Refusal::Version, 1, _))) => {}
+        wire::Record::HeaderAck(Err((Refusal::Version, 2, _))) => {}
         other => panic!("{other:?}"),
     }
-    let stream = wire::encode_header_with(1, 8192, &layout());
+    let stream = wire::encode_header_with(wire::VERSION, 8192, &layout());
     let e = receive(&mut tgt, Cursor::new(stream), &mut Vec::new(), &TargetConfig::default()).expect_err("page size");
     assert!(matches!(e, MigrationError::PageSizeMismatch { ours: 4096, theirs: 8192 }), "{e}");
 }

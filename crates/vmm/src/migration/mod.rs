@@ -67,7 +67,7 @@
 //!   kicks the vCPUs every slice so that a guest that rarely exits notices
 //!   (`vmm run --migrate-to ... --auto-converge`).
 //!
-//! # Stream format (version 1)
+//! # Stream format (version 2)
 //!
 //! All integers little-endian; every checksum is CRC-32 (IEEE, the
 //! `crc32fast` crate, hardware-accelerated; it catches every single-bit
@@ -87,7 +87,7 @@
 //!
 //! | tag | record | argument | payload |
 //! |---|---|---|---|
-//! | 1 | page | gpa | the page (exactly the page size) |
+//! | 1 | pages | gpa of the first | a run of consecutive pages: 1 to [`wire::MAX_RUN_PAGES`] whole pages (version 1: exactly one) |
 //! | 2 | zero pages | gpa of the first | page count (8), at least 1 |
 //! | 3 | state blob | kind << 32 \| instance | the blob, at most [`wire::MAX_STATE_BLOB`] (all blobs at most [`wire::MAX_STATE_TOTAL`]) |
 //! | 4 | round marker | round number | none |
@@ -98,11 +98,16 @@
 //! | 18 | refusal (target→source) | [`wire::Refusal`] code | reason, UTF-8 |
 //!
 //! The decoder never trusts a length: it checks it against the record
-//! type's bound before reading the payload, then checks the CRC. Pages are
-//! read straight into their slot of one batch buffer (256 KiB by default,
-//! allocated and zeroed once: no clearing per page, no second copy) and
-//! flushed by one `write`; the reader is buffered the same way, so a page
-//! record costs no system call.
+//! type's bound before reading the payload, then checks the CRC; a page
+//! run must lie inside one range. The source reads each run of
+//! consecutive dirty pages (up to [`wire::MAX_RUN_PAGES`]) with one
+//! [`MigrationSource::read_pages`] call straight into one batch buffer
+//! (256 KiB by default, allocated and zeroed once: no clearing, no second
+//! copy), checks each page for zero, and frames each maximal run of
+//! non-zero pages as one record (a run after zero pages is moved down once
+//! to make room for its header); the buffer is flushed by one `write`. The
+//! reader is buffered the same way, and the target writes each run with
+//! one [`MigrationTarget::write_pages`] call.
 //!
 //! # Invariants (nothing lost)
 //!
@@ -154,35 +159,51 @@
 //!   swap file's speed.
 //! - The progress callback runs on the engine's thread between rounds; a
 //!   slow callback lengthens the round (and, after pause, the downtime).
-//! - Every page read is one `read_page` call (one copy into the batch
-//!   buffer); a source that can lend its memory directly would save it.
+//! - Every page is copied once into the batch buffer before its checksum
+//!   (the guest may write it meanwhile, so the checksum cannot be taken
+//!   over guest memory and the kernel's copy); the target copies each page
+//!   once more from its read buffer into guest memory. With the kernel's
+//!   two copies that is twice a plain copy's work per byte.
 //! - Throughput on the project's 2-core, shared, shadow-paging test host
-//!   is far below the 70% target. `vmm bench migrate --mem 1G --write-pct
-//!   0,10,80 --runs 3 --batch 1M --json` with the host's load average at
-//!   6-10 (other jobs): medians 0.22 / 0.18 / 0.18 of a plain loopback copy
-//!   made without a guest in the same run, 0.34 / 0.39 / 0.37 of one made
-//!   while a guest of the case's configuration runs; 4 GiB (`--mem 4G
-//!   --write-pct 0,80 --runs 3`): 0.20 / 0.21 and 0.27 / 0.32. At a load of
-//!   about 2 (one run before this work's changes): 0.20-0.31 and
-//!   0.33-0.82. The phase
-//!   timings ([`SourceTimings`], [`TargetTimings`], in the summaries and the
-//!   bench's JSON) put 70-75% of the source's time in socket writes (the
-//!   kernel's loopback copy, which on two cores competes with the guest's
-//!   two busy vCPU threads, the target's receiver and the host's other
-//!   load); reading pages out, zero checks, checksums, and on the target
-//!   checksums and writing pages in take 0.7-1.2 s per GiB together under
-//!   that load. What the timings and `perf` found and fixed: no clearing of
-//!   each page's slot in the batch buffer (the writer's buffer is zeroed
-//!   once), the first pass's residency taking the space lock per page
-//!   (0.3-0.4 s per GiB, now 13 ms), and earlier a target populating its
-//!   view in `prepare`, a bench connecting before its target was built,
-//!   and a first pass faulting the source's host view in page by page
-//!   (vmm-kvm's `migrate` populates both views when a prefaulting guest is
-//!   built; see its `populate_host_view`). Not done: reading runs of
-//!   contiguous dirty pages with one call (each page is one
-//!   [`MigrationSource::read_page`], one lock of the VM's state), the same
-//!   on the target's writes, and zero-copy sends (a page must be copied
-//!   before its checksum, since the guest may write it meanwhile).
+//!   is below the 70% target against a plain loopback copy made without a
+//!   guest. `vmm bench migrate --mem 1G --write-pct 0,10,80 --runs 3
+//!   --batch 1M --json` (medians of 3; `README.md` has the 4 GiB figures
+//!   and the previous version's, measured alongside): with the host's load
+//!   average at 1.6-2.2, 0.48 / 0.54 / 0.35 of that copy and 0.89 / 0.63 /
+//!   0.74 of one made while a guest of the case's configuration runs; at
+//!   4-6.5 (other jobs), 0.20 / 0.23 / 0.19 and 0.53 / 0.54 / 0.54. The
+//!   load-independent figure is the CPU time of the two threads that do
+//!   the work (the engine's and the receiver's, [`SourceTimings::cpu_ms`],
+//!   [`TargetTimings::cpu_ms`]) per byte sent: 0.59-0.81 ns, against
+//!   0.27-0.46 ns for the plain copy's two threads; the stream costs about
+//!   twice a plain copy's CPU per byte (the copies above; under load also
+//!   zero pages, a third to three quarters of the first pass then, copied
+//!   and checked but sent as a few bytes), and the rest of the gap to the
+//!   copy without a guest is the guest's two busy vCPU threads taking
+//!   their share of the two cores. `perf record -g` on the engine's thread
+//!   (80% writes): the socket write (the kernel's copy and loopback TCP)
+//!   48%, copying pages out of guest memory 34%, CRC-32 8%, shadow zaps 3%;
+//!   on the receiver: the socket read 45%, copying pages in 30%, CRC-32 9%.
+//!   What the timings and `perf` found and fixed, in this version: a clock
+//!   read per page on both sides (6% of the engine's CPU, 17% of the
+//!   receiver's), a record, a read and a write call per page (now one per
+//!   run of up to [`wire::MAX_RUN_PAGES`] consecutive dirty pages), and the
+//!   harvests dropping each dirty frame from KVM's view with an `madvise`
+//!   on the engine's thread (0.4 s per GiB sent at 80% writes; vmm-kvm's
+//!   `migrate` now zaps at the RAM harvest of an attempt's harvest
+//!   points). Under load, and at 4 GiB in both sessions, these cut the
+//!   CPU per byte by 10-29%; at 1 GiB and low load the difference is
+//!   within the runs' variation. Earlier: no clearing
+//!   of each page's slot in the batch buffer, the first pass's residency
+//!   taking the space lock per page (0.3-0.4 s per GiB, now 13 ms), a
+//!   target populating its view in `prepare`, a bench connecting before
+//!   its target was built, and a first pass faulting the source's host
+//!   view in page by page (vmm-kvm's `populate_host_view`). Not done: a
+//!   zero check in place before the copy (a page the guest never wrote is
+//!   copied to be found zero; it needs a zero test on segment memory that
+//!   the VM layer does not have), receiving straight into guest memory,
+//!   a sender thread of its own (harvests and sends do not overlap), and
+//!   socket buffer tuning.
 //! - The real-VM layer ([`vm`]) cannot see a host write into a
 //!   system-memory page no mapping covers (there is no dirty bit to set).
 //! - Device models: the PCI platform's state (every function's command
@@ -375,6 +396,20 @@ pub trait MigrationSource {
     /// an earlier [`harvest`](Self::harvest) cleared.
     fn read_page(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), HostError>;
 
+    /// Copy the pages from `gpa` (page-aligned; `buf` is a whole number of
+    /// pages, all in one range of the layout) into `buf`, under the same
+    /// rule as [`read_page`](Self::read_page). The engine reads each run of
+    /// consecutive dirty pages with one call (at most
+    /// [`wire::MAX_RUN_PAGES`]); the default calls `read_page` for each
+    /// page, a source that can copy a run at once (one lock, one copy)
+    /// should.
+    fn read_pages(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), HostError> {
+        for (i, page) in buf.chunks_exact_mut(PAGE_SIZE as usize).enumerate() {
+            self.read_page(gpa + i as u64 * PAGE_SIZE, page)?;
+        }
+        Ok(())
+    }
+
     /// Read and clear the dirty bits of `range` into `bitmap` (overwriting
     /// it), atomically per page: a write that races the harvest either is
     /// reported now (and visible to a following `read_page`) or leaves its
@@ -426,6 +461,17 @@ pub trait MigrationTarget {
     /// be written several times; the last write wins.
     fn write_page(&mut self, gpa: u64, data: &[u8]) -> Result<(), HostError>;
 
+    /// Write the pages of `data` (a whole number of pages, all in one range
+    /// of the prepared layout, checked by the engine) from `gpa`, as a page
+    /// record carries them; the default calls
+    /// [`write_page`](Self::write_page) for each.
+    fn write_pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), HostError> {
+        for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
+            self.write_page(gpa + i as u64 * PAGE_SIZE, page)?;
+        }
+        Ok(())
+    }
+
     /// Make the page at `gpa` read as zero (it may have been written by an
     /// earlier round).
     fn zero_page(&mut self, gpa: u64) -> Result<(), HostError>;
@@ -456,6 +502,22 @@ pub trait MigrationTarget {
     /// Throw away everything this attempt set up (memory, state); called on
     /// any failure after `prepare`. Must not fail.
     fn discard(&mut self);
+}
+
+/// CPU time the calling thread has used so far
+/// (`CLOCK_THREAD_CPUTIME_ID`; zero where it cannot be read). The timings
+/// report it so that a run on a loaded host can be judged by the work done
+/// rather than by the wall time it was given.
+#[allow(unsafe_code)]
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `clock_gettime` writes one `timespec` through a pointer to a
+    // live local.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if r != 0 || ts.tv_sec < 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32)
 }
 
 /// One bitmap per range, all zero.

@@ -136,6 +136,10 @@ pub struct SourceTimings {
     /// End record flushed to final ack (the target's last pages, state
     /// and resume).
     pub final_ack_wait_ms: f64,
+    /// CPU time of the engine's thread over the attempt (its harvests
+    /// included; [`super::thread_cpu_time`]).
+    #[serde(default)]
+    pub cpu_ms: f64,
 }
 
 /// What the clean-up must undo if the attempt fails.
@@ -246,6 +250,29 @@ struct Engine<'a, S: MigrationSource + ?Sized, W: Write> {
     clock: Clock,
 }
 
+/// The indices of the set bits of a bitmap, in increasing order.
+struct BitRuns<'a> {
+    bits: &'a [u64],
+    word: usize,
+    cur: u64,
+}
+
+impl<'a> BitRuns<'a> {
+    fn new(bits: &'a [u64]) -> BitRuns<'a> {
+        BitRuns { bits, word: 0, cur: bits.first().copied().unwrap_or(0) }
+    }
+
+    fn next(&mut self) -> Option<u64> {
+        while self.cur == 0 {
+            self.word += 1;
+            self.cur = *self.bits.get(self.word)?;
+        }
+        let bit = u64::from(self.cur.trailing_zeros());
+        self.cur &= self.cur - 1;
+        Some(self.word as u64 * 64 + bit)
+    }
+}
+
 fn popcount(maps: &[Vec<u64>]) -> u64 {
     maps.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
 }
@@ -293,26 +320,27 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
         let (mut pages, mut zeros) = (0u64, 0u64);
         let start = Instant::now();
         let start_bytes = self.w.bytes();
+        let max_run = self.w.max_run_pages() as u64;
         for (range, bits) in self.layout.ranges.iter().zip(maps) {
-            for (wi, &word) in bits.iter().enumerate() {
-                let mut word = word;
-                while word != 0 {
-                    let bit = u64::from(word.trailing_zeros());
-                    word &= word - 1;
-                    let gpa = range.gpa + ((wi as u64) * 64 + bit) * PAGE_SIZE;
-                    let source = &mut *self.source;
-                    let read = &mut self.clock.read;
-                    let zero = self.w.page(gpa, |buf| {
-                        let t = Instant::now();
-                        let r = source.read_page(gpa, buf).map_err(MigrationError::Source);
-                        *read += t.elapsed();
-                        r
-                    })?;
-                    pages += 1;
-                    zeros += u64::from(zero);
-                    if let Some(bw) = self.config.max_bandwidth
-                        && pages % 16 == 0
-                    {
+            // Runs of consecutive dirty pages, at most `max_run` long: one
+            // read and (where not zero) one record each.
+            let mut run: Option<(u64, u64)> = None;
+            let mut runs = BitRuns::new(bits);
+            loop {
+                let next = runs.next();
+                let flush = match (run, next) {
+                    (Some((first, n)), Some(p)) if p == first + n && n < max_run => {
+                        run = Some((first, n + 1));
+                        false
+                    }
+                    (Some(_), _) => true,
+                    (None, _) => false,
+                };
+                if flush && let Some((first, n)) = run.take() {
+                    let z = self.send_run(range.gpa + first * PAGE_SIZE, n)?;
+                    pages += n;
+                    zeros += z;
+                    if let Some(bw) = self.config.max_bandwidth {
                         let due = (self.w.bytes() - start_bytes) as f64 / bw.max(1) as f64;
                         let el = start.elapsed().as_secs_f64();
                         if due > el {
@@ -320,10 +348,28 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
                         }
                     }
                 }
+                match next {
+                    Some(p) if run.is_none() => run = Some((p, 1)),
+                    Some(_) => {}
+                    None => break,
+                }
             }
             self.w.end_zero_run().map_err(wire::send_err)?;
         }
         Ok((pages, zeros))
+    }
+
+    /// Send `n` pages from `gpa` (one range): one read into the batch
+    /// buffer; returns how many were zero.
+    fn send_run(&mut self, gpa: u64, n: u64) -> Result<u64, MigrationError> {
+        let source = &mut *self.source;
+        let read = &mut self.clock.read;
+        self.w.pages(gpa, n as usize, |buf| {
+            let t = Instant::now();
+            let r = source.read_pages(gpa, buf).map_err(MigrationError::Source);
+            *read += t.elapsed();
+            r
+        })
     }
 
     fn run(
@@ -332,6 +378,7 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<MigrationSummary, MigrationError> {
         let t0 = Instant::now();
+        let cpu0 = super::thread_cpu_time();
         let mut sum = MigrationSummary { guest_bytes: self.layout.bytes(), ..Default::default() };
         self.w.raw(&wire::encode_header(self.layout)).map_err(wire::send_err)?;
         self.w.flush().map_err(wire::send_err)?;
@@ -479,6 +526,7 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
         sum.timings.read_pages_ms = ms(read);
         sum.timings.socket_write_ms = ms(write);
         sum.timings.encode_ms = ms(send.saturating_sub(read).saturating_sub(write));
+        sum.timings.cpu_ms = ms(super::thread_cpu_time().saturating_sub(cpu0));
         progress(&Progress {
             round: round + 1,
             pages_sent: sent,

@@ -26,7 +26,7 @@ impl Default for TargetConfig {
 /// What the target received, for `--json`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TargetSummary {
-    /// Page records applied.
+    /// Pages applied from page records (a record carries a run of them).
     pub pages: u64,
     /// Zero pages applied (runs counted page by page).
     pub zero_pages: u64,
@@ -65,6 +65,10 @@ pub struct TargetTimings {
     pub zero_pages_ms: f64,
     /// Marking received pages, applying the state, resuming.
     pub finish_ms: f64,
+    /// CPU time of the receiving thread from the header to the final ack
+    /// ([`super::thread_cpu_time`]).
+    #[serde(default)]
+    pub cpu_ms: f64,
 }
 
 /// Receive a migration into `target` over a connection (`reader` and
@@ -87,6 +91,7 @@ pub fn receive<T: MigrationTarget + ?Sized, R: Read, W: Write>(
     mut writer: W,
     config: &TargetConfig,
 ) -> Result<TargetSummary, MigrationError> {
+    let cpu0 = super::thread_cpu_time();
     let mut r = RecordReader::new(reader, config.buffer_bytes);
     let layout = match r.header() {
         Ok(l) => l,
@@ -143,6 +148,7 @@ pub fn receive<T: MigrationTarget + ?Sized, R: Read, W: Write>(
         .write_all(&wire::encode_record(tag::FINAL_ACK, sum.resume_unix_ns, &[]))
         .and_then(|()| writer.flush())
         .is_ok();
+    sum.timings.cpu_ms = ms(super::thread_cpu_time().saturating_sub(cpu0));
     Ok(sum)
 }
 
@@ -178,16 +184,23 @@ fn apply<T: MigrationTarget + ?Sized>(
     loop {
         match r.next("stream record")? {
             Record::Page { gpa, data } => {
-                let bad = MigrationError::Corrupt(CorruptKind::BadAddress { gpa, count: 1 });
+                // The reader checked the length: 1 to MAX_RUN_PAGES pages.
+                let count = data.len() as u64 / PAGE_SIZE;
+                let bad = MigrationError::Corrupt(CorruptKind::BadAddress { gpa, count });
                 if gpa % PAGE_SIZE != 0 {
                     return Err(bad);
                 }
                 let (ri, idx) = layout.locate(gpa).ok_or(bad)?;
+                if count > layout.ranges[ri].pages() - idx {
+                    return Err(MigrationError::Corrupt(CorruptKind::BadAddress { gpa, count }));
+                }
                 let t = Instant::now();
-                target.write_page(gpa, data).map_err(MigrationError::Target)?;
+                target.write_pages(gpa, data).map_err(MigrationError::Target)?;
                 write_t += t.elapsed();
-                received[ri][(idx / 64) as usize] |= 1 << (idx % 64);
-                sum.pages += 1;
+                for p in idx..idx + count {
+                    received[ri][(p / 64) as usize] |= 1 << (p % 64);
+                }
+                sum.pages += count;
             }
             Record::Zero { gpa, count } => {
                 let bad = MigrationError::Corrupt(CorruptKind::BadAddress { gpa, count });

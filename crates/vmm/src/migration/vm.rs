@@ -337,6 +337,13 @@ impl<P: TablePages + Send + Sync> VmMemory<P> {
         self.vm.read_segment(id, off, buf).map_err(|e| err("read_page", e))
     }
 
+    /// Copy the pages at stream address `addr` into `buf` (a whole number
+    /// of pages of one segment) with one read of the segment.
+    pub fn read_pages(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), HostError> {
+        let (id, off) = split_addr(addr);
+        self.vm.read_segment(id, off, buf).map_err(|e| err("read_pages", e))
+    }
+
     /// After a successful migration out: the received pages were delivered.
     pub fn migrated_out(&mut self) {
         self.received.clear();
@@ -423,6 +430,20 @@ impl<P: TablePages + Send + Sync> VmMemory<P> {
         self.vm.write_segment(id, off, data).map_err(|e| err("write_page", e))?;
         if let Some(w) = self.written.get_mut(&id) {
             set_bit(w, off / PAGE_SIZE);
+        }
+        Ok(())
+    }
+
+    /// Write the pages of `data` (a whole number of pages of one segment)
+    /// at stream address `addr` with one write of the segment.
+    pub fn write_pages(&mut self, addr: u64, data: &[u8]) -> Result<(), HostError> {
+        let (id, off) = split_addr(addr);
+        self.vm.write_segment(id, off, data).map_err(|e| err("write_pages", e))?;
+        if let Some(w) = self.written.get_mut(&id) {
+            let first = off / PAGE_SIZE;
+            for i in first..first + data.len() as u64 / PAGE_SIZE {
+                set_bit(w, i);
+            }
         }
         Ok(())
     }

@@ -12,8 +12,9 @@ use super::{Layout, MemRange, PAGE_SIZE, RangeKind, StateBlob, StateKind};
 
 /// The stream's magic bytes.
 pub const MAGIC: [u8; 8] = *b"VMMIGRAT";
-/// The stream version this code speaks.
-pub const VERSION: u32 = 1;
+/// The stream version this code speaks (2: a page record carries a run of
+/// pages; version 1 carried exactly one).
+pub const VERSION: u32 = 2;
 /// The largest header body accepted (bytes).
 pub const MAX_HEADER_BODY: u32 = 1 << 20;
 /// The largest state blob accepted (bytes).
@@ -24,10 +25,14 @@ pub const MAX_STATE_TOTAL: u64 = 1 << 30;
 pub const MAX_MESSAGE: u32 = 4096;
 /// The size of a record header.
 pub const RECORD_HEADER: usize = 20;
+/// The most pages one page record carries.
+pub const MAX_RUN_PAGES: usize = 64;
+/// The largest page-record payload accepted (bytes).
+pub const MAX_PAGES_PAYLOAD: u32 = (MAX_RUN_PAGES as u32) * PAGE_SIZE as u32;
 
 /// Record tags.
 pub mod tag {
-    /// A page.
+    /// A run of pages at consecutive addresses.
     pub const PAGE: u8 = 1;
     /// A run of zero pages.
     pub const ZERO: u8 = 2;
@@ -82,11 +87,12 @@ impl Refusal {
 /// One decoded record; a page borrows the reader's buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Record<'a> {
-    /// A page at `gpa`.
+    /// A run of pages from `gpa`.
     Page {
-        /// Its address.
+        /// The first page's address.
         gpa: u64,
-        /// Its contents (one page).
+        /// Their contents: a non-zero whole number of pages, at most
+        /// [`MAX_PAGES_PAYLOAD`] bytes.
         data: &'a [u8],
     },
     /// `count` zero pages from `gpa`.
@@ -195,12 +201,14 @@ fn message(s: &str) -> &[u8] {
 const ZERO_RECORD: usize = RECORD_HEADER + 8;
 
 /// A writer that batches records into one buffer and writes it with one
-/// call when full; runs of zero pages become one record.
+/// call when full; runs of non-zero pages become one page record, runs of
+/// zero pages one zero-page record.
 ///
-/// The buffer is allocated (and zeroed) once: a page is read straight into
-/// its slot after the slot's header, with no clearing and no second copy,
-/// and a zero-page record that must precede it is written into room
-/// reserved in front of the slot.
+/// The buffer is allocated (and zeroed) once: a run of pages is read
+/// straight into its slot after the slot's header, with no clearing and no
+/// second copy (a non-zero run after zero pages is moved down once), and a
+/// zero-page record that must precede it is written into room reserved in
+/// front of the slot.
 pub struct RecordWriter<W: Write> {
     inner: W,
     buf: Box<[u8]>,
@@ -317,44 +325,102 @@ impl<W: Write> RecordWriter<W> {
         self.push(t, arg, payload)
     }
 
-    /// Append a page: `fill` writes its contents straight into the batch
-    /// buffer (the slot holds stale bytes: `fill` must write all of it); a
-    /// page of zeros becomes (part of) a zero-page run instead. Returns
-    /// whether the page was zero. On an error of `fill` nothing was
-    /// appended.
+    /// The most pages one [`pages`](Self::pages) call takes: a record of
+    /// them and a pending zero-page record fit in the batch buffer.
+    pub fn max_run_pages(&self) -> usize {
+        let room = self.buf.len() - ZERO_RECORD - RECORD_HEADER;
+        (room / PAGE_SIZE as usize).clamp(1, MAX_RUN_PAGES)
+    }
+
+    /// Append a page: [`pages`](Self::pages) with one page; returns whether
+    /// it was zero.
     pub fn page<E: From<io::Error>>(
         &mut self,
         gpa: u64,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<bool, E> {
+        Ok(self.pages(gpa, 1, fill)? == 1)
+    }
+
+    /// Append `n` pages at consecutive addresses from `gpa` (`n` from 1 to
+    /// [`max_run_pages`](Self::max_run_pages)): `fill` writes their
+    /// contents straight into the batch buffer (the slot holds stale
+    /// bytes: `fill` must write all of it). Each maximal run of non-zero
+    /// pages becomes one page record, each run of zero pages (part of) a
+    /// zero-page run. Returns how many of the pages were zero. On an error
+    /// of `fill` nothing was appended.
+    ///
+    /// The pages are read once, into place: the first run of non-zero
+    /// pages stays where it was read; a later one (after zero pages, whose
+    /// 4 KiB each leave room for its header and a zero record) is moved
+    /// down once.
+    pub fn pages<E: From<io::Error>>(
+        &mut self,
+        gpa: u64,
+        n: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<u64, E> {
         let ps = PAGE_SIZE as usize;
-        // Room for the pending zero run's record in front of the page.
+        if n == 0 || n > self.max_run_pages() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("a run of {n} pages")).into());
+        }
+        // Room for the pending zero run's record in front of the pages.
         let zr = if self.zero_run.is_some() { ZERO_RECORD } else { 0 };
-        self.make_room(zr + RECORD_HEADER + ps)?;
+        self.make_room(zr + RECORD_HEADER + n * ps)?;
         let start = self.used;
-        let slot = start + zr;
-        let data = slot + RECORD_HEADER;
-        fill(&mut self.buf[data..data + ps])?;
-        if is_zero(&self.buf[data..data + ps]) {
-            match &mut self.zero_run {
-                Some((g, c)) if g.checked_add(*c * PAGE_SIZE) == Some(gpa) => *c += 1,
-                _ => {
-                    self.end_zero_run()?;
-                    self.zero_run = Some((gpa, 1));
-                }
+        let data0 = start + zr + RECORD_HEADER;
+        fill(&mut self.buf[data0..data0 + n * ps])?;
+        let mut zero_mask = 0u64;
+        for (i, page) in self.buf[data0..data0 + n * ps].chunks_exact(ps).enumerate() {
+            if is_zero(page) {
+                zero_mask |= 1 << i;
             }
-            return Ok(true);
         }
-        if let Some(run) = self.zero_run.take() {
-            self.put_zero_record(start, run);
+        let is_z = |i: usize| zero_mask & (1 << i) != 0;
+        // `out` never passes the bytes still to be moved: each zero page
+        // frees a page and costs at most two zero records and a header.
+        let mut out = start;
+        let mut i = 0;
+        while i < n {
+            let z = is_z(i);
+            let mut j = i + 1;
+            while j < n && is_z(j) == z {
+                j += 1;
+            }
+            let at = gpa + (i * ps) as u64;
+            let count = (j - i) as u64;
+            if z {
+                match &mut self.zero_run {
+                    Some((g, c)) if g.checked_add(*c * PAGE_SIZE) == Some(at) => *c += count,
+                    _ => {
+                        if let Some(run) = self.zero_run.take() {
+                            self.put_zero_record(out, run);
+                            out += ZERO_RECORD;
+                        }
+                        self.zero_run = Some((at, count));
+                    }
+                }
+            } else {
+                if let Some(run) = self.zero_run.take() {
+                    self.put_zero_record(out, run);
+                    out += ZERO_RECORD;
+                }
+                let len = (j - i) * ps;
+                let (src, dst) = (data0 + i * ps, out + RECORD_HEADER);
+                if src != dst {
+                    self.buf.copy_within(src..src + len, dst);
+                }
+                let head = record_head(tag::PAGE, len as u32, at);
+                let crc = crc_of(&head, &self.buf[dst..dst + len]);
+                self.buf[out..out + 16].copy_from_slice(&head);
+                self.buf[out + 16..out + 20].copy_from_slice(&crc.to_le_bytes());
+                out = dst + len;
+                self.written += (RECORD_HEADER + len) as u64;
+            }
+            i = j;
         }
-        let head = record_head(tag::PAGE, ps as u32, gpa);
-        let crc = crc_of(&head, &self.buf[data..data + ps]);
-        self.buf[slot..slot + 16].copy_from_slice(&head);
-        self.buf[slot + 16..slot + 20].copy_from_slice(&crc.to_le_bytes());
-        self.used = data + ps;
-        self.written += (RECORD_HEADER + ps) as u64;
-        Ok(false)
+        self.used = out;
+        Ok(u64::from(zero_mask.count_ones()))
     }
 
     /// Append a state blob.
@@ -557,7 +623,7 @@ impl<R: Read> RecordReader<R> {
         let arg = u64::from_le_bytes(h[8..16].try_into().unwrap_or([0; 8]));
         let carried = u32::from_le_bytes(h[16..20].try_into().unwrap_or([0; 4]));
         let ok_len = match t {
-            tag::PAGE => u64::from(len) == PAGE_SIZE,
+            tag::PAGE => len != 0 && u64::from(len).is_multiple_of(PAGE_SIZE) && len <= MAX_PAGES_PAYLOAD,
             tag::ZERO => len == 8,
             tag::STATE => len <= MAX_STATE_BLOB,
             tag::ROUND | tag::END | tag::FINAL_ACK => len == 0,
