@@ -51,10 +51,11 @@
 //! the harvest points report pages swapped out dirty, and the ledger
 //! comparison holds as for plain RAM. Each side backs its memory as its
 //! own configuration says (a swappable source may go to a plain target and
-//! back); the layout check compares sizes and kinds only. Pages swap out
-//! only from faults that find the reservoir exhausted: this workload loop
-//! has no low-water swapper step as `vmm run`'s coordinator has (a known
-//! gap: faults then reclaim in batches, on the data path).
+//! back); the layout check compares sizes and kinds only. Each side runs
+//! a swapper thread ([`vmm::swapper::Swapper`], as `vmm run` does) that
+//! keeps its reservoir above the low-water mark while the guest runs, is
+//! migrated or is received, beside the faults that still reclaim when
+//! they find the reservoir exhausted ([`GuestReport::swapper`]).
 //!
 //! # Triggers and convergence
 //!
@@ -166,6 +167,9 @@ pub struct GuestReport {
     pub elapsed: Duration,
     /// Nested faults served in this process.
     pub faults: u64,
+    /// What the swapper thread did in this process, when guest memory is
+    /// swappable.
+    pub swapper: Option<vmm::swapper::SwapperStats>,
 }
 
 impl GuestReport {
@@ -267,6 +271,9 @@ pub struct Guest {
     core: Core,
     data_errors: Vec<AtomicU64>,
     mode: PagingMode,
+    /// Keeps a swappable guest's reservoir above its low-water mark while
+    /// it runs, migrates or receives (`None` for plain RAM).
+    swapper: Option<vmm::swapper::Swapper>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -339,6 +346,12 @@ impl Guest {
             be.map(&ram, ram_base, cfg.mem_bytes, Prot::READ | Prot::WRITE)?;
         }
         be.map_runtime(cfg.vcpus, npages)?;
+        let swapper = if swapping {
+            let s = vmm::swapper::Swapper::spawn(be.segments().clone(), vmm::swapper::SwapperConfig::default());
+            Some(s.map_err(|e| KvmError::Setup(format!("swapper: {e}")))?)
+        } else {
+            None
+        };
         if cfg.prefault && !incoming {
             be.space().populate(Gpa(ram_base), cfg.mem_bytes).map_err(|e| KvmError::Setup(format!("populate: {e}")))?;
             // The memory is allocated now; map it in the host view too,
@@ -394,6 +407,7 @@ impl Guest {
             },
             data_errors,
             mode,
+            swapper,
         })
     }
 
@@ -647,14 +661,24 @@ impl Guest {
         })?;
         let elapsed = start.elapsed();
         let faults = self.machine.total(|s| &s.faults);
+        if let Some(e) = self.swapper.as_ref().and_then(vmm::swapper::Swapper::error) {
+            return Err(KvmError::Setup(format!("swapper: {e}")));
+        }
+        let swapper = self.swapper.as_ref().map(vmm::swapper::Swapper::stats);
         if let Coord::Migrated(_) = coord {
-            let rep = GuestReport { rounds: std::mem::take(&mut self.core.rounds), vcpus: Vec::new(), elapsed, faults };
+            let rep = GuestReport {
+                rounds: std::mem::take(&mut self.core.rounds),
+                vcpus: Vec::new(),
+                elapsed,
+                faults,
+                swapper,
+            };
             return Ok((coord, rep));
         }
         // Every vCPU finished (the verify pass only reads): a last round.
         self.core.harvest_point(&self.machine, true, false)?;
         let vcpus = self.core.check(&self.machine, &self.data_errors)?;
-        let rep = GuestReport { rounds: std::mem::take(&mut self.core.rounds), vcpus, elapsed, faults };
+        let rep = GuestReport { rounds: std::mem::take(&mut self.core.rounds), vcpus, elapsed, faults, swapper };
         Ok((coord, rep))
     }
 }

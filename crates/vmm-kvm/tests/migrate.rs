@@ -633,6 +633,11 @@ fn swappable_memory_migrates_to_plain_and_swappable_targets() {
         let SourceOutcome::Migrated(sum, src) = out else { panic!("migration failed: {out:?}") };
         eprintln!("summary: {sum:#?}");
         assert!(swapped_out > 0, "the source's guest swapped nothing out");
+        // Both sides run a swapper thread where memory is swappable, and
+        // it counts no more than the space swapped out.
+        let w = src.swapper.expect("a swappable source runs a swapper");
+        assert!(w.steps > 0 && w.pages_out <= swapped_out, "{w:?}");
+        assert_eq!(target.as_ref().map(|(t, _)| t.swapper.is_some()), Some(swappable_target));
         assert_rounds("source", &src);
         let (target, tstats) = target.expect("target thread");
         assert_checks("target", &target);

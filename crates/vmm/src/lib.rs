@@ -107,10 +107,10 @@
 //! - Swappable memory is refused for wiring and DMA mirrors (passthrough
 //!   guests); live migration runs with it (the first pass sends resident
 //!   and swapped-out pages, [`migration::vm`], reading swapped-out ones
-//!   from the swap file through [`Vm::read_segment`]), but a migrating run
-//!   has no swapper of its own beyond its faults' reclaim; `vmm
-//!   run` swaps from a swapper thread ([`swapper::Swapper`], a fixed
-//!   low-water mark) and from faults that find the reservoir exhausted.
+//!   from the swap file through [`Vm::read_segment`]); `vmm run` and the
+//!   KVM migration's source and target swap from a swapper thread
+//!   ([`swapper::Swapper`], a fixed low-water mark) and from faults that
+//!   find the reservoir exhausted.
 //! - Device-memory frame ranges are handed out by a bump allocator and not
 //!   reused after a segment is freed.
 //! - The harvest's comparison of device memory costs a copy of every
