@@ -194,49 +194,70 @@ impl<P: TablePages> NestedTable<P> {
     pub fn demote_2m_as(&mut self, gpa: Gpa, prot: Option<Prot>) -> Result<(), Error> {
         let g = gpa.0;
         self.check_2m(g)?;
+        self.demote_large(g, 2, prot)
+    }
+
+    /// The demotion both large sizes share: the leaf of `level` (2 or 3)
+    /// at `g` becomes a table of 512 leaves one level down (4 KiB or
+    /// 2 MiB) with its frames in order, its memory type, its A/D state on
+    /// each, and its protection or `prot`, put in with one store of the
+    /// parent entry; the populate count moves from the parent table to the
+    /// new one. Refused with [`Error::NotMapped`] (no table or no leaf of
+    /// `level` there), [`Error::NotPopulated`], [`Error::NoMemory`] and
+    /// the errors of `PteFormat::leaf_entry`; nothing changes then. The
+    /// caller checked the alignment and the format's support.
+    fn demote_large(&mut self, g: u64, level: u8, prot: Option<Prot>) -> Result<(), Error> {
+        debug_assert!(level == 2 || level == 3);
         let fmt = self.fmt;
-        let i2 = index(2, g);
-        let l2_pfn = self.node_l2(g).map(|n| n.pfn).ok_or(Error::NotMapped)?;
-        let t2 = table_of(&self.pages, l2_pfn).ok_or(Error::NotMapped)?;
-        let large = t2[i2].load(Ordering::Acquire);
-        if !fmt.is_present(large) || !fmt.is_leaf(large, 2) {
+        let (small_size, shift) = if level == 3 { (PageSize::Size2M, 21) } else { (PageSize::Size4K, 12) };
+        let i = index(level, g);
+        let (parent_pfn, reserved) =
+            self.large_parent(g, level).map(|n| (n.pfn, n.reserved)).ok_or(Error::NotMapped)?;
+        let parent = table_of(&self.pages, parent_pfn).ok_or(Error::NotMapped)?;
+        let large = parent[i].load(Ordering::Acquire);
+        if !fmt.is_present(large) || !fmt.is_leaf(large, level) {
             return Err(Error::NotMapped);
         }
-        let n2 = self.node_l2(g).expect("exists");
-        if n2.reserved == 0 {
+        if reserved == 0 {
             return Err(Error::NotPopulated);
         }
-        let pfn0 = fmt.frame_at_level(large, 2);
+        let pfn0 = fmt.frame_at_level(large, level);
         let prot: Prot = prot.unwrap_or_else(|| fmt.prot(large));
         let mt = fmt.mem_type(large).unwrap_or(MemType::WriteBack);
-        let mut small = fmt.leaf_entry(pfn0, PageSize::Size4K, prot, mt)?;
+        let mut small = fmt.leaf_entry(pfn0, small_size, prot, mt)?;
         if fmt.accessed(large) {
             small |= fmt.set_accessed_bits(small);
         }
         if fmt.dirty(large) {
             small |= fmt.set_dirty_bits();
         }
-        let (l1_pfn, table_entry) = alloc_table(&mut self.pages, &fmt, 2)?;
-        let Some(t1) = table_of(&self.pages, l1_pfn) else {
+        let (child_pfn, table_entry) = alloc_table(&mut self.pages, &fmt, level)?;
+        let Some(child) = table_of(&self.pages, child_pfn) else {
             // SAFETY: just allocated, referenced by nothing.
-            unsafe { self.pages.free(l1_pfn) };
+            unsafe { self.pages.free(child_pfn) };
             return Err(Error::NoMemory);
         };
-        for (k, slot) in t1.iter().enumerate() {
-            // Frame k of the run: the leaf's other bits are the same.
-            slot.store(small + ((k as u64) << 12), Ordering::Relaxed);
+        for (k, slot) in child.iter().enumerate() {
+            // Part k of the run: the leaf's other bits are the same.
+            slot.store(small + ((k as u64) << shift), Ordering::Relaxed);
         }
-        let t2 = table_of(&self.pages, l2_pfn).ok_or(Error::NotMapped)?;
+        let parent = table_of(&self.pages, parent_pfn).ok_or(Error::NotMapped)?;
         // One store: the large leaf's translation becomes the table's.
-        t2[i2].store(table_entry, Ordering::Release);
-        let n2 = self.node_l2(g).expect("exists");
-        n2.reserved -= 1;
-        let pos = n2.child_pos(i2).expect_err("a large leaf has no child table");
-        let mut child = Node::new(l1_pfn, i2 as u16);
-        child.reserved = ENTRIES as u32;
-        n2.children.insert(pos, child);
+        parent[i].store(table_entry, Ordering::Release);
+        let n = self.large_parent(g, level).expect("exists");
+        n.reserved -= 1;
+        let pos = n.child_pos(i).expect_err("a large leaf has no child table");
+        let mut node = Node::new(child_pfn, i as u16);
+        node.reserved = ENTRIES as u32;
+        n.children.insert(pos, node);
         self.tables += 1;
         Ok(())
+    }
+
+    /// The tree node of the table that holds `g`'s entry of `level` (2 or
+    /// 3).
+    fn large_parent(&mut self, g: u64, level: u8) -> Option<&mut Node> {
+        if level == 3 { self.node_l3(g) } else { self.node_l2(g) }
     }
 
     /// Gives the empty 2 MiB slot at `gpa`, which the caller populated for
@@ -316,51 +337,10 @@ impl<P: TablePages> NestedTable<P> {
     pub fn demote_1g_as(&mut self, gpa: Gpa, prot: Option<Prot>) -> Result<(), Error> {
         let g = gpa.0;
         self.check_1g(g)?;
-        let fmt = self.fmt;
-        if !fmt.supports(PageSize::Size2M) {
+        if !self.fmt.supports(PageSize::Size2M) {
             return Err(Error::UnsupportedSize);
         }
-        let i3 = index(3, g);
-        let (l3_pfn, reserved) = self.node_l3(g).map(|n| (n.pfn, n.reserved)).ok_or(Error::NotMapped)?;
-        let t3 = table_of(&self.pages, l3_pfn).ok_or(Error::NotMapped)?;
-        let large = t3[i3].load(Ordering::Acquire);
-        if !fmt.is_present(large) || !fmt.is_leaf(large, 3) {
-            return Err(Error::NotMapped);
-        }
-        if reserved == 0 {
-            return Err(Error::NotPopulated);
-        }
-        let pfn0 = fmt.frame_at_level(large, 3);
-        let prot: Prot = prot.unwrap_or_else(|| fmt.prot(large));
-        let mt = fmt.mem_type(large).unwrap_or(MemType::WriteBack);
-        let mut mid = fmt.leaf_entry(pfn0, PageSize::Size2M, prot, mt)?;
-        if fmt.accessed(large) {
-            mid |= fmt.set_accessed_bits(mid);
-        }
-        if fmt.dirty(large) {
-            mid |= fmt.set_dirty_bits();
-        }
-        let (l2_pfn, table_entry) = alloc_table(&mut self.pages, &fmt, 3)?;
-        let Some(t2) = table_of(&self.pages, l2_pfn) else {
-            // SAFETY: just allocated, referenced by nothing.
-            unsafe { self.pages.free(l2_pfn) };
-            return Err(Error::NoMemory);
-        };
-        for (k, slot) in t2.iter().enumerate() {
-            // 2 MiB run k of the 1 GiB run: the other bits are the same.
-            slot.store(mid + ((k as u64) << 21), Ordering::Relaxed);
-        }
-        let t3 = table_of(&self.pages, l3_pfn).ok_or(Error::NotMapped)?;
-        // One store: the 1 GiB leaf's translation becomes the table's.
-        t3[i3].store(table_entry, Ordering::Release);
-        let n3 = self.node_l3(g).expect("exists");
-        n3.reserved -= 1;
-        let pos = n3.child_pos(i3).expect_err("a large leaf has no child table");
-        let mut child = Node::new(l2_pfn, i3 as u16);
-        child.reserved = ENTRIES as u32;
-        n3.children.insert(pos, child);
-        self.tables += 1;
-        Ok(())
+        self.demote_large(g, 3, prot)
     }
 
     /// [`demote_1g_as`](Self::demote_1g_as) keeping the leaf's protection.
