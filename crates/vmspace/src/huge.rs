@@ -30,11 +30,10 @@
 //! There is no promotion to 1 GiB.
 
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering::{Relaxed, Release};
+use core::sync::atomic::Ordering::Release;
 
 use nested_pt::{Gpa, NestedTable, PageSize, Prot, TablePages};
 
-use crate::PAGE_SIZE;
 use crate::error::{Error, Result};
 use crate::object::VmObject;
 use crate::space::Inner;
@@ -106,15 +105,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
     ) -> Result<u64> {
         // Only slots with a 1 GiB run are populated for 1 GiB leaves, and
         // an object's frames never change.
-        let run = object.huge_run_at(offset).ok_or(Error::Table(nested_pt::Error::NotPopulated))?;
-        match table.map(Gpa(g), run, PageSize::Size1G, prot, object.mem_type()) {
-            Ok(()) => {
-                self.resident.fetch_add(G1 / PAGE_SIZE, Relaxed);
-                Ok(G1 / PAGE_SIZE)
-            }
-            Err(nested_pt::Error::AlreadyMapped { .. }) => Ok(0),
-            Err(e) => Err(Error::Table(e)),
-        }
+        self.map_run_leaf(table, g, object.huge_run_at(offset), PageSize::Size1G, prot, object)
     }
 
     /// The data path's part: if `gpa` lies in a 1 GiB slot of the mapping
@@ -191,6 +182,7 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PAGE_SIZE;
 
     #[test]
     fn plan_cuts_slots_chunks_and_pages() {

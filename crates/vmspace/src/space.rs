@@ -496,11 +496,27 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
     ) -> Result<u64> {
         // Only ranges with a run are populated for 2 MiB leaves, and an
         // object's frames never change.
-        let run = object.run_at(offset).ok_or(Error::Table(nested_pt::Error::NotPopulated))?;
-        match table.map(Gpa(c), run, PageSize::Size2M, prot, object.mem_type()) {
+        self.map_run_leaf(table, c, object.run_at(offset), PageSize::Size2M, prot, object)
+    }
+
+    /// Map one large leaf of `size` at `g` onto the run starting at frame
+    /// `run` (`None`: the object has no such run there, which the caller's
+    /// populate rule excludes); counts its pages resident. `Ok(0)` when
+    /// someone else mapped it first.
+    pub(crate) fn map_run_leaf(
+        &self,
+        table: &NestedTable<P>,
+        g: u64,
+        run: Option<Pfn>,
+        size: PageSize,
+        prot: Prot,
+        object: &VmObject,
+    ) -> Result<u64> {
+        let run = run.ok_or(Error::Table(nested_pt::Error::NotPopulated))?;
+        match table.map(Gpa(g), run, size, prot, object.mem_type()) {
             Ok(()) => {
-                self.resident.fetch_add(M2 / PAGE_SIZE, Relaxed);
-                Ok(M2 / PAGE_SIZE)
+                self.resident.fetch_add(size.pages(), Relaxed);
+                Ok(size.pages())
             }
             Err(nested_pt::Error::AlreadyMapped { .. }) => Ok(0),
             Err(e) => Err(Error::Table(e)),
