@@ -263,6 +263,8 @@ struct Core {
     rounds: Vec<Round>,
     ram_seg: u32,
     ledger_seg: (u32, u64),
+    /// The zap threshold of a migration attempt's RAM harvests.
+    migration_zap: u64,
 }
 
 /// A guest running the built-in workload on KVM, ready to migrate.
@@ -404,6 +406,7 @@ impl Guest {
                 rounds: Vec::new(),
                 ram_seg,
                 ledger_seg: (lm.segment, lm.offset),
+                migration_zap: MIGRATION_ZAP_THRESHOLD,
             },
             data_errors,
             mode,
@@ -716,7 +719,7 @@ impl Core {
         let th = Instant::now();
         // A migration's RAM harvest zaps (MIGRATION_ZAP_THRESHOLD); the
         // small segments after it drop their few frames as usual.
-        let saved_zap = migrating.then(|| self.be.zap_threshold.swap(MIGRATION_ZAP_THRESHOLD, Ordering::Relaxed));
+        let saved_zap = migrating.then(|| self.be.zap_threshold.swap(self.migration_zap, Ordering::Relaxed));
         let r = self.mem.harvest_fresh(&layout.ranges[ram_idx], &mut out[ram_idx]);
         if let Some(z) = saved_zap {
             self.be.zap_threshold.store(z, Ordering::Relaxed);
@@ -1081,6 +1084,16 @@ impl Guest {
     /// [`MIGRATION_ZAP_THRESHOLD`]).
     pub fn zap_threshold(&self) -> u64 {
         self.core.be.zap_threshold.load(Ordering::Relaxed)
+    }
+
+    /// Sets the zap threshold of a migration attempt's RAM harvests
+    /// (default [`MIGRATION_ZAP_THRESHOLD`]: zap all shadow pages, which
+    /// makes the vCPUs refault their working set after each harvest and
+    /// so slows a guest while it migrates; the backend's default,
+    /// [`crate::space::DEFAULT_ZAP_THRESHOLD`], drops each dirty frame
+    /// instead, leaving the guest's speed alone at the engine's cost).
+    pub fn set_migration_zap_threshold(&mut self, threshold: u64) {
+        self.core.migration_zap = threshold;
     }
 }
 
