@@ -43,14 +43,10 @@ use crate::sync::RawLock;
 pub(crate) const G1: u64 = 1 << 30;
 
 /// Whether the 1 GiB slot at `g` (aligned, lying inside a mapping) is
-/// counted for a 1 GiB leaf: the walk ends at level 3, at a 1 GiB leaf or
-/// an empty entry (a slot counted for smaller leaves has its level-2
-/// table, which the mapping's populate created and keeps).
+/// counted for a 1 GiB leaf (`space::counted_for_leaf` at level 3).
 #[inline]
 pub(crate) fn slot_huge<P: TablePages>(table: &NestedTable<P>, g: u64) -> bool {
-    let fmt = table.format();
-    let w = table.walk(Gpa(g));
-    w.steps().last().is_some_and(|s| s.level == 3 && (!fmt.is_present(s.entry) || fmt.is_leaf(s.entry, 3)))
+    crate::space::counted_for_leaf(table, g, 3)
 }
 
 /// The 1 GiB slot holding `a`, if it lies wholly inside the mapping

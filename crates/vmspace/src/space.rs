@@ -993,9 +993,18 @@ pub(crate) const M2: u64 = 2 << 20;
 /// entry (a chunk counted for 4 KiB leaves has its leaf table).
 #[inline]
 pub(crate) fn chunk_large<P: TablePages>(table: &NestedTable<P>, c: u64) -> bool {
+    counted_for_leaf(table, c, 2)
+}
+
+/// Whether the aligned slot at `g` is counted for a leaf of `level` (2:
+/// 2 MiB, 3: 1 GiB): the walk of `g` ends at that level, at a leaf or an
+/// empty entry (a slot counted for smaller leaves has its next table,
+/// which the mapping's populate created and keeps).
+#[inline]
+pub(crate) fn counted_for_leaf<P: TablePages>(table: &NestedTable<P>, g: u64, level: u8) -> bool {
     let fmt = table.format();
-    let w = table.walk(Gpa(c));
-    w.steps().last().is_some_and(|s| s.level == 2 && (!fmt.is_present(s.entry) || fmt.is_leaf(s.entry, 2)))
+    let w = table.walk(Gpa(g));
+    w.steps().last().is_some_and(|s| s.level == level && (!fmt.is_present(s.entry) || fmt.is_leaf(s.entry, level)))
 }
 
 /// Whether the 2 MiB chunk at `c` has a leaf table whose 512 entries are
