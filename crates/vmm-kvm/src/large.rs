@@ -11,7 +11,7 @@ use crate::guest::{self, P_CTRL, P_LEDGER, P_MAGIC, P_MODE, P_NPAGES, P_OPS, P_S
 use crate::machine::{Action, Event, Machine};
 use crate::mem::PAGE;
 use crate::runtime;
-use crate::space::{FaultOptions, SpaceBackend};
+use crate::space::{FaultOptions, Segment, SpaceBackend};
 use crate::vm::{KvmError, KvmVm, PagingMode, Result};
 use crate::workload::{Mode, Replay, Spec};
 use nested_pt::{Gpa, PageSize, Prot};
@@ -99,25 +99,47 @@ fn mapped_pages(be: &SpaceBackend) -> u64 {
     be.space().with_table(|t| t.leaves(Gpa(0), be.space().size()).map(|l| l.size.pages()).sum())
 }
 
-/// The rounds of the module doc over `mem` bytes (a multiple of 2 MiB)
-/// on one vCPU.
-pub fn large_leaf_rounds(mem: u64, mode: PagingMode) -> Result<LargeReport> {
+/// A one-vCPU guest running `spec` over `mem` bytes of RAM at guest
+/// address 0, with dirty tracking off: mapped with 2 MiB leaves
+/// (`large`: tracking switched off before the RAM is mapped, so its 2 MiB
+/// ranges are populated for 2 MiB leaves) or with 4 KiB leaves, which
+/// stay (mapped while tracking is on, then switched off). Returns the
+/// backend, the RAM segment and the machine.
+fn guest(mem: u64, mode: PagingMode, large: bool, spec: Spec) -> Result<(Arc<SpaceBackend>, Segment, Machine)> {
     let vm = Arc::new(KvmVm::new()?);
     let n = mem / PAGE;
     let opts = FaultOptions { fault_around: 16, preset_accessed: false, preset_dirty_untracked: false };
     let be = Arc::new(SpaceBackend::create_with(vm.clone(), mem + (4 << 20), mem / 256 + (4 << 20), mode, opts, None)?);
-    // Tracking off before the RAM is mapped: its 2 MiB ranges are
-    // populated for 2 MiB leaves.
-    be.space().set_dirty_tracking(false).map_err(setup)?;
     let ram = be.ram_segment(mem)?;
-    be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
+    if large {
+        be.space().set_dirty_tracking(false).map_err(setup)?;
+        be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
+    } else {
+        be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
+        be.space().set_dirty_tracking(false).map_err(setup)?;
+    }
     be.map_runtime(1, n)?;
-    let mut m = crate::machine::create(&vm, be.clone(), mode, 1)?;
-    m.set_param(0, P_MODE, Mode::Touch as u64)?;
+    let m = crate::machine::create(&vm, be.clone(), mode, 1)?;
+    m.set_param(0, P_MODE, spec.mode as u64)?;
     m.set_param(0, P_NPAGES, n)?;
-    m.set_param(0, P_MAGIC, MAGIC)?;
+    m.set_param(0, P_MAGIC, spec.magic)?;
+    m.set_param(0, P_SEED, spec.seed)?;
+    m.set_param(0, P_WRITE_THRESH, spec.write_thresh())?;
     m.set_param(0, P_LEDGER, runtime::ledger(0, n))?;
-    let spec = Spec { mode: Mode::Touch, base: 0, npages: n, seed: 1, write_pct: 0, magic: MAGIC };
+    Ok((be, ram, m))
+}
+
+/// The touch workload over `mem` bytes (one pass writing every page).
+fn touch_spec(mem: u64) -> Spec {
+    Spec { mode: Mode::Touch, base: 0, npages: mem / PAGE, seed: 1, write_pct: 0, magic: MAGIC }
+}
+
+/// The rounds of the module doc over `mem` bytes (a multiple of 2 MiB)
+/// on one vCPU.
+pub fn large_leaf_rounds(mem: u64, mode: PagingMode) -> Result<LargeReport> {
+    let n = mem / PAGE;
+    let spec = touch_spec(mem);
+    let (be, ram, mut m) = guest(mem, mode, true, spec)?;
     let object = ram.object.clone();
     let mut r = LargeReport { pages: n, ..LargeReport::default() };
     let bitmap_words = n.div_ceil(64) as usize;
@@ -193,20 +215,9 @@ pub struct SplitCost {
 /// all its memory once more: the cost of each (the eager split against
 /// the lazy one, split on the first write to each 2 MiB).
 pub fn split_cost(mem: u64, mode: PagingMode, policy: vmspace::SplitPolicy) -> Result<SplitCost> {
-    let vm = Arc::new(KvmVm::new()?);
     let n = mem / PAGE;
-    let opts = FaultOptions { fault_around: 16, preset_accessed: false, preset_dirty_untracked: false };
-    let be = Arc::new(SpaceBackend::create_with(vm.clone(), mem + (4 << 20), mem / 256 + (4 << 20), mode, opts, None)?);
-    be.space().set_dirty_tracking(false).map_err(setup)?;
+    let (be, _ram, mut m) = guest(mem, mode, true, touch_spec(mem))?;
     be.space().set_split_policy(policy);
-    let ram = be.ram_segment(mem)?;
-    be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
-    be.map_runtime(1, n)?;
-    let mut m = crate::machine::create(&vm, be.clone(), mode, 1)?;
-    m.set_param(0, P_MODE, Mode::Touch as u64)?;
-    m.set_param(0, P_NPAGES, n)?;
-    m.set_param(0, P_MAGIC, MAGIC)?;
-    m.set_param(0, P_LEDGER, runtime::ledger(0, n))?;
     m.run(handler, |m| -> Result<SplitCost> {
         let st = &m.stats[0];
         wait_ops(m, n)?;
@@ -233,29 +244,9 @@ pub fn split_cost(mem: u64, mode: PagingMode, policy: vmspace::SplitPolicy) -> R
 /// dirty tracking off: operations per second over `measure` after the
 /// sequential pass, and the nested faults in that time.
 pub fn random_rate(mem: u64, mode: PagingMode, large: bool, measure: Duration) -> Result<(f64, u64)> {
-    let vm = Arc::new(KvmVm::new()?);
     let n = mem / PAGE;
-    let opts = FaultOptions { fault_around: 16, preset_accessed: false, preset_dirty_untracked: false };
-    let be = Arc::new(SpaceBackend::create_with(vm.clone(), mem + (4 << 20), mem / 256 + (4 << 20), mode, opts, None)?);
-    let ram = be.ram_segment(mem)?;
-    if large {
-        // Mapped with tracking off: 2 MiB leaves.
-        be.space().set_dirty_tracking(false).map_err(setup)?;
-        be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
-    } else {
-        // Mapped while tracking is on: 4 KiB leaves, which stay.
-        be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
-        be.space().set_dirty_tracking(false).map_err(setup)?;
-    }
-    be.map_runtime(1, n)?;
-    let mut m = crate::machine::create(&vm, be.clone(), mode, 1)?;
     let spec = Spec { mode: Mode::Mixed, base: 0, npages: n, seed: 0x1234_5678, write_pct: 50, magic: MAGIC };
-    m.set_param(0, P_MODE, Mode::Mixed as u64)?;
-    m.set_param(0, P_NPAGES, n)?;
-    m.set_param(0, P_MAGIC, MAGIC)?;
-    m.set_param(0, P_SEED, spec.seed)?;
-    m.set_param(0, P_WRITE_THRESH, spec.write_thresh())?;
-    m.set_param(0, P_LEDGER, runtime::ledger(0, n))?;
+    let (_be, _ram, mut m) = guest(mem, mode, large, spec)?;
     m.run(handler, |m| -> Result<(f64, u64)> {
         let st = &m.stats[0];
         wait_ops(m, n)?;
