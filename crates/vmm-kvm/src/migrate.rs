@@ -827,7 +827,7 @@ fn throttle_ticker(m: &Machine, ticking: &AtomicBool) {
 
 /// The zap threshold ([`SpaceBackend::zap_threshold`]) of the RAM harvest
 /// of each harvest point a migration attempt makes on a shadow-paging
-/// host: 0, the harvest zaps all shadow pages (one ioctl on the engine's
+/// host: 0, a harvest that found anything dirty zaps all shadow pages (one ioctl on the engine's
 /// thread; KVM updates a memory slot for it, a few milliseconds on a loaded
 /// host) instead of dropping each dirty frame from KVM's view (an `madvise` of 6-8 µs per run of frames, on the
 /// engine's thread too, which is the migration's critical path: nothing is

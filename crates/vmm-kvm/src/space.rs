@@ -646,8 +646,11 @@ impl SpaceBackend {
         // page re-fault in KVM when next touched, a frame drop only the
         // dropped frame, at about three times the cost).
         let threshold = self.zap_threshold.load(Ordering::Relaxed);
+        // Threshold 0 (a migration's harvests): zap whenever anything was
+        // dirty; a harvest that cleared nothing has nothing to make
+        // effective.
         let zap = match threshold {
-            0 => true,
+            0 => n > 0,
             u64::MAX => false,
             t => n > t && n > self.space().resident_count() / 4,
         };
