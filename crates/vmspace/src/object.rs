@@ -198,21 +198,7 @@ impl VmObject {
     /// run there; MMIO whose range is aligned there; never a swappable object).
     /// Such a range can be mapped with one 2 MiB leaf.
     pub fn run_at(&self, offset: u64) -> Option<Pfn> {
-        let span = RUN as u64 * PAGE_SIZE;
-        if !offset.is_multiple_of(span) || offset.checked_add(span)? > self.size {
-            return None;
-        }
-        let k = (offset / span) as usize;
-        match &self.backing {
-            Backing::Ram { frames, runs, .. } => (runs.get(k / 64)? & (1 << (k % 64)) != 0).then(|| frames[k * RUN]),
-            Backing::Mmio { base, .. } => {
-                let f = base.0 + offset / PAGE_SIZE;
-                f.is_multiple_of(RUN as u64).then_some(Pfn(f))
-            }
-            // Lazily backed page by page: never one run.
-            #[cfg(feature = "std")]
-            Backing::Swap(_) => None,
-        }
+        self.aligned_run(offset, RUN)
     }
 
     /// The first frame of the aligned 1 GiB run that backs
@@ -224,17 +210,29 @@ impl VmObject {
     /// mapped with one 1 GiB leaf; each of its 2 MiB pieces is also a run
     /// for [`VmObject::run_at`].
     pub fn huge_run_at(&self, offset: u64) -> Option<Pfn> {
-        let span = HUGE as u64 * PAGE_SIZE;
+        self.aligned_run(offset, HUGE)
+    }
+
+    /// [`run_at`](Self::run_at) (`pages` = `RUN`) and
+    /// [`huge_run_at`](Self::huge_run_at) (`pages` = `HUGE`): the first
+    /// frame of the aligned run of `pages` frames backing the object from
+    /// `offset`, from RAM's run bitmap of that size or MMIO's alignment.
+    fn aligned_run(&self, offset: u64, pages: usize) -> Option<Pfn> {
+        let span = pages as u64 * PAGE_SIZE;
         if !offset.is_multiple_of(span) || offset.checked_add(span)? > self.size {
             return None;
         }
         let k = (offset / span) as usize;
         match &self.backing {
-            Backing::Ram { frames, huge, .. } => (huge.get(k / 64)? & (1 << (k % 64)) != 0).then(|| frames[k * HUGE]),
+            Backing::Ram { frames, runs, huge, .. } => {
+                let bits = if pages == HUGE { huge } else { runs };
+                (bits.get(k / 64)? & (1 << (k % 64)) != 0).then(|| frames[k * pages])
+            }
             Backing::Mmio { base, .. } => {
                 let f = base.0 + offset / PAGE_SIZE;
-                f.is_multiple_of(HUGE as u64).then_some(Pfn(f))
+                f.is_multiple_of(pages as u64).then_some(Pfn(f))
             }
+            // Lazily backed page by page: never one run.
             #[cfg(feature = "std")]
             Backing::Swap(_) => None,
         }
