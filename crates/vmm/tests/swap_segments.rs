@@ -4,27 +4,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use nested_pt::{Caps, HeapPages};
-use vmm::devmem::NoExposure;
-use vmm::{DmaMirror, Error, SegmentKind, Vm, VmConfig};
-use vmspace::{Gpa, HeapReservoir, Pfn, Prot, PteFormat, Reservoir, SpaceConfig, VmObject, swap_file_in};
+use vmm::{DmaMirror, Error, SegmentKind};
+use vmspace::{Gpa, Prot, Reservoir, VmObject, swap_file_in};
 
-const PG: u64 = 4096;
+mod common;
 
-fn new_vm(test: &str, ram_pages: u64) -> (Vm<HeapPages>, Arc<HeapReservoir>) {
-    let ram = Arc::new(HeapReservoir::new(ram_pages * PG, Pfn(0x1000)).unwrap());
-    let mut space = SpaceConfig::new(1 << 36, PteFormat::npt(Caps::default()));
-    space.track_dirty = true;
-    space.fault_around = 1;
-    let cfg = VmConfig {
-        name: format!("t{}-{test}", std::process::id()),
-        space,
-        devmem_frame_base: Pfn(0x10_0000),
-        devmem_frames: 4096,
-    };
-    let vm = Vm::new(cfg, HeapPages::with_capacity(0, 256), ram.clone(), Arc::new(NoExposure)).unwrap();
-    (vm, ram)
-}
+use common::{PG, new_vm};
 
 fn file() -> std::fs::File {
     swap_file_in(&std::env::temp_dir()).unwrap()

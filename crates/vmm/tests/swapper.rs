@@ -6,28 +6,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nested_pt::{Caps, HeapPages};
-use vmm::devmem::NoExposure;
+use nested_pt::HeapPages;
 use vmm::swapper::{Swapper, SwapperConfig};
-use vmm::{Error, Vm, VmConfig};
-use vmspace::{Gpa, HeapReservoir, Pfn, Prot, PteFormat, Reservoir, SpaceConfig, swap_file_in};
+use vmm::{Error, Vm};
+use vmspace::{Gpa, HeapReservoir, Prot, Reservoir, swap_file_in};
 
-const PG: u64 = 4096;
+mod common;
 
+/// A VM from `common::new_vm`, in an `Arc` to share with the swapper thread.
 fn new_vm(test: &str, ram_pages: u64) -> (Arc<Vm<HeapPages>>, Arc<HeapReservoir>) {
-    let ram = Arc::new(HeapReservoir::new(ram_pages * PG, Pfn(0x1000)).unwrap());
-    let mut space = SpaceConfig::new(1 << 36, PteFormat::npt(Caps::default()));
-    space.track_dirty = true;
-    space.fault_around = 1;
-    let cfg = VmConfig {
-        name: format!("t{}-{test}", std::process::id()),
-        space,
-        devmem_frame_base: Pfn(0x10_0000),
-        devmem_frames: 4096,
-    };
-    let vm = Vm::new(cfg, HeapPages::with_capacity(0, 256), ram.clone(), Arc::new(NoExposure)).unwrap();
+    let (vm, ram) = common::new_vm(test, ram_pages);
     (Arc::new(vm), ram)
 }
+
+use common::PG;
 
 fn cfg() -> SwapperConfig {
     SwapperConfig { interval: Duration::from_millis(1), low_water_divisor: 4, min_low_water: 4 }
