@@ -208,7 +208,8 @@
 //! ([`NestedTable::split_empty_2m`]); `vmspace` uses them for transparent
 //! 2 MiB pages. A 1 GiB leaf is demoted to 512 2 MiB leaves
 //! ([`NestedTable::demote_1g_as`], [`NestedTable::split_empty_1g`] for an
-//! empty slot); there is no 1 GiB promotion. The IOMMU formats walk
+//! empty slot) and 512 qualifying 2 MiB leaves are promoted back to one
+//! ([`NestedTable::promote_1g`]). The IOMMU formats walk
 //! four levels (VT-d also three); AMD-Vi level skipping and VT-d 5-level
 //! walks are not modelled. Overlapping populates of the same range are the
 //! caller's responsibility (`vmspace` prevents overlapping mappings): the

@@ -158,3 +158,117 @@ fn split_empty_1g_moves_the_count_to_2m_slots() {
     let empty = NestedTable::new(f, HeapPages::new()).unwrap();
     assert_eq!(t.table_pages(), empty.table_pages());
 }
+
+/// A 1 GiB range mapped with 512 2 MiB leaves of one aligned run.
+fn table_of_2m_leaves(f: PteFormat) -> NestedTable<HeapPages> {
+    let mut t = NestedTable::new(f, HeapPages::new()).unwrap();
+    t.populate_region(Gpa(BASE), G1, PageSize::Size2M).unwrap();
+    for k in 0..512 {
+        t.map(Gpa(BASE + k * M2), Pfn(RUN + k * 512), PageSize::Size2M, rw(&f), MemType::WriteBack).unwrap();
+    }
+    t
+}
+
+#[test]
+fn promote_1g_keeps_every_translation_and_carries_ad() {
+    for f in formats() {
+        if !f.supports(PageSize::Size1G) {
+            continue;
+        }
+        for (mark, dirty) in [(None, false), (Some(0u64), true), (Some(511), true), (Some(77), false)] {
+            let mut t = table_of_2m_leaves(f);
+            // (The software walk sets accessed bits: clear them after.)
+            let before = translations(&t);
+            for k in 0..512 {
+                let l = t.lookup(Gpa(BASE + k * M2)).unwrap();
+                l.reset_accessed(false);
+                l.reset_dirty(false);
+            }
+            // One 2 MiB leaf accessed (and maybe dirty), the rest clean.
+            if let Some(k) = mark {
+                let l = t.lookup(Gpa(BASE + k * M2)).unwrap();
+                l.reset_accessed(true);
+                if dirty {
+                    l.reset_dirty(true);
+                }
+            }
+            let tables = t.table_pages();
+            t.promote_1g(Gpa(BASE)).unwrap();
+            assert_eq!(t.table_pages(), tables - 1, "{f:?}: the level-2 table freed");
+            let l = t.lookup(Gpa(BASE + 300 * M2 + 4096)).unwrap();
+            assert_eq!((l.size, l.gpa, l.pfn(), l.prot()), (PageSize::Size1G, Gpa(BASE), Pfn(RUN), rw(&f)));
+            let ad = f.dirty_mask() != 0;
+            assert_eq!(l.accessed(), ad && mark.is_some(), "{f:?} {mark:?}: accessed carried");
+            assert_eq!(l.dirty(), ad && dirty, "{f:?} {mark:?}: dirty carried");
+            assert_eq!(translations(&t), before, "{f:?}: same translations");
+            // The range counts as populated for a 1 GiB leaf again: it
+            // demotes and promotes back, and vacates as one leaf.
+            t.demote_1g(Gpa(BASE)).unwrap();
+            assert_eq!(translations(&t), before);
+            t.promote_1g(Gpa(BASE)).unwrap();
+            assert_eq!(t.unmap_vacate_region(Gpa(BASE), G1, PageSize::Size1G).unwrap(), 1 << 18);
+            let empty = NestedTable::new(f, HeapPages::new()).unwrap();
+            assert_eq!(t.table_pages(), empty.table_pages(), "{f:?}: every table freed");
+        }
+    }
+}
+
+#[test]
+fn promote_1g_refusals_change_nothing() {
+    use nested_pt::PromoteRefusal as R;
+    let f = PteFormat::ept(Caps::default());
+    let check = |t: &mut NestedTable<HeapPages>, want: R| {
+        let (before, tables) = (translations(t), t.table_pages());
+        assert_eq!(t.promote_1g(Gpa(BASE)), Err(want));
+        assert_eq!((translations(t), t.table_pages()), (before, tables), "{want:?} changed something");
+    };
+    // One 2 MiB range still a leaf table (demoted to 4 KiB).
+    let mut t = table_of_2m_leaves(f);
+    t.demote_2m(Gpa(BASE + 9 * M2)).unwrap();
+    check(&mut t, R::Hole);
+    // ... which promotes back, and then the whole GiB does.
+    t.promote_2m(Gpa(BASE + 9 * M2)).unwrap();
+    t.promote_1g(Gpa(BASE)).unwrap();
+    // A hole.
+    let mut t = table_of_2m_leaves(f);
+    t.unmap(Gpa(BASE + 400 * M2)).unwrap();
+    check(&mut t, R::Hole);
+    // Frames out of order.
+    let mut t = table_of_2m_leaves(f);
+    t.unmap(Gpa(BASE + 3 * M2)).unwrap();
+    t.map(Gpa(BASE + 3 * M2), Pfn(RUN + 4 * 512), PageSize::Size2M, Prot::RWX, MemType::WriteBack).unwrap();
+    check(&mut t, R::NotContiguous);
+    // A run that is contiguous but not 1 GiB aligned.
+    let mut t = NestedTable::new(f, HeapPages::new()).unwrap();
+    t.populate_region(Gpa(BASE), G1, PageSize::Size2M).unwrap();
+    for k in 0..512 {
+        t.map(Gpa(BASE + k * M2), Pfn(RUN + 512 + k * 512), PageSize::Size2M, Prot::RWX, MemType::WriteBack).unwrap();
+    }
+    check(&mut t, R::NotContiguous);
+    // Mixed protections and memory types.
+    let mut t = table_of_2m_leaves(f);
+    t.unmap(Gpa(BASE + 511 * M2)).unwrap();
+    t.map(Gpa(BASE + 511 * M2), Pfn(RUN + 511 * 512), PageSize::Size2M, Prot::READ, MemType::WriteBack).unwrap();
+    check(&mut t, R::Mixed);
+    let mut t = table_of_2m_leaves(f);
+    t.unmap(Gpa(BASE + 5 * M2)).unwrap();
+    t.map(Gpa(BASE + 5 * M2), Pfn(RUN + 5 * 512), PageSize::Size2M, Prot::RWX, MemType::Uncacheable).unwrap();
+    check(&mut t, R::Mixed);
+    // Not aligned, no level-2 table, already one leaf, beyond the width.
+    let mut t = table_of_2m_leaves(f);
+    assert_eq!(t.promote_1g(Gpa(BASE + M2)), Err(R::Unaligned));
+    assert_eq!(t.promote_1g(Gpa(1 << 50)), Err(R::Unaligned));
+    assert_eq!(t.promote_1g(Gpa(BASE + G1)), Err(R::NoLeafTable));
+    let mut h = huge_table(f);
+    assert_eq!(h.promote_1g(Gpa(BASE)), Err(R::NoLeafTable));
+    // A level-2 table counted for 4 KiB leaves (populated so) that holds
+    // 2 MiB leaves nowhere: partial count, or holes.
+    let mut p = NestedTable::new(f, HeapPages::new()).unwrap();
+    p.populate_region(Gpa(BASE), G1, PageSize::Size4K).unwrap();
+    assert!(p.promote_1g(Gpa(BASE)).is_err());
+    // The format without 1 GiB leaves.
+    let c = Caps { page_1g: false, ..Caps::default() };
+    let mut t = table_of_2m_leaves(PteFormat::ept(c));
+    assert_eq!(t.promote_1g(Gpa(BASE)), Err(R::Unsupported));
+    let _ = &mut t;
+}

@@ -27,7 +27,18 @@
 //! `protect` split the slots their ends cut, then the 2 MiB chunks. The
 //! split runs under the same exclusion as a 2 MiB split (space lock, every
 //! client held, `struct_seq` bumped), from `split_chunk` and `split_ends`.
-//! There is no promotion to 1 GiB.
+//!
+//! Promotion goes the other way one level at a time: once a slot's 512
+//! chunks are 2 MiB leaves (promoted, or never split further) of the
+//! mapping's 1 GiB run with its whole protection, [`VmSpace::promote`]
+//! over the slot, or the automatic promotion of the chunk that completes
+//! it, makes them one 1 GiB leaf again (nested-pt's `promote_1g`, one
+//! store of the level-3 entry, the level-2 table freed and the generation
+//! bumped with `tables_freed`), as for 2 MiB; counted by
+//! [`VmSpace::promotions_1g`].
+//!
+//! [`VmSpace::promote`]: crate::VmSpace::promote
+//! [`VmSpace::promotions_1g`]: crate::VmSpace::promotions_1g
 
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering::Release;

@@ -304,11 +304,8 @@
 //!   checked against the format's width at `map`
 //!   ([`Invalid::FrameOutOfRange`]), so populate, fault-around and
 //!   `DirtyOp::Set` never stop half way, and `resident_count` is exact.
-//! - No promotion to 1 GiB: once split, a 1 GiB slot keeps 2 MiB leaves
-//!   at best ([`VmSpace::promote`] and the automatic promotion merge
-//!   4 KiB leaves to 2 MiB only), and
-//!   a slot populated for smaller leaves (mapped while tracking was on)
-//!   never gets a 1 GiB leaf. A 1 GiB run is only ever the reservoir's
+//! - A 1 GiB slot is promoted back to one leaf only when its object
+//!   backs it with one 1 GiB run: a 1 GiB run is only ever the reservoir's
 //!   fresh aligned frames or one freed whole (free 2 MiB runs are not
 //!   reassembled). A mapping whose object offset is not 2 MiB-aligned
 //!   against its guest address gets 4 KiB leaves only (1 GiB-aligned for

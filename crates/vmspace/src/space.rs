@@ -82,7 +82,10 @@ pub struct SpaceConfig {
     /// 2 MiB leaf as [`VmSpace::promote`] makes it (accessed and dirty
     /// carried over, the leaf table freed, every client held, the
     /// generation bumped, [`Cause::Remap`] with `tables_freed`). Counted
-    /// in [`PromotionStats::automatic`]. No effect without large leaves.
+    /// in [`PromotionStats::automatic`]. When that promotion completes a
+    /// 1 GiB slot of the object's 1 GiB run ([`SpaceConfig::huge_leaves`]),
+    /// the slot becomes one 1 GiB leaf likewise
+    /// ([`VmSpace::promotions_1g`]). No effect without large leaves.
     /// On by default: the range was populated for 4 KiB leaves only
     /// because tracking was on (or a split cut it), and the guest filling
     /// it back is the sign that it is in use as a whole again.
@@ -358,6 +361,9 @@ pub(crate) struct Inner<P: TablePages, L: RawLock> {
     /// 2 MiB leaves made by `promote` and automatically.
     promoted_explicit: AtomicU64,
     promoted_auto: AtomicU64,
+    /// 1 GiB leaves made by `promote` and automatically.
+    promoted_huge_explicit: AtomicU64,
+    promoted_huge_auto: AtomicU64,
     /// Bumped (under `struct_lock`) by every change that moves present
     /// leaves to other entries (a split, a promotion): a hold that
     /// recorded an older value finds its entry again before marking it.
@@ -822,8 +828,56 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
     }
 
     /// Promote the qualifying 2 MiB chunks of `[gpa, end)` (see
-    /// [`VmSpace::promote`]); exclusive access. Returns how many.
-    fn promote_range(&self, d: &mut Data<P>, gpa: u64, end: u64) -> u64 {
+    /// [`VmSpace::promote`]), then the qualifying 1 GiB slots of
+    /// `slots` (1 GiB aligned; see [`Inner::promote_slots`]); exclusive
+    /// access. Returns how many 2 MiB and how many 1 GiB leaves it made.
+    fn promote_range(&self, d: &mut Data<P>, gpa: u64, end: u64, slots: (u64, u64)) -> (u64, u64) {
+        let n = self.promote_chunks(d, gpa, end);
+        let n1 = self.promote_slots(d, slots.0, slots.1);
+        if n + n1 > 0 {
+            self.struct_seq.fetch_add(1, Release);
+        }
+        (n, n1)
+    }
+
+    /// The 1 GiB slots of `[lo, hi)` (aligned) that lie wholly inside one
+    /// mapping whose object backs them with one 1 GiB run
+    /// ([`VmObject::huge_run_at`], the rule by which `map` populates a
+    /// slot for a 1 GiB leaf, see `huge.rs`) and whose 512 2 MiB leaves
+    /// carry the mapping's whole protection become one 1 GiB leaf
+    /// (nested-pt's `promote_1g`, which checks the leaves themselves).
+    /// Nothing when 1 GiB leaves are off. Exclusive access; returns how
+    /// many.
+    fn promote_slots(&self, d: &mut Data<P>, lo: u64, hi: u64) -> u64 {
+        if !self.huge || lo >= hi {
+            return 0;
+        }
+        let Data { table, maps } = d;
+        let mut n = 0;
+        for (start, m) in maps.range(..hi) {
+            let m_end = start + m.len;
+            if m_end <= lo {
+                continue;
+            }
+            let mut g = (*start).max(lo).next_multiple_of(crate::huge::G1);
+            while g < hi && g + crate::huge::G1 <= m_end {
+                if !crate::huge::slot_huge(table, g)
+                    && m.object.huge_run_at(m.offset + (g - start)).is_some()
+                    && table
+                        .lookup(Gpa(g))
+                        .is_some_and(|l| l.size == PageSize::Size2M && self.format.prot(l.value()).contains(m.prot))
+                    && table.promote_1g(Gpa(g)).is_ok()
+                {
+                    n += 1;
+                }
+                g += crate::huge::G1;
+            }
+        }
+        n
+    }
+
+    /// The 2 MiB part of [`Inner::promote_range`].
+    fn promote_chunks(&self, d: &mut Data<P>, gpa: u64, end: u64) -> u64 {
         let Data { table, maps } = d;
         let mut n = 0;
         for (start, m) in maps.range(..end) {
@@ -852,9 +906,6 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
                 }
                 c += M2;
             }
-        }
-        if n > 0 {
-            self.struct_seq.fetch_add(1, Release);
         }
         n
     }
@@ -910,11 +961,17 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
             return 0;
         }
         let held = HeldAll::new(a);
+        // The 1 GiB slots holding the range: a chunk promoted now may be
+        // the last of its slot.
+        let slots = (lo & !(crate::huge::G1 - 1), (hi - 1) | (crate::huge::G1 - 1));
+        let slots = (slots.0, slots.1.saturating_add(1));
         // SAFETY: lock held, clients held.
-        let n = unsafe { self.with_data_mut(|d| self.promote_range(d, lo, hi)) };
-        if n > 0 {
+        let (n, n1) = unsafe { self.with_data_mut(|d| self.promote_range(d, lo, hi, slots)) };
+        if n + n1 > 0 {
             self.map_seq.fetch_add(1, Release);
             self.promoted_auto.fetch_add(n, Relaxed);
+            self.promoted_huge_auto.fetch_add(n1, Relaxed);
+            let (lo, hi) = if n1 > 0 { slots } else { (lo, hi) };
             self.bump_gen_and_invalidate(held.0, lo, hi - lo, Cause::Remap, true, None);
         }
         n
@@ -1177,6 +1234,8 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                 auto_promote: config.auto_promote && config.large_leaves && config.format.supports(PageSize::Size2M),
                 promoted_explicit: AtomicU64::new(0),
                 promoted_auto: AtomicU64::new(0),
+                promoted_huge_explicit: AtomicU64::new(0),
+                promoted_huge_auto: AtomicU64::new(0),
                 struct_seq: AtomicU64::new(0),
                 struct_lock: L::new(),
             }),
@@ -1395,8 +1454,14 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
     /// `tables_freed`), kicking vCPUs in guest context, before the freed
     /// leaf tables can be reused. Ranges that do not qualify (a hole,
     /// mixed protections, frames of no single run, a mapping boundary
-    /// inside) are left as they are. Returns the number of 2 MiB leaves
-    /// made.
+    /// inside) are left as they are. Then every 1 GiB slot wholly inside
+    /// the range whose 512 chunks are now 2 MiB leaves of the mapping's
+    /// 1 GiB run ([`VmObject::huge_run_at`], [`SpaceConfig::huge_leaves`])
+    /// with its protection becomes one 1 GiB leaf, the level-2 table freed
+    /// likewise ([`VmSpace::promotions_1g`] counts them). Returns the
+    /// number of 2 MiB leaves made.
+    ///
+    /// [`VmObject::huge_run_at`]: crate::VmObject::huge_run_at
     ///
     /// [`Error::TrackingOn`] while dirty tracking is on;
     /// [`Error::Unsupported`] when large leaves are off
@@ -1414,11 +1479,14 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
             if inner.track_dirty.load(Acquire) {
                 return Err(Error::TrackingOn);
             }
+            // The 1 GiB slots wholly inside the range.
+            let slots = (gpa.next_multiple_of(crate::huge::G1), end & !(crate::huge::G1 - 1));
             // SAFETY: lock held, clients held.
-            let n = unsafe { inner.with_data_mut(|d| inner.promote_range(d, gpa, end)) };
-            if n > 0 {
+            let (n, n1) = unsafe { inner.with_data_mut(|d| inner.promote_range(d, gpa, end, slots)) };
+            if n + n1 > 0 {
                 inner.map_seq.fetch_add(1, Release);
                 inner.promoted_explicit.fetch_add(n, Relaxed);
+                inner.promoted_huge_explicit.fetch_add(n1, Relaxed);
                 inner.bump_gen_and_invalidate(a, gpa, len, Cause::Remap, true, None);
             }
             Ok(n)
@@ -1481,6 +1549,18 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
         PromotionStats {
             explicit: self.inner.promoted_explicit.load(Relaxed),
             automatic: self.inner.promoted_auto.load(Relaxed),
+        }
+    }
+
+    /// The 1 GiB leaves made by promotion so far (counted as
+    /// [`VmSpace::promotions`] counts 2 MiB ones): a 1 GiB slot whose 512
+    /// 2 MiB leaves map its mapping's 1 GiB run
+    /// ([`SpaceConfig::huge_leaves`]), by [`VmSpace::promote`] or after an
+    /// automatic 2 MiB promotion completed the slot.
+    pub fn promotions_1g(&self) -> PromotionStats {
+        PromotionStats {
+            explicit: self.inner.promoted_huge_explicit.load(Relaxed),
+            automatic: self.inner.promoted_huge_auto.load(Relaxed),
         }
     }
 

@@ -211,11 +211,27 @@ fn eager_split_on_tracking_on_keeps_data_and_harvests_exactly() {
             assert_eq!((read_u64(&o, p * PG), read_u64(&o, p * PG + 8)), (0xa000 + p, p));
         }
         assert_eq!(s.promote(Gpa(BASE), G1), Err(Error::TrackingOn));
-        // Tracking off again: no 1 GiB promotion, 2 MiB ones work.
+        // Tracking off again: the pass promotes the 512 chunks to 2 MiB
+        // leaves and then the slot back to one 1 GiB leaf.
         s.set_dirty_tracking(false).unwrap();
         assert_eq!(s.promote(Gpa(BASE), G1).unwrap(), 512);
-        assert_eq!(leaf_counts(&s, BASE, G1), [0, 512, 0]);
+        assert_eq!(s.promotions_1g().explicit, 1, "{f:?}");
+        assert_eq!(leaf_counts(&s, BASE, G1), [0, 0, 1], "{f:?}");
+        assert_eq!(table_pages(&s), tables, "{f:?}: every table of the split freed");
+        assert_eq!(walk_level(&s, BASE + 9 * PG), 3);
         assert_eq!(s.resident_count(), G1 / PG);
+        check_frames(&s, &o, BASE, 0, G1);
+        for &p in &PAGES {
+            let h = c.hold(Gpa(BASE + p * PG), Prot::RW).unwrap();
+            assert_eq!((h.read_u64(0).unwrap(), h.read_u64(8).unwrap()), (0xa000 + p, p));
+        }
+        // Tracking on again splits it again, and the harvest is exact.
+        s.set_dirty_tracking(true).unwrap();
+        assert_eq!(leaf_counts(&s, BASE, G1), [262_144, 0, 0], "{f:?}");
+        harvest(&s);
+        c.hold(Gpa(BASE + 77 * PG), Prot::RW).unwrap().write_u64(16, 1).unwrap();
+        assert_eq!(harvest(&s), vec![77], "{f:?}");
+        s.set_dirty_tracking(false).unwrap();
         s.unmap(Gpa(BASE), G1).unwrap();
         assert_eq!(s.resident_count(), 0);
     }
@@ -882,4 +898,94 @@ fn automatic_promotion_inside_a_1g_slot_gives_2m_leaves() {
         s.unmap(Gpa(BASE), G1).unwrap();
         assert_eq!(s.resident_count(), 0);
     }
+}
+
+/// Automatic promotion to 1 GiB: a slot mapped while tracking was on
+/// (populated for 4 KiB leaves) whose pages the guest then touches with
+/// tracking off goes 4 KiB -> 2 MiB chunk by chunk as each leaf table
+/// fills, and the chunk that completes the slot makes it one 1 GiB leaf;
+/// translations, data and `resident_count` stay exact.
+#[test]
+fn automatic_promotion_completes_a_1g_slot() {
+    for f in [npt(), PteFormat::ept(Caps::default())] {
+        let s = space_cfg(f, SplitPolicy::Eager);
+        let o = huge_ram();
+        s.set_dirty_tracking(true).unwrap();
+        s.map(&o, 0, Gpa(BASE), G1, Prot::RW).unwrap();
+        let c = s.client();
+        c.hold(Gpa(BASE + 5 * PG), Prot::RW).unwrap().write_u64(0, 0x5eed).unwrap();
+        s.set_dirty_tracking(false).unwrap();
+        let tables = table_pages(&s);
+        let mut p = 0;
+        while p < G1 / PG {
+            c.fault(Gpa(BASE + p * PG), Prot::READ | Prot::WRITE).unwrap();
+            // The fault maps a window of pages: go to the next unmapped.
+            p += 1;
+            while p < G1 / PG && s.lookup(Gpa(BASE + p * PG)).is_some() {
+                p += 1;
+            }
+        }
+        assert_eq!(leaf_counts(&s, BASE, G1), [0, 0, 1], "{f:?}");
+        assert_eq!(s.promotions().automatic, 512, "{f:?}");
+        assert_eq!(s.promotions_1g(), PromotionStats { explicit: 0, automatic: 1 }, "{f:?}");
+        assert!(table_pages(&s) < tables, "{f:?}: the level-2 table freed");
+        assert_eq!(hw(&s, BASE + 999 * PG, Access::Write), Some(PageSize::Size1G), "{f:?}");
+        assert_eq!(s.resident_count(), G1 / PG);
+        check_frames(&s, &o, BASE, 0, G1);
+        assert_eq!(c.hold(Gpa(BASE + 5 * PG), Prot::READ).unwrap().read_u64(0).unwrap(), 0x5eed);
+        s.unmap(Gpa(BASE), G1).unwrap();
+        assert_eq!(s.resident_count(), 0);
+    }
+}
+
+/// No 1 GiB promotion where the slot does not qualify: 1 GiB leaves off,
+/// an object offset that is not 1 GiB aligned, a slot that a mapping
+/// boundary cuts, or one 2 MiB chunk with another protection.
+#[test]
+fn no_1g_promotion_where_the_slot_does_not_qualify() {
+    // 1 GiB leaves off: 2 MiB leaves only.
+    let mut cfg = SpaceConfig::new(1 << 36, npt());
+    cfg.huge_leaves = false;
+    let s: Space = VmSpace::new(cfg, pages()).unwrap();
+    let o = huge_ram();
+    s.map(&o, 0, Gpa(BASE), G1, Prot::RW).unwrap();
+    s.populate(Gpa(BASE), G1).unwrap();
+    assert_eq!(s.promote(Gpa(BASE), G1).unwrap(), 0);
+    assert_eq!(leaf_counts(&s, BASE, G1), [0, 512, 0]);
+    assert_eq!(s.promotions_1g(), PromotionStats::default());
+    // One chunk read-only: the 2 MiB leaves differ, no 1 GiB leaf.
+    let s = space_cfg(npt(), SplitPolicy::Eager);
+    let o = huge_ram();
+    s.map(&o, 0, Gpa(BASE), G1, Prot::RW).unwrap();
+    s.populate(Gpa(BASE), G1).unwrap();
+    s.protect(Gpa(BASE + 7 * M2), M2, Prot::READ).unwrap();
+    s.promote(Gpa(BASE), G1).unwrap();
+    assert_eq!(leaf_counts(&s, BASE, G1)[2], 0);
+    assert_eq!(s.promotions_1g().explicit, 0);
+    // Protection restored: the pass makes the 1 GiB leaf again.
+    s.protect(Gpa(BASE + 7 * M2), M2, Prot::RW).unwrap();
+    s.promote(Gpa(BASE), G1).unwrap();
+    assert_eq!(leaf_counts(&s, BASE, G1), [0, 0, 1]);
+    assert_eq!(s.promotions_1g().explicit, 1);
+    // A promote range that covers only part of the slot leaves it be.
+    s.protect(Gpa(BASE + 7 * M2), M2, Prot::READ).unwrap();
+    s.protect(Gpa(BASE + 7 * M2), M2, Prot::RW).unwrap();
+    s.promote(Gpa(BASE), G1 - M2).unwrap();
+    assert_eq!(leaf_counts(&s, BASE, G1)[2], 0);
+    // An object offset that is not 1 GiB aligned (2 MiB runs only).
+    let s = space_cfg(npt(), SplitPolicy::Eager);
+    let o = ram_at(2 * G1, FRAMES);
+    s.map(&o, M2, Gpa(BASE), G1, Prot::RW).unwrap();
+    s.populate(Gpa(BASE), G1).unwrap();
+    s.promote(Gpa(BASE), G1).unwrap();
+    assert_eq!(leaf_counts(&s, BASE, G1), [0, 512, 0]);
+    // Two mappings meeting inside the slot.
+    let s = space_cfg(npt(), SplitPolicy::Eager);
+    let o = huge_ram();
+    s.map(&o, 0, Gpa(BASE), G1 / 2, Prot::RW).unwrap();
+    s.map(&o, G1 / 2, Gpa(BASE + G1 / 2), G1 / 2, Prot::RW).unwrap();
+    s.populate(Gpa(BASE), G1 / 2).unwrap();
+    s.populate(Gpa(BASE + G1 / 2), G1 / 2).unwrap();
+    s.promote(Gpa(BASE), G1).unwrap();
+    assert_eq!(leaf_counts(&s, BASE, G1), [0, 512, 0]);
 }

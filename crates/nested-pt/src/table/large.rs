@@ -28,8 +28,14 @@
 //! carried to each, one store of the level-3 entry), after which the
 //! range counts as populated for 2 MiB leaves, and
 //! [`NestedTable::split_empty_1g`] gives an empty slot counted for a
-//! 1 GiB leaf an empty level-2 table counted for 512 2 MiB leaves. There
-//! is no 1 GiB promotion.
+//! 1 GiB leaf an empty level-2 table counted for 512 2 MiB leaves.
+//! [`NestedTable::promote_1g`] is the reverse of `demote_1g`: a level-2
+//! table whose 512 entries are all 2 MiB leaves mapping one aligned,
+//! contiguous 1 GiB run with one protection and memory type becomes one
+//! 1 GiB leaf (accessed/dirty ORed, one store of the level-3 entry), and
+//! the range counts as populated for a 1 GiB leaf again. Promotion goes
+//! one level at a time too: the 2 MiB ranges of the slot are promoted
+//! first.
 
 use core::sync::atomic::Ordering;
 
@@ -301,6 +307,108 @@ impl<P: TablePages> NestedTable<P> {
         n2.children.insert(pos, child);
         self.tables += 1;
         Ok(())
+    }
+
+    /// Promotes the 1 GiB range at `gpa` to one 1 GiB leaf if its level-2
+    /// table holds 512 2 MiB leaves that map one 1 GiB-aligned contiguous
+    /// run with one protection and memory type (the reverse of
+    /// [`demote_1g`](Self::demote_1g); see the module doc): accessed if any
+    /// 2 MiB leaf was, dirty if any was, put in with one store of the
+    /// level-3 entry, so no page of the range is ever not-present. The
+    /// level-2 table is freed (its frame returned) and the range counts as
+    /// populated for a 1 GiB leaf. The caller invalidates cached
+    /// translations before the freed page is reused, as for
+    /// [`promote_2m`](Self::promote_2m). Refused, with nothing changed:
+    /// [`PromoteRefusal::Unaligned`] (not 1 GiB aligned, or beyond the
+    /// table's width), [`PromoteRefusal::Unsupported`] (the format has no
+    /// 1 GiB leaves), [`PromoteRefusal::NoLeafTable`] (no level-2 table
+    /// there: not populated, or already one leaf), [`PromoteRefusal::Hole`]
+    /// (an entry is not present, or is a leaf table rather than a 2 MiB
+    /// leaf: promote that first), [`PromoteRefusal::NotContiguous`],
+    /// [`PromoteRefusal::Mixed`] and [`PromoteRefusal::PartialCount`] (the
+    /// table is not counted for 512 2 MiB leaves).
+    pub fn promote_1g(&mut self, gpa: Gpa) -> Result<Pfn, PromoteRefusal> {
+        let g = gpa.0;
+        if !g.is_multiple_of(G1) || g >= self.fmt.gpa_limit() {
+            return Err(PromoteRefusal::Unaligned);
+        }
+        if !self.fmt.supports(PageSize::Size1G) || !self.fmt.supports(PageSize::Size2M) {
+            return Err(PromoteRefusal::Unsupported);
+        }
+        let fmt = self.fmt;
+        let i3 = index(3, g);
+        let (l3_pfn, l2_pfn, l2_reserved) = {
+            let n3 = self.node_l3(g).ok_or(PromoteRefusal::NoLeafTable)?;
+            let pos = n3.child_pos(i3).map_err(|_| PromoteRefusal::NoLeafTable)?;
+            let l2 = &n3.children[pos];
+            if !l2.children.is_empty() {
+                // A 2 MiB range still has its leaf table.
+                return Err(PromoteRefusal::Hole);
+            }
+            (n3.pfn, l2.pfn, l2.reserved)
+        };
+        if l2_reserved as usize != ENTRIES {
+            return Err(PromoteRefusal::PartialCount);
+        }
+        let t2 = table_of(&self.pages, l2_pfn).ok_or(PromoteRefusal::NoLeafTable)?;
+        let first = t2[0].load(Ordering::Acquire);
+        if !fmt.is_present(first) || !fmt.is_leaf(first, 2) {
+            return Err(PromoteRefusal::Hole);
+        }
+        let pfn0 = fmt.frame_at_level(first, 2);
+        if !pfn0.0.is_multiple_of(PageSize::Size1G.pages()) {
+            return Err(PromoteRefusal::NotContiguous);
+        }
+        let (prot, mt) = (fmt.prot(first), fmt.mem_type(first));
+        // As in promote_2m: entry `k` of a qualifying table is the first
+        // plus `k` 2 MiB frames, apart from accessed/dirty.
+        let ad = fmt.accessed_mask() | fmt.dirty_mask();
+        let want = first & !ad;
+        let mut all = 0u64;
+        let mut mismatch = false;
+        for (k, slot) in t2.iter().enumerate() {
+            let e = slot.load(Ordering::Acquire);
+            all |= e;
+            mismatch |= e & !ad != want + ((k as u64) << 21);
+        }
+        if mismatch {
+            for (k, slot) in t2.iter().enumerate() {
+                let e = slot.load(Ordering::Acquire);
+                if !fmt.is_present(e) || !fmt.is_leaf(e, 2) {
+                    return Err(PromoteRefusal::Hole);
+                }
+                if fmt.frame_at_level(e, 2) != Pfn(pfn0.0 + (k as u64) * PageSize::Size2M.pages()) {
+                    return Err(PromoteRefusal::NotContiguous);
+                }
+                if fmt.prot(e) != prot || fmt.mem_type(e) != mt {
+                    return Err(PromoteRefusal::Mixed);
+                }
+            }
+            return Err(PromoteRefusal::Mixed);
+        }
+        let (accessed, dirty) = (fmt.accessed(all & !fmt.addr_mask()), fmt.dirty(all & !fmt.addr_mask()));
+        let mut huge = fmt
+            .leaf_entry(pfn0, PageSize::Size1G, prot, mt.unwrap_or(MemType::WriteBack))
+            .map_err(|_| PromoteRefusal::Unsupported)?;
+        if accessed {
+            huge |= fmt.set_accessed_bits(huge);
+        }
+        if dirty {
+            huge |= fmt.set_dirty_bits();
+        }
+        let t3 = table_of(&self.pages, l3_pfn).ok_or(PromoteRefusal::NoLeafTable)?;
+        // One store: the level-2 table's translations become the leaf's.
+        t3[i3].store(huge, Ordering::Release);
+        let n3 = self.node_l3(g).expect("checked above");
+        let pos = n3.child_pos(i3).expect("checked above");
+        n3.children.remove(pos);
+        n3.reserved += 1;
+        // SAFETY: the level-2 table is no longer referenced by any entry
+        // or node; hardware may cache it until the caller invalidates,
+        // which it does before the provider hands the page out again.
+        unsafe { self.pages.free(l2_pfn) };
+        self.tables -= 1;
+        Ok(l2_pfn)
     }
 
     /// A 1 GiB-aligned address inside the table's width.
