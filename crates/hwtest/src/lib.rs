@@ -101,7 +101,12 @@
 //! 1 GiB leaf, `demote_1g` to 512 2 MiB leaves, each checked for its part
 //! of the run and the carried A/D, two of them scanned and harvested, then
 //! one demoted on to 4 KiB and written once: the harvest reports exactly
-//! that page; not on the Ivy Bridge model, which has no 1 GiB EPT pages).
+//! that page), and `promote-1g` (the same range back: refused while a
+//! part is a leaf table, then `promote_2m` of it and `promote_1g` to one
+//! 1 GiB leaf, accessed and clean from the 2 MiB leaves' state, every
+//! page of two parts scanned through it, a write dirtying it and a
+//! harvest reporting the whole GiB); neither on the Ivy Bridge model,
+//! which has no 1 GiB EPT pages.
 //! Each page holds a distinct value,
 //! written by the guest or in host memory (with a decoy where the guest is
 //! to write, or where a wrong frame would lead); after the change and the
@@ -265,6 +270,7 @@ impl Emulator {
             "demote-2m-clean",
             "promote-2m-refused",
             "demote-1g",
+            "promote-1g",
         ];
         const QEMU: &[&str] = &[
             "rsv-4k-high-addr",
@@ -300,6 +306,7 @@ impl Emulator {
             "ro-1g",
             "nx-1g",
             "demote-1g",
+            "promote-1g",
             "harvest-dirty-4k",
             "harvest-dirty-2m",
             "mis-1g-bit13",

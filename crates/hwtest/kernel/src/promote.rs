@@ -29,6 +29,7 @@
 //! | 0x0300_0000  | promote-2m-refused        | TEST_BASE + 5*2M (one page from 6*2M) |
 //! | 0x0200_0000  | promote-demote-emulated-ad (own table) | TEST_BASE + 7*2M |
 //! | 0x4000_0000  | demote-1g (a 1 GiB leaf, PDPTE 1; the guest uses its pages at TEST_BASE..+4M) | host 0..1 GiB |
+//! | 0x4000_0000  | promote-1g (the same range, after demote-1g) | host 0..1 GiB |
 //!
 //! After a promotion or demotion the kernel invalidates before the next
 //! run, as a hypervisor must before the freed leaf table is reused: on VMX
@@ -173,7 +174,7 @@ fn harvest(suite: &mut Suite, s: &mut Scenario, env: &Env, g: u64, dirty: &dyn F
 /// Run the promotion and demotion scenarios on a table of `fmt` (EPTP bit
 /// 6 = `ad`); on VMX also in the emulated-A/D format of `caps`.
 pub fn run(suite: &mut Suite, caps: Caps, fmt: PteFormat, ad: bool) {
-    const NAMES: [&str; 7] = [
+    const NAMES: [&str; 8] = [
         "promote-2m",
         "promote-2m-clean",
         "demote-2m",
@@ -181,6 +182,7 @@ pub fn run(suite: &mut Suite, caps: Caps, fmt: PteFormat, ad: bool) {
         "promote-2m-refused",
         "promote-demote-emulated-ad",
         "demote-1g",
+        "promote-1g",
     ];
     if !fmt.supports(PageSize::Size2M) {
         for n in NAMES {
@@ -202,8 +204,10 @@ pub fn run(suite: &mut Suite, caps: Caps, fmt: PteFormat, ad: bool) {
     refused(suite, &mut env);
     if fmt.supports(PageSize::Size1G) {
         demote_1g(suite, &mut env);
+        promote_1g(suite, &mut env);
     } else {
         suite.skip("demote-1g", "CPU model has no 1 GiB nested pages");
+        suite.skip("promote-1g", "CPU model has no 1 GiB nested pages");
     }
     if suite.arch == Arch::Vmx {
         emulated(suite, caps);
@@ -430,6 +434,74 @@ fn demote_1g(suite: &mut Suite, env: &mut Env) {
     suite.access_data(&mut s, env, Op::Read, word(g, k), Invalidate::None, Expect::Ok, Data::Read(v));
     // The rest of the 1 GiB still translates through its 2 MiB leaves.
     check_leaves(suite, &mut s, env, g + M2, host + M2, PageSize::Size2M);
+    suite.end(s);
+}
+
+/// `promote-1g`, on the state `demote-1g` leaves (the 2 MiB at TEST_BASE
+/// in 4 KiB leaves, page 77 rewritten, the other 511 parts 2 MiB leaves):
+/// `promote_1g` is refused with `Hole` while one part is a leaf table, and
+/// changes no table word; `promote_2m` of that part and then `promote_1g`
+/// make one 1 GiB leaf onto host 0..1 GiB again, the level-2 table freed.
+/// Before, every 2 MiB leaf is made clean and not accessed, and the guest
+/// reads one page of the second part: the 1 GiB leaf must be accessed and
+/// clean. After the invalidation the guest reads every page of both parts
+/// through it (the same translation), a write sets D on the 1 GiB leaf and
+/// a harvest of the GiB reports all of its pages (one dirty bit stands for
+/// the whole leaf) and leaves it clean.
+fn promote_1g(suite: &mut Suite, env: &mut Env) {
+    let (tag, host) = (8, run_base(0));
+    let g = G_1G + host;
+    let arch = suite.arch;
+    let mut s = suite.begin("promote-1g");
+    let k77 = decoy(tag, 77) ^ 0x00F0_0000;
+    let tables = env.table.table_pages();
+    match env.table.promote_1g(Gpa(G_1G)) {
+        Err(PromoteRefusal::Hole) if env.table.table_pages() == tables => {}
+        r => suite.diff(&mut s, format_args!("promote_1g over a leaf table: {r:?}, expected Err(Hole)")),
+    }
+    check_leaves(suite, &mut s, env, g, host, PageSize::Size4K);
+    if let Err(r) = env.table.promote_2m(Gpa(g)) {
+        suite.diff(&mut s, format_args!("promote_2m of the 4 KiB part: {r:?}"));
+    }
+    // Every 2 MiB leaf clean and not accessed, then one read.
+    for k in 0..PAGES {
+        if let Some(l) = env.table.lookup(Gpa(G_1G + k * M2)) {
+            l.reset_accessed(false);
+            l.reset_dirty(false);
+        }
+    }
+    suite.access_data(&mut s, env, Op::Read, word(g + M2, 5), Invalidate::All, Expect::Ok, Data::Read(value(tag + 1, 5)));
+    suite.expect_ad(&mut s, env, g + M2, true, false);
+    suite.expect_ad(&mut s, env, g, false, false);
+    let tables = env.table.table_pages();
+    match env.table.promote_1g(Gpa(G_1G)) {
+        Ok(_) if env.table.table_pages() + 1 == tables => {}
+        r => suite.diff(&mut s, format_args!("promote_1g: {r:?}, table pages {} (were {tables})", env.table.table_pages())),
+    }
+    match env.table.lookup(Gpa(g + 300 * 4096)) {
+        Some(l) if l.size == PageSize::Size1G && l.gpa == Gpa(G_1G) && l.pfn_of(Gpa(G_1G)) == Some(Pfn(0)) => {}
+        l => suite.diff(&mut s, format_args!("after promote_1g: {l:x?}, expected a 1G leaf onto host 0")),
+    }
+    suite.expect_ad(&mut s, env, g, true, false);
+    // The same values through the 1 GiB leaf.
+    scan(suite, &mut s, env, g, tag, 0, 77, inv_range(arch, g));
+    suite.access_data(&mut s, env, Op::Read, word(g, 77), Invalidate::None, Expect::Ok, Data::Read(k77));
+    scan(suite, &mut s, env, g, tag, 78, PAGES, Invalidate::None);
+    scan(suite, &mut s, env, g + M2, tag + 1, 0, PAGES, Invalidate::None);
+    suite.expect_ad(&mut s, env, g, true, false);
+    let v = value(tag, 9) ^ 0x0A00_0000;
+    suite.access_data(&mut s, env, Op::Write, word(g, 9), Invalidate::None, Expect::Ok, Data::Write(v));
+    suite.expect_ad(&mut s, env, g, true, true);
+    // A harvest takes the large leaf whole: all 262,144 pages.
+    let mut bm = alloc::vec![0u64; (G1 / 4096 / 64) as usize];
+    let n = env.table.harvest_dirty(Gpa(G_1G), G1, &mut bm);
+    let want = if env.ad { G1 / 4096 } else { 0 };
+    let ones = bm.iter().map(|w| w.count_ones() as u64).sum::<u64>();
+    if n != Ok(want) || ones != want {
+        suite.diff(&mut s, format_args!("harvest of the written 1G leaf: {n:?} ({ones} bits), expected Ok({want})"));
+    }
+    suite.expect_ad(&mut s, env, g, true, false);
+    suite.access_data(&mut s, env, Op::Read, word(g, 9), inv_range(arch, g), Expect::Ok, Data::Read(v));
     suite.end(s);
 }
 
