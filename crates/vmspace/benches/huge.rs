@@ -20,6 +20,12 @@
 //!   written 2 MiB -> 4 KiB); `split_2m_x512/eager_switch_on` is the eager
 //!   switch over the same GiB mapped with 512 2 MiB leaves, for
 //!   comparison.
+//! - `promote_1g/{pass_4k_to_1g,last_chunk_and_slot}`: promotion back, after
+//!   a tracking on/off cycle left the GiB in 262,144 4 KiB leaves:
+//!   `VmSpace::promote` over the whole GiB (512 chunks to 2 MiB, then the
+//!   slot to 1 GiB), and the same with 511 chunks promoted beforehand (the
+//!   last chunk and the slot: what the automatic promotion of the chunk
+//!   that completes a slot costs).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -177,5 +183,40 @@ fn split(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, first_touch, split);
+fn promote_back(c: &mut Criterion) {
+    let mut g = c.benchmark_group("promote_1g");
+    g.sample_size(20);
+    let o = ram(GIB);
+    let mut report = Vec::new();
+    for name in ["pass_4k_to_1g", "last_chunk_and_slot"] {
+        let mut times = Vec::new();
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut t = Duration::ZERO;
+                for _ in 0..iters {
+                    let s = one_gib(&o, true, SplitPolicy::Eager);
+                    s.set_dirty_tracking(true).unwrap();
+                    s.set_dirty_tracking(false).unwrap();
+                    if name == "last_chunk_and_slot" {
+                        assert_eq!(s.promote(Gpa(GIB), GIB - M2).unwrap(), 511);
+                    }
+                    let t0 = Instant::now();
+                    s.promote(Gpa(GIB), GIB).unwrap();
+                    let d = t0.elapsed();
+                    times.push(d);
+                    t += d;
+                    assert_eq!(s.promotions_1g().explicit, 1);
+                }
+                t
+            })
+        });
+        report.push((name, median(&mut times)));
+    }
+    g.finish();
+    for (name, d) in &report {
+        eprintln!("promote_report {name}: {:.1} us (median)", d.as_secs_f64() * 1e6);
+    }
+}
+
+criterion_group!(benches, first_touch, split, promote_back);
 criterion_main!(benches);
