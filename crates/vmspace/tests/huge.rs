@@ -960,18 +960,17 @@ fn no_1g_promotion_where_the_slot_does_not_qualify() {
     s.populate(Gpa(BASE), G1).unwrap();
     s.protect(Gpa(BASE + 7 * M2), M2, Prot::READ).unwrap();
     s.promote(Gpa(BASE), G1).unwrap();
-    assert_eq!(leaf_counts(&s, BASE, G1)[2], 0);
-    assert_eq!(s.promotions_1g().explicit, 0);
-    // Protection restored: the pass makes the 1 GiB leaf again.
+    assert_eq!(leaf_counts(&s, BASE, G1), [0, 512, 0]);
+    assert_eq!(s.promotions_1g(), PromotionStats::default());
+    // Protection restored: a promote range that covers only part of the
+    // slot leaves it be; the whole slot's pass makes the 1 GiB leaf again.
     s.protect(Gpa(BASE + 7 * M2), M2, Prot::RW).unwrap();
+    assert_eq!(leaf_counts(&s, BASE, G1), [0, 512, 0]);
+    s.promote(Gpa(BASE), G1 - M2).unwrap();
+    assert_eq!(leaf_counts(&s, BASE, G1), [0, 512, 0]);
     s.promote(Gpa(BASE), G1).unwrap();
     assert_eq!(leaf_counts(&s, BASE, G1), [0, 0, 1]);
-    assert_eq!(s.promotions_1g().explicit, 1);
-    // A promote range that covers only part of the slot leaves it be.
-    s.protect(Gpa(BASE + 7 * M2), M2, Prot::READ).unwrap();
-    s.protect(Gpa(BASE + 7 * M2), M2, Prot::RW).unwrap();
-    s.promote(Gpa(BASE), G1 - M2).unwrap();
-    assert_eq!(leaf_counts(&s, BASE, G1)[2], 0);
+    assert_eq!(s.promotions_1g(), PromotionStats { explicit: 1, automatic: 0 });
     // An object offset that is not 1 GiB aligned (2 MiB runs only).
     let s = space_cfg(npt(), SplitPolicy::Eager);
     let o = ram_at(2 * G1, FRAMES);
