@@ -87,60 +87,48 @@ impl<P: TablePages> NestedTable<P> {
         Some(&mut n3.children[p])
     }
 
-    /// Promotes the 2 MiB range at `gpa` to one 2 MiB leaf if its 512
-    /// leaves map one aligned contiguous run with one protection and
-    /// memory type (see the module doc). Returns the freed leaf table's
-    /// frame; on refusal nothing changes.
-    pub fn promote_2m(&mut self, gpa: Gpa) -> Result<Pfn, PromoteRefusal> {
-        let g = gpa.0;
-        if !g.is_multiple_of(M2) || g >= self.fmt.gpa_limit() {
-            return Err(PromoteRefusal::Unaligned);
-        }
-        if !self.fmt.supports(PageSize::Size2M) {
-            return Err(PromoteRefusal::Unsupported);
-        }
+    /// The one leaf of `level + 1` that the table at `child` (whose 512
+    /// entries are at `level`, 1 or 2) can become: its entries must all be
+    /// leaves of one contiguous run aligned to the large size, with one
+    /// protection and memory type; the large leaf is accessed if any entry
+    /// was and dirty if any was. Reads only.
+    fn merged_leaf(&self, child: Pfn, level: u8) -> Result<u64, PromoteRefusal> {
         let fmt = self.fmt;
-        let i2 = index(2, g);
-        let (l2_pfn, l1_pfn, l1_reserved) = {
-            let n2 = self.node_l2(g).ok_or(PromoteRefusal::NoLeafTable)?;
-            let pos = n2.child_pos(i2).map_err(|_| PromoteRefusal::NoLeafTable)?;
-            let l1 = &n2.children[pos];
-            (n2.pfn, l1.pfn, l1.reserved)
-        };
-        if l1_reserved == 0 || !(l1_reserved as usize).is_multiple_of(ENTRIES) {
-            return Err(PromoteRefusal::PartialCount);
-        }
-        let t1 = table_of(&self.pages, l1_pfn).ok_or(PromoteRefusal::NoLeafTable)?;
-        let first = t1[0].load(Ordering::Acquire);
-        if !fmt.is_present(first) {
+        let (size, large_size) =
+            if level == 1 { (PageSize::Size4K, PageSize::Size2M) } else { (PageSize::Size2M, PageSize::Size1G) };
+        let shift = 12 + 9 * (level as u32 - 1);
+        let t = table_of(&self.pages, child).ok_or(PromoteRefusal::NoLeafTable)?;
+        let leaf = |e: u64| fmt.is_present(e) && fmt.is_leaf(e, level);
+        let first = t[0].load(Ordering::Acquire);
+        if !leaf(first) {
             return Err(PromoteRefusal::Hole);
         }
-        let pfn0 = fmt.frame(first);
-        if !pfn0.0.is_multiple_of(PageSize::Size2M.pages()) {
+        let pfn0 = fmt.frame_at_level(first, level);
+        if !pfn0.0.is_multiple_of(large_size.pages()) {
             return Err(PromoteRefusal::NotContiguous);
         }
         let (prot, mt) = (fmt.prot(first), fmt.mem_type(first));
         // One compare per entry: apart from the accessed/dirty bits, entry
         // `k` of a contiguous run with one protection and memory type is
-        // the first entry plus `k` frames. The bits of all entries are
-        // ORed to carry accessed/dirty; only a mismatch takes the slow
-        // path that says why.
+        // the first entry plus `k` frames of its size. The bits of all
+        // entries are ORed to carry accessed/dirty; only a mismatch takes
+        // the slow path that says why.
         let ad = fmt.accessed_mask() | fmt.dirty_mask();
         let want = first & !ad;
         let mut all = 0u64;
         let mut mismatch = false;
-        for (k, slot) in t1.iter().enumerate() {
+        for (k, slot) in t.iter().enumerate() {
             let e = slot.load(Ordering::Acquire);
             all |= e;
-            mismatch |= e & !ad != want + ((k as u64) << 12);
+            mismatch |= e & !ad != want + ((k as u64) << shift);
         }
         if mismatch {
-            for (k, slot) in t1.iter().enumerate() {
+            for (k, slot) in t.iter().enumerate() {
                 let e = slot.load(Ordering::Acquire);
-                if !fmt.is_present(e) {
+                if !leaf(e) {
                     return Err(PromoteRefusal::Hole);
                 }
-                if fmt.frame(e) != Pfn(pfn0.0 + k as u64) {
+                if fmt.frame_at_level(e, level) != Pfn(pfn0.0 + k as u64 * size.pages()) {
                     return Err(PromoteRefusal::NotContiguous);
                 }
                 if fmt.prot(e) != prot || fmt.mem_type(e) != mt {
@@ -155,7 +143,7 @@ impl<P: TablePages> NestedTable<P> {
         // it reads accessed/dirty as any entry's.
         let (accessed, dirty) = (fmt.accessed(all & !fmt.addr_mask()), fmt.dirty(all & !fmt.addr_mask()));
         let mut large = fmt
-            .leaf_entry(pfn0, PageSize::Size2M, prot, mt.unwrap_or(MemType::WriteBack))
+            .leaf_entry(pfn0, large_size, prot, mt.unwrap_or(MemType::WriteBack))
             .map_err(|_| PromoteRefusal::Unsupported)?;
         if accessed {
             large |= fmt.set_accessed_bits(large);
@@ -163,6 +151,32 @@ impl<P: TablePages> NestedTable<P> {
         if dirty {
             large |= fmt.set_dirty_bits();
         }
+        Ok(large)
+    }
+
+    /// Promotes the 2 MiB range at `gpa` to one 2 MiB leaf if its 512
+    /// leaves map one aligned contiguous run with one protection and
+    /// memory type (see the module doc). Returns the freed leaf table's
+    /// frame; on refusal nothing changes.
+    pub fn promote_2m(&mut self, gpa: Gpa) -> Result<Pfn, PromoteRefusal> {
+        let g = gpa.0;
+        if !g.is_multiple_of(M2) || g >= self.fmt.gpa_limit() {
+            return Err(PromoteRefusal::Unaligned);
+        }
+        if !self.fmt.supports(PageSize::Size2M) {
+            return Err(PromoteRefusal::Unsupported);
+        }
+        let i2 = index(2, g);
+        let (l2_pfn, l1_pfn, l1_reserved) = {
+            let n2 = self.node_l2(g).ok_or(PromoteRefusal::NoLeafTable)?;
+            let pos = n2.child_pos(i2).map_err(|_| PromoteRefusal::NoLeafTable)?;
+            let l1 = &n2.children[pos];
+            (n2.pfn, l1.pfn, l1.reserved)
+        };
+        if l1_reserved == 0 || !(l1_reserved as usize).is_multiple_of(ENTRIES) {
+            return Err(PromoteRefusal::PartialCount);
+        }
+        let large = self.merged_leaf(l1_pfn, 1)?;
         // One store: the translation changes from the leaf table's to the
         // large leaf's, with no not-present window.
         let t2 = table_of(&self.pages, l2_pfn).ok_or(PromoteRefusal::NoLeafTable)?;
@@ -335,7 +349,6 @@ impl<P: TablePages> NestedTable<P> {
         if !self.fmt.supports(PageSize::Size1G) || !self.fmt.supports(PageSize::Size2M) {
             return Err(PromoteRefusal::Unsupported);
         }
-        let fmt = self.fmt;
         let i3 = index(3, g);
         let (l3_pfn, l2_pfn, l2_reserved) = {
             let n3 = self.node_l3(g).ok_or(PromoteRefusal::NoLeafTable)?;
@@ -350,52 +363,7 @@ impl<P: TablePages> NestedTable<P> {
         if l2_reserved as usize != ENTRIES {
             return Err(PromoteRefusal::PartialCount);
         }
-        let t2 = table_of(&self.pages, l2_pfn).ok_or(PromoteRefusal::NoLeafTable)?;
-        let first = t2[0].load(Ordering::Acquire);
-        if !fmt.is_present(first) || !fmt.is_leaf(first, 2) {
-            return Err(PromoteRefusal::Hole);
-        }
-        let pfn0 = fmt.frame_at_level(first, 2);
-        if !pfn0.0.is_multiple_of(PageSize::Size1G.pages()) {
-            return Err(PromoteRefusal::NotContiguous);
-        }
-        let (prot, mt) = (fmt.prot(first), fmt.mem_type(first));
-        // As in promote_2m: entry `k` of a qualifying table is the first
-        // plus `k` 2 MiB frames, apart from accessed/dirty.
-        let ad = fmt.accessed_mask() | fmt.dirty_mask();
-        let want = first & !ad;
-        let mut all = 0u64;
-        let mut mismatch = false;
-        for (k, slot) in t2.iter().enumerate() {
-            let e = slot.load(Ordering::Acquire);
-            all |= e;
-            mismatch |= e & !ad != want + ((k as u64) << 21);
-        }
-        if mismatch {
-            for (k, slot) in t2.iter().enumerate() {
-                let e = slot.load(Ordering::Acquire);
-                if !fmt.is_present(e) || !fmt.is_leaf(e, 2) {
-                    return Err(PromoteRefusal::Hole);
-                }
-                if fmt.frame_at_level(e, 2) != Pfn(pfn0.0 + (k as u64) * PageSize::Size2M.pages()) {
-                    return Err(PromoteRefusal::NotContiguous);
-                }
-                if fmt.prot(e) != prot || fmt.mem_type(e) != mt {
-                    return Err(PromoteRefusal::Mixed);
-                }
-            }
-            return Err(PromoteRefusal::Mixed);
-        }
-        let (accessed, dirty) = (fmt.accessed(all & !fmt.addr_mask()), fmt.dirty(all & !fmt.addr_mask()));
-        let mut huge = fmt
-            .leaf_entry(pfn0, PageSize::Size1G, prot, mt.unwrap_or(MemType::WriteBack))
-            .map_err(|_| PromoteRefusal::Unsupported)?;
-        if accessed {
-            huge |= fmt.set_accessed_bits(huge);
-        }
-        if dirty {
-            huge |= fmt.set_dirty_bits();
-        }
+        let huge = self.merged_leaf(l2_pfn, 2)?;
         let t3 = table_of(&self.pages, l3_pfn).ok_or(PromoteRefusal::NoLeafTable)?;
         // One store: the level-2 table's translations become the leaf's.
         t3[i3].store(huge, Ordering::Release);
