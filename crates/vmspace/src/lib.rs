@@ -322,9 +322,7 @@
 //!   runs, e.g. after a migration switched tracking off, merges those).
 //!   A fault in guest context on the same space skips it, and a table
 //!   filled while tracking was on is not promoted when tracking goes off.
-//!   Promotion of either kind is refused while tracking is on. A large
-//!   leaf lazily write-protected stays so after tracking goes off, until
-//!   a write splits it or a promotion of the range runs after the split.
+//!   Promotion of either kind is refused while tracking is on.
 //!   The split's retry is lock-free, not wait-free: a writer whose
 //!   chunk another thread promotes and write-protects again (tracking
 //!   switched off, promoted, switched on lazily) between its split and

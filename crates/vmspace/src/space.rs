@@ -119,7 +119,9 @@ pub enum SplitPolicy {
     /// report), and split a large leaf on the first write to it (a vCPU's
     /// write fault or a writable hold), the small leaves getting the
     /// mapping's protection back: switching is cheap, each large leaf's
-    /// first write pays a fault, a split and an invalidation.
+    /// first write pays a fault, a split and an invalidation. A large
+    /// leaf that no write split gets the mapping's protection back when
+    /// tracking is switched off (one compare-and-swap each).
     Lazy,
 }
 
@@ -653,6 +655,45 @@ impl<P: TablePages, L: RawLock> Inner<P, L> {
                 Err(_) => return,
             }
         }
+    }
+
+    /// Give every large leaf whose protection lacks part of its mapping's
+    /// (the lazy split's write protection, [`Inner::write_protect_large`])
+    /// the mapping's protection again, keeping frame, memory type and
+    /// accessed/dirty state; for tracking going off. A compare-and-swap
+    /// each (hardware may set accessed/dirty meanwhile). Exclusive access;
+    /// returns how many leaves it rewrote.
+    fn unprotect_large(&self, d: &mut Data<P>) -> u64 {
+        let fmt = &self.format;
+        let mut n = 0;
+        for (start, m) in d.maps.iter() {
+            if !m.prot.contains(Prot::WRITE) {
+                continue;
+            }
+            let m_end = start + m.len;
+            let mut c = start.next_multiple_of(M2);
+            while c + M2 <= m_end {
+                let mut next = c + M2;
+                if let Some(leaf) = d.table.lookup(Gpa(c)).filter(|l| l.size != PageSize::Size4K) {
+                    if leaf.size == PageSize::Size1G {
+                        next = leaf.gpa.0 + crate::huge::G1;
+                    }
+                    let mut v = leaf.value();
+                    while fmt.is_present(v) && !fmt.prot(v).contains(m.prot) {
+                        let Ok(new) = self.with_prot(v, leaf.size, m.prot) else { break };
+                        match leaf.entry.compare_exchange(v, new, AcqRel, Acquire) {
+                            Ok(_) => {
+                                n += 1;
+                                break;
+                            }
+                            Err(now) => v = now,
+                        }
+                    }
+                }
+                c = next;
+            }
+        }
+        n
     }
 
     /// Clear and vacate `[gpa, end)` (whole chunks counted for 2 MiB
@@ -1701,6 +1742,14 @@ impl<P: TablePages + Send + Sync, L: RawLock> VmSpace<P, L> {
                         inner.bump_gen_and_invalidate(a, 0, inner.size, Cause::Remap, false, None);
                     }
                     return Err(e);
+                }
+            }
+            if !on && inner.track_dirty.load(Acquire) {
+                // The large leaves the lazy split write-protected and no
+                // write split get their mapping's protection back.
+                // SAFETY: lock held, clients held.
+                if unsafe { inner.with_data_mut(|d| inner.unprotect_large(d)) } > 0 {
+                    inner.map_seq.fetch_add(1, Release);
                 }
             }
             inner.track_dirty.store(on, Release);

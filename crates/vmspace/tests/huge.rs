@@ -988,3 +988,45 @@ fn no_1g_promotion_where_the_slot_does_not_qualify() {
     s.promote(Gpa(BASE), G1).unwrap();
     assert_eq!(leaf_counts(&s, BASE, G1), [0, 512, 0]);
 }
+
+/// With the lazy split, switching tracking off gives the large leaves no
+/// write split back their mapping's protection: a write then goes
+/// through the 1 GiB / 2 MiB leaf without a fault or a split, and the
+/// leaves written and split while tracking was on stay 4 KiB leaves.
+#[test]
+fn tracking_off_gives_lazily_write_protected_leaves_their_protection_back() {
+    for f in formats() {
+        let s = space_cfg(f, SplitPolicy::Lazy);
+        let o = ram_at(2 * G1, FRAMES);
+        s.map(&o, 0, Gpa(BASE), G1 + 4 * M2, Prot::RW).unwrap();
+        // A read-only mapping beside it keeps its protection.
+        s.map(&o, G1 + 4 * M2, Gpa(BASE + G1 + 4 * M2), 2 * M2, Prot::READ).unwrap();
+        s.populate(Gpa(BASE), G1 + 4 * M2).unwrap();
+        s.populate(Gpa(BASE + G1 + 4 * M2), 2 * M2).unwrap();
+        assert_eq!(leaf_counts(&s, BASE, G1 + 6 * M2), [0, 6, 1], "{f:?}");
+        s.set_dirty_tracking(true).unwrap();
+        let c = s.client();
+        // One write splits the 2 MiB leaf at G1 + 2 MiB (only).
+        c.hold(Gpa(BASE + G1 + M2 + 5 * PG), Prot::RW).unwrap().write_u64(0, 7).unwrap();
+        if !emulated(&f) {
+            assert_eq!(hw(&s, BASE + 9 * PG, Access::Write), None, "{f:?}: write-protected while tracking");
+        }
+        s.set_dirty_tracking(false).unwrap();
+        // (The read-only mapping's leaves were split when tracking went
+        // on: nothing to write-protect there.)
+        assert_eq!(leaf_counts(&s, BASE, G1 + 6 * M2), [3 * 512, 3, 1], "{f:?}");
+        let prot = |g: u64| s.with_table(|t| t.lookup(Gpa(g)).map(|l| t.format().prot(l.value)));
+        for g in [BASE + 9 * PG, BASE + G1 + 3 * PG, BASE + G1 + 3 * M2] {
+            assert!(prot(g).unwrap().contains(Prot::RW), "{f:?} {g:#x}: {:?}", prot(g));
+        }
+        assert_eq!(prot(BASE + G1 + 5 * M2), Some(Prot::READ), "{f:?}: the read-only mapping");
+        if !emulated(&f) {
+            assert_eq!(hw(&s, BASE + 9 * PG, Access::Write), Some(PageSize::Size1G), "{f:?}");
+            assert_eq!(hw(&s, BASE + G1 + 3 * M2, Access::Write), Some(PageSize::Size2M), "{f:?}");
+        }
+        c.fault(Gpa(BASE + G1 + 7 * PG), Prot::WRITE).unwrap();
+        assert_eq!(leaf_counts(&s, BASE, G1 + 6 * M2), [3 * 512, 3, 1], "{f:?}: no split after tracking");
+        assert_eq!(c.hold(Gpa(BASE + G1 + M2 + 5 * PG), Prot::READ).unwrap().read_u64(0).unwrap(), 7);
+        check_frames(&s, &o, BASE, 0, G1 + 4 * M2);
+    }
+}

@@ -851,10 +851,9 @@ fn auto_promotions_under_concurrent_faults_and_holds() {
 fn a_promotion_between_a_lazy_split_and_the_retry_gives_a_writable_leaf() {
     // The interleaving the split retry (`VmClient::fault_split`, and the
     // hold's loop) must survive, run in order on one thread: a 2 MiB
-    // leaf write-protected by a lazy tracking switch (tracking off
-    // again: it stays so), a write splits it, and the chunk is promoted
-    // again (explicitly, or automatically by faults refilling it) before
-    // the writer retries. The new leaf carries the mapping's protection,
+    // leaf write-protected by a lazy tracking switch, a write splits it,
+    // tracking goes off and the chunk is promoted again (explicitly, or
+    // automatically by faults refilling it) before the writer retries. The new leaf carries the mapping's protection,
     // so the retried write and a writable hold map it with no other
     // split and no other change: the retry goes round again only after
     // another switch of tracking on.
@@ -870,10 +869,10 @@ fn a_promotion_between_a_lazy_split_and_the_retry_gives_a_writable_leaf() {
         let c = s.client();
         watch(&c);
         s.set_dirty_tracking(true).unwrap();
-        s.set_dirty_tracking(false).unwrap();
-        assert_eq!(s.lookup(Gpa(base)).unwrap().1, Prot::READ, "{f:?}: still write-protected");
+        assert_eq!(s.lookup(Gpa(base)).unwrap().1, Prot::READ, "{f:?}: write-protected");
         c.fault(Gpa(base + 5 * PG), Prot::WRITE).unwrap();
         assert_eq!(leaf_sizes(&s, base, M2).len(), 512, "{f:?}: split by the write");
+        s.set_dirty_tracking(false).unwrap();
         assert!(
             (0..512).all(|p| s.lookup(Gpa(base + p * PG)).unwrap().1 == Prot::RW),
             "{f:?}: the mapping's protection"
@@ -899,10 +898,10 @@ fn a_promotion_between_a_lazy_split_and_the_retry_gives_a_writable_leaf() {
         fault_chunk(&c, base, Prot::READ, false);
         assert_eq!(s.promotions().automatic, 1, "{f:?}");
         s.set_dirty_tracking(true).unwrap();
-        s.set_dirty_tracking(false).unwrap();
-        assert_eq!(s.lookup(Gpa(base)).unwrap().1, Prot::READ, "{f:?}: still write-protected");
+        assert_eq!(s.lookup(Gpa(base)).unwrap().1, Prot::READ, "{f:?}: write-protected");
         c.fault(Gpa(base + 5 * PG), Prot::WRITE).unwrap();
         assert_eq!(leaf_sizes(&s, base, M2).len(), 512, "{f:?}: split by the write");
+        s.set_dirty_tracking(false).unwrap();
         s.set_dirty_tracking(true).unwrap();
         s.unmap(Gpa(base), M2).unwrap();
         s.map(&o, 0, Gpa(base), M2, Prot::RW).unwrap();
