@@ -273,12 +273,13 @@ fn differential_against_host_cpu() {
     let mut generator = Generator::new(seed, layout);
     let mut failures = Vec::new();
     let mut tally = Tally::default();
+    let mut truncated = 0u32;
     for i in 0..n {
         let case = generator.case(i);
         if case.form.code.mnemonic() == iced_x86::Mnemonic::Movbe && !std::is_x86_feature_detected!("movbe") {
             continue;
         }
-        let (want, want_data, want_stack) = native.run(&case);
+        let (mut want, want_data, want_stack) = native.run(&case);
         let mut code_page = native.read(0, PAGE_SIZE as usize);
         code_page[CODE_OFF as usize..][..case.bytes.len()].copy_from_slice(&case.bytes);
         let mut mem = Mock {
@@ -299,6 +300,7 @@ fn differential_against_host_cpu() {
             res = emulate(&mut got, &mut mem);
         }
         tally.add(&case, mem.straddled);
+        zero_count_truncation(&case, &got, &mut want, &mut truncated);
         let ok = res.is_ok()
             && got.gpr == want.gpr
             && got.rip == want.rip
@@ -334,6 +336,12 @@ fn differential_against_host_cpu() {
     }
     eprintln!("emul differential: {} forms, {n} cases, {} divergences", FORMS.len(), failures.len());
     eprintln!("emul differential: features {tally:?} (data at {:#x})", layout.data);
+    if truncated > 0 {
+        eprintln!(
+            "emul differential: {truncated} zero-count a32 REP case(s) where this CPU cleared the upper halves \
+             of the string registers (accepted, see zero_count_truncation)"
+        );
+    }
     assert!(tally.lock > 0 && tally.rep > 0 && tally.rip_rel > 0 && tally.straddle > 0);
     assert!(
         tally.fs > 0 && tally.gs > 0 && tally.high8 > 0 && tally.rex_reg > 0 && tally.sib > 0 && tally.rsp_base > 0
@@ -397,4 +405,35 @@ impl Tally {
         self.disp32 += u32::from(insn.memory_displ_size() >= 4 && !insn.is_ip_rel_memory_operand());
         self.no_base += u32::from(insn.memory_base() == Register::None && insn.memory_index() != Register::None);
     }
+}
+
+/// A REP string instruction with a 32-bit address size (0x67) and ECX = 0
+/// runs no iteration, and the SDM's operation writes no register then;
+/// the emulator does exactly that. Some Intel processors (this one among
+/// the hosts we run on) nevertheless write the 32-bit count and pointer
+/// registers back, which zero-extends them: RCX, RSI and RDI lose their
+/// upper halves. Where the native result differs from the emulator's
+/// only in that way, take the emulator's registers as the native ones
+/// (and count the case), so that the differential holds on both kinds of
+/// host; any other difference still fails.
+fn zero_count_truncation(case: &Case, got: &Regs, want: &mut Regs, truncated: &mut u32) {
+    let mut d = iced_x86::Decoder::new(64, &case.bytes, iced_x86::DecoderOptions::NONE);
+    let ins = d.decode();
+    let rep = ins.has_rep_prefix() || ins.has_repe_prefix() || ins.has_repne_prefix();
+    let a32 = ins.memory_base().is_gpr32()
+        || ins.op_kinds().any(|k| {
+            matches!(k, iced_x86::OpKind::MemorySegESI | iced_x86::OpKind::MemorySegEDI | iced_x86::OpKind::MemoryESEDI)
+        });
+    if !ins.is_string_instruction() || !rep || !a32 || case.regs.gpr[1] as u32 != 0 {
+        return;
+    }
+    let mut changed = false;
+    for r in [1, 6, 7] {
+        let init = case.regs.gpr[r];
+        if got.gpr[r] == init && want.gpr[r] == init & 0xffff_ffff && want.gpr[r] != init {
+            want.gpr[r] = init;
+            changed = true;
+        }
+    }
+    *truncated += u32::from(changed);
 }
