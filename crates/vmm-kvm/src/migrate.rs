@@ -873,6 +873,10 @@ impl MigrationSource for KvmSource<'_> {
         self.core.mem.read_pages(gpa, buf)
     }
 
+    fn zero_pages(&mut self, gpa: u64, n: usize) -> std::result::Result<Option<u64>, HostError> {
+        self.core.mem.zero_pages(gpa, n)
+    }
+
     fn harvest(&mut self, range: &MemRange, bitmap: &mut [u64]) -> std::result::Result<(), HostError> {
         let layout = self.core.layout()?;
         let idx =
@@ -998,6 +1002,17 @@ impl MigrationTarget for KvmTarget<'_> {
 
     fn write_pages(&mut self, gpa: u64, data: &[u8]) -> std::result::Result<(), HostError> {
         self.core.mem.write_pages(gpa, data)
+    }
+
+    /// In place: no vCPU runs while the guest arrives (they start at
+    /// [`MigrationTarget::resume`]), and tracking is off meanwhile.
+    fn receive_pages(
+        &mut self,
+        gpa: u64,
+        len: usize,
+        recv: &mut dyn FnMut(&[vmm::migration::RawDest]),
+    ) -> std::result::Result<bool, HostError> {
+        self.core.mem.receive_pages(gpa, len, recv)
     }
 
     fn zero_page(&mut self, gpa: u64) -> std::result::Result<(), HostError> {

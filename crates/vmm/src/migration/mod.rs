@@ -410,6 +410,26 @@ pub trait MigrationSource {
         Ok(())
     }
 
+    /// Which of the `n` pages from `gpa` (`n` from 1 to 64, all in one
+    /// range of the layout) read as zero now, found in place, without
+    /// copying them out: bit `i` of the mask is the page at
+    /// `gpa + i * PAGE_SIZE`. `None` (the default) when the source cannot
+    /// tell without a copy: the engine then copies every page and checks
+    /// the copies.
+    ///
+    /// The engine asks after the harvest that reported the pages and sends
+    /// the pages found zero as a zero record without reading them, so the
+    /// check must see every write whose dirty bit an earlier
+    /// [`harvest`](Self::harvest) cleared (as
+    /// [`read_page`](Self::read_page) must). A guest write that lands
+    /// after the check sets the page's dirty bit again (the harvest cleared
+    /// it before the check), so the page goes again in a later round, as a
+    /// write after a copy does.
+    fn zero_pages(&mut self, gpa: u64, n: usize) -> Result<Option<u64>, HostError> {
+        let _ = (gpa, n);
+        Ok(None)
+    }
+
     /// Read and clear the dirty bits of `range` into `bitmap` (overwriting
     /// it), atomically per page: a write that races the harvest either is
     /// reported now (and visible to a following `read_page`) or leaves its
@@ -472,6 +492,27 @@ pub trait MigrationTarget {
         Ok(())
     }
 
+    /// Receive the page run of `len` bytes at `gpa` (a whole number of
+    /// pages, all in one range of the prepared layout, checked by the
+    /// engine) in place: call `recv` once with the host memory the pages
+    /// occupy ([`RawDest`]s covering the run in address order, `len` bytes
+    /// in all), into which the engine reads the record's payload straight
+    /// from the connection and then verifies its checksum there; return
+    /// `Ok(true)`. Return `Ok(false)` without calling `recv` where the run
+    /// cannot be received in place (the default: the engine then reads the
+    /// payload into its buffer and calls
+    /// [`write_pages`](Self::write_pages)).
+    ///
+    /// Once `recv` was called the pages count as written by the attempt
+    /// even if it failed (their bytes may be partial or fail the checksum):
+    /// the attempt then fails, and [`discard`](Self::discard) must throw
+    /// them away. Only [`receive_tcp`] receives in place (it has the
+    /// socket's descriptor); [`receive`] over any reader never calls this.
+    fn receive_pages(&mut self, gpa: u64, len: usize, recv: &mut dyn FnMut(&[RawDest])) -> Result<bool, HostError> {
+        let _ = (gpa, len, recv);
+        Ok(false)
+    }
+
     /// Make the page at `gpa` read as zero (it may have been written by an
     /// earlier round).
     fn zero_page(&mut self, gpa: u64) -> Result<(), HostError>;
@@ -502,6 +543,49 @@ pub trait MigrationTarget {
     /// Throw away everything this attempt set up (memory, state); called on
     /// any failure after `prepare`. Must not fail.
     fn discard(&mut self);
+}
+
+/// A piece of host memory that a page run is received into in place
+/// ([`MigrationTarget::receive_pages`]): `len` bytes at a raw address.
+/// The engine only ever copies into it with raw pointer writes and the
+/// kernel (`readv`), and reads it back to verify the checksum; it never
+/// forms a mutable reference over it.
+#[derive(Clone, Copy, Debug)]
+pub struct RawDest {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl RawDest {
+    /// A destination of `len` bytes at `ptr` (`None` for a null `ptr`).
+    ///
+    /// # Safety
+    ///
+    /// For as long as the `recv` call it is handed to runs, the `len`
+    /// bytes at `ptr` must be valid for reads and writes, lie inside one
+    /// live allocation or mapping, not overlap another destination of the
+    /// same call, and be neither referenced by a Rust reference nor written
+    /// by anyone else (no vCPU runs on a target being received into;
+    /// the engine reads the bytes back as a shared slice to check them).
+    #[allow(unsafe_code)]
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> Option<RawDest> {
+        std::ptr::NonNull::new(ptr).map(|ptr| RawDest { ptr, len })
+    }
+
+    /// The first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The number of bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// CPU time the calling thread has used so far
