@@ -99,15 +99,27 @@
 //!
 //! The decoder never trusts a length: it checks it against the record
 //! type's bound before reading the payload, then checks the CRC; a page
-//! run must lie inside one range. The source reads each run of
-//! consecutive dirty pages (up to [`wire::MAX_RUN_PAGES`]) with one
+//! run must lie inside one range. For each run of consecutive dirty pages
+//! (up to [`wire::MAX_RUN_PAGES`]) the source first asks which are zero in
+//! place ([`MigrationSource::zero_pages`]: a check of guest memory that
+//! stops at a page's first non-zero word, no copy); the zero ones join a
+//! zero-page record, and each run of the others is read with one
 //! [`MigrationSource::read_pages`] call straight into one batch buffer
 //! (256 KiB by default, allocated and zeroed once: no clearing, no second
-//! copy), checks each page for zero, and frames each maximal run of
-//! non-zero pages as one record (a run after zero pages is moved down once
-//! to make room for its header); the buffer is flushed by one `write`. The
-//! reader is buffered the same way, and the target writes each run with
-//! one [`MigrationTarget::write_pages`] call.
+//! copy), checked for zero again (a source that cannot check in place
+//! relies on this one), and framed as one record (a run after zero pages
+//! is moved down once to make room for its header); the buffer is flushed
+//! by one `write`. Over TCP ([`receive_tcp`]) the target receives each page
+//! run in place where it can ([`MigrationTarget::receive_pages`]): the
+//! reader reads little past each header (4 KiB, so small records come
+//! together), copies what it holds of the payload, `readv`s the rest from
+//! the socket straight into guest memory, and verifies the checksum there.
+//! A run that fails it fails the attempt, whose target discards what
+//! landed: the target's guest does not run before the end record, so
+//! unverified bytes in its memory are never seen. Otherwise (any other
+//! reader, a swappable segment) the reader is buffered the same way as the
+//! writer, and the target writes each run with one
+//! [`MigrationTarget::write_pages`] call.
 //!
 //! # Invariants (nothing lost)
 //!
@@ -159,11 +171,14 @@
 //!   swap file's speed.
 //! - The progress callback runs on the engine's thread between rounds; a
 //!   slow callback lengthens the round (and, after pause, the downtime).
-//! - Every page is copied once into the batch buffer before its checksum
-//!   (the guest may write it meanwhile, so the checksum cannot be taken
-//!   over guest memory and the kernel's copy); the target copies each page
-//!   once more from its read buffer into guest memory. With the kernel's
-//!   two copies that is twice a plain copy's work per byte.
+//! - Every non-zero page is copied once into the batch buffer before its
+//!   checksum (the guest may write it meanwhile, so the checksum cannot be
+//!   taken over guest memory and the kernel's copy). The target receives
+//!   in place only through [`receive_tcp`] (it needs the descriptor) and
+//!   not into a swappable segment (a page may be in the swap file); there
+//!   it copies each page once more from its read buffer. A zero page still
+//!   costs a read of it in place (a page the guest never wrote cannot be
+//!   told from one it zeroed without reading it).
 //! - Throughput on the project's 2-core, shared, shadow-paging test host
 //!   is below the 70% target against a plain loopback copy made without a
 //!   guest. `vmm bench migrate --mem 1G --write-pct 0,10,80 --runs 3
