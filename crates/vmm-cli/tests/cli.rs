@@ -361,6 +361,10 @@ fn bench_migrate_reports_both_baselines_and_cpu() {
         let vs_mem = c["throughput_vs_memory_copy"].as_f64().expect("memory ratio");
         let tput = c["throughput_bytes_per_s"].as_f64().expect("throughput");
         assert!((vs_mem - tput / mem).abs() < 1e-6 * vs_mem.max(1.0), "{c}");
+        let guest_rate = c["guest_bytes_per_s"].as_f64().expect("guest rate");
+        let total_s = c["total_ms"].as_f64().expect("total") / 1e3;
+        assert!((guest_rate * total_s - j["guest_bytes"].as_f64().expect("guest bytes")).abs() < 1.0, "{c}");
+        assert!((c["guest_rate_vs_memory_copy"].as_f64().expect("guest ratio") - guest_rate / mem).abs() < 1e-6, "{c}");
         let cpu = c["cpu_ns_per_byte"].as_f64().expect("CPU");
         assert!(cpu > 0.0 && c["source_timings"]["cpu_ms"].as_f64().expect("source CPU") > 0.0, "{c}");
         assert!(c["target_timings"]["cpu_ms"].as_f64().expect("target CPU") > 0.0, "{c}");
