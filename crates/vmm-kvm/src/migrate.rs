@@ -873,8 +873,8 @@ impl MigrationSource for KvmSource<'_> {
         self.core.mem.read_pages(gpa, buf)
     }
 
-    fn zero_pages(&mut self, gpa: u64, n: usize) -> std::result::Result<Option<u64>, HostError> {
-        self.core.mem.zero_pages(gpa, n)
+    fn zero_mask(&mut self, gpa: u64, n: usize) -> std::result::Result<Option<u64>, HostError> {
+        self.core.mem.zero_mask(gpa, n)
     }
 
     fn harvest(&mut self, range: &MemRange, bitmap: &mut [u64]) -> std::result::Result<(), HostError> {

@@ -60,8 +60,8 @@ impl MigrationSource for Src {
         self.1 += buf.len() as u64 / PG;
         self.0.read_pages(gpa, buf)
     }
-    fn zero_pages(&mut self, gpa: u64, n: usize) -> Result<Option<u64>, HostError> {
-        self.0.zero_pages(gpa, n)
+    fn zero_mask(&mut self, gpa: u64, n: usize) -> Result<Option<u64>, HostError> {
+        self.0.zero_mask(gpa, n)
     }
     fn harvest(&mut self, r: &MemRange, b: &mut [u64]) -> Result<(), HostError> {
         self.0.harvest(r, b)

@@ -362,10 +362,10 @@ impl MigrationSource for FakeSource {
 
     /// Checked page by page under the chunk locks, so a guest write
     /// racing the check either is seen or sets the dirty bit after it.
-    fn zero_pages(&mut self, gpa: u64, n: usize) -> Result<Option<u64>, HostError> {
-        let (ri, idx, p) = self.g.locate(gpa).ok_or(HostError::new("zero_pages", "outside the layout"))?;
+    fn zero_mask(&mut self, gpa: u64, n: usize) -> Result<Option<u64>, HostError> {
+        let (ri, idx, p) = self.g.locate(gpa).ok_or(HostError::new("zero_mask", "outside the layout"))?;
         if n > 64 || n as u64 > self.g.layout.ranges[ri].pages() - idx {
-            return Err(HostError::new("zero_pages", "outside the range"));
+            return Err(HostError::new("zero_mask", "outside the range"));
         }
         let mut mask = 0u64;
         for i in 0..n as u64 {

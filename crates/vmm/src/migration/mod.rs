@@ -101,7 +101,7 @@
 //! type's bound before reading the payload, then checks the CRC; a page
 //! run must lie inside one range. For each run of consecutive dirty pages
 //! (up to [`wire::MAX_RUN_PAGES`]) the source first asks which are zero in
-//! place ([`MigrationSource::zero_pages`]: a check of guest memory that
+//! place ([`MigrationSource::zero_mask`]: a check of guest memory that
 //! stops at a page's first non-zero word, no copy); the zero ones join a
 //! zero-page record, and each run of the others is read with one
 //! [`MigrationSource::read_pages`] call straight into one batch buffer
@@ -212,7 +212,7 @@
 //!   writes) to 0.67 / 0.97 / 0.91 in the same session.
 //!   What the timings and `perf` found and fixed, in this version: pages
 //!   copied out to be found zero (now checked in place,
-//!   [`MigrationSource::zero_pages`]) and every received page copied from
+//!   [`MigrationSource::zero_mask`]) and every received page copied from
 //!   the read buffer into guest memory (now received in place,
 //!   [`MigrationTarget::receive_pages`]). Before: a clock
 //!   read per page on both sides (6% of the engine's CPU, 17% of the
@@ -452,7 +452,7 @@ pub trait MigrationSource {
     /// after the check sets the page's dirty bit again (the harvest cleared
     /// it before the check), so the page goes again in a later round, as a
     /// write after a copy does.
-    fn zero_pages(&mut self, gpa: u64, n: usize) -> Result<Option<u64>, HostError> {
+    fn zero_mask(&mut self, gpa: u64, n: usize) -> Result<Option<u64>, HostError> {
         let _ = (gpa, n);
         Ok(None)
     }

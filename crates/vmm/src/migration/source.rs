@@ -124,7 +124,8 @@ pub struct SourceTimings {
     pub harvest_ms: f64,
     /// Pause for the switch-over.
     pub pause_ms: f64,
-    /// Reading pages out of guest memory.
+    /// Reading pages out of guest memory (checking them for zero in
+    /// place, [`MigrationSource::zero_mask`], included).
     pub read_pages_ms: f64,
     /// Zero checks, checksums and record framing (sending minus reading
     /// minus socket writes).
@@ -360,7 +361,7 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
     }
 
     /// Send `n` pages from `gpa` (one range): the pages the source finds
-    /// zero in place ([`MigrationSource::zero_pages`]) as zero records,
+    /// zero in place ([`MigrationSource::zero_mask`]) as zero records,
     /// each run of the others with one read into the batch buffer; returns
     /// how many were zero.
     ///
@@ -371,8 +372,7 @@ impl<S: MigrationSource + ?Sized, W: Write> Engine<'_, S, W> {
     /// and the page goes in a later round (the final one runs paused).
     fn send_run(&mut self, gpa: u64, n: u64) -> Result<u64, MigrationError> {
         let t = Instant::now();
-        let mask =
-            if n <= 64 { self.source.zero_pages(gpa, n as usize).map_err(MigrationError::Source)? } else { None };
+        let mask = if n <= 64 { self.source.zero_mask(gpa, n as usize).map_err(MigrationError::Source)? } else { None };
         self.clock.read += t.elapsed();
         let Some(mask) = mask else {
             return self.copy_run(gpa, n);

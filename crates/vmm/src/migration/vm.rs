@@ -345,11 +345,11 @@ impl<P: TablePages + Send + Sync> VmMemory<P> {
     }
 
     /// Which of the `n` pages at stream address `addr` read as zero,
-    /// checked in place ([`MigrationSource::zero_pages`](super::MigrationSource::zero_pages));
+    /// checked in place ([`MigrationSource::zero_mask`](super::MigrationSource::zero_mask));
     /// `None` for a swappable segment.
-    pub fn zero_pages(&mut self, addr: u64, n: usize) -> Result<Option<u64>, HostError> {
+    pub fn zero_mask(&mut self, addr: u64, n: usize) -> Result<Option<u64>, HostError> {
         let (id, off) = split_addr(addr);
-        self.vm.segment_zero_pages(id, off, n).map_err(|e| err("zero_pages", e))
+        self.vm.segment_zero_pages(id, off, n).map_err(|e| err("zero_mask", e))
     }
 
     /// After a successful migration out: the received pages were delivered.
