@@ -27,7 +27,8 @@
 //!   harvest and invalidation costs. `bench migrate`: live migration of
 //!   a write-heavy guest over loopback at several write rates (total
 //!   time, downtime, bytes per guest byte, rounds) against a plain
-//!   loopback copy of the guest's size measured in the same run.
+//!   loopback copy of the guest's size and a memory-to-memory copy of it
+//!   measured in the same run.
 //! - `conformance`: builds the bare-metal conformance kernel and runs it
 //!   under QEMU (SVM+NPT) and Bochs (VMX+EPT, with and without EPT A/D),
 //!   and the DMA suite under QEMU's VT-d and AMD-Vi IOMMUs, printing a

@@ -438,7 +438,11 @@ pub enum BenchWhat {
     /// plain copy of the guest's size over a loopback TCP connection,
     /// measured in the same run (before, between and after the cases), and
     /// against a plain copy of the same bytes while a guest of the case's
-    /// configuration runs (the same competition for the cores); `--json`
+    /// configuration runs (the same competition for the cores), and
+    /// against a memory-to-memory copy of the guest's size (a guest-sized
+    /// buffer into another over loopback, right after each plain copy:
+    /// the least work that moves the guest's bytes; it needs twice the
+    /// guest's size of free memory); `--json`
     /// adds where each side's time went (`source_timings`,
     /// `target_timings`). The target is built before the source starts.
     /// The source's RAM is mapped before its guest starts, so the guest
@@ -500,6 +504,14 @@ struct BenchCaseJson {
     loaded_plain_copy_bytes_per_s: f64,
     loaded_plain_copy_under_load: bool,
     throughput_vs_loaded_plain_copy: f64,
+    /// Over the median memory-to-memory copy of the guest's size.
+    throughput_vs_memory_copy: f64,
+    /// Guest memory over the total time: how fast the guest's memory
+    /// moved, zero pages (sent as a few bytes each) included.
+    guest_bytes_per_s: f64,
+    /// `guest_bytes_per_s` over the median memory-to-memory copy (which
+    /// moves every byte of the guest's size).
+    guest_rate_vs_memory_copy: f64,
     pages_sent: u64,
     zero_pages: u64,
     /// CPU of the source's engine thread and the target's receiving
@@ -523,6 +535,12 @@ struct BenchJson {
     /// CPU of the plain copies' two threads, ns per byte.
     plain_copy_cpu_ns_per_byte: Vec<f64>,
     plain_copy_median_cpu_ns_per_byte: f64,
+    /// Memory-to-memory copies of the guest's size (a guest-sized buffer
+    /// into another over loopback), right after each plain copy.
+    memory_copy_bytes_per_s: Vec<f64>,
+    memory_copy_median_bytes_per_s: f64,
+    memory_copy_cpu_ns_per_byte: Vec<f64>,
+    memory_copy_median_cpu_ns_per_byte: f64,
     batch_bytes: u64,
     auto_converge: bool,
     cases: Vec<BenchCaseJson>,
@@ -539,6 +557,9 @@ struct BenchMedianJson {
     throughput_bytes_per_s: f64,
     throughput_vs_plain_copy: f64,
     throughput_vs_loaded_plain_copy: f64,
+    throughput_vs_memory_copy: f64,
+    guest_bytes_per_s: f64,
+    guest_rate_vs_memory_copy: f64,
     cpu_ns_per_byte: f64,
     cpu_efficiency_vs_plain_copy: f64,
 }
@@ -583,8 +604,14 @@ pub fn bench(w: BenchWhat) -> ExitCode {
         auto_converge,
         ..SourceConfig::default()
     };
-    let r =
-        vmm_kvm::migrate::bench(&cfg, &write_pct, runs, &scfg, warmup, Duration::from_millis(300), &mut |pct, p| {
+    let r = vmm_kvm::migrate::bench_with_memory_copy(
+        &cfg,
+        &write_pct,
+        runs,
+        &scfg,
+        warmup,
+        Duration::from_millis(300),
+        &mut |pct, p| {
             if !json {
                 eprintln!(
                     "  [{pct:3}% writes] round {:3}{}: sent {:8} pages, {:8} dirty, {:7.1} MiB/s",
@@ -595,7 +622,8 @@ pub fn bench(w: BenchWhat) -> ExitCode {
                     mib(p.throughput)
                 );
             }
-        });
+        },
+    );
     let r = match r {
         Ok(r) => r,
         Err(e) => {
@@ -603,6 +631,9 @@ pub fn bench(w: BenchWhat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let (mem_copy, mem_cpu) = (r.memory_median(), r.memory_cpu_median());
+    let memory_copy = r.memory_copy.clone();
+    let r = r.report;
     let plain = r.plain_median();
     let plain_cpu = r.plain_cpu_median();
     let limit_ms = downtime_limit.as_secs_f64() * 1e3;
@@ -615,6 +646,10 @@ pub fn bench(w: BenchWhat) -> ExitCode {
         plain_copy_median_bytes_per_s: plain,
         plain_copy_cpu_ns_per_byte: r.plain_copy_cpu_ns_per_byte.clone(),
         plain_copy_median_cpu_ns_per_byte: plain_cpu,
+        memory_copy_bytes_per_s: memory_copy.iter().map(|c| c.throughput).collect(),
+        memory_copy_median_bytes_per_s: mem_copy,
+        memory_copy_cpu_ns_per_byte: memory_copy.iter().map(|c| c.cpu_ns_per_byte).collect(),
+        memory_copy_median_cpu_ns_per_byte: mem_cpu,
         cases: r
             .cases
             .iter()
@@ -636,6 +671,11 @@ pub fn bench(w: BenchWhat) -> ExitCode {
                 loaded_plain_copy_bytes_per_s: c.loaded_copy.throughput,
                 loaded_plain_copy_under_load: c.loaded_copy.under_load,
                 throughput_vs_loaded_plain_copy: c.summary.throughput / c.loaded_copy.throughput.max(1.0),
+                throughput_vs_memory_copy: c.summary.throughput / mem_copy.max(1.0),
+                guest_bytes_per_s: c.summary.guest_bytes as f64 / (c.summary.total_ms / 1e3).max(1e-9),
+                guest_rate_vs_memory_copy: c.summary.guest_bytes as f64
+                    / (c.summary.total_ms / 1e3).max(1e-9)
+                    / mem_copy.max(1.0),
                 pages_sent: c.summary.pages_sent,
                 zero_pages: c.summary.zero_pages,
                 cpu_ns_per_byte: (c.summary.timings.cpu_ms + c.target.timings.cpu_ms) * 1e6
@@ -666,6 +706,9 @@ pub fn bench(w: BenchWhat) -> ExitCode {
             throughput_bytes_per_s: med(&|c| c.throughput_bytes_per_s),
             throughput_vs_plain_copy: med(&|c| c.throughput_vs_plain_copy),
             throughput_vs_loaded_plain_copy: med(&|c| c.throughput_vs_loaded_plain_copy),
+            throughput_vs_memory_copy: med(&|c| c.throughput_vs_memory_copy),
+            guest_bytes_per_s: med(&|c| c.guest_bytes_per_s),
+            guest_rate_vs_memory_copy: med(&|c| c.guest_rate_vs_memory_copy),
             cpu_ns_per_byte: med(&|c| c.cpu_ns_per_byte),
             cpu_efficiency_vs_plain_copy: med(&|c| c.cpu_efficiency_vs_plain_copy),
         });
@@ -690,11 +733,16 @@ pub fn bench(w: BenchWhat) -> ExitCode {
         );
         out!("its CPU (sender and receiver threads): median {plain_cpu:.3} ns per byte");
         out!(
-            "writes%  run  total ms  downtime ms  bytes/guest byte  rounds  converged  throttle%  dirty pages/s  MiB/s  vs plain  vs loaded  target ok"
+            "memory-to-memory copy of the guest's size over loopback: median {:.0} MiB/s (runs: {}), CPU median {mem_cpu:.3} ns per byte",
+            mib(mem_copy),
+            j.memory_copy_bytes_per_s.iter().map(|x| format!("{:.0}", mib(*x))).collect::<Vec<_>>().join(", ")
+        );
+        out!(
+            "writes%  run  total ms  downtime ms  bytes/guest byte  rounds  converged  throttle%  dirty pages/s  MiB/s  vs plain  vs loaded  vs memory  target ok"
         );
         for c in &j.cases {
             out!(
-                "{:6}  {:3}  {:8.0}  {:11.1}  {:16.2}  {:6}  {:9}  {:9}  {:13.0}  {:5.0}  {:7.0}%  {:8.0}%  {}",
+                "{:6}  {:3}  {:8.0}  {:11.1}  {:16.2}  {:6}  {:9}  {:9}  {:13.0}  {:5.0}  {:7.0}%  {:8.0}%  {:8.0}%  {}",
                 c.write_pct,
                 c.run,
                 c.total_ms,
@@ -707,13 +755,16 @@ pub fn bench(w: BenchWhat) -> ExitCode {
                 mib(c.throughput_bytes_per_s),
                 c.throughput_vs_plain_copy * 100.0,
                 c.throughput_vs_loaded_plain_copy * 100.0,
+                c.throughput_vs_memory_copy * 100.0,
                 c.target_ok
             );
         }
-        out!("medians: writes%  runs  total ms  downtime ms  MiB/s  vs plain  vs loaded  CPU ns/byte  plain CPU/ours");
+        out!(
+            "medians: writes%  runs  total ms  downtime ms  MiB/s  vs plain  vs loaded  vs memory  CPU ns/byte  plain CPU/ours  guest MiB/s  guest vs memory"
+        );
         for m in &j.medians {
             out!(
-                "         {:6}  {:4}  {:8.0}  {:11.1}  {:5.0}  {:7.0}%  {:8.0}%  {:11.3}  {:13.0}%",
+                "         {:6}  {:4}  {:8.0}  {:11.1}  {:5.0}  {:7.0}%  {:8.0}%  {:8.0}%  {:11.3}  {:13.0}%  {:11.0}  {:14.0}%",
                 m.write_pct,
                 m.runs,
                 m.total_ms,
@@ -721,8 +772,11 @@ pub fn bench(w: BenchWhat) -> ExitCode {
                 mib(m.throughput_bytes_per_s),
                 m.throughput_vs_plain_copy * 100.0,
                 m.throughput_vs_loaded_plain_copy * 100.0,
+                m.throughput_vs_memory_copy * 100.0,
                 m.cpu_ns_per_byte,
-                m.cpu_efficiency_vs_plain_copy * 100.0
+                m.cpu_efficiency_vs_plain_copy * 100.0,
+                mib(m.guest_bytes_per_s),
+                m.guest_rate_vs_memory_copy * 100.0
             );
         }
     }

@@ -331,8 +331,8 @@ fn run_with_a_reservoir_migrates_between_two_processes() {
 
 /// `vmm bench migrate --json` on a small guest: every case passes the
 /// target's checks, and the figures the throughput target is judged by
-/// (both plain-copy baselines, CPU per byte of the stream and of the plain
-/// copies) are there and plausible.
+/// (both plain-copy baselines, the memory-to-memory copy, CPU per byte of
+/// the stream and of the plain copies) are there and plausible.
 #[test]
 fn bench_migrate_reports_both_baselines_and_cpu() {
     if let Err(e) = vmm_kvm::kvm_available() {
@@ -348,12 +348,23 @@ fn bench_migrate_reports_both_baselines_and_cpu() {
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let plain_cpu = j["plain_copy_median_cpu_ns_per_byte"].as_f64().expect("plain CPU");
     assert!(plain_cpu > 0.0 && j["plain_copy_median_bytes_per_s"].as_f64().expect("plain") > 0.0);
+    // The memory-to-memory baseline: one copy after each plain copy.
+    let mem = j["memory_copy_median_bytes_per_s"].as_f64().expect("memory copy");
+    assert!(mem > 0.0 && j["memory_copy_median_cpu_ns_per_byte"].as_f64().expect("memory CPU") > 0.0);
+    assert_eq!(j["memory_copy_bytes_per_s"].as_array().expect("memory copies").len(), 3);
     let cases = j["cases"].as_array().expect("cases");
     assert_eq!(cases.len(), 2);
     for c in cases {
         assert_eq!(c["target_ok"], true, "{c}");
         assert!(c["throughput_vs_plain_copy"].as_f64().expect("ratio") > 0.0, "{c}");
         assert!(c["throughput_vs_loaded_plain_copy"].as_f64().expect("loaded ratio") > 0.0, "{c}");
+        let vs_mem = c["throughput_vs_memory_copy"].as_f64().expect("memory ratio");
+        let tput = c["throughput_bytes_per_s"].as_f64().expect("throughput");
+        assert!((vs_mem - tput / mem).abs() < 1e-6 * vs_mem.max(1.0), "{c}");
+        let guest_rate = c["guest_bytes_per_s"].as_f64().expect("guest rate");
+        let total_s = c["total_ms"].as_f64().expect("total") / 1e3;
+        assert!((guest_rate * total_s - j["guest_bytes"].as_f64().expect("guest bytes")).abs() < 1.0, "{c}");
+        assert!((c["guest_rate_vs_memory_copy"].as_f64().expect("guest ratio") - guest_rate / mem).abs() < 1e-6, "{c}");
         let cpu = c["cpu_ns_per_byte"].as_f64().expect("CPU");
         assert!(cpu > 0.0 && c["source_timings"]["cpu_ms"].as_f64().expect("source CPU") > 0.0, "{c}");
         assert!(c["target_timings"]["cpu_ms"].as_f64().expect("target CPU") > 0.0, "{c}");

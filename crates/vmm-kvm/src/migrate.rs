@@ -873,6 +873,10 @@ impl MigrationSource for KvmSource<'_> {
         self.core.mem.read_pages(gpa, buf)
     }
 
+    fn zero_mask(&mut self, gpa: u64, n: usize) -> std::result::Result<Option<u64>, HostError> {
+        self.core.mem.zero_mask(gpa, n)
+    }
+
     fn harvest(&mut self, range: &MemRange, bitmap: &mut [u64]) -> std::result::Result<(), HostError> {
         let layout = self.core.layout()?;
         let idx =
@@ -998,6 +1002,17 @@ impl MigrationTarget for KvmTarget<'_> {
 
     fn write_pages(&mut self, gpa: u64, data: &[u8]) -> std::result::Result<(), HostError> {
         self.core.mem.write_pages(gpa, data)
+    }
+
+    /// In place: no vCPU runs while the guest arrives (they start at
+    /// [`MigrationTarget::resume`]), and tracking is off meanwhile.
+    fn receive_pages(
+        &mut self,
+        gpa: u64,
+        len: usize,
+        recv: &mut dyn FnMut(&[vmm::migration::RawDest]),
+    ) -> std::result::Result<bool, HostError> {
+        self.core.mem.receive_pages(gpa, len, recv)
     }
 
     fn zero_page(&mut self, gpa: u64) -> std::result::Result<(), HostError> {
@@ -1217,6 +1232,73 @@ pub fn plain_copy(bytes: u64, batch: usize) -> Result<CopyRun> {
     })
 }
 
+/// Copies `bytes` from a buffer of that size on the sending side into a
+/// buffer of that size on the receiving side over a fresh loopback TCP
+/// connection, in `batch`-byte writes: the least work that moves a guest's
+/// bytes from one memory to another over the socket (every byte read from
+/// memory that is not cache-hot, as the engine reads guest memory, and
+/// landing in its own place, as a target receiving in place does), where
+/// [`plain_copy`] sends one cache-hot buffer over and over. Both buffers
+/// are allocated and written before the clock starts (page faults are not
+/// part of the copy), so this needs twice `bytes` of free memory. Returns
+/// the throughput and the CPU of its two threads during the copy.
+pub fn memory_copy(bytes: u64, batch: usize) -> Result<CopyRun> {
+    use std::io::{Read, Write};
+    use vmm::migration::thread_cpu_time;
+    let io = |e| KvmError::Os("loopback memory copy", e);
+    let n = usize::try_from(bytes).map_err(|_| KvmError::Setup("memory copy too large".into()))?;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    let addr = l.local_addr().map_err(io)?;
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || -> std::io::Result<(u64, Duration, u64)> {
+        // Written once (a memset), so that no page is left to fault in.
+        let mut dst = vec![1u8; n];
+        let _ = ready_tx.send(());
+        let (mut c, _) = l.accept()?;
+        let cpu0 = thread_cpu_time();
+        let mut got = 0usize;
+        while got < n {
+            let k = c.read(&mut dst[got..])?;
+            if k == 0 {
+                break;
+            }
+            got += k;
+        }
+        let cpu = thread_cpu_time().saturating_sub(cpu0);
+        // What landed, sampled (a page's first byte), so the copy is not
+        // optimised away and a short one shows.
+        let sum = dst[..got].iter().step_by(4096).map(|&b| u64::from(b)).sum();
+        Ok((got as u64, cpu, sum))
+    });
+    let mut src = vec![0x5au8; n];
+    // Each page's first byte tells it apart (what the reader samples).
+    for (i, b) in src.iter_mut().step_by(4096).enumerate() {
+        *b = (i % 251) as u8;
+    }
+    let expected: u64 = src.iter().step_by(4096).map(|&b| u64::from(b)).sum();
+    ready.recv().map_err(|_| KvmError::Setup("memory copy reader failed to start".into()))?;
+    let mut c = TcpStream::connect(addr).map_err(io)?;
+    c.set_nodelay(true).map_err(io)?;
+    let cpu0 = thread_cpu_time();
+    let t0 = Instant::now();
+    for chunk in src.chunks(batch.max(1)) {
+        c.write_all(chunk).map_err(io)?;
+    }
+    c.shutdown(std::net::Shutdown::Write).map_err(io)?;
+    let sender_cpu = thread_cpu_time().saturating_sub(cpu0);
+    let (got, reader_cpu, sum) =
+        reader.join().map_err(|_| KvmError::Setup("memory copy reader panicked".into()))?.map_err(io)?;
+    let secs = t0.elapsed().as_secs_f64();
+    drop(src);
+    if got != bytes || sum != expected {
+        return Err(KvmError::Setup(format!("loopback memory copy delivered {got} of {bytes} bytes (sum {sum})")));
+    }
+    Ok(CopyRun {
+        throughput: bytes as f64 / secs.max(1e-9),
+        cpu_ns_per_byte: (sender_cpu + reader_cpu).as_nanos() as f64 / bytes.max(1) as f64,
+    })
+}
+
 /// A plain copy of `bytes` over loopback while a guest of `cfg` runs
 /// (started `warmup` before the copy, as the migration is), for comparing
 /// the migration with a copy that competes for the same cores.
@@ -1268,8 +1350,65 @@ pub fn bench(
     check_time: Duration,
     progress: &mut dyn FnMut(u32, &Progress),
 ) -> Result<BenchReport> {
+    Ok(bench_runs(cfg, write_pcts, runs, source, warmup, check_time, false, progress)?.report)
+}
+
+/// What [`bench_with_memory_copy`] measured.
+#[derive(Debug, Clone)]
+pub struct BenchRun {
+    /// What [`bench()`] reports.
+    pub report: BenchReport,
+    /// Memory-to-memory copies of the guest's size ([`memory_copy`]),
+    /// each right after a plain copy (before, between and after the
+    /// cases).
+    pub memory_copy: Vec<CopyRun>,
+}
+
+impl BenchRun {
+    /// The median memory-to-memory copy throughput.
+    pub fn memory_median(&self) -> f64 {
+        median_of(&self.memory_copy.iter().map(|c| c.throughput).collect::<Vec<_>>())
+    }
+
+    /// The median memory-to-memory copy CPU per byte (ns).
+    pub fn memory_cpu_median(&self) -> f64 {
+        median_of(&self.memory_copy.iter().map(|c| c.cpu_ns_per_byte).collect::<Vec<_>>())
+    }
+}
+
+/// [`bench()`] with a second baseline: after each plain copy, a
+/// memory-to-memory copy of the guest's size ([`memory_copy`]; it needs
+/// twice the guest's size of free memory while no guest runs).
+#[allow(clippy::too_many_arguments)]
+pub fn bench_with_memory_copy(
+    cfg: &GuestConfig,
+    write_pcts: &[u32],
+    runs: u32,
+    source: &SourceConfig,
+    warmup: Duration,
+    check_time: Duration,
+    progress: &mut dyn FnMut(u32, &Progress),
+) -> Result<BenchRun> {
+    bench_runs(cfg, write_pcts, runs, source, warmup, check_time, true, progress)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_runs(
+    cfg: &GuestConfig,
+    write_pcts: &[u32],
+    runs: u32,
+    source: &SourceConfig,
+    warmup: Duration,
+    check_time: Duration,
+    with_memory_copy: bool,
+    progress: &mut dyn FnMut(u32, &Progress),
+) -> Result<BenchRun> {
     let guest_bytes = Guest::new(cfg, true)?.memory_bytes();
+    let mut memory = Vec::new();
     let first = plain_copy(guest_bytes, source.batch_bytes)?;
+    if with_memory_copy {
+        memory.push(memory_copy(guest_bytes, source.batch_bytes)?);
+    }
     let mut rep = BenchReport {
         guest_bytes,
         plain_copy: vec![first.throughput],
@@ -1325,6 +1464,9 @@ pub fn bench(
         let copy = plain_copy(guest_bytes, source.batch_bytes)?;
         rep.plain_copy.push(copy.throughput);
         rep.plain_copy_cpu_ns_per_byte.push(copy.cpu_ns_per_byte);
+        if with_memory_copy {
+            memory.push(memory_copy(guest_bytes, source.batch_bytes)?);
+        }
     }
-    Ok(rep)
+    Ok(BenchRun { report: rep, memory_copy: memory })
 }

@@ -586,6 +586,80 @@ impl<P: TablePages + Send + Sync> Vm<P> {
         Ok(())
     }
 
+    /// Which of the `pages` pages (at most 64) of segment `id` from
+    /// `offset` (page-aligned) read as zero, bit `i` for the page at
+    /// `offset + i * 4096`, checked in place in the segment's memory
+    /// without copying it out (a page stops being checked at its first
+    /// non-zero word). `None` for a swappable segment, whose pages may lie
+    /// in the swap file. The check reads guest memory with raw loads, as
+    /// [`Vm::read_segment`] copies it; it sees every write a harvest before
+    /// it reported.
+    pub fn segment_zero_pages(&self, id: u32, offset: u64, pages: usize) -> Result<Option<u64>> {
+        let st = self.state();
+        let s = st.segments.get(&id).ok_or(Error::UnknownSegment(id))?;
+        let n = (pages as u64).checked_mul(PAGE).ok_or(Error::OutsideSegment)?;
+        if pages > 64 || !offset.is_multiple_of(PAGE) || !(offset <= s.len && n <= s.len - offset) {
+            return Err(Error::OutsideSegment);
+        }
+        if s.object.is_swappable() {
+            return Ok(None);
+        }
+        let mut mask = 0u64;
+        s.for_each_host_piece(&self.ram, offset, n, |host, at, len| {
+            // `offset` is page-aligned: every piece is one whole page.
+            if host_page_is_zero(host, len) {
+                mask |= 1 << (at as u64 / PAGE);
+            }
+        });
+        Ok(Some(mask))
+    }
+
+    /// Calls `f` with the host memory of `[offset, offset+n)` of segment
+    /// `id` (pieces in order, physically adjacent host pages merged, `n`
+    /// bytes in all; the segment's state lock held meanwhile, so the
+    /// segment cannot be freed under it), for receiving a migration in
+    /// place; returns `f`'s result, or `None` without calling it for a
+    /// swappable segment. The pages are marked dirty afterwards while
+    /// tracking is on, as [`Vm::write_segment`] does. `f` must only write
+    /// the pieces through raw pointers (or the kernel); no vCPU may run
+    /// meanwhile if it reads them back ([`crate::migration::RawDest`]).
+    pub fn with_segment_host<R>(
+        &self,
+        id: u32,
+        offset: u64,
+        n: u64,
+        f: impl FnOnce(&[crate::migration::RawDest]) -> R,
+    ) -> Result<Option<R>> {
+        let st = self.state();
+        let s = st.segments.get(&id).ok_or(Error::UnknownSegment(id))?;
+        if !(offset <= s.len && n <= s.len - offset) {
+            return Err(Error::OutsideSegment);
+        }
+        if s.object.is_swappable() {
+            return Ok(None);
+        }
+        let mut pieces: Vec<(*mut u8, usize)> = Vec::new();
+        s.for_each_host_piece(&self.ram, offset, n, |host, _, len| match pieces.last_mut() {
+            Some((p, l)) if p.wrapping_add(*l) == host => *l += len,
+            _ => pieces.push((host, len)),
+        });
+        let dests: Vec<crate::migration::RawDest> = pieces
+            .iter()
+            // SAFETY: each piece is a run of whole host pages of the
+            // segment's object inside its arena's mapping, which lives as
+            // long as the segment, held by the state lock we keep until
+            // `f` returned; the pieces are disjoint (distinct frames), and
+            // the caller's contract (this method's doc) covers references
+            // and other writers.
+            .filter_map(|&(p, l)| unsafe { crate::migration::RawDest::new(p, l) })
+            .collect();
+        let r = f(&dests);
+        if n > 0 && self.space.dirty_tracking() {
+            self.mark_segment_dirty(&st, id, offset, n)?;
+        }
+        Ok(Some(r))
+    }
+
     /// Marks `[offset, offset+n)` of segment `id` dirty in each of its guest
     /// mappings that covers part of it.
     fn mark_segment_dirty(&self, st: &State, id: u32, offset: u64, n: u64) -> Result<()> {
@@ -698,6 +772,28 @@ fn copy_out(node: &DevMemReservoir, off: u64, dst: &mut [u8]) {
     // SAFETY: in bounds of the node's mapping (checked above), which lives
     // as long as `node`; a raw copy.
     unsafe { std::ptr::copy_nonoverlapping(arena.host.as_ptr().add(off as usize), dst.as_mut_ptr(), dst.len()) };
+}
+
+/// Whether the `len` bytes at `host` (a piece of one host page of guest
+/// memory) are all zero, read with raw volatile loads of 64 bytes (the
+/// memory may be written by a running guest meanwhile: no reference is
+/// formed over it); stops at the first non-zero block.
+fn host_page_is_zero(host: *const u8, len: usize) -> bool {
+    const BLOCK: usize = 64;
+    // Pieces of whole pages are page-aligned; another start goes byte by
+    // byte.
+    let blocks = if (host as usize).is_multiple_of(8) { len / BLOCK } else { 0 };
+    for b in 0..blocks {
+        // SAFETY: `b * BLOCK + BLOCK <= len`, inside the piece the caller
+        // passed (a live host page), and 8-byte aligned (checked above); a
+        // volatile read of plain integers, no reference.
+        let words = unsafe { std::ptr::read_volatile(host.add(b * BLOCK).cast::<[u64; BLOCK / 8]>()) };
+        if words.iter().fold(0, |a, w| a | w) != 0 {
+            return false;
+        }
+    }
+    // SAFETY: the tail `[blocks * BLOCK, len)` lies inside the piece.
+    (blocks * BLOCK..len).all(|i| unsafe { std::ptr::read_volatile(host.add(i)) } == 0)
 }
 
 /// Calls `f(segment offset, buffer offset, bytes)` for each page-sized

@@ -310,3 +310,103 @@ fn source_failure_aborts_the_target() {
     src.heal();
     second_attempt_delivers(&mut src);
 }
+
+/// Feeds `bytes` to `receive_tcp` into a fresh [`FakeTarget`] over a
+/// loopback socket (the path that receives page runs in place): returns
+/// its result and the target.
+fn receive_over_tcp(bytes: Vec<u8>) -> (Result<vmm::migration::TargetSummary, MigrationError>, FakeTarget) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr");
+    let t = std::thread::spawn(move || {
+        let (s, _) = l.accept().expect("accept");
+        let mut tgt = FakeTarget::new();
+        let r = vmm::migration::receive_tcp(&mut tgt, &s, &TargetConfig::default(), Some(Duration::from_secs(10)));
+        (r, tgt)
+    });
+    let mut s = TcpStream::connect(a).expect("connect");
+    // The target stops reading at an error and shuts the socket down:
+    // the rest of the write may fail.
+    let _ = s.write_all(&bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = std::io::copy(&mut s, &mut std::io::sink());
+    t.join().expect("target thread")
+}
+
+/// The offsets of the page records' payloads in a captured stream (after
+/// the stream header), with their lengths.
+fn page_payloads(full: &[u8]) -> Vec<(usize, usize)> {
+    let mut at = wire::encode_header(&layout()).len();
+    let mut out = Vec::new();
+    while at + wire::RECORD_HEADER <= full.len() {
+        let len = u32::from_le_bytes(full[at + 4..at + 8].try_into().unwrap()) as usize;
+        if full[at] == tag::PAGE {
+            out.push((at + wire::RECORD_HEADER, len));
+        }
+        at += wire::RECORD_HEADER + len;
+    }
+    out
+}
+
+/// Over TCP the target receives page runs in place (straight into its
+/// memory, checked there): a valid stream arrives whole that way; a flipped
+/// byte anywhere in a run's payload (the part read ahead into the buffer
+/// and the part read in place) or in its header's address fails the
+/// checksum, and a stream cut inside a payload is truncated; each failure
+/// discards, never resumes.
+#[test]
+fn in_place_receive_checks_what_landed() {
+    let mut src = guest(Residency::Populated);
+    let full = capture(&mut src);
+    let (ok, tgt) = receive_over_tcp(full.clone());
+    let sum = ok.expect("valid stream");
+    assert!(tgt.resumed());
+    assert_eq!(tgt.in_place_pages(), sum.pages, "every page run was received in place");
+    assert!(sum.pages > 100, "{sum:?}");
+    let (x, y) = (&tgt.snapshot(), &src.snapshot());
+    assert!(x == y, "{}", vmm::migration::fake::first_difference(x, y).unwrap_or_default());
+
+    let runs = page_payloads(&full);
+    assert!(runs.len() > 4 && runs.iter().any(|&(_, n)| n > 4096), "{} runs", runs.len());
+    let (first, mid) = (runs[0], runs[runs.len() / 2]);
+    // Early in a payload (read ahead with its header), deep in it (read
+    // in place), its last byte, and the header's address.
+    for at in [first.0 + 3, mid.0 + mid.1 / 2 + 7, mid.0 + mid.1 - 1, mid.0 - wire::RECORD_HEADER + 9] {
+        let mut bad = full.clone();
+        bad[at] ^= 0x40;
+        let (r, tgt) = receive_over_tcp(bad);
+        let e = r.expect_err("corrupt");
+        assert!(matches!(e, MigrationError::Corrupt(CorruptKind::BadChecksum { tag: 1, .. })), "byte {at}: {e}");
+        assert!(!tgt.resumed() && tgt.discards() == 1 && !tgt.prepared(), "byte {at}");
+    }
+    for cut in [first.0 + 10, mid.0 + mid.1 / 2, mid.0 + mid.1 - 1] {
+        let (r, tgt) = receive_over_tcp(full[..cut].to_vec());
+        let e = r.expect_err("truncated");
+        assert!(matches!(e, MigrationError::Truncated { .. }), "cut {cut}: {e}");
+        assert!(!tgt.resumed() && tgt.discards() == 1, "cut {cut}");
+    }
+}
+
+/// A target that fails a write mid-run declines to receive that run in
+/// place, and the buffered path fails at the exact page, as before.
+#[test]
+fn in_place_receive_leaves_injected_write_failures_to_the_buffered_path() {
+    let mut src = guest(Residency::Populated);
+    let full = capture(&mut src);
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr");
+    let t = std::thread::spawn(move || {
+        let (s, _) = l.accept().expect("accept");
+        let mut tgt = FakeTarget::new();
+        tgt.fail_writes_after(70);
+        let r = vmm::migration::receive_tcp(&mut tgt, &s, &TargetConfig::default(), Some(Duration::from_secs(10)));
+        (r, tgt)
+    });
+    let mut s = TcpStream::connect(a).expect("connect");
+    let _ = s.write_all(&full);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = std::io::copy(&mut s, &mut std::io::sink());
+    let (r, tgt) = t.join().expect("target");
+    assert!(matches!(r, Err(MigrationError::Target(_))), "{r:?}");
+    assert!(tgt.in_place_pages() > 0 && tgt.in_place_pages() <= 70, "{}", tgt.in_place_pages());
+    assert!(tgt.discards() == 1 && !tgt.resumed());
+}

@@ -35,8 +35,15 @@ fn vm(test: &str) -> Arc<Vm<HeapPages>> {
     Arc::new(vm)
 }
 
-/// A VM with no vCPUs as a source: nothing to pause.
-struct Src(VmMemory<HeapPages>);
+/// A VM with no vCPUs as a source: nothing to pause. Zero pages are found
+/// in place; the pages it copies out are counted.
+struct Src(VmMemory<HeapPages>, u64);
+
+impl Src {
+    fn new(m: VmMemory<HeapPages>) -> Src {
+        Src(m, 0)
+    }
+}
 
 impl MigrationSource for Src {
     fn layout(&self) -> Layout {
@@ -46,7 +53,15 @@ impl MigrationSource for Src {
         self.0.resident(r, b)
     }
     fn read_page(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), HostError> {
+        self.1 += 1;
         self.0.read_page(gpa, buf)
+    }
+    fn read_pages(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), HostError> {
+        self.1 += buf.len() as u64 / PG;
+        self.0.read_pages(gpa, buf)
+    }
+    fn zero_mask(&mut self, gpa: u64, n: usize) -> Result<Option<u64>, HostError> {
+        self.0.zero_mask(gpa, n)
     }
     fn harvest(&mut self, r: &MemRange, b: &mut [u64]) -> Result<(), HostError> {
         self.0.harvest(r, b)
@@ -66,8 +81,15 @@ impl MigrationSource for Src {
 }
 
 /// The same VM as a target; tracking off while pages arrive, as the KVM
-/// target does (so only the received mask remembers them).
-struct Tgt(VmMemory<HeapPages>);
+/// target does (so only the received mask remembers them). Page runs are
+/// received in place (counted).
+struct Tgt(VmMemory<HeapPages>, u64);
+
+impl Tgt {
+    fn new(m: VmMemory<HeapPages>) -> Tgt {
+        Tgt(m, 0)
+    }
+}
 
 impl MigrationTarget for Tgt {
     fn prepare(&mut self, l: &Layout) -> Result<(), HostError> {
@@ -76,6 +98,16 @@ impl MigrationTarget for Tgt {
     }
     fn write_page(&mut self, gpa: u64, d: &[u8]) -> Result<(), HostError> {
         self.0.write_page(gpa, d)
+    }
+    fn receive_pages(
+        &mut self,
+        gpa: u64,
+        len: usize,
+        recv: &mut dyn FnMut(&[vmm::migration::RawDest]),
+    ) -> Result<bool, HostError> {
+        let done = self.0.receive_pages(gpa, len, recv)?;
+        self.1 += u64::from(done) * len as u64 / PG;
+        Ok(done)
     }
     fn zero_page(&mut self, gpa: u64) -> Result<(), HostError> {
         self.0.zero_page(gpa)
@@ -125,8 +157,8 @@ fn host_writes_and_device_memory_travel_and_untouched_pages_cost_nothing() {
     a.write_segment(0, 3 * PG, &[7u8; 4096]).unwrap();
     a.write_segment(0, 10 * PG + 100, b"hello").unwrap();
     a.write_segment(1, 2 * PG, &[9u8; 4096]).unwrap();
-    let mut src = Src(VmMemory::new(a.clone(), None));
-    let mut tb = Tgt(VmMemory::new(b.clone(), None));
+    let mut src = Src::new(VmMemory::new(a.clone(), None));
+    let mut tb = Tgt::new(VmMemory::new(b.clone(), None));
     let sum = migrate(&mut src, &mut tb);
     // Two RAM pages (host writes mark them dirty, so they are resident)
     // and the one non-zero ROM page: nothing for the other 65.
@@ -137,8 +169,8 @@ fn host_writes_and_device_memory_travel_and_untouched_pages_cost_nothing() {
     assert_eq!(page(&b, 1, 2), vec![9u8; 4096]);
     // B never touches them; migrated on, it still delivers them.
     assert_eq!(tb.0.received_pages(), 3);
-    let mut sb = Src(tb.0);
-    let mut tc = Tgt(VmMemory::new(c.clone(), None));
+    let mut sb = Src::new(tb.0);
+    let mut tc = Tgt::new(VmMemory::new(c.clone(), None));
     let sum = migrate(&mut sb, &mut tc);
     assert_eq!(sum.pages_sent, 3, "{sum:?}");
     assert_eq!(page(&c, 0, 3), vec![7u8; 4096]);
@@ -178,8 +210,8 @@ fn a_target_of_another_layout_refuses() {
     let a = vm("lay-a");
     let b = vm("lay-b");
     b.alloc_segment(2, PG, SegmentKind::SysMem).unwrap();
-    let mut src = Src(VmMemory::new(a, None));
-    let mut tb = Tgt(VmMemory::new(b, None));
+    let mut src = Src::new(VmMemory::new(a, None));
+    let mut tb = Tgt::new(VmMemory::new(b, None));
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::scope(|s| {
@@ -192,6 +224,73 @@ fn a_target_of_another_layout_refuses() {
         assert!(matches!(e, vmm::migration::MigrationError::LayoutMismatch(_)), "{e:?}");
         assert!(t.join().unwrap());
     });
+}
+
+/// Pages the source finds zero in place are sent as zero records without
+/// being copied out; the others are copied once and land in place in the
+/// target's segment memory.
+#[test]
+fn zero_pages_are_found_in_place_and_runs_land_in_place() {
+    let (a, b) = (vm("zin-a"), vm("zin-b"));
+    for p in 0..8u64 {
+        a.write_segment(0, p * PG, &[p as u8 + 1; 4096]).unwrap();
+    }
+    // Resident (a host write marks them) but zero.
+    a.write_segment(0, 8 * PG, &[0u8; 8 * 4096]).unwrap();
+    // One non-zero byte at the end of a page.
+    a.write_segment(0, 21 * PG - 1, &[0xee]).unwrap();
+    // Zero again in the target, written before: the zero record clears it.
+    b.write_segment(0, 9 * PG, &[5u8; 4096]).unwrap();
+    let mut src = Src::new(VmMemory::new(a.clone(), None));
+    let mut tb = Tgt::new(VmMemory::new(b.clone(), None));
+    let sum = migrate(&mut src, &mut tb);
+    assert_eq!(sum.pages_sent, 17, "{sum:?}");
+    assert_eq!(sum.zero_pages, 8, "{sum:?}");
+    assert_eq!(src.1, 9, "only the non-zero pages are copied out");
+    assert_eq!(tb.1, 9, "every page run landed in place");
+    for p in 0..32u64 {
+        assert_eq!(page(&b, 0, p), page(&a, 0, p), "page {p}");
+    }
+}
+
+/// A stream whose page run fails its checksum after landing in place in a
+/// real VM's memory: the attempt fails and the target zeroes what landed.
+#[test]
+fn a_corrupt_run_received_in_place_is_discarded() {
+    use std::io::{Cursor, Read, Write};
+    use vmm::migration::wire::{self, tag};
+    let (a, b) = (vm("zc-a"), vm("zc-b"));
+    a.write_segment(0, 0, &[3u8; 4 * 4096]).unwrap();
+    let mut src = Src::new(VmMemory::new(a.clone(), None));
+    let mut acks = wire::encode_header_ack(Ok(()));
+    acks.extend(wire::encode_record(tag::FINAL_ACK, 1, &[]));
+    let mut full = Vec::new();
+    vmm::migration::migrate(&mut src, Cursor::new(acks), &mut full, &SourceConfig::default(), &mut |_| {}).unwrap();
+    // The header, the round marker, then the run's header: a byte near the
+    // end of its 16 KiB payload (past what is read ahead with the header).
+    let run = wire::encode_header(&src.layout()).len() + 2 * wire::RECORD_HEADER;
+    assert_eq!(full[run - wire::RECORD_HEADER], tag::PAGE);
+    full[run + 4 * 4096 - 5] ^= 1;
+    let mut tb = Tgt::new(VmMemory::new(b.clone(), None));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let r = std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            let (c, _) = l.accept().unwrap();
+            vmm::migration::receive_tcp(&mut tb, &c, &TargetConfig::default(), None)
+        });
+        let mut c = TcpStream::connect(addr).unwrap();
+        let _ = c.write_all(&full);
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let _ = c.read_to_end(&mut Vec::new());
+        t.join().unwrap()
+    });
+    let e = r.unwrap_err();
+    assert!(matches!(e, vmm::migration::MigrationError::Corrupt(_)), "{e}");
+    assert_eq!(tb.1, 4, "the run was received in place");
+    for p in 0..4 {
+        assert_eq!(page(&b, 0, p), vec![0u8; 4096], "page {p} kept after the discard");
+    }
 }
 
 // ---- device models: the PCI platform with a framebuffer ----
@@ -340,8 +439,8 @@ fn framebuffer_bar_config_space_and_mode_travel() {
     pa.lock().unwrap().fbuf(FB_DEV).unwrap().reg_write(4, &128u32.to_le_bytes());
     let pixels: Vec<u8> = (0..3 * PG as usize).map(|i| (i * 13 + 1) as u8).collect();
     a.write_segment(FB_SEG, 5 * PG, &pixels).unwrap();
-    let mut src = SrcP(Src(VmMemory::new(a.clone(), None)), pa.clone());
-    let mut dst = TgtP(Tgt(VmMemory::new(b.clone(), None)), pb.clone());
+    let mut src = SrcP(Src::new(VmMemory::new(a.clone(), None)), pa.clone());
+    let mut dst = TgtP(Tgt::new(VmMemory::new(b.clone(), None)), pb.clone());
     migrate_p(&mut src, &mut dst, &mut |_| {});
     let mut p = pb.lock().unwrap();
     assert_eq!(p.pci.bar_address(FB_DEV, 0, fbuf::FB_BAR), Some(BAR_A));
@@ -366,8 +465,8 @@ fn a_bar_moved_during_the_attempt_lands_at_its_new_place() {
     place_bar(&pa, &a, BAR_A);
     cfg_write(&pa, &a, 0x04, u32::from(vmm::pci::COMMAND_MEMORY));
     a.write_segment(FB_SEG, 0, &[1u8; 4096]).unwrap();
-    let mut src = SrcP(Src(VmMemory::new(a.clone(), None)), pa.clone());
-    let mut dst = TgtP(Tgt(VmMemory::new(b.clone(), None)), pb.clone());
+    let mut src = SrcP(Src::new(VmMemory::new(a.clone(), None)), pa.clone());
+    let mut dst = TgtP(Tgt::new(VmMemory::new(b.clone(), None)), pb.clone());
     let mut moved = false;
     let (a2, pa2) = (a.clone(), pa.clone());
     migrate_p(&mut src, &mut dst, &mut |p| {

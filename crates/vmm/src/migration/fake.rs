@@ -93,6 +93,15 @@ impl Guest {
         buf.copy_from_slice(&chunk[po..po + PS]);
     }
 
+    /// Whether page `p` is all zero now (under its chunk's lock, as a
+    /// read).
+    fn is_zero(&self, p: u64) -> bool {
+        let ci = (p / CHUNK_PAGES) as usize;
+        let po = ((p % CHUNK_PAGES) as usize) * PS;
+        let chunk = self.chunks[ci].lock().unwrap_or_else(|e| e.into_inner());
+        chunk[po..po + PS].iter().all(|&b| b == 0)
+    }
+
     fn writer(self: Arc<Self>, cfg: WriterConfig) {
         let mut x = cfg.seed | 1;
         let start = Instant::now();
@@ -351,6 +360,22 @@ impl MigrationSource for FakeSource {
         Ok(())
     }
 
+    /// Checked page by page under the chunk locks, so a guest write
+    /// racing the check either is seen or sets the dirty bit after it.
+    fn zero_mask(&mut self, gpa: u64, n: usize) -> Result<Option<u64>, HostError> {
+        let (ri, idx, p) = self.g.locate(gpa).ok_or(HostError::new("zero_mask", "outside the layout"))?;
+        if n > 64 || n as u64 > self.g.layout.ranges[ri].pages() - idx {
+            return Err(HostError::new("zero_mask", "outside the range"));
+        }
+        let mut mask = 0u64;
+        for i in 0..n as u64 {
+            if self.g.is_zero(p + i) {
+                mask |= 1 << i;
+            }
+        }
+        Ok(Some(mask))
+    }
+
     fn harvest(&mut self, range: &MemRange, bitmap: &mut [u64]) -> Result<(), HostError> {
         let ri =
             self.g.layout.ranges.iter().position(|r| r == range).ok_or(HostError::new("harvest", "no such range"))?;
@@ -410,6 +435,7 @@ pub struct FakeTarget {
     writes: u64,
     fail_writes_after: Option<u64>,
     fail_apply_state: bool,
+    in_place_pages: u64,
 }
 
 impl FakeTarget {
@@ -432,6 +458,12 @@ impl FakeTarget {
     /// with the source paused).
     pub fn fail_apply_state(&mut self) {
         self.fail_apply_state = true;
+    }
+
+    /// Pages received in place ([`MigrationTarget::receive_pages`]) over
+    /// this target's life.
+    pub fn in_place_pages(&self) -> u64 {
+        self.in_place_pages
     }
 
     /// Whether the guest was resumed here.
@@ -529,6 +561,41 @@ impl MigrationTarget for FakeTarget {
         self.mem[p * PS..(p + 1) * PS].copy_from_slice(data);
         self.valid[p / 64] |= 1 << (p % 64);
         Ok(())
+    }
+
+    /// In place, into its memory buffer, page by page as `write_page`
+    /// counts; a run that would reach an injected write failure goes the
+    /// buffered way (which fails at its page).
+    #[allow(unsafe_code)]
+    fn receive_pages(
+        &mut self,
+        gpa: u64,
+        len: usize,
+        recv: &mut dyn FnMut(&[super::RawDest]),
+    ) -> Result<bool, HostError> {
+        let count = (len / PS) as u64;
+        if let Some(n) = self.fail_writes_after
+            && self.writes + count > n
+        {
+            return Ok(false);
+        }
+        let p = self.page_index(gpa)? as usize;
+        let end = p.checked_add(count as usize).filter(|&e| e * PS <= self.mem.len());
+        let Some(end) = end else {
+            return Err(HostError::new("receive_pages", "outside the memory"));
+        };
+        self.writes += count;
+        for q in p..end {
+            self.valid[q / 64] |= 1 << (q % 64);
+        }
+        // SAFETY: `[p * PS, end * PS)` lies inside `mem` (checked above),
+        // which `&mut self` keeps alive, unmoved and unreferenced while
+        // `recv` runs.
+        let d = unsafe { super::RawDest::new(self.mem.as_mut_ptr().add(p * PS), len) };
+        let d = d.ok_or(HostError::new("receive_pages", "no memory"))?;
+        recv(&[d]);
+        self.in_place_pages += count;
+        Ok(true)
     }
 
     fn zero_page(&mut self, gpa: u64) -> Result<(), HostError> {

@@ -99,15 +99,27 @@
 //!
 //! The decoder never trusts a length: it checks it against the record
 //! type's bound before reading the payload, then checks the CRC; a page
-//! run must lie inside one range. The source reads each run of
-//! consecutive dirty pages (up to [`wire::MAX_RUN_PAGES`]) with one
+//! run must lie inside one range. For each run of consecutive dirty pages
+//! (up to [`wire::MAX_RUN_PAGES`]) the source first asks which are zero in
+//! place ([`MigrationSource::zero_mask`]: a check of guest memory that
+//! stops at a page's first non-zero word, no copy); the zero ones join a
+//! zero-page record, and each run of the others is read with one
 //! [`MigrationSource::read_pages`] call straight into one batch buffer
 //! (256 KiB by default, allocated and zeroed once: no clearing, no second
-//! copy), checks each page for zero, and frames each maximal run of
-//! non-zero pages as one record (a run after zero pages is moved down once
-//! to make room for its header); the buffer is flushed by one `write`. The
-//! reader is buffered the same way, and the target writes each run with
-//! one [`MigrationTarget::write_pages`] call.
+//! copy), checked for zero again (a source that cannot check in place
+//! relies on this one), and framed as one record (a run after zero pages
+//! is moved down once to make room for its header); the buffer is flushed
+//! by one `write`. Over TCP ([`receive_tcp`]) the target receives each page
+//! run in place where it can ([`MigrationTarget::receive_pages`]): the
+//! reader reads little past each header (4 KiB, so small records come
+//! together), copies what it holds of the payload, `readv`s the rest from
+//! the socket straight into guest memory, and verifies the checksum there.
+//! A run that fails it fails the attempt, whose target discards what
+//! landed: the target's guest does not run before the end record, so
+//! unverified bytes in its memory are never seen. Otherwise (any other
+//! reader, a swappable segment) the reader is buffered the same way as the
+//! writer, and the target writes each run with one
+//! [`MigrationTarget::write_pages`] call.
 //!
 //! # Invariants (nothing lost)
 //!
@@ -159,51 +171,66 @@
 //!   swap file's speed.
 //! - The progress callback runs on the engine's thread between rounds; a
 //!   slow callback lengthens the round (and, after pause, the downtime).
-//! - Every page is copied once into the batch buffer before its checksum
-//!   (the guest may write it meanwhile, so the checksum cannot be taken
-//!   over guest memory and the kernel's copy); the target copies each page
-//!   once more from its read buffer into guest memory. With the kernel's
-//!   two copies that is twice a plain copy's work per byte.
+//! - Every non-zero page is copied once into the batch buffer before its
+//!   checksum (the guest may write it meanwhile, so the checksum cannot be
+//!   taken over guest memory and the kernel's copy). The target receives
+//!   in place only through [`receive_tcp`] (it needs the descriptor) and
+//!   not into a swappable segment (a page may be in the swap file); there
+//!   it copies each page once more from its read buffer. A zero page still
+//!   costs a read of it in place (a page the guest never wrote cannot be
+//!   told from one it zeroed without reading it).
 //! - Throughput on the project's 2-core, shared, shadow-paging test host
-//!   is below the 70% target against a plain loopback copy made without a
-//!   guest. `vmm bench migrate --mem 1G --write-pct 0,10,80 --runs 3
-//!   --batch 1M --json` (medians of 3; `README.md` has the 4 GiB figures
-//!   and the previous version's, measured alongside): with the host's load
-//!   average at 1.6-2.2, 0.48 / 0.54 / 0.35 of that copy and 0.89 / 0.63 /
-//!   0.74 of one made while a guest of the case's configuration runs; at
-//!   4-6.5 (other jobs), 0.20 / 0.23 / 0.19 and 0.53 / 0.54 / 0.54. The
-//!   load-independent figure is the CPU time of the two threads that do
-//!   the work (the engine's and the receiver's, [`SourceTimings::cpu_ms`],
-//!   [`TargetTimings::cpu_ms`]) per byte sent: 0.59-0.81 ns, against
-//!   0.27-0.46 ns for the plain copy's two threads; the stream costs about
-//!   twice a plain copy's CPU per byte (the copies above; under load also
-//!   zero pages, a third to three quarters of the first pass then, copied
-//!   and checked but sent as a few bytes), and the rest of the gap to the
-//!   copy without a guest is the guest's two busy vCPU threads taking
-//!   their share of the two cores. `perf record -g` on the engine's thread
-//!   (80% writes): the socket write (the kernel's copy and loopback TCP)
-//!   48%, copying pages out of guest memory 34%, CRC-32 8%, shadow zaps 3%;
-//!   on the receiver: the socket read 45%, copying pages in 30%, CRC-32 9%.
-//!   What the timings and `perf` found and fixed, in this version: a clock
+//!   is far below the 70% target against a plain loopback copy when it is
+//!   counted in bytes on the wire: in `vmm bench migrate` most of a
+//!   prefaulted guest's pages are still zero when it migrates (88-94% of
+//!   those sent on this host), each costs a zero record of a few bytes, so
+//!   the wire carries 6-12% of the guest's size while the time goes to
+//!   reading every page (to find it zero), the harvests, and, above all,
+//!   the share of the two cores the engine and receiver threads get beside
+//!   the guest's two busy vCPU threads and other jobs. Measured with
+//!   `vmm bench migrate --mem 1G --write-pct 0,10,80 --runs 3 --batch 1M
+//!   --json` and `--mem 4G --write-pct 0,80` (medians of 3; the previous
+//!   version's binary run just before, the host's load average 4-7.8 from
+//!   other jobs throughout): at 1 GiB, 0.06-0.07 of the plain copy (before:
+//!   0.05-0.07), 0.10-0.12 of one made while a guest runs (before:
+//!   0.06-0.11), 0.08 of the memory-to-memory copy of the guest's size
+//!   (`throughput_vs_memory_copy`); at 4 GiB 0.05-0.07 (before:
+//!   0.05). Counted as guest memory moved per second
+//!   (`guest_bytes_per_s`, zero pages included), the stream reaches
+//!   0.78-0.81 of the memory-to-memory copy at 1 GiB and 0.88-1.06 at
+//!   4 GiB (before: 873-959 MiB/s at 1 GiB and 1043-1124 MiB/s at 4 GiB,
+//!   now 948-986 and 1260-1510). The load-independent figure is the CPU
+//!   time of the engine's and the receiver's threads
+//!   ([`SourceTimings::cpu_ms`], [`TargetTimings::cpu_ms`]): per byte of
+//!   guest memory 0.18-0.19 ns at 1 GiB (before 0.21-0.22) and 0.14-0.16
+//!   at 4 GiB (before 0.19), against 0.31-0.34 ns per byte for either
+//!   copy's two threads; per byte sent it is 1.7-2.4 ns, the zero pages'
+//!   reads spread over the few bytes they cost on the wire. The
+//!   engine-only bench (`cargo bench -p vmm --bench migration`: a fake
+//!   1 GiB guest with one page in 16 zero, no vCPUs) went from 0.62 / 0.67
+//!   / 0.59 of its plain copy's wire rate (no writes, 40 MB/s, 800 MB/s of
+//!   writes) to 0.67 / 0.97 / 0.91 in the same session.
+//!   What the timings and `perf` found and fixed, in this version: pages
+//!   copied out to be found zero (now checked in place,
+//!   [`MigrationSource::zero_mask`]) and every received page copied from
+//!   the read buffer into guest memory (now received in place,
+//!   [`MigrationTarget::receive_pages`]). Before: a clock
 //!   read per page on both sides (6% of the engine's CPU, 17% of the
 //!   receiver's), a record, a read and a write call per page (now one per
 //!   run of up to [`wire::MAX_RUN_PAGES`] consecutive dirty pages), and the
 //!   harvests dropping each dirty frame from KVM's view with an `madvise`
 //!   on the engine's thread (0.4 s per GiB sent at 80% writes; vmm-kvm's
 //!   `migrate` now zaps at the RAM harvest of an attempt's harvest
-//!   points). Under load, and at 4 GiB in both sessions, these cut the
-//!   CPU per byte by 10-29%; at 1 GiB and low load the difference is
-//!   within the runs' variation. Earlier: no clearing
+//!   points). Earlier: no clearing
 //!   of each page's slot in the batch buffer, the first pass's residency
 //!   taking the space lock per page (0.3-0.4 s per GiB, now 13 ms), a
 //!   target populating its view in `prepare`, a bench connecting before
 //!   its target was built, and a first pass faulting the source's host
-//!   view in page by page (vmm-kvm's `populate_host_view`). Not done: a
-//!   zero check in place before the copy (a page the guest never wrote is
-//!   copied to be found zero; it needs a zero test on segment memory that
-//!   the VM layer does not have), receiving straight into guest memory,
-//!   a sender thread of its own (harvests and sends do not overlap), and
-//!   socket buffer tuning.
+//!   view in page by page (vmm-kvm's `populate_host_view`). Not done:
+//!   knowing a page is zero without reading it (a page populated and
+//!   never written since), copying and checksumming a page while it is in
+//!   L1 rather than a run at a time, a sender thread of its own (harvests
+//!   and sends do not overlap), and socket buffer tuning.
 //! - The real-VM layer ([`vm`]) cannot see a host write into a
 //!   system-memory page no mapping covers (there is no dirty bit to set).
 //! - Device models: the PCI platform's state (every function's command
@@ -410,6 +437,26 @@ pub trait MigrationSource {
         Ok(())
     }
 
+    /// Which of the `n` pages from `gpa` (`n` from 1 to 64, all in one
+    /// range of the layout) read as zero now, found in place, without
+    /// copying them out: bit `i` of the mask is the page at
+    /// `gpa + i * PAGE_SIZE`. `None` (the default) when the source cannot
+    /// tell without a copy: the engine then copies every page and checks
+    /// the copies.
+    ///
+    /// The engine asks after the harvest that reported the pages and sends
+    /// the pages found zero as a zero record without reading them, so the
+    /// check must see every write whose dirty bit an earlier
+    /// [`harvest`](Self::harvest) cleared (as
+    /// [`read_page`](Self::read_page) must). A guest write that lands
+    /// after the check sets the page's dirty bit again (the harvest cleared
+    /// it before the check), so the page goes again in a later round, as a
+    /// write after a copy does.
+    fn zero_mask(&mut self, gpa: u64, n: usize) -> Result<Option<u64>, HostError> {
+        let _ = (gpa, n);
+        Ok(None)
+    }
+
     /// Read and clear the dirty bits of `range` into `bitmap` (overwriting
     /// it), atomically per page: a write that races the harvest either is
     /// reported now (and visible to a following `read_page`) or leaves its
@@ -472,6 +519,27 @@ pub trait MigrationTarget {
         Ok(())
     }
 
+    /// Receive the page run of `len` bytes at `gpa` (a whole number of
+    /// pages, all in one range of the prepared layout, checked by the
+    /// engine) in place: call `recv` once with the host memory the pages
+    /// occupy ([`RawDest`]s covering the run in address order, `len` bytes
+    /// in all), into which the engine reads the record's payload straight
+    /// from the connection and then verifies its checksum there; return
+    /// `Ok(true)`. Return `Ok(false)` without calling `recv` where the run
+    /// cannot be received in place (the default: the engine then reads the
+    /// payload into its buffer and calls
+    /// [`write_pages`](Self::write_pages)).
+    ///
+    /// Once `recv` was called the pages count as written by the attempt
+    /// even if it failed (their bytes may be partial or fail the checksum):
+    /// the attempt then fails, and [`discard`](Self::discard) must throw
+    /// them away. Only [`receive_tcp`] receives in place (it has the
+    /// socket's descriptor); [`receive`] over any reader never calls this.
+    fn receive_pages(&mut self, gpa: u64, len: usize, recv: &mut dyn FnMut(&[RawDest])) -> Result<bool, HostError> {
+        let _ = (gpa, len, recv);
+        Ok(false)
+    }
+
     /// Make the page at `gpa` read as zero (it may have been written by an
     /// earlier round).
     fn zero_page(&mut self, gpa: u64) -> Result<(), HostError>;
@@ -502,6 +570,49 @@ pub trait MigrationTarget {
     /// Throw away everything this attempt set up (memory, state); called on
     /// any failure after `prepare`. Must not fail.
     fn discard(&mut self);
+}
+
+/// A piece of host memory that a page run is received into in place
+/// ([`MigrationTarget::receive_pages`]): `len` bytes at a raw address.
+/// The engine only ever copies into it with raw pointer writes and the
+/// kernel (`readv`), and reads it back to verify the checksum; it never
+/// forms a mutable reference over it.
+#[derive(Clone, Copy, Debug)]
+pub struct RawDest {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl RawDest {
+    /// A destination of `len` bytes at `ptr` (`None` for a null `ptr`).
+    ///
+    /// # Safety
+    ///
+    /// For as long as the `recv` call it is handed to runs, the `len`
+    /// bytes at `ptr` must be valid for reads and writes, lie inside one
+    /// live allocation or mapping, not overlap another destination of the
+    /// same call, and be neither referenced by a Rust reference nor written
+    /// by anyone else (no vCPU runs on a target being received into;
+    /// the engine reads the bytes back as a shared slice to check them).
+    #[allow(unsafe_code)]
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> Option<RawDest> {
+        std::ptr::NonNull::new(ptr).map(|ptr| RawDest { ptr, len })
+    }
+
+    /// The first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The number of bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// CPU time the calling thread has used so far

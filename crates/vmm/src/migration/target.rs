@@ -59,7 +59,9 @@ pub struct TargetTimings {
     pub socket_read_ms: f64,
     /// Verifying record checksums.
     pub checksum_ms: f64,
-    /// Writing pages into guest memory.
+    /// Writing pages into guest memory (for a run received in place: the
+    /// copy of what the read buffer held of it and the target's
+    /// bookkeeping; its socket reads and checksum are counted above).
     pub write_pages_ms: f64,
     /// Applying zero-page runs.
     pub zero_pages_ms: f64,
@@ -88,11 +90,27 @@ pub struct TargetTimings {
 pub fn receive<T: MigrationTarget + ?Sized, R: Read, W: Write>(
     target: &mut T,
     reader: R,
+    writer: W,
+    config: &TargetConfig,
+) -> Result<TargetSummary, MigrationError> {
+    receive_with(target, reader, writer, config, None)
+}
+
+/// [`receive`], with page payloads received in place from `fd` (the
+/// descriptor `reader` reads) where the target takes them
+/// ([`MigrationTarget::receive_pages`]).
+fn receive_with<T: MigrationTarget + ?Sized, R: Read, W: Write>(
+    target: &mut T,
+    reader: R,
     mut writer: W,
     config: &TargetConfig,
+    fd: Option<std::os::fd::RawFd>,
 ) -> Result<TargetSummary, MigrationError> {
     let cpu0 = super::thread_cpu_time();
     let mut r = RecordReader::new(reader, config.buffer_bytes);
+    if let Some(fd) = fd {
+        r.set_in_place(fd);
+    }
     let layout = match r.header() {
         Ok(l) => l,
         Err(e) => {
@@ -155,7 +173,11 @@ pub fn receive<T: MigrationTarget + ?Sized, R: Read, W: Write>(
 /// [`receive`] over a TCP connection: sets a read timeout (a source that
 /// stalls longer fails the attempt), and shuts the connection down on
 /// failure, so that a source still sending fails at once instead of
-/// blocking on a full socket buffer.
+/// blocking on a full socket buffer. Page payloads are received in place
+/// where the target takes them ([`MigrationTarget::receive_pages`]): read
+/// from the socket straight into guest memory and checked there, instead
+/// of into the read buffer and copied (a bad checksum fails the attempt,
+/// which discards what arrived).
 pub fn receive_tcp<T: MigrationTarget + ?Sized>(
     target: &mut T,
     stream: &std::net::TcpStream,
@@ -163,7 +185,8 @@ pub fn receive_tcp<T: MigrationTarget + ?Sized>(
     read_timeout: Option<std::time::Duration>,
 ) -> Result<TargetSummary, MigrationError> {
     stream.set_read_timeout(read_timeout).map_err(|error| MigrationError::Io { during: "socket setup", error })?;
-    let res = receive(target, stream, stream, config);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
+    let res = receive_with(target, stream, stream, config, Some(fd));
     if res.is_err() {
         let _ = stream.shutdown(std::net::Shutdown::Both);
     }
@@ -182,6 +205,34 @@ fn apply<T: MigrationTarget + ?Sized>(
     let mut state_bytes = 0u64;
     let (mut write_t, mut zero_t) = (Duration::ZERO, Duration::ZERO);
     loop {
+        if r.in_place()
+            && let Some((gpa, len)) = r.peek_page("stream record")?
+            && let Some((ri, idx)) = page_run(layout, gpa, len as u64 / PAGE_SIZE)
+        {
+            let (t, before) = (Instant::now(), r.read_time() + r.check_time());
+            let mut got = None;
+            let used = target
+                .receive_pages(gpa, len, &mut |d| got = Some(r.page_in_place(d)))
+                .map_err(MigrationError::Target)?;
+            if used {
+                got.unwrap_or_else(|| {
+                    Err(MigrationError::Target(super::HostError::new(
+                        "receive_pages",
+                        "took the run but did not read it",
+                    )))
+                })?;
+                // The socket reads and the checksum are counted apart.
+                write_t += t.elapsed().saturating_sub(r.read_time() + r.check_time() - before);
+                let count = len as u64 / PAGE_SIZE;
+                for p in idx..idx + count {
+                    received[ri][(p / 64) as usize] |= 1 << (p % 64);
+                }
+                sum.pages += count;
+                continue;
+            }
+            // Declined: read into the buffer from now on.
+            r.stop_in_place();
+        }
         match r.next("stream record")? {
             Record::Page { gpa, data } => {
                 // The reader checked the length: 1 to MAX_RUN_PAGES pages.
@@ -253,6 +304,16 @@ fn apply<T: MigrationTarget + ?Sized>(
     target.resume().map_err(MigrationError::Target)?;
     sum.timings.finish_ms = ms(tf.elapsed());
     Ok(sum)
+}
+
+/// The range index and first page index of a run of `count` pages at
+/// `gpa`, if it is page-aligned and lies inside one range.
+fn page_run(layout: &Layout, gpa: u64, count: u64) -> Option<(usize, u64)> {
+    if !gpa.is_multiple_of(PAGE_SIZE) {
+        return None;
+    }
+    let (ri, idx) = layout.locate(gpa)?;
+    (count <= layout.ranges[ri].pages() - idx).then_some((ri, idx))
 }
 
 fn ms(d: Duration) -> f64 {

@@ -344,6 +344,14 @@ impl<P: TablePages + Send + Sync> VmMemory<P> {
         self.vm.read_segment(id, off, buf).map_err(|e| err("read_pages", e))
     }
 
+    /// Which of the `n` pages at stream address `addr` read as zero,
+    /// checked in place ([`MigrationSource::zero_mask`](super::MigrationSource::zero_mask));
+    /// `None` for a swappable segment.
+    pub fn zero_mask(&mut self, addr: u64, n: usize) -> Result<Option<u64>, HostError> {
+        let (id, off) = split_addr(addr);
+        self.vm.segment_zero_pages(id, off, n).map_err(|e| err("zero_mask", e))
+    }
+
     /// After a successful migration out: the received pages were delivered.
     pub fn migrated_out(&mut self) {
         self.received.clear();
@@ -446,6 +454,36 @@ impl<P: TablePages + Send + Sync> VmMemory<P> {
             }
         }
         Ok(())
+    }
+
+    /// Receive the `len` bytes of pages at stream address `addr` in place
+    /// ([`MigrationTarget::receive_pages`](super::MigrationTarget::receive_pages)):
+    /// the pages are counted as written first (a failed `recv` leaves them
+    /// for [`discard`](Self::discard)), then `recv` gets the segment's host
+    /// memory. `Ok(false)` for a swappable segment.
+    pub fn receive_pages(
+        &mut self,
+        addr: u64,
+        len: usize,
+        recv: &mut dyn FnMut(&[super::RawDest]),
+    ) -> Result<bool, HostError> {
+        let (id, off) = split_addr(addr);
+        if self.is_swappable(id)? {
+            return Ok(false);
+        }
+        let Some(w) = self.written.get_mut(&id) else {
+            return Err(HostError::new("receive_pages", "no such segment"));
+        };
+        let first = off / PAGE_SIZE;
+        let count = len as u64 / PAGE_SIZE;
+        if w.len() as u64 * 64 < first + count {
+            return Err(HostError::new("receive_pages", "outside the segment"));
+        }
+        for i in first..first + count {
+            set_bit(w, i);
+        }
+        let done = self.vm.with_segment_host(id, off, len as u64, |d| recv(d)).map_err(|e| err("receive_pages", e))?;
+        Ok(done.is_some())
     }
 
     /// Make the page at stream address `addr` read as zero.

@@ -319,6 +319,25 @@ impl<W: Write> RecordWriter<W> {
         Ok(())
     }
 
+    /// Append `count` zero pages from `gpa` without their contents (a
+    /// source found them zero in place): they extend the pending zero-page
+    /// run where they follow it, else they start one. Runs never cross a
+    /// range: the caller ends them with [`end_zero_run`](Self::end_zero_run)
+    /// at a range's end.
+    pub fn zeros(&mut self, gpa: u64, count: u64) -> io::Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        match &mut self.zero_run {
+            Some((g, c)) if c.checked_mul(PAGE_SIZE).and_then(|b| g.checked_add(b)) == Some(gpa) => *c += count,
+            _ => {
+                self.end_zero_run()?;
+                self.zero_run = Some((gpa, count));
+            }
+        }
+        Ok(())
+    }
+
     /// Append a record (a pending run of zero pages goes first).
     pub fn record(&mut self, t: u8, arg: u64, payload: &[u8]) -> io::Result<()> {
         self.end_zero_run()?;
@@ -476,7 +495,22 @@ pub struct RecordReader<R: Read> {
     read: u64,
     read_time: Duration,
     check_time: Duration,
+    /// The connection's descriptor, when page payloads may be received in
+    /// place ([`RecordReader::page_in_place`]).
+    fd: Option<std::os::fd::RawFd>,
+    /// Whether reads into the buffer stop shortly past what is needed (so
+    /// that a page payload is left in the socket, for reading in place).
+    short_reads: bool,
 }
+
+/// How far past the bytes it needs a reader that receives in place reads
+/// into its buffer: small records after a header come with it, and at most
+/// this much of a page payload is copied from the buffer rather than read
+/// in place.
+const LOOKAHEAD: usize = 4096;
+
+/// The most `iovec`s one `readv` is given (Linux's `IOV_MAX`).
+const MAX_IOV: usize = 1024;
 
 impl<R: Read> RecordReader<R> {
     /// A reader over `inner` with a buffer of `cap` bytes (grown only for
@@ -490,7 +524,29 @@ impl<R: Read> RecordReader<R> {
             read: 0,
             read_time: Duration::ZERO,
             check_time: Duration::ZERO,
+            fd: None,
+            short_reads: false,
         }
+    }
+
+    /// Receive page payloads in place from `fd`, the descriptor `inner`
+    /// reads (a socket: its reads and `readv` on `fd` consume one byte
+    /// stream, with nothing buffered in between).
+    pub(crate) fn set_in_place(&mut self, fd: std::os::fd::RawFd) {
+        self.fd = Some(fd);
+        self.short_reads = true;
+    }
+
+    /// Whether page payloads may be received in place.
+    pub(crate) fn in_place(&self) -> bool {
+        self.fd.is_some()
+    }
+
+    /// Stop receiving in place (the target declined a run): reads fill the
+    /// buffer again.
+    pub(crate) fn stop_in_place(&mut self) {
+        self.fd = None;
+        self.short_reads = false;
     }
 
     /// Bytes consumed so far.
@@ -530,8 +586,14 @@ impl<R: Read> RecordReader<R> {
                 let grown = self.buf.len().saturating_mul(2).min(n);
                 self.buf.resize(grown.max(self.buf.len()), 0);
             }
+            let lim = if self.short_reads {
+                let want = (n - (self.end - self.pos)).saturating_add(LOOKAHEAD);
+                self.buf.len().min(self.end.saturating_add(want))
+            } else {
+                self.buf.len()
+            };
             let t = Instant::now();
-            let got = self.inner.read(&mut self.buf[self.end..]);
+            let got = self.inner.read(&mut self.buf[self.end..lim]);
             self.read_time += t.elapsed();
             match got {
                 Ok(0) => {
@@ -609,6 +671,122 @@ impl<R: Read> RecordReader<R> {
         let layout = Layout { ranges };
         layout.validate().map_err(|m| MigrationError::Corrupt(CorruptKind::BadHeader(m)))?;
         Ok(layout)
+    }
+
+    /// The address and payload length of the next record if it is a page
+    /// record of a valid length, without consuming it (`None` for any other
+    /// record, or a header that [`next`](Self::next) will refuse).
+    pub(crate) fn peek_page(&mut self, during: &'static str) -> Result<Option<(u64, usize)>, MigrationError> {
+        self.fill(RECORD_HEADER, during, true)?;
+        let h = &self.buf[self.pos..self.pos + RECORD_HEADER];
+        let len = u32::from_le_bytes(h[4..8].try_into().unwrap_or([0; 4]));
+        let ok = h[0] == tag::PAGE
+            && h[1..4] == [0, 0, 0]
+            && len != 0
+            && u64::from(len).is_multiple_of(PAGE_SIZE)
+            && len <= MAX_PAGES_PAYLOAD;
+        Ok(ok.then(|| (u64::from_le_bytes(h[8..16].try_into().unwrap_or([0; 8])), len as usize)))
+    }
+
+    /// Consume the page record [`peek_page`](Self::peek_page) found,
+    /// receiving its payload into `dests` (which must cover exactly its
+    /// length, in order): the bytes already buffered are copied, the rest
+    /// read straight from the connection with `readv`; then the record's
+    /// checksum is verified over the bytes where they landed. On any error
+    /// the destinations hold partial or unverified bytes (the caller's
+    /// attempt fails and discards them).
+    #[allow(unsafe_code)]
+    pub(crate) fn page_in_place(&mut self, dests: &[super::RawDest]) -> Result<(), MigrationError> {
+        let during = "stream record";
+        let Some(fd) = self.fd else {
+            return Err(MigrationError::Invalid("a page received in place without a descriptor".into()));
+        };
+        let h: [u8; RECORD_HEADER] = self.buf[self.pos..self.pos + RECORD_HEADER].try_into().unwrap_or([0; 20]);
+        let n = u32::from_le_bytes(h[4..8].try_into().unwrap_or([0; 4])) as usize;
+        let carried = u32::from_le_bytes(h[16..20].try_into().unwrap_or([0; 4]));
+        let total = dests.iter().try_fold(0usize, |a, d| a.checked_add(d.len()));
+        if total != Some(n) {
+            return Err(MigrationError::Invalid(format!(
+                "the target gave {total:?} bytes of destinations for a run of {n}"
+            )));
+        }
+        self.pos += RECORD_HEADER;
+        self.read += RECORD_HEADER as u64;
+        // What the buffer holds of the payload: copied.
+        let mut have = (self.end - self.pos).min(n);
+        let mut off = 0usize;
+        for d in dests {
+            if off >= have {
+                break;
+            }
+            let k = d.len().min(have - off);
+            // SAFETY: `k` bytes from the buffer (inside `pos..end`) into the
+            // first `k` bytes of `d`, valid for writes by `RawDest`'s
+            // contract; a heap buffer and guest memory do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(self.buf[self.pos + off..].as_ptr(), d.as_ptr(), k) };
+            off += k;
+        }
+        self.pos += have;
+        self.read += have as u64;
+        // The rest: straight from the connection.
+        let t = Instant::now();
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(dests.len().min(MAX_IOV));
+        let mut failed = None;
+        while have < n {
+            iov.clear();
+            let mut skip = have;
+            for d in dests {
+                if skip >= d.len() {
+                    skip -= d.len();
+                    continue;
+                }
+                if iov.len() == MAX_IOV {
+                    break;
+                }
+                // SAFETY: `skip < d.len()`: the address stays inside `d`.
+                let base = unsafe { d.as_ptr().add(skip) };
+                iov.push(libc::iovec { iov_base: base.cast(), iov_len: d.len() - skip });
+                skip = 0;
+            }
+            // SAFETY: every iovec lies inside one destination past the
+            // bytes already received (valid for writes, `RawDest`); the
+            // kernel writes at most their total.
+            let k = unsafe { libc::readv(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+            if k < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                failed = Some(MigrationError::Io { during, error: e });
+                break;
+            }
+            if k == 0 {
+                failed =
+                    Some(MigrationError::Truncated { during, expected: RECORD_HEADER + n, got: RECORD_HEADER + have });
+                break;
+            }
+            have += k as usize;
+            self.read += k as u64;
+        }
+        self.read_time += t.elapsed();
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let t0 = Instant::now();
+        let mut c = crc32fast::Hasher::new();
+        c.update(&h[..16]);
+        for d in dests {
+            // SAFETY: `d` was filled above and, by `RawDest`'s contract,
+            // nobody else writes or mutably references it while we run: a
+            // shared slice over it for the checksum, dropped at once.
+            c.update(unsafe { std::slice::from_raw_parts(d.as_ptr(), d.len()) });
+        }
+        let computed = c.finalize();
+        self.check_time += t0.elapsed();
+        if computed != carried {
+            return Err(MigrationError::Corrupt(CorruptKind::BadChecksum { tag: tag::PAGE, carried, computed }));
+        }
+        Ok(())
     }
 
     /// Read the next record. `during` names what is awaited for errors.
