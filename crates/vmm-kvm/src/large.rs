@@ -5,9 +5,14 @@
 //! of what the guest wrote after it, and a promotion back to 2 MiB leaves
 //! (tracking off); the guest's memory is compared with the host's replay
 //! of its writes after every step.
+//!
+//! The guests' RAM starts at [`RAM_BASE`] (4 GiB, where `vmm run` maps
+//! RAM), clear of the boot ROM just below 4 GiB: RAM of any size fits.
 
 use crate::backend::MemBackend;
-use crate::guest::{self, P_CTRL, P_LEDGER, P_MAGIC, P_MODE, P_NPAGES, P_OPS, P_SEED, P_WRITE_THRESH, USED_WORDS};
+use crate::guest::{
+    self, P_BASE, P_CTRL, P_LEDGER, P_MAGIC, P_MODE, P_NPAGES, P_OPS, P_SEED, P_WRITE_THRESH, USED_WORDS,
+};
 use crate::machine::{Action, Event, Machine};
 use crate::mem::PAGE;
 use crate::runtime;
@@ -20,6 +25,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const MAGIC: u64 = 0x7ac4;
+
+/// Guest-physical base of the RAM of this module's guests:
+/// `runtime::RAM_BASE` (4 GiB), as `vmm run` maps it, above the boot ROM
+/// (`runtime::BOOTROM_BASE`, just below 4 GiB), so that RAM of 4 GiB and
+/// more does not run into it.
+pub const RAM_BASE: u64 = runtime::RAM_BASE;
 
 /// What [`large_leaf_rounds`] saw.
 #[derive(Debug, Clone, Default)]
@@ -73,14 +84,16 @@ fn setup(e: impl std::fmt::Display) -> KvmError {
     KvmError::Setup(e.to_string())
 }
 
-/// Pages of `[0, mem)` whose 65 used words differ from the replay of
-/// `ops` touch operations.
-fn bad_pages(be: &SpaceBackend, object: &vmspace::VmObject, spec: Spec, ops: u64) -> Result<u64> {
+/// Pages of `spec`'s region (its first `pages`) whose 65 used words
+/// differ from the replay of `ops` operations; the RAM object maps
+/// [`RAM_BASE`] at offset 0.
+fn bad_pages(be: &SpaceBackend, object: &vmspace::VmObject, spec: Spec, ops: u64, pages: u64) -> Result<u64> {
     let img = Replay::image(spec, ops);
     let mut bad = 0;
     let mut buf = vec![0u8; (USED_WORDS * 8) as usize];
-    for p in 0..spec.npages {
-        be.read_object(object, p * PAGE, &mut buf)?;
+    let at = spec.base.checked_sub(RAM_BASE).ok_or_else(|| setup("region below the RAM"))?;
+    for p in 0..pages.min(spec.npages) {
+        be.read_object(object, at + p * PAGE, &mut buf)?;
         let b = (p * USED_WORDS) as usize;
         let same = buf
             .chunks_exact(8)
@@ -91,47 +104,93 @@ fn bad_pages(be: &SpaceBackend, object: &vmspace::VmObject, spec: Spec, ops: u64
     Ok(bad)
 }
 
+/// 2 MiB leaves over the first `mem` bytes of RAM.
 fn large_leaves(be: &SpaceBackend, mem: u64) -> u64 {
-    be.space().with_table(|t| t.leaves(Gpa(0), mem).filter(|l| l.size == PageSize::Size2M).count() as u64)
+    be.space().with_table(|t| t.leaves(Gpa(RAM_BASE), mem).filter(|l| l.size == PageSize::Size2M).count() as u64)
 }
 
 fn mapped_pages(be: &SpaceBackend) -> u64 {
     be.space().with_table(|t| t.leaves(Gpa(0), be.space().size()).map(|l| l.size.pages()).sum())
 }
 
-/// A one-vCPU guest running `spec` over `mem` bytes of RAM at guest
-/// address 0, with dirty tracking off: mapped with 2 MiB leaves
-/// (`large`: tracking switched off before the RAM is mapped, so its 2 MiB
-/// ranges are populated for 2 MiB leaves) or with 4 KiB leaves, which
-/// stay (mapped while tracking is on, then switched off). Returns the
-/// backend, the RAM segment and the machine.
-fn guest(mem: u64, mode: PagingMode, large: bool, spec: Spec) -> Result<(Arc<SpaceBackend>, Segment, Machine)> {
+/// A guest with one vCPU per spec (each over its own region of the RAM:
+/// `mem` bytes at [`RAM_BASE`]), dirty tracking off: the RAM mapped with
+/// 2 MiB leaves (`large`: tracking switched off before the RAM is mapped,
+/// so its 2 MiB ranges are populated for 2 MiB leaves) or with 4 KiB
+/// leaves, which stay (mapped while tracking is on, then switched off).
+/// Returns the backend, the RAM segment and the machine.
+fn guest(mem: u64, mode: PagingMode, large: bool, specs: &[Spec]) -> Result<(Arc<SpaceBackend>, Segment, Machine)> {
+    let region = |s: &Spec| s.npages.checked_mul(PAGE).and_then(|b| s.base.checked_add(b));
+    if specs.is_empty() || specs.iter().any(|s| s.base < RAM_BASE || region(s).is_none_or(|e| e > RAM_BASE + mem)) {
+        return Err(setup("every vCPU's region must lie inside the RAM"));
+    }
+    let per = specs.iter().map(|s| s.npages).max().unwrap_or(0);
     let vm = Arc::new(KvmVm::new()?);
-    let n = mem / PAGE;
     let opts = FaultOptions { fault_around: 16, preset_accessed: false, preset_dirty_untracked: false };
     let be = Arc::new(SpaceBackend::create_with(vm.clone(), mem + (4 << 20), mem / 256 + (4 << 20), mode, opts, None)?);
     let ram = be.ram_segment(mem)?;
     if large {
         be.space().set_dirty_tracking(false).map_err(setup)?;
-        be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
+        be.map(&ram, RAM_BASE, mem, Prot::READ | Prot::WRITE)?;
     } else {
-        be.map(&ram, 0, mem, Prot::READ | Prot::WRITE)?;
+        be.map(&ram, RAM_BASE, mem, Prot::READ | Prot::WRITE)?;
         be.space().set_dirty_tracking(false).map_err(setup)?;
     }
-    be.map_runtime(1, n)?;
-    let m = crate::machine::create(&vm, be.clone(), mode, 1)?;
-    m.set_param(0, P_MODE, spec.mode as u64)?;
-    m.set_param(0, P_NPAGES, n)?;
-    m.set_param(0, P_MAGIC, spec.magic)?;
-    m.set_param(0, P_SEED, spec.seed)?;
-    m.set_param(0, P_WRITE_THRESH, spec.write_thresh())?;
-    m.set_param(0, P_LEDGER, runtime::ledger(0, n))?;
+    be.map_runtime(specs.len(), per)?;
+    let m = crate::machine::create(&vm, be.clone(), mode, specs.len())?;
+    for (i, s) in specs.iter().enumerate() {
+        m.set_param(i, P_MODE, s.mode as u64)?;
+        m.set_param(i, P_BASE, s.base)?;
+        m.set_param(i, P_NPAGES, s.npages)?;
+        m.set_param(i, P_MAGIC, s.magic)?;
+        m.set_param(i, P_SEED, s.seed)?;
+        m.set_param(i, P_WRITE_THRESH, s.write_thresh())?;
+        m.set_param(i, P_LEDGER, runtime::ledger(i, per))?;
+    }
     Ok((be, ram, m))
 }
 
-/// The touch workload over `mem` bytes (one pass writing every page).
+/// The touch workload over `mem` bytes of RAM on one vCPU (one pass
+/// writing every page, then the next).
 fn touch_spec(mem: u64) -> Spec {
-    Spec { mode: Mode::Touch, base: 0, npages: mem / PAGE, seed: 1, write_pct: 0, magic: MAGIC }
+    Spec { mode: Mode::Touch, base: RAM_BASE, npages: mem / PAGE, seed: 1, write_pct: 0, magic: MAGIC }
+}
+
+/// What [`touch_start`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct StartReport {
+    /// Pages the guest had written when it was paused (at least the
+    /// pages asked for).
+    pub written: u64,
+    /// Of the pages asked for, those whose contents differ from the
+    /// replay of the guest's writes.
+    pub bad_pages: u64,
+    /// 2 MiB leaves over the RAM after those writes.
+    pub large_leaves: u64,
+}
+
+/// A one-vCPU guest over `mem` bytes of RAM (at [`RAM_BASE`], mapped with
+/// 2 MiB leaves, tracking off) writes its first `pages` pages (the touch
+/// workload) and stops: a check that RAM of that size can be set up and
+/// runs (it allocates only the memory the writes reach).
+pub fn touch_start(mem: u64, mode: PagingMode, pages: u64) -> Result<StartReport> {
+    let spec = touch_spec(mem);
+    let pages = pages.min(spec.npages);
+    let (be, ram, mut m) = guest(mem, mode, true, &[spec])?;
+    m.run(handler, |m| -> Result<StartReport> {
+        wait_ops(m, pages)?;
+        m.pause_all(Duration::from_secs(10))?;
+        let ops = m.param(0, P_OPS);
+        let r = StartReport {
+            written: ops.min(spec.npages),
+            bad_pages: bad_pages(&be, &ram.object, spec, ops, pages)?,
+            large_leaves: large_leaves(&be, mem),
+        };
+        m.resume_all()?;
+        m.set_param(0, P_CTRL, 2)?;
+        m.control.wait_all_paused(1, Duration::from_secs(30))?;
+        Ok(r)
+    })
 }
 
 /// The rounds of the module doc over `mem` bytes (a multiple of 2 MiB)
@@ -139,14 +198,14 @@ fn touch_spec(mem: u64) -> Spec {
 pub fn large_leaf_rounds(mem: u64, mode: PagingMode) -> Result<LargeReport> {
     let n = mem / PAGE;
     let spec = touch_spec(mem);
-    let (be, ram, mut m) = guest(mem, mode, true, spec)?;
+    let (be, ram, mut m) = guest(mem, mode, true, &[spec])?;
     let object = ram.object.clone();
     let mut r = LargeReport { pages: n, ..LargeReport::default() };
     let bitmap_words = n.div_ceil(64) as usize;
     m.run(handler, |m| -> Result<LargeReport> {
         let st = &m.stats[0];
         let check = |r: &mut LargeReport, ops: u64| -> Result<()> {
-            r.bad_pages += bad_pages(&be, &object, spec, ops)?;
+            r.bad_pages += bad_pages(&be, &object, spec, ops, n)?;
             r.resident_mismatch |= mapped_pages(&be) != be.space().resident_count();
             Ok(())
         };
@@ -163,7 +222,7 @@ pub fn large_leaf_rounds(mem: u64, mode: PagingMode) -> Result<LargeReport> {
         be.space().set_dirty_tracking(true).map_err(setup)?;
         r.large_after_split = large_leaves(&be, mem);
         let mut bm = vec![0u64; bitmap_words];
-        r.harvest_after_split = be.harvest(0, mem, &mut bm).map_err(setup)?;
+        r.harvest_after_split = be.harvest(RAM_BASE, mem, &mut bm).map_err(setup)?;
         check(&mut r, ops1)?;
         // 3. Half a pass more, then a harvest: exactly the pages written.
         let ops1 = m.param(0, P_OPS);
@@ -171,7 +230,7 @@ pub fn large_leaf_rounds(mem: u64, mode: PagingMode) -> Result<LargeReport> {
         wait_ops(m, ops1 + n / 2)?;
         m.pause_all(Duration::from_secs(10))?;
         let ops2 = m.param(0, P_OPS);
-        be.harvest(0, mem, &mut bm).map_err(setup)?;
+        be.harvest(RAM_BASE, mem, &mut bm).map_err(setup)?;
         let mut want = vec![0u64; bitmap_words];
         for i in ops1..ops2.min(ops1 + n) {
             let p = i % n;
@@ -183,7 +242,7 @@ pub fn large_leaf_rounds(mem: u64, mode: PagingMode) -> Result<LargeReport> {
         check(&mut r, ops2)?;
         // 4. Tracking off, promotion back to 2 MiB leaves, another pass.
         be.space().set_dirty_tracking(false).map_err(setup)?;
-        r.promoted = be.space().promote(Gpa(0), mem).map_err(setup)?;
+        r.promoted = be.space().promote(Gpa(RAM_BASE), mem).map_err(setup)?;
         check(&mut r, ops2)?;
         m.resume_all()?;
         wait_ops(m, ops2 + n)?;
@@ -216,7 +275,7 @@ pub struct SplitCost {
 /// the lazy one, split on the first write to each 2 MiB).
 pub fn split_cost(mem: u64, mode: PagingMode, policy: vmspace::SplitPolicy) -> Result<SplitCost> {
     let n = mem / PAGE;
-    let (be, _ram, mut m) = guest(mem, mode, true, touch_spec(mem))?;
+    let (be, _ram, mut m) = guest(mem, mode, true, &[touch_spec(mem)])?;
     be.space().set_split_policy(policy);
     m.run(handler, |m| -> Result<SplitCost> {
         let st = &m.stats[0];
@@ -245,8 +304,8 @@ pub fn split_cost(mem: u64, mode: PagingMode, policy: vmspace::SplitPolicy) -> R
 /// sequential pass, and the nested faults in that time.
 pub fn random_rate(mem: u64, mode: PagingMode, large: bool, measure: Duration) -> Result<(f64, u64)> {
     let n = mem / PAGE;
-    let spec = Spec { mode: Mode::Mixed, base: 0, npages: n, seed: 0x1234_5678, write_pct: 50, magic: MAGIC };
-    let (_be, _ram, mut m) = guest(mem, mode, large, spec)?;
+    let spec = Spec { mode: Mode::Mixed, base: RAM_BASE, npages: n, seed: 0x1234_5678, write_pct: 50, magic: MAGIC };
+    let (_be, _ram, mut m) = guest(mem, mode, large, &[spec])?;
     m.run(handler, |m| -> Result<(f64, u64)> {
         let st = &m.stats[0];
         wait_ops(m, n)?;

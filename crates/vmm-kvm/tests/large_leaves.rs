@@ -5,7 +5,7 @@
 mod common;
 
 use vmm_kvm::detect::detect;
-use vmm_kvm::large::large_leaf_rounds;
+use vmm_kvm::large::{large_leaf_rounds, touch_start};
 
 #[test]
 fn guest_data_and_harvest_across_split_and_promotion() {
@@ -25,4 +25,20 @@ fn guest_data_and_harvest_across_split_and_promotion() {
     assert_eq!(r.promoted, mem >> 21, "every 2 MiB promoted back");
     assert_eq!(r.bad_pages, 0, "guest memory differs from the replay");
     assert!(!r.resident_mismatch, "resident_count differs from the leaves");
+}
+
+/// RAM of 4 GiB and more (here 4 GiB + 2 MiB) sets up and runs: it lies
+/// above the boot ROM (below 4 GiB), not over it.
+#[test]
+fn ram_of_4_gib_and_more_clears_the_boot_rom() {
+    if common::skip_without_kvm() {
+        return;
+    }
+    let mode = detect().expect("detect").mode;
+    let mem = (4 << 30) + (2 << 20);
+    let r = touch_start(mem, mode, 1024).expect("a guest with 4 GiB + 2 MiB of RAM");
+    eprintln!("{r:#?}");
+    assert!(r.written >= 1024);
+    assert_eq!(r.bad_pages, 0, "guest memory differs from the replay");
+    assert!(r.large_leaves >= 2, "the first 4 MiB written through 2 MiB leaves: {}", r.large_leaves);
 }
