@@ -70,8 +70,13 @@ fn handler(i: usize, ev: Event) -> Action {
 }
 
 fn wait_ops(m: &Machine, at_least: u64) -> Result<()> {
+    wait_ops_of(m, 0, at_least)
+}
+
+/// Waits until vCPU `i` has done `at_least` operations.
+fn wait_ops_of(m: &Machine, i: usize, at_least: u64) -> Result<()> {
     let t = Instant::now();
-    while m.param(0, P_OPS) < at_least {
+    while m.param(i, P_OPS) < at_least {
         if t.elapsed() > Duration::from_secs(300) || m.control.finished() > 0 {
             return Err(KvmError::Guest("touch workload stalled".into()));
         }
@@ -154,6 +159,13 @@ fn guest(mem: u64, mode: PagingMode, large: bool, specs: &[Spec]) -> Result<(Arc
 /// writing every page, then the next).
 fn touch_spec(mem: u64) -> Spec {
     Spec { mode: Mode::Touch, base: RAM_BASE, npages: mem / PAGE, seed: 1, write_pct: 0, magic: MAGIC }
+}
+
+/// The touch workload over `mem` bytes of RAM on `nvcpus` vCPUs, each
+/// over its own share (`mem / nvcpus`, whole pages).
+fn touch_specs(mem: u64, nvcpus: usize) -> Vec<Spec> {
+    let per = mem / PAGE / nvcpus.max(1) as u64;
+    (0..nvcpus).map(|i| Spec::for_vcpu(i, Mode::Touch, RAM_BASE, per, 1, 0)).collect()
 }
 
 /// What [`touch_start`] saw.
@@ -269,31 +281,130 @@ pub struct SplitCost {
     pub faults: u64,
 }
 
+/// Where a write-all's time went ([`split_profile`]): our counters and
+/// KVM's, summed over the vCPUs, as differences over the pass.
+#[derive(Debug, Clone, Default)]
+pub struct WriteAllDetail {
+    /// vCPUs writing (each its own share of the RAM).
+    pub vcpus: usize,
+    /// Pages written (every page of the shares once).
+    pub pages: u64,
+    /// Exits to our code (all kinds).
+    pub exits: u64,
+    /// Nanoseconds inside `KVM_RUN` (summed over vCPUs).
+    pub run_ns: u64,
+    /// Nanoseconds in our fault path.
+    pub fault_host_ns: u64,
+    /// Full shadow zaps the switch-on made (shadow hosts).
+    pub switch_on_zaps: u64,
+    /// Full shadow zaps during the pass.
+    pub zaps: u64,
+    /// KVM's vCPU counters that changed during the pass (summed over
+    /// vCPUs; empty where KVM offers no statistics).
+    pub kvm_vcpu: Vec<(String, u64)>,
+    /// KVM's VM counters that changed during the pass.
+    pub kvm_vm: Vec<(String, u64)>,
+}
+
+impl WriteAllDetail {
+    /// KVM's vCPU counter `name` over the pass (0 when it did not change
+    /// or is not offered).
+    pub fn kvm(&self, name: &str) -> u64 {
+        self.kvm_vcpu.iter().chain(&self.kvm_vm).find(|c| c.0 == name).map_or(0, |c| c.1)
+    }
+}
+
+/// The values of every counter of `files`, summed by name.
+fn counter_sums(files: &[crate::bench::VcpuCounters]) -> std::collections::BTreeMap<String, u64> {
+    let mut sums = std::collections::BTreeMap::new();
+    for f in files {
+        for name in f.names() {
+            *sums.entry(name.to_string()).or_insert(0) += f.get(name).unwrap_or(0);
+        }
+    }
+    sums
+}
+
+/// The counters that grew from `before` to `after`, and by how much.
+fn grown(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> Vec<(String, u64)> {
+    after.iter().filter_map(|(k, v)| Some((k.clone(), v.checked_sub(*before.get(k)?).filter(|d| *d > 0)?))).collect()
+}
+
 /// One vCPU touches `mem` bytes (mapped with 2 MiB leaves, tracking
 /// off), then tracking is switched on with `policy` and the guest writes
 /// all its memory once more: the cost of each (the eager split against
 /// the lazy one, split on the first write to each 2 MiB).
 pub fn split_cost(mem: u64, mode: PagingMode, policy: vmspace::SplitPolicy) -> Result<SplitCost> {
-    let n = mem / PAGE;
-    let (be, _ram, mut m) = guest(mem, mode, true, &[touch_spec(mem)])?;
+    split_profile(mem, mode, policy, 1).map(|(c, _)| c)
+}
+
+/// As [`split_cost`] with `nvcpus` vCPUs, each touching and then writing
+/// its own share of the RAM (`mem / nvcpus`); the write-all lasts until
+/// every vCPU has written its share once more. Also returns where the
+/// write-all's time went. The KVM counters are read from this process's
+/// KVM files: they are exact when no other VM of this process runs
+/// meanwhile.
+pub fn split_profile(
+    mem: u64,
+    mode: PagingMode,
+    policy: vmspace::SplitPolicy,
+    nvcpus: usize,
+) -> Result<(SplitCost, WriteAllDetail)> {
+    let specs = touch_specs(mem, nvcpus);
+    let per = specs[0].npages;
+    let (be, _ram, mut m) = guest(mem, mode, true, &specs)?;
     be.space().set_split_policy(policy);
-    m.run(handler, |m| -> Result<SplitCost> {
-        let st = &m.stats[0];
-        wait_ops(m, n)?;
+    let vcpu_files: Vec<_> =
+        crate::bench::VcpuCounters::find_all("anon_inode:kvm-vcpu").into_iter().flatten().collect();
+    let vm_files: Vec<_> = crate::bench::VcpuCounters::find_all("anon_inode:kvm-vm").into_iter().flatten().collect();
+    m.run(handler, |m| -> Result<(SplitCost, WriteAllDetail)> {
+        let wait_all = |m: &Machine, at_least: &[u64]| -> Result<()> {
+            for (i, &n) in at_least.iter().enumerate() {
+                wait_ops_of(m, i, n)?;
+            }
+            Ok(())
+        };
+        wait_all(m, &vec![per; nvcpus])?;
         m.pause_all(Duration::from_secs(10))?;
-        let ops = m.param(0, P_OPS);
+        let ops: Vec<u64> = (0..nvcpus).map(|i| m.param(i, P_OPS)).collect();
+        let zaps = || be.inval_stats().zaps.load(Ordering::Relaxed);
+        let z0 = zaps();
         let t = Instant::now();
         be.space().set_dirty_tracking(true).map_err(setup)?;
         let switch_on = t.elapsed();
-        let f0 = st.faults.load(Ordering::Relaxed);
+        let z1 = zaps();
+        let total = |f: fn(&crate::machine::VcpuStats) -> &std::sync::atomic::AtomicU64| m.total(f);
+        let (f0, e0, r0, h0) =
+            (total(|s| &s.faults), total(|s| &s.exits), total(|s| &s.run_ns), total(|s| &s.fault_host_ns));
+        let (kv0, km0) = (counter_sums(&vcpu_files), counter_sums(&vm_files));
         let t = Instant::now();
         m.resume_all()?;
-        wait_ops(m, ops + n)?;
+        let target: Vec<u64> = ops.iter().map(|o| o + per).collect();
+        wait_all(m, &target)?;
         let write_all = t.elapsed();
-        let faults = st.faults.load(Ordering::Relaxed) - f0;
-        m.set_param(0, P_CTRL, 2)?;
-        m.control.wait_all_paused(1, Duration::from_secs(30))?;
-        Ok(SplitCost { switch_on, write_all, faults })
+        m.pause_all(Duration::from_secs(10))?;
+        let (kv1, km1) = (counter_sums(&vcpu_files), counter_sums(&vm_files));
+        let detail = WriteAllDetail {
+            vcpus: nvcpus,
+            pages: per * nvcpus as u64,
+            exits: total(|s| &s.exits) - e0,
+            run_ns: total(|s| &s.run_ns) - r0,
+            fault_host_ns: total(|s| &s.fault_host_ns) - h0,
+            switch_on_zaps: z1 - z0,
+            zaps: zaps() - z1,
+            kvm_vcpu: grown(&kv0, &kv1),
+            kvm_vm: grown(&km0, &km1),
+        };
+        let faults = total(|s| &s.faults) - f0;
+        m.resume_all()?;
+        for i in 0..nvcpus {
+            m.set_param(i, P_CTRL, 2)?;
+        }
+        m.control.wait_all_paused(nvcpus, Duration::from_secs(30))?;
+        Ok((SplitCost { switch_on, write_all, faults }, detail))
     })
 }
 
