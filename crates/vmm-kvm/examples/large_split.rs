@@ -6,7 +6,8 @@
 //! 1 and 2 vCPUs, 5 rounds; medians). Per size and vCPU count: the
 //! switch-on time, the write-all time and its nested faults, the ratio,
 //! then where the write-all went: KVM's page faults (`pf_taken`) and exits
-//! per written page, our exits, full shadow zaps, and the time per KVM
+//! per written page, our exits, full shadow zaps (and their time, and the
+//! switch-on's), and the time per KVM
 //! page fault (write-all time per vCPU / its faults). `--verbose` prints
 //! every KVM counter that changed. Then (unless `--split-only`) the
 //! guest's random-access rate with 2 MiB against 4 KiB leaves over the
@@ -31,13 +32,15 @@ fn detail(name: &str, v: &[Round]) -> String {
     let pf = med(v, |r| r.1.kvm("pf_taken") as f64);
     let vcpus = v[0].1.vcpus as f64;
     format!(
-        "{name}: KVM pf_taken {:.0} ({:.3}/page), KVM exits {:.3}/page, our exits {:.0}, zaps {:.0} (switch-on {:.0}), mmu_shadow_zapped {:.0}, {:.2} us per KVM fault, fault path {:.1} ms",
+        "{name}: KVM pf_taken {:.0} ({:.3}/page), KVM exits {:.3}/page, our exits {:.0}, zaps {:.0} ({:.1} ms; switch-on {:.0}, {:.2} ms), mmu_shadow_zapped {:.0}, {:.2} us per KVM fault, fault path {:.1} ms",
         pf,
         pf / pages,
         med(v, |r| r.1.kvm("exits") as f64) / pages,
         med(v, |r| r.1.exits as f64),
         med(v, |r| r.1.zaps as f64),
+        med(v, |r| r.1.zap_ns as f64 / 1e6),
         med(v, |r| r.1.switch_on_zaps as f64),
+        med(v, |r| r.1.switch_on_zap_ns as f64 / 1e6),
         med(v, |r| r.1.kvm("mmu_shadow_zapped") as f64),
         med(v, |r| r.0.write_all.as_secs_f64() * 1e6 * vcpus / r.1.kvm("pf_taken").max(1) as f64),
         med(v, |r| r.1.fault_host_ns as f64 / 1e6),

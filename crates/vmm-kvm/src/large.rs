@@ -297,8 +297,13 @@ pub struct WriteAllDetail {
     pub fault_host_ns: u64,
     /// Full shadow zaps the switch-on made (shadow hosts).
     pub switch_on_zaps: u64,
+    /// Nanoseconds of the switch-on spent in those zaps (the rest of it
+    /// is the split or the write-protect).
+    pub switch_on_zap_ns: u64,
     /// Full shadow zaps during the pass.
     pub zaps: u64,
+    /// Nanoseconds spent in those zaps.
+    pub zap_ns: u64,
     /// KVM's vCPU counters that changed during the pass (summed over
     /// vCPUs; empty where KVM offers no statistics).
     pub kvm_vcpu: Vec<(String, u64)>,
@@ -370,7 +375,7 @@ pub fn split_profile(
         wait_all(m, &vec![per; nvcpus])?;
         m.pause_all(Duration::from_secs(10))?;
         let ops: Vec<u64> = (0..nvcpus).map(|i| m.param(i, P_OPS)).collect();
-        let zaps = || be.inval_stats().zaps.load(Ordering::Relaxed);
+        let zaps = || (be.inval_stats().zaps.load(Ordering::Relaxed), be.vm().zap_time().as_nanos() as u64);
         let z0 = zaps();
         let t = Instant::now();
         be.space().set_dirty_tracking(true).map_err(setup)?;
@@ -393,8 +398,10 @@ pub fn split_profile(
             exits: total(|s| &s.exits) - e0,
             run_ns: total(|s| &s.run_ns) - r0,
             fault_host_ns: total(|s| &s.fault_host_ns) - h0,
-            switch_on_zaps: z1 - z0,
-            zaps: zaps() - z1,
+            switch_on_zaps: z1.0 - z0.0,
+            switch_on_zap_ns: z1.1 - z0.1,
+            zaps: zaps().0 - z1.0,
+            zap_ns: zaps().1 - z1.1,
             kvm_vcpu: grown(&kv0, &kv1),
             kvm_vm: grown(&km0, &km1),
         };
