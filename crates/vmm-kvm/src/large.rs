@@ -125,8 +125,11 @@ fn mapped_pages(be: &SpaceBackend) -> u64 {
 /// leaves, which stay (mapped while tracking is on, then switched off).
 /// Returns the backend, the RAM segment and the machine.
 fn guest(mem: u64, mode: PagingMode, large: bool, specs: &[Spec]) -> Result<(Arc<SpaceBackend>, Segment, Machine)> {
+    if specs.is_empty() || specs.len() > runtime::MAX_VCPUS {
+        return Err(setup(format!("vCPU count must be 1..={}", runtime::MAX_VCPUS)));
+    }
     let region = |s: &Spec| s.npages.checked_mul(PAGE).and_then(|b| s.base.checked_add(b));
-    if specs.is_empty() || specs.iter().any(|s| s.base < RAM_BASE || region(s).is_none_or(|e| e > RAM_BASE + mem)) {
+    if specs.iter().any(|s| s.base < RAM_BASE || region(s).is_none_or(|e| e > RAM_BASE + mem)) {
         return Err(setup("every vCPU's region must lie inside the RAM"));
     }
     let per = specs.iter().map(|s| s.npages).max().unwrap_or(0);
@@ -359,8 +362,8 @@ pub fn split_profile(
     nvcpus: usize,
 ) -> Result<(SplitCost, WriteAllDetail)> {
     let specs = touch_specs(mem, nvcpus);
-    let per = specs[0].npages;
     let (be, _ram, mut m) = guest(mem, mode, true, &specs)?;
+    let per = specs[0].npages;
     be.space().set_split_policy(policy);
     let vcpu_files: Vec<_> =
         crate::bench::VcpuCounters::find_all("anon_inode:kvm-vcpu").into_iter().flatten().collect();

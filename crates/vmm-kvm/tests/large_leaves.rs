@@ -57,6 +57,7 @@ fn split_profile_with_two_vcpus_counts_what_each_policy_does() {
     let mode = detect().expect("detect").mode;
     let mem = 8 << 20;
     let leaves = mem >> 21;
+    assert!(split_profile(mem, mode, SplitPolicy::Eager, 0).is_err(), "no vCPU: refused");
     let (ec, ed) = split_profile(mem, mode, SplitPolicy::Eager, 2).expect("eager");
     let (lc, ld) = split_profile(mem, mode, SplitPolicy::Lazy, 2).expect("lazy");
     eprintln!("{ec:?} {ed:?}\n{lc:?} {ld:?}");
