@@ -335,20 +335,38 @@ const KVM_GET_STATS_FD: libc::c_ulong = 0xae << 8 | 0xce;
 impl VcpuCounters {
     /// The statistics of the one KVM vCPU this process has.
     pub fn find() -> Option<Self> {
-        use std::os::fd::FromRawFd;
-        let mut found = None;
-        for e in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
-            let Ok(link) = std::fs::read_link(e.path()) else { continue };
-            if link.to_string_lossy().starts_with("anon_inode:kvm-vcpu") {
-                if found.is_some() {
-                    return None;
-                }
-                found = e.file_name().to_str()?.parse::<i32>().ok();
-            }
+        match Self::find_all("anon_inode:kvm-vcpu").as_mut_slice() {
+            [one] => one.take(),
+            _ => None,
         }
+    }
+
+    /// The statistics of every KVM file of this process whose
+    /// `/proc/self/fd` link starts with `kind` (`"anon_inode:kvm-vcpu"`:
+    /// the vCPUs, `"anon_inode:kvm-vm"`: the VMs) followed by nothing or
+    /// by `:` (not the statistics files, `kvm-vcpu-stats`), in descriptor
+    /// order; `None` for one that offers no statistics.
+    pub fn find_all(kind: &str) -> Vec<Option<Self>> {
+        let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return Vec::new() };
+        let named = |l: std::path::PathBuf| {
+            let l = l.to_string_lossy();
+            l.strip_prefix(kind).is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
+        };
+        let mut fds: Vec<i32> = dir
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(named))
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        fds.sort_unstable();
+        fds.into_iter().map(Self::of_fd).collect()
+    }
+
+    /// The statistics of KVM file descriptor `fd` (a VM or a vCPU).
+    fn of_fd(fd: i32) -> Option<Self> {
+        use std::os::fd::FromRawFd;
         // SAFETY: an ioctl without argument on a descriptor of ours; it
         // returns a new descriptor or fails.
-        let fd = unsafe { libc::ioctl(found?, KVM_GET_STATS_FD as _) };
+        let fd = unsafe { libc::ioctl(fd, KVM_GET_STATS_FD as _) };
         if fd < 0 {
             return None;
         }
@@ -374,6 +392,11 @@ impl VcpuCounters {
             fields.push((name.into_owned(), data_off + offset));
         }
         Some(VcpuCounters { stats, fields })
+    }
+
+    /// The names of the counters offered.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.fields.iter().map(|f| f.0.as_str())
     }
 
     /// The counter `name` now (its first value).
