@@ -446,7 +446,10 @@ pub enum BenchWhat {
     /// adds where each side's time went (`source_timings`,
     /// `target_timings`). The target is built before the source starts.
     /// The source's RAM is mapped before its guest starts, so the guest
-    /// writes at full speed and the first pass sends all of it.
+    /// writes at full speed, and the migration starts after the warm-up
+    /// once every vCPU's sequential pass has written each page of its
+    /// region: the first pass sends all of it, the same bytes as the plain
+    /// copies.
     Migrate {
         /// Guest memory (bytes; K, M, G suffixes).
         #[arg(long, default_value = "1G", value_parser = crate::parse_mem, allow_hyphen_values = true)]

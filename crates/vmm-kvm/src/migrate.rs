@@ -265,6 +265,24 @@ struct Core {
     ledger_seg: (u32, u64),
     /// The zap threshold of a migration attempt's RAM harvests.
     migration_zap: u64,
+    /// A timed migration also waits until every vCPU of a `Mixed` or
+    /// `Touch` workload has written each page of its region once.
+    after_first_pass: bool,
+}
+
+impl Core {
+    /// Whether a timed migration may start as far as the first pass is
+    /// concerned ([`Guest::set_migrate_after_first_pass`]): always when the
+    /// gate is off or the workload has no sequential pass, else once every
+    /// vCPU's operation count reached its region's pages.
+    fn first_pass_done(&self, m: &Machine) -> bool {
+        !self.after_first_pass
+            || self
+                .specs
+                .iter()
+                .enumerate()
+                .all(|(i, s)| !matches!(s.mode, Mode::Mixed | Mode::Touch) || m.param(i, P_OPS) >= s.npages)
+    }
 }
 
 /// A guest running the built-in workload on KVM, ready to migrate.
@@ -289,6 +307,16 @@ fn host(op: &'static str) -> impl Fn(KvmError) -> HostError {
 }
 
 impl Guest {
+    /// Makes a migration started after a delay ([`Guest::run_source`])
+    /// also wait until every vCPU of a `Mixed` (or `Touch`) workload has
+    /// written each page of its region once, so that the guest's memory
+    /// holds data rather than never-written zero pages when the first pass
+    /// starts (the benchmark's "the same bytes" as its plain copies). Off
+    /// by default.
+    pub fn set_migrate_after_first_pass(&mut self, on: bool) {
+        self.core.after_first_pass = on;
+    }
+
     /// Builds the machine of `cfg`. A source (`incoming == false`) gets its
     /// workload parameters; a target gets them with the guest's memory.
     pub fn new(cfg: &GuestConfig, incoming: bool) -> Result<Guest> {
@@ -407,6 +435,7 @@ impl Guest {
                 ram_seg,
                 ledger_seg: (lm.segment, lm.offset),
                 migration_zap: MIGRATION_ZAP_THRESHOLD,
+                after_first_pass: false,
             },
             data_errors,
             mode,
@@ -574,7 +603,9 @@ impl Guest {
                     break;
                 }
                 let due = match plan.as_mut().map(|p| &mut p.when) {
-                    Some(When::After(after, stream)) if now >= start + *after => Some((Due::Timer(stream), None)),
+                    Some(When::After(after, stream)) if now >= start + *after && core.first_pass_done(m) => {
+                        Some((Due::Timer(stream), None))
+                    }
                     Some(When::OnCommand(rx)) => match rx.try_recv() {
                         Ok(req) => match connect(&req.addr) {
                             Ok(c) => Some((Due::Command(c), Some(req))),
@@ -1335,7 +1366,9 @@ pub fn loaded_copy(cfg: &GuestConfig, bytes: u64, batch: usize, warmup: Duration
 }
 
 /// Migrates a guest of `cfg` (its `write_pct` replaced by each of
-/// `write_pcts`) over loopback after `warmup`, `runs` times per write
+/// `write_pcts`) over loopback after `warmup` and, for a `Mixed` or
+/// `Touch` workload, once its sequential pass has written every page
+/// ([`Guest::set_migrate_after_first_pass`]), `runs` times per write
 /// percentage (the percentages interleaved: every one once, then again),
 /// with the target checking the guest for `check_time` after it resumed;
 /// plain copies of the guest's size over loopback before, between and
@@ -1441,9 +1474,12 @@ fn bench_runs(
                     .unwrap_or_else(|| KvmError::Setup("the target ended before it was built".into())));
             }
             let mut g = Guest::new(&c, false)?;
+            // The guest's memory holds data when the migration starts (its
+            // sequential pass wrote every page), as the plain copies' bytes.
+            g.set_migrate_after_first_pass(true);
             let conn = TcpStream::connect(addr).map_err(|e| KvmError::Os("connect", e))?;
             let out =
-                g.run_source(warmup + Duration::from_secs(300), 0, warmup, &conn, source, &mut |p| progress(pct, p))?;
+                g.run_source(warmup + Duration::from_secs(600), 0, warmup, &conn, source, &mut |p| progress(pct, p))?;
             let (target_ok, target) = t.join().map_err(|_| KvmError::Setup("target panicked".into()))??;
             match out {
                 SourceOutcome::Migrated(summary, r) => Ok(BenchCase {
