@@ -251,6 +251,89 @@ unsafe fn scan_avx512(entries: &[AtomicU64], dmask: u64, words: &mut [u64; ENTRI
     groups * 8
 }
 
+/// The OR of every entry of `entries`, read as relaxed loads would read
+/// them, with the vector unit `simd`: 32 entries (four 64-byte loads) a
+/// step with AVX-512F, 16 with SSE2, the rest one at a time. Every unit
+/// gives the same value; what a vacate needs to refuse a range that still
+/// maps a page (the OR has a present bit exactly when some entry has).
+#[inline(always)]
+pub(crate) fn or_entries(simd: Simd, entries: &[AtomicU64]) -> u64 {
+    let (mut all, done) = match simd {
+        Simd::Scalar => (0, 0),
+        Simd::Sse2 => super::or_all_sse2(entries),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Simd::Avx512` comes from `detect` (or from a test that
+        // got it from `available`), which found AVX-512F in the processor
+        // and its state enabled by the OS.
+        Simd::Avx512 => unsafe { or_avx512(entries) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Simd::Avx512 => (0, 0),
+    };
+    for e in entries.iter().skip(done) {
+        all |= e.load(Ordering::Relaxed);
+    }
+    all
+}
+
+/// AVX-512F part of [`or_entries`]: the OR of the leading entries it
+/// handles (a multiple of 32) and how many.
+///
+/// # Safety
+///
+/// The processor must support AVX-512F with its state enabled by the OS.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn or_avx512(entries: &[AtomicU64]) -> (u64, usize) {
+    let blocks = entries.len() / 32;
+    if blocks == 0 {
+        return (0, 0);
+    }
+    let all: u64;
+    // SAFETY: the loop reads the first `blocks * 32` entries of `entries`
+    // (of a live table page, 8-byte aligned, valid for reads while the
+    // borrow lasts) with unaligned 64-byte loads and writes no memory. x86
+    // reads each naturally aligned quadword of a vector load atomically, so
+    // the reads are equivalent to relaxed atomic loads (which may race with
+    // other threads' and the hardware's atomic writes). AVX-512F is enabled
+    // for this function, which the caller checked. Four accumulators,
+    // folded at the end to one quadword.
+    unsafe {
+        core::arch::asm!(
+            "vpxorq {a}, {a}, {a}",
+            "vpxorq {b}, {b}, {b}",
+            "vpxorq {c}, {c}, {c}",
+            "vpxorq {d}, {d}, {d}",
+            "2:",
+            "vporq {a}, {a}, zmmword ptr [{p}]",
+            "vporq {b}, {b}, zmmword ptr [{p} + 64]",
+            "vporq {c}, {c}, zmmword ptr [{p} + 128]",
+            "vporq {d}, {d}, zmmword ptr [{p} + 192]",
+            "add {p}, 256",
+            "dec {k}",
+            "jnz 2b",
+            "vporq {a}, {a}, {b}",
+            "vporq {c}, {c}, {d}",
+            "vporq {a}, {a}, {c}",
+            "vextracti64x4 {b:y}, {a}, 1",
+            "vporq {a:y}, {a:y}, {b:y}",
+            "vextracti32x4 {b:x}, {a:y}, 1",
+            "vporq {a:x}, {a:x}, {b:x}",
+            "vpshufd {b:x}, {a:x}, 0x4e",
+            "vporq {a:x}, {a:x}, {b:x}",
+            "vmovq {r}, {a:x}",
+            p = inout(reg) entries.as_ptr() => _,
+            k = inout(reg) blocks => _,
+            a = out(zmm_reg) _,
+            b = out(zmm_reg) _,
+            c = out(zmm_reg) _,
+            d = out(zmm_reg) _,
+            r = out(reg) all,
+            options(readonly, nostack),
+        );
+    }
+    (all, blocks * 32)
+}
+
 /// The low `n` bits set (all 64 from `n >= 64`).
 #[inline(always)]
 pub(crate) fn low_bits(n: usize) -> u64 {
@@ -576,6 +659,33 @@ mod tests {
                         Some(s) => prop_assert!(s.0 == got && s.1 == after, "{:?} {:?} {:?} vs scalar", f.kind(), op, simd),
                     }
                 }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Every unit's OR of a slice of a table (any start, any length,
+        /// entries random, sparse or all zero) is the OR of its entries
+        /// one at a time.
+        #[test]
+        fn or_entries_matches_scalar(
+            seed in any::<u64>(),
+            sparse in prop_oneof![Just(0u64), Just(1), Just(64), Just(512)],
+            start in 0usize..ENTRIES,
+            len in 0usize..=ENTRIES,
+        ) {
+            let mut s = seed | 1;
+            // `sparse` 0: all zero; else about one entry in `sparse` set.
+            let table: [AtomicU64; ENTRIES] = core::array::from_fn(|_| {
+                let r = next(&mut s);
+                AtomicU64::new(if sparse != 0 && r.is_multiple_of(sparse) { next(&mut s) } else { 0 })
+            });
+            let entries = &table[start..(start + len).min(ENTRIES)];
+            let want = entries.iter().fold(0, |a, e| a | e.load(Ordering::Relaxed));
+            for simd in available() {
+                prop_assert_eq!(or_entries(simd, entries), want, "{:?} [{}, +{})", simd, start, entries.len());
             }
         }
     }
