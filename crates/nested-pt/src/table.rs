@@ -1065,12 +1065,35 @@ impl<P: TablePages> NestedTable<P> {
         let mut written = 0u64;
         self.for_each_leaf_table(gpa, len, |base, entries, size| {
             if size == PageSize::Size4K {
+                let first = (base.0 - gpa.0) >> 12;
+                // A whole leaf table at a word boundary of the bitmap (the
+                // common case): scanned straight into the bitmap's words.
+                if let Ok(table) = <&Table>::try_from(entries)
+                    && first.is_multiple_of(64)
+                {
+                    fill_bits(bitmap, written, first.saturating_sub(written), false);
+                    let w0 = (first / 64) as usize;
+                    if let Some(dst) = bitmap.get_mut(w0..w0 + ENTRIES / 64)
+                        && let Ok(dst) = <&mut [u64; ENTRIES / 64]>::try_from(dst)
+                        && let Some((n, cleared)) = harvest::scan_table::<K>(simd, table, dst, clear == Clear::Plain)
+                    {
+                        count += n;
+                        if !cleared && clear != Clear::No {
+                            for (c, &word) in dst.iter().enumerate() {
+                                if word != 0 {
+                                    clear_dirty::<K>(&entries[c * 64..], word, clear);
+                                }
+                            }
+                        }
+                        written = first + ENTRIES as u64;
+                        return;
+                    }
+                }
                 // Leaf-table slices start inside the range. First the
                 // dirty bits of the whole slice, 64 entries to a word,
                 // with loads only (no locked operation in between to hold
                 // the next loads back); then the clears, for the entries
                 // that read dirty, and each word into the bitmap once.
-                let first = (base.0 - gpa.0) >> 12;
                 let mut words = [0u64; ENTRIES / 64];
                 let (full, cleared) = harvest::scan_words::<K>(simd, entries, &mut words, clear == Clear::Plain);
                 for (i, e) in entries.iter().enumerate().skip(full) {
