@@ -206,18 +206,18 @@ unsafe fn scan_table_avx512(
         unsafe {
             core::arch::asm!(
                 ".macro npt_line_c j",
-                "vptestmq {k}, {d}, zmmword ptr [{p} + 64 * \\j]",
+                "vptestmq {k}, {d:z}, zmmword ptr [{p} + 64 * \\j]",
                 "kmovw {t:e}, {k}",
                 "test {t:e}, {t:e}",
                 "jz 3f",
-                "vmovdqu64 {v}, zmmword ptr [{p} + 64 * \\j]",
-                "vpandnq {v}, {d}, {v}",
-                "vmovdqu64 zmmword ptr [{p} + 64 * \\j] {{{k}}}, {v}",
+                "vmovdqu64 {v:z}, zmmword ptr [{p} + 64 * \\j]",
+                "vpandnq {v:z}, {d:z}, {v:z}",
+                "vmovdqu64 zmmword ptr [{p} + 64 * \\j] {{{k}}}, {v:z}",
                 "shl {t}, 8 * \\j",
                 "or {w}, {t}",
                 "3:",
                 ".endm",
-                "vpbroadcastq {d}, {m}",
+                "vpbroadcastq {d:z}, {m}",
                 "xor {c:e}, {c:e}",
                 "2:",
                 "xor {w:e}, {w:e}",
@@ -242,8 +242,8 @@ unsafe fn scan_table_avx512(
                 n = inout(reg) ENTRIES / 64 => _,
                 m = in(reg) dmask,
                 c = out(reg) count,
-                d = out(zmm_reg) _,
-                v = out(zmm_reg) _,
+                d = out(ymm_reg) _,
+                v = out(ymm_reg) _,
                 k = out(kreg) _,
                 t = out(reg) _,
                 w = out(reg) _,
@@ -258,12 +258,12 @@ unsafe fn scan_table_avx512(
         unsafe {
             core::arch::asm!(
                 ".macro npt_line j",
-                "vptestmq {k}, {d}, zmmword ptr [{p} + 64 * \\j]",
+                "vptestmq {k}, {d:z}, zmmword ptr [{p} + 64 * \\j]",
                 "kmovw {t:e}, {k}",
                 "shl {t}, 8 * \\j",
                 "or {w}, {t}",
                 ".endm",
-                "vpbroadcastq {d}, {m}",
+                "vpbroadcastq {d:z}, {m}",
                 "xor {c:e}, {c:e}",
                 "2:",
                 "xor {w:e}, {w:e}",
@@ -288,7 +288,7 @@ unsafe fn scan_table_avx512(
                 n = inout(reg) ENTRIES / 64 => _,
                 m = in(reg) dmask,
                 c = out(reg) count,
-                d = out(zmm_reg) _,
+                d = out(ymm_reg) _,
                 k = out(kreg) _,
                 t = out(reg) _,
                 w = out(reg) _,
@@ -296,6 +296,11 @@ unsafe fn scan_table_avx512(
             );
         }
     }
+    // The asm leaves the upper halves of the vector registers it used
+    // (from the 16 that `ymm_reg` names) dirty: cleared here, so that the
+    // caller's SSE code pays no transition or merge penalty (the compiler
+    // does not see the asm's 512-bit use and emits no VZEROUPPER itself).
+    core::arch::x86_64::_mm256_zeroupper();
     count
 }
 
@@ -368,16 +373,16 @@ unsafe fn scan_avx512(entries: &[AtomicU64], dmask: u64, words: &mut [u64; ENTRI
         // enabled for this function, which the caller checked.
         unsafe {
             core::arch::asm!(
-                "vpbroadcastq {d}, {m}",
+                "vpbroadcastq {d:z}, {m}",
                 "2:",
-                "vptestmq {k}, {d}, zmmword ptr [{p}]",
+                "vptestmq {k}, {d:z}, zmmword ptr [{p}]",
                 "kmovw {t:e}, {k}",
                 "mov byte ptr [{o}], {t:l}",
                 "test {t:e}, {t:e}",
                 "jz 3f",
-                "vmovdqu64 {v}, zmmword ptr [{p}]",
-                "vpandnq {v}, {d}, {v}",
-                "vmovdqu64 zmmword ptr [{p}] {{{k}}}, {v}",
+                "vmovdqu64 {v:z}, zmmword ptr [{p}]",
+                "vpandnq {v:z}, {d:z}, {v:z}",
+                "vmovdqu64 zmmword ptr [{p}] {{{k}}}, {v:z}",
                 "3:",
                 "add {p}, 64",
                 "inc {o}",
@@ -387,8 +392,8 @@ unsafe fn scan_avx512(entries: &[AtomicU64], dmask: u64, words: &mut [u64; ENTRI
                 o = inout(reg) o => _,
                 n = inout(reg) groups => _,
                 m = in(reg) dmask,
-                d = out(zmm_reg) _,
-                v = out(zmm_reg) _,
+                d = out(ymm_reg) _,
+                v = out(ymm_reg) _,
                 k = out(kreg) _,
                 t = out(reg) _,
                 options(nostack),
@@ -401,9 +406,9 @@ unsafe fn scan_avx512(entries: &[AtomicU64], dmask: u64, words: &mut [u64; ENTRI
         // hardware's atomic writes) and writes `groups` bytes of `words`.
         unsafe {
             core::arch::asm!(
-                "vpbroadcastq {d}, {m}",
+                "vpbroadcastq {d:z}, {m}",
                 "2:",
-                "vptestmq {k}, {d}, zmmword ptr [{p}]",
+                "vptestmq {k}, {d:z}, zmmword ptr [{p}]",
                 "kmovw {t:e}, {k}",
                 "mov byte ptr [{o}], {t:l}",
                 "add {p}, 64",
@@ -414,13 +419,18 @@ unsafe fn scan_avx512(entries: &[AtomicU64], dmask: u64, words: &mut [u64; ENTRI
                 o = inout(reg) o => _,
                 n = inout(reg) groups => _,
                 m = in(reg) dmask,
-                d = out(zmm_reg) _,
+                d = out(ymm_reg) _,
                 k = out(kreg) _,
                 t = out(reg) _,
                 options(nostack),
             );
         }
     }
+    // The asm leaves the upper halves of the vector registers it used
+    // (from the 16 that `ymm_reg` names) dirty: cleared here, so that the
+    // caller's SSE code pays no transition or merge penalty (the compiler
+    // does not see the asm's 512-bit use and emits no VZEROUPPER itself).
+    core::arch::x86_64::_mm256_zeroupper();
     groups * 8
 }
 
@@ -472,22 +482,22 @@ unsafe fn or_avx512(entries: &[AtomicU64]) -> (u64, usize) {
     // folded at the end to one quadword.
     unsafe {
         core::arch::asm!(
-            "vpxorq {a}, {a}, {a}",
-            "vpxorq {b}, {b}, {b}",
-            "vpxorq {c}, {c}, {c}",
-            "vpxorq {d}, {d}, {d}",
+            "vpxorq {a:z}, {a:z}, {a:z}",
+            "vpxorq {b:z}, {b:z}, {b:z}",
+            "vpxorq {c:z}, {c:z}, {c:z}",
+            "vpxorq {d:z}, {d:z}, {d:z}",
             "2:",
-            "vporq {a}, {a}, zmmword ptr [{p}]",
-            "vporq {b}, {b}, zmmword ptr [{p} + 64]",
-            "vporq {c}, {c}, zmmword ptr [{p} + 128]",
-            "vporq {d}, {d}, zmmword ptr [{p} + 192]",
+            "vporq {a:z}, {a:z}, zmmword ptr [{p}]",
+            "vporq {b:z}, {b:z}, zmmword ptr [{p} + 64]",
+            "vporq {c:z}, {c:z}, zmmword ptr [{p} + 128]",
+            "vporq {d:z}, {d:z}, zmmword ptr [{p} + 192]",
             "add {p}, 256",
             "dec {k}",
             "jnz 2b",
-            "vporq {a}, {a}, {b}",
-            "vporq {c}, {c}, {d}",
-            "vporq {a}, {a}, {c}",
-            "vextracti64x4 {b:y}, {a}, 1",
+            "vporq {a:z}, {a:z}, {b:z}",
+            "vporq {c:z}, {c:z}, {d:z}",
+            "vporq {a:z}, {a:z}, {c:z}",
+            "vextracti64x4 {b:y}, {a:z}, 1",
             "vporq {a:y}, {a:y}, {b:y}",
             "vextracti32x4 {b:x}, {a:y}, 1",
             "vporq {a:x}, {a:x}, {b:x}",
@@ -496,14 +506,19 @@ unsafe fn or_avx512(entries: &[AtomicU64]) -> (u64, usize) {
             "vmovq {r}, {a:x}",
             p = inout(reg) entries.as_ptr() => _,
             k = inout(reg) blocks => _,
-            a = out(zmm_reg) _,
-            b = out(zmm_reg) _,
-            c = out(zmm_reg) _,
-            d = out(zmm_reg) _,
+            a = out(ymm_reg) _,
+            b = out(ymm_reg) _,
+            c = out(ymm_reg) _,
+            d = out(ymm_reg) _,
             r = out(reg) all,
             options(readonly, nostack),
         );
     }
+    // The asm leaves the upper halves of the vector registers it used
+    // (from the 16 that `ymm_reg` names) dirty: cleared here, so that the
+    // caller's SSE code pays no transition or merge penalty (the compiler
+    // does not see the asm's 512-bit use and emits no VZEROUPPER itself).
+    core::arch::x86_64::_mm256_zeroupper();
     (all, blocks * 32)
 }
 
