@@ -1535,7 +1535,7 @@ fn prune<P: TablePages>(
         }
     }
     // Detach and free the children left with nothing, in one pass.
-    let mut freed: Vec<(u16, Pfn)> = Vec::new();
+    let mut freed: Vec<(u16, Pfn)> = Vec::with_capacity(hi - lo);
     let mut pos = 0;
     node.children.retain(|c| {
         pos += 1;
