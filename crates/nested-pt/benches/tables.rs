@@ -271,9 +271,18 @@ fn mapped(bytes: u64) -> NestedTable<HeapPages> {
 }
 
 /// Sets the dirty state (accessed and dirty bits) of every `step`-th
-/// page of `[0, bytes)` (none for `step` 0), straight in the leaf tables:
-/// the setup of the harvests, cheap beside them at every density.
+/// page of `[0, bytes)` (none for `step` 0), straight in the leaf tables,
+/// then reads every leaf entry once: the setup of the harvests, cheap
+/// beside them at every density. The read leaves the entries as warm as
+/// `bw_ref`'s untimed read leaves its array, whatever ran before (in the
+/// interleaved rounds each implementation always follows the same one,
+/// and the form after a reference would otherwise find the entries
+/// evicted by the reference's array while the forms after it find them
+/// in cache).
 fn dirty_every(t: &NestedTable<HeapPages>, bytes: u64, step: u64) {
+    t.for_each_leaf_table(Gpa(0), bytes, |_, entries, _| {
+        black_box(entries.iter().fold(0u64, |a, e| a | e.load(Ordering::Relaxed)));
+    });
     if step == 0 {
         return;
     }

@@ -358,6 +358,9 @@ pub struct PteFormat {
     kind: FormatKind,
     /// Levels the hardware walks (4; 3 for a 39-bit VT-d domain).
     levels: u8,
+    /// `1 << (12 + 9 * levels)`, kept so that a walk's range check is one
+    /// compare with a field (see [`gpa_limit`](Self::gpa_limit)).
+    limit: u64,
     caps: Caps,
     addr_mask: u64,
     present: u64,
@@ -385,7 +388,7 @@ impl PteFormat {
             FormatKind::VtdSecondLevel => VTD_R | VTD_W,
             FormatKind::AmdVi => AMDVI_PR,
         };
-        PteFormat { kind, levels: 4, caps, addr_mask, present, accessed, dirty }
+        PteFormat { kind, levels: 4, limit: 1 << 48, caps, addr_mask, present, accessed, dirty }
     }
 
     /// Intel EPT with hardware accessed/dirty bits.
@@ -416,6 +419,7 @@ impl PteFormat {
     pub fn vtd_3level(caps: Caps) -> Self {
         let mut f = Self::new(FormatKind::VtdSecondLevel, caps);
         f.levels = 3;
+        f.limit = 1 << 39;
         f
     }
     /// Levels the hardware walks: 4, or 3 for [`vtd_3level`](Self::vtd_3level).
@@ -424,8 +428,9 @@ impl PteFormat {
     }
     /// The first address the hardware walk cannot translate: 2^48 for four
     /// levels, 2^39 for three.
+    #[inline(always)]
     pub fn gpa_limit(&self) -> u64 {
-        1u64 << (12 + 9 * u32::from(self.levels))
+        self.limit
     }
     /// AMD-Vi I/O page tables, paging mode 4 (four levels); execute-only
     /// does not apply.

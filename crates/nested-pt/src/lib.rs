@@ -63,7 +63,9 @@
 //! the format's dirty mask, broadcast into a vector register once per
 //! table, gives the step's eight bits of the bitmap word, built in
 //! registers (each aligned quadword of a vector load is read atomically
-//! on x86, so this is equivalent to relaxed atomic loads). Only entries
+//! on x86, so this is equivalent to relaxed atomic loads); a whole leaf
+//! table that starts at a word of the bitmap is scanned straight into the
+//! bitmap, each word stored once and counted on the way. Only entries
 //! that read dirty are written: the exclusive form
 //! (`harvest_dirty_exclusive`) clears them in the same pass with a masked
 //! store that writes those quadwords alone and skips a clean line

@@ -456,10 +456,12 @@ impl<P: TablePages> NestedTable<P> {
         if !counted(&self.root, 4, gpa.0, end, leaf.level()) {
             return Err(Error::NotPopulated);
         }
-        // One straight run of loads ORed together (no branch per entry):
+        // One straight run of vector loads ORed together (no branch per
+        // entry; 64-byte loads with AVX-512, the unit the harvest uses):
         // some entry is present exactly when the OR has a present bit.
+        let simd = harvest::simd();
         let mut all = 0u64;
-        self.for_each_leaf_table(gpa, len, |_, entries, _| all |= or_all(entries));
+        self.for_each_leaf_table(gpa, len, |_, entries, _| all |= harvest::or_entries(simd, entries));
         if self.fmt.is_present(all) {
             return Err(Error::StillMapped);
         }
@@ -1063,12 +1065,35 @@ impl<P: TablePages> NestedTable<P> {
         let mut written = 0u64;
         self.for_each_leaf_table(gpa, len, |base, entries, size| {
             if size == PageSize::Size4K {
+                let first = (base.0 - gpa.0) >> 12;
+                // A whole leaf table at a word boundary of the bitmap (the
+                // common case): scanned straight into the bitmap's words.
+                if let Ok(table) = <&Table>::try_from(entries)
+                    && first.is_multiple_of(64)
+                {
+                    fill_bits(bitmap, written, first.saturating_sub(written), false);
+                    let w0 = (first / 64) as usize;
+                    if let Some(dst) = bitmap.get_mut(w0..w0 + ENTRIES / 64)
+                        && let Ok(dst) = <&mut [u64; ENTRIES / 64]>::try_from(dst)
+                        && let Some((n, cleared)) = harvest::scan_table::<K>(simd, table, dst, clear == Clear::Plain)
+                    {
+                        count += n;
+                        if !cleared && clear != Clear::No {
+                            for (c, &word) in dst.iter().enumerate() {
+                                if word != 0 {
+                                    clear_dirty::<K>(&entries[c * 64..], word, clear);
+                                }
+                            }
+                        }
+                        written = first + ENTRIES as u64;
+                        return;
+                    }
+                }
                 // Leaf-table slices start inside the range. First the
                 // dirty bits of the whole slice, 64 entries to a word,
                 // with loads only (no locked operation in between to hold
                 // the next loads back); then the clears, for the entries
                 // that read dirty, and each word into the bitmap once.
-                let first = (base.0 - gpa.0) >> 12;
                 let mut words = [0u64; ENTRIES / 64];
                 let (full, cleared) = harvest::scan_words::<K>(simd, entries, &mut words, clear == Clear::Plain);
                 for (i, e) in entries.iter().enumerate().skip(full) {
@@ -1385,6 +1410,17 @@ fn alloc_table<P: TablePages>(pages: &mut P, fmt: &PteFormat, level: u8) -> Resu
     }
 }
 
+/// The children of `node` for the slots `first ..= last`, when every one
+/// of those slots has one (children are sorted by index, one per index,
+/// so they are then the run starting at the first index not below
+/// `first`).
+#[inline(always)]
+fn children_of(node: &Node, first: usize, last: usize) -> Option<&[Node]> {
+    let lo = node.children.partition_point(|c| (c.index as usize) < first);
+    let kids = node.children.get(lo..lo + (last - first + 1))?;
+    kids.iter().enumerate().all(|(k, c)| c.index as usize == first + k).then_some(kids)
+}
+
 /// True when every entry of `[start, end)` at `leaf_level` lies in an
 /// existing table whose count covers it.
 fn counted(node: &Node, level: u8, start: u64, end: u64, leaf_level: u8) -> bool {
@@ -1394,13 +1430,16 @@ fn counted(node: &Node, level: u8, start: u64, end: u64, leaf_level: u8) -> bool
     if level == leaf_level {
         return node.reserved as usize > last - first;
     }
-    (first..=last).all(|i| {
-        let slot_base = base + i as u64 * span;
-        match node.child_pos(i) {
-            Ok(pos) => {
-                counted(&node.children[pos], level - 1, start.max(slot_base), end.min(slot_base + span), leaf_level)
-            }
-            Err(_) => false,
+    let Some(kids) = children_of(node, first, last) else { return false };
+    kids.iter().all(|c| {
+        let slot_base = base + c.index as u64 * span;
+        let (s, e) = (start.max(slot_base), end.min(slot_base + span));
+        if level - 1 == leaf_level {
+            // The leaf level inline (no call per table).
+            let (f, l) = slot_range(leaf_level, slot_base, s, e);
+            c.reserved as usize > l - f
+        } else {
+            counted(c, level - 1, s, e, leaf_level)
         }
     })
 }
@@ -1414,10 +1453,18 @@ fn uncount(node: &mut Node, level: u8, start: u64, end: u64, leaf_level: u8) {
         node.reserved = node.reserved.saturating_sub((last - first + 1) as u32);
         return;
     }
-    for i in first..=last {
-        let slot_base = base + i as u64 * span;
-        if let Ok(pos) = node.child_pos(i) {
-            uncount(&mut node.children[pos], level - 1, start.max(slot_base), end.min(slot_base + span), leaf_level);
+    // The children in `[first, last]`, in order (a run of the sorted
+    // children, not a search per slot).
+    let lo = node.children.partition_point(|c| (c.index as usize) < first);
+    let hi = node.children.partition_point(|c| (c.index as usize) <= last);
+    for c in &mut node.children[lo..hi] {
+        let slot_base = base + c.index as u64 * span;
+        let (s, e) = (start.max(slot_base), end.min(slot_base + span));
+        if level - 1 == leaf_level {
+            let (f, l) = slot_range(leaf_level, slot_base, s, e);
+            c.reserved = c.reserved.saturating_sub((l - f + 1) as u32);
+        } else {
+            uncount(c, level - 1, s, e, leaf_level);
         }
     }
 }
@@ -1488,7 +1535,7 @@ fn prune<P: TablePages>(
         }
     }
     // Detach and free the children left with nothing, in one pass.
-    let mut freed: Vec<(u16, Pfn)> = Vec::new();
+    let mut freed: Vec<(u16, Pfn)> = Vec::with_capacity(hi - lo);
     let mut pos = 0;
     node.children.retain(|c| {
         pos += 1;
@@ -1641,10 +1688,11 @@ fn dirty_words<K: Kind>(entries: &[AtomicU64], words: &mut [u64; ENTRIES / 64]) 
     0
 }
 
-/// The OR of every entry of `entries`, read as relaxed loads would read
-/// them.
+/// The SSE2 part of [`harvest::or_entries`]: the OR of the leading
+/// entries of `entries` it handles (a multiple of 16), read as relaxed
+/// loads would read them, and how many.
 #[inline(always)]
-fn or_all(entries: &[AtomicU64]) -> u64 {
+pub(crate) fn or_all_sse2(entries: &[AtomicU64]) -> (u64, usize) {
     let mut all = 0u64;
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
@@ -1700,10 +1748,8 @@ fn or_all(entries: &[AtomicU64]) -> u64 {
             done = blocks * 16;
         }
     }
-    for e in entries.iter().skip(done) {
-        all |= e.load(Ordering::Relaxed);
-    }
-    all
+    let _ = entries;
+    (all, done)
 }
 
 /// ORs the 64 bits of `word` into `bitmap` starting at bit `first`.
@@ -1805,7 +1851,7 @@ fn fill_bits(bitmap: &mut [u64], first: u64, count: u64, on: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Caps, CountingPages, HeapPages};
+    use crate::{Caps, CountingPages, HeapPages, MemType, Prot};
 
     /// The leaf-level node (level 1) that holds `gpa`'s entry.
     fn leaf_node(root: &mut Node, gpa: u64) -> &mut Node {
@@ -1815,6 +1861,95 @@ mod tests {
             n = &mut n.children[pos];
         }
         n
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+        /// `vacate_region` of any sub-range of a populated region (four
+        /// leaf tables across a 1 GiB boundary) refuses exactly when some
+        /// entry of the sub-range is present (entries outside it, and
+        /// non-present entries with other bits set, do not count), and
+        /// then changes nothing; otherwise it releases the sub-range and
+        /// frees exactly the tables left with nothing: the scalar model.
+        #[test]
+        fn vacate_refuses_exactly_present_entries(
+            fi in 0usize..5,
+            seed in proptest::prelude::any::<u64>(),
+            present in proptest::prop_oneof![proptest::strategy::Just(0usize), 1usize..4],
+            junk in proptest::prelude::any::<bool>(),
+            first in 0u64..4 * 512,
+            pages in 1u64..=4 * 512,
+        ) {
+            use alloc::vec::Vec;
+            const K4: u64 = 4096;
+            const BASE: u64 = (1 << 30) - 2 * (2 << 20);
+            let c = Caps::default();
+            let f = [PteFormat::ept(c), PteFormat::ept_emulated_ad(c), PteFormat::npt(c), PteFormat::vtd(c), PteFormat::amd_vi(c)][fi];
+            let pages = pages.min(4 * 512 - first);
+            let mut t = NestedTable::new(f, HeapPages::new()).unwrap();
+            t.populate_region(Gpa(BASE), 4 * 512 * K4, PageSize::Size4K).unwrap();
+            assert_eq!(t.table_pages(), 8);
+            // Entries: zero, or (with `junk`) non-present values with
+            // every other bit random; `present` present ones anywhere.
+            let mut s = seed | 1;
+            let mut next = || {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s
+            };
+            let mut model = Vec::new();
+            let mut live = Vec::new();
+            t.for_each_leaf_table(Gpa(BASE), 4 * 512 * K4, |_, entries, _| {
+                for e in entries {
+                    let v = if junk && next() % 3 == 0 { next() & !f.present_mask() } else { 0 };
+                    e.store(v, Ordering::Relaxed);
+                    model.push(v);
+                }
+            });
+            for _ in 0..present {
+                let p = (next() % (4 * 512)) as usize;
+                model[p] = f.leaf_entry(Pfn(next() % 0x1000), PageSize::Size4K, Prot::RW, MemType::WriteBack).unwrap();
+                live.push(p);
+            }
+            t.for_each_leaf_table(Gpa(BASE), 4 * 512 * K4, |b, entries, _| {
+                let o = ((b.0 - BASE) / K4) as usize;
+                for (k, e) in entries.iter().enumerate() {
+                    e.store(model[o + k], Ordering::Relaxed);
+                }
+            });
+            let snapshot = |t: &NestedTable<HeapPages>| {
+                let mut v = Vec::new();
+                t.for_each_leaf_table(Gpa(BASE), 4 * 512 * K4, |_, e, _| v.extend(e.iter().map(|e| e.load(Ordering::Relaxed))));
+                v
+            };
+            let (lo, hi) = (first as usize, (first + pages) as usize);
+            let r = t.vacate_region(Gpa(BASE + first * K4), pages * K4, PageSize::Size4K);
+            if live.iter().any(|&p| p >= lo && p < hi) {
+                proptest::prop_assert_eq!(r, Err(Error::StillMapped));
+                proptest::prop_assert_eq!(t.table_pages(), 8);
+                proptest::prop_assert!(snapshot(&t) == model, "a refused vacate changes nothing");
+                return Ok(());
+            }
+            proptest::prop_assert_eq!(r, Ok(()));
+            // Leaf table `k` is freed when the sub-range covers all of it;
+            // a level-2 table when both of its leaf tables are; the
+            // level-3 table when both level-2 tables are.
+            let gone: Vec<bool> = (0..4).map(|k| lo <= k * 512 && hi >= (k + 1) * 512).collect();
+            let (a, b) = (gone[0] && gone[1], gone[2] && gone[3]);
+            let freed = gone.iter().filter(|&&g| g).count() + a as usize + b as usize + (a && b) as usize;
+            proptest::prop_assert_eq!(t.table_pages(), 8 - freed);
+            // Each surviving leaf table's count is what it was less the
+            // sub-range's pages in it.
+            for (k, &g) in gone.iter().enumerate() {
+                if !g {
+                    let overlap = hi.min((k + 1) * 512).saturating_sub(lo.max(k * 512));
+                    let leaf = leaf_node(&mut t.root, BASE + (k * 512) as u64 * K4);
+                    proptest::prop_assert_eq!(leaf.reserved as usize, 512 - overlap, "leaf table {}", k);
+                }
+            }
+        }
     }
 
     /// Overflow of a reservation count is refused and rolled back: the

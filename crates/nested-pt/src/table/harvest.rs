@@ -126,6 +126,184 @@ pub(crate) fn scan_words<K: Kind>(
     }
 }
 
+/// Scans a whole leaf table for the format kind `K` with the vector unit
+/// `simd`, writing the dirty state of entry `k` to bit `k % 64` of
+/// `out[k / 64]` (each word stored whole, once: `out` may be the caller's
+/// bitmap itself); returns the number of dirty entries and whether it also
+/// cleared them (only when `clear_plain` asks for it, which the caller may
+/// do only with exclusive access, as for
+/// [`NestedTable::harvest_dirty_exclusive`]). `None` when the unit has no
+/// whole-table path for the format (`Scalar`, or SSE2 with a dirty mask
+/// `dirty_words` does not take); `out` is then untouched.
+#[inline(always)]
+pub(crate) fn scan_table<K: Kind>(
+    simd: Simd,
+    entries: &[AtomicU64; ENTRIES],
+    out: &mut [u64; ENTRIES / 64],
+    clear_plain: bool,
+) -> Option<(u64, bool)> {
+    match simd {
+        Simd::Scalar => None,
+        Simd::Sse2 => {
+            // `dirty_words` writes every word it handles whole: all or
+            // nothing for a whole table.
+            if dirty_words::<K>(entries, out) != ENTRIES {
+                return None;
+            }
+            Some((count_ones(simd, out), false))
+        }
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => {
+            // SAFETY: `Simd::Avx512` comes from `detect` (or from a test
+            // that got it from `available`), which found AVX-512F and POPCNT
+            // in the processor and the AVX-512 state enabled by the OS. The
+            // clears it may do are the caller's to allow (`clear_plain`).
+            Some((unsafe { scan_table_avx512(entries, K::DIRTY, out, clear_plain) }, clear_plain))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Simd::Avx512 => None,
+    }
+}
+
+/// AVX-512F scan of a whole table for [`scan_table`]: 64 entries (eight
+/// 64-byte lines) per word, each line's test mask moved to a general
+/// register and shifted into the word, so that the word is built in a
+/// register and stored once (no byte stores for the caller's word loads
+/// to wait on), and counted with POPCNT on the way; with `clear`, a line
+/// with dirty entries is stored back without `dmask` by a masked store of
+/// those entries alone, as in [`scan_avx512`]. Returns the number of
+/// dirty entries.
+///
+/// # Safety
+///
+/// The processor must support AVX-512F and POPCNT with the AVX-512 state
+/// enabled by the OS. With `clear`, no other software may write `entries`
+/// meanwhile (hardware may still set accessed/dirty bits, which an entry
+/// that reads dirty already has).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,popcnt")]
+unsafe fn scan_table_avx512(
+    entries: &[AtomicU64; ENTRIES],
+    dmask: u64,
+    out: &mut [u64; ENTRIES / 64],
+    clear: bool,
+) -> u64 {
+    let count: u64;
+    if clear {
+        // SAFETY: the loop reads and may write the 512 entries of
+        // `entries` (a live table page, 8-byte aligned, valid while the
+        // borrow lasts) with 64-byte loads and masked stores, and writes
+        // the 8 words of `out`. Each naturally aligned quadword of a vector
+        // access is read and written atomically on x86, so the loads are
+        // equivalent to relaxed atomic loads; a line with dirty entries is
+        // read again and only its entries of the mask are written, each
+        // the value just read without `dmask` (the scalar exclusive clear,
+        // sound under the caller's exclusive access, see `# Safety`; only
+        // the hardware may have set accessed/dirty bits since, which those
+        // entries already have), and a clean line is not written.
+        // AVX-512F and POPCNT are enabled for this function, which the
+        // caller checked.
+        unsafe {
+            core::arch::asm!(
+                ".macro npt_line_c j",
+                "vptestmq {k}, {d:z}, zmmword ptr [{p} + 64 * \\j]",
+                "kmovw {t:e}, {k}",
+                "test {t:e}, {t:e}",
+                "jz 3f",
+                "vmovdqu64 {v:z}, zmmword ptr [{p} + 64 * \\j]",
+                "vpandnq {v:z}, {d:z}, {v:z}",
+                "vmovdqu64 zmmword ptr [{p} + 64 * \\j] {{{k}}}, {v:z}",
+                "shl {t}, 8 * \\j",
+                "or {w}, {t}",
+                "3:",
+                ".endm",
+                "vpbroadcastq {d:z}, {m}",
+                "xor {c:e}, {c:e}",
+                "2:",
+                "xor {w:e}, {w:e}",
+                "npt_line_c 0",
+                "npt_line_c 1",
+                "npt_line_c 2",
+                "npt_line_c 3",
+                "npt_line_c 4",
+                "npt_line_c 5",
+                "npt_line_c 6",
+                "npt_line_c 7",
+                "mov qword ptr [{o}], {w}",
+                "popcnt {w}, {w}",
+                "add {c}, {w}",
+                "add {p}, 512",
+                "add {o}, 8",
+                "dec {n}",
+                "jnz 2b",
+                ".purgem npt_line_c",
+                p = inout(reg) entries.as_ptr() => _,
+                o = inout(reg) out.as_mut_ptr() => _,
+                n = inout(reg) ENTRIES / 64 => _,
+                m = in(reg) dmask,
+                c = out(reg) count,
+                d = out(ymm_reg) _,
+                v = out(ymm_reg) _,
+                k = out(kreg) _,
+                t = out(reg) _,
+                w = out(reg) _,
+                options(nostack),
+            );
+        }
+    } else {
+        // SAFETY: as above, without the stores to `entries`: the loop reads
+        // the 512 entries (equivalent to relaxed atomic loads, which may
+        // race with other threads' and the hardware's atomic writes) and
+        // writes the 8 words of `out`.
+        unsafe {
+            core::arch::asm!(
+                ".macro npt_line j",
+                "vptestmq {k}, {d:z}, zmmword ptr [{p} + 64 * \\j]",
+                "kmovw {t:e}, {k}",
+                "shl {t}, 8 * \\j",
+                "or {w}, {t}",
+                ".endm",
+                "vpbroadcastq {d:z}, {m}",
+                "xor {c:e}, {c:e}",
+                "2:",
+                "xor {w:e}, {w:e}",
+                "npt_line 0",
+                "npt_line 1",
+                "npt_line 2",
+                "npt_line 3",
+                "npt_line 4",
+                "npt_line 5",
+                "npt_line 6",
+                "npt_line 7",
+                "mov qword ptr [{o}], {w}",
+                "popcnt {w}, {w}",
+                "add {c}, {w}",
+                "add {p}, 512",
+                "add {o}, 8",
+                "dec {n}",
+                "jnz 2b",
+                ".purgem npt_line",
+                p = inout(reg) entries.as_ptr() => _,
+                o = inout(reg) out.as_mut_ptr() => _,
+                n = inout(reg) ENTRIES / 64 => _,
+                m = in(reg) dmask,
+                c = out(reg) count,
+                d = out(ymm_reg) _,
+                k = out(kreg) _,
+                t = out(reg) _,
+                w = out(reg) _,
+                options(nostack),
+            );
+        }
+    }
+    // The asm leaves the upper halves of the vector registers it used
+    // (from the 16 that `ymm_reg` names) dirty: cleared here, so that the
+    // caller's SSE code pays no transition or merge penalty (the compiler
+    // does not see the asm's 512-bit use and emits no VZEROUPPER itself).
+    core::arch::x86_64::_mm256_zeroupper();
+    count
+}
+
 /// The number of bits set in `words` (bits past a slice's entries are
 /// zero), with the POPCNT instruction on the AVX-512 path (every processor
 /// with AVX-512 has it; the x86-64 baseline does not, where `count_ones`
@@ -195,16 +373,16 @@ unsafe fn scan_avx512(entries: &[AtomicU64], dmask: u64, words: &mut [u64; ENTRI
         // enabled for this function, which the caller checked.
         unsafe {
             core::arch::asm!(
-                "vpbroadcastq {d}, {m}",
+                "vpbroadcastq {d:z}, {m}",
                 "2:",
-                "vptestmq {k}, {d}, zmmword ptr [{p}]",
+                "vptestmq {k}, {d:z}, zmmword ptr [{p}]",
                 "kmovw {t:e}, {k}",
                 "mov byte ptr [{o}], {t:l}",
                 "test {t:e}, {t:e}",
                 "jz 3f",
-                "vmovdqu64 {v}, zmmword ptr [{p}]",
-                "vpandnq {v}, {d}, {v}",
-                "vmovdqu64 zmmword ptr [{p}] {{{k}}}, {v}",
+                "vmovdqu64 {v:z}, zmmword ptr [{p}]",
+                "vpandnq {v:z}, {d:z}, {v:z}",
+                "vmovdqu64 zmmword ptr [{p}] {{{k}}}, {v:z}",
                 "3:",
                 "add {p}, 64",
                 "inc {o}",
@@ -214,8 +392,8 @@ unsafe fn scan_avx512(entries: &[AtomicU64], dmask: u64, words: &mut [u64; ENTRI
                 o = inout(reg) o => _,
                 n = inout(reg) groups => _,
                 m = in(reg) dmask,
-                d = out(zmm_reg) _,
-                v = out(zmm_reg) _,
+                d = out(ymm_reg) _,
+                v = out(ymm_reg) _,
                 k = out(kreg) _,
                 t = out(reg) _,
                 options(nostack),
@@ -228,9 +406,9 @@ unsafe fn scan_avx512(entries: &[AtomicU64], dmask: u64, words: &mut [u64; ENTRI
         // hardware's atomic writes) and writes `groups` bytes of `words`.
         unsafe {
             core::arch::asm!(
-                "vpbroadcastq {d}, {m}",
+                "vpbroadcastq {d:z}, {m}",
                 "2:",
-                "vptestmq {k}, {d}, zmmword ptr [{p}]",
+                "vptestmq {k}, {d:z}, zmmword ptr [{p}]",
                 "kmovw {t:e}, {k}",
                 "mov byte ptr [{o}], {t:l}",
                 "add {p}, 64",
@@ -241,14 +419,107 @@ unsafe fn scan_avx512(entries: &[AtomicU64], dmask: u64, words: &mut [u64; ENTRI
                 o = inout(reg) o => _,
                 n = inout(reg) groups => _,
                 m = in(reg) dmask,
-                d = out(zmm_reg) _,
+                d = out(ymm_reg) _,
                 k = out(kreg) _,
                 t = out(reg) _,
                 options(nostack),
             );
         }
     }
+    // The asm leaves the upper halves of the vector registers it used
+    // (from the 16 that `ymm_reg` names) dirty: cleared here, so that the
+    // caller's SSE code pays no transition or merge penalty (the compiler
+    // does not see the asm's 512-bit use and emits no VZEROUPPER itself).
+    core::arch::x86_64::_mm256_zeroupper();
     groups * 8
+}
+
+/// The OR of every entry of `entries`, read as relaxed loads would read
+/// them, with the vector unit `simd`: 32 entries (four 64-byte loads) a
+/// step with AVX-512F, 16 with SSE2, the rest one at a time. Every unit
+/// gives the same value; what a vacate needs to refuse a range that still
+/// maps a page (the OR has a present bit exactly when some entry has).
+#[inline(always)]
+pub(crate) fn or_entries(simd: Simd, entries: &[AtomicU64]) -> u64 {
+    let (mut all, done) = match simd {
+        Simd::Scalar => (0, 0),
+        Simd::Sse2 => super::or_all_sse2(entries),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Simd::Avx512` comes from `detect` (or from a test that
+        // got it from `available`), which found AVX-512F in the processor
+        // and its state enabled by the OS.
+        Simd::Avx512 => unsafe { or_avx512(entries) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Simd::Avx512 => (0, 0),
+    };
+    for e in entries.iter().skip(done) {
+        all |= e.load(Ordering::Relaxed);
+    }
+    all
+}
+
+/// AVX-512F part of [`or_entries`]: the OR of the leading entries it
+/// handles (a multiple of 32) and how many.
+///
+/// # Safety
+///
+/// The processor must support AVX-512F with its state enabled by the OS.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn or_avx512(entries: &[AtomicU64]) -> (u64, usize) {
+    let blocks = entries.len() / 32;
+    if blocks == 0 {
+        return (0, 0);
+    }
+    let all: u64;
+    // SAFETY: the loop reads the first `blocks * 32` entries of `entries`
+    // (of a live table page, 8-byte aligned, valid for reads while the
+    // borrow lasts) with unaligned 64-byte loads and writes no memory. x86
+    // reads each naturally aligned quadword of a vector load atomically, so
+    // the reads are equivalent to relaxed atomic loads (which may race with
+    // other threads' and the hardware's atomic writes). AVX-512F is enabled
+    // for this function, which the caller checked. Four accumulators,
+    // folded at the end to one quadword.
+    unsafe {
+        core::arch::asm!(
+            "vpxorq {a:z}, {a:z}, {a:z}",
+            "vpxorq {b:z}, {b:z}, {b:z}",
+            "vpxorq {c:z}, {c:z}, {c:z}",
+            "vpxorq {d:z}, {d:z}, {d:z}",
+            "2:",
+            "vporq {a:z}, {a:z}, zmmword ptr [{p}]",
+            "vporq {b:z}, {b:z}, zmmword ptr [{p} + 64]",
+            "vporq {c:z}, {c:z}, zmmword ptr [{p} + 128]",
+            "vporq {d:z}, {d:z}, zmmword ptr [{p} + 192]",
+            "add {p}, 256",
+            "dec {k}",
+            "jnz 2b",
+            "vporq {a:z}, {a:z}, {b:z}",
+            "vporq {c:z}, {c:z}, {d:z}",
+            "vporq {a:z}, {a:z}, {c:z}",
+            "vextracti64x4 {b:y}, {a:z}, 1",
+            "vporq {a:y}, {a:y}, {b:y}",
+            "vextracti32x4 {b:x}, {a:y}, 1",
+            "vporq {a:x}, {a:x}, {b:x}",
+            "vpshufd {b:x}, {a:x}, 0x4e",
+            "vporq {a:x}, {a:x}, {b:x}",
+            "vmovq {r}, {a:x}",
+            p = inout(reg) entries.as_ptr() => _,
+            k = inout(reg) blocks => _,
+            a = out(ymm_reg) _,
+            b = out(ymm_reg) _,
+            c = out(ymm_reg) _,
+            d = out(ymm_reg) _,
+            r = out(reg) all,
+            options(readonly, nostack),
+        );
+    }
+    // The asm leaves the upper halves of the vector registers it used
+    // (from the 16 that `ymm_reg` names) dirty: cleared here, so that the
+    // caller's SSE code pays no transition or merge penalty (the compiler
+    // does not see the asm's 512-bit use and emits no VZEROUPPER itself).
+    core::arch::x86_64::_mm256_zeroupper();
+    (all, blocks * 32)
 }
 
 /// The low `n` bits set (all 64 from `n >= 64`).
@@ -333,7 +604,15 @@ impl<P: TablePages> NestedTable<P> {
         self.for_each_leaf_table(gpa, len, |base, entries, size| {
             if size == PageSize::Size4K {
                 let mut words = [0u64; ENTRIES / 64];
-                let (done, _) = scan_words::<K>(simd, entries, &mut words, false);
+                // A whole table in one pass that stores each word once;
+                // else the slice's vector part and the rest one by one.
+                let whole = <&[AtomicU64; ENTRIES]>::try_from(entries)
+                    .ok()
+                    .and_then(|t| scan_table::<K>(simd, t, &mut words, false));
+                let done = match whole {
+                    Some(_) => entries.len(),
+                    None => scan_words::<K>(simd, entries, &mut words, false).0,
+                };
                 for (i, e) in entries.iter().enumerate().skip(done) {
                     if let Some(w) = words.get_mut(i / 64) {
                         *w |= K::dirty_bit(e.load(Ordering::Relaxed)) << (i % 64);
@@ -554,7 +833,9 @@ mod tests {
             seed in any::<u64>(),
             density in prop_oneof![Just(0u64), Just(1), Just(10), Just(50), Just(100), 0u64..=100],
             large_dirty in any::<bool>(),
-            first in 0u64..SPACE / K4,
+            // Half the ranges start at a bitmap word (whole leaf tables
+            // then go straight into the bitmap's words).
+            first in prop_oneof![0u64..SPACE / K4, (0u64..SPACE / K4 / 64).prop_map(|w| w * 64)],
             pages in 1u64..SPACE / K4,
         ) {
             let f = formats()[fi];
@@ -576,6 +857,33 @@ mod tests {
                         Some(s) => prop_assert!(s.0 == got && s.1 == after, "{:?} {:?} {:?} vs scalar", f.kind(), op, simd),
                     }
                 }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Every unit's OR of a slice of a table (any start, any length,
+        /// entries random, sparse or all zero) is the OR of its entries
+        /// one at a time.
+        #[test]
+        fn or_entries_matches_scalar(
+            seed in any::<u64>(),
+            sparse in prop_oneof![Just(0u64), Just(1), Just(64), Just(512)],
+            start in 0usize..ENTRIES,
+            len in 0usize..=ENTRIES,
+        ) {
+            let mut s = seed | 1;
+            // `sparse` 0: all zero; else about one entry in `sparse` set.
+            let table: [AtomicU64; ENTRIES] = core::array::from_fn(|_| {
+                let r = next(&mut s);
+                AtomicU64::new(if sparse != 0 && r.is_multiple_of(sparse) { next(&mut s) } else { 0 })
+            });
+            let entries = &table[start..(start + len).min(ENTRIES)];
+            let want = entries.iter().fold(0, |a, e| a | e.load(Ordering::Relaxed));
+            for simd in available() {
+                prop_assert_eq!(or_entries(simd, entries), want, "{:?} [{}, +{})", simd, start, entries.len());
             }
         }
     }
