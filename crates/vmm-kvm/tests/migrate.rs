@@ -437,6 +437,33 @@ fn migrate_hard(auto_converge: bool, max_rounds: u32, link: u64) -> vmm::migrati
     // it even on a loaded two-core host (a round they sat out would find
     // nothing dirty and converge by chance).
     let c = GuestConfig { prefault: true, ..cfg(2, 128 << 20) };
+    // A link of `link` bytes/s, below what the guest dirties unthrottled
+    // (the loopback link itself is about as fast as the guest dirties on
+    // this host, so without a cap the test could not tell).
+    let sc = SourceConfig {
+        downtime_limit: Duration::from_millis(50),
+        max_rounds,
+        auto_converge,
+        max_bandwidth: Some(link),
+        shared_clock: true,
+        ..Default::default()
+    };
+    let label = format!("auto-converge {auto_converge}");
+    migrate_timed(&c, &sc, Duration::from_millis(300), Duration::from_millis(300), false, &label)
+}
+
+/// Migrates a guest of `c` over loopback `after` into its run (and, with
+/// `first_pass`, once its sequential pass wrote its region), the target
+/// checking it for `check` afterwards; asserts both sides' checks and
+/// returns the source's summary.
+fn migrate_timed(
+    c: &GuestConfig,
+    sc: &SourceConfig,
+    after: Duration,
+    check: Duration,
+    first_pass: bool,
+    label: &str,
+) -> vmm::migration::MigrationSummary {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     std::thread::scope(|s| {
@@ -444,31 +471,20 @@ fn migrate_hard(auto_converge: bool, max_rounds: u32, link: u64) -> vmm::migrati
         let t = s.spawn(move || {
             let mut g = Guest::new(&tc, true).expect("target");
             let (conn, _) = listener.accept().expect("accept");
-            g.run_target(&conn, &TargetConfig::default(), Duration::from_millis(300), 1).expect("target run").1
+            g.run_target(&conn, &TargetConfig::default(), check, 1).expect("target run").1
         });
-        let mut g = Guest::new(&c, false).expect("source");
+        let mut g = Guest::new(c, false).expect("source");
+        g.set_migrate_after_first_pass(first_pass);
         let conn = TcpStream::connect(addr).expect("connect");
-        // A link of `link` bytes/s, below what the guest dirties
-        // unthrottled (the loopback link itself is about as fast as the
-        // guest dirties on this host, so without a cap the test could not
-        // tell).
-        let sc = SourceConfig {
-            downtime_limit: Duration::from_millis(50),
-            max_rounds,
-            auto_converge,
-            max_bandwidth: Some(link),
-            shared_clock: true,
-            ..Default::default()
-        };
         let mut progress = Vec::new();
         let out = g
             // (An upper bound: the run ends at the hand-over; on a slow
             // link the throttle's climb takes tens of seconds.)
-            .run_source(Duration::from_secs(120), 0, Duration::from_millis(300), &conn, &sc, &mut |p| {
+            .run_source(Duration::from_secs(120), 0, after, &conn, sc, &mut |p| {
                 progress.push((p.round, p.remaining_dirty, p.throttle_pct))
             })
             .expect("source");
-        eprintln!("auto-converge {auto_converge}: (round, dirty, throttle%) {progress:?}");
+        eprintln!("{label}: (round, dirty, throttle%) {progress:?}");
         let SourceOutcome::Migrated(sum, src) = out else { panic!("migration failed: {out:?}") };
         assert_rounds("source", &src);
         assert_checks("target", &t.join().expect("target thread"));
@@ -686,29 +702,12 @@ fn a_timed_migration_can_wait_for_the_first_pass() {
         return;
     }
     let c = GuestConfig { prefault: true, ..cfg(2, 32 << 20) };
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::scope(|s| {
-        let tc = c.clone();
-        let t = s.spawn(move || {
-            let mut g = Guest::new(&tc, true).expect("target");
-            let (conn, _) = listener.accept().expect("accept");
-            g.run_target(&conn, &TargetConfig::default(), Duration::from_millis(200), 1).expect("target run").1
-        });
-        let mut g = Guest::new(&c, false).expect("source");
-        g.set_migrate_after_first_pass(true);
-        let conn = TcpStream::connect(addr).expect("connect");
-        let sc = SourceConfig { shared_clock: true, ..Default::default() };
-        let out = g
-            .run_source(Duration::from_secs(120), 0, Duration::from_millis(1), &conn, &sc, &mut |_| {})
-            .expect("source");
-        let SourceOutcome::Migrated(sum, src) = out else { panic!("migration failed: {out:?}") };
-        assert_rounds("source", &src);
-        assert_checks("target", &t.join().expect("target thread"));
-        // Every page of the two regions was written before the first pass:
-        // hardly any zero page is left (the runtime's own pages aside).
-        let ram_pages = (32u64 << 20) / 4096;
-        assert!(sum.zero_pages * 20 < ram_pages, "{} zero pages of {ram_pages}: {sum:?}", sum.zero_pages);
-        assert!(sum.bytes_sent >= 32 << 20, "{sum:?}");
-    });
+    let sc = SourceConfig { shared_clock: true, ..Default::default() };
+    let ms = Duration::from_millis;
+    let sum = migrate_timed(&c, &sc, ms(1), ms(200), true, "after the first pass");
+    // Every page of the two regions was written before the first pass:
+    // hardly any zero page is left (the runtime's own pages aside).
+    let ram_pages = (32u64 << 20) / 4096;
+    assert!(sum.zero_pages * 20 < ram_pages, "{} zero pages of {ram_pages}: {sum:?}", sum.zero_pages);
+    assert!(sum.bytes_sent >= 32 << 20, "{sum:?}");
 }
