@@ -69,11 +69,24 @@ impl Node {
     }
 }
 
+/// How many whole-table transactions in a row may fail before a harvest
+/// pass clears the rest of its range with locked operations only.
+pub(crate) const TXN_GIVE_UP: usize = 8;
+
 /// How a dirty pass clears what it reports.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Clear {
+    /// Reads only.
     No,
+    /// One locked AND per dirty entry (what `Txn` falls back to; the
+    /// tests compare the two).
+    #[cfg_attr(not(test), allow(dead_code))]
     Locked,
+    /// A whole leaf table in one hardware transaction where the processor
+    /// has RTM (`harvest::scan_table_txn`), else as `Locked`: safe against
+    /// any concurrent use.
+    Txn,
+    /// Plain stores: only with exclusive access.
     Plain,
 }
 
@@ -997,15 +1010,20 @@ impl<P: TablePages> NestedTable<P> {
     /// 0) and, when `clear`, clears it in the leaves, visiting each leaf
     /// table once. Returns the number of dirty pages.
     pub fn scan_dirty(&self, gpa: Gpa, len: u64, bitmap: &mut [u64], clear: bool) -> Result<u64, Error> {
-        self.dirty_pass(gpa, len, bitmap, if clear { Clear::Locked } else { Clear::No }, harvest::simd())
+        self.dirty_pass(gpa, len, bitmap, if clear { Clear::Txn } else { Clear::No }, harvest::simd())
     }
 
     /// Read-and-clear of the dirty state into `bitmap`: see
-    /// [`scan_dirty`](Self::scan_dirty). Each dirty entry is cleared with a
-    /// locked atomic AND, so this is safe against any concurrent use of the
-    /// table (vCPU faults, holds marking pages dirty, hardware).
+    /// [`scan_dirty`](Self::scan_dirty). Each dirty entry is cleared
+    /// atomically, so this is safe against any concurrent use of the table
+    /// (vCPU faults, holds marking pages dirty, unmaps, hardware): where
+    /// the processor has AVX-512 and RTM, a whole leaf table is scanned and
+    /// its dirty entries cleared with plain stores inside one hardware
+    /// transaction, which another writer's access aborts; a table whose
+    /// transaction aborts (and every table elsewhere) is cleared with one
+    /// locked AND per dirty entry.
     pub fn harvest_dirty(&self, gpa: Gpa, len: u64, bitmap: &mut [u64]) -> Result<u64, Error> {
-        self.dirty_pass(gpa, len, bitmap, Clear::Locked, harvest::simd())
+        self.dirty_pass(gpa, len, bitmap, Clear::Txn, harvest::simd())
     }
 
     /// [`harvest_dirty`](Self::harvest_dirty) for a caller with exclusive
@@ -1063,6 +1081,10 @@ impl<P: TablePages> NestedTable<P> {
         // the gaps before them (and after the last) cleared; `written` is
         // where the next gap starts.
         let mut written = 0u64;
+        // Whole-table transactions that failed in a row: past
+        // `TXN_GIVE_UP` (a processor whose RTM aborts everything, or a
+        // range under heavy concurrent writes) the pass stops trying them.
+        let mut txn_fails = 0usize;
         self.for_each_leaf_table(gpa, len, |base, entries, size| {
             if size == PageSize::Size4K {
                 let first = (base.0 - gpa.0) >> 12;
@@ -1075,18 +1097,28 @@ impl<P: TablePages> NestedTable<P> {
                     let w0 = (first / 64) as usize;
                     if let Some(dst) = bitmap.get_mut(w0..w0 + ENTRIES / 64)
                         && let Ok(dst) = <&mut [u64; ENTRIES / 64]>::try_from(dst)
-                        && let Some((n, cleared)) = harvest::scan_table::<K>(simd, table, dst, clear == Clear::Plain)
                     {
-                        count += n;
-                        if !cleared && clear != Clear::No {
-                            for (c, &word) in dst.iter().enumerate() {
-                                if word != 0 {
-                                    clear_dirty::<K>(&entries[c * 64..], word, clear);
+                        if clear == Clear::Txn && txn_fails < TXN_GIVE_UP {
+                            if let Some(n) = harvest::scan_table_txn::<K>(simd, table, dst, false) {
+                                txn_fails = 0;
+                                count += n;
+                                written = first + ENTRIES as u64;
+                                return;
+                            }
+                            txn_fails += 1;
+                        }
+                        if let Some((n, cleared)) = harvest::scan_table::<K>(simd, table, dst, clear == Clear::Plain) {
+                            count += n;
+                            if !cleared && clear != Clear::No {
+                                for (c, &word) in dst.iter().enumerate() {
+                                    if word != 0 {
+                                        clear_dirty::<K>(&entries[c * 64..], word, clear);
+                                    }
                                 }
                             }
+                            written = first + ENTRIES as u64;
+                            return;
                         }
-                        written = first + ENTRIES as u64;
-                        return;
                     }
                 }
                 // Leaf-table slices start inside the range. First the
@@ -1776,7 +1808,7 @@ fn clear_dirty<K: Kind>(chunk: &[AtomicU64], mut word: u64, clear: Clear) {
                 word &= word - 1;
             }
         }
-        Clear::Locked => {
+        Clear::Locked | Clear::Txn => {
             while word != 0 {
                 if let Some(e) = chunk.get(word.trailing_zeros() as usize) {
                     e.fetch_and(!K::DIRTY, Ordering::AcqRel);

@@ -725,6 +725,66 @@ fn harvest_races_dirtying_writer() {
     }
 }
 
+/// Harvests (bitmap and run forms, which clear a whole leaf table in one
+/// hardware transaction where the processor has RTM) running while
+/// another thread unmaps every page, dirty, in a scattered order: no
+/// harvest writes an entry back from a value it read before the unmap
+/// (which would map the page again), so every page ends unmapped, and no
+/// page is reported dirty twice.
+#[test]
+fn harvest_races_unmapping_writer() {
+    for f in formats().into_iter().filter(|f| f.dirty_mask() != 0) {
+        for round in 0..8 {
+            let mut t = table(f);
+            let len = 8 * M2;
+            let pages = (len / K4) as usize;
+            t.populate_region(Gpa(0), len, PageSize::Size4K).unwrap();
+            t.map_range(Gpa(0), len, Prot::RW, MemType::WriteBack, |g| Some(Pfn(0x10_0000 + (g.0 >> 12)))).unwrap();
+            for p in 0..pages as u64 {
+                t.reset_dirty(Gpa(p * K4), true).unwrap();
+            }
+            let seen: Vec<std::sync::atomic::AtomicU32> =
+                (0..pages).map(|_| std::sync::atomic::AtomicU32::new(0)).collect();
+            let done = std::sync::atomic::AtomicBool::new(false);
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                let (t, done, start) = (&t, &done, &start);
+                s.spawn(move || {
+                    start.wait();
+                    for k in 0..pages {
+                        let p = (k * 97 + round) % pages;
+                        assert_eq!(t.unmap(Gpa(p as u64 * K4)), Ok(true), "page {p} was mapped");
+                    }
+                    done.store(true, std::sync::atomic::Ordering::Release);
+                });
+                start.wait();
+                let mut bitmap = vec![0u64; pages / 64];
+                let mut odd = false;
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    if odd {
+                        t.harvest_dirty_runs(Gpa(0), len, true, |g, n| {
+                            for p in g.0 / K4..(g.0 + n) / K4 {
+                                seen[p as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        })
+                        .unwrap();
+                    } else {
+                        t.harvest_dirty(Gpa(0), len, &mut bitmap).unwrap();
+                        for (i, n) in seen.iter().enumerate() {
+                            n.fetch_add((bitmap[i / 64] >> (i % 64)) as u32 & 1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    odd = !odd;
+                }
+            });
+            for (p, n) in seen.iter().enumerate() {
+                assert!(t.lookup(Gpa(p as u64 * K4)).is_none(), "{:?}: page {p} stays unmapped", f.kind());
+                assert!(n.load(std::sync::atomic::Ordering::Relaxed) <= 1, "{:?}: page {p} reported once", f.kind());
+            }
+        }
+    }
+}
+
 /// The run harvest against the same writer, with two harvesters at once:
 /// a page is reported only by the harvest whose locked AND found it dirty,
 /// so across both, and a final harvest, every page is reported exactly

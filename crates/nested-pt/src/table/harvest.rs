@@ -9,8 +9,11 @@
 //! table) and gathers one bit per entry; the exclusive harvest's AVX-512
 //! path also clears the entries found dirty in the same pass, with a
 //! masked store that writes only those (an all-clean line is not
-//! written). The concurrent forms clear with one locked AND per entry
-//! found dirty, after the scan.
+//! written). The concurrent forms do the same inside one RTM transaction
+//! per leaf table where the processor has RTM (the transaction makes each
+//! entry's read and store one atomic step: another writer aborts it), and
+//! otherwise, or when a table's transaction aborts, clear with one locked
+//! AND per entry found dirty, after the scan.
 
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
@@ -163,6 +166,181 @@ pub(crate) fn scan_table<K: Kind>(
         #[cfg(not(target_arch = "x86_64"))]
         Simd::Avx512 => None,
     }
+}
+
+/// Whether the processor runs restricted transactional memory (RTM,
+/// CPUID.(7,0):EBX bit 11): 0 not yet detected, 1 no, 2 yes.
+static RTM: AtomicU8 = AtomicU8::new(0);
+
+/// Whether this processor has RTM (`xbegin`/`xend`), detected once.
+#[inline]
+pub(crate) fn rtm() -> bool {
+    match RTM.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let on = detect_rtm();
+            RTM.store(1 + on as u8, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_rtm() -> bool {
+    use core::arch::x86_64::{__cpuid, __cpuid_count};
+    __cpuid(0).eax >= 7 && __cpuid_count(7, 0).ebx & (1 << 11) != 0
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_rtm() -> bool {
+    false
+}
+
+/// How many times a whole-table transaction is tried before the table
+/// falls back to the locked clears (an abort for a conflict, an interrupt
+/// or a page fault on `out` may well not recur).
+const TXN_TRIES: usize = 3;
+
+/// The concurrent harvest of a whole leaf table in one hardware
+/// transaction: the AVX-512 scan-and-clear of [`scan_table_avx512`]
+/// (plain masked stores of the dirty entries without `K::DIRTY`), made
+/// atomic against every other writer by RTM. Where `present`, only the
+/// entries that are also present count (the run harvest's rule). Returns
+/// the number of dirty entries found and cleared, with their bits in
+/// `out`, or `None` when the processor has no AVX-512 with RTM, the format
+/// has no dirty bit, or every try aborted: then neither `out` nor any
+/// entry was changed, and the caller clears with locked operations.
+///
+/// Why this is as safe as one locked AND per dirty entry: a committed
+/// transaction reads and writes its lines as one atomic step, ordered as
+/// a locked instruction is. Any other write to one of them while it runs
+/// (a vCPU thread's `fetch_or` of a dirty bit, an unmap's compare and
+/// swap, the hardware's own locked A/D update) is a conflict that aborts
+/// it, with all its stores discarded; so no entry is written from a value
+/// that another writer changed meanwhile, and nothing is lost.
+#[inline(always)]
+pub(crate) fn scan_table_txn<K: Kind>(
+    simd: Simd,
+    entries: &[AtomicU64; ENTRIES],
+    out: &mut [u64; ENTRIES / 64],
+    present: bool,
+) -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx512 && K::DIRTY != 0 && rtm() {
+        let pmask = if present { K::PRESENT } else { u64::MAX };
+        for _ in 0..TXN_TRIES {
+            // SAFETY: `Simd::Avx512` comes from `detect` (or from a test
+            // that got it from `available`), which found AVX-512F and
+            // POPCNT in the processor and the AVX-512 state enabled by the
+            // OS; `rtm()` found RTM.
+            if let Some(n) = unsafe { scan_table_avx512_txn(entries, K::DIRTY, pmask, out) } {
+                return Some(n);
+            }
+        }
+    }
+    let _ = (simd, entries, out, present);
+    None
+}
+
+/// One try of [`scan_table_txn`]: `None` if the transaction aborted.
+///
+/// # Safety
+///
+/// The processor must support AVX-512F, POPCNT and RTM, with the AVX-512
+/// state enabled by the OS.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,popcnt")]
+unsafe fn scan_table_avx512_txn(
+    entries: &[AtomicU64; ENTRIES],
+    dmask: u64,
+    pmask: u64,
+    out: &mut [u64; ENTRIES / 64],
+) -> Option<u64> {
+    let count: u64;
+    let ok: u64;
+    // SAFETY: the block reads and may write the 512 entries of `entries`
+    // (a live table page, 8-byte aligned, valid while the borrow lasts)
+    // with 64-byte loads and masked stores, and writes the 8 words of
+    // `out`, all inside one RTM transaction (`xbegin` .. `xend`). Each
+    // naturally aligned quadword of a vector access is read and written
+    // atomically on x86, so the loads are equivalent to relaxed atomic
+    // loads; a line with entries that AND non-zero with both `dmask` and
+    // `pmask` has exactly those entries stored back without `dmask`, each
+    // from the value the transaction read, and a line without any is not
+    // written. The transaction makes the read and the store of every
+    // entry one atomic step: another agent's write to a line it read
+    // aborts it before commit (see `scan_table_txn`). On an abort the
+    // processor discards every store of the transaction, restores the
+    // registers to their values at `xbegin` (so `ok` reads 0 and the
+    // counters and pointers are as they were) and resumes at the label
+    // after `xend` with the abort status in EAX (declared clobbered); the
+    // caller then sees `None` and nothing was changed. A committed `xend`
+    // orders the transaction as a locked instruction would (the AcqRel of
+    // the locked ANDs it replaces). AVX-512F, POPCNT and RTM are there, as
+    // the caller checked.
+    unsafe {
+        core::arch::asm!(
+            ".macro npt_line_t j",
+            "vmovdqu64 {v:z}, zmmword ptr [{p} + 64 * \\j]",
+            "vptestmq {k}, {d:z}, {v:z}",
+            "vptestmq {k}{{{k}}}, {q:z}, {v:z}",
+            "kmovw {t:e}, {k}",
+            "test {t:e}, {t:e}",
+            "jz 3f",
+            "vpandnq {v:z}, {d:z}, {v:z}",
+            "vmovdqu64 zmmword ptr [{p} + 64 * \\j] {{{k}}}, {v:z}",
+            "shl {t}, 8 * \\j",
+            "or {w}, {t}",
+            "3:",
+            ".endm",
+            "vpbroadcastq {d:z}, {m}",
+            "vpbroadcastq {q:z}, {pm}",
+            "xor {c:e}, {c:e}",
+            "xor {ok:e}, {ok:e}",
+            "xbegin 9f",
+            "2:",
+            "xor {w:e}, {w:e}",
+            "npt_line_t 0",
+            "npt_line_t 1",
+            "npt_line_t 2",
+            "npt_line_t 3",
+            "npt_line_t 4",
+            "npt_line_t 5",
+            "npt_line_t 6",
+            "npt_line_t 7",
+            "mov qword ptr [{o}], {w}",
+            "popcnt {w}, {w}",
+            "add {c}, {w}",
+            "add {p}, 512",
+            "add {o}, 8",
+            "dec {n}",
+            "jnz 2b",
+            "xend",
+            "mov {ok:e}, 1",
+            "9:",
+            ".purgem npt_line_t",
+            p = inout(reg) entries.as_ptr() => _,
+            o = inout(reg) out.as_mut_ptr() => _,
+            n = inout(reg) ENTRIES / 64 => _,
+            m = in(reg) dmask,
+            pm = in(reg) pmask,
+            c = out(reg) count,
+            ok = out(reg) ok,
+            d = out(ymm_reg) _,
+            q = out(ymm_reg) _,
+            v = out(ymm_reg) _,
+            k = out(kreg) _,
+            t = out(reg) _,
+            w = out(reg) _,
+            out("eax") _,
+            options(nostack),
+        );
+    }
+    // As in `scan_table_avx512`: the upper halves cleared for the caller's
+    // SSE code.
+    core::arch::x86_64::_mm256_zeroupper();
+    (ok == 1).then_some(count)
 }
 
 /// AVX-512F scan of a whole table for [`scan_table`]: 64 entries (eight
@@ -601,9 +779,35 @@ impl<P: TablePages> NestedTable<P> {
                 && v & K::DIRTY != 0
                 && (!clear || e.fetch_and(!K::DIRTY, Ordering::AcqRel) & K::DIRTY != 0)
         };
+        // Whole-table transactions failed in a row (see `dirty_pass_k`).
+        let mut txn_fails = 0usize;
         self.for_each_leaf_table(gpa, len, |base, entries, size| {
             if size == PageSize::Size4K {
                 let mut words = [0u64; ENTRIES / 64];
+                // A clearing pass over a whole table: first in one
+                // transaction, whose bits are exactly the present entries
+                // it found dirty and cleared (nobody else's).
+                if clear
+                    && txn_fails < super::TXN_GIVE_UP
+                    && let Ok(t) = <&[AtomicU64; ENTRIES]>::try_from(entries)
+                {
+                    if scan_table_txn::<K>(simd, t, &mut words, true).is_some() {
+                        txn_fails = 0;
+                        for (c, &word) in words.iter().enumerate() {
+                            // Each run of set bits as one range.
+                            let mut w = word;
+                            while w != 0 {
+                                let from = w.trailing_zeros();
+                                let to = from + (!(w >> from)).trailing_zeros();
+                                let lo = base.0 + (((c * 64) as u64 + from as u64) << 12);
+                                runs.push(lo, lo + (((to - from) as u64) << 12));
+                                w = if to >= 64 { 0 } else { w & (u64::MAX << to) };
+                            }
+                        }
+                        return;
+                    }
+                    txn_fails += 1;
+                }
                 // A whole table in one pass that stores each word once;
                 // else the slice's vector part and the rest one by one.
                 let whole = <&[AtomicU64; ENTRIES]>::try_from(entries)
@@ -744,10 +948,11 @@ mod tests {
     enum Op {
         Scan,
         Harvest,
+        Txn,
         Exclusive,
         Runs(bool),
     }
-    const OPS: [Op; 5] = [Op::Scan, Op::Harvest, Op::Exclusive, Op::Runs(false), Op::Runs(true)];
+    const OPS: [Op; 6] = [Op::Scan, Op::Harvest, Op::Txn, Op::Exclusive, Op::Runs(false), Op::Runs(true)];
 
     /// What an operation returned: its result, then the bitmap (with a
     /// word past the range, which must keep its pattern) or the runs.
@@ -758,6 +963,7 @@ mod tests {
         let r = match op {
             Op::Scan => t.dirty_pass(Gpa(gpa), len, &mut bitmap, Clear::No, simd),
             Op::Harvest => t.dirty_pass(Gpa(gpa), len, &mut bitmap, Clear::Locked, simd),
+            Op::Txn => t.dirty_pass(Gpa(gpa), len, &mut bitmap, Clear::Txn, simd),
             Op::Exclusive => t.dirty_pass(Gpa(gpa), len, &mut bitmap, Clear::Plain, simd),
             Op::Runs(clear) => {
                 let mut runs = Vec::new();
@@ -796,7 +1002,7 @@ mod tests {
         for i in 0..(len / K4) as usize {
             bitmap[i / 64] &= !(1 << (i % 64));
         }
-        let clear = matches!(op, Op::Harvest | Op::Exclusive | Op::Runs(true));
+        let clear = matches!(op, Op::Harvest | Op::Txn | Op::Exclusive | Op::Runs(true));
         let runs_op = matches!(op, Op::Runs(_));
         for p in gpa / K4..end.min(SMALL) / K4 {
             let v = &mut after[p as usize];
