@@ -69,16 +69,25 @@
 //! that read dirty are written: the exclusive form
 //! (`harvest_dirty_exclusive`) clears them in the same pass with a masked
 //! store that writes those quadwords alone and skips a clean line
-//! entirely; the concurrent forms (`harvest_dirty`, `scan_dirty`,
-//! `harvest_dirty_runs`) clear each with one atomic AND of the dirty bit
-//! after the table's scan, so no dirty bit set after the read is lost.
+//! entirely. The concurrent forms (`harvest_dirty`, `scan_dirty`,
+//! `harvest_dirty_runs`) do the same scan-and-clear over a whole leaf
+//! table inside one hardware transaction where the processor has RTM
+//! (Intel TSX: `xbegin`/`xend`, detected from `cpuid`): the transaction
+//! makes each entry's read and its store one atomic step, since any other
+//! writer of its lines (a vCPU thread's atomic OR, an unmap's compare and
+//! swap, the hardware's A/D update) aborts it and discards its stores.
+//! A table whose transaction aborts three times, a slice of a table, and
+//! every table on a processor without RTM are cleared with one atomic AND
+//! of the dirty bit per dirty entry after the scan (a pass that sees eight
+//! tables in a row abort stops trying); either way no dirty bit set after
+//! the read is lost and no unmapped entry is written back.
 //! Each bitmap bit is written once (whole words stored, gaps cleared in
 //! address order). Every path gives the same bitmap and entries (a
-//! property test compares them with the scalar path and a model). The
-//! concurrent form's floor is that one locked AND per dirty page (about
-//! 2.1-2.8 ns each on the AMD EPYC these figures come from): at 100%
-//! dirty it takes 8-16 times as long as a sequential read of the same
-//! entries (see README's performance figures).
+//! property test compares them with the scalar path and a model). Without
+//! RTM the concurrent form's floor is that one locked AND per dirty page
+//! (about 2.1-4.5 ns each): at 100% dirty it takes 8-16 times as long as a
+//! sequential read of the same entries; with it, every density runs at
+//! about the read's speed (see README's performance figures).
 //!
 //! # Lookups
 //!
@@ -179,7 +188,9 @@
 //! scalar path and a model over random entries of every format, at
 //! densities from 0 to 100% and on ranges that start and end anywhere
 //! (`table::harvest` unit tests); `tests/table.rs` races harvests against
-//! a writer dirtying pages and against each other.
+//! a writer dirtying pages, against each other, and against a writer
+//! unmapping dirty pages (which a concurrent harvest with plain stores
+//! outside a transaction fails: it maps pages again).
 //!
 //! # Known gaps
 //!
@@ -189,12 +200,14 @@
 //! faster); [`NestedTable::unmap_vacate_region`] is the fast form when the
 //! caller is about to unmap anyway.
 //!
-//! The dirty harvest in its concurrent forms pays one locked AND per
+//! Without RTM (AMD processors, and Intel ones that have it disabled) the
+//! dirty harvest in its concurrent forms pays one locked AND per
 //! dirty page, which bounds it at high dirty densities: at 100% dirty it
 //! runs at 6-12% of the speed of a sequential read of the same entries
 //! (1 and 16 GiB; at 0-10% dirty it is above 50%, and the exclusive form
 //! is above 50% at every density); a caller that owns the table uses
-//! [`NestedTable::harvest_dirty_exclusive`]. [`NestedTable::harvest_dirty_runs`]
+//! [`NestedTable::harvest_dirty_exclusive`]. There is no AVX2 path, and
+//! the transactional one needs AVX-512 beside RTM. [`NestedTable::harvest_dirty_runs`]
 //! has no exclusive form. Without AVX-512 the exclusive clears are one
 //! load and store per dirty entry after an SSE2 scan (and the emulated
 //! A/D format, whose dirty state is two bits, is scanned one entry at a

@@ -827,6 +827,7 @@ fn cmd_run_migrating(a: &RunArgs) -> ExitCode {
         reservoir: a.reservoir,
         swap_dir: a.swap_dir.clone(),
     };
+    vmm::migration::priority::set_stream_boost(a.migration.migration_boost);
     match (&a.migration.incoming, &a.migration.migrate_to) {
         (Some(at), _) => migrate::incoming(&m, at),
         (None, Some(to)) => migrate::migrate_to(&m, &a.migration, to),

@@ -79,6 +79,14 @@ pub struct MigrationArgs {
     /// default (as in QEMU): pre-copy then stops at --max-rounds.
     #[arg(long)]
     pub auto_converge: bool,
+    /// Raise the priority of this side's migration thread (the source's
+    /// sender, the target's receiver) by N nice steps while it streams,
+    /// so that on a host whose cores the vCPUs keep busy the stream gets
+    /// the CPU it needs and the vCPUs the rest (0, the default, as QEMU:
+    /// the stream competes at the vCPUs' priority). Needs CAP_SYS_NICE;
+    /// without it the stream runs unboosted.
+    #[arg(long, default_value = "0", value_parser = clap::value_parser!(i32).range(0..=39))]
+    pub migration_boost: i32,
     /// Run the guest for --duration ready to migrate on command: `vmm
     /// migrate NAME ADDR` (NAME from --name) asks it, over its control
     /// socket, to migrate to the target listening on ADDR.
@@ -482,6 +490,11 @@ pub enum BenchWhat {
         /// carries (QEMU's auto-converge).
         #[arg(long)]
         auto_converge: bool,
+        /// Nice steps by which the sender and receiver threads raise their
+        /// priority while they stream (`vmm run --migration-boost`; 0 runs
+        /// them at the vCPUs' priority).
+        #[arg(long, default_value_t = vmm::migration::priority::BENCH_STREAM_BOOST, value_parser = clap::value_parser!(i32).range(0..=39))]
+        migration_boost: i32,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -546,6 +559,10 @@ struct BenchJson {
     memory_copy_median_cpu_ns_per_byte: f64,
     batch_bytes: u64,
     auto_converge: bool,
+    /// The nice steps the migration threads were asked to raise their
+    /// priority by, and whether this process may (`CAP_SYS_NICE`).
+    migration_boost: i32,
+    migration_boost_effective: bool,
     cases: Vec<BenchCaseJson>,
     /// Per write percentage, the medians over its runs.
     medians: Vec<BenchMedianJson>,
@@ -588,8 +605,15 @@ pub fn bench(w: BenchWhat) -> ExitCode {
         runs,
         batch,
         auto_converge,
+        migration_boost,
         json,
     } = w;
+    vmm::migration::priority::set_stream_boost(migration_boost);
+    // Whether the boost can take effect here, tried on a thread of its own.
+    let boost_effective =
+        std::thread::spawn(move || vmm::migration::priority::PriorityGuard::boost(migration_boost).boosted())
+            .join()
+            .unwrap_or(false);
     let Ok(batch_bytes) = usize::try_from(batch) else {
         eprintln!("vmm bench migrate: --batch too large");
         return ExitCode::from(2);
@@ -692,6 +716,8 @@ pub fn bench(w: BenchWhat) -> ExitCode {
             .collect(),
         batch_bytes: batch,
         auto_converge,
+        migration_boost,
+        migration_boost_effective: boost_effective,
         medians: Vec::new(),
     };
 
@@ -728,6 +754,10 @@ pub fn bench(w: BenchWhat) -> ExitCode {
         out!(
             "live migration over loopback: {:.0} MiB guest, {vcpus} vCPUs, downtime limit {limit_ms:.0} ms, at most {max_rounds} rounds",
             mib(r.guest_bytes as f64)
+        );
+        out!(
+            "migration threads' priority boost: {migration_boost} nice steps{}",
+            if migration_boost != 0 && !boost_effective { " (not in effect: no CAP_SYS_NICE)" } else { "" }
         );
         out!(
             "plain copy of the guest's size over loopback: median {:.0} MiB/s (runs: {})",

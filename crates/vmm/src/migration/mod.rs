@@ -255,6 +255,7 @@
 pub mod devices;
 mod error;
 pub mod fake;
+pub mod priority;
 mod source;
 mod target;
 pub mod vm;

@@ -512,6 +512,35 @@ const LOOKAHEAD: usize = 4096;
 /// The most `iovec`s one `readv` is given (Linux's `IOV_MAX`).
 const MAX_IOV: usize = 1024;
 
+/// The most bytes one `readv` of a page run received in place takes, so
+/// that each chunk is checksummed while it is still in the cache (128 KiB:
+/// well inside a core's L2).
+const IN_PLACE_CHUNK: usize = 128 << 10;
+
+/// Adds `len` bytes of the destinations `dests`, from byte `from` of
+/// their concatenation, to the checksum `c`.
+#[allow(unsafe_code)]
+fn crc_dests(c: &mut crc32fast::Hasher, dests: &[super::RawDest], from: usize, len: usize) {
+    let (mut skip, mut left) = (from, len);
+    for d in dests {
+        if left == 0 {
+            break;
+        }
+        if skip >= d.len() {
+            skip -= d.len();
+            continue;
+        }
+        let k = (d.len() - skip).min(left);
+        // SAFETY: `skip + k <= d.len()`: the bytes lie inside `d`, which the
+        // kernel has just filled and which, by `RawDest`'s contract, nobody
+        // else writes or mutably references while the receive runs: a
+        // shared slice over them for the checksum, dropped at once.
+        c.update(unsafe { std::slice::from_raw_parts(d.as_ptr().add(skip), k) });
+        skip = 0;
+        left -= k;
+    }
+}
+
 impl<R: Read> RecordReader<R> {
     /// A reader over `inner` with a buffer of `cap` bytes (grown only for
     /// a state blob larger than that, as its bytes arrive).
@@ -712,6 +741,8 @@ impl<R: Read> RecordReader<R> {
         }
         self.pos += RECORD_HEADER;
         self.read += RECORD_HEADER as u64;
+        let mut c = crc32fast::Hasher::new();
+        c.update(&h[..16]);
         // What the buffer holds of the payload: copied.
         let mut have = (self.end - self.pos).min(n);
         let mut off = 0usize;
@@ -726,32 +757,42 @@ impl<R: Read> RecordReader<R> {
             unsafe { std::ptr::copy_nonoverlapping(self.buf[self.pos + off..].as_ptr(), d.as_ptr(), k) };
             off += k;
         }
+        let t0 = Instant::now();
+        c.update(&self.buf[self.pos..self.pos + have]);
+        self.check_time += t0.elapsed();
         self.pos += have;
         self.read += have as u64;
-        // The rest: straight from the connection.
-        let t = Instant::now();
+        // The rest: straight from the connection, at most `IN_PLACE_CHUNK`
+        // bytes a call, each chunk checksummed as soon as it has landed,
+        // while it is still in the cache (one pass over a whole run after
+        // its last byte arrived would read most of it back from memory).
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(dests.len().min(MAX_IOV));
         let mut failed = None;
         while have < n {
+            let t = Instant::now();
             iov.clear();
             let mut skip = have;
+            let mut room = IN_PLACE_CHUNK;
             for d in dests {
                 if skip >= d.len() {
                     skip -= d.len();
                     continue;
                 }
-                if iov.len() == MAX_IOV {
+                if iov.len() == MAX_IOV || room == 0 {
                     break;
                 }
                 // SAFETY: `skip < d.len()`: the address stays inside `d`.
                 let base = unsafe { d.as_ptr().add(skip) };
-                iov.push(libc::iovec { iov_base: base.cast(), iov_len: d.len() - skip });
+                let len = (d.len() - skip).min(room);
+                iov.push(libc::iovec { iov_base: base.cast(), iov_len: len });
+                room -= len;
                 skip = 0;
             }
             // SAFETY: every iovec lies inside one destination past the
             // bytes already received (valid for writes, `RawDest`); the
             // kernel writes at most their total.
             let k = unsafe { libc::readv(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+            self.read_time += t.elapsed();
             if k < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -765,22 +806,16 @@ impl<R: Read> RecordReader<R> {
                     Some(MigrationError::Truncated { during, expected: RECORD_HEADER + n, got: RECORD_HEADER + have });
                 break;
             }
+            let t0 = Instant::now();
+            crc_dests(&mut c, dests, have, k as usize);
+            self.check_time += t0.elapsed();
             have += k as usize;
             self.read += k as u64;
         }
-        self.read_time += t.elapsed();
         if let Some(e) = failed {
             return Err(e);
         }
         let t0 = Instant::now();
-        let mut c = crc32fast::Hasher::new();
-        c.update(&h[..16]);
-        for d in dests {
-            // SAFETY: `d` was filled above and, by `RawDest`'s contract,
-            // nobody else writes or mutably references it while we run: a
-            // shared slice over it for the checksum, dropped at once.
-            c.update(unsafe { std::slice::from_raw_parts(d.as_ptr(), d.len()) });
-        }
         let computed = c.finalize();
         self.check_time += t0.elapsed();
         if computed != carried {
