@@ -680,7 +680,25 @@ fn emulator_command(emu: Emulator, work: &Path, disk: &Path) -> Result<Command, 
 /// `limit` passes. The work directory (disk image, bochsrc, `bochs.log`)
 /// under the system temp directory is removed after a complete run and kept
 /// after a timeout or an incomplete run, for inspection.
+///
+/// A Bochs that exits at start because its RFB display found no free port
+/// among 5900-5949 (other programs, or other Bochs instances starting at
+/// the same moment, holding them) is started again, up to three times:
+/// that failure says nothing about the kernel.
 pub fn run_image(emu: Emulator, disk_image: &[u8], limit: Duration) -> Result<(String, Duration), Error> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match run_image_once(emu, disk_image, limit) {
+            Err(Error::Incomplete { output }) if tries < 3 && output.contains("RFB could not bind") => {
+                std::thread::sleep(Duration::from_millis(200 * tries));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn run_image_once(emu: Emulator, disk_image: &[u8], limit: Duration) -> Result<(String, Duration), Error> {
     emu.available()?;
     let work = std::env::temp_dir().join(format!(
         "hwtest-{}-{}-{}",

@@ -495,6 +495,13 @@ pub enum BenchWhat {
         /// them at the vCPUs' priority).
         #[arg(long, default_value_t = vmm::migration::priority::BENCH_STREAM_BOOST, value_parser = clap::value_parser!(i32).range(0..=39))]
         migration_boost: i32,
+        /// Leave the sender and the receiver threads where the scheduler
+        /// puts them. By default, on a host with two CPUs or more, each is
+        /// pinned to a CPU of its own for the transfer (the first and the
+        /// last this process may use), as two hosts would run them; the
+        /// vCPUs are not pinned.
+        #[arg(long)]
+        no_pin_stream: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -563,6 +570,9 @@ struct BenchJson {
     /// priority by, and whether this process may (`CAP_SYS_NICE`).
     migration_boost: i32,
     migration_boost_effective: bool,
+    /// The CPUs the source's sender and the target's receiver were pinned
+    /// to for each transfer (`null`: not pinned).
+    stream_cpus: Option<(usize, usize)>,
     cases: Vec<BenchCaseJson>,
     /// Per write percentage, the medians over its runs.
     medians: Vec<BenchMedianJson>,
@@ -606,9 +616,16 @@ pub fn bench(w: BenchWhat) -> ExitCode {
         batch,
         auto_converge,
         migration_boost,
+        no_pin_stream,
         json,
     } = w;
     vmm::migration::priority::set_stream_boost(migration_boost);
+    let cpus = vmm::machine::allowed_cpus();
+    let stream_cpus = match (cpus.first(), cpus.last()) {
+        (Some(&a), Some(&b)) if a != b && !no_pin_stream => Some((a, b)),
+        _ => None,
+    };
+    vmm::migration::priority::set_stream_cpus(stream_cpus.map(|c| c.0), stream_cpus.map(|c| c.1));
     // Whether the boost can take effect here, tried on a thread of its own.
     let boost_effective =
         std::thread::spawn(move || vmm::migration::priority::PriorityGuard::boost(migration_boost).boosted())
@@ -718,6 +735,7 @@ pub fn bench(w: BenchWhat) -> ExitCode {
         auto_converge,
         migration_boost,
         migration_boost_effective: boost_effective,
+        stream_cpus,
         medians: Vec::new(),
     };
 
@@ -756,8 +774,12 @@ pub fn bench(w: BenchWhat) -> ExitCode {
             mib(r.guest_bytes as f64)
         );
         out!(
-            "migration threads' priority boost: {migration_boost} nice steps{}",
-            if migration_boost != 0 && !boost_effective { " (not in effect: no CAP_SYS_NICE)" } else { "" }
+            "migration threads' priority boost: {migration_boost} nice steps{}; {}",
+            if migration_boost != 0 && !boost_effective { " (not in effect: no CAP_SYS_NICE)" } else { "" },
+            match stream_cpus {
+                Some((a, b)) => format!("sender pinned to CPU {a}, receiver to CPU {b} while they stream"),
+                None => "sender and receiver not pinned".to_string(),
+            }
         );
         out!(
             "plain copy of the guest's size over loopback: median {:.0} MiB/s (runs: {})",

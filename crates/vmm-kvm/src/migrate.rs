@@ -1219,14 +1219,17 @@ pub struct CopyRun {
 /// Copies `bytes` over a fresh loopback TCP connection in `batch`-byte
 /// writes (the engine's batch), the reader discarding into a 1 MiB buffer
 /// (the target's read buffer); returns the throughput and the CPU time
-/// its two threads used.
+/// its two threads used. The two threads run under the process's stream
+/// policy (`vmm::migration::priority`), as the migration's do.
 pub fn plain_copy(bytes: u64, batch: usize) -> Result<CopyRun> {
     use std::io::{Read, Write};
+    use vmm::migration::priority::{Side, StreamGuard};
     use vmm::migration::thread_cpu_time;
     let io = |e| KvmError::Os("loopback copy", e);
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
     let addr = l.local_addr().map_err(io)?;
     let reader = std::thread::spawn(move || -> std::io::Result<(u64, Duration)> {
+        let _policy = StreamGuard::enter(Side::Target);
         let cpu0 = thread_cpu_time();
         let (mut c, _) = l.accept()?;
         let mut buf = vec![0u8; 1 << 20];
@@ -1239,6 +1242,7 @@ pub fn plain_copy(bytes: u64, batch: usize) -> Result<CopyRun> {
             n += k as u64;
         }
     });
+    let policy = StreamGuard::enter(Side::Source);
     let cpu0 = thread_cpu_time();
     let mut c = TcpStream::connect(addr).map_err(io)?;
     c.set_nodelay(true).map_err(io)?;
@@ -1252,6 +1256,7 @@ pub fn plain_copy(bytes: u64, batch: usize) -> Result<CopyRun> {
     }
     c.shutdown(std::net::Shutdown::Write).map_err(io)?;
     let sender_cpu = thread_cpu_time().saturating_sub(cpu0);
+    drop(policy);
     let (got, reader_cpu) = reader.join().map_err(|_| KvmError::Setup("copy reader panicked".into()))?.map_err(io)?;
     let secs = t0.elapsed().as_secs_f64();
     if got != bytes {
@@ -1272,9 +1277,11 @@ pub fn plain_copy(bytes: u64, batch: usize) -> Result<CopyRun> {
 /// [`plain_copy`] sends one cache-hot buffer over and over. Both buffers
 /// are allocated and written before the clock starts (page faults are not
 /// part of the copy), so this needs twice `bytes` of free memory. Returns
-/// the throughput and the CPU of its two threads during the copy.
+/// the throughput and the CPU of its two threads during the copy, which
+/// run under the process's stream policy as [`plain_copy`]'s.
 pub fn memory_copy(bytes: u64, batch: usize) -> Result<CopyRun> {
     use std::io::{Read, Write};
+    use vmm::migration::priority::{Side, StreamGuard};
     use vmm::migration::thread_cpu_time;
     let io = |e| KvmError::Os("loopback memory copy", e);
     let n = usize::try_from(bytes).map_err(|_| KvmError::Setup("memory copy too large".into()))?;
@@ -1285,6 +1292,7 @@ pub fn memory_copy(bytes: u64, batch: usize) -> Result<CopyRun> {
         // Written once (a memset), so that no page is left to fault in.
         let mut dst = vec![1u8; n];
         let _ = ready_tx.send(());
+        let _policy = StreamGuard::enter(Side::Target);
         let (mut c, _) = l.accept()?;
         let cpu0 = thread_cpu_time();
         let mut got = 0usize;
@@ -1308,6 +1316,7 @@ pub fn memory_copy(bytes: u64, batch: usize) -> Result<CopyRun> {
     }
     let expected: u64 = src.iter().step_by(4096).map(|&b| u64::from(b)).sum();
     ready.recv().map_err(|_| KvmError::Setup("memory copy reader failed to start".into()))?;
+    let policy = StreamGuard::enter(Side::Source);
     let mut c = TcpStream::connect(addr).map_err(io)?;
     c.set_nodelay(true).map_err(io)?;
     let cpu0 = thread_cpu_time();
@@ -1317,6 +1326,7 @@ pub fn memory_copy(bytes: u64, batch: usize) -> Result<CopyRun> {
     }
     c.shutdown(std::net::Shutdown::Write).map_err(io)?;
     let sender_cpu = thread_cpu_time().saturating_sub(cpu0);
+    drop(policy);
     let (got, reader_cpu, sum) =
         reader.join().map_err(|_| KvmError::Setup("memory copy reader panicked".into()))?.map_err(io)?;
     let secs = t0.elapsed().as_secs_f64();

@@ -179,58 +179,30 @@
 //!   it copies each page once more from its read buffer. A zero page still
 //!   costs a read of it in place (a page the guest never wrote cannot be
 //!   told from one it zeroed without reading it).
-//! - Throughput on the project's 2-core, shared, shadow-paging test host
-//!   is far below the 70% target against a plain loopback copy when it is
-//!   counted in bytes on the wire: in `vmm bench migrate` most of a
-//!   prefaulted guest's pages are still zero when it migrates (88-94% of
-//!   those sent on this host), each costs a zero record of a few bytes, so
-//!   the wire carries 6-12% of the guest's size while the time goes to
-//!   reading every page (to find it zero), the harvests, and, above all,
-//!   the share of the two cores the engine and receiver threads get beside
-//!   the guest's two busy vCPU threads and other jobs. Measured with
-//!   `vmm bench migrate --mem 1G --write-pct 0,10,80 --runs 3 --batch 1M
-//!   --json` and `--mem 4G --write-pct 0,80` (medians of 3; the previous
-//!   version's binary run just before, the host's load average 4-7.8 from
-//!   other jobs throughout): at 1 GiB, 0.06-0.07 of the plain copy (before:
-//!   0.05-0.07), 0.10-0.12 of one made while a guest runs (before:
-//!   0.06-0.11), 0.08 of the memory-to-memory copy of the guest's size
-//!   (`throughput_vs_memory_copy`); at 4 GiB 0.05-0.07 (before:
-//!   0.05). Counted as guest memory moved per second
-//!   (`guest_bytes_per_s`, zero pages included), the stream reaches
-//!   0.78-0.81 of the memory-to-memory copy at 1 GiB and 0.88-1.06 at
-//!   4 GiB (before: 873-959 MiB/s at 1 GiB and 1043-1124 MiB/s at 4 GiB,
-//!   now 948-986 and 1260-1510). The load-independent figure is the CPU
-//!   time of the engine's and the receiver's threads
-//!   ([`SourceTimings::cpu_ms`], [`TargetTimings::cpu_ms`]): per byte of
-//!   guest memory 0.18-0.19 ns at 1 GiB (before 0.21-0.22) and 0.14-0.16
-//!   at 4 GiB (before 0.19), against 0.31-0.34 ns per byte for either
-//!   copy's two threads; per byte sent it is 1.7-2.4 ns, the zero pages'
-//!   reads spread over the few bytes they cost on the wire. The
-//!   engine-only bench (`cargo bench -p vmm --bench migration`: a fake
-//!   1 GiB guest with one page in 16 zero, no vCPUs) went from 0.62 / 0.67
-//!   / 0.59 of its plain copy's wire rate (no writes, 40 MB/s, 800 MB/s of
-//!   writes) to 0.67 / 0.97 / 0.91 in the same session.
-//!   What the timings and `perf` found and fixed, in this version: pages
-//!   copied out to be found zero (now checked in place,
-//!   [`MigrationSource::zero_mask`]) and every received page copied from
-//!   the read buffer into guest memory (now received in place,
-//!   [`MigrationTarget::receive_pages`]). Before: a clock
-//!   read per page on both sides (6% of the engine's CPU, 17% of the
-//!   receiver's), a record, a read and a write call per page (now one per
-//!   run of up to [`wire::MAX_RUN_PAGES`] consecutive dirty pages), and the
-//!   harvests dropping each dirty frame from KVM's view with an `madvise`
-//!   on the engine's thread (0.4 s per GiB sent at 80% writes; vmm-kvm's
-//!   `migrate` now zaps at the RAM harvest of an attempt's harvest
-//!   points). Earlier: no clearing
-//!   of each page's slot in the batch buffer, the first pass's residency
-//!   taking the space lock per page (0.3-0.4 s per GiB, now 13 ms), a
-//!   target populating its view in `prepare`, a bench connecting before
-//!   its target was built, and a first pass faulting the source's host
-//!   view in page by page (vmm-kvm's `populate_host_view`). Not done:
-//!   knowing a page is zero without reading it (a page populated and
-//!   never written since), copying and checksumming a page while it is in
-//!   L1 rather than a run at a time, a sender thread of its own (harvests
-//!   and sends do not overlap), and socket buffer tuning.
+//! - Throughput: on the project's 2-core host, with both ends on it, the
+//!   stream competes for the cores with the guest's busy vCPU threads; the
+//!   optional stream policy ([`priority`]: the sender and the receiver
+//!   raise their priority while they stream, and a benchmark may pin them
+//!   to cores of their own) lets it take what it needs. `vmm bench
+//!   migrate --mem 1G --write-pct 0,10,80 --runs 5 --batch 1M` (the policy
+//!   on, its copies under the same policy) measured 2,311-2,422 MiB/s,
+//!   0.95-1.19 of a memory-to-memory copy of the guest's bytes over the
+//!   same socket (0.83-0.98 at 4 GiB), but 0.43-0.48 of a copy that sends
+//!   one cache-hot buffer over and over; without the policy 0.53-0.66 of
+//!   the memory copy. The stream costs 0.63-0.68 ns of CPU per byte
+//!   against the memory copy's 0.52-0.56: what it adds is the source's
+//!   copy of each page out of guest memory before its checksum (the guest
+//!   may write it meanwhile) and the CRC on each side (the target's in
+//!   place, 128 KiB at a time as each lands). Earlier versions' fixes (see
+//!   the README's history): zero pages checked in place
+//!   ([`MigrationSource::zero_mask`]), pages received in place
+//!   ([`MigrationTarget::receive_pages`]), one record and one read and
+//!   write call per run of up to [`wire::MAX_RUN_PAGES`] pages, no clock
+//!   read per page, the first pass's residency without the space lock per
+//!   page. Not done: knowing a page is zero without reading it, copying
+//!   and checksumming a page while it is in L1 rather than a run at a time,
+//!   a sender thread of its own (harvests and sends do not overlap), and
+//!   socket buffer tuning.
 //! - The real-VM layer ([`vm`]) cannot see a host write into a
 //!   system-memory page no mapping covers (there is no dirty bit to set).
 //! - Device models: the PCI platform's state (every function's command

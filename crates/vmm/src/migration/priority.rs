@@ -18,10 +18,16 @@
 //! [`BENCH_STREAM_BOOST`] unless told otherwise). Raising a priority needs
 //! `CAP_SYS_NICE` (or an `RLIMIT_NICE` that allows it): without it the
 //! transfer runs at its normal priority, never an error.
+//!
+//! A benchmark that runs both ends on one host may also pin the two
+//! threads to different cores for the transfer ([`set_stream_cpus`]), as
+//! two hosts would have them: otherwise the scheduler, which moves a
+//! thread woken over loopback next to its waker, often runs sender and
+//! receiver on one core while the vCPUs have the other.
 
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 
 /// The boost `vmm bench migrate` uses by default (nice steps; the Linux
 /// scheduler gives a thread about 1.25 times the share of one a step
@@ -43,6 +49,110 @@ pub fn set_stream_boost(steps: i32) {
 /// The boost [`set_stream_boost`] set.
 pub fn stream_boost() -> i32 {
     STREAM_BOOST.load(Ordering::Relaxed)
+}
+
+/// The host CPUs the source's and the target's migration threads are
+/// pinned to while they stream, plus one (0: not pinned).
+static STREAM_CPUS: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+/// Pins, process-wide, the source's migration thread to `source` and the
+/// target's to `target` for the length of each transfer (`None`: not
+/// pinned, the default).
+pub fn set_stream_cpus(source: Option<usize>, target: Option<usize>) {
+    STREAM_CPUS[0].store(source.map_or(0, |c| c.saturating_add(1)), Ordering::Relaxed);
+    STREAM_CPUS[1].store(target.map_or(0, |c| c.saturating_add(1)), Ordering::Relaxed);
+}
+
+/// The CPUs [`set_stream_cpus`] set: (source, target).
+pub fn stream_cpus() -> (Option<usize>, Option<usize>) {
+    let get = |i: usize| STREAM_CPUS[i].load(Ordering::Relaxed).checked_sub(1);
+    (get(0), get(1))
+}
+
+/// Which end of a migration a thread streams for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The sender.
+    Source,
+    /// The receiver.
+    Target,
+}
+
+/// The process-wide stream policy ([`set_stream_boost`],
+/// [`set_stream_cpus`]) applied to the calling thread until dropped.
+#[derive(Debug)]
+pub struct StreamGuard {
+    _priority: PriorityGuard,
+    _affinity: Option<AffinityGuard>,
+}
+
+impl StreamGuard {
+    /// Applies the policy for `side` to the calling thread.
+    pub fn enter(side: Side) -> StreamGuard {
+        let (src, tgt) = stream_cpus();
+        let cpu = if side == Side::Source { src } else { tgt };
+        StreamGuard { _priority: PriorityGuard::boost(stream_boost()), _affinity: cpu.map(AffinityGuard::pin) }
+    }
+}
+
+/// Restores the calling thread's CPU affinity when dropped.
+pub struct AffinityGuard {
+    /// The mask before the pin, when the pin took effect.
+    old: Option<libc::cpu_set_t>,
+    /// Not `Send`: the guard restores the mask of the thread it runs on,
+    /// so it must be dropped on the thread that made it.
+    _here: std::marker::PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for AffinityGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AffinityGuard").field("pinned", &self.old.is_some()).finish()
+    }
+}
+
+impl AffinityGuard {
+    /// Pins the calling thread to host CPU `cpu` (best effort: a CPU
+    /// outside the thread's mask or the set's size leaves it as it was).
+    pub fn pin(cpu: usize) -> AffinityGuard {
+        let none = AffinityGuard { old: None, _here: std::marker::PhantomData };
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return none;
+        }
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: a zeroed cpu_set_t is a valid empty set.
+        let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: pid 0 is the calling thread; the call writes at most
+        // `size` bytes into `old`, which has them.
+        if unsafe { libc::sched_getaffinity(0, size, &mut old) } != 0 {
+            return none;
+        }
+        // SAFETY: a zeroed cpu_set_t is a valid empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: CPU_SET writes inside the set (cpu < CPU_SETSIZE, checked
+        // above).
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+        // SAFETY: pid 0 is the calling thread; the set is valid for `size`
+        // bytes; a refusal (EINVAL for a CPU it may not use) changes
+        // nothing.
+        let ok = unsafe { libc::sched_setaffinity(0, size, &set) } == 0;
+        AffinityGuard { old: ok.then_some(old), _here: std::marker::PhantomData }
+    }
+
+    /// Whether the pin took effect.
+    pub fn pinned(&self) -> bool {
+        self.old.is_some()
+    }
+}
+
+impl Drop for AffinityGuard {
+    fn drop(&mut self) {
+        if let Some(old) = &self.old {
+            // SAFETY: pid 0 is the calling thread, the one that made the
+            // guard (it is not `Send`); `old` is the valid mask read
+            // before the pin.
+            let _ = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), old) };
+        }
+    }
 }
 
 /// Restores the calling thread's nice value when dropped.
