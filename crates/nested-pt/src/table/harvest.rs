@@ -245,6 +245,11 @@ pub(crate) fn scan_table_txn<K: Kind>(
 
 /// One try of [`scan_table_txn`]: `None` if the transaction aborted.
 ///
+/// The loop repeats [`scan_table_avx512`]'s clearing loop (with the
+/// presence test added) as an asm block of its own rather than sharing a
+/// template with it: which stores run inside `xbegin`/`xend` stays
+/// visible here, and the exclusive path stays free of RTM.
+///
 /// # Safety
 ///
 /// The processor must support AVX-512F, POPCNT and RTM, with the AVX-512

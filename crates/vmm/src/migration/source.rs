@@ -235,7 +235,7 @@ pub fn migrate_tcp<S: MigrationSource + ?Sized>(
     let io = |during| move |error| MigrationError::Io { during, error };
     stream.set_nodelay(true).map_err(io("socket setup"))?;
     stream.set_read_timeout(ack_timeout).map_err(io("socket setup"))?;
-    let _boost = super::priority::StreamGuard::enter(super::priority::Side::Source);
+    let _policy = super::priority::StreamGuard::enter(super::priority::Side::Source);
     let res = migrate(source, stream, stream, config, progress);
     if res.is_err() {
         let _ = stream.shutdown(std::net::Shutdown::Both);

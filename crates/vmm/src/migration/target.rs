@@ -186,7 +186,7 @@ pub fn receive_tcp<T: MigrationTarget + ?Sized>(
 ) -> Result<TargetSummary, MigrationError> {
     stream.set_read_timeout(read_timeout).map_err(|error| MigrationError::Io { during: "socket setup", error })?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
-    let _boost = super::priority::StreamGuard::enter(super::priority::Side::Target);
+    let _policy = super::priority::StreamGuard::enter(super::priority::Side::Target);
     let res = receive_with(target, stream, stream, config, Some(fd));
     if res.is_err() {
         let _ = stream.shutdown(std::net::Shutdown::Both);

@@ -517,27 +517,40 @@ const MAX_IOV: usize = 1024;
 /// well inside a core's L2).
 const IN_PLACE_CHUNK: usize = 128 << 10;
 
+/// The pieces of bytes `from .. from + len` of the concatenation of
+/// `dests`, as (address, length) in order; ends early where the
+/// destinations do.
+fn spans(dests: &[super::RawDest], from: usize, len: usize) -> impl Iterator<Item = (*mut u8, usize)> + '_ {
+    let mut skip = from;
+    let mut left = len;
+    dests.iter().filter_map(move |d| {
+        if left == 0 {
+            return None;
+        }
+        if skip >= d.len() {
+            skip -= d.len();
+            return None;
+        }
+        let k = (d.len() - skip).min(left);
+        // `skip < d.len()`: the address stays inside `d` (wrapping_add
+        // only avoids an unsafe block; it cannot wrap here).
+        let at = d.as_ptr().wrapping_add(skip);
+        skip = 0;
+        left -= k;
+        Some((at, k))
+    })
+}
+
 /// Adds `len` bytes of the destinations `dests`, from byte `from` of
 /// their concatenation, to the checksum `c`.
 #[allow(unsafe_code)]
 fn crc_dests(c: &mut crc32fast::Hasher, dests: &[super::RawDest], from: usize, len: usize) {
-    let (mut skip, mut left) = (from, len);
-    for d in dests {
-        if left == 0 {
-            break;
-        }
-        if skip >= d.len() {
-            skip -= d.len();
-            continue;
-        }
-        let k = (d.len() - skip).min(left);
-        // SAFETY: `skip + k <= d.len()`: the bytes lie inside `d`, which the
+    for (at, k) in spans(dests, from, len) {
+        // SAFETY: `spans` gives `k` bytes inside one destination, which the
         // kernel has just filled and which, by `RawDest`'s contract, nobody
         // else writes or mutably references while the receive runs: a
         // shared slice over them for the checksum, dropped at once.
-        c.update(unsafe { std::slice::from_raw_parts(d.as_ptr().add(skip), k) });
-        skip = 0;
-        left -= k;
+        c.update(unsafe { std::slice::from_raw_parts(at, k) });
     }
 }
 
@@ -746,15 +759,12 @@ impl<R: Read> RecordReader<R> {
         // What the buffer holds of the payload: copied.
         let mut have = (self.end - self.pos).min(n);
         let mut off = 0usize;
-        for d in dests {
-            if off >= have {
-                break;
-            }
-            let k = d.len().min(have - off);
-            // SAFETY: `k` bytes from the buffer (inside `pos..end`) into the
-            // first `k` bytes of `d`, valid for writes by `RawDest`'s
-            // contract; a heap buffer and guest memory do not overlap.
-            unsafe { std::ptr::copy_nonoverlapping(self.buf[self.pos + off..].as_ptr(), d.as_ptr(), k) };
+        for (at, k) in spans(dests, 0, have) {
+            // SAFETY: `k` bytes from the buffer (inside `pos..end`) into `k`
+            // bytes inside one destination (`spans`), valid for writes by
+            // `RawDest`'s contract; a heap buffer and guest memory do not
+            // overlap.
+            unsafe { std::ptr::copy_nonoverlapping(self.buf[self.pos + off..].as_ptr(), at, k) };
             off += k;
         }
         let t0 = Instant::now();
@@ -771,23 +781,11 @@ impl<R: Read> RecordReader<R> {
         while have < n {
             let t = Instant::now();
             iov.clear();
-            let mut skip = have;
-            let mut room = IN_PLACE_CHUNK;
-            for d in dests {
-                if skip >= d.len() {
-                    skip -= d.len();
-                    continue;
-                }
-                if iov.len() == MAX_IOV || room == 0 {
-                    break;
-                }
-                // SAFETY: `skip < d.len()`: the address stays inside `d`.
-                let base = unsafe { d.as_ptr().add(skip) };
-                let len = (d.len() - skip).min(room);
-                iov.push(libc::iovec { iov_base: base.cast(), iov_len: len });
-                room -= len;
-                skip = 0;
-            }
+            iov.extend(
+                spans(dests, have, (n - have).min(IN_PLACE_CHUNK))
+                    .take(MAX_IOV)
+                    .map(|(at, k)| libc::iovec { iov_base: at.cast(), iov_len: k }),
+            );
             // SAFETY: every iovec lies inside one destination past the
             // bytes already received (valid for writes, `RawDest`); the
             // kernel writes at most their total.
